@@ -1,0 +1,173 @@
+//! Loopback-only operational endpoints: `/healthz` (the process runs), `/readyz` (steering attached
+//! and the proxy accepting), `/metrics` (Prometheus text) and `/status` (JSON).
+
+use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{proxy::ProxyStats, steer::Steering};
+
+/// What the endpoints read from.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// Steering, when enabled.
+    pub steering: Option<Arc<Steering>>,
+    /// The proxy's counters.
+    pub proxy: Arc<ProxyStats>,
+}
+
+#[derive(Serialize)]
+struct Status {
+    version: &'static str,
+    pid: u32,
+    ready: bool,
+    steer: Option<crate::steer::SteerStatus>,
+    proxy: crate::proxy::ProxyStatsSnapshot,
+}
+
+impl AdminState {
+    fn ready(&self) -> bool {
+        let steer_ok = self.steering.as_ref().is_none_or(|s| s.status().attached);
+        steer_ok && self.proxy.listening.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            ready: self.ready(),
+            steer: self.steering.as_ref().map(|s| s.status()),
+            proxy: self.proxy.snapshot(),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        let mut labelled = Vec::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        if let Some(s) = &self.steering {
+            let st = s.status();
+            let c = st.counters;
+            metric("sluice_steer_attached", "gauge", "1 when the eBPF programs are attached.", u64::from(st.attached));
+            metric("sluice_steer_heartbeat_age_ms", "gauge", "Age of the last kernel heartbeat.", st.heartbeat_age_ms);
+            for (path, v) in [
+                ("steered", c.steered),
+                ("direct", c.direct),
+                ("refused_quic", c.refused_quic),
+                ("failed_open", c.failed_open),
+                ("failed_closed", c.failed_closed),
+                ("exempt", c.exempt),
+                ("record_failed", c.record_failed),
+            ] {
+                labelled.push(format!("sluice_steer_connections_total{{path=\"{path}\"}} {v}"));
+            }
+        }
+        let p = self.proxy.snapshot();
+        metric("sluice_proxy_accepted_total", "counter", "Connections accepted by the proxy.", p.accepted);
+        metric("sluice_proxy_no_origin_total", "counter", "Connections refused for lack of a steering record.", p.no_origin);
+        metric("sluice_proxy_loops_total", "counter", "Connections refused as steering loops.", p.loops);
+        metric("sluice_proxy_upstream_failed_total", "counter", "Original destinations that could not be reached.", p.upstream_failed);
+        metric("sluice_proxy_spliced_total", "counter", "Connections relayed without decryption.", p.spliced);
+        metric("sluice_proxy_active_connections", "gauge", "Connections open now.", p.active);
+        metric("sluice_proxy_bytes_up_total", "counter", "Bytes from clients to origins.", p.bytes_up);
+        metric("sluice_proxy_bytes_down_total", "counter", "Bytes from origins to clients.", p.bytes_down);
+        if !labelled.is_empty() {
+            out.push_str("# HELP sluice_steer_connections_total Connects seen by the eBPF hooks, by path.\n");
+            out.push_str("# TYPE sluice_steer_connections_total counter\n");
+            for line in labelled {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let (status, ctype, body) = match (req.method().as_str(), req.uri().path()) {
+            ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            ("GET", "/readyz") => {
+                if self.ready() {
+                    (StatusCode::OK, "text/plain", "ready\n".to_owned())
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_owned())
+                }
+            }
+            ("GET", "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
+            ("GET", "/status") => (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&self.status()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+            ),
+            ("GET", _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+            _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".to_owned()),
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+        resp
+    }
+}
+
+/// The admin server task.
+#[derive(Debug)]
+pub struct Admin {
+    listener: TcpListener,
+    state: AdminState,
+}
+
+impl Admin {
+    /// Binds the admin address.
+    pub async fn bind(addr: SocketAddr, state: AdminState) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            state,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let state = Arc::new(self.state);
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                a = self.listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let state = state.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(state.respond(&req)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(5))
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The task supervisor: starts steering, the proxy, the heartbeat and the admin endpoints in order,
+//! reloads on SIGHUP, drains on SIGTERM/SIGINT, and detaches from the kernel on the way out.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::{Admin, AdminState},
+    config::Config,
+    proxy::{Proxy, ProxyStats},
+    steer::{self, Steering},
+};
+
+/// How long open connections may take to finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let stats = Arc::new(ProxyStats::default());
+
+    let steering = if config.steer.enabled {
+        let dir = steer::enter_agent_cgroup(&config.steer).context("placing the agent in its own cgroup")?;
+        tracing::info!(cgroup = %dir.display(), "agent cgroup (never steered)");
+        Some(Arc::new(
+            Steering::attach(&config.steer, config.proxy.port).context("attaching steering")?,
+        ))
+    } else {
+        tracing::warn!("steering is disabled: nothing reaches the proxy unless sent there");
+        None
+    };
+
+    let result = supervise(&config_path, &config, steering.clone(), stats, shutdown).await;
+    if let Some(s) = steering
+        && let Err(e) = s.detach()
+    {
+        tracing::error!(error = %e, "detaching steering");
+    }
+    result
+}
+
+async fn supervise(
+    config_path: &Path,
+    config: &Config,
+    steering: Option<Arc<Steering>>,
+    stats: Arc<ProxyStats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+
+    if let Some(steering) = &steering {
+        let proxy = Proxy::bind(&config.proxy, steering.clone(), config.steer.bypass_mark, stats.clone()).await?;
+        tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
+        tasks.spawn(named(
+            "heartbeat",
+            heartbeat(steering.clone(), stats.clone(), config.steer.heartbeat_interval(), shutdown.clone()),
+        ));
+    } else {
+        // Nothing to accept, but readiness still reflects the listener state.
+        stats.listening.store(true, Ordering::Relaxed);
+    }
+    let admin = Admin::bind(
+        config.admin.listen,
+        AdminState {
+            steering: steering.clone(),
+            proxy: stats.clone(),
+        },
+    )
+    .await
+    .with_context(|| format!("binding the admin endpoint on {}", config.admin.listen))?;
+    tracing::info!(addr = %admin.local_addr()?, "admin endpoints listening");
+    tasks.spawn(named("admin", admin.run(shutdown.clone())));
+    notify_systemd("READY=1");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let outcome = loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break Ok(()); }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break Ok(()); }
+            _ = hup.recv() => reload(config_path, config, steering.as_deref()),
+            done = tasks.join_next() => {
+                // A supervised task never ends on its own while running: treat it as fatal.
+                break match done {
+                    Some(Ok((name, Ok(())))) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
+                    Some(Ok((name, Err(e)))) => Err(e.context(format!("{name} failed"))),
+                    Some(Err(e)) => Err(anyhow::anyhow!("a task panicked: {e}")),
+                    None => Ok(()),
+                };
+            }
+        }
+    };
+    notify_systemd("STOPPING=1");
+    shutdown.cancel();
+    if tokio::time::timeout(DRAIN, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timed out; closing remaining connections");
+        tasks.abort_all();
+    }
+    outcome
+}
+
+async fn named<F>(name: &'static str, f: F) -> (&'static str, anyhow::Result<()>)
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    (name, f.await)
+}
+
+/// Refreshes the kernel heartbeat while the proxy accepts. If the proxy stops, the heartbeat
+/// stops, and the kernel applies the fail mode on its own.
+async fn heartbeat(
+    steering: Arc<Steering>,
+    stats: Arc<ProxyStats>,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        if stats.listening.load(Ordering::Relaxed)
+            && let Err(e) = steering.beat()
+        {
+            tracing::error!(error = %e, "heartbeat write failed");
+        }
+    }
+}
+
+/// Re-reads the config; applies what can change at runtime (steering set, fail mode). A broken
+/// file is reported and the running configuration kept.
+fn reload(path: &Path, running: &Config, steering: Option<&Steering>) {
+    let next = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: config not reloaded, keeping the running one");
+            return;
+        }
+    };
+    if let Some(s) = steering {
+        if let Err(e) = s.set_rules(&next.steer.include, &next.steer.exclude) {
+            tracing::error!(error = %e, "SIGHUP: steering set not updated");
+            return;
+        }
+        if let Err(e) = s.set_fail_mode(next.steer.fail_mode, next.steer.heartbeat_bound()) {
+            tracing::error!(error = %e, "SIGHUP: fail mode not updated");
+            return;
+        }
+    }
+    if next.proxy.port != running.proxy.port || next.steer.cgroup != running.steer.cgroup {
+        tracing::warn!("SIGHUP: proxy.port and steer.cgroup changes need a restart");
+    }
+    tracing::info!("SIGHUP: configuration reloaded");
+}
+
+/// Sends a state line to systemd when run as a `Type=notify` service.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let path = PathBuf::from(path);
+    // Abstract sockets are given with a leading '@'.
+    let res = if let Some(name) = path.to_str().and_then(|p| p.strip_prefix('@')) {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}

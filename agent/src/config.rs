@@ -1,0 +1,496 @@
+//! The agent's configuration file (TOML), parsed and validated whole before anything starts.
+//!
+//! Every table and key is documented here and in the README; unknown keys are errors, so a typo
+//! never silently falls back to a default.
+
+use std::{net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use serde::{Deserialize, Deserializer};
+
+/// Errors reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the agent keeps its state (CA, spool, last good bundle). Default `/var/lib/sluice`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Endpoint steering (eBPF).
+    #[serde(default)]
+    pub steer: SteerSettings,
+    /// The transparent listener that steered connections reach.
+    #[serde(default)]
+    pub proxy: ProxySettings,
+    /// Health, readiness, metrics and status endpoints.
+    #[serde(default)]
+    pub admin: AdminSettings,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sluice")
+}
+
+/// What happens to steered connections while the proxy is not healthy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Connections go direct, uninspected (availability first).
+    #[default]
+    Open,
+    /// Connections are refused (control first).
+    Closed,
+}
+
+/// `[steer]`: how the agent attaches to the kernel and what it steers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerSettings {
+    /// Turn steering on (default). Off: the agent loads nothing into the kernel.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// cgroup v2 path to attach to, relative to the v2 mount ("/" = the root, every process).
+    #[serde(default = "default_cgroup")]
+    pub cgroup: String,
+    /// cgroup v2 path (relative to the mount) the agent moves itself into at start; its sockets,
+    /// and those of anything else in it, are never steered. Must not be the attach cgroup itself.
+    #[serde(default = "default_agent_cgroup")]
+    pub agent_cgroup: String,
+    /// Extra cgroups (relative to the mount) whose sockets are never steered.
+    #[serde(default)]
+    pub exempt_cgroups: Vec<String>,
+    /// `SO_MARK` the agent puts on its upstream sockets; sockets with it are never steered.
+    #[serde(default = "default_bypass_mark")]
+    pub bypass_mark: u32,
+    /// `open` or `closed`: see [`FailMode`].
+    #[serde(default)]
+    pub fail_mode: FailMode,
+    /// How often the agent refreshes the kernel heartbeat, in milliseconds.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// A heartbeat older than this (milliseconds) puts the kernel in the fail mode.
+    #[serde(default = "default_heartbeat_bound_ms")]
+    pub heartbeat_bound_ms: u64,
+    /// Destinations to steer. Default: every address on TCP ports 80 and 443.
+    #[serde(default = "default_include")]
+    pub include: Vec<SteerRule>,
+    /// Destinations never steered, even when an include rule matches.
+    #[serde(default)]
+    pub exclude: Vec<SteerRule>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_cgroup() -> String {
+    "/".to_owned()
+}
+fn default_agent_cgroup() -> String {
+    "sluice-agent".to_owned()
+}
+fn default_bypass_mark() -> u32 {
+    0x51ce
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    250
+}
+fn default_heartbeat_bound_ms() -> u64 {
+    2000
+}
+fn default_include() -> Vec<SteerRule> {
+    let web = vec![PortSpec::single(80), PortSpec::single(443)];
+    vec![
+        SteerRule {
+            cidr: Cidr::from_str("0.0.0.0/0").unwrap_or(Cidr::ANY_V4),
+            ports: web.clone(),
+        },
+        SteerRule {
+            cidr: Cidr::from_str("::/0").unwrap_or(Cidr::ANY_V6),
+            ports: web,
+        },
+    ]
+}
+
+impl Default for SteerSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cgroup: default_cgroup(),
+            agent_cgroup: default_agent_cgroup(),
+            exempt_cgroups: Vec::new(),
+            bypass_mark: default_bypass_mark(),
+            fail_mode: FailMode::Open,
+            heartbeat_interval_ms: default_heartbeat_interval_ms(),
+            heartbeat_bound_ms: default_heartbeat_bound_ms(),
+            include: default_include(),
+            exclude: Vec::new(),
+        }
+    }
+}
+
+impl SteerSettings {
+    /// Heartbeat refresh period.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    /// Heartbeat staleness bound.
+    pub fn heartbeat_bound(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_bound_ms)
+    }
+}
+
+/// One steering rule: an address block and the TCP ports it applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerRule {
+    /// Address block, e.g. `"203.0.113.0/24"`, `"2001:db8::/32"` or a single address.
+    pub cidr: Cidr,
+    /// Ports: numbers or `"lo-hi"` ranges. Empty means every port.
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+}
+
+/// An address block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    /// The network address (host bits cleared).
+    pub addr: IpAddr,
+    /// Prefix length (0-32 for IPv4, 0-128 for IPv6).
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// `0.0.0.0/0`.
+    pub const ANY_V4: Cidr = Cidr {
+        addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        prefix: 0,
+    };
+    /// `::/0`.
+    pub const ANY_V6: Cidr = Cidr {
+        addr: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        prefix: 0,
+    };
+
+    /// Whether `other` lies entirely inside `self`.
+    pub fn contains(&self, other: &Cidr) -> bool {
+        if self.prefix > other.prefix {
+            return false;
+        }
+        match (self.addr, other.addr) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                mask_v4(u32::from(a), self.prefix) == mask_v4(u32::from(b), self.prefix)
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                mask_v6(u128::from(a), self.prefix) == mask_v6(u128::from(b), self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn mask_v4(v: u32, prefix: u8) -> u32 {
+    if prefix == 0 { 0 } else { v & (u32::MAX << (32 - u32::from(prefix))) }
+}
+fn mask_v6(v: u128, prefix: u8) -> u128 {
+    if prefix == 0 { 0 } else { v & (u128::MAX << (128 - u32::from(prefix))) }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR block"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0-{max}"))?,
+        };
+        let addr = match addr {
+            IpAddr::V4(a) => IpAddr::V4(mask_v4(u32::from(a), prefix).into()),
+            IpAddr::V6(a) => IpAddr::V6(mask_v6(u128::from(a), prefix).into()),
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A port or an inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortSpec {
+    /// First port.
+    pub lo: u16,
+    /// Last port (inclusive).
+    pub hi: u16,
+}
+
+impl PortSpec {
+    /// A single port.
+    pub const fn single(p: u16) -> Self {
+        Self { lo: p, hi: p }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(i64),
+            Text(String),
+        }
+        let bad = |what: &str| serde::de::Error::custom(format!("invalid port `{what}`: use 1-65535 or \"lo-hi\""));
+        let port = |v: i64, what: &str| u16::try_from(v).ok().filter(|p| *p > 0).ok_or_else(|| bad(what));
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(PortSpec::single(port(n, &n.to_string())?)),
+            Raw::Text(t) => {
+                let (lo, hi) = t.split_once('-').unwrap_or((&t, &t));
+                let lo = lo.trim().parse::<i64>().map_err(|_| bad(&t))?;
+                let hi = hi.trim().parse::<i64>().map_err(|_| bad(&t))?;
+                let (lo, hi) = (port(lo, &t)?, port(hi, &t)?);
+                if lo > hi {
+                    return Err(bad(&t));
+                }
+                Ok(PortSpec { lo, hi })
+            }
+        }
+    }
+}
+
+/// `[proxy]`: the transparent listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// Port of the listener on 127.0.0.1 and ::1 that steered connections are redirected to.
+    #[serde(default = "default_proxy_port")]
+    pub port: u16,
+    /// Most connections handled at once; further ones wait in the kernel's accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time allowed to connect to the original destination, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// A spliced connection with no traffic either way for this long is closed, in seconds.
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+}
+
+fn default_proxy_port() -> u16 {
+    15001
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_s() -> u64 {
+    300
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            port: default_proxy_port(),
+            max_connections: default_max_connections(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            idle_timeout_s: default_idle_timeout_s(),
+        }
+    }
+}
+
+/// `[admin]`: loopback-only operational endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address of `/healthz`, `/readyz`, `/metrics` and `/status`. Must be a loopback address.
+    #[serde(default = "default_admin_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+fn default_admin_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 15090))
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that the schema alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.steer;
+        if s.heartbeat_interval_ms == 0 {
+            return Err(ConfigError::Invalid("steer.heartbeat_interval_ms must be > 0".into()));
+        }
+        if s.heartbeat_bound_ms < 2 * s.heartbeat_interval_ms {
+            return Err(ConfigError::Invalid(format!(
+                "steer.heartbeat_bound_ms ({}) must be at least twice steer.heartbeat_interval_ms ({})",
+                s.heartbeat_bound_ms, s.heartbeat_interval_ms
+            )));
+        }
+        let norm = |p: &str| p.trim_matches('/').to_owned();
+        if norm(&s.agent_cgroup).is_empty() {
+            return Err(ConfigError::Invalid(
+                "steer.agent_cgroup must name a cgroup of its own, not the root".into(),
+            ));
+        }
+        if norm(&s.agent_cgroup) == norm(&s.cgroup) {
+            return Err(ConfigError::Invalid(
+                "steer.agent_cgroup must differ from steer.cgroup (it would exempt every process)".into(),
+            ));
+        }
+        for p in std::iter::once(&s.agent_cgroup).chain(&s.exempt_cgroups).chain([&s.cgroup]) {
+            if p.split('/').any(|c| c == "..") {
+                return Err(ConfigError::Invalid(format!("cgroup path `{p}` must not contain `..`")));
+            }
+        }
+        if self.proxy.port == 0 {
+            return Err(ConfigError::Invalid("proxy.port must be set (1-65535)".into()));
+        }
+        if self.proxy.max_connections == 0 {
+            return Err(ConfigError::Invalid("proxy.max_connections must be > 0".into()));
+        }
+        if !self.admin.listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "admin.listen ({}) must be a loopback address",
+                self.admin.listen
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_steer_web_ports_everywhere() {
+        let cfg = Config::parse("").expect("empty config is valid");
+        assert_eq!(cfg.steer.include.len(), 2);
+        assert_eq!(cfg.steer.include[0].ports, vec![PortSpec::single(80), PortSpec::single(443)]);
+        assert_eq!(cfg.steer.fail_mode, FailMode::Open);
+        assert_eq!(cfg.proxy.port, 15001);
+    }
+
+    #[test]
+    fn parses_rules_ports_and_ranges() {
+        let cfg = Config::parse(
+            r#"
+            [steer]
+            fail_mode = "closed"
+            include = [{ cidr = "10.1.2.3/8", ports = [443, "8000-8099"] }, { cidr = "2001:db8::1" }]
+            exclude = [{ cidr = "10.9.0.0/16" }]
+            "#,
+        )
+        .expect("valid");
+        let r = &cfg.steer.include[0];
+        assert_eq!(r.cidr.to_string(), "10.0.0.0/8", "host bits are cleared");
+        assert_eq!(r.ports, vec![PortSpec::single(443), PortSpec { lo: 8000, hi: 8099 }]);
+        assert_eq!(cfg.steer.include[1].cidr.prefix, 128);
+        assert!(cfg.steer.include[1].ports.is_empty());
+        assert_eq!(cfg.steer.fail_mode, FailMode::Closed);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        for (text, needle) in [
+            ("[steer]\nfail_mod = \"open\"", "unknown field"),
+            ("[steer]\ninclude = [{ cidr = \"10.0.0.0/33\" }]", "prefix length"),
+            ("[steer]\ninclude = [{ cidr = \"nope\" }]", "not an IP"),
+            ("[steer]\ninclude = [{ cidr = \"10.0.0.0/8\", ports = [0] }]", "invalid port"),
+            ("[steer]\ninclude = [{ cidr = \"10.0.0.0/8\", ports = [\"9-3\"] }]", "invalid port"),
+            ("[steer]\nheartbeat_bound_ms = 100\nheartbeat_interval_ms = 100", "at least twice"),
+            ("[steer]\nagent_cgroup = \"/\"", "not the root"),
+            ("[steer]\ncgroup = \"a\"\nagent_cgroup = \"/a/\"", "must differ"),
+            ("[admin]\nlisten = \"0.0.0.0:1\"", "loopback"),
+        ] {
+            let err = Config::parse(text).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn cidr_containment() {
+        let a: Cidr = "10.0.0.0/8".parse().expect("cidr");
+        let b: Cidr = "10.1.0.0/16".parse().expect("cidr");
+        let c: Cidr = "::/0".parse().expect("cidr");
+        assert!(a.contains(&b) && !b.contains(&a));
+        assert!(!c.contains(&a), "families never contain each other");
+        assert!(Cidr::ANY_V4.contains(&a));
+    }
+}
