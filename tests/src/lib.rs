@@ -1,0 +1,397 @@
+//! Support code for Sluice's end-to-end tests and benchmarks: cgroups that remove themselves,
+//! running a command inside a cgroup (optionally as another user), small line servers, and the
+//! paths of the workspace's built binaries.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+/// Fails the calling test clearly when not run as root: root-only tests must never pass by
+/// skipping.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (eBPF, cgroups); run it through `cargo xtask test`"
+    );
+}
+
+/// The cgroup v2 mount point.
+pub fn cgroup_mount() -> PathBuf {
+    sluice::steer::cgroup::v2_mount().expect("a cgroup v2 hierarchy is mounted")
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A cgroup v2 created for one test and removed (with anything left inside killed) on drop.
+#[derive(Debug)]
+pub struct TestCgroup {
+    /// Absolute directory.
+    pub dir: PathBuf,
+    /// Path relative to the v2 mount, as the agent's config takes it.
+    pub rel: String,
+}
+
+impl TestCgroup {
+    /// Creates `sluice-test-<pid>-<n>-<tag>` under the v2 root.
+    pub fn new(tag: &str) -> Self {
+        let rel = format!("sluice-test-{}-{}-{tag}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let dir = cgroup_mount().join(&rel);
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        Self { dir, rel }
+    }
+
+    /// A child cgroup (created), relative path and absolute directory.
+    pub fn child(&self, name: &str) -> (String, PathBuf) {
+        let dir = self.dir.join(name);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        (format!("{}/{name}", self.rel), dir)
+    }
+
+    /// The cgroup v2 id.
+    pub fn id(&self) -> u64 {
+        sluice::steer::cgroup::id(&self.dir).expect("cgroup id")
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&e.path());
+        }
+    }
+    // Kill whatever a failed test left inside, then wait until the cgroup empties.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if pids.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_tree(&self.dir);
+    }
+}
+
+/// The directory holding the workspace's built binaries (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary; fails with a hint when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`, which `cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+/// Copies a binary into a fresh 0755 directory under /tmp, so another user can execute it even when
+/// the checkout's directories are private. The copy lives until the machine cleans /tmp.
+pub fn world_executable_copy(src: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("sluice-e2e-bin-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    fs::create_dir_all(&dir).expect("temp dir");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let dst = dir.join(src.file_name().expect("file name"));
+    fs::copy(src, &dst).expect("copy binary");
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod binary");
+    dst
+}
+
+/// How to run a command inside a cgroup.
+#[derive(Debug, Clone, Default)]
+pub struct InCgroup {
+    /// The cgroup directory to enter before exec (None: stay where the test runs).
+    pub cgroup: Option<PathBuf>,
+    /// Run as this uid/gid (through `setpriv`), after entering the cgroup as root.
+    pub user: Option<(u32, u32)>,
+}
+
+impl InCgroup {
+    /// Inside `dir`.
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            cgroup: Some(dir.to_path_buf()),
+            user: None,
+        }
+    }
+
+    /// Builds the command: `sh` moves itself into the cgroup, then execs the program, so the
+    /// program is inside from its first instruction.
+    pub fn command(&self, program: &Path, args: &[String]) -> Command {
+        let mut cmd = Command::new("sh");
+        let mut script = String::new();
+        if let Some(cg) = &self.cgroup {
+            script.push_str(&format!("echo $$ > '{}/cgroup.procs' || exit 97; ", cg.display()));
+        }
+        script.push_str("exec ");
+        if let Some((uid, gid)) = self.user {
+            script.push_str(&format!("setpriv --reuid={uid} --regid={gid} --clear-groups -- "));
+        }
+        script.push_str("\"$@\"");
+        cmd.arg("-c").arg(script).arg("sh").arg(program).args(args);
+        cmd
+    }
+
+    /// Runs to completion and returns stdout; fails with stderr on a non-zero exit.
+    pub fn run(&self, program: &Path, args: &[String]) -> Result<String> {
+        let out = self
+            .command(program, args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", program.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} {:?} exited with {}: {}{}",
+                program.display(),
+                args,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// A TCP server on `addr` answering every connection with one line computed from its peer
+/// address, on its own threads; stops on drop.
+pub struct LineServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for LineServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LineServer").field("addr", &self.addr).finish()
+    }
+}
+
+impl LineServer {
+    /// Binds `addr` (port 0 for any) and serves `reply(peer)` to each connection.
+    pub fn start<F>(addr: SocketAddr, reply: F) -> Result<Self>
+    where
+        F: Fn(SocketAddr) -> String + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        Self::serve(listener, reply)
+    }
+
+    /// Serves on an already bound listener.
+    pub fn serve<F>(listener: TcpListener, reply: F) -> Result<Self>
+    where
+        F: Fn(SocketAddr) -> String + Send + Sync + 'static,
+    {
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let reply = Arc::new(reply);
+        let stop2 = stop.clone();
+        let handle = thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        let reply = reply.clone();
+                        thread::spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let line = reply(peer);
+                            let _ = s.write_all(format!("{line}\n").as_bytes());
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for LineServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Binds the same free port on 127.0.0.1 and ::1 (the proxy's two listeners).
+pub fn dual_stack_listeners() -> Result<(TcpListener, TcpListener)> {
+    for _ in 0..50 {
+        let v4 = TcpListener::bind("127.0.0.1:0")?;
+        let port = v4.local_addr()?.port();
+        if let Ok(v6) = TcpListener::bind(("::1", port)) {
+            return Ok((v4, v6));
+        }
+    }
+    Err(anyhow!("no port free on both 127.0.0.1 and ::1"))
+}
+
+/// Reads one line from `addr` with a deadline (direct, from the test process).
+pub fn read_line(addr: SocketAddr) -> Result<String> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim_end().to_owned())
+}
+
+/// Waits until `f` returns true or the deadline passes.
+pub fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// A running `sluice run` process, killed on drop if still running.
+#[derive(Debug)]
+pub struct Agent {
+    /// The child.
+    pub child: Child,
+    /// Its admin address.
+    pub admin: SocketAddr,
+    /// Where its log goes.
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `sluice run` with `config_text` and waits until `/readyz` answers 200.
+    pub fn start(config_text: &str, admin: SocketAddr, dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let cfg = dir.join("agent.toml");
+        fs::write(&cfg, config_text)?;
+        let log = dir.join("agent.log");
+        let child = Command::new(bin("sluice"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("SLUICE_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()?;
+        let mut agent = Agent { child, admin, log };
+        let ready = wait_until(Duration::from_secs(20), || {
+            agent.http_get("/readyz").is_ok_and(|(code, _)| code == 200)
+        });
+        if !ready {
+            let _ = agent.child.kill();
+            let _ = agent.child.wait();
+            bail!("agent did not become ready: {}", fs::read_to_string(&agent.log).unwrap_or_default());
+        }
+        Ok(agent)
+    }
+
+    /// GET on the admin endpoint: (status code, body).
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        use std::io::Read as _;
+        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow!("bad response: {resp}"))?;
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// The `/status` document.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let (_, body) = self.http_get("/status")?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Sends a signal and waits (bounded) for the exit.
+    pub fn signal_and_wait(&mut self, sig: nix::sys::signal::Signal) -> Result<std::process::ExitStatus> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)?;
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > end {
+                bail!("agent did not exit after {sig}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A free loopback TCP port for an admin endpoint.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The programs `bpftool` lists as attached to a cgroup (names).
+pub fn attached_programs(dir: &Path) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(dir)
+        .output()
+        .expect("bpftool runs (installed by cargo xtask setup)");
+    assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("bpftool JSON");
+    v.as_array()
+        .map(|a| a.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}

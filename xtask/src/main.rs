@@ -1,1 +1,294 @@
-fn main(){}
+//! Developer and operator tasks: `cargo xtask setup | test | bench NAME | up`.
+//!
+//! Every task that needs the toolchain or system packages first runs the idempotent set-up, so a
+//! fresh machine needs nothing but this repository and Rust: Debian packages (nftables, bpftool,
+//! curl, iproute2), the `rust-src` component, and bpf-linker built against the LLVM that ships
+//! inside the Rust toolchain (Debian's LLVM is too old for it).
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Sluice developer and operator tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent, quick when all is there).
+    Setup,
+    /// Set up, then run fmt, clippy (warnings denied) and every test, root-only ones included.
+    Test,
+    /// Set up, build in release, and run a benchmark (`steer`); writes target/bench/NAME.json.
+    Bench {
+        /// Which benchmark.
+        name: String,
+        /// Scale the iteration counts (1 = the default size).
+        #[arg(long, default_value_t = 1)]
+        scale: u32,
+    },
+    /// Set up, build in release, and run the agent on this host with the default configuration
+    /// until Ctrl-C.
+    Up {
+        /// Use this agent config instead of the generated default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = workspace_root()?;
+    env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Setup => setup(&root),
+        Task::Test => {
+            setup(&root)?;
+            test()
+        }
+        Task::Bench { name, scale } => {
+            setup(&root)?;
+            bench(&root, &name, scale)
+        }
+        Task::Up { config } => {
+            setup(&root)?;
+            up(&root, config)
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("run through `cargo xtask`"))?;
+    Path::new(&manifest)
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("xtask has no parent directory"))
+}
+
+fn step(what: &str) {
+    eprintln!("\n==> {what}");
+}
+
+/// Runs a command, failing with its name when it fails.
+fn sh(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+// ---------------------------------------------------------------------------------------------
+// set-up
+
+const APT_PACKAGES: [&str; 5] = ["nftables", "bpftool", "curl", "iproute2", "util-linux"];
+
+fn setup(root: &Path) -> Result<()> {
+    step("set-up");
+    if !is_root() {
+        bail!(
+            "Sluice's set-up and tests need root: they install packages, attach eBPF programs and create \
+             cgroups. Run as root (e.g. `sudo -E cargo xtask test`)."
+        );
+    }
+    apt(&APT_PACKAGES)?;
+    rust_src()?;
+    bpf_linker(root)?;
+    cgroup_v2()?;
+    Ok(())
+}
+
+fn apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("apt packages: present");
+        return Ok(());
+    }
+    eprintln!("apt packages: installing {}", missing.join(" "));
+    let apt_get = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        c
+    };
+    sh(apt_get(&["update", "-q"]).stdout(Stdio::null()))?;
+    let mut install = apt_get(&["install", "-y", "-q", "--no-install-recommends"]);
+    install.args(&missing).stdout(Stdio::null());
+    sh(&mut install)
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed"]))
+        .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")));
+    if installed {
+        eprintln!("rust-src: present");
+        return Ok(());
+    }
+    eprintln!("rust-src: installing");
+    sh(Command::new("rustup").args(["component", "add", "rust-src"]))
+}
+
+/// The toolchain's own libLLVM: (sysroot lib dir, link name such as `LLVM-22-rust-1.95.0-stable`,
+/// LLVM major).
+fn toolchain_llvm() -> Result<(PathBuf, String, String)> {
+    let sysroot = output(Command::new("rustc").args(["--print", "sysroot"]))
+        .ok_or_else(|| anyhow!("rustc --print sysroot failed"))?;
+    let lib = PathBuf::from(sysroot.trim()).join("lib");
+    for entry in std::fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_prefix("lib").and_then(|n| n.strip_suffix(".so"))
+            && let Some(rest) = stem.strip_prefix("LLVM-")
+            && stem.contains("-rust-")
+        {
+            let major = rest.split('-').next().unwrap_or_default().to_owned();
+            return Ok((lib, stem.to_owned(), major));
+        }
+    }
+    bail!("no libLLVM-*-rust-*.so in {}: the Rust toolchain is incomplete", lib.display())
+}
+
+fn bpf_linker(root: &Path) -> Result<()> {
+    let (lib, link_name, major) = toolchain_llvm()?;
+    // The shared object's soname embeds the toolchain version, e.g. libLLVM.so.22.1-rust-1.95.0-stable.
+    let version_tag = link_name.split("-rust-").nth(1).unwrap_or_default().to_owned();
+    let current = output(Command::new("bpf-linker").arg("--version")).is_some()
+        && output(Command::new("sh").args(["-c", "ldd \"$(command -v bpf-linker)\""]))
+            .is_some_and(|s| s.lines().any(|l| l.contains("libLLVM") && l.contains(&format!("rust-{version_tag}"))));
+    if current {
+        eprintln!("bpf-linker: present, linked against this toolchain's LLVM {major}");
+        return Ok(());
+    }
+    eprintln!("bpf-linker: building against the toolchain's LLVM {major} (about a minute)");
+    let lib_s = lib.display().to_string();
+    let rustflags = format!("-L {lib_s} -C link-arg=-l{link_name} -C link-arg=-Wl,-rpath,{lib_s}");
+    sh(Command::new("cargo")
+        .env("RUSTFLAGS", rustflags)
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major},no-llvm-linking"),
+            "--target-dir",
+        ])
+        .arg(root.join("target/tools/bpf-linker")))
+}
+
+fn cgroup_v2() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    if mounts.lines().any(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("cgroup2 "))) {
+        eprintln!("cgroup v2: mounted");
+        return Ok(());
+    }
+    bail!("no cgroup v2 hierarchy is mounted; Sluice's endpoint steering needs one (mount -t cgroup2 none /sys/fs/cgroup/unified)")
+}
+
+// ---------------------------------------------------------------------------------------------
+// test
+
+fn cargo() -> Command {
+    Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn test() -> Result<()> {
+    step("cargo fmt --check");
+    sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy (warnings denied)");
+    sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    step("build (the end-to-end tests run the built binaries)");
+    sh(cargo().args(["build", "--workspace", "--bins"]))?;
+    step("tests, root-only ones included");
+    // Every test runs, ignored-for-root ones too; a test that cannot run fails rather than skips.
+    sh(cargo().args(["test", "--workspace", "--no-fail-fast", "--", "--include-ignored"]))?;
+    eprintln!("\nall checks passed");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench
+
+fn bench(root: &Path, name: &str, scale: u32) -> Result<()> {
+    let known = ["steer"];
+    if !known.contains(&name) {
+        bail!("unknown benchmark `{name}`; known: {}", known.join(", "));
+    }
+    step(&format!("bench {name}: building in release"));
+    sh(cargo().args(["build", "--release", "-p", "sluice-e2e", "--bin", "sluice-bench"]))?;
+    let out = root.join("target/bench").join(format!("{name}.json"));
+    std::fs::create_dir_all(root.join("target/bench"))?;
+    step(&format!("bench {name}"));
+    sh(Command::new(root.join("target/release/sluice-bench"))
+        .arg(name)
+        .arg("--out")
+        .arg(&out)
+        .arg("--scale")
+        .arg(scale.to_string()))?;
+    eprintln!("figures written to {}", out.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// up
+
+fn up(root: &Path, config: Option<PathBuf>) -> Result<()> {
+    step("build (release)");
+    sh(cargo().args(["build", "--release", "-p", "sluice"]))?;
+    let dir = root.join("target/sluice-up");
+    std::fs::create_dir_all(&dir)?;
+    let config = match config {
+        Some(c) => c,
+        None => {
+            let path = dir.join("agent.toml");
+            let text = std::fs::read_to_string(root.join("packaging/agent.toml"))
+                .context("reading packaging/agent.toml")?
+                .replace("state_dir = \"/var/lib/sluice\"", &format!("state_dir = \"{}\"", dir.join("state").display()));
+            std::fs::write(&path, text)?;
+            path
+        }
+    };
+    let bin = root.join("target/release/sluice");
+    sh(Command::new(&bin).args(["config", "check", "--config"]).arg(&config).stdout(Stdio::null()))?;
+    step("sluice is starting (Ctrl-C stops it and detaches from the kernel)");
+    eprintln!(
+        "  config:  {}\n  status:  {} status\n  metrics: curl -s http://127.0.0.1:15090/metrics\n  kernel:  bpftool cgroup tree",
+        config.display(),
+        bin.display()
+    );
+    // The agent handles SIGINT itself (drain, detach); xtask just waits for it.
+    sh(Command::new(&bin).args(["run", "--config"]).arg(&config))
+}

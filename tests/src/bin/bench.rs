@@ -1,1 +1,189 @@
-fn main(){}
+//! `sluice-bench`: benchmarks run by `cargo xtask bench NAME`. Each prints a table of ratios
+//! against a baseline measured in the same run and writes every named figure to a JSON file.
+//!
+//! `steer`: the cost of `connect()` + `close()` on loopback for a client inside a cgroup, with no
+//! programs attached (baseline), with Sluice's programs attached and a destination outside the
+//! steering set, and with the destination steered to a listener that claims each origin record.
+//! Rounds alternate the three modes so drift on the machine affects them alike; medians are kept.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{ExitCode, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use sluice::{
+    config::{PortSpec, SteerRule, SteerSettings},
+    steer::Steering,
+};
+use sluice_e2e::{InCgroup, TestCgroup, dual_stack_listeners};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("steer") => steer(&args),
+        Some("steer-client") => steer_client(&args),
+        _ => Err(anyhow!("usage: sluice-bench steer [--out FILE] [--scale N]")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn opt<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+}
+
+/// Runs in the cgroup: N sequential connect+close to ADDR; prints total nanoseconds.
+fn steer_client(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = args.get(1).context("addr")?.parse()?;
+    let n: u32 = args.get(2).context("count")?.parse()?;
+    let start = Instant::now();
+    for _ in 0..n {
+        let s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        // RST on close: no TIME_WAIT, so tens of thousands of runs do not exhaust ports.
+        nix::sys::socket::setsockopt(
+            &s,
+            nix::sys::socket::sockopt::Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )?;
+        drop(s);
+    }
+    println!("{}", start.elapsed().as_nanos());
+    Ok(())
+}
+
+/// Accepts and drops connections until stopped; optionally claims each origin record first.
+type Current = Arc<Mutex<Option<Arc<Steering>>>>;
+
+fn sink(listener: TcpListener, steering: Current, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+    listener.set_nonblocking(true).ok();
+    thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((s, peer)) => {
+                    let current = steering.lock().ok().and_then(|g| g.clone());
+                    if let Some(st) = current {
+                        let _ = st.lookup(peer);
+                    }
+                    drop(s);
+                }
+                Err(_) => thread::sleep(Duration::from_micros(50)),
+            }
+        }
+    })
+}
+
+fn run_client(cg: &TestCgroup, addr: SocketAddr, n: u32) -> Result<f64> {
+    let me = std::env::current_exe()?;
+    let out = InCgroup::at(&cg.dir)
+        .command(&me, &["steer-client".into(), addr.to_string(), n.to_string()])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("client failed: {}", out.status);
+    }
+    let total: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    Ok(total / f64::from(n))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn steer(args: &[String]) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the steer benchmark attaches eBPF programs: run it as root (cargo xtask bench steer)");
+    }
+    let scale: u32 = opt(args, "--scale").unwrap_or("1").parse()?;
+    let out = opt(args, "--out").unwrap_or("target/bench/steer.json").to_owned();
+    let n = 4000 * scale.max(1);
+    let rounds = 7;
+
+    let cg = TestCgroup::new("bench");
+    let stop = Arc::new(AtomicBool::new(false));
+    // The not-steered destination.
+    let plain = TcpListener::bind("127.0.0.1:0")?;
+    let plain_addr = plain.local_addr()?;
+    let current: Current = Arc::new(Mutex::new(None));
+    let plain_sink = sink(plain, Arc::new(Mutex::new(None)), stop.clone());
+    // The steered destination: nothing listens there; connects land on the proxy port.
+    let steered_addr: SocketAddr = "127.0.0.11:9".parse()?;
+    let (pv4, _pv6) = dual_stack_listeners()?;
+    let proxy_port = pv4.local_addr()?.port();
+    let settings = SteerSettings {
+        cgroup: cg.rel.clone(),
+        agent_cgroup: format!("{}/agent", cg.rel),
+        heartbeat_bound_ms: 600_000,
+        include: vec![
+            SteerRule {
+                cidr: "127.0.0.11/32".parse().map_err(|e: String| anyhow!(e))?,
+                ports: vec![PortSpec::single(9)],
+            },
+            // A busy trie, as a real deployment has: the not-steered lookup walks it and misses.
+            SteerRule {
+                cidr: "10.0.0.0/8".parse().map_err(|e: String| anyhow!(e))?,
+                ports: vec![PortSpec::single(443)],
+            },
+        ],
+        ..SteerSettings::default()
+    };
+
+    // Warm-up (page cache, lazy binding, listener threads).
+    run_client(&cg, plain_addr, n / 4)?;
+
+    let mut base = Vec::new();
+    let mut hooked = Vec::new();
+    let mut steered = Vec::new();
+    let proxy_sink = sink(pv4, current.clone(), stop.clone());
+    for round in 0..rounds {
+        base.push(run_client(&cg, plain_addr, n)?);
+        let steering = Arc::new(Steering::attach(&settings, proxy_port)?);
+        *current.lock().map_err(|_| anyhow!("poisoned"))? = Some(steering.clone());
+        hooked.push(run_client(&cg, plain_addr, n)?);
+        steered.push(run_client(&cg, steered_addr, n)?);
+        let c = steering.counters();
+        if c.steered < u64::from(n) {
+            bail!("round {round}: only {} of {n} connects were steered", c.steered);
+        }
+        *current.lock().map_err(|_| anyhow!("poisoned"))? = None;
+        steering.detach()?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = plain_sink.join();
+    let _ = proxy_sink.join();
+
+    let (b, h, s) = (median(&mut base), median(&mut hooked), median(&mut steered));
+    println!("steer: connect+close on loopback, client in a cgroup, {n} per run, median of {rounds} rounds");
+    println!("{:<42} {:>12} {:>10}", "path", "ns/connect", "vs none");
+    println!("{:<42} {:>12.0} {:>9.3}x", "no hooks (baseline)", b, 1.0);
+    println!("{:<42} {:>12.0} {:>9.3}x", "hooks attached, destination not steered", h, h / b);
+    println!("{:<42} {:>12.0} {:>9.3}x", "hooks attached, steered to a listener", s, s / b);
+    let json = serde_json::json!({
+        "bench": "steer",
+        "connects_per_run": n,
+        "rounds": rounds,
+        "ns_per_connect": { "baseline_no_hooks": b, "hooked_not_steered": h, "hooked_steered": s },
+        "ratio_vs_baseline": { "hooked_not_steered": h / b, "hooked_steered": s / b },
+        "samples_ns": { "baseline_no_hooks": base, "hooked_not_steered": hooked, "hooked_steered": steered },
+    });
+    if let Some(dir) = std::path::Path::new(&out).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
+    Ok(())
+}

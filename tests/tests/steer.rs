@@ -1,0 +1,398 @@
+//! End-to-end tests of endpoint steering: real eBPF programs attached to cgroups these tests create
+//! and remove, real processes inside them, real sockets on loopback.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use sluice::{
+    config::{Cidr, FailMode, PortSpec, SteerRule, SteerSettings},
+    steer::Steering,
+};
+use sluice_e2e::{
+    Agent, InCgroup, LineServer, TestCgroup, attached_programs, bin, world_executable_copy, dual_stack_listeners, free_port,
+    require_root, wait_until,
+};
+
+fn rule(cidr: &str, ports: &[u16]) -> SteerRule {
+    SteerRule {
+        cidr: cidr.parse::<Cidr>().expect("cidr"),
+        ports: ports.iter().map(|&p| PortSpec::single(p)).collect(),
+    }
+}
+
+/// Steering attached in-process to a fresh cgroup, with a stand-in proxy on the redirect port that
+/// answers each connection with the origin record it claims.
+struct Harness {
+    steering: Arc<Steering>,
+    beating: Arc<AtomicBool>,
+    _proxies: (LineServer, LineServer),
+    cg: TestCgroup,
+}
+
+impl Harness {
+    fn new(tag: &str, include: Vec<SteerRule>, fail_mode: FailMode, bound_ms: u64) -> Self {
+        require_root();
+        let cg = TestCgroup::new(tag);
+        let (v4, v6) = dual_stack_listeners().expect("listeners");
+        let port = v4.local_addr().expect("addr").port();
+        let settings = SteerSettings {
+            cgroup: cg.rel.clone(),
+            agent_cgroup: format!("{}/agent", cg.rel),
+            fail_mode,
+            heartbeat_interval_ms: 50,
+            heartbeat_bound_ms: bound_ms,
+            include,
+            exclude: Vec::new(),
+            ..SteerSettings::default()
+        };
+        let steering = Arc::new(Steering::attach(&settings, port).expect("steering attaches"));
+        let reply = |s: Arc<Steering>| {
+            move |peer: SocketAddr| match s.lookup(peer) {
+                Some(o) => format!(
+                    "proxy dst={} pid={} uid={} gid={} comm={} user={} exe={}",
+                    o.dst,
+                    o.tgid,
+                    o.uid,
+                    o.gid,
+                    o.comm,
+                    o.process.user.as_deref().unwrap_or("-"),
+                    o.process.exe.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+                ),
+                None => format!("no-origin peer={peer}"),
+            }
+        };
+        let proxies = (
+            LineServer::serve(v4, reply(steering.clone())).expect("proxy v4"),
+            LineServer::serve(v6, reply(steering.clone())).expect("proxy v6"),
+        );
+        let beating = Arc::new(AtomicBool::new(true));
+        let (s, b) = (steering.clone(), beating.clone());
+        thread::spawn(move || {
+            while b.load(Ordering::Relaxed) {
+                let _ = s.beat();
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Harness {
+            steering,
+            beating,
+            _proxies: proxies,
+            cg,
+        }
+    }
+
+    fn inside(&self) -> InCgroup {
+        InCgroup::at(&self.cg.dir)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.beating.store(false, Ordering::Relaxed);
+        let _ = self.steering.detach();
+    }
+}
+
+fn probe(how: &InCgroup, args: &[&str]) -> anyhow::Result<String> {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    how.run(&bin("sluice-probe"), &args).map(|s| s.trim().to_owned())
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in `{line}`"))
+}
+
+#[test]
+#[ignore = "needs root"]
+fn steered_connections_reach_the_proxy_with_their_origin_v4_v6_and_mapped() {
+    let origin = LineServer::start("127.0.0.2:0".parse().expect("addr"), |_| "origin".into()).expect("origin");
+    let origin6 = LineServer::start("[::1]:0".parse().expect("addr"), |_| "origin6".into()).expect("origin6");
+    let other = LineServer::start("127.0.0.3:0".parse().expect("addr"), |_| "other".into()).expect("other");
+    let (p, p6) = (origin.addr.port(), origin6.addr.port());
+    let h = Harness::new(
+        "origin",
+        vec![rule("127.0.0.2/32", &[p]), rule("::1/128", &[p6])],
+        FailMode::Open,
+        2000,
+    );
+
+    // IPv4, as an unprivileged user: destination, pid, uid, user, comm and exe are recovered.
+    let nobody = InCgroup {
+        user: Some((65534, 65534)),
+        ..h.inside()
+    };
+    // A copy of the probe that the unprivileged user can execute wherever the checkout lives.
+    let probe_copy = world_executable_copy(&bin("sluice-probe"));
+    let child = nobody
+        .command(&probe_copy, &["tcp".into(), origin.addr.to_string()])
+        .output()
+        .expect("probe runs");
+    let line = String::from_utf8_lossy(&child.stdout).trim().to_owned();
+    assert!(line.starts_with("proxy "), "steered to the proxy: {line}");
+    assert_eq!(field(&line, "dst"), origin.addr.to_string());
+    assert_eq!(field(&line, "uid"), "65534");
+    assert_eq!(field(&line, "gid"), "65534");
+    assert_eq!(field(&line, "comm"), "sluice-probe");
+    assert_eq!(field(&line, "user"), "nobody");
+    assert_eq!(Path::new(field(&line, "exe")), probe_copy);
+    // The pid is the probe's own (it checks the reply against getpid()).
+    let ok = probe(&h.inside(), &["tcp", &origin.addr.to_string(), "--check-pid"]).expect("probe");
+    assert_eq!(ok, "ok 1");
+
+    // IPv6.
+    let line = probe(&h.inside(), &["tcp", &origin6.addr.to_string()]).expect("probe v6");
+    assert!(line.starts_with("proxy "), "{line}");
+    assert_eq!(field(&line, "dst"), origin6.addr.to_string());
+    let ok = probe(&h.inside(), &["tcp", &origin6.addr.to_string(), "--check-pid"]).expect("probe v6");
+    assert_eq!(ok, "ok 1");
+
+    // IPv4-mapped destination on an IPv6 socket: steered by the IPv4 rules, reported as IPv4.
+    let mapped = format!("[::ffff:127.0.0.2]:{p}");
+    let line = probe(&h.inside(), &["tcp", &mapped]).expect("probe mapped");
+    assert!(line.starts_with("proxy "), "{line}");
+    assert_eq!(field(&line, "dst"), origin.addr.to_string());
+
+    // A destination outside the steering set, and a process outside the cgroup, go direct.
+    assert_eq!(probe(&h.inside(), &["tcp", &other.addr.to_string()]).expect("direct"), "other");
+    assert!(
+        probe(&h.inside(), &["tcp", &format!("127.0.0.2:{}", p + 1)]).is_err(),
+        "another port of the same address is not steered: direct, and nothing listens there"
+    );
+    assert_eq!(probe(&InCgroup::default(), &["tcp", &origin.addr.to_string()]).expect("outside"), "origin");
+    assert_eq!(probe(&InCgroup::default(), &["tcp", &origin6.addr.to_string()]).expect("outside v6"), "origin6");
+
+    let c = h.steering.counters();
+    assert_eq!(c.steered, 5, "{c:?}");
+    assert_eq!(c.rekeyed, 5, "{c:?}");
+    assert!(c.direct >= 2, "{c:?}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn quic_to_a_steered_destination_is_refused_inside_the_cgroup_only() {
+    let h = Harness::new("quic", vec![rule("127.0.0.4/32", &[443]), rule("::1/128", &[443])], FailMode::Open, 2000);
+    let server = UdpSocket::bind("127.0.0.4:443").expect("udp 443");
+    server.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    for mode in ["connect", "sendto"] {
+        for dst in ["127.0.0.4:443", "[::1]:443", "[::ffff:127.0.0.4]:443"] {
+            assert_eq!(
+                probe(&h.inside(), &["udp", dst, mode]).expect("probe"),
+                "refused 1",
+                "{mode} {dst} inside the cgroup must fail with EPERM"
+            );
+        }
+        assert_eq!(probe(&InCgroup::default(), &["udp", "127.0.0.4:443", mode]).expect("probe"), "sent");
+        let mut buf = [0u8; 16];
+        let (n, _) = server.recv_from(&mut buf).expect("datagram from outside arrives");
+        assert_eq!(&buf[..n], b"quic?");
+    }
+    // UDP to another port of the same destination is untouched.
+    assert_eq!(probe(&h.inside(), &["udp", "127.0.0.4:8443", "sendto"]).expect("probe"), "sent");
+    assert_eq!(h.steering.counters().refused_quic, 6);
+}
+
+/// Stops the harness heartbeat and returns when the kernel should have noticed.
+fn stop_heartbeat(h: &Harness, bound: Duration) {
+    h.beating.store(false, Ordering::Relaxed);
+    // Let the beating thread finish its last write, then wait out the bound.
+    thread::sleep(Duration::from_millis(100));
+    let stopped = Instant::now();
+    thread::sleep(bound + Duration::from_millis(100));
+    assert!(stopped.elapsed() < bound * 2, "test machine too slow to judge the bound");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn stale_heartbeat_fails_open_within_the_bound() {
+    let origin = LineServer::start("127.0.0.8:0".parse().expect("addr"), |_| "origin".into()).expect("origin");
+    let bound = Duration::from_millis(400);
+    let h = Harness::new("failopen", vec![rule("127.0.0.8/32", &[origin.addr.port()])], FailMode::Open, 400);
+    let line = probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe");
+    assert!(line.starts_with("proxy "), "healthy: steered ({line})");
+    stop_heartbeat(&h, bound);
+    assert_eq!(probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe"), "origin", "stale: direct");
+    assert_eq!(h.steering.counters().failed_open, 1);
+    // A fresh heartbeat steers again.
+    h.steering.beat().expect("beat");
+    let line = probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe");
+    assert!(line.starts_with("proxy "), "healthy again: steered ({line})");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn stale_heartbeat_fails_closed_within_the_bound() {
+    let origin = LineServer::start("127.0.0.9:0".parse().expect("addr"), |_| "origin".into()).expect("origin");
+    let bound = Duration::from_millis(400);
+    let h = Harness::new("failclosed", vec![rule("127.0.0.9/32", &[origin.addr.port()])], FailMode::Closed, 400);
+    assert!(probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe").starts_with("proxy "));
+    stop_heartbeat(&h, bound);
+    let err = probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect_err("refused");
+    assert!(err.to_string().contains("Operation not permitted"), "{err}");
+    assert_eq!(h.steering.counters().failed_closed, 1);
+    // Processes outside the cgroup are not affected by the fail mode.
+    assert_eq!(probe(&InCgroup::default(), &["tcp", &origin.addr.to_string()]).expect("outside"), "origin");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn steering_set_changes_apply_without_reattaching() {
+    let origin = LineServer::start("127.0.0.7:0".parse().expect("addr"), |_| "origin".into()).expect("origin");
+    let h = Harness::new("update", Vec::new(), FailMode::Open, 2000);
+    let ids = || {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(&h.cg.dir)
+            .output()
+            .expect("bpftool");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = ids();
+    assert_eq!(probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe"), "origin");
+    h.steering
+        .set_rules(&[rule("127.0.0.0/8", &[origin.addr.port()])], &[])
+        .expect("update");
+    assert!(probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe").starts_with("proxy "));
+    h.steering
+        .set_rules(&[rule("127.0.0.0/8", &[origin.addr.port()])], &[rule("127.0.0.7/32", &[])])
+        .expect("update");
+    assert_eq!(probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe"), "origin", "excluded");
+    assert_eq!(before, ids(), "same programs, same links: nothing was re-attached");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn two_thousand_connections_from_eight_processes_keep_their_origins() {
+    let base = 21000u16;
+    let h = Harness::new(
+        "many",
+        vec![SteerRule {
+            cidr: "127.0.0.6/32".parse().expect("cidr"),
+            ports: vec![PortSpec { lo: base, hi: base + 7 }],
+        }],
+        FailMode::Open,
+        5000,
+    );
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            let dst = format!("127.0.0.6:{}", base + i);
+            h.inside()
+                .command(
+                    &bin("sluice-probe"),
+                    &["tcp".into(), dst, "--count".into(), "250".into(), "--concurrency".into(), "16".into(), "--check-pid".into()],
+                )
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("probe spawns")
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().expect("probe finishes");
+        assert!(
+            out.status.success(),
+            "probe failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok 250");
+    }
+    let c = h.steering.counters();
+    assert_eq!(c.steered, 2000, "{c:?}");
+    assert_eq!(c.rekeyed, 2000, "{c:?}");
+}
+
+fn agent_config(cg: &TestCgroup, include: &str, proxy_port: u16, admin: SocketAddr, mark: u32) -> String {
+    format!(
+        r#"
+state_dir = "/tmp/sluice-e2e-state"
+[steer]
+cgroup = "{cg}"
+agent_cgroup = "{cg}/agent"
+bypass_mark = {mark}
+heartbeat_interval_ms = 100
+heartbeat_bound_ms = 1000
+include = [{include}]
+[proxy]
+port = {proxy_port}
+[admin]
+listen = "{admin}"
+"#,
+        cg = cg.rel
+    )
+}
+
+#[test]
+#[ignore = "needs root"]
+fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
+    require_root();
+    let origin = LineServer::start("127.0.0.5:0".parse().expect("addr"), |peer| format!("origin peer={peer}")).expect("origin");
+    let cg = TestCgroup::new("own");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy_port = {
+        let (v4, _v6) = dual_stack_listeners().expect("port");
+        v4.local_addr().expect("addr").port()
+    };
+    // bypass_mark = 0: the agent's exemption rests on its cgroup alone here.
+    let include = format!("{{ cidr = \"127.0.0.5/32\", ports = [{}] }}", origin.addr.port());
+    let tmp = std::env::temp_dir().join(format!("sluice-e2e-own-{}", std::process::id()));
+    let agent = Agent::start(&agent_config(&cg, &include, proxy_port, admin, 0), admin, &tmp).expect("agent starts");
+    let agent_cg = std::fs::read_to_string(format!("/proc/{}/cgroup", agent.child.id())).expect("cgroup");
+    assert!(agent_cg.contains(&format!("{}/agent", cg.rel)), "agent placed itself under the attach cgroup: {agent_cg}");
+
+    // A client in the cgroup reaches the origin through the agent's relay; the relay's own connect
+    // to the same steered destination went direct (or the origin would never answer).
+    let line = probe(&InCgroup::at(&cg.dir), &["tcp", &origin.addr.to_string()]).expect("probe");
+    assert!(line.starts_with("origin peer=127.0.0.1:"), "{line}");
+    let st = agent.status().expect("status");
+    assert_eq!(st["steer"]["counters"]["steered"], 1, "{st}");
+    assert_eq!(st["steer"]["counters"]["exempt"], 1, "the relay's connect was exempted: {st}");
+    assert_eq!(st["proxy"]["loops"], 0, "{st}");
+    assert_eq!(st["proxy"]["spliced"], 1, "{st}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn nothing_stays_attached_after_shutdown_or_sigkill() {
+    require_root();
+    let cg = TestCgroup::new("detach");
+    let tmp = std::env::temp_dir().join(format!("sluice-e2e-detach-{}", std::process::id()));
+    for sig in [Signal::SIGTERM, Signal::SIGKILL] {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let proxy_port = {
+            let (v4, _v6) = dual_stack_listeners().expect("port");
+            v4.local_addr().expect("addr").port()
+        };
+        let cfg = agent_config(&cg, "{ cidr = \"127.0.0.10/32\", ports = [443] }", proxy_port, admin, 0x51ce);
+        let mut agent = Agent::start(&cfg, admin, &tmp).expect("agent starts");
+        let mut names = attached_programs(&cg.dir);
+        names.sort();
+        assert_eq!(
+            names,
+            ["sluice_connect4", "sluice_connect6", "sluice_sendmsg4", "sluice_sendmsg6", "sluice_sockops"],
+            "attached while running"
+        );
+        let status = agent.signal_and_wait(sig).expect("agent exits");
+        if sig == Signal::SIGTERM {
+            assert!(status.success(), "clean exit on SIGTERM: {status}");
+        }
+        assert!(
+            wait_until(Duration::from_secs(3), || attached_programs(&cg.dir).is_empty()),
+            "programs still attached after {sig}: {:?}",
+            attached_programs(&cg.dir)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
