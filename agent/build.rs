@@ -16,9 +16,13 @@ fn main() -> anyhow::Result<()> {
         fs::write(&stub, b"").context("writing the empty eBPF stub")?;
         return Ok(());
     }
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("CARGO_MANIFEST_DIR not set"))?);
+    let manifest_dir = PathBuf::from(
+        env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("CARGO_MANIFEST_DIR not set"))?,
+    );
     let ebpf_dir = manifest_dir.join("../agent-ebpf");
-    let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non UTF-8 path {}", ebpf_dir.display()))?;
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("non UTF-8 path {}", ebpf_dir.display()))?;
     println!("cargo:rerun-if-changed=../agent-common/src");
     // SAFETY: build scripts are single-threaded here; the variable is read by aya-build and
     // inherited by the nested cargo it spawns.

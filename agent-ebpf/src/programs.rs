@@ -3,9 +3,7 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr,
-    },
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
@@ -351,7 +349,11 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
             read_volatile(&(*ops).local_port) as u16,
         )
     };
-    let addr = if family == u32::from(AF_INET) { v4_mapped(ip4) } else { ip6 };
+    let addr = if family == u32::from(AF_INET) {
+        v4_mapped(ip4)
+    } else {
+        ip6
+    };
     let key = PeerKey { addr, port, pad: 0 };
     if ORIGINS.insert(&key, &origin, 0).is_ok() {
         let _ = PENDING.remove(&cookie);

@@ -34,7 +34,11 @@ struct Status {
 impl AdminState {
     fn ready(&self) -> bool {
         let steer_ok = self.steering.as_ref().is_none_or(|s| s.status().attached);
-        steer_ok && self.proxy.listening.load(std::sync::atomic::Ordering::Relaxed)
+        steer_ok
+            && self
+                .proxy
+                .listening
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn status(&self) -> Status {
@@ -51,13 +55,26 @@ impl AdminState {
         let mut out = String::new();
         let mut labelled = Vec::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         if let Some(s) = &self.steering {
             let st = s.status();
             let c = st.counters;
-            metric("sluice_steer_attached", "gauge", "1 when the eBPF programs are attached.", u64::from(st.attached));
-            metric("sluice_steer_heartbeat_age_ms", "gauge", "Age of the last kernel heartbeat.", st.heartbeat_age_ms);
+            metric(
+                "sluice_steer_attached",
+                "gauge",
+                "1 when the eBPF programs are attached.",
+                u64::from(st.attached),
+            );
+            metric(
+                "sluice_steer_heartbeat_age_ms",
+                "gauge",
+                "Age of the last kernel heartbeat.",
+                st.heartbeat_age_ms,
+            );
             for (path, v) in [
                 ("steered", c.steered),
                 ("direct", c.direct),
@@ -67,20 +84,64 @@ impl AdminState {
                 ("exempt", c.exempt),
                 ("record_failed", c.record_failed),
             ] {
-                labelled.push(format!("sluice_steer_connections_total{{path=\"{path}\"}} {v}"));
+                labelled.push(format!(
+                    "sluice_steer_connections_total{{path=\"{path}\"}} {v}"
+                ));
             }
         }
         let p = self.proxy.snapshot();
-        metric("sluice_proxy_accepted_total", "counter", "Connections accepted by the proxy.", p.accepted);
-        metric("sluice_proxy_no_origin_total", "counter", "Connections refused for lack of a steering record.", p.no_origin);
-        metric("sluice_proxy_loops_total", "counter", "Connections refused as steering loops.", p.loops);
-        metric("sluice_proxy_upstream_failed_total", "counter", "Original destinations that could not be reached.", p.upstream_failed);
-        metric("sluice_proxy_spliced_total", "counter", "Connections relayed without decryption.", p.spliced);
-        metric("sluice_proxy_active_connections", "gauge", "Connections open now.", p.active);
-        metric("sluice_proxy_bytes_up_total", "counter", "Bytes from clients to origins.", p.bytes_up);
-        metric("sluice_proxy_bytes_down_total", "counter", "Bytes from origins to clients.", p.bytes_down);
+        metric(
+            "sluice_proxy_accepted_total",
+            "counter",
+            "Connections accepted by the proxy.",
+            p.accepted,
+        );
+        metric(
+            "sluice_proxy_no_origin_total",
+            "counter",
+            "Connections refused for lack of a steering record.",
+            p.no_origin,
+        );
+        metric(
+            "sluice_proxy_loops_total",
+            "counter",
+            "Connections refused as steering loops.",
+            p.loops,
+        );
+        metric(
+            "sluice_proxy_upstream_failed_total",
+            "counter",
+            "Original destinations that could not be reached.",
+            p.upstream_failed,
+        );
+        metric(
+            "sluice_proxy_spliced_total",
+            "counter",
+            "Connections relayed without decryption.",
+            p.spliced,
+        );
+        metric(
+            "sluice_proxy_active_connections",
+            "gauge",
+            "Connections open now.",
+            p.active,
+        );
+        metric(
+            "sluice_proxy_bytes_up_total",
+            "counter",
+            "Bytes from clients to origins.",
+            p.bytes_up,
+        );
+        metric(
+            "sluice_proxy_bytes_down_total",
+            "counter",
+            "Bytes from origins to clients.",
+            p.bytes_down,
+        );
         if !labelled.is_empty() {
-            out.push_str("# HELP sluice_steer_connections_total Connects seen by the eBPF hooks, by path.\n");
+            out.push_str(
+                "# HELP sluice_steer_connections_total Connects seen by the eBPF hooks, by path.\n",
+            );
             out.push_str("# TYPE sluice_steer_connections_total counter\n");
             for line in labelled {
                 out.push_str(&line);
@@ -97,21 +158,37 @@ impl AdminState {
                 if self.ready() {
                     (StatusCode::OK, "text/plain", "ready\n".to_owned())
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_owned())
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready\n".to_owned(),
+                    )
                 }
             }
             ("GET", "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
             ("GET", "/status") => (
                 StatusCode::OK,
                 "application/json",
-                serde_json::to_string_pretty(&self.status()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+                serde_json::to_string_pretty(&self.status())
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
             ),
-            ("GET", _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
-            _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".to_owned()),
+            ("GET", _) => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found\n".to_owned(),
+            ),
+            _ => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "method not allowed\n".to_owned(),
+            ),
         };
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;
-        resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(ctype),
+        );
         resp
     }
 }

@@ -27,7 +27,8 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let stats = Arc::new(ProxyStats::default());
 
     let steering = if config.steer.enabled {
-        let dir = steer::enter_agent_cgroup(&config.steer).context("placing the agent in its own cgroup")?;
+        let dir = steer::enter_agent_cgroup(&config.steer)
+            .context("placing the agent in its own cgroup")?;
         tracing::info!(cgroup = %dir.display(), "agent cgroup (never steered)");
         Some(Arc::new(
             Steering::attach(&config.steer, config.proxy.port).context("attaching steering")?,
@@ -56,11 +57,22 @@ async fn supervise(
     let mut tasks = tokio::task::JoinSet::new();
 
     if let Some(steering) = &steering {
-        let proxy = Proxy::bind(&config.proxy, steering.clone(), config.steer.bypass_mark, stats.clone()).await?;
+        let proxy = Proxy::bind(
+            &config.proxy,
+            steering.clone(),
+            config.steer.bypass_mark,
+            stats.clone(),
+        )
+        .await?;
         tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
         tasks.spawn(named(
             "heartbeat",
-            heartbeat(steering.clone(), stats.clone(), config.steer.heartbeat_interval(), shutdown.clone()),
+            heartbeat(
+                steering.clone(),
+                stats.clone(),
+                config.steer.heartbeat_interval(),
+                shutdown.clone(),
+            ),
         ));
     } else {
         // Nothing to accept, but readiness still reflects the listener state.
@@ -168,8 +180,12 @@ fn reload(path: &Path, running: &Config, steering: Option<&Steering>) {
 
 /// Sends a state line to systemd when run as a `Type=notify` service.
 fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
     let path = PathBuf::from(path);
     // Abstract sockets are given with a leading '@'.
     let res = if let Some(name) = path.to_str().and_then(|p| p.strip_prefix('@')) {

@@ -211,10 +211,18 @@ impl Cidr {
 }
 
 fn mask_v4(v: u32, prefix: u8) -> u32 {
-    if prefix == 0 { 0 } else { v & (u32::MAX << (32 - u32::from(prefix))) }
+    if prefix == 0 {
+        0
+    } else {
+        v & (u32::MAX << (32 - u32::from(prefix)))
+    }
 }
 fn mask_v6(v: u128, prefix: u8) -> u128 {
-    if prefix == 0 { 0 } else { v & (u128::MAX << (128 - u32::from(prefix))) }
+    if prefix == 0 {
+        0
+    } else {
+        v & (u128::MAX << (128 - u32::from(prefix)))
+    }
 }
 
 impl FromStr for Cidr {
@@ -283,8 +291,15 @@ impl<'de> Deserialize<'de> for PortSpec {
             Num(i64),
             Text(String),
         }
-        let bad = |what: &str| serde::de::Error::custom(format!("invalid port `{what}`: use 1-65535 or \"lo-hi\""));
-        let port = |v: i64, what: &str| u16::try_from(v).ok().filter(|p| *p > 0).ok_or_else(|| bad(what));
+        let bad = |what: &str| {
+            serde::de::Error::custom(format!("invalid port `{what}`: use 1-65535 or \"lo-hi\""))
+        };
+        let port = |v: i64, what: &str| {
+            u16::try_from(v)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad(what))
+        };
         match Raw::deserialize(d)? {
             Raw::Num(n) => Ok(PortSpec::single(port(n, &n.to_string())?)),
             Raw::Text(t) => {
@@ -394,7 +409,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.steer;
         if s.heartbeat_interval_ms == 0 {
-            return Err(ConfigError::Invalid("steer.heartbeat_interval_ms must be > 0".into()));
+            return Err(ConfigError::Invalid(
+                "steer.heartbeat_interval_ms must be > 0".into(),
+            ));
         }
         if s.heartbeat_bound_ms < 2 * s.heartbeat_interval_ms {
             return Err(ConfigError::Invalid(format!(
@@ -410,19 +427,29 @@ impl Config {
         }
         if norm(&s.agent_cgroup) == norm(&s.cgroup) {
             return Err(ConfigError::Invalid(
-                "steer.agent_cgroup must differ from steer.cgroup (it would exempt every process)".into(),
+                "steer.agent_cgroup must differ from steer.cgroup (it would exempt every process)"
+                    .into(),
             ));
         }
-        for p in std::iter::once(&s.agent_cgroup).chain(&s.exempt_cgroups).chain([&s.cgroup]) {
+        for p in std::iter::once(&s.agent_cgroup)
+            .chain(&s.exempt_cgroups)
+            .chain([&s.cgroup])
+        {
             if p.split('/').any(|c| c == "..") {
-                return Err(ConfigError::Invalid(format!("cgroup path `{p}` must not contain `..`")));
+                return Err(ConfigError::Invalid(format!(
+                    "cgroup path `{p}` must not contain `..`"
+                )));
             }
         }
         if self.proxy.port == 0 {
-            return Err(ConfigError::Invalid("proxy.port must be set (1-65535)".into()));
+            return Err(ConfigError::Invalid(
+                "proxy.port must be set (1-65535)".into(),
+            ));
         }
         if self.proxy.max_connections == 0 {
-            return Err(ConfigError::Invalid("proxy.max_connections must be > 0".into()));
+            return Err(ConfigError::Invalid(
+                "proxy.max_connections must be > 0".into(),
+            ));
         }
         if !self.admin.listen.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
@@ -442,7 +469,10 @@ mod tests {
     fn defaults_steer_web_ports_everywhere() {
         let cfg = Config::parse("").expect("empty config is valid");
         assert_eq!(cfg.steer.include.len(), 2);
-        assert_eq!(cfg.steer.include[0].ports, vec![PortSpec::single(80), PortSpec::single(443)]);
+        assert_eq!(
+            cfg.steer.include[0].ports,
+            vec![PortSpec::single(80), PortSpec::single(443)]
+        );
         assert_eq!(cfg.steer.fail_mode, FailMode::Open);
         assert_eq!(cfg.proxy.port, 15001);
     }
@@ -460,7 +490,10 @@ mod tests {
         .expect("valid");
         let r = &cfg.steer.include[0];
         assert_eq!(r.cidr.to_string(), "10.0.0.0/8", "host bits are cleared");
-        assert_eq!(r.ports, vec![PortSpec::single(443), PortSpec { lo: 8000, hi: 8099 }]);
+        assert_eq!(
+            r.ports,
+            vec![PortSpec::single(443), PortSpec { lo: 8000, hi: 8099 }]
+        );
         assert_eq!(cfg.steer.include[1].cidr.prefix, 128);
         assert!(cfg.steer.include[1].ports.is_empty());
         assert_eq!(cfg.steer.fail_mode, FailMode::Closed);
@@ -470,13 +503,28 @@ mod tests {
     fn rejects_unknown_keys_and_bad_values() {
         for (text, needle) in [
             ("[steer]\nfail_mod = \"open\"", "unknown field"),
-            ("[steer]\ninclude = [{ cidr = \"10.0.0.0/33\" }]", "prefix length"),
+            (
+                "[steer]\ninclude = [{ cidr = \"10.0.0.0/33\" }]",
+                "prefix length",
+            ),
             ("[steer]\ninclude = [{ cidr = \"nope\" }]", "not an IP"),
-            ("[steer]\ninclude = [{ cidr = \"10.0.0.0/8\", ports = [0] }]", "invalid port"),
-            ("[steer]\ninclude = [{ cidr = \"10.0.0.0/8\", ports = [\"9-3\"] }]", "invalid port"),
-            ("[steer]\nheartbeat_bound_ms = 100\nheartbeat_interval_ms = 100", "at least twice"),
+            (
+                "[steer]\ninclude = [{ cidr = \"10.0.0.0/8\", ports = [0] }]",
+                "invalid port",
+            ),
+            (
+                "[steer]\ninclude = [{ cidr = \"10.0.0.0/8\", ports = [\"9-3\"] }]",
+                "invalid port",
+            ),
+            (
+                "[steer]\nheartbeat_bound_ms = 100\nheartbeat_interval_ms = 100",
+                "at least twice",
+            ),
             ("[steer]\nagent_cgroup = \"/\"", "not the root"),
-            ("[steer]\ncgroup = \"a\"\nagent_cgroup = \"/a/\"", "must differ"),
+            (
+                "[steer]\ncgroup = \"a\"\nagent_cgroup = \"/a/\"",
+                "must differ",
+            ),
             ("[admin]\nlisten = \"0.0.0.0:1\"", "loopback"),
         ] {
             let err = Config::parse(text).expect_err(text).to_string();

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use sluice::config::Config;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Sluice: access and session control for the apps your people use")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Sluice: access and session control for the apps your people use"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,7 +50,8 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -63,7 +68,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(sluice::app::run(config, cfg))
         }
         Command::Config {
@@ -76,9 +83,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { admin } => {
             use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(3))?;
+            let mut s =
+                std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(3))?;
             s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-            write!(s, "GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")?;
+            write!(
+                s,
+                "GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+            )?;
             let mut resp = String::new();
             s.read_to_string(&mut resp)?;
             let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or(&resp);

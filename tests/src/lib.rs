@@ -46,7 +46,11 @@ pub struct TestCgroup {
 impl TestCgroup {
     /// Creates `sluice-test-<pid>-<n>-<tag>` under the v2 root.
     pub fn new(tag: &str) -> Self {
-        let rel = format!("sluice-test-{}-{}-{tag}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let rel = format!(
+            "sluice-test-{}-{}-{tag}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         let dir = cgroup_mount().join(&rel);
         fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         Self { dir, rel }
@@ -66,7 +70,9 @@ impl TestCgroup {
 }
 
 fn remove_tree(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         if e.file_type().is_ok_and(|t| t.is_dir()) {
             remove_tree(&e.path());
@@ -76,12 +82,18 @@ fn remove_tree(dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let pids: Vec<i32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
         if pids.is_empty() || Instant::now() > deadline {
             break;
         }
         for pid in pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -119,7 +131,11 @@ pub fn bin(name: &str) -> PathBuf {
 /// the checkout's directories are private. The copy lives until the machine cleans /tmp.
 pub fn world_executable_copy(src: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
-    let dir = std::env::temp_dir().join(format!("sluice-e2e-bin-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-e2e-bin-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
     fs::create_dir_all(&dir).expect("temp dir");
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
     let dst = dir.join(src.file_name().expect("file name"));
@@ -152,11 +168,16 @@ impl InCgroup {
         let mut cmd = Command::new("sh");
         let mut script = String::new();
         if let Some(cg) = &self.cgroup {
-            script.push_str(&format!("echo $$ > '{}/cgroup.procs' || exit 97; ", cg.display()));
+            script.push_str(&format!(
+                "echo $$ > '{}/cgroup.procs' || exit 97; ",
+                cg.display()
+            ));
         }
         script.push_str("exec ");
         if let Some((uid, gid)) = self.user {
-            script.push_str(&format!("setpriv --reuid={uid} --regid={gid} --clear-groups -- "));
+            script.push_str(&format!(
+                "setpriv --reuid={uid} --regid={gid} --clear-groups -- "
+            ));
         }
         script.push_str("\"$@\"");
         cmd.arg("-c").arg(script).arg("sh").arg(program).args(args);
@@ -195,7 +216,9 @@ pub struct LineServer {
 
 impl std::fmt::Debug for LineServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LineServer").field("addr", &self.addr).finish()
+        f.debug_struct("LineServer")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -230,7 +253,9 @@ impl LineServer {
                             let _ = s.write_all(format!("{line}\n").as_bytes());
                         });
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2))
+                    }
                     Err(_) => thread::sleep(Duration::from_millis(10)),
                 }
             }
@@ -317,7 +342,10 @@ impl Agent {
         if !ready {
             let _ = agent.child.kill();
             let _ = agent.child.wait();
-            bail!("agent did not become ready: {}", fs::read_to_string(&agent.log).unwrap_or_default());
+            bail!(
+                "agent did not become ready: {}",
+                fs::read_to_string(&agent.log).unwrap_or_default()
+            );
         }
         Ok(agent)
     }
@@ -327,7 +355,10 @@ impl Agent {
         use std::io::Read as _;
         let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )?;
         let mut resp = String::new();
         s.read_to_string(&mut resp)?;
         let code = resp
@@ -335,7 +366,10 @@ impl Agent {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| anyhow!("bad response: {resp}"))?;
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Ok((code, body))
     }
 
@@ -346,7 +380,10 @@ impl Agent {
     }
 
     /// Sends a signal and waits (bounded) for the exit.
-    pub fn signal_and_wait(&mut self, sig: nix::sys::signal::Signal) -> Result<std::process::ExitStatus> {
+    pub fn signal_and_wait(
+        &mut self,
+        sig: nix::sys::signal::Signal,
+    ) -> Result<std::process::ExitStatus> {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)?;
         let end = Instant::now() + Duration::from_secs(20);
         loop {
@@ -385,13 +422,21 @@ pub fn attached_programs(dir: &Path) -> Vec<String> {
         .arg(dir)
         .output()
         .expect("bpftool runs (installed by cargo xtask setup)");
-    assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     if text.trim().is_empty() {
         return Vec::new();
     }
     let v: serde_json::Value = serde_json::from_str(text.trim()).expect("bpftool JSON");
     v.as_array()
-        .map(|a| a.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }

@@ -18,8 +18,8 @@ use sluice::{
     steer::Steering,
 };
 use sluice_e2e::{
-    Agent, InCgroup, LineServer, TestCgroup, attached_programs, bin, world_executable_copy, dual_stack_listeners, free_port,
-    require_root, wait_until,
+    Agent, InCgroup, LineServer, TestCgroup, attached_programs, bin, dual_stack_listeners,
+    free_port, require_root, wait_until, world_executable_copy,
 };
 
 fn rule(cidr: &str, ports: &[u16]) -> SteerRule {
@@ -65,7 +65,11 @@ impl Harness {
                     o.gid,
                     o.comm,
                     o.process.user.as_deref().unwrap_or("-"),
-                    o.process.exe.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+                    o.process
+                        .exe
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "-".into()),
                 ),
                 None => format!("no-origin peer={peer}"),
             }
@@ -104,7 +108,8 @@ impl Drop for Harness {
 
 fn probe(how: &InCgroup, args: &[&str]) -> anyhow::Result<String> {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    how.run(&bin("sluice-probe"), &args).map(|s| s.trim().to_owned())
+    how.run(&bin("sluice-probe"), &args)
+        .map(|s| s.trim().to_owned())
 }
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
@@ -116,9 +121,12 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 #[test]
 #[ignore = "needs root"]
 fn steered_connections_reach_the_proxy_with_their_origin_v4_v6_and_mapped() {
-    let origin = LineServer::start("127.0.0.2:0".parse().expect("addr"), |_| "origin".into()).expect("origin");
-    let origin6 = LineServer::start("[::1]:0".parse().expect("addr"), |_| "origin6".into()).expect("origin6");
-    let other = LineServer::start("127.0.0.3:0".parse().expect("addr"), |_| "other".into()).expect("other");
+    let origin = LineServer::start("127.0.0.2:0".parse().expect("addr"), |_| "origin".into())
+        .expect("origin");
+    let origin6 =
+        LineServer::start("[::1]:0".parse().expect("addr"), |_| "origin6".into()).expect("origin6");
+    let other =
+        LineServer::start("127.0.0.3:0".parse().expect("addr"), |_| "other".into()).expect("other");
     let (p, p6) = (origin.addr.port(), origin6.addr.port());
     let h = Harness::new(
         "origin",
@@ -147,14 +155,22 @@ fn steered_connections_reach_the_proxy_with_their_origin_v4_v6_and_mapped() {
     assert_eq!(field(&line, "user"), "nobody");
     assert_eq!(Path::new(field(&line, "exe")), probe_copy);
     // The pid is the probe's own (it checks the reply against getpid()).
-    let ok = probe(&h.inside(), &["tcp", &origin.addr.to_string(), "--check-pid"]).expect("probe");
+    let ok = probe(
+        &h.inside(),
+        &["tcp", &origin.addr.to_string(), "--check-pid"],
+    )
+    .expect("probe");
     assert_eq!(ok, "ok 1");
 
     // IPv6.
     let line = probe(&h.inside(), &["tcp", &origin6.addr.to_string()]).expect("probe v6");
     assert!(line.starts_with("proxy "), "{line}");
     assert_eq!(field(&line, "dst"), origin6.addr.to_string());
-    let ok = probe(&h.inside(), &["tcp", &origin6.addr.to_string(), "--check-pid"]).expect("probe v6");
+    let ok = probe(
+        &h.inside(),
+        &["tcp", &origin6.addr.to_string(), "--check-pid"],
+    )
+    .expect("probe v6");
     assert_eq!(ok, "ok 1");
 
     // IPv4-mapped destination on an IPv6 socket: steered by the IPv4 rules, reported as IPv4.
@@ -164,13 +180,22 @@ fn steered_connections_reach_the_proxy_with_their_origin_v4_v6_and_mapped() {
     assert_eq!(field(&line, "dst"), origin.addr.to_string());
 
     // A destination outside the steering set, and a process outside the cgroup, go direct.
-    assert_eq!(probe(&h.inside(), &["tcp", &other.addr.to_string()]).expect("direct"), "other");
+    assert_eq!(
+        probe(&h.inside(), &["tcp", &other.addr.to_string()]).expect("direct"),
+        "other"
+    );
     assert!(
         probe(&h.inside(), &["tcp", &format!("127.0.0.2:{}", p + 1)]).is_err(),
         "another port of the same address is not steered: direct, and nothing listens there"
     );
-    assert_eq!(probe(&InCgroup::default(), &["tcp", &origin.addr.to_string()]).expect("outside"), "origin");
-    assert_eq!(probe(&InCgroup::default(), &["tcp", &origin6.addr.to_string()]).expect("outside v6"), "origin6");
+    assert_eq!(
+        probe(&InCgroup::default(), &["tcp", &origin.addr.to_string()]).expect("outside"),
+        "origin"
+    );
+    assert_eq!(
+        probe(&InCgroup::default(), &["tcp", &origin6.addr.to_string()]).expect("outside v6"),
+        "origin6"
+    );
 
     let c = h.steering.counters();
     assert_eq!(c.steered, 5, "{c:?}");
@@ -181,9 +206,16 @@ fn steered_connections_reach_the_proxy_with_their_origin_v4_v6_and_mapped() {
 #[test]
 #[ignore = "needs root"]
 fn quic_to_a_steered_destination_is_refused_inside_the_cgroup_only() {
-    let h = Harness::new("quic", vec![rule("127.0.0.4/32", &[443]), rule("::1/128", &[443])], FailMode::Open, 2000);
+    let h = Harness::new(
+        "quic",
+        vec![rule("127.0.0.4/32", &[443]), rule("::1/128", &[443])],
+        FailMode::Open,
+        2000,
+    );
     let server = UdpSocket::bind("127.0.0.4:443").expect("udp 443");
-    server.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    server
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
     for mode in ["connect", "sendto"] {
         for dst in ["127.0.0.4:443", "[::1]:443", "[::ffff:127.0.0.4]:443"] {
             assert_eq!(
@@ -192,13 +224,21 @@ fn quic_to_a_steered_destination_is_refused_inside_the_cgroup_only() {
                 "{mode} {dst} inside the cgroup must fail with EPERM"
             );
         }
-        assert_eq!(probe(&InCgroup::default(), &["udp", "127.0.0.4:443", mode]).expect("probe"), "sent");
+        assert_eq!(
+            probe(&InCgroup::default(), &["udp", "127.0.0.4:443", mode]).expect("probe"),
+            "sent"
+        );
         let mut buf = [0u8; 16];
-        let (n, _) = server.recv_from(&mut buf).expect("datagram from outside arrives");
+        let (n, _) = server
+            .recv_from(&mut buf)
+            .expect("datagram from outside arrives");
         assert_eq!(&buf[..n], b"quic?");
     }
     // UDP to another port of the same destination is untouched.
-    assert_eq!(probe(&h.inside(), &["udp", "127.0.0.4:8443", "sendto"]).expect("probe"), "sent");
+    assert_eq!(
+        probe(&h.inside(), &["udp", "127.0.0.4:8443", "sendto"]).expect("probe"),
+        "sent"
+    );
     assert_eq!(h.steering.counters().refused_quic, 6);
 }
 
@@ -209,45 +249,75 @@ fn stop_heartbeat(h: &Harness, bound: Duration) {
     thread::sleep(Duration::from_millis(100));
     let stopped = Instant::now();
     thread::sleep(bound + Duration::from_millis(100));
-    assert!(stopped.elapsed() < bound * 2, "test machine too slow to judge the bound");
+    assert!(
+        stopped.elapsed() < bound * 2,
+        "test machine too slow to judge the bound"
+    );
 }
 
 #[test]
 #[ignore = "needs root"]
 fn stale_heartbeat_fails_open_within_the_bound() {
-    let origin = LineServer::start("127.0.0.8:0".parse().expect("addr"), |_| "origin".into()).expect("origin");
+    let origin = LineServer::start("127.0.0.8:0".parse().expect("addr"), |_| "origin".into())
+        .expect("origin");
     let bound = Duration::from_millis(400);
-    let h = Harness::new("failopen", vec![rule("127.0.0.8/32", &[origin.addr.port()])], FailMode::Open, 400);
+    let h = Harness::new(
+        "failopen",
+        vec![rule("127.0.0.8/32", &[origin.addr.port()])],
+        FailMode::Open,
+        400,
+    );
     let line = probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe");
     assert!(line.starts_with("proxy "), "healthy: steered ({line})");
     stop_heartbeat(&h, bound);
-    assert_eq!(probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe"), "origin", "stale: direct");
+    assert_eq!(
+        probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe"),
+        "origin",
+        "stale: direct"
+    );
     assert_eq!(h.steering.counters().failed_open, 1);
     // A fresh heartbeat steers again.
     h.steering.beat().expect("beat");
     let line = probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe");
-    assert!(line.starts_with("proxy "), "healthy again: steered ({line})");
+    assert!(
+        line.starts_with("proxy "),
+        "healthy again: steered ({line})"
+    );
 }
 
 #[test]
 #[ignore = "needs root"]
 fn stale_heartbeat_fails_closed_within_the_bound() {
-    let origin = LineServer::start("127.0.0.9:0".parse().expect("addr"), |_| "origin".into()).expect("origin");
+    let origin = LineServer::start("127.0.0.9:0".parse().expect("addr"), |_| "origin".into())
+        .expect("origin");
     let bound = Duration::from_millis(400);
-    let h = Harness::new("failclosed", vec![rule("127.0.0.9/32", &[origin.addr.port()])], FailMode::Closed, 400);
-    assert!(probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe").starts_with("proxy "));
+    let h = Harness::new(
+        "failclosed",
+        vec![rule("127.0.0.9/32", &[origin.addr.port()])],
+        FailMode::Closed,
+        400,
+    );
+    assert!(
+        probe(&h.inside(), &["tcp", &origin.addr.to_string()])
+            .expect("probe")
+            .starts_with("proxy ")
+    );
     stop_heartbeat(&h, bound);
     let err = probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect_err("refused");
     assert!(err.to_string().contains("Operation not permitted"), "{err}");
     assert_eq!(h.steering.counters().failed_closed, 1);
     // Processes outside the cgroup are not affected by the fail mode.
-    assert_eq!(probe(&InCgroup::default(), &["tcp", &origin.addr.to_string()]).expect("outside"), "origin");
+    assert_eq!(
+        probe(&InCgroup::default(), &["tcp", &origin.addr.to_string()]).expect("outside"),
+        "origin"
+    );
 }
 
 #[test]
 #[ignore = "needs root"]
 fn steering_set_changes_apply_without_reattaching() {
-    let origin = LineServer::start("127.0.0.7:0".parse().expect("addr"), |_| "origin".into()).expect("origin");
+    let origin = LineServer::start("127.0.0.7:0".parse().expect("addr"), |_| "origin".into())
+        .expect("origin");
     let h = Harness::new("update", Vec::new(), FailMode::Open, 2000);
     let ids = || {
         let out = std::process::Command::new("bpftool")
@@ -258,16 +328,34 @@ fn steering_set_changes_apply_without_reattaching() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let before = ids();
-    assert_eq!(probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe"), "origin");
+    assert_eq!(
+        probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe"),
+        "origin"
+    );
     h.steering
         .set_rules(&[rule("127.0.0.0/8", &[origin.addr.port()])], &[])
         .expect("update");
-    assert!(probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe").starts_with("proxy "));
+    assert!(
+        probe(&h.inside(), &["tcp", &origin.addr.to_string()])
+            .expect("probe")
+            .starts_with("proxy ")
+    );
     h.steering
-        .set_rules(&[rule("127.0.0.0/8", &[origin.addr.port()])], &[rule("127.0.0.7/32", &[])])
+        .set_rules(
+            &[rule("127.0.0.0/8", &[origin.addr.port()])],
+            &[rule("127.0.0.7/32", &[])],
+        )
         .expect("update");
-    assert_eq!(probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe"), "origin", "excluded");
-    assert_eq!(before, ids(), "same programs, same links: nothing was re-attached");
+    assert_eq!(
+        probe(&h.inside(), &["tcp", &origin.addr.to_string()]).expect("probe"),
+        "origin",
+        "excluded"
+    );
+    assert_eq!(
+        before,
+        ids(),
+        "same programs, same links: nothing was re-attached"
+    );
 }
 
 #[test]
@@ -278,7 +366,10 @@ fn two_thousand_connections_from_eight_processes_keep_their_origins() {
         "many",
         vec![SteerRule {
             cidr: "127.0.0.6/32".parse().expect("cidr"),
-            ports: vec![PortSpec { lo: base, hi: base + 7 }],
+            ports: vec![PortSpec {
+                lo: base,
+                hi: base + 7,
+            }],
         }],
         FailMode::Open,
         5000,
@@ -289,7 +380,15 @@ fn two_thousand_connections_from_eight_processes_keep_their_origins() {
             h.inside()
                 .command(
                     &bin("sluice-probe"),
-                    &["tcp".into(), dst, "--count".into(), "250".into(), "--concurrency".into(), "16".into(), "--check-pid".into()],
+                    &[
+                        "tcp".into(),
+                        dst,
+                        "--count".into(),
+                        "250".into(),
+                        "--concurrency".into(),
+                        "16".into(),
+                        "--check-pid".into(),
+                    ],
                 )
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -312,7 +411,13 @@ fn two_thousand_connections_from_eight_processes_keep_their_origins() {
     assert_eq!(c.rekeyed, 2000, "{c:?}");
 }
 
-fn agent_config(cg: &TestCgroup, include: &str, proxy_port: u16, admin: SocketAddr, mark: u32) -> String {
+fn agent_config(
+    cg: &TestCgroup,
+    include: &str,
+    proxy_port: u16,
+    admin: SocketAddr,
+    mark: u32,
+) -> String {
     format!(
         r#"
 state_dir = "/tmp/sluice-e2e-state"
@@ -336,7 +441,10 @@ listen = "{admin}"
 #[ignore = "needs root"]
 fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
     require_root();
-    let origin = LineServer::start("127.0.0.5:0".parse().expect("addr"), |peer| format!("origin peer={peer}")).expect("origin");
+    let origin = LineServer::start("127.0.0.5:0".parse().expect("addr"), |peer| {
+        format!("origin peer={peer}")
+    })
+    .expect("origin");
     let cg = TestCgroup::new("own");
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let proxy_port = {
@@ -344,11 +452,23 @@ fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
         v4.local_addr().expect("addr").port()
     };
     // bypass_mark = 0: the agent's exemption rests on its cgroup alone here.
-    let include = format!("{{ cidr = \"127.0.0.5/32\", ports = [{}] }}", origin.addr.port());
+    let include = format!(
+        "{{ cidr = \"127.0.0.5/32\", ports = [{}] }}",
+        origin.addr.port()
+    );
     let tmp = std::env::temp_dir().join(format!("sluice-e2e-own-{}", std::process::id()));
-    let agent = Agent::start(&agent_config(&cg, &include, proxy_port, admin, 0), admin, &tmp).expect("agent starts");
-    let agent_cg = std::fs::read_to_string(format!("/proc/{}/cgroup", agent.child.id())).expect("cgroup");
-    assert!(agent_cg.contains(&format!("{}/agent", cg.rel)), "agent placed itself under the attach cgroup: {agent_cg}");
+    let agent = Agent::start(
+        &agent_config(&cg, &include, proxy_port, admin, 0),
+        admin,
+        &tmp,
+    )
+    .expect("agent starts");
+    let agent_cg =
+        std::fs::read_to_string(format!("/proc/{}/cgroup", agent.child.id())).expect("cgroup");
+    assert!(
+        agent_cg.contains(&format!("{}/agent", cg.rel)),
+        "agent placed itself under the attach cgroup: {agent_cg}"
+    );
 
     // A client in the cgroup reaches the origin through the agent's relay; the relay's own connect
     // to the same steered destination went direct (or the origin would never answer).
@@ -356,7 +476,10 @@ fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
     assert!(line.starts_with("origin peer=127.0.0.1:"), "{line}");
     let st = agent.status().expect("status");
     assert_eq!(st["steer"]["counters"]["steered"], 1, "{st}");
-    assert_eq!(st["steer"]["counters"]["exempt"], 1, "the relay's connect was exempted: {st}");
+    assert_eq!(
+        st["steer"]["counters"]["exempt"], 1,
+        "the relay's connect was exempted: {st}"
+    );
     assert_eq!(st["proxy"]["loops"], 0, "{st}");
     assert_eq!(st["proxy"]["spliced"], 1, "{st}");
     drop(agent);
@@ -375,13 +498,25 @@ fn nothing_stays_attached_after_shutdown_or_sigkill() {
             let (v4, _v6) = dual_stack_listeners().expect("port");
             v4.local_addr().expect("addr").port()
         };
-        let cfg = agent_config(&cg, "{ cidr = \"127.0.0.10/32\", ports = [443] }", proxy_port, admin, 0x51ce);
+        let cfg = agent_config(
+            &cg,
+            "{ cidr = \"127.0.0.10/32\", ports = [443] }",
+            proxy_port,
+            admin,
+            0x51ce,
+        );
         let mut agent = Agent::start(&cfg, admin, &tmp).expect("agent starts");
         let mut names = attached_programs(&cg.dir);
         names.sort();
         assert_eq!(
             names,
-            ["sluice_connect4", "sluice_connect6", "sluice_sendmsg4", "sluice_sendmsg6", "sluice_sockops"],
+            [
+                "sluice_connect4",
+                "sluice_connect6",
+                "sluice_sendmsg4",
+                "sluice_sendmsg6",
+                "sluice_sockops"
+            ],
             "attached while running"
         );
         let status = agent.signal_and_wait(sig).expect("agent exits");
@@ -389,7 +524,8 @@ fn nothing_stays_attached_after_shutdown_or_sigkill() {
             assert!(status.success(), "clean exit on SIGTERM: {status}");
         }
         assert!(
-            wait_until(Duration::from_secs(3), || attached_programs(&cg.dir).is_empty()),
+            wait_until(Duration::from_secs(3), || attached_programs(&cg.dir)
+                .is_empty()),
             "programs still attached after {sig}: {:?}",
             attached_programs(&cg.dir)
         );

@@ -75,7 +75,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn workspace_root() -> Result<PathBuf> {
-    let manifest = env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("run through `cargo xtask`"))?;
+    let manifest =
+        env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("run through `cargo xtask`"))?;
     Path::new(&manifest)
         .parent()
         .map(Path::to_path_buf)
@@ -98,7 +99,9 @@ fn sh(cmd: &mut Command) -> Result<()> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn is_root() -> bool {
@@ -177,16 +180,27 @@ fn toolchain_llvm() -> Result<(PathBuf, String, String)> {
             return Ok((lib, stem.to_owned(), major));
         }
     }
-    bail!("no libLLVM-*-rust-*.so in {}: the Rust toolchain is incomplete", lib.display())
+    bail!(
+        "no libLLVM-*-rust-*.so in {}: the Rust toolchain is incomplete",
+        lib.display()
+    )
 }
 
 fn bpf_linker(root: &Path) -> Result<()> {
     let (lib, link_name, major) = toolchain_llvm()?;
     // The shared object's soname embeds the toolchain version, e.g. libLLVM.so.22.1-rust-1.95.0-stable.
-    let version_tag = link_name.split("-rust-").nth(1).unwrap_or_default().to_owned();
+    let version_tag = link_name
+        .split("-rust-")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
     let current = output(Command::new("bpf-linker").arg("--version")).is_some()
-        && output(Command::new("sh").args(["-c", "ldd \"$(command -v bpf-linker)\""]))
-            .is_some_and(|s| s.lines().any(|l| l.contains("libLLVM") && l.contains(&format!("rust-{version_tag}"))));
+        && output(Command::new("sh").args(["-c", "ldd \"$(command -v bpf-linker)\""])).is_some_and(
+            |s| {
+                s.lines()
+                    .any(|l| l.contains("libLLVM") && l.contains(&format!("rust-{version_tag}")))
+            },
+        );
     if current {
         eprintln!("bpf-linker: present, linked against this toolchain's LLVM {major}");
         return Ok(());
@@ -211,11 +225,17 @@ fn bpf_linker(root: &Path) -> Result<()> {
 
 fn cgroup_v2() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    if mounts.lines().any(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("cgroup2 "))) {
+    if mounts.lines().any(|l| {
+        l.split(" - ")
+            .nth(1)
+            .is_some_and(|t| t.starts_with("cgroup2 "))
+    }) {
         eprintln!("cgroup v2: mounted");
         return Ok(());
     }
-    bail!("no cgroup v2 hierarchy is mounted; Sluice's endpoint steering needs one (mount -t cgroup2 none /sys/fs/cgroup/unified)")
+    bail!(
+        "no cgroup v2 hierarchy is mounted; Sluice's endpoint steering needs one (mount -t cgroup2 none /sys/fs/cgroup/unified)"
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -229,12 +249,25 @@ fn test() -> Result<()> {
     step("cargo fmt --check");
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy (warnings denied)");
-    sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    sh(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     step("build (the end-to-end tests run the built binaries)");
     sh(cargo().args(["build", "--workspace", "--bins"]))?;
     step("tests, root-only ones included");
     // Every test runs, ignored-for-root ones too; a test that cannot run fails rather than skips.
-    sh(cargo().args(["test", "--workspace", "--no-fail-fast", "--", "--include-ignored"]))?;
+    sh(cargo().args([
+        "test",
+        "--workspace",
+        "--no-fail-fast",
+        "--",
+        "--include-ignored",
+    ]))?;
     eprintln!("\nall checks passed");
     Ok(())
 }
@@ -248,7 +281,14 @@ fn bench(root: &Path, name: &str, scale: u32) -> Result<()> {
         bail!("unknown benchmark `{name}`; known: {}", known.join(", "));
     }
     step(&format!("bench {name}: building in release"));
-    sh(cargo().args(["build", "--release", "-p", "sluice-e2e", "--bin", "sluice-bench"]))?;
+    sh(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "sluice-e2e",
+        "--bin",
+        "sluice-bench",
+    ]))?;
     let out = root.join("target/bench").join(format!("{name}.json"));
     std::fs::create_dir_all(root.join("target/bench"))?;
     step(&format!("bench {name}"));
@@ -276,13 +316,19 @@ fn up(root: &Path, config: Option<PathBuf>) -> Result<()> {
             let path = dir.join("agent.toml");
             let text = std::fs::read_to_string(root.join("packaging/agent.toml"))
                 .context("reading packaging/agent.toml")?
-                .replace("state_dir = \"/var/lib/sluice\"", &format!("state_dir = \"{}\"", dir.join("state").display()));
+                .replace(
+                    "state_dir = \"/var/lib/sluice\"",
+                    &format!("state_dir = \"{}\"", dir.join("state").display()),
+                );
             std::fs::write(&path, text)?;
             path
         }
     };
     let bin = root.join("target/release/sluice");
-    sh(Command::new(&bin).args(["config", "check", "--config"]).arg(&config).stdout(Stdio::null()))?;
+    sh(Command::new(&bin)
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null()))?;
     step("sluice is starting (Ctrl-C stops it and detaches from the kernel)");
     eprintln!(
         "  config:  {}\n  status:  {} status\n  metrics: curl -s http://127.0.0.1:15090/metrics\n  kernel:  bpftool cgroup tree",

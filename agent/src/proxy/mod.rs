@@ -111,7 +111,11 @@ impl Proxy {
         stats: Arc<ProxyStats>,
     ) -> Result<Self, ProxyError> {
         let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, settings.port));
-        let mut listeners = vec![TcpListener::bind(v4).await.map_err(|source| ProxyError::Bind { addr: v4, source })?];
+        let mut listeners = vec![
+            TcpListener::bind(v4)
+                .await
+                .map_err(|source| ProxyError::Bind { addr: v4, source })?,
+        ];
         let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, settings.port));
         match TcpListener::bind(v6).await {
             Ok(l) => listeners.push(l),
@@ -146,7 +150,12 @@ impl Proxy {
         self.stats.listening.store(true, Ordering::Relaxed);
         let mut accepts = tokio::task::JoinSet::new();
         for listener in self.listeners {
-            let (limit, tracker, shared, shutdown) = (limit.clone(), tracker.clone(), shared.clone(), shutdown.clone());
+            let (limit, tracker, shared, shutdown) = (
+                limit.clone(),
+                tracker.clone(),
+                shared.clone(),
+                shutdown.clone(),
+            );
             accepts.spawn(async move {
                 loop {
                     let permit = tokio::select! {
@@ -206,7 +215,13 @@ impl Shared {
             return;
         }
         let _ = client.set_nodelay(true);
-        let upstream = match splice::connect_marked(origin.dst, self.bypass_mark, self.connect_timeout).await {
+        let upstream = match splice::connect_marked(
+            origin.dst,
+            self.bypass_mark,
+            self.connect_timeout,
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 stats.upstream_failed.fetch_add(1, Ordering::Relaxed);

@@ -16,15 +16,28 @@ use tokio::{
 
 /// Connects to `dst` from a socket carrying `mark` (`SO_MARK`), so the kernel programs and any
 /// gateway rules recognise the agent's own traffic.
-pub async fn connect_marked(dst: SocketAddr, mark: u32, timeout: Duration) -> std::io::Result<TcpStream> {
-    let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+pub async fn connect_marked(
+    dst: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     if mark != 0 {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
             .map_err(std::io::Error::from)?;
     }
     let stream = tokio::time::timeout(timeout, socket.connect(dst))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect to {dst} timed out"),
+            )
+        })??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
@@ -56,7 +69,9 @@ async fn pump(
             Ok(Ok(n)) => n,
             Err(_) => {
                 // Quiet this way; keep going while the other direction is busy.
-                let since = start.elapsed().saturating_sub(Duration::from_nanos(last.load(Ordering::Relaxed)));
+                let since = start
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(last.load(Ordering::Relaxed)));
                 if since >= idle {
                     break;
                 }

@@ -48,7 +48,12 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Program names in the object, in attach order (sockops first, so that no connection can be
 /// redirected before its record can be re-keyed).
 const SOCKOPS: &str = "sluice_sockops";
-const SOCK_ADDR_PROGRAMS: [&str; 4] = ["sluice_connect4", "sluice_connect6", "sluice_sendmsg4", "sluice_sendmsg6"];
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    "sluice_connect4",
+    "sluice_connect6",
+    "sluice_sendmsg4",
+    "sluice_sendmsg6",
+];
 
 /// Errors of the steering layer.
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +205,9 @@ pub struct Steering {
 
 impl std::fmt::Debug for Steering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Steering").field("cgroup", &self.cgroup).finish_non_exhaustive()
+        f.debug_struct("Steering")
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
     }
 }
 
@@ -212,7 +219,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads.
 pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec() as u64))
+        .map(|t| {
+            (t.tv_sec() as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(t.tv_nsec() as u64)
+        })
         .unwrap_or(0)
 }
 
@@ -234,7 +245,8 @@ impl Steering {
         }
         let mount = cgroup::v2_mount()?;
         let cgroup_dir = cgroup::resolve(&mount, &settings.cgroup);
-        let cgroup_file = File::open(&cgroup_dir).map_err(|e| SteerError::Cgroup(format!("opening {}: {e}", cgroup_dir.display())))?;
+        let cgroup_file = File::open(&cgroup_dir)
+            .map_err(|e| SteerError::Cgroup(format!("opening {}: {e}", cgroup_dir.display())))?;
         let agent_dir = cgroup::resolve(&mount, &settings.agent_cgroup);
         let mut exempt_ids = Vec::new();
         // The agent cgroup may not exist yet when steering is driven in-process (tests).
@@ -253,20 +265,29 @@ impl Steering {
             })
         };
         let mut config_map: Array<MapData, SteerConfig> =
-            Array::try_from(take(&mut ebpf, sluice_common::MAP_CONFIG)?).map_err(map_err("config"))?;
+            Array::try_from(take(&mut ebpf, sluice_common::MAP_CONFIG)?)
+                .map_err(map_err("config"))?;
         let mut heartbeat: Array<MapData, u64> =
-            Array::try_from(take(&mut ebpf, sluice_common::MAP_HEARTBEAT)?).map_err(map_err("heartbeat"))?;
+            Array::try_from(take(&mut ebpf, sluice_common::MAP_HEARTBEAT)?)
+                .map_err(map_err("heartbeat"))?;
         let counters: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(take(&mut ebpf, sluice_common::MAP_COUNTERS)?).map_err(map_err("counters"))?;
+            PerCpuArray::try_from(take(&mut ebpf, sluice_common::MAP_COUNTERS)?)
+                .map_err(map_err("counters"))?;
         let mut exempt: HashMap<MapData, u64, u8> =
-            HashMap::try_from(take(&mut ebpf, sluice_common::MAP_EXEMPT_CGROUPS)?).map_err(map_err("exempt"))?;
+            HashMap::try_from(take(&mut ebpf, sluice_common::MAP_EXEMPT_CGROUPS)?)
+                .map_err(map_err("exempt"))?;
         let origins: HashMap<MapData, PeerKey, Origin> =
-            HashMap::try_from(take(&mut ebpf, sluice_common::MAP_ORIGINS)?).map_err(map_err("origins"))?;
+            HashMap::try_from(take(&mut ebpf, sluice_common::MAP_ORIGINS)?)
+                .map_err(map_err("origins"))?;
         let mut rule_maps = RuleMaps {
-            include_v4: LpmTrie::try_from(take(&mut ebpf, sluice_common::MAP_INCLUDE_V4)?).map_err(map_err("include_v4"))?,
-            exclude_v4: LpmTrie::try_from(take(&mut ebpf, sluice_common::MAP_EXCLUDE_V4)?).map_err(map_err("exclude_v4"))?,
-            include_v6: LpmTrie::try_from(take(&mut ebpf, sluice_common::MAP_INCLUDE_V6)?).map_err(map_err("include_v6"))?,
-            exclude_v6: LpmTrie::try_from(take(&mut ebpf, sluice_common::MAP_EXCLUDE_V6)?).map_err(map_err("exclude_v6"))?,
+            include_v4: LpmTrie::try_from(take(&mut ebpf, sluice_common::MAP_INCLUDE_V4)?)
+                .map_err(map_err("include_v4"))?,
+            exclude_v4: LpmTrie::try_from(take(&mut ebpf, sluice_common::MAP_EXCLUDE_V4)?)
+                .map_err(map_err("exclude_v4"))?,
+            include_v6: LpmTrie::try_from(take(&mut ebpf, sluice_common::MAP_INCLUDE_V6)?)
+                .map_err(map_err("include_v6"))?,
+            exclude_v6: LpmTrie::try_from(take(&mut ebpf, sluice_common::MAP_EXCLUDE_V6)?)
+                .map_err(map_err("exclude_v6"))?,
             current: rules::Compiled::default(),
         };
 
@@ -297,7 +318,8 @@ impl Steering {
                 .ok_or_else(|| SteerError::Load(format!("{SOCKOPS} missing")))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| SteerError::Load(e.to_string()))?;
-            prog.load().map_err(|e| SteerError::Load(format!("{SOCKOPS}: {}", chain(&e))))?;
+            prog.load()
+                .map_err(|e| SteerError::Load(format!("{SOCKOPS}: {}", chain(&e))))?;
             prog.attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(SOCKOPS, chain(&e)))?;
         }
@@ -307,7 +329,8 @@ impl Steering {
                 .ok_or_else(|| SteerError::Load(format!("{name} missing")))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| SteerError::Load(e.to_string()))?;
-            prog.load().map_err(|e| SteerError::Load(format!("{name}: {}", chain(&e))))?;
+            prog.load()
+                .map_err(|e| SteerError::Load(format!("{name}: {}", chain(&e))))?;
             prog.attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(name, chain(&e)))?;
         }
@@ -337,7 +360,11 @@ impl Steering {
 
     /// Replaces the steering set without re-attaching: new and changed prefixes are written first,
     /// then stale ones removed, so no destination is briefly unsteered by the update itself.
-    pub fn set_rules(&self, include: &[SteerRule], exclude: &[SteerRule]) -> Result<(), SteerError> {
+    pub fn set_rules(
+        &self,
+        include: &[SteerRule],
+        exclude: &[SteerRule],
+    ) -> Result<(), SteerError> {
         let compiled = rules::compile(include, exclude, self.proxy_port)?;
         apply_rules(&mut lock(&self.rules), compiled)
     }
@@ -440,9 +467,16 @@ impl Steering {
                 Vec::new()
             },
             exempt_cgroup_ids: self.exempt_ids.clone(),
-            fail_mode: if cfg.fail_mode == FAIL_CLOSED { "closed" } else { "open" },
+            fail_mode: if cfg.fail_mode == FAIL_CLOSED {
+                "closed"
+            } else {
+                "open"
+            },
             heartbeat_age_ms: monotonic_ns().saturating_sub(last) / 1_000_000,
-            prefixes: c.include_v4.len() + c.exclude_v4.len() + c.include_v6.len() + c.exclude_v6.len(),
+            prefixes: c.include_v4.len()
+                + c.exclude_v4.len()
+                + c.include_v6.len()
+                + c.exclude_v6.len(),
             counters: self.counters(),
         }
     }
@@ -486,7 +520,8 @@ fn apply_rules(maps: &mut RuleMaps, next: rules::Compiled) -> Result<(), SteerEr
     ) -> Result<(), SteerError> {
         for ((len, addr), ports) in new {
             if old.get(&(*len, *addr)) != Some(ports) {
-                trie.insert(&Key::new(*len, *addr), ports, 0).map_err(map_err(name))?;
+                trie.insert(&Key::new(*len, *addr), ports, 0)
+                    .map_err(map_err(name))?;
             }
         }
         for (len, addr) in old.keys() {
@@ -496,10 +531,30 @@ fn apply_rules(maps: &mut RuleMaps, next: rules::Compiled) -> Result<(), SteerEr
         }
         Ok(())
     }
-    sync(&mut maps.include_v4, &maps.current.include_v4, &next.include_v4, "include_v4")?;
-    sync(&mut maps.exclude_v4, &maps.current.exclude_v4, &next.exclude_v4, "exclude_v4")?;
-    sync(&mut maps.include_v6, &maps.current.include_v6, &next.include_v6, "include_v6")?;
-    sync(&mut maps.exclude_v6, &maps.current.exclude_v6, &next.exclude_v6, "exclude_v6")?;
+    sync(
+        &mut maps.include_v4,
+        &maps.current.include_v4,
+        &next.include_v4,
+        "include_v4",
+    )?;
+    sync(
+        &mut maps.exclude_v4,
+        &maps.current.exclude_v4,
+        &next.exclude_v4,
+        "exclude_v4",
+    )?;
+    sync(
+        &mut maps.include_v6,
+        &maps.current.include_v6,
+        &next.include_v6,
+        "include_v6",
+    )?;
+    sync(
+        &mut maps.exclude_v6,
+        &maps.current.exclude_v6,
+        &next.exclude_v6,
+        "exclude_v6",
+    )?;
     maps.current = next;
     Ok(())
 }
@@ -512,7 +567,8 @@ pub fn peer_key(peer: SocketAddr) -> PeerKey {
     };
     let o = v6.octets();
     PeerKey {
-        addr: [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])),
+        addr: [0, 1, 2, 3]
+            .map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])),
         port: peer.port(),
         pad: 0,
     }
@@ -539,12 +595,21 @@ mod tests {
     #[test]
     fn peer_keys_map_ipv4_into_ipv6_and_round_trip() {
         let k = peer_key("127.0.0.1:40000".parse().expect("addr"));
-        assert_eq!(k.addr, sluice_common::v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])));
+        assert_eq!(
+            k.addr,
+            sluice_common::v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]))
+        );
         assert_eq!(k.port, 40000);
         assert_eq!(words_to_ip(k.addr), IpAddr::V4(Ipv4Addr::LOCALHOST));
         let k6 = peer_key("[2001:db8::7]:1".parse().expect("addr"));
-        assert_eq!(words_to_ip(k6.addr), "2001:db8::7".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            words_to_ip(k6.addr),
+            "2001:db8::7".parse::<IpAddr>().expect("ip")
+        );
         // An IPv4-mapped peer (dual-stack listener) gives the same key as the plain IPv4 one.
-        assert_eq!(peer_key("[::ffff:127.0.0.1]:40000".parse().expect("addr")), k);
+        assert_eq!(
+            peer_key("[::ffff:127.0.0.1]:40000".parse().expect("addr")),
+            k
+        );
     }
 }

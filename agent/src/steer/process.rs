@@ -33,8 +33,12 @@ pub fn resolve(tgid: u32, uid: u32) -> ProcessInfo {
 pub fn resolve_without_user(tgid: u32) -> ProcessInfo {
     use std::os::unix::fs::MetadataExt as _;
     let exe = std::fs::read_link(format!("/proc/{tgid}/exe")).ok();
-    let exe_inode = std::fs::metadata(format!("/proc/{tgid}/exe")).ok().map(|m| (m.dev(), m.ino()));
-    let ppid = std::fs::read_to_string(format!("/proc/{tgid}/stat")).ok().and_then(|s| parse_ppid(&s));
+    let exe_inode = std::fs::metadata(format!("/proc/{tgid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    let ppid = std::fs::read_to_string(format!("/proc/{tgid}/stat"))
+        .ok()
+        .and_then(|s| parse_ppid(&s));
     ProcessInfo {
         exe,
         exe_inode,
@@ -52,13 +56,18 @@ fn parse_ppid(stat: &str) -> Option<u32> {
 
 /// The user name of a uid, through the system's user database (NSS), so directory users resolve.
 pub fn user_name(uid: u32) -> Option<String> {
-    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
 }
 
 /// A NUL-padded kernel `comm` as text.
 pub fn comm_str(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    OsStr::from_bytes(&comm[..end]).to_string_lossy().into_owned()
+    OsStr::from_bytes(&comm[..end])
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

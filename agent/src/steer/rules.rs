@@ -51,7 +51,11 @@ pub struct Compiled {
 
 /// Compiles rules; `proxy_port` on every loopback address is always excluded, so the proxy can
 /// never be steered to itself.
-pub fn compile(include: &[SteerRule], exclude: &[SteerRule], proxy_port: u16) -> Result<Compiled, RuleError> {
+pub fn compile(
+    include: &[SteerRule],
+    exclude: &[SteerRule],
+    proxy_port: u16,
+) -> Result<Compiled, RuleError> {
     let mut exclude = exclude.to_vec();
     for cidr in ["127.0.0.0/8", "::1/128"] {
         if let Ok(cidr) = cidr.parse() {
@@ -91,7 +95,10 @@ fn build(rules: &[SteerRule]) -> Result<(V4Map, V6Map), RuleError> {
         for other in rules {
             if other.cidr.contains(&rule.cidr) {
                 if other.ports.is_empty() {
-                    ranges.push(PortSpec { lo: 1, hi: u16::MAX });
+                    ranges.push(PortSpec {
+                        lo: 1,
+                        hi: u16::MAX,
+                    });
                 } else {
                     ranges.extend_from_slice(&other.ports);
                 }
@@ -100,11 +107,16 @@ fn build(rules: &[SteerRule]) -> Result<(V4Map, V6Map), RuleError> {
         let set = port_set(&rule.cidr, ranges)?;
         match rule.cidr.addr {
             IpAddr::V4(a) => {
-                v4.insert((u32::from(rule.cidr.prefix), u32::from_ne_bytes(a.octets())), set);
+                v4.insert(
+                    (u32::from(rule.cidr.prefix), u32::from_ne_bytes(a.octets())),
+                    set,
+                );
             }
             IpAddr::V6(a) => {
                 let o = a.octets();
-                let words = [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]));
+                let words = [0, 1, 2, 3].map(|i| {
+                    u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+                });
                 v6.insert((u32::from(rule.cidr.prefix), words), set);
             }
         }
@@ -160,7 +172,11 @@ pub fn would_steer(c: &Compiled, ip: IpAddr, port: u16) -> bool {
             let v = u128::from(a);
             let hit = |m: &V6Map| {
                 longest(m.iter().filter(|((len, net), _)| {
-                    let mask = if *len == 0 { 0 } else { u128::MAX << (128 - len) };
+                    let mask = if *len == 0 {
+                        0
+                    } else {
+                        u128::MAX << (128 - len)
+                    };
                     let mut bytes = [0u8; 16];
                     for (i, w) in net.iter().enumerate() {
                         bytes[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
@@ -174,7 +190,9 @@ pub fn would_steer(c: &Compiled, ip: IpAddr, port: u16) -> bool {
     }
 }
 
-fn longest<'a, K: 'a>(it: impl Iterator<Item = (&'a (u32, K), &'a PortSet)>) -> Option<&'a PortSet> {
+fn longest<'a, K: 'a>(
+    it: impl Iterator<Item = (&'a (u32, K), &'a PortSet)>,
+) -> Option<&'a PortSet> {
     it.max_by_key(|((len, _), _)| *len).map(|(_, s)| s)
 }
 
@@ -191,13 +209,29 @@ mod tests {
 
     #[test]
     fn nested_prefixes_inherit_their_parents_ports() {
-        let c = compile(&[rule("10.0.0.0/8", &[(443, 443)]), rule("10.1.0.0/16", &[(80, 80)])], &[], 15001)
-            .expect("compiles");
+        let c = compile(
+            &[
+                rule("10.0.0.0/8", &[(443, 443)]),
+                rule("10.1.0.0/16", &[(80, 80)]),
+            ],
+            &[],
+            15001,
+        )
+        .expect("compiles");
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        assert!(would_steer(&c, ip("10.1.2.3"), 443), "parent's port applies inside the /16");
+        assert!(
+            would_steer(&c, ip("10.1.2.3"), 443),
+            "parent's port applies inside the /16"
+        );
         assert!(would_steer(&c, ip("10.1.2.3"), 80));
-        assert!(!would_steer(&c, ip("10.2.0.1"), 80), "child's port does not leak to the parent");
-        assert!(would_steer(&c, ip("::ffff:10.2.0.1"), 443), "IPv4-mapped uses the IPv4 rules");
+        assert!(
+            !would_steer(&c, ip("10.2.0.1"), 80),
+            "child's port does not leak to the parent"
+        );
+        assert!(
+            would_steer(&c, ip("::ffff:10.2.0.1"), 443),
+            "IPv4-mapped uses the IPv4 rules"
+        );
         assert!(!would_steer(&c, ip("11.0.0.1"), 443));
     }
 
@@ -222,16 +256,22 @@ mod tests {
 
     #[test]
     fn port_ranges_merge_and_are_bounded() {
-        let s = port_set(&Cidr::ANY_V4, vec![
-            PortSpec { lo: 80, hi: 90 },
-            PortSpec { lo: 91, hi: 95 },
-            PortSpec::single(85),
-            PortSpec::single(443),
-        ])
+        let s = port_set(
+            &Cidr::ANY_V4,
+            vec![
+                PortSpec { lo: 80, hi: 90 },
+                PortSpec { lo: 91, hi: 95 },
+                PortSpec::single(85),
+                PortSpec::single(443),
+            ],
+        )
         .expect("fits");
         assert_eq!(s.len, 2);
         assert_eq!(s.ranges[0], PortRange { lo: 80, hi: 95 });
         let many = (0..17).map(|i| PortSpec::single(1000 + 2 * i)).collect();
-        assert!(matches!(port_set(&Cidr::ANY_V4, many), Err(RuleError::TooManyPorts { count: 17, .. })));
+        assert!(matches!(
+            port_set(&Cidr::ANY_V4, many),
+            Err(RuleError::TooManyPorts { count: 17, .. })
+        ));
     }
 }

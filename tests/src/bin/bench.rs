@@ -14,7 +14,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -29,7 +29,9 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("steer") => steer(&args),
         Some("steer-client") => steer_client(&args),
-        _ => Err(anyhow!("usage: sluice-bench steer [--out FILE] [--scale N]")),
+        _ => Err(anyhow!(
+            "usage: sluice-bench steer [--out FILE] [--scale N]"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -41,7 +43,10 @@ fn main() -> ExitCode {
 }
 
 fn opt<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
 }
 
 /// Runs in the cgroup: N sequential connect+close to ADDR; prints total nanoseconds.
@@ -66,31 +71,58 @@ fn steer_client(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Accepts and drops connections until stopped; optionally claims each origin record first.
 type Current = Arc<Mutex<Option<Arc<Steering>>>>;
 
-fn sink(listener: TcpListener, steering: Current, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
-    listener.set_nonblocking(true).ok();
-    thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((s, peer)) => {
-                    let current = steering.lock().ok().and_then(|g| g.clone());
-                    if let Some(st) = current {
-                        let _ = st.lookup(peer);
+/// Accepts and drops connections on two blocking threads until stopped, claiming each origin
+/// record first when steering is current. A deep backlog and no polling keep the accept queue from
+/// overflowing, which would show up as one-second SYN retransmits in the client's timings.
+fn sink(listener: TcpListener, steering: Current, stop: Arc<AtomicBool>) -> Result<Sink> {
+    nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(4096)?)?;
+    let addr = listener.local_addr()?;
+    let listener = Arc::new(listener);
+    let threads = (0..2)
+        .map(|_| {
+            let (listener, steering, stop) = (listener.clone(), steering.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((s, peer)) = listener.accept() {
+                        let current = steering.lock().ok().and_then(|g| g.clone());
+                        if let Some(st) = current {
+                            let _ = st.lookup(peer);
+                        }
+                        drop(s);
                     }
-                    drop(s);
                 }
-                Err(_) => thread::sleep(Duration::from_micros(50)),
-            }
+            })
+        })
+        .collect();
+    Ok(Sink { addr, threads })
+}
+
+struct Sink {
+    addr: SocketAddr,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    /// Call after setting the stop flag: wakes each blocked accept, then joins.
+    fn join(self) {
+        for _ in &self.threads {
+            let _ = TcpStream::connect(self.addr);
         }
-    })
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
 }
 
 fn run_client(cg: &TestCgroup, addr: SocketAddr, n: u32) -> Result<f64> {
     let me = std::env::current_exe()?;
     let out = InCgroup::at(&cg.dir)
-        .command(&me, &["steer-client".into(), addr.to_string(), n.to_string()])
+        .command(
+            &me,
+            &["steer-client".into(), addr.to_string(), n.to_string()],
+        )
         .stderr(Stdio::inherit())
         .output()?;
     if !out.status.success() {
@@ -107,10 +139,14 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn steer(args: &[String]) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("the steer benchmark attaches eBPF programs: run it as root (cargo xtask bench steer)");
+        bail!(
+            "the steer benchmark attaches eBPF programs: run it as root (cargo xtask bench steer)"
+        );
     }
     let scale: u32 = opt(args, "--scale").unwrap_or("1").parse()?;
-    let out = opt(args, "--out").unwrap_or("target/bench/steer.json").to_owned();
+    let out = opt(args, "--out")
+        .unwrap_or("target/bench/steer.json")
+        .to_owned();
     let n = 4000 * scale.max(1);
     let rounds = 7;
 
@@ -120,7 +156,7 @@ fn steer(args: &[String]) -> Result<()> {
     let plain = TcpListener::bind("127.0.0.1:0")?;
     let plain_addr = plain.local_addr()?;
     let current: Current = Arc::new(Mutex::new(None));
-    let plain_sink = sink(plain, Arc::new(Mutex::new(None)), stop.clone());
+    let plain_sink = sink(plain, Arc::new(Mutex::new(None)), stop.clone())?;
     // The steered destination: nothing listens there; connects land on the proxy port.
     let steered_addr: SocketAddr = "127.0.0.11:9".parse()?;
     let (pv4, _pv6) = dual_stack_listeners()?;
@@ -149,7 +185,7 @@ fn steer(args: &[String]) -> Result<()> {
     let mut base = Vec::new();
     let mut hooked = Vec::new();
     let mut steered = Vec::new();
-    let proxy_sink = sink(pv4, current.clone(), stop.clone());
+    let proxy_sink = sink(pv4, current.clone(), stop.clone())?;
     for round in 0..rounds {
         base.push(run_client(&cg, plain_addr, n)?);
         let steering = Arc::new(Steering::attach(&settings, proxy_port)?);
@@ -158,21 +194,36 @@ fn steer(args: &[String]) -> Result<()> {
         steered.push(run_client(&cg, steered_addr, n)?);
         let c = steering.counters();
         if c.steered < u64::from(n) {
-            bail!("round {round}: only {} of {n} connects were steered", c.steered);
+            bail!(
+                "round {round}: only {} of {n} connects were steered",
+                c.steered
+            );
         }
         *current.lock().map_err(|_| anyhow!("poisoned"))? = None;
         steering.detach()?;
     }
     stop.store(true, Ordering::Relaxed);
-    let _ = plain_sink.join();
-    let _ = proxy_sink.join();
+    plain_sink.join();
+    proxy_sink.join();
 
     let (b, h, s) = (median(&mut base), median(&mut hooked), median(&mut steered));
-    println!("steer: connect+close on loopback, client in a cgroup, {n} per run, median of {rounds} rounds");
+    println!(
+        "steer: connect+close on loopback, client in a cgroup, {n} per run, median of {rounds} rounds"
+    );
     println!("{:<42} {:>12} {:>10}", "path", "ns/connect", "vs none");
     println!("{:<42} {:>12.0} {:>9.3}x", "no hooks (baseline)", b, 1.0);
-    println!("{:<42} {:>12.0} {:>9.3}x", "hooks attached, destination not steered", h, h / b);
-    println!("{:<42} {:>12.0} {:>9.3}x", "hooks attached, steered to a listener", s, s / b);
+    println!(
+        "{:<42} {:>12.0} {:>9.3}x",
+        "hooks attached, destination not steered",
+        h,
+        h / b
+    );
+    println!(
+        "{:<42} {:>12.0} {:>9.3}x",
+        "hooks attached, steered to a listener",
+        s,
+        s / b
+    );
     let json = serde_json::json!({
         "bench": "steer",
         "connects_per_run": n,

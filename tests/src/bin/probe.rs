@@ -50,10 +50,14 @@ fn run(args: &[String]) -> Result<(), String> {
 }
 
 fn one_line(addr: SocketAddr) -> Result<String, String> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(|e| format!("read from {addr}: {e}"))?;
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
     Ok(line.trim_end().to_owned())
 }
 
@@ -80,8 +84,13 @@ fn tcp(addr: SocketAddr, args: &[String]) -> Result<(), String> {
                 while next.fetch_add(1, Ordering::Relaxed) < count {
                     let line = one_line(addr)?;
                     let fields: Vec<&str> = line.split_whitespace().collect();
-                    if fields.first() != Some(&"proxy") || !fields.contains(&want_dst.as_str()) || !fields.contains(&want_pid.as_str()) {
-                        return Err(format!("mixed up: expected {want_dst} {want_pid}, got `{line}`"));
+                    if fields.first() != Some(&"proxy")
+                        || !fields.contains(&want_dst.as_str())
+                        || !fields.contains(&want_pid.as_str())
+                    {
+                        return Err(format!(
+                            "mixed up: expected {want_dst} {want_pid}, got `{line}`"
+                        ));
                     }
                     ok += 1;
                 }
@@ -98,7 +107,13 @@ fn tcp(addr: SocketAddr, args: &[String]) -> Result<(), String> {
 }
 
 fn udp(addr: SocketAddr, mode: &str) -> Result<(), String> {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(|_| "bind addr")?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .map_err(|_| "bind addr")?;
     let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
     let res = match mode {
         "connect" => sock.connect(addr).and_then(|()| sock.send(b"quic?")),
