@@ -14,7 +14,14 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::{Admin, AdminState},
     config::Config,
-    proxy::{Proxy, ProxyStats},
+    proxy::{
+        Proxy, ProxyStats, Shared,
+        ca::{Ca, CacheLimits, LeafCache},
+        catalog::Catalog,
+        hooks::PassThrough,
+        record::LogReporter,
+        upstream::{Upstream, root_store},
+    },
     steer::{self, Steering},
 };
 
@@ -57,13 +64,8 @@ async fn supervise(
     let mut tasks = tokio::task::JoinSet::new();
 
     if let Some(steering) = &steering {
-        let proxy = Proxy::bind(
-            &config.proxy,
-            steering.clone(),
-            config.steer.bypass_mark,
-            stats.clone(),
-        )
-        .await?;
+        let shared = Arc::new(build_proxy(config, steering.clone(), stats.clone())?);
+        let proxy = Proxy::bind(shared).await?;
         tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
         tasks.spawn(named(
             "heartbeat",
@@ -120,6 +122,52 @@ async fn supervise(
         tasks.abort_all();
     }
     outcome
+}
+
+/// Loads the CA, the catalogue and the upstream trust: everything the proxy needs, checked before
+/// anything is served.
+fn build_proxy(
+    config: &Config,
+    steering: Arc<Steering>,
+    stats: Arc<ProxyStats>,
+) -> anyhow::Result<Shared> {
+    let (cert, key) = (config.ca_cert_path(), config.ca_key_path());
+    let ca = Ca::load(&cert, &key).with_context(|| {
+        format!(
+            "loading the interception CA ({}); create one with `sluice ca init --config FILE` or set tls.ca_cert/tls.ca_key",
+            cert.display()
+        )
+    })?;
+    let leaves = LeafCache::new(
+        Arc::new(ca),
+        CacheLimits::default(),
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    );
+    let catalog =
+        Catalog::new(&config.apps, &config.proxy.reject_hosts).map_err(anyhow::Error::msg)?;
+    let roots = root_store(
+        !config.tls.no_bundled_roots,
+        !config.tls.no_system_roots,
+        &config.tls.upstream_extra_cas,
+    )?;
+    let upstream = Upstream::new(
+        roots,
+        config.steer.bypass_mark,
+        Duration::from_millis(config.proxy.connect_timeout_ms),
+        Duration::from_millis(config.proxy.handshake_timeout_ms),
+        config.proxy.max_idle_upstream,
+    );
+    Ok(Shared::new(
+        steering,
+        stats,
+        Arc::new(catalog),
+        Arc::new(leaves),
+        Arc::new(upstream),
+        Arc::new(PassThrough),
+        Arc::new(LogReporter),
+        config.proxy.clone(),
+        config.steer.bypass_mark,
+    ))
 }
 
 async fn named<F>(name: &'static str, f: F) -> (&'static str, anyhow::Result<()>)

@@ -47,6 +47,69 @@ pub struct Config {
     /// Health, readiness, metrics and status endpoints.
     #[serde(default)]
     pub admin: AdminSettings,
+    /// The interception CA and upstream trust.
+    #[serde(default)]
+    pub tls: TlsSettings,
+    /// The app catalogue: which hosts are intercepted. Hosts of no app are spliced untouched.
+    #[serde(default)]
+    pub apps: Vec<AppSettings>,
+}
+
+/// `[tls]`: the CA that signs intercepted sessions' certificates, and what upstream servers are
+/// trusted with.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// CA certificate (PEM). Default: `<state_dir>/ca/ca.crt`, created by `sluice ca init`.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// CA key (PEM, mode 0600). Default: `<state_dir>/ca/ca.key`.
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// Extra CA certificates (PEM files) trusted for upstream servers, besides the bundled web
+    /// roots and the system's.
+    #[serde(default)]
+    pub upstream_extra_cas: Vec<PathBuf>,
+    /// Do not trust the bundled (Mozilla) web roots upstream.
+    #[serde(default)]
+    pub no_bundled_roots: bool,
+    /// Do not trust the system's roots upstream.
+    #[serde(default)]
+    pub no_system_roots: bool,
+}
+
+impl Config {
+    /// Where the CA certificate is read from.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.tls
+            .ca_cert
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("ca/ca.crt"))
+    }
+    /// Where the CA key is read from.
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.tls
+            .ca_key
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("ca/ca.key"))
+    }
+}
+
+/// `[[apps]]`: one catalogued app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSettings {
+    /// Stable identifier used in records and events.
+    pub id: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Host patterns: `files.example.com`, `*.example.com` (any subdomain, not the apex), or an
+    /// IP address for clients that connect without a name.
+    pub hosts: Vec<String>,
+    /// Hosts of this app that are never decrypted (spliced), e.g. pinned API endpoints.
+    #[serde(default)]
+    pub do_not_inspect: Vec<String>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -329,9 +392,63 @@ pub struct ProxySettings {
     /// Time allowed to connect to the original destination, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// A spliced connection with no traffic either way for this long is closed, in seconds.
+    /// A connection with no traffic either way for this long is closed, in seconds.
     #[serde(default = "default_idle_timeout_s")]
     pub idle_timeout_s: u64,
+    /// A client that sends nothing for this long (milliseconds) is taken to speak a
+    /// server-speaks-first protocol and is spliced.
+    #[serde(default = "default_client_first_timeout_ms")]
+    pub client_first_timeout_ms: u64,
+    /// Time allowed for the ClientHello and the TLS handshakes, in milliseconds.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Time allowed for a request's headers to arrive, in milliseconds.
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// Largest request or response head (all header bytes), in bytes.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most header fields in a request head.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Most concurrent HTTP/2 streams per client connection.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Idle upstream connections kept per (destination, name, protocol).
+    #[serde(default = "default_max_idle_upstream")]
+    pub max_idle_upstream: usize,
+    /// Destination ports where plain HTTP to catalogued apps is handled (other plain traffic is
+    /// spliced).
+    #[serde(default = "default_plain_http_ports")]
+    pub plain_http_ports: Vec<u16>,
+    /// Host patterns whose connections are refused outright (closed before any byte is relayed).
+    #[serde(default)]
+    pub reject_hosts: Vec<String>,
+}
+
+fn default_client_first_timeout_ms() -> u64 {
+    500
+}
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_header_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_concurrent_streams() -> u32 {
+    100
+}
+fn default_max_idle_upstream() -> usize {
+    32
+}
+fn default_plain_http_ports() -> Vec<u16> {
+    vec![80]
 }
 
 fn default_proxy_port() -> u16 {
@@ -354,6 +471,15 @@ impl Default for ProxySettings {
             max_connections: default_max_connections(),
             connect_timeout_ms: default_connect_timeout_ms(),
             idle_timeout_s: default_idle_timeout_s(),
+            client_first_timeout_ms: default_client_first_timeout_ms(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            header_timeout_ms: default_header_timeout_ms(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+            max_idle_upstream: default_max_idle_upstream(),
+            plain_http_ports: default_plain_http_ports(),
+            reject_hosts: Vec::new(),
         }
     }
 }
@@ -450,6 +576,35 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "proxy.max_connections must be > 0".into(),
             ));
+        }
+        if self.proxy.max_header_bytes < 1024 || self.proxy.max_headers == 0 {
+            return Err(ConfigError::Invalid(
+                "proxy.max_header_bytes must be at least 1024 and proxy.max_headers at least 1"
+                    .into(),
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for app in &self.apps {
+            if app.id.is_empty() || !ids.insert(app.id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "apps: id `{}` is empty or repeated",
+                    app.id
+                )));
+            }
+            if app.hosts.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "apps.{}: hosts must not be empty",
+                    app.id
+                )));
+            }
+            for h in app.hosts.iter().chain(&app.do_not_inspect) {
+                crate::proxy::catalog::HostPattern::parse(h)
+                    .map_err(|e| ConfigError::Invalid(format!("apps.{}: {e}", app.id)))?;
+            }
+        }
+        for h in &self.proxy.reject_hosts {
+            crate::proxy::catalog::HostPattern::parse(h)
+                .map_err(|e| ConfigError::Invalid(format!("proxy.reject_hosts: {e}")))?;
         }
         if !self.admin.listen.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(

@@ -29,11 +29,36 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The interception CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Print the running agent's status (from its admin endpoint).
     Status {
         /// The admin endpoint.
         #[arg(long, default_value = "127.0.0.1:15090")]
         admin: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the CA (ECDSA P-256) where the config says (default `<state_dir>/ca`); the key is
+    /// written with mode 0600. Refuses to overwrite an existing CA.
+    Init {
+        /// The agent's configuration file.
+        #[arg(long, short, default_value = "/etc/sluice/agent.toml")]
+        config: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "Sluice Interception CA")]
+        name: String,
+    },
+    /// Print the CA certificate (PEM) for trust stores.
+    Export {
+        /// The agent's configuration file.
+        #[arg(long, short, default_value = "/etc/sluice/agent.toml")]
+        config: PathBuf,
     },
 }
 
@@ -79,6 +104,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = Config::load(&config)?;
             println!("{cfg:#?}");
             println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Ca {
+            command: CaCommand::Init { config, name },
+        } => {
+            let cfg = Config::load(&config)?;
+            let cert = cfg.ca_cert_path();
+            let dir = cert
+                .parent()
+                .ok_or_else(|| anyhow::anyhow!("bad CA path {}", cert.display()))?;
+            if cert.file_name().and_then(|n| n.to_str()) != Some(sluice::proxy::ca::CA_CERT_FILE)
+                || cfg.ca_key_path() != dir.join(sluice::proxy::ca::CA_KEY_FILE)
+            {
+                anyhow::bail!(
+                    "`ca init` writes {dir}/ca.crt and {dir}/ca.key; set tls.ca_cert/tls.ca_key to those names or leave them unset",
+                    dir = dir.display()
+                );
+            }
+            let path = sluice::proxy::ca::init(dir, &name)?;
+            println!(
+                "created {} (key {} is 0600 and never leaves this host)",
+                path.display(),
+                cfg.ca_key_path().display()
+            );
+            Ok(())
+        }
+        Command::Ca {
+            command: CaCommand::Export { config },
+        } => {
+            let cfg = Config::load(&config)?;
+            let ca = sluice::proxy::ca::Ca::load(&cfg.ca_cert_path(), &cfg.ca_key_path())?;
+            print!("{}", ca.cert_pem());
             Ok(())
         }
         Command::Status { admin } => {

@@ -328,6 +328,17 @@ impl Agent {
         let cfg = dir.join("agent.toml");
         fs::write(&cfg, config_text)?;
         let log = dir.join("agent.log");
+        // The agent needs its interception CA; create it once per state directory.
+        let st = Command::new(bin("sluice"))
+            .args(["ca", "init", "--config"])
+            .arg(&cfg)
+            .output()?;
+        if !st.status.success() && !String::from_utf8_lossy(&st.stderr).contains("already exists") {
+            bail!(
+                "sluice ca init failed: {}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+        }
         let child = Command::new(bin("sluice"))
             .args(["run", "--config"])
             .arg(&cfg)

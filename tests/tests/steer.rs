@@ -420,7 +420,7 @@ fn agent_config(
 ) -> String {
     format!(
         r#"
-state_dir = "/tmp/sluice-e2e-state"
+state_dir = "{state}"
 [steer]
 cgroup = "{cg}"
 agent_cgroup = "{cg}/agent"
@@ -433,7 +433,10 @@ port = {proxy_port}
 [admin]
 listen = "{admin}"
 "#,
-        cg = cg.rel
+        cg = cg.rel,
+        state = std::env::temp_dir()
+            .join(format!("sluice-e2e-state-{}", cg.rel))
+            .display(),
     )
 }
 

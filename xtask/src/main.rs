@@ -331,8 +331,9 @@ fn up(root: &Path, config: Option<PathBuf>) -> Result<()> {
         .stdout(Stdio::null()))?;
     step("sluice is starting (Ctrl-C stops it and detaches from the kernel)");
     eprintln!(
-        "  config:  {}\n  status:  {} status\n  metrics: curl -s http://127.0.0.1:15090/metrics\n  kernel:  bpftool cgroup tree",
+        "  config:  {}\n  trust:   {} (the CA clients must trust for intercepted apps)\n  status:  {} status\n  metrics: curl -s http://127.0.0.1:15090/metrics\n  kernel:  bpftool cgroup tree",
         config.display(),
+        ca_pem.display(),
         bin.display()
     );
     // The agent handles SIGINT itself (drain, detach); xtask just waits for it.

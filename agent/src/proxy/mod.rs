@@ -1,12 +1,24 @@
-//! The transparent listener that steered connections reach.
+//! The transparent proxy that steered connections reach.
 //!
-//! Each accepted connection is matched to its origin record from `steer` by its peer address. A
-//! connection without a record is refused and counted: the proxy never guesses a destination. A
-//! record whose process is the agent itself means a steering loop and is refused too. Everything
-//! else is, for now, spliced: bytes copied both ways untouched to the original destination over a
-//! socket carrying the bypass mark (and opened from the agent's exempt cgroup).
+//! Per connection: claim the origin record from `steer` by the peer address (no record: refused
+//! and counted, never proxied to a guessed destination; the agent's own process: a loop, refused);
+//! read the ClientHello without consuming it; decide once: intercept (a catalogued app host that is
+//! not do-not-inspect), splice (bytes copied both ways untouched, the client sees the origin's own
+//! certificate), or reject. Intercepted connections get a leaf from the org CA for the name the
+//! client asked for and are served as HTTP/1.1 or HTTP/2 by ALPN (`http`); plain HTTP to a
+//! catalogued app on a plain-HTTP port is handled the same way without TLS. Anything that is not
+//! TLS on another port is spliced.
 
+pub mod body;
+pub mod ca;
+pub mod catalog;
+pub mod hooks;
+pub mod http;
+pub mod pages;
+pub mod peek;
+pub mod record;
 mod splice;
+pub mod upstream;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -14,14 +26,31 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::ProxySettings, steer::Steering};
+use self::{
+    ca::LeafCache,
+    catalog::{Catalog, Decision, SpliceReason},
+    hooks::Hooks,
+    peek::{Peeked, Rewind},
+    record::{ConnectionRecord, Reporter},
+    upstream::{AlpnOffer, Proto, Target, Upstream},
+};
+use crate::{
+    config::ProxySettings,
+    steer::{OriginRecord, Steering},
+};
 
 /// Errors of the proxy listener.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +65,7 @@ pub enum ProxyError {
     },
 }
 
-/// Counters of the listener, exported on `/metrics` and `/status`.
+/// Counters of the proxy, exported on `/metrics` and `/status`.
 #[derive(Debug, Default)]
 pub struct ProxyStats {
     /// Connections accepted.
@@ -45,10 +74,27 @@ pub struct ProxyStats {
     pub no_origin: AtomicU64,
     /// Connections refused because their origin was the agent itself (a steering loop).
     pub loops: AtomicU64,
-    /// Connections whose original destination could not be reached.
+    /// Connections whose original destination could not be reached, or requests that failed
+    /// upstream for reasons other than the certificate.
     pub upstream_failed: AtomicU64,
+    /// Upstream certificates that did not verify (each answered with a block page).
+    pub upstream_cert_failures: AtomicU64,
     /// Connections spliced to their destination.
     pub spliced: AtomicU64,
+    /// Connections intercepted (TLS terminated or plain HTTP handled).
+    pub intercepted: AtomicU64,
+    /// Connections rejected by `proxy.reject_hosts`.
+    pub rejected: AtomicU64,
+    /// Malformed, truncated or slow ClientHellos (connection closed).
+    pub bad_client_hello: AtomicU64,
+    /// Client TLS handshakes that failed (after a good ClientHello).
+    pub tls_failed: AtomicU64,
+    /// Requests handled on intercepted connections.
+    pub requests: AtomicU64,
+    /// Requests refused because their host differed from the connection's.
+    pub host_mismatch: AtomicU64,
+    /// WebSocket upgrades passed through.
+    pub websockets: AtomicU64,
     /// Connections open now.
     pub active: AtomicU64,
     /// Bytes from clients to origins.
@@ -67,7 +113,15 @@ pub struct ProxyStatsSnapshot {
     pub no_origin: u64,
     pub loops: u64,
     pub upstream_failed: u64,
+    pub upstream_cert_failures: u64,
     pub spliced: u64,
+    pub intercepted: u64,
+    pub rejected: u64,
+    pub bad_client_hello: u64,
+    pub tls_failed: u64,
+    pub requests: u64,
+    pub host_mismatch: u64,
+    pub websockets: u64,
     pub active: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -83,7 +137,15 @@ impl ProxyStats {
             no_origin: r(&self.no_origin),
             loops: r(&self.loops),
             upstream_failed: r(&self.upstream_failed),
+            upstream_cert_failures: r(&self.upstream_cert_failures),
             spliced: r(&self.spliced),
+            intercepted: r(&self.intercepted),
+            rejected: r(&self.rejected),
+            bad_client_hello: r(&self.bad_client_hello),
+            tls_failed: r(&self.tls_failed),
+            requests: r(&self.requests),
+            host_mismatch: r(&self.host_mismatch),
+            websockets: r(&self.websockets),
             active: r(&self.active),
             bytes_up: r(&self.bytes_up),
             bytes_down: r(&self.bytes_down),
@@ -92,31 +154,86 @@ impl ProxyStats {
     }
 }
 
+/// Everything a connection needs, shared by all of them.
+pub struct Shared {
+    /// Origin records.
+    pub steering: Arc<Steering>,
+    /// Counters.
+    pub stats: Arc<ProxyStats>,
+    /// The catalogue.
+    pub catalog: Arc<Catalog>,
+    /// Minted leaves.
+    pub leaves: Arc<LeafCache>,
+    /// Upstream connections.
+    pub upstream: Arc<Upstream>,
+    /// Policy and inspection hooks.
+    pub hooks: Arc<dyn Hooks>,
+    /// Where records go.
+    pub reporter: Arc<dyn Reporter>,
+    /// Limits and timeouts.
+    pub settings: ProxySettings,
+    /// `SO_MARK` of upstream sockets.
+    pub bypass_mark: u32,
+    own_pid: u32,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Assembles the shared state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        steering: Arc<Steering>,
+        stats: Arc<ProxyStats>,
+        catalog: Arc<Catalog>,
+        leaves: Arc<LeafCache>,
+        upstream: Arc<Upstream>,
+        hooks: Arc<dyn Hooks>,
+        reporter: Arc<dyn Reporter>,
+        settings: ProxySettings,
+        bypass_mark: u32,
+    ) -> Self {
+        Self {
+            steering,
+            stats,
+            catalog,
+            leaves,
+            upstream,
+            hooks,
+            reporter,
+            settings,
+            bypass_mark,
+            own_pid: std::process::id(),
+        }
+    }
+
+    fn timeout(&self, ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+}
+
 /// The listener task.
 #[derive(Debug)]
 pub struct Proxy {
     listeners: Vec<TcpListener>,
-    steering: Arc<Steering>,
-    settings: ProxySettings,
-    bypass_mark: u32,
-    stats: Arc<ProxyStats>,
+    shared: Arc<Shared>,
 }
 
 impl Proxy {
     /// Binds 127.0.0.1:port and, where the host has IPv6, [::1]:port.
-    pub async fn bind(
-        settings: &ProxySettings,
-        steering: Arc<Steering>,
-        bypass_mark: u32,
-        stats: Arc<ProxyStats>,
-    ) -> Result<Self, ProxyError> {
-        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, settings.port));
+    pub async fn bind(shared: Arc<Shared>) -> Result<Self, ProxyError> {
+        let port = shared.settings.port;
+        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut listeners = vec![
             TcpListener::bind(v4)
                 .await
                 .map_err(|source| ProxyError::Bind { addr: v4, source })?,
         ];
-        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, settings.port));
+        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
         match TcpListener::bind(v6).await {
             Ok(l) => listeners.push(l),
             // A host without IPv6 has nothing to steer to ::1 either.
@@ -125,29 +242,16 @@ impl Proxy {
             }
             Err(source) => return Err(ProxyError::Bind { addr: v6, source }),
         }
-        Ok(Self {
-            listeners,
-            steering,
-            settings: settings.clone(),
-            bypass_mark,
-            stats,
-        })
+        Ok(Self { listeners, shared })
     }
 
-    /// Accepts until `shutdown`, then waits for open connections to finish (they are bounded by
-    /// the idle timeout).
+    /// Accepts until `shutdown`, then lets open connections finish (HTTP connections are asked to
+    /// close gracefully; the supervisor bounds the wait).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let limit = Arc::new(Semaphore::new(self.settings.max_connections));
+        let shared = self.shared;
+        let limit = Arc::new(Semaphore::new(shared.settings.max_connections));
         let tracker = tokio_util::task::TaskTracker::new();
-        let shared = Arc::new(Shared {
-            steering: self.steering,
-            stats: self.stats.clone(),
-            bypass_mark: self.bypass_mark,
-            connect_timeout: Duration::from_millis(self.settings.connect_timeout_ms),
-            idle_timeout: Duration::from_secs(self.settings.idle_timeout_s),
-            own_pid: std::process::id(),
-        });
-        self.stats.listening.store(true, Ordering::Relaxed);
+        shared.stats.listening.store(true, Ordering::Relaxed);
         let mut accepts = tokio::task::JoinSet::new();
         for listener in self.listeners {
             let (limit, tracker, shared, shutdown) = (
@@ -168,9 +272,11 @@ impl Proxy {
                     };
                     match accepted {
                         Ok((stream, peer)) => {
-                            let shared = shared.clone();
+                            let (shared, shutdown) = (shared.clone(), shutdown.clone());
                             tracker.spawn(async move {
-                                shared.handle(stream, peer).await;
+                                shared.stats.active.fetch_add(1, Ordering::Relaxed);
+                                handle(&shared, stream, peer, shutdown).await;
+                                shared.stats.active.fetch_sub(1, Ordering::Relaxed);
                                 drop(permit);
                             });
                         }
@@ -184,57 +290,412 @@ impl Proxy {
             });
         }
         while accepts.join_next().await.is_some() {}
-        self.stats.listening.store(false, Ordering::Relaxed);
+        shared.stats.listening.store(false, Ordering::Relaxed);
         tracker.close();
         tracker.wait().await;
         Ok(())
     }
 }
 
-struct Shared {
-    steering: Arc<Steering>,
-    stats: Arc<ProxyStats>,
-    bypass_mark: u32,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    own_pid: u32,
+fn conn_record(
+    peer: SocketAddr,
+    origin: Option<&OriginRecord>,
+    sni: Option<String>,
+    action: &str,
+    reason: String,
+) -> ConnectionRecord {
+    ConnectionRecord {
+        time: SystemTime::now(),
+        peer,
+        origin: origin.cloned(),
+        sni,
+        action: action.into(),
+        reason,
+        bytes_up: 0,
+        bytes_down: 0,
+    }
 }
 
-impl Shared {
-    async fn handle(&self, client: tokio::net::TcpStream, peer: SocketAddr) {
-        let stats = &self.stats;
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let Some(origin) = self.steering.lookup(peer) else {
-            stats.no_origin.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, "refused a connection with no steering record");
-            return;
-        };
-        if origin.tgid == self.own_pid {
-            stats.loops.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%peer, dst = %origin.dst, "refused a steering loop (the agent's own connection was steered)");
+/// Handles one accepted connection from start to end.
+pub async fn handle(
+    shared: &Arc<Shared>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let stats = &shared.stats;
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let Some(origin) = shared.steering.lookup(peer) else {
+        stats.no_origin.fetch_add(1, Ordering::Relaxed);
+        shared.reporter.connection(conn_record(
+            peer,
+            None,
+            None,
+            "no_origin",
+            "no steering record for this peer".into(),
+        ));
+        return;
+    };
+    if origin.tgid == shared.own_pid {
+        stats.loops.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%peer, dst = %origin.dst, "refused a steering loop (the agent's own connection was steered)");
+        shared.reporter.connection(conn_record(
+            peer,
+            Some(&origin),
+            None,
+            "loop",
+            "the agent's own connection was steered".into(),
+        ));
+        return;
+    }
+    let _ = client.set_nodelay(true);
+    // Server-speaks-first protocols (SMTP, SSH, ...) send nothing from the client: after a short
+    // wait they are spliced rather than held for a ClientHello that never comes.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(
+        shared.timeout(shared.settings.client_first_timeout_ms),
+        client.peek(&mut first),
+    )
+    .await
+    {
+        Ok(Ok(0)) | Ok(Err(_)) => return,
+        Ok(Ok(_)) => {}
+        Err(_) => {
+            splice_conn(
+                shared,
+                client,
+                Vec::new(),
+                peer,
+                &origin,
+                None,
+                SpliceReason::ServerFirst,
+            )
+            .await;
             return;
         }
-        let _ = client.set_nodelay(true);
-        let upstream = match splice::connect_marked(
-            origin.dst,
-            self.bypass_mark,
-            self.connect_timeout,
-        )
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(dst = %origin.dst, pid = origin.tgid, comm = %origin.comm, error = %e, "original destination unreachable");
+    }
+    let hs_timeout = shared.timeout(shared.settings.handshake_timeout_ms);
+    let peeked = tokio::time::timeout(hs_timeout, peek::read_hello(&mut client)).await;
+    let (peeked, prefix) = match peeked {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return bad_hello(shared, peer, &origin, e.to_string()),
+        Err(_) => {
+            return bad_hello(
+                shared,
+                peer,
+                &origin,
+                "no ClientHello within the handshake timeout".into(),
+            );
+        }
+    };
+    let origin = Arc::new(origin);
+    let mut prefix = prefix;
+    match peeked {
+        Peeked::NotTls => {
+            if shared
+                .settings
+                .plain_http_ports
+                .contains(&origin.dst.port())
+                && read_http_head(
+                    &mut client,
+                    &mut prefix,
+                    shared.settings.max_header_bytes,
+                    hs_timeout,
+                )
+                .await
+                && let Some(host) = plain_http_host(&prefix)
+                && let Decision::Intercept(app) = shared.catalog.decide(&host)
+            {
+                let target = Target {
+                    dst: origin.dst,
+                    name: host.clone(),
+                    tls: false,
+                    alpn: AlpnOffer::H1,
+                };
+                let sess = Arc::new(http::Session {
+                    origin,
+                    app,
+                    host,
+                    target,
+                    client_proto: Proto::H1,
+                });
+                stats.intercepted.fetch_add(1, Ordering::Relaxed);
+                serve(shared, sess, Rewind::new(prefix, client), shutdown).await;
                 return;
             }
-        };
-        tracing::debug!(dst = %origin.dst, pid = origin.tgid, uid = origin.uid, comm = %origin.comm, "splicing");
-        stats.spliced.fetch_add(1, Ordering::Relaxed);
-        stats.active.fetch_add(1, Ordering::Relaxed);
-        let (up, down) = splice::splice(client, upstream, self.idle_timeout).await;
-        stats.active.fetch_sub(1, Ordering::Relaxed);
-        stats.bytes_up.fetch_add(up, Ordering::Relaxed);
-        stats.bytes_down.fetch_add(down, Ordering::Relaxed);
+            splice_conn(
+                shared,
+                client,
+                prefix,
+                peer,
+                &origin,
+                None,
+                SpliceReason::NotTls,
+            )
+            .await;
+        }
+        Peeked::Tls(hello) => {
+            let name = hello
+                .sni
+                .clone()
+                .unwrap_or_else(|| origin.dst.ip().to_string());
+            match shared.catalog.decide(&name) {
+                Decision::Reject => {
+                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    shared.reporter.connection(conn_record(
+                        peer,
+                        Some(&origin),
+                        hello.sni,
+                        "rejected",
+                        "proxy.reject_hosts".into(),
+                    ));
+                }
+                Decision::Splice(reason) => {
+                    splice_conn(shared, client, prefix, peer, &origin, hello.sni, reason).await;
+                }
+                Decision::Intercept(app) => {
+                    let config = match shared.leaves.config_for(&name) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::error!(%name, error = %e, "minting a leaf failed");
+                            shared.reporter.connection(conn_record(
+                                peer,
+                                Some(&origin),
+                                hello.sni,
+                                "leaf_failed",
+                                e.to_string(),
+                            ));
+                            return;
+                        }
+                    };
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    let tls = match tokio::time::timeout(
+                        hs_timeout,
+                        acceptor.accept(Rewind::new(prefix, client)),
+                    )
+                    .await
+                    {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                            shared.reporter.connection(conn_record(
+                                peer,
+                                Some(&origin),
+                                hello.sni,
+                                "tls_failed",
+                                e.to_string(),
+                            ));
+                            return;
+                        }
+                        Err(_) => {
+                            stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                            shared.reporter.connection(conn_record(
+                                peer,
+                                Some(&origin),
+                                hello.sni,
+                                "tls_failed",
+                                "handshake timed out".into(),
+                            ));
+                            return;
+                        }
+                    };
+                    let client_proto = match tls.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Proto::H2,
+                        _ => Proto::H1,
+                    };
+                    let target = Target {
+                        dst: origin.dst,
+                        name: name.clone(),
+                        tls: true,
+                        alpn: AlpnOffer::from_client(&hello.alpn),
+                    };
+                    let sess = Arc::new(http::Session {
+                        origin,
+                        app,
+                        host: name,
+                        target,
+                        client_proto,
+                    });
+                    stats.intercepted.fetch_add(1, Ordering::Relaxed);
+                    serve(shared, sess, tls, shutdown).await;
+                }
+            }
+        }
+    }
+}
+
+fn bad_hello(shared: &Shared, peer: SocketAddr, origin: &OriginRecord, reason: String) {
+    shared
+        .stats
+        .bad_client_hello
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%peer, %reason, "closing a connection with a bad ClientHello");
+    shared.reporter.connection(conn_record(
+        peer,
+        Some(origin),
+        None,
+        "bad_client_hello",
+        reason,
+    ));
+}
+
+/// Reads until `buf` holds a whole HTTP head (or `max` bytes, or the timeout). True when it does.
+async fn read_http_head(
+    client: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    max: usize,
+    timeout: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            return true;
+        }
+        if buf.len() >= max {
+            return false;
+        }
+        match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return false,
+        }
+    }
+}
+
+/// The Host field of a plain HTTP/1.x request head in `buf`, if the head is there.
+fn plain_http_host(buf: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(&buf[..buf.len().min(16 * 1024)]).ok()?;
+    let head = text.split("\r\n\r\n").next()?;
+    let mut lines = head.split("\r\n");
+    let first = lines.next()?;
+    if !first.contains(" HTTP/1.") {
+        return None;
+    }
+    lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("host"))
+        .map(|(_, v)| http::host_of(v))
+}
+
+async fn splice_conn(
+    shared: &Shared,
+    client: TcpStream,
+    prefix: Vec<u8>,
+    peer: SocketAddr,
+    origin: &OriginRecord,
+    sni: Option<String>,
+    reason: SpliceReason,
+) {
+    let stats = &shared.stats;
+    let mut upstream = match splice::connect_marked(
+        origin.dst,
+        shared.bypass_mark,
+        shared.timeout(shared.settings.connect_timeout_ms),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(dst = %origin.dst, pid = origin.tgid, comm = %origin.comm, error = %e, "original destination unreachable");
+            shared.reporter.connection(conn_record(
+                peer,
+                Some(origin),
+                sni,
+                "upstream_failed",
+                e.to_string(),
+            ));
+            return;
+        }
+    };
+    if upstream.write_all(&prefix).await.is_err() {
+        return;
+    }
+    stats.spliced.fetch_add(1, Ordering::Relaxed);
+    let (up, down) = splice::splice(
+        client,
+        upstream,
+        Duration::from_secs(shared.settings.idle_timeout_s),
+    )
+    .await;
+    let up = up + prefix.len() as u64;
+    stats.bytes_up.fetch_add(up, Ordering::Relaxed);
+    stats.bytes_down.fetch_add(down, Ordering::Relaxed);
+    let mut rec = conn_record(peer, Some(origin), sni, "spliced", reason.as_str().into());
+    rec.bytes_up = up;
+    rec.bytes_down = down;
+    shared.reporter.connection(rec);
+}
+
+/// Serves HTTP on an intercepted connection until it closes or shutdown asks it to.
+async fn serve<I>(
+    shared: &Arc<Shared>,
+    sess: Arc<http::Session>,
+    io: I,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let s = &shared.settings;
+    let svc = {
+        let (sess, shared) = (sess.clone(), shared.clone());
+        service_fn(move |req| http::handle(sess.clone(), shared.clone(), req))
+    };
+    let io = TokioIo::new(io);
+    match sess.client_proto {
+        Proto::H1 => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_millis(s.header_timeout_ms))
+                .max_buf_size(s.max_header_bytes.max(8192))
+                .max_headers(s.max_headers)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "client HTTP/1.1 connection ended") },
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        }
+        Proto::H2 => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(s.max_concurrent_streams)
+                .max_header_list_size(s.max_header_bytes as u32)
+                .initial_stream_window_size(4 * 1024 * 1024)
+                .initial_connection_window_size(8 * 1024 * 1024)
+                .max_frame_size(64 * 1024)
+                .keep_alive_interval(Some(Duration::from_secs(s.idle_timeout_s.max(2) / 2)))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "client HTTP/2 connection ended") },
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_host_of_a_plain_request() {
+        assert_eq!(
+            plain_http_host(b"GET / HTTP/1.1\r\nUser-Agent: x\r\nHost: Files.Test:80\r\n\r\n")
+                .as_deref(),
+            Some("files.test")
+        );
+        assert_eq!(plain_http_host(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(plain_http_host(b"GET / HTTP/1.1\r\n\r\n"), None);
     }
 }

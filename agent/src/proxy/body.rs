@@ -1,0 +1,183 @@
+//! Body plumbing: the one boxed body type the proxy passes around, and an observing wrapper that
+//! counts bytes, feeds streaming inspectors and reports when the body is finished (or dropped).
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt as _, Empty, Full, combinators::UnsyncBoxBody};
+
+use super::hooks::{BodyInspector, BodyVerdict};
+
+/// Errors carried by proxied bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type on both sides of the proxy.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A complete body.
+pub fn full(data: impl Into<Bytes>) -> ProxyBody {
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Boxes any body with compatible types.
+pub fn boxed<B>(body: B) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// The error a streaming inspector uses to cut a body it refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("body refused by inspection")]
+pub struct Refused;
+
+/// Called once with the number of bytes that passed, when the body ends or is dropped early
+/// (`complete` = false).
+pub type OnDone = Box<dyn FnOnce(u64, bool) + Send>;
+
+/// Wraps a body: counts bytes into `counter`, shows each data frame to a streaming inspector, and
+/// calls `on_done` exactly once.
+pub struct Observed<B> {
+    inner: B,
+    counter: Arc<AtomicU64>,
+    seen: u64,
+    inspector: Option<Box<dyn BodyInspector>>,
+    on_done: Option<OnDone>,
+}
+
+impl<B> Observed<B> {
+    /// Observes `inner`.
+    pub fn new(
+        inner: B,
+        counter: Arc<AtomicU64>,
+        inspector: Option<Box<dyn BodyInspector>>,
+        on_done: Option<OnDone>,
+    ) -> Self {
+        Self {
+            inner,
+            counter,
+            seen: 0,
+            inspector,
+            on_done,
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(f) = self.on_done.take() {
+            f(self.seen, complete);
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for Observed<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed")
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Drop for Observed<B> {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+impl<B> Body for Observed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Some(i) = this.inspector.as_mut() {
+                        i.chunk(data);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                if let Some(mut i) = this.inspector.take()
+                    && !matches!(i.end(), BodyVerdict::Pass)
+                {
+                    // Too late to answer instead: the head is gone. Cut the stream so the receiver
+                    // sees an incomplete body rather than a complete one.
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(Box::new(Refused))));
+                }
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A body that yields `prefix` chunks first, then the rest of `inner` (used when a held body
+/// outgrows its bound and is passed on uninspected).
+pub fn chain(prefix: Vec<Bytes>, inner: ProxyBody) -> ProxyBody {
+    boxed(Chain {
+        head: prefix.into(),
+        tail: inner,
+    })
+}
+
+struct Chain {
+    head: std::collections::VecDeque<Bytes>,
+    tail: ProxyBody,
+}
+
+impl Body for Chain {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(b) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        Pin::new(&mut self.tail).poll_frame(cx)
+    }
+}

@@ -1,0 +1,231 @@
+//! The app catalogue as the proxy uses it: which connection is intercepted, spliced or refused.
+//!
+//! Do-not-inspect and reject lists are evaluated before the catalogue, so a host listed there is
+//! never decrypted whatever app pattern also matches it.
+
+use std::{net::IpAddr, sync::Arc};
+
+use crate::config::AppSettings;
+
+/// A host pattern: an exact name, `*.suffix` (any subdomain of suffix, not suffix itself), or an
+/// IP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Matches exactly this (lower-case) name.
+    Exact(String),
+    /// Matches names ending in `.suffix`.
+    Subdomains(String),
+    /// Matches this address.
+    Ip(IpAddr),
+}
+
+impl HostPattern {
+    /// Parses a pattern; names are lower-cased, a trailing dot dropped.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        if let Ok(ip) = t
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            return Ok(Self::Ip(ip));
+        }
+        let (wild, name) = match t.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_owned()),
+            None => (false, t.clone()),
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !valid {
+            return Err(format!(
+                "`{s}` is not a host name, `*.domain` pattern or IP address"
+            ));
+        }
+        Ok(if wild {
+            Self::Subdomains(name)
+        } else {
+            Self::Exact(name)
+        })
+    }
+
+    /// Whether `host` (lower-case name or IP literal) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(n) => n == host,
+            Self::Subdomains(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix.as_str())
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
+            Self::Ip(ip) => host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_ok_and(|h| h == *ip),
+        }
+    }
+}
+
+/// One catalogued app, compiled.
+#[derive(Debug)]
+pub struct App {
+    /// Identifier.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    hosts: Vec<HostPattern>,
+    do_not_inspect: Vec<HostPattern>,
+}
+
+/// The catalogue.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    apps: Vec<Arc<App>>,
+    reject: Vec<HostPattern>,
+}
+
+/// What to do with a connection.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// Decrypt and handle as HTTP for this app.
+    Intercept(Arc<App>),
+    /// Copy bytes both ways untouched.
+    Splice(SpliceReason),
+    /// Close the connection.
+    Reject,
+}
+
+/// Why a connection is spliced (kept in records and counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceReason {
+    /// No catalogued app has this host.
+    NotAnApp,
+    /// The app lists this host as do-not-inspect.
+    DoNotInspect,
+    /// The bytes are not TLS (nor plain HTTP on a plain-HTTP port).
+    NotTls,
+    /// The client sent nothing at first: a server-speaks-first protocol.
+    ServerFirst,
+}
+
+impl SpliceReason {
+    /// A short label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotAnApp => "not_an_app",
+            Self::DoNotInspect => "do_not_inspect",
+            Self::NotTls => "not_tls",
+            Self::ServerFirst => "server_first",
+        }
+    }
+}
+
+impl Catalog {
+    /// Compiles the configured apps (patterns were validated with the config).
+    pub fn new(apps: &[AppSettings], reject: &[String]) -> Result<Self, String> {
+        let parse_all = |v: &[String]| {
+            v.iter()
+                .map(|h| HostPattern::parse(h))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self {
+            apps: apps
+                .iter()
+                .map(|a| {
+                    Ok(Arc::new(App {
+                        id: a.id.clone(),
+                        name: a.name.clone().unwrap_or_else(|| a.id.clone()),
+                        hosts: parse_all(&a.hosts)?,
+                        do_not_inspect: parse_all(&a.do_not_inspect)?,
+                    }))
+                })
+                .collect::<Result<_, String>>()?,
+            reject: parse_all(reject)?,
+        })
+    }
+
+    /// The decision for a connection to `host` (lower-case SNI, Host, or destination IP literal).
+    pub fn decide(&self, host: &str) -> Decision {
+        if self.reject.iter().any(|p| p.matches(host)) {
+            return Decision::Reject;
+        }
+        for app in &self.apps {
+            if app.do_not_inspect.iter().any(|p| p.matches(host)) {
+                return Decision::Splice(SpliceReason::DoNotInspect);
+            }
+        }
+        match self
+            .apps
+            .iter()
+            .find(|a| a.hosts.iter().any(|p| p.matches(host)))
+        {
+            Some(app) => Decision::Intercept(app.clone()),
+            None => Decision::Splice(SpliceReason::NotAnApp),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(id: &str, hosts: &[&str], dni: &[&str]) -> AppSettings {
+        AppSettings {
+            id: id.into(),
+            name: None,
+            hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            do_not_inspect: dni.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn patterns() {
+        let p = HostPattern::parse("*.Example.com.").expect("pattern");
+        assert!(p.matches("a.example.com") && p.matches("a.b.example.com"));
+        assert!(!p.matches("example.com") && !p.matches("badexample.com"));
+        assert!(
+            HostPattern::parse("files.example.com")
+                .expect("p")
+                .matches("files.example.com")
+        );
+        assert!(
+            HostPattern::parse("10.0.0.1")
+                .expect("p")
+                .matches("10.0.0.1")
+        );
+        assert!(HostPattern::parse("::1").expect("p").matches("[::1]"));
+        for bad in ["", "*.", "a..b", "exa mple.com", "*.*.x"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn do_not_inspect_and_reject_come_first() {
+        let c = Catalog::new(
+            &[app(
+                "files",
+                &["*.files.test", "files.test"],
+                &["pinned.files.test"],
+            )],
+            &["evil.files.test".into()],
+        )
+        .expect("catalog");
+        assert!(matches!(c.decide("files.test"), Decision::Intercept(a) if a.id == "files"));
+        assert!(matches!(c.decide("www.files.test"), Decision::Intercept(_)));
+        assert!(matches!(
+            c.decide("pinned.files.test"),
+            Decision::Splice(SpliceReason::DoNotInspect)
+        ));
+        assert!(matches!(c.decide("evil.files.test"), Decision::Reject));
+        assert!(matches!(
+            c.decide("other.test"),
+            Decision::Splice(SpliceReason::NotAnApp)
+        ));
+    }
+}

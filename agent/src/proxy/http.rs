@@ -1,0 +1,596 @@
+//! HTTP on intercepted connections: one service per client connection (HTTP/1.1 or HTTP/2, as the
+//! client negotiated), forwarding each request to the original destination over the protocol the
+//! server negotiated, with the hook points in between and a record per request.
+//!
+//! Header handling follows RFC 9110 §7.6.1: hop-by-hop fields (Connection and every field it names,
+//! Keep-Alive, Proxy-Connection, TE other than `trailers`, Transfer-Encoding, Upgrade) never cross;
+//! an HTTP/1.1 Host and an HTTP/2 :authority are translated into each other. A request whose
+//! host differs from the TLS server name is refused with 421 (no domain fronting through Sluice).
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header, request};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+
+use super::{
+    Shared,
+    body::{self, Observed, ProxyBody},
+    catalog::App,
+    hooks::{BodyInspector, BodyMode, BodyVerdict, Exchange, HeadVerdict},
+    pages::{self, ClientKind, Page},
+    record::RequestRecord,
+    upstream::{Proto, Target},
+};
+use crate::steer::OriginRecord;
+
+/// One intercepted client connection.
+#[derive(Debug)]
+pub struct Session {
+    /// Who and where.
+    pub origin: Arc<OriginRecord>,
+    /// The app.
+    pub app: Arc<App>,
+    /// The name the client reached (SNI, IP literal without SNI, or Host for plain HTTP).
+    pub host: String,
+    /// Where requests go.
+    pub target: Target,
+    /// The client side's protocol.
+    pub client_proto: Proto,
+}
+
+fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::H1 => "HTTP/1.1",
+        Proto::H2 => "HTTP/2",
+    }
+}
+
+/// The host part of an authority (`Host: a.example:8443`, `[::1]:443`), lower-cased.
+pub fn host_of(authority: &str) -> String {
+    let a = authority.trim();
+    let host = if let Some(rest) = a.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        a.rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map(|(h, _)| h)
+            .unwrap_or(a)
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Removes hop-by-hop fields; `keep_upgrade` keeps `Connection: upgrade` + `Upgrade` for WebSocket.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for n in named {
+        if keep_upgrade && n == "upgrade" {
+            continue;
+        }
+        headers.remove(n.as_str());
+    }
+    for n in HOP_BY_HOP {
+        if keep_upgrade && (n == "upgrade" || n == "connection") {
+            continue;
+        }
+        headers.remove(n);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Fits a request to the upstream protocol: absolute URI and no Host for HTTP/2; origin-form URI
+/// and a Host field for HTTP/1.1.
+pub fn adapt_request<B>(req: &mut Request<B>, proto: Proto, scheme: &str, authority: &str) {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    match proto {
+        Proto::H2 => {
+            if let Ok(uri) = format!("{scheme}://{authority}{pq}").parse::<Uri>() {
+                *req.uri_mut() = uri;
+            }
+            *req.version_mut() = Version::HTTP_2;
+            req.headers_mut().remove(header::HOST);
+            // HTTP/2 allows only `te: trailers`; anything else was stripped already.
+        }
+        Proto::H1 => {
+            if let Ok(uri) = pq.parse::<Uri>() {
+                *req.uri_mut() = uri;
+            }
+            *req.version_mut() = Version::HTTP_11;
+            if let Ok(v) = HeaderValue::from_str(authority) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+}
+
+fn is_websocket_upgrade(parts: &request::Parts) -> bool {
+    let has = |name: header::HeaderName, token: &str| {
+        parts
+            .headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    parts.version == Version::HTTP_11
+        && has(header::CONNECTION, "upgrade")
+        && has(header::UPGRADE, "websocket")
+}
+
+/// What a held body came to.
+enum Held {
+    Complete(Vec<Bytes>),
+    Overflow(Vec<Bytes>, ProxyBody),
+    Failed(String),
+}
+
+async fn hold(mut body: ProxyBody, limit: usize, inspector: &mut dyn BodyInspector) -> Held {
+    let mut chunks = Vec::new();
+    let mut size = 0usize;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(data) = f.into_data() {
+                    size += data.len();
+                    if size > limit {
+                        chunks.push(data);
+                        return Held::Overflow(chunks, body);
+                    }
+                    inspector.chunk(&data);
+                    chunks.push(data);
+                }
+            }
+            Err(e) => return Held::Failed(e.to_string()),
+        }
+    }
+    Held::Complete(chunks)
+}
+
+fn concat(chunks: Vec<Bytes>) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.into_iter().next().unwrap_or_default();
+    }
+    let mut v = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for c in chunks {
+        v.extend_from_slice(&c);
+    }
+    v.into()
+}
+
+/// A body after its inspector's verdict: what to send, or the response to answer with.
+async fn judged(
+    body: ProxyBody,
+    inspector: Option<Box<dyn BodyInspector>>,
+    counter: Arc<AtomicU64>,
+) -> Result<ProxyBody, Response<ProxyBody>> {
+    let Some(mut insp) = inspector else {
+        return Ok(body::boxed(Observed::new(body, counter, None, None)));
+    };
+    match insp.mode() {
+        BodyMode::Stream => Ok(body::boxed(Observed::new(body, counter, Some(insp), None))),
+        BodyMode::Hold { limit } => {
+            let (verdict, pass) = match hold(body, limit, &mut *insp).await {
+                Held::Complete(chunks) => (insp.end(), body::full(concat(chunks))),
+                Held::Overflow(chunks, rest) => (insp.overflow(), body::chain(chunks, rest)),
+                Held::Failed(e) => {
+                    return Err(plain_status(
+                        StatusCode::BAD_REQUEST,
+                        &format!("the message body could not be read: {e}"),
+                    ));
+                }
+            };
+            let out = match verdict {
+                BodyVerdict::Pass => pass,
+                BodyVerdict::Replace(b) => body::full(b),
+                BodyVerdict::Respond(r) => return Err(r),
+            };
+            Ok(body::boxed(Observed::new(out, counter, None, None)))
+        }
+    }
+}
+
+fn plain_status(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(body::full(format!("{text}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+struct Pending {
+    id: String,
+    time: SystemTime,
+    start: Instant,
+    method: String,
+    url: String,
+    up: Arc<AtomicU64>,
+}
+
+impl Session {
+    fn record(
+        &self,
+        p: &Pending,
+        status: u16,
+        down: u64,
+        upstream: Option<(Proto, f64)>,
+        outcome: &str,
+        detail: Option<String>,
+    ) -> RequestRecord {
+        RequestRecord {
+            id: p.id.clone(),
+            time: p.time,
+            origin: (*self.origin).clone(),
+            app: self.app.id.clone(),
+            host: self.host.clone(),
+            method: p.method.clone(),
+            url: p.url.clone(),
+            status,
+            bytes_up: p.up.load(Ordering::Relaxed),
+            bytes_down: down,
+            client_protocol: proto_name(self.client_proto).into(),
+            upstream_protocol: upstream.map(|(p, _)| proto_name(p).into()),
+            upstream_ms: upstream.map(|(_, ms)| ms),
+            total_ms: p.start.elapsed().as_secs_f64() * 1000.0,
+            outcome: outcome.into(),
+            detail,
+        }
+    }
+
+    /// Answers from the proxy and records it.
+    fn answer(
+        &self,
+        shared: &Shared,
+        p: &Pending,
+        mut resp: Response<ProxyBody>,
+        outcome: &str,
+        detail: Option<String>,
+    ) -> Response<ProxyBody> {
+        let len = resp.body().size_hint().exact().unwrap_or(0);
+        shared
+            .reporter
+            .request(self.record(p, resp.status().as_u16(), len, None, outcome, detail));
+        *resp.version_mut() = self.client_version();
+        resp
+    }
+
+    fn client_version(&self) -> Version {
+        match self.client_proto {
+            Proto::H1 => Version::HTTP_11,
+            Proto::H2 => Version::HTTP_2,
+        }
+    }
+}
+
+/// Handles one request on an intercepted connection.
+pub async fn handle(
+    sess: Arc<Session>,
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let (mut parts, incoming) = req.into_parts();
+    let kind = ClientKind::of(&parts.headers);
+    let scheme = if sess.target.tls { "https" } else { "http" };
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| sess.host.clone());
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let pending = Pending {
+        id: pages::new_id(),
+        time: SystemTime::now(),
+        start: Instant::now(),
+        method: parts.method.to_string(),
+        url: format!("{scheme}://{authority}{pq}"),
+        up: Arc::new(AtomicU64::new(0)),
+    };
+
+    if host_of(&authority) != sess.host {
+        shared.stats.host_mismatch.fetch_add(1, Ordering::Relaxed);
+        let detail = format!(
+            "the request names `{}` but the connection was made to `{}`",
+            host_of(&authority),
+            sess.host
+        );
+        let page = Page {
+            status: StatusCode::MISDIRECTED_REQUEST,
+            title: "Request refused",
+            detail: &detail,
+            hint: "A request must name the same host as its connection.",
+            incident: &pending.id,
+        };
+        return Ok(sess.answer(
+            &shared,
+            &pending,
+            pages::render(&page, kind),
+            "host_mismatch",
+            Some(detail),
+        ));
+    }
+
+    let ex = Exchange {
+        origin: &sess.origin,
+        app: &sess.app,
+        host: &sess.host,
+        request_id: &pending.id,
+    };
+    if let HeadVerdict::Respond(r) = shared.hooks.request_head(&ex, &mut parts) {
+        return Ok(sess.answer(&shared, &pending, r, "answered", None));
+    }
+    let upgrade = is_websocket_upgrade(&parts);
+    let client_upgrade = if upgrade {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+    let inspector = shared.hooks.request_body(&ex, &parts);
+    let req_head_for_hooks = clone_head(&parts);
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let body = match judged(body::boxed(incoming), inspector, pending.up.clone()).await {
+        Ok(b) => b,
+        Err(r) => return Ok(sess.answer(&shared, &pending, r, "answered", None)),
+    };
+    let mut up_req = Request::from_parts(parts, body);
+
+    let sent = Instant::now();
+    let result = if upgrade {
+        adapt_request(&mut up_req, Proto::H1, scheme, &authority);
+        shared
+            .upstream
+            .send_upgrade(&sess.target, up_req)
+            .await
+            .map(|r| (Proto::H1, r))
+    } else {
+        shared
+            .upstream
+            .send(&sess.target, up_req, scheme, &authority)
+            .await
+    };
+    let (proto, resp) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let kind_s = e.kind();
+            if kind_s == "certificate" {
+                shared
+                    .stats
+                    .upstream_cert_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                shared.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            let detail = e.to_string();
+            let (title, hint) = if kind_s == "certificate" {
+                (
+                    "Connection blocked: the site's certificate is not valid",
+                    "Sluice did not connect you because the site could not prove its identity. This can be an attack or a misconfigured site; contact your administrator if it persists.",
+                )
+            } else {
+                (
+                    "The site could not be reached",
+                    "Try again later; contact your administrator if it persists.",
+                )
+            };
+            let page = Page {
+                status: StatusCode::BAD_GATEWAY,
+                title,
+                detail: &detail,
+                hint,
+                incident: &pending.id,
+            };
+            tracing::warn!(id = %pending.id, url = %pending.url, error = %detail, "upstream failed");
+            return Ok(sess.answer(
+                &shared,
+                &pending,
+                pages::render(&page, kind),
+                kind_s,
+                Some(detail),
+            ));
+        }
+    };
+    let upstream_ms = sent.elapsed().as_secs_f64() * 1000.0;
+    let (mut rparts, rbody) = resp.into_parts();
+
+    if upgrade && rparts.status == StatusCode::SWITCHING_PROTOCOLS {
+        let server_upgrade = rparts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        if let (Some(c), Some(s)) = (client_upgrade, server_upgrade) {
+            let stats = shared.stats.clone();
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(s)) = (c.await, s.await) {
+                    let mut c = hyper_util::rt::TokioIo::new(c);
+                    let mut s = hyper_util::rt::TokioIo::new(s);
+                    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
+                        stats.bytes_up.fetch_add(up, Ordering::Relaxed);
+                        stats.bytes_down.fetch_add(down, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        shared.stats.websockets.fetch_add(1, Ordering::Relaxed);
+        let rec = sess.record(
+            &pending,
+            101,
+            0,
+            Some((proto, upstream_ms)),
+            "upgraded",
+            None,
+        );
+        shared.reporter.request(rec);
+        let mut resp = Response::from_parts(rparts, body::empty());
+        *resp.version_mut() = Version::HTTP_11;
+        return Ok(resp);
+    }
+
+    strip_hop_by_hop(&mut rparts.headers, false);
+    if let HeadVerdict::Respond(r) =
+        shared
+            .hooks
+            .response_head(&ex, &req_head_for_hooks, &mut rparts)
+    {
+        return Ok(sess.answer(&shared, &pending, r, "answered", None));
+    }
+    let inspector = shared
+        .hooks
+        .response_body(&ex, &req_head_for_hooks, &rparts);
+    let down = Arc::new(AtomicU64::new(0));
+    let rbody = match judged(body::boxed(rbody), inspector, Arc::new(AtomicU64::new(0))).await {
+        Ok(b) => b,
+        Err(r) => return Ok(sess.answer(&shared, &pending, r, "answered", None)),
+    };
+    let status = rparts.status.as_u16();
+    let (sess2, shared2) = (sess.clone(), shared.clone());
+    let on_done: body::OnDone = Box::new(move |n, complete| {
+        let outcome = if complete { "ok" } else { "aborted" };
+        shared2.stats.bytes_down.fetch_add(n, Ordering::Relaxed);
+        shared2
+            .stats
+            .bytes_up
+            .fetch_add(pending.up.load(Ordering::Relaxed), Ordering::Relaxed);
+        let rec = sess2.record(
+            &pending,
+            status,
+            n,
+            Some((proto, upstream_ms)),
+            outcome,
+            None,
+        );
+        shared2.reporter.request(rec);
+    });
+    let mut resp = Response::from_parts(
+        rparts,
+        body::boxed(Observed::new(rbody, down, None, Some(on_done))),
+    );
+    *resp.version_mut() = sess.client_version();
+    Ok(resp)
+}
+
+/// A copy of a request head without its extensions (hooks see method, URI, version, headers).
+fn clone_head(p: &request::Parts) -> request::Parts {
+    let mut b = Request::builder()
+        .method(p.method.clone())
+        .uri(p.uri.clone())
+        .version(p.version);
+    if let Some(h) = b.headers_mut() {
+        *h = p.headers.clone();
+    }
+    let (parts, ()) = b
+        .body(())
+        .map(|r| r.into_parts())
+        .unwrap_or_else(|_| Request::new(()).into_parts());
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_of_strips_ports_brackets_and_case() {
+        assert_eq!(host_of("Files.Example:8443"), "files.example");
+        assert_eq!(host_of("[::1]:443"), "::1");
+        assert_eq!(host_of("10.0.0.1"), "10.0.0.1");
+        assert_eq!(host_of("a.example."), "a.example");
+    }
+
+    #[test]
+    fn hop_by_hop_fields_never_cross() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, gzip"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none() && h.get(header::UPGRADE).is_none());
+        assert!(h.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-kept"], "1");
+
+        let mut ws = HeaderMap::new();
+        ws.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        ws.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut ws, true);
+        assert_eq!(ws[header::UPGRADE], "websocket");
+        assert_eq!(ws[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn requests_are_adapted_to_the_upstream_protocol() {
+        let mut r = Request::builder()
+            .uri("/a?b=1")
+            .header(header::HOST, "x.example")
+            .body(())
+            .expect("request");
+        adapt_request(&mut r, Proto::H2, "https", "x.example");
+        assert_eq!(r.uri().to_string(), "https://x.example/a?b=1");
+        assert!(r.headers().get(header::HOST).is_none());
+        adapt_request(&mut r, Proto::H1, "https", "x.example");
+        assert_eq!(r.uri().to_string(), "/a?b=1");
+        assert_eq!(r.headers()[header::HOST], "x.example");
+    }
+}

@@ -1,0 +1,464 @@
+//! Connections from the proxy to original destinations: TLS with verified certificates, HTTP/1.1
+//! or HTTP/2 as the server chooses from what the client offered, and reuse.
+//!
+//! Trust is the bundled web roots, the system's roots and any extra CAs from the configuration.
+//! Host names (or, without SNI, IP addresses) are always verified; TLS 1.2 is the minimum. A
+//! certificate failure is reported as [`UpstreamError::Certificate`] with the reason, so the client
+//! gets a page that says so: never a silent pass, never a retry without verification.
+//!
+//! Reuse: HTTP/2 connections are shared by all requests with the same (destination, name, offered
+//! protocols); HTTP/1.1 connections go back to a bounded idle list once their response is done.
+//! Upgraded (WebSocket) requests get a connection of their own.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+
+use super::body::ProxyBody;
+
+/// Errors reaching an original destination.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// TCP connect failed or timed out.
+    #[error("cannot reach {dst}: {source}")]
+    Connect {
+        /// The destination.
+        dst: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server's certificate did not verify.
+    #[error("the server's certificate for {name} is not valid: {reason}")]
+    Certificate {
+        /// The name verified against.
+        name: String,
+        /// Human-readable reason (wrong host, expired, unknown issuer, ...).
+        reason: String,
+    },
+    /// Any other TLS failure.
+    #[error("TLS with {name} failed: {reason}")]
+    Tls {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// HTTP-level failure on the upstream connection.
+    #[error("upstream HTTP error: {0}")]
+    Http(#[from] hyper::Error),
+    /// The trust configuration could not be built.
+    #[error("upstream trust: {0}")]
+    Trust(String),
+}
+
+impl UpstreamError {
+    /// A short machine-readable kind for records and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "connect",
+            Self::Certificate { .. } => "certificate",
+            Self::Tls { .. } => "tls",
+            Self::Http(_) => "http",
+            Self::Trust(_) => "trust",
+        }
+    }
+}
+
+/// Which application protocols the client offered (and so the upstream is offered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AlpnOffer {
+    /// No ALPN: HTTP/1.1.
+    None,
+    /// `http/1.1` only.
+    H1,
+    /// `h2` only.
+    H2,
+    /// `h2` and `http/1.1`, in the client's order of preference.
+    Both {
+        /// Whether the client listed `h2` first.
+        h2_first: bool,
+    },
+}
+
+impl AlpnOffer {
+    /// From the client's ALPN list (protocols the proxy cannot speak are dropped).
+    pub fn from_client(alpn: &[Vec<u8>]) -> Self {
+        let h2 = alpn.iter().position(|p| p == b"h2");
+        let h1 = alpn.iter().position(|p| p == b"http/1.1");
+        match (h2, h1) {
+            (Some(a), Some(b)) => Self::Both { h2_first: a < b },
+            (Some(_), None) => Self::H2,
+            (None, Some(_)) => Self::H1,
+            (None, None) => Self::None,
+        }
+    }
+
+    fn protocols(self) -> Vec<Vec<u8>> {
+        match self {
+            Self::None => vec![],
+            Self::H1 => vec![b"http/1.1".to_vec()],
+            Self::H2 => vec![b"h2".to_vec()],
+            Self::Both { h2_first: true } => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            Self::Both { h2_first: false } => vec![b"http/1.1".to_vec(), b"h2".to_vec()],
+        }
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// The original destination.
+    pub dst: SocketAddr,
+    /// The name to present (SNI) and verify; an IP literal when the client sent no SNI.
+    pub name: String,
+    /// TLS (true) or plain HTTP.
+    pub tls: bool,
+    /// Protocols offered upstream.
+    pub alpn: AlpnOffer,
+}
+
+/// The protocol an upstream connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// HTTP/1.1.
+    H1,
+    /// HTTP/2.
+    H2,
+}
+
+enum Idle {
+    H1(Vec<hyper::client::conn::http1::SendRequest<ProxyBody>>),
+    H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+}
+
+/// Upstream connector and pool.
+pub struct Upstream {
+    configs: Mutex<HashMap<AlpnOffer, Arc<ClientConfig>>>,
+    roots: Arc<RootCertStore>,
+    pool: Arc<Mutex<HashMap<Target, Idle>>>,
+    mark: u32,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
+    max_idle: usize,
+    h2_window: u32,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("mark", &self.mark)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the upstream trust store.
+pub fn root_store(
+    bundled: bool,
+    system: bool,
+    extra: &[std::path::PathBuf],
+) -> Result<RootCertStore, UpstreamError> {
+    let mut roots = RootCertStore::empty();
+    if bundled {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    if system {
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::warn!(error = %e, "some system root certificates could not be read");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        tracing::debug!(added, ignored, "system roots");
+    }
+    for path in extra {
+        use rustls_pki_types::pem::PemObject as _;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| UpstreamError::Trust(format!("{}: {e}", path.display())))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| UpstreamError::Trust(format!("{}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(UpstreamError::Trust(format!(
+                "{}: no certificates",
+                path.display()
+            )));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| UpstreamError::Trust(format!("{}: {e}", path.display())))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(UpstreamError::Trust(
+            "no trusted roots at all: upstream TLS would always fail".into(),
+        ));
+    }
+    Ok(roots)
+}
+
+impl Upstream {
+    /// A connector trusting `roots`, marking sockets with `mark`.
+    pub fn new(
+        roots: RootCertStore,
+        mark: u32,
+        connect_timeout: Duration,
+        handshake_timeout: Duration,
+        max_idle: usize,
+    ) -> Self {
+        Self {
+            configs: Mutex::new(HashMap::new()),
+            roots: Arc::new(roots),
+            pool: Arc::new(Mutex::new(HashMap::new())),
+            mark,
+            connect_timeout,
+            handshake_timeout,
+            max_idle,
+            h2_window: 4 * 1024 * 1024,
+        }
+    }
+
+    fn config(&self, alpn: AlpnOffer) -> Result<Arc<ClientConfig>, UpstreamError> {
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = configs.get(&alpn) {
+            return Ok(c.clone());
+        }
+        let mut cfg = ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| UpstreamError::Trust(e.to_string()))?
+        .with_root_certificates(self.roots.clone())
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.protocols();
+        let cfg = Arc::new(cfg);
+        configs.insert(alpn, cfg.clone());
+        Ok(cfg)
+    }
+
+    /// Sends a request on a pooled or new connection.
+    /// `scheme` and `authority` fill in the URI or Host field the chosen protocol needs.
+    pub async fn send(
+        &self,
+        target: &Target,
+        mut req: Request<ProxyBody>,
+        scheme: &str,
+        authority: &str,
+    ) -> Result<(Proto, Response<Incoming>), UpstreamError> {
+        let sender = match self.take_idle(target) {
+            Some(s) => s,
+            None => self.connect(target, false).await?,
+        };
+        let proto = match sender {
+            Sender::H1(_) => Proto::H1,
+            Sender::H2(_) => Proto::H2,
+        };
+        super::http::adapt_request(&mut req, proto, scheme, authority);
+        self.send_on(target, sender, req).await
+    }
+
+    /// Sends an upgrade request (WebSocket) on a connection of its own.
+    pub async fn send_upgrade(
+        &self,
+        target: &Target,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let h1_target = Target {
+            alpn: AlpnOffer::H1,
+            ..target.clone()
+        };
+        match self.connect(&h1_target, true).await? {
+            Sender::H1(mut s) => Ok(s.send_request(req).await?),
+            Sender::H2(_) => Err(UpstreamError::Tls {
+                name: target.name.clone(),
+                reason: "server chose HTTP/2 for an upgrade".into(),
+            }),
+        }
+    }
+
+    fn take_idle(&self, target: &Target) -> Option<Sender> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        match pool.get_mut(target)? {
+            Idle::H2(s) => {
+                if s.is_closed() {
+                    pool.remove(target);
+                    None
+                } else {
+                    Some(Sender::H2(s.clone()))
+                }
+            }
+            Idle::H1(list) => {
+                while let Some(s) = list.pop() {
+                    if s.is_ready() && !s.is_closed() {
+                        return Some(Sender::H1(s));
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    async fn send_on(
+        &self,
+        target: &Target,
+        sender: Sender,
+        req: Request<ProxyBody>,
+    ) -> Result<(Proto, Response<Incoming>), UpstreamError> {
+        match sender {
+            Sender::H2(mut s) => Ok((Proto::H2, s.send_request(req).await?)),
+            Sender::H1(mut s) => {
+                let resp = s.send_request(req).await?;
+                // Back to the pool once this response's body is done.
+                let (pool, target, max) = (self.pool_handle(), target.clone(), self.max_idle);
+                tokio::spawn(async move {
+                    if s.ready().await.is_ok() {
+                        let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Idle::H1(list) =
+                            pool.entry(target).or_insert_with(|| Idle::H1(Vec::new()))
+                            && list.len() < max
+                        {
+                            list.push(s);
+                        }
+                    }
+                });
+                Ok((Proto::H1, resp))
+            }
+        }
+    }
+
+    fn pool_handle(&self) -> Arc<Mutex<HashMap<Target, Idle>>> {
+        self.pool.clone()
+    }
+
+    /// Opens a connection: TCP (marked), TLS (verified) when the target is TLS, then the HTTP
+    /// handshake for the protocol the server chose. HTTP/2 connections join the pool at once.
+    async fn connect(&self, target: &Target, upgrades: bool) -> Result<Sender, UpstreamError> {
+        let tcp = super::splice::connect_marked(target.dst, self.mark, self.connect_timeout)
+            .await
+            .map_err(|source| UpstreamError::Connect {
+                dst: target.dst,
+                source,
+            })?;
+        if !target.tls {
+            return self
+                .handshake(target, Proto::H1, TokioIo::new(tcp), upgrades)
+                .await;
+        }
+        let server_name =
+            ServerName::try_from(target.name.clone()).map_err(|e| UpstreamError::Tls {
+                name: target.name.clone(),
+                reason: format!("invalid server name: {e}"),
+            })?;
+        let connector = tokio_rustls::TlsConnector::from(self.config(target.alpn)?);
+        let tls = tokio::time::timeout(self.handshake_timeout, connector.connect(server_name, tcp))
+            .await
+            .map_err(|_| UpstreamError::Tls {
+                name: target.name.clone(),
+                reason: "handshake timed out".into(),
+            })?
+            .map_err(|e| classify(&target.name, e))?;
+        let proto = match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Proto::H2,
+            _ => Proto::H1,
+        };
+        self.handshake(target, proto, TokioIo::new(tls), upgrades)
+            .await
+    }
+
+    async fn handshake<I>(
+        &self,
+        target: &Target,
+        proto: Proto,
+        io: TokioIo<I>,
+        upgrades: bool,
+    ) -> Result<Sender, UpstreamError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        match proto {
+            Proto::H1 => {
+                let (sender, conn) = hyper::client::conn::http1::Builder::new()
+                    .max_buf_size(1024 * 1024)
+                    .handshake(io)
+                    .await?;
+                tokio::spawn(async move {
+                    let res = if upgrades {
+                        conn.with_upgrades().await
+                    } else {
+                        conn.await
+                    };
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+                    }
+                });
+                Ok(Sender::H1(sender))
+            }
+            Proto::H2 => {
+                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .initial_stream_window_size(self.h2_window)
+                    .initial_connection_window_size(self.h2_window * 2)
+                    .max_frame_size(64 * 1024)
+                    .handshake(io)
+                    .await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                    }
+                });
+                if !upgrades {
+                    let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                    pool.insert(target.clone(), Idle::H2(sender.clone()));
+                }
+                Ok(Sender::H2(sender))
+            }
+        }
+    }
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<ProxyBody>),
+    H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+}
+
+/// Turns a TLS connect error into a certificate verdict when that is what it was.
+fn classify(name: &str, e: std::io::Error) -> UpstreamError {
+    use rustls::CertificateError as C;
+    let tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::InvalidCertificate(c)) => {
+            let reason = match c {
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    "it was issued for a different host name".to_owned()
+                }
+                C::Expired | C::ExpiredContext { .. } => "it has expired".to_owned(),
+                C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet".to_owned(),
+                C::UnknownIssuer => {
+                    "it was issued by an unknown or untrusted authority (self-signed?)".to_owned()
+                }
+                C::Revoked => "it has been revoked".to_owned(),
+                C::BadSignature | C::BadEncoding => "it is malformed or badly signed".to_owned(),
+                other => format!("{other:?}"),
+            };
+            UpstreamError::Certificate {
+                name: name.to_owned(),
+                reason,
+            }
+        }
+        Some(other) => UpstreamError::Tls {
+            name: name.to_owned(),
+            reason: other.to_string(),
+        },
+        None => UpstreamError::Tls {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        },
+    }
+}
