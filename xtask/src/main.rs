@@ -329,6 +329,28 @@ fn up(root: &Path, config: Option<PathBuf>) -> Result<()> {
         .args(["config", "check", "--config"])
         .arg(&config)
         .stdout(Stdio::null()))?;
+    // The interception CA: created once, kept across runs (its key never leaves the state dir).
+    let ca_pem = dir.join("ca.pem");
+    let export = || {
+        Command::new(&bin)
+            .args(["ca", "export", "--config"])
+            .arg(&config)
+            .output()
+    };
+    let mut out = export()?;
+    if !out.status.success() {
+        sh(Command::new(&bin)
+            .args(["ca", "init", "--config"])
+            .arg(&config))?;
+        out = export()?;
+        if !out.status.success() {
+            bail!(
+                "sluice ca export failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    std::fs::write(&ca_pem, out.stdout)?;
     step("sluice is starting (Ctrl-C stops it and detaches from the kernel)");
     eprintln!(
         "  config:  {}\n  trust:   {} (the CA clients must trust for intercepted apps)\n  status:  {} status\n  metrics: curl -s http://127.0.0.1:15090/metrics\n  kernel:  bpftool cgroup tree",
