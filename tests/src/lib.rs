@@ -18,6 +18,115 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
+pub mod origin;
+
+const PATTERN_BLOCK: usize = 64 * 1024;
+
+fn pattern_block() -> &'static [u8] {
+    static BLOCK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BLOCK.get_or_init(|| {
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        (0..PATTERN_BLOCK)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    })
+}
+
+/// Fills `buf` with the deterministic test stream starting at byte `offset`: a fixed pseudo-random
+/// 64 KiB block whose first 8 bytes are replaced by the block's index, so reordered, repeated or
+/// lost blocks change the hash.
+pub fn pattern(offset: u64, buf: &mut [u8]) {
+    let block = pattern_block();
+    let mut pos = 0usize;
+    while pos < buf.len() {
+        let abs = offset + pos as u64;
+        let index = abs / PATTERN_BLOCK as u64;
+        let within = (abs % PATTERN_BLOCK as u64) as usize;
+        let n = (PATTERN_BLOCK - within).min(buf.len() - pos);
+        let dst = &mut buf[pos..pos + n];
+        dst.copy_from_slice(&block[within..within + n]);
+        let idx = index.to_be_bytes();
+        for (i, b) in idx.iter().enumerate() {
+            if i >= within && i < within + n {
+                dst[i - within] = *b;
+            }
+        }
+        pos += n;
+    }
+}
+
+/// SHA-256 (hex) of the first `n` bytes of [`pattern`].
+pub fn pattern_sha256(n: u64) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < n {
+        let len = ((n - off) as usize).min(buf.len());
+        pattern(off, &mut buf[..len]);
+        h.update(&buf[..len]);
+        off += len as u64;
+    }
+    hex(&h.finalize())
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `Sec-WebSocket-Accept` for a key (RFC 6455: base64(SHA-1(key + GUID))).
+pub fn websocket_accept(key: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+    );
+    base64(digest.as_ref())
+}
+
+/// Standard base64 with padding.
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_position_dependent_and_seekable() {
+        let mut whole = vec![0u8; 3 * PATTERN_BLOCK + 100];
+        pattern(0, &mut whole);
+        let mut part = vec![0u8; 1000];
+        pattern(PATTERN_BLOCK as u64 - 3, &mut part);
+        assert_eq!(&part[..], &whole[PATTERN_BLOCK - 3..PATTERN_BLOCK + 997]);
+        assert_ne!(&whole[..PATTERN_BLOCK], &whole[PATTERN_BLOCK..2 * PATTERN_BLOCK]);
+    }
+
+    #[test]
+    fn websocket_accept_matches_rfc6455() {
+        assert_eq!(websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(base64(b"ab"), "YWI=");
+    }
+}
+
 /// Fails the calling test clearly when not run as root: root-only tests must never pass by
 /// skipping.
 pub fn require_root() {

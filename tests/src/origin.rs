@@ -1,0 +1,293 @@
+//! A local HTTPS origin with its own test CA, for the proxy's end-to-end tests and benchmarks.
+//!
+//! It serves several names by SNI: a valid certificate for the names given, and deliberately bad
+//! ones (`wronghost.test` gets a certificate for another name, `expired.test` an expired one,
+//! `selfsigned.test` a self-signed one). HTTP/1.1 and HTTP/2 by ALPN. Routes:
+//! - `GET /hello`: a JSON document naming the host, method and protocol seen;
+//! - `POST|PUT /echo`: streams the body and answers its length and SHA-256;
+//! - `GET /bytes/N`: N bytes of the deterministic [`crate::pattern`] stream;
+//! - `GET /headers`: the request's header names, to check what the proxy let through;
+//! - `GET /ws`: a WebSocket upgrade, then echoes every byte back.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::{
+    ServerConfig,
+    server::ResolvesServerCertUsingSni,
+    sign::CertifiedKey,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A test CA and the certificates the origin serves.
+pub struct TestPki {
+    /// The CA certificate (PEM), for trust stores.
+    pub ca_pem: String,
+    /// Certificates served, by SNI: (name, leaf DER).
+    pub leaves: Vec<(String, CertificateDer<'static>)>,
+    resolver: Arc<ResolvesServerCertUsingSni>,
+}
+
+impl std::fmt::Debug for TestPki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestPki").finish_non_exhaustive()
+    }
+}
+
+fn certified(chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> Result<CertifiedKey> {
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok(CertifiedKey::new(chain, provider.key_provider.load_private_key(der)?))
+}
+
+impl TestPki {
+    /// A CA, valid leaves for `good_names`, and the three bad cases.
+    pub fn new(good_names: &[&str]) -> Result<Self> {
+        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut ca_params = CertificateParams::default();
+        ca_params.distinguished_name.push(DnType::CommonName, "Sluice Test Origin CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let mut resolver = ResolvesServerCertUsingSni::new();
+        let mut leaves = Vec::new();
+        let now = time::OffsetDateTime::now_utc();
+        let mut add = |sni: &str, cert_name: &str, expired: bool, self_signed: bool| -> Result<()> {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+            let mut p = CertificateParams::new(vec![cert_name.to_owned()])?;
+            if expired {
+                p.not_before = now - time::Duration::days(30);
+                p.not_after = now - time::Duration::days(1);
+            }
+            let cert = if self_signed { p.self_signed(&key)? } else { p.signed_by(&key, &issuer)? };
+            let mut chain = vec![cert.der().clone()];
+            if !self_signed {
+                chain.push(ca_cert.der().clone());
+            }
+            resolver.add(sni, certified(chain, &key)?)?;
+            leaves.push((sni.to_owned(), cert.der().clone()));
+            Ok(())
+        };
+        for n in good_names {
+            add(n, n, false, false)?;
+        }
+        add("wronghost.test", "someone-else.test", false, false)?;
+        add("expired.test", "expired.test", true, false)?;
+        add("selfsigned.test", "selfsigned.test", false, true)?;
+        Ok(Self {
+            ca_pem: ca_cert.pem(),
+            leaves,
+            resolver: Arc::new(resolver),
+        })
+    }
+
+    /// The leaf served for `sni`.
+    pub fn leaf(&self, sni: &str) -> Option<&CertificateDer<'static>> {
+        self.leaves.iter().find(|(n, _)| n == sni).map(|(_, c)| c)
+    }
+}
+
+/// A running origin.
+#[derive(Debug)]
+pub struct Origin {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// "METHOD PATH" of every request received, in order.
+    pub log: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Origin {
+    /// Starts serving TLS on `addr` (port 0 for any) inside the current tokio runtime.
+    pub async fn start(addr: SocketAddr, pki: &TestPki) -> Result<Self> {
+        let mut cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(pki.resolver.clone());
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let addr = listener.local_addr()?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, log) = (acceptor.clone(), log2.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let svc = hyper::service::service_fn(move |req| route(req, log.clone()));
+                    let io = TokioIo::new(tls);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .initial_stream_window_size(4 * 1024 * 1024)
+                            .initial_connection_window_size(8 * 1024 * 1024)
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .with_upgrades()
+                            .await;
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, log, task })
+    }
+
+    /// The requests received so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn version_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        _ => "other",
+    }
+}
+
+async fn route(req: Request<Incoming>, log: Arc<Mutex<Vec<String>>>) -> Result<Response<Body>, Infallible> {
+    if let Ok(mut l) = log.lock() {
+        l.push(format!("{} {}", req.method(), req.uri().path()));
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_default();
+    let version = version_name(req.version());
+    let path = req.uri().path().to_owned();
+    match (req.method().as_str(), path.as_str()) {
+        ("GET", "/hello") => Ok(json(
+            StatusCode::OK,
+            serde_json::json!({ "hello": "from origin", "host": host, "version": version }),
+        )),
+        ("GET", "/headers") => {
+            let names: Vec<String> = req.headers().keys().map(|k| k.as_str().to_owned()).collect();
+            Ok(json(StatusCode::OK, serde_json::json!({ "headers": names, "version": version })))
+        }
+        ("POST" | "PUT", "/echo") => {
+            let mut body = req.into_body();
+            let mut hasher = Sha256::new();
+            let mut len = 0u64;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            hasher.update(d);
+                            len += d.len() as u64;
+                        }
+                    }
+                    Err(e) => return Ok(json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.to_string() }))),
+                }
+            }
+            let hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            Ok(json(
+                StatusCode::OK,
+                serde_json::json!({ "len": len, "sha256": hash, "version": version, "host": host }),
+            ))
+        }
+        ("GET", p) if p.starts_with("/bytes/") => {
+            let n: u64 = p.trim_start_matches("/bytes/").parse().unwrap_or(0);
+            let stream = futures_stream(n);
+            let mut r = Response::new(StreamBody::new(stream).boxed());
+            r.headers_mut().insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/octet-stream"),
+            );
+            Ok(r)
+        }
+        ("GET", "/ws") => Ok(websocket(req)),
+        _ => Ok(json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "no such route" }))),
+    }
+}
+
+
+/// N bytes of the pattern, in 64 KiB frames.
+fn futures_stream(n: u64) -> PatternStream {
+    PatternStream { sent: 0, total: n }
+}
+
+/// A stream of pattern frames.
+#[derive(Debug)]
+pub struct PatternStream {
+    sent: u64,
+    total: u64,
+}
+
+impl futures_core::Stream for PatternStream {
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.sent >= self.total {
+            return std::task::Poll::Ready(None);
+        }
+        let len = (self.total - self.sent).min(64 * 1024) as usize;
+        let mut buf = vec![0u8; len];
+        crate::pattern(self.sent, &mut buf);
+        self.sent += len as u64;
+        std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
+    }
+}
+
+fn websocket(mut req: Request<Incoming>) -> Response<Body> {
+    let Some(key) = req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::to_owned) else {
+        return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "not a websocket request" }));
+    };
+    let accept = crate::websocket_accept(&key);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = on_upgrade.await {
+            let mut io = TokioIo::new(up);
+            let (mut r, mut w) = tokio::io::split(&mut io);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
+    if let Ok(v) = header::HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
+}
