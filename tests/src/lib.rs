@@ -94,7 +94,9 @@ pub fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
@@ -117,12 +119,18 @@ mod tests {
         let mut part = vec![0u8; 1000];
         pattern(PATTERN_BLOCK as u64 - 3, &mut part);
         assert_eq!(&part[..], &whole[PATTERN_BLOCK - 3..PATTERN_BLOCK + 997]);
-        assert_ne!(&whole[..PATTERN_BLOCK], &whole[PATTERN_BLOCK..2 * PATTERN_BLOCK]);
+        assert_ne!(
+            &whole[..PATTERN_BLOCK],
+            &whole[PATTERN_BLOCK..2 * PATTERN_BLOCK]
+        );
     }
 
     #[test]
     fn websocket_accept_matches_rfc6455() {
-        assert_eq!(websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
         assert_eq!(base64(b"ab"), "YWI=");
     }
 }

@@ -21,12 +21,10 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
-use rustls::{
-    ServerConfig,
-    server::ResolvesServerCertUsingSni,
-    sign::CertifiedKey,
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256,
 };
+use rustls::{ServerConfig, sign::CertifiedKey};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
@@ -39,7 +37,17 @@ pub struct TestPki {
     pub ca_pem: String,
     /// Certificates served, by SNI: (name, leaf DER).
     pub leaves: Vec<(String, CertificateDer<'static>)>,
-    resolver: Arc<ResolvesServerCertUsingSni>,
+    resolver: Arc<BySni>,
+}
+
+/// Serves certificates by SNI without checking they fit the name (the bad cases must not).
+#[derive(Debug, Default)]
+struct BySni(std::collections::HashMap<String, Arc<CertifiedKey>>);
+
+impl rustls::server::ResolvesServerCert for BySni {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.get(hello.server_name()?).cloned()
+    }
 }
 
 impl std::fmt::Debug for TestPki {
@@ -51,7 +59,10 @@ impl std::fmt::Debug for TestPki {
 fn certified(chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> Result<CertifiedKey> {
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    Ok(CertifiedKey::new(chain, provider.key_provider.load_private_key(der)?))
+    Ok(CertifiedKey::new(
+        chain,
+        provider.key_provider.load_private_key(der)?,
+    ))
 }
 
 impl TestPki {
@@ -59,29 +70,38 @@ impl TestPki {
     pub fn new(good_names: &[&str]) -> Result<Self> {
         let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut ca_params = CertificateParams::default();
-        ca_params.distinguished_name.push(DnType::CommonName, "Sluice Test Origin CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Sluice Test Origin CA");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca_params, ca_key);
-        let mut resolver = ResolvesServerCertUsingSni::new();
+        let mut resolver = BySni::default();
         let mut leaves = Vec::new();
         let now = time::OffsetDateTime::now_utc();
-        let mut add = |sni: &str, cert_name: &str, expired: bool, self_signed: bool| -> Result<()> {
-            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-            let mut p = CertificateParams::new(vec![cert_name.to_owned()])?;
-            if expired {
-                p.not_before = now - time::Duration::days(30);
-                p.not_after = now - time::Duration::days(1);
-            }
-            let cert = if self_signed { p.self_signed(&key)? } else { p.signed_by(&key, &issuer)? };
-            let mut chain = vec![cert.der().clone()];
-            if !self_signed {
-                chain.push(ca_cert.der().clone());
-            }
-            resolver.add(sni, certified(chain, &key)?)?;
-            leaves.push((sni.to_owned(), cert.der().clone()));
-            Ok(())
-        };
+        let mut add =
+            |sni: &str, cert_name: &str, expired: bool, self_signed: bool| -> Result<()> {
+                let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+                let mut p = CertificateParams::new(vec![cert_name.to_owned()])?;
+                if expired {
+                    p.not_before = now - time::Duration::days(30);
+                    p.not_after = now - time::Duration::days(1);
+                }
+                let cert = if self_signed {
+                    p.self_signed(&key)?
+                } else {
+                    p.signed_by(&key, &issuer)?
+                };
+                let mut chain = vec![cert.der().clone()];
+                if !self_signed {
+                    chain.push(ca_cert.der().clone());
+                }
+                resolver
+                    .0
+                    .insert(sni.to_owned(), Arc::new(certified(chain, &key)?));
+                leaves.push((sni.to_owned(), cert.der().clone()));
+                Ok(())
+            };
         for n in good_names {
             add(n, n, false, false)?;
         }
@@ -120,23 +140,31 @@ impl Drop for Origin {
 impl Origin {
     /// Starts serving TLS on `addr` (port 0 for any) inside the current tokio runtime.
     pub async fn start(addr: SocketAddr, pki: &TestPki) -> Result<Self> {
-        let mut cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(pki.resolver.clone());
+        let mut cfg = ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(pki.resolver.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         let addr = listener.local_addr()?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let (acceptor, log) = (acceptor.clone(), log2.clone());
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let svc = hyper::service::service_fn(move |req| route(req, log.clone()));
                     let io = TokioIo::new(tls);
@@ -165,10 +193,16 @@ impl Origin {
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(v.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -180,7 +214,10 @@ fn version_name(v: http::Version) -> &'static str {
     }
 }
 
-async fn route(req: Request<Incoming>, log: Arc<Mutex<Vec<String>>>) -> Result<Response<Body>, Infallible> {
+async fn route(
+    req: Request<Incoming>,
+    log: Arc<Mutex<Vec<String>>>,
+) -> Result<Response<Body>, Infallible> {
     if let Ok(mut l) = log.lock() {
         l.push(format!("{} {}", req.method(), req.uri().path()));
     }
@@ -188,7 +225,12 @@ async fn route(req: Request<Incoming>, log: Arc<Mutex<Vec<String>>>) -> Result<R
         .uri()
         .authority()
         .map(|a| a.to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
         .unwrap_or_default();
     let version = version_name(req.version());
     let path = req.uri().path().to_owned();
@@ -198,8 +240,15 @@ async fn route(req: Request<Incoming>, log: Arc<Mutex<Vec<String>>>) -> Result<R
             serde_json::json!({ "hello": "from origin", "host": host, "version": version }),
         )),
         ("GET", "/headers") => {
-            let names: Vec<String> = req.headers().keys().map(|k| k.as_str().to_owned()).collect();
-            Ok(json(StatusCode::OK, serde_json::json!({ "headers": names, "version": version })))
+            let names: Vec<String> = req
+                .headers()
+                .keys()
+                .map(|k| k.as_str().to_owned())
+                .collect();
+            Ok(json(
+                StatusCode::OK,
+                serde_json::json!({ "headers": names, "version": version }),
+            ))
         }
         ("POST" | "PUT", "/echo") => {
             let mut body = req.into_body();
@@ -213,10 +262,19 @@ async fn route(req: Request<Incoming>, log: Arc<Mutex<Vec<String>>>) -> Result<R
                             len += d.len() as u64;
                         }
                     }
-                    Err(e) => return Ok(json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.to_string() }))),
+                    Err(e) => {
+                        return Ok(json(
+                            StatusCode::BAD_REQUEST,
+                            serde_json::json!({ "error": e.to_string() }),
+                        ));
+                    }
                 }
             }
-            let hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            let hash: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             Ok(json(
                 StatusCode::OK,
                 serde_json::json!({ "len": len, "sha256": hash, "version": version, "host": host }),
@@ -226,7 +284,8 @@ async fn route(req: Request<Incoming>, log: Arc<Mutex<Vec<String>>>) -> Result<R
             let n: u64 = p.trim_start_matches("/bytes/").parse().unwrap_or(0);
             let stream = futures_stream(n);
             let mut r = Response::new(StreamBody::new(stream).boxed());
-            r.headers_mut().insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/octet-stream"),
@@ -234,10 +293,12 @@ async fn route(req: Request<Incoming>, log: Arc<Mutex<Vec<String>>>) -> Result<R
             Ok(r)
         }
         ("GET", "/ws") => Ok(websocket(req)),
-        _ => Ok(json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "no such route" }))),
+        _ => Ok(json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": "no such route" }),
+        )),
     }
 }
-
 
 /// N bytes of the pattern, in 64 KiB frames.
 fn futures_stream(n: u64) -> PatternStream {
@@ -269,8 +330,16 @@ impl futures_core::Stream for PatternStream {
 }
 
 fn websocket(mut req: Request<Incoming>) -> Response<Body> {
-    let Some(key) = req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::to_owned) else {
-        return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "not a websocket request" }));
+    let Some(key) = req
+        .headers()
+        .get("sec-websocket-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": "not a websocket request" }),
+        );
     };
     let accept = crate::websocket_accept(&key);
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -281,11 +350,21 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
             let _ = tokio::io::copy(&mut r, &mut w).await;
         }
     });
-    let mut r = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
-    h.insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
     if let Ok(v) = header::HeaderValue::from_str(&accept) {
         h.insert("sec-websocket-accept", v);
     }

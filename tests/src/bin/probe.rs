@@ -4,6 +4,11 @@
 //!   a time) and reads one line from each. Without `--check-pid` it prints each line. With it, each
 //!   line must be the test proxy's `proxy dst=ADDR pid=OWN_PID ...`; it prints `ok N` or fails.
 //! - `sluice-probe udp ADDR connect|sendto`: sends one datagram; prints `sent` or `refused ERR`.
+//! - `sluice-probe gen N`: writes N bytes of the test pattern to stdout.
+//! - `sluice-probe wss ADDR NAME CA_PEM`: WebSocket over TLS to ADDR with SNI NAME, trusting CA_PEM;
+//!   sends a masked frame and prints `echo ok` when the same bytes come back.
+//! - `sluice-probe hello ADDR garbage|truncated`: sends a bad ClientHello; prints `closed` when the
+//!   server closes the connection.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -38,12 +43,21 @@ fn flag_value(args: &[String], name: &str, default: usize) -> Result<usize, Stri
 }
 
 fn run(args: &[String]) -> Result<(), String> {
+    if args.first().map(String::as_str) == Some("gen") {
+        let n: u64 = args
+            .get(1)
+            .and_then(|a| a.parse().ok())
+            .ok_or("usage: sluice-probe gen N")?;
+        return gen_pattern(n);
+    }
     let addr: SocketAddr = args
         .get(1)
         .and_then(|a| a.parse().ok())
         .ok_or("usage: sluice-probe tcp|udp ADDR ...")?;
     match args.first().map(String::as_str) {
         Some("tcp") => tcp(addr, args),
+        Some("wss") => wss(addr, args),
+        Some("hello") => bad_hello(addr, args.get(2).map(String::as_str).unwrap_or("garbage")),
         Some("udp") => udp(addr, args.get(2).map(String::as_str).unwrap_or("connect")),
         _ => Err("usage: sluice-probe tcp|udp ADDR ...".into()),
     }
@@ -124,5 +138,120 @@ fn udp(addr: SocketAddr, mode: &str) -> Result<(), String> {
         Ok(_) => println!("sent"),
         Err(e) => println!("refused {}", e.raw_os_error().unwrap_or(0)),
     }
+    Ok(())
+}
+
+fn gen_pattern(n: u64) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < n {
+        let len = ((n - off) as usize).min(buf.len());
+        sluice_e2e::pattern(off, &mut buf[..len]);
+        out.write_all(&buf[..len]).map_err(|e| e.to_string())?;
+        off += len as u64;
+    }
+    out.flush().map_err(|e| e.to_string())
+}
+
+fn bad_hello(addr: SocketAddr, kind: &str) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let bytes: &[u8] = match kind {
+        // A handshake record whose body is not a ClientHello.
+        "garbage" => b"\x16\x03\x01\x00\x08garbage!",
+        // A ClientHello record header promising more than is ever sent.
+        "truncated" => b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        other => return Err(format!("unknown kind {other}")),
+    };
+    s.write_all(bytes).map_err(|e| e.to_string())?;
+    if kind == "truncated" {
+        // Half-close: the peer must notice the ClientHello will never complete.
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => println!("closed"),
+        Ok(n) => println!("got {n} bytes"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => println!("closed"),
+        Err(e) => println!("error {e}"),
+    }
+    Ok(())
+}
+
+fn wss(addr: SocketAddr, args: &[String]) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    let name = args.get(2).ok_or("wss needs NAME")?.clone();
+    let ca = args.get(3).ok_or("wss needs CA_PEM")?;
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject as _;
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let server = rustls_pki_types::ServerName::try_from(name.clone()).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), server)
+        .map_err(|e| e.to_string())?;
+    let tcp =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    write!(
+        tls,
+        "GET /ws HTTP/1.1\r\nHost: {name}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    // Read the response head byte by byte up to the blank line.
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tls.read_exact(&mut b)
+            .map_err(|e| format!("read head: {e}"))?;
+        head.push(b[0]);
+        if head.len() > 16384 {
+            return Err("response head too large".into());
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    if !head.starts_with("HTTP/1.1 101") {
+        return Err(format!("no upgrade: {head}"));
+    }
+    let want = sluice_e2e::websocket_accept(key);
+    if !head.to_ascii_lowercase().contains(&format!(
+        "sec-websocket-accept: {}",
+        want.to_ascii_lowercase()
+    )) {
+        return Err(format!("bad accept in {head}"));
+    }
+    // A masked text frame, as a client must send.
+    let payload = b"hello through sluice";
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, c)| c ^ mask[i % 4]));
+    tls.write_all(&frame)
+        .map_err(|e| format!("write frame: {e}"))?;
+    let mut back = vec![0u8; frame.len()];
+    tls.read_exact(&mut back)
+        .map_err(|e| format!("read echo: {e}"))?;
+    if back != frame {
+        return Err("echo differs".into());
+    }
+    println!("echo ok");
     Ok(())
 }

@@ -1,0 +1,526 @@
+//! End-to-end tests of the TLS-intercepting proxy: the real agent (`sluice run`) steering a test
+//! cgroup, real curl inside it trusting the Sluice CA, and a local HTTPS origin with its own CA.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use sluice_e2e::{
+    Agent, InCgroup, TestCgroup, bin, dual_stack_listeners, free_port,
+    origin::{Origin, TestPki},
+    pattern_sha256, require_root, wait_until,
+};
+
+const ORIGIN_IP: &str = "127.0.0.30";
+const APP_HOSTS: [&str; 5] = [
+    "good.test",
+    "wronghost.test",
+    "expired.test",
+    "selfsigned.test",
+    "h.test",
+];
+
+struct Env {
+    origin: Origin,
+    pki: TestPki,
+    agent: Agent,
+    cg: TestCgroup,
+    dir: PathBuf,
+    sluice_ca: PathBuf,
+    test_ca: PathBuf,
+    // Last: the runtime serving the origin must outlive it.
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn env(tag: &str) -> Env {
+    require_root();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pki = TestPki::new(&["good.test", "splice.test", "h.test"]).expect("pki");
+    let origin = rt
+        .block_on(Origin::start(
+            format!("{ORIGIN_IP}:0").parse().expect("addr"),
+            &pki,
+        ))
+        .expect("origin");
+    let cg = TestCgroup::new(tag);
+    let dir = std::env::temp_dir().join(format!("sluice-e2e-proxy-{}", cg.rel));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let test_ca = dir.join("test-ca.pem");
+    std::fs::write(&test_ca, &pki.ca_pem).expect("test ca");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy_port = {
+        let (v4, _v6) = dual_stack_listeners().expect("port");
+        v4.local_addr().expect("addr").port()
+    };
+    let hosts = APP_HOSTS
+        .iter()
+        .map(|h| format!("\"{h}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = format!(
+        r#"
+state_dir = "{state}"
+[steer]
+cgroup = "{cg}"
+agent_cgroup = "{cg}/agent"
+include = [{{ cidr = "{ip}/32", ports = [{port}] }}]
+[proxy]
+port = {proxy_port}
+[admin]
+listen = "{admin}"
+[tls]
+upstream_extra_cas = ["{test_ca}"]
+no_system_roots = true
+no_bundled_roots = true
+[[apps]]
+id = "demo"
+name = "Demo files"
+hosts = [{hosts}]
+"#,
+        state = dir.join("state").display(),
+        cg = cg.rel,
+        ip = ORIGIN_IP,
+        port = origin.addr.port(),
+        test_ca = test_ca.display(),
+    );
+    let agent = Agent::start(&config, admin, &dir).expect("agent starts");
+    let sluice_ca = dir.join("sluice-ca.pem");
+    let out = std::process::Command::new(bin("sluice"))
+        .args(["ca", "export", "--config"])
+        .arg(dir.join("agent.toml"))
+        .output()
+        .expect("ca export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&sluice_ca, &out.stdout).expect("write ca");
+    Env {
+        origin,
+        pki,
+        agent,
+        cg,
+        dir,
+        sluice_ca,
+        test_ca,
+        _rt: rt,
+    }
+}
+
+impl Env {
+    fn url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.origin.addr.port())
+    }
+
+    /// curl inside the steered cgroup, every test name resolving to the origin's address.
+    fn curl(&self, ca: &Path, args: &[&str]) -> anyhow::Result<String> {
+        let mut all: Vec<String> = vec![
+            "-sS".into(),
+            "--max-time".into(),
+            "120".into(),
+            "--cacert".into(),
+            ca.display().to_string(),
+        ];
+        for h in APP_HOSTS.iter().chain(&["splice.test"]) {
+            all.push("--resolve".into());
+            all.push(format!("{h}:{}:{ORIGIN_IP}", self.origin.addr.port()));
+        }
+        all.extend(args.iter().map(|s| s.to_string()));
+        InCgroup::at(&self.cg.dir).run(Path::new("curl"), &all)
+    }
+
+    /// A shell pipeline inside the steered cgroup.
+    fn sh(&self, script: &str) -> anyhow::Result<String> {
+        InCgroup::at(&self.cg.dir).run(Path::new("sh"), &["-c".into(), script.into()])
+    }
+
+    fn resolve_args(&self) -> String {
+        APP_HOSTS
+            .iter()
+            .map(|h| format!("--resolve {h}:{}:{ORIGIN_IP}", self.origin.addr.port()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.agent.status().expect("status")
+    }
+
+    fn agent_pid(&self) -> u32 {
+        self.agent.child.id()
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("field")
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The first certificate of curl's `%{certs}` output, as DER.
+fn first_cert_der(certs: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::CertificateDer::pem_slice_iter(certs.as_bytes())
+        .next()
+        .expect("a certificate in curl's output")
+        .expect("PEM");
+    der.to_vec()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn intercepts_http1_and_http2_get_and_post_unchanged() {
+    let e = env("px-basic");
+    let upload = e.dir.join("upload.bin");
+    let mut data = vec![0u8; 3 * 1024 * 1024 + 17];
+    sluice_e2e::pattern(0, &mut data);
+    std::fs::write(&upload, &data).expect("upload file");
+    let want = pattern_sha256(data.len() as u64);
+    for (flag, client_version, origin_version) in
+        [("--http1.1", "1.1", "HTTP/1.1"), ("--http2", "2", "HTTP/2")]
+    {
+        let out = e
+            .curl(
+                &e.sluice_ca,
+                &[
+                    flag,
+                    "-w",
+                    "\n%{http_code} %{http_version}",
+                    &e.url("good.test", "/hello"),
+                ],
+            )
+            .expect("GET");
+        let (body, tail) = out.rsplit_once('\n').expect("status line");
+        assert_eq!(tail, format!("200 {client_version}"), "{out}");
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["hello"], "from origin");
+        assert_eq!(
+            v["version"], origin_version,
+            "the upstream protocol mirrors the client's offer"
+        );
+        assert_eq!(v["host"], format!("good.test:{}", e.origin.addr.port()));
+
+        let out = e
+            .curl(
+                &e.sluice_ca,
+                &[
+                    flag,
+                    "--data-binary",
+                    &format!("@{}", upload.display()),
+                    &e.url("good.test", "/echo"),
+                ],
+            )
+            .expect("POST");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v["sha256"], want, "the origin received the body unchanged");
+        assert_eq!(v["len"], data.len() as u64);
+    }
+    // The client saw a leaf from the Sluice CA, for the origin's name.
+    let certs = e
+        .curl(
+            &e.sluice_ca,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{certs}",
+                &e.url("good.test", "/hello"),
+            ],
+        )
+        .expect("certs");
+    assert!(
+        certs.contains("Sluice Interception CA"),
+        "issued by the Sluice CA: {certs}"
+    );
+    assert!(certs.contains("good.test"), "{certs}");
+    assert_ne!(
+        first_cert_der(&certs),
+        e.pki.leaf("good.test").expect("leaf").to_vec()
+    );
+    // Hop-by-hop fields do not reach the origin.
+    let out = e
+        .curl(
+            &e.sluice_ca,
+            &[
+                "--http1.1",
+                "-H",
+                "Connection: keep-alive, X-Hop",
+                "-H",
+                "X-Hop: 1",
+                "-H",
+                "Keep-Alive: timeout=5",
+                &e.url("good.test", "/headers"),
+            ],
+        )
+        .expect("headers");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let names: Vec<&str> = v["headers"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    assert!(
+        !names.contains(&"x-hop")
+            && !names.contains(&"keep-alive")
+            && !names.contains(&"connection"),
+        "{names:?}"
+    );
+    let st = e.status();
+    assert_eq!(
+        st["proxy"]["intercepted"].as_u64().map(|n| n >= 6),
+        Some(true),
+        "{st}"
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
+fn spliced_hosts_show_the_origins_own_certificate() {
+    let e = env("px-splice");
+    let certs = e
+        .curl(
+            &e.test_ca,
+            &[
+                "-w",
+                "%{certs}",
+                "-o",
+                "/dev/null",
+                &e.url("splice.test", "/hello"),
+            ],
+        )
+        .expect("spliced GET works with the origin's own CA");
+    assert_eq!(
+        first_cert_der(&certs),
+        e.pki.leaf("splice.test").expect("leaf").to_vec(),
+        "same certificate as the origin's"
+    );
+    let st = e.status();
+    assert_eq!(st["proxy"]["spliced"], 1, "{st}");
+    assert_eq!(st["proxy"]["intercepted"], 0, "{st}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn bad_upstream_certificates_get_a_block_page_never_the_content() {
+    let e = env("px-badcert");
+    for (host, reason) in [
+        ("wronghost.test", "different host name"),
+        ("expired.test", "expired"),
+        ("selfsigned.test", "unknown or untrusted authority"),
+    ] {
+        let out = e
+            .curl(
+                &e.sluice_ca,
+                &["-w", "\n%{http_code}", &e.url(host, "/hello")],
+            )
+            .expect("curl completes");
+        let (body, code) = out.rsplit_once('\n').expect("code");
+        assert_eq!(code, "502", "{host}: {out}");
+        assert!(
+            body.contains("certificate") && body.contains(reason),
+            "{host}: {body}"
+        );
+        assert!(body.contains("incident"), "{body}");
+        assert!(
+            !body.contains("from origin"),
+            "{host}: the content never passes"
+        );
+    }
+    assert!(
+        e.origin.requests().is_empty(),
+        "the origin never received a request: {:?}",
+        e.origin.requests()
+    );
+    assert_eq!(e.status()["proxy"]["upstream_cert_failures"], 3);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn host_differing_from_sni_is_refused_and_websockets_pass() {
+    let e = env("px-host");
+    let out = e
+        .curl(
+            &e.sluice_ca,
+            &[
+                "-H",
+                &format!("Host: h.test:{}", e.origin.addr.port()),
+                "-w",
+                "\n%{http_code}",
+                &e.url("good.test", "/hello"),
+            ],
+        )
+        .expect("curl");
+    assert!(out.ends_with("\n421"), "{out}");
+    assert!(e.origin.requests().is_empty(), "{:?}", e.origin.requests());
+    let out = e
+        .curl(
+            &e.sluice_ca,
+            &[
+                "--http2",
+                "-H",
+                "Host: h.test",
+                "-w",
+                "\n%{http_code}",
+                &e.url("good.test", "/hello"),
+            ],
+        )
+        .expect("curl h2");
+    assert!(
+        out.ends_with("\n421"),
+        "HTTP/2 :authority is checked as well: {out}"
+    );
+
+    let probe = bin("sluice-probe");
+    let out = InCgroup::at(&e.cg.dir)
+        .run(
+            &probe,
+            &[
+                "wss".into(),
+                e.origin.addr.to_string(),
+                "good.test".into(),
+                e.sluice_ca.display().to_string(),
+            ],
+        )
+        .expect("websocket");
+    assert_eq!(out.trim(), "echo ok");
+    assert_eq!(e.status()["proxy"]["websockets"], 1);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn gigabyte_transfers_stream_with_flat_memory() {
+    let e = env("px-big");
+    const GIB: u64 = 1 << 30;
+    // Warm up so the baseline includes the steady-state buffers.
+    e.curl(
+        &e.sluice_ca,
+        &["-o", "/dev/null", &e.url("good.test", "/bytes/1048576")],
+    )
+    .expect("warm-up");
+    let before = proc_status_kib(e.agent_pid(), "VmHWM:");
+    let want = pattern_sha256(GIB);
+    let down = e
+        .sh(&format!(
+            "curl -sS --http2 --cacert {ca} {res} {url} | sha256sum",
+            ca = e.sluice_ca.display(),
+            res = e.resolve_args(),
+            url = e.url("good.test", &format!("/bytes/{GIB}"))
+        ))
+        .expect("download");
+    assert_eq!(
+        down.split_whitespace().next(),
+        Some(want.as_str()),
+        "download hash"
+    );
+    let up = e
+        .sh(&format!(
+            "{probe} gen {GIB} | curl -sS --http1.1 -T - --cacert {ca} {res} {url}",
+            probe = bin("sluice-probe").display(),
+            ca = e.sluice_ca.display(),
+            res = e.resolve_args(),
+            url = e.url("good.test", "/echo")
+        ))
+        .expect("upload");
+    let v: serde_json::Value = serde_json::from_str(&up).expect("json");
+    assert_eq!(v["sha256"], want, "upload hash");
+    assert_eq!(v["len"], GIB);
+    let after = proc_status_kib(e.agent_pid(), "VmHWM:");
+    assert!(
+        after.saturating_sub(before) < 64 * 1024,
+        "peak RSS grew by {} KiB (from {before} to {after})",
+        after - before
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
+fn two_hundred_concurrent_connections_ten_thousand_requests_no_fd_leak() {
+    let e = env("px-many");
+    e.curl(
+        &e.sluice_ca,
+        &["-o", "/dev/null", &e.url("good.test", "/hello")],
+    )
+    .expect("warm-up");
+    let before = fd_count(e.agent_pid());
+    let cfg = e.dir.join("urls.curl");
+    let mut text = String::new();
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "url = \"{}\"\noutput = \"/dev/null\"\n",
+            e.url("good.test", &format!("/hello?n={i}"))
+        ));
+    }
+    std::fs::write(&cfg, text).expect("curl config");
+    let out = e
+        .curl(
+            &e.sluice_ca,
+            &[
+                "--http1.1",
+                "--parallel",
+                "--parallel-max",
+                "200",
+                "--parallel-immediate",
+                "-K",
+                &cfg.display().to_string(),
+                "-w",
+                "%{http_code}\n",
+            ],
+        )
+        .expect("parallel curl");
+    let ok = out.lines().filter(|l| *l == "200").count();
+    assert_eq!(ok, 10_000, "all succeed ({} lines)", out.lines().count());
+    // Client connections are gone once curl exits; what may stay are pooled idle upstream
+    // connections (at most proxy.max_idle_upstream = 32 for this one destination).
+    assert!(
+        wait_until(Duration::from_secs(10), || fd_count(e.agent_pid())
+            <= before + 32),
+        "descriptors: {} before, {} after",
+        before,
+        fd_count(e.agent_pid())
+    );
+    let st = e.status();
+    assert_eq!(st["proxy"]["active"], 0, "{st}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn bad_client_hellos_close_the_connection_and_the_proxy_keeps_serving() {
+    let e = env("px-hello");
+    let probe = bin("sluice-probe");
+    for kind in ["garbage", "truncated"] {
+        let out = InCgroup::at(&e.cg.dir)
+            .run(
+                &probe,
+                &["hello".into(), e.origin.addr.to_string(), kind.into()],
+            )
+            .expect("probe");
+        assert_eq!(out.trim(), "closed", "{kind}");
+    }
+    assert_eq!(e.status()["proxy"]["bad_client_hello"], 2);
+    let out = e
+        .curl(&e.sluice_ca, &[&e.url("good.test", "/hello")])
+        .expect("still serving");
+    assert!(out.contains("from origin"), "{out}");
+}
