@@ -244,9 +244,23 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A copy of a binary that any user can execute; removed on drop.
+#[derive(Debug)]
+pub struct TempBin {
+    /// The executable.
+    pub path: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for TempBin {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Copies a binary into a fresh 0755 directory under /tmp, so another user can execute it even when
-/// the checkout's directories are private. The copy lives until the machine cleans /tmp.
-pub fn world_executable_copy(src: &Path) -> PathBuf {
+/// the checkout's directories are private.
+pub fn world_executable_copy(src: &Path) -> TempBin {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = std::env::temp_dir().join(format!(
         "sluice-e2e-bin-{}-{}",
@@ -258,7 +272,7 @@ pub fn world_executable_copy(src: &Path) -> PathBuf {
     let dst = dir.join(src.file_name().expect("file name"));
     fs::copy(src, &dst).expect("copy binary");
     fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod binary");
-    dst
+    TempBin { path: dst, dir }
 }
 
 /// How to run a command inside a cgroup.

@@ -143,7 +143,7 @@ fn steered_connections_reach_the_proxy_with_their_origin_v4_v6_and_mapped() {
     // A copy of the probe that the unprivileged user can execute wherever the checkout lives.
     let probe_copy = world_executable_copy(&bin("sluice-probe"));
     let child = nobody
-        .command(&probe_copy, &["tcp".into(), origin.addr.to_string()])
+        .command(&probe_copy.path, &["tcp".into(), origin.addr.to_string()])
         .output()
         .expect("probe runs");
     let line = String::from_utf8_lossy(&child.stdout).trim().to_owned();
@@ -153,7 +153,7 @@ fn steered_connections_reach_the_proxy_with_their_origin_v4_v6_and_mapped() {
     assert_eq!(field(&line, "gid"), "65534");
     assert_eq!(field(&line, "comm"), "sluice-probe");
     assert_eq!(field(&line, "user"), "nobody");
-    assert_eq!(Path::new(field(&line, "exe")), probe_copy);
+    assert_eq!(Path::new(field(&line, "exe")), probe_copy.path);
     // The pid is the probe's own (it checks the reply against getpid()).
     let ok = probe(
         &h.inside(),
@@ -413,6 +413,7 @@ fn two_thousand_connections_from_eight_processes_keep_their_origins() {
 
 fn agent_config(
     cg: &TestCgroup,
+    state: &Path,
     include: &str,
     proxy_port: u16,
     admin: SocketAddr,
@@ -434,9 +435,7 @@ port = {proxy_port}
 listen = "{admin}"
 "#,
         cg = cg.rel,
-        state = std::env::temp_dir()
-            .join(format!("sluice-e2e-state-{}", cg.rel))
-            .display(),
+        state = state.display(),
     )
 }
 
@@ -461,7 +460,7 @@ fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
     );
     let tmp = std::env::temp_dir().join(format!("sluice-e2e-own-{}", std::process::id()));
     let agent = Agent::start(
-        &agent_config(&cg, &include, proxy_port, admin, 0),
+        &agent_config(&cg, &tmp.join("state"), &include, proxy_port, admin, 0),
         admin,
         &tmp,
     )
@@ -503,6 +502,7 @@ fn nothing_stays_attached_after_shutdown_or_sigkill() {
         };
         let cfg = agent_config(
             &cg,
+            &tmp.join("state"),
             "{ cidr = \"127.0.0.10/32\", ports = [443] }",
             proxy_port,
             admin,
