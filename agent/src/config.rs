@@ -402,6 +402,10 @@ pub struct ProxySettings {
     /// Time allowed for the ClientHello and the TLS handshakes, in milliseconds.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// Time allowed for the origin to answer a request (its response head), in milliseconds;
+    /// beyond it the client gets a 504 page.
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
     /// Time allowed for a request's headers to arrive, in milliseconds.
     #[serde(default = "default_header_timeout_ms")]
     pub header_timeout_ms: u64,
@@ -431,6 +435,9 @@ fn default_client_first_timeout_ms() -> u64 {
 }
 fn default_handshake_timeout_ms() -> u64 {
     10_000
+}
+fn default_response_timeout_ms() -> u64 {
+    120_000
 }
 fn default_header_timeout_ms() -> u64 {
     30_000
@@ -473,6 +480,7 @@ impl Default for ProxySettings {
             idle_timeout_s: default_idle_timeout_s(),
             client_first_timeout_ms: default_client_first_timeout_ms(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
+            response_timeout_ms: default_response_timeout_ms(),
             header_timeout_ms: default_header_timeout_ms(),
             max_header_bytes: default_max_header_bytes(),
             max_headers: default_max_headers(),

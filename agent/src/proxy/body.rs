@@ -79,6 +79,20 @@ impl<B> Observed<B> {
         }
     }
 
+    /// The body is complete: asks the streaming inspector for its verdict. False when it refuses
+    /// (too late to answer instead, as the head is gone: the stream is cut so the receiver sees an
+    /// incomplete body rather than a complete one).
+    fn conclude(&mut self) -> bool {
+        if let Some(mut i) = self.inspector.take()
+            && !matches!(i.end(), BodyVerdict::Pass)
+        {
+            self.finish(false);
+            return false;
+        }
+        self.finish(true);
+        true
+    }
+
     fn finish(&mut self, complete: bool) {
         if let Some(f) = self.on_done.take() {
             f(self.seen, complete);
@@ -122,6 +136,11 @@ where
                         i.chunk(data);
                     }
                 }
+                // A sender that knows the length stops polling after the last frame, so the end is
+                // judged here rather than only on `None`.
+                if this.inner.is_end_stream() && !this.conclude() {
+                    return Poll::Ready(Some(Err(Box::new(Refused))));
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -129,15 +148,9 @@ where
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
-                if let Some(mut i) = this.inspector.take()
-                    && !matches!(i.end(), BodyVerdict::Pass)
-                {
-                    // Too late to answer instead: the head is gone. Cut the stream so the receiver
-                    // sees an incomplete body rather than a complete one.
-                    this.finish(false);
+                if !this.conclude() {
                     return Poll::Ready(Some(Err(Box::new(Refused))));
                 }
-                this.finish(true);
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,

@@ -200,17 +200,21 @@ fn concat(chunks: Vec<Bytes>) -> Bytes {
     v.into()
 }
 
-/// A body after its inspector's verdict: what to send, or the response to answer with.
+/// A body after its inspector's verdict: what to send (with its new length when replaced, so
+/// Content-Length can be fixed), or the response to answer with.
 async fn judged(
     body: ProxyBody,
     inspector: Option<Box<dyn BodyInspector>>,
     counter: Arc<AtomicU64>,
-) -> Result<ProxyBody, Response<ProxyBody>> {
+) -> Result<(ProxyBody, Option<u64>), Response<ProxyBody>> {
     let Some(mut insp) = inspector else {
-        return Ok(body::boxed(Observed::new(body, counter, None, None)));
+        return Ok((body::boxed(Observed::new(body, counter, None, None)), None));
     };
     match insp.mode() {
-        BodyMode::Stream => Ok(body::boxed(Observed::new(body, counter, Some(insp), None))),
+        BodyMode::Stream => Ok((
+            body::boxed(Observed::new(body, counter, Some(insp), None)),
+            None,
+        )),
         BodyMode::Hold { limit } => {
             let (verdict, pass) = match hold(body, limit, &mut *insp).await {
                 Held::Complete(chunks) => (insp.end(), body::full(concat(chunks))),
@@ -222,14 +226,26 @@ async fn judged(
                     ));
                 }
             };
-            let out = match verdict {
-                BodyVerdict::Pass => pass,
-                BodyVerdict::Replace(b) => body::full(b),
+            let (out, replaced) = match verdict {
+                BodyVerdict::Pass => (pass, None),
+                BodyVerdict::Replace(b) => {
+                    let len = b.len() as u64;
+                    (body::full(b), Some(len))
+                }
                 BodyVerdict::Respond(r) => return Err(r),
             };
-            Ok(body::boxed(Observed::new(out, counter, None, None)))
+            Ok((
+                body::boxed(Observed::new(out, counter, None, None)),
+                replaced,
+            ))
         }
     }
+}
+
+/// A replaced body has a new, known length; the old framing fields no longer apply.
+fn set_length(headers: &mut HeaderMap, len: u64) {
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
 }
 
 fn plain_status(status: StatusCode, text: &str) -> Response<ProxyBody> {
@@ -384,7 +400,12 @@ pub async fn handle(
     let req_head_for_hooks = clone_head(&parts);
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let body = match judged(body::boxed(incoming), inspector, pending.up.clone()).await {
-        Ok(b) => b,
+        Ok((b, replaced)) => {
+            if let Some(len) = replaced {
+                set_length(&mut parts.headers, len);
+            }
+            b
+        }
         Err(r) => return Ok(sess.answer(&shared, &pending, r, "answered", None)),
     };
     let mut up_req = Request::from_parts(parts, body);
@@ -490,7 +511,12 @@ pub async fn handle(
         .response_body(&ex, &req_head_for_hooks, &rparts);
     let down = Arc::new(AtomicU64::new(0));
     let rbody = match judged(body::boxed(rbody), inspector, Arc::new(AtomicU64::new(0))).await {
-        Ok(b) => b,
+        Ok((b, replaced)) => {
+            if let Some(len) = replaced {
+                set_length(&mut rparts.headers, len);
+            }
+            b
+        }
         Err(r) => return Ok(sess.answer(&shared, &pending, r, "answered", None)),
     };
     let status = rparts.status.as_u16();

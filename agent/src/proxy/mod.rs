@@ -52,6 +52,8 @@ use crate::{
     steer::{OriginRecord, Steering},
 };
 
+pub use self::upstream::UpstreamError;
+
 /// Errors of the proxy listener.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -154,10 +156,23 @@ impl ProxyStats {
     }
 }
 
+/// Where the proxy claims the origin of an accepted connection: the kernel's records in endpoint
+/// mode ([`Steering`]); tests and other front-ends may supply their own.
+pub trait OriginSource: Send + Sync + 'static {
+    /// The origin of the connection whose client address is `peer`, claimed once.
+    fn lookup(&self, peer: SocketAddr) -> Option<OriginRecord>;
+}
+
+impl OriginSource for Steering {
+    fn lookup(&self, peer: SocketAddr) -> Option<OriginRecord> {
+        Steering::lookup(self, peer)
+    }
+}
+
 /// Everything a connection needs, shared by all of them.
 pub struct Shared {
     /// Origin records.
-    pub steering: Arc<Steering>,
+    pub origins: Arc<dyn OriginSource>,
     /// Counters.
     pub stats: Arc<ProxyStats>,
     /// The catalogue.
@@ -187,7 +202,7 @@ impl Shared {
     /// Assembles the shared state.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        steering: Arc<Steering>,
+        origins: Arc<dyn OriginSource>,
         stats: Arc<ProxyStats>,
         catalog: Arc<Catalog>,
         leaves: Arc<LeafCache>,
@@ -198,7 +213,7 @@ impl Shared {
         bypass_mark: u32,
     ) -> Self {
         Self {
-            steering,
+            origins,
             stats,
             catalog,
             leaves,
@@ -325,7 +340,7 @@ pub async fn handle(
 ) {
     let stats = &shared.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
-    let Some(origin) = shared.steering.lookup(peer) else {
+    let Some(origin) = shared.origins.lookup(peer) else {
         stats.no_origin.fetch_add(1, Ordering::Relaxed);
         shared.reporter.connection(conn_record(
             peer,
