@@ -425,6 +425,10 @@ pub struct ProxySettings {
     /// spliced).
     #[serde(default = "default_plain_http_ports")]
     pub plain_http_ports: Vec<u16>,
+    /// Compute the SHA-256 of every intercepted request and response body as it streams, and
+    /// put it in the request record.
+    #[serde(default)]
+    pub hash_bodies: bool,
     /// Host patterns whose connections are refused outright (closed before any byte is relayed).
     #[serde(default)]
     pub reject_hosts: Vec<String>,
@@ -488,6 +492,7 @@ impl Default for ProxySettings {
             max_idle_upstream: default_max_idle_upstream(),
             plain_http_ports: default_plain_http_ports(),
             reject_hosts: Vec::new(),
+            hash_bodies: false,
         }
     }
 }

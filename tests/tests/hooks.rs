@@ -214,6 +214,7 @@ fn hooks_pass_rewrite_or_answer_instead() {
     let port = free_port();
     let settings = ProxySettings {
         port,
+        hash_bodies: true,
         ..ProxySettings::default()
     };
     let streamed = Arc::new(AtomicU64::new(0));

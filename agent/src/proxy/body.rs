@@ -60,9 +60,24 @@ pub struct Observed<B> {
     seen: u64,
     inspector: Option<Box<dyn BodyInspector>>,
     on_done: Option<OnDone>,
+    digest: Option<(aws_lc_rs::digest::Context, DigestSink)>,
 }
 
+/// Where a body's SHA-256 (hex) lands once the body is complete.
+pub type DigestSink = Arc<std::sync::Mutex<Option<String>>>;
+
 impl<B> Observed<B> {
+    /// Also computes the body's SHA-256 as it streams, into `sink` when the body completes.
+    pub fn hashing(mut self, sink: Option<DigestSink>) -> Self {
+        self.digest = sink.map(|s| {
+            (
+                aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
+                s,
+            )
+        });
+        self
+    }
+
     /// Observes `inner`.
     pub fn new(
         inner: B,
@@ -76,6 +91,7 @@ impl<B> Observed<B> {
             seen: 0,
             inspector,
             on_done,
+            digest: None,
         }
     }
 
@@ -94,6 +110,19 @@ impl<B> Observed<B> {
     }
 
     fn finish(&mut self, complete: bool) {
+        if let Some((ctx, sink)) = self.digest.take()
+            && complete
+        {
+            let hex: String = ctx
+                .finish()
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if let Ok(mut slot) = sink.lock() {
+                *slot = Some(hex);
+            }
+        }
         if let Some(f) = self.on_done.take() {
             f(self.seen, complete);
         }
@@ -134,6 +163,9 @@ where
                     this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
                     if let Some(i) = this.inspector.as_mut() {
                         i.chunk(data);
+                    }
+                    if let Some((ctx, _)) = this.digest.as_mut() {
+                        ctx.update(data);
                     }
                 }
                 // A sender that knows the length stops polling after the last frame, so the end is

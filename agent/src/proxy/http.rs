@@ -206,13 +206,17 @@ async fn judged(
     body: ProxyBody,
     inspector: Option<Box<dyn BodyInspector>>,
     counter: Arc<AtomicU64>,
+    digest: Option<body::DigestSink>,
 ) -> Result<(ProxyBody, Option<u64>), Response<ProxyBody>> {
     let Some(mut insp) = inspector else {
-        return Ok((body::boxed(Observed::new(body, counter, None, None)), None));
+        return Ok((
+            body::boxed(Observed::new(body, counter, None, None).hashing(digest)),
+            None,
+        ));
     };
     match insp.mode() {
         BodyMode::Stream => Ok((
-            body::boxed(Observed::new(body, counter, Some(insp), None)),
+            body::boxed(Observed::new(body, counter, Some(insp), None).hashing(digest)),
             None,
         )),
         BodyMode::Hold { limit } => {
@@ -235,7 +239,7 @@ async fn judged(
                 BodyVerdict::Respond(r) => return Err(r),
             };
             Ok((
-                body::boxed(Observed::new(out, counter, None, None)),
+                body::boxed(Observed::new(out, counter, None, None).hashing(digest)),
                 replaced,
             ))
         }
@@ -265,6 +269,7 @@ struct Pending {
     method: String,
     url: String,
     up: Arc<AtomicU64>,
+    up_sha256: Option<body::DigestSink>,
 }
 
 impl Session {
@@ -294,6 +299,11 @@ impl Session {
             total_ms: p.start.elapsed().as_secs_f64() * 1000.0,
             outcome: outcome.into(),
             detail,
+            request_sha256: p
+                .up_sha256
+                .as_ref()
+                .and_then(|s| s.lock().ok().and_then(|g| g.clone())),
+            response_sha256: None,
         }
     }
 
@@ -356,6 +366,7 @@ pub async fn handle(
         method: parts.method.to_string(),
         url: format!("{scheme}://{authority}{pq}"),
         up: Arc::new(AtomicU64::new(0)),
+        up_sha256: shared.settings.hash_bodies.then(Default::default),
     };
 
     if host_of(&authority) != sess.host {
@@ -399,7 +410,14 @@ pub async fn handle(
     let inspector = shared.hooks.request_body(&ex, &parts);
     let req_head_for_hooks = clone_head(&parts);
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    let body = match judged(body::boxed(incoming), inspector, pending.up.clone()).await {
+    let body = match judged(
+        body::boxed(incoming),
+        inspector,
+        pending.up.clone(),
+        pending.up_sha256.clone(),
+    )
+    .await
+    {
         Ok((b, replaced)) => {
             if let Some(len) = replaced {
                 set_length(&mut parts.headers, len);
@@ -510,7 +528,14 @@ pub async fn handle(
         .hooks
         .response_body(&ex, &req_head_for_hooks, &rparts);
     let down = Arc::new(AtomicU64::new(0));
-    let rbody = match judged(body::boxed(rbody), inspector, Arc::new(AtomicU64::new(0))).await {
+    let rbody = match judged(
+        body::boxed(rbody),
+        inspector,
+        Arc::new(AtomicU64::new(0)),
+        None,
+    )
+    .await
+    {
         Ok((b, replaced)) => {
             if let Some(len) = replaced {
                 set_length(&mut rparts.headers, len);
@@ -521,6 +546,8 @@ pub async fn handle(
     };
     let status = rparts.status.as_u16();
     let (sess2, shared2) = (sess.clone(), shared.clone());
+    let down_sha256: Option<body::DigestSink> = shared.settings.hash_bodies.then(Default::default);
+    let down_sink = down_sha256.clone();
     let on_done: body::OnDone = Box::new(move |n, complete| {
         let outcome = if complete { "ok" } else { "aborted" };
         shared2.stats.bytes_down.fetch_add(n, Ordering::Relaxed);
@@ -536,11 +563,17 @@ pub async fn handle(
             outcome,
             None,
         );
+        let rec = RequestRecord {
+            response_sha256: down_sink
+                .as_ref()
+                .and_then(|s| s.lock().ok().and_then(|g| g.clone())),
+            ..rec
+        };
         shared2.reporter.request(rec);
     });
     let mut resp = Response::from_parts(
         rparts,
-        body::boxed(Observed::new(rbody, down, None, Some(on_done))),
+        body::boxed(Observed::new(rbody, down, None, Some(on_done)).hashing(down_sha256)),
     );
     *resp.version_mut() = sess.client_version();
     Ok(resp)

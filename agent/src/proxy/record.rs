@@ -45,6 +45,10 @@ pub struct RequestRecord {
     pub outcome: String,
     /// Details of an error, for people.
     pub detail: Option<String>,
+    /// SHA-256 of the request body as sent upstream (with `proxy.hash_bodies`).
+    pub request_sha256: Option<String>,
+    /// SHA-256 of the response body as sent to the client (with `proxy.hash_bodies`).
+    pub response_sha256: Option<String>,
 }
 
 /// A connection handled without interception.
