@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
+pub mod loadgen;
 pub mod origin;
 
 const PATTERN_BLOCK: usize = 64 * 1024;

@@ -282,7 +282,7 @@ async fn route(
         }
         ("GET", p) if p.starts_with("/bytes/") => {
             let n: u64 = p.trim_start_matches("/bytes/").parse().unwrap_or(0);
-            let stream = futures_stream(n);
+            let stream = pattern_stream(n);
             let mut r = Response::new(StreamBody::new(stream).boxed());
             r.headers_mut()
                 .insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
@@ -301,7 +301,7 @@ async fn route(
 }
 
 /// N bytes of the pattern, in 64 KiB frames.
-fn futures_stream(n: u64) -> PatternStream {
+pub fn pattern_stream(n: u64) -> PatternStream {
     PatternStream { sent: 0, total: n }
 }
 

@@ -27,13 +27,14 @@ enum Task {
     Setup,
     /// Set up, then run fmt, clippy (warnings denied) and every test, root-only ones included.
     Test,
-    /// Set up, build in release, and run a benchmark (`steer`); writes target/bench/NAME.json.
+    /// Set up, build in release, and run a benchmark (`steer`, `proxy`); writes
+    /// target/bench/NAME.json. Arguments after `--` go to the benchmark (e.g. `-- --reps 5`).
     Bench {
         /// Which benchmark.
         name: String,
-        /// Scale the iteration counts (1 = the default size).
-        #[arg(long, default_value_t = 1)]
-        scale: u32,
+        /// Passed to the benchmark.
+        #[arg(last = true)]
+        extra: Vec<String>,
     },
     /// Set up, build in release, and run the agent on this host with the default configuration
     /// until Ctrl-C.
@@ -63,9 +64,9 @@ fn run(cli: Cli) -> Result<()> {
             setup(&root)?;
             test()
         }
-        Task::Bench { name, scale } => {
+        Task::Bench { name, extra } => {
             setup(&root)?;
-            bench(&root, &name, scale)
+            bench(&root, &name, &extra)
         }
         Task::Up { config } => {
             setup(&root)?;
@@ -275,20 +276,13 @@ fn test() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // bench
 
-fn bench(root: &Path, name: &str, scale: u32) -> Result<()> {
-    let known = ["steer"];
+fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
+    let known = ["steer", "proxy"];
     if !known.contains(&name) {
         bail!("unknown benchmark `{name}`; known: {}", known.join(", "));
     }
     step(&format!("bench {name}: building in release"));
-    sh(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "sluice-e2e",
-        "--bin",
-        "sluice-bench",
-    ]))?;
+    sh(cargo().args(["build", "--release", "-p", "sluice", "-p", "sluice-e2e", "--bins"]))?;
     let out = root.join("target/bench").join(format!("{name}.json"));
     std::fs::create_dir_all(root.join("target/bench"))?;
     step(&format!("bench {name}"));
@@ -296,8 +290,7 @@ fn bench(root: &Path, name: &str, scale: u32) -> Result<()> {
         .arg(name)
         .arg("--out")
         .arg(&out)
-        .arg("--scale")
-        .arg(scale.to_string()))?;
+        .args(extra))?;
     eprintln!("figures written to {}", out.display());
     Ok(())
 }

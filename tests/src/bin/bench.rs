@@ -24,13 +24,17 @@ use sluice::{
 };
 use sluice_e2e::{InCgroup, TestCgroup, dual_stack_listeners};
 
+mod bench_proxy;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("steer") => steer(&args),
         Some("steer-client") => steer_client(&args),
+        Some("proxy") => bench_proxy::run(&args),
+        Some("loadgen") => bench_proxy::loadgen(&args),
         _ => Err(anyhow!(
-            "usage: sluice-bench steer [--out FILE] [--scale N]"
+            "usage: sluice-bench steer [--out FILE] [--scale N] | proxy [--out FILE] [--reps N] [--secs S]"
         )),
     };
     match result {

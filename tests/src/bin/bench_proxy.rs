@@ -1,0 +1,567 @@
+//! `sluice-bench proxy`: Sluice against a direct connection and two peers (mitmproxy's mitmdump and
+//! Squid with ssl-bump) in one run on loopback. Origin: nginx with TLS and HTTP/2. Client, origin
+//! and proxy are pinned to one core (on two shared cores that is the only way figures repeat
+//! within a few percent). Modes are interleaved within each repetition; medians are reported.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde_json::{Value, json};
+use sluice_e2e::{InCgroup, TestCgroup, free_port, loadgen, wait_until};
+
+const ORIGIN: &str = "127.0.0.40:8443";
+const HOST: &str = "bench.test";
+const BIG: u64 = 100 * 1024 * 1024;
+const CORE: &str = "0";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pinned(program: &str) -> Command {
+    let mut c = Command::new("taskset");
+    c.args(["-c", CORE, program]);
+    c
+}
+
+fn port_open(addr: SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("{cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+/// Installs what the bench compares against (not needed by the tests).
+fn install_peers(tools: &Path) -> Result<PathBuf> {
+    let missing: Vec<&str> = ["nginx-light", "squid-openssl"]
+        .into_iter()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("installing {}", missing.join(" "));
+        sh(Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["update", "-q"]))?;
+        sh(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing))?;
+        // The packages start their own services; the bench runs its own instances.
+        let _ = Command::new("systemctl").args(["stop", "nginx", "squid"]).status();
+        let _ = Command::new("pkill").args(["-x", "nginx"]).status();
+        let _ = Command::new("pkill").args(["-x", "squid"]).status();
+    }
+    let venv = tools.join("mitm");
+    let mitmdump = venv.join("bin/mitmdump");
+    if !mitmdump.exists() {
+        eprintln!("installing mitmproxy into {}", venv.display());
+        sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        sh(Command::new(venv.join("bin/pip")).args(["install", "-q", "mitmproxy==11.0.2"]))?;
+    }
+    Ok(mitmdump)
+}
+
+struct Pki {
+    origin_ca: PathBuf,
+    squid_ca_cert: PathBuf,
+    squid_ca_key: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn pki(dir: &Path) -> Result<Pki> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+    let ca = |cn: &str| -> Result<(String, KeyPair, CertificateParams)> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let cert = p.self_signed(&key)?;
+        Ok((cert.pem(), key, p))
+    };
+    let (origin_pem, origin_key, origin_params) = ca("Bench Origin CA")?;
+    let issuer = Issuer::new(origin_params, origin_key);
+    let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let leaf = CertificateParams::new(vec![HOST.to_owned()])?.signed_by(&leaf_key, &issuer)?;
+    let (squid_pem, squid_key, _) = ca("Bench Squid CA")?;
+    let w = |name: &str, text: &str| -> Result<PathBuf> {
+        let p = dir.join(name);
+        fs::write(&p, text)?;
+        Ok(p)
+    };
+    Ok(Pki {
+        origin_ca: w("origin-ca.pem", &origin_pem)?,
+        cert: w("origin.pem", &format!("{}{}", leaf.pem(), origin_pem))?,
+        key: w("origin.key", &leaf_key.serialize_pem())?,
+        squid_ca_cert: w("squid-ca.pem", &squid_pem)?,
+        squid_ca_key: w("squid-ca.key", &squid_key.serialize_pem())?,
+    })
+}
+
+fn start_nginx(work: &Path, www: &Path, pki: &Pki) -> Result<Proc> {
+    fs::create_dir_all(www.join("upload"))?;
+    let mut small = vec![0u8; 1024];
+    sluice_e2e::pattern(0, &mut small);
+    fs::write(www.join("1k"), &small)?;
+    let mut big = vec![0u8; BIG as usize];
+    sluice_e2e::pattern(0, &mut big);
+    fs::write(www.join("100m"), &big)?;
+    let conf = work.join("nginx.conf");
+    fs::write(
+        &conf,
+        format!(
+            r#"
+user root;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+daemon off;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  client_body_temp_path {www}/.tmp;
+  proxy_temp_path {work}/ngx-proxy;
+  fastcgi_temp_path {work}/ngx-fcgi;
+  uwsgi_temp_path {work}/ngx-uwsgi;
+  scgi_temp_path {work}/ngx-scgi;
+  server {{
+    listen {ORIGIN} ssl http2;
+    server_name {HOST};
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    root {www};
+    location /upload/ {{ dav_methods PUT; client_max_body_size 0; client_body_buffer_size 1m; create_full_put_path on; }}
+  }}
+}}
+"#,
+            work = work.display(),
+            www = www.display(),
+            cert = pki.cert.display(),
+            key = pki.key.display(),
+        ),
+    )?;
+    fs::create_dir_all(www.join(".tmp"))?;
+    let child = pinned("nginx").arg("-c").arg(&conf).stdout(Stdio::null()).spawn()?;
+    let p = Proc(child);
+    let addr: SocketAddr = ORIGIN.parse()?;
+    if !wait_until(Duration::from_secs(10), || port_open(addr)) {
+        bail!("nginx did not start: {}", fs::read_to_string(work.join("nginx-error.log")).unwrap_or_default());
+    }
+    Ok(p)
+}
+
+/// A running proxy under test: its process, the CA the client trusts, and how to reach it.
+struct Running {
+    proc: Option<Proc>,
+    ca: PathBuf,
+    explicit: Option<SocketAddr>,
+}
+
+fn start_sluice(work: &Path, cg: &TestCgroup, pki: &Pki, hash: bool) -> Result<Running> {
+    let dir = work.join(if hash { "sluice-hash" } else { "sluice" });
+    fs::create_dir_all(&dir)?;
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let port = free_port();
+    let origin: SocketAddr = ORIGIN.parse()?;
+    let cfg = dir.join("agent.toml");
+    fs::write(
+        &cfg,
+        format!(
+            r#"
+state_dir = "{state}"
+[steer]
+cgroup = "{cg}"
+agent_cgroup = "{cg}/agent"
+include = [{{ cidr = "{ip}/32", ports = [{oport}] }}]
+[proxy]
+port = {port}
+hash_bodies = {hash}
+[admin]
+listen = "{admin}"
+[tls]
+upstream_extra_cas = ["{ca}"]
+no_system_roots = true
+no_bundled_roots = true
+[[apps]]
+id = "bench"
+hosts = ["{HOST}"]
+"#,
+            state = work.join("sluice-state").display(),
+            cg = cg.rel,
+            ip = origin.ip(),
+            oport = origin.port(),
+            ca = pki.origin_ca.display(),
+        ),
+    )?;
+    let sluice = sluice_e2e::bin("sluice");
+    let exists = work.join("sluice-state/ca/ca.crt").exists();
+    if !exists {
+        sh(Command::new(&sluice).args(["ca", "init", "--config"]).arg(&cfg).stdout(Stdio::null()))?;
+    }
+    let ca = work.join("sluice-ca.pem");
+    let out = Command::new(&sluice).args(["ca", "export", "--config"]).arg(&cfg).output()?;
+    fs::write(&ca, out.stdout)?;
+    let child = pinned(sluice.to_str().ok_or_else(|| anyhow!("path"))?)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("agent.log"))?)
+        .spawn()?;
+    let p = Proc(child);
+    let ready = wait_until(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(admin)
+            .and_then(|mut s| {
+                use std::io::{Read as _, Write as _};
+                s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+                let mut r = String::new();
+                s.read_to_string(&mut r)?;
+                Ok(r.starts_with("HTTP/1.1 200"))
+            })
+            .unwrap_or(false)
+    });
+    if !ready {
+        bail!("sluice did not become ready: {}", fs::read_to_string(dir.join("agent.log")).unwrap_or_default());
+    }
+    Ok(Running {
+        proc: Some(p),
+        ca,
+        explicit: None,
+    })
+}
+
+fn start_mitmdump(work: &Path, mitmdump: &Path, pki: &Pki) -> Result<Running> {
+    let conf = work.join("mitm-conf");
+    fs::create_dir_all(&conf)?;
+    let port = free_port();
+    let child = pinned(mitmdump.to_str().ok_or_else(|| anyhow!("path"))?)
+        .args(["--listen-host", "127.0.0.1", "--listen-port", &port.to_string(), "-q"])
+        .args(["--set", &format!("confdir={}", conf.display())])
+        .args(["--set", &format!("ssl_verify_upstream_trusted_ca={}", pki.origin_ca.display())])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(work.join("mitm.log"))?)
+        .spawn()?;
+    let p = Proc(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    if !wait_until(Duration::from_secs(60), || port_open(addr) && conf.join("mitmproxy-ca-cert.pem").exists()) {
+        bail!("mitmdump did not start: {}", fs::read_to_string(work.join("mitm.log")).unwrap_or_default());
+    }
+    Ok(Running {
+        proc: Some(p),
+        ca: conf.join("mitmproxy-ca-cert.pem"),
+        explicit: Some(addr),
+    })
+}
+
+fn start_squid(work: &Path, pki: &Pki) -> Result<Running> {
+    let dir = work.join("squid");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let db = dir.join("ssl_db");
+    sh(Command::new("/usr/lib/squid/security_file_certgen")
+        .args(["-c", "-s"])
+        .arg(&db)
+        .args(["-M", "16MB"])
+        .stdout(Stdio::null()))?;
+    let port = free_port();
+    let conf = dir.join("squid.conf");
+    fs::write(
+        &conf,
+        format!(
+            r#"
+http_port 127.0.0.1:{port} ssl-bump tls-cert={cert} tls-key={key} generate-host-certificates=on dynamic_cert_mem_cache_size=16MB
+sslcrtd_program /usr/lib/squid/security_file_certgen -s {db} -M 16MB
+sslcrtd_children 2 startup=1 idle=1
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump bump all
+tls_outgoing_options cafile={origin_ca}
+http_access allow all
+cache deny all
+access_log none
+cache_log {dir}/cache.log
+pid_filename {dir}/squid.pid
+coredump_dir {dir}
+cache_effective_user proxy
+workers 1
+shutdown_lifetime 1 seconds
+"#,
+            cert = pki.squid_ca_cert.display(),
+            key = pki.squid_ca_key.display(),
+            db = db.display(),
+            origin_ca = pki.origin_ca.display(),
+            dir = dir.display(),
+        ),
+    )?;
+    sh(Command::new("chown").args(["-R", "proxy:proxy"]).arg(&dir))?;
+    for f in [&pki.squid_ca_cert, &pki.squid_ca_key, &pki.origin_ca] {
+        sh(Command::new("chmod").arg("0644").arg(f))?;
+    }
+    let child = pinned("squid").args(["-N", "-f"]).arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let p = Proc(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    if !wait_until(Duration::from_secs(30), || port_open(addr)) {
+        bail!("squid did not start: {}", fs::read_to_string(dir.join("cache.log")).unwrap_or_default());
+    }
+    Ok(Running {
+        proc: Some(p),
+        ca: pki.squid_ca_cert.clone(),
+        explicit: Some(addr),
+    })
+}
+
+/// Runs the load generator for one mode, pinned, inside the bench cgroup; returns its figures.
+fn run_loadgen(cg: &TestCgroup, run: &Running, only_transfers: bool, skip_h2: bool, secs: f64) -> Result<Value> {
+    let me = std::env::current_exe()?;
+    let mut args = vec![
+        "loadgen".to_owned(),
+        "--ca".into(),
+        run.ca.display().to_string(),
+        "--secs".into(),
+        secs.to_string(),
+    ];
+    if let Some(p) = run.explicit {
+        args.extend(["--proxy".into(), p.to_string()]);
+    }
+    if let Some(p) = &run.proc {
+        args.extend(["--pid".into(), p.0.id().to_string()]);
+    }
+    if only_transfers {
+        args.push("--only-transfers".into());
+    }
+    if skip_h2 {
+        args.push("--no-h2".into());
+    }
+    let mut full = vec!["-c".to_owned(), CORE.to_owned(), me.display().to_string()];
+    full.extend(args);
+    let out = InCgroup::at(&cg.dir).run(Path::new("taskset"), &full)?;
+    Ok(serde_json::from_str(out.trim())?)
+}
+
+/// The load generator process: every scenario for one mode, as one JSON object.
+pub fn loadgen(args: &[String]) -> Result<()> {
+    let opt = |n: &str| args.iter().position(|a| a == n).and_then(|i| args.get(i + 1)).cloned();
+    let flag = |n: &str| args.iter().any(|a| a == n);
+    let ca = PathBuf::from(opt("--ca").context("--ca")?);
+    let proxy: Option<SocketAddr> = opt("--proxy").map(|p| p.parse()).transpose()?;
+    let pid: Option<u32> = opt("--pid").map(|p| p.parse()).transpose()?;
+    let secs: f64 = opt("--secs").unwrap_or_else(|| "3".into()).parse()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let t = loadgen::Target::new(ORIGIN.parse()?, HOST, proxy, &ca)?;
+    let cpu = || pid.map(loadgen::tree_cpu).unwrap_or(0.0);
+    let mut out = serde_json::Map::new();
+    rt.block_on(async {
+        if !flag("--only-transfers") {
+            let c0 = cpu();
+            let h1 = loadgen::keepalive(&t, false, 8, 0, secs, "/1k").await?;
+            let c1 = cpu();
+            out.insert("keepalive_h1_rps".into(), json!(h1));
+            out.insert("cpu_us_per_request_h1".into(), json!((c1 - c0) * 1e6 / (h1 * secs)));
+            if !flag("--no-h2") {
+                let h2 = loadgen::keepalive(&t, true, 1, 32, secs, "/1k").await?;
+                out.insert("keepalive_h2_rps".into(), json!(h2));
+            }
+            let c0 = cpu();
+            let (conns, n) = loadgen::new_connections(&t, 8, secs, "/1k").await?;
+            let c1 = cpu();
+            out.insert("new_tls_conns_per_s".into(), json!(conns));
+            out.insert("cpu_us_per_connection".into(), json!((c1 - c0) * 1e6 / n.max(1) as f64));
+            let lat = loadgen::latency(&t, 100.0, secs, "/1k").await?;
+            out.insert("latency_p50_ms".into(), json!(loadgen::quantile(&lat, 0.5)));
+            out.insert("latency_p99_ms".into(), json!(loadgen::quantile(&lat, 0.99)));
+        }
+        let c0 = cpu();
+        let down = loadgen::download(&t, "/100m", "/1k").await?;
+        let c1 = cpu();
+        let up = loadgen::upload(&t, "/upload/blob", BIG, "/1k").await?;
+        let c2 = cpu();
+        out.insert("download_mb_s".into(), json!(down));
+        out.insert("upload_mb_s".into(), json!(up));
+        let gb = BIG as f64 / 1e9;
+        out.insert("cpu_s_per_gb_download".into(), json!((c1 - c0) / gb));
+        out.insert("cpu_s_per_gb_upload".into(), json!((c2 - c1) / gb));
+        anyhow::Ok(())
+    })?;
+    if let Some(pid) = pid {
+        out.insert("peak_rss_mib".into(), json!(loadgen::tree_hwm_kib(pid) as f64 / 1024.0));
+    }
+    println!("{}", Value::Object(out));
+    Ok(())
+}
+
+fn median(v: &mut Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+/// The whole comparison.
+pub fn run(args: &[String]) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the proxy benchmark attaches eBPF programs and runs servers: run it as root (cargo xtask bench proxy)");
+    }
+    let opt = |n: &str| args.iter().position(|a| a == n).and_then(|i| args.get(i + 1)).cloned();
+    let out_path = std::path::absolute(PathBuf::from(opt("--out").unwrap_or_else(|| "target/bench/proxy.json".into())))?;
+    let reps: usize = opt("--reps").unwrap_or_else(|| "3".into()).parse()?;
+    let secs: f64 = opt("--secs").unwrap_or_else(|| "3".into()).parse()?;
+    let root = out_path.parent().and_then(Path::parent).and_then(Path::parent).unwrap_or(Path::new(".")).to_path_buf();
+    let work = root.join("target/bench/proxy-work");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let mitmdump = install_peers(&root.join("target/bench-tools"))?;
+    let www = PathBuf::from("/dev/shm/sluice-bench-www");
+    let _ = fs::remove_dir_all(&www);
+    let pki = pki(&work)?;
+    let _nginx = start_nginx(&work, &www, &pki)?;
+    let cg = TestCgroup::new("benchproxy");
+    let modes = ["direct", "sluice", "sluice_sha256", "mitmdump", "squid"];
+    let mut results: Vec<(String, Vec<Value>)> = modes.iter().map(|m| (m.to_string(), Vec::new())).collect();
+    for rep in 0..reps {
+        for (i, mode) in modes.iter().enumerate() {
+            eprintln!("rep {}/{reps}: {mode}", rep + 1);
+            let running = match *mode {
+                "direct" => Running {
+                    proc: None,
+                    ca: pki.origin_ca.clone(),
+                    explicit: None,
+                },
+                "sluice" => start_sluice(&work, &cg, &pki, false)?,
+                "sluice_sha256" => start_sluice(&work, &cg, &pki, true)?,
+                "mitmdump" => start_mitmdump(&work, &mitmdump, &pki)?,
+                _ => start_squid(&work, &pki)?,
+            };
+            let v = run_loadgen(&cg, &running, *mode == "sluice_sha256", *mode == "squid", secs)
+                .with_context(|| format!("{mode}, repetition {}", rep + 1))?;
+            results[i].1.push(v);
+            drop(running);
+        }
+    }
+    let _ = fs::remove_dir_all(&www);
+
+    let figures = [
+        ("keepalive_h1_rps", "keep-alive 1 KiB req/s, HTTP/1.1", true),
+        ("keepalive_h2_rps", "keep-alive 1 KiB req/s, HTTP/2", true),
+        ("new_tls_conns_per_s", "new TLS connections/s", true),
+        ("download_mb_s", "100 MiB download MB/s", true),
+        ("upload_mb_s", "100 MiB upload MB/s", true),
+        ("latency_p50_ms", "latency p50 at 100 req/s (ms)", false),
+        ("latency_p99_ms", "latency p99 at 100 req/s (ms)", false),
+        ("cpu_us_per_request_h1", "proxy CPU per request (µs)", false),
+        ("cpu_us_per_connection", "proxy CPU per new connection (µs)", false),
+        ("cpu_s_per_gb_download", "proxy CPU per GB downloaded (s)", false),
+        ("cpu_s_per_gb_upload", "proxy CPU per GB uploaded (s)", false),
+        ("peak_rss_mib", "proxy peak RSS (MiB)", false),
+    ];
+    let mut table = serde_json::Map::new();
+    for (key, _, _) in &figures {
+        let mut row = serde_json::Map::new();
+        for (mode, runs) in &results {
+            let mut vals: Vec<f64> = runs.iter().filter_map(|r| r[*key].as_f64()).collect();
+            if let Some(m) = median(&mut vals) {
+                row.insert(mode.clone(), json!(m));
+            }
+        }
+        table.insert(key.to_string(), Value::Object(row));
+    }
+    let get = |k: &str, m: &str| table.get(k).and_then(|r| r.get(m)).and_then(Value::as_f64);
+    println!(
+        "proxy: loopback, client + nginx origin + proxy pinned to core {CORE}, medians of {reps} repetitions, {secs}s per rate figure"
+    );
+    println!("{:<38} {:>11} {:>18} {:>18} {:>16} {:>16}", "figure", "direct", "sluice", "sluice+sha256", "mitmdump", "squid");
+    let cell = |k: &str, m: &str, ratio: bool| -> String {
+        match (get(k, m), get(k, "direct")) {
+            (Some(v), Some(d)) if ratio && m != "direct" => format!("{v:.1} ({:.2}x)", v / d),
+            (Some(v), _) => format!("{v:.3}"),
+            _ => "n/a".into(),
+        }
+    };
+    for (key, label, ratio) in &figures {
+        println!(
+            "{:<38} {:>11} {:>18} {:>18} {:>16} {:>16}",
+            label,
+            cell(key, "direct", false),
+            cell(key, "sluice", *ratio),
+            cell(key, "sluice_sha256", *ratio),
+            cell(key, "mitmdump", *ratio),
+            cell(key, "squid", *ratio)
+        );
+    }
+    let added = |q: &str| get(q, "sluice").zip(get(q, "direct")).map(|(s, d)| s - d);
+    let vs = |k: &str, peer: &str| get(k, "sluice").zip(get(k, peer)).map(|(s, p)| s / p);
+    let mut ratios = serde_json::Map::new();
+    for (key, _, ratio) in &figures {
+        if *ratio {
+            for m in ["sluice", "sluice_sha256", "mitmdump", "squid"] {
+                if let (Some(v), Some(d)) = (get(key, m), get(key, "direct")) {
+                    ratios.insert(format!("{key}.{m}_vs_direct"), json!(v / d));
+                }
+            }
+            for peer in ["mitmdump", "squid"] {
+                if let Some(r) = vs(key, peer) {
+                    ratios.insert(format!("{key}.sluice_vs_{peer}"), json!(r));
+                }
+            }
+        }
+    }
+    if let (Some(p50), Some(p99)) = (added("latency_p50_ms"), added("latency_p99_ms")) {
+        println!("added latency through sluice: p50 {p50:.3} ms, p99 {p99:.3} ms");
+        ratios.insert("added_latency_p50_ms".into(), json!(p50));
+        ratios.insert("added_latency_p99_ms".into(), json!(p99));
+    }
+    for peer in ["mitmdump", "squid"] {
+        let line: Vec<String> = ["keepalive_h1_rps", "keepalive_h2_rps", "new_tls_conns_per_s", "download_mb_s", "upload_mb_s"]
+            .iter()
+            .filter_map(|k| vs(k, peer).map(|r| format!("{k} {r:.1}x")))
+            .collect();
+        println!("sluice vs {peer}: {}", line.join(", "));
+    }
+    let json = json!({
+        "bench": "proxy",
+        "repetitions": reps,
+        "seconds_per_rate_figure": secs,
+        "medians": table,
+        "ratios": ratios,
+        "runs": results.iter().map(|(m, r)| (m.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
+    });
+    if let Some(d) = out_path.parent() {
+        fs::create_dir_all(d)?;
+    }
+    fs::write(&out_path, serde_json::to_string_pretty(&json)?)?;
+    Ok(())
+}
