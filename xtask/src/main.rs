@@ -282,7 +282,15 @@ fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
         bail!("unknown benchmark `{name}`; known: {}", known.join(", "));
     }
     step(&format!("bench {name}: building in release"));
-    sh(cargo().args(["build", "--release", "-p", "sluice", "-p", "sluice-e2e", "--bins"]))?;
+    sh(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "sluice",
+        "-p",
+        "sluice-e2e",
+        "--bins",
+    ]))?;
     let out = root.join("target/bench").join(format!("{name}.json"));
     std::fs::create_dir_all(root.join("target/bench"))?;
     step(&format!("bench {name}"));

@@ -316,7 +316,7 @@ impl LeafCache {
         let (chain, key) = self.ca.mint(name)?;
         self.minted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = super::tls_provider();
         let signing = provider
             .key_provider
             .load_private_key(key)
@@ -328,6 +328,8 @@ impl LeafCache {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Fixed(certified)));
         cfg.alpn_protocols = self.alpn.clone();
+        // Our order (AES-128-GCM first), not the client's.
+        cfg.ignore_client_order = true;
         Ok(Arc::new(cfg))
     }
 }

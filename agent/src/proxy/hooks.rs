@@ -76,6 +76,11 @@ pub trait BodyInspector: Send {
 
 /// The hook points. Every method has a pass-through default.
 pub trait Hooks: Send + Sync + 'static {
+    /// False when no hook does anything: the proxy then skips the hook calls and the copies of
+    /// the request head they would need.
+    fn active(&self) -> bool {
+        true
+    }
     /// The request head, before anything is sent upstream.
     fn request_head(&self, _ex: &Exchange<'_>, _head: &mut request::Parts) -> HeadVerdict {
         HeadVerdict::Continue
@@ -112,4 +117,8 @@ pub trait Hooks: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct PassThrough;
 
-impl Hooks for PassThrough {}
+impl Hooks for PassThrough {
+    fn active(&self) -> bool {
+        false
+    }
+}

@@ -46,6 +46,8 @@ pub struct Session {
     pub target: Target,
     /// The client side's protocol.
     pub client_proto: Proto,
+    /// This session's upstream connection.
+    pub affinity: super::upstream::Affinity,
 }
 
 fn proto_name(p: Proto) -> &'static str {
@@ -285,7 +287,7 @@ impl Session {
         RequestRecord {
             id: p.id.clone(),
             time: p.time,
-            origin: (*self.origin).clone(),
+            origin: self.origin.clone(),
             app: self.app.id.clone(),
             host: self.host.clone(),
             method: p.method.clone(),
@@ -398,7 +400,10 @@ pub async fn handle(
         host: &sess.host,
         request_id: &pending.id,
     };
-    if let HeadVerdict::Respond(r) = shared.hooks.request_head(&ex, &mut parts) {
+    let hooks = shared.hooks.active().then_some(&shared.hooks);
+    if let Some(h) = hooks
+        && let HeadVerdict::Respond(r) = h.request_head(&ex, &mut parts)
+    {
         return Ok(sess.answer(&shared, &pending, r, "answered", None));
     }
     let upgrade = is_websocket_upgrade(&parts);
@@ -407,8 +412,8 @@ pub async fn handle(
     } else {
         None
     };
-    let inspector = shared.hooks.request_body(&ex, &parts);
-    let req_head_for_hooks = clone_head(&parts);
+    let inspector = hooks.and_then(|h| h.request_body(&ex, &parts));
+    let req_head_for_hooks = hooks.map(|_| clone_head(&parts));
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let body = match judged(
         body::boxed(incoming),
@@ -439,7 +444,7 @@ pub async fn handle(
     } else {
         shared
             .upstream
-            .send(&sess.target, up_req, scheme, &authority)
+            .send(&sess.target, up_req, scheme, &authority, &sess.affinity)
             .await
     };
     let (proto, resp) = match result {
@@ -517,16 +522,15 @@ pub async fn handle(
     }
 
     strip_hop_by_hop(&mut rparts.headers, false);
-    if let HeadVerdict::Respond(r) =
-        shared
-            .hooks
-            .response_head(&ex, &req_head_for_hooks, &mut rparts)
+    if let (Some(h), Some(req_head)) = (hooks, req_head_for_hooks.as_ref())
+        && let HeadVerdict::Respond(r) = h.response_head(&ex, req_head, &mut rparts)
     {
         return Ok(sess.answer(&shared, &pending, r, "answered", None));
     }
-    let inspector = shared
-        .hooks
-        .response_body(&ex, &req_head_for_hooks, &rparts);
+    let inspector = match (hooks, req_head_for_hooks.as_ref()) {
+        (Some(h), Some(req_head)) => h.response_body(&ex, req_head, &rparts),
+        _ => None,
+    };
     let down = Arc::new(AtomicU64::new(0));
     let rbody = match judged(
         body::boxed(rbody),

@@ -116,21 +116,25 @@ pub fn render(page: &Page<'_>, kind: ClientKind) -> Response<ProxyBody> {
     resp
 }
 
-/// A new incident / request id: 16 random hex digits.
+/// A new incident / request id: 16 hex digits, unique per process run and unpredictable across
+/// runs (a random 32-bit prefix drawn once, then a counter), without a CSPRNG call per request.
 pub fn new_id() -> String {
-    let mut b = [0u8; 8];
-    if rustls::crypto::aws_lc_rs::default_provider()
-        .secure_random
-        .fill(&mut b)
-        .is_err()
-    {
-        let n = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        b = n.to_be_bytes();
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut b = [0u8; 4];
+        if rustls::crypto::aws_lc_rs::default_provider()
+            .secure_random
+            .fill(&mut b)
+            .is_err()
+        {
+            b = (std::process::id()).to_be_bytes();
+        }
+        u64::from(u32::from_be_bytes(b)) << 32
+    });
+    let n = prefix | (COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
+    format!("{n:016x}")
 }
 
 #[cfg(test)]

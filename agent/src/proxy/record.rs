@@ -16,8 +16,8 @@ pub struct RequestRecord {
     /// When the request head arrived.
     #[serde(with = "unix_ms")]
     pub time: SystemTime,
-    /// Process and destination.
-    pub origin: OriginRecord,
+    /// Process and destination (shared by every request of the connection).
+    pub origin: std::sync::Arc<OriginRecord>,
     /// Catalogued app id.
     pub app: String,
     /// SNI (or Host for plain HTTP).

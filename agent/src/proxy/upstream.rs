@@ -229,20 +229,18 @@ impl Upstream {
         if let Some(c) = configs.get(&alpn) {
             return Ok(c.clone());
         }
-        let mut cfg = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| UpstreamError::Trust(e.to_string()))?
-        .with_root_certificates(self.roots.clone())
-        .with_no_client_auth();
+        let mut cfg = ClientConfig::builder_with_provider(super::tls_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| UpstreamError::Trust(e.to_string()))?
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth();
         cfg.alpn_protocols = alpn.protocols();
         let cfg = Arc::new(cfg);
         configs.insert(alpn, cfg.clone());
         Ok(cfg)
     }
 
-    /// Sends a request on a pooled or new connection.
+    /// Sends a request on the session's own connection, a pooled one, or a new one.
     /// `scheme` and `authority` fill in the URI or Host field the chosen protocol needs.
     pub async fn send(
         &self,
@@ -250,17 +248,35 @@ impl Upstream {
         mut req: Request<ProxyBody>,
         scheme: &str,
         authority: &str,
+        affinity: &Affinity,
     ) -> Result<(Proto, Response<Incoming>), UpstreamError> {
-        let sender = match self.take_idle(target) {
+        let sender = match affinity.take().await {
             Some(s) => s,
-            None => self.connect(target, false).await?,
+            None => match self.take_idle(target) {
+                Some(s) => s,
+                None => self.connect(target, false).await?,
+            },
         };
         let proto = match sender {
             Sender::H1(_) => Proto::H1,
             Sender::H2(_) => Proto::H2,
         };
         super::http::adapt_request(&mut req, proto, scheme, authority);
-        self.send_on(target, sender, req).await
+        self.send_on(target, sender, req, affinity).await
+    }
+
+    /// A slot for one client session's upstream connection, returned to the shared pool when the
+    /// session ends.
+    /// `sequential` is true for HTTP/1.1 clients, whose next request always waits for the
+    /// previous response.
+    pub fn affinity(&self, target: &Target, sequential: bool) -> Affinity {
+        Affinity {
+            sequential,
+            slot: Mutex::new(None),
+            pool: self.pool.clone(),
+            target: target.clone(),
+            max_idle: self.max_idle,
+        }
     }
 
     /// Sends an upgrade request (WebSocket) on a connection of its own.
@@ -309,30 +325,32 @@ impl Upstream {
         target: &Target,
         sender: Sender,
         req: Request<ProxyBody>,
+        affinity: &Affinity,
     ) -> Result<(Proto, Response<Incoming>), UpstreamError> {
         match sender {
-            Sender::H2(mut s) => Ok((Proto::H2, s.send_request(req).await?)),
+            Sender::H2(mut s) => {
+                let resp = s.send_request(req).await?;
+                affinity.keep(Sender::H2(s));
+                Ok((Proto::H2, resp))
+            }
             Sender::H1(mut s) => {
                 let resp = s.send_request(req).await?;
-                // Back to the pool once this response's body is done.
-                let (pool, target, max) = (self.pool_handle(), target.clone(), self.max_idle);
-                tokio::spawn(async move {
-                    if s.ready().await.is_ok() {
-                        let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Idle::H1(list) =
-                            pool.entry(target).or_insert_with(|| Idle::H1(Vec::new()))
-                            && list.len() < max
-                        {
-                            list.push(s);
+                // Kept by the session for its next request; a second one (concurrent requests of
+                // an HTTP/2 client) goes back to the pool once its response body is done.
+                if let Some(Sender::H1(mut s)) = affinity.keep(Sender::H1(s)) {
+                    let (pool, target, max) = (self.pool_handle(), target.clone(), self.max_idle);
+                    tokio::spawn(async move {
+                        if s.ready().await.is_ok() {
+                            park(&pool, target, s, max);
                         }
-                    }
-                });
+                    });
+                }
                 Ok((Proto::H1, resp))
             }
         }
     }
 
-    fn pool_handle(&self) -> Arc<Mutex<HashMap<Target, Idle>>> {
+    fn pool_handle(&self) -> Pool {
         self.pool.clone()
     }
 
@@ -424,6 +442,109 @@ impl Upstream {
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<ProxyBody>),
     H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+}
+
+type Pool = Arc<Mutex<HashMap<Target, Idle>>>;
+
+fn park(
+    pool: &Pool,
+    target: Target,
+    s: hyper::client::conn::http1::SendRequest<ProxyBody>,
+    max: usize,
+) {
+    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+    if let Idle::H1(list) = pool.entry(target).or_insert_with(|| Idle::H1(Vec::new()))
+        && list.len() < max
+    {
+        list.push(s);
+    }
+}
+
+/// One client session's upstream connection. Sequential requests of a keep-alive client reuse
+/// it without touching the shared pool; it goes to the pool when the session ends.
+pub struct Affinity {
+    sequential: bool,
+    slot: Mutex<Option<Sender>>,
+    pool: Pool,
+    target: Target,
+    max_idle: usize,
+}
+
+impl std::fmt::Debug for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Affinity")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Affinity {
+    /// The kept connection, once it is ready for another request. An HTTP/2 sender stays in the
+    /// slot (it multiplexes); an HTTP/1.1 one is taken out while in use.
+    async fn take(&self) -> Option<Sender> {
+        let taken = {
+            let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_ref() {
+                Some(Sender::H2(s)) if !s.is_closed() => return Some(Sender::H2(s.clone())),
+                // A concurrent request of a multiplexing client must not queue behind the one
+                // using this connection: it takes another.
+                Some(Sender::H1(s)) if !self.sequential && !s.is_ready() => return None,
+                _ => slot.take(),
+            }
+        };
+        match taken {
+            // The previous response's body has been passed on in full before a keep-alive client
+            // sends its next request, so this resolves at once; an abandoned connection errors.
+            Some(Sender::H1(mut s)) if !s.is_closed() => {
+                s.ready().await.ok().map(|()| Sender::H1(s))
+            }
+            _ => None,
+        }
+    }
+
+    /// Keeps `s` for the next request; gives it back when the slot is already taken.
+    fn keep(&self, s: Sender) -> Option<Sender> {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(s);
+            None
+        } else {
+            match s {
+                Sender::H2(_) => None,
+                h1 => Some(h1),
+            }
+        }
+    }
+}
+
+impl Drop for Affinity {
+    fn drop(&mut self) {
+        let slot = self
+            .slot
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(Sender::H1(mut s)) = slot else {
+            return;
+        };
+        if s.is_closed() {
+            return;
+        }
+        if s.is_ready() {
+            park(&self.pool, self.target.clone(), s, self.max_idle);
+            return;
+        }
+        // The last response has just been passed on and the connection task has not caught up:
+        // park it once it is ready rather than closing a good connection.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (pool, target, max) = (self.pool.clone(), self.target.clone(), self.max_idle);
+            rt.spawn(async move {
+                if s.ready().await.is_ok() {
+                    park(&pool, target, s, max);
+                }
+            });
+        }
+    }
 }
 
 /// Turns a TLS connect error into a certificate verdict when that is what it was.

@@ -24,7 +24,10 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let end = Instant::now() + Duration::from_secs(10);
         while Instant::now() < end {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -69,13 +72,17 @@ fn install_peers(tools: &Path) -> Result<PathBuf> {
         .collect();
     if !missing.is_empty() {
         eprintln!("installing {}", missing.join(" "));
-        sh(Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["update", "-q"]))?;
+        sh(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["update", "-q"]))?;
         sh(Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing))?;
         // The packages start their own services; the bench runs its own instances.
-        let _ = Command::new("systemctl").args(["stop", "nginx", "squid"]).status();
+        let _ = Command::new("systemctl")
+            .args(["stop", "nginx", "squid"])
+            .status();
         let _ = Command::new("pkill").args(["-x", "nginx"]).status();
         let _ = Command::new("pkill").args(["-x", "squid"]).status();
     }
@@ -98,13 +105,18 @@ struct Pki {
 }
 
 fn pki(dir: &Path) -> Result<Pki> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256,
+    };
     let ca = |cn: &str| -> Result<(String, KeyPair, CertificateParams)> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut p = CertificateParams::default();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
         let cert = p.self_signed(&key)?;
         Ok((cert.pem(), key, p))
     };
@@ -174,11 +186,18 @@ http {{
         ),
     )?;
     fs::create_dir_all(www.join(".tmp"))?;
-    let child = pinned("nginx").arg("-c").arg(&conf).stdout(Stdio::null()).spawn()?;
+    let child = pinned("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .spawn()?;
     let p = Proc(child);
     let addr: SocketAddr = ORIGIN.parse()?;
     if !wait_until(Duration::from_secs(10), || port_open(addr)) {
-        bail!("nginx did not start: {}", fs::read_to_string(work.join("nginx-error.log")).unwrap_or_default());
+        bail!(
+            "nginx did not start: {}",
+            fs::read_to_string(work.join("nginx-error.log")).unwrap_or_default()
+        );
     }
     Ok(p)
 }
@@ -229,10 +248,16 @@ hosts = ["{HOST}"]
     let sluice = sluice_e2e::bin("sluice");
     let exists = work.join("sluice-state/ca/ca.crt").exists();
     if !exists {
-        sh(Command::new(&sluice).args(["ca", "init", "--config"]).arg(&cfg).stdout(Stdio::null()))?;
+        sh(Command::new(&sluice)
+            .args(["ca", "init", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null()))?;
     }
     let ca = work.join("sluice-ca.pem");
-    let out = Command::new(&sluice).args(["ca", "export", "--config"]).arg(&cfg).output()?;
+    let out = Command::new(&sluice)
+        .args(["ca", "export", "--config"])
+        .arg(&cfg)
+        .output()?;
     fs::write(&ca, out.stdout)?;
     let child = pinned(sluice.to_str().ok_or_else(|| anyhow!("path"))?)
         .args(["run", "--config"])
@@ -254,7 +279,10 @@ hosts = ["{HOST}"]
             .unwrap_or(false)
     });
     if !ready {
-        bail!("sluice did not become ready: {}", fs::read_to_string(dir.join("agent.log")).unwrap_or_default());
+        bail!(
+            "sluice did not become ready: {}",
+            fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        );
     }
     Ok(Running {
         proc: Some(p),
@@ -268,16 +296,30 @@ fn start_mitmdump(work: &Path, mitmdump: &Path, pki: &Pki) -> Result<Running> {
     fs::create_dir_all(&conf)?;
     let port = free_port();
     let child = pinned(mitmdump.to_str().ok_or_else(|| anyhow!("path"))?)
-        .args(["--listen-host", "127.0.0.1", "--listen-port", &port.to_string(), "-q"])
+        .args([
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            &port.to_string(),
+            "-q",
+        ])
         .args(["--set", &format!("confdir={}", conf.display())])
-        .args(["--set", &format!("ssl_verify_upstream_trusted_ca={}", pki.origin_ca.display())])
+        .args([
+            "--set",
+            &format!("ssl_verify_upstream_trusted_ca={}", pki.origin_ca.display()),
+        ])
         .stdout(Stdio::null())
         .stderr(fs::File::create(work.join("mitm.log"))?)
         .spawn()?;
     let p = Proc(child);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    if !wait_until(Duration::from_secs(60), || port_open(addr) && conf.join("mitmproxy-ca-cert.pem").exists()) {
-        bail!("mitmdump did not start: {}", fs::read_to_string(work.join("mitm.log")).unwrap_or_default());
+    if !wait_until(Duration::from_secs(60), || {
+        port_open(addr) && conf.join("mitmproxy-ca-cert.pem").exists()
+    }) {
+        bail!(
+            "mitmdump did not start: {}",
+            fs::read_to_string(work.join("mitm.log")).unwrap_or_default()
+        );
     }
     Ok(Running {
         proc: Some(p),
@@ -330,11 +372,19 @@ shutdown_lifetime 1 seconds
     for f in [&pki.squid_ca_cert, &pki.squid_ca_key, &pki.origin_ca] {
         sh(Command::new("chmod").arg("0644").arg(f))?;
     }
-    let child = pinned("squid").args(["-N", "-f"]).arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let child = pinned("squid")
+        .args(["-N", "-f"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     let p = Proc(child);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     if !wait_until(Duration::from_secs(30), || port_open(addr)) {
-        bail!("squid did not start: {}", fs::read_to_string(dir.join("cache.log")).unwrap_or_default());
+        bail!(
+            "squid did not start: {}",
+            fs::read_to_string(dir.join("cache.log")).unwrap_or_default()
+        );
     }
     Ok(Running {
         proc: Some(p),
@@ -344,7 +394,13 @@ shutdown_lifetime 1 seconds
 }
 
 /// Runs the load generator for one mode, pinned, inside the bench cgroup; returns its figures.
-fn run_loadgen(cg: &TestCgroup, run: &Running, only_transfers: bool, skip_h2: bool, secs: f64) -> Result<Value> {
+fn run_loadgen(
+    cg: &TestCgroup,
+    run: &Running,
+    only_transfers: bool,
+    skip_h2: bool,
+    secs: f64,
+) -> Result<Value> {
     let me = std::env::current_exe()?;
     let mut args = vec![
         "loadgen".to_owned(),
@@ -373,13 +429,20 @@ fn run_loadgen(cg: &TestCgroup, run: &Running, only_transfers: bool, skip_h2: bo
 
 /// The load generator process: every scenario for one mode, as one JSON object.
 pub fn loadgen(args: &[String]) -> Result<()> {
-    let opt = |n: &str| args.iter().position(|a| a == n).and_then(|i| args.get(i + 1)).cloned();
+    let opt = |n: &str| {
+        args.iter()
+            .position(|a| a == n)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let flag = |n: &str| args.iter().any(|a| a == n);
     let ca = PathBuf::from(opt("--ca").context("--ca")?);
     let proxy: Option<SocketAddr> = opt("--proxy").map(|p| p.parse()).transpose()?;
     let pid: Option<u32> = opt("--pid").map(|p| p.parse()).transpose()?;
     let secs: f64 = opt("--secs").unwrap_or_else(|| "3".into()).parse()?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let t = loadgen::Target::new(ORIGIN.parse()?, HOST, proxy, &ca)?;
     let cpu = || pid.map(loadgen::tree_cpu).unwrap_or(0.0);
     let mut out = serde_json::Map::new();
@@ -389,7 +452,10 @@ pub fn loadgen(args: &[String]) -> Result<()> {
             let h1 = loadgen::keepalive(&t, false, 8, 0, secs, "/1k").await?;
             let c1 = cpu();
             out.insert("keepalive_h1_rps".into(), json!(h1));
-            out.insert("cpu_us_per_request_h1".into(), json!((c1 - c0) * 1e6 / (h1 * secs)));
+            out.insert(
+                "cpu_us_per_request_h1".into(),
+                json!((c1 - c0) * 1e6 / (h1 * secs)),
+            );
             if !flag("--no-h2") {
                 let h2 = loadgen::keepalive(&t, true, 1, 32, secs, "/1k").await?;
                 out.insert("keepalive_h2_rps".into(), json!(h2));
@@ -398,10 +464,16 @@ pub fn loadgen(args: &[String]) -> Result<()> {
             let (conns, n) = loadgen::new_connections(&t, 8, secs, "/1k").await?;
             let c1 = cpu();
             out.insert("new_tls_conns_per_s".into(), json!(conns));
-            out.insert("cpu_us_per_connection".into(), json!((c1 - c0) * 1e6 / n.max(1) as f64));
+            out.insert(
+                "cpu_us_per_connection".into(),
+                json!((c1 - c0) * 1e6 / n.max(1) as f64),
+            );
             let lat = loadgen::latency(&t, 100.0, secs, "/1k").await?;
             out.insert("latency_p50_ms".into(), json!(loadgen::quantile(&lat, 0.5)));
-            out.insert("latency_p99_ms".into(), json!(loadgen::quantile(&lat, 0.99)));
+            out.insert(
+                "latency_p99_ms".into(),
+                json!(loadgen::quantile(&lat, 0.99)),
+            );
         }
         let c0 = cpu();
         let down = loadgen::download(&t, "/100m", "/1k").await?;
@@ -416,7 +488,10 @@ pub fn loadgen(args: &[String]) -> Result<()> {
         anyhow::Ok(())
     })?;
     if let Some(pid) = pid {
-        out.insert("peak_rss_mib".into(), json!(loadgen::tree_hwm_kib(pid) as f64 / 1024.0));
+        out.insert(
+            "peak_rss_mib".into(),
+            json!(loadgen::tree_hwm_kib(pid) as f64 / 1024.0),
+        );
     }
     println!("{}", Value::Object(out));
     Ok(())
@@ -434,13 +509,27 @@ fn median(v: &mut Vec<f64>) -> Option<f64> {
 /// The whole comparison.
 pub fn run(args: &[String]) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("the proxy benchmark attaches eBPF programs and runs servers: run it as root (cargo xtask bench proxy)");
+        bail!(
+            "the proxy benchmark attaches eBPF programs and runs servers: run it as root (cargo xtask bench proxy)"
+        );
     }
-    let opt = |n: &str| args.iter().position(|a| a == n).and_then(|i| args.get(i + 1)).cloned();
-    let out_path = std::path::absolute(PathBuf::from(opt("--out").unwrap_or_else(|| "target/bench/proxy.json".into())))?;
+    let opt = |n: &str| {
+        args.iter()
+            .position(|a| a == n)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let out_path = std::path::absolute(PathBuf::from(
+        opt("--out").unwrap_or_else(|| "target/bench/proxy.json".into()),
+    ))?;
     let reps: usize = opt("--reps").unwrap_or_else(|| "3".into()).parse()?;
     let secs: f64 = opt("--secs").unwrap_or_else(|| "3".into()).parse()?;
-    let root = out_path.parent().and_then(Path::parent).and_then(Path::parent).unwrap_or(Path::new(".")).to_path_buf();
+    let root = out_path
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
     let work = root.join("target/bench/proxy-work");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
@@ -451,7 +540,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let _nginx = start_nginx(&work, &www, &pki)?;
     let cg = TestCgroup::new("benchproxy");
     let modes = ["direct", "sluice", "sluice_sha256", "mitmdump", "squid"];
-    let mut results: Vec<(String, Vec<Value>)> = modes.iter().map(|m| (m.to_string(), Vec::new())).collect();
+    let mut results: Vec<(String, Vec<Value>)> =
+        modes.iter().map(|m| (m.to_string(), Vec::new())).collect();
     for rep in 0..reps {
         for (i, mode) in modes.iter().enumerate() {
             eprintln!("rep {}/{reps}: {mode}", rep + 1);
@@ -466,8 +556,14 @@ pub fn run(args: &[String]) -> Result<()> {
                 "mitmdump" => start_mitmdump(&work, &mitmdump, &pki)?,
                 _ => start_squid(&work, &pki)?,
             };
-            let v = run_loadgen(&cg, &running, *mode == "sluice_sha256", *mode == "squid", secs)
-                .with_context(|| format!("{mode}, repetition {}", rep + 1))?;
+            let v = run_loadgen(
+                &cg,
+                &running,
+                *mode == "sluice_sha256",
+                *mode == "squid",
+                secs,
+            )
+            .with_context(|| format!("{mode}, repetition {}", rep + 1))?;
             results[i].1.push(v);
             drop(running);
         }
@@ -483,9 +579,21 @@ pub fn run(args: &[String]) -> Result<()> {
         ("latency_p50_ms", "latency p50 at 100 req/s (ms)", false),
         ("latency_p99_ms", "latency p99 at 100 req/s (ms)", false),
         ("cpu_us_per_request_h1", "proxy CPU per request (µs)", false),
-        ("cpu_us_per_connection", "proxy CPU per new connection (µs)", false),
-        ("cpu_s_per_gb_download", "proxy CPU per GB downloaded (s)", false),
-        ("cpu_s_per_gb_upload", "proxy CPU per GB uploaded (s)", false),
+        (
+            "cpu_us_per_connection",
+            "proxy CPU per new connection (µs)",
+            false,
+        ),
+        (
+            "cpu_s_per_gb_download",
+            "proxy CPU per GB downloaded (s)",
+            false,
+        ),
+        (
+            "cpu_s_per_gb_upload",
+            "proxy CPU per GB uploaded (s)",
+            false,
+        ),
         ("peak_rss_mib", "proxy peak RSS (MiB)", false),
     ];
     let mut table = serde_json::Map::new();
@@ -503,7 +611,10 @@ pub fn run(args: &[String]) -> Result<()> {
     println!(
         "proxy: loopback, client + nginx origin + proxy pinned to core {CORE}, medians of {reps} repetitions, {secs}s per rate figure"
     );
-    println!("{:<38} {:>11} {:>18} {:>18} {:>16} {:>16}", "figure", "direct", "sluice", "sluice+sha256", "mitmdump", "squid");
+    println!(
+        "{:<38} {:>11} {:>18} {:>18} {:>16} {:>16}",
+        "figure", "direct", "sluice", "sluice+sha256", "mitmdump", "squid"
+    );
     let cell = |k: &str, m: &str, ratio: bool| -> String {
         match (get(k, m), get(k, "direct")) {
             (Some(v), Some(d)) if ratio && m != "direct" => format!("{v:.1} ({:.2}x)", v / d),
@@ -545,10 +656,16 @@ pub fn run(args: &[String]) -> Result<()> {
         ratios.insert("added_latency_p99_ms".into(), json!(p99));
     }
     for peer in ["mitmdump", "squid"] {
-        let line: Vec<String> = ["keepalive_h1_rps", "keepalive_h2_rps", "new_tls_conns_per_s", "download_mb_s", "upload_mb_s"]
-            .iter()
-            .filter_map(|k| vs(k, peer).map(|r| format!("{k} {r:.1}x")))
-            .collect();
+        let line: Vec<String> = [
+            "keepalive_h1_rps",
+            "keepalive_h2_rps",
+            "new_tls_conns_per_s",
+            "download_mb_s",
+            "upload_mb_s",
+        ]
+        .iter()
+        .filter_map(|k| vs(k, peer).map(|r| format!("{k} {r:.1}x")))
+        .collect();
         println!("sluice vs {peer}: {}", line.join(", "));
     }
     let json = json!({
