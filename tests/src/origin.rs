@@ -186,6 +186,32 @@ impl Origin {
         Ok(Self { addr, log, task })
     }
 
+    /// Starts serving plain HTTP/1.1 on `addr` (port 0 for any).
+    pub async fn start_plain(addr: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let addr = listener.local_addr()?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let log = log2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| route(req, log.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Ok(Self { addr, log, task })
+    }
+
     /// The requests received so far.
     pub fn requests(&self) -> Vec<String> {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()

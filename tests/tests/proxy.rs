@@ -24,6 +24,7 @@ const APP_HOSTS: [&str; 5] = [
 
 struct Env {
     origin: Origin,
+    plain: Origin,
     pki: TestPki,
     agent: Agent,
     cg: TestCgroup,
@@ -54,6 +55,11 @@ fn env(tag: &str) -> Env {
             &pki,
         ))
         .expect("origin");
+    let plain = rt
+        .block_on(Origin::start_plain(
+            format!("{ORIGIN_IP}:0").parse().expect("addr"),
+        ))
+        .expect("plain origin");
     let cg = TestCgroup::new(tag);
     let dir = std::env::temp_dir().join(format!("sluice-e2e-proxy-{}", cg.rel));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -75,9 +81,10 @@ state_dir = "{state}"
 [steer]
 cgroup = "{cg}"
 agent_cgroup = "{cg}/agent"
-include = [{{ cidr = "{ip}/32", ports = [{port}] }}]
+include = [{{ cidr = "{ip}/32", ports = [{port}, {plain_port}] }}]
 [proxy]
 port = {proxy_port}
+plain_http_ports = [{plain_port}]
 [admin]
 listen = "{admin}"
 [tls]
@@ -93,6 +100,7 @@ hosts = [{hosts}]
         cg = cg.rel,
         ip = ORIGIN_IP,
         port = origin.addr.port(),
+        plain_port = plain.addr.port(),
         test_ca = test_ca.display(),
     );
     let agent = Agent::start(&config, admin, &dir).expect("agent starts");
@@ -110,6 +118,7 @@ hosts = [{hosts}]
     std::fs::write(&sluice_ca, &out.stdout).expect("write ca");
     Env {
         origin,
+        plain,
         pki,
         agent,
         cg,
@@ -523,4 +532,46 @@ fn bad_client_hellos_close_the_connection_and_the_proxy_keeps_serving() {
         .curl(&e.sluice_ca, &[&e.url("good.test", "/hello")])
         .expect("still serving");
     assert!(out.contains("from origin"), "{out}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn plain_http_to_a_catalogued_app_is_intercepted_and_other_plain_traffic_spliced() {
+    let e = env("px-plain");
+    let port = e.plain.addr.port();
+    let resolve = |h: &str| format!("{h}:{port}:{ORIGIN_IP}");
+    let run = |host: &str| {
+        InCgroup::at(&e.cg.dir)
+            .run(
+                Path::new("curl"),
+                &[
+                    "-sS".into(),
+                    "--resolve".into(),
+                    resolve(host),
+                    "-w".into(),
+                    "\n%{http_code}".into(),
+                    format!("http://{host}:{port}/hello"),
+                ],
+            )
+            .expect("curl")
+    };
+    let out = run("good.test");
+    assert!(
+        out.contains("from origin") && out.ends_with("\n200"),
+        "{out}"
+    );
+    let st = e.status();
+    assert_eq!(
+        st["proxy"]["intercepted"], 1,
+        "a catalogued app's plain HTTP is intercepted: {st}"
+    );
+    assert_eq!(st["proxy"]["requests"], 1, "{st}");
+    let out = run("elsewhere.test");
+    assert!(out.contains("from origin"), "{out}");
+    let st = e.status();
+    assert_eq!(
+        st["proxy"]["spliced"], 1,
+        "other plain HTTP is spliced: {st}"
+    );
+    assert_eq!(e.plain.requests().len(), 2);
 }
