@@ -3,6 +3,11 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+
+// The proxy allocates and frees many small buffers per request (heads, TLS records, body frames);
+// mimalloc's thread-local free lists measured fewer CPU cycles per request than glibc malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sluice::config::Config;
 
 #[derive(Parser)]

@@ -198,6 +198,7 @@ pub struct Steering {
     rules: Mutex<RuleMaps>,
     origins: Mutex<HashMap<MapData, PeerKey, Origin>>,
     users: Mutex<StdHashMap<u32, (Option<String>, Instant)>>,
+    processes: process::ProcessCache,
     cgroup: PathBuf,
     exempt_ids: Vec<u64>,
     proxy_port: u16,
@@ -343,6 +344,7 @@ impl Steering {
             rules: Mutex::new(rule_maps),
             origins: Mutex::new(origins),
             users: Mutex::new(StdHashMap::new()),
+            processes: process::ProcessCache::default(),
             cgroup: cgroup_dir,
             exempt_ids,
             proxy_port,
@@ -397,7 +399,7 @@ impl Steering {
     fn record(&self, o: Origin) -> OriginRecord {
         let dst_ip = words_to_ip(o.dst_addr);
         let age = Duration::from_nanos(monotonic_ns().saturating_sub(o.time_ns));
-        let mut process = process::resolve_without_user(o.tgid);
+        let mut process = self.processes.resolve(o.tgid);
         process.user = self.user_name(o.uid);
         OriginRecord {
             dst: SocketAddr::new(dst_ip, o.dst_port),

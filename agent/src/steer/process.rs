@@ -31,14 +31,19 @@ pub fn resolve(tgid: u32, uid: u32) -> ProcessInfo {
 
 /// Resolves the executable and parent from `/proc`; leaves `user` empty.
 pub fn resolve_without_user(tgid: u32) -> ProcessInfo {
+    let stat = std::fs::read_to_string(format!("/proc/{tgid}/stat")).ok();
+    resolve_rest(
+        tgid,
+        stat.as_deref().and_then(parse_stat).map(|(ppid, _)| ppid),
+    )
+}
+
+fn resolve_rest(tgid: u32, ppid: Option<u32>) -> ProcessInfo {
     use std::os::unix::fs::MetadataExt as _;
     let exe = std::fs::read_link(format!("/proc/{tgid}/exe")).ok();
     let exe_inode = std::fs::metadata(format!("/proc/{tgid}/exe"))
         .ok()
         .map(|m| (m.dev(), m.ino()));
-    let ppid = std::fs::read_to_string(format!("/proc/{tgid}/stat"))
-        .ok()
-        .and_then(|s| parse_ppid(&s));
     ProcessInfo {
         exe,
         exe_inode,
@@ -47,11 +52,53 @@ pub fn resolve_without_user(tgid: u32) -> ProcessInfo {
     }
 }
 
-/// The parent pid from `/proc/PID/stat`; the command name may contain spaces and parentheses, so
-/// parse after the last `)`.
-fn parse_ppid(stat: &str) -> Option<u32> {
+/// (parent pid, start time in clock ticks since boot) from `/proc/PID/stat`; the command name may
+/// contain spaces and parentheses, so fields are counted after the last `)`.
+fn parse_stat(stat: &str) -> Option<(u32, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // state(0) ppid(1) ... starttime(19)
+    Some((f.get(1)?.parse().ok()?, f.get(19)?.parse().ok()?))
+}
+
+/// Resolved processes, keyed by pid and validated by start time: a reused pid is a new process
+/// (different start time) and is resolved afresh, so nothing is ever attributed to the wrong
+/// executable. Saves the `readlink` and `stat` of `/proc/PID/exe` for every connection after a
+/// process's first.
+#[derive(Debug, Default)]
+pub struct ProcessCache {
+    entries: std::sync::Mutex<std::collections::HashMap<u32, (u64, ProcessInfo)>>,
+}
+
+impl ProcessCache {
+    /// Most processes remembered; the cache starts over when full.
+    const MAX: usize = 4096;
+
+    /// Like [`resolve_without_user`], from the cache when the process is the same one.
+    pub fn resolve(&self, tgid: u32) -> ProcessInfo {
+        let Some((ppid, start)) = std::fs::read_to_string(format!("/proc/{tgid}/stat"))
+            .ok()
+            .as_deref()
+            .and_then(parse_stat)
+        else {
+            // Gone already: nothing to resolve, nothing to cache.
+            return ProcessInfo::default();
+        };
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, info)) = entries.get(&tgid)
+            && *s == start
+        {
+            return info.clone();
+        }
+        drop(entries);
+        let info = resolve_rest(tgid, Some(ppid));
+        entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= Self::MAX {
+            entries.clear();
+        }
+        entries.insert(tgid, (start, info.clone()));
+        info
+    }
 }
 
 /// The user name of a uid, through the system's user database (NSS), so directory users resolve.
@@ -85,9 +132,36 @@ mod tests {
     }
 
     #[test]
-    fn parses_ppid_after_odd_comm() {
-        assert_eq!(parse_ppid("123 (a) b (c)) S 77 1 1"), Some(77));
-        assert_eq!(parse_ppid("garbage"), None);
+    fn parses_stat_after_odd_comm() {
+        let stat = "123 (a) b (c)) S 77 1 1 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 4242 1000 10";
+        assert_eq!(parse_stat(stat), Some((77, 4242)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn the_cache_answers_for_the_same_process_only() {
+        let cache = ProcessCache::default();
+        let me = std::process::id();
+        let first = cache.resolve(me);
+        assert_eq!(first.exe, std::env::current_exe().ok());
+        assert_eq!(cache.resolve(me), first);
+        // A cached entry with another start time (a reused pid) is not trusted.
+        cache.entries.lock().expect("lock").insert(
+            me,
+            (
+                0,
+                ProcessInfo {
+                    exe: Some("/bin/false".into()),
+                    ..ProcessInfo::default()
+                },
+            ),
+        );
+        assert_eq!(cache.resolve(me).exe, std::env::current_exe().ok());
+        assert_eq!(
+            cache.resolve(u32::MAX - 1),
+            ProcessInfo::default(),
+            "no such process"
+        );
     }
 
     #[test]
