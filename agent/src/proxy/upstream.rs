@@ -134,6 +134,11 @@ pub enum Proto {
     H2,
 }
 
+/// Largest read buffer of an upstream HTTP/1.1 connection (also its largest response head). Larger
+/// buffers did not move bulk data faster and, past the allocator's large-object threshold, cost a
+/// map and unmap per response.
+const UPSTREAM_BUF: usize = 64 * 1024;
+
 enum Idle {
     H1(Vec<hyper::client::conn::http1::SendRequest<ProxyBody>>),
     H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
@@ -402,7 +407,7 @@ impl Upstream {
         match proto {
             Proto::H1 => {
                 let (sender, conn) = hyper::client::conn::http1::Builder::new()
-                    .max_buf_size(1024 * 1024)
+                    .max_buf_size(UPSTREAM_BUF)
                     .handshake(io)
                     .await?;
                 tokio::spawn(async move {
