@@ -63,8 +63,10 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
+    let mut proxy_shared = None;
     if let Some(steering) = &steering {
         let shared = Arc::new(build_proxy(config, steering.clone(), stats.clone())?);
+        proxy_shared = Some(shared.clone());
         let proxy = Proxy::bind(shared).await?;
         tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
         tasks.spawn(named(
@@ -100,7 +102,7 @@ async fn supervise(
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break Ok(()); }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); break Ok(()); }
-            _ = hup.recv() => reload(config_path, config, steering.as_deref()),
+            _ = hup.recv() => reload(config_path, config, steering.as_deref(), proxy_shared.as_deref()),
             done = tasks.join_next() => {
                 // A supervised task never ends on its own while running: treat it as fatal.
                 break match done {
@@ -200,9 +202,9 @@ async fn heartbeat(
     }
 }
 
-/// Re-reads the config; applies what can change at runtime (steering set, fail mode). A broken
-/// file is reported and the running configuration kept.
-fn reload(path: &Path, running: &Config, steering: Option<&Steering>) {
+/// Re-reads the config; applies what can change at runtime (steering set, fail mode, the app
+/// catalogue and reject list). A broken file is reported and the running configuration kept.
+fn reload(path: &Path, running: &Config, steering: Option<&Steering>, proxy: Option<&Shared>) {
     let next = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -218,6 +220,15 @@ fn reload(path: &Path, running: &Config, steering: Option<&Steering>) {
         if let Err(e) = s.set_fail_mode(next.steer.fail_mode, next.steer.heartbeat_bound()) {
             tracing::error!(error = %e, "SIGHUP: fail mode not updated");
             return;
+        }
+    }
+    if let Some(p) = proxy {
+        match Catalog::new(&next.apps, &next.proxy.reject_hosts) {
+            Ok(c) => p.catalog.store(Arc::new(c)),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: app catalogue not updated");
+                return;
+            }
         }
     }
     if next.proxy.port != running.proxy.port || next.steer.cgroup != running.steer.cgroup {

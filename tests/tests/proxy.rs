@@ -42,6 +42,11 @@ impl Drop for Env {
 }
 
 fn env(tag: &str) -> Env {
+    env_with(tag, "")
+}
+
+/// An environment whose `[proxy]` table gets `extra` lines.
+fn env_with(tag: &str, extra: &str) -> Env {
     require_root();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -85,6 +90,7 @@ include = [{{ cidr = "{ip}/32", ports = [{port}, {plain_port}] }}]
 [proxy]
 port = {proxy_port}
 plain_http_ports = [{plain_port}]
+{extra}
 [admin]
 listen = "{admin}"
 [tls]
@@ -574,4 +580,84 @@ fn plain_http_to_a_catalogued_app_is_intercepted_and_other_plain_traffic_spliced
         "other plain HTTP is spliced: {st}"
     );
     assert_eq!(e.plain.requests().len(), 2);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn idle_intercepted_connections_are_closed_http2_included() {
+    let e = env_with("px-idle", "idle_timeout_s = 1");
+    let probe = bin("sluice-probe");
+    for alpn in ["h2", "http/1.1"] {
+        let out = InCgroup::at(&e.cg.dir)
+            .run(
+                &probe,
+                &[
+                    "idle".into(),
+                    e.origin.addr.to_string(),
+                    "good.test".into(),
+                    e.sluice_ca.display().to_string(),
+                    alpn.into(),
+                ],
+            )
+            .expect("probe");
+        let ms: u64 = out
+            .trim()
+            .strip_prefix("closed after ")
+            .and_then(|v| v.strip_suffix(" ms"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{alpn}: {out}"));
+        assert!(
+            (900..10_000).contains(&ms),
+            "{alpn}: closed after {ms} ms with a 1 s idle timeout"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root"]
+fn sighup_reloads_the_app_catalogue_without_a_restart() {
+    let e = env("px-reload");
+    e.curl(
+        &e.test_ca,
+        &["-o", "/dev/null", &e.url("splice.test", "/hello")],
+    )
+    .expect("spliced before");
+    assert_eq!(e.status()["proxy"]["spliced"], 1);
+    let cfg = e.dir.join("agent.toml");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(
+        &cfg,
+        text.replace("\"h.test\"]", "\"h.test\", \"splice.test\"]"),
+    )
+    .expect("write");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(e.agent_pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    assert!(
+        wait_until(Duration::from_secs(5), || e
+            .curl(
+                &e.sluice_ca,
+                &["-o", "/dev/null", &e.url("splice.test", "/hello")]
+            )
+            .is_ok()),
+        "splice.test is intercepted after the reload"
+    );
+    let st = e.status();
+    assert_eq!(st["proxy"]["intercepted"], 1, "{st}");
+    // A broken file is refused and the running catalogue kept.
+    std::fs::write(&cfg, "[proxy\nbroken").expect("write");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(e.agent_pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    std::thread::sleep(Duration::from_millis(300));
+    e.curl(
+        &e.sluice_ca,
+        &["-o", "/dev/null", &e.url("splice.test", "/hello")],
+    )
+    .expect("still intercepted after a bad reload");
+    assert!(e.agent.status().is_ok(), "the agent is still running");
 }

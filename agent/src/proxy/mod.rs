@@ -14,6 +14,7 @@ pub mod ca;
 pub mod catalog;
 pub mod hooks;
 pub mod http;
+mod idle;
 pub mod pages;
 pub mod peek;
 pub mod record;
@@ -195,8 +196,9 @@ pub struct Shared {
     pub origins: Arc<dyn OriginSource>,
     /// Counters.
     pub stats: Arc<ProxyStats>,
-    /// The catalogue.
-    pub catalog: Arc<Catalog>,
+    /// The catalogue, swapped whole on reload (connections in progress keep the one they began
+    /// with).
+    pub catalog: arc_swap::ArcSwap<Catalog>,
     /// Minted leaves.
     pub leaves: Arc<LeafCache>,
     /// Upstream connections.
@@ -235,7 +237,7 @@ impl Shared {
         Self {
             origins,
             stats,
-            catalog,
+            catalog: arc_swap::ArcSwap::new(catalog),
             leaves,
             upstream,
             hooks,
@@ -439,7 +441,7 @@ pub async fn handle(
                 )
                 .await
                 && let Some(host) = plain_http_host(&prefix)
-                && let Decision::Intercept(app) = shared.catalog.decide(&host)
+                && let Decision::Intercept(app) = shared.catalog.load().decide(&host)
             {
                 let target = Target {
                     dst: origin.dst,
@@ -475,7 +477,7 @@ pub async fn handle(
                 .sni
                 .clone()
                 .unwrap_or_else(|| origin.dst.ip().to_string());
-            match shared.catalog.decide(&name) {
+            match shared.catalog.load().decide(&name) {
                 Decision::Reject => {
                     stats.rejected.fetch_add(1, Ordering::Relaxed);
                     shared.reporter.connection(conn_record(
@@ -679,7 +681,20 @@ async fn serve<I>(
         let (sess, shared) = (sess.clone(), shared.clone());
         service_fn(move |req| http::handle(sess.clone(), shared.clone(), req))
     };
-    let io = TokioIo::new(io);
+    let activity = idle::Activity::new();
+    let io = TokioIo::new(idle::IdleIo::new(io, activity.clone()));
+    let idle_limit = Duration::from_secs(s.idle_timeout_s.max(1));
+    // Resolves when the connection has been quiet both ways for the idle timeout.
+    let quiet = async {
+        let mut tick = tokio::time::interval(idle_limit / 4);
+        loop {
+            tick.tick().await;
+            if activity.quiet_for() >= idle_limit {
+                return;
+            }
+        }
+    };
+    tokio::pin!(quiet);
     match sess.client_proto {
         Proto::H1 => {
             let conn = hyper::server::conn::http1::Builder::new()
@@ -696,6 +711,12 @@ async fn serve<I>(
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
+                _ = &mut quiet => {
+                    // Nothing moved either way for the idle timeout (longer than the response
+                    // timeout by default, so no request is waiting): say goodbye and close.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                }
             }
         }
         Proto::H2 => {
@@ -706,8 +727,6 @@ async fn serve<I>(
                 .initial_stream_window_size(4 * 1024 * 1024)
                 .initial_connection_window_size(8 * 1024 * 1024)
                 .max_frame_size(64 * 1024)
-                .keep_alive_interval(Some(Duration::from_secs(s.idle_timeout_s.max(2) / 2)))
-                .keep_alive_timeout(Duration::from_secs(20))
                 .serve_connection(io, svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -715,6 +734,12 @@ async fn serve<I>(
                 _ = shutdown.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
+                }
+                _ = &mut quiet => {
+                    // Nothing moved either way for the idle timeout (longer than the response
+                    // timeout by default, so no request is waiting): say goodbye and close.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
                 }
             }
         }

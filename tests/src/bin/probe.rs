@@ -7,6 +7,8 @@
 //! - `sluice-probe gen N`: writes N bytes of the test pattern to stdout.
 //! - `sluice-probe wss ADDR NAME CA_PEM`: WebSocket over TLS to ADDR with SNI NAME, trusting CA_PEM;
 //!   sends a masked frame and prints `echo ok` when the same bytes come back.
+//! - `sluice-probe idle ADDR NAME CA_PEM h2|http/1.1`: completes a TLS handshake, then sends
+//!   nothing; prints `closed after N ms` when the server closes the connection (at most 30 s).
 //! - `sluice-probe hello ADDR garbage|truncated`: sends a bad ClientHello; prints `closed` when the
 //!   server closes the connection.
 
@@ -57,6 +59,7 @@ fn run(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
         Some("tcp") => tcp(addr, args),
         Some("wss") => wss(addr, args),
+        Some("idle") => idle(addr, args),
         Some("hello") => bad_hello(addr, args.get(2).map(String::as_str).unwrap_or("garbage")),
         Some("udp") => udp(addr, args.get(2).map(String::as_str).unwrap_or("connect")),
         _ => Err("usage: sluice-probe tcp|udp ADDR ...".into()),
@@ -253,5 +256,54 @@ fn wss(addr: SocketAddr, args: &[String]) -> Result<(), String> {
         return Err("echo differs".into());
     }
     println!("echo ok");
+    Ok(())
+}
+
+fn idle(addr: SocketAddr, args: &[String]) -> Result<(), String> {
+    use std::io::Read as _;
+    let name = args.get(2).ok_or("idle needs NAME")?.clone();
+    let ca = args.get(3).ok_or("idle needs CA_PEM")?;
+    let alpn = args.get(4).cloned().unwrap_or_else(|| "h2".into());
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject as _;
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.into_bytes()];
+    let server = rustls_pki_types::ServerName::try_from(name).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), server)
+        .map_err(|e| e.to_string())?;
+    let tcp =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let start = std::time::Instant::now();
+    // Reading drives the handshake; then whatever the server sends (an HTTP/2 SETTINGS or GOAWAY)
+    // is drained until it closes.
+    let mut buf = [0u8; 4096];
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return Err("the server kept the idle connection open for 30 s".into());
+            }
+            Err(_) => break,
+        }
+    }
+    println!("closed after {} ms", start.elapsed().as_millis());
     Ok(())
 }
