@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bundle;
 pub mod config;
 pub mod proxy;
 pub mod steer;

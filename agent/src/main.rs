@@ -4,6 +4,14 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
+/// Prints a line; a closed stdout (`sluice ... | head`) is not an error worth a panic.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 // The proxy allocates and frees many small buffers per request (heads, TLS records, body frames);
 // mimalloc's thread-local free lists measured fewer CPU cycles per request than glibc malloc.
 #[global_allocator]
@@ -39,11 +47,67 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Create a bundle signing key pair (ES256): DIR/bundle-signing.key (0600) and .pub.
+    Keygen {
+        /// Where to write the keys.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Policy bundles: build, sign, verify, inspect.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+    },
     /// Print the running agent's status (from its admin endpoint).
     Status {
         /// The admin endpoint.
         #[arg(long, default_value = "127.0.0.1:15090")]
         admin: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Pack a directory into a bundle (unsigned).
+    Build {
+        /// The bundle's source directory.
+        dir: PathBuf,
+        /// The archive to write.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// The revision (overrides the directory's .manifest).
+        #[arg(long)]
+        revision: Option<String>,
+    },
+    /// Sign a bundle: the signature covers the SHA-256 of every file.
+    Sign {
+        /// The bundle.
+        bundle: PathBuf,
+        /// The private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// The key id written in the signature.
+        #[arg(long, default_value = "sluice")]
+        key_id: String,
+        /// Where to write the signed bundle (default: in place).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Verify a bundle's signature and file list.
+    Verify {
+        /// The bundle.
+        bundle: PathBuf,
+        /// The public key (PEM).
+        #[arg(long = "pub")]
+        public: PathBuf,
+    },
+    /// Show a bundle's manifest and files (verified when --pub is given).
+    Inspect {
+        /// The bundle.
+        bundle: PathBuf,
+        /// The public key (PEM).
+        #[arg(long = "pub")]
+        public: Option<PathBuf>,
     },
 }
 
@@ -107,8 +171,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             command: ConfigCommand::Check { config },
         } => {
             let cfg = Config::load(&config)?;
-            println!("{cfg:#?}");
-            println!("{}: ok", config.display());
+            say!("{cfg:#?}");
+            say!("{}: ok", config.display());
             Ok(())
         }
         Command::Ca {
@@ -128,7 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let path = sluice::proxy::ca::init(dir, &name)?;
-            println!(
+            say!(
                 "created {} (key {} is 0600 and never leaves this host)",
                 path.display(),
                 cfg.ca_key_path().display()
@@ -140,9 +204,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg = Config::load(&config)?;
             let ca = sluice::proxy::ca::Ca::load(&cfg.ca_cert_path(), &cfg.ca_key_path())?;
-            print!("{}", ca.cert_pem());
+            {
+                use std::io::Write as _;
+                let _ = write!(std::io::stdout(), "{}", ca.cert_pem());
+            }
             Ok(())
         }
+        Command::Keygen { out } => {
+            let (key, public) = sluice::bundle::keygen(&out)?;
+            say!(
+                "private key {} (0600, keep it with the central team)\npublic key  {} (give it to agents)",
+                key.display(),
+                public.display()
+            );
+            Ok(())
+        }
+        Command::Bundle { command } => bundle_command(command),
         Command::Status { admin } => {
             use std::io::{Read as _, Write as _};
             let mut s =
@@ -155,8 +232,83 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut resp = String::new();
             s.read_to_string(&mut resp)?;
             let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or(&resp);
-            println!("{body}");
+            say!("{body}");
             Ok(())
         }
     }
+}
+
+fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
+    use sluice::bundle::{Archive, Limits, build, jws};
+    let verifying = |p: &std::path::Path| -> anyhow::Result<jws::VerifyingKey> {
+        Ok(jws::VerifyingKey::from_pem(&String::from_utf8_lossy(
+            &read(p)?,
+        ))?)
+    };
+    match command {
+        BundleCommand::Build { dir, out, revision } => {
+            let archive = build(&dir, revision.as_deref())?;
+            std::fs::write(&out, archive.write()?)?;
+            say!(
+                "wrote {} ({} files, unsigned)",
+                out.display(),
+                archive.files.len()
+            );
+        }
+        BundleCommand::Sign {
+            bundle,
+            key,
+            key_id,
+            out,
+        } => {
+            let mut archive = Archive::read(&read(&bundle)?, &Limits::default())?;
+            let key = jws::SigningKey::from_pem(&String::from_utf8_lossy(&read(&key)?))?;
+            archive.sign(&key, &key_id)?;
+            let out = out.unwrap_or(bundle);
+            std::fs::write(&out, archive.write()?)?;
+            say!(
+                "signed {} ({} files)",
+                out.display(),
+                archive.files.len() - 1
+            );
+        }
+        BundleCommand::Verify { bundle, public } => {
+            let v =
+                Archive::read(&read(&bundle)?, &Limits::default())?.verify(&verifying(&public)?)?;
+            say!(
+                "ok: revision {}, {} files, key {}",
+                v.manifest.revision,
+                v.files.len(),
+                v.key_id.as_deref().unwrap_or("-")
+            );
+        }
+        BundleCommand::Inspect { bundle, public } => {
+            let archive = Archive::read(&read(&bundle)?, &Limits::default())?;
+            let files: Vec<serde_json::Value> = archive
+                .files
+                .iter()
+                .map(|(n, d)| serde_json::json!({ "name": n, "bytes": d.len() }))
+                .collect();
+            let verified = match public {
+                Some(p) => Some(archive.clone().verify(&verifying(&p)?).map(|v| v.manifest)),
+                None => None,
+            };
+            let doc = serde_json::json!({
+                "files": files,
+                "signed": archive.files.contains_key(sluice::bundle::SIGNATURES),
+                "verified": verified.as_ref().map(|r| r.is_ok()),
+                "manifest": match &verified {
+                    Some(Ok(m)) => serde_json::to_value(m)?,
+                    Some(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+                    None => serde_json::json!("not verified: give --pub to read it"),
+                },
+            });
+            say!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+    }
+    Ok(())
 }
