@@ -8,5 +8,6 @@ pub mod admin;
 pub mod app;
 pub mod bundle;
 pub mod config;
+pub mod policy;
 pub mod proxy;
 pub mod steer;

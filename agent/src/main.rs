@@ -58,11 +58,36 @@ enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// Policies: run a bundle's tests, explain a decision.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Print the running agent's status (from its admin endpoint).
     Status {
         /// The admin endpoint.
         #[arg(long, default_value = "127.0.0.1:15090")]
         admin: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a bundle (directory or archive) and run the tests it ships (tests/*.yaml).
+    Test {
+        /// Bundle source directory or .tar.gz.
+        bundle: PathBuf,
+    },
+    /// For one input (a YAML file of facts), show which filters of which policy held.
+    Explain {
+        /// Bundle source directory or .tar.gz.
+        bundle: PathBuf,
+        /// `access` or `session`.
+        #[arg(long)]
+        kind: String,
+        /// The input facts (YAML: app, user, device, source, client, process, activity, file).
+        #[arg(long)]
+        input: PathBuf,
     },
 }
 
@@ -220,6 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bundle { command } => bundle_command(command),
+        Command::Policy { command } => policy_command(command),
         Command::Status { admin } => {
             use std::io::{Read as _, Write as _};
             let mut s =
@@ -306,6 +332,68 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
                     Some(Err(e)) => serde_json::json!({ "error": e.to_string() }),
                     None => serde_json::json!("not verified: give --pub to read it"),
                 },
+            });
+            say!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+    }
+    Ok(())
+}
+
+/// Loads and compiles a bundle from a directory or an archive (archives are not verified here:
+/// `sluice bundle verify` does that).
+fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice::policy::PolicySet> {
+    use sluice::bundle::{Archive, Limits, MANIFEST, Manifest};
+    let archive = if path.is_dir() {
+        Archive::from_dir(path)?
+    } else {
+        Archive::read(&read(path)?, &Limits::default())?
+    };
+    let revision = archive
+        .files
+        .get(MANIFEST)
+        .and_then(|m| serde_json::from_slice::<Manifest>(m).ok())
+        .map(|m| m.revision)
+        .unwrap_or_else(|| "unversioned".into());
+    let mut files = archive.files;
+    files.remove(sluice::bundle::SIGNATURES);
+    Ok(sluice::policy::PolicySet::compile(&revision, &files)?)
+}
+
+fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
+    use sluice::policy::model::{Input, Kind};
+    match command {
+        PolicyCommand::Test { bundle } => {
+            let set = load_policies(&bundle)?;
+            let (passed, failures) = set.run_tests();
+            for f in &failures {
+                say!("FAIL {f}");
+            }
+            say!(
+                "{} policies, {passed} tests passed, {} failed",
+                set.len(),
+                failures.len()
+            );
+            if !failures.is_empty() {
+                anyhow::bail!("{} policy tests failed", failures.len());
+            }
+        }
+        PolicyCommand::Explain {
+            bundle,
+            kind,
+            input,
+        } => {
+            let set = load_policies(&bundle)?;
+            let kind = match kind.as_str() {
+                "access" => Kind::Access,
+                "session" => Kind::Session,
+                other => anyhow::bail!("--kind must be access or session, not `{other}`"),
+            };
+            let text = String::from_utf8(read(&input)?)?;
+            let facts: Input = serde_norway::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+            let doc = serde_json::json!({
+                "decision": set.decide(kind, &facts),
+                "policies": set.explain(kind, &facts),
             });
             say!("{}", serde_json::to_string_pretty(&doc)?);
         }

@@ -1,0 +1,913 @@
+//! The policy engine: parses a bundle's YAML ([`model`]), validates every reference before anything
+//! is enforced (errors name the file and line), compiles policies into per-app indexes, and decides:
+//! the most restrictive matching action wins (block > protect > apply-label > monitor > allow), ties
+//! go to the higher priority, and every decision lists all the policies that matched.
+//!
+//! Deciding allocates nothing beyond the result: users, groups and ranges are resolved to indexes
+//! at compile time, and matching compares borrowed strings and integers.
+
+pub mod model;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+};
+
+use serde::Serialize;
+
+use self::model::*;
+use crate::config::Cidr;
+
+/// A validation error, located.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct PolicyError {
+    /// The bundle file.
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The 1-based line of the first occurrence of `needle` at or after the line holding `anchor`.
+fn line_of(text: &str, anchor: &str, needle: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| l.contains(anchor)).unwrap_or(0);
+    lines
+        .iter()
+        .enumerate()
+        .skip(start)
+        .find(|(_, l)| l.contains(needle))
+        .map(|(i, _)| i + 1)
+        .or(Some(start + 1))
+}
+
+fn parse<T: serde::de::DeserializeOwned + Default>(
+    files: &BTreeMap<String, Vec<u8>>,
+    name: &str,
+) -> Result<(T, String), PolicyError> {
+    let Some(bytes) = files.get(name) else {
+        return Ok((T::default(), String::new()));
+    };
+    let text = std::str::from_utf8(bytes).map_err(|_| PolicyError {
+        file: name.into(),
+        line: None,
+        message: "not UTF-8".into(),
+    })?;
+    let value = serde_norway::from_str(text).map_err(|e| PolicyError {
+        file: name.into(),
+        line: e.location().map(|l| l.line()),
+        message: e.to_string(),
+    })?;
+    Ok((value, text.to_owned()))
+}
+
+/// Simple glob: `*` any run, `?` one character; case-sensitive.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == b'*')
+}
+
+#[derive(Debug)]
+struct UserEntry {
+    id: String,
+    email: String,
+    groups: Vec<u32>,
+    guest: bool,
+}
+
+#[derive(Debug)]
+struct Compiled {
+    id: String,
+    kind: Kind,
+    priority: i32,
+    action: Action,
+    apps: Vec<String>,
+    users: Vec<String>,
+    groups: Vec<u32>,
+    guest: Option<bool>,
+    devices: Vec<Device>,
+    ranges: Vec<Cidr>,
+    not_ranges: Vec<Cidr>,
+    clients: Vec<Client>,
+    process: Option<ProcessFilter>,
+    activities: Vec<Activity>,
+    file: Option<CompiledFile>,
+    message: Option<String>,
+    label: Option<String>,
+    permissions: Option<Vec<String>>,
+    replace_label: bool,
+}
+
+#[derive(Debug)]
+struct CompiledFile {
+    name: Vec<String>,
+    extension: Vec<String>,
+    min_size: Option<u64>,
+    max_size: Option<u64>,
+    types: Vec<String>,
+    label: Option<LabelFilter>,
+    dlp: Vec<DlpFilter>,
+}
+
+/// A compiled, validated policy set. Swapped whole when a new bundle is activated.
+#[derive(Debug)]
+pub struct PolicySet {
+    /// The bundle revision it came from.
+    pub revision: String,
+    policies: Vec<Compiled>,
+    /// Policy indexes per app: (access, session), each in precedence order.
+    by_app: HashMap<String, (Vec<u32>, Vec<u32>)>,
+    /// Policies without an app filter: (access, session).
+    any_app: (Vec<u32>, Vec<u32>),
+    users: HashMap<String, usize>,
+    user_list: Vec<UserEntry>,
+    local_users: HashMap<String, usize>,
+    org_domains: Vec<String>,
+    /// Label catalogue by id.
+    pub labels: BTreeMap<String, Label>,
+    /// Message templates by id.
+    pub templates: BTreeMap<String, Template>,
+    tests: Vec<(String, TestCase)>,
+}
+
+/// The outcome of a decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// The action to take.
+    pub action: Action,
+    /// The policy whose action won (none: nothing matched, allowed).
+    pub policy: Option<String>,
+    /// Every policy that matched, most restrictive first.
+    pub matched: Vec<String>,
+    /// Message template (block).
+    pub message: Option<String>,
+    /// Label (apply-label, protect).
+    pub label: Option<String>,
+    /// Permissions (protect).
+    pub permissions: Option<Vec<String>>,
+    /// Replace an existing label.
+    pub replace_label: bool,
+}
+
+/// Why a policy matched or not (`sluice policy explain`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    /// Policy id.
+    pub policy: String,
+    /// Whether it matched.
+    pub matched: bool,
+    /// Each filter the policy has, and whether it held.
+    pub filters: Vec<(String, bool)>,
+}
+
+const DOC_FILES: [&str; 5] = [
+    "directory.yaml",
+    "ranges.yaml",
+    "labels.yaml",
+    "templates.yaml",
+    "catalog.yaml",
+];
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    #[serde(default)]
+    apps: Vec<crate::config::AppSettings>,
+}
+
+impl PolicySet {
+    /// Validates and compiles a bundle's files (`directory.yaml`, `ranges.yaml`, `labels.yaml`,
+    /// `templates.yaml`, `catalog.yaml`, `policies/*.yaml`, `tests/*.yaml`).
+    pub fn compile(revision: &str, files: &BTreeMap<String, Vec<u8>>) -> Result<Self, PolicyError> {
+        for name in files.keys() {
+            let known = DOC_FILES.contains(&name.as_str())
+                || name.starts_with('.')
+                || (name.starts_with("policies/") || name.starts_with("tests/"))
+                    && name.ends_with(".yaml")
+                || name.ends_with(".md");
+            if !known {
+                return Err(PolicyError {
+                    file: name.clone(),
+                    line: None,
+                    message: "unexpected file in the bundle (known: directory.yaml, ranges.yaml, labels.yaml, templates.yaml, catalog.yaml, policies/*.yaml, tests/*.yaml)".into(),
+                });
+            }
+        }
+        let (dir, dir_text): (Directory, String) = parse(files, "directory.yaml")?;
+        let (ranges, ranges_text): (Ranges, String) = parse(files, "ranges.yaml")?;
+        let (labels, labels_text): (Labels, String) = parse(files, "labels.yaml")?;
+        let (templates, _): (Templates, String) = parse(files, "templates.yaml")?;
+        let (catalog, _): (CatalogFile, String) = parse(files, "catalog.yaml")?;
+
+        let err =
+            |file: &str, text: &str, anchor: &str, needle: &str, message: String| PolicyError {
+                file: file.into(),
+                line: line_of(text, anchor, needle),
+                message,
+            };
+
+        // Directory.
+        let mut group_index = HashMap::new();
+        for g in &dir.groups {
+            let n = group_index.len() as u32;
+            if group_index.insert(g.clone(), n).is_some() {
+                return Err(err(
+                    "directory.yaml",
+                    &dir_text,
+                    g,
+                    g,
+                    format!("group `{g}` is declared twice"),
+                ));
+            }
+        }
+        let guest_groups: HashSet<u32> = dir
+            .guest_groups
+            .iter()
+            .map(|g| {
+                group_index.get(g).copied().ok_or_else(|| {
+                    err(
+                        "directory.yaml",
+                        &dir_text,
+                        "guest_groups",
+                        g,
+                        format!("guest group `{g}` is not a declared group"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let org_domains: Vec<String> = dir
+            .org_domains
+            .iter()
+            .map(|d| d.to_ascii_lowercase())
+            .collect();
+        let mut users = HashMap::new();
+        let mut user_list = Vec::new();
+        let mut local_users = HashMap::new();
+        for u in &dir.users {
+            let mut groups = Vec::new();
+            for g in &u.groups {
+                groups.push(*group_index.get(g).ok_or_else(|| {
+                    err(
+                        "directory.yaml",
+                        &dir_text,
+                        &u.id,
+                        g,
+                        format!("user `{}`: group `{g}` is not declared", u.id),
+                    )
+                })?);
+            }
+            let email = u.email.to_ascii_lowercase();
+            if !email.contains('@') {
+                return Err(err(
+                    "directory.yaml",
+                    &dir_text,
+                    &u.id,
+                    &u.email,
+                    format!("user `{}`: `{}` is not an e-mail address", u.id, u.email),
+                ));
+            }
+            let guest = !domain_is_org(&email, &org_domains)
+                || groups.iter().any(|g| guest_groups.contains(g));
+            let idx = user_list.len();
+            for key in [u.id.to_ascii_lowercase(), email.clone()] {
+                if users.insert(key.clone(), idx).is_some() {
+                    return Err(err(
+                        "directory.yaml",
+                        &dir_text,
+                        &u.id,
+                        &u.id,
+                        format!("user `{key}` appears twice"),
+                    ));
+                }
+            }
+            for l in &u.local_users {
+                local_users.insert(l.clone(), idx);
+            }
+            user_list.push(UserEntry {
+                id: u.id.clone(),
+                email,
+                groups,
+                guest,
+            });
+        }
+
+        // Ranges.
+        let mut named: HashMap<String, Vec<Cidr>> = HashMap::new();
+        for (name, cidrs) in &ranges.ranges {
+            let parsed = cidrs
+                .iter()
+                .map(|c| {
+                    c.parse::<Cidr>().map_err(|e| {
+                        err(
+                            "ranges.yaml",
+                            &ranges_text,
+                            name,
+                            c,
+                            format!("range `{name}`: {e}"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            named.insert(name.clone(), parsed);
+        }
+
+        // Labels.
+        let mut label_map = BTreeMap::new();
+        for l in &labels.labels {
+            let guid = l.guid.trim_matches(|c| c == '{' || c == '}');
+            if guid.len() != 36 || !guid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                return Err(err(
+                    "labels.yaml",
+                    &labels_text,
+                    &l.id,
+                    &l.guid,
+                    format!("label `{}`: `{}` is not a GUID", l.id, l.guid),
+                ));
+            }
+            if label_map.insert(l.id.clone(), l.clone()).is_some() {
+                return Err(err(
+                    "labels.yaml",
+                    &labels_text,
+                    &l.id,
+                    &l.id,
+                    format!("label `{}` is declared twice", l.id),
+                ));
+            }
+        }
+        let app_ids: HashSet<&str> = catalog.apps.iter().map(|a| a.id.as_str()).collect();
+
+        // Policies.
+        let mut policies = Vec::new();
+        let mut ids = HashSet::new();
+        for (file, bytes) in files.iter().filter(|(n, _)| n.starts_with("policies/")) {
+            let text = String::from_utf8_lossy(bytes).into_owned();
+            let pf: PolicyFile = serde_norway::from_str(&text).map_err(|e| PolicyError {
+                file: file.clone(),
+                line: e.location().map(|l| l.line()),
+                message: e.to_string(),
+            })?;
+            for p in pf.policies {
+                let bad = |needle: &str, message: String| {
+                    err(
+                        file,
+                        &text,
+                        &format!("id: {}", p.id),
+                        needle,
+                        format!("policy `{}`: {message}", p.id),
+                    )
+                };
+                if !ids.insert(p.id.clone()) {
+                    return Err(bad(&p.id, "the id is used twice".into()));
+                }
+                let w = &p.when;
+                if p.kind == Kind::Access && (!w.activities.is_empty() || w.file.is_some()) {
+                    return Err(bad(
+                        "activities",
+                        "activity and file filters belong to session policies".into(),
+                    ));
+                }
+                for a in &w.apps {
+                    if !app_ids.is_empty() && !app_ids.contains(a.as_str()) {
+                        return Err(bad(a, format!("app `{a}` is not in the catalogue")));
+                    }
+                }
+                for u in &w.users {
+                    if !users.contains_key(&u.to_ascii_lowercase()) {
+                        return Err(bad(u, format!("user `{u}` is not in the directory")));
+                    }
+                }
+                let mut groups = Vec::new();
+                for g in &w.groups {
+                    groups.push(
+                        *group_index.get(g).ok_or_else(|| {
+                            bad(g, format!("group `{g}` is not in the directory"))
+                        })?,
+                    );
+                }
+                let mut cidrs = Vec::new();
+                for r in &w.ranges {
+                    cidrs.extend(named.get(r).ok_or_else(|| {
+                        bad(r, format!("range `{r}` is not defined in ranges.yaml"))
+                    })?);
+                }
+                for c in &w.cidrs {
+                    cidrs.push(c.parse::<Cidr>().map_err(|e| bad(c, e))?);
+                }
+                let mut not_ranges = Vec::new();
+                for r in &w.not_ranges {
+                    not_ranges.extend(named.get(r).ok_or_else(|| {
+                        bad(r, format!("range `{r}` is not defined in ranges.yaml"))
+                    })?);
+                }
+                if let Some(f) = &w.file
+                    && let Some(lf) = &f.label
+                {
+                    for l in lf.any_of.iter().chain(&lf.none_of) {
+                        if !label_map.contains_key(l) {
+                            return Err(bad(l, format!("label `{l}` is not in labels.yaml")));
+                        }
+                    }
+                }
+                match p.action {
+                    Action::Block => {
+                        let m = p.message.as_deref().ok_or_else(|| {
+                            bad("action", "block needs a message template".into())
+                        })?;
+                        if !templates.templates.contains_key(m) {
+                            return Err(bad(
+                                m,
+                                format!("message template `{m}` is not in templates.yaml"),
+                            ));
+                        }
+                    }
+                    Action::ApplyLabel | Action::Protect => {
+                        if p.kind != Kind::Session {
+                            return Err(bad(
+                                "action",
+                                format!("{} is a session action", p.action.as_str()),
+                            ));
+                        }
+                        let l = p.label.as_deref().ok_or_else(|| {
+                            bad("action", format!("{} needs a label", p.action.as_str()))
+                        })?;
+                        let label = label_map
+                            .get(l)
+                            .ok_or_else(|| bad(l, format!("label `{l}` is not in labels.yaml")))?;
+                        if p.action == Action::Protect
+                            && p.permissions.is_none()
+                            && label.protection.is_none()
+                        {
+                            return Err(bad(
+                                l,
+                                format!(
+                                    "protect needs permissions, or label `{l}` needs a protection template"
+                                ),
+                            ));
+                        }
+                    }
+                    Action::Allow | Action::Monitor => {}
+                }
+                if !p.enabled {
+                    continue;
+                }
+                let file = w.file.clone().map(|f| CompiledFile {
+                    name: f.name,
+                    extension: f
+                        .extension
+                        .iter()
+                        .map(|e| e.trim_start_matches('.').to_ascii_lowercase())
+                        .collect(),
+                    min_size: f.min_size,
+                    max_size: f.max_size,
+                    types: f.types.iter().map(|t| t.to_ascii_lowercase()).collect(),
+                    label: f.label,
+                    dlp: f.dlp,
+                });
+                let permissions = match p.action {
+                    Action::Protect => p.permissions.clone().or_else(|| {
+                        p.label
+                            .as_ref()
+                            .and_then(|l| label_map.get(l))
+                            .and_then(|l| l.protection.clone())
+                    }),
+                    _ => None,
+                };
+                policies.push(Compiled {
+                    id: p.id.clone(),
+                    kind: p.kind,
+                    priority: p.priority,
+                    action: p.action,
+                    apps: w.apps.clone(),
+                    users: w.users.iter().map(|u| u.to_ascii_lowercase()).collect(),
+                    groups,
+                    guest: w.guest,
+                    devices: w.devices.clone(),
+                    ranges: cidrs,
+                    not_ranges,
+                    clients: w.clients.clone(),
+                    process: w.process.clone(),
+                    activities: w.activities.clone(),
+                    file,
+                    message: p.message.clone(),
+                    label: p.label.clone(),
+                    permissions,
+                    replace_label: p.replace_label,
+                });
+            }
+        }
+        // Most restrictive first, then priority, then id: the first match is the winner.
+        policies.sort_by(|a, b| {
+            b.action
+                .cmp(&a.action)
+                .then(b.priority.cmp(&a.priority))
+                .then(a.id.cmp(&b.id))
+        });
+        let mut by_app: HashMap<String, (Vec<u32>, Vec<u32>)> = HashMap::new();
+        let mut any_app: (Vec<u32>, Vec<u32>) = Default::default();
+        let pick = |pair: &mut (Vec<u32>, Vec<u32>), kind: Kind, i: u32| match kind {
+            Kind::Access => pair.0.push(i),
+            Kind::Session => pair.1.push(i),
+        };
+        for (i, p) in policies.iter().enumerate() {
+            if p.apps.is_empty() {
+                pick(&mut any_app, p.kind, i as u32);
+            } else {
+                for a in &p.apps {
+                    pick(by_app.entry(a.clone()).or_default(), p.kind, i as u32);
+                }
+            }
+        }
+
+        let mut tests = Vec::new();
+        for (file, bytes) in files.iter().filter(|(n, _)| n.starts_with("tests/")) {
+            let text = String::from_utf8_lossy(bytes);
+            let tf: TestFile = serde_norway::from_str(&text).map_err(|e| PolicyError {
+                file: file.clone(),
+                line: e.location().map(|l| l.line()),
+                message: e.to_string(),
+            })?;
+            for t in tf.tests {
+                if let Some(ps) = &t.policies {
+                    for p in ps {
+                        if !ids.contains(p) {
+                            return Err(err(
+                                file,
+                                &text,
+                                &t.name,
+                                p,
+                                format!("test `{}`: policy `{p}` does not exist", t.name),
+                            ));
+                        }
+                    }
+                }
+                tests.push((file.clone(), t));
+            }
+        }
+
+        Ok(Self {
+            revision: revision.to_owned(),
+            policies,
+            by_app,
+            any_app,
+            users,
+            user_list,
+            local_users,
+            org_domains,
+            labels: label_map,
+            templates: templates.templates,
+            tests,
+        })
+    }
+
+    /// Number of enabled policies.
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// Whether there are no enabled policies.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    fn user<'a>(&'a self, input: &Input) -> Option<&'a UserEntry> {
+        let by_name = input.user.as_deref().and_then(|u| {
+            self.users
+                .get(u)
+                .or_else(|| self.users.get(u.to_ascii_lowercase().as_str()))
+        });
+        let by_local = || {
+            input
+                .process
+                .as_ref()
+                .and_then(|p| p.user.as_deref())
+                .and_then(|l| self.local_users.get(l))
+        };
+        by_name.or_else(by_local).map(|i| &self.user_list[*i])
+    }
+
+    fn candidates<'a>(&'a self, kind: Kind, app: &str) -> impl Iterator<Item = &'a Compiled> + 'a {
+        let side = |pair: &'a (Vec<u32>, Vec<u32>)| match kind {
+            Kind::Access => pair.0.as_slice(),
+            Kind::Session => pair.1.as_slice(),
+        };
+        let specific = self.by_app.get(app).map(side).unwrap_or(&[]);
+        let general = side(&self.any_app);
+        // Both lists are in precedence order (ascending index); merging them keeps that order, so
+        // the first match is the winner. No allocation.
+        Merge {
+            a: specific,
+            b: general,
+        }
+        .map(move |i| &self.policies[i as usize])
+    }
+
+    /// Decides for `input`.
+    pub fn decide(&self, kind: Kind, input: &Input) -> Decision {
+        let user = self.user(input);
+        let mut winner: Option<&Compiled> = None;
+        let mut matched = Vec::new();
+        for p in self.candidates(kind, &input.app) {
+            if self.check(p, input, user, &mut |_, _| {}) {
+                if winner.is_none() {
+                    winner = Some(p);
+                }
+                matched.push(p.id.clone());
+            }
+        }
+        match winner {
+            Some(p) => Decision {
+                action: p.action,
+                policy: Some(p.id.clone()),
+                matched,
+                message: p.message.clone(),
+                label: p.label.clone(),
+                permissions: p.permissions.clone(),
+                replace_label: p.replace_label,
+            },
+            None => Decision {
+                action: Action::Allow,
+                policy: None,
+                matched,
+                message: None,
+                label: None,
+                permissions: None,
+                replace_label: false,
+            },
+        }
+    }
+
+    /// For every policy of `kind` that applies to the app, which filters held.
+    pub fn explain(&self, kind: Kind, input: &Input) -> Vec<Explanation> {
+        let user = self.user(input);
+        self.candidates(kind, &input.app)
+            .map(|p| {
+                let mut filters = Vec::new();
+                let matched = self.check(p, input, user, &mut |name, ok| {
+                    filters.push((name.to_owned(), ok))
+                });
+                Explanation {
+                    policy: p.id.clone(),
+                    matched,
+                    filters,
+                }
+            })
+            .collect()
+    }
+
+    /// Runs every filter of `p`, reporting each to `note`; true when all hold.
+    fn check(
+        &self,
+        p: &Compiled,
+        input: &Input,
+        user: Option<&UserEntry>,
+        note: &mut dyn FnMut(&str, bool),
+    ) -> bool {
+        let mut all = true;
+        let mut f = |name: &str, ok: bool| {
+            note(name, ok);
+            all &= ok;
+        };
+        if !p.users.is_empty() {
+            f(
+                "users",
+                user.is_some_and(|u| {
+                    p.users
+                        .iter()
+                        .any(|x| *x == u.email || x.eq_ignore_ascii_case(&u.id))
+                }),
+            );
+        }
+        if !p.groups.is_empty() {
+            f(
+                "groups",
+                user.is_some_and(|u| u.groups.iter().any(|g| p.groups.contains(g))),
+            );
+        }
+        if let Some(want) = p.guest {
+            let is_guest = match (user, input.user.as_deref()) {
+                (Some(u), _) => u.guest,
+                (None, Some(email)) => !domain_is_org(email, &self.org_domains),
+                (None, None) => false,
+            };
+            f("guest", is_guest == want);
+        }
+        if !p.devices.is_empty() {
+            f(
+                "devices",
+                input.device.is_some_and(|d| p.devices.contains(&d)),
+            );
+        }
+        if !p.ranges.is_empty() {
+            f(
+                "ranges",
+                input.source.is_some_and(|ip| in_any(&p.ranges, ip)),
+            );
+        }
+        if !p.not_ranges.is_empty() {
+            f(
+                "not_ranges",
+                input.source.is_none_or(|ip| !in_any(&p.not_ranges, ip)),
+            );
+        }
+        if !p.clients.is_empty() {
+            f(
+                "clients",
+                input.client.is_some_and(|c| p.clients.contains(&c)),
+            );
+        }
+        if let Some(pf) = &p.process {
+            let pi = input.process.as_ref();
+            if !pf.exe.is_empty() {
+                f(
+                    "process.exe",
+                    pi.and_then(|x| x.exe.as_deref())
+                        .is_some_and(|e| pf.exe.iter().any(|g| glob(g, e))),
+                );
+            }
+            if !pf.comm.is_empty() {
+                f(
+                    "process.comm",
+                    pi.and_then(|x| x.comm.as_deref())
+                        .is_some_and(|c| pf.comm.iter().any(|x| x == c)),
+                );
+            }
+            if !pf.uid.is_empty() {
+                f(
+                    "process.uid",
+                    pi.and_then(|x| x.uid).is_some_and(|u| pf.uid.contains(&u)),
+                );
+            }
+            if !pf.user.is_empty() {
+                f(
+                    "process.user",
+                    pi.and_then(|x| x.user.as_deref())
+                        .is_some_and(|u| pf.user.iter().any(|x| x == u)),
+                );
+            }
+        }
+        if !p.activities.is_empty() {
+            f(
+                "activities",
+                input.activity.is_some_and(|a| p.activities.contains(&a)),
+            );
+        }
+        if let Some(ff) = &p.file {
+            let fi = input.file.as_ref();
+            if !ff.name.is_empty() {
+                f(
+                    "file.name",
+                    fi.and_then(|x| x.name.as_deref())
+                        .is_some_and(|n| ff.name.iter().any(|g| glob(g, n))),
+                );
+            }
+            if !ff.extension.is_empty() {
+                f(
+                    "file.extension",
+                    fi.and_then(|x| x.name.as_deref())
+                        .and_then(|n| n.rsplit_once('.').map(|(_, e)| e))
+                        .is_some_and(|e| ff.extension.iter().any(|x| x.eq_ignore_ascii_case(e))),
+                );
+            }
+            if let Some(min) = ff.min_size {
+                f(
+                    "file.min_size",
+                    fi.and_then(|x| x.size).is_some_and(|s| s >= min),
+                );
+            }
+            if let Some(max) = ff.max_size {
+                f(
+                    "file.max_size",
+                    fi.and_then(|x| x.size).is_some_and(|s| s <= max),
+                );
+            }
+            if !ff.types.is_empty() {
+                f(
+                    "file.type",
+                    fi.and_then(|x| x.kind.as_deref())
+                        .is_some_and(|t| ff.types.iter().any(|x| x.eq_ignore_ascii_case(t))),
+                );
+            }
+            if let Some(lf) = &ff.label {
+                let labels: &[String] = fi.map(|x| x.labels.as_slice()).unwrap_or(&[]);
+                if let Some(present) = lf.present {
+                    f("file.label.present", labels.is_empty() != present);
+                }
+                if !lf.any_of.is_empty() {
+                    f(
+                        "file.label.any_of",
+                        labels.iter().any(|l| lf.any_of.contains(l)),
+                    );
+                }
+                if !lf.none_of.is_empty() {
+                    f(
+                        "file.label.none_of",
+                        !labels.iter().any(|l| lf.none_of.contains(l)),
+                    );
+                }
+            }
+            for d in &ff.dlp {
+                let hits = fi
+                    .and_then(|x| x.dlp.get(&d.detector))
+                    .copied()
+                    .unwrap_or(0);
+                f("file.dlp", hits >= d.min);
+            }
+        }
+        all
+    }
+
+    /// Runs the bundle's own tests: (passed, failures as messages).
+    pub fn run_tests(&self) -> (usize, Vec<String>) {
+        let mut passed = 0;
+        let mut failures = Vec::new();
+        for (file, t) in &self.tests {
+            let d = self.decide(t.kind, &t.input);
+            let mut problems = Vec::new();
+            if d.action != t.expect {
+                problems.push(format!(
+                    "expected {}, got {}",
+                    t.expect.as_str(),
+                    d.action.as_str()
+                ));
+            }
+            if let Some(want) = &t.policies {
+                let mut want = want.clone();
+                want.sort();
+                let mut got = d.matched.clone();
+                got.sort();
+                if want != got {
+                    problems.push(format!("expected policies {want:?}, matched {got:?}"));
+                }
+            }
+            if problems.is_empty() {
+                passed += 1;
+            } else {
+                failures.push(format!("{file}: {}: {}", t.name, problems.join("; ")));
+            }
+        }
+        (passed, failures)
+    }
+}
+
+/// Merges two ascending index lists.
+struct Merge<'a> {
+    a: &'a [u32],
+    b: &'a [u32],
+}
+
+impl Iterator for Merge<'_> {
+    type Item = u32;
+    fn next(&mut self) -> Option<u32> {
+        let take_a = match (self.a.first(), self.b.first()) {
+            (Some(x), Some(y)) => x <= y,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return None,
+        };
+        let src = if take_a { &mut self.a } else { &mut self.b };
+        let v = src[0];
+        *src = &src[1..];
+        Some(v)
+    }
+}
+
+fn domain_is_org(email: &str, org: &[String]) -> bool {
+    email
+        .rsplit_once('@')
+        .is_some_and(|(_, d)| org.iter().any(|o| o.eq_ignore_ascii_case(d)))
+}
+
+fn in_any(cidrs: &[Cidr], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    let host = Cidr {
+        addr: ip,
+        prefix: if ip.is_ipv4() { 32 } else { 128 },
+    };
+    cidrs.iter().any(|c| c.contains(&host))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,446 @@
+//! The policy language as written: YAML files in a bundle, deserialised strictly (unknown fields
+//! are errors). Every type here is documented field by field in the README.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `directory.yaml`: who is who.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Directory {
+    /// The organisation's e-mail domains; a user of any other domain is a guest.
+    #[serde(default)]
+    pub org_domains: Vec<String>,
+    /// Groups whose members are guests whatever their domain.
+    #[serde(default)]
+    pub guest_groups: Vec<String>,
+    /// Group names.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Users.
+    #[serde(default)]
+    pub users: Vec<User>,
+}
+
+/// A directory user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Stable id.
+    pub id: String,
+    /// E-mail (the identity apps present).
+    pub email: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Group memberships (must be declared in `groups`).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Local account names on managed endpoints that belong to this user.
+    #[serde(default)]
+    pub local_users: Vec<String>,
+}
+
+/// `ranges.yaml`: named IP ranges.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ranges {
+    /// Range name to CIDR blocks.
+    #[serde(default)]
+    pub ranges: BTreeMap<String, Vec<String>>,
+}
+
+/// `labels.yaml`: the sensitivity label catalogue.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Labels {
+    /// Labels.
+    #[serde(default)]
+    pub labels: Vec<Label>,
+}
+
+/// A sensitivity label.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Label {
+    /// Short id used in policies.
+    pub id: String,
+    /// The label's GUID as files carry it.
+    pub guid: String,
+    /// Display name.
+    pub name: String,
+    /// Tenant (site) id.
+    pub tenant: String,
+    /// Protection template applied with `protect`: permissions granted to the recipient.
+    #[serde(default)]
+    pub protection: Option<Vec<String>>,
+}
+
+/// `templates.yaml`: messages shown when Sluice blocks.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Templates {
+    /// Templates by id.
+    #[serde(default)]
+    pub templates: BTreeMap<String, Template>,
+}
+
+/// A message template. Variables: `{user}`, `{app}`, `{file}`, `{label}`, `{policy}`,
+/// `{incident}`, `{fix}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    /// Title.
+    pub title: String,
+    /// Text for command-line and API clients.
+    pub text: String,
+    /// HTML body for browsers (text is used when absent).
+    #[serde(default)]
+    pub html: Option<String>,
+    /// How to fix it, e.g. "apply the Confidential label from the Sensitivity menu and upload again".
+    #[serde(default)]
+    pub fix: Option<String>,
+}
+
+/// A file of policies (`policies/*.yaml`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// The policies.
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+}
+
+/// When a policy is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// When a session to an app starts.
+    Access,
+    /// For each activity in a session.
+    Session,
+}
+
+/// What a policy does. Ordered from least to most restrictive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Let it through.
+    Allow,
+    /// Let it through and record it.
+    Monitor,
+    /// Write a label into the downloaded file.
+    ApplyLabel,
+    /// Label and protect the downloaded file.
+    Protect,
+    /// Refuse, with a message.
+    Block,
+}
+
+impl Action {
+    /// The name as written in policies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Monitor => "monitor",
+            Self::ApplyLabel => "apply-label",
+            Self::Protect => "protect",
+            Self::Block => "block",
+        }
+    }
+}
+
+/// An activity in a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activity {
+    /// Signing in.
+    Login,
+    /// Viewing.
+    View,
+    /// Downloading a file.
+    Download,
+    /// Uploading a file.
+    Upload,
+    /// Sharing.
+    Share,
+    /// Deleting.
+    Delete,
+    /// Anything else.
+    Other,
+}
+
+/// Device posture tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// Enrolled and managed.
+    Managed,
+    /// Managed and passing posture checks.
+    Compliant,
+    /// Not managed.
+    Unmanaged,
+}
+
+/// Client kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Client {
+    /// A web browser (from the user agent).
+    Browser,
+    /// Anything else.
+    Native,
+}
+
+/// One policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Unique id.
+    pub id: String,
+    /// `access` or `session`.
+    pub kind: Kind,
+    /// Breaks ties between equally restrictive matches: higher wins.
+    #[serde(default)]
+    pub priority: i32,
+    /// What it is for.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Off: kept but never matched.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The filters; all given ones must match (an absent filter matches everything).
+    #[serde(default)]
+    pub when: When,
+    /// The action.
+    pub action: Action,
+    /// Message template for `block`.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Label for `apply-label` and `protect`.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Permissions for `protect` (defaults to the label's protection template).
+    #[serde(default)]
+    pub permissions: Option<Vec<String>>,
+    /// Replace a label already on the file (otherwise an existing label is kept).
+    #[serde(default)]
+    pub replace_label: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Filters. Lists match when any element matches.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct When {
+    /// App ids.
+    #[serde(default)]
+    pub apps: Vec<String>,
+    /// User e-mails or ids.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Guest (true) or member (false).
+    #[serde(default)]
+    pub guest: Option<bool>,
+    /// Device tags.
+    #[serde(default)]
+    pub devices: Vec<Device>,
+    /// Named ranges the source address must be in.
+    #[serde(default)]
+    pub ranges: Vec<String>,
+    /// CIDR blocks the source address must be in.
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    /// Source address NOT in these named ranges.
+    #[serde(default)]
+    pub not_ranges: Vec<String>,
+    /// Client kinds.
+    #[serde(default)]
+    pub clients: Vec<Client>,
+    /// The process.
+    #[serde(default)]
+    pub process: Option<ProcessFilter>,
+    /// Activities (session policies only).
+    #[serde(default)]
+    pub activities: Vec<Activity>,
+    /// File facts (session policies only).
+    #[serde(default)]
+    pub file: Option<FileFilter>,
+}
+
+/// Process filters.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessFilter {
+    /// Executable paths (globs).
+    #[serde(default)]
+    pub exe: Vec<String>,
+    /// Command names.
+    #[serde(default)]
+    pub comm: Vec<String>,
+    /// User ids.
+    #[serde(default)]
+    pub uid: Vec<u32>,
+    /// Local user names.
+    #[serde(default)]
+    pub user: Vec<String>,
+}
+
+/// File filters.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFilter {
+    /// Name globs (`*.docx`).
+    #[serde(default)]
+    pub name: Vec<String>,
+    /// Extensions (without the dot).
+    #[serde(default)]
+    pub extension: Vec<String>,
+    /// Smallest size in bytes.
+    #[serde(default)]
+    pub min_size: Option<u64>,
+    /// Largest size in bytes.
+    #[serde(default)]
+    pub max_size: Option<u64>,
+    /// Sniffed types (`docx`, `xlsx`, `pptx`, `pdf`, `zip`, `text`, ...).
+    #[serde(default, rename = "type")]
+    pub types: Vec<String>,
+    /// Label conditions.
+    #[serde(default)]
+    pub label: Option<LabelFilter>,
+    /// DLP detector hits.
+    #[serde(default)]
+    pub dlp: Vec<DlpFilter>,
+}
+
+/// Label conditions: any combination.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelFilter {
+    /// Whether any label is present.
+    #[serde(default)]
+    pub present: Option<bool>,
+    /// The file carries one of these labels.
+    #[serde(default)]
+    pub any_of: Vec<String>,
+    /// The file carries none of these labels.
+    #[serde(default)]
+    pub none_of: Vec<String>,
+}
+
+/// A DLP condition.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlpFilter {
+    /// Detector name (`credit_card`, `iban`, `us_ssn`, `email`, `private_key`, `cloud_key`, or a
+    /// keyword dictionary).
+    pub detector: String,
+    /// Fewest hits.
+    #[serde(default = "one")]
+    pub min: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `tests/*.yaml`: table-driven policy tests.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestFile {
+    /// Cases.
+    #[serde(default)]
+    pub tests: Vec<TestCase>,
+}
+
+/// One case: input facts and the expected decision.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestCase {
+    /// Name.
+    pub name: String,
+    /// `access` or `session`.
+    pub kind: Kind,
+    /// The facts.
+    pub input: Input,
+    /// Expected action.
+    pub expect: Action,
+    /// Expected matching policy ids (any order); omitted: not checked.
+    #[serde(default)]
+    pub policies: Option<Vec<String>>,
+}
+
+/// Facts a decision is made on (also the input of `sluice policy explain`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    /// App id.
+    pub app: String,
+    /// User e-mail or id (absent: anonymous).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Device tag.
+    #[serde(default)]
+    pub device: Option<Device>,
+    /// Source address.
+    #[serde(default)]
+    pub source: Option<std::net::IpAddr>,
+    /// Client kind.
+    #[serde(default)]
+    pub client: Option<Client>,
+    /// Process.
+    #[serde(default)]
+    pub process: Option<ProcessInput>,
+    /// Activity (session).
+    #[serde(default)]
+    pub activity: Option<Activity>,
+    /// File (session).
+    #[serde(default)]
+    pub file: Option<FileInput>,
+}
+
+/// Process facts.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessInput {
+    /// Executable path.
+    #[serde(default)]
+    pub exe: Option<String>,
+    /// Command name.
+    #[serde(default)]
+    pub comm: Option<String>,
+    /// User id.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Local user name.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// File facts.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileInput {
+    /// File name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Size in bytes.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Sniffed type.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// Label ids found on the file.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// DLP hits by detector.
+    #[serde(default)]
+    pub dlp: BTreeMap<String, u32>,
+}

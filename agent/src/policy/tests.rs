@@ -1,0 +1,255 @@
+use std::{collections::BTreeMap, path::Path};
+
+use super::*;
+use crate::bundle::Archive;
+
+fn default_bundle() -> BTreeMap<String, Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default");
+    Archive::from_dir(&dir).expect("policies/default").files
+}
+
+fn with(mut files: BTreeMap<String, Vec<u8>>, name: &str, text: &str) -> BTreeMap<String, Vec<u8>> {
+    files.insert(name.into(), text.as_bytes().to_vec());
+    files
+}
+
+fn input(yaml: &str) -> Input {
+    serde_norway::from_str(yaml).expect("input")
+}
+
+#[test]
+fn the_default_bundle_compiles_and_its_tests_pass() {
+    let set = PolicySet::compile("1", &default_bundle()).expect("compiles");
+    assert_eq!(set.len(), 6);
+    let (passed, failures) = set.run_tests();
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(passed, 8);
+}
+
+#[test]
+fn the_most_restrictive_match_wins_and_ties_go_to_priority() {
+    let files = with(
+        default_bundle(),
+        "policies/extra.yaml",
+        r#"
+policies:
+  - id: low-block
+    kind: session
+    priority: 1
+    when: { apps: [files], activities: [delete] }
+    action: block
+    message: risky-network
+  - id: high-block
+    kind: session
+    priority: 9
+    when: { activities: [delete] }
+    action: block
+    message: upload-needs-label
+  - id: allow-delete
+    kind: session
+    priority: 1000
+    when: { activities: [delete] }
+    action: allow
+"#,
+    );
+    let set = PolicySet::compile("2", &files).expect("compiles");
+    let d = set.decide(
+        Kind::Session,
+        &input("{ app: files, user: bob, activity: delete }"),
+    );
+    assert_eq!(
+        d.action,
+        Action::Block,
+        "block beats allow whatever the priority"
+    );
+    assert_eq!(
+        d.policy.as_deref(),
+        Some("high-block"),
+        "ties go to the higher priority"
+    );
+    assert_eq!(d.message.as_deref(), Some("upload-needs-label"));
+    assert_eq!(
+        d.matched,
+        [
+            "high-block",
+            "low-block",
+            "monitor-every-activity",
+            "allow-delete"
+        ]
+    );
+    // Nothing matched: allowed, no policy.
+    let d = set.decide(Kind::Access, &input("{ app: other }"));
+    assert_eq!(
+        (d.action, d.policy.clone()),
+        (Action::Monitor, Some("monitor-all-access".into()))
+    );
+}
+
+#[test]
+fn filters_on_people_devices_networks_processes_and_files() {
+    let files = with(
+        default_bundle(),
+        "policies/more.yaml",
+        r#"
+policies:
+  - id: finance-curl
+    kind: access
+    when:
+      groups: [finance]
+      clients: [native]
+      process: { exe: ["/usr/bin/cur*"], uid: [1000] }
+      not_ranges: [office]
+    action: block
+    message: risky-network
+  - id: big-cards
+    kind: session
+    when:
+      activities: [upload]
+      file: { extension: [csv], min_size: 1000, dlp: [{ detector: credit_card, min: 3 }] }
+    action: block
+    message: upload-needs-label
+"#,
+    );
+    let set = PolicySet::compile("3", &files).expect("compiles");
+    let hit = "{ app: files, user: alice@corp.example, client: native, source: 192.0.2.1, process: { exe: /usr/bin/curl, uid: 1000 } }";
+    assert_eq!(
+        set.decide(Kind::Access, &input(hit)).policy.as_deref(),
+        Some("finance-curl")
+    );
+    // Each filter can fail on its own.
+    for miss in [
+        "{ app: files, user: bob@corp.example, client: native, source: 192.0.2.1, process: { exe: /usr/bin/curl, uid: 1000 } }",
+        "{ app: files, user: alice@corp.example, client: browser, source: 192.0.2.1, process: { exe: /usr/bin/curl, uid: 1000 } }",
+        "{ app: files, user: alice@corp.example, client: native, source: 10.20.3.4, process: { exe: /usr/bin/curl, uid: 1000 } }",
+        "{ app: files, user: alice@corp.example, client: native, source: 192.0.2.1, process: { exe: /usr/bin/wget, uid: 1000 } }",
+        "{ app: files, user: alice@corp.example, client: native, source: 192.0.2.1, process: { exe: /usr/bin/curl, uid: 0 } }",
+    ] {
+        assert_ne!(
+            set.decide(Kind::Access, &input(miss)).policy.as_deref(),
+            Some("finance-curl"),
+            "{miss}"
+        );
+    }
+    // The endpoint's local user name identifies the directory user when the app gave none.
+    let local = "{ app: files, client: native, source: 192.0.2.1, process: { exe: /usr/bin/curl, uid: 1000, user: alice } }";
+    assert_eq!(
+        set.decide(Kind::Access, &input(local)).policy.as_deref(),
+        Some("finance-curl")
+    );
+
+    let cards = "{ app: files, activity: upload, file: { name: x.CSV, size: 5000, dlp: { credit_card: 3 } } }";
+    assert_eq!(
+        set.decide(Kind::Session, &input(cards)).policy.as_deref(),
+        Some("big-cards")
+    );
+    let few = "{ app: files, activity: upload, file: { name: x.csv, size: 5000, dlp: { credit_card: 2 } } }";
+    assert_ne!(
+        set.decide(Kind::Session, &input(few)).policy.as_deref(),
+        Some("big-cards")
+    );
+    // Explain names every filter and the one that failed.
+    let ex = set.explain(Kind::Session, &input(few));
+    let big = ex.iter().find(|e| e.policy == "big-cards").expect("listed");
+    assert!(!big.matched);
+    assert!(
+        big.filters.contains(&("file.dlp".to_owned(), false))
+            && big.filters.contains(&("file.extension".to_owned(), true))
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_the_file_and_line() {
+    let cases: [(&str, &str, &str, &str); 9] = [
+        (
+            "policies/x.yaml",
+            "policies:\n  - id: a\n    kind: access\n    action: allow\n    colour: red\n",
+            "unknown field `colour`",
+            "policies/x.yaml:5",
+        ),
+        (
+            "policies/x.yaml",
+            "policies:\n  - id: a\n    kind: access\n    action: block\n",
+            "needs a message template",
+            "policies/x.yaml:4",
+        ),
+        (
+            "policies/x.yaml",
+            "policies:\n  - id: a\n    kind: access\n    when:\n      groups: [nobody]\n    action: allow\n",
+            "group `nobody`",
+            "policies/x.yaml:5",
+        ),
+        (
+            "policies/x.yaml",
+            "policies:\n  - id: a\n    kind: session\n    when:\n      ranges: [mars]\n    action: allow\n",
+            "range `mars`",
+            "policies/x.yaml:5",
+        ),
+        (
+            "policies/x.yaml",
+            "policies:\n  - id: a\n    kind: session\n    action: apply-label\n    label: secret\n",
+            "label `secret`",
+            "policies/x.yaml:5",
+        ),
+        (
+            "policies/x.yaml",
+            "policies:\n  - id: a\n    kind: access\n    when:\n      activities: [upload]\n    action: allow\n",
+            "belong to session policies",
+            "policies/x.yaml",
+        ),
+        (
+            "policies/x.yaml",
+            "policies:\n  - id: a\n    kind: access\n    when:\n      apps: [mail]\n    action: allow\n",
+            "app `mail`",
+            "policies/x.yaml:5",
+        ),
+        (
+            "policies/x.yaml",
+            "policies:\n  - id: monitor-all-access\n    kind: access\n    action: allow\n",
+            "used twice",
+            "policies/x.yaml",
+        ),
+        ("stray.txt", "x", "unexpected file", "stray.txt"),
+    ];
+    for (file, text, needle, place) in cases {
+        let e = PolicySet::compile("9", &with(default_bundle(), file, text)).expect_err(needle);
+        let msg = e.to_string();
+        assert!(
+            msg.contains(needle) && msg.starts_with(place),
+            "{needle}: {msg}"
+        );
+    }
+    let e = PolicySet::compile(
+        "9",
+        &with(
+            default_bundle(),
+            "ranges.yaml",
+            "ranges:\n  bad: [\"10.0.0.0/99\"]\n",
+        ),
+    )
+    .expect_err("cidr");
+    assert!(
+        e.to_string().starts_with("ranges.yaml:2") && e.to_string().contains("prefix length"),
+        "{e}"
+    );
+    let e = PolicySet::compile(
+        "9",
+        &with(
+            default_bundle(),
+            "labels.yaml",
+            "labels:\n  - id: x\n    guid: nope\n    name: X\n    tenant: t\n",
+        ),
+    )
+    .expect_err("guid");
+    assert!(e.to_string().starts_with("labels.yaml:3"), "{e}");
+}
+
+#[test]
+fn globs() {
+    assert!(
+        glob("*.docx", "a.docx")
+            && glob("a?c", "abc")
+            && glob("*", "")
+            && glob("/usr/*/curl", "/usr/bin/curl")
+    );
+    assert!(!glob("*.docx", "a.docx.exe") && !glob("a?c", "ac"));
+}
