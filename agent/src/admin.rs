@@ -20,6 +20,8 @@ pub struct AdminState {
     pub steering: Option<Arc<Steering>>,
     /// The proxy's counters.
     pub proxy: Arc<ProxyStats>,
+    /// Policy bundle status, when bundles are configured.
+    pub bundle: Option<Arc<std::sync::Mutex<crate::bundle::fetch::BundleStatus>>>,
 }
 
 #[derive(Serialize)]
@@ -29,6 +31,7 @@ struct Status {
     ready: bool,
     steer: Option<crate::steer::SteerStatus>,
     proxy: crate::proxy::ProxyStatsSnapshot,
+    bundle: Option<crate::bundle::fetch::BundleStatus>,
 }
 
 impl AdminState {
@@ -48,6 +51,10 @@ impl AdminState {
             ready: self.ready(),
             steer: self.steering.as_ref().map(|s| s.status()),
             proxy: self.proxy.snapshot(),
+            bundle: self
+                .bundle
+                .as_ref()
+                .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         }
     }
 

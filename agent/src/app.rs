@@ -63,6 +63,15 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
+    let mut bundle_status = None;
+    if let Some(b) = &config.bundle {
+        let dist = Arc::new(
+            crate::bundle::fetch::Distributor::new(b.clone(), &config.state_dir)
+                .context("setting up policy bundles")?,
+        );
+        bundle_status = Some(dist.status());
+        tasks.spawn(named("bundles", dist.run(shutdown.clone())));
+    }
     let mut proxy_shared = None;
     if let Some(steering) = &steering {
         let shared = Arc::new(build_proxy(config, steering.clone(), stats.clone())?);
@@ -87,6 +96,7 @@ async fn supervise(
         AdminState {
             steering: steering.clone(),
             proxy: stats.clone(),
+            bundle: bundle_status,
         },
     )
     .await

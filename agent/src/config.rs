@@ -53,6 +53,9 @@ pub struct Config {
     /// The app catalogue: which hosts are intercepted. Hosts of no app are spliced untouched.
     #[serde(default)]
     pub apps: Vec<AppSettings>,
+    /// Where signed policy bundles come from (absent: no policies).
+    #[serde(default)]
+    pub bundle: Option<crate::bundle::fetch::BundleSettings>,
 }
 
 /// `[tls]`: the CA that signs intercepted sessions' certificates, and what upstream servers are

@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
+pub mod bundle_server;
 pub mod loadgen;
 pub mod origin;
 

@@ -1,0 +1,393 @@
+//! Bundle distribution: fetch, verify, persist, activate.
+//!
+//! The agent asks its bundle URL with `If-None-Match` (the active bundle's ETag) and
+//! `Prefer: wait=N`; a server that supports long polling holds the request until a new bundle
+//! exists (or N seconds pass) and answers 304 otherwise. A server that answers at once is polled
+//! periodically with jitter instead. A bundle is verified (signature, exact file list) before
+//! anything in it is parsed, refused if its revision is older than the active one (unless allowed),
+//! compiled, written to disk as the last good bundle (atomically: temporary file, fsync, rename),
+//! and swapped in whole. When the server is down the agent starts from, and keeps, the last good
+//! bundle; every failure is kept as the last error in the status.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{Archive, BundleError, Limits, Verified, jws::VerifyingKey};
+use crate::policy::PolicySet;
+
+/// Distribution settings (`[bundle]` in the agent's config).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleSettings {
+    /// Where to fetch the bundle (http:// or https://).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A local bundle (signed .tar.gz) to use instead of a URL.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// The public key (PEM) bundles must be signed with.
+    pub public_key: PathBuf,
+    /// Seconds a long poll may be held by the server (`Prefer: wait=N`).
+    #[serde(default = "default_long_poll_s")]
+    pub long_poll_s: u64,
+    /// Seconds between polls when the server does not hold requests (±20% jitter).
+    #[serde(default = "default_poll_s")]
+    pub poll_s: u64,
+    /// Accept a bundle whose revision is older than the active one.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// Extra CA certificates (PEM) trusted for an https:// URL.
+    #[serde(default)]
+    pub extra_cas: Vec<PathBuf>,
+}
+
+fn default_long_poll_s() -> u64 {
+    60
+}
+fn default_poll_s() -> u64 {
+    30
+}
+
+/// What `/status` shows about bundles.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BundleStatus {
+    /// The active revision.
+    pub revision: Option<String>,
+    /// Where it came from (`url`, `file`, `last-good`).
+    pub source: Option<String>,
+    /// When it was activated (Unix seconds).
+    pub activated_at: Option<u64>,
+    /// Number of enabled policies.
+    pub policies: usize,
+    /// The last error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Successful fetches that changed nothing (304).
+    pub not_modified: u64,
+    /// Bundles refused (bad signature, file list, revision, policies).
+    pub refused: u64,
+}
+
+/// The active policy set, shared read-mostly with the proxy.
+pub type Active = Arc<ArcSwapOption<PolicySet>>;
+
+/// Fetches and activates bundles.
+#[derive(Debug)]
+pub struct Distributor {
+    settings: BundleSettings,
+    key: VerifyingKey,
+    state_dir: PathBuf,
+    active: Active,
+    etag: Mutex<Option<String>>,
+    status: Arc<Mutex<BundleStatus>>,
+    limits: Limits,
+}
+
+/// Orders revisions: numerically when both are integers, otherwise as text.
+pub fn revision_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.trim().parse::<u64>(), b.trim().parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => a.cmp(b),
+    }
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Distributor {
+    /// A distributor keeping its last good bundle under `state_dir/bundle`.
+    pub fn new(settings: BundleSettings, state_dir: &Path) -> Result<Self, BundleError> {
+        let pem = std::fs::read_to_string(&settings.public_key)
+            .map_err(|e| BundleError::Io(format!("{}: {e}", settings.public_key.display())))?;
+        let key = VerifyingKey::from_pem(&pem)?;
+        if settings.url.is_none() && settings.file.is_none() {
+            return Err(BundleError::Io("bundle: set `url` or `file`".into()));
+        }
+        Ok(Self {
+            settings,
+            key,
+            state_dir: state_dir.join("bundle"),
+            active: Arc::new(ArcSwapOption::empty()),
+            etag: Mutex::new(None),
+            status: Arc::new(Mutex::new(BundleStatus::default())),
+            limits: Limits::default(),
+        })
+    }
+
+    /// The active policy set handle.
+    pub fn active(&self) -> Active {
+        self.active.clone()
+    }
+
+    /// The status handle.
+    pub fn status(&self) -> Arc<Mutex<BundleStatus>> {
+        self.status.clone()
+    }
+
+    fn set_error(&self, e: &str, refused: bool) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.last_error = Some(e.to_owned());
+        if refused {
+            st.refused += 1;
+        }
+        tracing::warn!(error = %e, "bundle not activated");
+    }
+
+    /// Verifies, checks the revision, compiles and swaps in a bundle. Returns the revision.
+    pub fn activate(
+        &self,
+        bytes: &[u8],
+        source: &str,
+        etag: Option<String>,
+        persist: bool,
+    ) -> Result<String, BundleError> {
+        let verified: Verified = Archive::read(bytes, &self.limits)?.verify(&self.key)?;
+        let revision = verified.manifest.revision.clone();
+        if let Some(current) = self.active.load_full()
+            && !self.settings.allow_downgrade
+            && revision_cmp(&revision, &current.revision) == std::cmp::Ordering::Less
+        {
+            return Err(BundleError::Manifest(format!(
+                "revision {revision} is older than the active {} (set bundle.allow_downgrade to accept it)",
+                current.revision
+            )));
+        }
+        let set = PolicySet::compile(&revision, &verified.files)
+            .map_err(|e| BundleError::Manifest(e.to_string()))?;
+        if persist {
+            self.persist(bytes, etag.as_deref())?;
+        }
+        let policies = set.len();
+        self.active.store(Some(Arc::new(set)));
+        *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.revision = Some(revision.clone());
+        st.source = Some(source.to_owned());
+        st.activated_at = Some(now_s());
+        st.policies = policies;
+        st.last_error = None;
+        tracing::info!(%revision, source, policies, "bundle activated");
+        Ok(revision)
+    }
+
+    fn persist(&self, bytes: &[u8], etag: Option<&str>) -> Result<(), BundleError> {
+        use std::io::Write as _;
+        let io = |e: std::io::Error| BundleError::Io(format!("{}: {e}", self.state_dir.display()));
+        std::fs::create_dir_all(&self.state_dir).map_err(io)?;
+        let tmp = self.state_dir.join("last-good.tar.gz.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, self.state_dir.join("last-good.tar.gz")).map_err(io)?;
+        std::fs::write(self.state_dir.join("last-good.etag"), etag.unwrap_or("")).map_err(io)?;
+        if let Ok(d) = std::fs::File::open(&self.state_dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Activates the persisted last good bundle, if any (verified again: the disk is not trusted
+    /// more than the network).
+    pub fn load_last_good(&self) -> Option<String> {
+        let bytes = std::fs::read(self.state_dir.join("last-good.tar.gz")).ok()?;
+        let etag = std::fs::read_to_string(self.state_dir.join("last-good.etag"))
+            .ok()
+            .filter(|e| !e.is_empty());
+        match self.activate(&bytes, "last-good", etag, false) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.set_error(&format!("last good bundle: {e}"), true);
+                None
+            }
+        }
+    }
+
+    /// Runs until `shutdown`: loads the last good bundle, then fetches (or loads the file).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.load_last_good();
+        if let Some(file) = self.settings.file.clone() {
+            match std::fs::read(&file) {
+                Ok(bytes) => {
+                    if let Err(e) = self.activate(&bytes, "file", None, true) {
+                        self.set_error(&format!("{}: {e}", file.display()), true);
+                    }
+                }
+                Err(e) => self.set_error(&format!("{}: {e}", file.display()), false),
+            }
+            shutdown.cancelled().await;
+            return Ok(());
+        }
+        loop {
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.fetch_once() => r,
+            };
+            let wait = match outcome {
+                // The server held the request: ask again at once.
+                Ok(Fetched::NotModified) if started.elapsed() >= Duration::from_secs(1) => {
+                    Duration::ZERO
+                }
+                Ok(Fetched::Activated) => Duration::ZERO,
+                Ok(Fetched::NotModified) => self.jittered(),
+                Err(e) => {
+                    let refused = matches!(
+                        e,
+                        BundleError::Signature(_)
+                            | BundleError::Mismatch(_)
+                            | BundleError::Manifest(_)
+                            | BundleError::Unsigned
+                            | BundleError::Malformed(_)
+                            | BundleError::TooLarge(_)
+                    );
+                    self.set_error(&e.to_string(), refused);
+                    self.jittered()
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn jittered(&self) -> Duration {
+        let base = self.settings.poll_s.max(1) as f64;
+        let mut b = [0u8; 2];
+        let _ = aws_lc_rs::rand::fill(&mut b);
+        let r = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX); // 0..1
+        Duration::from_secs_f64(base * (0.8 + 0.4 * r))
+    }
+
+    async fn fetch_once(&self) -> Result<Fetched, BundleError> {
+        let url = self
+            .settings
+            .url
+            .clone()
+            .ok_or_else(|| BundleError::Io("no bundle url".into()))?;
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| BundleError::Io(format!("bundle url `{url}`: {e}")))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(BundleError::Io(format!(
+                    "bundle url `{url}` must be http:// or https://"
+                )));
+            }
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| BundleError::Io(format!("bundle url `{url}` has no host")))?
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let timeout = Duration::from_secs(self.settings.long_poll_s + 15);
+        let fut = async {
+            let tcp = tokio::net::TcpStream::connect((
+                host.trim_start_matches('[').trim_end_matches(']'),
+                port,
+            ))
+            .await
+            .map_err(|e| BundleError::Io(format!("connecting to {host}:{port}: {e}")))?;
+            let _ = tcp.set_nodelay(true);
+            let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut req =
+                http::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+                    .header(http::header::HOST, format!("{host}:{port}"))
+                    .header("prefer", format!("wait={}", self.settings.long_poll_s))
+                    .header(
+                        http::header::USER_AGENT,
+                        concat!("sluice-agent/", env!("CARGO_PKG_VERSION")),
+                    );
+            if let Some(e) = etag.filter(|_| self.active.load().is_some()) {
+                req = req.header(http::header::IF_NONE_MATCH, e);
+            }
+            let req = req
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| BundleError::Io(e.to_string()))?;
+            let resp = if https {
+                let roots =
+                    crate::proxy::upstream::root_store(true, true, &self.settings.extra_cas)
+                        .map_err(|e| BundleError::Io(e.to_string()))?;
+                let cfg = rustls::ClientConfig::builder_with_provider(crate::proxy::tls_provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| BundleError::Io(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| BundleError::Io(e.to_string()))?;
+                let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| BundleError::Io(format!("TLS with {host}: {e}")))?;
+                send(TokioIo::new(tls), req).await?
+            } else {
+                send(TokioIo::new(tcp), req).await?
+            };
+            let status = resp.status();
+            if status == http::StatusCode::NOT_MODIFIED {
+                self.status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .not_modified += 1;
+                return Ok(Fetched::NotModified);
+            }
+            if !status.is_success() {
+                return Err(BundleError::Io(format!("bundle server answered {status}")));
+            }
+            let etag = resp
+                .headers()
+                .get(http::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = Limited::new(resp.into_body(), self.limits.max_archive as usize)
+                .collect()
+                .await
+                .map_err(|e| BundleError::TooLarge(format!("bundle download: {e}")))?
+                .to_bytes();
+            self.activate(&body, "url", etag, true)?;
+            Ok(Fetched::Activated)
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| BundleError::Io("bundle fetch timed out".into()))?
+    }
+}
+
+enum Fetched {
+    NotModified,
+    Activated,
+}
+
+async fn send<I>(
+    io: TokioIo<I>,
+    req: http::Request<Empty<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, BundleError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| BundleError::Io(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| BundleError::Io(e.to_string()))
+}

@@ -1,0 +1,255 @@
+//! Policy bundle distribution against a real HTTP bundle server: ETag and 304, long polling,
+//! periodic polling, refusals that keep the last good bundle, persistence across restarts, and
+//! a server that goes down and comes back.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use sluice::bundle::{
+    self, Archive,
+    fetch::{BundleSettings, Distributor},
+    jws::SigningKey,
+};
+use sluice_e2e::bundle_server::BundleServer;
+use tokio_util::sync::CancellationToken;
+
+struct Keys {
+    key: SigningKey,
+    public: PathBuf,
+}
+
+fn keys(dir: &Path) -> Keys {
+    let (key, _, public) = SigningKey::generate().expect("key");
+    let path = dir.join("bundle.pub");
+    std::fs::write(&path, public).expect("pub");
+    Keys { key, public: path }
+}
+
+fn default_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default")
+}
+
+fn signed(k: &SigningKey, revision: &str) -> Archive {
+    let mut a = bundle::build(&default_src(), Some(revision)).expect("build");
+    a.sign(k, "central").expect("sign");
+    a
+}
+
+fn bytes(a: &Archive) -> Vec<u8> {
+    a.write().expect("write")
+}
+
+fn temp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sluice-bundles-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("dir");
+    d
+}
+
+fn settings(url: String, public: &Path, long_poll_s: u64, poll_s: u64) -> BundleSettings {
+    BundleSettings {
+        url: Some(url),
+        file: None,
+        public_key: public.to_owned(),
+        long_poll_s,
+        poll_s,
+        allow_downgrade: false,
+        extra_cas: vec![],
+    }
+}
+
+async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what} did not happen within {limit:?}");
+}
+
+fn revision(d: &Distributor) -> Option<String> {
+    d.status().lock().expect("lock").revision.clone()
+}
+
+fn last_error(d: &Distributor) -> String {
+    d.status()
+        .lock()
+        .expect("lock")
+        .last_error
+        .clone()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polling_delivers_a_new_revision_at_once_and_refusals_keep_the_last_good() {
+    let dir = temp("long");
+    let k = keys(&dir);
+    let server = BundleServer::start(true).await.expect("server");
+    server.publish(bytes(&signed(&k.key, "1")));
+    let d = Arc::new(
+        Distributor::new(
+            settings(
+                format!("http://{}/bundles/default.tar.gz", server.addr),
+                &k.public,
+                5,
+                1,
+            ),
+            &dir,
+        )
+        .expect("distributor"),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(d.clone().run(stop.clone()));
+    until("revision 1", Duration::from_secs(10), || {
+        revision(&d).as_deref() == Some("1")
+    })
+    .await;
+    assert_eq!(d.active().load().as_ref().map(|s| s.len()), Some(6));
+    // The agent is now parked in a long poll; a new revision arrives as soon as it is published.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let requests = server
+        .state
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    server.publish(bytes(&signed(&k.key, "2")));
+    let took = until("revision 2", Duration::from_secs(3), || {
+        revision(&d).as_deref() == Some("2")
+    })
+    .await;
+    assert!(
+        took < Duration::from_secs(1),
+        "long poll answered in {took:?}"
+    );
+    assert_eq!(
+        server
+            .state
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        requests + 1,
+        "no polling in between"
+    );
+
+    // Tampered after signing.
+    let mut tampered = signed(&k.key, "3");
+    tampered
+        .files
+        .insert("policies/access.yaml".into(), b"policies: []\n".to_vec());
+    server.publish(bytes(&tampered));
+    until("refusal", Duration::from_secs(3), || {
+        last_error(&d).contains("changed after signing")
+    })
+    .await;
+    // Missing and extra files.
+    let mut missing = signed(&k.key, "3");
+    missing.files.remove("labels.yaml");
+    server.publish(bytes(&missing));
+    until("refusal", Duration::from_secs(3), || {
+        last_error(&d).contains("signed but missing")
+    })
+    .await;
+    let mut extra = signed(&k.key, "3");
+    extra
+        .files
+        .insert("policies/extra.yaml".into(), b"policies: []\n".to_vec());
+    server.publish(bytes(&extra));
+    until("refusal", Duration::from_secs(3), || {
+        last_error(&d).contains("not covered")
+    })
+    .await;
+    // Another key.
+    let (other, _, _) = SigningKey::generate().expect("key");
+    server.publish(bytes(&signed(&other, "3")));
+    until("refusal", Duration::from_secs(3), || {
+        last_error(&d).contains("does not verify")
+    })
+    .await;
+    // An older revision.
+    server.publish(bytes(&signed(&k.key, "1")));
+    until("refusal", Duration::from_secs(3), || {
+        last_error(&d).contains("older than the active")
+    })
+    .await;
+    assert_eq!(
+        revision(&d).as_deref(),
+        Some("2"),
+        "the last good bundle stays active"
+    );
+    assert!(d.status().lock().expect("lock").refused >= 5);
+    // A good one again.
+    server.publish(bytes(&signed(&k.key, "3")));
+    until("revision 3", Duration::from_secs(3), || {
+        revision(&d).as_deref() == Some("3")
+    })
+    .await;
+    assert!(last_error(&d).is_empty());
+    stop.cancel();
+    task.await.expect("join").expect("run");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_long_polling_the_agent_polls_and_starts_from_its_last_good_bundle() {
+    let dir = temp("poll");
+    let k = keys(&dir);
+    let mut server = BundleServer::start(false).await.expect("server");
+    server.publish(bytes(&signed(&k.key, "10")));
+    let url = format!("http://{}/b", server.addr);
+    let d = Arc::new(
+        Distributor::new(settings(url.clone(), &k.public, 5, 1), &dir).expect("distributor"),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(d.clone().run(stop.clone()));
+    until("revision 10", Duration::from_secs(10), || {
+        revision(&d).as_deref() == Some("10")
+    })
+    .await;
+    until("a 304", Duration::from_secs(5), || {
+        d.status().lock().expect("lock").not_modified >= 1
+    })
+    .await;
+    server.publish(bytes(&signed(&k.key, "11")));
+    until("revision 11 by polling", Duration::from_secs(5), || {
+        revision(&d).as_deref() == Some("11")
+    })
+    .await;
+
+    // The server goes down: the agent keeps its bundle and reports the error.
+    server.stop();
+    until("an error", Duration::from_secs(5), || {
+        last_error(&d).contains("connecting")
+    })
+    .await;
+    assert_eq!(revision(&d).as_deref(), Some("11"));
+    stop.cancel();
+    task.await.expect("join").expect("run");
+
+    // A restarted agent with the server still down starts from the last good bundle on disk.
+    let d2 = Arc::new(Distributor::new(settings(url, &k.public, 5, 1), &dir).expect("distributor"));
+    let stop2 = CancellationToken::new();
+    let task2 = tokio::spawn(d2.clone().run(stop2.clone()));
+    until("last good", Duration::from_secs(5), || {
+        revision(&d2).as_deref() == Some("11")
+    })
+    .await;
+    assert_eq!(
+        d2.status().lock().expect("lock").source.as_deref(),
+        Some("last-good")
+    );
+    // The server comes back with something newer.
+    server.restart().await.expect("restart");
+    server.publish(bytes(&signed(&k.key, "12")));
+    until(
+        "revision 12 after the outage",
+        Duration::from_secs(10),
+        || revision(&d2).as_deref() == Some("12"),
+    )
+    .await;
+    stop2.cancel();
+    task2.await.expect("join").expect("run");
+    let _ = std::fs::remove_dir_all(&dir);
+}
