@@ -27,7 +27,7 @@ enum Task {
     Setup,
     /// Set up, then run fmt, clippy (warnings denied) and every test, root-only ones included.
     Test,
-    /// Set up, build in release, and run a benchmark (`steer`, `proxy`); writes
+    /// Set up, build in release, and run a benchmark (`steer`, `proxy`, `policy`); writes
     /// target/bench/NAME.json. Arguments after `--` go to the benchmark (e.g. `-- --reps 5`).
     Bench {
         /// Which benchmark.
@@ -277,7 +277,7 @@ fn test() -> Result<()> {
 // bench
 
 fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
-    let known = ["steer", "proxy"];
+    let known = ["steer", "proxy", "policy"];
     if !known.contains(&name) {
         bail!("unknown benchmark `{name}`; known: {}", known.join(", "));
     }

@@ -24,6 +24,7 @@ use sluice::{
 };
 use sluice_e2e::{InCgroup, TestCgroup, dual_stack_listeners};
 
+mod bench_policy;
 mod bench_proxy;
 
 fn main() -> ExitCode {
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
         Some("steer-client") => steer_client(&args),
         Some("proxy") => bench_proxy::run(&args),
         Some("loadgen") => bench_proxy::loadgen(&args),
+        Some("policy") => bench_policy::run(&args),
         _ => Err(anyhow!(
             "usage: sluice-bench steer [--out FILE] [--scale N] | proxy [--out FILE] [--reps N] [--secs S]"
         )),
