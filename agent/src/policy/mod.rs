@@ -6,6 +6,7 @@
 //! Deciding allocates nothing beyond the result: users, groups and ranges are resolved to indexes
 //! at compile time, and matching compares borrowed strings and integers.
 
+pub mod identity;
 pub mod model;
 
 use std::{
@@ -148,6 +149,8 @@ pub struct PolicySet {
     /// Message templates by id.
     pub templates: BTreeMap<String, Template>,
     tests: Vec<(String, TestCase)>,
+    /// The catalogue by app id.
+    pub apps: HashMap<String, CompiledApp>,
 }
 
 /// The outcome of a decision.
@@ -188,11 +191,12 @@ const DOC_FILES: [&str; 5] = [
     "catalog.yaml",
 ];
 
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CatalogFile {
-    #[serde(default)]
-    apps: Vec<crate::config::AppSettings>,
+/// A catalogued app, compiled.
+#[derive(Debug)]
+pub struct CompiledApp {
+    /// The app as written.
+    pub app: App,
+    jwks: Option<identity::Jwks>,
 }
 
 impl PolicySet {
@@ -204,12 +208,13 @@ impl PolicySet {
                 || name.starts_with('.')
                 || (name.starts_with("policies/") || name.starts_with("tests/"))
                     && name.ends_with(".yaml")
+                || name.starts_with("jwks/") && name.ends_with(".json")
                 || name.ends_with(".md");
             if !known {
                 return Err(PolicyError {
                     file: name.clone(),
                     line: None,
-                    message: "unexpected file in the bundle (known: directory.yaml, ranges.yaml, labels.yaml, templates.yaml, catalog.yaml, policies/*.yaml, tests/*.yaml)".into(),
+                    message: "unexpected file in the bundle (known: directory.yaml, ranges.yaml, labels.yaml, templates.yaml, catalog.yaml, policies/*.yaml, tests/*.yaml, jwks/*.json)".into(),
                 });
             }
         }
@@ -217,7 +222,7 @@ impl PolicySet {
         let (ranges, ranges_text): (Ranges, String) = parse(files, "ranges.yaml")?;
         let (labels, labels_text): (Labels, String) = parse(files, "labels.yaml")?;
         let (templates, _): (Templates, String) = parse(files, "templates.yaml")?;
-        let (catalog, _): (CatalogFile, String) = parse(files, "catalog.yaml")?;
+        let (catalog, catalog_text): (Catalog, String) = parse(files, "catalog.yaml")?;
 
         let err =
             |file: &str, text: &str, anchor: &str, needle: &str, message: String| PolicyError {
@@ -354,7 +359,77 @@ impl PolicySet {
                 ));
             }
         }
-        let app_ids: HashSet<&str> = catalog.apps.iter().map(|a| a.id.as_str()).collect();
+        let mut apps = HashMap::new();
+        for a in &catalog.apps {
+            let bad = |needle: &str, message: String| {
+                err(
+                    "catalog.yaml",
+                    &catalog_text,
+                    &format!("id: {}", a.id),
+                    needle,
+                    format!("app `{}`: {message}", a.id),
+                )
+            };
+            for h in a.hosts.iter().chain(&a.do_not_inspect) {
+                crate::proxy::catalog::HostPattern::parse(h).map_err(|e| bad(h, e))?;
+            }
+            if let Some(id) = &a.identity
+                && id.count() != 1
+            {
+                return Err(bad(
+                    "identity",
+                    "identity names exactly one of `header`, `cookie` or `jwt`".into(),
+                ));
+            }
+            for def in &a.activities {
+                if let Some(f) = &def.file_name
+                    && f.count() != 1
+                {
+                    return Err(bad("file_name", "file_name names exactly one of `form_field`, `header`, `query` or `path_last`".into()));
+                }
+                let m = def.method.as_str();
+                if m != "*" && (m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase())) {
+                    return Err(bad(m, format!("method `{m}` must be upper case, or `*`")));
+                }
+                if !def.path.starts_with('/') && def.path != "*" {
+                    return Err(bad(
+                        &def.path,
+                        format!("path pattern `{}` must start with `/`", def.path),
+                    ));
+                }
+            }
+            let jwks = match a.identity.as_ref().and_then(|i| i.jwt.as_ref()) {
+                Some(j) => {
+                    if j.header.is_none() == j.cookie.is_none() {
+                        return Err(bad(
+                            "jwt",
+                            "a JWT identity names exactly one of `header` or `cookie`".into(),
+                        ));
+                    }
+                    let doc = files.get(&j.jwks).ok_or_else(|| {
+                        bad(
+                            &j.jwks,
+                            format!("JWKS file `{}` is not in the bundle", j.jwks),
+                        )
+                    })?;
+                    Some(identity::Jwks::parse(doc).map_err(|e| bad(&j.jwks, e))?)
+                }
+                _ => None,
+            };
+            if apps
+                .insert(
+                    a.id.clone(),
+                    CompiledApp {
+                        app: a.clone(),
+                        jwks,
+                    },
+                )
+                .is_some()
+            {
+                return Err(bad(&a.id, "the id is used twice".into()));
+            }
+        }
+        let app_ids: HashSet<&str> = apps.keys().map(String::as_str).collect();
 
         // Policies.
         let mut policies = Vec::new();
@@ -576,7 +651,58 @@ impl PolicySet {
             labels: label_map,
             templates: templates.templates,
             tests,
+            apps,
         })
+    }
+
+    /// The user a request of `app` identifies, per the app's identity source. `Ok(None)`: the
+    /// request carries no identity; `Err`: it carries one that must not be trusted.
+    pub fn identify(
+        &self,
+        app: &str,
+        headers: &http::HeaderMap,
+        now: u64,
+    ) -> Result<Option<String>, identity::TokenError> {
+        let Some(a) = self.apps.get(app) else {
+            return Ok(None);
+        };
+        let Some(id) = &a.app.identity else {
+            return Ok(None);
+        };
+        if let Some(h) = &id.header {
+            return Ok(headers
+                .get(h.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned));
+        }
+        if let Some(c) = &id.cookie {
+            let src = identity::JwtSource {
+                header: None,
+                cookie: Some(c.clone()),
+                claim: String::new(),
+                jwks: String::new(),
+                issuer: None,
+                audience: None,
+            };
+            return Ok(identity::token_from(&src, headers).map(str::to_owned));
+        }
+        match (&id.jwt, &a.jwks) {
+            (Some(j), Some(jwks)) => match identity::token_from(j, headers) {
+                None => Ok(None),
+                Some(t) => jwks.verify(t, j, now).map(Some),
+            },
+            _ => Ok(None),
+        }
+    }
+
+    /// The activity a request of `app` is, from the app's definitions (first match).
+    pub fn activity(&self, app: &str, method: &str, path: &str) -> Option<&ActivityDef> {
+        self.apps
+            .get(app)?
+            .app
+            .activities
+            .iter()
+            .find(|d| (d.method == "*" || d.method == method) && glob(&d.path, path))
     }
 
     /// Number of enabled policies.

@@ -444,3 +444,97 @@ pub struct FileInput {
     #[serde(default)]
     pub dlp: BTreeMap<String, u32>,
 }
+
+/// `catalog.yaml`: the apps Sluice knows.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    /// Apps.
+    #[serde(default)]
+    pub apps: Vec<App>,
+}
+
+/// What happens to an app's traffic when the proxy is not healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Traffic goes direct.
+    Open,
+    /// Traffic is refused.
+    Closed,
+}
+
+/// A catalogued app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    /// Identifier used by policies.
+    pub id: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Host patterns (`files.example.com`, `*.example.com`, an IP address).
+    pub hosts: Vec<String>,
+    /// Hosts never decrypted.
+    #[serde(default)]
+    pub do_not_inspect: Vec<String>,
+    /// Where the user's identity comes from.
+    #[serde(default)]
+    pub identity: Option<super::identity::IdentitySource>,
+    /// Fail mode for this app (default: the agent's).
+    #[serde(default)]
+    pub fail_mode: Option<FailMode>,
+    /// Largest body inspected, in bytes (default 50 MiB).
+    #[serde(default)]
+    pub inspect_max_bytes: Option<u64>,
+    /// The action when content cannot be inspected (too large, encrypted, unreadable); default
+    /// `monitor`.
+    #[serde(default)]
+    pub not_inspectable: Option<Action>,
+    /// Activity definitions, tried in order.
+    #[serde(default)]
+    pub activities: Vec<ActivityDef>,
+}
+
+/// Request method + path pattern -> activity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivityDef {
+    /// The activity.
+    pub activity: Activity,
+    /// HTTP method (`GET`, `POST`, ...; `*` for any).
+    pub method: String,
+    /// Path glob (`/api/files/*/content`).
+    pub path: String,
+    /// Where the file name comes from.
+    #[serde(default)]
+    pub file_name: Option<FileNameFrom>,
+}
+
+/// Where an activity's file name is read: exactly one of the four.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNameFrom {
+    /// The file name of this multipart form field.
+    #[serde(default)]
+    pub form_field: Option<String>,
+    /// A request header.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// A query parameter.
+    #[serde(default)]
+    pub query: Option<String>,
+    /// The last path segment.
+    #[serde(default)]
+    pub path_last: bool,
+}
+
+impl FileNameFrom {
+    /// How many sources are set (exactly one is valid).
+    pub fn count(&self) -> usize {
+        usize::from(self.form_field.is_some())
+            + usize::from(self.header.is_some())
+            + usize::from(self.query.is_some())
+            + usize::from(self.path_last)
+    }
+}

@@ -253,3 +253,84 @@ fn globs() {
     );
     assert!(!glob("*.docx", "a.docx.exe") && !glob("a?c", "ac"));
 }
+
+#[test]
+fn the_catalogue_identifies_users_by_verified_tokens_and_maps_activities() {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+
+    use crate::bundle::jws::{b64url, pem_decode};
+    let set = PolicySet::compile("1", &default_bundle()).expect("compiles");
+    let pem = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/demo-idp.key"),
+    )
+    .expect("key");
+    let key = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &pem_decode(&pem, "PRIVATE KEY").expect("pem"),
+    )
+    .expect("pkcs8");
+    let now = 1_800_000_000u64;
+    let sign = |claims: serde_json::Value| {
+        let h = b64url(br#"{"alg":"ES256","kid":"files-idp-1"}"#);
+        let input = format!("{h}.{}", b64url(claims.to_string().as_bytes()));
+        let sig = key
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), input.as_bytes())
+            .expect("sign");
+        format!("{input}.{}", b64url(sig.as_ref()))
+    };
+    let cookie = |t: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::COOKIE,
+            http::HeaderValue::from_str(&format!("theme=dark; session={t}")).expect("header"),
+        );
+        h
+    };
+    let good = sign(
+        serde_json::json!({ "email": "bob@corp.example", "iss": "https://files.test", "aud": "files", "exp": now + 600 }),
+    );
+    assert_eq!(
+        set.identify("files", &cookie(&good), now),
+        Ok(Some("bob@corp.example".into()))
+    );
+    let late = sign(
+        serde_json::json!({ "email": "bob@corp.example", "iss": "https://files.test", "aud": "files", "exp": now - 600 }),
+    );
+    assert_eq!(
+        set.identify("files", &cookie(&late), now),
+        Err(identity::TokenError::Expired)
+    );
+    assert_eq!(
+        set.identify("files", &http::HeaderMap::new(), now),
+        Ok(None)
+    );
+
+    assert_eq!(
+        set.activity("files", "POST", "/upload").map(|d| d.activity),
+        Some(Activity::Upload)
+    );
+    let dl = set
+        .activity("files", "GET", "/files/42/download")
+        .expect("download");
+    assert_eq!(dl.activity, Activity::Download);
+    assert!(dl.file_name.as_ref().is_some_and(|f| f.path_last));
+    assert_eq!(
+        set.activity("files", "GET", "/files").map(|d| d.activity),
+        Some(Activity::View)
+    );
+    assert!(set.activity("files", "PATCH", "/elsewhere").is_none());
+
+    let e = PolicySet::compile(
+        "1",
+        &with(
+            default_bundle(),
+            "jwks/files.json",
+            "{\"keys\":[{\"kty\":\"oct\",\"kid\":\"x\"}]}",
+        ),
+    )
+    .expect_err("bad jwks");
+    assert!(
+        e.to_string().starts_with("catalog.yaml:") && e.to_string().contains("oct"),
+        "{e}"
+    );
+}

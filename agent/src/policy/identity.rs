@@ -1,0 +1,434 @@
+//! Who the user of an app session is, from what the app's requests carry: a header, a cookie, or a
+//! claim of a JWT that is verified against the JWKS shipped in the bundle.
+//!
+//! A JWT claim is trusted only after the signature verifies with a key of the bundle's JWKS (by
+//! `kid`), the algorithm is one the key allows (RS256 or ES256; never `none`, never an HMAC with a
+//! public key as the secret), and `exp`/`nbf` (60 s leeway), `iss` and `aud` (when configured) hold.
+//! Header and cookie identities are taken as they come; use them only for apps whose requests the
+//! user cannot shape (for example behind a gateway that sets the header).
+
+use std::collections::HashMap;
+
+use aws_lc_rs::signature;
+use serde::Deserialize;
+
+use crate::bundle::jws::b64url_decode;
+
+/// Where an app carries the user's identity (`identity:` of a catalogue app): exactly one of the
+/// three.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySource {
+    /// A request header's value.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// A cookie's value.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// A claim of a JWT.
+    #[serde(default)]
+    pub jwt: Option<JwtSource>,
+}
+
+impl IdentitySource {
+    /// How many sources are set (exactly one is valid).
+    pub fn count(&self) -> usize {
+        usize::from(self.header.is_some())
+            + usize::from(self.cookie.is_some())
+            + usize::from(self.jwt.is_some())
+    }
+}
+
+/// A JWT identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSource {
+    /// Header carrying the token (`authorization` takes `Bearer <token>`).
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Cookie carrying the token.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// The claim naming the user (default `email`).
+    #[serde(default = "email")]
+    pub claim: String,
+    /// The bundle file holding the JWKS (JSON).
+    pub jwks: String,
+    /// Required `iss`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud` (one of).
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+fn email() -> String {
+    "email".into()
+}
+
+/// Why a token was not trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not a compact JWS with JSON parts.
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    /// The algorithm is not one Sluice accepts, or not the key's.
+    #[error("token algorithm `{0}` refused")]
+    Algorithm(String),
+    /// No key with the token's `kid`.
+    #[error("no key `{0}` in the JWKS")]
+    UnknownKey(String),
+    /// The signature does not verify.
+    #[error("token signature does not verify")]
+    BadSignature,
+    /// `exp` is past.
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("token not valid yet")]
+    NotYetValid,
+    /// `iss` or `aud` differ.
+    #[error("token {0} does not match")]
+    Claim(&'static str),
+    /// The identity claim is absent or not a string.
+    #[error("token has no `{0}` claim")]
+    NoIdentity(String),
+}
+
+#[derive(Debug, Clone)]
+enum Key {
+    Ec(Vec<u8>),
+    Rsa { n: Vec<u8>, e: Vec<u8> },
+}
+
+/// A JWKS: verification keys by id.
+#[derive(Debug, Clone, Default)]
+pub struct Jwks {
+    keys: HashMap<String, Key>,
+}
+
+#[derive(Deserialize)]
+struct RawJwks {
+    keys: Vec<RawJwk>,
+}
+
+#[derive(Deserialize)]
+struct RawJwk {
+    kty: String,
+    kid: Option<String>,
+    crv: Option<String>,
+    x: Option<String>,
+    y: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+}
+
+impl Jwks {
+    /// Parses a JWKS document (EC P-256 and RSA keys; every key needs a `kid`).
+    pub fn parse(json: &[u8]) -> Result<Self, String> {
+        let raw: RawJwks = serde_json::from_slice(json).map_err(|e| format!("JWKS: {e}"))?;
+        let mut keys = HashMap::new();
+        for k in raw.keys {
+            let kid = k.kid.ok_or("JWKS: every key needs a kid")?;
+            let dec = |v: Option<String>, what: &str| {
+                v.as_deref()
+                    .and_then(b64url_decode)
+                    .ok_or_else(|| format!("JWKS key `{kid}`: bad or missing `{what}`"))
+            };
+            let key = match k.kty.as_str() {
+                "EC" => {
+                    if k.crv.as_deref() != Some("P-256") {
+                        return Err(format!("JWKS key `{kid}`: only P-256 EC keys are accepted"));
+                    }
+                    let (x, y) = (dec(k.x.clone(), "x")?, dec(k.y.clone(), "y")?);
+                    if x.len() != 32 || y.len() != 32 {
+                        return Err(format!("JWKS key `{kid}`: P-256 coordinates are 32 bytes"));
+                    }
+                    let mut point = vec![4u8];
+                    point.extend_from_slice(&x);
+                    point.extend_from_slice(&y);
+                    Key::Ec(point)
+                }
+                "RSA" => Key::Rsa {
+                    n: dec(k.n.clone(), "n")?,
+                    e: dec(k.e.clone(), "e")?,
+                },
+                other => {
+                    return Err(format!(
+                        "JWKS key `{kid}`: key type `{other}` is not accepted"
+                    ));
+                }
+            };
+            if keys.insert(kid.clone(), key).is_some() {
+                return Err(format!("JWKS: kid `{kid}` appears twice"));
+            }
+        }
+        Ok(Self { keys })
+    }
+
+    /// Verifies a token and returns the identity claim.
+    pub fn verify(&self, token: &str, src: &JwtSource, now: u64) -> Result<String, TokenError> {
+        let mut parts = token.trim().split('.');
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed("three parts expected"));
+        };
+        let header: serde_json::Value = b64url_decode(h)
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(TokenError::Malformed("header"))?;
+        let alg = header["alg"].as_str().unwrap_or("").to_owned();
+        let kid = header["kid"].as_str().unwrap_or("").to_owned();
+        let key = self.keys.get(&kid).ok_or(TokenError::UnknownKey(kid))?;
+        let sig = b64url_decode(s).ok_or(TokenError::Malformed("signature"))?;
+        let msg = format!("{h}.{p}");
+        let ok = match (key, alg.as_str()) {
+            (Key::Ec(point), "ES256") => {
+                signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                    .verify(msg.as_bytes(), &sig)
+                    .is_ok()
+            }
+            (Key::Rsa { n, e }, "RS256") => signature::RsaPublicKeyComponents {
+                n: n.as_slice(),
+                e: e.as_slice(),
+            }
+            .verify(&signature::RSA_PKCS1_2048_8192_SHA256, msg.as_bytes(), &sig)
+            .is_ok(),
+            _ => return Err(TokenError::Algorithm(alg)),
+        };
+        if !ok {
+            return Err(TokenError::BadSignature);
+        }
+        let claims: serde_json::Value = b64url_decode(p)
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(TokenError::Malformed("payload"))?;
+        const LEEWAY: u64 = 60;
+        match claims.get("exp").and_then(serde_json::Value::as_u64) {
+            Some(exp) if exp + LEEWAY < now => return Err(TokenError::Expired),
+            Some(_) => {}
+            None => return Err(TokenError::Malformed("no exp claim")),
+        }
+        if let Some(nbf) = claims.get("nbf").and_then(serde_json::Value::as_u64)
+            && nbf > now + LEEWAY
+        {
+            return Err(TokenError::NotYetValid);
+        }
+        if let Some(iss) = &src.issuer
+            && claims["iss"].as_str() != Some(iss.as_str())
+        {
+            return Err(TokenError::Claim("issuer"));
+        }
+        if let Some(aud) = &src.audience {
+            let ok = match &claims["aud"] {
+                serde_json::Value::String(a) => a == aud,
+                serde_json::Value::Array(list) => {
+                    list.iter().any(|a| a.as_str() == Some(aud.as_str()))
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(TokenError::Claim("audience"));
+            }
+        }
+        claims[src.claim.as_str()]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| TokenError::NoIdentity(src.claim.clone()))
+    }
+}
+
+/// The token a request carries for `src`: `Authorization: Bearer` or the named header/cookie.
+pub fn token_from<'a>(src: &JwtSource, headers: &'a http::HeaderMap) -> Option<&'a str> {
+    if let Some(h) = &src.header {
+        let v = headers.get(h.as_str())?.to_str().ok()?;
+        return Some(
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+                .unwrap_or(v)
+                .trim(),
+        );
+    }
+    let name = src.cookie.as_deref()?;
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('='))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_lc_rs::{
+        rand::SystemRandom,
+        rsa::{KeyPair as RsaKeyPair, KeySize},
+        signature::{EcdsaKeyPair, KeyPair as _},
+    };
+
+    use super::*;
+    use crate::bundle::jws::b64url;
+
+    fn src() -> JwtSource {
+        JwtSource {
+            header: Some("authorization".into()),
+            cookie: None,
+            claim: "email".into(),
+            jwks: "jwks.json".into(),
+            issuer: Some("https://idp.example".into()),
+            audience: Some("files".into()),
+        }
+    }
+
+    fn token(
+        alg: &str,
+        kid: &str,
+        claims: serde_json::Value,
+        sign: &dyn Fn(&[u8]) -> Vec<u8>,
+    ) -> String {
+        let h = b64url(
+            serde_json::json!({ "alg": alg, "kid": kid, "typ": "JWT" })
+                .to_string()
+                .as_bytes(),
+        );
+        let p = b64url(claims.to_string().as_bytes());
+        let input = format!("{h}.{p}");
+        format!("{input}.{}", b64url(&sign(input.as_bytes())))
+    }
+
+    #[test]
+    fn tokens_are_trusted_only_when_everything_holds() {
+        let rng = SystemRandom::new();
+        let ec_doc =
+            EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .expect("ec");
+        let ec =
+            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, ec_doc.as_ref())
+                .expect("ec");
+        let point = ec.public_key().as_ref().to_vec();
+        let rsa = RsaKeyPair::generate(KeySize::Rsa2048).expect("rsa");
+        let rsa_pub = rsa.public_key();
+        let comps: signature::RsaPublicKeyComponents<Vec<u8>> = rsa_pub.into();
+        let jwks = serde_json::json!({ "keys": [
+            { "kty": "EC", "crv": "P-256", "kid": "ec1", "x": b64url(&point[1..33]), "y": b64url(&point[33..65]) },
+            { "kty": "RSA", "kid": "rsa1", "n": b64url(&comps.n), "e": b64url(&comps.e) },
+        ]});
+        let jwks = Jwks::parse(jwks.to_string().as_bytes()).expect("jwks");
+        let now = 1_800_000_000u64;
+        let good = serde_json::json!({ "email": "alice@corp.example", "iss": "https://idp.example", "aud": ["files"], "exp": now + 300 });
+        let ec_sign = |m: &[u8]| ec.sign(&rng, m).expect("sign").as_ref().to_vec();
+        let rsa_sign = |m: &[u8]| {
+            let mut sig = vec![0u8; rsa.public_modulus_len()];
+            rsa.sign(&signature::RSA_PKCS1_SHA256, &rng, m, &mut sig)
+                .expect("sign");
+            sig
+        };
+        assert_eq!(
+            jwks.verify(&token("ES256", "ec1", good.clone(), &ec_sign), &src(), now),
+            Ok("alice@corp.example".into())
+        );
+        assert_eq!(
+            jwks.verify(
+                &token("RS256", "rsa1", good.clone(), &rsa_sign),
+                &src(),
+                now
+            ),
+            Ok("alice@corp.example".into())
+        );
+
+        let mut expired = good.clone();
+        expired["exp"] = serde_json::json!(now - 3600);
+        assert_eq!(
+            jwks.verify(&token("ES256", "ec1", expired, &ec_sign), &src(), now),
+            Err(TokenError::Expired)
+        );
+        // Signed by a key the JWKS does not hold under that kid.
+        let other_doc =
+            EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .expect("ec");
+        let other = EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            other_doc.as_ref(),
+        )
+        .expect("ec");
+        let other_sign = |m: &[u8]| other.sign(&rng, m).expect("sign").as_ref().to_vec();
+        assert_eq!(
+            jwks.verify(
+                &token("ES256", "ec1", good.clone(), &other_sign),
+                &src(),
+                now
+            ),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            jwks.verify(&token("ES256", "nope", good.clone(), &ec_sign), &src(), now),
+            Err(TokenError::UnknownKey("nope".into()))
+        );
+        // alg none, and an HMAC over the public key, and an algorithm that is not the key's.
+        assert_eq!(
+            jwks.verify(
+                &token("none", "ec1", good.clone(), &|_| vec![]),
+                &src(),
+                now
+            ),
+            Err(TokenError::Algorithm("none".into()))
+        );
+        assert_eq!(
+            jwks.verify(
+                &token("HS256", "rsa1", good.clone(), &|_| vec![1; 32]),
+                &src(),
+                now
+            ),
+            Err(TokenError::Algorithm("HS256".into()))
+        );
+        assert_eq!(
+            jwks.verify(&token("RS256", "ec1", good.clone(), &rsa_sign), &src(), now),
+            Err(TokenError::Algorithm("RS256".into()))
+        );
+        // Issuer and audience.
+        let mut iss = good.clone();
+        iss["iss"] = serde_json::json!("https://evil.example");
+        assert_eq!(
+            jwks.verify(&token("ES256", "ec1", iss, &ec_sign), &src(), now),
+            Err(TokenError::Claim("issuer"))
+        );
+        let mut aud = good.clone();
+        aud["aud"] = serde_json::json!("mail");
+        assert_eq!(
+            jwks.verify(&token("ES256", "ec1", aud, &ec_sign), &src(), now),
+            Err(TokenError::Claim("audience"))
+        );
+
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_static("Bearer abc.def.ghi"),
+        );
+        assert_eq!(token_from(&src(), &headers), Some("abc.def.ghi"));
+        let cookie_src = JwtSource {
+            header: None,
+            cookie: Some("session".into()),
+            ..src()
+        };
+        headers.insert(
+            http::header::COOKIE,
+            http::HeaderValue::from_static("a=1; session=tok.en.x; b=2"),
+        );
+        assert_eq!(token_from(&cookie_src, &headers), Some("tok.en.x"));
+    }
+
+    #[test]
+    fn bad_jwks_are_refused() {
+        for bad in [
+            r#"{"keys":[{"kty":"EC","crv":"P-384","kid":"a","x":"AA","y":"AA"}]}"#,
+            r#"{"keys":[{"kty":"oct","kid":"a","k":"AA"}]}"#,
+            r#"{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB"}]}"#,
+            r#"{"keys":"x"}"#,
+        ] {
+            assert!(Jwks::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+}
