@@ -63,15 +63,6 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
-    let mut bundle_status = None;
-    if let Some(b) = &config.bundle {
-        let dist = Arc::new(
-            crate::bundle::fetch::Distributor::new(b.clone(), &config.state_dir)
-                .context("setting up policy bundles")?,
-        );
-        bundle_status = Some(dist.status());
-        tasks.spawn(named("bundles", dist.run(shutdown.clone())));
-    }
     let mut proxy_shared = None;
     if let Some(steering) = &steering {
         let shared = Arc::new(build_proxy(config, steering.clone(), stats.clone())?);
@@ -90,6 +81,27 @@ async fn supervise(
     } else {
         // Nothing to accept, but readiness still reflects the listener state.
         stats.listening.store(true, Ordering::Relaxed);
+    }
+    let mut bundle_status = None;
+    if let Some(b) = &config.bundle {
+        let mut dist = crate::bundle::fetch::Distributor::new(b.clone(), &config.state_dir)
+            .context("setting up policy bundles")?;
+        if let Some(shared) = proxy_shared.clone() {
+            // A bundle with a catalogue decides which hosts are intercepted from then on.
+            let reject = config.proxy.reject_hosts.clone();
+            dist = dist.on_activate(Box::new(move |set| {
+                if set.apps.is_empty() {
+                    return;
+                }
+                match Catalog::from_bundle(set, &reject) {
+                    Ok(c) => shared.catalog.store(Arc::new(c)),
+                    Err(e) => tracing::error!(error = %e, "bundle catalogue not applied"),
+                }
+            }));
+        }
+        let dist = Arc::new(dist);
+        bundle_status = Some(dist.status());
+        tasks.spawn(named("bundles", dist.run(shutdown.clone())));
     }
     let admin = Admin::bind(
         config.admin.listen,
@@ -232,7 +244,8 @@ fn reload(path: &Path, running: &Config, steering: Option<&Steering>, proxy: Opt
             return;
         }
     }
-    if let Some(p) = proxy {
+    // With policy bundles configured, the bundle's catalogue is the one in force.
+    if let Some(p) = proxy.filter(|_| next.bundle.is_none()) {
         match Catalog::new(&next.apps, &next.proxy.reject_hosts) {
             Ok(c) => p.catalog.store(Arc::new(c)),
             Err(e) => {

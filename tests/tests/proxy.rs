@@ -47,6 +47,11 @@ fn env(tag: &str) -> Env {
 
 /// An environment whose `[proxy]` table gets `extra` lines.
 fn env_with(tag: &str, extra: &str) -> Env {
+    env_full(tag, extra, "")
+}
+
+/// An environment whose config ends with `tail` (more tables).
+fn env_full(tag: &str, extra: &str, tail: &str) -> Env {
     require_root();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -101,6 +106,7 @@ no_bundled_roots = true
 id = "demo"
 name = "Demo files"
 hosts = [{hosts}]
+{tail}
 "#,
         state = dir.join("state").display(),
         cg = cg.rel,
@@ -660,4 +666,57 @@ fn sighup_reloads_the_app_catalogue_without_a_restart() {
     )
     .expect("still intercepted after a bad reload");
     assert!(e.agent.status().is_ok(), "the agent is still running");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_active_bundle_catalogue_decides_what_is_intercepted() {
+    use sluice::bundle::{self, jws::SigningKey};
+    let dir = std::env::temp_dir().join(format!("sluice-e2e-bundle-cat-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("src")).expect("dir");
+    std::fs::write(
+        dir.join("src/catalog.yaml"),
+        "apps:\n  - id: other\n    hosts: [splice.test]\n",
+    )
+    .expect("catalog");
+    let (key, _, public) = SigningKey::generate().expect("key");
+    std::fs::write(dir.join("bundle.pub"), public).expect("pub");
+    let mut archive = bundle::build(&dir.join("src"), Some("5")).expect("build");
+    archive.sign(&key, "test").expect("sign");
+    std::fs::write(dir.join("bundle.tar.gz"), archive.write().expect("write")).expect("bundle");
+    let tail = format!(
+        "[bundle]\nfile = \"{}\"\npublic_key = \"{}\"\n",
+        dir.join("bundle.tar.gz").display(),
+        dir.join("bundle.pub").display()
+    );
+    let e = env_full("px-bcat", "", &tail);
+    assert!(
+        wait_until(Duration::from_secs(5), || e.status()["bundle"]["revision"]
+            == "5"),
+        "bundle active: {}",
+        e.status()
+    );
+    // splice.test is an app in the bundle's catalogue (not in the config's): intercepted.
+    e.curl(
+        &e.sluice_ca,
+        &["-o", "/dev/null", &e.url("splice.test", "/hello")],
+    )
+    .expect("intercepted with the Sluice CA");
+    // good.test is only in the config's apps, which the bundle replaced: spliced.
+    e.curl(
+        &e.test_ca,
+        &["-o", "/dev/null", &e.url("good.test", "/hello")],
+    )
+    .expect("spliced, the origin's own certificate");
+    let st = e.status();
+    assert_eq!(
+        (
+            st["proxy"]["intercepted"].as_u64(),
+            st["proxy"]["spliced"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{st}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -80,9 +80,12 @@ pub struct BundleStatus {
 /// The active policy set, shared read-mostly with the proxy.
 pub type Active = Arc<ArcSwapOption<PolicySet>>;
 
+/// Called with each newly activated policy set (e.g. to swap the proxy's app catalogue).
+pub type OnActivate = Box<dyn Fn(&PolicySet) + Send + Sync>;
+
 /// Fetches and activates bundles.
-#[derive(Debug)]
 pub struct Distributor {
+    on_activate: Option<OnActivate>,
     settings: BundleSettings,
     key: VerifyingKey,
     state_dir: PathBuf,
@@ -90,6 +93,14 @@ pub struct Distributor {
     etag: Mutex<Option<String>>,
     status: Arc<Mutex<BundleStatus>>,
     limits: Limits,
+}
+
+impl std::fmt::Debug for Distributor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Distributor")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Orders revisions: numerically when both are integers, otherwise as text.
@@ -117,6 +128,7 @@ impl Distributor {
             return Err(BundleError::Io("bundle: set `url` or `file`".into()));
         }
         Ok(Self {
+            on_activate: None,
             settings,
             key,
             state_dir: state_dir.join("bundle"),
@@ -125,6 +137,12 @@ impl Distributor {
             status: Arc::new(Mutex::new(BundleStatus::default())),
             limits: Limits::default(),
         })
+    }
+
+    /// Runs `f` with every policy set activated from now on.
+    pub fn on_activate(mut self, f: OnActivate) -> Self {
+        self.on_activate = Some(f);
+        self
     }
 
     /// The active policy set handle.
@@ -171,6 +189,9 @@ impl Distributor {
             self.persist(bytes, etag.as_deref())?;
         }
         let policies = set.len();
+        if let Some(f) = &self.on_activate {
+            f(&set);
+        }
         self.active.store(Some(Arc::new(set)));
         *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());

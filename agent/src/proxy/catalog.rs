@@ -150,6 +150,22 @@ impl Catalog {
         })
     }
 
+    /// The catalogue of an active policy bundle, which replaces the configuration's apps.
+    pub fn from_bundle(set: &crate::policy::PolicySet, reject: &[String]) -> Result<Self, String> {
+        let mut apps: Vec<AppSettings> = set
+            .apps
+            .values()
+            .map(|a| AppSettings {
+                id: a.app.id.clone(),
+                name: a.app.name.clone(),
+                hosts: a.app.hosts.clone(),
+                do_not_inspect: a.app.do_not_inspect.clone(),
+            })
+            .collect();
+        apps.sort_by(|a, b| a.id.cmp(&b.id));
+        Self::new(&apps, reject)
+    }
+
     /// The decision for a connection to `host` (lower-case SNI, Host, or destination IP literal).
     pub fn decide(&self, host: &str) -> Decision {
         if self.reject.iter().any(|p| p.matches(host)) {
