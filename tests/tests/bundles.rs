@@ -253,3 +253,53 @@ async fn without_long_polling_the_agent_polls_and_starts_from_its_last_good_bund
     task2.await.expect("join").expect("run");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_file_or_directory_is_verified_like_a_download() {
+    let dir = temp("local");
+    let k = keys(&dir);
+    // A signed directory: the bundle's files as they were signed, .signatures.json included.
+    let signed_dir = dir.join("signed");
+    for (name, data) in &signed(&k.key, "21").files {
+        let path = signed_dir.join(name);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+        std::fs::write(&path, data).expect("file");
+    }
+    let file = dir.join("b.tar.gz");
+    std::fs::write(&file, bytes(&signed(&k.key, "20"))).expect("bundle");
+    for (source, want) in [(file.clone(), "20"), (signed_dir.clone(), "21")] {
+        let state = dir.join(format!("state-{want}"));
+        let s = BundleSettings {
+            url: None,
+            file: Some(source),
+            ..settings(String::new(), &k.public, 5, 1)
+        };
+        let d = Arc::new(Distributor::new(s, &state).expect("distributor"));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(d.clone().run(stop.clone()));
+        until("activation", Duration::from_secs(5), || {
+            revision(&d).as_deref() == Some(want)
+        })
+        .await;
+        stop.cancel();
+        task.await.expect("join").expect("run");
+    }
+    // The same directory without its signature is refused.
+    std::fs::remove_file(signed_dir.join(".signatures.json")).expect("rm");
+    let s = BundleSettings {
+        url: None,
+        file: Some(signed_dir),
+        ..settings(String::new(), &k.public, 5, 1)
+    };
+    let d = Arc::new(Distributor::new(s, &dir.join("state-unsigned")).expect("distributor"));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(d.clone().run(stop.clone()));
+    until("refusal", Duration::from_secs(5), || {
+        last_error(&d).contains("not signed")
+    })
+    .await;
+    assert!(d.active().load().is_none());
+    stop.cancel();
+    task.await.expect("join").expect("run");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -32,7 +32,8 @@ pub struct BundleSettings {
     /// Where to fetch the bundle (http:// or https://).
     #[serde(default)]
     pub url: Option<String>,
-    /// A local bundle (signed .tar.gz) to use instead of a URL.
+    /// A local bundle to use instead of a URL: a signed .tar.gz, or a directory holding its own
+    /// `.signatures.json`.
     #[serde(default)]
     pub file: Option<PathBuf>,
     /// The public key (PEM) bundles must be signed with.
@@ -240,7 +241,15 @@ impl Distributor {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.load_last_good();
         if let Some(file) = self.settings.file.clone() {
-            match std::fs::read(&file) {
+            // A directory is packed as it stands; it must carry its own .signatures.json.
+            let read = if file.is_dir() {
+                Archive::from_dir(&file)
+                    .and_then(|a| a.write())
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            } else {
+                std::fs::read(&file)
+            };
+            match read {
                 Ok(bytes) => {
                     if let Err(e) = self.activate(&bytes, "file", None, true) {
                         self.set_error(&format!("{}: {e}", file.display()), true);

@@ -246,7 +246,8 @@ impl Archive {
         gz.finish().map_err(|e| BundleError::Io(e.to_string()))
     }
 
-    /// Collects a directory's files (hidden ones other than `.manifest` are skipped).
+    /// Collects a directory's files (hidden ones other than `.manifest` and `.signatures.json`
+    /// are skipped).
     pub fn from_dir(dir: &Path) -> Result<Self, BundleError> {
         fn walk(
             root: &Path,
@@ -260,7 +261,7 @@ impl Archive {
             entries.sort_by_key(|e| e.file_name());
             for e in entries {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') && name != MANIFEST {
+                if name.starts_with('.') && name != MANIFEST && name != SIGNATURES {
                     continue;
                 }
                 let path = e.path();

@@ -103,6 +103,67 @@ pub struct Template {
     pub fix: Option<String>,
 }
 
+impl Template {
+    /// Fills the variables (`{user}`, `{app}`, `{file}`, `{label}`, `{policy}`, `{incident}`,
+    /// `{fix}`) into the text, or the HTML with the values HTML-escaped. Unknown variables stay
+    /// as written; absent values become empty.
+    pub fn render(&self, html: bool, vars: &[(&str, &str)]) -> String {
+        let source = match (html, &self.html) {
+            (true, Some(h)) => h.as_str(),
+            _ => self.text.as_str(),
+        };
+        let fix = self.fix.as_deref().unwrap_or("");
+        let escape = |v: &str| -> String {
+            if !html {
+                return v.to_owned();
+            }
+            v.chars()
+                .map(|c| match c {
+                    '<' => "&lt;".to_owned(),
+                    '>' => "&gt;".to_owned(),
+                    '&' => "&amp;".to_owned(),
+                    '"' => "&quot;".to_owned(),
+                    '\'' => "&#39;".to_owned(),
+                    c => c.to_string(),
+                })
+                .collect()
+        };
+        let mut out = String::with_capacity(source.len() + 64);
+        let mut rest = source;
+        while let Some(start) = rest.find('{') {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 1..];
+            match after.find('}') {
+                Some(end) => {
+                    let name = &after[..end];
+                    let value = if name == "fix" {
+                        Some(fix)
+                    } else {
+                        vars.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+                    };
+                    match value {
+                        Some(v) => out.push_str(&escape(v)),
+                        None if ["user", "app", "file", "label", "policy", "incident"]
+                            .contains(&name) => {}
+                        None => {
+                            out.push('{');
+                            out.push_str(name);
+                            out.push('}');
+                        }
+                    }
+                    rest = &after[end + 1..];
+                }
+                None => {
+                    out.push_str(&rest[start..]);
+                    rest = "";
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
 /// A file of policies (`policies/*.yaml`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -334,3 +334,31 @@ fn the_catalogue_identifies_users_by_verified_tokens_and_maps_activities() {
         "{e}"
     );
 }
+
+#[test]
+fn templates_render_their_variables_escaped_for_html() {
+    let set = PolicySet::compile("1", &default_bundle()).expect("compiles");
+    let t = &set.templates["upload-needs-label"];
+    let text = t.render(
+        false,
+        &[
+            ("file", "plan <v2>.docx"),
+            ("app", "Demo files"),
+            ("incident", "abc"),
+        ],
+    );
+    assert_eq!(
+        text,
+        "plan <v2>.docx was not uploaded to Demo files because it carries no sensitivity label. Apply the Confidential label from the Sensitivity menu and upload again. (incident abc)"
+    );
+    let html = Template {
+        title: "t".into(),
+        text: "x".into(),
+        html: Some("<p>{file} {unknown} {user}</p>".into()),
+        fix: None,
+    };
+    assert_eq!(
+        html.render(true, &[("file", "<b>")]),
+        "<p>&lt;b&gt; {unknown} </p>"
+    );
+}
