@@ -695,14 +695,64 @@ impl PolicySet {
         }
     }
 
-    /// The activity a request of `app` is, from the app's definitions (first match).
-    pub fn activity(&self, app: &str, method: &str, path: &str) -> Option<&ActivityDef> {
-        self.apps
-            .get(app)?
-            .app
-            .activities
-            .iter()
-            .find(|d| (d.method == "*" || d.method == method) && glob(&d.path, path))
+    /// The activity a request of `app` is, from the app's definitions (first match). `form` is
+    /// the request's URL-encoded form fields, when it has such a body.
+    pub fn activity(
+        &self,
+        app: &str,
+        method: &str,
+        path: &str,
+        form: &[(String, String)],
+    ) -> Option<&ActivityDef> {
+        self.apps.get(app)?.app.activities.iter().find(|d| {
+            (d.method == "*" || d.method == method)
+                && glob(&d.path, path)
+                && d.form
+                    .iter()
+                    .all(|(k, v)| form.iter().any(|(fk, fv)| fk == k && (v == "*" || fv == v)))
+        })
+    }
+
+    /// The activity of a request no definition matched, from generic signs: a response that is
+    /// an attachment or a file type is a download; a multipart form with a file part, or a raw
+    /// PUT/POST of a file type, is an upload.
+    pub fn generic_activity(
+        method: &str,
+        request_type: Option<&str>,
+        has_file_part: bool,
+        disposition: Option<&str>,
+        response_type: Option<&str>,
+    ) -> Activity {
+        let is_file_type = |t: &str| {
+            let t = t
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            t == "application/octet-stream"
+                || t == "application/pdf"
+                || t == "application/zip"
+                || t.starts_with("application/vnd.openxmlformats-officedocument.")
+                || t.starts_with("application/vnd.ms-")
+                || t.starts_with("image/")
+                || t.starts_with("video/")
+                || t.starts_with("audio/")
+        };
+        if disposition.is_some_and(|d| d.trim().to_ascii_lowercase().starts_with("attachment"))
+            || response_type.is_some_and(is_file_type)
+        {
+            return Activity::Download;
+        }
+        let upload_method = method == "POST" || method == "PUT";
+        if upload_method && (has_file_part || request_type.is_some_and(is_file_type)) {
+            return Activity::Upload;
+        }
+        match method {
+            "GET" | "HEAD" => Activity::View,
+            "DELETE" => Activity::Delete,
+            _ => Activity::Other,
+        }
     }
 
     /// Number of enabled policies.

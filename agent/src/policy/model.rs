@@ -515,16 +515,6 @@ pub struct Catalog {
     pub apps: Vec<App>,
 }
 
-/// What happens to an app's traffic when the proxy is not healthy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailMode {
-    /// Traffic goes direct.
-    Open,
-    /// Traffic is refused.
-    Closed,
-}
-
 /// A catalogued app.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -544,7 +534,7 @@ pub struct App {
     pub identity: Option<super::identity::IdentitySource>,
     /// Fail mode for this app (default: the agent's).
     #[serde(default)]
-    pub fail_mode: Option<FailMode>,
+    pub fail_mode: Option<crate::config::FailMode>,
     /// Largest body inspected, in bytes (default 50 MiB).
     #[serde(default)]
     pub inspect_max_bytes: Option<u64>,
@@ -570,6 +560,10 @@ pub struct ActivityDef {
     /// Where the file name comes from.
     #[serde(default)]
     pub file_name: Option<FileNameFrom>,
+    /// Fields a URL-encoded form body must carry (name -> value; `*` for any value), for apps
+    /// whose activities share one endpoint (`POST /api` with `op=delete`).
+    #[serde(default)]
+    pub form: BTreeMap<String, String>,
 }
 
 /// Where an activity's file name is read: exactly one of the four.

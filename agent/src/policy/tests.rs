@@ -306,19 +306,21 @@ fn the_catalogue_identifies_users_by_verified_tokens_and_maps_activities() {
     );
 
     assert_eq!(
-        set.activity("files", "POST", "/upload").map(|d| d.activity),
+        set.activity("files", "POST", "/upload", &[])
+            .map(|d| d.activity),
         Some(Activity::Upload)
     );
     let dl = set
-        .activity("files", "GET", "/files/42/download")
+        .activity("files", "GET", "/files/42/download", &[])
         .expect("download");
     assert_eq!(dl.activity, Activity::Download);
     assert!(dl.file_name.as_ref().is_some_and(|f| f.path_last));
     assert_eq!(
-        set.activity("files", "GET", "/files").map(|d| d.activity),
+        set.activity("files", "GET", "/files", &[])
+            .map(|d| d.activity),
         Some(Activity::View)
     );
-    assert!(set.activity("files", "PATCH", "/elsewhere").is_none());
+    assert!(set.activity("files", "PATCH", "/elsewhere", &[]).is_none());
 
     let e = PolicySet::compile(
         "1",
@@ -360,5 +362,90 @@ fn templates_render_their_variables_escaped_for_html() {
     assert_eq!(
         html.render(true, &[("file", "<b>")]),
         "<p>&lt;b&gt; {unknown} </p>"
+    );
+}
+
+#[test]
+fn activities_by_form_fields_and_generic_recognition() {
+    let with_form = with(
+        default_bundle(),
+        "catalog.yaml",
+        "apps:\n  - id: files\n    hosts: [files.test]\n    activities:\n      - { activity: delete, method: POST, path: /api, form: { op: delete } }\n      - { activity: share, method: POST, path: /api, form: { op: share, to: \"*\" } }\n",
+    );
+    let set = PolicySet::compile("1", &with_form).expect("compiles");
+    let f = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        set.activity("files", "POST", "/api", &f(&[("op", "delete")]))
+            .map(|d| d.activity),
+        Some(Activity::Delete)
+    );
+    assert_eq!(
+        set.activity(
+            "files",
+            "POST",
+            "/api",
+            &f(&[("op", "share"), ("to", "x@y")])
+        )
+        .map(|d| d.activity),
+        Some(Activity::Share)
+    );
+    assert!(
+        set.activity("files", "POST", "/api", &f(&[("op", "share")]))
+            .is_none(),
+        "a required field is missing"
+    );
+    let g = PolicySet::generic_activity;
+    assert_eq!(
+        g(
+            "GET",
+            None,
+            false,
+            Some("attachment; filename=a.pdf"),
+            Some("text/plain")
+        ),
+        Activity::Download
+    );
+    assert_eq!(
+        g(
+            "GET",
+            None,
+            false,
+            None,
+            Some("application/vnd.openxmlformats-officedocument.wordprocessingml.document")
+        ),
+        Activity::Download
+    );
+    assert_eq!(
+        g(
+            "POST",
+            Some("multipart/form-data; boundary=x"),
+            true,
+            None,
+            Some("text/html")
+        ),
+        Activity::Upload
+    );
+    assert_eq!(
+        g("PUT", Some("application/pdf"), false, None, None),
+        Activity::Upload
+    );
+    assert_eq!(
+        g(
+            "POST",
+            Some("application/json"),
+            false,
+            None,
+            Some("application/json")
+        ),
+        Activity::Other
+    );
+    assert_eq!(
+        g("GET", None, false, None, Some("text/html")),
+        Activity::View
     );
 }

@@ -695,54 +695,48 @@ async fn serve<I>(
         }
     };
     tokio::pin!(quiet);
-    match sess.client_proto {
-        Proto::H1 => {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_millis(s.header_timeout_ms))
-                .max_buf_size(s.max_header_bytes.max(8192))
-                .max_headers(s.max_headers)
-                .serve_connection(io, svc)
-                .with_upgrades();
+    // Serves until the connection ends, shutdown asks it to close, or it has been quiet for the
+    // idle timeout (then nothing is waiting: the idle timeout exceeds the response timeout by
+    // default, so a short grace suffices).
+    macro_rules! drive {
+        ($conn:expr, $proto:literal) => {{
+            let conn = $conn;
             tokio::pin!(conn);
             tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "client HTTP/1.1 connection ended") },
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, concat!("client ", $proto, " connection ended")) },
                 _ = shutdown.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
                 _ = &mut quiet => {
-                    // Nothing moved either way for the idle timeout (longer than the response
-                    // timeout by default, so no request is waiting): say goodbye and close.
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
                 }
             }
-        }
-        Proto::H2 => {
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        }};
+    }
+    match sess.client_proto {
+        Proto::H1 => drive!(
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_millis(s.header_timeout_ms))
+                .max_buf_size(s.max_header_bytes.max(8192))
+                .max_headers(s.max_headers)
+                .serve_connection(io, svc)
+                .with_upgrades(),
+            "HTTP/1.1"
+        ),
+        Proto::H2 => drive!(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(s.max_concurrent_streams)
                 .max_header_list_size(s.max_header_bytes as u32)
                 .initial_stream_window_size(4 * 1024 * 1024)
                 .initial_connection_window_size(8 * 1024 * 1024)
                 .max_frame_size(64 * 1024)
-                .serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "client HTTP/2 connection ended") },
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-                _ = &mut quiet => {
-                    // Nothing moved either way for the idle timeout (longer than the response
-                    // timeout by default, so no request is waiting): say goodbye and close.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-                }
-            }
-        }
+                .serve_connection(io, svc),
+            "HTTP/2"
+        ),
     }
 }
 

@@ -190,24 +190,7 @@ fn wss(addr: SocketAddr, args: &[String]) -> Result<(), String> {
     use std::io::{Read as _, Write as _};
     let name = args.get(2).ok_or("wss needs NAME")?.clone();
     let ca = args.get(3).ok_or("wss needs CA_PEM")?;
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls_pki_types::pem::PemObject as _;
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let server = rustls_pki_types::ServerName::try_from(name.clone()).map_err(|e| e.to_string())?;
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), server)
-        .map_err(|e| e.to_string())?;
+    let conn = tls_client(ca, &name, b"http/1.1")?;
     let tcp =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))
@@ -264,24 +247,7 @@ fn idle(addr: SocketAddr, args: &[String]) -> Result<(), String> {
     let name = args.get(2).ok_or("idle needs NAME")?.clone();
     let ca = args.get(3).ok_or("idle needs CA_PEM")?;
     let alpn = args.get(4).cloned().unwrap_or_else(|| "h2".into());
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls_pki_types::pem::PemObject as _;
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.into_bytes()];
-    let server = rustls_pki_types::ServerName::try_from(name).map_err(|e| e.to_string())?;
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), server)
-        .map_err(|e| e.to_string())?;
+    let conn = tls_client(ca, &name, alpn.as_bytes())?;
     let tcp =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(30)))
@@ -306,4 +272,26 @@ fn idle(addr: SocketAddr, args: &[String]) -> Result<(), String> {
     }
     println!("closed after {} ms", start.elapsed().as_millis());
     Ok(())
+}
+
+/// A TLS client connection to `name`, trusting the CA certificates in `ca`, offering `alpn`.
+fn tls_client(ca: &str, name: &str, alpn: &[u8]) -> Result<rustls::ClientConnection, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let server =
+        rustls_pki_types::ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    rustls::ClientConnection::new(std::sync::Arc::new(cfg), server).map_err(|e| e.to_string())
 }
