@@ -720,3 +720,31 @@ fn an_active_bundle_catalogue_decides_what_is_intercepted() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_client_that_delays_its_client_hello_is_still_intercepted() {
+    let e = env("px-slow");
+    let out = InCgroup::at(&e.cg.dir)
+        .run(
+            &bin("sluice-probe"),
+            &[
+                "slowhello".into(),
+                e.origin.addr.to_string(),
+                "good.test".into(),
+                e.sluice_ca.display().to_string(),
+                "1500".into(),
+            ],
+        )
+        .expect("the delayed handshake completes against the Sluice CA");
+    assert_eq!(out.trim(), "HTTP/1.1 200 OK");
+    let st = e.status();
+    assert_eq!(
+        (
+            st["proxy"]["intercepted"].as_u64(),
+            st["proxy"]["spliced"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{st}"
+    );
+}

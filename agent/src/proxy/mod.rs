@@ -386,8 +386,11 @@ pub async fn handle(
         return;
     }
     let _ = client.set_nodelay(true);
-    // Server-speaks-first protocols (SMTP, SSH, ...) send nothing from the client: after a short
-    // wait they are spliced rather than held for a ClientHello that never comes.
+    // A client silent at first is either a server-speaks-first protocol (SMTP, SSH, ...) or a
+    // client that delays its ClientHello, which must not buy it an uninspected connection. So
+    // the origin is dialled and whoever speaks first decides: the server -> splice; the client ->
+    // the normal path (the dialled connection is dropped unused).
+    let hs_timeout = shared.timeout(shared.settings.handshake_timeout_ms);
     let mut first = [0u8; 1];
     match tokio::time::timeout(
         shared.timeout(shared.settings.client_first_timeout_ms),
@@ -398,20 +401,37 @@ pub async fn handle(
         Ok(Ok(0)) | Ok(Err(_)) => return,
         Ok(Ok(_)) => {}
         Err(_) => {
-            splice_conn(
-                shared,
-                client,
-                Vec::new(),
-                peer,
-                &origin,
-                None,
-                SpliceReason::ServerFirst,
-            )
+            let Some(upstream) = dial(shared, peer, &origin, None).await else {
+                return;
+            };
+            let (mut a, mut b) = ([0u8; 1], [0u8; 1]);
+            let server_first = tokio::time::timeout(hs_timeout, async {
+                tokio::select! {
+                    r = client.peek(&mut a) => r.map(|n| (false, n)),
+                    r = upstream.peek(&mut b) => r.map(|n| (true, n)),
+                }
+            })
             .await;
-            return;
+            match server_first {
+                Ok(Ok((true, n))) if n > 0 => {
+                    splice_conn(
+                        shared,
+                        client,
+                        Vec::new(),
+                        peer,
+                        &origin,
+                        None,
+                        SpliceReason::ServerFirst,
+                        Some(upstream),
+                    )
+                    .await;
+                    return;
+                }
+                Ok(Ok((false, n))) if n > 0 => drop(upstream),
+                _ => return,
+            }
         }
     }
-    let hs_timeout = shared.timeout(shared.settings.handshake_timeout_ms);
     let peeked = tokio::time::timeout(hs_timeout, peek::read_hello(&mut client)).await;
     let (peeked, prefix) = match peeked {
         Ok(Ok(p)) => p,
@@ -469,6 +489,7 @@ pub async fn handle(
                 &origin,
                 None,
                 SpliceReason::NotTls,
+                None,
             )
             .await;
         }
@@ -489,7 +510,10 @@ pub async fn handle(
                     ));
                 }
                 Decision::Splice(reason) => {
-                    splice_conn(shared, client, prefix, peer, &origin, hello.sni, reason).await;
+                    splice_conn(
+                        shared, client, prefix, peer, &origin, hello.sni, reason, None,
+                    )
+                    .await;
                 }
                 Decision::Intercept(app) => {
                     let config = match shared.leaves.config_for(&name) {
@@ -617,26 +641,23 @@ fn plain_http_host(buf: &[u8]) -> Option<String> {
         .map(|(_, v)| http::host_of(v))
 }
 
-async fn splice_conn(
+/// Connects to the original destination (marked); a failure is counted and recorded.
+async fn dial(
     shared: &Shared,
-    client: TcpStream,
-    prefix: Vec<u8>,
     peer: SocketAddr,
     origin: &OriginRecord,
     sni: Option<String>,
-    reason: SpliceReason,
-) {
-    let stats = &shared.stats;
-    let mut upstream = match splice::connect_marked(
+) -> Option<TcpStream> {
+    match splice::connect_marked(
         origin.dst,
         shared.bypass_mark,
         shared.timeout(shared.settings.connect_timeout_ms),
     )
     .await
     {
-        Ok(s) => s,
+        Ok(s) => Some(s),
         Err(e) => {
-            stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+            shared.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(dst = %origin.dst, pid = origin.tgid, comm = %origin.comm, error = %e, "original destination unreachable");
             shared.reporter.connection(conn_record(
                 peer,
@@ -645,8 +666,29 @@ async fn splice_conn(
                 "upstream_failed",
                 e.to_string(),
             ));
-            return;
+            None
         }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn splice_conn(
+    shared: &Shared,
+    client: TcpStream,
+    prefix: Vec<u8>,
+    peer: SocketAddr,
+    origin: &OriginRecord,
+    sni: Option<String>,
+    reason: SpliceReason,
+    dialled: Option<TcpStream>,
+) {
+    let stats = &shared.stats;
+    let mut upstream = match dialled {
+        Some(u) => u,
+        None => match dial(shared, peer, origin, sni.clone()).await {
+            Some(u) => u,
+            None => return,
+        },
     };
     if upstream.write_all(&prefix).await.is_err() {
         return;

@@ -9,6 +9,8 @@
 //!   sends a masked frame and prints `echo ok` when the same bytes come back.
 //! - `sluice-probe idle ADDR NAME CA_PEM h2|http/1.1`: completes a TLS handshake, then sends
 //!   nothing; prints `closed after N ms` when the server closes the connection (at most 30 s).
+//! - `sluice-probe slowhello ADDR NAME CA_PEM MS`: connects, stays silent for MS milliseconds,
+//!   then speaks HTTPS (trusting CA_PEM) and prints the response's status line.
 //! - `sluice-probe hello ADDR garbage|truncated`: sends a bad ClientHello; prints `closed` when the
 //!   server closes the connection.
 
@@ -60,6 +62,7 @@ fn run(args: &[String]) -> Result<(), String> {
         Some("tcp") => tcp(addr, args),
         Some("wss") => wss(addr, args),
         Some("idle") => idle(addr, args),
+        Some("slowhello") => slow_hello(addr, args),
         Some("hello") => bad_hello(addr, args.get(2).map(String::as_str).unwrap_or("garbage")),
         Some("udp") => udp(addr, args.get(2).map(String::as_str).unwrap_or("connect")),
         _ => Err("usage: sluice-probe tcp|udp ADDR ...".into()),
@@ -294,4 +297,32 @@ fn tls_client(ca: &str, name: &str, alpn: &[u8]) -> Result<rustls::ClientConnect
     let server =
         rustls_pki_types::ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
     rustls::ClientConnection::new(std::sync::Arc::new(cfg), server).map_err(|e| e.to_string())
+}
+
+fn slow_hello(addr: SocketAddr, args: &[String]) -> Result<(), String> {
+    use std::io::{BufRead as _, Write as _};
+    let name = args.get(2).ok_or("slowhello needs NAME")?.clone();
+    let ca = args.get(3).ok_or("slowhello needs CA_PEM")?;
+    let ms: u64 = args
+        .get(4)
+        .and_then(|v| v.parse().ok())
+        .ok_or("slowhello needs MS")?;
+    let conn = tls_client(ca, &name, b"http/1.1")?;
+    let tcp =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(ms));
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        tls,
+        "GET /hello HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("handshake or write: {e}"))?;
+    let mut line = String::new();
+    std::io::BufReader::new(tls)
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    println!("{}", line.trim_end());
+    Ok(())
 }
