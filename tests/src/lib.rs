@@ -232,6 +232,33 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A temporary directory removed on drop, so a failing test cleans up too.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates (afresh) `sluice-<tag>-<pid>` under the system temporary directory.
+    pub fn new(tag: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("sluice-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
+        Self(d)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A copy of a binary that any user can execute; removed on drop.
 #[derive(Debug)]
 pub struct TempBin {

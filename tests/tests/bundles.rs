@@ -42,11 +42,8 @@ fn bytes(a: &Archive) -> Vec<u8> {
     a.write().expect("write")
 }
 
-fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sluice-bundles-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("dir");
-    d
+fn temp(tag: &str) -> sluice_e2e::TempDir {
+    sluice_e2e::TempDir::new(&format!("bundles-{tag}"))
 }
 
 fn settings(url: String, public: &Path, long_poll_s: u64, poll_s: u64) -> BundleSettings {
@@ -189,7 +186,6 @@ async fn long_polling_delivers_a_new_revision_at_once_and_refusals_keep_the_last
     assert!(last_error(&d).is_empty());
     stop.cancel();
     task.await.expect("join").expect("run");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +247,6 @@ async fn without_long_polling_the_agent_polls_and_starts_from_its_last_good_bund
     .await;
     stop2.cancel();
     task2.await.expect("join").expect("run");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,5 +296,4 @@ async fn a_local_file_or_directory_is_verified_like_a_download() {
     assert!(d.active().load().is_none());
     stop.cancel();
     task.await.expect("join").expect("run");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -202,8 +202,7 @@ fn hooks_pass_rewrite_or_answer_instead() {
     let origin = rt
         .block_on(Origin::start("127.0.0.31:0".parse().expect("addr"), &pki))
         .expect("origin");
-    let dir = std::env::temp_dir().join(format!("sluice-hooks-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = sluice_e2e::TempDir::new("hooks");
     ca::init(&dir.join("ca"), "Sluice Interception CA").expect("ca");
     let ca = Ca::load_dir(&dir.join("ca")).expect("ca loads");
     let sluice_ca = dir.join("sluice-ca.pem");
@@ -362,6 +361,5 @@ fn hooks_pass_rewrite_or_answer_instead() {
     drop(recs);
     shutdown.cancel();
     let _ = rt.block_on(task);
-    let _ = std::fs::remove_dir_all(&dir);
     drop(origin);
 }

@@ -672,8 +672,7 @@ fn sighup_reloads_the_app_catalogue_without_a_restart() {
 #[ignore = "needs root"]
 fn an_active_bundle_catalogue_decides_what_is_intercepted() {
     use sluice::bundle::{self, jws::SigningKey};
-    let dir = std::env::temp_dir().join(format!("sluice-e2e-bundle-cat-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = sluice_e2e::TempDir::new("e2e-bundle-cat");
     std::fs::create_dir_all(dir.join("src")).expect("dir");
     std::fs::write(
         dir.join("src/catalog.yaml"),
@@ -718,7 +717,6 @@ fn an_active_bundle_catalogue_decides_what_is_intercepted() {
         (Some(1), Some(1)),
         "{st}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

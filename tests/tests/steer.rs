@@ -458,7 +458,7 @@ fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
         "{{ cidr = \"127.0.0.5/32\", ports = [{}] }}",
         origin.addr.port()
     );
-    let tmp = std::env::temp_dir().join(format!("sluice-e2e-own-{}", std::process::id()));
+    let tmp = sluice_e2e::TempDir::new("e2e-own");
     let agent = Agent::start(
         &agent_config(&cg, &tmp.join("state"), &include, proxy_port, admin, 0),
         admin,
@@ -485,7 +485,6 @@ fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
     assert_eq!(st["proxy"]["loops"], 0, "{st}");
     assert_eq!(st["proxy"]["spliced"], 1, "{st}");
     drop(agent);
-    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 #[test]
@@ -493,7 +492,7 @@ fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
 fn nothing_stays_attached_after_shutdown_or_sigkill() {
     require_root();
     let cg = TestCgroup::new("detach");
-    let tmp = std::env::temp_dir().join(format!("sluice-e2e-detach-{}", std::process::id()));
+    let tmp = sluice_e2e::TempDir::new("e2e-detach");
     for sig in [Signal::SIGTERM, Signal::SIGKILL] {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let proxy_port = {
@@ -533,5 +532,4 @@ fn nothing_stays_attached_after_shutdown_or_sigkill() {
             attached_programs(&cg.dir)
         );
     }
-    let _ = std::fs::remove_dir_all(&tmp);
 }
