@@ -498,20 +498,31 @@ pub async fn handle(
                 .sni
                 .clone()
                 .unwrap_or_else(|| origin.dst.ip().to_string());
+            // Records a connection that ends here, with the ClientHello's server name.
+            let report = |action: &str, reason: String| {
+                shared.reporter.connection(conn_record(
+                    peer,
+                    Some(&origin),
+                    hello.sni.clone(),
+                    action,
+                    reason,
+                ));
+            };
             match shared.catalog.load().decide(&name) {
                 Decision::Reject => {
                     stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    shared.reporter.connection(conn_record(
-                        peer,
-                        Some(&origin),
-                        hello.sni,
-                        "rejected",
-                        "proxy.reject_hosts".into(),
-                    ));
+                    report("rejected", "proxy.reject_hosts".into());
                 }
                 Decision::Splice(reason) => {
                     splice_conn(
-                        shared, client, prefix, peer, &origin, hello.sni, reason, None,
+                        shared,
+                        client,
+                        prefix,
+                        peer,
+                        &origin,
+                        hello.sni.clone(),
+                        reason,
+                        None,
                     )
                     .await;
                 }
@@ -520,45 +531,26 @@ pub async fn handle(
                         Ok(c) => c,
                         Err(e) => {
                             tracing::error!(%name, error = %e, "minting a leaf failed");
-                            shared.reporter.connection(conn_record(
-                                peer,
-                                Some(&origin),
-                                hello.sni,
-                                "leaf_failed",
-                                e.to_string(),
-                            ));
-                            return;
+                            return report("leaf_failed", e.to_string());
                         }
                     };
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    let tls = match tokio::time::timeout(
+                    let accepted = tokio::time::timeout(
                         hs_timeout,
                         acceptor.accept(Rewind::new(prefix, client)),
                     )
                     .await
-                    {
-                        Ok(Ok(t)) => t,
-                        Ok(Err(e)) => {
+                    .unwrap_or_else(|_| {
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "handshake timed out",
+                        ))
+                    });
+                    let tls = match accepted {
+                        Ok(t) => t,
+                        Err(e) => {
                             stats.tls_failed.fetch_add(1, Ordering::Relaxed);
-                            shared.reporter.connection(conn_record(
-                                peer,
-                                Some(&origin),
-                                hello.sni,
-                                "tls_failed",
-                                e.to_string(),
-                            ));
-                            return;
-                        }
-                        Err(_) => {
-                            stats.tls_failed.fetch_add(1, Ordering::Relaxed);
-                            shared.reporter.connection(conn_record(
-                                peer,
-                                Some(&origin),
-                                hello.sni,
-                                "tls_failed",
-                                "handshake timed out".into(),
-                            ));
-                            return;
+                            return report("tls_failed", e.to_string());
                         }
                     };
                     let client_proto = match tls.get_ref().1.alpn_protocol() {
