@@ -18,10 +18,11 @@ use crate::{
         Proxy, ProxyStats, Shared,
         ca::{Ca, CacheLimits, LeafCache},
         catalog::Catalog,
-        hooks::PassThrough,
-        record::LogReporter,
+        hooks::{Hooks, PassThrough},
+        record::{JsonLinesReporter, LogReporter, Reporter},
         upstream::{Upstream, root_store},
     },
+    session::Controls,
     steer::{self, Steering},
 };
 
@@ -63,9 +64,37 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
+    let reporter: Arc<dyn Reporter> = match &config.report.events_file {
+        Some(p) => Arc::new(
+            JsonLinesReporter::open(p)
+                .with_context(|| format!("opening the events file {}", p.display()))?,
+        ),
+        None => Arc::new(LogReporter),
+    };
+    let mut dist = match &config.bundle {
+        Some(b) => Some(
+            crate::bundle::fetch::Distributor::new(b.clone(), &config.state_dir)
+                .context("setting up policy bundles")?,
+        ),
+        None => None,
+    };
+    let hooks: Arc<dyn Hooks> = match &dist {
+        Some(d) => Arc::new(Controls::new(
+            d.active(),
+            config.device.posture,
+            reporter.clone(),
+        )),
+        None => Arc::new(PassThrough),
+    };
     let mut proxy_shared = None;
     if let Some(steering) = &steering {
-        let shared = Arc::new(build_proxy(config, steering.clone(), stats.clone())?);
+        let shared = Arc::new(build_proxy(
+            config,
+            steering.clone(),
+            stats.clone(),
+            hooks,
+            reporter,
+        )?);
         proxy_shared = Some(shared.clone());
         let proxy = Proxy::bind(shared).await?;
         tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
@@ -83,9 +112,7 @@ async fn supervise(
         stats.listening.store(true, Ordering::Relaxed);
     }
     let mut bundle_status = None;
-    if let Some(b) = &config.bundle {
-        let mut dist = crate::bundle::fetch::Distributor::new(b.clone(), &config.state_dir)
-            .context("setting up policy bundles")?;
+    if let Some(mut dist) = dist.take() {
         if let Some(shared) = proxy_shared.clone() {
             // A bundle with a catalogue decides which hosts are intercepted from then on.
             let reject = config.proxy.reject_hosts.clone();
@@ -154,6 +181,8 @@ fn build_proxy(
     config: &Config,
     steering: Arc<Steering>,
     stats: Arc<ProxyStats>,
+    hooks: Arc<dyn Hooks>,
+    reporter: Arc<dyn Reporter>,
 ) -> anyhow::Result<Shared> {
     let (cert, key) = (config.ca_cert_path(), config.ca_key_path());
     let ca = Ca::load(&cert, &key).with_context(|| {
@@ -187,8 +216,8 @@ fn build_proxy(
         Arc::new(catalog),
         Arc::new(leaves),
         Arc::new(upstream),
-        Arc::new(PassThrough),
-        Arc::new(LogReporter),
+        hooks,
+        reporter,
         config.proxy.clone(),
         config.steer.bypass_mark,
     ))

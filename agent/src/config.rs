@@ -56,6 +56,43 @@ pub struct Config {
     /// Where signed policy bundles come from (absent: no policies).
     #[serde(default)]
     pub bundle: Option<crate::bundle::fetch::BundleSettings>,
+    /// What this device is, for policies.
+    #[serde(default)]
+    pub device: DeviceSettings,
+    /// Where records and activity events go.
+    #[serde(default)]
+    pub report: ReportSettings,
+}
+
+/// `[device]`: the device posture policies see.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSettings {
+    /// `managed` (default: the agent runs on an enrolled endpoint), `compliant`, or `unmanaged`
+    /// (e.g. a gateway in front of devices nobody manages).
+    #[serde(default = "default_posture")]
+    pub posture: crate::policy::model::Device,
+}
+
+fn default_posture() -> crate::policy::model::Device {
+    crate::policy::model::Device::Managed
+}
+
+impl Default for DeviceSettings {
+    fn default() -> Self {
+        Self {
+            posture: default_posture(),
+        }
+    }
+}
+
+/// `[report]`: where activity events go besides the log.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSettings {
+    /// Appends every activity event as one JSON line to this file (created 0600 when absent).
+    #[serde(default)]
+    pub events_file: Option<PathBuf>,
 }
 
 /// `[tls]`: the CA that signs intercepted sessions' certificates, and what upstream servers are

@@ -8,6 +8,8 @@ pub mod admin;
 pub mod app;
 pub mod bundle;
 pub mod config;
+pub mod inspect;
 pub mod policy;
 pub mod proxy;
+pub mod session;
 pub mod steer;

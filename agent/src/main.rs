@@ -63,6 +63,31 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Show what Sluice sees in a file (type, size, SHA-256, labels, DLP hits, or why it is not
+    /// inspectable) as JSON; with --apply-label, write a label into it as a download would.
+    Inspect {
+        /// The file.
+        file: PathBuf,
+        /// Apply this label (an id, display name or GUID from the bundle's labels.yaml).
+        #[arg(long, value_name = "NAME")]
+        apply_label: Option<String>,
+        /// Where to write the labeled file (required with --apply-label).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Replace an existing label of the same tenant.
+        #[arg(long)]
+        replace: bool,
+        /// Permissions to write with the label (comma-separated, e.g. `view`).
+        #[arg(long, value_delimiter = ',')]
+        permissions: Vec<String>,
+        /// The bundle (directory or archive) whose labels and DLP dictionaries apply. Default:
+        /// $SLUICE_BUNDLE, else ./policies/default.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Largest file inspected, in bytes.
+        #[arg(long, default_value_t = 50 * 1024 * 1024)]
+        max_bytes: u64,
+    },
     /// Print the running agent's status (from its admin endpoint).
     Status {
         /// The admin endpoint.
@@ -246,6 +271,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bundle { command } => bundle_command(command),
         Command::Policy { command } => policy_command(command),
+        Command::Inspect {
+            file,
+            apply_label,
+            out,
+            replace,
+            permissions,
+            bundle,
+            max_bytes,
+        } => inspect_command(InspectArgs {
+            file,
+            apply_label,
+            out,
+            replace,
+            permissions,
+            bundle,
+            max_bytes,
+        }),
         Command::Status { admin } => {
             use std::io::{Read as _, Write as _};
             let mut s =
@@ -357,6 +399,113 @@ fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice::policy::Polic
     let mut files = archive.files;
     files.remove(sluice::bundle::SIGNATURES);
     Ok(sluice::policy::PolicySet::compile(&revision, &files)?)
+}
+
+struct InspectArgs {
+    file: PathBuf,
+    apply_label: Option<String>,
+    out: Option<PathBuf>,
+    replace: bool,
+    permissions: Vec<String>,
+    bundle: Option<PathBuf>,
+    max_bytes: u64,
+}
+
+fn inspect_command(a: InspectArgs) -> anyhow::Result<()> {
+    use sluice::inspect::{self, Applied, LabelSpec, Limits};
+    let bundle = a
+        .bundle
+        .or_else(|| std::env::var_os("SLUICE_BUNDLE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("policies/default"));
+    let set = load_policies(&bundle).map_err(|e| {
+        e.context(format!(
+            "loading the bundle {} (its labels and DLP dictionaries are used; choose one with --bundle)",
+            bundle.display()
+        ))
+    })?;
+    let limits = Limits {
+        max_bytes: a.max_bytes,
+        ..Limits::default()
+    };
+    let meta =
+        std::fs::metadata(&a.file).map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
+    if meta.len() > a.max_bytes {
+        anyhow::bail!(
+            "{} is {} bytes, larger than --max-bytes {} (not inspectable)",
+            a.file.display(),
+            meta.len(),
+            a.max_bytes
+        );
+    }
+    let bytes = read(&a.file)?;
+    let name = a.file.file_name().map(|n| n.to_string_lossy().into_owned());
+    let label_id = |guid: &str| {
+        set.labels
+            .values()
+            .find(|l| inspect::normalize_guid(&l.guid) == guid)
+            .map(|l| l.id.clone())
+    };
+    let describe = |facts: &inspect::FileFacts| -> anyhow::Result<serde_json::Value> {
+        let mut v = serde_json::to_value(facts)?;
+        if let Some(labels) = v.get_mut("labels").and_then(|l| l.as_array_mut()) {
+            for (l, f) in labels.iter_mut().zip(&facts.labels) {
+                l["label_id"] = serde_json::json!(label_id(&f.guid));
+            }
+        }
+        Ok(v)
+    };
+    let Some(wanted) = a.apply_label else {
+        let facts = inspect::inspect_file(&bytes, name.as_deref(), &limits, &set.detectors);
+        say!("{}", serde_json::to_string_pretty(&describe(&facts)?)?);
+        return Ok(());
+    };
+    let Some(out) = a.out else {
+        anyhow::bail!("--apply-label needs -o OUT (the input file is never changed)");
+    };
+    let w = inspect::normalize_guid(&wanted);
+    let Some(label) = set.labels.values().find(|l| {
+        l.id == wanted
+            || l.name.eq_ignore_ascii_case(&wanted)
+            || inspect::normalize_guid(&l.guid) == w
+    }) else {
+        let known: Vec<&str> = set.labels.keys().map(String::as_str).collect();
+        anyhow::bail!(
+            "no label `{wanted}` in {} (known: {})",
+            bundle.display(),
+            known.join(", ")
+        );
+    };
+    let spec = LabelSpec {
+        guid: inspect::normalize_guid(&label.guid),
+        tenant: inspect::normalize_guid(&label.tenant),
+        name: label.name.clone(),
+        method: "Privileged".into(),
+        set_date: inspect::now_iso8601(),
+        action_id: inspect::new_guid(),
+        permissions: a.permissions,
+    };
+    let result = match inspect::apply_label(&bytes, &spec, a.replace, &limits)
+        .map_err(|e| anyhow::anyhow!("{}: not labeled: {e}", a.file.display()))?
+    {
+        Applied::Labeled(v) => v,
+        Applied::AlreadyLabeled(l) => anyhow::bail!(
+            "{} already carries label {} of tenant {} (use --replace to replace it)",
+            a.file.display(),
+            label_id(&l.guid).unwrap_or(l.guid),
+            l.tenant.unwrap_or_default()
+        ),
+    };
+    std::fs::write(&out, &result).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    let facts = inspect::inspect_file(&result, name.as_deref(), &limits, &set.detectors);
+    say!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "applied": label.id,
+            "out": out,
+            "result": describe(&facts)?,
+        }))?
+    );
+    Ok(())
 }
 
 fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {

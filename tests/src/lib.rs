@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 
 pub mod bundle_server;
+pub mod demo_app;
 pub mod loadgen;
 pub mod origin;
 

@@ -14,6 +14,8 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
+mod fixtures;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "Sluice developer and operator tasks")]
 struct Cli {
@@ -43,6 +45,16 @@ enum Task {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Make the end-to-end tests' files with the real tools (installs LibreOffice and a Python
+    /// venv when missing); quick when they are up to date.
+    Fixtures {
+        /// Output directory (default target/fixtures; relative to the workspace root).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Remake the files even when they are up to date.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +74,8 @@ fn run(cli: Cli) -> Result<()> {
         Task::Setup => setup(&root),
         Task::Test => {
             setup(&root)?;
+            // Office and PDF files made by the real tools, for the inspection tests.
+            fixtures::fixtures(&root, None, false)?;
             test()
         }
         Task::Bench { name, extra } => {
@@ -72,6 +86,7 @@ fn run(cli: Cli) -> Result<()> {
             setup(&root)?;
             up(&root, config)
         }
+        Task::Fixtures { out, force } => fixtures::fixtures(&root, out, force),
     }
 }
 

@@ -151,6 +151,8 @@ pub struct PolicySet {
     tests: Vec<(String, TestCase)>,
     /// The catalogue by app id.
     pub apps: HashMap<String, CompiledApp>,
+    /// DLP detectors: the built-in ones and the bundle's keyword dictionaries (`dlp.yaml`).
+    pub detectors: crate::inspect::dlp::Detectors,
 }
 
 /// The outcome of a decision.
@@ -183,7 +185,8 @@ pub struct Explanation {
     pub filters: Vec<(String, bool)>,
 }
 
-const DOC_FILES: [&str; 5] = [
+const DOC_FILES: [&str; 6] = [
+    "dlp.yaml",
     "directory.yaml",
     "ranges.yaml",
     "labels.yaml",
@@ -214,7 +217,7 @@ impl PolicySet {
                 return Err(PolicyError {
                     file: name.clone(),
                     line: None,
-                    message: "unexpected file in the bundle (known: directory.yaml, ranges.yaml, labels.yaml, templates.yaml, catalog.yaml, policies/*.yaml, tests/*.yaml, jwks/*.json)".into(),
+                    message: "unexpected file in the bundle (known: dlp.yaml, directory.yaml, ranges.yaml, labels.yaml, templates.yaml, catalog.yaml, policies/*.yaml, tests/*.yaml, jwks/*.json)".into(),
                 });
             }
         }
@@ -223,6 +226,13 @@ impl PolicySet {
         let (labels, labels_text): (Labels, String) = parse(files, "labels.yaml")?;
         let (templates, _): (Templates, String) = parse(files, "templates.yaml")?;
         let (catalog, catalog_text): (Catalog, String) = parse(files, "catalog.yaml")?;
+        let (dlp, _): (model::DlpFile, String) = parse(files, "dlp.yaml")?;
+        let detectors =
+            crate::inspect::dlp::Detectors::new(&dlp.dictionaries).map_err(|e| PolicyError {
+                file: "dlp.yaml".into(),
+                line: None,
+                message: e.to_string(),
+            })?;
 
         let err =
             |file: &str, text: &str, anchor: &str, needle: &str, message: String| PolicyError {
@@ -650,6 +660,7 @@ impl PolicySet {
             org_domains,
             labels: label_map,
             templates: templates.templates,
+            detectors,
             tests,
             apps,
         })
@@ -947,7 +958,13 @@ impl PolicySet {
                 input.activity.is_some_and(|a| p.activities.contains(&a)),
             );
         }
-        if let Some(ff) = &p.file {
+        // File filters need a file: a request without one (or whose file could not be
+        // inspected) never matches them, so `label: { present: false }` cannot take an
+        // unreadable file for an unlabelled one.
+        if p.file.is_some() && input.file.is_none() {
+            f("file", false);
+        }
+        if let Some(ff) = p.file.as_ref().filter(|_| input.file.is_some()) {
             let fi = input.file.as_ref();
             if !ff.name.is_empty() {
                 f(

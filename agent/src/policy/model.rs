@@ -506,6 +506,15 @@ pub struct FileInput {
     pub dlp: BTreeMap<String, u32>,
 }
 
+/// `dlp.yaml`: keyword dictionaries for DLP (each is the detector `keyword:<name>`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlpFile {
+    /// Dictionary name -> words and phrases (matched case-insensitively as whole words).
+    #[serde(default)]
+    pub dictionaries: BTreeMap<String, Vec<String>>,
+}
+
 /// `catalog.yaml`: the apps Sluice knows.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -20,10 +20,10 @@ fn input(yaml: &str) -> Input {
 #[test]
 fn the_default_bundle_compiles_and_its_tests_pass() {
     let set = PolicySet::compile("1", &default_bundle()).expect("compiles");
-    assert_eq!(set.len(), 6);
+    assert_eq!(set.len(), 8);
     let (passed, failures) = set.run_tests();
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(passed, 8);
+    assert_eq!(passed, 11);
 }
 
 #[test]
@@ -314,7 +314,12 @@ fn the_catalogue_identifies_users_by_verified_tokens_and_maps_activities() {
         .activity("files", "GET", "/files/42/download", &[])
         .expect("download");
     assert_eq!(dl.activity, Activity::Download);
-    assert!(dl.file_name.as_ref().is_some_and(|f| f.path_last));
+    // The demo app's download URLs carry an id; the name comes from Content-Disposition.
+    assert!(dl.file_name.is_none());
+    let put = set
+        .activity("files", "PUT", "/api/files/report.docx", &[])
+        .expect("put");
+    assert!(put.file_name.as_ref().is_some_and(|f| f.path_last));
     assert_eq!(
         set.activity("files", "GET", "/files", &[])
             .map(|d| d.activity),

@@ -19,12 +19,43 @@ use crate::steer::OriginRecord;
 pub struct Exchange<'a> {
     /// Who opened the connection and where to.
     pub origin: &'a OriginRecord,
+    /// The client's address as accepted.
+    pub peer: std::net::SocketAddr,
     /// The catalogued app.
     pub app: &'a App,
     /// The host (SNI, or Host for plain HTTP).
     pub host: &'a str,
     /// Unique id of this request (also the incident id of any page the proxy answers with).
     pub request_id: &'a str,
+    /// Per-request state the hooks keep between their calls (set once, typically by
+    /// [`Hooks::request_head`]). Dropped when the proxy is done with the request head, which
+    /// is after every hook of the request ran.
+    pub state: &'a RequestState,
+}
+
+/// A slot for one value per request, shared by the hook calls of that request.
+#[derive(Default)]
+pub struct RequestState(std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>);
+
+impl std::fmt::Debug for RequestState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "RequestState(set)"
+        } else {
+            "RequestState(empty)"
+        })
+    }
+}
+
+impl RequestState {
+    /// Stores `value`; false when the slot was already set.
+    pub fn set<T: std::any::Any + Send + Sync>(&self, value: T) -> bool {
+        self.0.set(Box::new(value)).is_ok()
+    }
+    /// The stored value, when it is a `T`.
+    pub fn get<T: std::any::Any>(&self) -> Option<&T> {
+        self.0.get().and_then(|b| b.downcast_ref::<T>())
+    }
 }
 
 /// A head hook's verdict.

@@ -26,7 +26,7 @@ use super::{
     Shared,
     body::{self, Observed, ProxyBody},
     catalog::App,
-    hooks::{BodyInspector, BodyMode, BodyVerdict, Exchange, HeadVerdict},
+    hooks::{BodyInspector, BodyMode, BodyVerdict, Exchange, HeadVerdict, RequestState},
     pages::{self, ClientKind, Page},
     record::RequestRecord,
     upstream::{Proto, Target},
@@ -36,6 +36,9 @@ use crate::steer::OriginRecord;
 /// One intercepted client connection.
 #[derive(Debug)]
 pub struct Session {
+    /// The client's address as accepted (the device's own address on an endpoint, the client
+    /// device's on a gateway).
+    pub peer: std::net::SocketAddr,
     /// Who and where.
     pub origin: Arc<OriginRecord>,
     /// The app.
@@ -394,11 +397,14 @@ pub async fn handle(
         ));
     }
 
+    let state = RequestState::default();
     let ex = Exchange {
         origin: &sess.origin,
+        peer: sess.peer,
         app: &sess.app,
         host: &sess.host,
         request_id: &pending.id,
+        state: &state,
     };
     let hooks = shared.hooks.active().then_some(&shared.hooks);
     if let Some(h) = hooks

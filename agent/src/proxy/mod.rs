@@ -471,6 +471,7 @@ pub async fn handle(
                 };
                 let sess = Arc::new(http::Session {
                     affinity: shared.upstream.affinity(&target, true),
+                    peer,
                     origin,
                     app,
                     host,
@@ -565,6 +566,7 @@ pub async fn handle(
                     };
                     let sess = Arc::new(http::Session {
                         affinity: shared.upstream.affinity(&target, client_proto == Proto::H1),
+                        peer,
                         origin,
                         app,
                         host: name,

@@ -80,6 +80,14 @@ pub trait Reporter: Send + Sync + 'static {
     fn request(&self, rec: RequestRecord);
     /// A connection that was not intercepted, or failed before HTTP.
     fn connection(&self, rec: ConnectionRecord);
+    /// An activity the session controls saw, allowed or not.
+    fn activity(&self, ev: crate::session::event::ActivityEvent) {
+        tracing::info!(
+            target: "sluice::activity",
+            id = %ev.id, app = %ev.app, activity = ?ev.activity, action = ev.action.as_str(),
+            policy = ?ev.policy, user = ?ev.user, url = %ev.url, "activity"
+        );
+    }
 }
 
 /// Logs records with `tracing` (target `sluice::record`).
@@ -101,6 +109,59 @@ impl Reporter for LogReporter {
             peer = %r.peer, sni = ?r.sni, action = %r.action, reason = %r.reason,
             pid = ?r.origin.as_ref().map(|o| o.tgid), "connection"
         );
+    }
+}
+
+/// Logs records like [`LogReporter`] and appends activity events as JSON lines to a file.
+#[derive(Debug)]
+pub struct JsonLinesReporter {
+    file: std::sync::Mutex<std::fs::File>,
+    path: std::path::PathBuf,
+}
+
+impl JsonLinesReporter {
+    /// Opens (creating, mode 0600) `path` for appending.
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(Self {
+            file: std::sync::Mutex::new(file),
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Reporter for JsonLinesReporter {
+    fn request(&self, rec: RequestRecord) {
+        LogReporter.request(rec);
+    }
+    fn connection(&self, rec: ConnectionRecord) {
+        LogReporter.connection(rec);
+    }
+    fn activity(&self, ev: crate::session::event::ActivityEvent) {
+        use std::io::Write as _;
+        let mut line = match serde_json::to_vec(&ev) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "activity event not serialisable");
+                return;
+            }
+        };
+        line.push(b'\n');
+        // One write per event keeps lines whole for readers tailing the file.
+        let res = self
+            .file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&line);
+        if let Err(e) = res {
+            tracing::error!(error = %e, path = %self.path.display(), "activity event not written");
+        }
+        LogReporter.activity(ev);
     }
 }
 

@@ -1,0 +1,344 @@
+//! What Sluice sees in a file or a body: the type sniffed from the bytes, size, SHA-256,
+//! sensitivity labels (OOXML, PDF, encrypted containers), DLP hits; and writing a label into a
+//! downloaded file. Everything here works on bytes in memory under explicit [`Limits`]: a file
+//! that would exceed them, is encrypted without a readable label, or is malformed is
+//! "not inspectable" with a reason, never a crash, a hang or unbounded memory.
+
+pub mod dlp;
+pub mod multipart;
+pub mod ole;
+pub mod ooxml;
+pub mod pdf;
+pub mod sniff;
+pub mod xml;
+pub mod zip;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Serialize;
+
+pub use sniff::FileType;
+
+/// Bounds on inspection of one file.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest file inspected (default 50 MiB).
+    pub max_bytes: u64,
+    /// Most entries in a zip container (default 10,000).
+    pub max_entries: usize,
+    /// Most bytes one zip entry may inflate to (default 64 MiB).
+    pub max_entry_inflated: u64,
+    /// Most bytes all entries read from one container may inflate to together (default 256 MiB).
+    pub max_total_inflated: u64,
+    /// Highest inflated/compressed ratio of an entry that is larger than 1 MiB inflated (default 200).
+    pub max_ratio: u64,
+    /// Deepest XML element nesting (default 256).
+    pub max_xml_depth: usize,
+    /// Wall time for inspecting one file (default 10 s).
+    pub max_time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 50 * 1024 * 1024,
+            max_entries: 10_000,
+            max_entry_inflated: 64 * 1024 * 1024,
+            max_total_inflated: 256 * 1024 * 1024,
+            max_ratio: 200,
+            max_xml_depth: 256,
+            max_time: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a file could not be inspected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[serde(tag = "reason", content = "detail", rename_all = "snake_case")]
+pub enum NotInspectable {
+    /// Larger than the size bound.
+    #[error("larger than the inspection bound of {0} bytes")]
+    TooLarge(u64),
+    /// A container entry inflates beyond the bounds (a zip bomb).
+    #[error("decompression bound exceeded: {0}")]
+    Bomb(String),
+    /// Encrypted, and no label kept outside the encryption.
+    #[error("encrypted: {0}")]
+    Encrypted(String),
+    /// XML with a DOCTYPE or entity declarations (never expanded).
+    #[error("XML declares a DOCTYPE or entities: {0}")]
+    XmlEntities(String),
+    /// Nesting deeper than the bound.
+    #[error("nesting deeper than {0}")]
+    TooDeep(usize),
+    /// Inspection took longer than its time bound.
+    #[error("inspection took longer than {0:?}")]
+    Timeout(Duration),
+    /// Malformed or unsupported.
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// A label cannot be written into this type of file.
+    #[error("labels cannot be written into {0} files")]
+    Unsupported(String),
+}
+
+/// Where a label was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelSource {
+    /// OOXML `docProps/custom.xml` (`MSIP_Label_<GUID>_*` properties).
+    CustomXml,
+    /// OOXML `docMetadata/LabelInfo.xml` (takes precedence per tenant).
+    LabelInfoXml,
+    /// PDF document Info dictionary.
+    PdfInfo,
+    /// PDF XMP metadata stream.
+    PdfXmp,
+    /// OLE compound file `LabelInfo` stream (outside the encryption).
+    OleLabelInfo,
+}
+
+/// A sensitivity label as a file carries it. GUIDs are normalised: lower case, no braces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileLabel {
+    /// Label GUID.
+    pub guid: String,
+    /// Tenant (site) GUID, when present.
+    pub tenant: Option<String>,
+    /// Whether the label is enabled (only enabled labels count as "labeled").
+    pub enabled: bool,
+    /// `Standard` or `Privileged`.
+    pub method: Option<String>,
+    /// When it was set (ISO 8601 as written).
+    pub set_date: Option<String>,
+    /// Display name as written in the file.
+    pub name: Option<String>,
+    /// Action id GUID.
+    pub action_id: Option<String>,
+    /// Content marking bits (1 header, 2 footer, 4 watermark, 8 encryption).
+    pub content_bits: Option<u32>,
+    /// Every property of this label as written (attribute -> value), vendor keys included.
+    pub properties: BTreeMap<String, String>,
+    /// Where it was read.
+    pub source: LabelSource,
+}
+
+/// A label to write into a file.
+#[derive(Debug, Clone)]
+pub struct LabelSpec {
+    /// Label GUID (normalised).
+    pub guid: String,
+    /// Tenant GUID (normalised).
+    pub tenant: String,
+    /// Display name.
+    pub name: String,
+    /// `Privileged` (set by the proxy, per policy) or `Standard`.
+    pub method: String,
+    /// ISO 8601 UTC time, e.g. `2026-11-27T10:00:00Z`.
+    pub set_date: String,
+    /// A fresh GUID for this labeling action.
+    pub action_id: String,
+    /// Permissions granted to the holder (`view`, `edit`, `print`, ...); written as the
+    /// `Sluice_Permissions` property (comma-separated) when present.
+    pub permissions: Vec<String>,
+}
+
+/// The outcome of writing a label.
+#[derive(Debug)]
+pub enum Applied {
+    /// The file with the label written.
+    Labeled(Vec<u8>),
+    /// The file already carries an enabled label for this tenant and replacing was not asked:
+    /// left unchanged.
+    AlreadyLabeled(FileLabel),
+}
+
+/// Normalises a GUID as files write it (`{ABC-...}`, `abc-...`) to lower case without braces.
+pub fn normalize_guid(s: &str) -> String {
+    s.trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .to_ascii_lowercase()
+}
+
+/// Everything Sluice sees in one file (`sluice inspect` prints this as JSON).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FileFacts {
+    /// File name, when the exchange gave one (last path component).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Type sniffed from the bytes.
+    #[serde(rename = "type")]
+    pub kind: Option<FileType>,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Labels found (enabled or not), with where each was read.
+    pub labels: Vec<FileLabel>,
+    /// Whether the file is encrypted (a protected Office package, a PDF with /Encrypt).
+    pub encrypted: bool,
+    /// DLP hits by detector.
+    pub dlp: BTreeMap<String, u32>,
+    /// Redacted samples of DLP hits.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub dlp_samples: BTreeMap<String, Vec<String>>,
+    /// Why the file could not be (fully) inspected; the policy's not-inspectable action applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_inspectable: Option<NotInspectable>,
+}
+
+impl FileFacts {
+    /// GUIDs of the enabled labels.
+    pub fn enabled_labels(&self) -> impl Iterator<Item = &FileLabel> {
+        self.labels.iter().filter(|l| l.enabled)
+    }
+}
+
+/// Most characters of document text scanned for DLP.
+pub const MAX_TEXT_CHARS: usize = 16 * 1024 * 1024;
+
+/// SHA-256 of `bytes`, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Inspects one file held in memory: type, hash, labels, DLP. Never fails: what cannot be read
+/// is reported in `not_inspectable`.
+pub fn inspect_file(
+    bytes: &[u8],
+    name: Option<&str>,
+    limits: &Limits,
+    detectors: &dlp::Detectors,
+) -> FileFacts {
+    let mut facts = FileFacts {
+        name: name.map(str::to_owned),
+        size: bytes.len() as u64,
+        sha256: sha256_hex(bytes),
+        ..FileFacts::default()
+    };
+    if bytes.len() as u64 > limits.max_bytes {
+        facts.not_inspectable = Some(NotInspectable::TooLarge(limits.max_bytes));
+        return facts;
+    }
+    let kind = sniff::sniff(bytes);
+    facts.kind = Some(kind);
+    let mut text: Option<Result<String, NotInspectable>> = None;
+    let labels = match kind {
+        FileType::Docx | FileType::Xlsx | FileType::Pptx => {
+            text = Some(ooxml::text(bytes, limits, MAX_TEXT_CHARS));
+            ooxml::read_labels(bytes, limits)
+        }
+        FileType::Pdf => match pdf::read_labels(bytes, limits) {
+            Err(NotInspectable::Encrypted(e)) => {
+                facts.encrypted = true;
+                Err(NotInspectable::Encrypted(e))
+            }
+            other => {
+                text = Some(pdf::text(bytes, limits, MAX_TEXT_CHARS));
+                other
+            }
+        },
+        FileType::Ole => match ole::read(bytes, limits) {
+            Ok(o) => {
+                facts.encrypted = o.encrypted;
+                if o.encrypted && !o.labels.iter().any(|l| l.enabled) {
+                    facts.labels = o.labels;
+                    Err(NotInspectable::Encrypted(
+                        "an encrypted Office package without a readable label".into(),
+                    ))
+                } else {
+                    Ok(o.labels)
+                }
+            }
+            Err(e) => Err(e),
+        },
+        _ => Ok(Vec::new()),
+    };
+    match labels {
+        Ok(l) => facts.labels = l,
+        Err(e) => facts.not_inspectable = Some(e),
+    }
+    let hits = match (kind, text) {
+        (_, Some(Ok(t))) => Some(detectors.scan(t.as_bytes())),
+        (_, Some(Err(e))) => {
+            facts.not_inspectable.get_or_insert(e);
+            None
+        }
+        (FileType::Json, None) => Some(detectors.scan_json(bytes)),
+        (FileType::Text | FileType::Html | FileType::Xml, None) => Some(detectors.scan(bytes)),
+        _ => None,
+    };
+    if let Some(h) = hits {
+        facts.dlp = h.counts;
+        facts.dlp_samples = h.samples;
+    }
+    facts
+}
+
+/// Writes `spec` into a file as a download would; the type is sniffed from the bytes.
+pub fn apply_label(
+    bytes: &[u8],
+    spec: &LabelSpec,
+    replace: bool,
+    limits: &Limits,
+) -> Result<Applied, NotInspectable> {
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(NotInspectable::TooLarge(limits.max_bytes));
+    }
+    match sniff::sniff(bytes) {
+        FileType::Docx | FileType::Xlsx | FileType::Pptx => {
+            ooxml::apply_label(bytes, spec, replace, limits)
+        }
+        FileType::Pdf => pdf::apply_label(bytes, spec, replace, limits),
+        FileType::Ole => Err(NotInspectable::Encrypted(
+            "labels cannot be written into encrypted or legacy Office files".into(),
+        )),
+        other => Err(NotInspectable::Unsupported(other.as_str().to_owned())),
+    }
+}
+
+/// A random GUID (version 4), lower case, for label action ids.
+pub fn new_guid() -> String {
+    let mut b = [0u8; 16];
+    if rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut b)
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = t.to_le_bytes();
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The current UTC time as ISO 8601 (`2026-11-27T10:00:00Z`), as labels record it.
+pub fn now_iso8601() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}

@@ -1,0 +1,972 @@
+//! OLE compound files ([MS-CFB]): the container of password- and IRM-encrypted Office documents
+//! (an `EncryptedPackage` stream next to `EncryptionInfo`) and of legacy binary Office files.
+//! Sluice reads only what decides a policy: whether the file is an encrypted package, the names
+//! at its root, and the sensitivity labels kept outside the encryption in a `LabelInfo` stream
+//! ([MS-OFFCRYPTO] 2.6.2 puts it in `\x06DataSpaces\TransformInfo`; one found anywhere counts).
+//!
+//! Every structure is bounded before it is used: the FAT sector count by the file's size, the
+//! DIFAT and every sector chain by cycle detection, directory entries by
+//! [`Limits::max_entries`], a stream read by [`Limits::max_entry_inflated`] and the file, and the
+//! directory tree walk by a visited set; the deadline from [`Limits::max_time`] is checked in
+//! every loop. A corrupt file is [`NotInspectable::Malformed`], never a panic or a hang.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Instant,
+};
+
+use super::{FileLabel, LabelSource, Limits, NotInspectable, normalize_guid};
+
+const MAGIC: [u8; 8] = [0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
+/// Highest regular sector number; larger values are markers.
+const MAX_REG_SECT: u32 = 0xFFFF_FFFA;
+const END_OF_CHAIN: u32 = 0xFFFF_FFFE;
+const FREE_SECT: u32 = 0xFFFF_FFFF;
+/// "No sibling/child" in a directory entry.
+const NO_STREAM: u32 = 0xFFFF_FFFF;
+/// Streams smaller than this live in the mini stream ([MS-CFB] 2.2: always 4096).
+const MINI_CUTOFF: u64 = 4096;
+const MINI_SECTOR: usize = 64;
+const DIR_ENTRY: usize = 128;
+/// Entry types.
+const STORAGE: u8 = 1;
+const STREAM: u8 = 2;
+const ROOT: u8 = 5;
+
+type Result<T> = std::result::Result<T, NotInspectable>;
+
+fn malformed(what: impl Into<String>) -> NotInspectable {
+    NotInspectable::Malformed(format!("OLE compound file: {}", what.into()))
+}
+
+/// What an OLE compound file shows without decrypting anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OleFacts {
+    /// A root-level `EncryptedPackage` or `EncryptionInfo` stream exists: an encrypted OOXML
+    /// package.
+    pub encrypted: bool,
+    /// Names of the root's children (streams and storages), in directory order.
+    pub streams: Vec<String>,
+    /// Labels from a `LabelInfo` stream (source [`LabelSource::OleLabelInfo`]).
+    pub labels: Vec<FileLabel>,
+}
+
+/// Reads an OLE compound file: whether it is an encrypted package, its root-level names and the
+/// labels of its `LabelInfo` stream (the one under `\x06DataSpaces\TransformInfo` first).
+pub fn read(bytes: &[u8], limits: &Limits) -> Result<OleFacts> {
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(NotInspectable::TooLarge(limits.max_bytes));
+    }
+    let cfb = Cfb::parse(bytes, limits)?;
+    let mut streams = Vec::new();
+    let mut encrypted = false;
+    let mut label_info: Option<(bool, usize)> = None;
+    // (entry, inside \x06DataSpaces\TransformInfo, depth)
+    let mut storages = vec![(0usize, false, 0usize)];
+    let mut seen = HashSet::new();
+    while let Some((storage, in_transform, depth)) = storages.pop() {
+        if depth > limits.max_xml_depth {
+            return Err(NotInspectable::TooDeep(limits.max_xml_depth));
+        }
+        for id in cfb.children(storage, &mut seen)? {
+            let entry = &cfb.dir[id];
+            if storage == 0 {
+                streams.push(entry.name.clone());
+                if entry.kind == STREAM
+                    && (entry.name.eq_ignore_ascii_case("EncryptedPackage")
+                        || entry.name.eq_ignore_ascii_case("EncryptionInfo"))
+                {
+                    encrypted = true;
+                }
+            }
+            match entry.kind {
+                STORAGE => {
+                    let transform = in_transform
+                        || depth == 1
+                            && cfb.dir[storage].name == "\u{6}DataSpaces"
+                            && entry.name.eq_ignore_ascii_case("TransformInfo");
+                    storages.push((id, transform, depth + 1));
+                }
+                // The TransformInfo one wins; otherwise the first found.
+                STREAM
+                    if entry.name.eq_ignore_ascii_case("LabelInfo")
+                        && label_info.is_none_or(|(t, _)| !t && in_transform) =>
+                {
+                    label_info = Some((in_transform, id));
+                }
+                _ => {}
+            }
+        }
+    }
+    let labels = match label_info {
+        Some((_, id)) => {
+            let data = cfb.stream(id)?;
+            label_info_labels(&data, &cfb.clock)?
+        }
+        None => Vec::new(),
+    };
+    Ok(OleFacts {
+        encrypted,
+        streams,
+        labels,
+    })
+}
+
+/// The deadline and the bounds of one inspection.
+#[derive(Debug)]
+struct Clock<'l> {
+    limits: &'l Limits,
+    deadline: Option<Instant>,
+    ticks: std::cell::Cell<u32>,
+}
+
+impl Clock<'_> {
+    fn tick(&self) -> Result<()> {
+        let t = self.ticks.get().wrapping_add(1);
+        self.ticks.set(t);
+        if t.is_multiple_of(256)
+            && let Some(d) = self.deadline
+            && Instant::now() > d
+        {
+            return Err(NotInspectable::Timeout(self.limits.max_time));
+        }
+        Ok(())
+    }
+}
+
+/// One directory entry.
+#[derive(Debug, Clone)]
+struct DirEntry {
+    name: String,
+    kind: u8,
+    left: u32,
+    right: u32,
+    child: u32,
+    start: u32,
+    size: u64,
+}
+
+/// A parsed compound file: sector size, FAT, mini FAT and directory.
+#[derive(Debug)]
+struct Cfb<'b, 'l> {
+    buf: &'b [u8],
+    shift: u32,
+    fat: Vec<u32>,
+    mini_fat_start: u32,
+    mini_fat_sectors: u32,
+    dir: Vec<DirEntry>,
+    clock: Clock<'l>,
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2)
+        .map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+impl<'b, 'l> Cfb<'b, 'l> {
+    fn parse(buf: &'b [u8], limits: &'l Limits) -> Result<Self> {
+        if buf.len() < 512 {
+            return Err(malformed("shorter than its header"));
+        }
+        if buf[..8] != MAGIC {
+            return Err(malformed("bad signature"));
+        }
+        if u16_at(buf, 28) != 0xFFFE {
+            return Err(malformed("bad byte order mark"));
+        }
+        let shift = u32::from(u16_at(buf, 30));
+        let major = u16_at(buf, 26);
+        if !matches!((major, shift), (3, 9) | (4, 12)) {
+            return Err(malformed(format!(
+                "version {major} with sector shift {shift}"
+            )));
+        }
+        if u16_at(buf, 32) != 6 {
+            return Err(malformed("mini sector size is not 64"));
+        }
+        let clock = Clock {
+            limits,
+            deadline: Instant::now().checked_add(limits.max_time),
+            ticks: std::cell::Cell::new(0),
+        };
+        let mut cfb = Cfb {
+            buf,
+            shift,
+            fat: Vec::new(),
+            mini_fat_start: u32_at(buf, 60),
+            mini_fat_sectors: u32_at(buf, 64),
+            dir: Vec::new(),
+            clock,
+        };
+        let fat_sectors = cfb.fat_sectors(u32_at(buf, 44), u32_at(buf, 68), u32_at(buf, 72))?;
+        let mut fat = Vec::with_capacity(fat_sectors.len() << (shift - 2));
+        for s in fat_sectors {
+            cfb.clock.tick()?;
+            let sector = cfb.sector(s)?;
+            fat.extend(
+                sector
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        cfb.fat = fat;
+        cfb.dir = cfb.directory(u32_at(buf, 48), major)?;
+        match cfb.dir.first() {
+            Some(root) if root.kind == ROOT => Ok(cfb),
+            _ => Err(malformed("the first directory entry is not the root")),
+        }
+    }
+
+    fn sector_size(&self) -> usize {
+        1 << self.shift
+    }
+
+    /// Sectors the file holds (a partial last sector counts).
+    fn sector_count(&self) -> usize {
+        (self.buf.len() - self.sector_size()).div_ceil(self.sector_size())
+    }
+
+    /// The bytes of sector `n` (shorter when the file ends inside it).
+    fn sector(&self, n: u32) -> Result<&'b [u8]> {
+        let ss = self.sector_size();
+        let at = (n as usize)
+            .checked_add(1)
+            .and_then(|i| i.checked_mul(ss))
+            .filter(|&at| n <= MAX_REG_SECT && at < self.buf.len())
+            .ok_or_else(|| malformed(format!("sector {n} lies outside the file")))?;
+        Ok(&self.buf[at..(at + ss).min(self.buf.len())])
+    }
+
+    /// The FAT's sector numbers: the header's 109 DIFAT entries, then the DIFAT chain.
+    fn fat_sectors(&self, count: u32, mut difat: u32, difat_count: u32) -> Result<Vec<u32>> {
+        let count = count as usize;
+        if count > self.sector_count() {
+            return Err(malformed(format!("{count} FAT sectors in a smaller file")));
+        }
+        let mut out: Vec<u32> = (0..109)
+            .map(|i| u32_at(self.buf, 76 + 4 * i))
+            .take(count)
+            .collect();
+        let mut seen = HashSet::new();
+        while out.len() < count {
+            self.clock.tick()?;
+            if difat > MAX_REG_SECT {
+                return Err(malformed("DIFAT ends before the FAT does"));
+            }
+            if !seen.insert(difat) || seen.len() > difat_count.max(1) as usize + 1 {
+                return Err(malformed("DIFAT chain loops or outgrows its count"));
+            }
+            let sector = self.sector(difat)?;
+            let per = self.sector_size() / 4 - 1;
+            out.extend(
+                (0..per)
+                    .map(|i| u32_at(sector, 4 * i))
+                    .take(count - out.len()),
+            );
+            difat = u32_at(sector, 4 * per);
+        }
+        if out.iter().any(|&s| s > MAX_REG_SECT) {
+            return Err(malformed("a FAT sector number is a marker"));
+        }
+        Ok(out)
+    }
+
+    /// Follows a chain of `table` from `start`, at most `max` links; a loop, a link outside the
+    /// table or a marker other than the end of chain is malformed.
+    fn chain(&self, start: u32, table: &[u32], max: usize, what: &str) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        let mut s = start;
+        while s != END_OF_CHAIN && out.len() < max {
+            self.clock.tick()?;
+            if s == FREE_SECT {
+                return Err(malformed(format!("{what} chain runs into a free sector")));
+            }
+            let Some(&next) = table.get(s as usize) else {
+                return Err(malformed(format!("{what} chain leaves the table at {s}")));
+            };
+            if !seen.insert(s) {
+                return Err(malformed(format!("{what} chain loops at {s}")));
+            }
+            out.push(s);
+            s = next;
+        }
+        Ok(out)
+    }
+
+    fn directory(&self, start: u32, major: u16) -> Result<Vec<DirEntry>> {
+        let per_sector = self.sector_size() / DIR_ENTRY;
+        let max_entries = self.clock.limits.max_entries.max(1);
+        let sectors = self.chain(
+            start,
+            &self.fat,
+            max_entries.div_ceil(per_sector) + 1,
+            "directory",
+        )?;
+        if sectors.len() * per_sector > max_entries + per_sector {
+            return Err(malformed(format!(
+                "more than {max_entries} directory entries"
+            )));
+        }
+        let mut out = Vec::new();
+        for s in sectors {
+            let sector = self.sector(s)?;
+            for raw in sector.chunks_exact(DIR_ENTRY) {
+                self.clock.tick()?;
+                out.push(parse_entry(raw, major)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The children of storage `id`, in directory order (an in-order walk of its tree).
+    fn children(&self, id: usize, seen: &mut HashSet<u32>) -> Result<Vec<usize>> {
+        let mut out = Vec::new();
+        let mut stack: Vec<u32> = Vec::new();
+        let mut node = self.dir[id].child;
+        loop {
+            self.clock.tick()?;
+            while node != NO_STREAM {
+                let entry = self
+                    .dir
+                    .get(node as usize)
+                    .ok_or_else(|| malformed(format!("directory entry {node} does not exist")))?;
+                if node == 0 || !seen.insert(node) {
+                    return Err(malformed(format!(
+                        "directory entry {node} is reached twice"
+                    )));
+                }
+                stack.push(node);
+                node = entry.left;
+            }
+            let Some(top) = stack.pop() else {
+                return Ok(out);
+            };
+            let entry = &self.dir[top as usize];
+            if matches!(entry.kind, STORAGE | STREAM) {
+                out.push(top as usize);
+            }
+            node = entry.right;
+        }
+    }
+
+    /// The content of stream entry `id`.
+    fn stream(&self, id: usize) -> Result<Vec<u8>> {
+        let entry = &self.dir[id];
+        let limit = self
+            .clock
+            .limits
+            .max_entry_inflated
+            .min(self.buf.len() as u64);
+        if entry.size > limit {
+            return Err(malformed(format!(
+                "stream {:?} claims {} bytes",
+                entry.name, entry.size
+            )));
+        }
+        let size = entry.size as usize;
+        if entry.size >= MINI_CUTOFF {
+            return self.read_chain(entry.start, size, &self.fat, self.sector_size(), |s| {
+                self.sector(s)
+            });
+        }
+        let root = &self.dir[0];
+        if root.size > self.buf.len() as u64 {
+            return Err(malformed("mini stream larger than the file"));
+        }
+        let mini_stream = self.read_chain(
+            root.start,
+            root.size as usize,
+            &self.fat,
+            self.sector_size(),
+            |s| self.sector(s),
+        )?;
+        let mini_fat_sectors = self.chain(
+            self.mini_fat_start,
+            &self.fat,
+            (self.mini_fat_sectors as usize).min(self.sector_count()),
+            "mini FAT",
+        )?;
+        let mut mini_fat = Vec::new();
+        for s in mini_fat_sectors {
+            mini_fat.extend(
+                self.sector(s)?
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        self.read_chain(entry.start, size, &mini_fat, MINI_SECTOR, |s| {
+            let at = (s as usize)
+                .checked_mul(MINI_SECTOR)
+                .filter(|&at| at < mini_stream.len())
+                .ok_or_else(|| {
+                    malformed(format!("mini sector {s} lies outside the mini stream"))
+                })?;
+            Ok(&mini_stream[at..(at + MINI_SECTOR).min(mini_stream.len())])
+        })
+    }
+
+    /// `size` bytes from the chain at `start` of `table`, sectors of `unit` bytes read by `get`.
+    fn read_chain<'a>(
+        &self,
+        start: u32,
+        size: usize,
+        table: &[u32],
+        unit: usize,
+        get: impl Fn(u32) -> Result<&'a [u8]>,
+    ) -> Result<Vec<u8>> {
+        let sectors = self.chain(start, table, size.div_ceil(unit), "stream")?;
+        let mut out = Vec::with_capacity(size);
+        for s in sectors {
+            let data = get(s)?;
+            out.extend_from_slice(&data[..data.len().min(size - out.len())]);
+        }
+        if out.len() < size {
+            return Err(malformed("stream shorter than its size (truncated file?)"));
+        }
+        Ok(out)
+    }
+}
+
+fn parse_entry(raw: &[u8], major: u16) -> Result<DirEntry> {
+    let kind = raw[66];
+    let name_len = usize::from(u16_at(raw, 64));
+    let name = if kind == 0 {
+        String::new()
+    } else {
+        if name_len > 64 || name_len % 2 != 0 {
+            return Err(malformed("bad directory entry name length"));
+        }
+        let units = raw[..name_len.saturating_sub(2)]
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]));
+        char::decode_utf16(units)
+            .map(|c| c.unwrap_or('\u{FFFD}'))
+            .collect()
+    };
+    if !matches!(kind, 0 | STORAGE | STREAM | ROOT) {
+        return Err(malformed(format!("directory entry of type {kind}")));
+    }
+    let low = u64::from(u32_at(raw, 120));
+    let high = u64::from(u32_at(raw, 124));
+    // Version 3 files may leave garbage in the high half.
+    let size = if major == 3 { low } else { high << 32 | low };
+    Ok(DirEntry {
+        name,
+        kind,
+        left: u32_at(raw, 68),
+        right: u32_at(raw, 72),
+        child: u32_at(raw, 76),
+        start: u32_at(raw, 116),
+        size,
+    })
+}
+
+/// The text of a `LabelInfo` stream: UTF-16 (with a byte order mark, or little-endian when it
+/// looks like it) or UTF-8, from its first `<`.
+fn label_info_text(data: &[u8]) -> String {
+    let utf16 = |rest: &[u8], be: bool| -> String {
+        let units = rest.chunks_exact(2).map(|c| {
+            if be {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from_le_bytes([c[0], c[1]])
+            }
+        });
+        char::decode_utf16(units)
+            .map(|c| c.unwrap_or('\u{FFFD}'))
+            .collect()
+    };
+    let text = if let Some(rest) = data.strip_prefix(&[0xFF, 0xFE]) {
+        utf16(rest, false)
+    } else if let Some(rest) = data.strip_prefix(&[0xFE, 0xFF]) {
+        utf16(rest, true)
+    } else if let Some(rest) = data.strip_prefix(&[0xEF, 0xBB, 0xBF]) {
+        String::from_utf8_lossy(rest).into_owned()
+    } else if data.len() >= 2 && data[0] != 0 && data[1] == 0 {
+        utf16(data, false)
+    } else {
+        String::from_utf8_lossy(data).into_owned()
+    };
+    let start = text.find('<').unwrap_or(text.len());
+    text[start..]
+        .trim_end_matches(['\0', ' ', '\r', '\n'])
+        .to_string()
+}
+
+/// The `label` elements of LabelInfo XML ([MS-OFFCRYPTO] 2.6.4), by GUID.
+fn label_info_labels(data: &[u8], clock: &Clock<'_>) -> Result<Vec<FileLabel>> {
+    use quick_xml::events::Event;
+
+    let text = label_info_text(data);
+    let bad = |e: &dyn std::fmt::Display| malformed(format!("LabelInfo XML: {e}"));
+    let mut reader = quick_xml::Reader::from_str(&text);
+    let mut depth = 0usize;
+    let mut labels: BTreeMap<String, FileLabel> = BTreeMap::new();
+    loop {
+        clock.tick()?;
+        let event = reader.read_event().map_err(|e| bad(&e))?;
+        let element = match event {
+            Event::DocType(_) => {
+                return Err(NotInspectable::XmlEntities("OLE LabelInfo stream".into()));
+            }
+            Event::Start(e) => {
+                depth += 1;
+                if depth > clock.limits.max_xml_depth {
+                    return Err(NotInspectable::TooDeep(clock.limits.max_xml_depth));
+                }
+                e
+            }
+            Event::Empty(e) => e,
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                continue;
+            }
+            Event::Eof => break,
+            _ => continue,
+        };
+        if element.local_name().as_ref() != b"label" {
+            continue;
+        }
+        let mut properties = BTreeMap::new();
+        for attr in element.attributes() {
+            let attr = attr.map_err(|e| bad(&e))?;
+            let value = attr.unescape_value().map_err(|e| bad(&e))?;
+            let key = String::from_utf8_lossy(attr.key.local_name().as_ref()).into_owned();
+            properties.insert(key, value.trim().to_string());
+        }
+        let get = |k: &str| properties.get(k).filter(|v| !v.is_empty()).cloned();
+        let flag = |k: &str| get(k).is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        let Some(id) = get("id") else {
+            return Err(malformed("LabelInfo label without an id"));
+        };
+        let label = FileLabel {
+            guid: normalize_guid(&id),
+            tenant: get("siteId").map(|s| normalize_guid(&s)),
+            enabled: flag("enabled") && !flag("removed"),
+            method: get("method"),
+            set_date: get("setDate"),
+            name: get("name"),
+            action_id: get("actionId").map(|s| normalize_guid(&s)),
+            content_bits: get("contentBits").and_then(|v| v.parse().ok()),
+            source: LabelSource::OleLabelInfo,
+            properties,
+        };
+        labels.insert(label.guid.clone(), label);
+    }
+    Ok(labels.into_values().collect())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    const GUID: &str = "f42aa342-8706-4288-bd11-ebb85995028c";
+
+    struct Node {
+        name: String,
+        kind: u8,
+        data: Vec<u8>,
+        children: Vec<usize>,
+        start: u32,
+    }
+
+    /// What a built file looks like, for the corruption tests.
+    struct Built {
+        bytes: Vec<u8>,
+        dir_sector: u32,
+        fat_sector: u32,
+    }
+
+    fn put_u32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Appends `data` as a chain of sectors; returns its first sector.
+    fn alloc(data: &[u8], sectors: &mut Vec<Vec<u8>>, fat: &mut Vec<u32>) -> u32 {
+        if data.is_empty() {
+            return END_OF_CHAIN;
+        }
+        let first = sectors.len() as u32;
+        let chunks: Vec<&[u8]> = data.chunks(512).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut s = chunk.to_vec();
+            s.resize(512, 0);
+            sectors.push(s);
+            fat.push(if i + 1 == chunks.len() {
+                END_OF_CHAIN
+            } else {
+                first + i as u32 + 1
+            });
+        }
+        first
+    }
+
+    /// A version 3 compound file holding `streams` (paths with `/` between storages). Layout:
+    /// header, FAT (sector 0), large streams, directory, mini FAT, mini stream.
+    fn build(streams: &[(&str, &[u8])]) -> Built {
+        let mut nodes = vec![Node {
+            name: "Root Entry".into(),
+            kind: ROOT,
+            data: Vec::new(),
+            children: Vec::new(),
+            start: END_OF_CHAIN,
+        }];
+        for (path, data) in streams {
+            let parts: Vec<&str> = path.split('/').collect();
+            let mut parent = 0;
+            for (i, part) in parts.iter().enumerate() {
+                let last = i == parts.len() - 1;
+                let found = nodes[parent]
+                    .children
+                    .iter()
+                    .copied()
+                    .find(|&c| nodes[c].name == *part);
+                parent = match found {
+                    Some(c) => c,
+                    None => {
+                        nodes.push(Node {
+                            name: (*part).into(),
+                            kind: if last { STREAM } else { STORAGE },
+                            data: if last { data.to_vec() } else { Vec::new() },
+                            children: Vec::new(),
+                            start: END_OF_CHAIN,
+                        });
+                        let id = nodes.len() - 1;
+                        nodes[parent].children.push(id);
+                        id
+                    }
+                };
+            }
+        }
+        let mut sectors: Vec<Vec<u8>> = vec![vec![0xff; 512]]; // sector 0: the FAT
+        let mut fat: Vec<u32> = vec![0xFFFF_FFFD];
+        for n in nodes
+            .iter_mut()
+            .filter(|n| n.kind == STREAM && n.data.len() >= 4096)
+        {
+            n.start = alloc(&n.data, &mut sectors, &mut fat);
+        }
+        // Mini stream and mini FAT.
+        let mut mini = Vec::new();
+        let mut mini_fat: Vec<u32> = Vec::new();
+        for n in nodes
+            .iter_mut()
+            .filter(|n| n.kind == STREAM && n.data.len() < 4096 && !n.data.is_empty())
+        {
+            let first = (mini.len() / 64) as u32;
+            let count = n.data.len().div_ceil(64);
+            for i in 0..count {
+                mini_fat.push(if i + 1 == count {
+                    END_OF_CHAIN
+                } else {
+                    first + i as u32 + 1
+                });
+            }
+            mini.extend_from_slice(&n.data);
+            mini.resize(mini.len().div_ceil(64) * 64, 0);
+            n.start = first;
+        }
+        // Directory: siblings as a right-leaning list.
+        let mut dir = vec![0u8; nodes.len().div_ceil(4) * 512];
+        let dir_sector_count = dir.len() / 512;
+        let dir_first = sectors.len() as u32;
+        // Reserve the directory sectors now, fill them once the mini stream is placed.
+        for i in 0..dir_sector_count {
+            sectors.push(vec![0; 512]);
+            fat.push(if i + 1 == dir_sector_count {
+                END_OF_CHAIN
+            } else {
+                dir_first + i as u32 + 1
+            });
+        }
+        let mut mf_bytes = Vec::new();
+        for v in &mini_fat {
+            mf_bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        let mini_fat_count = mf_bytes.len().div_ceil(512) as u32;
+        mf_bytes.resize(mini_fat_count as usize * 512, 0xff);
+        let mini_fat_start = alloc(&mf_bytes, &mut sectors, &mut fat);
+        let mini_start = alloc(&mini, &mut sectors, &mut fat);
+        for (i, n) in nodes.iter().enumerate() {
+            let e = &mut dir[i * 128..(i + 1) * 128];
+            let units: Vec<u16> = n.name.encode_utf16().collect();
+            for (j, u) in units.iter().enumerate() {
+                e[2 * j..2 * j + 2].copy_from_slice(&u.to_le_bytes());
+            }
+            e[64..66].copy_from_slice(&(((units.len() + 1) * 2) as u16).to_le_bytes());
+            e[66] = n.kind;
+            e[67] = 1;
+            put_u32(e, 68, NO_STREAM);
+            put_u32(e, 72, NO_STREAM);
+            put_u32(e, 76, NO_STREAM);
+            if let Some(&c) = n.children.first() {
+                put_u32(e, 76, c as u32);
+            }
+            if i == 0 {
+                put_u32(e, 116, mini_start);
+                put_u32(e, 120, mini.len() as u32);
+            } else {
+                put_u32(e, 116, n.start);
+                put_u32(e, 120, n.data.len() as u32);
+            }
+        }
+        for n in &nodes {
+            for pair in n.children.windows(2) {
+                put_u32(&mut dir[pair[0] * 128..], 72, pair[1] as u32);
+            }
+        }
+        for i in 0..dir_sector_count {
+            sectors[dir_first as usize + i].copy_from_slice(&dir[i * 512..(i + 1) * 512]);
+        }
+        assert!(fat.len() <= 128, "one FAT sector in tests");
+        for (i, v) in fat.iter().enumerate() {
+            put_u32(&mut sectors[0], 4 * i, *v);
+        }
+        let mut header = vec![0u8; 512];
+        header[..8].copy_from_slice(&MAGIC);
+        header[24..26].copy_from_slice(&0x3Eu16.to_le_bytes());
+        header[26..28].copy_from_slice(&3u16.to_le_bytes());
+        header[28..30].copy_from_slice(&0xFFFEu16.to_le_bytes());
+        header[30..32].copy_from_slice(&9u16.to_le_bytes());
+        header[32..34].copy_from_slice(&6u16.to_le_bytes());
+        put_u32(&mut header, 44, 1);
+        put_u32(&mut header, 48, dir_first);
+        put_u32(&mut header, 56, 4096);
+        put_u32(&mut header, 60, mini_fat_start);
+        put_u32(&mut header, 64, mini_fat_count);
+        put_u32(&mut header, 68, END_OF_CHAIN);
+        put_u32(&mut header, 72, 0);
+        put_u32(&mut header, 76, 0);
+        for i in 1..109 {
+            put_u32(&mut header, 76 + 4 * i, FREE_SECT);
+        }
+        let mut bytes = header;
+        for s in sectors {
+            bytes.extend_from_slice(&s);
+        }
+        Built {
+            bytes,
+            dir_sector: dir_first,
+            fat_sector: 0,
+        }
+    }
+
+    fn label_xml(enabled: &str, removed: &str) -> String {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?>\
+             <clbl:labelList xmlns:clbl=\"http://schemas.microsoft.com/office/2020/mipLabelMetadata\">\
+             <clbl:label id=\"{{{}}}\" enabled=\"{enabled}\" method=\"Privileged\" \
+             siteId=\"{{{TENANT}}}\" contentBits=\"8\" removed=\"{removed}\"/></clbl:labelList>",
+            GUID.to_uppercase()
+        )
+    }
+
+    fn utf16le_bom(s: &str) -> Vec<u8> {
+        let mut out = vec![0xFF, 0xFE];
+        for u in s.encode_utf16() {
+            out.extend_from_slice(&u.to_le_bytes());
+        }
+        out
+    }
+
+    fn encrypted_file(label: &[u8]) -> Built {
+        let package = vec![0x5a; 5000];
+        build(&[
+            ("EncryptionInfo", &[4, 0, 4, 0, 0x40, 0, 0, 0][..]),
+            ("EncryptedPackage", &package),
+            ("LabelInfo", label),
+        ])
+    }
+
+    #[test]
+    fn reads_an_encrypted_package_and_its_label() {
+        let built = encrypted_file(label_xml("1", "0").as_bytes());
+        let facts = read(&built.bytes, &Limits::default()).unwrap();
+        assert!(facts.encrypted);
+        assert_eq!(
+            facts.streams,
+            vec!["EncryptionInfo", "EncryptedPackage", "LabelInfo"]
+        );
+        assert_eq!(facts.labels.len(), 1);
+        let l = &facts.labels[0];
+        assert_eq!(l.guid, GUID);
+        assert_eq!(l.tenant.as_deref(), Some(TENANT));
+        assert!(l.enabled);
+        assert_eq!(l.method.as_deref(), Some("Privileged"));
+        assert_eq!(l.content_bits, Some(8));
+        assert_eq!(l.source, LabelSource::OleLabelInfo);
+        assert_eq!(l.properties.get("removed").map(String::as_str), Some("0"));
+    }
+
+    #[test]
+    fn reads_large_streams_through_the_fat() {
+        let package: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let built = build(&[("EncryptedPackage", &package)]);
+        let limits = Limits::default();
+        let cfb = Cfb::parse(&built.bytes, &limits).unwrap();
+        let mut seen = HashSet::new();
+        let ids = cfb.children(0, &mut seen).unwrap();
+        assert_eq!(cfb.stream(ids[0]).unwrap(), package);
+        // A large LabelInfo (padded past the mini stream cutoff) reads too.
+        let mut xml = label_xml("true", "false").into_bytes();
+        xml.resize(5000, b' ');
+        let facts = read(&build(&[("LabelInfo", &xml)]).bytes, &limits).unwrap();
+        assert!(!facts.encrypted);
+        assert!(facts.labels[0].enabled);
+    }
+
+    #[test]
+    fn prefers_the_transform_info_label_stream_in_utf16() {
+        let stale = label_xml("1", "0");
+        let current = label_xml("1", "1");
+        let built = build(&[
+            ("LabelInfo", stale.as_bytes()),
+            (
+                "\u{6}DataSpaces/TransformInfo/LabelInfo",
+                &utf16le_bom(&current),
+            ),
+            ("EncryptedPackage", b"x"),
+        ]);
+        let facts = read(&built.bytes, &Limits::default()).unwrap();
+        assert!(facts.encrypted);
+        assert_eq!(
+            facts.streams,
+            vec!["LabelInfo", "\u{6}DataSpaces", "EncryptedPackage"]
+        );
+        assert_eq!(facts.labels.len(), 1);
+        // removed="1": the tenant's label was removed.
+        assert!(!facts.labels[0].enabled);
+        // UTF-16LE without a byte order mark, with a declaration saying so.
+        let decl = label_xml("1", "0").replace("UTF-8", "utf-16");
+        let bytes: Vec<u8> = decl.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let facts = read(&build(&[("LabelInfo", &bytes)]).bytes, &Limits::default()).unwrap();
+        assert!(facts.labels[0].enabled);
+    }
+
+    #[test]
+    fn a_plain_compound_file_is_not_encrypted() {
+        let built = build(&[("WordDocument", b"abc"), ("\u{5}SummaryInformation", b"x")]);
+        let facts = read(&built.bytes, &Limits::default()).unwrap();
+        assert!(!facts.encrypted);
+        assert!(facts.labels.is_empty());
+        assert_eq!(facts.streams.len(), 2);
+    }
+
+    fn assert_malformed(bytes: &[u8], what: &str) {
+        match read(bytes, &Limits::default()) {
+            Err(NotInspectable::Malformed(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("expected malformed ({what}), got {other:?}"),
+        }
+    }
+
+    fn fat_entry_at(built: &Built, sector: u32) -> usize {
+        512 + built.fat_sector as usize * 512 + 4 * sector as usize
+    }
+
+    #[test]
+    fn corrupt_files_are_malformed() {
+        let good = encrypted_file(label_xml("1", "0").as_bytes());
+        // A FAT cycle in the directory chain.
+        let mut bytes = good.bytes.clone();
+        let at = fat_entry_at(&good, good.dir_sector);
+        put_u32(&mut bytes, at, good.dir_sector);
+        assert_malformed(&bytes, "loops");
+        // A chain leaving the FAT.
+        let mut bytes = good.bytes.clone();
+        put_u32(&mut bytes, at, 5000);
+        assert_malformed(&bytes, "leaves the table");
+        // The directory starts outside the file.
+        let mut bytes = good.bytes.clone();
+        put_u32(&mut bytes, 48, 0x00FF_FFFF);
+        assert_malformed(&bytes, "");
+        // A FAT sector outside the file.
+        let mut bytes = good.bytes.clone();
+        put_u32(&mut bytes, 76, 9999);
+        assert_malformed(&bytes, "outside the file");
+        // Siblings that point back: a directory cycle.
+        let mut bytes = good.bytes.clone();
+        let dir = 512 + good.dir_sector as usize * 512;
+        put_u32(&mut bytes, dir + 128 + 72, 1);
+        assert_malformed(&bytes, "reached twice");
+        // A stream claiming more than the file.
+        let mut bytes = good.bytes.clone();
+        put_u32(&mut bytes, dir + 3 * 128 + 120, 3000);
+        assert_malformed(&bytes, "");
+        // Bad signature, byte order, sector shift.
+        for (at, v) in [(0usize, 0u8), (28, 0), (30, 10)] {
+            let mut bytes = good.bytes.clone();
+            bytes[at] = v;
+            assert_malformed(&bytes, "");
+        }
+        // A mini FAT cycle.
+        let mut bytes = good.bytes.clone();
+        let mini_fat = u32_at(&bytes, 60);
+        // LabelInfo takes mini sectors 1.. (EncryptionInfo has 0): send its second back.
+        let entry = 512 + mini_fat as usize * 512;
+        put_u32(&mut bytes, entry + 4 * 2, 1);
+        assert_malformed(&bytes, "loops");
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_or_harmless() {
+        let good = encrypted_file(label_xml("1", "0").as_bytes());
+        for cut in 0..good.bytes.len() {
+            let result = read(&good.bytes[..cut], &Limits::default());
+            if cut <= good.bytes.len() - 512 {
+                assert!(
+                    matches!(result, Err(NotInspectable::Malformed(_))),
+                    "cut {cut}: {result:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn corrupted_bytes_never_panic() {
+        let good = encrypted_file(label_xml("1", "0").as_bytes());
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            let mut bad = good.bytes.clone();
+            for _ in 0..3 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let i = (seed % bad.len() as u64) as usize;
+                bad[i] = (seed >> 40) as u8;
+            }
+            let _ = read(&bad, &Limits::default());
+        }
+    }
+
+    #[test]
+    fn hostile_label_xml_is_refused() {
+        let xml = "<!DOCTYPE l [<!ENTITY e \"x\">]><labelList><label id=\"&e;\"/></labelList>";
+        let built = encrypted_file(xml.as_bytes());
+        assert!(matches!(
+            read(&built.bytes, &Limits::default()),
+            Err(NotInspectable::XmlEntities(_))
+        ));
+        let deep = format!("{}{}", "<a>".repeat(300), "</a>".repeat(300));
+        let built = encrypted_file(deep.as_bytes());
+        assert!(matches!(
+            read(&built.bytes, &Limits::default()),
+            Err(NotInspectable::TooDeep(256))
+        ));
+        let limits = Limits {
+            max_bytes: 1000,
+            ..Limits::default()
+        };
+        assert_eq!(
+            read(&built.bytes, &limits),
+            Err(NotInspectable::TooLarge(1000))
+        );
+    }
+}
