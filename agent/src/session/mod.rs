@@ -896,7 +896,12 @@ impl BodyInspector for DownloadInspector {
                     )));
                 }
                 Some((id, spec)) => {
-                    match inspect::apply_label(&body, &spec, d.replace_label, &req.limits) {
+                    // Protecting a file that already carries this very label rewrites it with
+                    // the permissions; any other existing label stays unless the policy says
+                    // to replace it.
+                    let same = facts.enabled_labels().any(|l| l.guid == spec.guid);
+                    let replace = d.replace_label || (d.action == Action::Protect && same);
+                    match inspect::apply_label(&body, &spec, replace, &req.limits) {
                         Ok(Applied::Labeled(v)) => {
                             out = Some(v);
                             applied = Some((id, spec.permissions.clone()));

@@ -1,0 +1,649 @@
+//! Session controls end to end: the real agent (`sluice run`) with the default policy bundle
+//! (signed, loaded from a file), steering a test cgroup; real curl inside it trusting the Sluice
+//! CA; the demo file-sharing app over TLS as the origin; Office and PDF files made by the real
+//! tools (`cargo xtask fixtures`), and the labels written into downloads read back by
+//! python-docx / openpyxl / python-pptx / pypdf and opened by LibreOffice.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use sluice::bundle::{self, jws::SigningKey};
+use sluice_e2e::{
+    Agent, InCgroup, TempDir, TestCgroup, bin,
+    demo_app::{self, DemoApp, DemoOptions},
+    dual_stack_listeners, free_port, hex, require_root, wait_until,
+};
+
+const APP_IP: &str = "127.0.0.41";
+
+struct Env {
+    app: DemoApp,
+    agent: Agent,
+    cg: TestCgroup,
+    dir: TempDir,
+    sluice_ca: PathBuf,
+    events: PathBuf,
+}
+
+fn default_bundle() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default")
+}
+
+fn env(tag: &str, posture: &str) -> Env {
+    require_root();
+    let mut opts = DemoOptions::tls().expect("demo options");
+    opts.listen = format!("{APP_IP}:0").parse().expect("addr");
+    let app = DemoApp::start(opts).expect("demo app");
+    let cg = TestCgroup::new(tag);
+    let dir = TempDir::new(&format!("session-{}", cg.rel.replace('/', "-")));
+
+    // The default bundle, signed by a key of this test.
+    let (key, _, public) = SigningKey::generate().expect("key");
+    let public_path = dir.join("bundle.pub");
+    std::fs::write(&public_path, public).expect("pub");
+    let mut archive = bundle::build(&default_bundle(), Some("7")).expect("build");
+    archive.sign(&key, "central").expect("sign");
+    let bundle_path = dir.join("bundle.tar.gz");
+    std::fs::write(&bundle_path, archive.write().expect("write")).expect("bundle");
+
+    let app_ca = app.ca_file().expect("app CA file");
+    let events = dir.join("events.jsonl");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy_port = {
+        let (v4, _v6) = dual_stack_listeners().expect("port");
+        v4.local_addr().expect("addr").port()
+    };
+    let config = format!(
+        r#"
+state_dir = "{state}"
+[steer]
+cgroup = "{cg}"
+agent_cgroup = "{cg}/agent"
+include = [{{ cidr = "{ip}/32", ports = [{port}] }}]
+[proxy]
+port = {proxy_port}
+[admin]
+listen = "{admin}"
+[tls]
+upstream_extra_cas = ["{app_ca}"]
+no_system_roots = true
+no_bundled_roots = true
+[bundle]
+file = "{bundle}"
+public_key = "{public}"
+[device]
+posture = "{posture}"
+[report]
+events_file = "{events}"
+"#,
+        state = dir.join("state").display(),
+        cg = cg.rel,
+        ip = APP_IP,
+        port = app.addr().port(),
+        app_ca = app_ca.display(),
+        bundle = bundle_path.display(),
+        public = public_path.display(),
+        events = events.display(),
+    );
+    let agent = Agent::start(&config, admin, &dir).expect("agent starts");
+    let active = wait_until(Duration::from_secs(20), || {
+        agent
+            .status()
+            .is_ok_and(|s| s["bundle"]["revision"].as_str() == Some("7"))
+    });
+    assert!(active, "the bundle was not activated: {:?}", agent.status());
+    let out = std::process::Command::new(bin("sluice"))
+        .args(["ca", "export", "--config"])
+        .arg(dir.join("agent.toml"))
+        .output()
+        .expect("ca export");
+    assert!(out.status.success());
+    let sluice_ca = dir.join("sluice-ca.pem");
+    std::fs::write(&sluice_ca, &out.stdout).expect("ca");
+    Env {
+        app,
+        agent,
+        cg,
+        dir,
+        sluice_ca,
+        events,
+    }
+}
+
+/// What curl got.
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    headers: String,
+    body: Vec<u8>,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Env {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.app.base_url())
+    }
+
+    /// Runs curl in the steered cgroup as `user` (a session cookie from the app's identity
+    /// provider), with `args` after the common ones.
+    fn curl(&self, user: Option<&str>, args: &[&str]) -> Got {
+        let (_, dir) = self.cg.child("client");
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let head = self.dir.join(format!("head-{n}"));
+        let body = self.dir.join(format!("body-{n}"));
+        let ip_port = format!("{}:{}:{APP_IP}", demo_app::HOST, self.app.addr().port());
+        let mut all: Vec<String> = vec![
+            "-sS".into(),
+            "--max-time".into(),
+            "120".into(),
+            "--resolve".into(),
+            ip_port,
+            "--cacert".into(),
+            self.sluice_ca.display().to_string(),
+            "-D".into(),
+            head.display().to_string(),
+            "-o".into(),
+            body.display().to_string(),
+            "-w".into(),
+            "%{http_code}".into(),
+        ];
+        if let Some(u) = user {
+            let token = self.app.token_for(u).expect("token");
+            all.push("-H".into());
+            all.push(format!("Cookie: {}={token}", demo_app::COOKIE));
+        }
+        all.extend(args.iter().map(|s| (*s).to_owned()));
+        let out = InCgroup::at(&dir)
+            .run(Path::new("/usr/bin/curl"), &all)
+            .expect("curl");
+        let got = Got {
+            status: out.trim().parse().unwrap_or(0),
+            headers: std::fs::read_to_string(&head).unwrap_or_default(),
+            body: std::fs::read(&body).unwrap_or_default(),
+        };
+        let _ = std::fs::remove_file(head);
+        let _ = std::fs::remove_file(body);
+        got
+    }
+
+    /// The activity events written so far.
+    fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The event of the request whose incident id is `incident` (waits for it).
+    fn event_by_incident(&self, incident: &str) -> serde_json::Value {
+        let mut found = None;
+        wait_until(Duration::from_secs(10), || {
+            found = self
+                .events()
+                .into_iter()
+                .find(|e| e["incident"].as_str() == Some(incident));
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no event for incident {incident}: {:?}", self.events()))
+    }
+
+    /// The last event whose URL ends with `suffix` (waits for it).
+    fn event_for(&self, method: &str, suffix: &str) -> serde_json::Value {
+        let mut found = None;
+        wait_until(Duration::from_secs(10), || {
+            found = self.events().into_iter().rev().find(|e| {
+                e["method"].as_str() == Some(method)
+                    && e["url"].as_str().is_some_and(|u| u.ends_with(suffix))
+            });
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no event for {method} {suffix}: {:?}", self.events()))
+    }
+
+    fn agent_peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.agent.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    demo_app::fixture(name).expect("fixtures (made by `cargo xtask fixtures`)")
+}
+
+fn sha256_file(p: &Path) -> String {
+    use sha2::Digest as _;
+    hex(&sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_unlabeled_upload_is_blocked_before_the_app_sees_it_with_a_message_for_each_client() {
+    let e = env("sess-block", "managed");
+    let plain = fixture("plain.docx");
+    let form = format!("file=@{}", plain.display());
+    let alice = Some("alice@corp.example");
+
+    // An API client: problem+json, 403, the incident id in a header and in the body.
+    let api = e.curl(
+        alice,
+        &[
+            "-H",
+            "Accept: application/json",
+            "-F",
+            &form,
+            &e.url("/upload"),
+        ],
+    );
+    assert_eq!(api.status, 403, "{}", api.text());
+    assert_eq!(
+        api.header("content-type").as_deref(),
+        Some("application/problem+json")
+    );
+    let incident = api.header("x-sluice-incident").expect("incident header");
+    let doc: serde_json::Value = serde_json::from_slice(&api.body).expect("problem+json");
+    assert_eq!(doc["status"], 403);
+    assert_eq!(doc["incident"].as_str(), Some(incident.as_str()));
+    assert!(
+        doc["detail"]
+            .as_str()
+            .unwrap()
+            .contains("plain.docx was not uploaded"),
+        "{doc}"
+    );
+    assert!(doc["hint"].as_str().unwrap().contains("Sensitivity menu"));
+
+    // A browser: the HTML page saying what happened, why, how to fix it, and the incident.
+    let page = e.curl(
+        alice,
+        &[
+            "-H",
+            "Accept: text/html,application/xhtml+xml",
+            "-A",
+            "Mozilla/5.0 (X11; Linux x86_64)",
+            "-F",
+            &form,
+            &e.url("/upload"),
+        ],
+    );
+    assert_eq!(page.status, 403);
+    assert!(
+        page.header("content-type")
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = page.text();
+    assert!(html.contains("Upload blocked: the file has no sensitivity label"));
+    assert!(
+        html.contains("apply the Confidential label")
+            || html.contains("Apply the Confidential label")
+    );
+    assert!(html.contains(&page.header("x-sluice-incident").unwrap()));
+
+    // A command-line client: plain text. A raw PUT through the API is refused the same way.
+    let put = e.curl(
+        alice,
+        &[
+            "-T",
+            plain.to_str().unwrap(),
+            &e.url("/api/files/plain.docx"),
+        ],
+    );
+    assert_eq!(put.status, 403);
+    assert!(
+        put.header("content-type")
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert!(put.text().contains("incident"));
+
+    // The app never received any of them, by its own log.
+    assert!(e.app.uploads().is_empty(), "{:?}", e.app.uploads());
+    assert!(
+        !e.app
+            .requests()
+            .iter()
+            .any(|r| r.path.starts_with("/upload") || r.path.starts_with("/api/files/")),
+        "{:?}",
+        e.app.requests()
+    );
+
+    // Each refusal is an event with the facts it was decided on.
+    let ev = e.event_by_incident(&incident);
+    assert_eq!(ev["action"], "block");
+    assert_eq!(ev["activity"], "upload");
+    assert_eq!(ev["policy"], "block-unlabelled-uploads");
+    assert_eq!(ev["user"], "alice@corp.example");
+    assert_eq!(ev["files"][0]["type"], "docx");
+    assert_eq!(ev["files"][0]["name"], "plain.docx");
+    assert_eq!(
+        ev["files"][0]["sha256"].as_str(),
+        Some(sha256_file(&plain).as_str())
+    );
+    assert_eq!(ev["files"][0]["labels"].as_array().map(Vec::len), Some(0));
+    assert_eq!(ev["process"]["comm"], "curl");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn labeled_office_and_pdf_uploads_pass_byte_for_byte() {
+    let e = env("sess-pass", "managed");
+    for name in [
+        "confidential.docx",
+        "confidential.xlsx",
+        "confidential.pptx",
+        "confidential.pdf",
+        "lo-confidential.docx",
+    ] {
+        let path = fixture(name);
+        let form = format!("file=@{}", path.display());
+        let got = e.curl(
+            Some("bob@corp.example"),
+            &[
+                "-H",
+                "Accept: application/json",
+                "-F",
+                &form,
+                &e.url("/upload"),
+            ],
+        );
+        assert!(
+            got.status == 201 || got.status == 200,
+            "{name}: {} {}",
+            got.status,
+            got.text()
+        );
+        let up = e
+            .app
+            .uploads()
+            .into_iter()
+            .find(|u| u.name == name)
+            .unwrap_or_else(|| panic!("{name} did not reach the app"));
+        assert_eq!(up.sha256, sha256_file(&path), "{name} changed on the way");
+        let ev = e.event_for("POST", "/upload");
+        assert_eq!(ev["action"], "monitor", "{ev}");
+        assert_eq!(ev["files"][0]["name"], name);
+        assert_eq!(
+            ev["files"][0]["labels"][0]["guid"],
+            "4e1d2c3b-5a69-4b7c-8d9e-0f1a2b3c4d5e"
+        );
+    }
+    // Through the API as a raw body too.
+    let path = fixture("confidential.pdf");
+    let got = e.curl(
+        Some("bob@corp.example"),
+        &["-T", path.to_str().unwrap(), &e.url("/api/files/c.pdf")],
+    );
+    assert!(got.status < 300, "{} {}", got.status, got.text());
+    let up = e
+        .app
+        .uploads()
+        .into_iter()
+        .find(|u| u.name == "c.pdf")
+        .unwrap();
+    assert_eq!(up.sha256, sha256_file(&path));
+}
+
+/// Downloads `name` (seeded into the app) as `user`; returns the file written by curl.
+fn download(e: &Env, user: &str, name: &str, bytes: Vec<u8>) -> (Got, PathBuf) {
+    let info = e.app.seed(name, bytes, "alice@corp.example").unwrap();
+    let got = e.curl(
+        Some(user),
+        &[&e.url(&format!("/files/{}/download", info.id))],
+    );
+    assert_eq!(got.status, 200, "{}", got.text());
+    let out = e.dir.join(format!("got-{user}-{name}"));
+    std::fs::write(&out, &got.body).unwrap();
+    (got, out)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arrive_labeled() {
+    let e = env("sess-dl", "unmanaged");
+    let hc_guid = "9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d";
+    let conf_guid = "4e1d2c3b-5a69-4b7c-8d9e-0f1a2b3c4d5e";
+    for name in ["highly-confidential.docx", "highly-confidential.pdf"] {
+        let original = std::fs::read(fixture(name)).unwrap();
+        let (_, out) = download(&e, "alice@corp.example", name, original.clone());
+        assert_ne!(
+            std::fs::read(&out).unwrap(),
+            original,
+            "{name} not protected"
+        );
+        let read = demo_app::read_label(&out, name.ends_with(".docx")).expect("opens");
+        assert_eq!(read["opened"], true);
+        let props = &read["properties"];
+        let key = |attr: &str| format!("MSIP_Label_{hc_guid}_{attr}");
+        assert_eq!(
+            props[key("Enabled")]
+                .as_str()
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("true"),
+            "{read}"
+        );
+        assert_eq!(props[key("Method")], "Privileged", "{read}");
+        assert_eq!(props["Sluice_Permissions"], "view", "{read}");
+        if name.ends_with(".docx") {
+            assert_eq!(read["libreoffice"], true, "LibreOffice opens it: {read}");
+        }
+        let ev = e.event_for("GET", "/download");
+        assert_eq!(ev["action"], "protect", "{ev}");
+        assert_eq!(ev["policy"], "protect-hc-downloads-unmanaged");
+        assert_eq!(ev["label_applied"], "highly-confidential");
+        assert_eq!(ev["files"][0]["name"], name);
+    }
+
+    // A guest's download of an unlabeled workbook and presentation arrives labeled Confidential,
+    // view only.
+    for name in ["plain.xlsx", "plain.pptx", "plain.pdf"] {
+        let original = std::fs::read(fixture(name)).unwrap();
+        let (_, out) = download(&e, "carol@corp.example", name, original);
+        let read = demo_app::read_label(&out, false).expect("opens");
+        let props = &read["properties"];
+        assert_eq!(
+            props[format!("MSIP_Label_{conf_guid}_Enabled")]
+                .as_str()
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("true"),
+            "{name}: {read}"
+        );
+        assert_eq!(props["Sluice_Permissions"], "view", "{name}: {read}");
+        let ev = e.event_for("GET", "/download");
+        assert_eq!(ev["policy"], "guest-downloads-view-only", "{ev}");
+        assert_eq!(ev["user"], "carol@corp.example");
+    }
+
+    // A member's download of an unlabeled file is not changed.
+    let original = std::fs::read(fixture("plain.docx")).unwrap();
+    let (_, out) = download(&e, "bob@corp.example", "plain.docx", original.clone());
+    assert_eq!(std::fs::read(&out).unwrap(), original);
+    assert_eq!(e.event_for("GET", "/download")["action"], "monitor");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn on_a_managed_device_highly_confidential_downloads_pass_unchanged() {
+    let e = env("sess-managed", "managed");
+    let original = std::fs::read(fixture("highly-confidential.docx")).unwrap();
+    let (_, out) = download(&e, "alice@corp.example", "hc.docx", original.clone());
+    assert_eq!(std::fs::read(&out).unwrap(), original);
+    let ev = e.event_for("GET", "/download");
+    assert_eq!(ev["action"], "monitor", "{ev}");
+    assert_eq!(ev["device"], "managed");
+    assert_eq!(
+        ev["files"][0]["labels"][0]["guid"],
+        "9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d"
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
+fn card_numbers_over_the_threshold_in_a_form_post_are_blocked_with_the_count() {
+    let e = env("sess-dlp", "managed");
+    let info = e
+        .app
+        .seed("notes.txt", b"hello".to_vec(), "alice@corp.example")
+        .unwrap();
+    let share = e.url(&format!("/files/{}/share", info.id));
+    let cards = [
+        "4111 1111 1111 1111",
+        "5500-0000-0000-0004",
+        "340000000000009",
+        "6011000000000004",
+        "4012888888881881",
+        "5105105105105100",
+    ];
+    let message = format!(
+        "with=dave@partner.example&message=cards: {}",
+        cards.join(", ")
+    );
+    let got = e.curl(
+        Some("alice@corp.example"),
+        &["-H", "Accept: application/json", "--data", &message, &share],
+    );
+    assert_eq!(got.status, 403, "{}", got.text());
+    let doc: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert!(
+        doc["title"]
+            .as_str()
+            .unwrap()
+            .contains("payment card numbers")
+    );
+    let ev = e.event_by_incident(&got.header("x-sluice-incident").unwrap());
+    assert_eq!(ev["action"], "block");
+    assert_eq!(ev["activity"], "share");
+    assert_eq!(ev["policy"], "block-card-numbers");
+    assert_eq!(ev["dlp"]["credit_card"], 6, "{ev}");
+    assert!(
+        !e.app.requests().iter().any(|r| r.path.ends_with("/share")),
+        "the app saw the share"
+    );
+
+    // Two cards are under the threshold: the share goes through and is recorded with its count.
+    let few = format!(
+        "with=dave@partner.example&message=cards: {}",
+        cards[..2].join(", ")
+    );
+    let got = e.curl(Some("alice@corp.example"), &["--data", &few, &share]);
+    assert!(got.status < 400, "{} {}", got.status, got.text());
+    let ev = e.event_for("POST", "/share");
+    assert_eq!(ev["action"], "monitor");
+    assert_eq!(ev["dlp"]["credit_card"], 2, "{ev}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_zip_bomb_and_a_200_mib_file_get_the_not_inspectable_action_with_bounded_memory() {
+    let e = env("sess-bounds", "managed");
+    let before = e.agent_peak_rss_kib();
+
+    // The bomb: not inspectable (the app's setting is monitor), passed, recorded with the reason.
+    let bomb = fixture("bomb.docx");
+    let form = format!("file=@{}", bomb.display());
+    let got = e.curl(
+        Some("bob@corp.example"),
+        &[
+            "-H",
+            "Accept: application/json",
+            "-F",
+            &form,
+            &e.url("/upload"),
+        ],
+    );
+    assert!(got.status < 300, "{} {}", got.status, got.text());
+    let ev = e.event_for("POST", "/upload");
+    assert_eq!(ev["action"], "monitor", "{ev}");
+    assert_eq!(ev["files"][0]["not_inspectable"]["reason"], "bomb", "{ev}");
+    let up = e
+        .app
+        .uploads()
+        .into_iter()
+        .find(|u| u.name == "bomb.docx")
+        .unwrap();
+    assert_eq!(up.sha256, sha256_file(&bomb));
+
+    // 200 MiB through the API: beyond the 50 MiB bound, passed whole and recorded as too large.
+    let big = e.dir.join("big.bin");
+    {
+        use std::io::Write as _;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        let mut buf = vec![0u8; 1 << 20];
+        for i in 0..200u64 {
+            sluice_e2e::pattern(i << 20, &mut buf);
+            f.write_all(&buf).unwrap();
+        }
+    }
+    let got = e.curl(
+        Some("bob@corp.example"),
+        &["-T", big.to_str().unwrap(), &e.url("/api/files/big.bin")],
+    );
+    assert!(got.status < 300, "{} {}", got.status, got.text());
+    let up = e
+        .app
+        .uploads()
+        .into_iter()
+        .find(|u| u.name == "big.bin")
+        .unwrap();
+    assert_eq!(up.size, 200 << 20);
+    assert_eq!(up.sha256, sha256_file(&big));
+    let ev = e.event_for("PUT", "/api/files/big.bin");
+    assert_eq!(
+        ev["files"][0]["not_inspectable"]["reason"], "too_large",
+        "{ev}"
+    );
+    assert_eq!(ev["action"], "monitor");
+
+    // And 200 MiB back down: delivered whole, not inspectable.
+    let id = e
+        .app
+        .files()
+        .into_iter()
+        .find(|f| f.name == "big.bin")
+        .unwrap()
+        .id;
+    let got = e.curl(
+        Some("bob@corp.example"),
+        &[&e.url(&format!("/files/{id}/download"))],
+    );
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body.len(), 200 << 20);
+    let ev = e.event_for("GET", "/download");
+    assert_eq!(
+        ev["files"][0]["not_inspectable"]["reason"], "too_large",
+        "{ev}"
+    );
+
+    // Memory: the inspection bound (50 MiB held per body) plus bounded decompression, never
+    // the size of the files.
+    let grew_mib = e.agent_peak_rss_kib().saturating_sub(before) / 1024;
+    assert!(grew_mib < 200, "agent peak RSS grew by {grew_mib} MiB");
+}
