@@ -292,7 +292,7 @@ fn test() -> Result<()> {
 // bench
 
 fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
-    let known = ["steer", "proxy", "policy"];
+    let known = ["steer", "proxy", "policy", "inspect"];
     if !known.contains(&name) {
         bail!("unknown benchmark `{name}`; known: {}", known.join(", "));
     }
@@ -306,6 +306,10 @@ fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
         "sluice-e2e",
         "--bins",
     ]))?;
+    if name == "inspect" {
+        // Its files start from the fixtures made by the real tools.
+        fixtures::fixtures(root, None, false)?;
+    }
     let out = root.join("target/bench").join(format!("{name}.json"));
     std::fs::create_dir_all(root.join("target/bench"))?;
     step(&format!("bench {name}"));

@@ -24,6 +24,7 @@ use sluice::{
 };
 use sluice_e2e::{InCgroup, TestCgroup, dual_stack_listeners};
 
+mod bench_inspect;
 mod bench_policy;
 mod bench_proxy;
 
@@ -35,8 +36,9 @@ fn main() -> ExitCode {
         Some("proxy") => bench_proxy::run(&args),
         Some("loadgen") => bench_proxy::loadgen(&args),
         Some("policy") => bench_policy::run(&args),
+        Some("inspect") => bench_inspect::run(&args),
         _ => Err(anyhow!(
-            "usage: sluice-bench steer [--out FILE] [--scale N] | proxy [--out FILE] [--reps N] [--secs S]"
+            "usage: sluice-bench steer [--out FILE] [--scale N] | proxy [--out FILE] [--reps N] [--secs S] | policy | inspect [--out FILE] [--reps N]"
         )),
     };
     match result {
