@@ -1,0 +1,173 @@
+//! `sluice inspect` on files made by the real tools: what it reports, and labels it writes that
+//! python-docx / openpyxl / python-pptx / pypdf read back and LibreOffice opens.
+#![allow(clippy::unwrap_used)]
+
+use std::{path::Path, process::Command};
+
+use sluice_e2e::{TempDir, bin, demo_app};
+
+const CONFIDENTIAL: &str = "4e1d2c3b-5a69-4b7c-8d9e-0f1a2b3c4d5e";
+const HIGHLY: &str = "9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d";
+
+fn inspect(args: &[&str]) -> (bool, serde_json::Value, String) {
+    let out = Command::new(bin("sluice"))
+        .arg("inspect")
+        .args(["--bundle"])
+        .arg(demo_app::workspace_root().join("policies/default"))
+        .args(args)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.success(),
+        v,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fixture(name: &str) -> String {
+    demo_app::fixture(name)
+        .expect("fixtures (cargo xtask fixtures)")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn reports_type_labels_dlp_and_why_a_file_is_not_inspectable() {
+    let (ok, v, err) = inspect(&[&fixture("confidential.docx")]);
+    assert!(ok, "{err}");
+    assert_eq!(v["type"], "docx");
+    assert_eq!(v["labels"][0]["guid"], CONFIDENTIAL);
+    assert_eq!(v["labels"][0]["label_id"], "confidential");
+    assert_eq!(v["labels"][0]["source"], "custom_xml");
+    assert_eq!(v["dlp"]["credit_card"], 1, "{v}");
+    assert_eq!(v["sha256"].as_str().unwrap().len(), 64);
+
+    // LabelInfo.xml wins over custom.xml for the same tenant.
+    let (_, v, _) = inspect(&[&fixture("labelinfo.docx")]);
+    assert_eq!(v["labels"][0]["label_id"], "highly-confidential", "{v}");
+    assert_eq!(v["labels"][0]["source"], "label_info_xml");
+
+    // A PDF's label is in its Info dictionary.
+    let (_, v, _) = inspect(&[&fixture("confidential.pdf")]);
+    assert_eq!(v["type"], "pdf");
+    assert_eq!(v["labels"][0]["source"], "pdf_info");
+
+    // Encrypted files and bombs are not inspectable, with the reason.
+    let (_, v, _) = inspect(&[&fixture("encrypted.docx")]);
+    assert_eq!(v["type"], "ole");
+    assert_eq!(v["encrypted"], true);
+    assert_eq!(v["not_inspectable"]["reason"], "encrypted");
+    let (_, v, _) = inspect(&[&fixture("encrypted.pdf")]);
+    assert_eq!(v["not_inspectable"]["reason"], "encrypted");
+    let (_, v, _) = inspect(&[&fixture("bomb.docx")]);
+    assert_eq!(v["not_inspectable"]["reason"], "bomb");
+
+    // A file whose name lies about its type is sniffed by its bytes.
+    let dir = TempDir::new("inspect-cli-lies");
+    let liar = dir.join("photo.png");
+    std::fs::copy(fixture("plain.pdf"), &liar).unwrap();
+    let (_, v, _) = inspect(&[liar.to_str().unwrap()]);
+    assert_eq!(v["type"], "pdf");
+    assert_eq!(v["labels"].as_array().map(Vec::len), Some(0));
+}
+
+#[test]
+fn applies_labels_that_the_real_tools_read_back() {
+    let dir = TempDir::new("inspect-cli-apply");
+    for name in [
+        "plain.docx",
+        "plain.xlsx",
+        "plain.pptx",
+        "plain.pdf",
+        "lo.docx",
+    ] {
+        let out = dir.join(format!("labeled-{name}"));
+        let (ok, v, err) = inspect(&[
+            "--apply-label",
+            "Highly Confidential",
+            "--permissions",
+            "view",
+            &fixture(name),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{name}: {err}");
+        assert_eq!(v["applied"], "highly-confidential");
+        assert_eq!(v["result"]["labels"][0]["guid"], HIGHLY, "{name}: {v}");
+        let read = demo_app::read_label(&out, name.ends_with(".docx")).expect("the tool opens it");
+        let props = &read["properties"];
+        assert_eq!(
+            props[format!("MSIP_Label_{HIGHLY}_Enabled")]
+                .as_str()
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("true"),
+            "{name}: {read}"
+        );
+        assert_eq!(
+            props[format!("MSIP_Label_{HIGHLY}_Name")],
+            "Highly Confidential"
+        );
+        assert_eq!(props["Sluice_Permissions"], "view");
+        if name.ends_with(".docx") {
+            assert_eq!(read["libreoffice"], true, "{name}: {read}");
+        }
+        // Nothing else changed: the input file is untouched.
+        assert_ne!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(fixture(name)).unwrap()
+        );
+    }
+
+    // An existing label of the same tenant is kept unless --replace.
+    let out = dir.join("relabel.docx");
+    let (ok, _, err) = inspect(&[
+        "--apply-label",
+        "general",
+        &fixture("confidential.docx"),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("already carries label confidential"), "{err}");
+    assert!(!Path::new(&out).exists());
+    let (ok, v, err) = inspect(&[
+        "--apply-label",
+        "general",
+        "--replace",
+        &fixture("confidential.docx"),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let labels: Vec<_> = v["result"]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["enabled"] == true)
+        .map(|l| l["label_id"].clone())
+        .collect();
+    assert_eq!(labels, vec![serde_json::json!("general")], "{v}");
+
+    // Unknown labels and unlabelable files are refused with a reason.
+    let (ok, _, err) = inspect(&[
+        "--apply-label",
+        "secret",
+        &fixture("plain.docx"),
+        "-o",
+        "/dev/null",
+    ]);
+    assert!(!ok && err.contains("no label `secret`"), "{err}");
+    let (ok, _, err) = inspect(&[
+        "--apply-label",
+        "general",
+        &fixture("cards.txt"),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("cannot be written into text files"),
+        "{err}"
+    );
+}
