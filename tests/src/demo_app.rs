@@ -1288,7 +1288,14 @@ async fn authed(
             };
             upload_put(req, state, user, &name).await
         }
-        (&Method::GET, ["files", id, "download"]) => download(state, id),
+        (&Method::GET, ["files", id, "download"]) => {
+            let range = req
+                .headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(single_range);
+            download(state, id, range)
+        }
         (&Method::POST, ["files", id, "share"]) => share(req, state, id).await,
         (&Method::DELETE, ["api", "files", id]) => delete(state, user, id),
         _ => error(StatusCode::NOT_FOUND, "no such route"),
@@ -1551,7 +1558,20 @@ async fn receive_multipart(
     done.ok_or_else(|| bad("no `file` field in the form"))
 }
 
-fn download(state: &State, id: &str) -> Response<Body> {
+/// `bytes=A-B` or `bytes=A-` (one range; anything else is ignored, as RFC 9110 allows).
+fn single_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let (a, b) = v.trim().strip_prefix("bytes=")?.split_once('-')?;
+    let start = a.trim().parse().ok()?;
+    let end = if b.trim().is_empty() {
+        None
+    } else {
+        Some(b.trim().parse().ok()?)
+    };
+    Some((start, end))
+}
+
+/// The file's bytes, or the asked range of them (206) like ordinary file servers do.
+fn download(state: &State, id: &str, range: Option<(u64, Option<u64>)>) -> Response<Body> {
     let Some(id) = id.parse::<u64>().ok() else {
         return error(StatusCode::NOT_FOUND, "no such file");
     };
@@ -1567,8 +1587,22 @@ fn download(state: &State, id: &str) -> Response<Body> {
     };
     let info = stored.info.clone();
     drop(files);
-    let mut r = Response::new(full(data));
+    let total = data.len() as u64;
+    let mut r = match range.filter(|(a, b)| *a < total && b.is_none_or(|b| b >= *a)) {
+        Some((a, b)) => {
+            let end = b.map_or(total - 1, |b| b.min(total - 1));
+            let slice = data.slice(a as usize..=end as usize);
+            let mut r = Response::new(full(slice));
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{end}/{total}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            r
+        }
+        None => Response::new(full(data)),
+    };
     let h = r.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(v) = HeaderValue::from_str(&info.content_type) {
         h.insert(header::CONTENT_TYPE, v);
     }

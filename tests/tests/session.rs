@@ -461,6 +461,27 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
         assert_eq!(ev["files"][0]["name"], name);
     }
 
+    // Asking for a byte range does not get an unlabeled piece: the whole file arrives, labeled.
+    let original = std::fs::read(fixture("highly-confidential.docx")).unwrap();
+    let info = e
+        .app
+        .seed("ranged.docx", original.clone(), "alice@corp.example")
+        .unwrap();
+    let got = e.curl(
+        Some("alice@corp.example"),
+        &[
+            "-r",
+            "0-99",
+            &e.url(&format!("/files/{}/download", info.id)),
+        ],
+    );
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(got.body.len() > original.len());
+    let out = e.dir.join("ranged.docx");
+    std::fs::write(&out, &got.body).unwrap();
+    let read = demo_app::read_label(&out, false).expect("opens");
+    assert_eq!(read["properties"]["Sluice_Permissions"], "view", "{read}");
+
     // A guest's download of an unlabeled workbook and presentation arrives labeled Confidential,
     // view only.
     for name in ["plain.xlsx", "plain.pptx", "plain.pdf"] {

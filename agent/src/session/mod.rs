@@ -454,6 +454,13 @@ impl Hooks for Controls {
         });
         ex.state.set(req.clone());
 
+        // Downloads are inspected whole: a byte range of a file cannot be labeled, and an
+        // encoding Sluice cannot decode could not be inspected. So the app is asked for whole
+        // bodies in encodings Sluice reads (resuming a download restarts it).
+        head.headers.remove(header::RANGE);
+        head.headers.remove(header::IF_RANGE);
+        narrow_accept_encoding(&mut head.headers);
+
         // Access: decided for every request, so a change of context (network, device, a
         // revoked user) takes effect at once.
         let access = Decided::from(set.decide(Kind::Access, &req.input));
@@ -579,6 +586,34 @@ impl Hooks for Controls {
             dl,
             chunks: Vec::new(),
         }))
+    }
+}
+
+/// Keeps only the content codings Sluice decodes (gzip, deflate, identity) in Accept-Encoding.
+fn narrow_accept_encoding(headers: &mut HeaderMap) {
+    let Some(v) = header_str(headers, header::ACCEPT_ENCODING) else {
+        return;
+    };
+    let kept: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|t| {
+            let coding = t
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            matches!(coding.as_str(), "gzip" | "x-gzip" | "deflate" | "identity")
+        })
+        .collect();
+    let value = if kept.is_empty() {
+        "identity".to_owned()
+    } else {
+        kept.join(", ")
+    };
+    if let Ok(h) = http::HeaderValue::from_str(&value) {
+        headers.insert(header::ACCEPT_ENCODING, h);
     }
 }
 
@@ -977,6 +1012,25 @@ mod tests {
         assert_eq!(percent_decode("a%20b%zz%4", false), "a b%zz%4");
         assert_eq!(percent_decode("a+b", true), "a b");
         assert_eq!(last_component("C:\\x\\a.docx"), "a.docx");
+    }
+
+    #[test]
+    fn only_decodable_codings_are_offered() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT_ENCODING,
+            "gzip, deflate, br, zstd;q=0.9"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        narrow_accept_encoding(&mut h);
+        assert_eq!(h[header::ACCEPT_ENCODING], "gzip, deflate");
+        h.insert(
+            header::ACCEPT_ENCODING,
+            "br".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        narrow_accept_encoding(&mut h);
+        assert_eq!(h[header::ACCEPT_ENCODING], "identity");
     }
 
     #[test]
