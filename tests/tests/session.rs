@@ -668,3 +668,81 @@ fn a_zip_bomb_and_a_200_mib_file_get_the_not_inspectable_action_with_bounded_mem
     let grew_mib = e.agent_peak_rss_kib().saturating_sub(before) / 1024;
     assert!(grew_mib < 200, "agent peak RSS grew by {grew_mib} MiB");
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_browser_signed_in_through_the_proxy_gets_the_message_page_for_an_unlabeled_upload() {
+    use sluice_e2e::browser::{Browser, Cdp};
+    let e = env("sess-browser", "managed");
+    let (_, client) = e.cg.child("browser");
+    let mut b = Browser::new(&e.dir.join("profile"), Some(&e.sluice_ca)).expect("browser");
+    b.host_rules(&format!("MAP {} {APP_IP}", demo_app::HOST))
+        .in_cgroup(InCgroup::at(&client))
+        .timeout(Duration::from_secs(60));
+    let mut cdp = Cdp::launch(&b).expect("chromium");
+
+    // Sign in through the app's own form, through the proxy (the Sluice CA is the only one the
+    // profile trusts for this name).
+    cdp.navigate(&e.url("/login")).expect("login page");
+    cdp.fill("input[name=user]", "bob@corp.example").unwrap();
+    cdp.fill("input[name=password]", demo_app::DEFAULT_PASSWORD)
+        .unwrap();
+    cdp.click_and_wait_load("button[type=submit]").unwrap();
+    cdp.wait_for("location.pathname === '/files'", Duration::from_secs(20))
+        .expect("signed in");
+
+    // The upload form, submitted with a real file: first an unlabeled docx, then a labeled one.
+    let submit = |name: &str| {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        format!(
+            "<form id=f method=post action=/upload enctype=multipart/form-data>\
+             <input type=file name=file id=i></form><script>\
+             const b = Uint8Array.from(atob('{}'), c => c.charCodeAt(0));\
+             const dt = new DataTransfer();\
+             dt.items.add(new File([b], '{name}', {{type: 'application/vnd.openxmlformats-officedocument.wordprocessingml.document'}}));\
+             document.getElementById('i').files = dt.files;\
+             document.getElementById('f').submit();</script>",
+            sluice_e2e::base64(&bytes)
+        )
+    };
+    let page = cdp
+        .run_in_origin(
+            &submit("plain.docx"),
+            "document.readyState === 'complete' && document.title.includes('Upload blocked')",
+            Duration::from_secs(30),
+        )
+        .expect("the block page");
+    assert!(page.contains("plain.docx was not uploaded"), "{page}");
+    assert!(
+        page.contains("Apply the Confidential label from the Sensitivity menu"),
+        "{page}"
+    );
+    let shot = e.dir.join("blocked.png");
+    cdp.screenshot(&shot).unwrap();
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000);
+    assert!(e.app.uploads().is_empty(), "{:?}", e.app.uploads());
+    let ev = e.event_for("POST", "/upload");
+    assert_eq!(ev["action"], "block");
+    assert_eq!(ev["client"], "browser");
+    assert_eq!(ev["user"], "bob@corp.example");
+    assert!(page.contains(ev["incident"].as_str().unwrap()));
+
+    cdp.navigate(&e.url("/files")).unwrap();
+    let list = cdp
+        .run_in_origin(
+            &submit("confidential.docx"),
+            "location.pathname === '/files' && document.readyState === 'complete' \
+             && document.body.innerText.includes('confidential.docx')",
+            Duration::from_secs(30),
+        )
+        .expect("the file list after the upload");
+    assert!(list.contains("confidential.docx"));
+    let up = e
+        .app
+        .uploads()
+        .into_iter()
+        .find(|u| u.name == "confidential.docx")
+        .expect("the labeled upload reached the app");
+    assert_eq!(up.sha256, sha256_file(&fixture("confidential.docx")));
+    cdp.close().unwrap();
+}
