@@ -283,10 +283,13 @@ impl Detectors {
                 )
             })
             .collect();
+        // A DFA: dictionaries are small next to the bodies they scan, and it searches several
+        // times faster than the default NFA (measured by `cargo xtask bench inspect`).
         let ac = AhoCorasick::builder()
             .ascii_case_insensitive(true)
             .match_kind(MatchKind::LeftmostLongest)
             .start_kind(StartKind::Both)
+            .kind(Some(aho_corasick::AhoCorasickKind::DFA))
             .build(&patterns)
             .map_err(|e| DlpError::Build(e.to_string()))?;
         det.keywords = Some(Keywords {
