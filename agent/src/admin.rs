@@ -22,6 +22,8 @@ pub struct AdminState {
     pub proxy: Arc<ProxyStats>,
     /// Policy bundle status, when bundles are configured.
     pub bundle: Option<Arc<std::sync::Mutex<crate::bundle::fetch::BundleStatus>>>,
+    /// Reporting (spool and shipping), when a collector is configured.
+    pub report: Option<crate::report::ReportHandle>,
 }
 
 #[derive(Serialize)]
@@ -32,6 +34,7 @@ struct Status {
     steer: Option<crate::steer::SteerStatus>,
     proxy: crate::proxy::ProxyStatsSnapshot,
     bundle: Option<crate::bundle::fetch::BundleStatus>,
+    report: Option<crate::report::ReportStatus>,
 }
 
 impl AdminState {
@@ -55,6 +58,7 @@ impl AdminState {
                 .bundle
                 .as_ref()
                 .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            report: self.report.as_ref().map(|r| r.snapshot()),
         }
     }
 
@@ -145,6 +149,9 @@ impl AdminState {
             "Bytes from origins to clients.",
             p.bytes_down,
         );
+        if let Some(r) = &self.report {
+            out.push_str(&r.metrics());
+        }
         if !labelled.is_empty() {
             out.push_str(
                 "# HELP sluice_steer_connections_total Connects seen by the eBPF hooks, by path.\n",

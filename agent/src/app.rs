@@ -22,6 +22,7 @@ use crate::{
         record::{JsonLinesReporter, LogReporter, Reporter},
         upstream::{Upstream, root_store},
     },
+    report::Reporting,
     session::Controls,
     steer::{self, Steering},
 };
@@ -64,19 +65,26 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
-    let reporter: Arc<dyn Reporter> = match &config.report.events_file {
-        Some(p) => Arc::new(
+    let target = crate::report::target(config).context("reading the enrollment")?;
+    let mut dist = match &config.bundle {
+        Some(b) => Some(
+            crate::bundle::fetch::Distributor::new(
+                bundle_settings(b, target.as_ref()),
+                &config.state_dir,
+            )
+            .context("setting up policy bundles")?,
+        ),
+        None => None,
+    };
+    let reporting = Reporting::open(config, dist.as_ref().map(|d| d.active()))
+        .context("setting up reporting to the collector")?;
+    let reporter: Arc<dyn Reporter> = match (&reporting, &config.report.events_file) {
+        (Some(r), _) => r.reporter(),
+        (None, Some(p)) => Arc::new(
             JsonLinesReporter::open(p)
                 .with_context(|| format!("opening the events file {}", p.display()))?,
         ),
-        None => Arc::new(LogReporter),
-    };
-    let mut dist = match &config.bundle {
-        Some(b) => Some(
-            crate::bundle::fetch::Distributor::new(b.clone(), &config.state_dir)
-                .context("setting up policy bundles")?,
-        ),
-        None => None,
+        (None, None) => Arc::new(LogReporter),
     };
     let hooks: Arc<dyn Hooks> = match &dist {
         Some(d) => Arc::new(Controls::new(
@@ -130,12 +138,19 @@ async fn supervise(
         bundle_status = Some(dist.status());
         tasks.spawn(named("bundles", dist.run(shutdown.clone())));
     }
+    let report_handle = reporting.as_ref().map(|r| r.handle());
+    let report_shutdown = CancellationToken::new();
+    let report_task = reporting.map(|r| {
+        let probe = probe(steering.clone(), stats.clone(), bundle_status.clone());
+        tokio::spawn(r.run(probe, report_shutdown.clone()))
+    });
     let admin = Admin::bind(
         config.admin.listen,
         AdminState {
             steering: steering.clone(),
             proxy: stats.clone(),
             bundle: bundle_status,
+            report: report_handle,
         },
     )
     .await
@@ -172,7 +187,72 @@ async fn supervise(
         tracing::warn!("drain timed out; closing remaining connections");
         tasks.abort_all();
     }
+    // Reporting stops last, so events of the drained connections are spooled.
+    report_shutdown.cancel();
+    if let Some(t) = report_task {
+        match tokio::time::timeout(Duration::from_secs(5), t).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "reporting stopped with an error"),
+            Ok(Err(e)) => tracing::error!(error = %e, "reporting task failed"),
+            Err(_) => tracing::warn!("reporting did not stop in time"),
+        }
+    }
     outcome
+}
+
+/// The bundle settings in force: a bundle URL on the enrolled collector gets the agent's
+/// credential and the collector's CA unless set otherwise.
+fn bundle_settings(
+    b: &crate::bundle::fetch::BundleSettings,
+    target: Option<&crate::report::Target>,
+) -> crate::bundle::fetch::BundleSettings {
+    let mut b = b.clone();
+    if let (Some(t), Some(url)) = (target, &b.url) {
+        let origin = |u: &str| -> Option<(String, String, u16)> {
+            let uri: http::Uri = u.parse().ok()?;
+            Some((
+                uri.scheme_str()?.to_owned(),
+                uri.host()?.to_ascii_lowercase(),
+                uri.port_u16().unwrap_or(443),
+            ))
+        };
+        if origin(url).is_some() && origin(url) == origin(&t.collector) {
+            if b.credential_file.is_none() {
+                b.credential_file = Some(t.credential_file.clone());
+            }
+            if let Some(ca) = &t.collector_ca
+                && !b.extra_cas.contains(ca)
+            {
+                b.extra_cas.push(ca.clone());
+            }
+        }
+    }
+    b
+}
+
+/// What the agent status events report about steering, the proxy and bundles.
+fn probe(
+    steering: Option<Arc<Steering>>,
+    stats: Arc<ProxyStats>,
+    bundle: Option<Arc<std::sync::Mutex<crate::bundle::fetch::BundleStatus>>>,
+) -> crate::report::Probe {
+    Arc::new(move || {
+        let attached = steering.as_ref().is_some_and(|s| s.status().attached);
+        let proxy = stats.listening.load(Ordering::Relaxed);
+        let last_error = bundle.as_ref().and_then(|b| {
+            b.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .last_error
+                .clone()
+                .map(|e| format!("bundle: {e}"))
+        });
+        crate::report::ProbeFacts {
+            steering: attached,
+            proxy,
+            degraded: (steering.is_some() && !attached) || !proxy,
+            last_error,
+        }
+    })
 }
 
 /// Loads the CA, the catalogue and the upstream trust: everything the proxy needs, checked before

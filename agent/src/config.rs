@@ -86,13 +86,126 @@ impl Default for DeviceSettings {
     }
 }
 
-/// `[report]`: where activity events go besides the log.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[report]`: where activity events go besides the log: a JSON lines file, and the collector
+/// (through the durable spool under `<state_dir>/spool`).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReportSettings {
     /// Appends every activity event as one JSON line to this file (created 0600 when absent).
     #[serde(default)]
     pub events_file: Option<PathBuf>,
+    /// The collector (`https://host:port`). Default: the one in `<state_dir>/report/enrollment.json`
+    /// written by `sluice enroll`. Neither: events are not spooled or shipped.
+    #[serde(default)]
+    pub collector: Option<String>,
+    /// The collector's CA certificate (PEM). Default: the enrollment's, else the web and
+    /// system roots.
+    #[serde(default)]
+    pub collector_ca: Option<PathBuf>,
+    /// The agent's credential. Default: `<state_dir>/report/credential` (written by `sluice enroll`).
+    #[serde(default)]
+    pub credential_file: Option<PathBuf>,
+    /// Bound on the spool's size in bytes; beyond it the oldest segment is dropped (counted and
+    /// reported). Default 256 MiB.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
+    /// Size of one spool segment in bytes. Default 4 MiB.
+    #[serde(default = "default_spool_segment_bytes")]
+    pub spool_segment_bytes: u64,
+    /// Most events in one batch sent to the collector. Default 1000.
+    #[serde(default = "default_batch_max_events")]
+    pub batch_max_events: usize,
+    /// Most bytes of events (before compression) in one batch. Default 1 MiB.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
+    /// First retry delay after a failed batch, milliseconds (doubles per failure). Default 500.
+    #[serde(default = "default_retry_min_ms")]
+    pub retry_min_ms: u64,
+    /// Longest retry delay, milliseconds. Default 30000.
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// Seconds between device posture events. Default 300.
+    #[serde(default = "default_posture_interval_s")]
+    pub posture_interval_s: u64,
+    /// Seconds between agent status events. Default 60.
+    #[serde(default = "default_status_interval_s")]
+    pub status_interval_s: u64,
+}
+
+fn default_spool_max_bytes() -> u64 {
+    256 << 20
+}
+fn default_spool_segment_bytes() -> u64 {
+    4 << 20
+}
+fn default_batch_max_events() -> usize {
+    1000
+}
+fn default_batch_max_bytes() -> usize {
+    1 << 20
+}
+fn default_retry_min_ms() -> u64 {
+    500
+}
+fn default_retry_max_ms() -> u64 {
+    30_000
+}
+fn default_posture_interval_s() -> u64 {
+    300
+}
+fn default_status_interval_s() -> u64 {
+    60
+}
+
+impl Default for ReportSettings {
+    fn default() -> Self {
+        Self {
+            events_file: None,
+            collector: None,
+            collector_ca: None,
+            credential_file: None,
+            spool_max_bytes: default_spool_max_bytes(),
+            spool_segment_bytes: default_spool_segment_bytes(),
+            batch_max_events: default_batch_max_events(),
+            batch_max_bytes: default_batch_max_bytes(),
+            retry_min_ms: default_retry_min_ms(),
+            retry_max_ms: default_retry_max_ms(),
+            posture_interval_s: default_posture_interval_s(),
+            status_interval_s: default_status_interval_s(),
+        }
+    }
+}
+
+impl ReportSettings {
+    /// Checks bounds and the collector URL.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(format!("report.{m}")));
+        if self.spool_segment_bytes < 4096 {
+            return bad("spool_segment_bytes must be at least 4096".into());
+        }
+        if self.spool_max_bytes < 2 * self.spool_segment_bytes {
+            return bad(format!(
+                "spool_max_bytes ({}) must be at least two segments ({})",
+                self.spool_max_bytes,
+                2 * self.spool_segment_bytes
+            ));
+        }
+        if self.batch_max_events == 0 || self.batch_max_bytes < 1024 {
+            return bad("batch_max_events must be > 0 and batch_max_bytes at least 1024".into());
+        }
+        if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
+            return bad("retry_min_ms must be > 0 and retry_max_ms at least retry_min_ms".into());
+        }
+        if self.posture_interval_s == 0 || self.status_interval_s == 0 {
+            return bad("posture_interval_s and status_interval_s must be > 0".into());
+        }
+        if let Some(c) = &self.collector
+            && !c.starts_with("https://")
+        {
+            return bad(format!("collector `{c}` must be an https:// URL"));
+        }
+        Ok(())
+    }
 }
 
 /// `[tls]`: the CA that signs intercepted sessions' certificates, and what upstream servers are
@@ -659,6 +772,7 @@ impl Config {
             crate::proxy::catalog::HostPattern::parse(h)
                 .map_err(|e| ConfigError::Invalid(format!("proxy.reject_hosts: {e}")))?;
         }
+        self.report.validate()?;
         if !self.admin.listen.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
                 "admin.listen ({}) must be a loopback address",
@@ -734,6 +848,11 @@ mod tests {
                 "must differ",
             ),
             ("[admin]\nlisten = \"0.0.0.0:1\"", "loopback"),
+            (
+                "[report]\ncollector = \"http://c:1\"",
+                "must be an https:// URL",
+            ),
+            ("[report]\nspool_max_bytes = 4096", "at least two segments"),
         ] {
             let err = Config::parse(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");

@@ -11,5 +11,6 @@ pub mod config;
 pub mod inspect;
 pub mod policy;
 pub mod proxy;
+pub mod report;
 pub mod session;
 pub mod steer;

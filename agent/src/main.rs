@@ -37,6 +37,26 @@ enum Command {
         #[arg(long, short, default_value = "/etc/sluice/agent.toml")]
         config: PathBuf,
     },
+    /// Enroll with a collector: present a one-time token, keep the credential (0600) and the
+    /// agent id under `<state_dir>/report/`.
+    Enroll {
+        /// The agent's TOML configuration file (for `state_dir`).
+        #[arg(long, short, default_value = "/etc/sluice/agent.toml")]
+        config: PathBuf,
+        /// The collector, `https://host:port` (default: `report.collector` from the config).
+        #[arg(long)]
+        collector: Option<String>,
+        /// The one-time enrollment token (`sluice-collector token create`).
+        #[arg(long)]
+        token: String,
+        /// The collector's CA certificate (PEM) (default: `report.collector_ca`, else the web
+        /// and system roots).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Replace an existing enrollment.
+        #[arg(long)]
+        force: bool,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -216,6 +236,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(sluice::app::run(config, cfg))
+        }
+        Command::Enroll {
+            config,
+            collector,
+            token,
+            ca,
+            force,
+        } => {
+            let cfg = Config::load(&config)?;
+            let Some(collector) = collector.or_else(|| cfg.report.collector.clone()) else {
+                anyhow::bail!("give --collector https://host:port (or set report.collector)");
+            };
+            let ca = ca.or_else(|| cfg.report.collector_ca.clone());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let e = rt.block_on(sluice::report::enroll::enroll(
+                &cfg.state_dir,
+                &collector,
+                &token,
+                ca.as_deref(),
+                force,
+            ))?;
+            say!(
+                "enrolled as {} (group {}) with {}; credential in {} (0600)",
+                e.agent_id,
+                if e.group.is_empty() { "-" } else { &e.group },
+                e.collector,
+                sluice::report::enroll::credential_path(&cfg.state_dir).display()
+            );
+            Ok(())
         }
         Command::Config {
             command: ConfigCommand::Check { config },

@@ -18,8 +18,10 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
+pub mod browser;
 pub mod bundle_server;
 pub mod demo_app;
+pub mod fake_collector;
 pub mod loadgen;
 pub mod origin;
 

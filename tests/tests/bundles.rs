@@ -55,6 +55,7 @@ fn settings(url: String, public: &Path, long_poll_s: u64, poll_s: u64) -> Bundle
         poll_s,
         allow_downgrade: false,
         extra_cas: vec![],
+        credential_file: None,
     }
 }
 

@@ -1,4 +1,4 @@
-//! Developer and operator tasks: `cargo xtask setup | test | bench NAME | up`.
+//! Developer and operator tasks: `cargo xtask setup | test | bench NAME | up | demo | fixtures`.
 //!
 //! Every task that needs the toolchain or system packages first runs the idempotent set-up, so a
 //! fresh machine needs nothing but this repository and Rust: Debian packages (nftables, bpftool,
@@ -15,6 +15,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
 mod fixtures;
+mod up;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Sluice developer and operator tasks")]
@@ -38,13 +39,20 @@ enum Task {
         #[arg(last = true)]
         extra: Vec<String>,
     },
-    /// Set up, build in release, and run the agent on this host with the default configuration
-    /// until Ctrl-C.
+    /// Set up, build in release, and run the collector and the agent on this host (state in
+    /// target/sluice-up) until Ctrl-C; prints the portal URL, the admin login and the CA to trust.
     Up {
         /// Use this agent config instead of the generated default.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Report this device as unmanaged (`[device] posture`), so Highly Confidential downloads
+        /// are labeled and protected.
+        #[arg(long)]
+        unmanaged: bool,
     },
+    /// Play the four scenarios against the demo app through the running agent (`up` must be
+    /// running); the events land in the portal.
+    Demo,
     /// Make the end-to-end tests' files with the real tools (installs LibreOffice and a Python
     /// venv when missing); quick when they are up to date.
     Fixtures {
@@ -82,10 +90,11 @@ fn run(cli: Cli) -> Result<()> {
             setup(&root)?;
             bench(&root, &name, &extra)
         }
-        Task::Up { config } => {
+        Task::Up { config, unmanaged } => {
             setup(&root)?;
-            up(&root, config)
+            up::up(&root, config, unmanaged)
         }
+        Task::Demo => up::demo(&root),
         Task::Fixtures { out, force } => fixtures::fixtures(&root, out, force),
     }
 }
@@ -127,7 +136,17 @@ fn is_root() -> bool {
 // ---------------------------------------------------------------------------------------------
 // set-up
 
-const APT_PACKAGES: [&str; 5] = ["nftables", "bpftool", "curl", "iproute2", "util-linux"];
+/// `chromium` and `libnss3-tools` (certutil) are for the tests that drive a real browser
+/// (`sluice_e2e::browser`).
+const APT_PACKAGES: [&str; 7] = [
+    "nftables",
+    "bpftool",
+    "curl",
+    "iproute2",
+    "util-linux",
+    "chromium",
+    "libnss3-tools",
+];
 
 fn setup(root: &Path) -> Result<()> {
     step("set-up");
@@ -320,64 +339,4 @@ fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
         .args(extra))?;
     eprintln!("figures written to {}", out.display());
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// up
-
-fn up(root: &Path, config: Option<PathBuf>) -> Result<()> {
-    step("build (release)");
-    sh(cargo().args(["build", "--release", "-p", "sluice"]))?;
-    let dir = root.join("target/sluice-up");
-    std::fs::create_dir_all(&dir)?;
-    let config = match config {
-        Some(c) => c,
-        None => {
-            let path = dir.join("agent.toml");
-            let text = std::fs::read_to_string(root.join("packaging/agent.toml"))
-                .context("reading packaging/agent.toml")?
-                .replace(
-                    "state_dir = \"/var/lib/sluice\"",
-                    &format!("state_dir = \"{}\"", dir.join("state").display()),
-                );
-            std::fs::write(&path, text)?;
-            path
-        }
-    };
-    let bin = root.join("target/release/sluice");
-    sh(Command::new(&bin)
-        .args(["config", "check", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null()))?;
-    // The interception CA: created once, kept across runs (its key never leaves the state dir).
-    let ca_pem = dir.join("ca.pem");
-    let export = || {
-        Command::new(&bin)
-            .args(["ca", "export", "--config"])
-            .arg(&config)
-            .output()
-    };
-    let mut out = export()?;
-    if !out.status.success() {
-        sh(Command::new(&bin)
-            .args(["ca", "init", "--config"])
-            .arg(&config))?;
-        out = export()?;
-        if !out.status.success() {
-            bail!(
-                "sluice ca export failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-    std::fs::write(&ca_pem, out.stdout)?;
-    step("sluice is starting (Ctrl-C stops it and detaches from the kernel)");
-    eprintln!(
-        "  config:  {}\n  trust:   {} (the CA clients must trust for intercepted apps)\n  status:  {} status\n  metrics: curl -s http://127.0.0.1:15090/metrics\n  kernel:  bpftool cgroup tree",
-        config.display(),
-        ca_pem.display(),
-        bin.display()
-    );
-    // The agent handles SIGINT itself (drain, detach); xtask just waits for it.
-    sh(Command::new(&bin).args(["run", "--config"]).arg(&config))
 }

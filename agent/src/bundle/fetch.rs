@@ -50,6 +50,10 @@ pub struct BundleSettings {
     /// Extra CA certificates (PEM) trusted for an https:// URL.
     #[serde(default)]
     pub extra_cas: Vec<PathBuf>,
+    /// A file holding the agent's credential, sent as `Authorization: Bearer` (https:// only).
+    /// Default: the enrollment's credential when the URL is on the enrolled collector.
+    #[serde(default)]
+    pub credential_file: Option<PathBuf>,
 }
 
 fn default_long_poll_s() -> u64 {
@@ -346,6 +350,20 @@ impl Distributor {
             if let Some(e) = etag.filter(|_| self.active.load().is_some()) {
                 req = req.header(http::header::IF_NONE_MATCH, e);
             }
+            if let Some(path) = &self.settings.credential_file {
+                if !https {
+                    return Err(BundleError::Io(format!(
+                        "bundle url `{url}`: a credential is only sent over https://"
+                    )));
+                }
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
+                let value = http::HeaderValue::from_str(&format!("Bearer {}", text.trim()))
+                    .map_err(|_| {
+                        BundleError::Io(format!("{}: not a usable credential", path.display()))
+                    })?;
+                req = req.header(http::header::AUTHORIZATION, value);
+            }
             let req = req
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| BundleError::Io(e.to_string()))?;
@@ -375,6 +393,11 @@ impl Distributor {
                     .unwrap_or_else(|p| p.into_inner())
                     .not_modified += 1;
                 return Ok(Fetched::NotModified);
+            }
+            if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
+                return Err(BundleError::Io(format!(
+                    "bundle server refused the agent's credential ({status})"
+                )));
             }
             if !status.is_success() {
                 return Err(BundleError::Io(format!("bundle server answered {status}")));

@@ -1,0 +1,388 @@
+//! `sluice-collector-bench`: the collector's store under load (`cargo xtask bench collector`).
+//!
+//! 1. Ingestion: 1,000,000 generated events, 1,000 per batch, through [`Store::ingest`] (JSON
+//!    Lines parsing, validation, column derivation, one transaction per batch) into a fresh
+//!    SQLite file. The baseline is the parsing alone, measured on the same batches, so the ratio
+//!    shows what storing adds.
+//! 2. Fill to 10,000,000 events (same function, 10,000 per batch), then 200 filtered queries
+//!    (time range + user + action, first page of 100) with random users, actions and windows,
+//!    timed end to end (parse, compile, search); p50 and p99. The baseline is the same windows
+//!    with no user or action. Free-text queries over a 24-hour window are timed too, since
+//!    the store answers them with `LIKE` rather than an FTS index.
+//!
+//! Prints a table and writes every figure to `--out` (default `target/bench/collector.json`).
+//! The database lives under `--dir` (default `target/bench/collector-db`) and is removed at the
+//! end unless `--keep`.
+
+use std::{path::PathBuf, process::ExitCode, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::json;
+use sluice_collector::{
+    query,
+    store::{IngestOptions, Store},
+};
+use sluice_protocol::{
+    Actor, CLASS_FILE_HOSTING, CLASS_HTTP_ACTIVITY, Device, Endpoint, Event, File, HttpRequest,
+    Process, Sluice, User,
+};
+
+/// A small, fast, deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+const USERS: u64 = 2_000;
+const DEVICES: u64 = 500;
+const APPS: &[&str] = &[
+    "files", "mail", "chat", "crm", "wiki", "drive", "hr", "finance", "code", "tickets",
+];
+const ACTIVITIES: &[&str] = &["view", "download", "upload", "share", "delete", "login"];
+/// Weighted: mostly allowed.
+const ACTIONS: &[&str] = &[
+    "allow",
+    "allow",
+    "allow",
+    "allow",
+    "allow",
+    "allow",
+    "allow",
+    "monitor",
+    "monitor",
+    "block",
+    "protect",
+    "apply-label",
+];
+/// Simulated history.
+const SPAN_MS: i64 = 30 * 86_400_000;
+
+fn user(i: u64) -> String {
+    format!("user{i}@corp.example")
+}
+
+/// Event `n` of `total`, times spread evenly over the span ending at `end`.
+fn event(rng: &mut Rng, n: u64, total: u64, end: i64) -> Event {
+    let t = end - SPAN_MS + (n as i64 * SPAN_MS / total.max(1) as i64);
+    // A batch comes from one agent, so one device and the few users of that device.
+    let d = n / 1000 % DEVICES;
+    let u = (d * 4 + rng.below(4)) % USERS;
+    let app = APPS[rng.below(APPS.len() as u64) as usize];
+    let activity = ACTIVITIES[rng.below(ACTIVITIES.len() as u64) as usize];
+    let action = ACTIONS[rng.below(ACTIONS.len() as u64) as usize];
+    let file = matches!(activity, "download" | "upload" | "share");
+    let class = if file {
+        CLASS_FILE_HOSTING
+    } else {
+        CLASS_HTTP_ACTIVITY
+    };
+    let mut e = Event::new(
+        format!("{:016x}{:016x}", rng.next(), n),
+        t as u64,
+        class,
+        if file { 2 } else { 3 },
+        activity,
+        Device {
+            uid: format!("ag_{d:06}"),
+            hostname: format!("host{d}"),
+            posture: "managed".into(),
+            os: "Linux 6.18.0".into(),
+            agent_version: "0.1.0".into(),
+            bundle_revision: Some("r42".into()),
+        },
+    );
+    e.message = format!("{activity} on {app}: {action}");
+    e.actor = Actor {
+        user: Some(User {
+            email_addr: user(u),
+            groups: vec![format!("team{}", u % 40)],
+            guest: false,
+        }),
+        process: Some(Process {
+            pid: 1000 + (n % 30000) as u32,
+            name: "firefox".into(),
+            path: Some("/usr/bin/firefox".into()),
+            uid: 1000,
+            user: None,
+        }),
+    };
+    e.src_endpoint = Some(Endpoint {
+        ip: Some(format!("10.0.{}.{}", d / 250, d % 250)),
+        port: None,
+        hostname: None,
+    });
+    e.http_request = Some(HttpRequest {
+        http_method: if activity == "upload" { "POST" } else { "GET" }.into(),
+        url: format!("https://{app}.corp.example/api/{}", rng.below(100_000)),
+        user_agent: None,
+    });
+    if file {
+        e.files.push(File {
+            name: Some(format!("report-{}.docx", rng.below(10_000))),
+            size: rng.below(1 << 20),
+            r#type: Some("docx".into()),
+            ..File::default()
+        });
+    }
+    e.sluice = Some(Sluice {
+        app: app.into(),
+        activity: activity.into(),
+        action: action.into(),
+        decided_by: "session".into(),
+        policy: (action != "allow").then(|| format!("p-{app}-{action}")),
+        incident: format!("{:08x}", rng.next() as u32),
+        ..Sluice::default()
+    });
+    e
+}
+
+fn batch(rng: &mut Rng, from: u64, n: u64, total: u64, end: i64) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(n as usize * 700);
+    for i in from..from + n {
+        serde_json::to_writer(&mut out, &event(rng, i, total, end))?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+fn pct(sorted: &[f64], p: usize) -> f64 {
+    sorted
+        .get((sorted.len() * p / 100).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+fn opt(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+// SQLite, JSON parsing and the HTTP stack allocate many small buffers per event; mimalloc's
+// thread-local free lists cost less than glibc malloc's (as in the agent).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-collector-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!(
+            "usage: sluice-collector-bench [--out FILE] [--dir DIR] [--ingest N] [--total N] [--queries N] [--keep]"
+        );
+        return Ok(());
+    }
+    let out = PathBuf::from(opt(&args, "--out").unwrap_or("target/bench/collector.json".into()));
+    let dir = PathBuf::from(opt(&args, "--dir").unwrap_or("target/bench/collector-db".into()));
+    let ingest_n: u64 = opt(&args, "--ingest").unwrap_or("1000000".into()).parse()?;
+    let total: u64 = opt(&args, "--total").unwrap_or("10000000".into()).parse()?;
+    let queries: usize = opt(&args, "--queries").unwrap_or("200".into()).parse()?;
+    let keep = args.iter().any(|a| a == "--keep");
+    if total < ingest_n {
+        bail!("--total must be at least --ingest");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let store = Store::open(&dir.join("bench.db"))?;
+    let end = sluice_collector::store::now_ms();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+
+    // 1. Ingestion, 1,000 per batch; the parse-only baseline on the same bytes.
+    println!(
+        "collector: ingestion of {ingest_n} events in batches of 1,000 into a fresh SQLite file"
+    );
+    let (mut t_ingest, mut t_parse, mut stored) = (0f64, 0f64, 0u64);
+    let mut n = 0u64;
+    while n < ingest_n {
+        let k = 1000.min(ingest_n - n);
+        let body = batch(&mut rng, n, k, total, end)?;
+        let t = Instant::now();
+        let mut parsed = 0usize;
+        for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            parsed += usize::from(serde_json::from_slice::<Event>(line).is_ok());
+        }
+        std::hint::black_box(parsed);
+        t_parse += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let o = store.ingest(&body, IngestOptions::default())?;
+        t_ingest += t.elapsed().as_secs_f64();
+        stored += o.accepted;
+        n += k;
+    }
+    if stored != ingest_n {
+        bail!("stored {stored} of {ingest_n}");
+    }
+    let ingest_rate = ingest_n as f64 / t_ingest;
+    let parse_rate = ingest_n as f64 / t_parse;
+    // Idempotence costs: the same last batch again is all duplicates.
+    let again = batch(&mut Rng(0x9e37_79b9_7f4a_7c15), 0, 1000, total, end)?;
+    let t = Instant::now();
+    let dup = store.ingest(&again, IngestOptions::default())?;
+    let dup_rate = 1000.0 / t.elapsed().as_secs_f64();
+    if dup.duplicates != 1000 {
+        bail!("expected 1000 duplicates, got {}", dup.duplicates);
+    }
+
+    // 2. Fill, then queries.
+    let t_fill = Instant::now();
+    while n < total {
+        let k = 10_000.min(total - n);
+        let body = batch(&mut rng, n, k, total, end)?;
+        store.ingest(&body, IngestOptions::default())?;
+        n += k;
+        if n.is_multiple_of(1_000_000) {
+            eprintln!("  filled {n} ({:.0} s)", t_fill.elapsed().as_secs_f64());
+        }
+    }
+    let fill_s = t_fill.elapsed().as_secs_f64();
+    let t = Instant::now();
+    store.optimize()?;
+    let analyze_s = t.elapsed().as_secs_f64();
+    let db_bytes = std::fs::metadata(dir.join("bench.db"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+
+    let mut qrng = Rng(0x51ce_c011_ec70_0001);
+    let (mut filtered, mut base, mut rows) = (Vec::new(), Vec::new(), 0usize);
+    for _ in 0..queries {
+        let window = 3_600_000 * (1 + qrng.below(7 * 24)) as i64; // 1 h to 7 d
+        let before = end - qrng.below((SPAN_MS - window) as u64) as i64;
+        let after = before - window;
+        let u = user(qrng.below(USERS));
+        let action = ACTIONS[qrng.below(ACTIONS.len() as u64) as usize];
+        let text = format!("user:{u} action:{action} after:{after} before:{before}");
+        let t = Instant::now();
+        let q = query::parse(&text)?.compile();
+        let page = store.search(&q, 100, None)?;
+        filtered.push(t.elapsed().as_secs_f64() * 1000.0);
+        rows += page.events.len();
+        let t = Instant::now();
+        let q = query::parse(&format!("after:{after} before:{before}"))?.compile();
+        let page = store.search(&q, 100, None)?;
+        base.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::hint::black_box(page.events.len());
+    }
+    let mut text_times = Vec::new();
+    for _ in 0..20 {
+        let before = end - qrng.below((SPAN_MS - 86_400_000) as u64) as i64;
+        let word = format!("report-{}", qrng.below(10_000));
+        let t = Instant::now();
+        let q = query::parse(&format!(
+            "{word} after:{} before:{before}",
+            before - 86_400_000
+        ))?
+        .compile();
+        std::hint::black_box(store.search(&q, 100, None)?.events.len());
+        text_times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    for v in [&mut filtered, &mut base, &mut text_times] {
+        v.sort_by(f64::total_cmp);
+    }
+    let (p50, p99) = (pct(&filtered, 50), pct(&filtered, 99));
+    let (b50, b99) = (pct(&base, 50), pct(&base, 99));
+    let (x50, x99) = (pct(&text_times, 50), pct(&text_times, 99));
+
+    println!("{:<44} {:>14} {:>12}", "figure", "value", "vs baseline");
+    println!(
+        "{:<44} {:>14.0} {:>12}",
+        "parse only (baseline), events/s", parse_rate, "1.00x"
+    );
+    println!(
+        "{:<44} {:>14.0} {:>11.2}x",
+        "ingest 1M, 1,000/batch, events/s",
+        ingest_rate,
+        ingest_rate / parse_rate
+    );
+    println!(
+        "{:<44} {:>14.0} {:>11.2}x",
+        "re-ingest (all duplicates), events/s",
+        dup_rate,
+        dup_rate / parse_rate
+    );
+    println!(
+        "{:<44} {:>14.0} {:>12}",
+        format!("fill to {total}, 10,000/batch, events/s"),
+        (total - ingest_n) as f64 / fill_s,
+        ""
+    );
+    println!(
+        "{:<44} {:>14.1} {:>12}",
+        "time range only (baseline) p50 ms", b50, "1.00x"
+    );
+    println!(
+        "{:<44} {:>14.1} {:>12}",
+        "time range only (baseline) p99 ms", b99, ""
+    );
+    println!(
+        "{:<44} {:>14.1} {:>11.2}x",
+        "time + user + action p50 ms",
+        p50,
+        p50 / b50.max(1e-9)
+    );
+    println!(
+        "{:<44} {:>14.1} {:>11.2}x",
+        "time + user + action p99 ms",
+        p99,
+        p99 / b99.max(1e-9)
+    );
+    println!(
+        "{:<44} {:>14.1} {:>12}",
+        "free text, 24 h window p50 ms", x50, ""
+    );
+    println!(
+        "{:<44} {:>14.1} {:>12}",
+        "free text, 24 h window p99 ms", x99, ""
+    );
+    println!(
+        "database {:.1} GiB for {total} events; ANALYZE {analyze_s:.1} s; {rows} rows returned by {queries} filtered queries",
+        db_bytes as f64 / f64::from(1u32 << 30)
+    );
+    println!(
+        "targets: ingest >= 50,000 events/s: {}; filtered p99 <= 200 ms: {}",
+        if ingest_rate >= 50_000.0 {
+            "met"
+        } else {
+            "NOT met"
+        },
+        if p99 <= 200.0 { "met" } else { "NOT met" }
+    );
+    let doc = json!({
+        "bench": "collector",
+        "ingest": { "events": ingest_n, "batch": 1000, "events_per_s": ingest_rate,
+            "parse_only_events_per_s": parse_rate, "duplicates_events_per_s": dup_rate },
+        "fill": { "events": total, "batch": 10_000, "events_per_s": (total - ingest_n) as f64 / fill_s,
+            "seconds": fill_s, "analyze_s": analyze_s, "db_bytes": db_bytes },
+        "query": { "queries": queries, "limit": 100, "p50_ms": p50, "p99_ms": p99,
+            "baseline_time_only_p50_ms": b50, "baseline_time_only_p99_ms": b99,
+            "free_text_24h_p50_ms": x50, "free_text_24h_p99_ms": x99, "rows": rows },
+        "targets": { "ingest_events_per_s": 50_000, "query_p99_ms": 200 },
+    });
+    if let Some(d) = out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    drop(store);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}

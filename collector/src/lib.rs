@@ -1,0 +1,196 @@
+//! `sluice-collector`: the central side of Sluice. It enrolls agents, ingests their events
+//! (idempotently, by event id) into an embedded SQLite store, answers queries in a small query
+//! language, streams exports, serves signed policy bundles with long polling, forwards events to
+//! SIEMs, and hosts the portal.
+//!
+//! # Entry points for the portal (`crate::portal`)
+//! - [`Collector`]: the shared state, handed to `portal::handle` as `Arc<Collector>`;
+//!   `collector.store` is the [`store::Store`] (`with_conn` for read-write SQL on the single
+//!   writer connection, `with_read` for read-only SQL on a pooled reader, plus typed helpers such
+//!   as [`store::Store::search`], [`store::Store::get_event`], [`store::Store::devices`],
+//!   [`store::Store::bundles`], [`store::Store::agents`], [`store::Store::saved_queries`],
+//!   [`store::Store::stats`]); `collector.config` is the parsed [`config::Config`].
+//! - [`query::parse`] / [`query::Query::compile`]: the query language, errors with positions.
+//! - [`server::BoxBody`] (`http_body_util::combinators::BoxBody<Bytes, std::io::Error>`, `Send +
+//!   Sync`), [`server::not_found`], [`server::problem`], [`server::full`], [`server::json`]:
+//!   response helpers.
+//! - [`Collector::publish_bundle`]: verify and publish a signed bundle (wakes long polls).
+//! - `portal::MIGRATIONS` run after the store's own, recorded by name; `portal::handle` serves
+//!   every request whose path does not start with `/api/`; `portal::set_admin_password` is called
+//!   by `sluice-collector init`; `portal::session_user` authenticates the query API by cookie.
+
+pub mod config;
+pub mod export;
+pub mod forward;
+pub mod portal;
+pub mod query;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
+
+use sluice::bundle::{Archive, Limits as BundleLimits, jws::VerifyingKey};
+
+pub use crate::{config::Config, store::Store};
+
+/// Errors of the collector's library entry points.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store.
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    /// Reading or writing a file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// No bundle public key is configured, so nothing can be published.
+    #[error(
+        "no `bundle_public_key` is configured: bundles cannot be verified, so none is published"
+    )]
+    NoBundleKey,
+    /// The bundle failed verification.
+    #[error("bundle: {0}")]
+    Bundle(#[from] sluice::bundle::BundleError),
+    /// The bundle public key is unusable.
+    #[error("bundle public key {path}: {detail}")]
+    BundleKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// TLS material.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// A group name is not acceptable.
+    #[error("invalid group name {0:?}: use 1-64 of a-z, A-Z, 0-9, `-`, `_`, `.`")]
+    Group(String),
+}
+
+/// Counters reported by `/api/v1/status`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Events stored.
+    pub accepted: AtomicU64,
+    /// Duplicate events acknowledged.
+    pub duplicates: AtomicU64,
+    /// Invalid lines rejected.
+    pub rejected: AtomicU64,
+    /// Batches ingested.
+    pub batches: AtomicU64,
+}
+
+impl Counters {
+    /// Adds an ingestion result.
+    pub fn add(&self, r: &store::IngestOutcome) {
+        self.accepted.fetch_add(r.accepted, Ordering::Relaxed);
+        self.duplicates.fetch_add(r.duplicates, Ordering::Relaxed);
+        self.rejected.fetch_add(r.rejected, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The collector's shared state: one per process, shared as `Arc<Collector>` by every request.
+#[derive(Debug)]
+pub struct Collector {
+    /// The store.
+    pub store: Store,
+    /// The configuration it was started with.
+    pub config: Config,
+    /// Bundle publication notices (long polls wait on it).
+    pub bundle_notify: tokio::sync::watch::Sender<u64>,
+    /// The forwarders' queues.
+    pub forward: forward::Forwarder,
+    /// Ingestion counters.
+    pub counters: Counters,
+    /// When this process started.
+    pub started: Instant,
+}
+
+/// A published bundle's identity.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Published {
+    /// Row id.
+    pub id: i64,
+    /// Agent group.
+    pub group: String,
+    /// Manifest revision.
+    pub revision: String,
+    /// ETag (quoted).
+    pub etag: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// Whether `g` is an acceptable agent group name.
+pub fn valid_group(g: &str) -> bool {
+    !g.is_empty()
+        && g.len() <= 64
+        && g.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl Collector {
+    /// Opens the store under the configured state directory (running migrations) and prepares
+    /// the forwarders' queues (their tasks start with [`server::run`]).
+    pub fn open(config: Config) -> Result<Self, Error> {
+        let store = Store::open(&config.db_path())?;
+        Ok(Self::with_store(store, config))
+    }
+
+    /// A collector over an already opened store.
+    pub fn with_store(store: Store, config: Config) -> Self {
+        let forward = forward::Forwarder::new(&config.forward);
+        let (bundle_notify, _) = tokio::sync::watch::channel(0u64);
+        Self {
+            store,
+            config,
+            bundle_notify,
+            forward,
+            counters: Counters::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The configured bundle verification key.
+    pub fn bundle_key(&self) -> Result<VerifyingKey, Error> {
+        let path = self
+            .config
+            .bundle_public_key
+            .clone()
+            .ok_or(Error::NoBundleKey)?;
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        VerifyingKey::from_pem(&text).map_err(|e| Error::BundleKey {
+            path,
+            detail: e.to_string(),
+        })
+    }
+
+    /// Verifies a signed bundle (tar.gz) against the configured public key and publishes it for
+    /// `group`; long polls of that group's agents are answered at once.
+    pub fn publish_bundle(&self, group: &str, bytes: Vec<u8>) -> Result<Published, Error> {
+        if !valid_group(group) {
+            return Err(Error::Group(group.to_owned()));
+        }
+        let key = self.bundle_key()?;
+        let verified = Archive::read(&bytes, &BundleLimits::default())?.verify(&key)?;
+        let published = self
+            .store
+            .publish_bundle(group, &verified.manifest.revision, bytes)?;
+        self.bundle_notify.send_modify(|v| *v = v.wrapping_add(1));
+        tracing::info!(group, revision = %published.revision, etag = %published.etag, "bundle published");
+        Ok(published)
+    }
+}

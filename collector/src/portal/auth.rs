@@ -1,0 +1,467 @@
+//! Who may use the portal: local admin accounts (argon2id password hashes), sessions, CSRF tokens
+//! and the login rate limit.
+//!
+//! - Passwords are stored as argon2id PHC strings (the crate's default parameters: 19 MiB, 2
+//!   passes), salted with 16 random bytes from aws-lc-rs. A login for an unknown name still
+//!   verifies against a fixed hash, so timing does not tell which names exist.
+//! - A session id is 32 random bytes (hex) sent only in a `__Host-` cookie (`Secure`, `HttpOnly`,
+//!   `SameSite=Strict`, `Path=/`); the database keeps only its SHA-256, so a copy of the database
+//!   opens no session. Sessions end after [`IDLE`] without use or [`ABSOLUTE`] after sign-in,
+//!   whichever comes first, and at sign-out.
+//! - Every form carries the session's CSRF token (random, per session), checked on every POST;
+//!   the sign-in form, which has no session yet, uses a double-submit token held in its own
+//!   short-lived cookie.
+//! - Failed sign-ins are counted per client address: past [`MAX_FAILURES`] in [`FAILURE_WINDOW`]
+//!   the address is refused (429) until the window passes.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Mutex, OnceLock},
+};
+
+use argon2::{
+    Argon2, PasswordHasher as _, PasswordVerifier as _,
+    password_hash::{PasswordHash, SaltString},
+};
+use rusqlite::{OptionalExtension as _, params};
+
+use crate::{
+    Collector,
+    store::{Store, StoreError, now_ms, sha256_hex},
+};
+
+/// The portal's tables.
+pub const SCHEMA: &str = "
+CREATE TABLE portal_admins(
+  name TEXT PRIMARY KEY,
+  password_hash TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  updated_at INTEGER NOT NULL
+);
+CREATE TABLE portal_sessions(
+  id_sha256 TEXT PRIMARY KEY,
+  user TEXT NOT NULL,
+  csrf TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  last_seen INTEGER NOT NULL
+);
+CREATE INDEX portal_sessions_user ON portal_sessions(user);
+";
+
+/// The session cookie.
+pub const SESSION_COOKIE: &str = "__Host-sluice-session";
+/// The sign-in form's double-submit cookie.
+pub const LOGIN_COOKIE: &str = "__Host-sluice-login";
+/// A session unused this long (ms) has ended.
+pub const IDLE: i64 = 30 * 60 * 1000;
+/// A session this old (ms) has ended, however busy.
+pub const ABSOLUTE: i64 = 12 * 60 * 60 * 1000;
+/// Failed sign-ins allowed per address within [`FAILURE_WINDOW`].
+pub const MAX_FAILURES: usize = 5;
+/// The failure-counting window (ms).
+pub const FAILURE_WINDOW: i64 = 5 * 60 * 1000;
+/// `last_seen` is written at most this often (ms) per session, so browsing is not a write each.
+const TOUCH_EVERY: i64 = 60 * 1000;
+/// Addresses tracked by the rate limiter before it forgets the quiet ones.
+const MAX_TRACKED: usize = 10_000;
+
+/// Errors of the portal's account handling.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// SQLite directly.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Hashing failed.
+    #[error("password hashing: {0}")]
+    Hash(String),
+    /// Bad input.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+/// 32 random bytes as hex.
+pub fn random_token() -> Result<String, AuthError> {
+    crate::store::random_secret("").map_err(AuthError::from)
+}
+
+/// An argon2id PHC string for `password`.
+pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    let mut salt = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut salt).map_err(|_| AuthError::Hash("no randomness".into()))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| AuthError::Hash(e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| AuthError::Hash(e.to_string()))
+}
+
+/// Whether `password` matches the PHC string `hash` (a malformed hash never matches).
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+/// A hash no password is known for, verified against for unknown names (same cost).
+fn decoy_hash() -> &'static str {
+    static DECOY: OnceLock<String> = OnceLock::new();
+    DECOY.get_or_init(|| {
+        hash_password("decoy password, never valid")
+            .unwrap_or_else(|_| "$argon2id$v=19$m=19456,t=2,p=1$c2x1aWNlZGVjb3k$".into())
+    })
+}
+
+/// Constant-time equality of two tokens.
+pub fn tokens_equal(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Whether a session created at `created` and last used at `last_seen` is still valid at `now`.
+pub fn session_live(created: i64, last_seen: i64, now: i64) -> bool {
+    now - last_seen < IDLE && now - created < ABSOLUTE && now >= created
+}
+
+/// Creates or resets the admin account `name`.
+pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), AuthError> {
+    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+        return Err(AuthError::Invalid(
+            "an admin name is 1-64 characters without control characters",
+        ));
+    }
+    if password.chars().count() < 12 {
+        return Err(AuthError::Invalid(
+            "an admin password needs at least 12 characters",
+        ));
+    }
+    let hash = hash_password(password)?;
+    let now = now_ms();
+    store.with_conn(|c| {
+        c.execute(
+            "INSERT INTO portal_admins(name, password_hash, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?3) ON CONFLICT(name) DO UPDATE SET \
+             password_hash = excluded.password_hash, updated_at = excluded.updated_at",
+            params![name, hash, now],
+        )?;
+        // A new password ends the account's sessions.
+        c.execute("DELETE FROM portal_sessions WHERE user = ?1", [name])
+    })?;
+    Ok(())
+}
+
+/// Checks a name and password (always paying one argon2 verification).
+pub fn check_login(store: &Store, name: &str, password: &str) -> Result<bool, AuthError> {
+    let hash: Option<String> = store.with_read(|c| {
+        c.query_row(
+            "SELECT password_hash FROM portal_admins WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()
+    })?;
+    Ok(match hash {
+        Some(h) => verify_password(password, &h),
+        None => {
+            let _ = verify_password(password, decoy_hash());
+            false
+        }
+    })
+}
+
+/// A live session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The admin.
+    pub user: String,
+    /// The session's CSRF token.
+    pub csrf: String,
+}
+
+/// Starts a session for `user`; returns the cookie value (the id) and the session.
+pub fn create_session(store: &Store, user: &str) -> Result<(String, Session), AuthError> {
+    let id = random_token()?;
+    let csrf = random_token()?;
+    let now = now_ms();
+    store.with_conn(|c| {
+        c.execute(
+            "DELETE FROM portal_sessions WHERE last_seen < ?1 OR created_at < ?2",
+            params![now - IDLE, now - ABSOLUTE],
+        )?;
+        c.execute(
+            "INSERT INTO portal_sessions(id_sha256, user, csrf, created_at, last_seen) \
+             VALUES (?1, ?2, ?3, ?4, ?4)",
+            params![sha256_hex(id.as_bytes()), user, csrf, now],
+        )
+    })?;
+    Ok((
+        id,
+        Session {
+            user: user.to_owned(),
+            csrf,
+        },
+    ))
+}
+
+/// The live session of cookie value `id` at `now` (an ended one is deleted).
+pub fn lookup_session(store: &Store, id: &str, now: i64) -> Result<Option<Session>, AuthError> {
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let key = sha256_hex(id.as_bytes());
+    let row: Option<(String, String, i64, i64)> = store.with_read(|c| {
+        c.query_row(
+            "SELECT s.user, s.csrf, s.created_at, s.last_seen FROM portal_sessions s \
+             JOIN portal_admins a ON a.name = s.user WHERE s.id_sha256 = ?1",
+            [&key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()
+    })?;
+    let Some((user, csrf, created, last_seen)) = row else {
+        return Ok(None);
+    };
+    if !session_live(created, last_seen, now) {
+        store
+            .with_conn(|c| c.execute("DELETE FROM portal_sessions WHERE id_sha256 = ?1", [&key]))?;
+        return Ok(None);
+    }
+    if now - last_seen >= TOUCH_EVERY {
+        store.with_conn(|c| {
+            c.execute(
+                "UPDATE portal_sessions SET last_seen = ?1 WHERE id_sha256 = ?2",
+                params![now, key],
+            )
+        })?;
+    }
+    Ok(Some(Session { user, csrf }))
+}
+
+/// Ends the session of cookie value `id`.
+pub fn delete_session(store: &Store, id: &str) -> Result<(), AuthError> {
+    let key = sha256_hex(id.as_bytes());
+    store.with_conn(|c| c.execute("DELETE FROM portal_sessions WHERE id_sha256 = ?1", [key]))?;
+    Ok(())
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// A `Set-Cookie` value for a `__Host-` cookie (`max_age` seconds; 0 deletes it).
+pub fn set_cookie(name: &str, value: &str, max_age: i64) -> String {
+    format!("{name}={value}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age}")
+}
+
+/// The session of a request, when it carries a live one.
+pub fn request_session(c: &Collector, headers: &hyper::HeaderMap) -> Option<Session> {
+    let id = cookie(headers, SESSION_COOKIE)?;
+    match lookup_session(&c.store, id, now_ms()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "portal session lookup failed");
+            None
+        }
+    }
+}
+
+/// Failed sign-ins per client address.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    failures: Mutex<HashMap<IpAddr, Vec<i64>>>,
+}
+
+impl RateLimiter {
+    /// Whether `ip` may try to sign in at `now`.
+    pub fn allowed(&self, ip: IpAddr, now: i64) -> bool {
+        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&ip)
+            .is_none_or(|v| v.iter().filter(|&&t| now - t < FAILURE_WINDOW).count() < MAX_FAILURES)
+    }
+
+    /// Records a failed sign-in from `ip` at `now`.
+    pub fn failed(&self, ip: IpAddr, now: i64) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
+            map.retain(|_, v| v.iter().any(|&t| now - t < FAILURE_WINDOW));
+            if map.len() >= MAX_TRACKED {
+                tracing::warn!(
+                    tracked = map.len(),
+                    "portal login rate limiter full; forgetting every address"
+                );
+                map.clear();
+            }
+        }
+        let v = map.entry(ip).or_default();
+        v.retain(|&t| now - t < FAILURE_WINDOW);
+        v.push(now);
+    }
+
+    /// Forgets `ip`'s failures (after a successful sign-in).
+    pub fn succeeded(&self, ip: IpAddr) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ip);
+    }
+}
+
+/// The process's limiter (the portal keeps no state in [`Collector`]).
+pub fn limiter() -> &'static RateLimiter {
+    static L: OnceLock<RateLimiter> = OnceLock::new();
+    L.get_or_init(RateLimiter::default)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn store(tag: &str) -> (Store, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("sluice-portal-auth-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (Store::open(&dir.join("c.db")).unwrap(), dir)
+    }
+
+    #[test]
+    fn passwords_hash_and_verify() {
+        let h = hash_password("correct horse battery").unwrap();
+        assert!(h.starts_with("$argon2id$"), "{h}");
+        assert!(verify_password("correct horse battery", &h));
+        assert!(!verify_password("correct horse batterY", &h));
+        assert!(!verify_password("x", "not a phc string"));
+        // Salted: the same password hashes differently.
+        assert_ne!(h, hash_password("correct horse battery").unwrap());
+    }
+
+    #[test]
+    fn accounts_and_sessions() {
+        let (s, dir) = store("sessions");
+        assert!(set_password(&s, "admin", "short").is_err());
+        set_password(&s, "admin", "a long enough password").unwrap();
+        assert!(check_login(&s, "admin", "a long enough password").unwrap());
+        assert!(!check_login(&s, "admin", "wrong password!!").unwrap());
+        assert!(!check_login(&s, "nobody", "a long enough password").unwrap());
+
+        let (id, sess) = create_session(&s, "admin").unwrap();
+        assert_eq!(id.len(), 64);
+        let now = now_ms();
+        assert_eq!(lookup_session(&s, &id, now).unwrap(), Some(sess.clone()));
+        // Only the hash is stored.
+        let stored: i64 = s
+            .with_read(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM portal_sessions WHERE id_sha256 = ?1 OR id_sha256 = ?2",
+                    params![id, sha256_hex(id.as_bytes())],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(stored, 1);
+        let raw: i64 = s
+            .with_read(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM portal_sessions WHERE id_sha256 = ?1",
+                    [&id],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(raw, 0);
+        // Unknown and malformed ids.
+        assert_eq!(lookup_session(&s, &"0".repeat(64), now).unwrap(), None);
+        assert_eq!(
+            lookup_session(&s, "'; DROP TABLE x; --", now).unwrap(),
+            None
+        );
+        // Idle expiry deletes the session.
+        assert_eq!(lookup_session(&s, &id, now + IDLE + 1).unwrap(), None);
+        assert_eq!(lookup_session(&s, &id, now).unwrap(), None);
+
+        let (id2, _) = create_session(&s, "admin").unwrap();
+        delete_session(&s, &id2).unwrap();
+        assert_eq!(lookup_session(&s, &id2, now_ms()).unwrap(), None);
+
+        // A password change ends sessions.
+        let (id3, _) = create_session(&s, "admin").unwrap();
+        set_password(&s, "admin", "another long password").unwrap();
+        assert_eq!(lookup_session(&s, &id3, now_ms()).unwrap(), None);
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn session_expiry_rules() {
+        let t = 1_000_000_000;
+        assert!(session_live(t, t, t));
+        assert!(session_live(t, t + 10, t + IDLE - 1 + 10));
+        assert!(!session_live(t, t, t + IDLE));
+        // Busy all along, still ends at the absolute limit.
+        assert!(session_live(t, t + ABSOLUTE - 5, t + ABSOLUTE - 1));
+        assert!(!session_live(t, t + ABSOLUTE - 5, t + ABSOLUTE));
+        // A clock that went backwards does not revive anything.
+        assert!(!session_live(t, t, t - 1));
+    }
+
+    #[test]
+    fn csrf_tokens_compare_exactly() {
+        let a = random_token().unwrap();
+        let b = random_token().unwrap();
+        assert_ne!(a, b);
+        assert!(tokens_equal(&a, &a.clone()));
+        assert!(!tokens_equal(&a, &b));
+        assert!(!tokens_equal(&a, &a[..63]));
+        assert!(!tokens_equal(&a, ""));
+    }
+
+    #[test]
+    fn cookies_parse() {
+        let mut h = hyper::HeaderMap::new();
+        h.append(
+            hyper::header::COOKIE,
+            "a=1; __Host-sluice-session=abc".parse().unwrap(),
+        );
+        h.append(hyper::header::COOKIE, "b=2".parse().unwrap());
+        assert_eq!(cookie(&h, SESSION_COOKIE), Some("abc"));
+        assert_eq!(cookie(&h, "b"), Some("2"));
+        assert_eq!(cookie(&h, "c"), None);
+        let sc = set_cookie(SESSION_COOKIE, "v", 60);
+        for part in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+            assert!(sc.contains(part), "{sc}");
+        }
+    }
+
+    #[test]
+    fn rate_limit_per_address() {
+        let l = RateLimiter::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let t = 1_000_000;
+        for i in 0..MAX_FAILURES {
+            assert!(l.allowed(a, t + i as i64));
+            l.failed(a, t + i as i64);
+        }
+        assert!(!l.allowed(a, t + 10));
+        assert!(l.allowed(b, t + 10));
+        assert!(l.allowed(a, t + FAILURE_WINDOW + 10));
+        l.succeeded(a);
+        assert!(l.allowed(a, t + 10));
+    }
+}

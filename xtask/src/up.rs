@@ -1,0 +1,514 @@
+//! `cargo xtask up` and `cargo xtask demo`: Sluice running on this host, end to end.
+//!
+//! `up` builds the release binaries, then, all under `target/sluice-up/` and kept across runs:
+//! initialises the collector (`collector/`: database, TLS material, the portal's `admin` account
+//! whose password is printed once and kept 0600 in `collector/admin-password`), makes the bundle
+//! signing keys (`keys/`), builds and signs `policies/default` and publishes it for group
+//! `default`, makes the demo app's certificates (`demo-app/`, so the agent can verify it
+//! upstream), writes the agent's configuration (`agent.toml`: endpoint mode, bundle from the
+//! collector, events reported to it) and its interception CA (`ca.pem`). It then hands over to
+//! `run.sh`, which starts the collector, enrolls the agent with a one-time token (first run only),
+//! starts the agent and waits. Ctrl-C reaches both (same terminal process group): the agent drains
+//! and detaches from the kernel, the collector finishes its requests; the script waits for both.
+//! (The hand-over is an `exec`, so no process is left that Ctrl-C would kill before its children
+//! are done.)
+//!
+//! `demo` needs `up` running in another terminal. It starts the demo app (`files.test`) on
+//! 127.0.0.41:443, creates the cgroup `sluice-demo` (inside the agent's steered cgroup, the v2
+//! root by default) and plays the scenarios with curl from inside it, so every request goes
+//! through the agent: an unlabeled upload (blocked), a labeled upload (passes), a Highly
+//! Confidential download (labeled and protected when the device is unmanaged: start `up` with
+//! `--unmanaged` to see it), a guest's download (labeled view-only) and a form post with card
+//! numbers (blocked). The events are then in the portal.
+
+use std::{
+    fs,
+    net::TcpStream,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cargo, sh, step};
+
+/// The collector's listener.
+const COLLECTOR_ADDR: &str = "127.0.0.1:8443";
+/// The agent's admin endpoint (packaging/agent.toml's default).
+const AGENT_ADMIN: &str = "127.0.0.1:15090";
+/// Where `demo` runs the demo app.
+const DEMO_IP: &str = "127.0.0.41";
+/// The cgroup (under the v2 root) `demo` runs its clients in.
+const DEMO_CGROUP: &str = "sluice-demo";
+
+fn run_out(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+fn toml_str(p: &Path) -> String {
+    serde_json::Value::String(p.display().to_string()).to_string()
+}
+
+/// `cargo xtask up`.
+pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
+    step("build (release): sluice, sluice-collector, sluice-demo-app");
+    sh(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "sluice",
+        "-p",
+        "sluice-collector",
+        "-p",
+        "sluice-e2e",
+        "--bin",
+        "sluice",
+        "--bin",
+        "sluice-collector",
+        "--bin",
+        "sluice-demo-app",
+    ]))?;
+    let rel = root.join("target/release");
+    let sluice = rel.join("sluice");
+    let collector = rel.join("sluice-collector");
+    let dir = root.join("target/sluice-up");
+    let cdir = dir.join("collector");
+    fs::create_dir_all(&cdir)?;
+
+    step("collector");
+    let keys = dir.join("keys");
+    let private_key = keys.join("bundle-signing.key");
+    let public_key = keys.join("bundle-signing.pub");
+    if !private_key.is_file() {
+        fs::create_dir_all(&keys)?;
+        sh(Command::new(&sluice).args(["keygen", "--out"]).arg(&keys))?;
+    }
+    let ccfg = cdir.join("collector.toml");
+    let state = cdir.join("state");
+    fs::write(
+        &ccfg,
+        format!(
+            "# Written by `cargo xtask up`.\nlisten = \"{COLLECTOR_ADDR}\"\nstate_dir = {}\nbundle_public_key = {}\n",
+            toml_str(&state),
+            toml_str(&public_key)
+        ),
+    )?;
+    let password_file = cdir.join("admin-password");
+    let mut new_password = None;
+    if !state.join("collector.db").is_file() {
+        let out = run_out(
+            Command::new(&collector)
+                .args(["init", "--config"])
+                .arg(&ccfg),
+        )?;
+        let password = out
+            .lines()
+            .find_map(|l| l.strip_prefix("password (shown once): "))
+            .context("sluice-collector init printed no password")?
+            .trim()
+            .to_owned();
+        write_private(&password_file, &format!("{password}\n"))?;
+        new_password = Some(password);
+    }
+    let collector_ca = state.join("tls/ca.pem");
+
+    step("policy bundle: build, sign, publish (policies/default, group default)");
+    let bundle = dir.join("default.tar.gz");
+    let revision = format!(
+        "up-{}",
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()
+    );
+    sh(Command::new(&sluice)
+        .args(["bundle", "build"])
+        .arg(root.join("policies/default"))
+        .arg("--out")
+        .arg(&bundle)
+        .args(["--revision", &revision])
+        .stdout(Stdio::null()))?;
+    sh(Command::new(&sluice)
+        .args(["bundle", "sign"])
+        .arg(&bundle)
+        .arg("--key")
+        .arg(&private_key)
+        .stdout(Stdio::null()))?;
+    sh(Command::new(&collector)
+        .args(["bundle", "publish"])
+        .arg(&bundle)
+        .args(["--group", "default", "--config"])
+        .arg(&ccfg))?;
+
+    // The demo app's certificates, made once, so the agent verifies it as an upstream.
+    let demo_dir = dir.join("demo-app");
+    let demo_ca = demo_dir.join("ca.pem");
+    if !demo_ca.is_file() {
+        let mut app = Command::new(rel.join("sluice-demo-app"))
+            .args(["--listen", "127.0.0.1:0", "--cert-dir"])
+            .arg(&demo_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let end = Instant::now() + Duration::from_secs(20);
+        while !demo_ca.is_file() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = app.kill();
+        let _ = app.wait();
+        if !demo_ca.is_file() {
+            bail!("sluice-demo-app made no {}", demo_ca.display());
+        }
+    }
+
+    step("agent");
+    let agent_state = dir.join("state");
+    let url = format!("https://{COLLECTOR_ADDR}");
+    let acfg = match config {
+        Some(c) => c,
+        None => {
+            let path = dir.join("agent.toml");
+            let base = fs::read_to_string(root.join("packaging/agent.toml"))
+                .context("reading packaging/agent.toml")?
+                .replace(
+                    "state_dir = \"/var/lib/sluice\"",
+                    &format!("state_dir = {}", toml_str(&agent_state)),
+                );
+            let posture = if unmanaged { "unmanaged" } else { "managed" };
+            let text = format!(
+                "{base}\n# Added by `cargo xtask up`.\n[tls]\nupstream_extra_cas = [{demo_ca}]\n\n\
+                 [device]\nposture = \"{posture}\"\n\n\
+                 [bundle]\nurl = \"{url}/api/v1/bundles/current\"\npublic_key = {pubkey}\n\
+                 extra_cas = [{cca}]\n\n\
+                 [report]\ncollector = \"{url}\"\ncollector_ca = {cca}\nstatus_interval_s = 60\n",
+                demo_ca = toml_str(&demo_ca),
+                pubkey = toml_str(&public_key),
+                cca = toml_str(&collector_ca),
+            );
+            fs::write(&path, text)?;
+            path
+        }
+    };
+    sh(Command::new(&sluice)
+        .args(["config", "check", "--config"])
+        .arg(&acfg)
+        .stdout(Stdio::null()))?;
+    // The interception CA: created once, kept across runs (its key never leaves the state dir).
+    let ca_pem = dir.join("ca.pem");
+    let export = || {
+        Command::new(&sluice)
+            .args(["ca", "export", "--config"])
+            .arg(&acfg)
+            .output()
+    };
+    let mut out = export()?;
+    if !out.status.success() {
+        sh(Command::new(&sluice)
+            .args(["ca", "init", "--config"])
+            .arg(&acfg))?;
+        out = export()?;
+        if !out.status.success() {
+            bail!(
+                "sluice ca export failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    fs::write(&ca_pem, out.stdout)?;
+    // A one-time enrollment token, used by run.sh when the agent is not enrolled yet.
+    let token_file = dir.join("enroll-token");
+    let enrolled = agent_state.join("report/credential").is_file();
+    if !enrolled {
+        let token = run_out(
+            Command::new(&collector)
+                .args(["token", "create", "--ttl", "1h", "--config"])
+                .arg(&ccfg),
+        )?;
+        write_private(&token_file, token.trim())?;
+    }
+
+    step("Sluice is starting (Ctrl-C stops the agent and the collector)");
+    let password_line = match &new_password {
+        Some(p) => format!("{p}   (shown once; also in {})", password_file.display()),
+        None => format!("in {}", password_file.display()),
+    };
+    eprintln!(
+        "  portal:     {url}/  (trust {} in the browser, or accept it once)\n  \
+         login:      admin / {password_line}\n  \
+         trust:      {} (the interception CA clients must trust for intercepted apps)\n  \
+         agent:      {} status --config {}; curl -s http://{AGENT_ADMIN}/metrics\n  \
+         logs:       {}/collector.log (the agent logs here)\n  \
+         try it:     in another terminal, `sudo -E cargo xtask demo`\n",
+        collector_ca.display(),
+        ca_pem.display(),
+        sluice.display(),
+        acfg.display(),
+        dir.display(),
+    );
+    let script = dir.join("run.sh");
+    fs::write(&script, RUN_SH)?;
+    let err = Command::new("sh")
+        .arg(&script)
+        .arg(&collector)
+        .arg(&ccfg)
+        .arg(&sluice)
+        .arg(&acfg)
+        .arg(&url)
+        .arg(&collector_ca)
+        .arg(&token_file)
+        .arg(dir.join("collector.log"))
+        .exec();
+    Err(err).context("starting run.sh")
+}
+
+/// Starts the collector, enrolls the agent when it has no credential, starts the agent, and waits
+/// for both; Ctrl-C (SIGINT from the terminal) reaches the children directly, SIGTERM is passed on.
+const RUN_SH: &str = r#"#!/bin/sh
+# Written by `cargo xtask up`: $1 collector, $2 its config, $3 sluice, $4 agent config, $5 URL,
+# $6 collector CA, $7 enrollment token file, $8 collector log.
+set -u
+collector=$1; ccfg=$2; sluice=$3; acfg=$4; url=$5; cca=$6; tokenf=$7; clog=$8
+cpid=; apid=
+trap ':' INT
+trap 'kill -TERM $apid $cpid 2>/dev/null' TERM
+"$collector" run --config "$ccfg" 2>>"$clog" &
+cpid=$!
+i=0
+until curl -s -o /dev/null --cacert "$cca" "$url/login"; do
+  i=$((i + 1))
+  if [ $i -gt 150 ] || ! kill -0 $cpid 2>/dev/null; then
+    echo "the collector did not start; see $clog" >&2
+    kill $cpid 2>/dev/null; wait; exit 1
+  fi
+  sleep 0.2
+done
+echo "collector: listening on $url"
+if [ -s "$tokenf" ]; then
+  if ! "$sluice" enroll --config "$acfg" --collector "$url" --token "$(cat "$tokenf")" --ca "$cca"; then
+    echo "enrollment failed" >&2; kill $cpid; wait; exit 1
+  fi
+  rm -f "$tokenf"
+fi
+"$sluice" run --config "$acfg" &
+apid=$!
+# `wait` returns early when a trapped signal arrives; wait again until both are gone.
+while ! wait; do :; done
+while kill -0 $apid 2>/dev/null || kill -0 $cpid 2>/dev/null; do wait; sleep 0.1; done
+echo "stopped"
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// demo
+
+struct Demo {
+    cgroup: PathBuf,
+    ca: PathBuf,
+    base: String,
+}
+
+impl Demo {
+    /// curl inside the demo cgroup: (HTTP status, body).
+    fn curl(&self, args: &[&str]) -> Result<(u16, String)> {
+        let script = format!(
+            "echo $$ > '{}/cgroup.procs' || exit 97; exec \"$@\"",
+            self.cgroup.display()
+        );
+        let out = Command::new("sh")
+            .args(["-c", &script, "sh", "curl", "-sS", "--max-time", "30"])
+            .args([
+                "--resolve",
+                &format!("files.test:443:{DEMO_IP}"),
+                "--cacert",
+            ])
+            .arg(&self.ca)
+            .args(["-w", "\n%{http_code}"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        let code = code.trim().parse().unwrap_or(0);
+        if code == 0 {
+            bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok((code, body.to_owned()))
+    }
+
+    fn login(&self, user: &str) -> Result<String> {
+        let (code, body) = self.curl(&[
+            "--data",
+            &format!("user={user}&password=demo"),
+            &format!("{}/api/login", self.base),
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .with_context(|| format!("login of {user} answered {code}: {body}"))?;
+        v["token"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("login of {user} answered {code}: {body}"))
+    }
+}
+
+fn report(what: &str, expect: &str, code: u16, ok: bool) {
+    eprintln!(
+        "  {} {what}: HTTP {code} (expected: {expect})",
+        if ok { "✔" } else { "✘" }
+    );
+}
+
+/// `cargo xtask demo`.
+pub fn demo(root: &Path) -> Result<()> {
+    let dir = root.join("target/sluice-up");
+    if TcpStream::connect_timeout(
+        &AGENT_ADMIN.parse().context("agent admin address")?,
+        Duration::from_secs(1),
+    )
+    .is_err()
+    {
+        bail!("the agent is not running: start `cargo xtask up` in another terminal first");
+    }
+    crate::fixtures::fixtures(root, None, false)?;
+    let fx = root.join("target/fixtures");
+
+    step("demo app: files.test on 127.0.0.41:443");
+    let mut app = Command::new(root.join("target/release/sluice-demo-app"))
+        .args(["--listen", &format!("{DEMO_IP}:443"), "--cert-dir"])
+        .arg(dir.join("demo-app"))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("demo-app.log"))?)
+        .spawn()
+        .context("starting sluice-demo-app (built by `cargo xtask up`)")?;
+    let end = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect((DEMO_IP, 443)).is_err() {
+        if Instant::now() > end {
+            let _ = app.kill();
+            bail!("the demo app did not listen; see target/sluice-up/demo-app.log");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A cgroup inside the agent's steered cgroup (the v2 root by default).
+    let cgroup = PathBuf::from("/sys/fs/cgroup").join(DEMO_CGROUP);
+    fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+    let d = Demo {
+        cgroup: cgroup.clone(),
+        ca: dir.join("ca.pem"),
+        base: "https://files.test".into(),
+    };
+    let result = scenarios(&d, &fx);
+    let _ = app.kill();
+    let _ = app.wait();
+    let _ = fs::remove_dir(&cgroup);
+    result?;
+    eprintln!(
+        "\nThe events are in the portal: https://{COLLECTOR_ADDR}/events (try the query `app:files since:1h`)."
+    );
+    Ok(())
+}
+
+fn scenarios(d: &Demo, fx: &Path) -> Result<()> {
+    let up = |token: &str, file: &Path| -> Result<(u16, String)> {
+        d.curl(&[
+            "-H",
+            &format!("authorization: Bearer {token}"),
+            "-H",
+            "accept: application/json",
+            "-F",
+            &format!("file=@{}", file.display()),
+            &format!("{}/upload", d.base),
+        ])
+    };
+    step("1. alice uploads an unlabeled document");
+    let alice = d.login("alice")?;
+    let (code, _) = up(&alice, &fx.join("plain.docx"))?;
+    report(
+        "unlabeled upload",
+        "blocked (403) with a message on how to label it",
+        code,
+        code == 403,
+    );
+
+    step("2. alice uploads a labeled document");
+    let (code, body) = up(&alice, &fx.join("confidential.docx"))?;
+    report("labeled upload", "accepted (201)", code, code == 201);
+    let (_, hc_body) = up(&alice, &fx.join("highly-confidential.docx"))?;
+    let hc: serde_json::Value = serde_json::from_str(&hc_body).unwrap_or_default();
+    let _ = body;
+
+    step("3. a Highly Confidential download (labeled and protected on unmanaged devices)");
+    if let Some(id) = hc["id"].as_str() {
+        let out = std::env::temp_dir().join("sluice-demo-hc.docx");
+        let (code, _) = d.curl(&[
+            "-H",
+            &format!("authorization: Bearer {alice}"),
+            "-o",
+            &out.display().to_string(),
+            &format!("{}/files/{id}/download", d.base),
+        ])?;
+        report(
+            "download",
+            "200; the file is labeled and protected when `up` runs with --unmanaged",
+            code,
+            code == 200,
+        );
+    } else {
+        eprintln!("  the Highly Confidential upload was not stored ({hc_body}); skipped");
+    }
+
+    step("4. carol (a guest) downloads a file: labeled view-only");
+    let carol = d.login("carol")?;
+    let files = d.curl(&[
+        "-H",
+        &format!("authorization: Bearer {carol}"),
+        &format!("{}/api/files", d.base),
+    ])?;
+    let list: serde_json::Value = serde_json::from_str(&files.1).unwrap_or_default();
+    match list["files"].as_array().and_then(|a| a.first()) {
+        Some(f) => {
+            let id = f["id"].as_str().unwrap_or_default();
+            let (code, _) = d.curl(&[
+                "-H",
+                &format!("authorization: Bearer {carol}"),
+                "-o",
+                "/dev/null",
+                &format!("{}/files/{id}/download", d.base),
+            ])?;
+            report(
+                "guest download",
+                "200, the file labeled with view-only permissions",
+                code,
+                code == 200,
+            );
+        }
+        None => eprintln!("  no file to download ({})", files.1),
+    }
+
+    step("5. bob posts a form with card numbers");
+    let bob = d.login("bob")?;
+    let (code, _) = d.curl(&[
+        "-H",
+        &format!("authorization: Bearer {bob}"),
+        "--data-urlencode",
+        &format!("with@{}", fx.join("cards.txt").display()),
+        &format!("{}/files/1/share", d.base),
+    ])?;
+    report("card numbers in a form", "blocked (403)", code, code == 403);
+    Ok(())
+}
