@@ -10,8 +10,10 @@
 //! Failures are retried with exponential backoff (250 ms doubling to 30 s) for as long as it
 //! takes, holding the batch in flight; meanwhile the queue fills, and once full new events are
 //! dropped for that target and counted (`/api/v1/status`, and a warning in the log). The store
-//! stays the record: forwarding is best effort with bounded memory, not a second spool. A frame
-//! written to a syslog socket that then breaks may be lost (TCP acknowledges nothing more).
+//! stays the record: forwarding is best effort with bounded memory, not a second spool. A syslog
+//! batch whose write fails is sent again whole on a new connection, so a receiver may see some
+//! events twice; what the kernel had already accepted when a connection broke may be lost (TCP
+//! syslog acknowledges nothing more).
 
 use std::{
     collections::VecDeque,

@@ -7,9 +7,11 @@
 //! - [`Collector`]: the shared state, handed to `portal::handle` as `Arc<Collector>`;
 //!   `collector.store` is the [`store::Store`] (`with_conn` for read-write SQL on the single
 //!   writer connection, `with_read` for read-only SQL on a pooled reader, plus typed helpers such
-//!   as [`store::Store::search`], [`store::Store::get_event`], [`store::Store::devices`],
-//!   [`store::Store::bundles`], [`store::Store::agents`], [`store::Store::saved_queries`],
-//!   [`store::Store::stats`]); `collector.config` is the parsed [`config::Config`].
+//!   as [`store::Store::search`], [`store::Store::get_event_at`] (pass the event's time: without
+//!   it the lookup scans an index), [`store::Store::devices`], [`store::Store::bundles`],
+//!   [`store::Store::agents`], [`store::Store::saved_queries`], [`store::Store::save_query`],
+//!   [`store::Store::stats`]); every store call blocks, so call it from
+//!   `tokio::task::spawn_blocking`. `collector.config` is the parsed [`config::Config`].
 //! - [`query::parse`] / [`query::Query::compile`]: the query language, errors with positions.
 //! - [`server::BoxBody`] (`http_body_util::combinators::BoxBody<Bytes, std::io::Error>`, `Send +
 //!   Sync`), [`server::not_found`], [`server::problem`], [`server::full`], [`server::json`]:
@@ -140,9 +142,25 @@ pub fn valid_group(g: &str) -> bool {
 }
 
 impl Collector {
-    /// Opens the store under the configured state directory (running migrations) and prepares
-    /// the forwarders' queues (their tasks start with [`server::run`]).
+    /// Opens the store under the configured state directory (created 0700 when missing, running
+    /// migrations) and prepares the forwarders' queues (their tasks start with
+    /// [`server::Server::run`]).
     pub fn open(config: Config) -> Result<Self, Error> {
+        if !config.state_dir.exists() {
+            use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+            let dir = &config.state_dir;
+            let io = |source| Error::Io {
+                path: dir.clone(),
+                source,
+            };
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
+            // The mode given to `create` is masked by the umask.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
         let store = Store::open(&config.db_path())?;
         Ok(Self::with_store(store, config))
     }
@@ -179,7 +197,8 @@ impl Collector {
     }
 
     /// Verifies a signed bundle (tar.gz) against the configured public key and publishes it for
-    /// `group`; long polls of that group's agents are answered at once.
+    /// `group`; long polls of that group's agents are answered at once. Blocking (file and
+    /// database): call it from `spawn_blocking` in async code.
     pub fn publish_bundle(&self, group: &str, bytes: Vec<u8>) -> Result<Published, Error> {
         if !valid_group(group) {
             return Err(Error::Group(group.to_owned()));

@@ -184,8 +184,10 @@ impl Server {
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT);
                 builder.http2().max_concurrent_streams(128);
-                let svc = hyper::service::service_fn(move |req| {
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let c = c.clone();
+                    // The client's address, for the portal's per-address login limit.
+                    req.extensions_mut().insert(peer);
                     async move { Ok::<_, std::convert::Infallible>(handle(c, req).await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -591,8 +593,6 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
         tracing::warn!(%agent, %batch, rejected = outcome.rejected, "invalid event lines");
     }
     c.forward.push(&outcome.new_events);
-    let c2 = c.clone();
-    let _ = tokio::task::spawn_blocking(move || c2.store.touch_agent(&agent)).await;
     json(
         StatusCode::OK,
         &IngestResponse {
@@ -635,6 +635,9 @@ async fn bundle_current(c: Arc<Collector>, req: Request<Incoming>) -> Response<B
         Ok(a) => a,
         Err(r) => return r,
     };
+    // A poll is a sign of life (the device list's "last seen").
+    let (c2, a2) = (c.clone(), agent.clone());
+    let _ = tokio::task::spawn_blocking(move || c2.store.touch_agent(&a2)).await;
     let wait = prefer_wait(req.headers())
         .unwrap_or(0)
         .min(c.config.limits.max_long_poll_s);

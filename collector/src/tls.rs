@@ -150,9 +150,9 @@ pub fn server_config(dir: &Path) -> Result<Arc<rustls::ServerConfig>, Error> {
     Ok(Arc::new(cfg))
 }
 
-/// A client configuration trusting the certificates in `ca_file` (or, without one, the CA
-/// files given by the platform's usual bundle paths are not consulted: a CA file is required for
-/// TLS forwarding without public roots).
+/// A client configuration (forwarding) trusting the certificates in `ca_file`, or without one
+/// the system's CA bundle (`/etc/ssl/certs/ca-certificates.crt` or
+/// `/etc/pki/tls/certs/ca-bundle.crt`).
 pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Error> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(path) = ca_file {

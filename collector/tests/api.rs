@@ -698,7 +698,10 @@ async fn exports_stream_every_row() {
     assert_eq!(ids.len(), 20_000);
 
     let r = env
-        .curl("/api/v1/events/export?format=csv", &["-H", &auth])
+        .curl(
+            "/api/v1/events/export?format=csv",
+            &["-H", &auth, "--http1.1"],
+        )
         .await;
     assert_eq!(r.status, 200);
     assert!(r.header("content-disposition").unwrap().contains(".csv"));

@@ -311,9 +311,33 @@ fn test() -> Result<()> {
 // bench
 
 fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
-    let known = ["steer", "proxy", "policy", "inspect"];
+    let known = ["steer", "proxy", "policy", "inspect", "collector"];
     if !known.contains(&name) {
         bail!("unknown benchmark `{name}`; known: {}", known.join(", "));
+    }
+    if name == "collector" {
+        step("bench collector: building in release");
+        sh(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "sluice-collector",
+            "--bin",
+            "sluice-collector-bench",
+        ]))?;
+        let out = root.join("target/bench/collector.json");
+        std::fs::create_dir_all(root.join("target/bench"))?;
+        step("bench collector");
+        sh(
+            Command::new(root.join("target/release/sluice-collector-bench"))
+                .arg("--out")
+                .arg(&out)
+                .arg("--dir")
+                .arg(root.join("target/bench/collector-work"))
+                .args(extra),
+        )?;
+        eprintln!("figures written to {}", out.display());
+        return Ok(());
     }
     step(&format!("bench {name}: building in release"));
     sh(cargo().args([
