@@ -1,0 +1,393 @@
+//! The activity log end to end with the real parts: `sluice-collector` (SQLite, HTTPS), the agent
+//! (`sluice run`, steering a test cgroup) enrolled with a one-time token and fetching its bundle
+//! from the collector, curl in the cgroup against the demo app. The collector goes away for a
+//! minute during traffic and comes back; the agent is killed with SIGKILL during a burst and
+//! restarted. Every event the agent recorded before the kill, during the outage and after the
+//! restart is stored exactly once; nothing is stored twice or invented.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use sluice_e2e::{
+    Agent, InCgroup, TempDir, TestCgroup, bin,
+    demo_app::{self, DemoApp, DemoOptions},
+    dual_stack_listeners, free_port, require_root, wait_until,
+};
+
+const APP_IP: &str = "127.0.0.43";
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Collector {
+    cfg: PathBuf,
+    port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Collector {
+    fn start(&mut self) {
+        let child = Command::new(bin("sluice-collector"))
+            .args(["run", "--config"])
+            .arg(&self.cfg)
+            .stdout(Stdio::null())
+            .stderr(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            wait_until(Duration::from_secs(20), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "collector did not listen: {}",
+            fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        run(Command::new(bin("sluice-collector"))
+            .arg("--config")
+            .arg(&self.cfg)
+            .args(args))
+    }
+
+    /// The ids of the stored activity events (class http and file), with their counts.
+    fn stored(&self) -> BTreeMap<String, u32> {
+        let mut m = BTreeMap::new();
+        for line in self
+            .cli(&["query", "class:http,file", "--format", "jsonl"])
+            .lines()
+        {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            *m.entry(v["id"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+        m
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The ids in the agent's events file, in order.
+fn recorded(events: &Path) -> Vec<String> {
+    fs::read_to_string(events)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// `n` requests from one curl process in the cgroup (keep-alive), each an activity event.
+fn traffic(app: &DemoApp, client: &Path, ca: &Path, token: &str, tag: &str, n: usize) -> Child {
+    let list = client.with_file_name(format!("urls-{tag}.txt"));
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            "url = \"{}/api/files?{tag}={i}\"\noutput = \"/dev/null\"\n",
+            app.base_url()
+        ));
+    }
+    fs::write(&list, text).unwrap();
+    let args: Vec<String> = vec![
+        "-sS".into(),
+        "--max-time".into(),
+        "5".into(),
+        "--resolve".into(),
+        format!("{}:{}:{APP_IP}", demo_app::HOST, app.addr().port()),
+        "--cacert".into(),
+        ca.display().to_string(),
+        "-H".into(),
+        format!("Cookie: {}={token}", demo_app::COOKIE),
+        "-K".into(),
+        list.display().to_string(),
+    ];
+    InCgroup::at(client)
+        .command(Path::new("/usr/bin/curl"), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_collector_outage_and_a_killed_agent_lose_and_double_nothing() {
+    require_root();
+    let dir = TempDir::new("activity-log");
+    let outage = Duration::from_secs(
+        std::env::var("SLUICE_OUTAGE_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
+    );
+
+    // The collector, with the bundle key, and the default bundle published on it.
+    let (key, _, public) = sluice::bundle::jws::SigningKey::generate().unwrap();
+    let public_path = dir.join("bundle.pub");
+    fs::write(&public_path, public).unwrap();
+    let port = free_port();
+    let state = dir.join("collector");
+    let cfg = dir.join("collector.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nbundle_public_key = \"{}\"\n",
+            state.display(),
+            public_path.display()
+        ),
+    )
+    .unwrap();
+    let mut collector = Collector {
+        cfg,
+        port,
+        log: dir.join("collector.log"),
+        child: None,
+    };
+    collector.cli(&["init"]);
+    let mut archive = sluice::bundle::build(
+        &demo_app::workspace_root().join("policies/default"),
+        Some("3"),
+    )
+    .unwrap();
+    archive.sign(&key, "central").unwrap();
+    let bundle = dir.join("bundle.tar.gz");
+    fs::write(&bundle, archive.write().unwrap()).unwrap();
+    collector.cli(&[
+        "bundle",
+        "publish",
+        bundle.to_str().unwrap(),
+        "--group",
+        "default",
+    ]);
+    collector.start();
+    let collector_ca = state.join("tls/ca.pem");
+    let url = format!("https://127.0.0.1:{port}");
+
+    // The demo app and the agent, enrolled with a one-time token.
+    let mut opts = DemoOptions::tls().unwrap();
+    opts.listen = format!("{APP_IP}:0").parse().unwrap();
+    let app = DemoApp::start(opts).unwrap();
+    let cg = TestCgroup::new("actlog");
+    let agent_dir = dir.join("agent");
+    fs::create_dir_all(&agent_dir).unwrap();
+    let events = agent_dir.join("events.jsonl");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy_port = {
+        let (v4, _v6) = dual_stack_listeners().unwrap();
+        v4.local_addr().unwrap().port()
+    };
+    let config = format!(
+        r#"
+state_dir = "{state}"
+[steer]
+cgroup = "{cg}"
+agent_cgroup = "{cg}/agent"
+include = [{{ cidr = "{APP_IP}/32", ports = [{app_port}] }}]
+[proxy]
+port = {proxy_port}
+[admin]
+listen = "{admin}"
+[tls]
+upstream_extra_cas = ["{app_ca}"]
+no_system_roots = true
+no_bundled_roots = true
+[bundle]
+url = "{url}/api/v1/bundles/current"
+public_key = "{public}"
+long_poll_s = 5
+[report]
+events_file = "{events}"
+retry_max_ms = 5000
+status_interval_s = 5
+"#,
+        state = agent_dir.join("state").display(),
+        cg = cg.rel,
+        app_port = app.addr().port(),
+        app_ca = app.ca_file().unwrap().display(),
+        public = public_path.display(),
+        events = events.display(),
+    );
+    let agent_cfg = agent_dir.join("agent.toml");
+    fs::write(&agent_cfg, &config).unwrap();
+    let token = collector.cli(&["token", "create", "--group", "default"]);
+    run(Command::new(bin("sluice"))
+        .args(["enroll", "--config"])
+        .arg(&agent_cfg)
+        .args(["--collector", &url, "--token", token.trim(), "--ca"])
+        .arg(&collector_ca));
+    // The token was for one use.
+    let again = Command::new(bin("sluice"))
+        .args(["enroll", "--force", "--config"])
+        .arg(&agent_cfg)
+        .args(["--collector", &url, "--token", token.trim(), "--ca"])
+        .arg(&collector_ca)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+
+    let start_agent = || {
+        let a = Agent::start(&config, admin, &agent_dir).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(30), || a
+                .status()
+                .is_ok_and(|s| s["bundle"]["revision"].as_str() == Some("3"))),
+            "the bundle did not come from the collector: {:?}",
+            a.status()
+        );
+        a
+    };
+    let mut agent = start_agent();
+    let out = run(Command::new(bin("sluice"))
+        .args(["ca", "export", "--config"])
+        .arg(&agent_cfg));
+    let ca = dir.join("sluice-ca.pem");
+    fs::write(&ca, out).unwrap();
+    let (_, client) = cg.child("client");
+    let token = app.token_for("alice@corp.example").unwrap();
+
+    let delivered = |want: &[String], within: Duration| {
+        let mut stored = BTreeMap::new();
+        wait_until(within, || {
+            stored = collector.stored();
+            want.iter().all(|id| stored.contains_key(id))
+        });
+        stored
+    };
+
+    // Traffic with the collector up, then during a minute without it.
+    assert!(
+        traffic(&app, &client, &ca, &token, "a", 200)
+            .wait()
+            .unwrap()
+            .success()
+    );
+    collector.stop();
+    let mut during = traffic(&app, &client, &ca, &token, "b", 300);
+    std::thread::sleep(outage);
+    assert!(during.wait().unwrap().success());
+    let before_kill = recorded(&events);
+    assert!(
+        before_kill.len() >= 500,
+        "{} events recorded",
+        before_kill.len()
+    );
+    let status = agent.status().unwrap();
+    assert!(
+        status["report"]["spool"]["events"].as_u64().unwrap_or(0) >= 300,
+        "the outage's events wait in the spool: {status}"
+    );
+    collector.start();
+    let stored = delivered(&before_kill, Duration::from_secs(90));
+    let missing: Vec<_> = before_kill
+        .iter()
+        .filter(|i| !stored.contains_key(*i))
+        .collect();
+    assert!(missing.is_empty(), "{} events never arrived", missing.len());
+
+    // A burst of 10,000, with the agent killed in the middle of it, then restarted.
+    let mut burst = traffic(&app, &client, &ca, &token, "c", 10_000);
+    std::thread::sleep(Duration::from_secs(2));
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let _ = burst.kill();
+    let _ = burst.wait();
+    let after_kill = recorded(&events).len();
+    assert!(after_kill > before_kill.len(), "the burst recorded nothing");
+    drop(agent);
+    let agent = start_agent();
+    let restart_mark = recorded(&events).len();
+    assert!(
+        traffic(&app, &client, &ca, &token, "d", 200)
+            .wait()
+            .unwrap()
+            .success()
+    );
+    let all = recorded(&events);
+    let after_restart: Vec<String> = all[restart_mark..].to_vec();
+    assert!(after_restart.len() >= 200);
+    let stored = delivered(&after_restart, Duration::from_secs(90));
+    let missing: Vec<_> = after_restart
+        .iter()
+        .filter(|i| !stored.contains_key(*i))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} events after the restart never arrived",
+        missing.len()
+    );
+
+    // Exactly once: no id twice; everything recorded before the kill is there; nothing the
+    // agent did not record.
+    let twice: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "stored twice: {twice:?}");
+    assert!(before_kill.iter().all(|i| stored.contains_key(i)));
+    let recorded_set: BTreeSet<&String> = all.iter().collect();
+    let invented: Vec<_> = stored
+        .keys()
+        .filter(|k| !recorded_set.contains(k))
+        .collect();
+    assert!(
+        invented.is_empty(),
+        "stored but never recorded: {invented:?}"
+    );
+    // The burst's events that reached the spool before the kill were shipped after the restart.
+    let burst_ids = &all[before_kill.len()..restart_mark];
+    let burst_stored = burst_ids.iter().filter(|i| stored.contains_key(*i)).count();
+    assert!(
+        burst_stored > 0,
+        "none of the burst's {} events arrived",
+        burst_ids.len()
+    );
+    eprintln!(
+        "recorded {} events; stored {}; burst: {} recorded, {} stored (the rest were not yet \
+         spooled when the agent was killed)",
+        all.len(),
+        stored.len(),
+        burst_ids.len(),
+        burst_stored
+    );
+
+    // The device is in the inventory with its posture.
+    let devices = collector.cli(&["agent", "list"]);
+    assert!(!devices.trim().is_empty());
+    drop(agent);
+}
