@@ -117,8 +117,17 @@ fn recorded(events: &Path) -> Vec<String> {
 }
 
 /// `n` requests from one curl process in the cgroup (keep-alive), each an activity event.
-fn traffic(app: &DemoApp, client: &Path, ca: &Path, token: &str, tag: &str, n: usize) -> Child {
-    let list = client.with_file_name(format!("urls-{tag}.txt"));
+struct Client<'a> {
+    app: &'a DemoApp,
+    cgroup: PathBuf,
+    work: &'a Path,
+    ca: PathBuf,
+    token: String,
+}
+
+fn traffic(c: &Client<'_>, tag: &str, n: usize) -> Child {
+    let (app, client, ca, token) = (c.app, c.cgroup.as_path(), c.ca.as_path(), c.token.as_str());
+    let list = c.work.join(format!("urls-{tag}.txt"));
     let mut text = String::new();
     for i in 0..n {
         text.push_str(&format!(
@@ -146,6 +155,16 @@ fn traffic(app: &DemoApp, client: &Path, ca: &Path, token: &str, tag: &str, n: u
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// Waits until every id of `want` is stored; returns what is stored.
+fn delivered(c: &Collector, want: &[String], within: Duration) -> BTreeMap<String, u32> {
+    let mut stored = BTreeMap::new();
+    wait_until(within, || {
+        stored = c.stored();
+        want.iter().all(|id| stored.contains_key(id))
+    });
+    stored
 }
 
 #[test]
@@ -281,27 +300,19 @@ status_interval_s = 5
         .arg(&agent_cfg));
     let ca = dir.join("sluice-ca.pem");
     fs::write(&ca, out).unwrap();
-    let (_, client) = cg.child("client");
-    let token = app.token_for("alice@corp.example").unwrap();
-
-    let delivered = |want: &[String], within: Duration| {
-        let mut stored = BTreeMap::new();
-        wait_until(within, || {
-            stored = collector.stored();
-            want.iter().all(|id| stored.contains_key(id))
-        });
-        stored
+    let (_, cgroup) = cg.child("client");
+    let client = Client {
+        app: &app,
+        cgroup,
+        work: &dir,
+        ca,
+        token: app.token_for("alice@corp.example").unwrap(),
     };
 
     // Traffic with the collector up, then during a minute without it.
-    assert!(
-        traffic(&app, &client, &ca, &token, "a", 200)
-            .wait()
-            .unwrap()
-            .success()
-    );
+    assert!(traffic(&client, "a", 200).wait().unwrap().success());
     collector.stop();
-    let mut during = traffic(&app, &client, &ca, &token, "b", 300);
+    let mut during = traffic(&client, "b", 300);
     std::thread::sleep(outage);
     assert!(during.wait().unwrap().success());
     let before_kill = recorded(&events);
@@ -316,7 +327,7 @@ status_interval_s = 5
         "the outage's events wait in the spool: {status}"
     );
     collector.start();
-    let stored = delivered(&before_kill, Duration::from_secs(90));
+    let stored = delivered(&collector, &before_kill, Duration::from_secs(90));
     let missing: Vec<_> = before_kill
         .iter()
         .filter(|i| !stored.contains_key(*i))
@@ -324,7 +335,7 @@ status_interval_s = 5
     assert!(missing.is_empty(), "{} events never arrived", missing.len());
 
     // A burst of 10,000, with the agent killed in the middle of it, then restarted.
-    let mut burst = traffic(&app, &client, &ca, &token, "c", 10_000);
+    let mut burst = traffic(&client, "c", 10_000);
     std::thread::sleep(Duration::from_secs(2));
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
@@ -335,16 +346,11 @@ status_interval_s = 5
     drop(agent);
     let agent = start_agent();
     let restart_mark = recorded(&events).len();
-    assert!(
-        traffic(&app, &client, &ca, &token, "d", 200)
-            .wait()
-            .unwrap()
-            .success()
-    );
+    assert!(traffic(&client, "d", 200).wait().unwrap().success());
     let all = recorded(&events);
     let after_restart: Vec<String> = all[restart_mark..].to_vec();
     assert!(after_restart.len() >= 200);
-    let stored = delivered(&after_restart, Duration::from_secs(90));
+    let stored = delivered(&collector, &after_restart, Duration::from_secs(90));
     let missing: Vec<_> = after_restart
         .iter()
         .filter(|i| !stored.contains_key(*i))
