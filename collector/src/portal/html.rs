@@ -36,26 +36,8 @@ pub fn url_encode(s: &str) -> String {
 }
 
 /// Decodes a `application/x-www-form-urlencoded` component (`+` is a space); `None` on a bad
-/// escape or invalid UTF-8.
-pub fn url_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = b.get(i + 1..i + 3)?;
-                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-                out.push(v);
-                i += 2;
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
-}
+/// escape or invalid UTF-8. The API's own decoder, so the portal and the API read alike.
+pub use crate::server::form_decode as url_decode;
 
 /// Parses `a=1&b=2` (a query string or a urlencoded form). Undecodable pairs are skipped; at
 /// most 64 pairs are read.
