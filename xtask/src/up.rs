@@ -396,8 +396,10 @@ pub fn demo(root: &Path) -> Result<()> {
         .stderr(fs::File::create(dir.join("demo-app.log"))?)
         .spawn()
         .context("starting sluice-demo-app (built by `cargo xtask up`)")?;
+    // A connect from here would be steered to the proxy and succeed before the app listens: look
+    // for the app's listening socket instead.
     let end = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect((DEMO_IP, 443)).is_err() {
+    while !listening(DEMO_IP, 443) {
         if Instant::now() > end {
             let _ = app.kill();
             bail!("the demo app did not listen; see target/sluice-up/demo-app.log");
@@ -405,7 +407,7 @@ pub fn demo(root: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     // A cgroup inside the agent's steered cgroup (the v2 root by default).
-    let cgroup = PathBuf::from("/sys/fs/cgroup").join(DEMO_CGROUP);
+    let cgroup = cgroup2_mount()?.join(DEMO_CGROUP);
     fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
     let d = Demo {
         cgroup: cgroup.clone(),
@@ -421,6 +423,36 @@ pub fn demo(root: &Path) -> Result<()> {
         "\nThe events are in the portal: https://{COLLECTOR_ADDR}/events (try the query `app:files since:1h`)."
     );
     Ok(())
+}
+
+/// Whether a TCP socket listens on `ip:port` (IPv4), from `/proc/net/tcp`.
+fn listening(ip: &str, port: u16) -> bool {
+    let Ok(addr) = ip.parse::<std::net::Ipv4Addr>() else {
+        return false;
+    };
+    // The kernel prints the address as the hex of its in-memory (network order) u32, read as a
+    // little-endian number, and the port in host order.
+    let want = format!("{:08X}:{port:04X}", u32::from_le_bytes(addr.octets()));
+    fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A")
+        })
+    })
+}
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on
+/// hybrid systems).
+fn cgroup2_mount() -> Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next() == Some("cgroup2"))
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .context("no cgroup v2 hierarchy is mounted")
 }
 
 fn scenarios(d: &Demo, fx: &Path) -> Result<()> {

@@ -43,7 +43,8 @@ impl IdentitySource {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSource {
-    /// Header carrying the token (`authorization` takes `Bearer <token>`).
+    /// Header carrying the token (`authorization` takes `Bearer <token>`); tried before the
+    /// cookie when both are given.
     #[serde(default)]
     pub header: Option<String>,
     /// Cookie carrying the token.
@@ -239,8 +240,13 @@ impl Jwks {
 
 /// The token a request carries for `src`: `Authorization: Bearer` or the named header/cookie.
 pub fn token_from<'a>(src: &JwtSource, headers: &'a http::HeaderMap) -> Option<&'a str> {
-    if let Some(h) = &src.header {
-        let v = headers.get(h.as_str())?.to_str().ok()?;
+    // The header first (API clients), then the cookie (browsers), when the app uses both.
+    if let Some(v) = src
+        .header
+        .as_deref()
+        .and_then(|h| headers.get(h))
+        .and_then(|v| v.to_str().ok())
+    {
         return Some(
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))

@@ -410,10 +410,10 @@ impl PolicySet {
             }
             let jwks = match a.identity.as_ref().and_then(|i| i.jwt.as_ref()) {
                 Some(j) => {
-                    if j.header.is_none() == j.cookie.is_none() {
+                    if j.header.is_none() && j.cookie.is_none() {
                         return Err(bad(
                             "jwt",
-                            "a JWT identity names exactly one of `header` or `cookie`".into(),
+                            "a JWT identity names a `header`, a `cookie`, or both".into(),
                         ));
                     }
                     let doc = files.get(&j.jwks).ok_or_else(|| {

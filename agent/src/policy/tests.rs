@@ -304,6 +304,16 @@ fn the_catalogue_identifies_users_by_verified_tokens_and_maps_activities() {
         set.identify("files", &http::HeaderMap::new(), now),
         Ok(None)
     );
+    // API clients send the same token as a Bearer header, tried before the cookie.
+    let mut bearer = cookie(&late);
+    bearer.insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_str(&format!("Bearer {good}")).expect("header"),
+    );
+    assert_eq!(
+        set.identify("files", &bearer, now),
+        Ok(Some("bob@corp.example".into()))
+    );
 
     assert_eq!(
         set.activity("files", "POST", "/upload", &[])
