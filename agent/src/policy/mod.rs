@@ -142,6 +142,7 @@ pub struct PolicySet {
     any_app: (Vec<u32>, Vec<u32>),
     users: HashMap<String, usize>,
     user_list: Vec<UserEntry>,
+    group_names: Vec<String>,
     local_users: HashMap<String, usize>,
     org_domains: Vec<String>,
     /// Label catalogue by id.
@@ -656,6 +657,7 @@ impl PolicySet {
             any_app,
             users,
             user_list,
+            group_names: dir.groups.clone(),
             local_users,
             org_domains,
             labels: label_map,
@@ -764,6 +766,22 @@ impl PolicySet {
             "DELETE" => Activity::Delete,
             _ => Activity::Other,
         }
+    }
+
+    /// A directory user's groups and whether they are a guest (by e-mail or id, as policies
+    /// see them); `None` for a user the directory does not know.
+    pub fn directory_user(&self, user: &str) -> Option<(Vec<String>, bool)> {
+        let i = self
+            .users
+            .get(user)
+            .or_else(|| self.users.get(user.to_ascii_lowercase().as_str()))?;
+        let u = self.user_list.get(*i)?;
+        let groups = u
+            .groups
+            .iter()
+            .filter_map(|g| self.group_names.get(*g as usize).cloned())
+            .collect();
+        Some((groups, u.guest))
     }
 
     /// Number of enabled policies.

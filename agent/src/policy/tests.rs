@@ -24,6 +24,17 @@ fn the_default_bundle_compiles_and_its_tests_pass() {
     let (passed, failures) = set.run_tests();
     assert!(failures.is_empty(), "{failures:#?}");
     assert_eq!(passed, 11);
+    // The directory as events report it.
+    assert_eq!(
+        set.directory_user("carol@corp.example"),
+        Some((vec!["contractors".to_owned()], true))
+    );
+    assert_eq!(
+        set.directory_user("Alice@corp.example")
+            .map(|(g, guest)| (g.len(), guest)),
+        Some((2, false))
+    );
+    assert_eq!(set.directory_user("mallory@corp.example"), None);
 }
 
 #[test]

@@ -212,10 +212,15 @@ pub fn activity_event(
     e.severity_id = if ev.action == Action::Block { 3 } else { 1 };
     e.message = message(ev);
     e.actor = proto::Actor {
-        user: ev.user.as_ref().map(|u| proto::User {
-            email_addr: u.clone(),
-            groups: Vec::new(),
-            guest: false,
+        user: ev.user.as_ref().map(|u| {
+            let (groups, guest) = policies
+                .and_then(|p| p.directory_user(u))
+                .unwrap_or_default();
+            proto::User {
+                email_addr: u.clone(),
+                groups,
+                guest,
+            }
         }),
         process: (ev.process.pid != 0 || !ev.process.comm.is_empty()).then(|| proto::Process {
             pid: ev.process.pid,
