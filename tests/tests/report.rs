@@ -105,6 +105,8 @@ fn activity(i: u64) -> ActivityEvent {
         device: Device::Managed,
         client: Client::Native,
         source: None,
+        destination: Some("192.0.2.7:443".parse().expect("addr")),
+        user_agent: Some("curl/8".into()),
         process: ProcessFacts {
             pid: 4242,
             exe: Some("/usr/bin/curl".into()),

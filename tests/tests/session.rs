@@ -348,6 +348,10 @@ fn an_unlabeled_upload_is_blocked_before_the_app_sees_it_with_a_message_for_each
     );
     assert_eq!(ev["files"][0]["labels"].as_array().map(Vec::len), Some(0));
     assert_eq!(ev["process"]["comm"], "curl");
+    assert_eq!(
+        ev["destination"].as_str(),
+        Some(format!("{APP_IP}:{}", e.app.addr().port()).as_str())
+    );
 }
 
 #[test]

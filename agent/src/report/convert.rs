@@ -234,14 +234,15 @@ pub fn activity_event(
         ip: Some(ip.to_string()),
         ..proto::Endpoint::default()
     });
-    e.dst_endpoint = (!ev.host.is_empty()).then(|| proto::Endpoint {
-        hostname: Some(ev.host.clone()),
-        ..proto::Endpoint::default()
+    e.dst_endpoint = (!ev.host.is_empty() || ev.destination.is_some()).then(|| proto::Endpoint {
+        ip: ev.destination.map(|d| d.ip().to_string()),
+        port: ev.destination.map(|d| d.port()),
+        hostname: (!ev.host.is_empty()).then(|| ev.host.clone()),
     });
     e.http_request = Some(proto::HttpRequest {
         http_method: ev.method.clone(),
         url: ev.url.clone(),
-        user_agent: None,
+        user_agent: ev.user_agent.clone(),
     });
     e.http_response = (ev.status != 0).then_some(proto::HttpResponse { code: ev.status });
     e.files = ev.files.iter().map(|f| file(f, policies)).collect();
@@ -299,6 +300,8 @@ mod tests {
             device: Device::Managed,
             client: Client::Browser,
             source: Some("10.0.0.5".parse().unwrap()),
+            destination: Some("192.0.2.7:443".parse().expect("addr")),
+            user_agent: None,
             process: ProcessFacts {
                 pid: 42,
                 exe: Some("/usr/bin/curl".into()),
@@ -379,6 +382,10 @@ mod tests {
         assert_eq!(e.files[0].r#type.as_deref(), Some("docx"));
         assert_eq!(e.actor.process.as_ref().unwrap().name, "curl");
         assert_eq!(e.http_response.as_ref().unwrap().code, 403);
+        let dst = e.dst_endpoint.as_ref().unwrap();
+        assert_eq!(dst.ip.as_deref(), Some("192.0.2.7"));
+        assert_eq!(dst.port, Some(443));
+        assert_eq!(dst.hostname.as_deref(), Some("files.example.com"));
         assert!(e.validate().is_ok());
     }
 

@@ -50,6 +50,11 @@ pub struct ActivityEvent {
     pub client: Client,
     /// The client's address.
     pub source: Option<IpAddr>,
+    /// Where the connection was headed (the app's address).
+    pub destination: Option<std::net::SocketAddr>,
+    /// The client's user agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
     /// The process that opened the connection.
     pub process: ProcessFacts,
     /// Files in the request or response.

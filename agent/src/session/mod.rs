@@ -419,6 +419,8 @@ impl Hooks for Controls {
             device: self.device,
             client,
             source: Some(ex.peer.ip()),
+            destination: Some(o.dst),
+            user_agent: (!ua.is_empty()).then(|| ua.chars().take(512).collect()),
             process: ProcessFacts {
                 pid: o.tgid,
                 exe,
