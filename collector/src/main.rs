@@ -111,6 +111,13 @@ enum ApiTokenCommand {
         #[arg(long, default_value = "api")]
         name: String,
     },
+    /// List API tokens (names and dates; the tokens themselves are not kept).
+    List,
+    /// Revoke the API tokens named NAME.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -274,6 +281,28 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let c = open(&cli.config)?;
             say!("{}", c.store.create_api_token(&name)?);
+        }
+        Command::Apitoken {
+            command: ApiTokenCommand::List,
+        } => {
+            let c = open(&cli.config)?;
+            for (name, created, revoked) in c.store.api_tokens()? {
+                say!(
+                    "{name}\tcreated {created}\t{}",
+                    revoked.map_or("active".to_owned(), |r| format!("revoked {r}"))
+                );
+            }
+        }
+        Command::Apitoken {
+            command: ApiTokenCommand::Revoke { name },
+        } => {
+            let c = open(&cli.config)?;
+            match c.store.revoke_api_token(&name)? {
+                0 => bail!(
+                    "no active API token named {name:?} (see `sluice-collector apitoken list`)"
+                ),
+                n => say!("revoked {n} API token(s) named {name}"),
+            }
         }
         Command::Bundle {
             command: BundleCommand::Publish { file, group },

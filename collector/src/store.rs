@@ -1093,6 +1093,26 @@ impl Store {
         Ok(token)
     }
 
+    /// Revokes every unrevoked API token named `name`; returns how many.
+    pub fn revoke_api_token(&self, name: &str) -> Result<usize, StoreError> {
+        Ok(self.with_conn(|c| {
+            c.execute(
+                "UPDATE api_tokens SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
+                params![name, now_ms()],
+            )
+        })?)
+    }
+
+    /// API tokens: (name, created_at ms, revoked_at ms).
+    pub fn api_tokens(&self) -> Result<Vec<(String, i64, Option<i64>)>, StoreError> {
+        Ok(self.with_read(|c| {
+            let mut st =
+                c.prepare("SELECT name, created_at, revoked_at FROM api_tokens ORDER BY id")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })?)
+    }
+
     /// The name of the API token `token`, when it is valid.
     pub fn check_api_token(&self, token: &str) -> Result<Option<String>, StoreError> {
         let hash = sha256_hex(token.as_bytes());

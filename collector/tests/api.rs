@@ -447,6 +447,13 @@ async fn query_api_saved_queries_and_stats() {
     assert_eq!(env.curl(&get(""), &[]).await.status, 401);
     let agent_auth = format!("authorization: Bearer {}", agent.credential);
     assert_eq!(env.curl(&get(""), &["-H", &agent_auth]).await.status, 401);
+    // A revoked API token is refused at once.
+    let doomed = env.c.store.create_api_token("doomed").unwrap();
+    let doomed_auth = format!("authorization: Bearer {doomed}");
+    assert_eq!(env.curl(&get(""), &["-H", &doomed_auth]).await.status, 200);
+    assert_eq!(env.c.store.revoke_api_token("doomed").unwrap(), 1);
+    assert_eq!(env.curl(&get(""), &["-H", &doomed_auth]).await.status, 401);
+    assert_eq!(env.c.store.revoke_api_token("doomed").unwrap(), 0);
 
     // user + action + time: 300 events, alice is every third, block every fifth: i % 15 == 0.
     let r = env
