@@ -102,11 +102,20 @@ enum Key {
     Rsa { n: Vec<u8>, e: Vec<u8> },
 }
 
-/// A JWKS: verification keys by id.
-#[derive(Debug, Clone, Default)]
+/// A JWKS: verification keys by id, and the tokens already verified with them.
+#[derive(Debug, Default)]
 pub struct Jwks {
     keys: HashMap<String, Key>,
+    /// Verified tokens: token -> (identity, exp, nbf). A browser sends the same session token
+    /// with every request; its signature is checked once, its times on every use. Bounded:
+    /// emptied when full. One cache per compiled bundle (a new JWKS starts empty).
+    verified: std::sync::Mutex<HashMap<String, (String, u64, Option<u64>)>>,
 }
+
+/// Most verified tokens remembered per JWKS.
+const VERIFIED_CACHE: usize = 4096;
+/// Clock leeway for `exp` and `nbf`, seconds.
+const LEEWAY: u64 = 60;
 
 #[derive(Deserialize)]
 struct RawJwks {
@@ -164,12 +173,51 @@ impl Jwks {
                 return Err(format!("JWKS: kid `{kid}` appears twice"));
             }
         }
-        Ok(Self { keys })
+        Ok(Self {
+            keys,
+            verified: std::sync::Mutex::default(),
+        })
     }
 
     /// Verifies a token and returns the identity claim.
     pub fn verify(&self, token: &str, src: &JwtSource, now: u64) -> Result<String, TokenError> {
-        let mut parts = token.trim().split('.');
+        let token = token.trim();
+        let times_ok = |exp: u64, nbf: Option<u64>| -> Result<(), TokenError> {
+            if exp + LEEWAY < now {
+                return Err(TokenError::Expired);
+            }
+            if nbf.is_some_and(|nbf| nbf > now + LEEWAY) {
+                return Err(TokenError::NotYetValid);
+            }
+            Ok(())
+        };
+        let cached = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .cloned();
+        if let Some((user, exp, nbf)) = cached {
+            times_ok(exp, nbf)?;
+            return Ok(user);
+        }
+        let (user, exp, nbf) = self.verify_signed(token, src)?;
+        times_ok(exp, nbf)?;
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= VERIFIED_CACHE {
+            cache.clear();
+        }
+        cache.insert(token.to_owned(), (user.clone(), exp, nbf));
+        Ok(user)
+    }
+
+    /// Checks the signature and the claims other than the times: (identity, exp, nbf).
+    fn verify_signed(
+        &self,
+        token: &str,
+        src: &JwtSource,
+    ) -> Result<(String, u64, Option<u64>), TokenError> {
+        let mut parts = token.split('.');
         let (Some(h), Some(p), Some(s), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -203,17 +251,11 @@ impl Jwks {
         let claims: serde_json::Value = b64url_decode(p)
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(TokenError::Malformed("payload"))?;
-        const LEEWAY: u64 = 60;
-        match claims.get("exp").and_then(serde_json::Value::as_u64) {
-            Some(exp) if exp + LEEWAY < now => return Err(TokenError::Expired),
-            Some(_) => {}
-            None => return Err(TokenError::Malformed("no exp claim")),
-        }
-        if let Some(nbf) = claims.get("nbf").and_then(serde_json::Value::as_u64)
-            && nbf > now + LEEWAY
-        {
-            return Err(TokenError::NotYetValid);
-        }
+        let exp = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or(TokenError::Malformed("no exp claim"))?;
+        let nbf = claims.get("nbf").and_then(serde_json::Value::as_u64);
         if let Some(iss) = &src.issuer
             && claims["iss"].as_str() != Some(iss.as_str())
         {
@@ -231,10 +273,11 @@ impl Jwks {
                 return Err(TokenError::Claim("audience"));
             }
         }
-        claims[src.claim.as_str()]
+        let user = claims[src.claim.as_str()]
             .as_str()
             .map(str::to_owned)
-            .ok_or_else(|| TokenError::NoIdentity(src.claim.clone()))
+            .ok_or_else(|| TokenError::NoIdentity(src.claim.clone()))?;
+        Ok((user, exp, nbf))
     }
 }
 

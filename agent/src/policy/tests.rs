@@ -304,6 +304,27 @@ fn the_catalogue_identifies_users_by_verified_tokens_and_maps_activities() {
         set.identify("files", &cookie(&good), now),
         Ok(Some("bob@corp.example".into()))
     );
+    // Verified once, remembered: still the same answer, and its expiry still holds.
+    assert_eq!(
+        set.identify("files", &cookie(&good), now + 1),
+        Ok(Some("bob@corp.example".into()))
+    );
+    assert_eq!(
+        set.identify("files", &cookie(&good), now + 3600),
+        Err(identity::TokenError::Expired)
+    );
+    // A token with a changed payload is not taken for the remembered one.
+    let mut parts: Vec<&str> = good.split('.').collect();
+    let forged_payload = b64url(
+        serde_json::json!({ "email": "mallory@corp.example", "iss": "https://files.test", "aud": "files", "exp": now + 600 })
+            .to_string()
+            .as_bytes(),
+    );
+    parts[1] = &forged_payload;
+    assert_eq!(
+        set.identify("files", &cookie(&parts.join(".")), now),
+        Err(identity::TokenError::BadSignature)
+    );
     let late = sign(
         serde_json::json!({ "email": "bob@corp.example", "iss": "https://files.test", "aud": "files", "exp": now - 600 }),
     );
