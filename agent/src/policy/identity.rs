@@ -109,8 +109,11 @@ pub struct Jwks {
     /// Verified tokens: token -> (identity, exp, nbf). A browser sends the same session token
     /// with every request; its signature is checked once, its times on every use. Bounded:
     /// emptied when full. One cache per compiled bundle (a new JWKS starts empty).
-    verified: std::sync::Mutex<HashMap<String, (String, u64, Option<u64>)>>,
+    verified: std::sync::Mutex<HashMap<String, Verified>>,
 }
+
+/// A verified token's identity, `exp` and `nbf`.
+type Verified = (String, u64, Option<u64>);
 
 /// Most verified tokens remembered per JWKS.
 const VERIFIED_CACHE: usize = 4096;
@@ -212,11 +215,7 @@ impl Jwks {
     }
 
     /// Checks the signature and the claims other than the times: (identity, exp, nbf).
-    fn verify_signed(
-        &self,
-        token: &str,
-        src: &JwtSource,
-    ) -> Result<(String, u64, Option<u64>), TokenError> {
+    fn verify_signed(&self, token: &str, src: &JwtSource) -> Result<Verified, TokenError> {
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(s), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
