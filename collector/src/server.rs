@@ -432,6 +432,18 @@ fn bad_request(detail: &str) -> Response<BoxBody> {
 }
 
 /// Parses the `q` parameter, or answers 400 naming the position.
+/// What every query route starts with: a reader's credential, the query string's parameters,
+/// and its `q` parsed.
+async fn query_request(
+    c: &Arc<Collector>,
+    req: &Request<Incoming>,
+) -> Result<(Vec<(String, String)>, query::Query), Response<BoxBody>> {
+    reader_auth(c, req.headers()).await?;
+    let p = params(req)?;
+    let q = parse_q(c, &p)?;
+    Ok((p, q))
+}
+
 fn parse_q(c: &Collector, p: &[(String, String)]) -> Result<query::Query, Response<BoxBody>> {
     let text = param(p, "q").unwrap_or("");
     if text.len() > c.config.limits.max_query_len {
@@ -699,15 +711,8 @@ async fn bundle_current(c: Arc<Collector>, req: Request<Incoming>) -> Response<B
 }
 
 async fn search(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> {
-    if let Err(r) = reader_auth(&c, req.headers()).await {
-        return r;
-    }
-    let p = match params(&req) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let q = match parse_q(&c, &p) {
-        Ok(q) => q.compile(),
+    let (p, q) = match query_request(&c, &req).await {
+        Ok((p, q)) => (p, q.compile()),
         Err(r) => return r,
     };
     let limit = match param(&p, "limit").map(str::parse::<u32>) {
@@ -789,15 +794,8 @@ async fn get_event(c: Arc<Collector>, req: Request<Incoming>, id: String) -> Res
 }
 
 async fn export_events(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> {
-    if let Err(r) = reader_auth(&c, req.headers()).await {
-        return r;
-    }
-    let p = match params(&req) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let q = match parse_q(&c, &p) {
-        Ok(q) => q.compile(),
+    let (p, q) = match query_request(&c, &req).await {
+        Ok((p, q)) => (p, q.compile()),
         Err(r) => return r,
     };
     let format = match param(&p, "format").unwrap_or("jsonl") {
@@ -928,15 +926,8 @@ async fn devices(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody>
 const MAX_BUCKETS: i64 = 10_000;
 
 async fn stats(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> {
-    if let Err(r) = reader_auth(&c, req.headers()).await {
-        return r;
-    }
-    let p = match params(&req) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let q = match parse_q(&c, &p) {
-        Ok(q) => q,
+    let (p, q) = match query_request(&c, &req).await {
+        Ok(pq) => pq,
         Err(r) => return r,
     };
     let bucket_text = param(&p, "bucket").unwrap_or("1h");

@@ -107,15 +107,18 @@ pub async fn handle(c: Arc<Collector>, req: Request<hyper::body::Incoming>) -> R
     };
     match tokio::task::spawn_blocking(move || route(&c, &r)).await {
         Ok(resp) => resp,
-        Err(e) => {
-            tracing::error!(error = %e, "portal handler failed");
-            message_page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Internal error",
-                "The portal could not answer; the collector's log says why.",
-            )
-        }
+        Err(e) => internal_error("portal handler failed", &e),
     }
+}
+
+/// The 500 page, with the cause in the collector's log (never on the page).
+fn internal_error(what: &str, e: &dyn std::fmt::Display) -> Response<BoxBody> {
+    tracing::error!(error = %e, "{what}");
+    message_page(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Internal error",
+        "The portal could not answer; the collector's log says why.",
+    )
 }
 
 fn route(c: &Collector, r: &Req) -> Response<BoxBody> {
@@ -190,14 +193,7 @@ fn route(c: &Collector, r: &Req) -> Response<BoxBody> {
         }
         _ => Ok(not_found(Some(&who))),
     };
-    result.unwrap_or_else(|e| {
-        tracing::error!(error = %e, path, "portal page failed");
-        message_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Internal error",
-            "The portal could not answer; the collector's log says why.",
-        )
-    })
+    result.unwrap_or_else(|e| internal_error(&format!("portal page failed ({path})"), &e))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,12 +300,7 @@ fn login_get(
     let token = match existing.map_or_else(auth::random_token, Ok) {
         Ok(t) => t,
         Err(e) => {
-            tracing::error!(error = %e, "no randomness for the sign-in form");
-            return message_page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Internal error",
-                "The portal could not answer; the collector's log says why.",
-            );
+            return internal_error("no randomness for the sign-in form", &e);
         }
     };
     let msg = message
@@ -374,12 +365,7 @@ fn login_post(c: &Collector, r: &Req) -> Response<BoxBody> {
             );
         }
         Err(e) => {
-            tracing::error!(error = %e, "portal sign-in check failed");
-            return message_page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Internal error",
-                "The portal could not answer; the collector's log says why.",
-            );
+            return internal_error("portal sign-in check failed", &e);
         }
     }
     limiter.succeeded(ip);
@@ -394,14 +380,7 @@ fn login_post(c: &Collector, r: &Req) -> Response<BoxBody> {
             add_cookie(&mut resp, &auth::set_cookie(LOGIN_COOKIE, "", 0));
             resp
         }
-        Err(e) => {
-            tracing::error!(error = %e, "portal session creation failed");
-            message_page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Internal error",
-                "The portal could not answer; the collector's log says why.",
-            )
-        }
+        Err(e) => internal_error("portal session creation failed", &e),
     }
 }
 
