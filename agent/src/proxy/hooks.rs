@@ -98,6 +98,12 @@ pub trait BodyInspector: Send {
     fn chunk(&mut self, data: &Bytes);
     /// The body ended.
     fn end(&mut self) -> BodyVerdict;
+    /// A held body is complete: the whole of it, once, so an inspector need not keep copies of
+    /// the chunks. By default the verdict is [`BodyInspector::end`]'s.
+    fn held(&mut self, body: &Bytes) -> BodyVerdict {
+        let _ = body;
+        self.end()
+    }
     /// A held body grew past its bound. `Pass` sends it on uninspected (what was held first, then
     /// the rest as it streams); other verdicts answer instead.
     fn overflow(&mut self) -> BodyVerdict {

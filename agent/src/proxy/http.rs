@@ -226,7 +226,10 @@ async fn judged(
         )),
         BodyMode::Hold { limit } => {
             let (verdict, pass) = match hold(body, limit, &mut *insp).await {
-                Held::Complete(chunks) => (insp.end(), body::full(concat(chunks))),
+                Held::Complete(chunks) => {
+                    let whole = concat(chunks);
+                    (insp.held(&whole), body::full(whole))
+                }
                 Held::Overflow(chunks, rest) => (insp.overflow(), body::chain(chunks, rest)),
                 Held::Failed(e) => {
                     return Err(plain_status(

@@ -503,7 +503,7 @@ impl Hooks for Controls {
         let declared = content_length(&head.headers);
         Some(Box::new(Upload {
             req,
-            chunks: Vec::new(),
+            seen: 0,
             too_large: declared.is_some_and(|n| n > limit),
             declared,
         }))
@@ -583,11 +583,7 @@ impl Hooks for Controls {
             .unwrap_or_else(|p| p.into_inner())
             .download
             .clone()?;
-        Some(Box::new(DownloadInspector {
-            req,
-            dl,
-            chunks: Vec::new(),
-        }))
+        Some(Box::new(DownloadInspector { req, dl, seen: 0 }))
     }
 }
 
@@ -624,17 +620,10 @@ fn holds_request(method: &http::Method, headers: &HeaderMap) -> bool {
     matches!(method.as_str(), "POST" | "PUT" | "PATCH") && content_length(headers) != Some(0)
 }
 
-fn concat(chunks: &[Bytes]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
-    for c in chunks {
-        v.extend_from_slice(c);
-    }
-    v
-}
-
 struct Upload {
     req: Arc<Req>,
-    chunks: Vec<Bytes>,
+    /// Bytes seen so far (the proxy holds the body itself).
+    seen: u64,
     too_large: bool,
     declared: Option<u64>,
 }
@@ -646,9 +635,7 @@ impl Upload {
         let activity = req.defined.unwrap_or(Activity::Upload);
         let facts = FileFacts {
             name: req.defined_name.clone(),
-            size: self
-                .declared
-                .unwrap_or_else(|| self.chunks.iter().map(|c| c.len() as u64).sum()),
+            size: self.declared.unwrap_or(self.seen),
             not_inspectable: Some(why),
             ..FileFacts::default()
         };
@@ -675,7 +662,7 @@ impl BodyInspector for Upload {
     }
 
     fn chunk(&mut self, data: &Bytes) {
-        self.chunks.push(data.clone());
+        self.seen += data.len() as u64;
     }
 
     fn overflow(&mut self) -> BodyVerdict {
@@ -683,6 +670,11 @@ impl BodyInspector for Upload {
     }
 
     fn end(&mut self) -> BodyVerdict {
+        // Held bodies come whole through `held`; an unheld end is never asked for.
+        self.unreadable(NotInspectable::Malformed("the body was not held".into()))
+    }
+
+    fn held(&mut self, body: &Bytes) -> BodyVerdict {
         let req = self.req.clone();
         if req
             .request_encoding
@@ -693,7 +685,6 @@ impl BodyInspector for Upload {
                 "compressed request bodies".into(),
             ));
         }
-        let body = concat(&std::mem::take(&mut self.chunks));
         let ctype = req
             .request_type
             .as_deref()
@@ -709,8 +700,9 @@ impl BodyInspector for Upload {
         };
         let mut form = Vec::new();
         let mut has_file_part = false;
-        if let Some(boundary) = multipart::boundary(&ctype_original(&req)) {
-            match multipart::parse(&body, &boundary, MAX_PARTS) {
+        // The boundary is case-sensitive: taken from the content type as sent.
+        if let Some(boundary) = multipart::boundary(req.request_type.as_deref().unwrap_or("")) {
+            match multipart::parse(body, &boundary, MAX_PARTS) {
                 Ok(parts) => {
                     for p in parts {
                         let data = body.get(p.data.clone()).unwrap_or(&[]);
@@ -741,18 +733,18 @@ impl BodyInspector for Upload {
                 }
             }
         } else if ctype.starts_with("application/x-www-form-urlencoded") {
-            form = multipart::parse_urlencoded(&body, MAX_FIELDS);
+            form = multipart::parse_urlencoded(body, MAX_FIELDS);
             for (_, v) in &form {
                 add_hits(detectors.scan(v.as_bytes()));
             }
         } else if ctype.contains("json") {
-            add_hits(detectors.scan_json(&body));
+            add_hits(detectors.scan_json(body));
         } else if ctype.starts_with("text/") {
-            add_hits(detectors.scan(&body));
+            add_hits(detectors.scan(body));
         } else if !body.is_empty() {
             // A raw body: a file when the definition says upload or the bytes are a file type.
             let facts =
-                inspect::inspect_file(&body, req.defined_name.as_deref(), &req.limits, detectors);
+                inspect::inspect_file(body, req.defined_name.as_deref(), &req.limits, detectors);
             let is_file_type = !matches!(
                 facts.kind,
                 Some(inspect::FileType::Text | inspect::FileType::Json)
@@ -783,30 +775,17 @@ impl BodyInspector for Upload {
                 None,
             )
         });
-        let mut worst: Option<(Decided, Option<String>)> = None;
-        if files.is_empty() {
-            worst = Some((req.decide_file(activity, None, &text_dlp), None));
-        }
-        for f in &files {
-            let d = req.decide_file(activity, Some(f), &text_dlp);
-            if worst.as_ref().is_none_or(|(w, _)| d.action > w.action) {
-                worst = Some((d, f.name.clone()));
-            }
-        }
-        let (d, name) = worst.unwrap_or_else(|| {
-            (
-                Decided::from(crate::policy::Decision {
-                    action: Action::Allow,
-                    policy: None,
-                    matched: Vec::new(),
-                    message: None,
-                    label: None,
-                    permissions: None,
-                    replace_label: false,
-                }),
-                None,
-            )
-        });
+        // Each file is decided; the most restrictive decision stands (none: the request alone).
+        let (d, name) = files
+            .iter()
+            .map(|f| {
+                (
+                    req.decide_file(activity, Some(f), &text_dlp),
+                    f.name.clone(),
+                )
+            })
+            .reduce(|a, b| if b.0.action > a.0.action { b } else { a })
+            .unwrap_or_else(|| (req.decide_file(activity, None, &text_dlp), None));
         req.record(&d, activity, Kind::Session);
         let detail = files
             .iter()
@@ -826,15 +805,11 @@ impl BodyInspector for Upload {
     }
 }
 
-/// The request's content type as sent (the boundary is case-sensitive).
-fn ctype_original(req: &Req) -> String {
-    req.request_type.clone().unwrap_or_default()
-}
-
 struct DownloadInspector {
     req: Arc<Req>,
     dl: Download,
-    chunks: Vec<Bytes>,
+    /// Bytes seen so far (the proxy holds the body itself).
+    seen: u64,
 }
 
 impl DownloadInspector {
@@ -867,11 +842,11 @@ impl BodyInspector for DownloadInspector {
     }
 
     fn chunk(&mut self, data: &Bytes) {
-        self.chunks.push(data.clone());
+        self.seen += data.len() as u64;
     }
 
     fn overflow(&mut self) -> BodyVerdict {
-        let size = self.chunks.iter().map(|c| c.len() as u64).sum();
+        let size = self.seen;
         if self.dl.encoding.is_some() {
             // The encoding header is gone and the rest cannot be decoded on the fly: refuse
             // rather than deliver bytes the client would misread.
@@ -895,12 +870,21 @@ impl BodyInspector for DownloadInspector {
     }
 
     fn end(&mut self) -> BodyVerdict {
+        // Held bodies come whole through `held`; an unheld end is never asked for.
+        let size = self.seen;
+        self.unreadable(
+            NotInspectable::Malformed("the body was not held".into()),
+            size,
+            None,
+        )
+    }
+
+    fn held(&mut self, raw: &Bytes) -> BodyVerdict {
         let req = self.req.clone();
-        let raw = concat(&std::mem::take(&mut self.chunks));
         let (body, decoded) = match self.dl.encoding {
-            None => (raw, false),
-            Some(enc) => match decode(&raw, enc, req.limits.max_bytes) {
-                Ok(v) => (v, true),
+            None => (raw.clone(), false),
+            Some(enc) => match decode(raw, enc, req.limits.max_bytes) {
+                Ok(v) => (Bytes::from(v), true),
                 Err(e) => {
                     return BodyVerdict::Respond(pages::render(
                         &Page {
@@ -972,7 +956,7 @@ impl BodyInspector for DownloadInspector {
         }
         match out {
             Some(v) => BodyVerdict::Replace(v.into()),
-            None if decoded => BodyVerdict::Replace(body.into()),
+            None if decoded => BodyVerdict::Replace(body),
             None => BodyVerdict::Pass,
         }
     }
