@@ -336,23 +336,38 @@ pub async fn new_connections(t: &Target, conc: usize, secs: f64, path: &str) -> 
     Ok((n as f64 / elapsed, n))
 }
 
-/// Downloads `path` once on a warm connection; MB/s (10^6 bytes).
-pub async fn download(t: &Target, path: &str, warm: &str) -> Result<f64> {
+/// Downloads `path` `times` times on a warm connection; the median MB/s (10^6 bytes).
+pub async fn download(t: &Target, path: &str, warm: &str, times: usize) -> Result<f64> {
     let mut s = t.connect(false).await?;
     s.fetch(t, "GET", warm, empty()).await?;
-    let start = Instant::now();
-    let n = s.fetch(t, "GET", path, empty()).await?;
-    Ok(n as f64 / 1e6 / start.elapsed().as_secs_f64())
+    let mut rates = Vec::with_capacity(times);
+    for _ in 0..times.max(1) {
+        let start = Instant::now();
+        let n = s.fetch(t, "GET", path, empty()).await?;
+        rates.push(n as f64 / 1e6 / start.elapsed().as_secs_f64());
+    }
+    Ok(middle(rates))
 }
 
-/// Uploads `size` bytes of the test pattern with PUT to `path` on a warm connection; MB/s.
-pub async fn upload(t: &Target, path: &str, size: u64, warm: &str) -> Result<f64> {
+/// Uploads `size` bytes of the test pattern with PUT to `path` on a warm connection, `times`
+/// times; the median MB/s.
+pub async fn upload(t: &Target, path: &str, size: u64, warm: &str, times: usize) -> Result<f64> {
     let mut s = t.connect(false).await?;
     s.fetch(t, "GET", warm, empty()).await?;
-    let body = StreamBody::new(crate::origin::pattern_stream(size)).boxed();
-    let start = Instant::now();
-    s.fetch(t, "PUT", path, body).await?;
-    Ok(size as f64 / 1e6 / start.elapsed().as_secs_f64())
+    let mut rates = Vec::with_capacity(times);
+    for _ in 0..times.max(1) {
+        let body = StreamBody::new(crate::origin::pattern_stream(size)).boxed();
+        let start = Instant::now();
+        s.fetch(t, "PUT", path, body).await?;
+        rates.push(size as f64 / 1e6 / start.elapsed().as_secs_f64());
+    }
+    Ok(middle(rates))
+}
+
+/// The median of a few rates.
+fn middle(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Open-loop requests at `rate` per second for `secs` over a few keep-alive connections; the

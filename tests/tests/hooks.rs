@@ -57,6 +57,9 @@ impl OriginSource for Fixed {
 struct Collect(Mutex<Vec<RequestRecord>>);
 
 impl Reporter for Collect {
+    fn wants_requests(&self) -> bool {
+        true
+    }
     fn request(&self, rec: RequestRecord) {
         if let Ok(mut v) = self.0.lock() {
             v.push(rec);

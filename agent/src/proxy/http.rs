@@ -74,15 +74,16 @@ pub fn host_of(authority: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
+/// As header names, so removing them needs no parsing per request.
+const HOP_BY_HOP: [header::HeaderName; 8] = [
+    header::CONNECTION,
+    header::HeaderName::from_static("proxy-connection"),
+    header::HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
 ];
 
 /// Removes hop-by-hop fields; `keep_upgrade` keeps `Connection: upgrade` + `Upgrade` for WebSocket.
@@ -108,8 +109,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(n.as_str());
     }
-    for n in HOP_BY_HOP {
-        if keep_upgrade && (n == "upgrade" || n == "connection") {
+    for n in &HOP_BY_HOP {
+        if keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION) {
             continue;
         }
         headers.remove(n);
@@ -225,7 +226,8 @@ async fn judged(
             None,
         )),
         BodyMode::Hold { limit } => {
-            let (verdict, pass) = match hold(body, limit, &mut *insp).await {
+            // Boxed: only held bodies need this state, not every request's future.
+            let (verdict, pass) = match Box::pin(hold(body, limit, &mut *insp)).await {
                 Held::Complete(chunks) => {
                     let whole = concat(chunks);
                     (insp.held(&whole), body::full(whole))
@@ -324,10 +326,17 @@ impl Session {
         outcome: &str,
         detail: Option<String>,
     ) -> Response<ProxyBody> {
-        let len = resp.body().size_hint().exact().unwrap_or(0);
-        shared
-            .reporter
-            .request(self.record(p, resp.status().as_u16(), len, None, outcome, detail));
+        if shared.reporter.wants_requests() {
+            let len = resp.body().size_hint().exact().unwrap_or(0);
+            shared.reporter.request(self.record(
+                p,
+                resp.status().as_u16(),
+                len,
+                None,
+                outcome,
+                detail,
+            ));
+        }
         *resp.version_mut() = self.client_version();
         resp
     }
@@ -568,6 +577,9 @@ pub async fn handle(
             .stats
             .bytes_up
             .fetch_add(pending.up.load(Ordering::Relaxed), Ordering::Relaxed);
+        if !shared2.reporter.wants_requests() {
+            return;
+        }
         let rec = sess2.record(
             &pending,
             status,

@@ -10,6 +10,7 @@
 //! TLS on another port is spliced.
 
 pub mod body;
+pub mod bufio;
 pub mod ca;
 pub mod catalog;
 pub mod hooks;
@@ -538,7 +539,7 @@ pub async fn handle(
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
                     let accepted = tokio::time::timeout(
                         hs_timeout,
-                        acceptor.accept(Rewind::new(prefix, client)),
+                        acceptor.accept(bufio::ReadAhead::new(Rewind::new(prefix, client))),
                     )
                     .await
                     .unwrap_or_else(|_| {
@@ -574,7 +575,7 @@ pub async fn handle(
                         client_proto,
                     });
                     stats.intercepted.fetch_add(1, Ordering::Relaxed);
-                    serve(shared, sess, tls, shutdown).await;
+                    serve(shared, sess, bufio::Coalesce::new(tls), shutdown).await;
                 }
             }
         }

@@ -78,6 +78,11 @@ pub struct ConnectionRecord {
 pub trait Reporter: Send + Sync + 'static {
     /// A finished request.
     fn request(&self, rec: RequestRecord);
+    /// Whether [`Reporter::request`] records go anywhere (they are not built otherwise). By
+    /// default: whether the `sluice::record` log target is enabled at info.
+    fn wants_requests(&self) -> bool {
+        tracing::enabled!(target: "sluice::record", tracing::Level::INFO)
+    }
     /// A connection that was not intercepted, or failed before HTTP.
     fn connection(&self, rec: ConnectionRecord);
     /// An activity the session controls saw, allowed or not.

@@ -259,7 +259,9 @@ impl Upstream {
             Some(s) => s,
             None => match self.take_idle(target) {
                 Some(s) => s,
-                None => self.connect(target, false).await?,
+                // Boxed: the TLS handshake's state is large and rarely needed; inline it would
+                // be moved with every request's future.
+                None => Box::pin(self.connect(target, false)).await?,
             },
         };
         let proto = match sender {
@@ -294,7 +296,7 @@ impl Upstream {
             alpn: AlpnOffer::H1,
             ..target.clone()
         };
-        match self.connect(&h1_target, true).await? {
+        match Box::pin(self.connect(&h1_target, true)).await? {
             Sender::H1(mut s) => Ok(s.send_request(req).await?),
             Sender::H2(_) => Err(UpstreamError::Tls {
                 name: target.name.clone(),
@@ -379,19 +381,27 @@ impl Upstream {
                 reason: format!("invalid server name: {e}"),
             })?;
         let connector = tokio_rustls::TlsConnector::from(self.config(target.alpn)?);
-        let tls = tokio::time::timeout(self.handshake_timeout, connector.connect(server_name, tcp))
-            .await
-            .map_err(|_| UpstreamError::Tls {
-                name: target.name.clone(),
-                reason: "handshake timed out".into(),
-            })?
-            .map_err(|e| classify(&target.name, e))?;
+        let tls = tokio::time::timeout(
+            self.handshake_timeout,
+            connector.connect(server_name, super::bufio::ReadAhead::new(tcp)),
+        )
+        .await
+        .map_err(|_| UpstreamError::Tls {
+            name: target.name.clone(),
+            reason: "handshake timed out".into(),
+        })?
+        .map_err(|e| classify(&target.name, e))?;
         let proto = match tls.get_ref().1.alpn_protocol() {
             Some(b"h2") => Proto::H2,
             _ => Proto::H1,
         };
-        self.handshake(target, proto, TokioIo::new(tls), upgrades)
-            .await
+        self.handshake(
+            target,
+            proto,
+            TokioIo::new(super::bufio::Coalesce::new(tls)),
+            upgrades,
+        )
+        .await
     }
 
     async fn handshake<I>(

@@ -31,7 +31,7 @@ pub fn resolve(tgid: u32, uid: u32) -> ProcessInfo {
 
 /// Resolves the executable and parent from `/proc`; leaves `user` empty.
 pub fn resolve_without_user(tgid: u32) -> ProcessInfo {
-    let stat = std::fs::read_to_string(format!("/proc/{tgid}/stat")).ok();
+    let stat = read_stat(tgid);
     resolve_rest(
         tgid,
         stat.as_deref().and_then(parse_stat).map(|(ppid, _)| ppid),
@@ -50,6 +50,21 @@ fn resolve_rest(tgid: u32, ppid: Option<u32>) -> ProcessInfo {
         ppid,
         user: None,
     }
+}
+
+/// `/proc/PID/stat` in one `read` (procfs produces the whole line at once; a line that fills the
+/// buffer is read on to its end). This runs for every steered connection: `read_to_string` would
+/// add a `statx` and grow its buffer through several small reads.
+fn read_stat(tgid: u32) -> Option<String> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(format!("/proc/{tgid}/stat")).ok()?;
+    let mut buf = vec![0u8; 1024];
+    let n = f.read(&mut buf).ok()?;
+    buf.truncate(n);
+    if n == 1024 {
+        f.read_to_end(&mut buf).ok()?;
+    }
+    String::from_utf8(buf).ok()
 }
 
 /// (parent pid, start time in clock ticks since boot) from `/proc/PID/stat`; the command name may
@@ -76,11 +91,7 @@ impl ProcessCache {
 
     /// Like [`resolve_without_user`], from the cache when the process is the same one.
     pub fn resolve(&self, tgid: u32) -> ProcessInfo {
-        let Some((ppid, start)) = std::fs::read_to_string(format!("/proc/{tgid}/stat"))
-            .ok()
-            .as_deref()
-            .and_then(parse_stat)
-        else {
+        let Some((ppid, start)) = read_stat(tgid).as_deref().and_then(parse_stat) else {
             // Gone already: nothing to resolve, nothing to cache.
             return ProcessInfo::default();
         };

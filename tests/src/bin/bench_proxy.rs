@@ -18,6 +18,8 @@ use sluice_e2e::{InCgroup, TestCgroup, free_port, loadgen, wait_until};
 const ORIGIN: &str = "127.0.0.40:8443";
 const HOST: &str = "bench.test";
 const BIG: u64 = 100 * 1024 * 1024;
+/// Transfers of BIG per direction in each repetition (their median is the repetition's figure).
+const TRANSFERS: usize = 3;
 const CORE: &str = "0";
 
 struct Proc(Child);
@@ -476,13 +478,13 @@ pub fn loadgen(args: &[String]) -> Result<()> {
             );
         }
         let c0 = cpu();
-        let down = loadgen::download(&t, "/100m", "/1k").await?;
+        let down = loadgen::download(&t, "/100m", "/1k", TRANSFERS).await?;
         let c1 = cpu();
-        let up = loadgen::upload(&t, "/upload/blob", BIG, "/1k").await?;
+        let up = loadgen::upload(&t, "/upload/blob", BIG, "/1k", TRANSFERS).await?;
         let c2 = cpu();
         out.insert("download_mb_s".into(), json!(down));
         out.insert("upload_mb_s".into(), json!(up));
-        let gb = BIG as f64 / 1e9;
+        let gb = (BIG * TRANSFERS as u64) as f64 / 1e9;
         out.insert("cpu_s_per_gb_download".into(), json!((c1 - c0) / gb));
         out.insert("cpu_s_per_gb_upload".into(), json!((c2 - c1) / gb));
         anyhow::Ok(())
@@ -539,7 +541,26 @@ pub fn run(args: &[String]) -> Result<()> {
     let pki = pki(&work)?;
     let _nginx = start_nginx(&work, &www, &pki)?;
     let cg = TestCgroup::new("benchproxy");
-    let modes = ["direct", "sluice", "sluice_sha256", "mitmdump", "squid"];
+    let all = ["direct", "sluice", "sluice_sha256", "mitmdump", "squid"];
+    // `--modes direct,sluice` runs a subset (the direct baseline always runs: every ratio needs it).
+    let chosen = opt("--modes");
+    // `--only-transfers`: the download and upload figures alone (for profiling them).
+    let transfers_only = args.iter().any(|a| a == "--only-transfers");
+    let modes: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|m| {
+            *m == "direct"
+                || chosen
+                    .as_deref()
+                    .is_none_or(|c| c.split(',').any(|x| x.trim() == *m))
+        })
+        .collect();
+    if let Some(c) = chosen.as_deref()
+        && let Some(bad) = c.split(',').map(str::trim).find(|x| !all.contains(x))
+    {
+        bail!("unknown mode `{bad}`; known: {}", all.join(", "));
+    }
     let mut results: Vec<(String, Vec<Value>)> =
         modes.iter().map(|m| (m.to_string(), Vec::new())).collect();
     for rep in 0..reps {
@@ -559,7 +580,7 @@ pub fn run(args: &[String]) -> Result<()> {
             let v = run_loadgen(
                 &cg,
                 &running,
-                *mode == "sluice_sha256",
+                *mode == "sluice_sha256" || transfers_only,
                 *mode == "squid",
                 secs,
             )

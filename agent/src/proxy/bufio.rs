@@ -1,0 +1,351 @@
+//! Stream adapters around TLS sessions that cut the work per byte of bulk transfers.
+//!
+//! rustls asks its transport for at most 4 KiB per read, so a 16 KiB record costs four or five
+//! `recv` calls, and tokio-rustls hands out at most one record per read, so HTTP sees bodies in
+//! 16 KiB pieces, each then written out on its own. [`ReadAhead`] sits under a TLS session and
+//! reads the socket in large pieces once data is arriving in bulk; [`Coalesce`] sits over it and
+//! fills HTTP's read buffer with every record already available. Small exchanges are unchanged:
+//! a read that does not fill what rustls asked for never engages the read-ahead buffer, which
+//! is released again when bulk data stops, so idle connections hold no extra memory.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Size of a read-ahead fill: four full TLS records with their headers.
+const AHEAD: usize = 64 * 1024 + 4 * 64;
+
+/// Reads the transport in large pieces while data arrives in bulk (see the module docs).
+#[derive(Debug)]
+pub struct ReadAhead<S> {
+    inner: S,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    /// The last direct read filled the caller's buffer: more is probably waiting.
+    bulk: bool,
+}
+
+impl<S> ReadAhead<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+            bulk: false,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.end {
+            let n = (this.end - this.pos).min(out.remaining());
+            out.put_slice(&this.buf[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.end {
+                (this.pos, this.end) = (0, 0);
+                if !this.bulk {
+                    this.buf = Vec::new();
+                }
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if !this.bulk || out.remaining() >= AHEAD {
+            let before = out.filled().len();
+            let wanted = out.remaining();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+            this.bulk = wanted > 0 && out.filled().len() - before == wanted;
+            return Poll::Ready(Ok(()));
+        }
+        if this.buf.len() < AHEAD {
+            this.buf = vec![0; AHEAD];
+        }
+        let mut fill = ReadBuf::new(&mut this.buf);
+        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut fill))?;
+        let got = fill.filled().len();
+        // A short fill means the bulk has passed: drop the buffer once it is drained.
+        this.bulk = got > AHEAD / 2;
+        let n = got.min(out.remaining());
+        out.put_slice(&this.buf[..n]);
+        if n == got {
+            (this.pos, this.end) = (0, 0);
+            if !this.bulk {
+                this.buf = Vec::new();
+            }
+        } else {
+            (this.pos, this.end) = (n, got);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Room below which [`Coalesce`] stops asking for another record.
+const RECORD: usize = 16 * 1024;
+
+/// Fills a read with everything the inner stream has ready, not just its first piece.
+#[derive(Debug)]
+pub struct Coalesce<S> {
+    inner: S,
+    /// An error met after some bytes were already returned; reported by the next read.
+    deferred: Option<io::Error>,
+}
+
+impl<S> Coalesce<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            deferred: None,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Coalesce<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(e) = this.deferred.take() {
+            return Poll::Ready(Err(e));
+        }
+        let start = buf.filled().len();
+        loop {
+            let before = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) => {
+                    // End of stream, or no room for another record: hand over what there is.
+                    if buf.filled().len() == before || buf.remaining() < RECORD {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Err(e)) if buf.filled().len() > start => {
+                    this.deferred = Some(e);
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // The inner stream registered the waker; what was read so far goes now.
+                Poll::Pending if buf.filled().len() > start => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A reader that hands out scripted pieces, one per read, then Pending or an error.
+    struct Script {
+        pieces: std::collections::VecDeque<Result<Vec<u8>, io::ErrorKind>>,
+        reads: usize,
+        largest_ask: usize,
+    }
+
+    impl AsyncRead for Script {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.reads += 1;
+            self.largest_ask = self.largest_ask.max(buf.remaining());
+            match self.pieces.pop_front() {
+                Some(Ok(p)) => {
+                    let n = p.len().min(buf.remaining());
+                    buf.put_slice(&p[..n]);
+                    if n < p.len() {
+                        self.pieces.push_front(Ok(p[n..].to_vec()));
+                    }
+                    Poll::Ready(Ok(()))
+                }
+                Some(Err(k)) => Poll::Ready(Err(k.into())),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    fn script(pieces: Vec<Result<Vec<u8>, io::ErrorKind>>) -> Script {
+        Script {
+            pieces: pieces.into(),
+            reads: 0,
+            largest_ask: 0,
+        }
+    }
+
+    fn poll_once<R: AsyncRead + Unpin>(r: &mut R, cap: usize) -> Poll<io::Result<Vec<u8>>> {
+        let mut mem = vec![0u8; cap];
+        let mut buf = ReadBuf::new(&mut mem);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        match Pin::new(r).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.filled().to_vec())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    #[test]
+    fn small_reads_go_straight_through_without_a_buffer() {
+        let mut r = ReadAhead::new(script(vec![Ok(vec![1; 100]), Ok(vec![2; 50])]));
+        assert!(matches!(poll_once(&mut r, 4096), Poll::Ready(Ok(v)) if v == vec![1; 100]));
+        assert!(matches!(poll_once(&mut r, 4096), Poll::Ready(Ok(v)) if v == vec![2; 50]));
+        assert!(r.buf.is_empty() && r.inner.largest_ask == 4096);
+    }
+
+    #[test]
+    fn bulk_reads_fill_ahead_and_hand_out_every_byte_in_order() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let pieces = data.chunks(100_000).map(|c| Ok(c.to_vec())).collect();
+        let mut r = ReadAhead::new(script(pieces));
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            match poll_once(&mut r, 4096) {
+                Poll::Ready(Ok(v)) => got.extend(v),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, data);
+        // After the first full 4 KiB read, the transport is asked for the large fills.
+        assert_eq!(r.inner.largest_ask, AHEAD);
+        assert!(
+            r.inner.reads < data.len() / 4096 / 4,
+            "{} reads",
+            r.inner.reads
+        );
+        // The stream then goes quiet: the next (short) fill releases the buffer.
+        r.inner.pieces.push_back(Ok(vec![9; 10]));
+        assert!(matches!(poll_once(&mut r, 4096), Poll::Ready(Ok(v)) if v == vec![9; 10]));
+        assert!(r.buf.is_empty());
+    }
+
+    #[test]
+    fn coalesce_gathers_ready_pieces_and_stops_at_pending() {
+        let mut c = Coalesce::new(script(vec![
+            Ok(vec![1; 16_384]),
+            Ok(vec![2; 16_384]),
+            Ok(vec![3; 100]),
+        ]));
+        match poll_once(&mut c, 65_536) {
+            Poll::Ready(Ok(v)) => assert_eq!(v.len(), 16_384 * 2 + 100),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(poll_once(&mut c, 65_536).is_pending());
+    }
+
+    #[test]
+    fn coalesce_stops_when_the_buffer_is_nearly_full_and_defers_errors() {
+        let mut c = Coalesce::new(script(vec![
+            Ok(vec![1; 16_384]),
+            Ok(vec![2; 16_384]),
+            Ok(vec![3; 16_384]),
+        ]));
+        match poll_once(&mut c, 40_000) {
+            Poll::Ready(Ok(v)) => assert_eq!(v.len(), 32_768),
+            other => panic!("unexpected {other:?}"),
+        }
+        let mut c = Coalesce::new(script(vec![
+            Ok(vec![1; 10]),
+            Err(io::ErrorKind::ConnectionReset),
+        ]));
+        assert!(matches!(poll_once(&mut c, 65_536), Poll::Ready(Ok(v)) if v.len() == 10));
+        assert!(matches!(
+            poll_once(&mut c, 65_536),
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_real_socket_pair_carries_a_large_body_intact() {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let sent = data.clone();
+        let w = tokio::spawn(async move {
+            let mut a = a;
+            a.write_all(&sent).await.expect("write");
+            a.shutdown().await.expect("shutdown");
+        });
+        let mut r = Coalesce::new(ReadAhead::new(b));
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.expect("read");
+        w.await.expect("writer");
+        assert_eq!(got, data);
+    }
+}
