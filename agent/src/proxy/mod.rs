@@ -13,6 +13,7 @@ pub mod body;
 pub mod bufio;
 pub mod ca;
 pub mod catalog;
+pub mod cork;
 pub mod hooks;
 pub mod http;
 mod idle;
@@ -719,7 +720,7 @@ async fn serve<I>(
         service_fn(move |req| http::handle(sess.clone(), shared.clone(), req))
     };
     let activity = idle::Activity::new();
-    let io = TokioIo::new(idle::IdleIo::new(io, activity.clone()));
+    let io = idle::IdleIo::new(io, activity.clone());
     let idle_limit = Duration::from_secs(s.idle_timeout_s.max(1));
     // Resolves when the connection has been quiet both ways for the idle timeout.
     let quiet = async {
@@ -736,44 +737,54 @@ async fn serve<I>(
     // idle timeout (then nothing is waiting: the idle timeout exceeds the response timeout by
     // default, so a short grace suffices).
     macro_rules! drive {
-        ($conn:expr, $proto:literal) => {{
-            let conn = $conn;
-            tokio::pin!(conn);
+        // `$conn` is the connection future, `$hyper` reaches hyper's connection inside it.
+        ($conn:expr, |$c:ident| $hyper:expr, $proto:literal) => {{
+            let mut conn = Box::pin($conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, concat!("client ", $proto, " connection ended")) },
                 _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
+                    let $c = conn.as_mut();
+                    $hyper.graceful_shutdown();
                     let _ = conn.await;
                 }
                 _ = &mut quiet => {
-                    conn.as_mut().graceful_shutdown();
+                    let $c = conn.as_mut();
+                    $hyper.graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
                 }
             }
         }};
     }
     match sess.client_proto {
+        // One response at a time: nothing to gather, so no corking.
         Proto::H1 => drive!(
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_millis(s.header_timeout_ms))
                 .max_buf_size(s.max_header_bytes.max(8192))
                 .max_headers(s.max_headers)
-                .serve_connection(io, svc)
+                .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades(),
+            |c| c,
             "HTTP/1.1"
         ),
-        Proto::H2 => drive!(
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        Proto::H2 => {
+            // Responses of many streams that become ready together leave as one write.
+            let (io, corked) = cork::cork(io);
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(s.max_concurrent_streams)
                 .max_header_list_size(s.max_header_bytes as u32)
                 .initial_stream_window_size(4 * 1024 * 1024)
                 .initial_connection_window_size(8 * 1024 * 1024)
                 .max_frame_size(64 * 1024)
-                .serve_connection(io, svc),
-            "HTTP/2"
-        ),
+                .serve_connection(TokioIo::new(io), svc);
+            drive!(
+                cork::Uncork::new(conn, corked),
+                |c| c.get_mut().inner(),
+                "HTTP/2"
+            )
+        }
     }
 }
 

@@ -52,11 +52,23 @@ pub enum UpstreamError {
         reason: String,
     },
     /// HTTP-level failure on the upstream connection.
-    #[error("upstream HTTP error: {0}")]
+    #[error("upstream HTTP error: {}", with_causes(.0))]
     Http(#[from] hyper::Error),
     /// The trust configuration could not be built.
     #[error("upstream trust: {0}")]
     Trust(String),
+}
+
+/// An error with its causes (hyper's own message is often just "http2 error").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 impl UpstreamError {
@@ -371,9 +383,7 @@ impl Upstream {
                 source,
             })?;
         if !target.tls {
-            return self
-                .handshake(target, Proto::H1, TokioIo::new(tcp), upgrades)
-                .await;
+            return self.handshake(target, Proto::H1, tcp, upgrades).await;
         }
         let server_name =
             ServerName::try_from(target.name.clone()).map_err(|e| UpstreamError::Tls {
@@ -395,20 +405,15 @@ impl Upstream {
             Some(b"h2") => Proto::H2,
             _ => Proto::H1,
         };
-        self.handshake(
-            target,
-            proto,
-            TokioIo::new(super::bufio::Coalesce::new(tls)),
-            upgrades,
-        )
-        .await
+        self.handshake(target, proto, super::bufio::Coalesce::new(tls), upgrades)
+            .await
     }
 
     async fn handshake<I>(
         &self,
         target: &Target,
         proto: Proto,
-        io: TokioIo<I>,
+        io: I,
         upgrades: bool,
     ) -> Result<Sender, UpstreamError>
     where
@@ -416,6 +421,7 @@ impl Upstream {
     {
         match proto {
             Proto::H1 => {
+                let io = TokioIo::new(io);
                 let (sender, conn) = hyper::client::conn::http1::Builder::new()
                     .max_buf_size(UPSTREAM_BUF)
                     .handshake(io)
@@ -437,7 +443,7 @@ impl Upstream {
                     .initial_stream_window_size(self.h2_window)
                     .initial_connection_window_size(self.h2_window * 2)
                     .max_frame_size(64 * 1024)
-                    .handshake(io)
+                    .handshake(TokioIo::new(io))
                     .await?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

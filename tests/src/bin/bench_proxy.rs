@@ -157,7 +157,7 @@ fn start_nginx(work: &Path, www: &Path, pki: &Pki) -> Result<Proc> {
 user root;
 worker_processes 1;
 pid {work}/nginx.pid;
-error_log {work}/nginx-error.log;
+error_log {work}/nginx-error.log info;
 daemon off;
 events {{ worker_connections 4096; }}
 http {{
@@ -211,7 +211,13 @@ struct Running {
     explicit: Option<SocketAddr>,
 }
 
-fn start_sluice(work: &Path, cg: &TestCgroup, pki: &Pki, hash: bool) -> Result<Running> {
+fn start_sluice(
+    work: &Path,
+    cg: &TestCgroup,
+    pki: &Pki,
+    hash: bool,
+    sluice: &Path,
+) -> Result<Running> {
     let dir = work.join(if hash { "sluice-hash" } else { "sluice" });
     fs::create_dir_all(&dir)?;
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -247,16 +253,15 @@ hosts = ["{HOST}"]
             ca = pki.origin_ca.display(),
         ),
     )?;
-    let sluice = sluice_e2e::bin("sluice");
     let exists = work.join("sluice-state/ca/ca.crt").exists();
     if !exists {
-        sh(Command::new(&sluice)
+        sh(Command::new(sluice)
             .args(["ca", "init", "--config"])
             .arg(&cfg)
             .stdout(Stdio::null()))?;
     }
     let ca = work.join("sluice-ca.pem");
-    let out = Command::new(&sluice)
+    let out = Command::new(sluice)
         .args(["ca", "export", "--config"])
         .arg(&cfg)
         .output()?;
@@ -264,7 +269,10 @@ hosts = ["{HOST}"]
     let child = pinned(sluice.to_str().ok_or_else(|| anyhow!("path"))?)
         .args(["run", "--config"])
         .arg(&cfg)
-        .env("SLUICE_LOG", "warn")
+        .env(
+            "SLUICE_LOG",
+            std::env::var("SLUICE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(fs::File::create(dir.join("agent.log"))?)
         .spawn()?;
@@ -541,7 +549,17 @@ pub fn run(args: &[String]) -> Result<()> {
     let pki = pki(&work)?;
     let _nginx = start_nginx(&work, &www, &pki)?;
     let cg = TestCgroup::new("benchproxy");
-    let all = ["direct", "sluice", "sluice_sha256", "mitmdump", "squid"];
+    // `--alt PATH`: another build of `sluice`, measured as `sluice_alt` in the same run (to
+    // compare two builds under the same conditions).
+    let alt = opt("--alt").map(PathBuf::from);
+    let all = [
+        "direct",
+        "sluice",
+        "sluice_sha256",
+        "mitmdump",
+        "squid",
+        "sluice_alt",
+    ];
     // `--modes direct,sluice` runs a subset (the direct baseline always runs: every ratio needs it).
     let chosen = opt("--modes");
     // `--only-transfers`: the download and upload figures alone (for profiling them).
@@ -550,10 +568,11 @@ pub fn run(args: &[String]) -> Result<()> {
         .iter()
         .copied()
         .filter(|m| {
-            *m == "direct"
-                || chosen
-                    .as_deref()
-                    .is_none_or(|c| c.split(',').any(|x| x.trim() == *m))
+            (*m != "sluice_alt" || alt.is_some())
+                && (*m == "direct"
+                    || chosen
+                        .as_deref()
+                        .is_none_or(|c| c.split(',').any(|x| x.trim() == *m)))
         })
         .collect();
     if let Some(c) = chosen.as_deref()
@@ -572,8 +591,17 @@ pub fn run(args: &[String]) -> Result<()> {
                     ca: pki.origin_ca.clone(),
                     explicit: None,
                 },
-                "sluice" => start_sluice(&work, &cg, &pki, false)?,
-                "sluice_sha256" => start_sluice(&work, &cg, &pki, true)?,
+                "sluice" => start_sluice(&work, &cg, &pki, false, &sluice_e2e::bin("sluice"))?,
+                "sluice_sha256" => {
+                    start_sluice(&work, &cg, &pki, true, &sluice_e2e::bin("sluice"))?
+                }
+                "sluice_alt" => start_sluice(
+                    &work,
+                    &cg,
+                    &pki,
+                    false,
+                    alt.as_deref().unwrap_or(Path::new("sluice")),
+                )?,
                 "mitmdump" => start_mitmdump(&work, &mitmdump, &pki)?,
                 _ => start_squid(&work, &pki)?,
             };
@@ -653,6 +681,17 @@ pub fn run(args: &[String]) -> Result<()> {
             cell(key, "mitmdump", *ratio),
             cell(key, "squid", *ratio)
         );
+    }
+    if alt.is_some() {
+        for (key, label, ratio) in &figures {
+            println!(
+                "{:<38} {:>11} {:>18} {:>18}   (alt build)",
+                label,
+                cell(key, "direct", false),
+                cell(key, "sluice", *ratio),
+                cell(key, "sluice_alt", *ratio)
+            );
+        }
     }
     let added = |q: &str| get(q, "sluice").zip(get(q, "direct")).map(|(s, d)| s - d);
     let vs = |k: &str, peer: &str| get(k, "sluice").zip(get(k, peer)).map(|(s, p)| s / p);
