@@ -157,7 +157,7 @@ fn start_nginx(work: &Path, www: &Path, pki: &Pki) -> Result<Proc> {
 user root;
 worker_processes 1;
 pid {work}/nginx.pid;
-error_log {work}/nginx-error.log info;
+error_log {work}/nginx-error.log;
 daemon off;
 events {{ worker_connections 4096; }}
 http {{
