@@ -128,6 +128,8 @@ pub struct Origin {
     pub addr: SocketAddr,
     /// "METHOD PATH" of every request received, in order.
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Connections accepted (after the TLS handshake, for the TLS origin).
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -154,17 +156,20 @@ impl Origin {
         let addr = listener.local_addr()?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
-                let (acceptor, log) = (acceptor.clone(), log2.clone());
+                let (acceptor, log, counted) = (acceptor.clone(), log2.clone(), counted.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let svc = hyper::service::service_fn(move |req| route(req, log.clone()));
                     let io = TokioIo::new(tls);
@@ -183,7 +188,12 @@ impl Origin {
                 });
             }
         });
-        Ok(Self { addr, log, task })
+        Ok(Self {
+            addr,
+            log,
+            connections,
+            task,
+        })
     }
 
     /// Starts serving plain HTTP/1.1 on `addr` (port 0 for any).
@@ -194,11 +204,14 @@ impl Origin {
         let addr = listener.local_addr()?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let log = log2.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| route(req, log.clone()));
@@ -209,7 +222,12 @@ impl Origin {
                 });
             }
         });
-        Ok(Self { addr, log, task })
+        Ok(Self {
+            addr,
+            log,
+            connections,
+            task,
+        })
     }
 
     /// The requests received so far.

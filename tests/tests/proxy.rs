@@ -477,6 +477,67 @@ fn gigabyte_transfers_stream_with_flat_memory() {
 
 #[test]
 #[ignore = "needs root"]
+fn a_burst_of_first_http2_requests_shares_one_upstream_connection() {
+    let e = env("px-burst");
+    // 40 streams at once on one client connection, before the proxy has any upstream connection
+    // to the origin: they wait for the first one and share it.
+    let cfg = e.dir.join("burst.curl");
+    let mut text = String::new();
+    for i in 0..40 {
+        text.push_str(&format!(
+            "url = \"{}\"\noutput = \"/dev/null\"\n",
+            e.url("good.test", &format!("/hello?burst={i}"))
+        ));
+    }
+    std::fs::write(&cfg, text).expect("curl config");
+    let before = e
+        .origin
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let hellos = |e: &Env| {
+        e.origin
+            .requests()
+            .iter()
+            .filter(|r| *r == "GET /hello")
+            .count()
+    };
+    let served_before = hellos(&e);
+    let out = e
+        .curl(
+            &e.sluice_ca,
+            &[
+                "--http2",
+                "--parallel",
+                "--parallel-max",
+                "40",
+                "-K",
+                &cfg.display().to_string(),
+                "-w",
+                "%{http_code} %{http_version}\n",
+            ],
+        )
+        .expect("burst");
+    let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 40, "{out}");
+    assert!(lines.iter().all(|l| *l == "200 2"), "{out}");
+    assert_eq!(
+        hellos(&e) - served_before,
+        40,
+        "every request reached the origin"
+    );
+    let opened = e
+        .origin
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    assert_eq!(
+        opened, 1,
+        "40 concurrent first requests opened {opened} upstream connections"
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
 fn two_hundred_concurrent_connections_ten_thousand_requests_no_fd_leak() {
     let e = env("px-many");
     e.curl(

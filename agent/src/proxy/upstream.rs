@@ -161,6 +161,8 @@ pub struct Upstream {
     configs: Mutex<HashMap<AlpnOffer, Arc<ClientConfig>>>,
     roots: Arc<RootCertStore>,
     pool: Arc<Mutex<HashMap<Target, Idle>>>,
+    /// Connects in progress to targets that may speak HTTP/2, for requests that arrive meanwhile.
+    connecting: Mutex<HashMap<Target, Arc<tokio::sync::Notify>>>,
     mark: u32,
     connect_timeout: Duration,
     handshake_timeout: Duration,
@@ -233,6 +235,7 @@ impl Upstream {
             configs: Mutex::new(HashMap::new()),
             roots: Arc::new(roots),
             pool: Arc::new(Mutex::new(HashMap::new())),
+            connecting: Mutex::new(HashMap::new()),
             mark,
             connect_timeout,
             handshake_timeout,
@@ -271,9 +274,7 @@ impl Upstream {
             Some(s) => s,
             None => match self.take_idle(target) {
                 Some(s) => s,
-                // Boxed: the TLS handshake's state is large and rarely needed; inline it would
-                // be moved with every request's future.
-                None => Box::pin(self.connect(target, false)).await?,
+                None => self.connect_once(target).await?,
             },
         };
         let proto = match sender {
@@ -282,6 +283,48 @@ impl Upstream {
         };
         super::http::adapt_request(&mut req, proto, scheme, authority);
         self.send_on(target, sender, req, affinity).await
+    }
+
+    /// A new connection, except that requests arriving while one to the same target is being
+    /// made wait for it when it may turn out to be HTTP/2, and share it if it does: a page's
+    /// burst of first requests opens one upstream connection, not one each. If the server chose
+    /// HTTP/1.1 instead, each waiting request then opens its own.
+    async fn connect_once(&self, target: &Target) -> Result<Sender, UpstreamError> {
+        // Boxed: the TLS handshake's state is large and rarely needed; inline it would be moved
+        // with every request's future.
+        if !matches!(target.alpn, AlpnOffer::H2 | AlpnOffer::Both { .. }) {
+            return Box::pin(self.connect(target, false)).await;
+        }
+        let waiting = {
+            let mut connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+            match connecting.get(target) {
+                Some(n) => {
+                    let n = n.clone();
+                    // Registered before the lock is released: the connecting request removes
+                    // the entry and wakes waiters under the same lock, so no wake-up is lost.
+                    let mut notified = Box::pin(n.notified_owned());
+                    notified.as_mut().enable();
+                    Some(notified)
+                }
+                None => {
+                    connecting.insert(target.clone(), Arc::new(tokio::sync::Notify::new()));
+                    None
+                }
+            }
+        };
+        if let Some(notified) = waiting {
+            notified.await;
+            if let Some(s) = self.take_idle(target) {
+                return Ok(s);
+            }
+            return Box::pin(self.connect(target, false)).await;
+        }
+        // Wakes the waiters however this ends (done, failed, or abandoned by its client).
+        let _done = Connecting {
+            map: &self.connecting,
+            target,
+        };
+        Box::pin(self.connect(target, false)).await
     }
 
     /// A slot for one client session's upstream connection, returned to the shared pool when the
@@ -564,6 +607,21 @@ impl Drop for Affinity {
                     park(&pool, target, s, max);
                 }
             });
+        }
+    }
+}
+
+/// The end of a connect that others may be waiting for.
+struct Connecting<'a> {
+    map: &'a Mutex<HashMap<Target, Arc<tokio::sync::Notify>>>,
+    target: &'a Target,
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.remove(self.target) {
+            n.notify_waiters();
         }
     }
 }
