@@ -111,21 +111,18 @@ impl<S: AsyncWrite + Unpin> Cork<S> {
     ) -> Poll<io::Result<usize>> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let mut st = lock(&self.state);
-        if st.corked && total < SMALL && st.out.len() + total <= GATHER {
-            for p in parts {
-                st.out.extend_from_slice(p);
-            }
-            return Poll::Ready(Ok(total));
+        if !st.corked || total >= SMALL {
+            // What was gathered goes first, in order; then this write, straight through.
+            ready!(st.push(cx))?;
+            return Pin::new(&mut st.io).poll_write_vectored(cx, parts);
         }
-        // Large, uncorked, or the gathering is full: what was gathered goes first, in order.
-        ready!(st.push(cx))?;
-        if st.corked && total < SMALL {
-            for p in parts {
-                st.out.extend_from_slice(p);
-            }
-            return Poll::Ready(Ok(total));
+        if st.out.len() + total > GATHER {
+            ready!(st.push(cx))?;
         }
-        Pin::new(&mut st.io).poll_write_vectored(cx, parts)
+        for p in parts {
+            st.out.extend_from_slice(p);
+        }
+        Poll::Ready(Ok(total))
     }
 }
 
