@@ -136,21 +136,21 @@ impl Got {
     }
 }
 
+/// A response whose body was counted and hashed, not kept.
+struct Streamed {
+    status: u16,
+    len: u64,
+    sha256: String,
+}
+
 impl Env {
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.app.base_url())
     }
 
-    /// Runs curl in the steered cgroup as `user` (a session cookie from the app's identity
-    /// provider), with `args` after the common ones.
-    fn curl(&self, user: Option<&str>, args: &[&str]) -> Got {
-        let (_, dir) = self.cg.child("client");
-        let n = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let head = self.dir.join(format!("head-{n}"));
-        let body = self.dir.join(format!("body-{n}"));
+    /// curl's arguments common to every request: the app's address, the Sluice CA, the
+    /// response head to `head`, the body to `out` ("-" for stdout), and `user`'s session cookie.
+    fn curl_args(&self, user: Option<&str>, head: &Path, out: &str, args: &[&str]) -> Vec<String> {
         let ip_port = format!("{}:{}:{APP_IP}", demo_app::HOST, self.app.addr().port());
         let mut all: Vec<String> = vec![
             "-sS".into(),
@@ -163,9 +163,7 @@ impl Env {
             "-D".into(),
             head.display().to_string(),
             "-o".into(),
-            body.display().to_string(),
-            "-w".into(),
-            "%{http_code}".into(),
+            out.into(),
         ];
         if let Some(u) = user {
             let token = self.app.token_for(u).expect("token");
@@ -173,6 +171,26 @@ impl Env {
             all.push(format!("Cookie: {}={token}", demo_app::COOKIE));
         }
         all.extend(args.iter().map(|s| (*s).to_owned()));
+        all
+    }
+
+    /// A fresh file name in the test's directory.
+    fn scratch(&self, what: &str) -> PathBuf {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        self.dir.join(format!("{what}-{n}"))
+    }
+
+    /// Runs curl in the steered cgroup as `user` (a session cookie from the app's identity
+    /// provider), with `args` after the common ones.
+    fn curl(&self, user: Option<&str>, args: &[&str]) -> Got {
+        let (_, dir) = self.cg.child("client");
+        let head = self.scratch("head");
+        let body = self.scratch("body");
+        let mut all = self.curl_args(user, &head, &body.display().to_string(), args);
+        all.extend(["-w".into(), "%{http_code}".into()]);
         let out = InCgroup::at(&dir)
             .run(Path::new("/usr/bin/curl"), &all)
             .expect("curl");
@@ -184,6 +202,77 @@ impl Env {
         let _ = std::fs::remove_file(head);
         let _ = std::fs::remove_file(body);
         got
+    }
+
+    /// Like `curl`, for bodies too large to keep: `upload` bytes of the test pattern are fed
+    /// to curl's stdin (`-T -` goes in `args`) and the response body is counted and hashed as
+    /// it arrives. Nothing of either body touches the disk.
+    fn curl_streamed(&self, user: Option<&str>, upload: u64, args: &[&str]) -> Streamed {
+        use sha2::Digest as _;
+        use std::io::{Read as _, Write as _};
+        let (_, dir) = self.cg.child("client");
+        let head = self.scratch("head");
+        let all = self.curl_args(user, &head, "-", args);
+        let mut child = InCgroup::at(&dir)
+            .command(Path::new("/usr/bin/curl"), &all)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("curl starts");
+        let mut stdin = child.stdin.take().unwrap();
+        let feeder = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            while at < upload {
+                let n = (upload - at).min(buf.len() as u64) as usize;
+                sluice_e2e::pattern(at, &mut buf[..n]);
+                if stdin.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                at += n as u64;
+            }
+        });
+        let mut stderr = child.stderr.take().unwrap();
+        let errs = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let mut stdout = child.stdout.take().unwrap();
+        let mut hasher = sha2::Sha256::new();
+        let mut len = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    len += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("reading curl's output: {e}"),
+            }
+        }
+        let status = child.wait().expect("curl ends");
+        feeder.join().unwrap();
+        let errs = errs.join().unwrap();
+        assert!(status.success(), "curl {all:?}: {status}: {errs}");
+        let headers = std::fs::read_to_string(&head).unwrap_or_default();
+        let _ = std::fs::remove_file(head);
+        // The last status line is the final response's (a 100 Continue may come first).
+        let status = headers
+            .lines()
+            .filter(|l| l.starts_with("HTTP/"))
+            .last()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Streamed {
+            status,
+            len,
+            sha256: hex(&hasher.finalize()),
+        }
     }
 
     /// The activity events written so far.
@@ -235,6 +324,21 @@ impl Env {
 
 fn fixture(name: &str) -> PathBuf {
     demo_app::fixture(name).expect("fixtures (made by `cargo xtask fixtures`)")
+}
+
+/// The SHA-256 of the first `len` bytes of the test pattern.
+fn pattern_sha256(len: u64) -> String {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        sluice_e2e::pattern(at, &mut buf[..n]);
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    hex(&hasher.finalize())
 }
 
 fn sha256_file(p: &Path) -> String {
@@ -617,29 +721,25 @@ fn a_zip_bomb_and_a_200_mib_file_get_the_not_inspectable_action_with_bounded_mem
     assert_eq!(up.sha256, sha256_file(&bomb));
 
     // 200 MiB through the API: beyond the 50 MiB bound, passed whole and recorded as too large.
-    let big = e.dir.join("big.bin");
-    {
-        use std::io::Write as _;
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
-        let mut buf = vec![0u8; 1 << 20];
-        for i in 0..200u64 {
-            sluice_e2e::pattern(i << 20, &mut buf);
-            f.write_all(&buf).unwrap();
-        }
-    }
-    let got = e.curl(
+    // Both directions stream through curl's stdin and stdout, so the test needs no disk space
+    // for them.
+    const BIG: u64 = 200 << 20;
+    let big_sha256 = pattern_sha256(BIG);
+    let size = format!("Content-Length: {BIG}");
+    let got = e.curl_streamed(
         Some("bob@corp.example"),
-        &["-T", big.to_str().unwrap(), &e.url("/api/files/big.bin")],
+        BIG,
+        &["-T", "-", "-H", &size, &e.url("/api/files/big.bin")],
     );
-    assert!(got.status < 300, "{} {}", got.status, got.text());
+    assert!(got.status < 300, "{}", got.status);
     let up = e
         .app
         .uploads()
         .into_iter()
         .find(|u| u.name == "big.bin")
         .unwrap();
-    assert_eq!(up.size, 200 << 20);
-    assert_eq!(up.sha256, sha256_file(&big));
+    assert_eq!(up.size, BIG);
+    assert_eq!(up.sha256, big_sha256);
     let ev = e.event_for("PUT", "/api/files/big.bin");
     assert_eq!(
         ev["files"][0]["not_inspectable"]["reason"], "too_large",
@@ -655,12 +755,14 @@ fn a_zip_bomb_and_a_200_mib_file_get_the_not_inspectable_action_with_bounded_mem
         .find(|f| f.name == "big.bin")
         .unwrap()
         .id;
-    let got = e.curl(
+    let got = e.curl_streamed(
         Some("bob@corp.example"),
+        0,
         &[&e.url(&format!("/files/{id}/download"))],
     );
     assert_eq!(got.status, 200);
-    assert_eq!(got.body.len(), 200 << 20);
+    assert_eq!(got.len, BIG);
+    assert_eq!(got.sha256, big_sha256);
     let ev = e.event_for("GET", "/download");
     assert_eq!(
         ev["files"][0]["not_inspectable"]["reason"], "too_large",
