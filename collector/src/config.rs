@@ -97,6 +97,23 @@ pub struct Limits {
     pub max_page: u32,
     /// Longest `Prefer: wait=N` honoured (seconds). Default 300.
     pub max_long_poll_s: u64,
+    /// Most connections held at once (agents, portal users and API clients together); further
+    /// ones are closed as soon as they are accepted. Default 4096.
+    pub max_connections: usize,
+    /// Most connections held at once from one client address (IPv4-mapped IPv6 counts as IPv4).
+    /// Default 256: many agents behind one NAT gateway share an address.
+    pub max_connections_per_address: usize,
+    /// A connection that moves no byte for this long while none of its requests is being handled
+    /// is closed (seconds). Default 120. Long polls are requests being handled, so they are
+    /// never cut by it.
+    pub idle_timeout_s: u64,
+}
+
+impl Limits {
+    /// [`Limits::idle_timeout_s`] as a duration.
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.idle_timeout_s)
+    }
 }
 
 impl Default for Limits {
@@ -107,6 +124,9 @@ impl Default for Limits {
             max_query_len: 4096,
             max_page: 1000,
             max_long_poll_s: 300,
+            max_connections: 4096,
+            max_connections_per_address: 256,
+            idle_timeout_s: 120,
         }
     }
 }
@@ -234,6 +254,19 @@ impl Config {
         if l.max_page == 0 || l.max_query_len == 0 {
             return Err(ConfigError::Invalid(
                 "limits: max_page and max_query_len must be non-zero".into(),
+            ));
+        }
+        if l.max_connections == 0
+            || l.max_connections_per_address == 0
+            || l.max_connections_per_address > l.max_connections
+        {
+            return Err(ConfigError::Invalid(
+                "limits: max_connections_per_address must be between 1 and max_connections".into(),
+            ));
+        }
+        if l.idle_timeout_s == 0 {
+            return Err(ConfigError::Invalid(
+                "limits: idle_timeout_s must be non-zero".into(),
             ));
         }
         if self.forward.queue == 0 {

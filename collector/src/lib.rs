@@ -22,6 +22,7 @@
 //!   by `sluice-collector init`; `portal::session_user` authenticates the query API by cookie.
 
 pub mod config;
+pub mod conn;
 pub mod export;
 pub mod forward;
 pub mod portal;
@@ -32,7 +33,10 @@ pub mod tls;
 
 use std::{
     path::PathBuf,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
@@ -114,6 +118,8 @@ pub struct Collector {
     pub forward: forward::Forwarder,
     /// Ingestion counters.
     pub counters: Counters,
+    /// Connection bounds and their counters.
+    pub conns: Arc<conn::ConnLimits>,
     /// When this process started.
     pub started: Instant,
 }
@@ -169,12 +175,17 @@ impl Collector {
     pub fn with_store(store: Store, config: Config) -> Self {
         let forward = forward::Forwarder::new(&config.forward);
         let (bundle_notify, _) = tokio::sync::watch::channel(0u64);
+        let conns = Arc::new(conn::ConnLimits::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_address,
+        ));
         Self {
             store,
             config,
             bundle_notify,
             forward,
             counters: Counters::default(),
+            conns,
             started: Instant::now(),
         }
     }

@@ -88,6 +88,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Collector, Error,
+    conn::{Activity, Tracked},
     export::{self, Format},
     query,
     store::{AgentAuth, Cursor, IngestOptions, StoreError},
@@ -166,47 +167,83 @@ impl Server {
                     }
                 },
             };
+            let Ok(place) = c.conns.admit(peer.ip()) else {
+                // Over a bound: closed at once, counted and logged by `admit`.
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (tls, c, shutdown) = (self.tls.clone(), c.clone(), shutdown.clone());
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT);
-                builder.http2().max_concurrent_streams(128);
-                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                    let c = c.clone();
-                    // The client's address, for the portal's per-address login limit.
-                    req.extensions_mut().insert(peer);
-                    async move { Ok::<_, std::convert::Infallible>(handle(c, req).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(%peer, error = %e, "connection");
-                        }
-                    }
-                    () = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(DRAIN, conn).await;
-                    }
-                }
+                let _place = place;
+                serve_connection(c, tls, tcp, peer, shutdown).await;
             });
         }
         Ok(())
     }
+}
+
+/// One connection: TLS, then HTTP/1.1 or HTTP/2 until the client leaves, the connection is
+/// idle past `limits.idle_timeout_s`, or shutdown is asked.
+async fn serve_connection(
+    c: Arc<Collector>,
+    tls: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake");
+            return;
+        }
+        Err(_) => return,
+    };
+    let idle = c.config.limits.idle_timeout();
+    let activity = Activity::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder.http2().max_concurrent_streams(128);
+    let requests = activity.clone();
+    let c2 = c.clone();
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let c = c2.clone();
+        let handling = requests.request();
+        // The client's address, for the portal's per-address login limit.
+        req.extensions_mut().insert(peer);
+        async move {
+            let r = handle(c, req).await;
+            drop(handling);
+            Ok::<_, std::convert::Infallible>(r)
+        }
+    });
+    let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    loop {
+        let wait = activity.idle_in(idle);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection");
+                }
+                return;
+            }
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => continue,
+            () = std::future::ready(()), if wait.is_none() => {
+                tracing::debug!(%peer, "idle connection closed");
+                c.conns.closed_idle();
+                break;
+            }
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(DRAIN, conn).await;
 }
 
 /// Deletes events past the retention period every hour (and once at start).
@@ -975,6 +1012,7 @@ async fn status(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
                 "rejected": k.rejected.load(Relaxed),
             },
             "forward": c.forward.stats(),
+            "connections": c.conns.stats(),
         }),
     )
 }

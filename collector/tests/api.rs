@@ -1143,3 +1143,126 @@ async fn cli_init_tokens_publish_and_query() {
     let (ok, _, err) = cli(&config, &["agent", "revoke", "ag_nobody"]);
     assert!(!ok && err.contains("no agent"));
 }
+
+/// A TLS connection to the collector that trusts its CA and then says nothing.
+async fn silent_tls(env: &Env) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&env.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+/// Whether the collector closes `s` within `within` (EOF or reset), reading whatever comes.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 512];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_bounds_and_idle_timeout() {
+    let env = start("conns", |c| {
+        c.limits.max_connections = 6;
+        c.limits.max_connections_per_address = 3;
+        c.limits.idle_timeout_s = 2;
+    })
+    .await;
+    let token = env.c.store.create_api_token("conns").unwrap();
+    let auth = format!("authorization: Bearer {token}");
+    let connect_from = |ip: &str| {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        let addr = env.addr;
+        async move {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(SocketAddr::new(ip, 0)).unwrap();
+            s.connect(addr).await.unwrap()
+        }
+    };
+
+    // Three held from one address; the fourth from it is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from("127.0.0.1").await);
+    }
+    let mut fourth = connect_from("127.0.0.1").await;
+    assert!(closed_within(&mut fourth, Duration::from_secs(5)).await);
+    // Three more from a second address fill the collector; a third address is refused too.
+    for _ in 0..3 {
+        held.push(connect_from("127.0.0.2").await);
+    }
+    let mut seventh = connect_from("127.0.0.3").await;
+    assert!(closed_within(&mut seventh, Duration::from_secs(5)).await);
+    // The held ones are still open (nothing was sent, and the handshake bound is 10 s).
+    assert!(!closed_within(&mut held[0], Duration::from_millis(300)).await);
+    let stats = env.c.conns.stats();
+    assert_eq!(stats["open"], 6, "{stats}");
+    assert_eq!(stats["refused_address_limit"], 1, "{stats}");
+    assert_eq!(stats["refused_total_limit"], 1, "{stats}");
+
+    // Their places come back when they go.
+    held.clear();
+    wait_for(|| env.c.conns.stats()["open"] == 0).await;
+    let r = env.curl("/api/v1/status", &["-H", &auth]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["connections"]["refused_total_limit"], 1, "{v}");
+    assert_eq!(v["connections"]["max_per_address"], 3, "{v}");
+
+    // A client that completes TLS and then says nothing is closed once idle...
+    let mut silent = silent_tls(&env).await;
+    assert!(closed_within(&mut silent, Duration::from_secs(15)).await);
+    assert_eq!(env.c.conns.stats()["closed_idle"], 1);
+
+    // ...but a long poll longer than the idle bound is a request being handled: it gets its
+    // answer (304 after the wait), not a closed connection.
+    let agent = env.new_agent("eng").await;
+    env.c.publish_bundle("eng", env.signed_bundle("1")).unwrap();
+    let agent_auth = format!("authorization: Bearer {}", agent.credential);
+    let r = env
+        .curl("/api/v1/bundles/current", &["-H", &agent_auth])
+        .await;
+    let inm = format!("if-none-match: {}", r.header("etag").unwrap());
+    let t = Instant::now();
+    let r = env
+        .curl(
+            "/api/v1/bundles/current",
+            &["-H", &agent_auth, "-H", &inm, "-H", "prefer: wait=4"],
+        )
+        .await;
+    assert_eq!(r.status, 304, "{}", r.text());
+    assert!(t.elapsed() >= Duration::from_millis(3900));
+    assert_eq!(env.c.conns.stats()["closed_idle"], 1);
+}
+
+/// Waits up to 10 s for `f` to hold.
+async fn wait_for(f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "condition not met in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
