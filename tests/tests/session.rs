@@ -263,8 +263,7 @@ impl Env {
         // The last status line is the final response's (a 100 Continue may come first).
         let status = headers
             .lines()
-            .filter(|l| l.starts_with("HTTP/"))
-            .last()
+            .rfind(|l| l.starts_with("HTTP/"))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
