@@ -9,18 +9,15 @@
 
 use std::{
     collections::HashMap,
-    io,
     net::IpAddr,
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use sluice::proxy::idle::{Activity as IoActivity, IdleIo};
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,11 +160,11 @@ impl Drop for ConnGuard {
     }
 }
 
-/// When a connection last moved a byte, and how many of its requests are being handled.
+/// When a connection last moved a byte (the transport is wrapped in [`IdleIo`]), and how many of
+/// its requests are being handled.
 #[derive(Debug)]
 pub struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
+    io: IoActivity,
     in_flight: AtomicUsize,
 }
 
@@ -175,15 +172,14 @@ impl Activity {
     /// A connection active now.
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            io: IoActivity::new(),
             in_flight: AtomicUsize::new(0),
         })
     }
 
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Relaxed);
+    /// Wraps the connection's transport so that every byte moved counts as activity.
+    pub fn track<T>(&self, io: T) -> IdleIo<T> {
+        IdleIo::new(io, self.io.clone())
     }
 
     /// How long until the connection has been idle for `timeout`: `None` when it is idle now
@@ -192,9 +188,9 @@ impl Activity {
         if self.in_flight.load(Relaxed) > 0 {
             return Some(timeout);
         }
-        let last = Duration::from_millis(self.last_ms.load(Relaxed));
-        let quiet = self.start.elapsed().saturating_sub(last);
-        timeout.checked_sub(quiet).filter(|d| !d.is_zero())
+        timeout
+            .checked_sub(self.io.quiet_for())
+            .filter(|d| !d.is_zero())
     }
 
     /// Marks a request as being handled until the returned guard is dropped.
@@ -204,81 +200,14 @@ impl Activity {
     }
 }
 
-/// A request being handled (see [`Activity::request`]).
+/// A request being handled (see [`Activity::request`]); its response's bytes, written after, are
+/// activity of the transport.
 #[derive(Debug)]
 pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.touch();
         self.0.in_flight.fetch_sub(1, Relaxed);
-    }
-}
-
-/// A transport that records its activity.
-#[derive(Debug)]
-pub struct Tracked<T> {
-    inner: T,
-    activity: Arc<Activity>,
-}
-
-impl<T> Tracked<T> {
-    /// Wraps `inner`.
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -309,14 +238,14 @@ mod tests {
     #[test]
     fn a_request_in_flight_is_never_idle() {
         let a = Activity::new();
-        let t = Duration::from_millis(20);
+        let t = Duration::from_millis(500);
         assert!(a.idle_in(t).is_some());
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(a.idle_in(t), None);
         let r = a.request();
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(600));
         assert_eq!(a.idle_in(t), Some(t));
         drop(r);
-        assert!(a.idle_in(t).is_some(), "the end of a request is activity");
-        std::thread::sleep(Duration::from_millis(40));
         assert_eq!(a.idle_in(t), None);
     }
 }

@@ -88,7 +88,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Collector, Error,
-    conn::{Activity, Tracked},
+    conn::Activity,
     export::{self, Format},
     query,
     store::{AgentAuth, Cursor, IngestOptions, StoreError},
@@ -221,7 +221,7 @@ async fn serve_connection(
             Ok::<_, std::convert::Infallible>(r)
         }
     });
-    let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+    let io = TokioIo::new(activity.track(stream));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     loop {

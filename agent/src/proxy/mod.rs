@@ -54,7 +54,7 @@ pub mod catalog;
 pub mod cork;
 pub mod hooks;
 pub mod http;
-mod idle;
+pub mod idle;
 pub mod pages;
 pub mod peek;
 pub mod record;
