@@ -811,12 +811,19 @@ async fn bundles_etag_and_long_poll() {
 /// Reads octet-counted frames from `s` until `n` have arrived.
 fn read_frames(s: &mut std::net::TcpStream, n: usize) -> Vec<String> {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    try_read_frames(s, n).unwrap()
+}
+
+/// Reads octet-counted frames from `s` until `n` have arrived, or says why it could not.
+fn try_read_frames(s: &mut impl std::io::Read, n: usize) -> Result<Vec<String>, String> {
     let mut buf = Vec::new();
     let mut frames = Vec::new();
     let mut chunk = [0u8; 65536];
     while frames.len() < n {
-        let k = s.read(&mut chunk).unwrap();
-        assert!(k > 0, "syslog connection closed");
+        let k = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        if k == 0 {
+            return Err("syslog connection closed".into());
+        }
         buf.extend_from_slice(&chunk[..k]);
         while let Some(sp) = buf.iter().position(|b| *b == b' ') {
             let len: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().unwrap();
@@ -827,7 +834,7 @@ fn read_frames(s: &mut std::net::TcpStream, n: usize) -> Vec<String> {
             buf.drain(..sp + 1 + len);
         }
     }
-    frames
+    Ok(frames)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1265,4 +1272,81 @@ async fn wait_for(f: impl Fn() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_to_syslog_over_tls_and_refuses_an_unverified_receiver() {
+    use sluice_collector::config::SyslogTarget;
+    // Two receivers with certificates for siem.test from their own CA; the collector trusts the
+    // first one's CA only.
+    let material = temp_dir("siem-tls");
+    let (good_dir, other_dir) = (material.join("good"), material.join("other"));
+    let names = vec!["siem.test".to_owned()];
+    let good_ca = sluice_collector::tls::ensure(&good_dir, &names).unwrap();
+    sluice_collector::tls::ensure(&other_dir, &names).unwrap();
+    let good = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (good_addr, other_addr) = (good.local_addr().unwrap(), other.local_addr().unwrap());
+    let target = |addr: SocketAddr| SyslogTarget {
+        address: addr.to_string(),
+        tls: true,
+        ca_file: Some(good_ca.clone()),
+        server_name: Some("siem.test".into()),
+    };
+    let env = start("forward-tls", |c| {
+        c.forward.syslog.push(target(good_addr));
+        c.forward.syslog.push(target(other_addr));
+    })
+    .await;
+
+    // Each receiver accepts one connection and reads RFC 5425 frames over TLS.
+    let serve = |listener: std::net::TcpListener, dir: PathBuf, n: usize| {
+        // The listener is handed back so that retries queue instead of being refused.
+        std::thread::spawn(move || {
+            let config = sluice_collector::tls::server_config(&dir).unwrap();
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let conn = rustls::ServerConnection::new(config).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            (try_read_frames(&mut tls, n), listener)
+        })
+    };
+    let good_rx = serve(good, good_dir, 2);
+    let other_rx = serve(other, other_dir, 1);
+
+    let agent = env.new_agent("default").await;
+    let now = now_ms() as u64;
+    let lines: Vec<String> = (0..2)
+        .map(|i| {
+            line(&event(
+                &format!("tls-{i}"),
+                now + i,
+                "erin@corp.example",
+                "allow",
+                "b.pdf",
+            ))
+        })
+        .collect();
+    assert_eq!(env.ingest(&agent.credential, &lines).await.status, 200);
+
+    let (frames, _good) = tokio::task::spawn_blocking(move || good_rx.join().unwrap())
+        .await
+        .unwrap();
+    let frames = frames.expect("frames over TLS");
+    for (i, f) in frames.iter().enumerate() {
+        assert!(f.contains(&format!("[sluice@32473 id=\"tls-{i}\"")), "{f}");
+    }
+    // The receiver whose certificate does not chain to the configured CA gets no event: the
+    // handshake fails on the collector's side and is reported.
+    let (refused, _other) = tokio::task::spawn_blocking(move || other_rx.join().unwrap())
+        .await
+        .unwrap();
+    assert!(refused.is_err(), "an unverified receiver got {refused:?}");
+    wait_for(|| env.c.forward.stats()[0].sent == 2).await;
+    wait_for(|| env.c.forward.stats()[1].failures >= 1).await;
+    let stats = env.c.forward.stats();
+    assert_eq!(stats[1].sent, 0);
+    let why = stats[1].last_error.clone().unwrap_or_default();
+    assert!(why.to_ascii_lowercase().contains("certificate"), "{why}");
+    let _ = std::fs::remove_dir_all(material);
 }
