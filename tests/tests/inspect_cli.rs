@@ -53,6 +53,15 @@ fn reports_type_labels_dlp_and_why_a_file_is_not_inspectable() {
     assert_eq!(v["type"], "pdf");
     assert_eq!(v["labels"][0]["source"], "pdf_info");
 
+    // A package in the zip64 layout (Info-ZIP `zip -fz`) is read like any other.
+    let (_, v, _) = inspect(&[&fixture("zip64-highly-confidential.docx")]);
+    assert_eq!(v["type"], "docx", "{v}");
+    assert_eq!(v["labels"][0]["label_id"], "highly-confidential", "{v}");
+    assert!(v["not_inspectable"].is_null(), "{v}");
+    let (_, v, _) = inspect(&[&fixture("zip64-plain.docx")]);
+    assert_eq!(v["labels"].as_array().map(Vec::len), Some(0), "{v}");
+    assert!(v["not_inspectable"].is_null(), "{v}");
+
     // Encrypted files and bombs are not inspectable, with the reason.
     let (_, v, _) = inspect(&[&fixture("encrypted.docx")]);
     assert_eq!(v["type"], "ole");
@@ -81,6 +90,7 @@ fn applies_labels_that_the_real_tools_read_back() {
         "plain.pptx",
         "plain.pdf",
         "lo.docx",
+        "zip64-plain.docx",
     ] {
         let out = dir.join(format!("labeled-{name}"));
         let (ok, v, err) = inspect(&[
@@ -95,7 +105,10 @@ fn applies_labels_that_the_real_tools_read_back() {
         assert!(ok, "{name}: {err}");
         assert_eq!(v["applied"], "highly-confidential");
         assert_eq!(v["result"]["labels"][0]["guid"], HIGHLY, "{name}: {v}");
-        let read = demo_app::read_label(&out, name.ends_with(".docx")).expect("the tool opens it");
+        // LibreOffice 7.4 does not load packages in `zip -fz`'s zip64 layout (the unlabeled
+        // original neither), so those are opened by python-docx only.
+        let libreoffice = name.ends_with(".docx") && !name.starts_with("zip64-");
+        let read = demo_app::read_label(&out, libreoffice).expect("the tool opens it");
         let props = &read["properties"];
         assert_eq!(
             props[format!("MSIP_Label_{HIGHLY}_Enabled")]
@@ -110,7 +123,7 @@ fn applies_labels_that_the_real_tools_read_back() {
             "Highly Confidential"
         );
         assert_eq!(props["Sluice_Permissions"], "view");
-        if name.ends_with(".docx") {
+        if libreoffice {
             assert_eq!(read["libreoffice"], true, "{name}: {read}");
         }
         // Nothing else changed: the input file is untouched.

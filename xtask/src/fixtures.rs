@@ -19,12 +19,14 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{apt, sh, step};
 
-/// Debian packages the generator and `read_label.py --libreoffice` need.
-const APT_PACKAGES: [&str; 4] = [
+/// Debian packages the generator (`zip` for the zip64 packages) and `read_label.py --libreoffice`
+/// need.
+const APT_PACKAGES: [&str; 5] = [
     "libreoffice-writer-nogui",
     "libreoffice-calc-nogui",
     "libreoffice-impress-nogui",
     "python3-venv",
+    "zip",
 ];
 
 /// The venv's pinned requirements (PyPI); changing them rebuilds the venv.

@@ -4,8 +4,9 @@
 //! trusts only what it checks (the central directory, local headers that agree with it, offsets
 //! in range, CRC-32 of what it inflated) and inflates in a streaming loop that stops as soon as
 //! an entry, the container or the compression ratio passes its bound ([`Budget`]). The declared
-//! uncompressed size is never used to allocate. Zip64, encrypted entries and methods other than
-//! stored and deflate are refused: Office never writes them for documents within our size bound.
+//! uncompressed size is never used to allocate. Zip64 archives are read (the zip64 end record and
+//! the zip64 extended information of entries, as streaming writers and `zip -fz` write them even
+//! for small files); encrypted entries and methods other than stored and deflate are refused.
 //!
 //! The rewriter ([`Archive::rewrite`]) changes a few entries and copies every other one raw
 //! (local header, compressed bytes, CRC, sizes, extra fields), so labeling a file never touches
@@ -25,6 +26,11 @@ const SIG_LOCAL: u32 = 0x0403_4b50;
 const SIG_CENTRAL: u32 = 0x0201_4b50;
 const SIG_EOCD: u32 = 0x0605_4b50;
 const SIG_ZIP64_LOCATOR: u32 = 0x0706_4b50;
+const SIG_ZIP64_EOCD: u32 = 0x0606_4b50;
+/// Header id of the zip64 extended information extra field.
+const EXTRA_ZIP64: u16 = 0x0001;
+const ZIP64_LOCATOR_LEN: usize = 20;
+const ZIP64_EOCD_LEN: usize = 56;
 const SIG_DESCRIPTOR: u32 = 0x0807_4b50;
 const LOCAL_LEN: usize = 30;
 const CENTRAL_LEN: usize = 46;
@@ -57,6 +63,31 @@ fn u16_at(b: &[u8], at: usize) -> Option<u16> {
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     let s = b.get(at..at.checked_add(4)?)?;
     Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    let s = b.get(at..at.checked_add(8)?)?;
+    Some(u64::from_le_bytes(s.try_into().ok()?))
+}
+
+/// The data of the zip64 extended information field among `extra` fields, and where it starts
+/// within `extra`. Malformed when the fields do not tile `extra` exactly.
+fn zip64_extra(extra: &[u8]) -> Result<Option<(usize, &[u8])>, NotInspectable> {
+    let mut at = 0usize;
+    let mut found = None;
+    while at < extra.len() {
+        let (Some(id), Some(len)) = (u16_at(extra, at), u16_at(extra, at + 2)) else {
+            return Err(malformed("truncated extra field"));
+        };
+        let data = extra
+            .get(at + 4..at + 4 + usize::from(len))
+            .ok_or_else(|| malformed("extra field out of range"))?;
+        if id == EXTRA_ZIP64 && found.is_none() {
+            found = Some((at + 4, data));
+        }
+        at += 4 + usize::from(len);
+    }
+    Ok(found)
 }
 
 /// A time bound for one file's inspection, checked inside every loop over input.
@@ -134,6 +165,9 @@ struct Entry<'a> {
     compressed: u64,
     uncompressed: u64,
     local_offset: usize,
+    /// Where in `central` the zip64 field holding the local header offset starts, when the
+    /// 32-bit field says to look there.
+    zip64_offset_at: Option<usize>,
 }
 
 /// A zip archive parsed from memory: its central directory, checked.
@@ -155,39 +189,71 @@ impl<'a> Archive<'a> {
     /// duplicate names ([`NotInspectable::Malformed`]).
     pub fn parse(bytes: &'a [u8], limits: &Limits) -> Result<Self, NotInspectable> {
         let eocd = find_eocd(bytes).ok_or_else(|| malformed("no end of central directory"))?;
-        if eocd >= 20 && u32_at(bytes, eocd - 20) == Some(SIG_ZIP64_LOCATOR) {
-            return Err(malformed("zip64 archives are not supported"));
-        }
         let field = |off: usize| u16_at(bytes, eocd + off).ok_or_else(|| malformed("short EOCD"));
-        let (disk, cd_disk) = (field(4)?, field(6)?);
-        let (on_disk, total) = (field(8)?, field(10)?);
-        let cd_size = u32_at(bytes, eocd + 12).ok_or_else(|| malformed("short EOCD"))?;
-        let cd_offset = u32_at(bytes, eocd + 16).ok_or_else(|| malformed("short EOCD"))?;
+        let (mut disk, mut cd_disk) = (u32::from(field(4)?), u32::from(field(6)?));
+        let (mut on_disk, mut total) = (u64::from(field(8)?), u64::from(field(10)?));
+        let mut cd_size =
+            u64::from(u32_at(bytes, eocd + 12).ok_or_else(|| malformed("short EOCD"))?);
+        let mut cd_offset =
+            u64::from(u32_at(bytes, eocd + 16).ok_or_else(|| malformed("short EOCD"))?);
         let comment_len = usize::from(field(20)?);
-        if total == 0xFFFF || cd_size == u32::MAX || cd_offset == u32::MAX {
-            return Err(malformed("zip64 archives are not supported"));
+        // The central directory ends before the zip64 end record when there is one.
+        let mut cd_limit = eocd;
+        let locator = eocd.checked_sub(ZIP64_LOCATOR_LEN);
+        if let Some(loc) = locator.filter(|&l| u32_at(bytes, l) == Some(SIG_ZIP64_LOCATOR)) {
+            let short = || malformed("short zip64 end record locator");
+            let z_disk = u32_at(bytes, loc + 4).ok_or_else(short)?;
+            let z_offset = u64_at(bytes, loc + 8).ok_or_else(short)?;
+            let disks = u32_at(bytes, loc + 16).ok_or_else(short)?;
+            if z_disk != 0 || disks > 1 {
+                return Err(malformed("multi-disk archives are not supported"));
+            }
+            let z = usize::try_from(z_offset)
+                .ok()
+                .filter(|&z| z.checked_add(ZIP64_EOCD_LEN).is_some_and(|e| e <= loc))
+                .ok_or_else(|| malformed("zip64 end record out of range"))?;
+            if u32_at(bytes, z) != Some(SIG_ZIP64_EOCD) {
+                return Err(malformed("no zip64 end record where its locator points"));
+            }
+            let short = || malformed("short zip64 end record");
+            disk = u32_at(bytes, z + 16).ok_or_else(short)?;
+            cd_disk = u32_at(bytes, z + 20).ok_or_else(short)?;
+            on_disk = u64_at(bytes, z + 24).ok_or_else(short)?;
+            total = u64_at(bytes, z + 32).ok_or_else(short)?;
+            cd_size = u64_at(bytes, z + 40).ok_or_else(short)?;
+            cd_offset = u64_at(bytes, z + 48).ok_or_else(short)?;
+            cd_limit = z;
+        } else if total == 0xFFFF
+            || cd_size == u64::from(u32::MAX)
+            || cd_offset == u64::from(u32::MAX)
+        {
+            return Err(malformed("zip64 markers without a zip64 end record"));
         }
         if disk != 0 || cd_disk != 0 || on_disk != total {
             return Err(malformed("multi-disk archives are not supported"));
         }
-        if usize::from(total) > limits.max_entries {
+        if total > limits.max_entries as u64 {
             return Err(NotInspectable::Bomb(format!(
                 "{total} zip entries, more than {}",
                 limits.max_entries
             )));
         }
-        let cd_start = cd_offset as usize;
-        let cd_end = cd_start
-            .checked_add(cd_size as usize)
-            .filter(|&e| e <= eocd)
+        // Bounded by max_entries just above.
+        let total = total as usize;
+        let range = usize::try_from(cd_offset)
+            .ok()
+            .zip(usize::try_from(cd_size).ok());
+        let (cd_start, cd_end) = range
+            .and_then(|(start, size)| Some((start, start.checked_add(size)?)))
+            .filter(|&(_, end)| end <= cd_limit)
             .ok_or_else(|| malformed("central directory out of range"))?;
         let comment = bytes
             .get(eocd + EOCD_LEN..eocd + EOCD_LEN + comment_len)
             .ok_or_else(|| malformed("archive comment out of range"))?;
         let cd = &bytes[cd_start..cd_end];
-        let mut entries = Vec::with_capacity(usize::from(total));
-        let mut seen = HashSet::with_capacity(usize::from(total));
-        let mut seen_ci = HashSet::with_capacity(usize::from(total));
+        let mut entries = Vec::with_capacity(total);
+        let mut seen = HashSet::with_capacity(total);
+        let mut seen_ci = HashSet::with_capacity(total);
         let mut ci_duplicates = false;
         let mut at = 0usize;
         for _ in 0..total {
@@ -403,18 +469,31 @@ impl<'a> Archive<'a> {
                 write_new(&mut out, &mut central, e.name, data, offset)?;
                 continue;
             }
-            let (lo, _, end) = self.locate(e)?;
+            let (lo, data, end) = self.locate(e)?;
             let local_flags = u16_at(self.bytes, lo + 6).unwrap_or(0);
             out.extend_from_slice(&self.bytes[lo..end]);
             if local_flags & FLAG_DESCRIPTOR != 0 {
                 out.extend_from_slice(&SIG_DESCRIPTOR.to_le_bytes());
                 out.extend_from_slice(&e.crc.to_le_bytes());
-                out.extend_from_slice(&(e.compressed as u32).to_le_bytes());
-                out.extend_from_slice(&(e.uncompressed as u32).to_le_bytes());
+                // An entry with zip64 information in its local header has a zip64 descriptor.
+                let name_len = usize::from(u16_at(self.bytes, lo + 26).unwrap_or(0));
+                let local_extra = &self.bytes[lo + LOCAL_LEN + name_len..data];
+                if zip64_extra(local_extra).ok().flatten().is_some() {
+                    out.extend_from_slice(&e.compressed.to_le_bytes());
+                    out.extend_from_slice(&e.uncompressed.to_le_bytes());
+                } else {
+                    out.extend_from_slice(&(e.compressed as u32).to_le_bytes());
+                    out.extend_from_slice(&(e.uncompressed as u32).to_le_bytes());
+                }
             }
-            central.extend_from_slice(&e.central[..42]);
-            central.extend_from_slice(&offset.to_le_bytes());
-            central.extend_from_slice(&e.central[CENTRAL_LEN..]);
+            let at = central.len();
+            central.extend_from_slice(e.central);
+            match e.zip64_offset_at {
+                Some(z) => {
+                    central[at + z..at + z + 8].copy_from_slice(&u64::from(offset).to_le_bytes());
+                }
+                None => central[at + 42..at + 46].copy_from_slice(&offset.to_le_bytes()),
+            }
         }
         for (name, data) in add {
             let offset = offset32(out.len())?;
@@ -554,8 +633,50 @@ fn parse_central<'a>(
     let central = cd.get(p..end).ok_or_else(short)?;
     let name = std::str::from_utf8(&central[CENTRAL_LEN..CENTRAL_LEN + name_len])
         .map_err(|_| malformed("zip entry name is not UTF-8"))?;
-    if compressed == u32::MAX || uncompressed == u32::MAX || local == u32::MAX || disk == 0xFFFF {
-        return Err(malformed("zip64 entries are not supported"));
+    let (mut compressed, mut uncompressed, mut local) = (
+        u64::from(compressed),
+        u64::from(uncompressed),
+        u64::from(local),
+    );
+    let mut disk = u32::from(disk);
+    let mut zip64_offset_at = None;
+    let max32 = u64::from(u32::MAX);
+    if compressed == max32 || uncompressed == max32 || local == max32 || disk == 0xFFFF {
+        // The zip64 extended information holds, in this order, the fields whose 32-bit
+        // values are all ones.
+        let extra_at = CENTRAL_LEN + name_len;
+        let Some((start, data)) = zip64_extra(&central[extra_at..extra_at + extra_len])? else {
+            return Err(malformed(format!(
+                "zip entry {name:?}: zip64 markers without zip64 information"
+            )));
+        };
+        let mut pos = 0usize;
+        let next = |pos: &mut usize, what: &str| {
+            let v = u64_at(data, *pos).ok_or_else(|| {
+                malformed(format!(
+                    "zip entry {name:?}: zip64 information lacks {what}"
+                ))
+            });
+            *pos += 8;
+            v
+        };
+        if uncompressed == max32 {
+            uncompressed = next(&mut pos, "the size")?;
+        }
+        if compressed == max32 {
+            compressed = next(&mut pos, "the compressed size")?;
+        }
+        if local == max32 {
+            zip64_offset_at = Some(extra_at + start + pos);
+            local = next(&mut pos, "the header offset")?;
+        }
+        if disk == 0xFFFF {
+            disk = u32_at(data, pos).ok_or_else(|| {
+                malformed(format!(
+                    "zip entry {name:?}: zip64 information lacks the disk"
+                ))
+            })?;
+        }
     }
     if flags & FLAG_ENCRYPTED != 0 {
         return Err(NotInspectable::Encrypted(format!(
@@ -565,19 +686,20 @@ fn parse_central<'a>(
     if disk != 0 {
         return Err(malformed("multi-disk archives are not supported"));
     }
-    let local_offset = local as usize;
-    if local_offset.saturating_add(LOCAL_LEN) > cd_start {
-        return Err(malformed(format!("local header of {name:?} out of range")));
-    }
+    let local_offset = usize::try_from(local)
+        .ok()
+        .filter(|l| l.saturating_add(LOCAL_LEN) <= cd_start)
+        .ok_or_else(|| malformed(format!("local header of {name:?} out of range")))?;
     *at = end;
     Ok(Entry {
         name,
         central,
         method,
         crc,
-        compressed: u64::from(compressed),
-        uncompressed: u64::from(uncompressed),
+        compressed,
+        uncompressed,
         local_offset,
+        zip64_offset_at,
     })
 }
 
@@ -724,6 +846,126 @@ mod tests {
         z
     }
 
+    /// `entries` deflated into a zip laid out the way `zip -fz` and streaming writers do it:
+    /// all-ones markers in the classic size and offset fields, the values in zip64 extended
+    /// information (local and central, after another extra field in the central one), and a
+    /// zip64 end record with its locator.
+    fn build64(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut central = Vec::new();
+        for (name, data) in entries {
+            let mut enc = DeflateEncoder::new(Vec::new(), Compression::default());
+            enc.write_all(data).unwrap();
+            let comp = enc.finish().unwrap();
+            let mut crc = Crc::new();
+            crc.update(data);
+            let offset = out.len() as u64;
+            let fixed = |v: &mut Vec<u8>, extra_len: u16| {
+                v.extend_from_slice(&45u16.to_le_bytes());
+                v.extend_from_slice(&0u16.to_le_bytes());
+                v.extend_from_slice(&METHOD_DEFLATE.to_le_bytes());
+                v.extend_from_slice(&DOS_TIME.to_le_bytes());
+                v.extend_from_slice(&DOS_DATE.to_le_bytes());
+                v.extend_from_slice(&crc.sum().to_le_bytes());
+                v.extend_from_slice(&u32::MAX.to_le_bytes());
+                v.extend_from_slice(&u32::MAX.to_le_bytes());
+                v.extend_from_slice(&(name.len() as u16).to_le_bytes());
+                v.extend_from_slice(&extra_len.to_le_bytes());
+            };
+            out.extend_from_slice(&SIG_LOCAL.to_le_bytes());
+            fixed(&mut out, 20);
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&EXTRA_ZIP64.to_le_bytes());
+            out.extend_from_slice(&16u16.to_le_bytes());
+            out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            out.extend_from_slice(&(comp.len() as u64).to_le_bytes());
+            out.extend_from_slice(&comp);
+            central.extend_from_slice(&SIG_CENTRAL.to_le_bytes());
+            central.extend_from_slice(&45u16.to_le_bytes());
+            fixed(&mut central, 9 + 28);
+            // Comment length, disk number, internal and external attributes.
+            central.extend_from_slice(&[0u8; 10]);
+            central.extend_from_slice(&u32::MAX.to_le_bytes());
+            central.extend_from_slice(name.as_bytes());
+            // An extended timestamp field first, then the zip64 one.
+            central.extend_from_slice(&[0x55, 0x54, 5, 0, 1, 0, 0, 0, 0]);
+            central.extend_from_slice(&EXTRA_ZIP64.to_le_bytes());
+            central.extend_from_slice(&24u16.to_le_bytes());
+            central.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            central.extend_from_slice(&(comp.len() as u64).to_le_bytes());
+            central.extend_from_slice(&offset.to_le_bytes());
+        }
+        let n = entries.len() as u64;
+        let (cd_offset, cd_size) = (out.len() as u64, central.len() as u64);
+        out.extend_from_slice(&central);
+        let z = out.len() as u64;
+        out.extend_from_slice(&SIG_ZIP64_EOCD.to_le_bytes());
+        out.extend_from_slice(&44u64.to_le_bytes());
+        out.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        for v in [n, n, cd_size, cd_offset] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&SIG_ZIP64_LOCATOR.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&z.to_le_bytes());
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&SIG_EOCD.to_le_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        out.extend_from_slice(&u32::MAX.to_le_bytes());
+        out.extend_from_slice(&u32::MAX.to_le_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out
+    }
+
+    #[test]
+    fn zip64_archives_are_read_and_rewritten() {
+        let long = "a longer text that moves what follows it ".repeat(50);
+        let z = build64(&[("change.txt", b"old"), ("keep.xml", b"<keep/>")]);
+        let a = Archive::parse(&z, &limits()).unwrap();
+        let mut budget = Budget::new(&limits());
+        assert_eq!(a.read("change.txt", &mut budget).unwrap(), b"old");
+        assert_eq!(a.read("keep.xml", &mut budget).unwrap(), b"<keep/>");
+        // The kept entry moves: its zip64 offset must follow it.
+        let out = a
+            .rewrite(
+                &[("change.txt", long.as_bytes().to_vec())],
+                &[("added.txt", b"added".to_vec())],
+            )
+            .unwrap();
+        let b = Archive::parse(&out, &limits()).unwrap();
+        assert_eq!(b.read("keep.xml", &mut budget).unwrap(), b"<keep/>");
+        assert_eq!(b.read("change.txt", &mut budget).unwrap(), long.as_bytes());
+        assert_eq!(b.read("added.txt", &mut budget).unwrap(), b"added");
+        assert_eq!(a.raw_record("keep.xml"), b.raw_record("keep.xml"));
+        // A zip64 end record claiming more entries than allowed is a bomb, before any
+        // allocation.
+        let mut many = z.clone();
+        let zat = memchr::memmem::rfind(&many, &SIG_ZIP64_EOCD.to_le_bytes()).unwrap();
+        for off in [24, 32] {
+            many[zat + off..zat + off + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        }
+        assert!(matches!(
+            Archive::parse(&many, &limits()),
+            Err(NotInspectable::Bomb(_))
+        ));
+        // A locator pointing past itself, or at something else, is malformed.
+        let lat = memchr::memmem::rfind(&z, &SIG_ZIP64_LOCATOR.to_le_bytes()).unwrap();
+        for target in [u64::MAX, lat as u64, 0] {
+            let mut bad = z.clone();
+            bad[lat + 8..lat + 16].copy_from_slice(&target.to_le_bytes());
+            assert!(matches!(
+                Archive::parse(&bad, &limits()),
+                Err(NotInspectable::Malformed(_))
+            ));
+        }
+        // Zip64 information too short for the fields marked.
+        let mut short = z.clone();
+        let cd = memchr::memmem::find(&short, &SIG_CENTRAL.to_le_bytes()).unwrap();
+        let zx = cd + CENTRAL_LEN + "change.txt".len() + 9;
+        short[zx + 2..zx + 4].copy_from_slice(&8u16.to_le_bytes());
+        assert!(Archive::parse(&short, &limits()).is_err());
+    }
+
     #[test]
     fn data_descriptors_survive_a_rewrite() {
         let z = descriptor_zip();
@@ -866,13 +1108,19 @@ mod tests {
 
     #[test]
     fn every_truncation_and_corruption_is_an_error_not_a_panic() {
-        let z = build(&[("a.txt", b"hello hello hello"), ("b.xml", b"<x>y</x>")]).unwrap();
+        let entries: [(&str, &[u8]); 2] = [("a.txt", b"hello hello hello"), ("b.xml", b"<x>y</x>")];
+        for z in [build(&entries).unwrap(), build64(&entries)] {
+            truncations_and_corruptions(&z);
+        }
+    }
+
+    fn truncations_and_corruptions(z: &[u8]) {
         for n in 0..z.len() {
             assert!(Archive::parse(&z[..n], &limits()).is_err(), "prefix {n}");
         }
         for i in 0..z.len() {
             for v in [0x00, 0xFF, 0x80] {
-                let mut c = z.clone();
+                let mut c = z.to_vec();
                 c[i] = v;
                 if let Ok(a) = Archive::parse(&c, &limits()) {
                     let names: Vec<String> = a.names().map(str::to_owned).collect();
