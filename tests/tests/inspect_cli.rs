@@ -72,6 +72,15 @@ fn reports_type_labels_dlp_and_why_a_file_is_not_inspectable() {
     let (_, v, _) = inspect(&[&fixture("bomb.docx")]);
     assert_eq!(v["not_inspectable"]["reason"], "bomb");
 
+    // A document cut short (its central directory lost) is not inspectable, never an empty zip.
+    let cut_dir = TempDir::new("inspect-cli-cut");
+    let cut = cut_dir.join("cut.docx");
+    let whole = std::fs::read(fixture("plain.docx")).unwrap();
+    std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+    let (_, v, _) = inspect(&[cut.to_str().unwrap()]);
+    assert_eq!(v["type"], "zip", "{v}");
+    assert_eq!(v["not_inspectable"]["reason"], "malformed", "{v}");
+
     // A file whose name lies about its type is sniffed by its bytes.
     let dir = TempDir::new("inspect-cli-lies");
     let liar = dir.join("photo.png");

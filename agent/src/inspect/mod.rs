@@ -257,6 +257,15 @@ pub fn inspect_file(
             }
             Err(e) => Err(e),
         },
+        // A zip that is not an Office package carries no label; one that does not parse is not
+        // inspectable (a malformed or encrypted archive must never pass as an empty one).
+        FileType::Zip => match zip::Archive::parse(bytes, limits) {
+            Ok(_) => Ok(Vec::new()),
+            Err(e) => {
+                facts.encrypted = matches!(e, NotInspectable::Encrypted(_));
+                Err(e)
+            }
+        },
         _ => Ok(Vec::new()),
     };
     match labels {
@@ -341,4 +350,41 @@ pub fn now_iso8601() -> String {
         t.minute(),
         t.second()
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn facts(bytes: &[u8]) -> FileFacts {
+        inspect_file(bytes, None, &Limits::default(), &dlp::Detectors::default())
+    }
+
+    #[test]
+    fn a_zip_that_does_not_parse_is_not_inspectable() {
+        let z = zip::build(&[("notes.txt", b"hello"), ("data.csv", b"a,b")]).unwrap();
+        let ok = facts(&z);
+        assert_eq!(ok.kind, Some(FileType::Zip));
+        assert!(ok.not_inspectable.is_none(), "{:?}", ok.not_inspectable);
+        // Cut before its end record: still sniffed as a zip by its magic, never passed as an
+        // empty archive.
+        let cut = facts(&z[..z.len() - 30]);
+        assert_eq!(cut.kind, Some(FileType::Zip));
+        assert!(
+            matches!(cut.not_inspectable, Some(NotInspectable::Malformed(_))),
+            "{:?}",
+            cut.not_inspectable
+        );
+        // An encrypted entry.
+        let mut enc = z.clone();
+        let cd = memchr::memmem::find(&enc, b"PK\x01\x02").unwrap();
+        enc[cd + 8] |= 1;
+        let enc = facts(&enc);
+        assert!(enc.encrypted);
+        assert!(matches!(
+            enc.not_inspectable,
+            Some(NotInspectable::Encrypted(_))
+        ));
+    }
 }
