@@ -96,6 +96,9 @@ pub enum LabelSource {
     PdfXmp,
     /// OLE compound file `LabelInfo` stream (outside the encryption).
     OleLabelInfo,
+    /// The user-defined properties of a legacy binary file's `\x05DocumentSummaryInformation`
+    /// (`MSIP_Label_<GUID>_*`, as Office and LibreOffice write them into .doc, .xls and .ppt).
+    OleProperties,
 }
 
 /// A sensitivity label as a file carries it. GUIDs are normalised: lower case, no braces.
@@ -159,6 +162,80 @@ pub fn normalize_guid(s: &str) -> String {
         .trim_start_matches('{')
         .trim_end_matches('}')
         .to_ascii_lowercase()
+}
+
+/// Whether `s` is a GUID in normalised form (36 characters, lower-case hex and hyphens).
+pub(crate) fn is_guid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+const LABEL_PREFIX: &str = "MSIP_Label_";
+
+/// Splits `MSIP_Label_<GUID>_<Attr>` (prefix in any case, GUID with or without braces) into
+/// the normalised GUID and the attribute name as written.
+pub(crate) fn split_label_name(name: &str) -> Option<(String, &str)> {
+    let head = name.get(..LABEL_PREFIX.len())?;
+    if !head.eq_ignore_ascii_case(LABEL_PREFIX) {
+        return None;
+    }
+    let rest = &name[LABEL_PREFIX.len()..];
+    let (guid, attr) = if let Some(braced) = rest.strip_prefix('{') {
+        let close = braced.find('}')?;
+        (&braced[..close], braced[close + 1..].strip_prefix('_')?)
+    } else {
+        rest.split_once('_')?
+    };
+    let guid = normalize_guid(guid);
+    (is_guid(&guid) && !attr.is_empty()).then_some((guid, attr))
+}
+
+/// Labels from `MSIP_Label_<GUID>_<Attr>` name/value pairs, one per GUID in order of first
+/// appearance (values trimmed; names that are not label properties are ignored). `Enabled` is
+/// `true` (any case) or `1`.
+pub(crate) fn labels_from_properties(
+    pairs: impl IntoIterator<Item = (String, String)>,
+    source: LabelSource,
+) -> Vec<FileLabel> {
+    let mut groups: Vec<(String, BTreeMap<String, String>)> = Vec::new();
+    for (name, value) in pairs {
+        let Some((guid, attr)) = split_label_name(&name) else {
+            continue;
+        };
+        let value = value.trim().to_owned();
+        match groups.iter_mut().find(|(g, _)| *g == guid) {
+            Some((_, props)) => {
+                props.insert(attr.to_owned(), value);
+            }
+            None => groups.push((guid, BTreeMap::from([(attr.to_owned(), value)]))),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(guid, properties)| {
+            let get = |k: &str| {
+                properties
+                    .iter()
+                    .find(|(a, v)| a.eq_ignore_ascii_case(k) && !v.is_empty())
+                    .map(|(_, v)| v.clone())
+            };
+            FileLabel {
+                tenant: get("SiteId").map(|s| normalize_guid(&s)),
+                enabled: get("Enabled").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
+                method: get("Method"),
+                set_date: get("SetDate"),
+                name: get("Name"),
+                action_id: get("ActionId").map(|s| normalize_guid(&s)),
+                content_bits: get("ContentBits").and_then(|v| v.parse().ok()),
+                guid,
+                properties,
+                source,
+            }
+        })
+        .collect()
 }
 
 /// Everything Sluice sees in one file (`sluice inspect` prints this as JSON).

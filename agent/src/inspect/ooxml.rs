@@ -353,78 +353,18 @@ fn locate(pkg: &mut Package<'_>) -> Result<Located, NotInspectable> {
     })
 }
 
-/// Whether `s` is a GUID (normalised form: 36 characters, lower-case hex and hyphens).
-fn is_guid(s: &str) -> bool {
-    s.len() == 36
-        && s.bytes().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == b'-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
-
-/// Splits `MSIP_Label_<GUID>_<Attr>` (prefix in any case, GUID with or without braces) into
-/// the normalised GUID and the attribute name as written.
-fn split_label_name(name: &str) -> Option<(String, &str)> {
-    let head = name.get(..LABEL_PREFIX.len())?;
-    if !head.eq_ignore_ascii_case(LABEL_PREFIX) {
-        return None;
-    }
-    let rest = &name[LABEL_PREFIX.len()..];
-    let (guid, attr) = if let Some(braced) = rest.strip_prefix('{') {
-        let close = braced.find('}')?;
-        (&braced[..close], braced[close + 1..].strip_prefix('_')?)
-    } else {
-        rest.split_once('_')?
-    };
-    let guid = normalize_guid(guid);
-    (is_guid(&guid) && !attr.is_empty()).then_some((guid, attr))
-}
-
 /// Labels in a custom properties part, in order of first appearance.
 fn custom_labels(flat: &Flat) -> Result<Vec<FileLabel>, NotInspectable> {
     if !flat.root_is(&[NS_CP, NS_CP_STRICT], "Properties") {
         return Err(malformed("docProps/custom.xml is not a Properties part"));
     }
     let root_ns = flat.root()?.ns.clone();
-    let mut groups: Vec<(String, BTreeMap<String, String>)> = Vec::new();
-    for c in &flat.children {
-        if c.el.local != "property" || c.el.ns != root_ns {
-            continue;
-        }
-        let Some((guid, attr)) = c.el.attr("name").and_then(split_label_name) else {
-            continue;
-        };
-        let value = c.text.trim().to_owned();
-        match groups.iter_mut().find(|(g, _)| *g == guid) {
-            Some((_, props)) => {
-                props.insert(attr.to_owned(), value);
-            }
-            None => groups.push((guid, BTreeMap::from([(attr.to_owned(), value)]))),
-        }
-    }
-    Ok(groups
-        .into_iter()
-        .map(|(guid, properties)| {
-            let get = |k: &str| {
-                properties
-                    .iter()
-                    .find(|(a, _)| a.eq_ignore_ascii_case(k))
-                    .map(|(_, v)| v.clone())
-            };
-            FileLabel {
-                tenant: get("SiteId").map(|s| normalize_guid(&s)),
-                enabled: get("Enabled").is_some_and(|v| v.eq_ignore_ascii_case("true")),
-                method: get("Method"),
-                set_date: get("SetDate"),
-                name: get("Name"),
-                action_id: get("ActionId").map(|s| normalize_guid(&s)),
-                content_bits: get("ContentBits").and_then(|v| v.parse().ok()),
-                guid,
-                properties,
-                source: LabelSource::CustomXml,
-            }
-        })
-        .collect())
+    let pairs = flat
+        .children
+        .iter()
+        .filter(|c| c.el.local == "property" && c.el.ns == root_ns)
+        .filter_map(|c| Some((c.el.attr("name")?.to_owned(), c.text.clone())));
+    Ok(super::labels_from_properties(pairs, LabelSource::CustomXml))
 }
 
 fn truthy(v: Option<&str>) -> bool {
@@ -530,7 +470,7 @@ pub fn apply_label(
     let parts = label_parts(&mut pkg)?;
     let tenant = normalize_guid(&spec.tenant);
     let guid = normalize_guid(&spec.guid);
-    if !is_guid(&guid) || !is_guid(&tenant) {
+    if !crate::inspect::is_guid(&guid) || !crate::inspect::is_guid(&tenant) {
         return Err(malformed("label or tenant id is not a GUID"));
     }
     if !replace
@@ -703,7 +643,8 @@ fn write_custom(existing: Option<&Flat>, spec: &LabelSpec) -> Result<Vec<u8>, No
                 if is_property {
                     let ours = name.is_some_and(|n| {
                         n == PERMISSIONS_PROP
-                            || split_label_name(n).is_some_and(|(g, _)| drop_guids.contains(&g))
+                            || crate::inspect::split_label_name(n)
+                                .is_some_and(|(g, _)| drop_guids.contains(&g))
                     });
                     if ours {
                         continue;
@@ -1543,11 +1484,20 @@ mod tests {
     #[test]
     fn guid_names() {
         assert_eq!(
-            split_label_name(&format!("msip_label_{{{}}}_Enabled", L1.to_uppercase())),
+            crate::inspect::split_label_name(&format!(
+                "msip_label_{{{}}}_Enabled",
+                L1.to_uppercase()
+            )),
             Some((L1.to_owned(), "Enabled"))
         );
-        assert_eq!(split_label_name(&format!("MSIP_Label_{L1}_")), None);
-        assert_eq!(split_label_name("MSIP_Label_1234_Enabled"), None);
+        assert_eq!(
+            crate::inspect::split_label_name(&format!("MSIP_Label_{L1}_")),
+            None
+        );
+        assert_eq!(
+            crate::inspect::split_label_name("MSIP_Label_1234_Enabled"),
+            None
+        );
         assert_eq!(
             resolve_target("/docProps/../docProps/./custom%20x.xml").as_deref(),
             Some("docProps/custom x.xml")

@@ -134,7 +134,8 @@ pub fn apply_label(
         if key == PERMISSIONS_KEY {
             continue;
         }
-        let label_guid = split_label_key(&String::from_utf8_lossy(&key)).map(|(g, _)| g);
+        let label_guid =
+            crate::inspect::split_label_name(&String::from_utf8_lossy(&key)).map(|(g, _)| g);
         if label_guid.is_some_and(|g| g == guid || dropped.contains(g.as_str())) {
             continue;
         }
@@ -1518,70 +1519,15 @@ fn a85_group(group: &[u8; 5]) -> Result<[u8; 4]> {
 // Labels
 // ---------------------------------------------------------------------------------------------
 
-/// `MSIP_Label_<GUID>_<Attr>` split into the normalised GUID and the attribute as written.
-fn split_label_key(key: &str) -> Option<(String, &str)> {
-    let prefix = key.get(..11)?;
-    if !prefix.eq_ignore_ascii_case("MSIP_Label_") {
-        return None;
-    }
-    let (guid, attr) = key[11..].split_once('_')?;
-    let guid = normalize_guid(guid);
-    (is_guid(&guid) && !attr.is_empty()).then_some((guid, attr))
-}
-
-fn is_guid(s: &str) -> bool {
-    s.len() == 36
-        && s.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        })
-}
-
 /// Labels built from `MSIP_Label_` key/value pairs, by GUID. Other keys are ignored.
 fn labels_from_pairs(
     pairs: impl IntoIterator<Item = (String, String)>,
     source: LabelSource,
 ) -> BTreeMap<String, FileLabel> {
-    let mut labels: BTreeMap<String, FileLabel> = BTreeMap::new();
-    for (key, value) in pairs {
-        let Some((guid, attr)) = split_label_key(&key) else {
-            continue;
-        };
-        labels
-            .entry(guid.clone())
-            .or_insert_with(|| FileLabel {
-                guid,
-                tenant: None,
-                enabled: false,
-                method: None,
-                set_date: None,
-                name: None,
-                action_id: None,
-                content_bits: None,
-                properties: BTreeMap::new(),
-                source,
-            })
-            .properties
-            .insert(attr.to_string(), value);
-    }
-    for label in labels.values_mut() {
-        let get = |attr: &str| {
-            label
-                .properties
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(attr))
-                .map(|(_, v)| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        label.enabled = get("Enabled").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
-        label.tenant = get("SiteId").map(|v| normalize_guid(&v));
-        label.method = get("Method");
-        label.set_date = get("SetDate");
-        label.name = get("Name");
-        label.action_id = get("ActionId").map(|v| normalize_guid(&v));
-        label.content_bits = get("ContentBits").and_then(|v| v.parse().ok());
-    }
-    labels
+    super::labels_from_properties(pairs, source)
+        .into_iter()
+        .map(|l| (l.guid.clone(), l))
+        .collect()
 }
 
 /// The labels of the Info dictionary (values that are references are followed).
@@ -1590,7 +1536,7 @@ fn info_labels(doc: &Doc<'_, '_>, info: Option<&Dict>) -> Result<BTreeMap<String
     for (key, value) in info.map(|d| d.0.as_slice()).unwrap_or_default() {
         doc.ctx.tick()?;
         let key = String::from_utf8_lossy(key);
-        if split_label_key(&key).is_none() {
+        if crate::inspect::split_label_name(&key).is_none() {
             continue;
         }
         let value = match doc.resolve(value)? {
