@@ -320,20 +320,27 @@ pub fn inspect_file(
                 other
             }
         },
-        FileType::Ole => match ole::read(bytes, limits) {
-            Ok(o) => {
-                facts.encrypted = o.encrypted;
-                if o.encrypted && !o.labels.iter().any(|l| l.enabled) {
-                    facts.labels = o.labels;
-                    Err(NotInspectable::Encrypted(
-                        "an encrypted Office package without a readable label".into(),
-                    ))
-                } else {
-                    Ok(o.labels)
+        FileType::Ole | FileType::Doc | FileType::Xls | FileType::Ppt => {
+            match ole::read(bytes, limits) {
+                Ok(o) => {
+                    facts.encrypted = o.encrypted;
+                    if o.encrypted && !o.labels.iter().any(|l| l.enabled) {
+                        facts.labels = o.labels;
+                        Err(NotInspectable::Encrypted(format!(
+                            "an encrypted {} without a readable label",
+                            if kind == FileType::Ole {
+                                "Office package"
+                            } else {
+                                "legacy Office file"
+                            }
+                        )))
+                    } else {
+                        Ok(o.labels)
+                    }
                 }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
         // A zip that is not an Office package carries no label; one that does not parse is not
         // inspectable (a malformed or encrypted archive must never pass as an empty one).
         FileType::Zip => match zip::Archive::parse(bytes, limits) {
@@ -382,7 +389,7 @@ pub fn apply_label(
         }
         FileType::Pdf => pdf::apply_label(bytes, spec, replace, limits),
         FileType::Ole => Err(NotInspectable::Encrypted(
-            "labels cannot be written into encrypted or legacy Office files".into(),
+            "labels cannot be written into encrypted Office packages".into(),
         )),
         other => Err(NotInspectable::Unsupported(other.as_str().to_owned())),
     }

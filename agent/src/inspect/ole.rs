@@ -1,8 +1,16 @@
 //! OLE compound files ([MS-CFB]): the container of password- and IRM-encrypted Office documents
-//! (an `EncryptedPackage` stream next to `EncryptionInfo`) and of legacy binary Office files.
-//! Sluice reads only what decides a policy: whether the file is an encrypted package, the names
-//! at its root, and the sensitivity labels kept outside the encryption in a `LabelInfo` stream
-//! ([MS-OFFCRYPTO] 2.6.2 puts it in `\x06DataSpaces\TransformInfo`; one found anywhere counts).
+//! (an `EncryptedPackage` stream next to `EncryptionInfo`) and of legacy binary Office files
+//! (.doc, .xls, .ppt). Sluice reads only what decides a policy: which of these the file is,
+//! whether it is encrypted, the names at its root, and its sensitivity labels: those kept outside
+//! the encryption in a `LabelInfo` stream ([MS-OFFCRYPTO] 2.6.2 puts it in
+//! `\x06DataSpaces\TransformInfo`; one found anywhere counts), and the `MSIP_Label_*` custom
+//! properties that Office and LibreOffice write into a legacy file's
+//! `\x05DocumentSummaryInformation` ([MS-OLEPS]).
+//!
+//! A legacy file is encrypted when its Word FIB says `fEncrypted` ([MS-DOC] 2.5.2), its
+//! workbook globals carry a `FilePass` record ([MS-XLS] 2.4.117), or its PowerPoint
+//! `Current User` atom has the encrypted header token or an `EncryptedSummary` stream exists
+//! ([MS-PPT] 2.3.2, 2.1.7).
 //!
 //! Every structure is bounded before it is used: the FAT sector count by the file's size, the
 //! DIFAT and every sector chain by cycle detection, directory entries by
@@ -15,7 +23,7 @@ use std::{
     time::Instant,
 };
 
-use super::{FileLabel, LabelSource, Limits, NotInspectable, normalize_guid};
+use super::{FileLabel, LabelSource, Limits, NotInspectable, normalize_guid, sniff::FileType};
 
 const MAGIC: [u8; 8] = [0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
 /// Highest regular sector number; larger values are markers.
@@ -40,15 +48,54 @@ fn malformed(what: impl Into<String>) -> NotInspectable {
 }
 
 /// What an OLE compound file shows without decrypting anything.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OleFacts {
-    /// A root-level `EncryptedPackage` or `EncryptionInfo` stream exists: an encrypted OOXML
-    /// package.
+    /// Doc, Xls, Ppt, or Ole for anything else (an encrypted OOXML package among them).
+    pub kind: FileType,
+    /// An encrypted OOXML package (a root-level `EncryptedPackage` or `EncryptionInfo`
+    /// stream), or a legacy file whose own format says it is encrypted.
     pub encrypted: bool,
     /// Names of the root's children (streams and storages), in directory order.
     pub streams: Vec<String>,
-    /// Labels from a `LabelInfo` stream (source [`LabelSource::OleLabelInfo`]).
+    /// Labels from a `LabelInfo` stream (source [`LabelSource::OleLabelInfo`]), or else from
+    /// the document summary's custom properties ([`LabelSource::OleProperties`]).
     pub labels: Vec<FileLabel>,
+}
+
+/// The type an OLE compound file's root streams name (names compared ignoring case, as
+/// [MS-CFB] compares them): an `EncryptedPackage` makes it an encrypted OOXML package
+/// ([`FileType::Ole`]) whatever else is there.
+fn kind_of(names: &[&str]) -> FileType {
+    let has = |n: &str| names.iter().any(|s| s.eq_ignore_ascii_case(n));
+    if has("EncryptedPackage") {
+        FileType::Ole
+    } else if has(WORD_DOCUMENT) {
+        FileType::Doc
+    } else if has(WORKBOOK) || has(BOOK) {
+        FileType::Xls
+    } else if has(POWERPOINT) {
+        FileType::Ppt
+    } else {
+        FileType::Ole
+    }
+}
+
+/// The type of an OLE compound file from its root streams; [`FileType::Ole`] also when it does
+/// not parse (reading it then says why).
+pub fn kind(bytes: &[u8]) -> FileType {
+    let limits = Limits::default();
+    let Ok(cfb) = Cfb::parse(bytes, &limits) else {
+        return FileType::Ole;
+    };
+    let Ok(ids) = cfb.children(0, &mut HashSet::new()) else {
+        return FileType::Ole;
+    };
+    let streams: Vec<&str> = ids
+        .iter()
+        .filter(|&&id| cfb.dir[id].kind == STREAM)
+        .map(|&id| cfb.dir[id].name.as_str())
+        .collect();
+    kind_of(&streams)
 }
 
 /// Reads an OLE compound file: whether it is an encrypted package, its root-level names and the
@@ -61,6 +108,9 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<OleFacts> {
     let mut streams = Vec::new();
     let mut encrypted = false;
     let mut label_info: Option<(bool, usize)> = None;
+    // Root streams of the legacy formats, by role.
+    let mut root: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut root_streams = Vec::new();
     // (entry, inside \x06DataSpaces\TransformInfo, depth)
     let mut storages = vec![(0usize, false, 0usize)];
     let mut seen = HashSet::new();
@@ -74,9 +124,18 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<OleFacts> {
                 streams.push(entry.name.clone());
                 if entry.kind == STREAM
                     && (entry.name.eq_ignore_ascii_case("EncryptedPackage")
-                        || entry.name.eq_ignore_ascii_case("EncryptionInfo"))
+                        || entry.name.eq_ignore_ascii_case("EncryptionInfo")
+                        || entry.name.eq_ignore_ascii_case("EncryptedSummary"))
                 {
                     encrypted = true;
+                }
+                if entry.kind == STREAM {
+                    root_streams.push(entry.name.clone());
+                    for role in ROOT_ROLES {
+                        if entry.name.eq_ignore_ascii_case(role) {
+                            root.entry(role).or_insert(id);
+                        }
+                    }
                 }
             }
             match entry.kind {
@@ -98,18 +157,221 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<OleFacts> {
             }
         }
     }
-    let labels = match label_info {
+    let kind = kind_of(&root_streams.iter().map(String::as_str).collect::<Vec<_>>());
+    if let Some(&id) = root.get(WORD_DOCUMENT) {
+        encrypted |= word_encrypted(&cfb.stream_prefix(id, FIB_BASE_LEN)?)?;
+    }
+    if let Some(&id) = root.get(WORKBOOK).or_else(|| root.get(BOOK)) {
+        encrypted |= workbook_encrypted(&cfb.stream_prefix(id, WORKBOOK_SCAN)?);
+    }
+    if let Some(&id) = root.get(CURRENT_USER) {
+        encrypted |= current_user_encrypted(&cfb.stream_prefix(id, 16)?);
+    }
+    let mut labels = match label_info {
         Some((_, id)) => {
             let data = cfb.stream(id)?;
             label_info_labels(&data, &cfb.clock)?
         }
         None => Vec::new(),
     };
+    if labels.is_empty()
+        && let Some(&id) = root.get(DOC_SUMMARY)
+    {
+        let pairs = summary_label_pairs(&cfb.stream(id)?, &cfb.clock)?;
+        labels = super::labels_from_properties(pairs, LabelSource::OleProperties);
+    }
     Ok(OleFacts {
+        kind,
         encrypted,
         streams,
         labels,
     })
+}
+
+const WORD_DOCUMENT: &str = "WordDocument";
+const WORKBOOK: &str = "Workbook";
+const BOOK: &str = "Book";
+const POWERPOINT: &str = "PowerPoint Document";
+const CURRENT_USER: &str = "Current User";
+const DOC_SUMMARY: &str = "\u{5}DocumentSummaryInformation";
+/// The root streams [`read`] looks into.
+const ROOT_ROLES: [&str; 6] = [
+    WORD_DOCUMENT,
+    WORKBOOK,
+    BOOK,
+    POWERPOINT,
+    CURRENT_USER,
+    DOC_SUMMARY,
+];
+
+/// The FibBase of a Word binary document: `wIdent` at 0, the flags word at 10.
+const FIB_BASE_LEN: usize = 12;
+/// Word 97 and later (`0xA5EC`), Word 6/95 (`0xA5DC`).
+const FIB_IDENTS: [u16; 2] = [0xA5EC, 0xA5DC];
+/// FibBase flag `fEncrypted`.
+const FIB_ENCRYPTED: u16 = 0x0100;
+/// How much of a workbook stream is searched for `FilePass`, which follows the globals' BOF.
+const WORKBOOK_SCAN: usize = 4096;
+const BIFF_FILEPASS: u16 = 0x002F;
+const BIFF_EOF: u16 = 0x000A;
+/// [MS-PPT] 2.3.2: the `headerToken` of an encrypted document's CurrentUserAtom.
+const PPT_ENCRYPTED_TOKEN: u32 = 0xF3D1_C4DF;
+
+/// Whether a `WordDocument` stream's FIB says the document is encrypted (or XOR-obfuscated,
+/// which sets the same flag).
+fn word_encrypted(fib: &[u8]) -> Result<bool> {
+    if fib.len() < FIB_BASE_LEN || !FIB_IDENTS.contains(&u16_at(fib, 0)) {
+        return Err(malformed("WordDocument does not start with a FIB"));
+    }
+    Ok(u16_at(fib, 10) & FIB_ENCRYPTED != 0)
+}
+
+/// Whether the first records of a workbook stream include `FilePass` (before the globals'
+/// end).
+fn workbook_encrypted(data: &[u8]) -> bool {
+    let mut at = 0usize;
+    while at + 4 <= data.len() {
+        match u16_at(data, at) {
+            BIFF_FILEPASS => return true,
+            BIFF_EOF => return false,
+            _ => at += 4 + usize::from(u16_at(data, at + 2)),
+        }
+    }
+    false
+}
+
+/// Whether a PowerPoint `Current User` stream's atom carries the encrypted header token.
+fn current_user_encrypted(data: &[u8]) -> bool {
+    data.len() >= 16 && u32_at(data, 12) == PPT_ENCRYPTED_TOKEN
+}
+
+/// `{D5CDD505-2E9C-101B-9397-08002B2CF9AE}` as stored: the user-defined properties section.
+const FMTID_USER_DEFINED: [u8; 16] = [
+    0x05, 0xD5, 0xCD, 0xD5, 0x9C, 0x2E, 0x1B, 0x10, 0x93, 0x97, 0x08, 0x00, 0x2B, 0x2C, 0xF9, 0xAE,
+];
+const PID_DICTIONARY: u32 = 0;
+const PID_CODEPAGE: u32 = 1;
+const CP_UTF16: u16 = 1200;
+const CP_UTF8: u16 = 65001;
+const VT_I2: u16 = 0x0002;
+const VT_I4: u16 = 0x0003;
+const VT_BOOL: u16 = 0x000B;
+const VT_LPSTR: u16 = 0x001E;
+const VT_LPWSTR: u16 = 0x001F;
+
+/// Text in a property set's code page (UTF-16LE, UTF-8, or a single-byte code page, read as
+/// Latin-1: the label properties are ASCII), without its terminating NULs.
+fn decode_cp(bytes: &[u8], codepage: u16) -> String {
+    let s = match codepage {
+        CP_UTF16 => char::decode_utf16(
+            bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]])),
+        )
+        .map(|c| c.unwrap_or('\u{FFFD}'))
+        .collect(),
+        CP_UTF8 => String::from_utf8_lossy(bytes).into_owned(),
+        _ => bytes.iter().map(|&b| char::from(b)).collect(),
+    };
+    s.trim_end_matches('\0').to_owned()
+}
+
+/// The name/value pairs of the user-defined section of a `\x05DocumentSummaryInformation`
+/// stream ([MS-OLEPS] 2.20, 2.21: the dictionary names the properties, the code page property
+/// says how strings are encoded). String, boolean and integer values are kept; others are
+/// skipped. A stream without that section has none.
+fn summary_label_pairs(data: &[u8], clock: &Clock<'_>) -> Result<Vec<(String, String)>> {
+    let bad = |what: &str| malformed(format!("DocumentSummaryInformation: {what}"));
+    if data.len() < 28 || u16_at(data, 0) != 0xFFFE {
+        return Err(bad("not a property set stream"));
+    }
+    let sets = u32_at(data, 24) as usize;
+    if sets == 0 || sets > 2 || data.len() < 28 + 20 * sets {
+        return Err(bad("bad property set count"));
+    }
+    let Some(offset) = (0..sets).find_map(|i| {
+        let at = 28 + 20 * i;
+        (data[at..at + 16] == FMTID_USER_DEFINED).then(|| u32_at(data, at + 16) as usize)
+    }) else {
+        return Ok(Vec::new());
+    };
+    let section = data
+        .get(offset..)
+        .filter(|s| s.len() >= 8)
+        .ok_or_else(|| bad("section out of range"))?;
+    let size = u32_at(section, 0) as usize;
+    let section = section
+        .get(..size)
+        .filter(|_| size >= 8)
+        .ok_or_else(|| bad("section size out of range"))?;
+    let count = u32_at(section, 4) as usize;
+    if count > (size - 8) / 8 {
+        return Err(bad("more properties than the section holds"));
+    }
+    let mut codepage = 1252u16;
+    let mut dictionary = None;
+    let mut values = Vec::with_capacity(count);
+    for i in 0..count {
+        clock.tick()?;
+        let (id, at) = (
+            u32_at(section, 8 + 8 * i),
+            u32_at(section, 12 + 8 * i) as usize,
+        );
+        if at + 4 > section.len() {
+            return Err(bad("property offset out of range"));
+        }
+        match id {
+            PID_DICTIONARY => dictionary = Some(at),
+            PID_CODEPAGE if u16_at(section, at) == VT_I2 => codepage = u16_at(section, at + 4),
+            _ => values.push((id, at)),
+        }
+    }
+    let Some(mut at) = dictionary else {
+        return Ok(Vec::new());
+    };
+    let entries = u32_at(section, at) as usize;
+    if entries > section.len() / 8 {
+        return Err(bad("more dictionary entries than the section holds"));
+    }
+    at += 4;
+    let mut names = BTreeMap::new();
+    for _ in 0..entries {
+        clock.tick()?;
+        let (id, len) = (u32_at(section, at), u32_at(section, at + 4) as usize);
+        let bytes = if codepage == CP_UTF16 { len * 2 } else { len };
+        let name = section
+            .get(at + 8..at + 8 + bytes)
+            .ok_or_else(|| bad("dictionary entry out of range"))?;
+        names.insert(id, decode_cp(name, codepage));
+        at += 8 + bytes;
+        if codepage == CP_UTF16 {
+            at = at.next_multiple_of(4);
+        }
+    }
+    let mut pairs = Vec::new();
+    for (id, at) in values {
+        clock.tick()?;
+        let Some(name) = names.get(&id) else {
+            continue;
+        };
+        let string = |unit: usize, cp: u16| -> Result<String> {
+            let len = u32_at(section, at + 4) as usize;
+            let bytes = section
+                .get(at + 8..at + 8 + len.saturating_mul(unit))
+                .ok_or_else(|| bad("property value out of range"))?;
+            Ok(decode_cp(bytes, cp))
+        };
+        let value = match u16_at(section, at) {
+            VT_LPSTR => string(1, codepage)?,
+            VT_LPWSTR => string(2, CP_UTF16)?,
+            VT_BOOL => (u16_at(section, at + 4) != 0).to_string(),
+            VT_I2 => (u16_at(section, at + 4) as i16).to_string(),
+            VT_I4 => (u32_at(section, at + 4) as i32).to_string(),
+            _ => continue,
+        };
+        pairs.push((name.clone(), value));
+    }
+    Ok(pairs)
 }
 
 /// The deadline and the bounds of one inspection.
@@ -353,6 +615,20 @@ impl<'b, 'l> Cfb<'b, 'l> {
             }
             node = entry.right;
         }
+    }
+
+    /// At most the first `max` bytes of stream entry `id`, read without the rest.
+    fn stream_prefix(&self, id: usize, max: usize) -> Result<Vec<u8>> {
+        let entry = &self.dir[id];
+        if entry.size >= MINI_CUTOFF {
+            let size = usize::try_from(entry.size).unwrap_or(usize::MAX).min(max);
+            return self.read_chain(entry.start, size, &self.fat, self.sector_size(), |s| {
+                self.sector(s)
+            });
+        }
+        let mut data = self.stream(id)?;
+        data.truncate(max);
+        Ok(data)
     }
 
     /// The content of stream entry `id`.
@@ -851,13 +1127,219 @@ mod tests {
         assert!(facts.labels[0].enabled);
     }
 
+    /// A Word FIB base with these flags.
+    fn fib(flags: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 32];
+        f[0..2].copy_from_slice(&0xA5ECu16.to_le_bytes());
+        f[2..4].copy_from_slice(&0x00C1u16.to_le_bytes());
+        f[10..12].copy_from_slice(&flags.to_le_bytes());
+        f
+    }
+
     #[test]
     fn a_plain_compound_file_is_not_encrypted() {
-        let built = build(&[("WordDocument", b"abc"), ("\u{5}SummaryInformation", b"x")]);
+        let built = build(&[
+            ("WordDocument", &fib(0x12F0)),
+            ("\u{5}SummaryInformation", b"x"),
+        ]);
         let facts = read(&built.bytes, &Limits::default()).unwrap();
+        assert_eq!(facts.kind, FileType::Doc);
         assert!(!facts.encrypted);
         assert!(facts.labels.is_empty());
         assert_eq!(facts.streams.len(), 2);
+        assert_eq!(kind(&built.bytes), FileType::Doc);
+        // A WordDocument stream that is not a FIB is a corrupt document.
+        assert_malformed(&build(&[("WordDocument", b"abc")]).bytes, "FIB");
+    }
+
+    enum Val<'a> {
+        Str(&'a str),
+        WStr(&'a str),
+        Bool(bool),
+    }
+
+    fn pad4(v: &mut Vec<u8>) {
+        while !v.len().is_multiple_of(4) {
+            v.push(0);
+        }
+    }
+
+    /// A `\x05DocumentSummaryInformation` stream: an empty first section and a user-defined
+    /// one with a code page, a dictionary and `props`.
+    fn summary(codepage: u16, props: &[(&str, Val<'_>)]) -> Vec<u8> {
+        let text = |s: &str, cp: u16| -> Vec<u8> {
+            let mut b: Vec<u8> = if cp == CP_UTF16 {
+                s.encode_utf16().flat_map(u16::to_le_bytes).collect()
+            } else {
+                s.as_bytes().to_vec()
+            };
+            b.extend_from_slice(if cp == CP_UTF16 { &[0, 0] } else { &[0] });
+            b
+        };
+        let mut dict = (props.len() as u32).to_le_bytes().to_vec();
+        for (i, (name, _)) in props.iter().enumerate() {
+            dict.extend_from_slice(&(i as u32 + 2).to_le_bytes());
+            dict.extend_from_slice(&(name.chars().count() as u32 + 1).to_le_bytes());
+            dict.extend_from_slice(&text(name, codepage));
+            if codepage == CP_UTF16 {
+                pad4(&mut dict);
+            }
+        }
+        pad4(&mut dict);
+        let mut cp = VT_I2.to_le_bytes().to_vec();
+        cp.extend_from_slice(&[0, 0]);
+        cp.extend_from_slice(&codepage.to_le_bytes());
+        cp.extend_from_slice(&[0, 0]);
+        let mut payloads = vec![(PID_DICTIONARY, dict), (PID_CODEPAGE, cp)];
+        for (i, (_, v)) in props.iter().enumerate() {
+            let mut b = Vec::new();
+            match v {
+                Val::Str(s) => {
+                    b.extend_from_slice(&VT_LPSTR.to_le_bytes());
+                    b.extend_from_slice(&[0, 0]);
+                    // A CodePageString's size is in bytes, whatever the code page.
+                    let t = text(s, codepage);
+                    b.extend_from_slice(&(t.len() as u32).to_le_bytes());
+                    b.extend_from_slice(&t);
+                }
+                Val::WStr(s) => {
+                    b.extend_from_slice(&VT_LPWSTR.to_le_bytes());
+                    b.extend_from_slice(&[0, 0]);
+                    b.extend_from_slice(&(s.encode_utf16().count() as u32 + 1).to_le_bytes());
+                    b.extend_from_slice(&text(s, CP_UTF16));
+                }
+                Val::Bool(x) => {
+                    b.extend_from_slice(&VT_BOOL.to_le_bytes());
+                    b.extend_from_slice(&[0, 0]);
+                    b.extend_from_slice(&(if *x { 0xFFFFu16 } else { 0 }).to_le_bytes());
+                }
+            }
+            pad4(&mut b);
+            payloads.push((i as u32 + 2, b));
+        }
+        let head = 8 + 8 * payloads.len();
+        let mut section = vec![0u8; head];
+        let mut at = head;
+        for (i, (id, b)) in payloads.iter().enumerate() {
+            put_u32(&mut section, 8 + 8 * i, *id);
+            put_u32(&mut section, 12 + 8 * i, at as u32);
+            at += b.len();
+        }
+        for (_, b) in &payloads {
+            section.extend_from_slice(b);
+        }
+        let len = section.len() as u32;
+        put_u32(&mut section, 0, len);
+        put_u32(&mut section, 4, payloads.len() as u32);
+        let mut out = vec![0xFE, 0xFF, 0, 0, 0, 0, 0, 0];
+        out.extend_from_slice(&[0u8; 16]);
+        out.extend_from_slice(&2u32.to_le_bytes());
+        let mut doc_summary = FMTID_USER_DEFINED;
+        doc_summary[0] = 0x02;
+        out.extend_from_slice(&doc_summary);
+        out.extend_from_slice(&68u32.to_le_bytes());
+        out.extend_from_slice(&FMTID_USER_DEFINED);
+        out.extend_from_slice(&76u32.to_le_bytes());
+        out.extend_from_slice(&8u32.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&section);
+        out
+    }
+
+    fn label_props(guid_case: &str) -> Vec<(String, String)> {
+        let g = guid_case;
+        vec![
+            (format!("MSIP_Label_{g}_Enabled"), "true".into()),
+            (format!("MSIP_Label_{g}_SiteId"), TENANT.into()),
+            (format!("MSIP_Label_{g}_Name"), "Confidential".into()),
+            (format!("MSIP_Label_{g}_Method"), "Standard".into()),
+        ]
+    }
+
+    #[test]
+    fn legacy_files_carry_labels_in_their_document_summary() {
+        for codepage in [1252u16, CP_UTF16, CP_UTF8] {
+            let props = label_props(GUID);
+            let mut vals: Vec<(&str, Val<'_>)> = props
+                .iter()
+                .map(|(k, v)| (k.as_str(), Val::Str(v.as_str())))
+                .collect();
+            vals.push(("Sluice_Permissions", Val::WStr("view")));
+            vals.push(("Reviewed", Val::Bool(true)));
+            let stream = summary(codepage, &vals);
+            let built = build(&[
+                (
+                    "Workbook",
+                    &[0x09, 0x08, 4, 0, 0, 6, 5, 0, 0x0A, 0, 0, 0][..],
+                ),
+                ("\u{5}DocumentSummaryInformation", &stream),
+            ]);
+            let facts = read(&built.bytes, &Limits::default()).unwrap();
+            assert_eq!(facts.kind, FileType::Xls);
+            assert!(!facts.encrypted);
+            assert_eq!(facts.labels.len(), 1, "code page {codepage}");
+            let l = &facts.labels[0];
+            assert_eq!(l.guid, GUID);
+            assert!(l.enabled, "code page {codepage}: {l:?}");
+            assert_eq!(l.tenant.as_deref(), Some(TENANT));
+            assert_eq!(l.name.as_deref(), Some("Confidential"));
+            assert_eq!(l.source, LabelSource::OleProperties);
+            // Every truncation and corruption of the stream is an error or harmless.
+            for n in 0..stream.len() {
+                let _ = summary_label_pairs(
+                    &stream[..n],
+                    &Cfb::parse(&built.bytes, &Limits::default()).unwrap().clock,
+                );
+            }
+            let limits = Limits::default();
+            let cfb = Cfb::parse(&built.bytes, &limits).unwrap();
+            for i in 0..stream.len() {
+                for v in [0x00, 0xFF, 0x7F] {
+                    let mut c = stream.clone();
+                    c[i] = v;
+                    let _ = summary_label_pairs(&c, &cfb.clock);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn legacy_encryption_is_seen_in_each_format() {
+        let limits = Limits::default();
+        let facts = |streams: &[(&str, &[u8])]| read(&build(streams).bytes, &limits).unwrap();
+        // Word: the FIB's fEncrypted.
+        let f = facts(&[("WordDocument", &fib(0x13F0))]);
+        assert_eq!((f.kind, f.encrypted), (FileType::Doc, true));
+        // Excel: FilePass after the globals' BOF (and not after their EOF).
+        let bof = [0x09, 0x08, 4, 0, 0, 6, 5, 0];
+        let filepass = [0x2F, 0, 2, 0, 1, 0];
+        let eof = [0x0A, 0, 0, 0];
+        let f = facts(&[("Workbook", &[&bof[..], &filepass].concat())]);
+        assert_eq!((f.kind, f.encrypted), (FileType::Xls, true));
+        let f = facts(&[("Workbook", &[&bof[..], &eof, &filepass].concat())]);
+        assert_eq!((f.kind, f.encrypted), (FileType::Xls, false));
+        // PowerPoint: the CurrentUserAtom's header token, or an EncryptedSummary stream.
+        let atom = |token: u32| {
+            let mut a = vec![0, 0, 0xF6, 0x0F, 20, 0, 0, 0, 20, 0, 0, 0];
+            a.extend_from_slice(&token.to_le_bytes());
+            a.extend_from_slice(&[0u8; 16]);
+            a
+        };
+        let f = facts(&[
+            ("PowerPoint Document", b"x"),
+            ("Current User", &atom(0xF3D1_C4DF)),
+        ]);
+        assert_eq!((f.kind, f.encrypted), (FileType::Ppt, true));
+        let f = facts(&[
+            ("PowerPoint Document", b"x"),
+            ("Current User", &atom(0xE391_C05F)),
+        ]);
+        assert_eq!((f.kind, f.encrypted), (FileType::Ppt, false));
+        let f = facts(&[("PowerPoint Document", b"x"), ("EncryptedSummary", b"x")]);
+        assert!(f.encrypted);
+        // An encrypted OOXML package stays an OLE package whatever else its root holds.
+        let f = facts(&[("EncryptedPackage", b"x"), ("WordDocument", &fib(0))]);
+        assert_eq!((f.kind, f.encrypted), (FileType::Ole, true));
     }
 
     fn assert_malformed(bytes: &[u8], what: &str) {

@@ -23,7 +23,14 @@ pub enum FileType {
     Pptx,
     /// PDF.
     Pdf,
-    /// OLE compound file: a legacy `.doc`/`.xls`/`.ppt`, or an encrypted OOXML package.
+    /// Legacy binary Word document (OLE compound file with a `WordDocument` stream).
+    Doc,
+    /// Legacy binary Excel workbook (OLE compound file with a `Workbook` or `Book` stream).
+    Xls,
+    /// Legacy binary PowerPoint presentation (OLE compound file with a `PowerPoint Document`
+    /// stream).
+    Ppt,
+    /// Any other OLE compound file: an encrypted OOXML package, or one that does not parse.
     Ole,
     /// Any other zip archive (or a corrupt one).
     Zip,
@@ -47,11 +54,14 @@ pub enum FileType {
 
 impl FileType {
     /// Every type, in declaration order.
-    pub const ALL: [FileType; 14] = [
+    pub const ALL: [FileType; 17] = [
         FileType::Docx,
         FileType::Xlsx,
         FileType::Pptx,
         FileType::Pdf,
+        FileType::Doc,
+        FileType::Xls,
+        FileType::Ppt,
         FileType::Ole,
         FileType::Zip,
         FileType::Png,
@@ -71,6 +81,9 @@ impl FileType {
             FileType::Xlsx => "xlsx",
             FileType::Pptx => "pptx",
             FileType::Pdf => "pdf",
+            FileType::Doc => "doc",
+            FileType::Xls => "xls",
+            FileType::Ppt => "ppt",
             FileType::Ole => "ole",
             FileType::Zip => "zip",
             FileType::Png => "png",
@@ -95,6 +108,9 @@ impl FileType {
                 "application/vnd.openxmlformats-officedocument.presentationml.presentation"
             }
             FileType::Pdf => "application/pdf",
+            FileType::Doc => "application/msword",
+            FileType::Xls => "application/vnd.ms-excel",
+            FileType::Ppt => "application/vnd.ms-powerpoint",
             FileType::Ole => "application/x-ole-storage",
             FileType::Zip => "application/zip",
             FileType::Png => "image/png",
@@ -140,7 +156,7 @@ pub fn sniff(bytes: &[u8]) -> FileType {
         return zip_kind(bytes);
     }
     if bytes.starts_with(OLE) {
-        return FileType::Ole;
+        return super::ole::kind(bytes);
     }
     if bytes.starts_with(PNG) {
         return FileType::Png;
