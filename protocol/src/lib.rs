@@ -230,7 +230,8 @@ pub struct Label {
     pub tenant: Option<String>,
     /// Enabled.
     pub enabled: bool,
-    /// Where it was read (`custom_xml`, `label_info_xml`, `pdf_info`, `pdf_xmp`, `ole_label_info`).
+    /// Where it was read (`custom_xml`, `label_info_xml`, `pdf_info`, `pdf_xmp`, `ole_label_info`,
+    /// `ole_properties`).
     pub source: String,
 }
 

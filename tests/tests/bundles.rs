@@ -107,7 +107,7 @@ async fn long_polling_delivers_a_new_revision_at_once_and_refusals_keep_the_last
         revision(&d).as_deref() == Some("1")
     })
     .await;
-    assert_eq!(d.active().load().as_ref().map(|s| s.len()), Some(8));
+    assert_eq!(d.active().load().as_ref().map(|s| s.len()), Some(10));
     // The agent is now parked in a long poll; a new revision arrives as soon as it is published.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let requests = server

@@ -62,6 +62,27 @@ fn reports_type_labels_dlp_and_why_a_file_is_not_inspectable() {
     assert_eq!(v["labels"].as_array().map(Vec::len), Some(0), "{v}");
     assert!(v["not_inspectable"].is_null(), "{v}");
 
+    // Legacy binary files saved by LibreOffice: their type, and the label in their document
+    // summary; password-protected ones are encrypted and not inspectable.
+    for ext in ["doc", "xls", "ppt"] {
+        let (ok, v, err) = inspect(&[&fixture(&format!("confidential.{ext}"))]);
+        assert!(ok, "{err}");
+        assert_eq!(v["type"], ext, "{v}");
+        assert_eq!(v["labels"][0]["guid"], CONFIDENTIAL, "{v}");
+        assert_eq!(v["labels"][0]["source"], "ole_properties", "{v}");
+        assert_eq!(v["encrypted"], false, "{v}");
+        let (_, v, _) = inspect(&[&fixture(&format!("plain.{ext}"))]);
+        assert_eq!(v["type"], ext, "{v}");
+        assert_eq!(v["labels"].as_array().map(Vec::len), Some(0), "{v}");
+        assert!(v["not_inspectable"].is_null(), "{v}");
+    }
+    for ext in ["doc", "xls"] {
+        let (_, v, _) = inspect(&[&fixture(&format!("encrypted.{ext}"))]);
+        assert_eq!(v["type"], ext, "{v}");
+        assert_eq!(v["encrypted"], true, "{v}");
+        assert_eq!(v["not_inspectable"]["reason"], "encrypted", "{v}");
+    }
+
     // Encrypted files and bombs are not inspectable, with the reason.
     let (_, v, _) = inspect(&[&fixture("encrypted.docx")]);
     assert_eq!(v["type"], "ole");

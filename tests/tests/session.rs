@@ -442,6 +442,23 @@ fn an_unlabeled_upload_is_blocked_before_the_app_sees_it_with_a_message_for_each
     assert_eq!(ev["policy"], "block-unlabelled-uploads", "{ev}");
     assert!(ev["files"][0]["not_inspectable"].is_null(), "{ev}");
 
+    // Legacy binary files need a label too.
+    for name in ["plain.doc", "plain.xls", "plain.ppt"] {
+        let path = fixture(name);
+        let put = e.curl(
+            alice,
+            &[
+                "-T",
+                path.to_str().unwrap(),
+                &e.url(&format!("/api/files/{name}")),
+            ],
+        );
+        assert_eq!(put.status, 403, "{name}: {}", put.text());
+        let ev = e.event_by_incident(&put.header("x-sluice-incident").expect("incident"));
+        assert_eq!(ev["policy"], "block-unlabelled-uploads", "{ev}");
+        assert_eq!(ev["files"][0]["type"], &name[6..], "{ev}");
+    }
+
     // The app never received any of them, by its own log.
     assert!(e.app.uploads().is_empty(), "{:?}", e.app.uploads());
     assert!(
@@ -483,6 +500,9 @@ fn labeled_office_and_pdf_uploads_pass_byte_for_byte() {
         "confidential.pptx",
         "confidential.pdf",
         "lo-confidential.docx",
+        "confidential.doc",
+        "confidential.xls",
+        "confidential.ppt",
     ] {
         let path = fixture(name);
         let form = format!("file=@{}", path.display());
@@ -633,6 +653,30 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
         assert_eq!(ev["policy"], "guest-downloads-view-only", "{ev}");
         assert_eq!(ev["user"], "carol@corp.example");
     }
+
+    // A legacy .doc cannot carry the view-only restriction, so a guest does not get it: the
+    // message asks for the modern format.
+    let doc = e
+        .app
+        .seed(
+            "minutes.doc",
+            std::fs::read(fixture("plain.doc")).unwrap(),
+            "alice@corp.example",
+        )
+        .unwrap();
+    let got = e.curl(
+        Some("carol@corp.example"),
+        &[&e.url(&format!("/files/{}/download", doc.id))],
+    );
+    assert_eq!(got.status, 403, "{}", got.text());
+    assert!(
+        got.text().contains("cannot carry the protection"),
+        "{}",
+        got.text()
+    );
+    let ev = e.event_for("GET", "/download");
+    assert_eq!(ev["policy"], "block-unprotectable-guest-downloads", "{ev}");
+    assert_eq!(ev["action"], "block");
 
     // A member's download of an unlabeled file is not changed.
     let original = std::fs::read(fixture("plain.docx")).unwrap();

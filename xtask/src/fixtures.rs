@@ -19,24 +19,26 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{apt, sh, step};
 
-/// Debian packages the generator (`zip` for the zip64 packages) and `read_label.py --libreoffice`
-/// need.
-const APT_PACKAGES: [&str; 5] = [
+/// Debian packages the generator (`zip` for the zip64 packages, `python3-uno` for the
+/// password-protected legacy files) and `read_label.py --libreoffice` need.
+const APT_PACKAGES: [&str; 6] = [
     "libreoffice-writer-nogui",
     "libreoffice-calc-nogui",
     "libreoffice-impress-nogui",
+    "python3-uno",
     "python3-venv",
     "zip",
 ];
 
 /// The venv's pinned requirements (PyPI); changing them rebuilds the venv.
-const REQUIREMENTS: [&str; 6] = [
+const REQUIREMENTS: [&str; 7] = [
     "python-docx==1.2.0",
     "openpyxl==3.1.5",
     "python-pptx==1.0.2",
     "pypdf==6.1.1",
     "reportlab==4.4.4",
     "msoffcrypto-tool==5.4.2",
+    "olefile==0.47",
 ];
 
 /// The Debian interpreter the venv is made from (`python3-venv` belongs to it; a `python3`
