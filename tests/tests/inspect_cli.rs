@@ -102,6 +102,16 @@ fn reports_type_labels_dlp_and_why_a_file_is_not_inspectable() {
     assert_eq!(v["type"], "zip", "{v}");
     assert_eq!(v["not_inspectable"]["reason"], "malformed", "{v}");
 
+    // Card numbers in a PDF printed by LibreOffice (a subset font, text only through its
+    // ToUnicode CMap) are found as in the text it was made from.
+    let (_, txt, _) = inspect(&[&fixture("cards.txt")]);
+    let (_, pdf, _) = inspect(&[&fixture("cards.pdf")]);
+    assert!(txt["dlp"]["credit_card"].as_u64().unwrap() >= 5, "{txt}");
+    assert_eq!(
+        pdf["dlp"]["credit_card"], txt["dlp"]["credit_card"],
+        "{pdf}"
+    );
+
     // A file whose name lies about its type is sniffed by its bytes.
     let dir = TempDir::new("inspect-cli-lies");
     let liar = dir.join("photo.png");

@@ -191,11 +191,15 @@ pub fn apply_label(
 }
 
 /// Best-effort text of a PDF for DLP: the string operands of `Tj`, `TJ`, `'` and `"` in every
-/// page's content streams (and the form XObjects they draw), bytes read as Latin-1, strings
-/// separated by spaces and text lines by newlines, at most `max_chars` characters.
+/// page's content streams (and the form XObjects they draw), strings separated by spaces and text
+/// lines by newlines, at most `max_chars` characters. Strings are decoded with their font's
+/// `ToUnicode` CMap when it has one (as Word, LibreOffice and most producers write them, also for
+/// CID-keyed fonts); otherwise a simple font's bytes are read as Latin-1 and a CID-keyed font's
+/// codes, which are glyph numbers, are left out.
 ///
 /// Content streams that are not Flate-, ASCIIHex- or ASCII85-encoded, or are corrupt, are
-/// skipped; CID-keyed fonts are not decoded. Bombs, timeouts and too-deep nesting are errors.
+/// skipped, and so is a CMap that does not parse. Bombs, timeouts and too-deep nesting are
+/// errors.
 pub fn text(bytes: &[u8], limits: &Limits, max_chars: usize) -> Result<String> {
     let doc = Doc::load(bytes, limits)?;
     doc.refuse_encrypted()?;
@@ -203,6 +207,7 @@ pub fn text(bytes: &[u8], limits: &Limits, max_chars: usize) -> Result<String> {
         text: String::new(),
         chars: 0,
         max: max_chars,
+        fonts: HashMap::new(),
     };
     if max_chars == 0 {
         return Ok(out.text);
@@ -1790,14 +1795,238 @@ fn write_literal(out: &mut Vec<u8>, s: &[u8]) {
 // Text extraction
 // ---------------------------------------------------------------------------------------------
 
-/// Text collected so far, and the bound.
+/// Text collected so far, the bound, and the fonts met so far (by object number).
 struct TextOut {
     text: String,
     chars: usize,
     max: usize,
+    fonts: HashMap<u32, Rc<FontText>>,
+}
+
+/// How a font's strings become text.
+#[derive(Debug)]
+enum FontText {
+    /// A simple font without `ToUnicode`: bytes as Latin-1.
+    Latin1,
+    /// A CID-keyed (Type0) font without `ToUnicode`: its codes are glyph numbers.
+    Opaque,
+    /// A `ToUnicode` CMap; `simple` fonts fall back to Latin-1 for codes it does not map.
+    Cmap { cmap: ToUnicode, simple: bool },
+}
+
+/// Where a `bfrange` maps its codes.
+#[derive(Debug)]
+enum RangeDst {
+    /// The first code's UTF-16 text; each next code increments its last unit.
+    Start(Vec<u16>),
+    /// One text per code.
+    List(Vec<String>),
+}
+
+/// A parsed `ToUnicode` CMap ([PDF 32000] 9.10.3): code lengths from its codespace ranges,
+/// single codes and ranges. Codes are keyed by (length in bytes, value).
+#[derive(Debug, Default)]
+struct ToUnicode {
+    spaces: Vec<(usize, u32, u32)>,
+    chars: HashMap<(usize, u32), String>,
+    ranges: Vec<(usize, u32, u32, RangeDst)>,
+}
+
+/// The largest `bfrange` honoured (codes in one range).
+const MAX_CMAP_RANGE: u32 = 0xFFFF;
+
+fn code_value(bytes: &[u8]) -> Option<(usize, u32)> {
+    (1..=4).contains(&bytes.len()).then(|| {
+        (
+            bytes.len(),
+            bytes.iter().fold(0u32, |v, &b| (v << 8) | u32::from(b)),
+        )
+    })
+}
+
+fn utf16_text(units: &[u16]) -> String {
+    char::decode_utf16(units.iter().copied())
+        .map(|c| c.unwrap_or('\u{FFFD}'))
+        .collect()
+}
+
+fn utf16_units(bytes: &[u8]) -> Vec<u16> {
+    bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]))
+        .collect()
+}
+
+impl ToUnicode {
+    /// Parses a CMap stream with the content lexer (hex strings, arrays, names, keywords).
+    fn parse(data: &[u8], ctx: &Ctx<'_>) -> Result<Self> {
+        let mut lx = Lexer::new(data, 0, ctx);
+        let mut cmap = ToUnicode::default();
+        let mut section: Option<&[u8]> = None;
+        let mut items: Vec<Obj> = Vec::new();
+        loop {
+            match lx.item(0)? {
+                Item::Eof => break,
+                Item::Obj(o) => {
+                    if section.is_some() {
+                        items.push(o);
+                    }
+                }
+                Item::Keyword(k) => match k {
+                    b"begincodespacerange" | b"beginbfchar" | b"beginbfrange" => {
+                        section = Some(k);
+                        items.clear();
+                    }
+                    b"endcodespacerange" | b"endbfchar" | b"endbfrange" => {
+                        match section {
+                            Some(b"begincodespacerange") => cmap.add_spaces(&items),
+                            Some(b"beginbfchar") => cmap.add_chars(&items),
+                            Some(b"beginbfrange") => cmap.add_ranges(&items),
+                            _ => {}
+                        }
+                        section = None;
+                        items.clear();
+                    }
+                    _ => {}
+                },
+            }
+        }
+        Ok(cmap)
+    }
+
+    fn add_spaces(&mut self, items: &[Obj]) {
+        for pair in items.chunks_exact(2) {
+            if let (Obj::Str(lo), Obj::Str(hi)) = (&pair[0], &pair[1])
+                && let (Some((n, lo)), Some((m, hi))) = (code_value(lo), code_value(hi))
+                && n == m
+                && lo <= hi
+            {
+                self.spaces.push((n, lo, hi));
+            }
+        }
+    }
+
+    fn add_chars(&mut self, items: &[Obj]) {
+        for pair in items.chunks_exact(2) {
+            let (Obj::Str(src), dst) = (&pair[0], &pair[1]) else {
+                continue;
+            };
+            let Some(code) = code_value(src) else {
+                continue;
+            };
+            let text = match dst {
+                Obj::Str(d) => utf16_text(&utf16_units(d)),
+                Obj::Name(n) => String::from_utf8_lossy(n).into_owned(),
+                _ => continue,
+            };
+            self.chars.insert(code, text);
+        }
+    }
+
+    fn add_ranges(&mut self, items: &[Obj]) {
+        for triple in items.chunks_exact(3) {
+            let (Obj::Str(lo), Obj::Str(hi)) = (&triple[0], &triple[1]) else {
+                continue;
+            };
+            let (Some((n, lo)), Some((m, hi))) = (code_value(lo), code_value(hi)) else {
+                continue;
+            };
+            if n != m || lo > hi || hi - lo > MAX_CMAP_RANGE {
+                continue;
+            }
+            let dst = match &triple[2] {
+                Obj::Str(d) if !d.is_empty() => RangeDst::Start(utf16_units(d)),
+                Obj::Array(list) => RangeDst::List(
+                    list.iter()
+                        .take((hi - lo + 1) as usize)
+                        .map(|o| match o {
+                            Obj::Str(d) => utf16_text(&utf16_units(d)),
+                            _ => String::new(),
+                        })
+                        .collect(),
+                ),
+                _ => continue,
+            };
+            self.ranges.push((n, lo, hi, dst));
+        }
+    }
+
+    /// The length of the code at the start of `bytes`: the first codespace length (shortest
+    /// first) whose range holds it, else the shortest codespace length, else `default`.
+    fn code_len(&self, bytes: &[u8], default: usize) -> usize {
+        let mut lens: Vec<usize> = self.spaces.iter().map(|s| s.0).collect();
+        lens.sort_unstable();
+        lens.dedup();
+        for &n in &lens {
+            if let Some((_, v)) = bytes.get(..n).and_then(code_value)
+                && self
+                    .spaces
+                    .iter()
+                    .any(|&(m, lo, hi)| m == n && (lo..=hi).contains(&v))
+            {
+                return n;
+            }
+        }
+        lens.first().copied().unwrap_or(default)
+    }
+
+    fn lookup(&self, len: usize, code: u32) -> Option<Cow<'_, str>> {
+        if let Some(t) = self.chars.get(&(len, code)) {
+            return Some(Cow::Borrowed(t));
+        }
+        self.ranges
+            .iter()
+            .rev()
+            .find(|(n, lo, hi, _)| *n == len && (*lo..=*hi).contains(&code))
+            .and_then(|(_, lo, _, dst)| {
+                let k = code - lo;
+                match dst {
+                    RangeDst::Start(units) => {
+                        let mut units = units.clone();
+                        let last = units.len() - 1;
+                        units[last] = units[last].wrapping_add(k as u16);
+                        Some(Cow::Owned(utf16_text(&units)))
+                    }
+                    RangeDst::List(list) => list.get(k as usize).map(|t| Cow::Borrowed(t.as_str())),
+                }
+            })
+    }
 }
 
 impl TextOut {
+    /// Appends a string drawn with `font` (no font: Latin-1).
+    fn push_shown(&mut self, bytes: &[u8], font: Option<&FontText>) {
+        match font {
+            None | Some(FontText::Latin1) => self.push_bytes(bytes),
+            Some(FontText::Opaque) => {}
+            Some(FontText::Cmap { cmap, simple }) => {
+                let default = if *simple { 1 } else { 2 };
+                let mut i = 0;
+                while i < bytes.len() && !self.full() {
+                    let n = cmap.code_len(&bytes[i..], default).min(bytes.len() - i);
+                    match code_value(&bytes[i..i + n]).and_then(|(n, v)| cmap.lookup(n, v)) {
+                        Some(t) => self.push_str(&t),
+                        None if *simple => self.push_bytes(&bytes[i..i + n]),
+                        None => {}
+                    }
+                    i += n;
+                }
+            }
+        }
+    }
+
+    fn push_str(&mut self, text: &str) {
+        for c in text.chars() {
+            if self.full() {
+                return;
+            }
+            if !c.is_control() || c == '\t' {
+                self.text.push(c);
+                self.chars += 1;
+            }
+        }
+    }
+
     fn full(&self) -> bool {
         self.chars >= self.max
     }
@@ -1910,6 +2139,7 @@ impl Doc<'_, '_> {
     ) -> Result<()> {
         let mut lx = Lexer::new(content, 0, &self.ctx);
         let mut operands: Vec<Obj> = Vec::new();
+        let mut font: Option<Rc<FontText>> = None;
         loop {
             if out.full() {
                 return Ok(());
@@ -1932,12 +2162,17 @@ impl Doc<'_, '_> {
                 Item::Keyword(op) => op,
             };
             match op {
+                b"Tf" => {
+                    if let Some(Obj::Name(name)) = operands.first() {
+                        font = self.font_text(resources, name, out)?;
+                    }
+                }
                 b"Tj" | b"'" | b"\"" => {
                     if op != b"Tj" {
                         out.separate('\n');
                     }
                     if let Some(Obj::Str(s)) = operands.last() {
-                        out.push_bytes(s);
+                        out.push_shown(s, font.as_deref());
                         out.separate(' ');
                     }
                 }
@@ -1945,7 +2180,7 @@ impl Doc<'_, '_> {
                     if let Some(Obj::Array(parts)) = operands.last() {
                         for part in parts {
                             match part {
-                                Obj::Str(s) => out.push_bytes(s),
+                                Obj::Str(s) => out.push_shown(s, font.as_deref()),
                                 // A wide negative adjustment is a word space.
                                 Obj::Int(i) if *i < -200 => out.separate(' '),
                                 Obj::Real(r)
@@ -2002,6 +2237,66 @@ impl Doc<'_, '_> {
             }
             operands.clear();
         }
+    }
+
+    /// How the font `name` of `resources` shows text (each font object read once).
+    fn font_text(
+        &self,
+        resources: Option<&Obj>,
+        name: &[u8],
+        out: &mut TextOut,
+    ) -> Result<Option<Rc<FontText>>> {
+        let Some(resources) = resources else {
+            return Ok(None);
+        };
+        let Obj::Dict(resources) = self.resolve(resources)? else {
+            return Ok(None);
+        };
+        let Some(fonts) = resources.get(b"Font") else {
+            return Ok(None);
+        };
+        let Obj::Dict(fonts) = self.resolve(fonts)? else {
+            return Ok(None);
+        };
+        let Some(font) = fonts.get(name) else {
+            return Ok(None);
+        };
+        let key = match font {
+            Obj::Ref(num, _) => Some(*num),
+            _ => None,
+        };
+        if let Some(known) = key.and_then(|k| out.fonts.get(&k)) {
+            return Ok(Some(known.clone()));
+        }
+        let Obj::Dict(font) = self.resolve(font)? else {
+            return Ok(None);
+        };
+        let simple = !font.get(b"Subtype").is_some_and(|s| s.is_name(b"Type0"));
+        let cmap = match font
+            .get(b"ToUnicode")
+            .map(|t| self.resolve(t))
+            .transpose()?
+        {
+            Some(Obj::Stream(stream)) => match self
+                .decode(&stream)
+                .and_then(|data| ToUnicode::parse(&data, &self.ctx))
+            {
+                Ok(cmap) => Some(cmap),
+                // A CMap that does not parse is left out, as a damaged content stream is.
+                Err(NotInspectable::Malformed(_)) => None,
+                Err(e) => return Err(e),
+            },
+            _ => None,
+        };
+        let text = Rc::new(match cmap {
+            Some(cmap) => FontText::Cmap { cmap, simple },
+            None if simple => FontText::Latin1,
+            None => FontText::Opaque,
+        });
+        if let Some(k) = key {
+            out.fonts.insert(k, text.clone());
+        }
+        Ok(Some(text))
     }
 
     /// The text of the form XObject `name` of `resources`, each form once.
@@ -2646,6 +2941,45 @@ mod tests {
         let pdf = classic_pdf(&objs, "/Root 1 0 R");
         let t = text(&pdf, &Limits::default(), 1000).unwrap();
         assert_eq!(t.trim(), "Abc\nline two\nin form");
+    }
+
+    #[test]
+    fn text_through_to_unicode_cmaps_of_simple_and_cid_keyed_fonts() {
+        // A subset TrueType font with one-byte codes, as LibreOffice writes them.
+        let cmap1 = b"/CIDInit /ProcSet findresource begin 12 dict begin begincmap \
+            1 begincodespacerange <00> <FF> endcodespacerange \
+            3 beginbfchar <01> <0034> <02> <0031> <03> <0020> endbfchar endcmap";
+        // A Type0 font with two-byte codes: digits by a range, letters by a list, an emoji as
+        // a surrogate pair.
+        let cmap2 = b"begincmap 1 begincodespacerange <0000> <FFFF> endcodespacerange \
+            2 beginbfrange <0010> <0019> <0030> <0020> <0021> [<0041> <00420043>] endbfrange \
+            2 beginbfchar <0003> <0020> <0004> <D83DDE00> endbfchar endcmap";
+        let content = b"BT /F1 12 Tf [<0102> 3 <03>] TJ \
+            /F2 12 Tf <00110012000300200021 0004> Tj \
+            /F3 12 Tf <0011> Tj /F4 9 Tf (Hi) Tj ET";
+        let objs = vec![
+            b"<< /Type /Catalog /Pages 2 0 R >>".to_vec(),
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
+            b"<< /Type /Page /Parent 2 0 R /Contents 4 0 R /Resources << /Font << \
+              /F1 5 0 R /F2 7 0 R /F3 9 0 R /F4 10 0 R >> >> >>"
+                .to_vec(),
+            stream_body("", content),
+            b"<< /Type /Font /Subtype /TrueType /BaseFont /ABCDEF+Liberation /ToUnicode 6 0 R >>"
+                .to_vec(),
+            stream_body("", cmap1),
+            b"<< /Type /Font /Subtype /Type0 /Encoding /Identity-H /ToUnicode 8 0 R >>".to_vec(),
+            stream_body("", cmap2),
+            // CID-keyed without ToUnicode: glyph numbers, left out.
+            b"<< /Type /Font /Subtype /Type0 /Encoding /Identity-H >>".to_vec(),
+            // A CMap that does not parse: the simple font falls back to Latin-1.
+            b"<< /Type /Font /Subtype /TrueType /ToUnicode 11 0 R >>".to_vec(),
+            stream_body("", b"begincmap 1 beginbfchar <48> (unterminated"),
+        ];
+        let pdf = classic_pdf(&objs, "/Root 1 0 R");
+        let t = text(&pdf, &Limits::default(), 1000).unwrap();
+        assert_eq!(t.trim(), "41 12 ABC\u{1F600} Hi");
+        // The bound counts decoded characters.
+        assert_eq!(text(&pdf, &Limits::default(), 3).unwrap(), "41 ");
     }
 
     #[test]
