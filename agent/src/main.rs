@@ -506,8 +506,17 @@ fn inspect_command(a: InspectArgs) -> anyhow::Result<()> {
         Ok(v)
     };
     let Some(wanted) = a.apply_label else {
-        let facts = inspect::inspect_file(&bytes, name.as_deref(), &limits, &set.detectors);
-        say!("{}", serde_json::to_string_pretty(&describe(&facts)?)?);
+        // An archive lists the files inside it (as uploads decide them) under `members`.
+        let all = inspect::inspect_with_members(&bytes, name.as_deref(), &limits, &set.detectors);
+        let mut v = describe(&all[0])?;
+        if all.len() > 1 {
+            v["members"] = all[1..]
+                .iter()
+                .map(&describe)
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .into();
+        }
+        say!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     };
     let Some(out) = a.out else {

@@ -112,6 +112,20 @@ fn reports_type_labels_dlp_and_why_a_file_is_not_inspectable() {
         "{pdf}"
     );
 
+    // An archive lists the files inside it, each inspected as a file.
+    let (_, v, _) = inspect(&[&fixture("zipped-confidential.zip")]);
+    assert_eq!(v["type"], "zip", "{v}");
+    let members = v["members"].as_array().expect("members");
+    assert_eq!(members.len(), 2, "{v}");
+    assert_eq!(
+        members[0]["name"],
+        "zipped-confidential.zip/confidential.docx"
+    );
+    assert_eq!(members[0]["type"], "docx");
+    assert_eq!(members[0]["labels"][0]["guid"], CONFIDENTIAL, "{v}");
+    assert_eq!(members[1]["type"], "pdf");
+    assert_eq!(members[1]["labels"][0]["guid"], CONFIDENTIAL, "{v}");
+
     // A file whose name lies about its type is sniffed by its bytes.
     let dir = TempDir::new("inspect-cli-lies");
     let liar = dir.join("photo.png");

@@ -442,6 +442,44 @@ fn an_unlabeled_upload_is_blocked_before_the_app_sees_it_with_a_message_for_each
     assert_eq!(ev["policy"], "block-unlabelled-uploads", "{ev}");
     assert!(ev["files"][0]["not_inspectable"].is_null(), "{ev}");
 
+    // Zipping a document does not hide it: the archive's members are decided as files, and
+    // the message names the one at fault.
+    let zipped = fixture("zipped-plain.zip");
+    let form_zip = format!("file=@{}", zipped.display());
+    let got = e.curl(
+        alice,
+        &[
+            "-H",
+            "Accept: application/json",
+            "-F",
+            &form_zip,
+            &e.url("/upload"),
+        ],
+    );
+    assert_eq!(got.status, 403, "{}", got.text());
+    assert!(
+        got.text().contains("zipped-plain.zip/plain.docx"),
+        "{}",
+        got.text()
+    );
+    let ev = e.event_by_incident(&got.header("x-sluice-incident").expect("incident"));
+    assert_eq!(ev["policy"], "block-unlabelled-uploads", "{ev}");
+    let names: Vec<&str> = ev["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "zipped-plain.zip",
+            "zipped-plain.zip/plain.docx",
+            "zipped-plain.zip/plain.pdf"
+        ],
+        "{ev}"
+    );
+
     // Legacy binary files need a label too.
     for name in ["plain.doc", "plain.xls", "plain.ppt"] {
         let path = fixture(name);
@@ -503,6 +541,7 @@ fn labeled_office_and_pdf_uploads_pass_byte_for_byte() {
         "confidential.doc",
         "confidential.xls",
         "confidential.ppt",
+        "zipped-confidential.zip",
     ] {
         let path = fixture(name);
         let form = format!("file=@{}", path.display());
@@ -532,9 +571,11 @@ fn labeled_office_and_pdf_uploads_pass_byte_for_byte() {
         let ev = e.event_for("POST", "/upload");
         assert_eq!(ev["action"], "monitor", "{ev}");
         assert_eq!(ev["files"][0]["name"], name);
+        // An archive's members carry the labels (the archive itself has none).
+        let last = ev["files"].as_array().and_then(|f| f.last()).unwrap();
         assert_eq!(
-            ev["files"][0]["labels"][0]["guid"],
-            "4e1d2c3b-5a69-4b7c-8d9e-0f1a2b3c4d5e"
+            last["labels"][0]["guid"], "4e1d2c3b-5a69-4b7c-8d9e-0f1a2b3c4d5e",
+            "{ev}"
         );
     }
     // Through the API as a raw body too.

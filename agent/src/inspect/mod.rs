@@ -241,7 +241,8 @@ pub(crate) fn labels_from_properties(
 /// Everything Sluice sees in one file (`sluice inspect` prints this as JSON).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FileFacts {
-    /// File name, when the exchange gave one (last path component).
+    /// File name, when the exchange gave one (last path component); for a file inside an
+    /// archive, the archive's name and the path inside it (`bundle.zip/q3/report.docx`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Size in bytes.
@@ -270,6 +271,93 @@ impl FileFacts {
     pub fn enabled_labels(&self) -> impl Iterator<Item = &FileLabel> {
         self.labels.iter().filter(|l| l.enabled)
     }
+}
+
+/// How deep archives inside archives are opened.
+pub const MAX_ARCHIVE_DEPTH: usize = 2;
+/// Most files inspected inside one archive (nested ones included).
+pub const MAX_ARCHIVE_MEMBERS: usize = 1000;
+
+/// Inspects a file and, when it is a zip archive (not an Office package), every file inside
+/// it as a file of its own, so that zipping a document does not hide it from the policies: the
+/// archive's facts come first, then its members' (named `archive.zip/path/in/it`), archives in
+/// archives down to [`MAX_ARCHIVE_DEPTH`].
+///
+/// Members share the archive's bounds: its inflation budget, its deadline (each member gets the
+/// time that is left) and [`MAX_ARCHIVE_MEMBERS`]; past one of them the archive itself is not
+/// inspectable. A member that cannot be read is reported not inspectable with the reason.
+pub fn inspect_with_members(
+    bytes: &[u8],
+    name: Option<&str>,
+    limits: &Limits,
+    detectors: &dlp::Detectors,
+) -> Vec<FileFacts> {
+    let mut out = vec![inspect_file(bytes, name, limits, detectors)];
+    if out[0].kind == Some(FileType::Zip) && out[0].not_inspectable.is_none() {
+        let mut budget = zip::Budget::new(limits);
+        let prefix = name.unwrap_or("archive.zip").to_owned();
+        if let Err(e) = members(bytes, &prefix, 1, limits, detectors, &mut budget, &mut out) {
+            out[0].not_inspectable = Some(e);
+        }
+    }
+    out
+}
+
+/// Appends the facts of the files in the archive `bytes` (named `prefix`) to `out`.
+fn members(
+    bytes: &[u8],
+    prefix: &str,
+    depth: usize,
+    limits: &Limits,
+    detectors: &dlp::Detectors,
+    budget: &mut zip::Budget,
+    out: &mut Vec<FileFacts>,
+) -> Result<(), NotInspectable> {
+    let archive = zip::Archive::parse(bytes, limits)?;
+    let names: Vec<String> = archive
+        .names()
+        .filter(|n| !n.ends_with('/'))
+        .map(str::to_owned)
+        .collect();
+    for n in names {
+        budget.check_time()?;
+        if out.len() > MAX_ARCHIVE_MEMBERS {
+            return Err(NotInspectable::Bomb(format!(
+                "more than {MAX_ARCHIVE_MEMBERS} files inside the archive"
+            )));
+        }
+        let full = format!("{prefix}/{n}");
+        let data = match archive.read(&n, budget) {
+            Ok(data) => data,
+            // The archive's own bounds end the whole inspection.
+            Err(e @ (NotInspectable::Bomb(_) | NotInspectable::Timeout(_))) => return Err(e),
+            Err(e) => {
+                out.push(FileFacts {
+                    name: Some(full),
+                    not_inspectable: Some(e),
+                    ..FileFacts::default()
+                });
+                continue;
+            }
+        };
+        let member_limits = Limits {
+            max_time: budget.deadline().remaining(),
+            ..limits.clone()
+        };
+        let mut facts = inspect_file(&data, Some(&full), &member_limits, detectors);
+        if let Some(NotInspectable::Timeout(_)) = facts.not_inspectable {
+            return Err(NotInspectable::Timeout(limits.max_time));
+        }
+        let nested = facts.kind == Some(FileType::Zip) && facts.not_inspectable.is_none();
+        if nested && depth >= MAX_ARCHIVE_DEPTH {
+            facts.not_inspectable = Some(NotInspectable::TooDeep(MAX_ARCHIVE_DEPTH));
+        }
+        out.push(facts);
+        if nested && depth < MAX_ARCHIVE_DEPTH {
+            members(&data, &full, depth + 1, limits, detectors, budget, out)?;
+        }
+    }
+    Ok(())
 }
 
 /// Most characters of document text scanned for DLP.
@@ -443,6 +531,70 @@ mod tests {
 
     fn facts(bytes: &[u8]) -> FileFacts {
         inspect_file(bytes, None, &Limits::default(), &dlp::Detectors::default())
+    }
+
+    #[test]
+    fn archives_bring_their_members_down_to_the_depth_bound() {
+        let cards = b"4111 1111 1111 1111, 5500-0000-0000-0004, 340000000000009";
+        let deepest = zip::build(&[("deepest.txt", b"x")]).unwrap();
+        let inner = zip::build(&[("cards.txt", cards), ("deeper.zip", &deepest)]).unwrap();
+        let outer =
+            zip::build(&[("dir/", b""), ("a.txt", b"hello"), ("inner.zip", &inner)]).unwrap();
+        let limits = Limits::default();
+        let all = inspect_with_members(&outer, Some("up.zip"), &limits, &dlp::Detectors::default());
+        let names: Vec<&str> = all.iter().map(|f| f.name.as_deref().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "up.zip",
+                "up.zip/a.txt",
+                "up.zip/inner.zip",
+                "up.zip/inner.zip/cards.txt",
+                "up.zip/inner.zip/deeper.zip"
+            ]
+        );
+        assert!(all[0].not_inspectable.is_none());
+        assert_eq!(all[3].dlp.get("credit_card"), Some(&3), "{:?}", all[3].dlp);
+        // An archive below the depth bound is not opened, and says so.
+        assert!(matches!(
+            all[4].not_inspectable,
+            Some(NotInspectable::TooDeep(MAX_ARCHIVE_DEPTH))
+        ));
+        // A member whose data is damaged is not inspectable; the others still are.
+        let mut bad = zip::build(&[("ok.txt", b"fine"), ("bad.txt", b"some text here")]).unwrap();
+        let at = memchr::memmem::find(&bad, b"bad.txt").unwrap() + 7;
+        bad[at] ^= 0xFF;
+        let all = inspect_with_members(&bad, None, &limits, &dlp::Detectors::default());
+        assert_eq!(all.len(), 3);
+        assert!(all[1].not_inspectable.is_none());
+        assert!(matches!(
+            all[2].not_inspectable,
+            Some(NotInspectable::Malformed(_))
+        ));
+        // Past the member bound, the archive itself is not inspectable.
+        let many: Vec<(String, Vec<u8>)> = (0..=MAX_ARCHIVE_MEMBERS)
+            .map(|i| (format!("f{i}.txt"), b"x".to_vec()))
+            .collect();
+        let refs: Vec<(&str, &[u8])> = many
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice()))
+            .collect();
+        let z = zip::build(&refs).unwrap();
+        let all = inspect_with_members(&z, None, &limits, &dlp::Detectors::default());
+        assert!(matches!(
+            all[0].not_inspectable,
+            Some(NotInspectable::Bomb(_))
+        ));
+        // An Office package is a file, not an archive of members.
+        let docx = zip::build(&[
+            ("[Content_Types].xml", b"<Types/>"),
+            ("word/document.xml", b"<w:document/>"),
+        ])
+        .unwrap();
+        assert_eq!(
+            inspect_with_members(&docx, None, &limits, &dlp::Detectors::default()).len(),
+            1
+        );
     }
 
     #[test]

@@ -107,6 +107,11 @@ impl Deadline {
         }
     }
 
+    /// The time left (zero once passed).
+    pub fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
     /// `Err(Timeout)` once the deadline has passed.
     pub fn check(&self) -> Result<(), NotInspectable> {
         if Instant::now() > self.at {

@@ -713,7 +713,8 @@ impl BodyInspector for Upload {
                                 .is_some_and(|f| p.name.as_deref() == Some(f));
                         if is_file {
                             has_file_part = true;
-                            files.push(inspect::inspect_file(
+                            // An archive brings its members: each is decided as a file.
+                            files.extend(inspect::inspect_with_members(
                                 data,
                                 p.file_name.as_deref(),
                                 &req.limits,
@@ -743,16 +744,20 @@ impl BodyInspector for Upload {
             add_hits(detectors.scan(body));
         } else if !body.is_empty() {
             // A raw body: a file when the definition says upload or the bytes are a file type.
-            let facts =
-                inspect::inspect_file(body, req.defined_name.as_deref(), &req.limits, detectors);
+            let mut all = inspect::inspect_with_members(
+                body,
+                req.defined_name.as_deref(),
+                &req.limits,
+                detectors,
+            );
             let is_file_type = !matches!(
-                facts.kind,
+                all[0].kind,
                 Some(inspect::FileType::Text | inspect::FileType::Json)
             );
             if req.defined == Some(Activity::Upload) || is_file_type {
-                files.push(facts);
+                files.append(&mut all);
             } else {
-                for (k, v) in facts.dlp {
+                for (k, v) in all.swap_remove(0).dlp {
                     *text_dlp.entry(k).or_default() += v;
                 }
             }
