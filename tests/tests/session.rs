@@ -653,6 +653,45 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
         assert_eq!(ev["files"][0]["name"], name);
     }
 
+    // An archive holding a Highly Confidential document: the document inside arrives labeled
+    // and protected, the other member byte for byte.
+    let name = "zipped-highly-confidential.zip";
+    let (_, out) = download(
+        &e,
+        "alice@corp.example",
+        name,
+        std::fs::read(fixture(name)).unwrap(),
+    );
+    let unpacked = e.dir.join("unpacked");
+    let status = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])",
+        ])
+        .arg(&out)
+        .arg(&unpacked)
+        .status()
+        .expect("python3");
+    assert!(status.success(), "the archive does not unpack");
+    let read =
+        demo_app::read_label(&unpacked.join("highly-confidential.docx"), true).expect("opens");
+    assert_eq!(read["label"], hc_guid, "{read}");
+    assert_eq!(read["properties"]["Sluice_Permissions"], "view", "{read}");
+    assert_eq!(read["libreoffice"], true, "{read}");
+    assert_eq!(
+        std::fs::read(unpacked.join("plain.pdf")).unwrap(),
+        std::fs::read(fixture("plain.pdf")).unwrap()
+    );
+    let ev = e.event_for("GET", "/download");
+    assert_eq!(ev["action"], "protect", "{ev}");
+    assert_eq!(ev["policy"], "protect-hc-downloads-unmanaged", "{ev}");
+    assert_eq!(ev["label_applied"], "highly-confidential", "{ev}");
+    assert_eq!(
+        ev["files"][1]["name"],
+        format!("{name}/highly-confidential.docx"),
+        "{ev}"
+    );
+
     // Asking for a byte range does not get an unlabeled piece: the whole file arrives, labeled.
     let original = std::fs::read(fixture("highly-confidential.docx")).unwrap();
     let info = e

@@ -904,53 +904,63 @@ impl BodyInspector for DownloadInspector {
                 }
             },
         };
-        let mut facts = inspect::inspect_file(
+        // An archive brings its members: each is decided as a file, the most restrictive
+        // decision stands, and members whose decision writes a label get it inside the archive.
+        let mut files = inspect::inspect_with_members(
             &body,
             self.dl.name.as_deref(),
             &req.limits,
             &req.set.detectors,
         );
-        let mut d = req.decide_file(Activity::Download, Some(&facts), &Dlp::new());
+        let decisions: Vec<Decided> = files
+            .iter()
+            .map(|f| req.decide_file(Activity::Download, Some(f), &Dlp::new()))
+            .collect();
+        let worst = (0..decisions.len())
+            .reduce(|a, b| {
+                if decisions[b].action > decisions[a].action {
+                    b
+                } else {
+                    a
+                }
+            })
+            .unwrap_or(0);
+        let mut d = decisions[worst].clone();
         let mut out: Option<Vec<u8>> = None;
         let mut applied = None;
         if matches!(d.action, Action::ApplyLabel | Action::Protect) {
-            match self.label_for(&d) {
-                None => {
-                    facts.not_inspectable = Some(NotInspectable::Unsupported(format!(
-                        "label `{}` is not in the bundle's label catalogue",
-                        d.label.as_deref().unwrap_or("")
-                    )));
+            let written = if files.len() > 1 {
+                self.label_members(&body, &mut files, &decisions)
+            } else {
+                self.label_file(&body, &mut files[0], &d)
+            };
+            match written {
+                Ok(Some(v)) => {
+                    out = Some(v);
+                    applied = self.label_for(&d).map(|(id, spec)| (id, spec.permissions));
                 }
-                Some((id, spec)) => {
-                    // Protecting a file that already carries this very label rewrites it with
-                    // the permissions; any other existing label stays unless the policy says
-                    // to replace it.
-                    let same = facts.enabled_labels().any(|l| l.guid == spec.guid);
-                    let replace = d.replace_label || (d.action == Action::Protect && same);
-                    match inspect::apply_label(&body, &spec, replace, &req.limits) {
-                        Ok(Applied::Labeled(v)) => {
-                            out = Some(v);
-                            applied = Some((id, spec.permissions.clone()));
-                        }
-                        Ok(Applied::AlreadyLabeled(_)) => {}
-                        Err(e) => facts.not_inspectable = Some(e),
-                    }
-                }
+                Ok(None) => {}
+                Err(e) => files[0].not_inspectable = Some(e),
             }
             if applied.is_none()
-                && facts.not_inspectable.is_some()
+                && files.iter().any(|f| f.not_inspectable.is_some())
                 && req.not_inspectable > Action::Protect
             {
                 d.action = req.not_inspectable;
             }
         }
+        let facts_name = files[0].name.clone();
         req.record(&d, Activity::Download, Kind::Session);
-        let name = facts.name.clone();
+        // The block page names the file at fault (a member of an archive, when it is one).
+        let name = files[worst].name.clone().or(facts_name);
+        let detail = files
+            .iter()
+            .find_map(|f| f.not_inspectable.as_ref().map(|n| n.to_string()));
         req.with_event(|e| {
             if e.detail.is_none() {
-                e.detail = facts.not_inspectable.as_ref().map(|n| n.to_string());
+                e.detail = detail;
             }
-            e.files.push(facts);
+            e.files.extend(files);
             if let Some((id, perms)) = &applied {
                 e.label_applied = Some(id.clone());
                 e.permissions = perms.clone();
@@ -968,6 +978,81 @@ impl BodyInspector for DownloadInspector {
 }
 
 impl DownloadInspector {
+    /// Writes the label decision `d` asks for into one file: its new bytes, or `None` when it
+    /// already carries the label.
+    fn label_file(
+        &self,
+        body: &[u8],
+        facts: &mut FileFacts,
+        d: &Decided,
+    ) -> Result<Option<Vec<u8>>, NotInspectable> {
+        let Some((_, spec)) = self.label_for(d) else {
+            let e = NotInspectable::Unsupported(format!(
+                "label `{}` is not in the bundle's label catalogue",
+                d.label.as_deref().unwrap_or("")
+            ));
+            facts.not_inspectable = Some(e.clone());
+            return Err(e);
+        };
+        // Protecting a file that already carries this very label rewrites it with the
+        // permissions; any other existing label stays unless the policy says to replace it.
+        let same = facts.enabled_labels().any(|l| l.guid == spec.guid);
+        let replace = d.replace_label || (d.action == Action::Protect && same);
+        match inspect::apply_label(body, &spec, replace, &self.req.limits) {
+            Ok(Applied::Labeled(v)) => Ok(Some(v)),
+            Ok(Applied::AlreadyLabeled(_)) => Ok(None),
+            Err(e) => {
+                facts.not_inspectable = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes into an archive the labels its members' decisions ask for: the members are
+    /// replaced in place, every other entry is copied raw. `files` are the archive and its
+    /// members as [`inspect::inspect_with_members`] gave them. A member inside an inner archive
+    /// cannot be rewritten, nor can one whose type takes no label: the archive is then not
+    /// inspectable (and the member says why).
+    fn label_members(
+        &self,
+        body: &[u8],
+        files: &mut [FileFacts],
+        decisions: &[Decided],
+    ) -> Result<Option<Vec<u8>>, NotInspectable> {
+        let limits = &self.req.limits;
+        let prefix = format!("{}/", files[0].name.as_deref().unwrap_or("archive.zip"));
+        let archive = inspect::zip::Archive::parse(body, limits)?;
+        let mut budget = inspect::zip::Budget::new(limits);
+        let mut replace: Vec<(String, Vec<u8>)> = Vec::new();
+        for (f, d) in files.iter_mut().zip(decisions).skip(1) {
+            if !matches!(d.action, Action::ApplyLabel | Action::Protect) {
+                continue;
+            }
+            let entry = f
+                .name
+                .as_deref()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .filter(|e| archive.contains(e))
+                .map(str::to_owned);
+            let Some(entry) = entry else {
+                let e =
+                    NotInspectable::Unsupported("files inside an archive inside an archive".into());
+                f.not_inspectable = Some(e.clone());
+                return Err(e);
+            };
+            let data = archive.read(&entry, &mut budget)?;
+            if let Some(v) = self.label_file(&data, f, d)? {
+                replace.push((entry, v));
+            }
+        }
+        if replace.is_empty() {
+            return Ok(None);
+        }
+        let (names, data): (Vec<String>, Vec<Vec<u8>>) = replace.into_iter().unzip();
+        let refs: Vec<(&str, Vec<u8>)> = names.iter().map(String::as_str).zip(data).collect();
+        archive.rewrite(&refs, &[]).map(Some)
+    }
+
     /// The label spec a decision writes: the bundle's label, with the policy's permissions (or
     /// the label's own protection when the action is `protect`).
     fn label_for(&self, d: &Decided) -> Option<(String, LabelSpec)> {
