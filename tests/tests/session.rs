@@ -758,6 +758,20 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
     assert_eq!(ev["policy"], "block-unprotectable-guest-downloads", "{ev}");
     assert_eq!(ev["action"], "block");
 
+    // A text file cannot carry the restriction either: the app's not-inspectable action
+    // (monitor) applies, and the event says so rather than claiming protection.
+    let text = b"meeting notes\n".to_vec();
+    let (got, _) = download(&e, "carol@corp.example", "notes.txt", text.clone());
+    assert_eq!(got.body, text);
+    let ev = e.event_for("GET", "/download");
+    assert_eq!(ev["action"], "monitor", "{ev}");
+    assert!(
+        ev["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("cannot be written into text files")),
+        "{ev}"
+    );
+
     // A member's download of an unlabeled file is not changed.
     let original = std::fs::read(fixture("plain.docx")).unwrap();
     let (_, out) = download(&e, "bob@corp.example", "plain.docx", original.clone());

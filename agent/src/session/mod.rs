@@ -928,6 +928,7 @@ impl BodyInspector for DownloadInspector {
         let mut d = decisions[worst].clone();
         let mut out: Option<Vec<u8>> = None;
         let mut applied = None;
+        let mut downgraded = false;
         if matches!(d.action, Action::ApplyLabel | Action::Protect) {
             let written = if files.len() > 1 {
                 self.label_members(&body, &mut files, &decisions)
@@ -940,17 +941,22 @@ impl BodyInspector for DownloadInspector {
                     applied = self.label_for(&d).map(|(id, spec)| (id, spec.permissions));
                 }
                 Ok(None) => {}
-                Err(e) => files[0].not_inspectable = Some(e),
-            }
-            if applied.is_none()
-                && files.iter().any(|f| f.not_inspectable.is_some())
-                && req.not_inspectable > Action::Protect
-            {
-                d.action = req.not_inspectable;
+                // The label cannot be written: the file is handled as one that cannot be
+                // inspected, and the event says what was done, not what was meant.
+                Err(e) => {
+                    files[0].not_inspectable.get_or_insert(e);
+                    d.action = req.not_inspectable;
+                    downgraded = true;
+                }
             }
         }
         let facts_name = files[0].name.clone();
         req.record(&d, Activity::Download, Kind::Session);
+        if downgraded {
+            // The response head recorded the label the policy meant to write; what was done
+            // replaces it.
+            req.with_event(|e| e.action = d.action);
+        }
         // The block page names the file at fault (a member of an archive, when it is one).
         let name = files[worst].name.clone().or(facts_name);
         let detail = files
