@@ -111,6 +111,13 @@ fn reports_type_labels_dlp_and_why_a_file_is_not_inspectable() {
         pdf["dlp"]["credit_card"], txt["dlp"]["credit_card"],
         "{pdf}"
     );
+    // And in the Word 97 file LibreOffice saved from it.
+    let (_, doc, _) = inspect(&[&fixture("cards.doc")]);
+    assert_eq!(doc["type"], "doc", "{doc}");
+    assert_eq!(
+        doc["dlp"]["credit_card"], txt["dlp"]["credit_card"],
+        "{doc}"
+    );
 
     // An archive lists the files inside it, each inspected as a file.
     let (_, v, _) = inspect(&[&fixture("zipped-confidential.zip")]);

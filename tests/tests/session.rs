@@ -840,19 +840,26 @@ fn card_numbers_over_the_threshold_in_a_form_post_are_blocked_with_the_count() {
 
     // The same in a PDF printed by LibreOffice, whose text only its fonts' ToUnicode maps
     // give back, uploaded through the API.
-    let pdf = fixture("cards.pdf");
-    let put = e.curl(
-        Some("alice@corp.example"),
-        &["-T", pdf.to_str().unwrap(), &e.url("/api/files/cards.pdf")],
-    );
-    assert_eq!(put.status, 403, "{}", put.text());
-    let ev = e.event_by_incident(&put.header("x-sluice-incident").unwrap());
-    assert_eq!(ev["policy"], "block-card-numbers", "{ev}");
-    assert_eq!(ev["files"][0]["type"], "pdf", "{ev}");
-    assert!(
-        ev["files"][0]["dlp"]["credit_card"].as_u64().unwrap_or(0) >= 5,
-        "{ev}"
-    );
+    // So is a Word 97 file LibreOffice saved from the same text.
+    for (name, kind) in [("cards.pdf", "pdf"), ("cards.doc", "doc")] {
+        let path = fixture(name);
+        let put = e.curl(
+            Some("alice@corp.example"),
+            &[
+                "-T",
+                path.to_str().unwrap(),
+                &e.url(&format!("/api/files/{name}")),
+            ],
+        );
+        assert_eq!(put.status, 403, "{name}: {}", put.text());
+        let ev = e.event_by_incident(&put.header("x-sluice-incident").unwrap());
+        assert_eq!(ev["policy"], "block-card-numbers", "{ev}");
+        assert_eq!(ev["files"][0]["type"], kind, "{ev}");
+        assert!(
+            ev["files"][0]["dlp"]["credit_card"].as_u64().unwrap_or(0) >= 5,
+            "{ev}"
+        );
+    }
 
     // Two cards are under the threshold: the share goes through and is recorded with its count.
     let few = format!(

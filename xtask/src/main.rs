@@ -81,6 +81,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Setup => setup(&root),
         Task::Test => {
+            disk_note(&root);
             setup(&root)?;
             // Office and PDF files made by the real tools, for the inspection tests.
             fixtures::fixtures(&root, None, false)?;
@@ -275,6 +276,35 @@ fn cgroup_v2() -> Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // test
+
+/// Says how much disk is free where the build goes, and warns when the build and the tests'
+/// scratch files may not fit (a full disk fails tests in ways that look like their own bugs).
+fn disk_note(root: &Path) {
+    const WANT_GIB: u64 = 4;
+    let out = Command::new("df").arg("-Pk").arg(root).output();
+    let free_kib = out.ok().and_then(|o| {
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        text.lines()
+            .nth(1)?
+            .split_whitespace()
+            .nth(3)?
+            .parse::<u64>()
+            .ok()
+    });
+    match free_kib {
+        Some(k) if k < WANT_GIB << 20 => eprintln!(
+            "disk: WARNING only {:.1} GiB free under {}; the build and the tests want about {WANT_GIB} GiB",
+            k as f64 / f64::from(1 << 20),
+            root.display()
+        ),
+        Some(k) => eprintln!(
+            "disk: {:.1} GiB free under {}",
+            k as f64 / f64::from(1 << 20),
+            root.display()
+        ),
+        None => eprintln!("disk: could not tell the free space (df)"),
+    }
+}
 
 fn cargo() -> Command {
     Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))

@@ -412,6 +412,9 @@ pub fn inspect_file(
             match ole::read(bytes, limits) {
                 Ok(o) => {
                     facts.encrypted = o.encrypted;
+                    if !o.encrypted && kind != FileType::Ole {
+                        text = Some(ole::legacy_text(bytes, limits, MAX_TEXT_CHARS));
+                    }
                     if o.encrypted && !o.labels.iter().any(|l| l.enabled) {
                         facts.labels = o.labels;
                         Err(NotInspectable::Encrypted(format!(

@@ -98,6 +98,78 @@ pub fn kind(bytes: &[u8]) -> FileType {
     kind_of(&streams)
 }
 
+/// Shortest run of printable characters kept by [`legacy_text`].
+const MIN_RUN: usize = 4;
+
+/// Best-effort text of a legacy binary file for DLP: the runs of at least four printable
+/// characters in its main stream (`WordDocument`, `Workbook`/`Book` or `PowerPoint Document`),
+/// read both as 8-bit text and as UTF-16LE (Latin, Greek and Cyrillic), one run per line, at most
+/// `max_chars` characters.
+/// Word keeps its text in one of the two encodings, Excel's shared strings and PowerPoint's text
+/// atoms likewise, so what a person typed is found; numbers Excel stores as numbers are not text.
+pub fn legacy_text(bytes: &[u8], limits: &Limits, max_chars: usize) -> Result<String> {
+    let cfb = Cfb::parse(bytes, limits)?;
+    let ids = cfb.children(0, &mut HashSet::new())?;
+    let main = [WORD_DOCUMENT, WORKBOOK, BOOK, POWERPOINT]
+        .iter()
+        .find_map(|name| {
+            ids.iter().copied().find(|&id| {
+                cfb.dir[id].kind == STREAM && cfb.dir[id].name.eq_ignore_ascii_case(name)
+            })
+        });
+    let Some(id) = main else {
+        return Ok(String::new());
+    };
+    let data = cfb.stream(id)?;
+    let mut out = String::new();
+    let mut chars = 0usize;
+    let mut keep = |run: &mut String, out: &mut String| {
+        let n = run.chars().count();
+        if n >= MIN_RUN && chars < max_chars {
+            out.extend(run.chars().take(max_chars - chars));
+            out.push('\n');
+            chars += n.min(max_chars - chars) + 1;
+        }
+        run.clear();
+    };
+    let printable = |c: char| c == '\t' || !c.is_control();
+    // 8-bit runs (Windows-1252 text reads as Latin-1 for what DLP looks for).
+    let mut run = String::new();
+    for (i, &b) in data.iter().enumerate() {
+        if i % 4096 == 0 {
+            cfb.clock.tick()?;
+        }
+        let c = char::from(b);
+        if b >= 0x20 && printable(c) && b != 0x7F {
+            run.push(c);
+        } else {
+            keep(&mut run, &mut out);
+        }
+    }
+    keep(&mut run, &mut out);
+    // UTF-16LE runs, at both alignments.
+    for start in 0..2 {
+        for (i, unit) in data[start..].chunks_exact(2).enumerate() {
+            if i % 4096 == 0 {
+                cfb.clock.tick()?;
+            }
+            match char::from_u32(u32::from(u16::from_le_bytes([unit[0], unit[1]]))) {
+                Some(c) if printable(c) && wide_text(c) => run.push(c),
+                _ => keep(&mut run, &mut out),
+            }
+        }
+        keep(&mut run, &mut out);
+    }
+    Ok(out)
+}
+
+/// Whether a UTF-16 unit is taken as text: Latin, Greek and Cyrillic letters, digits and
+/// punctuation, dashes and quotes, the euro sign. Two 8-bit characters read as one unit land
+/// beyond these (0x2020 and up), so 8-bit text does not come back as CJK noise.
+fn wide_text(c: char) -> bool {
+    matches!(u32::from(c), 0x20..=0x052F | 0x2010..=0x201F | 0x20AC)
+}
+
 /// Reads an OLE compound file: whether it is an encrypted package, its root-level names and the
 /// labels of its `LabelInfo` stream (the one under `\x06DataSpaces\TransformInfo` first).
 pub fn read(bytes: &[u8], limits: &Limits) -> Result<OleFacts> {
@@ -1301,6 +1373,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn legacy_text_finds_runs_in_both_encodings() {
+        let mut word = fib(0x12F0);
+        word.extend_from_slice(b"\x01\x02plain 8-bit text 4111 1111 1111 1111\x00\x00ab\x00");
+        word.extend(
+            "wide: 5500-0000-0000-0004"
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes),
+        );
+        word.extend_from_slice(&[0, 0, 0xFF]);
+        // At the other alignment too.
+        word.extend(
+            "odd 340000000000009"
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes),
+        );
+        let built = build(&[("WordDocument", &word), ("1Table", b"not the main stream")]);
+        let limits = Limits::default();
+        let text = legacy_text(&built.bytes, &limits, 10_000).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines.contains(&"plain 8-bit text 4111 1111 1111 1111"),
+            "{text:?}"
+        );
+        // (A character just before wide text can join it: "ab\0" then "w\0..." reads "bw...".)
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with("wide: 5500-0000-0000-0004")),
+            "{text:?}"
+        );
+        assert!(lines.contains(&"odd 340000000000009"), "{text:?}");
+        assert!(!text.contains("main stream"), "{text:?}");
+        // Short runs are noise, not text; the bound holds.
+        assert!(!lines.contains(&"ab"));
+        assert!(
+            legacy_text(&built.bytes, &limits, 10)
+                .unwrap()
+                .chars()
+                .count()
+                <= 11
+        );
+        // A compound file without a legacy main stream has no text.
+        let other = build(&[("Something", b"words words words")]);
+        assert_eq!(legacy_text(&other.bytes, &limits, 100).unwrap(), "");
     }
 
     #[test]
