@@ -76,6 +76,21 @@ fn reports_type_labels_dlp_and_why_a_file_is_not_inspectable() {
         assert_eq!(v["labels"].as_array().map(Vec::len), Some(0), "{v}");
         assert!(v["not_inspectable"].is_null(), "{v}");
     }
+    // OpenDocument files saved by LibreOffice: their type and the label in meta.xml.
+    for ext in ["odt", "ods", "odp"] {
+        let (ok, v, err) = inspect(&[&fixture(&format!("confidential.{ext}"))]);
+        assert!(ok, "{err}");
+        assert_eq!(v["type"], ext, "{v}");
+        assert_eq!(v["labels"][0]["guid"], CONFIDENTIAL, "{v}");
+        assert_eq!(v["labels"][0]["source"], "odf_meta", "{v}");
+        let (_, v, _) = inspect(&[&fixture(&format!("plain.{ext}"))]);
+        assert_eq!(v["type"], ext, "{v}");
+        assert_eq!(v["labels"].as_array().map(Vec::len), Some(0), "{v}");
+        assert!(v["not_inspectable"].is_null(), "{v}");
+    }
+    // The test card of plain.docx is found in the text LibreOffice wrote into content.xml.
+    let (_, v, _) = inspect(&[&fixture("plain.odt")]);
+    assert_eq!(v["dlp"]["credit_card"], 1, "{v}");
     for ext in ["doc", "xls"] {
         let (_, v, _) = inspect(&[&fixture(&format!("encrypted.{ext}"))]);
         assert_eq!(v["type"], ext, "{v}");
@@ -152,6 +167,8 @@ fn applies_labels_that_the_real_tools_read_back() {
         "plain.pdf",
         "lo.docx",
         "zip64-plain.docx",
+        "plain.odt",
+        "plain.ods",
     ] {
         let out = dir.join(format!("labeled-{name}"));
         let (ok, v, err) = inspect(&[
@@ -168,7 +185,8 @@ fn applies_labels_that_the_real_tools_read_back() {
         assert_eq!(v["result"]["labels"][0]["guid"], HIGHLY, "{name}: {v}");
         // LibreOffice 7.4 does not load packages in `zip -fz`'s zip64 layout (the unlabeled
         // original neither), so those are opened by python-docx only.
-        let libreoffice = name.ends_with(".docx") && !name.starts_with("zip64-");
+        let libreoffice =
+            (name.ends_with(".docx") || name.ends_with(".odt")) && !name.starts_with("zip64-");
         let read = demo_app::read_label(&out, libreoffice).expect("the tool opens it");
         let props = &read["properties"];
         assert_eq!(

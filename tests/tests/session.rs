@@ -480,8 +480,15 @@ fn an_unlabeled_upload_is_blocked_before_the_app_sees_it_with_a_message_for_each
         "{ev}"
     );
 
-    // Legacy binary files need a label too.
-    for name in ["plain.doc", "plain.xls", "plain.ppt"] {
+    // Legacy binary and OpenDocument files need a label too.
+    for name in [
+        "plain.doc",
+        "plain.xls",
+        "plain.ppt",
+        "plain.odt",
+        "plain.ods",
+        "plain.odp",
+    ] {
         let path = fixture(name);
         let put = e.curl(
             alice,
@@ -541,6 +548,9 @@ fn labeled_office_and_pdf_uploads_pass_byte_for_byte() {
         "confidential.doc",
         "confidential.xls",
         "confidential.ppt",
+        "confidential.odt",
+        "confidential.ods",
+        "confidential.odp",
         "zipped-confidential.zip",
     ] {
         let path = fixture(name);
@@ -618,6 +628,7 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
         "highly-confidential.docx",
         "highly-confidential.pdf",
         "zip64-highly-confidential.docx",
+        "highly-confidential.odt",
     ] {
         let original = std::fs::read(fixture(name)).unwrap();
         let (_, out) = download(&e, "alice@corp.example", name, original.clone());
@@ -628,7 +639,8 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
         );
         // LibreOffice 7.4 does not load packages in `zip -fz`'s zip64 layout (the original
         // neither): python-docx reads that one.
-        let libreoffice = name.ends_with(".docx") && !name.starts_with("zip64-");
+        let libreoffice =
+            (name.ends_with(".docx") || name.ends_with(".odt")) && !name.starts_with("zip64-");
         let read = demo_app::read_label(&out, libreoffice).expect("opens");
         assert_eq!(read["opened"], true);
         let props = &read["properties"];

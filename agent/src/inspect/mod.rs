@@ -6,6 +6,7 @@
 
 pub mod dlp;
 pub mod multipart;
+pub mod odf;
 pub mod ole;
 pub mod ooxml;
 pub mod pdf;
@@ -99,6 +100,8 @@ pub enum LabelSource {
     /// The user-defined properties of a legacy binary file's `\x05DocumentSummaryInformation`
     /// (`MSIP_Label_<GUID>_*`, as Office and LibreOffice write them into .doc, .xls and .ppt).
     OleProperties,
+    /// The `meta:user-defined` properties of an OpenDocument package's `meta.xml`.
+    OdfMeta,
 }
 
 /// A sensitivity label as a file carries it. GUIDs are normalised: lower case, no braces.
@@ -398,6 +401,16 @@ pub fn inspect_file(
             text = Some(ooxml::text(bytes, limits, MAX_TEXT_CHARS));
             ooxml::read_labels(bytes, limits)
         }
+        FileType::Odt | FileType::Ods | FileType::Odp => match odf::read_labels(bytes, limits) {
+            Err(NotInspectable::Encrypted(e)) => {
+                facts.encrypted = true;
+                Err(NotInspectable::Encrypted(e))
+            }
+            other => {
+                text = Some(odf::text(bytes, limits, MAX_TEXT_CHARS));
+                other
+            }
+        },
         FileType::Pdf => match pdf::read_labels(bytes, limits) {
             Err(NotInspectable::Encrypted(e)) => {
                 facts.encrypted = true;
@@ -479,6 +492,9 @@ pub fn apply_label(
             ooxml::apply_label(bytes, spec, replace, limits)
         }
         FileType::Pdf => pdf::apply_label(bytes, spec, replace, limits),
+        FileType::Odt | FileType::Ods | FileType::Odp => {
+            odf::apply_label(bytes, spec, replace, limits)
+        }
         FileType::Ole => Err(NotInspectable::Encrypted(
             "labels cannot be written into encrypted Office packages".into(),
         )),

@@ -23,6 +23,12 @@ pub enum FileType {
     Pptx,
     /// PDF.
     Pdf,
+    /// OpenDocument text (a package whose `mimetype` says so).
+    Odt,
+    /// OpenDocument spreadsheet.
+    Ods,
+    /// OpenDocument presentation.
+    Odp,
     /// Legacy binary Word document (OLE compound file with a `WordDocument` stream).
     Doc,
     /// Legacy binary Excel workbook (OLE compound file with a `Workbook` or `Book` stream).
@@ -54,11 +60,14 @@ pub enum FileType {
 
 impl FileType {
     /// Every type, in declaration order.
-    pub const ALL: [FileType; 17] = [
+    pub const ALL: [FileType; 20] = [
         FileType::Docx,
         FileType::Xlsx,
         FileType::Pptx,
         FileType::Pdf,
+        FileType::Odt,
+        FileType::Ods,
+        FileType::Odp,
         FileType::Doc,
         FileType::Xls,
         FileType::Ppt,
@@ -81,6 +90,9 @@ impl FileType {
             FileType::Xlsx => "xlsx",
             FileType::Pptx => "pptx",
             FileType::Pdf => "pdf",
+            FileType::Odt => "odt",
+            FileType::Ods => "ods",
+            FileType::Odp => "odp",
             FileType::Doc => "doc",
             FileType::Xls => "xls",
             FileType::Ppt => "ppt",
@@ -108,6 +120,9 @@ impl FileType {
                 "application/vnd.openxmlformats-officedocument.presentationml.presentation"
             }
             FileType::Pdf => "application/pdf",
+            FileType::Odt => "application/vnd.oasis.opendocument.text",
+            FileType::Ods => "application/vnd.oasis.opendocument.spreadsheet",
+            FileType::Odp => "application/vnd.oasis.opendocument.presentation",
             FileType::Doc => "application/msword",
             FileType::Xls => "application/vnd.ms-excel",
             FileType::Ppt => "application/vnd.ms-powerpoint",
@@ -178,7 +193,9 @@ pub fn sniff(bytes: &[u8]) -> FileType {
 /// (corrupt archives included).
 fn zip_kind(bytes: &[u8]) -> FileType {
     match Archive::parse(bytes, &Limits::default()) {
-        Ok(a) => office_kind(&a).unwrap_or(FileType::Zip),
+        Ok(a) => office_kind(&a)
+            .or_else(|| super::odf::kind(&a))
+            .unwrap_or(FileType::Zip),
         Err(_) => FileType::Zip,
     }
 }

@@ -23,7 +23,7 @@ fn the_default_bundle_compiles_and_its_tests_pass() {
     assert_eq!(set.len(), 10);
     let (passed, failures) = set.run_tests();
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(passed, 14);
+    assert_eq!(passed, 15);
     // The directory as events report it.
     assert_eq!(
         set.directory_user("carol@corp.example"),
