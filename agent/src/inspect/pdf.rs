@@ -1814,26 +1814,27 @@ enum FontText {
     Cmap { cmap: ToUnicode, simple: bool },
 }
 
-/// Where a `bfrange` maps its codes.
-#[derive(Debug)]
-enum RangeDst {
-    /// The first code's UTF-16 text; each next code increments its last unit.
-    Start(Vec<u16>),
-    /// One text per code.
-    List(Vec<String>),
-}
-
-/// A parsed `ToUnicode` CMap ([PDF 32000] 9.10.3): code lengths from its codespace ranges,
-/// single codes and ranges. Codes are keyed by (length in bytes, value).
+/// A parsed `ToUnicode` CMap ([PDF 32000] 9.10.3): code lengths from its codespace ranges and
+/// the text of each code, `bfrange`s expanded, keyed by (length in bytes, value), so that a
+/// lookup costs the same however the CMap was written (a hostile one with thousands of ranges
+/// included).
 #[derive(Debug, Default)]
 struct ToUnicode {
     spaces: Vec<(usize, u32, u32)>,
+    /// The codespace lengths, shortest first.
+    lens: Vec<usize>,
     chars: HashMap<(usize, u32), String>,
-    ranges: Vec<(usize, u32, u32, RangeDst)>,
+    /// Codes mapped so far, overwrites counted: the work a CMap may ask for is bounded.
+    mapped: usize,
 }
 
 /// The largest `bfrange` honoured (codes in one range).
 const MAX_CMAP_RANGE: u32 = 0xFFFF;
+/// Most codes one CMap maps, counting codes mapped twice (two-byte fonts need at most 65,536);
+/// past it the rest is left out.
+const MAX_CMAP_CODES: usize = 1 << 17;
+/// Most codespace ranges kept.
+const MAX_CMAP_SPACES: usize = 64;
 
 fn code_value(bytes: &[u8]) -> Option<(usize, u32)> {
     (1..=4).contains(&bytes.len()).then(|| {
@@ -1891,6 +1892,9 @@ impl ToUnicode {
                 },
             }
         }
+        cmap.lens = cmap.spaces.iter().map(|s| s.0).collect();
+        cmap.lens.sort_unstable();
+        cmap.lens.dedup();
         Ok(cmap)
     }
 
@@ -1900,6 +1904,7 @@ impl ToUnicode {
                 && let (Some((n, lo)), Some((m, hi))) = (code_value(lo), code_value(hi))
                 && n == m
                 && lo <= hi
+                && self.spaces.len() < MAX_CMAP_SPACES
             {
                 self.spaces.push((n, lo, hi));
             }
@@ -1919,7 +1924,10 @@ impl ToUnicode {
                 Obj::Name(n) => String::from_utf8_lossy(n).into_owned(),
                 _ => continue,
             };
-            self.chars.insert(code, text);
+            if self.mapped < MAX_CMAP_CODES {
+                self.mapped += 1;
+                self.chars.insert(code, text);
+            }
         }
     }
 
@@ -1934,30 +1942,34 @@ impl ToUnicode {
             if n != m || lo > hi || hi - lo > MAX_CMAP_RANGE {
                 continue;
             }
-            let dst = match &triple[2] {
-                Obj::Str(d) if !d.is_empty() => RangeDst::Start(utf16_units(d)),
-                Obj::Array(list) => RangeDst::List(
-                    list.iter()
-                        .take((hi - lo + 1) as usize)
-                        .map(|o| match o {
-                            Obj::Str(d) => utf16_text(&utf16_units(d)),
-                            _ => String::new(),
-                        })
-                        .collect(),
-                ),
-                _ => continue,
-            };
-            self.ranges.push((n, lo, hi, dst));
+            for (k, code) in (lo..=hi).enumerate() {
+                if self.mapped >= MAX_CMAP_CODES {
+                    return;
+                }
+                self.mapped += 1;
+                let text = match &triple[2] {
+                    // The first code's text; each next code increments its last UTF-16 unit.
+                    Obj::Str(d) if !d.is_empty() => {
+                        let mut units = utf16_units(d);
+                        let last = units.len() - 1;
+                        units[last] = units[last].wrapping_add(k as u16);
+                        utf16_text(&units)
+                    }
+                    Obj::Array(list) => match list.get(k) {
+                        Some(Obj::Str(d)) => utf16_text(&utf16_units(d)),
+                        _ => continue,
+                    },
+                    _ => break,
+                };
+                self.chars.insert((n, code), text);
+            }
         }
     }
 
     /// The length of the code at the start of `bytes`: the first codespace length (shortest
     /// first) whose range holds it, else the shortest codespace length, else `default`.
     fn code_len(&self, bytes: &[u8], default: usize) -> usize {
-        let mut lens: Vec<usize> = self.spaces.iter().map(|s| s.0).collect();
-        lens.sort_unstable();
-        lens.dedup();
-        for &n in &lens {
+        for &n in &self.lens {
             if let Some((_, v)) = bytes.get(..n).and_then(code_value)
                 && self
                     .spaces
@@ -1967,29 +1979,11 @@ impl ToUnicode {
                 return n;
             }
         }
-        lens.first().copied().unwrap_or(default)
+        self.lens.first().copied().unwrap_or(default)
     }
 
-    fn lookup(&self, len: usize, code: u32) -> Option<Cow<'_, str>> {
-        if let Some(t) = self.chars.get(&(len, code)) {
-            return Some(Cow::Borrowed(t));
-        }
-        self.ranges
-            .iter()
-            .rev()
-            .find(|(n, lo, hi, _)| *n == len && (*lo..=*hi).contains(&code))
-            .and_then(|(_, lo, _, dst)| {
-                let k = code - lo;
-                match dst {
-                    RangeDst::Start(units) => {
-                        let mut units = units.clone();
-                        let last = units.len() - 1;
-                        units[last] = units[last].wrapping_add(k as u16);
-                        Some(Cow::Owned(utf16_text(&units)))
-                    }
-                    RangeDst::List(list) => list.get(k as usize).map(|t| Cow::Borrowed(t.as_str())),
-                }
-            })
+    fn lookup(&self, len: usize, code: u32) -> Option<&str> {
+        self.chars.get(&(len, code)).map(String::as_str)
     }
 }
 
@@ -2005,7 +1999,7 @@ impl TextOut {
                 while i < bytes.len() && !self.full() {
                     let n = cmap.code_len(&bytes[i..], default).min(bytes.len() - i);
                     match code_value(&bytes[i..i + n]).and_then(|(n, v)| cmap.lookup(n, v)) {
-                        Some(t) => self.push_str(&t),
+                        Some(t) => self.push_str(t),
                         None if *simple => self.push_bytes(&bytes[i..i + n]),
                         None => {}
                     }
@@ -2980,6 +2974,25 @@ mod tests {
         assert_eq!(t.trim(), "41 12 ABC\u{1F600} Hi");
         // The bound counts decoded characters.
         assert_eq!(text(&pdf, &Limits::default(), 3).unwrap(), "41 ");
+    }
+
+    #[test]
+    fn a_cmap_maps_a_bounded_number_of_codes() {
+        // Hundreds of full two-byte ranges: the map stops at its bound.
+        let mut cmap = b"begincmap 1 begincodespacerange <0000> <FFFF> endcodespacerange \
+            300 beginbfrange "
+            .to_vec();
+        for _ in 0..300 {
+            cmap.extend_from_slice(b"<0000> <FFFF> <0041> ");
+        }
+        cmap.extend_from_slice(b"endbfrange endcmap");
+        let limits = Limits::default();
+        let ctx = Ctx::new(&limits);
+        let t = ToUnicode::parse(&cmap, &ctx).unwrap();
+        assert_eq!(t.mapped, MAX_CMAP_CODES);
+        assert_eq!(t.chars.len(), 1 << 16);
+        assert_eq!(t.lookup(2, 1), Some("B"));
+        assert_eq!(t.lens, [2]);
     }
 
     #[test]
