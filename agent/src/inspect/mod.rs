@@ -177,6 +177,28 @@ pub(crate) fn is_guid(s: &str) -> bool {
 }
 
 const LABEL_PREFIX: &str = "MSIP_Label_";
+/// The property (or PDF Info key) that carries the permissions a `protect` grants.
+pub(crate) const PERMISSIONS_PROP: &str = "Sluice_Permissions";
+
+/// The properties Sluice writes for a label, as (name, value): `MSIP_Label_<GUID>_Enabled`,
+/// `SetDate`, `Method`, `Name`, `SiteId`, `ActionId`, `ContentBits`, and the permissions when
+/// there are any.
+pub(crate) fn label_properties(spec: &LabelSpec) -> Vec<(String, String)> {
+    let p = |attr: &str| format!("{LABEL_PREFIX}{}_{attr}", spec.guid);
+    let mut v = vec![
+        (p("Enabled"), "true".to_owned()),
+        (p("SetDate"), spec.set_date.clone()),
+        (p("Method"), spec.method.clone()),
+        (p("Name"), spec.name.clone()),
+        (p("SiteId"), spec.tenant.clone()),
+        (p("ActionId"), spec.action_id.clone()),
+        (p("ContentBits"), "0".to_owned()),
+    ];
+    if !spec.permissions.is_empty() {
+        v.push((PERMISSIONS_PROP.to_owned(), spec.permissions.join(",")));
+    }
+    v
+}
 
 /// Splits `MSIP_Label_<GUID>_<Attr>` (prefix in any case, GUID with or without braces) into
 /// the normalised GUID and the attribute name as written.

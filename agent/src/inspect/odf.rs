@@ -23,7 +23,6 @@ const NS_META: &str = "urn:oasis:names:tc:opendocument:xmlns:meta:1.0";
 const NS_TEXT: &str = "urn:oasis:names:tc:opendocument:xmlns:text:1.0";
 const NS_MANIFEST: &str = "urn:oasis:names:tc:opendocument:xmlns:manifest:1.0";
 const MIME_PREFIX: &str = "application/vnd.oasis.opendocument.";
-const PERMISSIONS_PROP: &str = "Sluice_Permissions";
 /// The `mimetype` entry is a few dozen bytes; more is not an OpenDocument package.
 const MAX_MIMETYPE: u64 = 256;
 
@@ -301,24 +300,6 @@ impl Bounded {
     }
 }
 
-/// The properties Sluice writes for a label: (name, value).
-fn label_properties(spec: &LabelSpec) -> Vec<(String, String)> {
-    let p = |attr: &str| format!("MSIP_Label_{}_{attr}", spec.guid);
-    let mut v = vec![
-        (p("Enabled"), "true".to_owned()),
-        (p("SetDate"), spec.set_date.clone()),
-        (p("Method"), spec.method.clone()),
-        (p("Name"), spec.name.clone()),
-        (p("SiteId"), spec.tenant.clone()),
-        (p("ActionId"), spec.action_id.clone()),
-        (p("ContentBits"), "0".to_owned()),
-    ];
-    if !spec.permissions.is_empty() {
-        v.push((PERMISSIONS_PROP.to_owned(), spec.permissions.join(",")));
-    }
-    v
-}
-
 /// Writes `spec` into `meta.xml`. When the package already carries an enabled label of the
 /// tenant and `replace` is false, it is left alone ([`Applied::AlreadyLabeled`]).
 pub fn apply_label(
@@ -360,7 +341,7 @@ pub fn apply_label(
         ..spec.clone()
     };
     let mut ours = String::new();
-    for (name, value) in label_properties(&spec) {
+    for (name, value) in super::label_properties(&spec) {
         ours.push_str(&format!(
             "<{p}{decl} {n}=\"{}\">{}</{p}>",
             escape_attr(&name),
@@ -374,7 +355,7 @@ pub fn apply_label(
     let mut out = Vec::with_capacity(xml.len() + ours.len() + 64);
     let mut at = 0usize;
     for p in &meta.props {
-        let drop = p.name == PERMISSIONS_PROP
+        let drop = p.name == super::PERMISSIONS_PROP
             || super::split_label_name(&p.name).is_some_and(|(g, _)| drop_guids.contains(&g));
         if drop {
             out.extend_from_slice(&xml[at..p.span.start]);

@@ -37,8 +37,6 @@ const CUSTOM_PART: &str = "docProps/custom.xml";
 const LABELINFO_PART: &str = "docMetadata/LabelInfo.xml";
 const ROOT_RELS: &str = "_rels/.rels";
 const CONTENT_TYPES: &str = "[Content_Types].xml";
-const LABEL_PREFIX: &str = "MSIP_Label_";
-const PERMISSIONS_PROP: &str = "Sluice_Permissions";
 const DECL: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?>\r\n";
 
 const NS_W: [&str; 2] = [
@@ -583,24 +581,6 @@ fn unique_rel_id(rels: &[Rel]) -> String {
         .unwrap_or_else(|| "rIdSluice".to_owned())
 }
 
-/// The properties Sluice writes for a label: (name, value).
-fn label_properties(spec: &LabelSpec) -> Vec<(String, String)> {
-    let p = |attr: &str| format!("{LABEL_PREFIX}{}_{attr}", spec.guid);
-    let mut v = vec![
-        (p("Enabled"), "true".to_owned()),
-        (p("SetDate"), spec.set_date.clone()),
-        (p("Method"), spec.method.clone()),
-        (p("Name"), spec.name.clone()),
-        (p("SiteId"), spec.tenant.clone()),
-        (p("ActionId"), spec.action_id.clone()),
-        (p("ContentBits"), "0".to_owned()),
-    ];
-    if !spec.permissions.is_empty() {
-        v.push((PERMISSIONS_PROP.to_owned(), spec.permissions.join(",")));
-    }
-    v
-}
-
 /// A new or rewritten custom properties part: other properties kept as written (renumbered),
 /// the tenant's old label properties (and any of the same label GUID) removed, ours appended.
 fn write_custom(existing: Option<&Flat>, spec: &LabelSpec) -> Result<Vec<u8>, NotInspectable> {
@@ -642,7 +622,7 @@ fn write_custom(existing: Option<&Flat>, spec: &LabelSpec) -> Result<Vec<u8>, No
                 let is_property = c.el.local == "property" && c.el.ns == root.ns;
                 if is_property {
                     let ours = name.is_some_and(|n| {
-                        n == PERMISSIONS_PROP
+                        n == super::PERMISSIONS_PROP
                             || crate::inspect::split_label_name(n)
                                 .is_some_and(|(g, _)| drop_guids.contains(&g))
                     });
@@ -665,7 +645,7 @@ fn write_custom(existing: Option<&Flat>, spec: &LabelSpec) -> Result<Vec<u8>, No
             )
         }
     };
-    for (name, value) in label_properties(spec) {
+    for (name, value) in super::label_properties(spec) {
         out.extend_from_slice(
             format!(
                 "<{prop_name} fmtid=\"{FMTID}\" pid=\"{pid}\" name=\"{}\"><{vt_name}{vt_decl}>{}</{vt_name}></{prop_name}>",
