@@ -431,7 +431,9 @@ pub fn dual_stack_listeners() -> Result<(TcpListener, TcpListener)> {
     for _ in 0..50 {
         let v4 = TcpListener::bind("127.0.0.1:0")?;
         let port = v4.local_addr()?.port();
-        if let Ok(v6) = TcpListener::bind(("::1", port)) {
+        if let Ok(v6) = TcpListener::bind(("::1", port))
+            && hand_out(port)
+        {
             return Ok((v4, v6));
         }
     }
@@ -569,10 +571,30 @@ impl Drop for Agent {
 
 /// A free loopback TCP port for an admin endpoint.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if hand_out(port) {
+            return port;
+        }
+    }
+    panic!("no free port that this process has not handed out already");
+}
+
+/// Records `port` as handed out to a test; false when it was already. A port is released by
+/// its probe listener before the test binds it, and the kernel may give the same port to the
+/// next probe: two parts of one test (an admin endpoint and a proxy listener, say) would then
+/// collide.
+fn hand_out(port: u16) -> bool {
+    static HANDED_OUT: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<u16>>> =
+        std::sync::OnceLock::new();
+    HANDED_OUT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(port)
 }
 
 /// The programs `bpftool` lists as attached to a cgroup (names).
