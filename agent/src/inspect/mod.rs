@@ -423,33 +423,26 @@ pub fn inspect_file(
             text = Some(ooxml::text(bytes, limits, MAX_TEXT_CHARS));
             ooxml::read_labels(bytes, limits)
         }
-        FileType::Odt | FileType::Ods | FileType::Odp => match odf::read_labels(bytes, limits) {
-            Err(NotInspectable::Encrypted(e)) => {
-                facts.encrypted = true;
-                Err(NotInspectable::Encrypted(e))
-            }
-            other => {
+        // An encrypted file has no text to read (see `encrypted` below).
+        FileType::Odt | FileType::Ods | FileType::Odp => {
+            let labels = odf::read_labels(bytes, limits);
+            if !matches!(labels, Err(NotInspectable::Encrypted(_))) {
                 text = Some(odf::text(bytes, limits, MAX_TEXT_CHARS));
-                other
             }
-        },
-        FileType::Pdf => match pdf::read_labels(bytes, limits) {
-            Err(NotInspectable::Encrypted(e)) => {
-                facts.encrypted = true;
-                Err(NotInspectable::Encrypted(e))
-            }
-            other => {
+            labels
+        }
+        FileType::Pdf => {
+            let labels = pdf::read_labels(bytes, limits);
+            if !matches!(labels, Err(NotInspectable::Encrypted(_))) {
                 text = Some(pdf::text(bytes, limits, MAX_TEXT_CHARS));
-                other
             }
-        },
+            labels
+        }
         FileType::Ole | FileType::Doc | FileType::Xls | FileType::Ppt => {
-            match ole::read(bytes, limits) {
+            match ole::read(bytes, limits, MAX_TEXT_CHARS) {
                 Ok(o) => {
                     facts.encrypted = o.encrypted;
-                    if !o.encrypted && kind != FileType::Ole {
-                        text = Some(ole::legacy_text(bytes, limits, MAX_TEXT_CHARS));
-                    }
+                    text = o.text.map(Ok);
                     if o.encrypted && !o.labels.iter().any(|l| l.enabled) {
                         facts.labels = o.labels;
                         Err(NotInspectable::Encrypted(format!(
@@ -469,15 +462,11 @@ pub fn inspect_file(
         }
         // A zip that is not an Office package carries no label; one that does not parse is not
         // inspectable (a malformed or encrypted archive must never pass as an empty one).
-        FileType::Zip => match zip::Archive::parse(bytes, limits) {
-            Ok(_) => Ok(Vec::new()),
-            Err(e) => {
-                facts.encrypted = matches!(e, NotInspectable::Encrypted(_));
-                Err(e)
-            }
-        },
+        FileType::Zip => zip::Archive::parse(bytes, limits).map(|_| Vec::new()),
         _ => Ok(Vec::new()),
     };
+    // Whatever the format, a refusal for encryption says the file is encrypted.
+    facts.encrypted |= matches!(labels, Err(NotInspectable::Encrypted(_)));
     match labels {
         Ok(l) => facts.labels = l,
         Err(e) => facts.not_inspectable = Some(e),

@@ -60,6 +60,8 @@ pub struct OleFacts {
     /// Labels from a `LabelInfo` stream (source [`LabelSource::OleLabelInfo`]), or else from
     /// the document summary's custom properties ([`LabelSource::OleProperties`]).
     pub labels: Vec<FileLabel>,
+    /// A legacy file's text for DLP, when it is not encrypted.
+    pub text: Option<String>,
 }
 
 /// The type an OLE compound file's root streams name (names compared ignoring case, as
@@ -107,20 +109,8 @@ const MIN_RUN: usize = 4;
 /// `max_chars` characters.
 /// Word keeps its text in one of the two encodings, Excel's shared strings and PowerPoint's text
 /// atoms likewise, so what a person typed is found; numbers Excel stores as numbers are not text.
-pub fn legacy_text(bytes: &[u8], limits: &Limits, max_chars: usize) -> Result<String> {
-    let cfb = Cfb::parse(bytes, limits)?;
-    let ids = cfb.children(0, &mut HashSet::new())?;
-    let main = [WORD_DOCUMENT, WORKBOOK, BOOK, POWERPOINT]
-        .iter()
-        .find_map(|name| {
-            ids.iter().copied().find(|&id| {
-                cfb.dir[id].kind == STREAM && cfb.dir[id].name.eq_ignore_ascii_case(name)
-            })
-        });
-    let Some(id) = main else {
-        return Ok(String::new());
-    };
-    let data = cfb.stream(id)?;
+fn legacy_text(cfb: &Cfb<'_, '_>, main: usize, max_chars: usize) -> Result<String> {
+    let data = cfb.stream(main)?;
     let mut out = String::new();
     let mut chars = 0usize;
     let mut keep = |run: &mut String, out: &mut String| {
@@ -171,8 +161,9 @@ fn wide_text(c: char) -> bool {
 }
 
 /// Reads an OLE compound file: whether it is an encrypted package, its root-level names and the
-/// labels of its `LabelInfo` stream (the one under `\x06DataSpaces\TransformInfo` first).
-pub fn read(bytes: &[u8], limits: &Limits) -> Result<OleFacts> {
+/// labels of its `LabelInfo` stream (the one under `\x06DataSpaces\TransformInfo` first); for a
+/// legacy file that is not encrypted, also its text for DLP (at most `text_chars` characters).
+pub fn read(bytes: &[u8], limits: &Limits, text_chars: usize) -> Result<OleFacts> {
     if bytes.len() as u64 > limits.max_bytes {
         return Err(NotInspectable::TooLarge(limits.max_bytes));
     }
@@ -252,7 +243,17 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<OleFacts> {
         let pairs = summary_label_pairs(&cfb.stream(id)?, &cfb.clock)?;
         labels = super::labels_from_properties(pairs, LabelSource::OleProperties);
     }
+    let main = [WORD_DOCUMENT, WORKBOOK, BOOK, POWERPOINT]
+        .iter()
+        .find_map(|role| root.get(role));
+    let text = match main {
+        Some(&id) if !encrypted && kind != FileType::Ole => {
+            Some(legacy_text(&cfb, id, text_chars)?)
+        }
+        _ => None,
+    };
     Ok(OleFacts {
+        text,
         kind,
         encrypted,
         streams,
@@ -1137,7 +1138,7 @@ mod tests {
     #[test]
     fn reads_an_encrypted_package_and_its_label() {
         let built = encrypted_file(label_xml("1", "0").as_bytes());
-        let facts = read(&built.bytes, &Limits::default()).unwrap();
+        let facts = read(&built.bytes, &Limits::default(), 0).unwrap();
         assert!(facts.encrypted);
         assert_eq!(
             facts.streams,
@@ -1166,7 +1167,7 @@ mod tests {
         // A large LabelInfo (padded past the mini stream cutoff) reads too.
         let mut xml = label_xml("true", "false").into_bytes();
         xml.resize(5000, b' ');
-        let facts = read(&build(&[("LabelInfo", &xml)]).bytes, &limits).unwrap();
+        let facts = read(&build(&[("LabelInfo", &xml)]).bytes, &limits, 0).unwrap();
         assert!(!facts.encrypted);
         assert!(facts.labels[0].enabled);
     }
@@ -1183,7 +1184,7 @@ mod tests {
             ),
             ("EncryptedPackage", b"x"),
         ]);
-        let facts = read(&built.bytes, &Limits::default()).unwrap();
+        let facts = read(&built.bytes, &Limits::default(), 0).unwrap();
         assert!(facts.encrypted);
         assert_eq!(
             facts.streams,
@@ -1195,7 +1196,12 @@ mod tests {
         // UTF-16LE without a byte order mark, with a declaration saying so.
         let decl = label_xml("1", "0").replace("UTF-8", "utf-16");
         let bytes: Vec<u8> = decl.encode_utf16().flat_map(u16::to_le_bytes).collect();
-        let facts = read(&build(&[("LabelInfo", &bytes)]).bytes, &Limits::default()).unwrap();
+        let facts = read(
+            &build(&[("LabelInfo", &bytes)]).bytes,
+            &Limits::default(),
+            0,
+        )
+        .unwrap();
         assert!(facts.labels[0].enabled);
     }
 
@@ -1214,7 +1220,7 @@ mod tests {
             ("WordDocument", &fib(0x12F0)),
             ("\u{5}SummaryInformation", b"x"),
         ]);
-        let facts = read(&built.bytes, &Limits::default()).unwrap();
+        let facts = read(&built.bytes, &Limits::default(), 0).unwrap();
         assert_eq!(facts.kind, FileType::Doc);
         assert!(!facts.encrypted);
         assert!(facts.labels.is_empty());
@@ -1346,7 +1352,7 @@ mod tests {
                 ),
                 ("\u{5}DocumentSummaryInformation", &stream),
             ]);
-            let facts = read(&built.bytes, &Limits::default()).unwrap();
+            let facts = read(&built.bytes, &Limits::default(), 0).unwrap();
             assert_eq!(facts.kind, FileType::Xls);
             assert!(!facts.encrypted);
             assert_eq!(facts.labels.len(), 1, "code page {codepage}");
@@ -1393,7 +1399,7 @@ mod tests {
         );
         let built = build(&[("WordDocument", &word), ("1Table", b"not the main stream")]);
         let limits = Limits::default();
-        let text = legacy_text(&built.bytes, &limits, 10_000).unwrap();
+        let text = read(&built.bytes, &limits, 10_000).unwrap().text.unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert!(
             lines.contains(&"plain 8-bit text 4111 1111 1111 1111"),
@@ -1411,7 +1417,9 @@ mod tests {
         // Short runs are noise, not text; the bound holds.
         assert!(!lines.contains(&"ab"));
         assert!(
-            legacy_text(&built.bytes, &limits, 10)
+            read(&built.bytes, &limits, 10)
+                .unwrap()
+                .text
                 .unwrap()
                 .chars()
                 .count()
@@ -1419,13 +1427,19 @@ mod tests {
         );
         // A compound file without a legacy main stream has no text.
         let other = build(&[("Something", b"words words words")]);
-        assert_eq!(legacy_text(&other.bytes, &limits, 100).unwrap(), "");
+        assert_eq!(
+            read(&other.bytes, &limits, 100)
+                .unwrap()
+                .text
+                .unwrap_or_default(),
+            ""
+        );
     }
 
     #[test]
     fn legacy_encryption_is_seen_in_each_format() {
         let limits = Limits::default();
-        let facts = |streams: &[(&str, &[u8])]| read(&build(streams).bytes, &limits).unwrap();
+        let facts = |streams: &[(&str, &[u8])]| read(&build(streams).bytes, &limits, 0).unwrap();
         // Word: the FIB's fEncrypted.
         let f = facts(&[("WordDocument", &fib(0x13F0))]);
         assert_eq!((f.kind, f.encrypted), (FileType::Doc, true));
@@ -1462,7 +1476,7 @@ mod tests {
     }
 
     fn assert_malformed(bytes: &[u8], what: &str) {
-        match read(bytes, &Limits::default()) {
+        match read(bytes, &Limits::default(), 0) {
             Err(NotInspectable::Malformed(m)) => assert!(m.contains(what), "{m}"),
             other => panic!("expected malformed ({what}), got {other:?}"),
         }
@@ -1520,7 +1534,7 @@ mod tests {
     fn every_truncation_is_an_error_or_harmless() {
         let good = encrypted_file(label_xml("1", "0").as_bytes());
         for cut in 0..good.bytes.len() {
-            let result = read(&good.bytes[..cut], &Limits::default());
+            let result = read(&good.bytes[..cut], &Limits::default(), 1000);
             if cut <= good.bytes.len() - 512 {
                 assert!(
                     matches!(result, Err(NotInspectable::Malformed(_))),
@@ -1543,7 +1557,7 @@ mod tests {
                 let i = (seed % bad.len() as u64) as usize;
                 bad[i] = (seed >> 40) as u8;
             }
-            let _ = read(&bad, &Limits::default());
+            let _ = read(&bad, &Limits::default(), 1000);
         }
     }
 
@@ -1552,13 +1566,13 @@ mod tests {
         let xml = "<!DOCTYPE l [<!ENTITY e \"x\">]><labelList><label id=\"&e;\"/></labelList>";
         let built = encrypted_file(xml.as_bytes());
         assert!(matches!(
-            read(&built.bytes, &Limits::default()),
+            read(&built.bytes, &Limits::default(), 0),
             Err(NotInspectable::XmlEntities(_))
         ));
         let deep = format!("{}{}", "<a>".repeat(300), "</a>".repeat(300));
         let built = encrypted_file(deep.as_bytes());
         assert!(matches!(
-            read(&built.bytes, &Limits::default()),
+            read(&built.bytes, &Limits::default(), 0),
             Err(NotInspectable::TooDeep(256))
         ));
         let limits = Limits {
@@ -1566,7 +1580,7 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(
-            read(&built.bytes, &limits),
+            read(&built.bytes, &limits, 0),
             Err(NotInspectable::TooLarge(1000))
         );
     }
