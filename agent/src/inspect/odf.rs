@@ -13,6 +13,7 @@ use std::ops::Range;
 
 use super::{
     Applied, FileLabel, LabelSource, LabelSpec, Limits, NotInspectable, normalize_guid,
+    ooxml::Package,
     sniff::FileType,
     xml::{self, Node, XmlReader, escape_attr, escape_text, qualified},
     zip::{Archive, Budget},
@@ -55,59 +56,39 @@ pub(crate) fn kind(a: &Archive<'_>) -> Option<FileType> {
     }
 }
 
-/// An opened package: its archive and the budget every entry read shares.
-struct Package<'a> {
-    archive: Archive<'a>,
-    budget: Budget,
-    max_depth: usize,
+/// Opens an OpenDocument package (the OOXML package reader: bounded archive, shared inflation
+/// budget and deadline, part names unique ignoring case).
+fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Package<'a>> {
+    let pkg = Package::open(bytes, limits)?;
+    if kind(&pkg.archive).is_none() {
+        return Err(NotInspectable::Unsupported(FileType::Zip.as_str().into()));
+    }
+    Ok(pkg)
 }
 
-impl<'a> Package<'a> {
-    fn open(bytes: &'a [u8], limits: &Limits) -> Result<Self> {
-        if bytes.len() as u64 > limits.max_bytes {
-            return Err(NotInspectable::TooLarge(limits.max_bytes));
-        }
-        let archive = Archive::parse(bytes, limits)?;
-        if kind(&archive).is_none() {
-            return Err(NotInspectable::Unsupported(FileType::Zip.as_str().into()));
-        }
-        let pkg = Self {
-            archive,
-            budget: Budget::new(limits),
-            max_depth: limits.max_xml_depth,
-        };
-        Ok(pkg)
+/// An entry's XML, prepared for the reader (`None` when the package has no such entry).
+fn entry_xml(pkg: &mut Package<'_>, name: &str) -> Result<Option<Vec<u8>>> {
+    if !pkg.archive.contains(name) {
+        return Ok(None);
     }
+    pkg.read_xml(name).map(|(xml, _)| Some(xml))
+}
 
-    /// An entry's XML, prepared for the reader (`None` when the package has no such entry).
-    fn xml(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
-        if !self.archive.contains(name) {
-            return Ok(None);
-        }
-        let raw = self.archive.read(name, &mut self.budget)?;
-        Ok(Some(xml::prepare(&raw)?.into_owned()))
-    }
-
-    fn reader<'x>(&self, xml: &'x [u8]) -> XmlReader<'x> {
-        XmlReader::new(xml, self.max_depth, self.budget.deadline())
-    }
-
-    /// Refuses a package whose manifest says entries are encrypted.
-    fn refuse_encrypted(&mut self) -> Result<()> {
-        let Some(manifest) = self.xml("META-INF/manifest.xml")? else {
-            return Ok(());
-        };
-        let mut r = self.reader(&manifest);
-        loop {
-            match r.next_node()? {
-                Node::Start(el) if el.is(NS_MANIFEST, "encryption-data") => {
-                    return Err(NotInspectable::Encrypted(
-                        "an OpenDocument package with encrypted entries".into(),
-                    ));
-                }
-                Node::Eof => return Ok(()),
-                _ => {}
+/// Refuses a package whose manifest says entries are encrypted.
+fn refuse_encrypted(pkg: &mut Package<'_>) -> Result<()> {
+    let Some(manifest) = entry_xml(pkg, "META-INF/manifest.xml")? else {
+        return Ok(());
+    };
+    let mut r = pkg.reader(&manifest);
+    loop {
+        match r.next_node()? {
+            Node::Start(el) if el.is(NS_MANIFEST, "encryption-data") => {
+                return Err(NotInspectable::Encrypted(
+                    "an OpenDocument package with encrypted entries".into(),
+                ));
             }
+            Node::Eof => return Ok(()),
+            _ => {}
         }
     }
 }
@@ -212,7 +193,7 @@ fn parse_meta(r: &mut XmlReader<'_>) -> Result<Meta> {
 }
 
 fn read_meta(pkg: &mut Package<'_>) -> Result<Option<(Vec<u8>, Meta)>> {
-    let Some(xml) = pkg.xml("meta.xml")? else {
+    let Some(xml) = entry_xml(pkg, "meta.xml")? else {
         return Ok(None);
     };
     let mut r = pkg.reader(&xml);
@@ -230,8 +211,8 @@ fn meta_labels(meta: &Meta) -> Vec<FileLabel> {
 
 /// The labels in `meta.xml` (none without one).
 pub fn read_labels(bytes: &[u8], limits: &Limits) -> Result<Vec<FileLabel>> {
-    let mut pkg = Package::open(bytes, limits)?;
-    pkg.refuse_encrypted()?;
+    let mut pkg = open(bytes, limits)?;
+    refuse_encrypted(&mut pkg)?;
     Ok(read_meta(&mut pkg)?
         .map(|(_, meta)| meta_labels(&meta))
         .unwrap_or_default())
@@ -240,9 +221,9 @@ pub fn read_labels(bytes: &[u8], limits: &Limits) -> Result<Vec<FileLabel>> {
 /// The text of `content.xml` for DLP: paragraphs and headings one per line, `text:s` as
 /// spaces, tabs and line breaks as such; at most `max_chars` characters.
 pub fn text(bytes: &[u8], limits: &Limits, max_chars: usize) -> Result<String> {
-    let mut pkg = Package::open(bytes, limits)?;
-    pkg.refuse_encrypted()?;
-    let Some(content) = pkg.xml("content.xml")? else {
+    let mut pkg = open(bytes, limits)?;
+    refuse_encrypted(&mut pkg)?;
+    let Some(content) = entry_xml(&mut pkg, "content.xml")? else {
         return Ok(String::new());
     };
     let mut r = pkg.reader(&content);
@@ -308,8 +289,8 @@ pub fn apply_label(
     replace: bool,
     limits: &Limits,
 ) -> Result<Applied> {
-    let mut pkg = Package::open(bytes, limits)?;
-    pkg.refuse_encrypted()?;
+    let mut pkg = open(bytes, limits)?;
+    refuse_encrypted(&mut pkg)?;
     let tenant = normalize_guid(&spec.tenant);
     let guid = normalize_guid(&spec.guid);
     if !super::is_guid(&guid) || !super::is_guid(&tenant) {

@@ -57,14 +57,14 @@ fn malformed(s: impl Into<String>) -> NotInspectable {
 }
 
 /// An opened package: the archive, checked, and what is left of the inflation budget.
-struct Package<'a> {
-    archive: Archive<'a>,
-    budget: Budget,
+pub(super) struct Package<'a> {
+    pub(super) archive: Archive<'a>,
+    pub(super) budget: Budget,
     max_depth: usize,
 }
 
 impl<'a> Package<'a> {
-    fn open(bytes: &'a [u8], limits: &Limits) -> Result<Self, NotInspectable> {
+    pub(super) fn open(bytes: &'a [u8], limits: &Limits) -> Result<Self, NotInspectable> {
         if bytes.len() as u64 > limits.max_bytes {
             return Err(NotInspectable::TooLarge(limits.max_bytes));
         }
@@ -85,7 +85,7 @@ impl<'a> Package<'a> {
     }
 
     /// A part's bytes, ready for [`XmlReader`] (UTF-8; whether it was transcoded).
-    fn read_xml(&mut self, name: &str) -> Result<(Vec<u8>, bool), NotInspectable> {
+    pub(super) fn read_xml(&mut self, name: &str) -> Result<(Vec<u8>, bool), NotInspectable> {
         let raw = self.archive.read(name, &mut self.budget)?;
         let prepared = xml::prepare(&raw)?;
         match prepared {
@@ -94,7 +94,7 @@ impl<'a> Package<'a> {
         }
     }
 
-    fn reader<'x>(&self, xml: &'x [u8]) -> XmlReader<'x> {
+    pub(super) fn reader<'x>(&self, xml: &'x [u8]) -> XmlReader<'x> {
         XmlReader::new(xml, self.max_depth, self.budget.deadline())
     }
 
