@@ -224,8 +224,13 @@ async fn serve_connection(
     let io = TokioIo::new(activity.track(stream));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
+    // Until the connection ends, shutdown is asked, or it has been idle for the bound.
     loop {
-        let wait = activity.idle_in(idle);
+        let Some(wait) = activity.idle_in(idle) else {
+            tracing::debug!(%peer, "idle connection closed");
+            c.conns.closed_idle();
+            break;
+        };
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -234,12 +239,7 @@ async fn serve_connection(
                 return;
             }
             () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => continue,
-            () = std::future::ready(()), if wait.is_none() => {
-                tracing::debug!(%peer, "idle connection closed");
-                c.conns.closed_idle();
-                break;
-            }
+            () = tokio::time::sleep(wait) => {}
         }
     }
     conn.as_mut().graceful_shutdown();
