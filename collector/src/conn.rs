@@ -28,13 +28,19 @@ pub enum Refusal {
     PerAddress,
 }
 
+/// Connections held: in all, and by client address.
+#[derive(Debug, Default)]
+struct Places {
+    open: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
 /// The open connections, by client address, against their bounds.
 #[derive(Debug)]
 pub struct ConnLimits {
     max: usize,
     per_address: usize,
-    by_address: Mutex<HashMap<IpAddr, usize>>,
-    open: AtomicUsize,
+    places: Mutex<Places>,
     refused_total: AtomicU64,
     refused_per_address: AtomicU64,
     idle_closed: AtomicU64,
@@ -47,8 +53,7 @@ impl ConnLimits {
         Self {
             max,
             per_address,
-            by_address: Mutex::new(HashMap::new()),
-            open: AtomicUsize::new(0),
+            places: Mutex::new(Places::default()),
             refused_total: AtomicU64::new(0),
             refused_per_address: AtomicU64::new(0),
             idle_closed: AtomicU64::new(0),
@@ -56,23 +61,26 @@ impl ConnLimits {
         }
     }
 
+    fn places(&self) -> std::sync::MutexGuard<'_, Places> {
+        self.places
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Counts a new connection from `ip`, or says why it may not be held. The guard gives the
     /// place back when dropped.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, Refusal> {
         let ip = canonical(ip);
         let refusal = {
-            let mut map = self
-                .by_address
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let here = map.get(&ip).copied().unwrap_or(0);
-            if self.open.load(Relaxed) >= self.max {
+            let mut places = self.places();
+            let here = places.by_address.get(&ip).copied().unwrap_or(0);
+            if places.open >= self.max {
                 Refusal::Total
             } else if here >= self.per_address {
                 Refusal::PerAddress
             } else {
-                map.insert(ip, here + 1);
-                self.open.fetch_add(1, Relaxed);
+                places.by_address.insert(ip, here + 1);
+                places.open += 1;
                 return Ok(ConnGuard {
                     limits: self.clone(),
                     ip,
@@ -118,7 +126,7 @@ impl ConnLimits {
     /// The figures for `/api/v1/status`.
     pub fn stats(&self) -> serde_json::Value {
         serde_json::json!({
-            "open": self.open.load(Relaxed),
+            "open": self.places().open,
             "max": self.max,
             "max_per_address": self.per_address,
             "refused_total_limit": self.refused_total.load(Relaxed),
@@ -145,18 +153,14 @@ pub struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut map = self
-            .limits
-            .by_address
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.ip) {
+        let mut places = self.limits.places();
+        if let Some(n) = places.by_address.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.ip);
+                places.by_address.remove(&self.ip);
             }
         }
-        self.limits.open.fetch_sub(1, Relaxed);
+        places.open -= 1;
     }
 }
 
