@@ -142,6 +142,20 @@ hosts = [{hosts}]
 }
 
 impl Env {
+    /// A curl config asking `good.test` for `/hello?{tag}=i`, i in 0..n, each to /dev/null.
+    fn hello_urls(&self, tag: &str, n: usize) -> PathBuf {
+        let cfg = self.dir.join(format!("{tag}.curl"));
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&format!(
+                "url = \"{}\"\noutput = \"/dev/null\"\n",
+                self.url("good.test", &format!("/hello?{tag}={i}"))
+            ));
+        }
+        std::fs::write(&cfg, text).expect("curl config");
+        cfg
+    }
+
     fn url(&self, host: &str, path: &str) -> String {
         format!("https://{host}:{}{path}", self.origin.addr.port())
     }
@@ -481,15 +495,7 @@ fn a_burst_of_first_http2_requests_shares_one_upstream_connection() {
     let e = env("px-burst");
     // 40 streams at once on one client connection, before the proxy has any upstream connection
     // to the origin: they wait for the first one and share it.
-    let cfg = e.dir.join("burst.curl");
-    let mut text = String::new();
-    for i in 0..40 {
-        text.push_str(&format!(
-            "url = \"{}\"\noutput = \"/dev/null\"\n",
-            e.url("good.test", &format!("/hello?burst={i}"))
-        ));
-    }
-    std::fs::write(&cfg, text).expect("curl config");
+    let cfg = e.hello_urls("burst", 40);
     let before = e
         .origin
         .connections
@@ -546,15 +552,7 @@ fn two_hundred_concurrent_connections_ten_thousand_requests_no_fd_leak() {
     )
     .expect("warm-up");
     let before = fd_count(e.agent_pid());
-    let cfg = e.dir.join("urls.curl");
-    let mut text = String::new();
-    for i in 0..10_000 {
-        text.push_str(&format!(
-            "url = \"{}\"\noutput = \"/dev/null\"\n",
-            e.url("good.test", &format!("/hello?n={i}"))
-        ));
-    }
-    std::fs::write(&cfg, text).expect("curl config");
+    let cfg = e.hello_urls("n", 10_000);
     let out = e
         .curl(
             &e.sluice_ca,
