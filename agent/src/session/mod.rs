@@ -243,6 +243,17 @@ impl Req {
 
 type Dlp = BTreeMap<String, u32>;
 
+/// The index of the most restrictive decision (the first of equals); `None` for none.
+fn most_restrictive(decisions: &[Decided]) -> Option<usize> {
+    (0..decisions.len()).reduce(|a, b| {
+        if decisions[b].action > decisions[a].action {
+            b
+        } else {
+            a
+        }
+    })
+}
+
 #[derive(Debug, Clone)]
 struct Decided {
     action: Action,
@@ -781,16 +792,14 @@ impl BodyInspector for Upload {
             )
         });
         // Each file is decided; the most restrictive decision stands (none: the request alone).
-        let (d, name) = files
+        let mut decisions: Vec<Decided> = files
             .iter()
-            .map(|f| {
-                (
-                    req.decide_file(activity, Some(f), &text_dlp),
-                    f.name.clone(),
-                )
-            })
-            .reduce(|a, b| if b.0.action > a.0.action { b } else { a })
-            .unwrap_or_else(|| (req.decide_file(activity, None, &text_dlp), None));
+            .map(|f| req.decide_file(activity, Some(f), &text_dlp))
+            .collect();
+        let (d, name) = match most_restrictive(&decisions) {
+            Some(i) => (decisions.swap_remove(i), files[i].name.clone()),
+            None => (req.decide_file(activity, None, &text_dlp), None),
+        };
         req.record(&d, activity, Kind::Session);
         let detail = files
             .iter()
@@ -916,15 +925,7 @@ impl BodyInspector for DownloadInspector {
             .iter()
             .map(|f| req.decide_file(Activity::Download, Some(f), &Dlp::new()))
             .collect();
-        let worst = (0..decisions.len())
-            .reduce(|a, b| {
-                if decisions[b].action > decisions[a].action {
-                    b
-                } else {
-                    a
-                }
-            })
-            .unwrap_or(0);
+        let worst = most_restrictive(&decisions).unwrap_or(0);
         let mut d = decisions[worst].clone();
         let mut out: Option<Vec<u8>> = None;
         let mut applied = None;
@@ -950,7 +951,6 @@ impl BodyInspector for DownloadInspector {
                 }
             }
         }
-        let facts_name = files[0].name.clone();
         req.record(&d, Activity::Download, Kind::Session);
         if downgraded {
             // The response head recorded the label the policy meant to write; what was done
@@ -958,7 +958,7 @@ impl BodyInspector for DownloadInspector {
             req.with_event(|e| e.action = d.action);
         }
         // The block page names the file at fault (a member of an archive, when it is one).
-        let name = files[worst].name.clone().or(facts_name);
+        let name = files[worst].name.clone();
         let detail = files
             .iter()
             .find_map(|f| f.not_inspectable.as_ref().map(|n| n.to_string()));
