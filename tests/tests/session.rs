@@ -204,6 +204,21 @@ impl Env {
         got
     }
 
+    /// A multipart upload (`form` as curl -F takes it: `file=@path`) to the app, as an API
+    /// client that accepts JSON.
+    fn upload_json(&self, user: Option<&str>, form: &str) -> Got {
+        self.curl(
+            user,
+            &[
+                "-H",
+                "Accept: application/json",
+                "-F",
+                form,
+                &self.url("/upload"),
+            ],
+        )
+    }
+
     /// Like `curl`, for bodies too large to keep: `upload` bytes of the test pattern are fed
     /// to curl's stdin (`-T -` goes in `args`) and the response body is counted and hashed as
     /// it arrives. Nothing of either body touches the disk.
@@ -354,16 +369,7 @@ fn an_unlabeled_upload_is_blocked_before_the_app_sees_it_with_a_message_for_each
     let alice = Some("alice@corp.example");
 
     // An API client: problem+json, 403, the incident id in a header and in the body.
-    let api = e.curl(
-        alice,
-        &[
-            "-H",
-            "Accept: application/json",
-            "-F",
-            &form,
-            &e.url("/upload"),
-        ],
-    );
+    let api = e.upload_json(alice, &form);
     assert_eq!(api.status, 403, "{}", api.text());
     assert_eq!(
         api.header("content-type").as_deref(),
@@ -446,16 +452,7 @@ fn an_unlabeled_upload_is_blocked_before_the_app_sees_it_with_a_message_for_each
     // the message names the one at fault.
     let zipped = fixture("zipped-plain.zip");
     let form_zip = format!("file=@{}", zipped.display());
-    let got = e.curl(
-        alice,
-        &[
-            "-H",
-            "Accept: application/json",
-            "-F",
-            &form_zip,
-            &e.url("/upload"),
-        ],
-    );
+    let got = e.upload_json(alice, &form_zip);
     assert_eq!(got.status, 403, "{}", got.text());
     assert!(
         got.text().contains("zipped-plain.zip/plain.docx"),
@@ -555,16 +552,7 @@ fn labeled_office_and_pdf_uploads_pass_byte_for_byte() {
     ] {
         let path = fixture(name);
         let form = format!("file=@{}", path.display());
-        let got = e.curl(
-            Some("bob@corp.example"),
-            &[
-                "-H",
-                "Accept: application/json",
-                "-F",
-                &form,
-                &e.url("/upload"),
-            ],
-        );
+        let got = e.upload_json(Some("bob@corp.example"), &form);
         assert!(
             got.status == 201 || got.status == 200,
             "{name}: {} {}",
@@ -894,16 +882,7 @@ fn a_zip_bomb_and_a_200_mib_file_get_the_not_inspectable_action_with_bounded_mem
     // The bomb: not inspectable (the app's setting is monitor), passed, recorded with the reason.
     let bomb = fixture("bomb.docx");
     let form = format!("file=@{}", bomb.display());
-    let got = e.curl(
-        Some("bob@corp.example"),
-        &[
-            "-H",
-            "Accept: application/json",
-            "-F",
-            &form,
-            &e.url("/upload"),
-        ],
-    );
+    let got = e.upload_json(Some("bob@corp.example"), &form);
     assert!(got.status < 300, "{} {}", got.status, got.text());
     let ev = e.event_for("POST", "/upload");
     assert_eq!(ev["action"], "monitor", "{ev}");
