@@ -21,7 +21,7 @@ pub struct AdminState {
     /// The proxy's counters.
     pub proxy: Arc<ProxyStats>,
     /// Policy bundle status, when bundles are configured.
-    pub bundle: Option<Arc<std::sync::Mutex<crate::bundle::fetch::BundleStatus>>>,
+    pub bundle: Option<Arc<std::sync::Mutex<crate::bundle::BundleStatus>>>,
     /// Reporting (spool and shipping), when a collector is configured.
     pub report: Option<crate::report::ReportHandle>,
 }
@@ -33,7 +33,7 @@ struct Status {
     ready: bool,
     steer: Option<crate::steer::SteerStatus>,
     proxy: crate::proxy::ProxyStatsSnapshot,
-    bundle: Option<crate::bundle::fetch::BundleStatus>,
+    bundle: Option<crate::bundle::BundleStatus>,
     report: Option<crate::report::ReportStatus>,
 }
 
@@ -136,6 +136,30 @@ impl AdminState {
             "gauge",
             "Connections open now.",
             p.active,
+        );
+        metric(
+            "sluice_proxy_inspections_total",
+            "counter",
+            "Held bodies judged on the inspection pool.",
+            p.inspections,
+        );
+        metric(
+            "sluice_proxy_inspecting",
+            "gauge",
+            "Held bodies being judged now.",
+            p.inspecting,
+        );
+        metric(
+            "sluice_proxy_inspection_held_bytes",
+            "gauge",
+            "Body bytes held for inspection now (the budget in use).",
+            p.inspection_held_bytes,
+        );
+        metric(
+            "sluice_proxy_inspection_budget_timeouts_total",
+            "counter",
+            "Bodies not held because the inspection budget stayed spent.",
+            p.inspection_budget_timeouts,
         );
         metric(
             "sluice_proxy_bytes_up_total",

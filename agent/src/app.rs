@@ -68,11 +68,8 @@ async fn supervise(
     let target = crate::report::target(config).context("reading the enrollment")?;
     let mut dist = match &config.bundle {
         Some(b) => Some(
-            crate::bundle::fetch::Distributor::new(
-                bundle_settings(b, target.as_ref()),
-                &config.state_dir,
-            )
-            .context("setting up policy bundles")?,
+            crate::bundle::Distributor::new(bundle_settings(b, target.as_ref()), &config.state_dir)
+                .context("setting up policy bundles")?,
         ),
         None => None,
     };
@@ -87,11 +84,7 @@ async fn supervise(
         (None, None) => Arc::new(LogReporter),
     };
     let hooks: Arc<dyn Hooks> = match &dist {
-        Some(d) => Arc::new(Controls::new(
-            d.active(),
-            config.device.posture,
-            reporter.clone(),
-        )),
+        Some(d) => Arc::new(Controls::new(d.active(), config.device.posture)),
         None => Arc::new(PassThrough),
     };
     let mut proxy_shared = None;
@@ -203,9 +196,9 @@ async fn supervise(
 /// The bundle settings in force: a bundle URL on the enrolled collector gets the agent's
 /// credential and the collector's CA unless set otherwise.
 fn bundle_settings(
-    b: &crate::bundle::fetch::BundleSettings,
+    b: &crate::bundle::BundleSettings,
     target: Option<&crate::report::Target>,
-) -> crate::bundle::fetch::BundleSettings {
+) -> crate::bundle::BundleSettings {
     let mut b = b.clone();
     if let (Some(t), Some(url)) = (target, &b.url) {
         let origin = |u: &str| -> Option<(String, String, u16)> {
@@ -234,7 +227,7 @@ fn bundle_settings(
 fn probe(
     steering: Option<Arc<Steering>>,
     stats: Arc<ProxyStats>,
-    bundle: Option<Arc<std::sync::Mutex<crate::bundle::fetch::BundleStatus>>>,
+    bundle: Option<Arc<std::sync::Mutex<crate::bundle::BundleStatus>>>,
 ) -> crate::report::Probe {
     Arc::new(move || {
         let attached = steering.as_ref().is_some_and(|s| s.status().attached);

@@ -3,9 +3,11 @@
 //! Every table and key is documented here and in the README; unknown keys are errors, so a typo
 //! never silently falls back to a default.
 
-use std::{net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{path::PathBuf, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer};
+use sluice_net::Cidr;
+pub use sluice_policy::model::FailMode;
 
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +57,7 @@ pub struct Config {
     pub apps: Vec<AppSettings>,
     /// Where signed policy bundles come from (absent: no policies).
     #[serde(default)]
-    pub bundle: Option<crate::bundle::fetch::BundleSettings>,
+    pub bundle: Option<BundleSettings>,
     /// What this device is, for policies.
     #[serde(default)]
     pub device: DeviceSettings,
@@ -71,11 +73,11 @@ pub struct DeviceSettings {
     /// `managed` (default: the agent runs on an enrolled endpoint), `compliant`, or `unmanaged`
     /// (e.g. a gateway in front of devices nobody manages).
     #[serde(default = "default_posture")]
-    pub posture: crate::policy::model::Device,
+    pub posture: sluice_policy::model::Device,
 }
 
-fn default_posture() -> crate::policy::model::Device {
-    crate::policy::model::Device::Managed
+fn default_posture() -> sluice_policy::model::Device {
+    sluice_policy::model::Device::Managed
 }
 
 impl Default for DeviceSettings {
@@ -269,15 +271,42 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/sluice")
 }
 
-/// What happens to steered connections while the proxy is not healthy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailMode {
-    /// Connections go direct, uninspected (availability first).
-    #[default]
-    Open,
-    /// Connections are refused (control first).
-    Closed,
+/// Distribution settings (`[bundle]` in the agent's config).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleSettings {
+    /// Where to fetch the bundle (http:// or https://).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A local bundle to use instead of a URL: a signed .tar.gz, or a directory holding its own
+    /// `.signatures.json`.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// The public key (PEM) bundles must be signed with.
+    pub public_key: PathBuf,
+    /// Seconds a long poll may be held by the server (`Prefer: wait=N`).
+    #[serde(default = "default_long_poll_s")]
+    pub long_poll_s: u64,
+    /// Seconds between polls when the server does not hold requests (±20% jitter).
+    #[serde(default = "default_poll_s")]
+    pub poll_s: u64,
+    /// Accept a bundle whose revision is older than the active one.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// Extra CA certificates (PEM) trusted for an https:// URL.
+    #[serde(default)]
+    pub extra_cas: Vec<PathBuf>,
+    /// A file holding the agent's credential, sent as `Authorization: Bearer` (https:// only).
+    /// Default: the enrollment's credential when the URL is on the enrolled collector.
+    #[serde(default)]
+    pub credential_file: Option<PathBuf>,
+}
+
+fn default_long_poll_s() -> u64 {
+    60
+}
+fn default_poll_s() -> u64 {
+    30
 }
 
 /// `[steer]`: how the agent attaches to the kernel and what it steers.
@@ -388,101 +417,6 @@ pub struct SteerRule {
     pub ports: Vec<PortSpec>,
 }
 
-/// An address block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Cidr {
-    /// The network address (host bits cleared).
-    pub addr: IpAddr,
-    /// Prefix length (0-32 for IPv4, 0-128 for IPv6).
-    pub prefix: u8,
-}
-
-impl Cidr {
-    /// `0.0.0.0/0`.
-    pub const ANY_V4: Cidr = Cidr {
-        addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-        prefix: 0,
-    };
-    /// `::/0`.
-    pub const ANY_V6: Cidr = Cidr {
-        addr: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-        prefix: 0,
-    };
-
-    /// Whether `other` lies entirely inside `self`.
-    pub fn contains(&self, other: &Cidr) -> bool {
-        if self.prefix > other.prefix {
-            return false;
-        }
-        match (self.addr, other.addr) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => {
-                mask_v4(u32::from(a), self.prefix) == mask_v4(u32::from(b), self.prefix)
-            }
-            (IpAddr::V6(a), IpAddr::V6(b)) => {
-                mask_v6(u128::from(a), self.prefix) == mask_v6(u128::from(b), self.prefix)
-            }
-            _ => false,
-        }
-    }
-}
-
-fn mask_v4(v: u32, prefix: u8) -> u32 {
-    if prefix == 0 {
-        0
-    } else {
-        v & (u32::MAX << (32 - u32::from(prefix)))
-    }
-}
-fn mask_v6(v: u128, prefix: u8) -> u128 {
-    if prefix == 0 {
-        0
-    } else {
-        v & (u128::MAX << (128 - u32::from(prefix)))
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or CIDR block"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: prefix length must be 0-{max}"))?,
-        };
-        let addr = match addr {
-            IpAddr::V4(a) => IpAddr::V4(mask_v4(u32::from(a), prefix).into()),
-            IpAddr::V6(a) => IpAddr::V6(mask_v6(u128::from(a), prefix).into()),
-        };
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 /// A port or an inclusive port range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortSpec {
@@ -585,6 +519,24 @@ pub struct ProxySettings {
     /// Host patterns whose connections are refused outright (closed before any byte is relayed).
     #[serde(default)]
     pub reject_hosts: Vec<String>,
+    /// Most body bytes held for inspection at once, over every connection. A body that would
+    /// take more waits (see `inspect_wait_ms`) and then gets its app's not-inspectable action.
+    #[serde(default = "default_inspect_budget_bytes")]
+    pub inspect_budget_bytes: u64,
+    /// How long, in milliseconds, a body may wait in all for room in the inspection budget.
+    #[serde(default = "default_inspect_wait_ms")]
+    pub inspect_wait_ms: u64,
+    /// Most bodies parsed and scanned at once, each on a thread of the inspection pool (never on
+    /// the proxy's async workers). 0: the number of CPUs.
+    #[serde(default)]
+    pub inspect_workers: usize,
+}
+
+fn default_inspect_budget_bytes() -> u64 {
+    512 * 1024 * 1024
+}
+fn default_inspect_wait_ms() -> u64 {
+    5_000
 }
 
 fn default_client_first_timeout_ms() -> u64 {
@@ -646,6 +598,9 @@ impl Default for ProxySettings {
             plain_http_ports: default_plain_http_ports(),
             reject_hosts: Vec::new(),
             hash_bodies: false,
+            inspect_budget_bytes: default_inspect_budget_bytes(),
+            inspect_wait_ms: default_inspect_wait_ms(),
+            inspect_workers: 0,
         }
     }
 }
@@ -764,12 +719,12 @@ impl Config {
                 )));
             }
             for h in app.hosts.iter().chain(&app.do_not_inspect) {
-                crate::proxy::catalog::HostPattern::parse(h)
+                sluice_net::HostPattern::parse(h)
                     .map_err(|e| ConfigError::Invalid(format!("apps.{}: {e}", app.id)))?;
             }
         }
         for h in &self.proxy.reject_hosts {
-            crate::proxy::catalog::HostPattern::parse(h)
+            sluice_net::HostPattern::parse(h)
                 .map_err(|e| ConfigError::Invalid(format!("proxy.reject_hosts: {e}")))?;
         }
         self.report.validate()?;

@@ -312,7 +312,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keygen { out } => {
-            let (key, public) = sluice::bundle::keygen(&out)?;
+            let (key, public) = sluice_policy::bundle::keygen(&out)?;
             say!(
                 "private key {} (0600, keep it with the central team)\npublic key  {} (give it to agents)",
                 key.display(),
@@ -362,7 +362,7 @@ fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 }
 
 fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
-    use sluice::bundle::{Archive, Limits, build, jws};
+    use sluice_policy::bundle::{Archive, Limits, build, jws};
     let verifying = |p: &std::path::Path| -> anyhow::Result<jws::VerifyingKey> {
         Ok(jws::VerifyingKey::from_pem(&String::from_utf8_lossy(
             &read(p)?,
@@ -418,7 +418,7 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
             };
             let doc = serde_json::json!({
                 "files": files,
-                "signed": archive.files.contains_key(sluice::bundle::SIGNATURES),
+                "signed": archive.files.contains_key(sluice_policy::bundle::SIGNATURES),
                 "verified": verified.as_ref().map(|r| r.is_ok()),
                 "manifest": match &verified {
                     Some(Ok(m)) => serde_json::to_value(m)?,
@@ -434,8 +434,8 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
 
 /// Loads and compiles a bundle from a directory or an archive (archives are not verified here:
 /// `sluice bundle verify` does that).
-fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice::policy::PolicySet> {
-    use sluice::bundle::{Archive, Limits, MANIFEST, Manifest};
+fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice_policy::PolicySet> {
+    use sluice_policy::bundle::{Archive, Limits, MANIFEST, Manifest};
     let archive = if path.is_dir() {
         Archive::from_dir(path)?
     } else {
@@ -448,8 +448,8 @@ fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice::policy::Polic
         .map(|m| m.revision)
         .unwrap_or_else(|| "unversioned".into());
     let mut files = archive.files;
-    files.remove(sluice::bundle::SIGNATURES);
-    Ok(sluice::policy::PolicySet::compile(&revision, &files)?)
+    files.remove(sluice_policy::bundle::SIGNATURES);
+    Ok(sluice_policy::PolicySet::compile(&revision, &files)?)
 }
 
 struct InspectArgs {
@@ -463,7 +463,7 @@ struct InspectArgs {
 }
 
 fn inspect_command(a: InspectArgs) -> anyhow::Result<()> {
-    use sluice::inspect::{self, Applied, LabelSpec, Limits};
+    use sluice_inspect::{self as inspect, Applied, LabelSpec, Limits};
     let bundle = a
         .bundle
         .or_else(|| std::env::var_os("SLUICE_BUNDLE").map(PathBuf::from))
@@ -490,12 +490,7 @@ fn inspect_command(a: InspectArgs) -> anyhow::Result<()> {
     }
     let bytes = read(&a.file)?;
     let name = a.file.file_name().map(|n| n.to_string_lossy().into_owned());
-    let label_id = |guid: &str| {
-        set.labels
-            .values()
-            .find(|l| inspect::normalize_guid(&l.guid) == guid)
-            .map(|l| l.id.clone())
-    };
+    let label_id = |guid: &str| set.label_id(guid).map(str::to_owned);
     let describe = |facts: &inspect::FileFacts| -> anyhow::Result<serde_json::Value> {
         let mut v = serde_json::to_value(facts)?;
         if let Some(labels) = v.get_mut("labels").and_then(|l| l.as_array_mut()) {
@@ -569,7 +564,7 @@ fn inspect_command(a: InspectArgs) -> anyhow::Result<()> {
 }
 
 fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
-    use sluice::policy::model::{Input, Kind};
+    use sluice_policy::model::{Input, Kind};
     match command {
         PolicyCommand::Test { bundle } => {
             let set = load_policies(&bundle)?;

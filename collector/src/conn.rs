@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice::proxy::idle::{Activity as IoActivity, IdleIo};
+use sluice_net::idle::{Activity as IoActivity, IdleIo};
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

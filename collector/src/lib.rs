@@ -40,7 +40,7 @@ use std::{
     time::Instant,
 };
 
-use sluice::bundle::{Archive, Limits as BundleLimits, jws::VerifyingKey};
+use sluice_policy::bundle::{Archive, Limits as BundleLimits, jws::VerifyingKey};
 
 pub use crate::{config::Config, store::Store};
 
@@ -65,7 +65,7 @@ pub enum Error {
     NoBundleKey,
     /// The bundle failed verification.
     #[error("bundle: {0}")]
-    Bundle(#[from] sluice::bundle::BundleError),
+    Bundle(#[from] sluice_policy::bundle::BundleError),
     /// The bundle public key is unusable.
     #[error("bundle public key {path}: {detail}")]
     BundleKey {

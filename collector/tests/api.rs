@@ -17,13 +17,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice::bundle::{Archive, jws::SigningKey};
 use sluice_collector::{
     Collector,
     config::Config,
     server::Server,
     store::{IngestOptions, now_ms},
 };
+use sluice_policy::bundle::{Archive, jws::SigningKey};
 use sluice_protocol::{
     Actor, CLASS_DEVICE_INVENTORY, CLASS_FILE_HOSTING, Device, EnrollResponse, Event, File,
     IngestResponse, Posture, Sluice, User,

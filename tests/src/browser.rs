@@ -827,7 +827,7 @@ impl Cdp {
         let data = r["data"]
             .as_str()
             .ok_or_else(|| anyhow!("Page.captureScreenshot answered without data"))?;
-        let png = sluice::bundle::jws::b64_decode(data)
+        let png = sluice_policy::bundle::jws::b64_decode(data)
             .ok_or_else(|| anyhow!("Page.captureScreenshot: bad base64"))?;
         fs::write(path, &png).with_context(|| format!("writing {}", path.display()))?;
         png_size(path)

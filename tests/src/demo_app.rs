@@ -60,7 +60,7 @@ use rcgen::{
 use rustls::ServerConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use sha2::{Digest as _, Sha256};
-use sluice::bundle::jws::{b64url, b64url_decode, pem_decode};
+use sluice_policy::bundle::jws::{b64url, b64url_decode, pem_decode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -2327,7 +2327,7 @@ mod tests {
         let t = state.sign_token(&alice).unwrap();
         assert_eq!(state.verify_token(&t).map(|u| u.id.as_str()), Some("alice"));
         // Another key's signature over the same claims is refused.
-        let (other, _, _) = sluice::bundle::jws::SigningKey::generate().unwrap();
+        let (other, _, _) = sluice_policy::bundle::jws::SigningKey::generate().unwrap();
         let payload = t.split('.').nth(1).unwrap();
         let forged = other.sign(&b64url_decode(payload).unwrap(), KID).unwrap();
         assert!(state.verify_token(&forged).is_none());

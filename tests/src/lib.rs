@@ -96,7 +96,7 @@ pub fn websocket_accept(key: &str) -> String {
 
 /// Standard base64 with padding.
 pub fn base64(data: &[u8]) -> String {
-    sluice::bundle::jws::b64(data)
+    sluice_policy::bundle::jws::b64(data)
 }
 
 #[cfg(test)]

@@ -180,7 +180,7 @@ fn a_collector_outage_and_a_killed_agent_lose_and_double_nothing() {
     );
 
     // The collector, with the bundle key, and the default bundle published on it.
-    let (key, _, public) = sluice::bundle::jws::SigningKey::generate().unwrap();
+    let (key, _, public) = sluice_policy::bundle::jws::SigningKey::generate().unwrap();
     let public_path = dir.join("bundle.pub");
     fs::write(&public_path, public).unwrap();
     let port = free_port();
@@ -202,7 +202,7 @@ fn a_collector_outage_and_a_killed_agent_lose_and_double_nothing() {
         child: None,
     };
     collector.cli(&["init"]);
-    let mut archive = sluice::bundle::build(
+    let mut archive = sluice_policy::bundle::build(
         &demo_app::workspace_root().join("policies/default"),
         Some("3"),
     )

@@ -8,12 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice::bundle::{
-    self, Archive,
-    fetch::{BundleSettings, Distributor},
-    jws::SigningKey,
-};
+use sluice::bundle::{BundleSettings, Distributor};
 use sluice_e2e::bundle_server::BundleServer;
+use sluice_policy::bundle::{self, Archive, jws::SigningKey};
 use tokio_util::sync::CancellationToken;
 
 struct Keys {

@@ -12,12 +12,12 @@ use std::{
 };
 
 use sha2::{Digest as _, Sha256};
-use sluice::policy::identity::{Jwks, JwtSource, token_from};
 use sluice_e2e::{
     TempDir,
     demo_app::{self, AUDIENCE, DemoApp, DemoOptions, ISSUER, UploadVia},
     hex, pattern,
 };
+use sluice_policy::identity::{Jwks, JwtSource, token_from};
 
 static N: AtomicU32 = AtomicU32::new(0);
 
@@ -294,7 +294,7 @@ fn unauthenticated_and_forged_requests_are_refused() {
     );
     assert_eq!(r.status, 401);
     // A token signed by another key under the app's kid, and a garbage cookie.
-    let (other, _, _) = sluice::bundle::jws::SigningKey::generate().unwrap();
+    let (other, _, _) = sluice_policy::bundle::jws::SigningKey::generate().unwrap();
     let claims = serde_json::json!({
         "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "email": "alice@corp.example",
         "exp": now() + 600, "iat": now(),

@@ -7,22 +7,24 @@ use std::{
     net::SocketAddr,
     process::Command,
     sync::{
-        Arc, Mutex,
+        Arc, Condvar, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, request, response};
 use sluice::{
+    admin::{Admin, AdminState},
     config::{AppSettings, ProxySettings},
+    event::ActivityEvent,
     proxy::{
         OriginSource, Proxy, ProxyStats, Shared,
         body::full,
         ca::{self, Ca, CacheLimits, LeafCache},
         catalog::Catalog,
-        hooks::{BodyInspector, BodyMode, BodyVerdict, Exchange, HeadVerdict, Hooks},
+        hooks::{BodyPlan, BodyVerdict, Ended, Exchange, Flow, HeadVerdict, Hooks, Side, Unheld},
         record::{ConnectionRecord, Reporter, RequestRecord},
         upstream::{Upstream, root_store},
     },
@@ -68,8 +70,36 @@ impl Reporter for Collect {
     fn connection(&self, _rec: ConnectionRecord) {}
 }
 
+/// A gate that parks judgements until it is opened (or a bound passes, so a failing test never
+/// hangs).
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut open = self.open.lock().expect("gate");
+        while !*open && Instant::now() < deadline {
+            open = self
+                .cv
+                .wait_timeout(open, Duration::from_millis(200))
+                .expect("gate")
+                .0;
+        }
+    }
+    fn release(&self) {
+        *self.open.lock().expect("gate") = true;
+        self.cv.notify_all();
+    }
+}
+
 struct TestHooks {
-    streamed: Arc<AtomicU64>,
+    /// Flows finished, each once.
+    finished: Arc<AtomicU64>,
+    gate: Arc<Gate>,
 }
 
 fn answer(status: StatusCode, text: &str) -> Response<sluice::proxy::body::ProxyBody> {
@@ -78,46 +108,16 @@ fn answer(status: StatusCode, text: &str) -> Response<sluice::proxy::body::Proxy
     r
 }
 
-struct Holder {
-    limit: usize,
-    seen: Vec<u8>,
-    on_end: fn(&[u8]) -> BodyVerdict,
+/// One request's flow: what the test's query asks of it.
+struct TestFlow {
+    query: String,
+    finished: Arc<AtomicU64>,
+    gate: Arc<Gate>,
+    judged_on: Option<std::thread::ThreadId>,
 }
 
-impl BodyInspector for Holder {
-    fn mode(&self) -> BodyMode {
-        BodyMode::Hold { limit: self.limit }
-    }
-    fn chunk(&mut self, data: &Bytes) {
-        self.seen.extend_from_slice(data);
-    }
-    fn end(&mut self) -> BodyVerdict {
-        (self.on_end)(&self.seen)
-    }
-    fn overflow(&mut self) -> BodyVerdict {
-        BodyVerdict::Respond(answer(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too large to inspect",
-        ))
-    }
-}
-
-struct Counter(Arc<AtomicU64>);
-
-impl BodyInspector for Counter {
-    fn mode(&self) -> BodyMode {
-        BodyMode::Stream
-    }
-    fn chunk(&mut self, data: &Bytes) {
-        self.0.fetch_add(data.len() as u64, Ordering::Relaxed);
-    }
-    fn end(&mut self) -> BodyVerdict {
-        BodyVerdict::Pass
-    }
-}
-
-impl Hooks for TestHooks {
-    fn request_head(&self, _ex: &Exchange<'_>, head: &mut request::Parts) -> HeadVerdict {
+impl Flow for TestFlow {
+    fn request_head(&mut self, head: &mut request::Parts) -> HeadVerdict {
         match head.uri.path() {
             "/blocked-head" => {
                 HeadVerdict::Respond(answer(StatusCode::FORBIDDEN, "blocked by hook"))
@@ -134,167 +134,224 @@ impl Hooks for TestHooks {
         }
     }
 
-    fn request_body(
-        &self,
-        _ex: &Exchange<'_>,
-        head: &request::Parts,
-    ) -> Option<Box<dyn BodyInspector>> {
-        let q = head.uri.query().unwrap_or("");
-        let holder = |limit, on_end| -> Option<Box<dyn BodyInspector>> {
-            Some(Box::new(Holder {
-                limit,
-                seen: Vec::new(),
-                on_end,
-            }))
-        };
-        match q {
-            "hold=block" => holder(1 << 20, |b| {
-                if b.windows(6).any(|w| w == b"SECRET") {
-                    BodyVerdict::Respond(answer(StatusCode::FORBIDDEN, "upload refused by hook"))
-                } else {
-                    BodyVerdict::Pass
-                }
-            }),
-            "hold=replace" => holder(1 << 20, |_| {
-                BodyVerdict::Replace(Bytes::from_static(b"replaced"))
-            }),
-            "hold=small" => holder(10, |_| BodyVerdict::Pass),
-            _ => None,
+    fn request_body(&mut self, _head: &request::Parts) -> BodyPlan {
+        match self.query.as_str() {
+            "hold=block" | "hold=replace" | "hold=park" => BodyPlan::Hold { limit: 1 << 20 },
+            "hold=small" => BodyPlan::Hold { limit: 10 },
+            _ => BodyPlan::Pass,
         }
     }
 
-    fn response_head(
-        &self,
-        _ex: &Exchange<'_>,
-        req: &request::Parts,
-        head: &mut response::Parts,
-    ) -> HeadVerdict {
-        if req.uri.query() == Some("resp=header") {
+    fn response_head(&mut self, head: &mut response::Parts) -> HeadVerdict {
+        if self.query == "resp=header" {
             head.headers
                 .insert("x-sluice-hooked", HeaderValue::from_static("yes"));
         }
         HeadVerdict::Continue
     }
 
-    fn response_body(
-        &self,
-        _ex: &Exchange<'_>,
-        req: &request::Parts,
-        _head: &response::Parts,
-    ) -> Option<Box<dyn BodyInspector>> {
-        match req.uri.query() {
-            Some("resp=replace") => Some(Box::new(Holder {
-                limit: 1 << 20,
-                seen: Vec::new(),
-                on_end: |_| BodyVerdict::Replace(Bytes::from_static(b"hooked body")),
-            })),
-            Some("resp=count") => Some(Box::new(Counter(self.streamed.clone()))),
-            _ => None,
+    fn response_body(&mut self, _head: &response::Parts) -> BodyPlan {
+        match self.query.as_str() {
+            "resp=replace" => BodyPlan::Hold { limit: 1 << 20 },
+            _ => BodyPlan::Pass,
         }
+    }
+
+    fn judge(&mut self, side: Side, body: &Bytes) -> BodyVerdict {
+        self.judged_on = Some(std::thread::current().id());
+        match (side, self.query.as_str()) {
+            (Side::Request, "hold=block") if body.windows(6).any(|w| w == b"SECRET") => {
+                BodyVerdict::Respond(answer(StatusCode::FORBIDDEN, "upload refused by hook"))
+            }
+            (Side::Request, "hold=replace") => {
+                BodyVerdict::Replace(Bytes::from_static(b"replaced"))
+            }
+            (Side::Request, "hold=park") => {
+                self.gate.wait();
+                BodyVerdict::Pass
+            }
+            (Side::Response, "resp=replace") => {
+                BodyVerdict::Replace(Bytes::from_static(b"hooked body"))
+            }
+            _ => BodyVerdict::Pass,
+        }
+    }
+
+    fn unheld(&mut self, _side: Side, _why: Unheld) -> BodyVerdict {
+        BodyVerdict::Respond(answer(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too large to inspect",
+        ))
+    }
+
+    fn finish(self: Box<Self>, _ended: Ended) -> Option<ActivityEvent> {
+        self.finished.fetch_add(1, Ordering::Relaxed);
+        None
     }
 }
 
-#[test]
-fn hooks_pass_rewrite_or_answer_instead() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let pki = TestPki::new(&["good.test"]).expect("pki");
-    let origin = rt
-        .block_on(Origin::start("127.0.0.31:0".parse().expect("addr"), &pki))
-        .expect("origin");
-    let dir = sluice_e2e::TempDir::new("hooks");
-    ca::init(&dir.join("ca"), "Sluice Interception CA").expect("ca");
-    let ca = Ca::load_dir(&dir.join("ca")).expect("ca loads");
-    let sluice_ca = dir.join("sluice-ca.pem");
-    std::fs::write(&sluice_ca, ca.cert_pem()).expect("ca pem");
-    let test_ca = dir.join("test-ca.pem");
-    std::fs::write(&test_ca, &pki.ca_pem).expect("test ca");
+impl Hooks for TestHooks {
+    fn begin(&self, _ex: &Exchange<'_>, head: &request::Parts) -> Option<Box<dyn Flow>> {
+        Some(Box::new(TestFlow {
+            query: head.uri.query().unwrap_or("").to_owned(),
+            finished: self.finished.clone(),
+            gate: self.gate.clone(),
+            judged_on: None,
+        }))
+    }
+}
 
-    let port = free_port();
-    let settings = ProxySettings {
-        port,
-        hash_bodies: true,
-        ..ProxySettings::default()
-    };
-    let streamed = Arc::new(AtomicU64::new(0));
-    let reporter = Arc::new(Collect::default());
-    let catalog = Catalog::new(
-        &[AppSettings {
-            id: "demo".into(),
-            name: None,
-            hosts: vec!["good.test".into()],
-            do_not_inspect: vec![],
-        }],
-        &[],
-    )
-    .expect("catalog");
-    let shared = Arc::new(Shared::new(
-        Arc::new(Fixed(origin.addr)),
-        Arc::new(ProxyStats::default()),
-        Arc::new(catalog),
-        Arc::new(LeafCache::new(
-            Arc::new(ca),
-            CacheLimits::default(),
-            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-        )),
-        Arc::new(Upstream::new(
-            root_store(false, false, std::slice::from_ref(&test_ca)).expect("roots"),
+/// A proxy with the test hooks in front of a test origin, on `rt`.
+struct Rig {
+    port: u16,
+    sluice_ca: std::path::PathBuf,
+    reporter: Arc<Collect>,
+    stats: Arc<ProxyStats>,
+    finished: Arc<AtomicU64>,
+    gate: Arc<Gate>,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    origin: Origin,
+    _dir: sluice_e2e::TempDir,
+}
+
+impl Rig {
+    fn start(rt: &tokio::runtime::Runtime, name: &str, settings: ProxySettings) -> Self {
+        let pki = TestPki::new(&["good.test"]).expect("pki");
+        let origin = rt
+            .block_on(Origin::start("127.0.0.31:0".parse().expect("addr"), &pki))
+            .expect("origin");
+        let dir = sluice_e2e::TempDir::new(name);
+        ca::init(&dir.join("ca"), "Sluice Interception CA").expect("ca");
+        let ca = Ca::load_dir(&dir.join("ca")).expect("ca loads");
+        let sluice_ca = dir.join("sluice-ca.pem");
+        std::fs::write(&sluice_ca, ca.cert_pem()).expect("ca pem");
+        let test_ca = dir.join("test-ca.pem");
+        std::fs::write(&test_ca, &pki.ca_pem).expect("test ca");
+        let port = settings.port;
+        let reporter = Arc::new(Collect::default());
+        let (finished, gate) = (Arc::new(AtomicU64::new(0)), Arc::new(Gate::default()));
+        let catalog = Catalog::new(
+            &[AppSettings {
+                id: "demo".into(),
+                name: None,
+                hosts: vec!["good.test".into()],
+                do_not_inspect: vec![],
+            }],
+            &[],
+        )
+        .expect("catalog");
+        let stats = Arc::new(ProxyStats::default());
+        let shared = Arc::new(Shared::new(
+            Arc::new(Fixed(origin.addr)),
+            stats.clone(),
+            Arc::new(catalog),
+            Arc::new(LeafCache::new(
+                Arc::new(ca),
+                CacheLimits::default(),
+                vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            )),
+            Arc::new(Upstream::new(
+                root_store(false, false, std::slice::from_ref(&test_ca)).expect("roots"),
+                0,
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+                8,
+            )),
+            Arc::new(TestHooks {
+                finished: finished.clone(),
+                gate: gate.clone(),
+            }),
+            reporter.clone(),
+            settings,
             0,
-            Duration::from_secs(5),
-            Duration::from_secs(5),
-            8,
-        )),
-        Arc::new(TestHooks {
-            streamed: streamed.clone(),
-        }),
-        reporter.clone(),
-        settings,
-        0,
-    ));
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let proxy = rt.block_on(Proxy::bind(shared)).expect("bind");
-    let task = rt.spawn(proxy.run(shutdown.clone()));
+        ));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let proxy = rt.block_on(Proxy::bind(shared)).expect("bind");
+        let task = rt.spawn(proxy.run(shutdown.clone()));
+        Self {
+            port,
+            sluice_ca,
+            reporter,
+            stats,
+            finished,
+            gate,
+            shutdown,
+            task,
+            origin,
+            _dir: dir,
+        }
+    }
 
-    let curl = |args: &[&str]| -> String {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--cacert"])
-            .arg(&sluice_ca)
-            .args(["--resolve", &format!("good.test:{port}:127.0.0.1")])
-            .args(args)
-            .output()
-            .expect("curl runs");
+    fn curl_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--max-time", "20", "--cacert"])
+            .arg(&self.sluice_ca)
+            .args(["--resolve", &format!("good.test:{}:127.0.0.1", self.port)])
+            .args(args);
+        c
+    }
+
+    fn curl(&self, args: &[&str]) -> String {
+        let out = self.curl_cmd(args).output().expect("curl runs");
         assert!(
             out.status.success(),
             "curl {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let url = |p: &str| format!("https://good.test:{port}{p}");
-    let with_code = |args: &[&str]| {
+    }
+
+    fn url(&self, p: &str) -> String {
+        format!("https://good.test:{}{p}", self.port)
+    }
+
+    fn with_code(&self, args: &[&str]) -> (String, String) {
         let mut a = args.to_vec();
         a.extend(["-w", "\n%{http_code}"]);
-        let out = curl(&a);
-        let (body, code) = out
-            .rsplit_once('\n')
+        let out = self.curl(&a);
+        out.rsplit_once('\n')
             .map(|(b, c)| (b.to_owned(), c.to_owned()))
-            .expect("code");
-        (body, code)
+            .expect("code")
+    }
+
+    fn stop(self, rt: &tokio::runtime::Runtime) {
+        self.gate.release();
+        self.shutdown.cancel();
+        let _ = rt.block_on(self.task);
+        drop(self.origin);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn hooks_pass_rewrite_or_answer_instead() {
+    let rt = runtime();
+    let settings = ProxySettings {
+        port: free_port(),
+        hash_bodies: true,
+        ..ProxySettings::default()
     };
+    let rig = Rig::start(&rt, "hooks", settings);
+    let url = |p: &str| rig.url(p);
 
     for proto in ["--http1.1", "--http2"] {
         // Answer instead, from the request head: the origin never sees it.
-        let (body, code) = with_code(&[proto, &url("/blocked-head")]);
+        let (body, code) = rig.with_code(&[proto, &url("/blocked-head")]);
         assert_eq!((code.as_str(), body.as_str()), ("403", "blocked by hook"));
         // Rewrite the head: a header added, the path changed.
-        let (body, code) = with_code(&[proto, &url("/rewrite-head")]);
+        let (body, code) = rig.with_code(&[proto, &url("/rewrite-head")]);
         assert_eq!(code, "200");
         assert!(body.contains("x-hooked"), "{body}");
         // A held upload refused before any byte reaches the origin.
-        let (body, code) = with_code(&[
+        let (body, code) = rig.with_code(&[
             proto,
             "--data-binary",
             "top SECRET plans",
@@ -305,14 +362,15 @@ fn hooks_pass_rewrite_or_answer_instead() {
             ("403", "upload refused by hook")
         );
         // The same hook lets a clean body through unchanged.
-        let (body, code) = with_code(&[proto, "--data-binary", "hello", &url("/echo?hold=block")]);
+        let (body, code) =
+            rig.with_code(&[proto, "--data-binary", "hello", &url("/echo?hold=block")]);
         assert_eq!(code, "200");
         assert!(
             body.contains("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"),
             "{body}"
         );
         // A held body replaced.
-        let (body, _) = with_code(&[
+        let (body, _) = rig.with_code(&[
             proto,
             "--data-binary",
             "original",
@@ -320,16 +378,16 @@ fn hooks_pass_rewrite_or_answer_instead() {
         ]);
         let replaced = sluice_e2e::hex(&<sha2::Sha256 as sha2::Digest>::digest(b"replaced"));
         assert!(body.contains(&replaced), "{body}");
-        // A body over the hold bound: the inspector's overflow verdict answers.
-        let (_, code) = with_code(&[
+        // A body over the hold bound: the flow's unheld verdict answers.
+        let (_, code) = rig.with_code(&[
             proto,
             "--data-binary",
             "more than ten bytes",
             &url("/echo?hold=small"),
         ]);
         assert_eq!(code, "413");
-        // Response head rewritten, response body replaced, response body streamed and seen.
-        let head = curl(&[
+        // Response head rewritten, response body replaced, a streamed body counted whole.
+        let head = rig.curl(&[
             proto,
             "-D",
             "-",
@@ -341,28 +399,120 @@ fn hooks_pass_rewrite_or_answer_instead() {
             head.to_ascii_lowercase().contains("x-sluice-hooked: yes"),
             "{head}"
         );
-        assert_eq!(curl(&[proto, &url("/hello?resp=replace")]), "hooked body");
-        let before = streamed.load(Ordering::Relaxed);
-        curl(&[proto, "-o", "/dev/null", &url("/bytes/300000?resp=count")]);
-        assert_eq!(streamed.load(Ordering::Relaxed) - before, 300_000);
+        assert_eq!(
+            rig.curl(&[proto, &url("/hello?resp=replace")]),
+            "hooked body"
+        );
+        rig.curl(&[proto, "-o", "/dev/null", &url("/bytes/300000?resp=count")]);
     }
-    let log = origin.requests();
+    let log = rig.origin.requests();
     assert!(!log.iter().any(|l| l.contains("blocked-head")), "{log:?}");
     let posts = log.iter().filter(|l| l.starts_with("POST /echo")).count();
     assert_eq!(
         posts, 4,
         "only the passed and replaced uploads reached the origin: {log:?}"
     );
-    let recs = reporter.0.lock().expect("records");
+    let recs = rig.reporter.0.lock().expect("records");
     assert!(
         recs.iter()
             .any(|r| r.outcome == "answered" && r.url.ends_with("/blocked-head"))
     );
-    assert!(recs.iter().any(|r| r.outcome == "ok"
-        && r.url.ends_with("/bytes/300000?resp=count")
-        && r.bytes_down == 300_000));
+    assert_eq!(
+        recs.iter()
+            .filter(|r| r.outcome == "ok"
+                && r.url.ends_with("/bytes/300000?resp=count")
+                && r.bytes_down == 300_000)
+            .count(),
+        2
+    );
+    // Every request's flow was finished exactly once, with its record: answered, replaced and
+    // delivered alike.
+    assert_eq!(recs.len(), 18, "{recs:?}");
+    assert_eq!(rig.finished.load(Ordering::Relaxed), recs.len() as u64);
+    // Held bodies were judged on the inspection pool.
+    assert_eq!(rig.stats.snapshot().inspections, 8);
     drop(recs);
-    shutdown.cancel();
-    let _ = rt.block_on(task);
-    drop(origin);
+    rig.stop(&rt);
+}
+
+/// Inspections parked on the pool (more of them than the runtime has workers) stall neither
+/// plain requests through the proxy nor the admin endpoint; a body that finds the inspection
+/// budget spent waits its bounded time and gets the flow's unheld verdict.
+#[test]
+fn parked_inspections_stall_neither_requests_nor_admin() {
+    let rt = runtime();
+    let settings = ProxySettings {
+        port: free_port(),
+        inspect_workers: 4,
+        // Room for the four parked bodies (each rounds up to one KiB), not a fifth.
+        inspect_budget_bytes: 4 * 1024,
+        inspect_wait_ms: 300,
+        ..ProxySettings::default()
+    };
+    let rig = Rig::start(&rt, "hooks-parked", settings);
+    let admin = rt
+        .block_on(Admin::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            AdminState {
+                steering: None,
+                proxy: rig.stats.clone(),
+                bundle: None,
+                report: None,
+            },
+        ))
+        .expect("admin binds");
+    let admin_addr = admin.local_addr().expect("admin addr");
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let admin_task = rt.spawn(admin.run(admin_stop.clone()));
+
+    let parked: Vec<std::process::Child> = (0..4)
+        .map(|i| {
+            rig.curl_cmd(&[
+                "--data-binary",
+                &format!("parked upload {i}"),
+                "-o",
+                "/dev/null",
+                &rig.url("/echo?hold=park"),
+            ])
+            .spawn()
+            .expect("curl starts")
+        })
+        .collect();
+    assert!(
+        sluice_e2e::wait_until(Duration::from_secs(20), || {
+            rig.stats.snapshot().inspecting == 4
+        }),
+        "four inspections parked: {:?}",
+        rig.stats.snapshot()
+    );
+    // More parked inspections than async workers: requests and the admin endpoint still answer.
+    for _ in 0..10 {
+        let (body, code) = rig.with_code(&["--max-time", "10", &rig.url("/hello")]);
+        assert_eq!(code, "200", "{body}");
+    }
+    let status = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{admin_addr}/status"))
+        .output()
+        .expect("curl runs");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status is JSON");
+    assert_eq!(status["proxy"]["inspecting"], 4, "{status}");
+    assert_eq!(status["proxy"]["inspection_held_bytes"], 4096, "{status}");
+    // The budget is spent: a fifth held body waits its bound, then is not held.
+    let (body, code) = rig.with_code(&["--data-binary", "one more", &rig.url("/echo?hold=block")]);
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("413", "too large to inspect")
+    );
+    assert_eq!(rig.stats.snapshot().inspection_budget_timeouts, 1);
+
+    rig.gate.release();
+    for mut c in parked {
+        assert!(c.wait().expect("curl ends").success());
+    }
+    assert_eq!(rig.stats.snapshot().inspecting, 0);
+    assert_eq!(rig.stats.snapshot().inspection_held_bytes, 0);
+    admin_stop.cancel();
+    let _ = rt.block_on(admin_task);
+    rig.stop(&rt);
 }

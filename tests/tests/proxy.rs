@@ -730,7 +730,7 @@ fn sighup_reloads_the_app_catalogue_without_a_restart() {
 #[test]
 #[ignore = "needs root"]
 fn an_active_bundle_catalogue_decides_what_is_intercepted() {
-    use sluice::bundle::{self, jws::SigningKey};
+    use sluice_policy::bundle::{self, jws::SigningKey};
     let dir = sluice_e2e::TempDir::new("e2e-bundle-cat");
     std::fs::create_dir_all(dir.join("src")).expect("dir");
     std::fs::write(

@@ -16,15 +16,15 @@ use std::{
 
 use sluice::{
     config::Config,
-    policy::model::{Action, Activity, Client, Device, Kind},
+    event::{ActivityEvent, ProcessFacts},
     report::{
         ProbeFacts, ReportHandle, Reporting,
         ship::{ShipSettings, Shipper},
         spool::{MAGIC, Spool, SpoolOptions},
     },
-    session::event::{ActivityEvent, ProcessFacts},
 };
 use sluice_e2e::{TempDir, fake_collector::FakeCollector};
+use sluice_policy::model::{Action, Activity, Client, Device, Kind};
 use tokio_util::sync::CancellationToken;
 
 const AGENT_CRED: &str = "agent-credential-1";
@@ -792,10 +792,10 @@ async fn the_agent_enrolls_runs_and_reports_its_posture_and_status() {
 async fn bundle_fetches_carry_the_credential() {
     let dir = temp("bundle-auth");
     let (c, ca, cred) = collector(&dir).await;
-    let (_, _, public) = sluice::bundle::jws::SigningKey::generate().unwrap();
+    let (_, _, public) = sluice_policy::bundle::jws::SigningKey::generate().unwrap();
     let public_path = dir.join("bundle.pub");
     std::fs::write(&public_path, public).unwrap();
-    let settings = sluice::bundle::fetch::BundleSettings {
+    let settings = sluice::bundle::BundleSettings {
         url: Some(format!("{}/api/v1/bundles/current", c.url())),
         file: None,
         public_key: public_path,
@@ -805,8 +805,7 @@ async fn bundle_fetches_carry_the_credential() {
         extra_cas: vec![ca],
         credential_file: Some(cred),
     };
-    let dist =
-        Arc::new(sluice::bundle::fetch::Distributor::new(settings, &dir.join("state")).unwrap());
+    let dist = Arc::new(sluice::bundle::Distributor::new(settings, &dir.join("state")).unwrap());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(dist.clone().run(shutdown.clone()));
     assert!(

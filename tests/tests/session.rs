@@ -11,12 +11,12 @@ use std::{
     time::Duration,
 };
 
-use sluice::bundle::{self, jws::SigningKey};
 use sluice_e2e::{
     Agent, InCgroup, TempDir, TestCgroup, bin,
     demo_app::{self, DemoApp, DemoOptions},
     dual_stack_listeners, free_port, hex, require_root, wait_until,
 };
+use sluice_policy::bundle::{self, jws::SigningKey};
 
 const APP_IP: &str = "127.0.0.41";
 

@@ -14,13 +14,15 @@ use std::{
 
 use nix::sys::signal::Signal;
 use sluice::{
-    config::{Cidr, FailMode, PortSpec, SteerRule, SteerSettings},
+    config::{PortSpec, SteerRule, SteerSettings},
     steer::Steering,
 };
 use sluice_e2e::{
     Agent, InCgroup, LineServer, TestCgroup, attached_programs, bin, dual_stack_listeners,
     free_port, require_root, wait_until, world_executable_copy,
 };
+use sluice_net::Cidr;
+use sluice_policy::model::FailMode;
 
 fn rule(cidr: &str, ports: &[u16]) -> SteerRule {
     SteerRule {

@@ -1,5 +1,6 @@
 //! Body plumbing: the one boxed body type the proxy passes around, and an observing wrapper that
-//! counts bytes, feeds streaming inspectors and reports when the body is finished (or dropped).
+//! counts bytes, hashes them, and says once when the body is finished (or cut, when the side
+//! reading it goes away).
 
 use std::{
     pin::Pin,
@@ -13,8 +14,6 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::UnsyncBoxBody};
-
-use super::hooks::{BodyInspector, BodyVerdict};
 
 /// Errors carried by proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -43,22 +42,16 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
-/// The error a streaming inspector uses to cut a body it refuses.
-#[derive(Debug, thiserror::Error)]
-#[error("body refused by inspection")]
-pub struct Refused;
-
 /// Called once with the number of bytes that passed, when the body ends or is dropped early
 /// (`complete` = false).
 pub type OnDone = Box<dyn FnOnce(u64, bool) + Send>;
 
-/// Wraps a body: counts bytes into `counter`, shows each data frame to a streaming inspector, and
-/// calls `on_done` exactly once.
+/// Wraps a body: counts bytes into `counter` and calls `on_done` exactly once: at its end, on an
+/// error, or when it is dropped unfinished (the reader went away).
 pub struct Observed<B> {
     inner: B,
     counter: Arc<AtomicU64>,
     seen: u64,
-    inspector: Option<Box<dyn BodyInspector>>,
     on_done: Option<OnDone>,
     digest: Option<(aws_lc_rs::digest::Context, DigestSink)>,
 }
@@ -79,34 +72,14 @@ impl<B> Observed<B> {
     }
 
     /// Observes `inner`.
-    pub fn new(
-        inner: B,
-        counter: Arc<AtomicU64>,
-        inspector: Option<Box<dyn BodyInspector>>,
-        on_done: Option<OnDone>,
-    ) -> Self {
+    pub fn new(inner: B, counter: Arc<AtomicU64>, on_done: Option<OnDone>) -> Self {
         Self {
             inner,
             counter,
             seen: 0,
-            inspector,
             on_done,
             digest: None,
         }
-    }
-
-    /// The body is complete: asks the streaming inspector for its verdict. False when it refuses
-    /// (too late to answer instead, as the head is gone: the stream is cut so the receiver sees an
-    /// incomplete body rather than a complete one).
-    fn conclude(&mut self) -> bool {
-        if let Some(mut i) = self.inspector.take()
-            && !matches!(i.end(), BodyVerdict::Pass)
-        {
-            self.finish(false);
-            return false;
-        }
-        self.finish(true);
-        true
     }
 
     fn finish(&mut self, complete: bool) {
@@ -161,17 +134,14 @@ where
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if let Some(i) = this.inspector.as_mut() {
-                        i.chunk(data);
-                    }
                     if let Some((ctx, _)) = this.digest.as_mut() {
                         ctx.update(data);
                     }
                 }
                 // A sender that knows the length stops polling after the last frame, so the end is
-                // judged here rather than only on `None`.
-                if this.inner.is_end_stream() && !this.conclude() {
-                    return Poll::Ready(Some(Err(Box::new(Refused))));
+                // noted here rather than only on `None`.
+                if this.inner.is_end_stream() {
+                    this.finish(true);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -180,9 +150,7 @@ where
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
-                if !this.conclude() {
-                    return Poll::Ready(Some(Err(Box::new(Refused))));
-                }
+                this.finish(true);
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,

@@ -3,74 +3,11 @@
 //! Do-not-inspect and reject lists are evaluated before the catalogue, so a host listed there is
 //! never decrypted whatever app pattern also matches it.
 
-use std::{net::IpAddr, sync::Arc};
+use std::sync::Arc;
+
+use sluice_net::HostPattern;
 
 use crate::config::AppSettings;
-
-/// A host pattern: an exact name, `*.suffix` (any subdomain of suffix, not suffix itself), or an
-/// IP address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostPattern {
-    /// Matches exactly this (lower-case) name.
-    Exact(String),
-    /// Matches names ending in `.suffix`.
-    Subdomains(String),
-    /// Matches this address.
-    Ip(IpAddr),
-}
-
-impl HostPattern {
-    /// Parses a pattern; names are lower-cased, a trailing dot dropped.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let t = s.trim().trim_end_matches('.').to_ascii_lowercase();
-        if let Ok(ip) = t
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
-            return Ok(Self::Ip(ip));
-        }
-        let (wild, name) = match t.strip_prefix("*.") {
-            Some(rest) => (true, rest.to_owned()),
-            None => (false, t.clone()),
-        };
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            });
-        if !valid {
-            return Err(format!(
-                "`{s}` is not a host name, `*.domain` pattern or IP address"
-            ));
-        }
-        Ok(if wild {
-            Self::Subdomains(name)
-        } else {
-            Self::Exact(name)
-        })
-    }
-
-    /// Whether `host` (lower-case name or IP literal) matches.
-    pub fn matches(&self, host: &str) -> bool {
-        match self {
-            Self::Exact(n) => n == host,
-            Self::Subdomains(suffix) => {
-                host.len() > suffix.len() + 1
-                    && host.ends_with(suffix.as_str())
-                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-            }
-            Self::Ip(ip) => host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok_and(|h| h == *ip),
-        }
-    }
-}
 
 /// One catalogued app, compiled.
 #[derive(Debug)]
@@ -151,7 +88,7 @@ impl Catalog {
     }
 
     /// The catalogue of an active policy bundle, which replaces the configuration's apps.
-    pub fn from_bundle(set: &crate::policy::PolicySet, reject: &[String]) -> Result<Self, String> {
+    pub fn from_bundle(set: &sluice_policy::PolicySet, reject: &[String]) -> Result<Self, String> {
         let mut apps: Vec<AppSettings> = set
             .apps
             .values()

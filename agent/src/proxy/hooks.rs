@@ -1,18 +1,22 @@
-//! Hook points for policy and inspection: request head, request body, response head, response
-//! body. Each may let the message go on, rewrite it, or answer from the proxy instead.
+//! Hook points for policy and inspection, as one typed lifecycle per request.
+//!
+//! [`Hooks::begin`] gives the proxy a [`Flow`]: the request's own context, owned by the proxy
+//! (no shared state, no lock around it) and passed through the request head, the request body,
+//! the response head and the response body, then ended by [`Flow::finish`], which returns the
+//! request's activity event so that the proxy reports it together with the request record.
 //!
 //! Heads are given mutably (rewrite headers, URI) and may be answered instead
-//! ([`HeadVerdict::Respond`]). Bodies are seen through a [`BodyInspector`] the hook returns for that
-//! message: in [`BodyMode::Stream`] it observes chunks as they pass (and can only cut the stream at
-//! the end); in [`BodyMode::Hold`] the proxy holds the whole body (up to a bound) before anything
-//! is sent on, so the verdict can pass it, replace it, or answer instead: an upload can be refused
-//! before any byte reaches the app.
+//! ([`HeadVerdict::Respond`]). A body is either passed through untouched or held whole (up to a
+//! bound) and judged: the verdict can pass it, replace it, or answer instead, so an upload can be
+//! refused before any byte reaches the app. Judging parses and scans, so the proxy calls
+//! [`Flow::judge`] on its bounded inspection pool, never on the async workers; the held bytes
+//! count against one global budget.
 
 use bytes::Bytes;
 use http::{Response, request, response};
 
 use super::{body::ProxyBody, catalog::App};
-use crate::steer::OriginRecord;
+use crate::{event::ActivityEvent, steer::OriginRecord};
 
 /// What a hook knows about the exchange.
 #[derive(Debug)]
@@ -27,35 +31,6 @@ pub struct Exchange<'a> {
     pub host: &'a str,
     /// Unique id of this request (also the incident id of any page the proxy answers with).
     pub request_id: &'a str,
-    /// Per-request state the hooks keep between their calls (set once, typically by
-    /// [`Hooks::request_head`]). Dropped when the proxy is done with the request head, which
-    /// is after every hook of the request ran.
-    pub state: &'a RequestState,
-}
-
-/// A slot for one value per request, shared by the hook calls of that request.
-#[derive(Default)]
-pub struct RequestState(std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>);
-
-impl std::fmt::Debug for RequestState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() {
-            "RequestState(set)"
-        } else {
-            "RequestState(empty)"
-        })
-    }
-}
-
-impl RequestState {
-    /// Stores `value`; false when the slot was already set.
-    pub fn set<T: std::any::Any + Send + Sync>(&self, value: T) -> bool {
-        self.0.set(Box::new(value)).is_ok()
-    }
-    /// The stored value, when it is a `T`.
-    pub fn get<T: std::any::Any>(&self) -> Option<&T> {
-        self.0.get().and_then(|b| b.downcast_ref::<T>())
-    }
 }
 
 /// A head hook's verdict.
@@ -67,15 +42,39 @@ pub enum HeadVerdict {
     Respond(Response<ProxyBody>),
 }
 
-/// How a body is inspected.
+/// What the proxy does with a body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyMode {
-    /// Chunks are observed as they stream through.
-    Stream,
-    /// The body is held until its end (at most `limit` bytes) and judged whole.
+pub enum BodyPlan {
+    /// Send it on as it streams; the flow does not see it.
+    Pass,
+    /// Hold it until its end (at most `limit` bytes) and judge it whole.
     Hold {
-        /// The most bytes held; beyond it [`BodyInspector::overflow`] decides.
+        /// The most bytes held; beyond it [`Flow::unheld`] decides.
         limit: usize,
+    },
+}
+
+/// Which body is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The request body (an upload).
+    Request,
+    /// The response body (a download).
+    Response,
+}
+
+/// Why a body meant to be held was not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unheld {
+    /// It grew past the flow's bound; `seen` bytes had arrived.
+    TooLarge {
+        /// Bytes seen when the bound was crossed.
+        seen: u64,
+    },
+    /// The global inspection budget stayed spent for longer than the proxy waits.
+    Busy {
+        /// Bytes seen when the proxy gave up waiting.
+        seen: u64,
     },
 }
 
@@ -84,70 +83,65 @@ pub enum BodyMode {
 pub enum BodyVerdict {
     /// Send the body on as it is.
     Pass,
-    /// Send these bytes instead (held bodies only).
+    /// Send these bytes instead.
     Replace(Bytes),
-    /// Answer with this response instead (held bodies only; a streamed body is cut).
+    /// Answer with this response instead.
     Respond(Response<ProxyBody>),
 }
 
-/// Sees one message body.
-pub trait BodyInspector: Send {
-    /// Streaming or held.
-    fn mode(&self) -> BodyMode;
-    /// A chunk of the body, in order.
-    fn chunk(&mut self, data: &Bytes);
-    /// The body ended.
-    fn end(&mut self) -> BodyVerdict;
-    /// A held body is complete: the whole of it, once, so an inspector need not keep copies of
-    /// the chunks. By default the verdict is [`BodyInspector::end`]'s.
-    fn held(&mut self, body: &Bytes) -> BodyVerdict {
-        let _ = body;
-        self.end()
-    }
-    /// A held body grew past its bound. `Pass` sends it on uninspected (what was held first, then
-    /// the rest as it streams); other verdicts answer instead.
-    fn overflow(&mut self) -> BodyVerdict {
-        BodyVerdict::Pass
-    }
+/// How a request ended, for [`Flow::finish`].
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    /// The status the origin answered (0: it was not asked, or did not answer).
+    pub origin_status: u16,
+    /// The status sent to the client (0: the client went away first).
+    pub status: u16,
 }
 
-/// The hook points. Every method has a pass-through default.
+/// One request's controls: created by [`Hooks::begin`], owned by the proxy until
+/// [`Flow::finish`]. Every method but `finish` has a pass-through default.
+pub trait Flow: Send + 'static {
+    /// The request head, before anything is sent upstream.
+    fn request_head(&mut self, _head: &mut request::Parts) -> HeadVerdict {
+        HeadVerdict::Continue
+    }
+    /// What to do with the request body (called after [`Flow::request_head`] continued).
+    fn request_body(&mut self, _head: &request::Parts) -> BodyPlan {
+        BodyPlan::Pass
+    }
+    /// The response head, before anything is sent to the client.
+    fn response_head(&mut self, _head: &mut response::Parts) -> HeadVerdict {
+        HeadVerdict::Continue
+    }
+    /// What to do with the response body.
+    fn response_body(&mut self, _head: &response::Parts) -> BodyPlan {
+        BodyPlan::Pass
+    }
+    /// A held body, whole. Runs on the inspection pool: it may parse and scan, but must not wait
+    /// on the proxy's async tasks.
+    fn judge(&mut self, _side: Side, _body: &Bytes) -> BodyVerdict {
+        BodyVerdict::Pass
+    }
+    /// A body that was to be held was not (too large, or the inspection budget was spent).
+    /// `Pass` sends it on uninspected (what was held first, then the rest as it streams); other
+    /// verdicts answer instead.
+    fn unheld(&mut self, _side: Side, _why: Unheld) -> BodyVerdict {
+        BodyVerdict::Pass
+    }
+    /// The request is over (answered, delivered or cut): the activity event, built once from the
+    /// decisions taken.
+    fn finish(self: Box<Self>, ended: Ended) -> Option<ActivityEvent>;
+}
+
+/// The hook points.
 pub trait Hooks: Send + Sync + 'static {
-    /// False when no hook does anything: the proxy then skips the hook calls and the copies of
-    /// the request head they would need.
+    /// False when no hook does anything: the proxy then skips the hooks and the work they would
+    /// need.
     fn active(&self) -> bool {
         true
     }
-    /// The request head, before anything is sent upstream.
-    fn request_head(&self, _ex: &Exchange<'_>, _head: &mut request::Parts) -> HeadVerdict {
-        HeadVerdict::Continue
-    }
-    /// An inspector for the request body, if this request's body should be seen.
-    fn request_body(
-        &self,
-        _ex: &Exchange<'_>,
-        _head: &request::Parts,
-    ) -> Option<Box<dyn BodyInspector>> {
-        None
-    }
-    /// The response head, before anything is sent to the client.
-    fn response_head(
-        &self,
-        _ex: &Exchange<'_>,
-        _req: &request::Parts,
-        _head: &mut response::Parts,
-    ) -> HeadVerdict {
-        HeadVerdict::Continue
-    }
-    /// An inspector for the response body.
-    fn response_body(
-        &self,
-        _ex: &Exchange<'_>,
-        _req: &request::Parts,
-        _head: &response::Parts,
-    ) -> Option<Box<dyn BodyInspector>> {
-        None
-    }
+    /// A new request on an intercepted connection: its flow, or `None` when it is not looked at.
+    fn begin(&self, ex: &Exchange<'_>, head: &request::Parts) -> Option<Box<dyn Flow>>;
 }
 
 /// Hooks that let everything through.
@@ -157,5 +151,8 @@ pub struct PassThrough;
 impl Hooks for PassThrough {
     fn active(&self) -> bool {
         false
+    }
+    fn begin(&self, _ex: &Exchange<'_>, _head: &request::Parts) -> Option<Box<dyn Flow>> {
+        None
     }
 }

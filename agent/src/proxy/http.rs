@@ -26,8 +26,9 @@ use super::{
     Shared,
     body::{self, Observed, ProxyBody},
     catalog::App,
-    hooks::{BodyInspector, BodyMode, BodyVerdict, Exchange, HeadVerdict, RequestState},
+    hooks::{BodyPlan, BodyVerdict, Ended, Exchange, Flow, HeadVerdict, Side, Unheld},
     pages::{self, ClientKind, Page},
+    pool::{Pool, Reservation},
     record::RequestRecord,
     upstream::{Proto, Target},
 };
@@ -166,33 +167,40 @@ fn is_websocket_upgrade(parts: &request::Parts) -> bool {
         && has(header::UPGRADE, "websocket")
 }
 
-/// What a held body came to.
+/// What holding a body came to.
 enum Held {
-    Complete(Vec<Bytes>),
-    Overflow(Vec<Bytes>, ProxyBody),
+    /// The whole body, and the budget it holds.
+    Complete(Bytes, Reservation),
+    /// Not held (too large, or no room in the budget): what arrived first, and the rest.
+    Unheld(Vec<Bytes>, ProxyBody, Unheld),
+    /// The body could not be read.
     Failed(String),
 }
 
-async fn hold(mut body: ProxyBody, limit: usize, inspector: &mut dyn BodyInspector) -> Held {
+/// Holds a body up to `limit` bytes, each byte counted against the pool's budget.
+async fn hold(mut body: ProxyBody, limit: usize, pool: &Pool) -> Held {
     let mut chunks = Vec::new();
     let mut size = 0usize;
+    let mut reservation = pool.reservation();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
                 if let Ok(data) = f.into_data() {
                     size += data.len();
-                    if size > limit {
-                        chunks.push(data);
-                        return Held::Overflow(chunks, body);
-                    }
-                    inspector.chunk(&data);
+                    let seen = size as u64;
                     chunks.push(data);
+                    if size > limit {
+                        return Held::Unheld(chunks, body, Unheld::TooLarge { seen });
+                    }
+                    if !pool.reserve(&mut reservation, seen).await {
+                        return Held::Unheld(chunks, body, Unheld::Busy { seen });
+                    }
                 }
             }
             Err(e) => return Held::Failed(e.to_string()),
         }
     }
-    Held::Complete(chunks)
+    Held::Complete(concat(chunks), reservation)
 }
 
 fn concat(chunks: Vec<Bytes>) -> Bytes {
@@ -206,53 +214,71 @@ fn concat(chunks: Vec<Bytes>) -> Bytes {
     v.into()
 }
 
-/// A body after its inspector's verdict: what to send (with its new length when replaced, so
+/// A body after the flow's verdict: what to send (with its new length when replaced, so
 /// Content-Length can be fixed), or the response to answer with.
+enum Judged {
+    Send(ProxyBody, Option<u64>),
+    Answer(Response<ProxyBody>, &'static str),
+}
+
+/// Applies `plan` to `body`: passes it, or holds it and has the flow judge it on the pool.
 async fn judged(
+    shared: &Shared,
+    flow: &mut Option<Box<dyn Flow>>,
+    side: Side,
+    plan: BodyPlan,
     body: ProxyBody,
-    inspector: Option<Box<dyn BodyInspector>>,
-    counter: Arc<AtomicU64>,
-    digest: Option<body::DigestSink>,
-) -> Result<(ProxyBody, Option<u64>), Response<ProxyBody>> {
-    let Some(mut insp) = inspector else {
-        return Ok((
-            body::boxed(Observed::new(body, counter, None, None).hashing(digest)),
-            None,
-        ));
+) -> Judged {
+    let (BodyPlan::Hold { limit }, Some(f)) = (plan, flow.as_mut()) else {
+        return Judged::Send(body, None);
     };
-    match insp.mode() {
-        BodyMode::Stream => Ok((
-            body::boxed(Observed::new(body, counter, Some(insp), None).hashing(digest)),
-            None,
-        )),
-        BodyMode::Hold { limit } => {
-            // Boxed: only held bodies need this state, not every request's future.
-            let (verdict, pass) = match Box::pin(hold(body, limit, &mut *insp)).await {
-                Held::Complete(chunks) => {
-                    let whole = concat(chunks);
-                    (insp.held(&whole), body::full(whole))
-                }
-                Held::Overflow(chunks, rest) => (insp.overflow(), body::chain(chunks, rest)),
-                Held::Failed(e) => {
-                    return Err(plain_status(
-                        StatusCode::BAD_REQUEST,
-                        &format!("the message body could not be read: {e}"),
-                    ));
-                }
+    // Boxed: only held bodies need this state, not every request's future.
+    let (verdict, pass) = match Box::pin(hold(body, limit, &shared.pool)).await {
+        Held::Complete(whole, reservation) => {
+            let Some(mut owned) = flow.take() else {
+                return Judged::Send(body::full(whole), None);
             };
-            let (out, replaced) = match verdict {
-                BodyVerdict::Pass => (pass, None),
-                BodyVerdict::Replace(b) => {
-                    let len = b.len() as u64;
-                    (body::full(b), Some(len))
+            let data = whole.clone();
+            let res = shared
+                .pool
+                .run(move || {
+                    let v = owned.judge(side, &data);
+                    (owned, v)
+                })
+                .await;
+            drop(reservation);
+            match res {
+                Ok((owned, v)) => {
+                    *flow = Some(owned);
+                    (v, body::full(whole))
                 }
-                BodyVerdict::Respond(r) => return Err(r),
-            };
-            Ok((
-                body::boxed(Observed::new(out, counter, None, None).hashing(digest)),
-                replaced,
-            ))
+                Err(e) => {
+                    tracing::error!(error = %e, "inspection failed");
+                    return Judged::Answer(
+                        plain_status(StatusCode::BAD_GATEWAY, "inspection failed"),
+                        "inspection_failed",
+                    );
+                }
+            }
         }
+        Held::Unheld(chunks, rest, why) => (f.unheld(side, why), body::chain(chunks, rest)),
+        Held::Failed(e) => {
+            return Judged::Answer(
+                plain_status(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the message body could not be read: {e}"),
+                ),
+                "answered",
+            );
+        }
+    };
+    match verdict {
+        BodyVerdict::Pass => Judged::Send(pass, None),
+        BodyVerdict::Replace(b) => {
+            let len = b.len() as u64;
+            Judged::Send(body::full(b), Some(len))
+        }
+        BodyVerdict::Respond(r) => Judged::Answer(r, "answered"),
     }
 }
 
@@ -272,6 +298,7 @@ fn plain_status(status: StatusCode, text: &str) -> Response<ProxyBody> {
     r
 }
 
+/// One request in progress: what its record needs, and its flow until `finish`.
 struct Pending {
     id: String,
     time: SystemTime,
@@ -280,63 +307,79 @@ struct Pending {
     url: String,
     up: Arc<AtomicU64>,
     up_sha256: Option<body::DigestSink>,
+    flow: Option<Box<dyn Flow>>,
+    origin_status: u16,
+}
+
+/// How a request ended, for its record.
+struct End<'a> {
+    status: u16,
+    down: u64,
+    upstream: Option<(Proto, f64)>,
+    outcome: &'a str,
+    detail: Option<String>,
+    response_sha256: Option<String>,
 }
 
 impl Session {
-    fn record(
-        &self,
-        p: &Pending,
-        status: u16,
-        down: u64,
-        upstream: Option<(Proto, f64)>,
-        outcome: &str,
-        detail: Option<String>,
-    ) -> RequestRecord {
-        RequestRecord {
-            id: p.id.clone(),
+    /// Ends a request: finishes its flow and reports the record and the activity event together.
+    fn finish(&self, shared: &Shared, mut p: Pending, end: End<'_>) {
+        let activity = p.flow.take().and_then(|f| {
+            f.finish(Ended {
+                origin_status: p.origin_status,
+                status: end.status,
+            })
+        });
+        let record = shared.reporter.wants_requests().then(|| RequestRecord {
+            id: p.id,
             time: p.time,
             origin: self.origin.clone(),
             app: self.app.id.clone(),
             host: self.host.clone(),
-            method: p.method.clone(),
-            url: p.url.clone(),
-            status,
+            method: p.method,
+            url: p.url,
+            status: end.status,
             bytes_up: p.up.load(Ordering::Relaxed),
-            bytes_down: down,
+            bytes_down: end.down,
             client_protocol: proto_name(self.client_proto).into(),
-            upstream_protocol: upstream.map(|(p, _)| proto_name(p).into()),
-            upstream_ms: upstream.map(|(_, ms)| ms),
+            upstream_protocol: end.upstream.map(|(p, _)| proto_name(p).into()),
+            upstream_ms: end.upstream.map(|(_, ms)| ms),
             total_ms: p.start.elapsed().as_secs_f64() * 1000.0,
-            outcome: outcome.into(),
-            detail,
+            outcome: end.outcome.into(),
+            detail: end.detail,
             request_sha256: p
                 .up_sha256
                 .as_ref()
                 .and_then(|s| s.lock().ok().and_then(|g| g.clone())),
-            response_sha256: None,
+            response_sha256: end.response_sha256,
+        });
+        if record.is_some() || activity.is_some() {
+            shared.reporter.finished(record, activity);
         }
     }
 
-    /// Answers from the proxy and records it.
+    /// Answers from the proxy and ends the request.
     fn answer(
         &self,
         shared: &Shared,
-        p: &Pending,
+        p: Pending,
         mut resp: Response<ProxyBody>,
         outcome: &str,
         detail: Option<String>,
     ) -> Response<ProxyBody> {
-        if shared.reporter.wants_requests() {
-            let len = resp.body().size_hint().exact().unwrap_or(0);
-            shared.reporter.request(self.record(
-                p,
-                resp.status().as_u16(),
-                len,
-                None,
+        let down = resp.body().size_hint().exact().unwrap_or(0);
+        self.finish(
+            shared,
+            p,
+            End {
+                status: resp.status().as_u16(),
+                down,
+                upstream: None,
                 outcome,
                 detail,
-            ));
-        }
+                response_sha256: None,
+            },
+        );
         *resp.version_mut() = self.client_version();
         resp
     }
@@ -376,7 +419,7 @@ pub async fn handle(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let pending = Pending {
+    let mut pending = Pending {
         id: pages::new_id(),
         time: SystemTime::now(),
         start: Instant::now(),
@@ -384,6 +427,8 @@ pub async fn handle(
         url: format!("{scheme}://{authority}{pq}"),
         up: Arc::new(AtomicU64::new(0)),
         up_sha256: shared.settings.hash_bodies.then(Default::default),
+        flow: None,
+        origin_status: 0,
     };
 
     if host_of(&authority) != sess.host {
@@ -400,55 +445,57 @@ pub async fn handle(
             hint: "A request must name the same host as its connection.",
             incident: &pending.id,
         };
-        return Ok(sess.answer(
-            &shared,
-            &pending,
-            pages::render(&page, kind),
-            "host_mismatch",
-            Some(detail),
-        ));
+        let r = pages::render(&page, kind);
+        return Ok(sess.answer(&shared, pending, r, "host_mismatch", Some(detail)));
     }
 
-    let state = RequestState::default();
-    let ex = Exchange {
-        origin: &sess.origin,
-        peer: sess.peer,
-        app: &sess.app,
-        host: &sess.host,
-        request_id: &pending.id,
-        state: &state,
-    };
-    let hooks = shared.hooks.active().then_some(&shared.hooks);
-    if let Some(h) = hooks
-        && let HeadVerdict::Respond(r) = h.request_head(&ex, &mut parts)
-    {
-        return Ok(sess.answer(&shared, &pending, r, "answered", None));
-    }
+    // Hop-by-hop fields go before the hooks see the head: they judge what the app receives.
     let upgrade = is_websocket_upgrade(&parts);
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if shared.hooks.active() {
+        let ex = Exchange {
+            origin: &sess.origin,
+            peer: sess.peer,
+            app: &sess.app,
+            host: &sess.host,
+            request_id: &pending.id,
+        };
+        pending.flow = shared.hooks.begin(&ex, &parts);
+    }
+    if let Some(f) = pending.flow.as_mut()
+        && let HeadVerdict::Respond(r) = f.request_head(&mut parts)
+    {
+        return Ok(sess.answer(&shared, pending, r, "answered", None));
+    }
     let client_upgrade = if upgrade {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
     } else {
         None
     };
-    let inspector = hooks.and_then(|h| h.request_body(&ex, &parts));
-    let req_head_for_hooks = hooks.map(|_| clone_head(&parts));
-    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let plan = pending
+        .flow
+        .as_mut()
+        .map_or(BodyPlan::Pass, |f| f.request_body(&parts));
     let body = match judged(
+        &shared,
+        &mut pending.flow,
+        Side::Request,
+        plan,
         body::boxed(incoming),
-        inspector,
-        pending.up.clone(),
-        pending.up_sha256.clone(),
     )
     .await
     {
-        Ok((b, replaced)) => {
+        Judged::Send(b, replaced) => {
             if let Some(len) = replaced {
                 set_length(&mut parts.headers, len);
             }
             b
         }
-        Err(r) => return Ok(sess.answer(&shared, &pending, r, "answered", None)),
+        Judged::Answer(r, outcome) => return Ok(sess.answer(&shared, pending, r, outcome, None)),
     };
+    let body = body::boxed(
+        Observed::new(body, pending.up.clone(), None).hashing(pending.up_sha256.clone()),
+    );
     let mut up_req = Request::from_parts(parts, body);
 
     let sent = Instant::now();
@@ -497,17 +544,13 @@ pub async fn handle(
                 incident: &pending.id,
             };
             tracing::warn!(id = %pending.id, url = %pending.url, error = %detail, "upstream failed");
-            return Ok(sess.answer(
-                &shared,
-                &pending,
-                pages::render(&page, kind),
-                kind_s,
-                Some(detail),
-            ));
+            let r = pages::render(&page, kind);
+            return Ok(sess.answer(&shared, pending, r, kind_s, Some(detail)));
         }
     };
     let upstream_ms = sent.elapsed().as_secs_f64() * 1000.0;
     let (mut rparts, rbody) = resp.into_parts();
+    pending.origin_status = rparts.status.as_u16();
 
     if upgrade && rparts.status == StatusCode::SWITCHING_PROTOCOLS {
         let server_upgrade = rparts.extensions.remove::<hyper::upgrade::OnUpgrade>();
@@ -525,99 +568,84 @@ pub async fn handle(
             });
         }
         shared.stats.websockets.fetch_add(1, Ordering::Relaxed);
-        let rec = sess.record(
-            &pending,
-            101,
-            0,
-            Some((proto, upstream_ms)),
-            "upgraded",
-            None,
+        sess.finish(
+            &shared,
+            pending,
+            End {
+                status: 101,
+                down: 0,
+                upstream: Some((proto, upstream_ms)),
+                outcome: "upgraded",
+                detail: None,
+                response_sha256: None,
+            },
         );
-        shared.reporter.request(rec);
         let mut resp = Response::from_parts(rparts, body::empty());
         *resp.version_mut() = Version::HTTP_11;
         return Ok(resp);
     }
 
     strip_hop_by_hop(&mut rparts.headers, false);
-    if let (Some(h), Some(req_head)) = (hooks, req_head_for_hooks.as_ref())
-        && let HeadVerdict::Respond(r) = h.response_head(&ex, req_head, &mut rparts)
+    if let Some(f) = pending.flow.as_mut()
+        && let HeadVerdict::Respond(r) = f.response_head(&mut rparts)
     {
-        return Ok(sess.answer(&shared, &pending, r, "answered", None));
+        return Ok(sess.answer(&shared, pending, r, "answered", None));
     }
-    let inspector = match (hooks, req_head_for_hooks.as_ref()) {
-        (Some(h), Some(req_head)) => h.response_body(&ex, req_head, &rparts),
-        _ => None,
-    };
-    let down = Arc::new(AtomicU64::new(0));
+    let plan = pending
+        .flow
+        .as_mut()
+        .map_or(BodyPlan::Pass, |f| f.response_body(&rparts));
     let rbody = match judged(
+        &shared,
+        &mut pending.flow,
+        Side::Response,
+        plan,
         body::boxed(rbody),
-        inspector,
-        Arc::new(AtomicU64::new(0)),
-        None,
     )
     .await
     {
-        Ok((b, replaced)) => {
+        Judged::Send(b, replaced) => {
             if let Some(len) = replaced {
                 set_length(&mut rparts.headers, len);
             }
             b
         }
-        Err(r) => return Ok(sess.answer(&shared, &pending, r, "answered", None)),
+        Judged::Answer(r, outcome) => return Ok(sess.answer(&shared, pending, r, outcome, None)),
     };
     let status = rparts.status.as_u16();
     let (sess2, shared2) = (sess.clone(), shared.clone());
     let down_sha256: Option<body::DigestSink> = shared.settings.hash_bodies.then(Default::default);
     let down_sink = down_sha256.clone();
+    // The response body's end (delivered, or cut when the client went away) ends the request.
     let on_done: body::OnDone = Box::new(move |n, complete| {
-        let outcome = if complete { "ok" } else { "aborted" };
         shared2.stats.bytes_down.fetch_add(n, Ordering::Relaxed);
         shared2
             .stats
             .bytes_up
             .fetch_add(pending.up.load(Ordering::Relaxed), Ordering::Relaxed);
-        if !shared2.reporter.wants_requests() {
-            return;
-        }
-        let rec = sess2.record(
-            &pending,
-            status,
-            n,
-            Some((proto, upstream_ms)),
-            outcome,
-            None,
+        let response_sha256 = down_sink
+            .as_ref()
+            .and_then(|s| s.lock().ok().and_then(|g| g.clone()));
+        sess2.finish(
+            &shared2,
+            pending,
+            End {
+                status,
+                down: n,
+                upstream: Some((proto, upstream_ms)),
+                outcome: if complete { "ok" } else { "aborted" },
+                detail: None,
+                response_sha256,
+            },
         );
-        let rec = RequestRecord {
-            response_sha256: down_sink
-                .as_ref()
-                .and_then(|s| s.lock().ok().and_then(|g| g.clone())),
-            ..rec
-        };
-        shared2.reporter.request(rec);
     });
+    let down = Arc::new(AtomicU64::new(0));
     let mut resp = Response::from_parts(
         rparts,
-        body::boxed(Observed::new(rbody, down, None, Some(on_done)).hashing(down_sha256)),
+        body::boxed(Observed::new(rbody, down, Some(on_done)).hashing(down_sha256)),
     );
     *resp.version_mut() = sess.client_version();
     Ok(resp)
-}
-
-/// A copy of a request head without its extensions (hooks see method, URI, version, headers).
-fn clone_head(p: &request::Parts) -> request::Parts {
-    let mut b = Request::builder()
-        .method(p.method.clone())
-        .uri(p.uri.clone())
-        .version(p.version);
-    if let Some(h) = b.headers_mut() {
-        *h = p.headers.clone();
-    }
-    let (parts, ()) = b
-        .body(())
-        .map(|r| r.into_parts())
-        .unwrap_or_else(|_| Request::new(()).into_parts());
-    parts
 }
 
 #[cfg(test)]

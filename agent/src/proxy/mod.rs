@@ -54,9 +54,9 @@ pub mod catalog;
 pub mod cork;
 pub mod hooks;
 pub mod http;
-pub mod idle;
 pub mod pages;
 pub mod peek;
+pub mod pool;
 pub mod record;
 mod splice;
 pub mod upstream;
@@ -166,6 +166,8 @@ pub struct ProxyStats {
     pub bytes_down: AtomicU64,
     /// Whether the accept loop is running (feeds the kernel heartbeat and `/readyz`).
     pub listening: AtomicBool,
+    /// The inspection pool's counters.
+    pub inspection: Arc<pool::PoolStats>,
 }
 
 /// A snapshot of [`ProxyStats`].
@@ -189,6 +191,10 @@ pub struct ProxyStatsSnapshot {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub listening: bool,
+    pub inspections: u64,
+    pub inspecting: u64,
+    pub inspection_held_bytes: u64,
+    pub inspection_budget_timeouts: u64,
 }
 
 impl ProxyStats {
@@ -213,6 +219,10 @@ impl ProxyStats {
             bytes_up: r(&self.bytes_up),
             bytes_down: r(&self.bytes_down),
             listening: self.listening.load(Ordering::Relaxed),
+            inspections: r(&self.inspection.judged),
+            inspecting: r(&self.inspection.running),
+            inspection_held_bytes: r(&self.inspection.held_bytes),
+            inspection_budget_timeouts: r(&self.inspection.budget_timeouts),
         }
     }
 }
@@ -251,6 +261,8 @@ pub struct Shared {
     pub settings: ProxySettings,
     /// `SO_MARK` of upstream sockets.
     pub bypass_mark: u32,
+    /// Where held bodies are judged, and the budget of bytes they may hold.
+    pub pool: pool::Pool,
     own_pid: u32,
 }
 
@@ -274,6 +286,12 @@ impl Shared {
         settings: ProxySettings,
         bypass_mark: u32,
     ) -> Self {
+        let pool = pool::Pool::new(
+            settings.inspect_workers,
+            settings.inspect_budget_bytes,
+            Duration::from_millis(settings.inspect_wait_ms),
+            stats.inspection.clone(),
+        );
         Self {
             origins,
             stats,
@@ -282,6 +300,7 @@ impl Shared {
             upstream,
             hooks,
             reporter,
+            pool,
             settings,
             bypass_mark,
             own_pid: std::process::id(),
@@ -757,8 +776,8 @@ async fn serve<I>(
         let (sess, shared) = (sess.clone(), shared.clone());
         service_fn(move |req| http::handle(sess.clone(), shared.clone(), req))
     };
-    let activity = idle::Activity::new();
-    let io = idle::IdleIo::new(io, activity.clone());
+    let activity = sluice_net::idle::Activity::new();
+    let io = sluice_net::idle::IdleIo::new(io, activity.clone());
     let idle_limit = Duration::from_secs(s.idle_timeout_s.max(1));
     // Resolves when the connection has been quiet both ways for the idle timeout.
     let quiet = async {

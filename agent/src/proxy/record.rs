@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::SystemTime};
 
 use serde::Serialize;
 
-use crate::steer::OriginRecord;
+use crate::{event::ActivityEvent, steer::OriginRecord};
 
 /// One HTTP exchange through interception.
 #[derive(Debug, Clone, Serialize)]
@@ -85,8 +85,18 @@ pub trait Reporter: Send + Sync + 'static {
     }
     /// A connection that was not intercepted, or failed before HTTP.
     fn connection(&self, rec: ConnectionRecord);
+    /// A request is over: its record (when [`Reporter::wants_requests`]) and the activity event
+    /// its flow built (when the session controls looked at it), reported together.
+    fn finished(&self, record: Option<RequestRecord>, activity: Option<ActivityEvent>) {
+        if let Some(rec) = record {
+            self.request(rec);
+        }
+        if let Some(ev) = activity {
+            self.activity(ev);
+        }
+    }
     /// An activity the session controls saw, allowed or not.
-    fn activity(&self, ev: crate::session::event::ActivityEvent) {
+    fn activity(&self, ev: ActivityEvent) {
         tracing::info!(
             target: "sluice::activity",
             id = %ev.id, app = %ev.app, activity = ?ev.activity, action = ev.action.as_str(),
@@ -147,7 +157,7 @@ impl Reporter for JsonLinesReporter {
     fn connection(&self, rec: ConnectionRecord) {
         LogReporter.connection(rec);
     }
-    fn activity(&self, ev: crate::session::event::ActivityEvent) {
+    fn activity(&self, ev: ActivityEvent) {
         use std::io::Write as _;
         let mut line = match serde_json::to_vec(&ev) {
             Ok(l) => l,

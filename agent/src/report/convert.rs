@@ -7,14 +7,13 @@ use sluice_protocol::{
     self as proto, CLASS_FILE_HOSTING, CLASS_HTTP_ACTIVITY, Event, file_activity, http_activity,
 };
 
-use crate::{
-    inspect::{FileFacts, normalize_guid},
-    policy::{
-        PolicySet,
-        model::{Action, Activity},
-    },
-    session::event::ActivityEvent,
+use sluice_inspect::{FileFacts, normalize_guid};
+use sluice_policy::{
+    PolicySet,
+    model::{Action, Activity},
 };
+
+use crate::event::ActivityEvent;
 
 /// Longest message kept (characters).
 const MAX_MESSAGE: usize = 400;
@@ -109,7 +108,7 @@ pub fn classify(ev: &ActivityEvent) -> (u32, u32, &'static str) {
 /// A fresh event id when the activity's own is not usable as one.
 fn event_id(id: &str) -> String {
     if id.is_empty() || id.len() > 64 {
-        crate::inspect::new_guid()
+        sluice_inspect::new_guid()
     } else {
         id.to_owned()
     }
@@ -171,12 +170,7 @@ fn file(f: &FileFacts, policies: Option<&PolicySet>) -> proto::File {
             .iter()
             .map(|l| {
                 let guid = normalize_guid(&l.guid);
-                let id = policies.and_then(|p| {
-                    p.labels
-                        .values()
-                        .find(|d| normalize_guid(&d.guid) == guid)
-                        .map(|d| d.id.clone())
-                });
+                let id = policies.and_then(|p| p.label_id(&guid).map(str::to_owned));
                 proto::Label {
                     guid,
                     id,
@@ -274,11 +268,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::{
-        inspect::{FileLabel, FileType, LabelSource},
-        policy::model::{Client, Device, Kind},
-        session::event::ProcessFacts,
-    };
+    use sluice_inspect::{FileLabel, FileType, LabelSource};
+    use sluice_policy::model::{Client, Device, Kind};
+
+    use crate::event::ProcessFacts;
 
     fn ev(activity: Activity, action: Action, files: Vec<FileFacts>) -> ActivityEvent {
         ActivityEvent {

@@ -29,10 +29,10 @@ use sluice_protocol::{self as proto, CLASS_DEVICE_INVENTORY, Event, device_activ
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    bundle::fetch::Active,
+    bundle::Active,
     config::Config,
+    event::{ActivityEvent, unix_ms},
     proxy::record::{ConnectionRecord, JsonLinesReporter, LogReporter, Reporter, RequestRecord},
-    session::event::{ActivityEvent, unix_ms},
 };
 use convert::DeviceInfo;
 use ship::{ShipSettings, ShipStatus, Shipper};
@@ -239,7 +239,7 @@ impl EventReporter {
     pub fn new(
         state: ReportHandle,
         device: DeviceInfo,
-        posture: crate::policy::model::Device,
+        posture: sluice_policy::model::Device,
         lines: Option<JsonLinesReporter>,
     ) -> Self {
         Self {
@@ -316,7 +316,7 @@ impl EventReporter {
     /// A Device Inventory event with `posture`.
     pub fn posture_event(&self, posture: proto::Posture) -> Event {
         let mut e = Event::new(
-            crate::inspect::new_guid(),
+            sluice_inspect::new_guid(),
             unix_ms(std::time::SystemTime::now()),
             CLASS_DEVICE_INVENTORY,
             device_activity::LOG,
@@ -351,7 +351,7 @@ impl EventReporter {
             "running"
         };
         let mut e = Event::new(
-            crate::inspect::new_guid(),
+            sluice_inspect::new_guid(),
             unix_ms(std::time::SystemTime::now()),
             CLASS_DEVICE_INVENTORY,
             device_activity::COLLECT,

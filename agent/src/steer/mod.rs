@@ -38,7 +38,9 @@ use sluice_common::{
     COUNTER_COUNT, FAIL_CLOSED, FAIL_OPEN, Origin, PeerKey, PortSet, SteerConfig, counter,
 };
 
-use crate::config::{FailMode, SteerRule, SteerSettings};
+use sluice_policy::model::FailMode;
+
+use crate::config::{SteerRule, SteerSettings};
 
 pub use process::ProcessInfo;
 

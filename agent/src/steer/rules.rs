@@ -9,7 +9,9 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use sluice_common::{MAX_PORT_RANGES, PortRange, PortSet};
 
-use crate::config::{Cidr, PortSpec, SteerRule};
+use sluice_net::Cidr;
+
+use crate::config::{PortSpec, SteerRule};
 
 /// Errors compiling the steering set.
 #[derive(Debug, thiserror::Error)]

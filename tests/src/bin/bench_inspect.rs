@@ -20,15 +20,15 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::json;
-use sluice::{
-    bundle::{self, jws::SigningKey},
-    inspect::{self, LabelSpec, Limits, dlp::Detectors},
-    policy::PolicySet,
-};
 use sluice_e2e::{
     Agent, InCgroup, TestCgroup,
     demo_app::{self, DemoApp, DemoOptions},
     dual_stack_listeners, free_port, wait_until,
+};
+use sluice_inspect::{self as inspect, LabelSpec, Limits, dlp::Detectors};
+use sluice_policy::{
+    PolicySet,
+    bundle::{self, jws::SigningKey},
 };
 
 const APP_IP: &str = "127.0.0.42";

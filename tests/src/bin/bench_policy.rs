@@ -6,12 +6,10 @@ use std::{collections::BTreeMap, path::PathBuf, time::Instant};
 
 use anyhow::{Result, bail};
 use serde_json::json;
-use sluice::{
+use sluice_policy::{
+    PolicySet,
     bundle::{Archive, Limits, jws::SigningKey},
-    policy::{
-        PolicySet,
-        model::{Input, Kind},
-    },
+    model::{Input, Kind},
 };
 
 fn base_files() -> Result<BTreeMap<String, Vec<u8>>> {
@@ -98,7 +96,7 @@ pub fn run(args: &[String]) -> Result<()> {
             let t = Instant::now();
             let d = set.decide(Kind::Session, input);
             lat.push(t.elapsed().as_nanos() as u64);
-            blocks += usize::from(d.action == sluice::policy::model::Action::Block);
+            blocks += usize::from(d.action == sluice_policy::model::Action::Block);
         }
         let total = start.elapsed().as_secs_f64();
         std::hint::black_box(blocks);
@@ -114,7 +112,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     // Activation: verify the signature and file list, then compile, for 1,000 policies.
     let (key, _, public) = SigningKey::generate()?;
-    let vk = sluice::bundle::jws::VerifyingKey::from_pem(&public)?;
+    let vk = sluice_policy::bundle::jws::VerifyingKey::from_pem(&public)?;
     let mut archive = Archive {
         files: base.clone(),
     };

@@ -7,7 +7,6 @@
 //! accepted, names are unique, and the signature and the exact file list are checked before
 //! anything inside (the manifest included) is parsed.
 
-pub mod fetch;
 pub mod jws;
 
 use std::{

@@ -6,6 +6,7 @@
 //! Deciding allocates nothing beyond the result: users, groups and ranges are resolved to indexes
 //! at compile time, and matching compares borrowed strings and integers.
 
+pub mod bundle;
 pub mod identity;
 pub mod model;
 
@@ -17,7 +18,7 @@ use std::{
 use serde::Serialize;
 
 use self::model::*;
-use crate::config::Cidr;
+use sluice_net::Cidr;
 
 /// A validation error, located.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,13 +148,15 @@ pub struct PolicySet {
     org_domains: Vec<String>,
     /// Label catalogue by id.
     pub labels: BTreeMap<String, Label>,
+    /// Label ids by normalised GUID (the first id, in id order, when GUIDs repeat).
+    label_ids: HashMap<String, String>,
     /// Message templates by id.
     pub templates: BTreeMap<String, Template>,
     tests: Vec<(String, TestCase)>,
     /// The catalogue by app id.
     pub apps: HashMap<String, CompiledApp>,
     /// DLP detectors: the built-in ones and the bundle's keyword dictionaries (`dlp.yaml`).
-    pub detectors: crate::inspect::dlp::Detectors,
+    pub detectors: sluice_inspect::dlp::Detectors,
 }
 
 /// The outcome of a decision.
@@ -229,7 +232,7 @@ impl PolicySet {
         let (catalog, catalog_text): (Catalog, String) = parse(files, "catalog.yaml")?;
         let (dlp, _): (model::DlpFile, String) = parse(files, "dlp.yaml")?;
         let detectors =
-            crate::inspect::dlp::Detectors::new(&dlp.dictionaries).map_err(|e| PolicyError {
+            sluice_inspect::dlp::Detectors::new(&dlp.dictionaries).map_err(|e| PolicyError {
                 file: "dlp.yaml".into(),
                 line: None,
                 message: e.to_string(),
@@ -382,7 +385,7 @@ impl PolicySet {
                 )
             };
             for h in a.hosts.iter().chain(&a.do_not_inspect) {
-                crate::proxy::catalog::HostPattern::parse(h).map_err(|e| bad(h, e))?;
+                sluice_net::HostPattern::parse(h).map_err(|e| bad(h, e))?;
             }
             if let Some(id) = &a.identity
                 && id.count() != 1
@@ -660,12 +663,24 @@ impl PolicySet {
             group_names: dir.groups.clone(),
             local_users,
             org_domains,
+            label_ids: label_map.values().fold(HashMap::new(), |mut m, l| {
+                m.entry(sluice_inspect::normalize_guid(&l.guid))
+                    .or_insert_with(|| l.id.clone());
+                m
+            }),
             labels: label_map,
             templates: templates.templates,
             detectors,
             tests,
             apps,
         })
+    }
+
+    /// The id of the catalogue's label with this GUID (any case, braces or not).
+    pub fn label_id(&self, guid: &str) -> Option<&str> {
+        self.label_ids
+            .get(&sluice_inspect::normalize_guid(guid))
+            .map(String::as_str)
     }
 
     /// The user a request of `app` identifies, per the app's identity source. `Ok(None)`: the

@@ -516,11 +516,7 @@ pub fn apply_label(
 /// A random GUID (version 4), lower case, for label action ids.
 pub fn new_guid() -> String {
     let mut b = [0u8; 16];
-    if rustls::crypto::aws_lc_rs::default_provider()
-        .secure_random
-        .fill(&mut b)
-        .is_err()
-    {
+    if aws_lc_rs::rand::fill(&mut b).is_err() {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())

@@ -370,7 +370,7 @@ pub fn apply_label(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::inspect::{sniff, zip};
+    use crate::{sniff, zip};
 
     const GUID: &str = "4e1d2c3b-5a69-4b7c-8d9e-0f1a2b3c4d5e";
     const OTHER: &str = "11111111-2222-3333-4444-555555555555";

@@ -22,46 +22,12 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{Archive, BundleError, Limits, Verified, jws::VerifyingKey};
-use crate::policy::PolicySet;
+use sluice_policy::{
+    PolicySet,
+    bundle::{Archive, BundleError, Limits, Verified, jws::VerifyingKey},
+};
 
-/// Distribution settings (`[bundle]` in the agent's config).
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BundleSettings {
-    /// Where to fetch the bundle (http:// or https://).
-    #[serde(default)]
-    pub url: Option<String>,
-    /// A local bundle to use instead of a URL: a signed .tar.gz, or a directory holding its own
-    /// `.signatures.json`.
-    #[serde(default)]
-    pub file: Option<PathBuf>,
-    /// The public key (PEM) bundles must be signed with.
-    pub public_key: PathBuf,
-    /// Seconds a long poll may be held by the server (`Prefer: wait=N`).
-    #[serde(default = "default_long_poll_s")]
-    pub long_poll_s: u64,
-    /// Seconds between polls when the server does not hold requests (±20% jitter).
-    #[serde(default = "default_poll_s")]
-    pub poll_s: u64,
-    /// Accept a bundle whose revision is older than the active one.
-    #[serde(default)]
-    pub allow_downgrade: bool,
-    /// Extra CA certificates (PEM) trusted for an https:// URL.
-    #[serde(default)]
-    pub extra_cas: Vec<PathBuf>,
-    /// A file holding the agent's credential, sent as `Authorization: Bearer` (https:// only).
-    /// Default: the enrollment's credential when the URL is on the enrolled collector.
-    #[serde(default)]
-    pub credential_file: Option<PathBuf>,
-}
-
-fn default_long_poll_s() -> u64 {
-    60
-}
-fn default_poll_s() -> u64 {
-    30
-}
+pub use crate::config::BundleSettings;
 
 /// What `/status` shows about bundles.
 #[derive(Debug, Clone, Default, Serialize)]

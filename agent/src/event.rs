@@ -5,10 +5,8 @@ use std::{collections::BTreeMap, net::IpAddr, time::SystemTime};
 
 use serde::Serialize;
 
-use crate::{
-    inspect::FileFacts,
-    policy::model::{Action, Activity, Client, Device, Kind},
-};
+use sluice_inspect::FileFacts;
+use sluice_policy::model::{Action, Activity, Client, Device, Kind};
 
 /// What the session controls saw and did for one request.
 #[derive(Debug, Clone, Serialize)]

@@ -468,7 +468,7 @@ pub fn apply_label(
     let parts = label_parts(&mut pkg)?;
     let tenant = normalize_guid(&spec.tenant);
     let guid = normalize_guid(&spec.guid);
-    if !crate::inspect::is_guid(&guid) || !crate::inspect::is_guid(&tenant) {
+    if !crate::is_guid(&guid) || !crate::is_guid(&tenant) {
         return Err(malformed("label or tenant id is not a GUID"));
     }
     if !replace
@@ -623,7 +623,7 @@ fn write_custom(existing: Option<&Flat>, spec: &LabelSpec) -> Result<Vec<u8>, No
                 if is_property {
                     let ours = name.is_some_and(|n| {
                         n == super::PERMISSIONS_PROP
-                            || crate::inspect::split_label_name(n)
+                            || crate::split_label_name(n)
                                 .is_some_and(|(g, _)| drop_guids.contains(&g))
                     });
                     if ours {
@@ -918,7 +918,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::inspect::zip;
+    use crate::zip;
 
     const T1: &str = "11111111-2222-3333-4444-555555555555";
     const T2: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
@@ -1464,20 +1464,11 @@ mod tests {
     #[test]
     fn guid_names() {
         assert_eq!(
-            crate::inspect::split_label_name(&format!(
-                "msip_label_{{{}}}_Enabled",
-                L1.to_uppercase()
-            )),
+            crate::split_label_name(&format!("msip_label_{{{}}}_Enabled", L1.to_uppercase())),
             Some((L1.to_owned(), "Enabled"))
         );
-        assert_eq!(
-            crate::inspect::split_label_name(&format!("MSIP_Label_{L1}_")),
-            None
-        );
-        assert_eq!(
-            crate::inspect::split_label_name("MSIP_Label_1234_Enabled"),
-            None
-        );
+        assert_eq!(crate::split_label_name(&format!("MSIP_Label_{L1}_")), None);
+        assert_eq!(crate::split_label_name("MSIP_Label_1234_Enabled"), None);
         assert_eq!(
             resolve_target("/docProps/../docProps/./custom%20x.xml").as_deref(),
             Some("docProps/custom x.xml")

@@ -269,7 +269,7 @@ fn json_prefix(s: &str, whole: bool) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::inspect::zip;
+    use crate::zip;
 
     #[test]
     fn magic_numbers() {

@@ -1,0 +1,196 @@
+//! A request's context and identity: who (the app's identity source), from which device, client,
+//! process and address, to which app, and the activity and file name the catalogue's definitions
+//! give. Built once per request from the exchange and the request head; read-only afterwards.
+
+use std::{sync::Arc, time::SystemTime};
+
+use http::{HeaderMap, header, request};
+use sluice_inspect::{Limits, multipart};
+use sluice_policy::{
+    PolicySet,
+    model::{Action, Activity, Client, Device, Input, ProcessInput},
+};
+
+use crate::{
+    event::{self, ProcessFacts},
+    proxy::{hooks::Exchange, pages::ClientKind},
+};
+
+/// What every decision of one request is made on.
+#[derive(Debug)]
+pub(super) struct Context {
+    pub(super) set: Arc<PolicySet>,
+    pub(super) input: Input,
+    pub(super) kind: ClientKind,
+    pub(super) limits: Limits,
+    pub(super) not_inspectable: Action,
+    /// The activity from the catalogue's definitions.
+    pub(super) defined: Option<Activity>,
+    /// The file name the definition points at (path, query or header).
+    pub(super) defined_name: Option<String>,
+    /// The multipart field the definition names as the file.
+    pub(super) form_field: Option<String>,
+    pub(super) request_type: Option<String>,
+    pub(super) request_encoding: Option<String>,
+    pub(super) method: String,
+    pub(super) path: String,
+    /// The facts the event carries that no decision changes.
+    pub(super) incident: String,
+    pub(super) time: u64,
+    pub(super) host: String,
+    pub(super) url: String,
+    pub(super) identity_error: Option<String>,
+    pub(super) user_agent: Option<String>,
+    pub(super) destination: std::net::SocketAddr,
+    pub(super) process: ProcessFacts,
+    pub(super) device: Device,
+    pub(super) client: Client,
+}
+
+pub(super) fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+pub(super) fn content_length(h: &HeaderMap) -> Option<u64> {
+    header_str(h, header::CONTENT_LENGTH).and_then(|v| v.trim().parse().ok())
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Percent-decodes a path segment or query value.
+fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    String::from_utf8_lossy(&multipart::percent_decode(s.as_bytes(), plus_is_space)).into_owned()
+}
+
+fn last_component(s: &str) -> String {
+    multipart::last_component(s).to_owned()
+}
+
+impl Context {
+    /// The context of a request in `ex` with head `head`, decided on `set` for a device of
+    /// posture `device`.
+    pub(super) fn new(
+        set: Arc<PolicySet>,
+        device: Device,
+        ex: &Exchange<'_>,
+        head: &request::Parts,
+    ) -> Self {
+        let app_id = ex.app.id.clone();
+        let (user, identity_error) = match set.identify(&app_id, &head.headers, now_s()) {
+            Ok(u) => (u, None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let ua = header_str(&head.headers, header::USER_AGENT).unwrap_or("");
+        let client = if ua.starts_with("Mozilla/") {
+            Client::Browser
+        } else {
+            Client::Native
+        };
+        let o = ex.origin;
+        let exe = o
+            .process
+            .exe
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned());
+        let input = Input {
+            app: app_id.clone(),
+            user,
+            device: Some(device),
+            source: Some(ex.peer.ip()),
+            client: Some(client),
+            process: Some(ProcessInput {
+                exe: exe.clone(),
+                comm: Some(o.comm.clone()),
+                uid: Some(o.uid),
+                user: o.process.user.clone(),
+            }),
+            activity: None,
+            file: None,
+        };
+        let method = head.method.as_str().to_owned();
+        let path = head.uri.path().to_owned();
+        let compiled = set.apps.get(&app_id);
+        let limits = Limits {
+            max_bytes: compiled
+                .and_then(|a| a.app.inspect_max_bytes)
+                .unwrap_or(Limits::default().max_bytes),
+            ..Limits::default()
+        };
+        let not_inspectable = compiled
+            .and_then(|a| a.app.not_inspectable)
+            .unwrap_or(Action::Monitor);
+        let def = set.activity(&app_id, &method, &path, &[]);
+        let defined = def.map(|d| d.activity);
+        let from = def.and_then(|d| d.file_name.clone());
+        let defined_name = from.as_ref().and_then(|f| {
+            if f.path_last {
+                path.rsplit('/')
+                    .next()
+                    .filter(|s| !s.is_empty())
+                    .map(|s| percent_decode(s, false))
+            } else if let Some(q) = &f.query {
+                head.uri.query().and_then(|qs| {
+                    qs.split('&')
+                        .filter_map(|kv| kv.split_once('='))
+                        .find(|(k, _)| k == q)
+                        .map(|(_, v)| last_component(&percent_decode(v, true)))
+                })
+            } else if let Some(h) = &f.header {
+                head.headers
+                    .get(h.as_str())
+                    .and_then(|v| v.to_str().ok())
+                    .map(last_component)
+            } else {
+                None
+            }
+        });
+        Self {
+            kind: ClientKind::of(&head.headers),
+            limits,
+            not_inspectable,
+            defined,
+            defined_name,
+            form_field: from.and_then(|f| f.form_field),
+            request_type: header_str(&head.headers, header::CONTENT_TYPE).map(str::to_owned),
+            request_encoding: header_str(&head.headers, header::CONTENT_ENCODING)
+                .map(str::to_owned),
+            incident: ex.request_id.to_owned(),
+            time: event::unix_ms(SystemTime::now()),
+            host: ex.host.to_owned(),
+            url: head.uri.to_string(),
+            identity_error,
+            user_agent: (!ua.is_empty()).then(|| ua.chars().take(512).collect()),
+            destination: o.dst,
+            process: ProcessFacts {
+                pid: o.tgid,
+                exe,
+                comm: o.comm.clone(),
+                uid: o.uid,
+                user: o.process.user.clone(),
+            },
+            method,
+            path,
+            input,
+            set,
+            device,
+            client,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_paths() {
+        assert_eq!(percent_decode("a%20b%zz%4", false), "a b%zz%4");
+        assert_eq!(percent_decode("a+b", true), "a b");
+        assert_eq!(last_component("C:\\x\\a.docx"), "a.docx");
+    }
+}

@@ -1,0 +1,231 @@
+//! The decision: a request's context and its files go to the compiled policy set, and what comes
+//! back is a value ([`Decided`]) kept in the request's [`Taken`] list. The activity event is built
+//! from that list once, when the request ends; the block page from the deciding value.
+//!
+//! The one not-inspectable path lives here too: a file that cannot be read is decided without
+//! its facts, and the app's not-inspectable action is the least it gets.
+
+use std::collections::BTreeMap;
+
+use http::{Response, StatusCode};
+use sluice_inspect::FileFacts;
+use sluice_policy::{
+    Decision,
+    model::{Action, Activity, FileInput, Kind},
+};
+
+use super::context::Context;
+use crate::proxy::{
+    body::ProxyBody,
+    hooks::BodyVerdict,
+    pages::{self, Page},
+};
+
+/// DLP hit counts by detector.
+pub(super) type Dlp = BTreeMap<String, u32>;
+
+/// A policy decision, as the session controls use it.
+#[derive(Debug, Clone)]
+pub(super) struct Decided {
+    pub(super) action: Action,
+    pub(super) policy: Option<String>,
+    pub(super) matched: Vec<String>,
+    pub(super) message: Option<String>,
+    pub(super) label: Option<String>,
+    pub(super) permissions: Option<Vec<String>>,
+    pub(super) replace_label: bool,
+}
+
+impl From<Decision> for Decided {
+    fn from(d: Decision) -> Self {
+        Self {
+            action: d.action,
+            policy: d.policy,
+            matched: d.matched,
+            message: d.message,
+            label: d.label,
+            permissions: d.permissions,
+            replace_label: d.replace_label,
+        }
+    }
+}
+
+/// One decision taken for a request, in order.
+#[derive(Debug, Clone)]
+pub(super) struct Taken {
+    pub(super) kind: Kind,
+    pub(super) activity: Activity,
+    pub(super) decided: Decided,
+}
+
+/// The index of the most restrictive decision (the first of equals); `None` for none.
+pub(super) fn most_restrictive(decisions: &[Decided]) -> Option<usize> {
+    (0..decisions.len()).reduce(|a, b| {
+        if decisions[b].action > decisions[a].action {
+            b
+        } else {
+            a
+        }
+    })
+}
+
+impl Context {
+    /// The access decision for this request's context.
+    pub(super) fn decide_access(&self) -> Decided {
+        Decided::from(self.set.decide(Kind::Access, &self.input))
+    }
+
+    /// The session decision for one file (or none), with the not-inspectable rule: an unreadable
+    /// file is decided without file facts and the app's not-inspectable action is the least it
+    /// gets.
+    pub(super) fn decide_file(
+        &self,
+        activity: Activity,
+        file: Option<&FileFacts>,
+        extra: &Dlp,
+    ) -> Decided {
+        let mut input = self.input.clone();
+        input.activity = Some(activity);
+        let unreadable = file.is_some_and(|f| f.not_inspectable.is_some());
+        input.file = match file {
+            Some(f) if !unreadable => Some(self.file_input(f, extra)),
+            None if !extra.is_empty() => Some(FileInput {
+                dlp: extra.clone(),
+                ..FileInput::default()
+            }),
+            _ => None,
+        };
+        let mut out = Decided::from(self.set.decide(Kind::Session, &input));
+        if unreadable && self.not_inspectable > out.action {
+            out.action = self.not_inspectable;
+            out.policy = None;
+            out.message = None;
+        }
+        out
+    }
+
+    fn file_input(&self, f: &FileFacts, extra: &Dlp) -> FileInput {
+        let mut dlp = f.dlp.clone();
+        for (k, v) in extra {
+            *dlp.entry(k.clone()).or_default() += v;
+        }
+        FileInput {
+            name: f.name.clone(),
+            size: Some(f.size),
+            kind: f.kind.map(|k| k.as_str().to_owned()),
+            labels: f
+                .enabled_labels()
+                .map(|l| {
+                    self.set
+                        .label_id(&l.guid)
+                        .map_or_else(|| l.guid.clone(), str::to_owned)
+                })
+                .collect(),
+            dlp,
+        }
+    }
+
+    /// The answer for a block: the policy's message for this client.
+    pub(super) fn block_page(&self, d: &Decided, file: Option<&str>) -> Response<ProxyBody> {
+        let app = self
+            .set
+            .apps
+            .get(&self.input.app)
+            .and_then(|a| a.app.name.clone())
+            .unwrap_or_else(|| self.input.app.clone());
+        let policy = d.policy.clone().unwrap_or_default();
+        let template = d.message.as_ref().and_then(|m| self.set.templates.get(m));
+        let vars = [
+            ("user", self.input.user.as_deref().unwrap_or("")),
+            ("app", app.as_str()),
+            ("file", file.unwrap_or("The file")),
+            ("label", ""),
+            ("policy", policy.as_str()),
+            ("incident", self.incident.as_str()),
+        ];
+        let (title, detail, hint) = match template {
+            Some(t) => (
+                t.title.clone(),
+                t.render(false, &vars),
+                t.fix.clone().unwrap_or_default(),
+            ),
+            None => (
+                "Blocked by your organisation's policy".to_owned(),
+                format!("{app}: this action is not allowed (policy {policy})."),
+                "Contact your administrator if you think this is a mistake.".to_owned(),
+            ),
+        };
+        pages::render(
+            &Page {
+                status: StatusCode::FORBIDDEN,
+                title: &title,
+                detail: &detail,
+                hint: &hint,
+                incident: &self.incident,
+            },
+            self.kind,
+        )
+    }
+
+    /// A page for a download that cannot be delivered as it came.
+    pub(super) fn undeliverable(&self, detail: &str) -> Response<ProxyBody> {
+        pages::render(
+            &Page {
+                status: StatusCode::BAD_GATEWAY,
+                title: "Download not delivered",
+                detail,
+                hint: "Contact your administrator if it persists.",
+                incident: &self.incident,
+            },
+            self.kind,
+        )
+    }
+}
+
+/// What the request has taken so far: decisions and the facts they were made on.
+#[derive(Debug, Default)]
+pub(super) struct Record {
+    pub(super) taken: Vec<Taken>,
+    pub(super) files: Vec<FileFacts>,
+    pub(super) dlp: Dlp,
+    pub(super) label_applied: Option<(String, Vec<String>)>,
+    pub(super) detail: Option<String>,
+}
+
+impl Record {
+    /// Keeps a decision.
+    pub(super) fn take(&mut self, kind: Kind, activity: Activity, decided: &Decided) {
+        self.taken.push(Taken {
+            kind,
+            activity,
+            decided: decided.clone(),
+        });
+    }
+
+    /// Keeps a note for people, unless one is there already.
+    pub(super) fn note(&mut self, detail: Option<String>) {
+        if self.detail.is_none() {
+            self.detail = detail;
+        }
+    }
+
+    /// The not-inspectable path: `facts` (which say why) are decided as a file of `activity`,
+    /// kept, and the verdict is a block page or `pass`.
+    pub(super) fn unreadable(
+        &mut self,
+        cx: &Context,
+        activity: Activity,
+        facts: FileFacts,
+        pass: BodyVerdict,
+    ) -> BodyVerdict {
+        let d = cx.decide_file(activity, Some(&facts), &Dlp::new());
+        self.take(Kind::Session, activity, &d);
+        let name = facts.name.clone();
+        self.files.push(facts);
+        if d.action == Action::Block {
+            BodyVerdict::Respond(cx.block_page(&d, name.as_deref()))
+        } else {
+            pass
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! Downloads: which responses are downloads, how their bodies are asked for (whole, in encodings
+//! Sluice decodes), and the judgement of a held download: inspected (archive members included),
+//! decided, and the label the decision asks for written into the file (or into the members of an
+//! archive). Judging runs on the inspection pool.
+
+use std::io::Read as _;
+
+use bytes::Bytes;
+use http::{HeaderMap, header, response};
+use sluice_inspect::{self as inspect, Applied, FileFacts, LabelSpec, NotInspectable, multipart};
+use sluice_policy::{
+    PolicySet,
+    model::{Action, Activity, Kind},
+};
+
+use super::{
+    context::{Context, content_length, header_str},
+    decide::{Decided, Dlp, Record, most_restrictive},
+};
+use crate::proxy::hooks::{BodyVerdict, HeadVerdict};
+
+/// A response body that is held as a download.
+#[derive(Debug, Clone)]
+pub(super) struct Download {
+    pub(super) name: Option<String>,
+    pub(super) encoding: Option<Encoding>,
+}
+
+/// Content codings Sluice decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Encoding {
+    Gzip,
+    Deflate,
+}
+
+pub(super) fn encoding_of(h: &HeaderMap) -> Result<Option<Encoding>, String> {
+    match header_str(h, header::CONTENT_ENCODING).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(None),
+        Some(v) if v.is_empty() || v == "identity" => Ok(None),
+        Some(v) if v == "gzip" || v == "x-gzip" => Ok(Some(Encoding::Gzip)),
+        Some(v) if v == "deflate" => Ok(Some(Encoding::Deflate)),
+        Some(v) => Err(format!("content encoding `{v}` is not inspected")),
+    }
+}
+
+/// Decodes a held body, bounded by `max` output bytes.
+pub(super) fn decode(data: &[u8], enc: Encoding, max: u64) -> Result<Vec<u8>, NotInspectable> {
+    let mut out = Vec::new();
+    let res = match enc {
+        Encoding::Gzip => flate2::read::MultiGzDecoder::new(data)
+            .take(max + 1)
+            .read_to_end(&mut out),
+        Encoding::Deflate => flate2::read::ZlibDecoder::new(data)
+            .take(max + 1)
+            .read_to_end(&mut out),
+    };
+    match res {
+        Err(e) => Err(NotInspectable::Malformed(format!(
+            "the body could not be decoded: {e}"
+        ))),
+        Ok(_) if out.len() as u64 > max => Err(NotInspectable::TooLarge(max)),
+        Ok(_) => Ok(out),
+    }
+}
+
+/// Keeps only the content codings Sluice decodes (gzip, deflate, identity) in Accept-Encoding.
+pub(super) fn narrow_accept_encoding(headers: &mut HeaderMap) {
+    let Some(v) = header_str(headers, header::ACCEPT_ENCODING) else {
+        return;
+    };
+    let kept: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|t| {
+            let coding = t
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            matches!(coding.as_str(), "gzip" | "x-gzip" | "deflate" | "identity")
+        })
+        .collect();
+    let value = if kept.is_empty() {
+        "identity".to_owned()
+    } else {
+        kept.join(", ")
+    };
+    if let Ok(h) = http::HeaderValue::from_str(&value) {
+        headers.insert(header::ACCEPT_ENCODING, h);
+    }
+}
+
+/// The response head: whether this response is a download to hold. One that cannot be held
+/// (an encoding Sluice does not decode, a declared size past the bound) takes the
+/// not-inspectable path at once.
+pub(super) fn response_head(
+    cx: &Context,
+    rec: &mut Record,
+    head: &mut response::Parts,
+) -> (HeadVerdict, Option<Download>) {
+    let disposition = header_str(&head.headers, header::CONTENT_DISPOSITION);
+    let rtype = header_str(&head.headers, header::CONTENT_TYPE);
+    let is_download = head.status.is_success()
+        && cx.method != "HEAD"
+        && (cx.defined == Some(Activity::Download)
+            || (cx.defined.is_none()
+                && PolicySet::generic_activity(&cx.method, None, false, disposition, rtype)
+                    == Activity::Download));
+    if !is_download {
+        return (HeadVerdict::Continue, None);
+    }
+    let name = cx
+        .defined_name
+        .clone()
+        .or_else(|| disposition.and_then(multipart::disposition_file_name));
+    let unreadable = match encoding_of(&head.headers) {
+        Err(e) => Some(NotInspectable::Unsupported(e)),
+        Ok(_) if content_length(&head.headers).is_some_and(|n| n > cx.limits.max_bytes) => {
+            Some(NotInspectable::TooLarge(cx.limits.max_bytes))
+        }
+        Ok(_) => None,
+    };
+    if let Some(why) = unreadable {
+        let facts = FileFacts {
+            name,
+            size: content_length(&head.headers).unwrap_or(0),
+            not_inspectable: Some(why),
+            ..FileFacts::default()
+        };
+        let verdict = match rec.unreadable(cx, Activity::Download, facts, BodyVerdict::Pass) {
+            BodyVerdict::Respond(r) => HeadVerdict::Respond(r),
+            _ => HeadVerdict::Continue,
+        };
+        return (verdict, None);
+    }
+    let encoding = encoding_of(&head.headers).ok().flatten();
+    if encoding.is_some() {
+        // The client gets the decoded body (possibly labeled): the encoding no longer applies.
+        head.headers.remove(header::CONTENT_ENCODING);
+        head.headers.remove(header::CONTENT_LENGTH);
+    }
+    for h in ["content-md5", "digest", "repr-digest", "content-digest"] {
+        head.headers.remove(h);
+    }
+    (HeadVerdict::Continue, Some(Download { name, encoding }))
+}
+
+impl Download {
+    /// A download that was not held (past the bound, or no room in the inspection budget).
+    pub(super) fn unheld(
+        &self,
+        cx: &Context,
+        rec: &mut Record,
+        why: NotInspectable,
+        seen: u64,
+    ) -> BodyVerdict {
+        if self.encoding.is_some() {
+            // The encoding header is gone and the rest cannot be decoded on the fly: refuse
+            // rather than deliver bytes the client would misread.
+            return BodyVerdict::Respond(cx.undeliverable(&format!(
+                "The compressed download could not be inspected: {why}."
+            )));
+        }
+        let facts = FileFacts {
+            name: self.name.clone(),
+            size: seen,
+            not_inspectable: Some(why),
+            ..FileFacts::default()
+        };
+        rec.unreadable(cx, Activity::Download, facts, BodyVerdict::Pass)
+    }
+
+    /// Judges a held download.
+    pub(super) fn judge(&self, cx: &Context, rec: &mut Record, raw: &Bytes) -> BodyVerdict {
+        let (body, decoded) = match self.encoding {
+            None => (raw.clone(), false),
+            Some(enc) => match decode(raw, enc, cx.limits.max_bytes) {
+                Ok(v) => (Bytes::from(v), true),
+                Err(e) => {
+                    return BodyVerdict::Respond(
+                        cx.undeliverable(&format!("The download could not be decoded: {e}")),
+                    );
+                }
+            },
+        };
+        // An archive brings its members: each is decided as a file, the most restrictive
+        // decision stands, and members whose decision writes a label get it inside the archive.
+        let mut files = inspect::inspect_with_members(
+            &body,
+            self.name.as_deref(),
+            &cx.limits,
+            &cx.set.detectors,
+        );
+        let decisions: Vec<Decided> = files
+            .iter()
+            .map(|f| cx.decide_file(Activity::Download, Some(f), &Dlp::new()))
+            .collect();
+        let worst = most_restrictive(&decisions).unwrap_or(0);
+        let mut d = decisions[worst].clone();
+        let mut out: Option<Vec<u8>> = None;
+        if matches!(d.action, Action::ApplyLabel | Action::Protect) {
+            let written = if files.len() > 1 {
+                label_members(cx, &body, &mut files, &decisions)
+            } else {
+                label_file(cx, &body, &mut files[0], &d)
+            };
+            match written {
+                Ok(Some(v)) => {
+                    out = Some(v);
+                    rec.label_applied = label_for(cx, &d).map(|(id, spec)| (id, spec.permissions));
+                }
+                Ok(None) => {}
+                // The label cannot be written: the file is handled as one that cannot be
+                // inspected, and the decision taken is that action, not the one the policy meant.
+                Err(e) => {
+                    files[0].not_inspectable.get_or_insert(e);
+                    d.action = cx.not_inspectable;
+                }
+            }
+        }
+        rec.take(Kind::Session, Activity::Download, &d);
+        // The block page names the file at fault (a member of an archive, when it is one).
+        let name = files[worst].name.clone();
+        rec.note(
+            files
+                .iter()
+                .find_map(|f| f.not_inspectable.as_ref().map(|n| n.to_string())),
+        );
+        rec.files.extend(files);
+        if d.action == Action::Block {
+            return BodyVerdict::Respond(cx.block_page(&d, name.as_deref()));
+        }
+        match out {
+            Some(v) => BodyVerdict::Replace(v.into()),
+            None if decoded => BodyVerdict::Replace(body),
+            None => BodyVerdict::Pass,
+        }
+    }
+}
+
+/// Writes the label decision `d` asks for into one file: its new bytes, or `None` when it
+/// already carries the label.
+fn label_file(
+    cx: &Context,
+    body: &[u8],
+    facts: &mut FileFacts,
+    d: &Decided,
+) -> Result<Option<Vec<u8>>, NotInspectable> {
+    let Some((_, spec)) = label_for(cx, d) else {
+        let e = NotInspectable::Unsupported(format!(
+            "label `{}` is not in the bundle's label catalogue",
+            d.label.as_deref().unwrap_or("")
+        ));
+        facts.not_inspectable = Some(e.clone());
+        return Err(e);
+    };
+    // Protecting a file that already carries this very label rewrites it with the permissions;
+    // any other existing label stays unless the policy says to replace it.
+    let same = facts.enabled_labels().any(|l| l.guid == spec.guid);
+    let replace = d.replace_label || (d.action == Action::Protect && same);
+    match inspect::apply_label(body, &spec, replace, &cx.limits) {
+        Ok(Applied::Labeled(v)) => Ok(Some(v)),
+        Ok(Applied::AlreadyLabeled(_)) => Ok(None),
+        Err(e) => {
+            facts.not_inspectable = Some(e.clone());
+            Err(e)
+        }
+    }
+}
+
+/// Writes into an archive the labels its members' decisions ask for: the members are replaced in
+/// place, every other entry is copied raw. `files` are the archive and its members as
+/// [`inspect::inspect_with_members`] gave them. A member inside an inner archive cannot be
+/// rewritten, nor can one whose type takes no label: the archive is then not inspectable (and the
+/// member says why).
+fn label_members(
+    cx: &Context,
+    body: &[u8],
+    files: &mut [FileFacts],
+    decisions: &[Decided],
+) -> Result<Option<Vec<u8>>, NotInspectable> {
+    let limits = &cx.limits;
+    let prefix = format!("{}/", files[0].name.as_deref().unwrap_or("archive.zip"));
+    let archive = inspect::zip::Archive::parse(body, limits)?;
+    let mut budget = inspect::zip::Budget::new(limits);
+    let mut replace: Vec<(String, Vec<u8>)> = Vec::new();
+    for (f, d) in files.iter_mut().zip(decisions).skip(1) {
+        if !matches!(d.action, Action::ApplyLabel | Action::Protect) {
+            continue;
+        }
+        let entry = f
+            .name
+            .as_deref()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .filter(|e| archive.contains(e))
+            .map(str::to_owned);
+        let Some(entry) = entry else {
+            let e = NotInspectable::Unsupported("files inside an archive inside an archive".into());
+            f.not_inspectable = Some(e.clone());
+            return Err(e);
+        };
+        let data = archive.read(&entry, &mut budget)?;
+        if let Some(v) = label_file(cx, &data, f, d)? {
+            replace.push((entry, v));
+        }
+    }
+    if replace.is_empty() {
+        return Ok(None);
+    }
+    let (names, data): (Vec<String>, Vec<Vec<u8>>) = replace.into_iter().unzip();
+    let refs: Vec<(&str, Vec<u8>)> = names.iter().map(String::as_str).zip(data).collect();
+    archive.rewrite(&refs, &[]).map(Some)
+}
+
+/// The label spec a decision writes: the bundle's label, with the policy's permissions (or the
+/// label's own protection when the action is `protect`).
+fn label_for(cx: &Context, d: &Decided) -> Option<(String, LabelSpec)> {
+    let id = d.label.as_ref()?;
+    let l = cx.set.labels.get(id)?;
+    let permissions = match (&d.permissions, d.action) {
+        (Some(p), _) => p.clone(),
+        (None, Action::Protect) => l.protection.clone().unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    Some((
+        id.clone(),
+        LabelSpec {
+            guid: inspect::normalize_guid(&l.guid),
+            tenant: inspect::normalize_guid(&l.tenant),
+            name: l.name.clone(),
+            method: "Privileged".into(),
+            set_date: inspect::now_iso8601(),
+            action_id: inspect::new_guid(),
+            permissions,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_decodable_codings_are_offered() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT_ENCODING,
+            "gzip, deflate, br, zstd;q=0.9"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        narrow_accept_encoding(&mut h);
+        assert_eq!(h[header::ACCEPT_ENCODING], "gzip, deflate");
+        h.insert(
+            header::ACCEPT_ENCODING,
+            "br".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        narrow_accept_encoding(&mut h);
+        assert_eq!(h[header::ACCEPT_ENCODING], "identity");
+    }
+
+    #[test]
+    fn encodings_and_bounded_decoding() {
+        let mut h = HeaderMap::new();
+        assert_eq!(encoding_of(&h), Ok(None));
+        h.insert(
+            header::CONTENT_ENCODING,
+            "gzip".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(encoding_of(&h), Ok(Some(Encoding::Gzip)));
+        h.insert(
+            header::CONTENT_ENCODING,
+            "br".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert!(encoding_of(&h).is_err());
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &vec![b'a'; 100_000]).unwrap_or_else(|_| unreachable!());
+        let gz = gz.finish().unwrap_or_else(|_| unreachable!());
+        assert_eq!(
+            decode(&gz, Encoding::Gzip, 100_000).map(|v| v.len()),
+            Ok(100_000)
+        );
+        assert_eq!(
+            decode(&gz, Encoding::Gzip, 1000),
+            Err(NotInspectable::TooLarge(1000))
+        );
+        assert!(decode(b"not gzip", Encoding::Gzip, 1000).is_err());
+    }
+}
