@@ -20,7 +20,7 @@ use crate::{
         catalog::Catalog,
         hooks::{Hooks, PassThrough},
         record::{JsonLinesReporter, LogReporter, Reporter},
-        upstream::{Upstream, root_store},
+        upstream::Upstream,
     },
     report::Reporting,
     session::Controls,
@@ -271,7 +271,7 @@ fn build_proxy(
     );
     let catalog =
         Catalog::new(&config.apps, &config.proxy.reject_hosts).map_err(anyhow::Error::msg)?;
-    let roots = root_store(
+    let roots = crate::trust::root_store(
         !config.tls.no_bundled_roots,
         !config.tls.no_system_roots,
         &config.tls.upstream_extra_cas,

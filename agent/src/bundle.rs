@@ -17,8 +17,6 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +25,7 @@ use sluice_policy::{
     bundle::{Archive, BundleError, Limits, Verified, jws::VerifyingKey},
 };
 
+use crate::client::{Client, ClientError};
 pub use crate::config::BundleSettings;
 
 /// What `/status` shows about bundles.
@@ -46,6 +45,8 @@ pub struct BundleStatus {
     pub not_modified: u64,
     /// Bundles refused (bad signature, file list, revision, policies).
     pub refused: u64,
+    /// Requests sent to the bundle URL (long polls included).
+    pub polls: u64,
 }
 
 /// The active policy set, shared read-mostly with the proxy.
@@ -64,6 +65,8 @@ pub struct Distributor {
     etag: Mutex<Option<String>>,
     status: Arc<Mutex<BundleStatus>>,
     limits: Limits,
+    /// The client of the bundle URL, made on first use.
+    client: tokio::sync::Mutex<Option<Client>>,
 }
 
 impl std::fmt::Debug for Distributor {
@@ -105,6 +108,7 @@ impl Distributor {
             state_dir: state_dir.join("bundle"),
             active: Arc::new(ArcSwapOption::empty()),
             etag: Mutex::new(None),
+            client: tokio::sync::Mutex::new(None),
             status: Arc::new(Mutex::new(BundleStatus::default())),
             limits: Limits::default(),
         })
@@ -272,6 +276,24 @@ impl Distributor {
         Duration::from_secs_f64(base * (0.8 + 0.4 * r))
     }
 
+    /// The client of the bundle URL, made once (with its root store) and kept for every poll.
+    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, BundleError> {
+        let mut guard = self.client.lock().await;
+        if guard.is_none() {
+            let url = self
+                .settings
+                .url
+                .as_deref()
+                .ok_or_else(|| BundleError::Io("no bundle url".into()))?;
+            let roots = crate::trust::root_store(true, true, &self.settings.extra_cas)
+                .map_err(|e| BundleError::Io(e.to_string()))?;
+            let client = Client::new(url, roots, true)
+                .map_err(|e| BundleError::Io(format!("bundle {e}")))?;
+            *guard = Some(client);
+        }
+        Ok(guard)
+    }
+
     async fn fetch_once(&self) -> Result<Fetched, BundleError> {
         let url = self
             .settings
@@ -281,132 +303,79 @@ impl Distributor {
         let uri: http::Uri = url
             .parse()
             .map_err(|e| BundleError::Io(format!("bundle url `{url}`: {e}")))?;
-        let https = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => {
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut guard = self.client().await?;
+        let client = guard
+            .as_mut()
+            .ok_or_else(|| BundleError::Io("no bundle client".into()))?;
+        let mut headers = http::HeaderMap::new();
+        let prefer = http::HeaderValue::from_str(&format!("wait={}", self.settings.long_poll_s))
+            .map_err(|e| BundleError::Io(e.to_string()))?;
+        headers.insert("prefer", prefer);
+        let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(e) = etag.filter(|_| self.active.load().is_some())
+            && let Ok(v) = http::HeaderValue::from_str(&e)
+        {
+            headers.insert(http::header::IF_NONE_MATCH, v);
+        }
+        if let Some(path) = &self.settings.credential_file {
+            if !client.is_https() {
                 return Err(BundleError::Io(format!(
-                    "bundle url `{url}` must be http:// or https://"
+                    "bundle url `{url}`: a credential is only sent over https://"
                 )));
             }
-        };
-        let host = uri
-            .host()
-            .ok_or_else(|| BundleError::Io(format!("bundle url `{url}` has no host")))?
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
+            let value =
+                http::HeaderValue::from_str(&format!("Bearer {}", text.trim())).map_err(|_| {
+                    BundleError::Io(format!("{}: not a usable credential", path.display()))
+                })?;
+            headers.insert(http::header::AUTHORIZATION, value);
+        }
         let timeout = Duration::from_secs(self.settings.long_poll_s + 15);
-        let fut = async {
-            let tcp = tokio::net::TcpStream::connect((
-                host.trim_start_matches('[').trim_end_matches(']'),
-                port,
-            ))
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).polls += 1;
+        let answer = client
+            .request(
+                http::Method::GET,
+                path,
+                headers,
+                Bytes::new(),
+                timeout,
+                usize::try_from(self.limits.max_archive).unwrap_or(usize::MAX),
+            )
             .await
-            .map_err(|e| BundleError::Io(format!("connecting to {host}:{port}: {e}")))?;
-            let _ = tcp.set_nodelay(true);
-            let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let mut req =
-                http::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-                    .header(http::header::HOST, format!("{host}:{port}"))
-                    .header("prefer", format!("wait={}", self.settings.long_poll_s))
-                    .header(
-                        http::header::USER_AGENT,
-                        concat!("sluice-agent/", env!("CARGO_PKG_VERSION")),
-                    );
-            if let Some(e) = etag.filter(|_| self.active.load().is_some()) {
-                req = req.header(http::header::IF_NONE_MATCH, e);
-            }
-            if let Some(path) = &self.settings.credential_file {
-                if !https {
-                    return Err(BundleError::Io(format!(
-                        "bundle url `{url}`: a credential is only sent over https://"
-                    )));
-                }
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
-                let value = http::HeaderValue::from_str(&format!("Bearer {}", text.trim()))
-                    .map_err(|_| {
-                        BundleError::Io(format!("{}: not a usable credential", path.display()))
-                    })?;
-                req = req.header(http::header::AUTHORIZATION, value);
-            }
-            let req = req
-                .body(Empty::<Bytes>::new())
-                .map_err(|e| BundleError::Io(e.to_string()))?;
-            let resp = if https {
-                let roots =
-                    crate::proxy::upstream::root_store(true, true, &self.settings.extra_cas)
-                        .map_err(|e| BundleError::Io(e.to_string()))?;
-                let cfg = rustls::ClientConfig::builder_with_provider(crate::proxy::tls_provider())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| BundleError::Io(e.to_string()))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                let name = rustls::pki_types::ServerName::try_from(host.clone())
-                    .map_err(|e| BundleError::Io(e.to_string()))?;
-                let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| BundleError::Io(format!("TLS with {host}: {e}")))?;
-                send(TokioIo::new(tls), req).await?
-            } else {
-                send(TokioIo::new(tcp), req).await?
-            };
-            let status = resp.status();
-            if status == http::StatusCode::NOT_MODIFIED {
-                self.status
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .not_modified += 1;
-                return Ok(Fetched::NotModified);
-            }
-            if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
-                return Err(BundleError::Io(format!(
-                    "bundle server refused the agent's credential ({status})"
-                )));
-            }
-            if !status.is_success() {
-                return Err(BundleError::Io(format!("bundle server answered {status}")));
-            }
-            let etag = resp
-                .headers()
-                .get(http::header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let body = Limited::new(resp.into_body(), self.limits.max_archive as usize)
-                .collect()
-                .await
-                .map_err(|e| BundleError::TooLarge(format!("bundle download: {e}")))?
-                .to_bytes();
-            self.activate(&body, "url", etag, true)?;
-            Ok(Fetched::Activated)
-        };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| BundleError::Io("bundle fetch timed out".into()))?
+            .map_err(|e| match e {
+                ClientError::TooLarge(m) => BundleError::TooLarge(format!("bundle download: {m}")),
+                ClientError::Config(m) | ClientError::Http(m) => BundleError::Io(m),
+            })?;
+        drop(guard);
+        let status = answer.status;
+        if status == http::StatusCode::NOT_MODIFIED {
+            self.status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .not_modified += 1;
+            return Ok(Fetched::NotModified);
+        }
+        if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
+            return Err(BundleError::Io(format!(
+                "bundle server refused the agent's credential ({status})"
+            )));
+        }
+        if !status.is_success() {
+            return Err(BundleError::Io(format!("bundle server answered {status}")));
+        }
+        let etag = answer
+            .headers
+            .get(http::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.activate(&answer.body, "url", etag, true)?;
+        Ok(Fetched::Activated)
     }
 }
 
 enum Fetched {
     NotModified,
     Activated,
-}
-
-async fn send<I>(
-    io: TokioIo<I>,
-    req: http::Request<Empty<Bytes>>,
-) -> Result<http::Response<hyper::body::Incoming>, BundleError>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| BundleError::Io(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    sender
-        .send_request(req)
-        .await
-        .map_err(|e| BundleError::Io(e.to_string()))
 }

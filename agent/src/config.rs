@@ -7,7 +7,6 @@ use std::{path::PathBuf, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer};
 use sluice_net::Cidr;
-pub use sluice_policy::model::FailMode;
 
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -307,6 +306,17 @@ fn default_long_poll_s() -> u64 {
 }
 fn default_poll_s() -> u64 {
     30
+}
+
+/// What happens to steered connections while the proxy is not healthy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Connections go direct, uninspected (availability first).
+    #[default]
+    Open,
+    /// Connections are refused (control first).
+    Closed,
 }
 
 /// `[steer]`: how the agent attaches to the kernel and what it steers.

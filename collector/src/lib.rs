@@ -3,6 +3,9 @@
 //! language, streams exports, serves signed policy bundles with long polling, forwards events to
 //! SIEMs, and hosts the portal.
 //!
+//! May import `sluice-protocol`, `sluice-policy` and `sluice-net`, never the agent: building the
+//! collector compiles no eBPF.
+//!
 //! # Entry points for the portal (`crate::portal`)
 //! - [`Collector`]: the shared state, handed to `portal::handle` as `Arc<Collector>`;
 //!   `collector.store` is the [`store::Store`] (`with_conn` for read-write SQL on the single

@@ -3,8 +3,13 @@
 //! downloaded file. Everything here works on bytes in memory under explicit [`Limits`]: a file
 //! that would exceed them, is encrypted without a readable label, or is malformed is
 //! "not inspectable" with a reason, never a crash, a hang or unbounded memory.
+//!
+//! May import nothing of Sluice's own: the policy engine and the agent build on it. Every function
+//! here is synchronous and may take as long as its [`Limits`] allow, so callers run it off their
+//! async workers.
 
 pub mod dlp;
+mod kind;
 pub mod multipart;
 pub mod odf;
 pub mod ole;
@@ -18,7 +23,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::Serialize;
 
-pub use sniff::FileType;
+pub use kind::FileType;
 
 /// Bounds on inspection of one file.
 #[derive(Debug, Clone)]

@@ -12,9 +12,8 @@
 use std::ops::Range;
 
 use super::{
-    Applied, FileLabel, LabelSource, LabelSpec, Limits, NotInspectable, normalize_guid,
+    Applied, FileLabel, FileType, LabelSource, LabelSpec, Limits, NotInspectable, normalize_guid,
     ooxml::Package,
-    sniff::FileType,
     xml::{self, Node, XmlReader, escape_attr, escape_text, qualified},
     zip::{Archive, Budget},
 };

@@ -23,7 +23,7 @@ use std::{
     time::Instant,
 };
 
-use super::{FileLabel, LabelSource, Limits, NotInspectable, normalize_guid, sniff::FileType};
+use super::{FileLabel, FileType, LabelSource, Limits, NotInspectable, normalize_guid};
 
 const MAGIC: [u8; 8] = [0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
 /// Highest regular sector number; larger values are markers.

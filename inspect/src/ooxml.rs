@@ -13,7 +13,6 @@ use std::{collections::BTreeMap, ops::Range};
 
 use super::{
     Applied, FileLabel, FileType, LabelSource, LabelSpec, Limits, NotInspectable, normalize_guid,
-    sniff,
     xml::{self, Element, Node, XmlReader, escape_attr, escape_text, qualified},
     zip::{Archive, Budget},
 };
@@ -462,7 +461,7 @@ pub fn apply_label(
     limits: &Limits,
 ) -> Result<Applied, NotInspectable> {
     let mut pkg = Package::open(bytes, limits)?;
-    if sniff::office_kind(&pkg.archive).is_none() {
+    if office_kind(&pkg.archive).is_none() {
         return Err(NotInspectable::Unsupported(FileType::Zip.as_str().into()));
     }
     let parts = label_parts(&mut pkg)?;
@@ -849,7 +848,7 @@ fn numbered_parts(a: &Archive<'_>, dir_stem: &str) -> Vec<String> {
 /// The document text for DLP (see the module doc), at most `max_chars` characters.
 pub fn text(bytes: &[u8], limits: &Limits, max_chars: usize) -> Result<String, NotInspectable> {
     let mut pkg = Package::open(bytes, limits)?;
-    let kind = sniff::office_kind(&pkg.archive)
+    let kind = office_kind(&pkg.archive)
         .ok_or_else(|| NotInspectable::Unsupported(FileType::Zip.as_str().into()))?;
     let a = &pkg.archive;
     let parts: Vec<(String, Flavor)> = match kind {
@@ -910,6 +909,18 @@ pub fn text(bytes: &[u8], limits: &Limits, max_chars: usize) -> Result<String, N
         }
     }
     Ok(sink.out)
+}
+
+/// The OOXML type of a parsed archive, by its main part (names compared ignoring case).
+pub(crate) fn office_kind(a: &Archive<'_>) -> Option<FileType> {
+    [
+        ("word/document.xml", FileType::Docx),
+        ("xl/workbook.xml", FileType::Xlsx),
+        ("ppt/presentation.xml", FileType::Pptx),
+    ]
+    .into_iter()
+    .find(|(part, _)| a.find_ci(part).is_some())
+    .map(|(_, t)| t)
 }
 
 #[cfg(test)]

@@ -66,3 +66,29 @@ impl HostPattern {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        let p = HostPattern::parse("*.Example.com.").expect("pattern");
+        assert!(p.matches("a.example.com") && p.matches("a.b.example.com"));
+        assert!(!p.matches("example.com") && !p.matches("badexample.com"));
+        assert!(
+            HostPattern::parse("files.example.com")
+                .expect("p")
+                .matches("files.example.com")
+        );
+        assert!(
+            HostPattern::parse("10.0.0.1")
+                .expect("p")
+                .matches("10.0.0.1")
+        );
+        assert!(HostPattern::parse("::1").expect("p").matches("[::1]"));
+        for bad in ["", "*.", "a..b", "exa mple.com", "*.*.x"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -3,6 +3,10 @@
 //! the most restrictive matching action wins (block > protect > apply-label > monitor > allow), ties
 //! go to the higher priority, and every decision lists all the policies that matched.
 //!
+//! Owns the bundle format ([`bundle`]: archive, signing, verification) and everything both the
+//! agent and the collector need of policies. May import `sluice-inspect` (the DLP detectors a
+//! filter counts) and `sluice-net` (ranges, host patterns), nothing above.
+//!
 //! Deciding allocates nothing beyond the result: users, groups and ranges are resolved to indexes
 //! at compile time, and matching compares borrowed strings and integers.
 

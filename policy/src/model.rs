@@ -541,9 +541,6 @@ pub struct App {
     /// Where the user's identity comes from.
     #[serde(default)]
     pub identity: Option<super::identity::IdentitySource>,
-    /// Fail mode for this app (default: the agent's).
-    #[serde(default)]
-    pub fail_mode: Option<FailMode>,
     /// Largest body inspected, in bytes (default 50 MiB).
     #[serde(default)]
     pub inspect_max_bytes: Option<u64>,
@@ -601,15 +598,4 @@ impl FileNameFrom {
             + usize::from(self.query.is_some())
             + usize::from(self.path_last)
     }
-}
-
-/// What happens to steered connections while the proxy is not healthy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailMode {
-    /// Connections go direct, uninspected (availability first).
-    #[default]
-    Open,
-    /// Connections are refused (control first).
-    Closed,
 }

@@ -170,7 +170,14 @@ policies:
 
 #[test]
 fn bad_input_is_refused_with_the_file_and_line() {
-    let cases: [(&str, &str, &str, &str); 9] = [
+    let cases: [(&str, &str, &str, &str); 10] = [
+        (
+            // A per-app fail mode was once accepted and never enforced: refused, not ignored.
+            "catalog.yaml",
+            "apps:\n  - id: files\n    hosts: [files.test]\n    fail_mode: closed\n",
+            "unknown field `fail_mode`",
+            "catalog.yaml:4",
+        ),
         (
             "policies/x.yaml",
             "policies:\n  - id: a\n    kind: access\n    action: allow\n    colour: red\n",

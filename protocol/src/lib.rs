@@ -1,4 +1,5 @@
-//! The Sluice event schema and the agent-collector API.
+//! The Sluice event schema and the agent-collector API: what crosses the wire between agent and
+//! collector. Imports nothing of Sluice's own.
 //!
 //! Events are shaped after OCSF 1.x: every event carries `class_uid`, `category_uid`,
 //! `activity_id`, `type_uid` (= `class_uid * 100 + activity_id`), `severity_id`, `time` and the

@@ -64,12 +64,16 @@ impl BundleServer {
         self.addr = listener.local_addr()?;
         let state = self.state.clone();
         self.task = Some(tokio::spawn(async move {
+            // Connections belong to the accept task: stopping it ends them too, as a server that
+            // goes down closes its kept-alive connections.
+            let mut conns = tokio::task::JoinSet::new();
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                while conns.try_join_next().is_some() {}
                 let state = state.clone();
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |req| serve(state.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)

@@ -26,9 +26,10 @@ use sluice::{
         catalog::Catalog,
         hooks::{BodyPlan, BodyVerdict, Ended, Exchange, Flow, HeadVerdict, Hooks, Side, Unheld},
         record::{ConnectionRecord, Reporter, RequestRecord},
-        upstream::{Upstream, root_store},
+        upstream::Upstream,
     },
     steer::{OriginRecord, ProcessInfo},
+    trust::root_store,
 };
 use sluice_e2e::{
     free_port,

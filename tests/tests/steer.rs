@@ -14,7 +14,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use sluice::{
-    config::{PortSpec, SteerRule, SteerSettings},
+    config::{FailMode, PortSpec, SteerRule, SteerSettings},
     steer::Steering,
 };
 use sluice_e2e::{
@@ -22,7 +22,6 @@ use sluice_e2e::{
     free_port, require_root, wait_until, world_executable_copy,
 };
 use sluice_net::Cidr;
-use sluice_policy::model::FailMode;
 
 fn rule(cidr: &str, ports: &[u16]) -> SteerRule {
     SteerRule {

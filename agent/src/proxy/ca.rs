@@ -316,7 +316,7 @@ impl LeafCache {
         let (chain, key) = self.ca.mint(name)?;
         self.minted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let provider = super::tls_provider();
+        let provider = crate::trust::tls_provider();
         let signing = provider
             .key_provider
             .load_private_key(key)

@@ -17,7 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header, request};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header, request};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -30,7 +30,7 @@ use super::{
     pages::{self, ClientKind, Page},
     pool::{Pool, Reservation},
     record::RequestRecord,
-    upstream::{Proto, Target},
+    upstream::{Proto, Target, adapt_request},
 };
 use crate::steer::OriginRecord;
 
@@ -121,35 +121,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-/// Fits a request to the upstream protocol: absolute URI and no Host for HTTP/2; origin-form URI
-/// and a Host field for HTTP/1.1.
-pub fn adapt_request<B>(req: &mut Request<B>, proto: Proto, scheme: &str, authority: &str) {
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
-    match proto {
-        Proto::H2 => {
-            if let Ok(uri) = format!("{scheme}://{authority}{pq}").parse::<Uri>() {
-                *req.uri_mut() = uri;
-            }
-            *req.version_mut() = Version::HTTP_2;
-            req.headers_mut().remove(header::HOST);
-            // HTTP/2 allows only `te: trailers`; anything else was stripped already.
-        }
-        Proto::H1 => {
-            if let Ok(uri) = pq.parse::<Uri>() {
-                *req.uri_mut() = uri;
-            }
-            *req.version_mut() = Version::HTTP_11;
-            if let Ok(v) = HeaderValue::from_str(authority) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
@@ -178,50 +178,6 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// Builds the upstream trust store.
-pub fn root_store(
-    bundled: bool,
-    system: bool,
-    extra: &[std::path::PathBuf],
-) -> Result<RootCertStore, UpstreamError> {
-    let mut roots = RootCertStore::empty();
-    if bundled {
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    }
-    if system {
-        let native = rustls_native_certs::load_native_certs();
-        for e in &native.errors {
-            tracing::warn!(error = %e, "some system root certificates could not be read");
-        }
-        let (added, ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::debug!(added, ignored, "system roots");
-    }
-    for path in extra {
-        use rustls_pki_types::pem::PemObject as _;
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| UpstreamError::Trust(format!("{}: {e}", path.display())))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| UpstreamError::Trust(format!("{}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(UpstreamError::Trust(format!(
-                "{}: no certificates",
-                path.display()
-            )));
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| UpstreamError::Trust(format!("{}: {e}", path.display())))?;
-        }
-    }
-    if roots.is_empty() {
-        return Err(UpstreamError::Trust(
-            "no trusted roots at all: upstream TLS would always fail".into(),
-        ));
-    }
-    Ok(roots)
-}
-
 impl Upstream {
     /// A connector trusting `roots`, marking sockets with `mark`.
     pub fn new(
@@ -249,7 +205,7 @@ impl Upstream {
         if let Some(c) = configs.get(&alpn) {
             return Ok(c.clone());
         }
-        let mut cfg = ClientConfig::builder_with_provider(super::tls_provider())
+        let mut cfg = ClientConfig::builder_with_provider(crate::trust::tls_provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| UpstreamError::Trust(e.to_string()))?
             .with_root_certificates(self.roots.clone())
@@ -281,7 +237,7 @@ impl Upstream {
             Sender::H1(_) => Proto::H1,
             Sender::H2(_) => Proto::H2,
         };
-        super::http::adapt_request(&mut req, proto, scheme, authority);
+        adapt_request(&mut req, proto, scheme, authority);
         self.send_on(target, sender, req, affinity).await
     }
 
@@ -660,5 +616,33 @@ fn classify(name: &str, e: std::io::Error) -> UpstreamError {
             name: name.to_owned(),
             reason: e.to_string(),
         },
+    }
+}
+/// Fits a request to the upstream protocol: absolute URI and no Host for HTTP/2; origin-form URI
+/// and a Host field for HTTP/1.1.
+pub fn adapt_request<B>(req: &mut Request<B>, proto: Proto, scheme: &str, authority: &str) {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    match proto {
+        Proto::H2 => {
+            if let Ok(uri) = format!("{scheme}://{authority}{pq}").parse::<Uri>() {
+                *req.uri_mut() = uri;
+            }
+            *req.version_mut() = Version::HTTP_2;
+            req.headers_mut().remove(header::HOST);
+            // HTTP/2 allows only `te: trailers`; anything else was stripped already.
+        }
+        Proto::H1 => {
+            if let Ok(uri) = pq.parse::<Uri>() {
+                *req.uri_mut() = uri;
+            }
+            *req.version_mut() = Version::HTTP_11;
+            if let Ok(v) = HeaderValue::from_str(authority) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
     }
 }

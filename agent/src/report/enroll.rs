@@ -13,7 +13,10 @@ use http::{HeaderMap, Method, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use sluice_protocol::{EnrollRequest, EnrollResponse};
 
-use super::{ReportError, client::CollectorClient};
+use super::{
+    ReportError,
+    client::{self as collector_client, MAX_ANSWER},
+};
 
 /// The enrollment path.
 pub const ENROLL_PATH: &str = "/api/v1/enroll";
@@ -125,7 +128,7 @@ pub async fn enroll(
         })?),
         None => None,
     };
-    let mut client = CollectorClient::new(collector, ca.as_deref())?;
+    let mut client = collector_client::collector(collector, ca.as_deref())?;
     let hostname = super::convert::DeviceInfo::local("").hostname;
     let req = EnrollRequest {
         token: token.trim().to_owned(),
@@ -145,6 +148,7 @@ pub async fn enroll(
             headers,
             Bytes::from(body),
             Duration::from_secs(30),
+            MAX_ANSWER,
         )
         .await?;
     if answer.status != StatusCode::OK {

@@ -22,9 +22,10 @@ use sluice_protocol::{BATCH_HEADER, IngestResponse};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    client::{CollectorClient, header_value},
+    client::{self as collector_client, MAX_ANSWER},
     spool::{Batch, SpoolReader},
 };
+use crate::client::{Client, header_value};
 
 /// The ingestion path.
 pub const EVENTS_PATH: &str = "/api/v1/events";
@@ -169,7 +170,7 @@ impl Shipper {
 
     /// Ships until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut client: Option<CollectorClient> = None;
+        let mut client: Option<Client> = None;
         let mut queue: std::collections::VecDeque<Batch> = Default::default();
         let mut failures = 0u64;
         loop {
@@ -219,7 +220,7 @@ impl Shipper {
                 }
             };
             if client.is_none() {
-                match CollectorClient::new(
+                match collector_client::collector(
                     &self.settings.collector,
                     self.settings.collector_ca.as_deref(),
                 ) {
@@ -333,7 +334,7 @@ impl Shipper {
         false
     }
 
-    async fn send(&self, client: &mut CollectorClient, batch: &Batch, credential: &str) -> Outcome {
+    async fn send(&self, client: &mut Client, batch: &Batch, credential: &str) -> Outcome {
         let id = batch.id(&self.settings.agent_id);
         let body = {
             let b = batch.clone();
@@ -371,6 +372,7 @@ impl Shipper {
                 headers,
                 body,
                 self.settings.timeout,
+                MAX_ANSWER,
             )
             .await
         {

@@ -56,6 +56,11 @@ pub(super) struct Taken {
     pub(super) kind: Kind,
     pub(super) activity: Activity,
     pub(super) decided: Decided,
+    /// Taken on the request head without the file the response may bring: a session decision
+    /// taken on the body supersedes it.
+    pub(super) provisional: bool,
+    /// A later session decision replaced this one (its matches still count).
+    pub(super) superseded: bool,
 }
 
 /// The index of the most restrictive decision (the first of equals); `None` for none.
@@ -193,12 +198,31 @@ pub(super) struct Record {
 }
 
 impl Record {
-    /// Keeps a decision.
+    /// Keeps a decision. A session decision replaces the provisional ones taken before it.
     pub(super) fn take(&mut self, kind: Kind, activity: Activity, decided: &Decided) {
+        if kind == Kind::Session {
+            for t in self.taken.iter_mut().filter(|t| t.provisional) {
+                t.superseded = true;
+            }
+        }
         self.taken.push(Taken {
             kind,
             activity,
             decided: decided.clone(),
+            provisional: false,
+            superseded: false,
+        });
+    }
+
+    /// Keeps a session decision taken on the request head alone (it blocks at once; otherwise a
+    /// decision on the body, when one comes, replaces it).
+    pub(super) fn take_provisional(&mut self, activity: Activity, decided: &Decided) {
+        self.taken.push(Taken {
+            kind: Kind::Session,
+            activity,
+            decided: decided.clone(),
+            provisional: true,
+            superseded: false,
         });
     }
 

@@ -110,7 +110,7 @@ impl Flow for Request {
                 PolicySet::generic_activity(&cx.method, None, false, None, None)
             });
             let d = cx.decide_file(activity, None, &Dlp::new());
-            self.rec.take(Kind::Session, activity, &d);
+            self.rec.take_provisional(activity, &d);
             if d.action == Action::Block {
                 return HeadVerdict::Respond(cx.block_page(&d, cx.defined_name.as_deref()));
             }
@@ -194,7 +194,9 @@ impl Flow for Request {
 }
 
 /// The activity event, built once from the decisions taken, in order: a later decision replaces
-/// the one standing when it is at least as restrictive, or when the standing one named no policy.
+/// the one standing when it is at least as restrictive, or when the standing one named no policy;
+/// a provisional decision on the head that a decision on the body superseded only adds its
+/// matches (the event says what was done with the file, not what the head alone suggested).
 fn event(cx: Context, rec: Record, ended: Ended) -> ActivityEvent {
     let mut activity = cx.defined.unwrap_or(Activity::Other);
     let mut action = Action::Allow;
@@ -204,7 +206,7 @@ fn event(cx: Context, rec: Record, ended: Ended) -> ActivityEvent {
     for t in &rec.taken {
         activity = t.activity;
         let d = &t.decided;
-        if d.action >= action || policy.is_none() {
+        if !t.superseded && (d.action >= action || policy.is_none()) {
             action = d.action;
             policy = d.policy.clone();
             decided_by = t.kind;

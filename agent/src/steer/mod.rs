@@ -38,9 +38,7 @@ use sluice_common::{
     COUNTER_COUNT, FAIL_CLOSED, FAIL_OPEN, Origin, PeerKey, PortSet, SteerConfig, counter,
 };
 
-use sluice_policy::model::FailMode;
-
-use crate::config::{SteerRule, SteerSettings};
+use crate::config::{FailMode, SteerRule, SteerSettings};
 
 pub use process::ProcessInfo;
 
