@@ -209,16 +209,7 @@ pub fn now_ms() -> i64 {
 
 /// Lower-case hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data))
 }
 
 /// `prefix` followed by 32 random bytes in hex: tokens, credentials.
@@ -226,7 +217,7 @@ pub fn random_secret(prefix: &str) -> Result<String, StoreError> {
     let mut b = [0u8; 32];
     aws_lc_rs::rand::fill(&mut b)
         .map_err(|_| StoreError::Invalid("the system random generator failed".into()))?;
-    Ok(format!("{prefix}{}", hex(&b)))
+    Ok(format!("{prefix}{}", hex::encode(b)))
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {

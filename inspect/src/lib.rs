@@ -395,11 +395,7 @@ pub const MAX_TEXT_CHARS: usize = 16 * 1024 * 1024;
 
 /// SHA-256 of `bytes`, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes))
 }
 
 /// Inspects one file held in memory: type, hash, labels, DLP. Never fails: what cannot be read

@@ -388,27 +388,14 @@ fn split_params(s: &str, strict_escapes: bool) -> Option<(String, Vec<(String, S
 /// Percent-decoding; `plus_is_space` for form encoding. A `%` not followed by two hex digits
 /// stays as it is.
 pub fn percent_decode(s: &[u8], plus_is_space: bool) -> Vec<u8> {
-    let hex = |c: u8| (c as char).to_digit(16);
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while let Some(&c) = s.get(i) {
-        match c {
-            b'%' => {
-                let hi = s.get(i + 1).and_then(|&h| hex(h));
-                let lo = s.get(i + 2).and_then(|&l| hex(l));
-                if let (Some(hi), Some(lo)) = (hi, lo) {
-                    out.push((hi * 16 + lo) as u8);
-                    i += 3;
-                    continue;
-                }
-                out.push(c);
-            }
-            b'+' if plus_is_space => out.push(b' '),
-            _ => out.push(c),
-        }
-        i += 1;
+    if plus_is_space && s.contains(&b'+') {
+        let spaced: Vec<u8> = s
+            .iter()
+            .map(|&c| if c == b'+' { b' ' } else { c })
+            .collect();
+        return percent_encoding::percent_decode(&spaced).collect();
     }
-    out
+    percent_encoding::percent_decode(s).collect()
 }
 
 /// Fields of an `application/x-www-form-urlencoded` body, in order: `+` is a space, `%XX` is a

@@ -276,7 +276,8 @@ fn globs() {
 fn the_catalogue_identifies_users_by_verified_tokens_and_maps_activities() {
     use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 
-    use crate::bundle::jws::{b64url, pem_decode};
+    use crate::bundle::jws::b64url;
+    use rustls_pki_types::{PrivatePkcs8KeyDer, pem::PemObject as _};
     let set = PolicySet::compile("1", &default_bundle()).expect("compiles");
     let pem = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/demo-idp.key"),
@@ -284,7 +285,9 @@ fn the_catalogue_identifies_users_by_verified_tokens_and_maps_activities() {
     .expect("key");
     let key = EcdsaKeyPair::from_pkcs8(
         &ECDSA_P256_SHA256_FIXED_SIGNING,
-        &pem_decode(&pem, "PRIVATE KEY").expect("pem"),
+        PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
+            .expect("pem")
+            .secret_pkcs8_der(),
     )
     .expect("pkcs8");
     let now = 1_800_000_000u64;

@@ -58,9 +58,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::ServerConfig;
+use rustls_pki_types::PrivatePkcs8KeyDer;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use sha2::{Digest as _, Sha256};
-use sluice_policy::bundle::jws::{b64url, b64url_decode, pem_decode};
+use sluice_policy::bundle::jws::{b64url, b64url_decode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -595,10 +596,13 @@ fn now_ms() -> u64 {
 
 impl State {
     fn new(opts: &DemoOptions) -> Result<Self> {
-        let der = pem_decode(&opts.signing_key_pem, "PRIVATE KEY")
-            .ok_or_else(|| anyhow!("the signing key is not a PRIVATE KEY PEM"))?;
-        let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &der)
-            .map_err(|e| anyhow!("the signing key is not a P-256 PKCS#8 key: {e}"))?;
+        let der = PrivatePkcs8KeyDer::from_pem_slice(opts.signing_key_pem.as_bytes())
+            .map_err(|e| anyhow!("the signing key is not a PRIVATE KEY PEM: {e}"))?;
+        let key = EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            der.secret_pkcs8_der(),
+        )
+        .map_err(|e| anyhow!("the signing key is not a P-256 PKCS#8 key: {e}"))?;
         let public = key.public_key().as_ref().to_vec();
         if opts.users.is_empty() {
             bail!("the demo app needs at least one user");
@@ -1745,28 +1749,23 @@ fn files_page(state: &State, user: &DemoUser) -> String {
 /// Decodes `%XX` escapes (and `+` as a space in form values); `None` on a bad escape or
 /// invalid UTF-8.
 pub fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = b.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' if plus_is_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
+    let escapes_ok = s.split('%').skip(1).all(|rest| {
+        rest.as_bytes()
+            .get(..2)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return None;
     }
-    String::from_utf8(out).ok()
+    let text = if plus_is_space {
+        s.replace('+', " ")
+    } else {
+        s.to_owned()
+    };
+    percent_encoding::percent_decode_str(&text)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 /// The file name to store: the last path component (browsers of old sent whole paths), not

@@ -82,7 +82,7 @@ pub fn pattern_sha256(n: u64) -> String {
 
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// `Sec-WebSocket-Accept` for a key (RFC 6455: base64(SHA-1(key + GUID))).

@@ -6,6 +6,11 @@
 //! algorithm (`none`, `HS256` with the public key as a secret, ...) is refused.
 
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair as _};
+use base64::{
+    Engine as _, alphabet,
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+};
+use rustls_pki_types::{PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer, pem::PemObject as _};
 
 /// Errors of signing and verification.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,63 +29,39 @@ pub enum JwsError {
     Key(String),
 }
 
-const URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-const STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-fn encode(data: &[u8], table: &[u8; 64], pad: bool) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(char::from(table[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else if pad {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn decode(text: &str, table: &[u8; 64]) -> Option<Vec<u8>> {
-    let text = text.trim_end_matches('=');
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for b in text.bytes() {
-        let v = table.iter().position(|t| *t == b)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    // Leftover bits must be zero padding of a canonical encoding.
-    (acc == 0 && bits < 6).then_some(out)
-}
+/// Decoding accepts padding or none (JWTs and keys in the wild differ); trailing bits must be
+/// zero, so every value has one encoding.
+const URL: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+const STD: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// base64url without padding.
 pub fn b64url(data: &[u8]) -> String {
-    encode(data, URL, false)
+    URL.encode(data)
 }
 
 /// Decodes base64url (padding tolerated).
 pub fn b64url_decode(text: &str) -> Option<Vec<u8>> {
-    decode(text, URL)
+    URL.decode(text).ok()
 }
 
 /// Standard base64 with padding (PEM bodies).
 pub fn b64(data: &[u8]) -> String {
-    encode(data, STD, true)
+    STD.encode(data)
 }
 
 /// Decodes standard base64.
 pub fn b64_decode(text: &str) -> Option<Vec<u8>> {
-    decode(text, STD)
+    STD.decode(text).ok()
 }
 
 /// A PEM block.
@@ -93,19 +74,6 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
-}
-
-/// The DER inside the first PEM block labelled `label`.
-pub fn pem_decode(text: &str, label: &str) -> Option<Vec<u8>> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let start = text.find(&begin)? + begin.len();
-    let stop = start + text[start..].find(&end)?;
-    let body: String = text[start..stop]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    b64_decode(&body)
 }
 
 /// A signing key (PKCS#8 P-256).
@@ -138,9 +106,9 @@ impl SigningKey {
 
     /// From a PEM file's text.
     pub fn from_pem(text: &str) -> Result<Self, JwsError> {
-        let der = pem_decode(text, "PRIVATE KEY")
-            .ok_or_else(|| JwsError::Key("no PRIVATE KEY PEM block".into()))?;
-        Self::from_pkcs8(&der)
+        let der = PrivatePkcs8KeyDer::from_pem_slice(text.as_bytes())
+            .map_err(|e| JwsError::Key(format!("no PRIVATE KEY PEM block: {e}")))?;
+        Self::from_pkcs8(der.secret_pkcs8_der())
     }
 
     /// The public key as SubjectPublicKeyInfo DER.
@@ -173,9 +141,9 @@ pub struct VerifyingKey(Vec<u8>);
 impl VerifyingKey {
     /// From a PEM file's text (`PUBLIC KEY`).
     pub fn from_pem(text: &str) -> Result<Self, JwsError> {
-        let der = pem_decode(text, "PUBLIC KEY")
-            .ok_or_else(|| JwsError::Key("no PUBLIC KEY PEM block".into()))?;
-        Ok(Self(der))
+        let der = SubjectPublicKeyInfoDer::from_pem_slice(text.as_bytes())
+            .map_err(|e| JwsError::Key(format!("no PUBLIC KEY PEM block: {e}")))?;
+        Ok(Self(der.as_ref().to_vec()))
     }
 
     /// From SPKI DER.

@@ -17,6 +17,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use sluice_inspect::sha256_hex;
+
 use self::jws::{SigningKey, VerifyingKey};
 
 /// The manifest file name.
@@ -129,14 +131,6 @@ pub struct Verified {
     pub files: BTreeMap<String, Vec<u8>>,
     /// The key id the signature named.
     pub key_id: Option<String>,
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Normalises and checks an archive path: relative, no `..`, no empty or `.` parts.
