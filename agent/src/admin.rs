@@ -24,6 +24,24 @@ pub struct AdminState {
     pub bundle: Option<Arc<std::sync::Mutex<crate::bundle::BundleStatus>>>,
     /// Reporting (spool and shipping), when a collector is configured.
     pub report: Option<crate::report::ReportHandle>,
+    /// Configuration reloads (SIGHUP).
+    pub reloads: Arc<ReloadStats>,
+}
+
+/// Configuration reloads: applied, and refused (a broken file, a steering or catalogue change
+/// that could not be applied; the running configuration stays).
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Reloads applied.
+    pub applied: std::sync::atomic::AtomicU64,
+    /// Reloads refused.
+    pub refused: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Serialize)]
+struct Reloads {
+    applied: u64,
+    refused: u64,
 }
 
 #[derive(Serialize)]
@@ -35,6 +53,7 @@ struct Status {
     proxy: crate::proxy::ProxyStatsSnapshot,
     bundle: Option<crate::bundle::BundleStatus>,
     report: Option<crate::report::ReportStatus>,
+    reloads: Reloads,
 }
 
 impl AdminState {
@@ -59,6 +78,16 @@ impl AdminState {
                 .as_ref()
                 .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             report: self.report.as_ref().map(|r| r.snapshot()),
+            reloads: Reloads {
+                applied: self
+                    .reloads
+                    .applied
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                refused: self
+                    .reloads
+                    .refused
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            },
         }
     }
 

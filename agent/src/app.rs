@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    admin::{Admin, AdminState},
+    admin::{Admin, AdminState, ReloadStats},
     config::Config,
     proxy::{
         Proxy, ProxyStats, Shared,
@@ -87,6 +87,8 @@ async fn supervise(
         Some(d) => Arc::new(Controls::new(d.active(), config.device.posture)),
         None => Arc::new(PassThrough),
     };
+    let active = dist.as_ref().map(|d| d.active());
+    let reloads = Arc::new(ReloadStats::default());
     let mut proxy_shared = None;
     if let Some(steering) = &steering {
         let shared = Arc::new(build_proxy(
@@ -116,12 +118,9 @@ async fn supervise(
     if let Some(mut dist) = dist.take() {
         if let Some(shared) = proxy_shared.clone() {
             // A bundle with a catalogue decides which hosts are intercepted from then on.
-            let reject = config.proxy.reject_hosts.clone();
+            let (local, reject) = (config.apps.clone(), config.proxy.reject_hosts.clone());
             dist = dist.on_activate(Box::new(move |set| {
-                if set.apps.is_empty() {
-                    return;
-                }
-                match Catalog::from_bundle(set, &reject) {
+                match Catalog::in_force(&local, Some(set), &reject) {
                     Ok(c) => shared.catalog.store(Arc::new(c)),
                     Err(e) => tracing::error!(error = %e, "bundle catalogue not applied"),
                 }
@@ -144,6 +143,7 @@ async fn supervise(
             proxy: stats.clone(),
             bundle: bundle_status,
             report: report_handle,
+            reloads: reloads.clone(),
         },
     )
     .await
@@ -159,7 +159,17 @@ async fn supervise(
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break Ok(()); }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); break Ok(()); }
-            _ = hup.recv() => reload(config_path, config, steering.as_deref(), proxy_shared.as_deref()),
+            _ = hup.recv() => {
+                let applied = reload(
+                    config_path,
+                    config,
+                    steering.as_deref(),
+                    proxy_shared.as_deref(),
+                    active.as_ref().and_then(|a| a.load_full()).as_deref(),
+                );
+                let counter = if applied { &reloads.applied } else { &reloads.refused };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
             done = tasks.join_next() => {
                 // A supervised task never ends on its own while running: treat it as fatal.
                 break match done {
@@ -269,8 +279,8 @@ fn build_proxy(
         CacheLimits::default(),
         vec![b"h2".to_vec(), b"http/1.1".to_vec()],
     );
-    let catalog =
-        Catalog::new(&config.apps, &config.proxy.reject_hosts).map_err(anyhow::Error::msg)?;
+    let catalog = Catalog::in_force(&config.apps, None, &config.proxy.reject_hosts)
+        .map_err(anyhow::Error::msg)?;
     let roots = crate::trust::root_store(
         !config.tls.no_bundled_roots,
         !config.tls.no_system_roots,
@@ -327,32 +337,38 @@ async fn heartbeat(
 }
 
 /// Re-reads the config; applies what can change at runtime (steering set, fail mode, the app
-/// catalogue and reject list). A broken file is reported and the running configuration kept.
-fn reload(path: &Path, running: &Config, steering: Option<&Steering>, proxy: Option<&Shared>) {
+/// catalogue and reject list; an active bundle's catalogue stays in force over the config's).
+/// A broken file is reported and the running configuration kept: false.
+fn reload(
+    path: &Path,
+    running: &Config,
+    steering: Option<&Steering>,
+    proxy: Option<&Shared>,
+    bundle: Option<&sluice_policy::PolicySet>,
+) -> bool {
     let next = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: config not reloaded, keeping the running one");
-            return;
+            return false;
         }
     };
     if let Some(s) = steering {
         if let Err(e) = s.set_rules(&next.steer.include, &next.steer.exclude) {
             tracing::error!(error = %e, "SIGHUP: steering set not updated");
-            return;
+            return false;
         }
         if let Err(e) = s.set_fail_mode(next.steer.fail_mode, next.steer.heartbeat_bound()) {
             tracing::error!(error = %e, "SIGHUP: fail mode not updated");
-            return;
+            return false;
         }
     }
-    // With policy bundles configured, the bundle's catalogue is the one in force.
-    if let Some(p) = proxy.filter(|_| next.bundle.is_none()) {
-        match Catalog::new(&next.apps, &next.proxy.reject_hosts) {
+    if let Some(p) = proxy {
+        match Catalog::in_force(&next.apps, bundle, &next.proxy.reject_hosts) {
             Ok(c) => p.catalog.store(Arc::new(c)),
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: app catalogue not updated");
-                return;
+                return false;
             }
         }
     }
@@ -360,6 +376,7 @@ fn reload(path: &Path, running: &Config, steering: Option<&Steering>, proxy: Opt
         tracing::warn!("SIGHUP: proxy.port and steer.cgroup changes need a restart");
     }
     tracing::info!("SIGHUP: configuration reloaded");
+    true
 }
 
 /// Sends a state line to systemd when run as a `Type=notify` service.

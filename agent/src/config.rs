@@ -7,6 +7,7 @@ use std::{path::PathBuf, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer};
 use sluice_net::Cidr;
+use sluice_policy::model::App;
 
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +53,11 @@ pub struct Config {
     #[serde(default)]
     pub tls: TlsSettings,
     /// The app catalogue: which hosts are intercepted. Hosts of no app are spliced untouched.
+    /// The same type as a bundle's `catalog.yaml` entries; locally only `id`, `name`, `hosts`
+    /// and `do_not_inspect` may be set (what depends on policies comes with the bundle), and an
+    /// active bundle's catalogue replaces these.
     #[serde(default)]
-    pub apps: Vec<AppSettings>,
+    pub apps: Vec<App>,
     /// Where signed policy bundles come from (absent: no policies).
     #[serde(default)]
     pub bundle: Option<BundleSettings>,
@@ -247,23 +251,6 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("ca/ca.key"))
     }
-}
-
-/// `[[apps]]`: one catalogued app.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AppSettings {
-    /// Stable identifier used in records and events.
-    pub id: String,
-    /// Display name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Host patterns: `files.example.com`, `*.example.com` (any subdomain, not the apex), or an
-    /// IP address for clients that connect without a name.
-    pub hosts: Vec<String>,
-    /// Hosts of this app that are never decrypted (spliced), e.g. pinned API endpoints.
-    #[serde(default)]
-    pub do_not_inspect: Vec<String>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -732,6 +719,24 @@ impl Config {
                 sluice_net::HostPattern::parse(h)
                     .map_err(|e| ConfigError::Invalid(format!("apps.{}: {e}", app.id)))?;
             }
+            let bundle_only = [
+                ("identity", app.identity.is_some()),
+                ("inspect_max_bytes", app.inspect_max_bytes.is_some()),
+                ("not_inspectable", app.not_inspectable.is_some()),
+                ("activities", !app.activities.is_empty()),
+            ];
+            if let Some((field, _)) = bundle_only.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::Invalid(format!(
+                    "apps.{}.{field}: set in a policy bundle's catalog.yaml, not in the agent's \
+                     config (it only applies with the bundle's policies)",
+                    app.id
+                )));
+            }
+        }
+        if self.proxy.inspect_budget_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "proxy.inspect_budget_bytes must be at least 1024".into(),
+            ));
         }
         for h in &self.proxy.reject_hosts {
             sluice_net::HostPattern::parse(h)
@@ -818,6 +823,15 @@ mod tests {
                 "must be an https:// URL",
             ),
             ("[report]\nspool_max_bytes = 4096", "at least two segments"),
+            (
+                "[[apps]]\nid = \"f\"\nhosts = [\"f.test\"]\nnot_inspectable = \"block\"",
+                "apps.f.not_inspectable: set in a policy bundle",
+            ),
+            (
+                "[[apps]]\nid = \"f\"\nhosts = [\"f.test\"]\nfail_mode = \"closed\"",
+                "unknown field",
+            ),
+            ("[proxy]\ninspect_budget_bytes = 0", "inspect_budget_bytes"),
         ] {
             let err = Config::parse(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");

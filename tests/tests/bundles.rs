@@ -105,12 +105,18 @@ async fn long_polling_delivers_a_new_revision_at_once_and_refusals_keep_the_last
     })
     .await;
     assert_eq!(d.active().load().as_ref().map(|s| s.len()), Some(10));
-    // The agent is now parked in a long poll; a new revision arrives as soon as it is published.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let requests = server
-        .state
-        .requests
-        .load(std::sync::atomic::Ordering::Relaxed);
+    // The agent parks in a long poll (its second request, counted by the agent and the server);
+    // a new revision arrives as soon as it is published.
+    until("the long poll", Duration::from_secs(3), || {
+        server
+            .state
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 2
+    })
+    .await;
+    assert_eq!(d.status().lock().expect("lock").polls, 2);
+    let requests = 2;
     server.publish(bytes(&signed(&k.key, "2")));
     let took = until("revision 2", Duration::from_secs(3), || {
         revision(&d).as_deref() == Some("2")

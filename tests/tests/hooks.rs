@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, request, response};
 use sluice::{
     admin::{Admin, AdminState},
-    config::{AppSettings, ProxySettings},
+    config::ProxySettings,
     event::ActivityEvent,
     proxy::{
         OriginSource, Proxy, ProxyStats, Shared,
@@ -232,16 +232,9 @@ impl Rig {
         let port = settings.port;
         let reporter = Arc::new(Collect::default());
         let (finished, gate) = (Arc::new(AtomicU64::new(0)), Arc::new(Gate::default()));
-        let catalog = Catalog::new(
-            &[AppSettings {
-                id: "demo".into(),
-                name: None,
-                hosts: vec!["good.test".into()],
-                do_not_inspect: vec![],
-            }],
-            &[],
-        )
-        .expect("catalog");
+        let app: sluice_policy::model::App =
+            serde_norway::from_str("id: demo\nhosts: [good.test]\n").expect("app");
+        let catalog = Catalog::new([&app], &[]).expect("catalog");
         let stats = Arc::new(ProxyStats::default());
         let shared = Arc::new(Shared::new(
             Arc::new(Fixed(origin.addr)),
@@ -459,6 +452,7 @@ fn parked_inspections_stall_neither_requests_nor_admin() {
                 proxy: rig.stats.clone(),
                 bundle: None,
                 report: None,
+                reloads: Default::default(),
             },
         ))
         .expect("admin binds");

@@ -718,7 +718,13 @@ fn sighup_reloads_the_app_catalogue_without_a_restart() {
         nix::sys::signal::Signal::SIGHUP,
     )
     .expect("SIGHUP");
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        wait_until(Duration::from_secs(5), || e.status()["reloads"]["refused"]
+            == 1),
+        "the broken file is refused: {}",
+        e.status()
+    );
+    assert_eq!(e.status()["reloads"]["applied"], 1);
     e.curl(
         &e.sluice_ca,
         &["-o", "/dev/null", &e.url("splice.test", "/hello")],

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use sluice_net::HostPattern;
 
-use crate::config::AppSettings;
+use sluice_policy::{PolicySet, model::App as CatalogApp};
 
 /// One catalogued app, compiled.
 #[derive(Debug)]
@@ -64,16 +64,22 @@ impl SpliceReason {
 }
 
 impl Catalog {
-    /// Compiles the configured apps (patterns were validated with the config).
-    pub fn new(apps: &[AppSettings], reject: &[String]) -> Result<Self, String> {
+    /// Compiles catalogue entries (a bundle's or the config's) and the reject list.
+    pub fn new<'a>(
+        apps: impl IntoIterator<Item = &'a CatalogApp>,
+        reject: &[String],
+    ) -> Result<Self, String> {
         let parse_all = |v: &[String]| {
             v.iter()
                 .map(|h| HostPattern::parse(h))
                 .collect::<Result<Vec<_>, _>>()
         };
+        let mut apps: Vec<&CatalogApp> = apps.into_iter().collect();
+        // Apps are tried in id order, whichever order their source keeps them in.
+        apps.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Self {
             apps: apps
-                .iter()
+                .into_iter()
                 .map(|a| {
                     Ok(Arc::new(App {
                         id: a.id.clone(),
@@ -87,20 +93,17 @@ impl Catalog {
         })
     }
 
-    /// The catalogue of an active policy bundle, which replaces the configuration's apps.
-    pub fn from_bundle(set: &sluice_policy::PolicySet, reject: &[String]) -> Result<Self, String> {
-        let mut apps: Vec<AppSettings> = set
-            .apps
-            .values()
-            .map(|a| AppSettings {
-                id: a.app.id.clone(),
-                name: a.app.name.clone(),
-                hosts: a.app.hosts.clone(),
-                do_not_inspect: a.app.do_not_inspect.clone(),
-            })
-            .collect();
-        apps.sort_by(|a, b| a.id.cmp(&b.id));
-        Self::new(&apps, reject)
+    /// The catalogue in force: an active bundle's when it catalogues any app, else the config's
+    /// `local` apps; `reject` either way.
+    pub fn in_force(
+        local: &[CatalogApp],
+        bundle: Option<&PolicySet>,
+        reject: &[String],
+    ) -> Result<Self, String> {
+        match bundle.filter(|s| !s.apps.is_empty()) {
+            Some(set) => Self::new(set.apps.values().map(|a| &a.app), reject),
+            None => Self::new(local, reject),
+        }
     }
 
     /// The decision for a connection to `host` (lower-case SNI, Host, or destination IP literal).
@@ -128,13 +131,9 @@ impl Catalog {
 mod tests {
     use super::*;
 
-    fn app(id: &str, hosts: &[&str], dni: &[&str]) -> AppSettings {
-        AppSettings {
-            id: id.into(),
-            name: None,
-            hosts: hosts.iter().map(|s| s.to_string()).collect(),
-            do_not_inspect: dni.iter().map(|s| s.to_string()).collect(),
-        }
+    fn app(id: &str, hosts: &[&str], dni: &[&str]) -> CatalogApp {
+        let yaml = format!("id: {id}\nhosts: {hosts:?}\ndo_not_inspect: {dni:?}\n");
+        serde_norway::from_str(&yaml).expect("app")
     }
 
     #[test]
