@@ -213,24 +213,31 @@ impl Distributor {
 
     /// Runs until `shutdown`: loads the last good bundle, then fetches (or loads the file).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.load_last_good();
+        // Reading, verifying and compiling a bundle parses a tarball and YAML: off the async
+        // workers, like every parser of the agent.
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.load_last_good()).await;
         if let Some(file) = self.settings.file.clone() {
-            // A directory is packed as it stands; it must carry its own .signatures.json.
-            let read = if file.is_dir() {
-                Archive::from_dir(&file)
-                    .and_then(|a| a.write())
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            } else {
-                std::fs::read(&file)
-            };
-            match read {
-                Ok(bytes) => {
-                    if let Err(e) = self.activate(&bytes, "file", None, true) {
-                        self.set_error(&format!("{}: {e}", file.display()), true);
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                // A directory is packed as it stands; it must carry its own .signatures.json.
+                let read = if file.is_dir() {
+                    Archive::from_dir(&file)
+                        .and_then(|a| a.write())
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                } else {
+                    std::fs::read(&file)
+                };
+                match read {
+                    Ok(bytes) => {
+                        if let Err(e) = me.activate(&bytes, "file", None, true) {
+                            me.set_error(&format!("{}: {e}", file.display()), true);
+                        }
                     }
+                    Err(e) => me.set_error(&format!("{}: {e}", file.display()), false),
                 }
-                Err(e) => self.set_error(&format!("{}: {e}", file.display()), false),
-            }
+            })
+            .await;
             shutdown.cancelled().await;
             return Ok(());
         }
@@ -294,7 +301,7 @@ impl Distributor {
         Ok(guard)
     }
 
-    async fn fetch_once(&self) -> Result<Fetched, BundleError> {
+    async fn fetch_once(self: &Arc<Self>) -> Result<Fetched, BundleError> {
         let url = self
             .settings
             .url
@@ -370,7 +377,10 @@ impl Distributor {
             .get(http::header::ETAG)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        self.activate(&answer.body, "url", etag, true)?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.activate(&answer.body, "url", etag, true))
+            .await
+            .map_err(|e| BundleError::Io(format!("activating the bundle: {e}")))??;
         Ok(Fetched::Activated)
     }
 }

@@ -19,7 +19,7 @@ use http_body_util::BodyExt as _;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::sync::mpsc;
 
-use crate::{Collector, query::Compiled, server::BoxBody, store::EventRow};
+use crate::{Collector, query::Compiled, store::EventRow, web::BoxBody};
 
 /// Export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,14 +16,15 @@
 //!   [`store::Store::stats`]); every store call blocks, so call it from
 //!   `tokio::task::spawn_blocking`. `collector.config` is the parsed [`config::Config`].
 //! - [`query::parse`] / [`query::Query::compile`]: the query language, errors with positions.
-//! - [`server::BoxBody`] (`http_body_util::combinators::BoxBody<Bytes, std::io::Error>`, `Send +
-//!   Sync`), [`server::not_found`], [`server::problem`], [`server::full`], [`server::json`]:
+//! - [`web::BoxBody`] (`http_body_util::combinators::BoxBody<Bytes, std::io::Error>`, `Send +
+//!   Sync`), [`web::not_found`], [`web::problem`], [`web::full`], [`web::json`]:
 //!   response helpers.
 //! - [`Collector::publish_bundle`]: verify and publish a signed bundle (wakes long polls).
 //! - `portal::MIGRATIONS` run after the store's own, recorded by name; `portal::handle` serves
 //!   every request whose path does not start with `/api/`; `portal::set_admin_password` is called
 //!   by `sluice-collector init`; `portal::session_user` authenticates the query API by cookie.
 
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod export;
@@ -33,6 +34,7 @@ pub mod query;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod web;
 
 use std::{
     path::PathBuf,
@@ -45,7 +47,10 @@ use std::{
 
 use sluice_policy::bundle::{Archive, Limits as BundleLimits, jws::VerifyingKey};
 
-pub use crate::{config::Config, store::Store};
+pub use crate::{
+    config::Config,
+    store::{Published, Store, valid_group},
+};
 
 /// Errors of the collector's library entry points.
 #[derive(Debug, thiserror::Error)]
@@ -127,29 +132,6 @@ pub struct Collector {
     pub started: Instant,
 }
 
-/// A published bundle's identity.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Published {
-    /// Row id.
-    pub id: i64,
-    /// Agent group.
-    pub group: String,
-    /// Manifest revision.
-    pub revision: String,
-    /// ETag (quoted).
-    pub etag: String,
-    /// Size in bytes.
-    pub bytes: u64,
-}
-
-/// Whether `g` is an acceptable agent group name.
-pub fn valid_group(g: &str) -> bool {
-    !g.is_empty()
-        && g.len() <= 64
-        && g.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 impl Collector {
     /// Opens the store under the configured state directory (created 0700 when missing, running
     /// migrations) and prepares the forwarders' queues (their tasks start with
@@ -170,7 +152,7 @@ impl Collector {
             // The mode given to `create` is masked by the umask.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
-        let store = Store::open(&config.db_path())?;
+        let store = Store::open_with(&config.db_path(), portal::MIGRATIONS)?;
         Ok(Self::with_store(store, config))
     }
 

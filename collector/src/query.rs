@@ -127,7 +127,7 @@ impl Compiled {
 
 /// Parses `text` with "now" taken from the clock.
 pub fn parse(text: &str) -> Result<Query, QueryError> {
-    parse_at(text, crate::store::now_ms())
+    parse_at(text, crate::clock::now_ms())
 }
 
 struct Lexer<'a> {

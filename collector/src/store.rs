@@ -41,14 +41,13 @@
 use std::{
     path::{Path, PathBuf},
     sync::Mutex,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use rusqlite::{Connection, OptionalExtension as _, params, types::Value};
 use serde::Serialize;
 use sluice_protocol::{CLASS_DEVICE_INVENTORY, EnrollResponse, Event};
 
-use crate::{Published, query::Compiled};
+use crate::query::Compiled;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -199,12 +198,29 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Milliseconds since the Unix epoch now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+pub use crate::clock::now_ms;
+
+/// A published bundle's identity.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Published {
+    /// Row id.
+    pub id: i64,
+    /// Agent group.
+    pub group: String,
+    /// Manifest revision.
+    pub revision: String,
+    /// ETag (quoted).
+    pub etag: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// Whether `g` is an acceptable agent group name.
+pub fn valid_group(g: &str) -> bool {
+    !g.is_empty()
+        && g.len() <= 64
+        && g.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Lower-case hex SHA-256 of `data`.
@@ -597,6 +613,12 @@ impl Store {
     /// Opens (creating if needed) the database at `path`, in WAL mode, and runs the store's and
     /// the portal's migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, &[])
+    }
+
+    /// Opens (creating) the database at `path` and applies the store's migrations, then
+    /// `extra` (another part's tables, e.g. the portal's accounts), each recorded by name.
+    pub fn open_with(path: &Path, extra: &[(&str, &str)]) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
@@ -613,7 +635,7 @@ impl Store {
         // a larger WAL (256 MiB) turns the many rewrites of hot index pages into one.
         writer.pragma_update(None, "wal_autocheckpoint", 65536)?;
         migrate(&mut writer, MIGRATIONS)?;
-        migrate(&mut writer, crate::portal::MIGRATIONS)?;
+        migrate(&mut writer, extra)?;
         Ok(Self {
             path: path.to_owned(),
             writer: Mutex::new(writer),
@@ -900,7 +922,7 @@ impl Store {
     /// Creates a one-time enrollment token for `group`, valid for `ttl_ms`. Returns the token
     /// (only its hash is stored).
     pub fn create_enroll_token(&self, group: &str, ttl_ms: i64) -> Result<String, StoreError> {
-        if !crate::valid_group(group) {
+        if !valid_group(group) {
             return Err(StoreError::Invalid(format!("invalid group name {group:?}")));
         }
         let token = random_secret("sle_")?;

@@ -337,7 +337,10 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("sluice-portal-auth-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        (Store::open(&dir.join("c.db")).unwrap(), dir)
+        (
+            Store::open_with(&dir.join("c.db"), super::super::MIGRATIONS).unwrap(),
+            dir,
+        )
     }
 
     #[test]

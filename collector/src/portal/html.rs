@@ -37,7 +37,7 @@ pub fn url_encode(s: &str) -> String {
 
 /// Decodes a `application/x-www-form-urlencoded` component (`+` is a space); `None` on a bad
 /// escape or invalid UTF-8. The API's own decoder, so the portal and the API read alike.
-pub use crate::server::form_decode as url_decode;
+pub use crate::web::form_decode as url_decode;
 
 /// Parses `a=1&b=2` (a query string or a urlencoded form). Undecodable pairs are skipped; at
 /// most 64 pairs are read.

@@ -32,8 +32,8 @@ use self::{
 };
 use crate::{
     Collector,
-    server::{BoxBody, full},
     store::{Cursor, EventRow, now_ms},
+    web::{BoxBody, full},
 };
 
 /// Portal migrations, run after the store's own (recorded by name).
