@@ -392,15 +392,55 @@ fn conn_record(
     }
 }
 
-/// Handles one accepted connection from start to end.
+/// Handles one accepted connection from start to end: whose it is, who speaks first, what the
+/// first bytes are, and then plain HTTP, TLS interception or a splice.
 pub async fn handle(
     shared: &Arc<Shared>,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
+    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let Some(origin) = claim(shared, peer) else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let hs_timeout = shared.timeout(shared.settings.handshake_timeout_ms);
+    let Some(mut client) = client_speaks_first(shared, client, peer, &origin, hs_timeout).await
+    else {
+        return;
+    };
+    let peeked = tokio::time::timeout(hs_timeout, peek::read_hello(&mut client)).await;
+    let (peeked, prefix) = match peeked {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return bad_hello(shared, peer, &origin, e.to_string()),
+        Err(_) => {
+            return bad_hello(
+                shared,
+                peer,
+                &origin,
+                "no ClientHello within the handshake timeout".into(),
+            );
+        }
+    };
+    let conn = Accepted {
+        shared,
+        client,
+        prefix,
+        peer,
+        origin: Arc::new(origin),
+        hs_timeout,
+    };
+    match peeked {
+        Peeked::NotTls => conn.plain(shutdown).await,
+        Peeked::Tls(hello) => conn.tls(hello, shutdown).await,
+    }
+}
+
+/// The origin record of an accepted connection, claimed once; none (recorded) for a peer
+/// without one or for the agent's own connection.
+fn claim(shared: &Shared, peer: SocketAddr) -> Option<OriginRecord> {
     let stats = &shared.stats;
-    stats.accepted.fetch_add(1, Ordering::Relaxed);
     let Some(origin) = shared.origins.lookup(peer) else {
         stats.no_origin.fetch_add(1, Ordering::Relaxed);
         shared.reporter.connection(conn_record(
@@ -410,7 +450,7 @@ pub async fn handle(
             "no_origin",
             "no steering record for this peer".into(),
         ));
-        return;
+        return None;
     };
     if origin.tgid == shared.own_pid {
         stats.loops.fetch_add(1, Ordering::Relaxed);
@@ -422,14 +462,23 @@ pub async fn handle(
             "loop",
             "the agent's own connection was steered".into(),
         ));
-        return;
+        return None;
     }
-    let _ = client.set_nodelay(true);
-    // A client silent at first is either a server-speaks-first protocol (SMTP, SSH, ...) or a
-    // client that delays its ClientHello, which must not buy it an uninspected connection. So
-    // the origin is dialled and whoever speaks first decides: the server -> splice; the client ->
-    // the normal path (the dialled connection is dropped unused).
-    let hs_timeout = shared.timeout(shared.settings.handshake_timeout_ms);
+    Some(origin)
+}
+
+/// The client connection again when it goes on to the ClientHello. A client silent at first is
+/// either a server-speaks-first protocol (SMTP, SSH, ...) or a client that delays its
+/// ClientHello, which must not buy it an uninspected connection. So the origin is dialled and
+/// whoever speaks first decides: the server -> splice (done here: `None`); the client -> the
+/// normal path (the dialled connection is dropped unused).
+async fn client_speaks_first(
+    shared: &Shared,
+    client: TcpStream,
+    peer: SocketAddr,
+    origin: &OriginRecord,
+    hs_timeout: Duration,
+) -> Option<TcpStream> {
     let mut first = [0u8; 1];
     match tokio::time::timeout(
         shared.timeout(shared.settings.client_first_timeout_ms),
@@ -437,12 +486,10 @@ pub async fn handle(
     )
     .await
     {
-        Ok(Ok(0)) | Ok(Err(_)) => return,
-        Ok(Ok(_)) => {}
+        Ok(Ok(0)) | Ok(Err(_)) => None,
+        Ok(Ok(_)) => Some(client),
         Err(_) => {
-            let Some(upstream) = dial(shared, peer, &origin, None).await else {
-                return;
-            };
+            let upstream = dial(shared, peer, origin, None).await?;
             let (mut a, mut b) = ([0u8; 1], [0u8; 1]);
             let server_first = tokio::time::timeout(hs_timeout, async {
                 tokio::select! {
@@ -458,165 +505,174 @@ pub async fn handle(
                         client,
                         Vec::new(),
                         peer,
-                        &origin,
+                        origin,
                         None,
                         SpliceReason::ServerFirst,
                         Some(upstream),
                     )
                     .await;
-                    return;
+                    None
                 }
-                Ok(Ok((false, n))) if n > 0 => drop(upstream),
-                _ => return,
+                Ok(Ok((false, n))) if n > 0 => Some(client),
+                _ => None,
             }
         }
     }
-    let peeked = tokio::time::timeout(hs_timeout, peek::read_hello(&mut client)).await;
-    let (peeked, prefix) = match peeked {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => return bad_hello(shared, peer, &origin, e.to_string()),
-        Err(_) => {
-            return bad_hello(
+}
+
+/// An accepted connection whose origin is claimed and whose first bytes are read (`prefix`).
+struct Accepted<'a> {
+    shared: &'a Arc<Shared>,
+    client: TcpStream,
+    prefix: Vec<u8>,
+    peer: SocketAddr,
+    origin: Arc<OriginRecord>,
+    hs_timeout: Duration,
+}
+
+impl Accepted<'_> {
+    /// Not TLS: plain HTTP to a catalogued app on a plain-HTTP port is intercepted; anything
+    /// else is spliced.
+    async fn plain(mut self, shutdown: CancellationToken) {
+        let shared = self.shared;
+        if shared
+            .settings
+            .plain_http_ports
+            .contains(&self.origin.dst.port())
+            && read_http_head(
+                &mut self.client,
+                &mut self.prefix,
+                shared.settings.max_header_bytes,
+                self.hs_timeout,
+            )
+            .await
+            && let Some(host) = plain_http_host(&self.prefix)
+            && let Decision::Intercept(app) = shared.catalog.load().decide(&host)
+        {
+            let target = Target {
+                dst: self.origin.dst,
+                name: host.clone(),
+                tls: false,
+                alpn: AlpnOffer::H1,
+            };
+            let sess = Arc::new(http::Session {
+                affinity: shared.upstream.affinity(&target, true),
+                peer: self.peer,
+                origin: self.origin,
+                app,
+                host,
+                target,
+                client_proto: Proto::H1,
+            });
+            shared.stats.intercepted.fetch_add(1, Ordering::Relaxed);
+            serve(
                 shared,
-                peer,
-                &origin,
-                "no ClientHello within the handshake timeout".into(),
-            );
-        }
-    };
-    let origin = Arc::new(origin);
-    let mut prefix = prefix;
-    match peeked {
-        Peeked::NotTls => {
-            if shared
-                .settings
-                .plain_http_ports
-                .contains(&origin.dst.port())
-                && read_http_head(
-                    &mut client,
-                    &mut prefix,
-                    shared.settings.max_header_bytes,
-                    hs_timeout,
-                )
-                .await
-                && let Some(host) = plain_http_host(&prefix)
-                && let Decision::Intercept(app) = shared.catalog.load().decide(&host)
-            {
-                let target = Target {
-                    dst: origin.dst,
-                    name: host.clone(),
-                    tls: false,
-                    alpn: AlpnOffer::H1,
-                };
-                let sess = Arc::new(http::Session {
-                    affinity: shared.upstream.affinity(&target, true),
-                    peer,
-                    origin,
-                    app,
-                    host,
-                    target,
-                    client_proto: Proto::H1,
-                });
-                stats.intercepted.fetch_add(1, Ordering::Relaxed);
-                serve(shared, sess, Rewind::new(prefix, client), shutdown).await;
-                return;
-            }
-            splice_conn(
-                shared,
-                client,
-                prefix,
-                peer,
-                &origin,
-                None,
-                SpliceReason::NotTls,
-                None,
+                sess,
+                Rewind::new(self.prefix, self.client),
+                shutdown,
             )
             .await;
+            return;
         }
-        Peeked::Tls(hello) => {
-            let name = hello
-                .sni
-                .clone()
-                .unwrap_or_else(|| origin.dst.ip().to_string());
-            // Records a connection that ends here, with the ClientHello's server name.
-            let report = |action: &str, reason: String| {
-                shared.reporter.connection(conn_record(
-                    peer,
-                    Some(&origin),
-                    hello.sni.clone(),
-                    action,
-                    reason,
-                ));
-            };
-            match shared.catalog.load().decide(&name) {
-                Decision::Reject => {
-                    stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    report("rejected", "proxy.reject_hosts".into());
-                }
-                Decision::Splice(reason) => {
-                    splice_conn(
-                        shared,
-                        client,
-                        prefix,
-                        peer,
-                        &origin,
-                        hello.sni.clone(),
-                        reason,
-                        None,
-                    )
-                    .await;
-                }
-                Decision::Intercept(app) => {
-                    let config = match shared.leaves.config_for(&name) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::error!(%name, error = %e, "minting a leaf failed");
-                            return report("leaf_failed", e.to_string());
-                        }
-                    };
-                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    let accepted = tokio::time::timeout(
-                        hs_timeout,
-                        acceptor.accept(bufio::ReadAhead::new(Rewind::new(prefix, client))),
-                    )
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "handshake timed out",
-                        ))
-                    });
-                    let tls = match accepted {
-                        Ok(t) => t,
-                        Err(e) => {
-                            stats.tls_failed.fetch_add(1, Ordering::Relaxed);
-                            return report("tls_failed", e.to_string());
-                        }
-                    };
-                    let client_proto = match tls.get_ref().1.alpn_protocol() {
-                        Some(b"h2") => Proto::H2,
-                        _ => Proto::H1,
-                    };
-                    let target = Target {
-                        dst: origin.dst,
-                        name: name.clone(),
-                        tls: true,
-                        alpn: AlpnOffer::from_client(&hello.alpn),
-                    };
-                    let sess = Arc::new(http::Session {
-                        affinity: shared.upstream.affinity(&target, client_proto == Proto::H1),
-                        peer,
-                        origin,
-                        app,
-                        host: name,
-                        target,
-                        client_proto,
-                    });
-                    stats.intercepted.fetch_add(1, Ordering::Relaxed);
-                    serve(shared, sess, bufio::Coalesce::new(tls), shutdown).await;
-                }
+        splice_conn(
+            shared,
+            self.client,
+            self.prefix,
+            self.peer,
+            &self.origin,
+            None,
+            SpliceReason::NotTls,
+            None,
+        )
+        .await;
+    }
+
+    /// TLS: the catalogue decides from the server name (or the destination address without one)
+    /// whether to refuse, splice, or terminate TLS with a minted leaf and serve HTTP.
+    async fn tls(self, hello: peek::ClientHello, shutdown: CancellationToken) {
+        let (shared, stats) = (self.shared, &self.shared.stats);
+        let name = hello
+            .sni
+            .clone()
+            .unwrap_or_else(|| self.origin.dst.ip().to_string());
+        // Records a connection that ends here, with the ClientHello's server name.
+        let report = |action: &str, reason: String| {
+            shared.reporter.connection(conn_record(
+                self.peer,
+                Some(&self.origin),
+                hello.sni.clone(),
+                action,
+                reason,
+            ));
+        };
+        let app = match shared.catalog.load().decide(&name) {
+            Decision::Reject => {
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
+                return report("rejected", "proxy.reject_hosts".into());
             }
-        }
+            Decision::Splice(reason) => {
+                let sni = hello.sni.clone();
+                return splice_conn(
+                    shared,
+                    self.client,
+                    self.prefix,
+                    self.peer,
+                    &self.origin,
+                    sni,
+                    reason,
+                    None,
+                )
+                .await;
+            }
+            Decision::Intercept(app) => app,
+        };
+        let config = match shared.leaves.config_for(&name) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(%name, error = %e, "minting a leaf failed");
+                return report("leaf_failed", e.to_string());
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let accepted = tokio::time::timeout(
+            self.hs_timeout,
+            acceptor.accept(bufio::ReadAhead::new(Rewind::new(self.prefix, self.client))),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "handshake timed out",
+            ))
+        });
+        let tls = match accepted {
+            Ok(t) => t,
+            Err(e) => {
+                stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                return report("tls_failed", e.to_string());
+            }
+        };
+        let client_proto = match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Proto::H2,
+            _ => Proto::H1,
+        };
+        let target = Target {
+            dst: self.origin.dst,
+            name: name.clone(),
+            tls: true,
+            alpn: AlpnOffer::from_client(&hello.alpn),
+        };
+        let sess = Arc::new(http::Session {
+            affinity: shared.upstream.affinity(&target, client_proto == Proto::H1),
+            peer: self.peer,
+            origin: self.origin.clone(),
+            app,
+            host: name,
+            target,
+            client_proto,
+        });
+        stats.intercepted.fetch_add(1, Ordering::Relaxed);
+        serve(shared, sess, bufio::Coalesce::new(tls), shutdown).await;
     }
 }
 
