@@ -27,10 +27,11 @@ use sluice::{
         ca::{self, Ca, CacheLimits, LeafCache},
         catalog::Catalog,
         record::{ConnectionRecord, Reporter, RequestRecord},
-        upstream::{Upstream, root_store},
+        upstream::Upstream,
     },
     session::Controls,
     steer::{OriginRecord, ProcessInfo},
+    trust::root_store,
 };
 use sluice_e2e::{
     TempDir,
@@ -212,7 +213,7 @@ impl Rig {
         std::fs::write(&sluice_ca, ca.cert_pem()).expect("ca pem");
 
         let set = policy_set(extra);
-        let catalog = Catalog::from_bundle(&set, &[]).expect("catalog");
+        let catalog = Catalog::in_force(&[], Some(&set), &[]).expect("catalog");
         let active = Active::default();
         active.store(Some(Arc::new(set)));
 
@@ -776,6 +777,13 @@ fn held_uploads_reach_the_app_only_when_labeled() {
             ev.files[0].not_inspectable,
             Some(sluice_inspect::NotInspectable::Unsupported(_))
         ),
+        "{ev:#?}"
+    );
+    // The event says why for people too.
+    assert!(
+        ev.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("compressed request bodies")),
         "{ev:#?}"
     );
     let up = rig

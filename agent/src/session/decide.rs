@@ -244,6 +244,7 @@ impl Record {
     ) -> BodyVerdict {
         let d = cx.decide_file(activity, Some(&facts), &Dlp::new());
         self.take(Kind::Session, activity, &d);
+        self.note(facts.not_inspectable.as_ref().map(ToString::to_string));
         let name = facts.name.clone();
         self.files.push(facts);
         if d.action == Action::Block {
