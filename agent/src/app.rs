@@ -15,7 +15,7 @@ use crate::{
     admin::{Admin, AdminState, ReloadStats},
     config::Config,
     proxy::{
-        Proxy, ProxyStats, Shared,
+        Listeners, Proxy, ProxyStats, Shared,
         ca::{Ca, CacheLimits, LeafCache},
         catalog::Catalog,
         hooks::{Hooks, PassThrough},
@@ -35,19 +35,36 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let stats = Arc::new(ProxyStats::default());
 
-    let steering = if config.steer.enabled {
+    // The proxy's port is bound (and held) before the kernel is pointed at it: a port another
+    // process holds fails the start here, and `proxy.port = 0` takes one the system gives.
+    let (steering, listeners) = if config.steer.enabled {
+        let listeners = Listeners::bind(config.proxy.port)
+            .await
+            .context("binding the proxy listener")?;
+        tracing::info!(
+            port = listeners.port,
+            "proxy listening on 127.0.0.1 and ::1"
+        );
         let dir = steer::enter_agent_cgroup(&config.steer)
             .context("placing the agent in its own cgroup")?;
         tracing::info!(cgroup = %dir.display(), "agent cgroup (never steered)");
-        Some(Arc::new(
-            Steering::attach(&config.steer, config.proxy.port).context("attaching steering")?,
-        ))
+        let steering =
+            Steering::attach(&config.steer, listeners.port).context("attaching steering")?;
+        (Some(Arc::new(steering)), Some(listeners))
     } else {
         tracing::warn!("steering is disabled: nothing reaches the proxy unless sent there");
-        None
+        (None, None)
     };
 
-    let result = supervise(&config_path, &config, steering.clone(), stats, shutdown).await;
+    let result = supervise(
+        &config_path,
+        &config,
+        steering.clone(),
+        listeners,
+        stats,
+        shutdown,
+    )
+    .await;
     if let Some(s) = steering
         && let Err(e) = s.detach()
     {
@@ -60,6 +77,7 @@ async fn supervise(
     config_path: &Path,
     config: &Config,
     steering: Option<Arc<Steering>>,
+    listeners: Option<Listeners>,
     stats: Arc<ProxyStats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -90,7 +108,7 @@ async fn supervise(
     let active = dist.as_ref().map(|d| d.active());
     let reloads = Arc::new(ReloadStats::default());
     let mut proxy_shared = None;
-    if let Some(steering) = &steering {
+    if let (Some(steering), Some(listeners)) = (&steering, listeners) {
         let shared = Arc::new(build_proxy(
             config,
             steering.clone(),
@@ -99,7 +117,7 @@ async fn supervise(
             reporter,
         )?);
         proxy_shared = Some(shared.clone());
-        let proxy = Proxy::bind(shared).await?;
+        let proxy = Proxy::with_listeners(listeners, shared);
         tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
         tasks.spawn(named(
             "heartbeat",
@@ -148,7 +166,10 @@ async fn supervise(
     )
     .await
     .with_context(|| format!("binding the admin endpoint on {}", config.admin.listen))?;
-    tracing::info!(addr = %admin.local_addr()?, "admin endpoints listening");
+    let admin_addr = admin.local_addr()?;
+    tracing::info!(addr = %admin_addr, "admin endpoints listening");
+    // Where the admin endpoint is, for tools and tests when `admin.listen` asks for any port.
+    announce_admin(&config.state_dir, admin_addr);
     tasks.spawn(named("admin", admin.run(shutdown.clone())));
     notify_systemd("READY=1");
 
@@ -377,6 +398,18 @@ fn reload(
     }
     tracing::info!("SIGHUP: configuration reloaded");
     true
+}
+
+/// Writes the admin endpoint's address to `<state_dir>/admin.addr` (replaced atomically).
+fn announce_admin(state_dir: &Path, addr: std::net::SocketAddr) {
+    let path = state_dir.join("admin.addr");
+    let tmp = state_dir.join("admin.addr.tmp");
+    let res = std::fs::create_dir_all(state_dir)
+        .and_then(|()| std::fs::write(&tmp, format!("{addr}\n")))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = res {
+        tracing::warn!(error = %e, path = %path.display(), "the admin address was not written");
+    }
 }
 
 /// Sends a state line to systemd when run as a `Type=notify` service.

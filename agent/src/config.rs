@@ -468,6 +468,7 @@ impl<'de> Deserialize<'de> for PortSpec {
 #[serde(deny_unknown_fields)]
 pub struct ProxySettings {
     /// Port of the listener on 127.0.0.1 and ::1 that steered connections are redirected to.
+    /// 0: a port the system gives that is free on both (`/status` shows it as `proxy.port`).
     #[serde(default = "default_proxy_port")]
     pub port: u16,
     /// Most connections handled at once; further ones wait in the kernel's accept queue.
@@ -607,6 +608,8 @@ impl Default for ProxySettings {
 #[serde(deny_unknown_fields)]
 pub struct AdminSettings {
     /// Address of `/healthz`, `/readyz`, `/metrics` and `/status`. Must be a loopback address.
+    /// Port 0: one the system gives; the address bound is written to `<state_dir>/admin.addr`
+    /// either way.
     #[serde(default = "default_admin_listen")]
     pub listen: std::net::SocketAddr,
 }
@@ -684,11 +687,6 @@ impl Config {
                     "cgroup path `{p}` must not contain `..`"
                 )));
             }
-        }
-        if self.proxy.port == 0 {
-            return Err(ConfigError::Invalid(
-                "proxy.port must be set (1-65535)".into(),
-            ));
         }
         if self.proxy.max_connections == 0 {
             return Err(ConfigError::Invalid(

@@ -473,8 +473,57 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts `sluice run` with `config_text`, whose `admin.listen` and `proxy.port` may ask for
+    /// any port (`127.0.0.1:0`, `0`): the ports are the system's and stay bound by the agent;
+    /// the admin address is read from `<state_dir>/admin.addr` once the agent writes it. Waits
+    /// until `/readyz` answers 200.
+    pub fn launch(config_text: &str, dir: &Path) -> Result<Self> {
+        let cfg = sluice::config::Config::parse(config_text)
+            .map_err(|e| anyhow!("the test's agent config: {e}"))?;
+        let announced = cfg.state_dir.join("admin.addr");
+        let _ = fs::remove_file(&announced);
+        let placeholder = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut agent = Self::spawn(config_text, placeholder, dir)?;
+        let found = wait_until(Duration::from_secs(20), || {
+            fs::read_to_string(&announced)
+                .ok()
+                .and_then(|s| s.trim().parse::<SocketAddr>().ok())
+                .is_some_and(|a| {
+                    agent.admin = a;
+                    true
+                })
+        });
+        if !found {
+            let _ = agent.child.kill();
+            let _ = agent.child.wait();
+            bail!(
+                "the agent did not write {}: {}",
+                announced.display(),
+                fs::read_to_string(&agent.log).unwrap_or_default()
+            );
+        }
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// The port the agent's proxy listens on, from `/status`.
+    pub fn proxy_port(&self) -> Result<u16> {
+        let st = self.status()?;
+        st["proxy"]["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| anyhow!("no proxy port in /status: {st}"))
+    }
+
     /// Starts `sluice run` with `config_text` and waits until `/readyz` answers 200.
     pub fn start(config_text: &str, admin: SocketAddr, dir: &Path) -> Result<Self> {
+        let mut agent = Self::spawn(config_text, admin, dir)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    fn spawn(config_text: &str, admin: SocketAddr, dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let cfg = dir.join("agent.toml");
         fs::write(&cfg, config_text)?;
@@ -497,19 +546,22 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)
             .spawn()?;
-        let mut agent = Agent { child, admin, log };
+        Ok(Agent { child, admin, log })
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
         let ready = wait_until(Duration::from_secs(20), || {
-            agent.http_get("/readyz").is_ok_and(|(code, _)| code == 200)
+            self.http_get("/readyz").is_ok_and(|(code, _)| code == 200)
         });
         if !ready {
-            let _ = agent.child.kill();
-            let _ = agent.child.wait();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
             bail!(
                 "agent did not become ready: {}",
-                fs::read_to_string(&agent.log).unwrap_or_default()
+                fs::read_to_string(&self.log).unwrap_or_default()
             );
         }
-        Ok(agent)
+        Ok(())
     }
 
     /// GET on the admin endpoint: (status code, body).

@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::{SocketAddr, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -18,7 +18,7 @@ use std::{
 use sluice_e2e::{
     Agent, InCgroup, TempDir, TestCgroup, bin,
     demo_app::{self, DemoApp, DemoOptions},
-    dual_stack_listeners, free_port, require_root, wait_until,
+    free_port, require_root, wait_until,
 };
 
 const APP_IP: &str = "127.0.0.43";
@@ -229,11 +229,6 @@ fn a_collector_outage_and_a_killed_agent_lose_and_double_nothing() {
     let agent_dir = dir.join("agent");
     fs::create_dir_all(&agent_dir).unwrap();
     let events = agent_dir.join("events.jsonl");
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let proxy_port = {
-        let (v4, _v6) = dual_stack_listeners().unwrap();
-        v4.local_addr().unwrap().port()
-    };
     let config = format!(
         r#"
 state_dir = "{state}"
@@ -242,9 +237,9 @@ cgroup = "{cg}"
 agent_cgroup = "{cg}/agent"
 include = [{{ cidr = "{APP_IP}/32", ports = [{app_port}] }}]
 [proxy]
-port = {proxy_port}
+port = 0
 [admin]
-listen = "{admin}"
+listen = "127.0.0.1:0"
 [tls]
 upstream_extra_cas = ["{app_ca}"]
 no_system_roots = true
@@ -284,7 +279,7 @@ status_interval_s = 5
     assert!(!again.status.success());
 
     let start_agent = || {
-        let a = Agent::start(&config, admin, &agent_dir).unwrap();
+        let a = Agent::launch(&config, &agent_dir).unwrap();
         assert!(
             wait_until(Duration::from_secs(30), || a
                 .status()

@@ -31,10 +31,7 @@ use sluice::{
     steer::{OriginRecord, ProcessInfo},
     trust::root_store,
 };
-use sluice_e2e::{
-    free_port,
-    origin::{Origin, TestPki},
-};
+use sluice_e2e::origin::{Origin, TestPki};
 
 struct Fixed(SocketAddr);
 
@@ -229,7 +226,6 @@ impl Rig {
         std::fs::write(&sluice_ca, ca.cert_pem()).expect("ca pem");
         let test_ca = dir.join("test-ca.pem");
         std::fs::write(&test_ca, &pki.ca_pem).expect("test ca");
-        let port = settings.port;
         let reporter = Arc::new(Collect::default());
         let (finished, gate) = (Arc::new(AtomicU64::new(0)), Arc::new(Gate::default()));
         let app: sluice_policy::model::App =
@@ -261,7 +257,9 @@ impl Rig {
             0,
         ));
         let shutdown = tokio_util::sync::CancellationToken::new();
+        // The settings ask for any port; the system's stays bound by the proxy.
         let proxy = rt.block_on(Proxy::bind(shared)).expect("bind");
+        let port = u16::try_from(stats.snapshot().port).expect("port");
         let task = rt.spawn(proxy.run(shutdown.clone()));
         Self {
             port,
@@ -329,7 +327,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn hooks_pass_rewrite_or_answer_instead() {
     let rt = runtime();
     let settings = ProxySettings {
-        port: free_port(),
+        port: 0,
         hash_bodies: true,
         ..ProxySettings::default()
     };
@@ -436,7 +434,7 @@ fn hooks_pass_rewrite_or_answer_instead() {
 fn parked_inspections_stall_neither_requests_nor_admin() {
     let rt = runtime();
     let settings = ProxySettings {
-        port: free_port(),
+        port: 0,
         inspect_workers: 4,
         // Room for the four parked bodies (each rounds up to one KiB), not a fifth.
         inspect_budget_bytes: 4 * 1024,

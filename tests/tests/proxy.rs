@@ -2,13 +2,12 @@
 //! cgroup, real curl inside it trusting the Sluice CA, and a local HTTPS origin with its own CA.
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use sluice_e2e::{
-    Agent, InCgroup, TestCgroup, bin, dual_stack_listeners, free_port,
+    Agent, InCgroup, TestCgroup, bin,
     origin::{Origin, TestPki},
     pattern_sha256, require_root, wait_until,
 };
@@ -75,11 +74,6 @@ fn env_full(tag: &str, extra: &str, tail: &str) -> Env {
     std::fs::create_dir_all(&dir).expect("dir");
     let test_ca = dir.join("test-ca.pem");
     std::fs::write(&test_ca, &pki.ca_pem).expect("test ca");
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let proxy_port = {
-        let (v4, _v6) = dual_stack_listeners().expect("port");
-        v4.local_addr().expect("addr").port()
-    };
     let hosts = APP_HOSTS
         .iter()
         .map(|h| format!("\"{h}\""))
@@ -93,11 +87,11 @@ cgroup = "{cg}"
 agent_cgroup = "{cg}/agent"
 include = [{{ cidr = "{ip}/32", ports = [{port}, {plain_port}] }}]
 [proxy]
-port = {proxy_port}
+port = 0
 plain_http_ports = [{plain_port}]
 {extra}
 [admin]
-listen = "{admin}"
+listen = "127.0.0.1:0"
 [tls]
 upstream_extra_cas = ["{test_ca}"]
 no_system_roots = true
@@ -115,7 +109,7 @@ hosts = [{hosts}]
         plain_port = plain.addr.port(),
         test_ca = test_ca.display(),
     );
-    let agent = Agent::start(&config, admin, &dir).expect("agent starts");
+    let agent = Agent::launch(&config, &dir).expect("agent starts");
     let sluice_ca = dir.join("sluice-ca.pem");
     let out = std::process::Command::new(bin("sluice"))
         .args(["ca", "export", "--config"])

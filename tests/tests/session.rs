@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -14,7 +13,7 @@ use std::{
 use sluice_e2e::{
     Agent, InCgroup, TempDir, TestCgroup, bin,
     demo_app::{self, DemoApp, DemoOptions},
-    dual_stack_listeners, free_port, hex, require_root, wait_until,
+    hex, require_root, wait_until,
 };
 use sluice_policy::bundle::{self, jws::SigningKey};
 
@@ -52,11 +51,6 @@ fn env(tag: &str, posture: &str) -> Env {
 
     let app_ca = app.ca_file().expect("app CA file");
     let events = dir.join("events.jsonl");
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let proxy_port = {
-        let (v4, _v6) = dual_stack_listeners().expect("port");
-        v4.local_addr().expect("addr").port()
-    };
     let config = format!(
         r#"
 state_dir = "{state}"
@@ -65,9 +59,9 @@ cgroup = "{cg}"
 agent_cgroup = "{cg}/agent"
 include = [{{ cidr = "{ip}/32", ports = [{port}] }}]
 [proxy]
-port = {proxy_port}
+port = 0
 [admin]
-listen = "{admin}"
+listen = "127.0.0.1:0"
 [tls]
 upstream_extra_cas = ["{app_ca}"]
 no_system_roots = true
@@ -89,7 +83,7 @@ events_file = "{events}"
         public = public_path.display(),
         events = events.display(),
     );
-    let agent = Agent::start(&config, admin, &dir).expect("agent starts");
+    let agent = Agent::launch(&config, &dir).expect("agent starts");
     let active = wait_until(Duration::from_secs(20), || {
         agent
             .status()

@@ -36,7 +36,7 @@ use sluice::{
 use sluice_e2e::{
     TempDir,
     demo_app::{self, DemoApp, DemoOptions},
-    free_port, wait_until,
+    wait_until,
 };
 use sluice_inspect::{Applied, FileFacts, FileType, LabelSpec, Limits, dlp::Detectors};
 use sluice_policy::{
@@ -218,15 +218,15 @@ impl Rig {
         active.store(Some(Arc::new(set)));
 
         let settings = ProxySettings {
-            port: free_port(),
+            port: 0,
             ..ProxySettings::default()
         };
-        let port = settings.port;
+        let stats = Arc::new(ProxyStats::default());
         let reporter = Arc::new(Collect::default());
         let app_ca = app.ca_file().expect("the app's CA file");
         let shared = Arc::new(Shared::new(
             Arc::new(Fixed(app.addr())),
-            Arc::new(ProxyStats::default()),
+            stats.clone(),
             Arc::new(catalog),
             Arc::new(LeafCache::new(
                 Arc::new(ca),
@@ -246,7 +246,9 @@ impl Rig {
             0,
         ));
         let shutdown = tokio_util::sync::CancellationToken::new();
+        // Any port: the system's stays bound by the proxy.
         let proxy = rt.block_on(Proxy::bind(shared)).expect("bind");
+        let port = u16::try_from(stats.snapshot().port).expect("port");
         let task = Some(rt.spawn(proxy.run(shutdown.clone())));
         Self {
             app,

@@ -19,7 +19,7 @@ use sluice::{
 };
 use sluice_e2e::{
     Agent, InCgroup, LineServer, TestCgroup, attached_programs, bin, dual_stack_listeners,
-    free_port, require_root, wait_until, world_executable_copy,
+    require_root, wait_until, world_executable_copy,
 };
 use sluice_net::Cidr;
 
@@ -412,14 +412,7 @@ fn two_thousand_connections_from_eight_processes_keep_their_origins() {
     assert_eq!(c.rekeyed, 2000, "{c:?}");
 }
 
-fn agent_config(
-    cg: &TestCgroup,
-    state: &Path,
-    include: &str,
-    proxy_port: u16,
-    admin: SocketAddr,
-    mark: u32,
-) -> String {
+fn agent_config(cg: &TestCgroup, state: &Path, include: &str, mark: u32) -> String {
     format!(
         r#"
 state_dir = "{state}"
@@ -431,9 +424,9 @@ heartbeat_interval_ms = 100
 heartbeat_bound_ms = 1000
 include = [{include}]
 [proxy]
-port = {proxy_port}
+port = 0
 [admin]
-listen = "{admin}"
+listen = "127.0.0.1:0"
 "#,
         cg = cg.rel,
         state = state.display(),
@@ -449,23 +442,14 @@ fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
     })
     .expect("origin");
     let cg = TestCgroup::new("own");
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let proxy_port = {
-        let (v4, _v6) = dual_stack_listeners().expect("port");
-        v4.local_addr().expect("addr").port()
-    };
     // bypass_mark = 0: the agent's exemption rests on its cgroup alone here.
     let include = format!(
         "{{ cidr = \"127.0.0.5/32\", ports = [{}] }}",
         origin.addr.port()
     );
     let tmp = sluice_e2e::TempDir::new("e2e-own");
-    let agent = Agent::start(
-        &agent_config(&cg, &tmp.join("state"), &include, proxy_port, admin, 0),
-        admin,
-        &tmp,
-    )
-    .expect("agent starts");
+    let agent = Agent::launch(&agent_config(&cg, &tmp.join("state"), &include, 0), &tmp)
+        .expect("agent starts");
     let agent_cg =
         std::fs::read_to_string(format!("/proc/{}/cgroup", agent.child.id())).expect("cgroup");
     assert!(
@@ -495,20 +479,13 @@ fn nothing_stays_attached_after_shutdown_or_sigkill() {
     let cg = TestCgroup::new("detach");
     let tmp = sluice_e2e::TempDir::new("e2e-detach");
     for sig in [Signal::SIGTERM, Signal::SIGKILL] {
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let proxy_port = {
-            let (v4, _v6) = dual_stack_listeners().expect("port");
-            v4.local_addr().expect("addr").port()
-        };
         let cfg = agent_config(
             &cg,
             &tmp.join("state"),
             "{ cidr = \"127.0.0.10/32\", ports = [443] }",
-            proxy_port,
-            admin,
             0x51ce,
         );
-        let mut agent = Agent::start(&cfg, admin, &tmp).expect("agent starts");
+        let mut agent = Agent::launch(&cfg, &tmp).expect("agent starts");
         let mut names = attached_programs(&cg.dir);
         names.sort();
         assert_eq!(

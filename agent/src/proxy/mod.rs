@@ -146,6 +146,8 @@ pub struct ProxyStats {
     pub bytes_down: AtomicU64,
     /// Whether the accept loop is running (feeds the kernel heartbeat and `/readyz`).
     pub listening: AtomicBool,
+    /// The port the proxy listens on (0 before it is bound).
+    pub port: AtomicU64,
     /// The inspection pool's counters.
     pub inspection: Arc<pool::PoolStats>,
 }
@@ -171,6 +173,7 @@ pub struct ProxyStatsSnapshot {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub listening: bool,
+    pub port: u64,
     pub inspections: u64,
     pub inspecting: u64,
     pub inspection_held_bytes: u64,
@@ -199,6 +202,7 @@ impl ProxyStats {
             bytes_up: r(&self.bytes_up),
             bytes_down: r(&self.bytes_down),
             listening: self.listening.load(Ordering::Relaxed),
+            port: r(&self.port),
             inspections: r(&self.inspection.judged),
             inspecting: r(&self.inspection.running),
             inspection_held_bytes: r(&self.inspection.held_bytes),
@@ -292,6 +296,56 @@ impl Shared {
     }
 }
 
+/// The proxy's listening sockets: 127.0.0.1 and ::1 on one port.
+#[derive(Debug)]
+pub struct Listeners {
+    sockets: Vec<TcpListener>,
+    /// The port both listen on.
+    pub port: u16,
+}
+
+impl Listeners {
+    /// Binds `port` on 127.0.0.1 and ::1; port 0 takes a port the system gives that is free on
+    /// both, and holds it.
+    pub async fn bind(port: u16) -> Result<Self, ProxyError> {
+        let tries = if port == 0 { 50 } else { 1 };
+        let mut last = None;
+        for _ in 0..tries {
+            let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let first = TcpListener::bind(v4)
+                .await
+                .map_err(|source| ProxyError::Bind { addr: v4, source })?;
+            let port = first
+                .local_addr()
+                .map_err(|source| ProxyError::Bind { addr: v4, source })?
+                .port();
+            let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+            match TcpListener::bind(v6).await {
+                Ok(l) => {
+                    return Ok(Self {
+                        sockets: vec![first, l],
+                        port,
+                    });
+                }
+                // A host without IPv6 has nothing to steer to ::1 either.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                    tracing::warn!("no IPv6 loopback; the proxy listens on IPv4 only");
+                    return Ok(Self {
+                        sockets: vec![first],
+                        port,
+                    });
+                }
+                // The system's port for 127.0.0.1 is taken on ::1: try another.
+                Err(source) => last = Some(ProxyError::Bind { addr: v6, source }),
+            }
+        }
+        Err(last.unwrap_or(ProxyError::Bind {
+            addr: SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        }))
+    }
+}
+
 /// The listener task.
 #[derive(Debug)]
 pub struct Proxy {
@@ -302,23 +356,21 @@ pub struct Proxy {
 impl Proxy {
     /// Binds 127.0.0.1:port and, where the host has IPv6, [::1]:port.
     pub async fn bind(shared: Arc<Shared>) -> Result<Self, ProxyError> {
-        let port = shared.settings.port;
-        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let mut listeners = vec![
-            TcpListener::bind(v4)
-                .await
-                .map_err(|source| ProxyError::Bind { addr: v4, source })?,
-        ];
-        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-        match TcpListener::bind(v6).await {
-            Ok(l) => listeners.push(l),
-            // A host without IPv6 has nothing to steer to ::1 either.
-            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
-                tracing::warn!("no IPv6 loopback; the proxy listens on IPv4 only");
-            }
-            Err(source) => return Err(ProxyError::Bind { addr: v6, source }),
+        let listeners = Listeners::bind(shared.settings.port).await?;
+        Ok(Self::with_listeners(listeners, shared))
+    }
+
+    /// The listener task on listeners bound beforehand (so the port is known, and held, before
+    /// steering points the kernel at it).
+    pub fn with_listeners(listeners: Listeners, shared: Arc<Shared>) -> Self {
+        shared.stats.port.store(
+            u64::from(listeners.port),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Self {
+            listeners: listeners.sockets,
+            shared,
         }
-        Ok(Self { listeners, shared })
     }
 
     /// Accepts until `shutdown`, then lets open connections finish (HTTP connections are asked to
