@@ -205,8 +205,19 @@ fn run(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
+                let state_dir = config.state_dir.clone();
                 let c = Arc::new(Collector::open(config)?);
                 let server = Server::bind(c).await?;
+                // Where the collector listens, for tools and tests when `listen` asks for any
+                // port (replaced atomically).
+                let addr = server.local_addr()?;
+                let (file, tmp) = (
+                    state_dir.join("listen.addr"),
+                    state_dir.join("listen.addr.tmp"),
+                );
+                std::fs::write(&tmp, format!("{addr}\n"))
+                    .and_then(|()| std::fs::rename(&tmp, &file))
+                    .with_context(|| format!("writing {}", file.display()))?;
                 let shutdown = CancellationToken::new();
                 let s2 = shutdown.clone();
                 tokio::spawn(async move {

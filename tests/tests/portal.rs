@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use sluice_e2e::{
     TempDir, bin,
     browser::{Browser, Cdp, png_size},
-    free_port, wait_until,
+    wait_until,
 };
 
 struct Collector {
@@ -52,13 +52,12 @@ fn run(cmd: &mut Command) -> Result<String> {
 
 /// `init` (returns the admin password) and `run` in `dir`.
 fn start_collector(dir: &Path) -> Result<(Collector, String)> {
-    let port = free_port();
     let state = dir.join("state");
     let cfg = dir.join("collector.toml");
     fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n",
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n",
             state.display()
         ),
     )?;
@@ -78,16 +77,25 @@ fn start_collector(dir: &Path) -> Result<(Collector, String)> {
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log)?)
         .spawn()?;
+    // Any port: the collector says which in <state_dir>/listen.addr once it listens.
+    let announced = state.join("listen.addr");
+    let mut addr = None;
+    let up = wait_until(Duration::from_secs(20), || {
+        addr = fs::read_to_string(&announced)
+            .ok()
+            .and_then(|s| s.trim().parse::<std::net::SocketAddr>().ok());
+        addr.is_some_and(|a| TcpStream::connect(a).is_ok())
+    });
     let c = Collector {
         child,
-        base: format!("https://127.0.0.1:{port}"),
+        base: format!(
+            "https://{}",
+            addr.map(|a| a.to_string()).unwrap_or_default()
+        ),
         ca: state.join("tls/ca.pem"),
         cfg,
         log,
     };
-    let up = wait_until(Duration::from_secs(20), || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
     if !up {
         bail!(
             "the collector did not listen: {}",

@@ -704,9 +704,8 @@ async fn the_agent_enrolls_runs_and_reports_its_posture_and_status() {
     let (c, ca, _) = collector(&dir).await;
     c.add_token("tok-run");
     let state = dir.join("state");
-    let port = sluice_e2e::free_port();
     let cfg_text = format!(
-        "state_dir = \"{}\"\n[steer]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:{port}\"\n[report]\nstatus_interval_s = 1\n",
+        "state_dir = \"{}\"\n[steer]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[report]\nstatus_interval_s = 1\n",
         state.display()
     );
     let cfg_path = dir.join("agent.toml");
@@ -725,10 +724,9 @@ async fn the_agent_enrolls_runs_and_reports_its_posture_and_status() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let agent_dir = dir.join("agent");
     let mut agent =
-        tokio::task::spawn_blocking(move || sluice_e2e::Agent::start(&cfg_text, admin, &agent_dir))
+        tokio::task::spawn_blocking(move || sluice_e2e::Agent::launch(&cfg_text, &agent_dir))
             .await
             .unwrap()
             .unwrap();
@@ -760,6 +758,7 @@ async fn the_agent_enrolls_runs_and_reports_its_posture_and_status() {
         device_events(&c),
         std::fs::read_to_string(&agent.log).unwrap_or_default()
     );
+    let admin = agent.admin;
     let (doc, metrics) = tokio::task::spawn_blocking(move || {
         let status = admin_get(admin, "/status");
         (
