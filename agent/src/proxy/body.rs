@@ -166,6 +166,40 @@ where
     }
 }
 
+/// `inner`, keeping `guard` alive until the body is dropped (sent, or abandoned): a held body's
+/// share of the inspection budget stays counted until its bytes have left.
+pub fn holding<G: Send + Unpin + 'static>(inner: ProxyBody, guard: G) -> ProxyBody {
+    boxed(Holding {
+        inner,
+        _guard: guard,
+    })
+}
+
+struct Holding<G> {
+    inner: ProxyBody,
+    _guard: G,
+}
+
+impl<G: Unpin> Body for Holding<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A body that yields `prefix` chunks first, then the rest of `inner` (used when a held body
 /// outgrows its bound and is passed on uninspected).
 pub fn chain(prefix: Vec<Bytes>, inner: ProxyBody) -> ProxyBody {

@@ -217,11 +217,22 @@ async fn judged(
                     (owned, v)
                 })
                 .await;
-            drop(reservation);
             match res {
                 Ok((owned, v)) => {
                     *flow = Some(owned);
-                    (v, body::full(whole))
+                    // The budget stays counted until what is sent in the held body's place has
+                    // left (or an answer replaces it).
+                    let v = match v {
+                        BodyVerdict::Replace(b) => {
+                            let len = b.len() as u64;
+                            return Judged::Send(
+                                body::holding(body::full(b), reservation),
+                                Some(len),
+                            );
+                        }
+                        other => other,
+                    };
+                    (v, body::holding(body::full(whole), reservation))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "inspection failed");
@@ -485,60 +496,14 @@ pub async fn handle(
     };
     let (proto, resp) = match result {
         Ok(r) => r,
-        Err(e) => {
-            let kind_s = e.kind();
-            if kind_s == "certificate" {
-                shared
-                    .stats
-                    .upstream_cert_failures
-                    .fetch_add(1, Ordering::Relaxed);
-            } else {
-                shared.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
-            }
-            let detail = e.to_string();
-            let (title, hint) = if kind_s == "certificate" {
-                (
-                    "Connection blocked: the site's certificate is not valid",
-                    "Sluice did not connect you because the site could not prove its identity. This can be an attack or a misconfigured site; contact your administrator if it persists.",
-                )
-            } else {
-                (
-                    "The site could not be reached",
-                    "Try again later; contact your administrator if it persists.",
-                )
-            };
-            let page = Page {
-                status: StatusCode::BAD_GATEWAY,
-                title,
-                detail: &detail,
-                hint,
-                incident: &pending.id,
-            };
-            tracing::warn!(id = %pending.id, url = %pending.url, error = %detail, "upstream failed");
-            let r = pages::render(&page, kind);
-            return Ok(sess.answer(&shared, pending, r, kind_s, Some(detail)));
-        }
+        Err(e) => return Ok(upstream_failed(&sess, &shared, pending, kind, &e)),
     };
     let upstream_ms = sent.elapsed().as_secs_f64() * 1000.0;
     let (mut rparts, rbody) = resp.into_parts();
     pending.origin_status = rparts.status.as_u16();
 
     if upgrade && rparts.status == StatusCode::SWITCHING_PROTOCOLS {
-        let server_upgrade = rparts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-        if let (Some(c), Some(s)) = (client_upgrade, server_upgrade) {
-            let stats = shared.stats.clone();
-            tokio::spawn(async move {
-                if let (Ok(c), Ok(s)) = (c.await, s.await) {
-                    let mut c = hyper_util::rt::TokioIo::new(c);
-                    let mut s = hyper_util::rt::TokioIo::new(s);
-                    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
-                        stats.bytes_up.fetch_add(up, Ordering::Relaxed);
-                        stats.bytes_down.fetch_add(down, Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-        shared.stats.websockets.fetch_add(1, Ordering::Relaxed);
+        relay_upgrade(&shared, client_upgrade, &mut rparts);
         sess.finish(
             &shared,
             pending,
@@ -583,11 +548,30 @@ pub async fn handle(
         }
         Judged::Answer(r, outcome) => return Ok(sess.answer(&shared, pending, r, outcome, None)),
     };
+    Ok(deliver(
+        sess,
+        shared,
+        pending,
+        rparts,
+        rbody,
+        (proto, upstream_ms),
+    ))
+}
+
+/// The response on its way to the client; its body's end (delivered, or cut when the client
+/// went away) ends the request.
+fn deliver(
+    sess: Arc<Session>,
+    shared: Arc<Shared>,
+    pending: Pending,
+    rparts: http::response::Parts,
+    rbody: ProxyBody,
+    (proto, upstream_ms): (Proto, f64),
+) -> Response<ProxyBody> {
     let status = rparts.status.as_u16();
     let (sess2, shared2) = (sess.clone(), shared.clone());
     let down_sha256: Option<body::DigestSink> = shared.settings.hash_bodies.then(Default::default);
     let down_sink = down_sha256.clone();
-    // The response body's end (delivered, or cut when the client went away) ends the request.
     let on_done: body::OnDone = Box::new(move |n, complete| {
         shared2.stats.bytes_down.fetch_add(n, Ordering::Relaxed);
         shared2
@@ -616,7 +600,72 @@ pub async fn handle(
         body::boxed(Observed::new(rbody, down, Some(on_done)).hashing(down_sha256)),
     );
     *resp.version_mut() = sess.client_version();
-    Ok(resp)
+    resp
+}
+
+/// The answer when the origin could not be reached or did not prove its identity: a page that
+/// says which, a warning, and the request ended with that outcome.
+fn upstream_failed(
+    sess: &Session,
+    shared: &Shared,
+    pending: Pending,
+    kind: ClientKind,
+    e: &super::upstream::UpstreamError,
+) -> Response<ProxyBody> {
+    let kind_s = e.kind();
+    let certificate = kind_s == "certificate";
+    let counter = if certificate {
+        &shared.stats.upstream_cert_failures
+    } else {
+        &shared.stats.upstream_failed
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let detail = e.to_string();
+    let (title, hint) = if certificate {
+        (
+            "Connection blocked: the site's certificate is not valid",
+            "Sluice did not connect you because the site could not prove its identity. This can be an attack or a misconfigured site; contact your administrator if it persists.",
+        )
+    } else {
+        (
+            "The site could not be reached",
+            "Try again later; contact your administrator if it persists.",
+        )
+    };
+    let page = Page {
+        status: StatusCode::BAD_GATEWAY,
+        title,
+        detail: &detail,
+        hint,
+        incident: &pending.id,
+    };
+    tracing::warn!(id = %pending.id, url = %pending.url, error = %detail, "upstream failed");
+    let r = pages::render(&page, kind);
+    sess.answer(shared, pending, r, kind_s, Some(detail))
+}
+
+/// A WebSocket upgrade the origin accepted: both upgraded connections are relayed to each other
+/// (counted in the proxy's byte totals).
+fn relay_upgrade(
+    shared: &Shared,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    rparts: &mut http::response::Parts,
+) {
+    let server_upgrade = rparts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    if let (Some(c), Some(s)) = (client_upgrade, server_upgrade) {
+        let stats = shared.stats.clone();
+        tokio::spawn(async move {
+            if let (Ok(c), Ok(s)) = (c.await, s.await) {
+                let mut c = hyper_util::rt::TokioIo::new(c);
+                let mut s = hyper_util::rt::TokioIo::new(s);
+                if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
+                    stats.bytes_up.fetch_add(up, Ordering::Relaxed);
+                    stats.bytes_down.fetch_add(down, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    shared.stats.websockets.fetch_add(1, Ordering::Relaxed);
 }
 
 #[cfg(test)]
