@@ -674,3 +674,104 @@ pub fn attached_programs(dir: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// What curl got: the status, the response head as text, and the body.
+#[derive(Debug)]
+pub struct Got {
+    /// Status code.
+    pub status: u16,
+    /// The response head (status line and fields), as curl wrote it.
+    pub headers: String,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Got {
+    /// A field of the response head, by name (any case).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// An origin source for tests of the proxy without kernel steering: every accepted connection
+/// was headed to `dst`, opened by a process named `comm`.
+#[derive(Debug, Clone)]
+pub struct FixedOrigin {
+    /// The original destination.
+    pub dst: SocketAddr,
+    /// The process's command name.
+    pub comm: String,
+}
+
+impl sluice::proxy::OriginSource for FixedOrigin {
+    fn lookup(&self, _peer: SocketAddr) -> Option<sluice::steer::OriginRecord> {
+        Some(sluice::steer::OriginRecord {
+            dst: self.dst,
+            ipv6_socket: false,
+            pid: 1,
+            tgid: 1,
+            uid: 0,
+            gid: 0,
+            comm: self.comm.clone(),
+            cgroup_id: 0,
+            cookie: 0,
+            age: Duration::ZERO,
+            process: sluice::steer::ProcessInfo::default(),
+        })
+    }
+}
+
+/// The shared state of an in-process proxy in front of `origin` (a [`FixedOrigin`] seen as
+/// `comm`): leaves from the CA in `ca_dir`, upstream trust in `origin_ca` (PEM) alone.
+#[allow(clippy::too_many_arguments)]
+pub fn fixed_proxy(
+    origin: SocketAddr,
+    comm: &str,
+    ca_dir: &Path,
+    origin_ca: &Path,
+    catalog: sluice::proxy::catalog::Catalog,
+    hooks: Arc<dyn sluice::proxy::hooks::Hooks>,
+    reporter: Arc<dyn sluice::proxy::record::Reporter>,
+    settings: sluice::config::ProxySettings,
+    stats: Arc<sluice::proxy::ProxyStats>,
+) -> Result<Arc<sluice::proxy::Shared>> {
+    use sluice::proxy::{
+        ca::{Ca, CacheLimits, LeafCache},
+        upstream::Upstream,
+    };
+    let ca = Ca::load_dir(ca_dir)?;
+    Ok(Arc::new(sluice::proxy::Shared::new(
+        Arc::new(FixedOrigin {
+            dst: origin,
+            comm: comm.to_owned(),
+        }),
+        stats,
+        Arc::new(catalog),
+        Arc::new(LeafCache::new(
+            Arc::new(ca),
+            CacheLimits::default(),
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )),
+        Arc::new(Upstream::new(
+            sluice::trust::root_store(false, false, &[origin_ca.to_owned()])?,
+            0,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            8,
+        )),
+        hooks,
+        reporter,
+        settings,
+        0,
+    )))
+}

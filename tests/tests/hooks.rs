@@ -4,7 +4,6 @@
 //! sees any of it.
 
 use std::{
-    net::SocketAddr,
     process::Command,
     sync::{
         Arc, Condvar, Mutex,
@@ -20,38 +19,15 @@ use sluice::{
     config::ProxySettings,
     event::ActivityEvent,
     proxy::{
-        OriginSource, Proxy, ProxyStats, Shared,
+        Proxy, ProxyStats,
         body::full,
-        ca::{self, Ca, CacheLimits, LeafCache},
+        ca::{self, Ca},
         catalog::Catalog,
         hooks::{BodyPlan, BodyVerdict, Ended, Exchange, Flow, HeadVerdict, Hooks, Side, Unheld},
         record::{ConnectionRecord, Reporter, RequestRecord},
-        upstream::Upstream,
     },
-    steer::{OriginRecord, ProcessInfo},
-    trust::root_store,
 };
 use sluice_e2e::origin::{Origin, TestPki};
-
-struct Fixed(SocketAddr);
-
-impl OriginSource for Fixed {
-    fn lookup(&self, _peer: SocketAddr) -> Option<OriginRecord> {
-        Some(OriginRecord {
-            dst: self.0,
-            ipv6_socket: false,
-            pid: 1,
-            tgid: 1,
-            uid: 0,
-            gid: 0,
-            comm: "test".into(),
-            cgroup_id: 0,
-            cookie: 0,
-            age: Duration::ZERO,
-            process: ProcessInfo::default(),
-        })
-    }
-}
 
 #[derive(Default)]
 struct Collect(Mutex<Vec<RequestRecord>>);
@@ -232,30 +208,21 @@ impl Rig {
             serde_norway::from_str("id: demo\nhosts: [good.test]\n").expect("app");
         let catalog = Catalog::new([&app], &[]).expect("catalog");
         let stats = Arc::new(ProxyStats::default());
-        let shared = Arc::new(Shared::new(
-            Arc::new(Fixed(origin.addr)),
-            stats.clone(),
-            Arc::new(catalog),
-            Arc::new(LeafCache::new(
-                Arc::new(ca),
-                CacheLimits::default(),
-                vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-            )),
-            Arc::new(Upstream::new(
-                root_store(false, false, std::slice::from_ref(&test_ca)).expect("roots"),
-                0,
-                Duration::from_secs(5),
-                Duration::from_secs(5),
-                8,
-            )),
+        let shared = sluice_e2e::fixed_proxy(
+            origin.addr,
+            "test",
+            &dir.join("ca"),
+            &test_ca,
+            catalog,
             Arc::new(TestHooks {
                 finished: finished.clone(),
                 gate: gate.clone(),
             }),
             reporter.clone(),
             settings,
-            0,
-        ));
+            stats.clone(),
+        )
+        .expect("proxy state");
         let shutdown = tokio_util::sync::CancellationToken::new();
         // The settings ask for any port; the system's stays bound by the proxy.
         let proxy = rt.block_on(Proxy::bind(shared)).expect("bind");

@@ -11,7 +11,7 @@ use std::{
 };
 
 use sluice_e2e::{
-    Agent, InCgroup, TempDir, TestCgroup, bin,
+    Agent, Got, InCgroup, TempDir, TestCgroup, bin,
     demo_app::{self, DemoApp, DemoOptions},
     hex, require_root, wait_until,
 };
@@ -105,28 +105,6 @@ events_file = "{events}"
         dir,
         sluice_ca,
         events,
-    }
-}
-
-/// What curl got.
-#[derive(Debug)]
-struct Got {
-    status: u16,
-    headers: String,
-    body: Vec<u8>,
-}
-
-impl Got {
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
     }
 }
 

@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     process::Command,
     sync::{
@@ -23,18 +22,15 @@ use sluice::{
     config::ProxySettings,
     event::ActivityEvent,
     proxy::{
-        OriginSource, Proxy, ProxyStats, Shared,
-        ca::{self, Ca, CacheLimits, LeafCache},
+        Proxy, ProxyStats,
+        ca::{self, Ca},
         catalog::Catalog,
         record::{ConnectionRecord, Reporter, RequestRecord},
-        upstream::Upstream,
     },
     session::Controls,
-    steer::{OriginRecord, ProcessInfo},
-    trust::root_store,
 };
 use sluice_e2e::{
-    TempDir,
+    Got, TempDir,
     demo_app::{self, DemoApp, DemoOptions},
     wait_until,
 };
@@ -99,26 +95,6 @@ const SEAM: &[(&str, &str)] = &[SEAM_POLICIES, SEAM_TEMPLATES];
 // ---------------------------------------------------------------------------------------------
 // the rig
 
-struct Fixed(SocketAddr);
-
-impl OriginSource for Fixed {
-    fn lookup(&self, _peer: SocketAddr) -> Option<OriginRecord> {
-        Some(OriginRecord {
-            dst: self.0,
-            ipv6_socket: false,
-            pid: 1,
-            tgid: 1,
-            uid: 0,
-            gid: 0,
-            comm: "curl".into(),
-            cgroup_id: 0,
-            cookie: 0,
-            age: Duration::ZERO,
-            process: ProcessInfo::default(),
-        })
-    }
-}
-
 /// Keeps every request record and activity event the proxy reports.
 #[derive(Default)]
 struct Collect {
@@ -159,26 +135,12 @@ fn policy_set(extra: &[(&str, &str)]) -> PolicySet {
     PolicySet::compile("7", &files).expect("the bundle compiles")
 }
 
-/// What curl got.
-#[derive(Debug)]
-struct Got {
-    status: u16,
-    headers: String,
-    body: Vec<u8>,
+/// The incident id of a page Sluice answered with.
+trait Incident {
+    fn incident(&self) -> String;
 }
 
-impl Got {
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
+impl Incident for Got {
     fn incident(&self) -> String {
         self.header(sluice::proxy::pages::INCIDENT_HEADER)
             .unwrap_or_else(|| panic!("no incident header: {}", self.headers))
@@ -224,27 +186,18 @@ impl Rig {
         let stats = Arc::new(ProxyStats::default());
         let reporter = Arc::new(Collect::default());
         let app_ca = app.ca_file().expect("the app's CA file");
-        let shared = Arc::new(Shared::new(
-            Arc::new(Fixed(app.addr())),
-            stats.clone(),
-            Arc::new(catalog),
-            Arc::new(LeafCache::new(
-                Arc::new(ca),
-                CacheLimits::default(),
-                vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-            )),
-            Arc::new(Upstream::new(
-                root_store(false, false, std::slice::from_ref(&app_ca)).expect("roots"),
-                0,
-                Duration::from_secs(5),
-                Duration::from_secs(5),
-                8,
-            )),
+        let shared = sluice_e2e::fixed_proxy(
+            app.addr(),
+            "curl",
+            &dir.join("ca"),
+            &app_ca,
+            catalog,
             Arc::new(Controls::new(active, device)),
             reporter.clone(),
             settings,
-            0,
-        ));
+            stats.clone(),
+        )
+        .expect("proxy state");
         let shutdown = tokio_util::sync::CancellationToken::new();
         // Any port: the system's stays bound by the proxy.
         let proxy = rt.block_on(Proxy::bind(shared)).expect("bind");
