@@ -1053,3 +1053,57 @@ fn every_request_is_one_event_with_the_origin_status() {
     assert_eq!(by_policy("block-unlabelled-uploads"), 2);
     assert_eq!(by_policy("block-codename-downloads"), 2);
 }
+
+/// A client that goes away in the middle of a download still ends its request once: one event
+/// (the decision taken on the held body) and one record, whose outcome says the body was cut.
+#[test]
+fn a_download_cut_short_by_the_client_is_still_one_event() {
+    let mut rig = Rig::start("cut", Device::Managed, &[]);
+    // 40 MiB of incompressible bytes (more than the loopback socket buffers take): held, judged,
+    // and then read slower than curl waits.
+    let mut big = Vec::with_capacity(40 << 20);
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    while big.len() < 40 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        big.extend_from_slice(&x.to_le_bytes());
+    }
+    let id = rig
+        .app
+        .seed("big.bin", big, "alice@corp.example")
+        .unwrap()
+        .id;
+    let path = format!("/files/{id}/download");
+    let cut = rig.try_curl(
+        Some("alice@corp.example"),
+        &["--limit-rate", "256K", "--max-time", "2", &rig.url(&path)],
+    );
+    assert!(cut.is_err(), "curl was to give up before the end: {cut:?}");
+    let ev = rig.event_for(&path);
+    assert_eq!(
+        (ev.status, ev.activity),
+        (200, Activity::Download),
+        "{ev:#?}"
+    );
+    rig.stop();
+    let records: Vec<RequestRecord> = rig
+        .reporter
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.ends_with(&path))
+        .cloned()
+        .collect();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0].outcome, "aborted", "{:#?}", records[0]);
+    assert!(records[0].bytes_down < 40 << 20, "{:#?}", records[0]);
+    assert_eq!(
+        rig.events()
+            .iter()
+            .filter(|e| e.url.ends_with(&path))
+            .count(),
+        1
+    );
+}

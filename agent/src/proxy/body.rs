@@ -86,12 +86,7 @@ impl<B> Observed<B> {
         if let Some((ctx, sink)) = self.digest.take()
             && complete
         {
-            let hex: String = ctx
-                .finish()
-                .as_ref()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let hex = hex::encode(ctx.finish());
             if let Ok(mut slot) = sink.lock() {
                 *slot = Some(hex);
             }
@@ -111,8 +106,20 @@ impl<B> std::fmt::Debug for Observed<B> {
 }
 
 impl<B> Drop for Observed<B> {
+    /// A body dropped before its end was cut (the reader went away). Dropping only notices it:
+    /// the `on_done` that ends the request runs as a task of its own, not inside the drop (inline
+    /// only when no runtime is there to run it, as when the runtime itself is shutting down).
     fn drop(&mut self) {
-        self.finish(false);
+        let Some(f) = self.on_done.take() else {
+            return;
+        };
+        let seen = self.seen;
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { f(seen, false) });
+            }
+            Err(_) => f(seen, false),
+        }
     }
 }
 
@@ -163,6 +170,44 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A complete body handed on in pieces of at most 64 KiB (slices, no copies), so that the
+/// observer downstream sees how much of it was really taken, and a client that goes away in the
+/// middle of a large held body is recorded as such.
+pub fn pieces(data: Bytes) -> ProxyBody {
+    boxed(Pieces { rest: data })
+}
+
+/// Largest piece of a held body handed on at once.
+const PIECE: usize = 64 * 1024;
+
+struct Pieces {
+    rest: Bytes,
+}
+
+impl Body for Pieces {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let n = self.rest.len().min(PIECE);
+        Poll::Ready(Some(Ok(Frame::data(self.rest.split_to(n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.rest.len() as u64)
     }
 }
 

@@ -226,13 +226,13 @@ async fn judged(
                         BodyVerdict::Replace(b) => {
                             let len = b.len() as u64;
                             return Judged::Send(
-                                body::holding(body::full(b), reservation),
+                                body::holding(body::pieces(b), reservation),
                                 Some(len),
                             );
                         }
                         other => other,
                     };
-                    (v, body::holding(body::full(whole), reservation))
+                    (v, body::holding(body::pieces(whole), reservation))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "inspection failed");
