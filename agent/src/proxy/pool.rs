@@ -155,14 +155,20 @@ impl Pool {
         let slot = self.workers.clone().acquire_owned().await.ok();
         let stats = self.stats.clone();
         stats.running.fetch_add(1, Ordering::Relaxed);
+        let counted = stats.clone();
         let res = tokio::task::spawn_blocking(move || {
+            // Counted out as the slot is given back, so `running` never exceeds the workers.
             let out = f();
+            counted.running.fetch_sub(1, Ordering::Relaxed);
+            counted.judged.fetch_add(1, Ordering::Relaxed);
             drop(slot);
             out
         })
         .await;
-        stats.running.fetch_sub(1, Ordering::Relaxed);
-        stats.judged.fetch_add(1, Ordering::Relaxed);
+        if res.is_err() {
+            // The closure panicked before counting itself out.
+            stats.running.fetch_sub(1, Ordering::Relaxed);
+        }
         res.map_err(|e| PoolError::Panicked(e.to_string()))
     }
 }

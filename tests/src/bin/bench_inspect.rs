@@ -9,16 +9,23 @@
 //!   and inspected whole before it is sent on) against plain pass-through (no bundle: streamed)
 //!   and a direct connection, in the same run, with the same labeled 20 MiB docx PUT to the demo
 //!   app by curl in a steered cgroup. Rounds alternate the modes; medians are kept.
+//! - Small requests under inspection: requests per second of small GETs (one curl, one kept-alive
+//!   connection) through the agent with the default bundle while `--loaders N` (default 4) curl
+//!   loops upload 40 MiB of text full of DLP matter that the session controls hold and scan,
+//!   against no uploads, rounds alternating. `/status` is read throughout, so the figure says how
+//!   many inspections were running.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::json;
 use sluice_e2e::{
     Agent, InCgroup, TestCgroup,
@@ -111,8 +118,16 @@ fn compile_default() -> Result<PolicySet> {
     Ok(PolicySet::compile("1", &archive.files)?)
 }
 
-/// 100 MiB of text: prose with a card number, an e-mail address and a code name now and then.
-fn text_corpus(mib: usize) -> Vec<u8> {
+/// The DLP figures' text: a card number, an e-mail address and a code name now and then.
+const DLP_MATTER: &[u8] = b"card 4111 1111 1111 1111 from alice@corp.example on Project Falcon. ";
+
+/// What the background uploads are full of: e-mail addresses and code names, which the default
+/// bundle finds and records (no card numbers: five of those would block the upload).
+const LOAD_MATTER: &[u8] =
+    b"mail alice@corp.example and bob@corp.example about Project Falcon, Bluebird and Nightjar. ";
+
+/// `mib` MiB of text: prose with `matter` after every `every` words.
+fn text_corpus(mib: usize, every: usize, matter: &[u8]) -> Vec<u8> {
     let words = [
         "the",
         "quarterly",
@@ -142,10 +157,8 @@ fn text_corpus(mib: usize) -> Vec<u8> {
         out.extend_from_slice(words[i % words.len()].as_bytes());
         out.push(if i % 13 == 12 { b'\n' } else { b' ' });
         i += 1;
-        if i.is_multiple_of(600) {
-            out.extend_from_slice(
-                b"card 4111 1111 1111 1111 from alice@corp.example on Project Falcon. ",
-            );
+        if i.is_multiple_of(every) {
+            out.extend_from_slice(matter);
         }
     }
     out
@@ -246,6 +259,253 @@ impl UploadEnv {
         }
         Ok(size * n as f64 / start.elapsed().as_secs_f64() / 1e6)
     }
+
+    /// curl options that reach the app by name at its steered address, trusting `ca`, signed in
+    /// as bob.
+    fn steered_curl(&self, ca: &Path) -> Result<Vec<String>> {
+        let token = self.app.token_for("bob@corp.example")?;
+        Ok(vec![
+            "-sS".into(),
+            "--resolve".into(),
+            format!("{}:{}:{APP_IP}", demo_app::HOST, self.app.addr().port()),
+            "--cacert".into(),
+            ca.display().to_string(),
+            "-H".into(),
+            format!("Cookie: {}={token}", demo_app::COOKIE),
+        ])
+    }
+
+    /// `count` small GETs (`/api/me`, a signed-in user's JSON of a few hundred bytes) one after
+    /// another by one curl in the steered cgroup over one kept-alive HTTP/1.1 connection:
+    /// (requests per second, connections curl opened).
+    fn small_requests(&self, ca: &Path, count: usize) -> Result<(f64, u64)> {
+        let (_, dir) = self.cg.child("client");
+        let cfg = self.work.join("small.curl");
+        let url = format!("{}/api/me", self.app.base_url());
+        let mut text = String::with_capacity(count * (url.len() + 40));
+        for _ in 0..count {
+            text.push_str(&format!("url = \"{url}\"\noutput = \"/dev/null\"\n"));
+        }
+        std::fs::write(&cfg, text)?;
+        let mut args = self.steered_curl(ca)?;
+        args.extend([
+            "--http1.1".into(),
+            "--max-time".into(),
+            "20".into(),
+            "-w".into(),
+            "%{http_code} %{num_connects}\\n".into(),
+            "-K".into(),
+            cfg.display().to_string(),
+        ]);
+        let out = self.work.join("small.out");
+        let err = self.work.join("small.err");
+        let start = Instant::now();
+        let mut child = Reaped(
+            InCgroup::at(&dir)
+                .command(Path::new("/usr/bin/curl"), &args)
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&out)?)
+                .stderr(std::fs::File::create(&err)?)
+                .spawn()
+                .context("starting curl")?,
+        );
+        let deadline = start + Duration::from_secs(600);
+        let status = loop {
+            if let Some(st) = child.0.try_wait()? {
+                break st;
+            }
+            if Instant::now() > deadline {
+                bail!("{count} small requests took more than 600 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let secs = start.elapsed().as_secs_f64();
+        let lines = std::fs::read_to_string(&out)?;
+        let ok = lines.lines().filter(|l| l.starts_with("200 ")).count();
+        let connects: u64 = lines
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        if !status.success() || ok != count {
+            bail!(
+                "small requests: curl {status}, {ok} of {count} answered 200: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        Ok((count as f64 / secs, connects))
+    }
+}
+
+/// A child killed and reaped when dropped, if it is still running.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Background uploads: `n` shell loops in their own child of the steered cgroup, each PUTting
+/// `file` to the app with curl, one after another, until a stop file appears. Dropped (an error
+/// on the way included), they are killed with everything they started and reaped.
+struct Loaders {
+    children: Vec<Child>,
+    cgroup: PathBuf,
+    stop_file: PathBuf,
+    outs: Vec<PathBuf>,
+}
+
+impl Loaders {
+    fn start(env: &UploadEnv, n: usize, file: &Path, ca: &Path, tag: &str) -> Result<Self> {
+        let (_, cgroup) = env.cg.child("load");
+        let stop_file = env.work.join(format!("stop-{tag}"));
+        let _ = std::fs::remove_file(&stop_file);
+        let mut loaders = Loaders {
+            children: Vec::new(),
+            cgroup,
+            stop_file,
+            outs: Vec::new(),
+        };
+        let mut curl = env.steered_curl(ca)?;
+        curl.extend([
+            "-o".into(),
+            "/dev/null".into(),
+            "--max-time".into(),
+            "120".into(),
+            "-w".into(),
+            "%{http_code}\\n".into(),
+            "-T".into(),
+            file.display().to_string(),
+            format!("{}/api/files/load.txt", env.app.base_url()),
+        ]);
+        // Bounded by the stop file; a failed curl prints `fail` and the loop goes on.
+        let script =
+            r#"stop=$1; shift; while [ ! -e "$stop" ]; do /usr/bin/curl "$@" || echo fail; done"#;
+        for i in 0..n {
+            let out = env.work.join(format!("load-{tag}-{i}.out"));
+            let mut args: Vec<String> = vec![
+                "-c".into(),
+                script.into(),
+                "loader".into(),
+                loaders.stop_file.display().to_string(),
+            ];
+            args.extend(curl.iter().cloned());
+            let child = InCgroup::at(&loaders.cgroup)
+                .command(Path::new("/bin/sh"), &args)
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&out)?)
+                .stderr(std::fs::File::create(out.with_extension("err"))?)
+                .spawn()
+                .context("starting an uploader")?;
+            loaders.children.push(child);
+            loaders.outs.push(out);
+        }
+        Ok(loaders)
+    }
+
+    /// Asks the loops to stop after their current upload (waiting at most 120 s, then killing
+    /// them); the uploads' outcomes (HTTP status or `fail`) counted.
+    fn stop(mut self) -> Result<BTreeMap<String, usize>> {
+        std::fs::write(&self.stop_file, b"")?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for c in &mut self.children {
+            while c.try_wait()?.is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let mut late = 0;
+        for c in &mut self.children {
+            late += usize::from(matches!(c.try_wait(), Ok(None)));
+        }
+        self.kill();
+        if late > 0 {
+            bail!("{late} uploaders did not stop within 120 s");
+        }
+        let mut codes = BTreeMap::new();
+        for out in &self.outs {
+            for line in std::fs::read_to_string(out)?.lines() {
+                *codes.entry(line.trim().to_owned()).or_insert(0) += 1;
+            }
+        }
+        if codes.keys().any(|c| !c.starts_with('2')) {
+            let err =
+                std::fs::read_to_string(self.outs[0].with_extension("err")).unwrap_or_default();
+            eprintln!("uploads that did not succeed: {codes:?} {err}");
+        }
+        Ok(codes)
+    }
+
+    /// Kills every loop and what it started (the cgroup's processes and each loop's process
+    /// group) and reaps the loops.
+    fn kill(&mut self) {
+        let _ = std::fs::write(self.cgroup.join("cgroup.kill"), b"1");
+        for c in &mut self.children {
+            // Not reaped yet, so its process group id is still its own.
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(c.id() as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = c.wait();
+        }
+        self.children.clear();
+        let _ = std::fs::remove_file(&self.stop_file);
+    }
+}
+
+impl Drop for Loaders {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What `/status` showed of the inspection pool while something ran.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sampled {
+    samples: u64,
+    busy: u64,
+    max_inspecting: u64,
+    max_held_bytes: u64,
+}
+
+/// Runs `f` while another thread reads the agent's `/status` every 25 ms.
+fn sampling<T>(agent: &Agent, f: impl FnOnce() -> Result<T>) -> Result<(T, Sampled)> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut st = Sampled::default();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(v) = agent.status() {
+                    let inspecting = v["proxy"]["inspecting"].as_u64().unwrap_or(0);
+                    st.samples += 1;
+                    st.busy += u64::from(inspecting > 0);
+                    st.max_inspecting = st.max_inspecting.max(inspecting);
+                    st.max_held_bytes = st
+                        .max_held_bytes
+                        .max(v["proxy"]["inspection_held_bytes"].as_u64().unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            st
+        });
+        let res = f();
+        stop.store(true, Ordering::Relaxed);
+        let st = sampler
+            .join()
+            .map_err(|_| anyhow!("the /status sampler panicked"))?;
+        Ok((res?, st))
+    })
+}
+
+fn proxy_counter(agent: &Agent, name: &str) -> Result<u64> {
+    agent.status()?["proxy"][name]
+        .as_u64()
+        .with_context(|| format!("/status has no proxy.{name}"))
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -305,7 +565,7 @@ pub fn run(args: &[String]) -> Result<()> {
     doc.insert("labels".into(), json!(rows));
 
     // DLP over 100 MiB of text.
-    let text = text_corpus(100);
+    let text = text_corpus(100, 600, DLP_MATTER);
     let builtin = Detectors::default();
     let mut counts = BTreeMap::new();
     let mut dlp = serde_json::Map::new();
@@ -398,6 +658,117 @@ pub fn run(args: &[String]) -> Result<()> {
             "bytes": std::fs::metadata(&upload)?.len(), "count": n,
             "direct_mb_s": direct, "pass_through_mb_s": pass, "inspected_mb_s": insp,
             "inspected_vs_pass_through": insp / pass, "pass_through_vs_direct": pass / direct,
+        }),
+    );
+
+    // Small requests while large uploads are being inspected, against none, in the same run.
+    let loaders: usize = opt(args, "--loaders").unwrap_or("4").parse()?;
+    let small: usize = opt(args, "--small").unwrap_or("3000").parse()?;
+    let load = work.join("load.txt");
+    let load_bytes = text_corpus(40, 60, LOAD_MATTER);
+    let judge_ms = time_ms(3, || {
+        std::hint::black_box(inspect::inspect_with_members(
+            &load_bytes,
+            Some("load.txt"),
+            &limits,
+            &set.detectors,
+        ));
+    });
+    let hits = set.detectors.scan(&load_bytes).counts;
+    if hits.get("credit_card").copied().unwrap_or(0) > 0 {
+        bail!("the background uploads would be blocked: {hits:?}");
+    }
+    std::fs::write(&load, &load_bytes)?;
+    drop(load_bytes);
+    let (agent, ca) = env.agent(true)?;
+    // Warm-up: the connection pool upstream, the page cache, curl's binary.
+    env.small_requests(&ca, small / 10)?;
+    let mut idle_rps = Vec::new();
+    let mut loaded_rps = Vec::new();
+    let mut idle_seen = Sampled::default();
+    let mut loaded_seen = Sampled::default();
+    let mut judged_during = 0;
+    let mut judged_idle = 0;
+    let mut upload_codes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut connects = 0;
+    for round in 0..reps.clamp(1, 3) {
+        eprintln!("under inspection round {}", round + 1);
+        let before = proxy_counter(&agent, "inspections")?;
+        let ((rps, c), st) = sampling(&agent, || env.small_requests(&ca, small))?;
+        judged_idle += proxy_counter(&agent, "inspections")? - before;
+        idle_rps.push(rps);
+        connects = connects.max(c);
+        idle_seen.samples += st.samples;
+        idle_seen.busy += st.busy;
+        idle_seen.max_inspecting = idle_seen.max_inspecting.max(st.max_inspecting);
+
+        let running = Loaders::start(&env, loaders, &load, &ca, &format!("r{round}"))?;
+        // Measured once the first bodies are held and judged.
+        if !wait_until(Duration::from_secs(60), || {
+            proxy_counter(&agent, "inspecting").is_ok_and(|n| n > 0)
+        }) {
+            bail!("no upload was being inspected 60 s after the uploaders started");
+        }
+        let before = proxy_counter(&agent, "inspections")?;
+        let ((rps, c), st) = sampling(&agent, || env.small_requests(&ca, small))?;
+        judged_during += proxy_counter(&agent, "inspections")? - before;
+        loaded_rps.push(rps);
+        connects = connects.max(c);
+        loaded_seen.samples += st.samples;
+        loaded_seen.busy += st.busy;
+        loaded_seen.max_inspecting = loaded_seen.max_inspecting.max(st.max_inspecting);
+        loaded_seen.max_held_bytes = loaded_seen.max_held_bytes.max(st.max_held_bytes);
+        for (code, n) in running.stop()? {
+            *upload_codes.entry(code).or_insert(0) += n;
+        }
+        // The next idle round starts with nothing held.
+        if !wait_until(Duration::from_secs(60), || {
+            proxy_counter(&agent, "inspection_held_bytes").is_ok_and(|n| n == 0)
+        }) {
+            bail!("bodies were still held 60 s after the uploaders stopped");
+        }
+    }
+    drop(agent);
+    if loaded_seen.max_inspecting == 0 {
+        bail!("no inspection was seen running during the loaded measurements");
+    }
+    if !upload_codes.keys().any(|c| c.starts_with('2')) {
+        bail!("no background upload succeeded: {upload_codes:?}");
+    }
+    let (r0, rn) = (median(idle_rps.clone()), median(loaded_rps.clone()));
+    let busy_share = loaded_seen.busy as f64 / loaded_seen.samples.max(1) as f64;
+    println!(
+        "small GETs ({small} x /api/me, one kept-alive connection, {connects} connect(s) per run) \
+         through the inspecting agent: {r0:.0} req/s with no upload | {rn:.0} req/s with {loaders} \
+         uploads of {} MiB text being inspected ({:.2}x)",
+        std::fs::metadata(&load)?.len() >> 20,
+        rn / r0,
+    );
+    println!(
+        "  /status while loaded: inspecting max {} (>0 in {:.0}% of {} samples), held max \
+         {:.0} MiB, {judged_during} bodies judged, uploads {upload_codes:?}; while idle: inspecting max {} \
+         in {} samples, {judged_idle} judged; one upload's judgement alone {judge_ms:.0} ms",
+        loaded_seen.max_inspecting,
+        busy_share * 100.0,
+        loaded_seen.samples,
+        loaded_seen.max_held_bytes as f64 / (1 << 20) as f64,
+        idle_seen.max_inspecting,
+        idle_seen.samples,
+    );
+    doc.insert(
+        "under_inspection".into(),
+        json!({
+            "small_requests": small, "endpoint": "/api/me", "connections_per_run": connects,
+            "uploaders": loaders, "upload_bytes": std::fs::metadata(&load)?.len(),
+            "judgement_ms": judge_ms,
+            "rps_no_uploads": r0, "rps_under_inspection": rn, "ratio": rn / r0,
+            "rps_no_uploads_samples": idle_rps, "rps_under_inspection_samples": loaded_rps,
+            "max_inspecting": loaded_seen.max_inspecting,
+            "max_inspecting_no_uploads": idle_seen.max_inspecting,
+            "share_of_samples_inspecting": busy_share, "status_samples": loaded_seen.samples,
+            "max_held_bytes": loaded_seen.max_held_bytes,
+            "judged_under_inspection": judged_during, "judged_no_uploads": judged_idle,
+            "upload_outcomes": upload_codes,
         }),
     );
     if let Some(dir) = out_path.parent() {
