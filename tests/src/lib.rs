@@ -516,13 +516,6 @@ impl Agent {
             .ok_or_else(|| anyhow!("no proxy port in /status: {st}"))
     }
 
-    /// Starts `sluice run` with `config_text` and waits until `/readyz` answers 200.
-    pub fn start(config_text: &str, admin: SocketAddr, dir: &Path) -> Result<Self> {
-        let mut agent = Self::spawn(config_text, admin, dir)?;
-        agent.wait_ready()?;
-        Ok(agent)
-    }
-
     fn spawn(config_text: &str, admin: SocketAddr, dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let cfg = dir.join("agent.toml");

@@ -17,7 +17,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -30,7 +29,7 @@ use serde_json::json;
 use sluice_e2e::{
     Agent, InCgroup, TestCgroup,
     demo_app::{self, DemoApp, DemoOptions},
-    dual_stack_listeners, free_port, wait_until,
+    wait_until,
 };
 use sluice_inspect::{self as inspect, LabelSpec, Limits, dlp::Detectors};
 use sluice_policy::{
@@ -179,11 +178,6 @@ impl UploadEnv {
         } else {
             "agent-pass"
         });
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let proxy_port = {
-            let (v4, _v6) = dual_stack_listeners()?;
-            v4.local_addr()?.port()
-        };
         let app_ca = self.app.ca_file().context("app CA")?;
         let bundle = if with_bundle {
             format!(
@@ -200,15 +194,15 @@ impl UploadEnv {
         };
         let config = format!(
             "state_dir = \"{state}\"\n[steer]\ncgroup = \"{cg}\"\nagent_cgroup = \"{cg}/agent\"\n\
-             include = [{{ cidr = \"{APP_IP}/32\", ports = [{port}] }}]\n[proxy]\nport = {proxy_port}\n\
-             [admin]\nlisten = \"{admin}\"\n[tls]\nupstream_extra_cas = [\"{ca}\"]\nno_system_roots = true\n\
+             include = [{{ cidr = \"{APP_IP}/32\", ports = [{port}] }}]\n[proxy]\nport = 0\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\nupstream_extra_cas = [\"{ca}\"]\nno_system_roots = true\n\
              no_bundled_roots = true\n{bundle}",
             state = dir.join("state").display(),
             cg = self.cg.rel,
             port = self.app.addr().port(),
             ca = app_ca.display(),
         );
-        let agent = Agent::start(&config, admin, &dir)?;
+        let agent = Agent::launch(&config, &dir)?;
         if with_bundle {
             let ok = wait_until(Duration::from_secs(20), || {
                 agent
