@@ -137,9 +137,10 @@ fn legacy_text(cfb: &Cfb<'_, '_>, main: usize, max_chars: usize) -> Result<Strin
         }
     }
     keep(&mut run, &mut out);
-    // UTF-16LE runs, at both alignments.
+    // UTF-16LE runs, at both alignments (a stream may be shorter than the second).
     for start in 0..2 {
-        for (i, unit) in data[start..].chunks_exact(2).enumerate() {
+        let units = data.get(start..).unwrap_or_default();
+        for (i, unit) in units.chunks_exact(2).enumerate() {
             if i % 4096 == 0 {
                 cfb.clock.tick()?;
             }
@@ -521,6 +522,10 @@ impl<'b, 'l> Cfb<'b, 'l> {
                 "version {major} with sector shift {shift}"
             )));
         }
+        // The header takes a whole sector: 4096 bytes in version 4.
+        if buf.len() < 1 << shift {
+            return Err(malformed("shorter than its header sector"));
+        }
         if u16_at(buf, 32) != 6 {
             return Err(malformed("mini sector size is not 64"));
         }
@@ -563,7 +568,10 @@ impl<'b, 'l> Cfb<'b, 'l> {
 
     /// Sectors the file holds (a partial last sector counts).
     fn sector_count(&self) -> usize {
-        (self.buf.len() - self.sector_size()).div_ceil(self.sector_size())
+        self.buf
+            .len()
+            .saturating_sub(self.sector_size())
+            .div_ceil(self.sector_size())
     }
 
     /// The bytes of sector `n` (shorter when the file ends inside it).
@@ -1434,6 +1442,33 @@ mod tests {
                 .unwrap_or_default(),
             ""
         );
+    }
+
+    #[test]
+    fn empty_and_tiny_main_streams_have_no_text() {
+        // An empty main stream once panicked the text reader (the UTF-16 pass sliced past its
+        // end); a WordDocument must hold a FIB, so only the other formats can be empty.
+        let limits = Limits::default();
+        for main in [WORKBOOK, BOOK, POWERPOINT] {
+            for data in [&b""[..], b"x", b"xy"] {
+                let facts = read(&build(&[(main, data)]).bytes, &limits, 100).unwrap();
+                assert_eq!(facts.text.as_deref(), Some(""), "{main} {data:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_version_4_file_shorter_than_its_header_sector_is_malformed() {
+        // Version 4 has 4096-byte sectors, the header sector among them: the sector count of a
+        // shorter file once underflowed.
+        let mut bytes = build(&[("EncryptedPackage", b"x")]).bytes;
+        bytes[26..28].copy_from_slice(&4u16.to_le_bytes());
+        bytes[30..32].copy_from_slice(&12u16.to_le_bytes());
+        for len in [512, 1000, 4095] {
+            bytes.resize(len, 0);
+            assert_malformed(&bytes, "header");
+            assert_eq!(kind(&bytes), FileType::Ole);
+        }
     }
 
     #[test]
