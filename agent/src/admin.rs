@@ -161,6 +161,18 @@ impl AdminState {
             p.spliced,
         );
         metric(
+            "sluice_proxy_refused_total",
+            "counter",
+            "Connections refused because they could not be inspected where they had to be.",
+            p.refused,
+        );
+        metric(
+            "sluice_proxy_by_address_total",
+            "counter",
+            "Connections intercepted by their destination, their server name being no app's.",
+            p.by_address,
+        );
+        metric(
             "sluice_proxy_active_connections",
             "gauge",
             "Connections open now.",
@@ -183,6 +195,18 @@ impl AdminState {
             "gauge",
             "Body bytes held for inspection now (the budget in use).",
             p.inspection_held_bytes,
+        );
+        metric(
+            "sluice_proxy_inspection_user_refusals_total",
+            "counter",
+            "Bodies not held because their user held their share of the inspection budget.",
+            p.inspection_user_refusals,
+        );
+        metric(
+            "sluice_proxy_uid_connection_refusals_total",
+            "counter",
+            "Connections closed because their user had max_connections_per_uid open.",
+            p.uid_connection_refusals,
         );
         metric(
             "sluice_proxy_inspection_budget_timeouts_total",

@@ -344,17 +344,66 @@ async fn heartbeat(
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        if stats.listening.load(Ordering::Relaxed)
-            && let Err(e) = steering.beat()
-        {
-            tracing::error!(error = %e, "heartbeat write failed");
+        // The kernel is told the proxy is healthy only when it has just accepted a connection and
+        // served it from a task of its own: a stalled accept loop or runtime stops the beats.
+        match probe_proxy(&stats, every.max(Duration::from_millis(100))).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("heartbeat probe answered again");
+                    failing = false;
+                }
+                if let Err(e) = steering.beat() {
+                    tracing::error!(error = %e, "heartbeat write failed");
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "heartbeat probe failed: the kernel heartbeat is not refreshed");
+                    failing = true;
+                }
+            }
         }
     }
+}
+
+/// One heartbeat probe: a connection to the proxy's IPv4 listener from a port the proxy knows
+/// as the probe's, which it answers with [`crate::proxy::PROBE_REPLY`].
+async fn probe_proxy(stats: &ProxyStats, within: Duration) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    if !stats.listening.load(Ordering::Relaxed) {
+        anyhow::bail!("the proxy is not listening");
+    }
+    let port = u16::try_from(stats.port.load(Ordering::Relaxed)).unwrap_or(0);
+    if port == 0 {
+        anyhow::bail!("the proxy has no port yet");
+    }
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    let local = sock.local_addr()?;
+    stats
+        .probe_port
+        .store(u64::from(local.port()), Ordering::Relaxed);
+    let res = tokio::time::timeout(within, async {
+        let mut conn = sock
+            .connect((std::net::Ipv4Addr::LOCALHOST, port).into())
+            .await?;
+        let mut got = Vec::with_capacity(crate::proxy::PROBE_REPLY.len());
+        (&mut conn)
+            .take(crate::proxy::PROBE_REPLY.len() as u64)
+            .read_to_end(&mut got)
+            .await?;
+        anyhow::ensure!(got == crate::proxy::PROBE_REPLY, "unexpected probe reply");
+        Ok(())
+    })
+    .await;
+    stats.probe_port.store(0, Ordering::Relaxed);
+    res.map_err(|_| anyhow::anyhow!("no probe reply within {within:?}"))?
 }
 
 /// Re-reads the config; applies what can change at runtime (steering set, fail mode, the app

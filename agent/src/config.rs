@@ -326,16 +326,26 @@ pub struct SteerSettings {
     /// `SO_MARK` the agent puts on its upstream sockets; sockets with it are never steered.
     #[serde(default = "default_bypass_mark")]
     pub bypass_mark: u32,
-    /// `open` or `closed`: see [`FailMode`].
+    /// `open` or `closed`: see [`FailMode`]. It holds when the agent is gone too: the programs
+    /// stay pinned, the heartbeat goes stale, and the kernel refuses (`closed`) or lets through
+    /// (`open`) new connections to steered destinations until an agent is back.
     #[serde(default)]
     pub fail_mode: FailMode,
+    /// Directory on the BPF filesystem where the steering links are pinned (default
+    /// `/sys/fs/bpf/sluice/cgroup-<id of the attach cgroup>`; the BPF filesystem is mounted at
+    /// `/sys/fs/bpf` when it is not yet). Owned by the agent: a new agent removes what it finds
+    /// there once its own programs are attached.
+    #[serde(default)]
+    pub pin_dir: Option<String>,
     /// How often the agent refreshes the kernel heartbeat, in milliseconds.
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
     /// A heartbeat older than this (milliseconds) puts the kernel in the fail mode.
     #[serde(default = "default_heartbeat_bound_ms")]
     pub heartbeat_bound_ms: u64,
-    /// Destinations to steer. Default: every address on TCP ports 80 and 443.
+    /// Destinations to steer. Default: every address on TCP ports 80 and 443. Loopback,
+    /// link-local and cloud metadata blocks ([`crate::steer::rules::PROTECTED`]) are steered only
+    /// by a rule whose block lies inside one of them.
     #[serde(default = "default_include")]
     pub include: Vec<SteerRule>,
     /// Destinations never steered, even when an include rule matches.
@@ -384,6 +394,7 @@ impl Default for SteerSettings {
             exempt_cgroups: Vec::new(),
             bypass_mark: default_bypass_mark(),
             fail_mode: FailMode::Open,
+            pin_dir: None,
             heartbeat_interval_ms: default_heartbeat_interval_ms(),
             heartbeat_bound_ms: default_heartbeat_bound_ms(),
             include: default_include(),
@@ -517,10 +528,27 @@ pub struct ProxySettings {
     /// Host patterns whose connections are refused outright (closed before any byte is relayed).
     #[serde(default)]
     pub reject_hosts: Vec<String>,
+    /// Refuse a TLS connection whose ClientHello is encrypted (ECH) when its destination is no
+    /// known app's address (default): its real server name is hidden, so it could be any app
+    /// behind a shared front. Browsers on managed endpoints should have ECH turned off by policy
+    /// (Chrome and Edge `EncryptedClientHelloEnabled = false`; Firefox
+    /// `network.dns.echconfig.enabled = false`). `false` splices such connections (reported).
+    #[serde(default = "yes")]
+    pub refuse_ech: bool,
     /// Most body bytes held for inspection at once, over every connection. A body that would
     /// take more waits (see `inspect_wait_ms`) and then gets its app's not-inspectable action.
     #[serde(default = "default_inspect_budget_bytes")]
     pub inspect_budget_bytes: u64,
+    /// Most body bytes one user (uid of the connecting process) may hold for inspection at once;
+    /// past it their next body gets its app's not-inspectable action at once (an upload is
+    /// refused with a page saying to try again), and other users are served from the rest.
+    #[serde(default = "default_inspect_budget_bytes_per_uid")]
+    pub inspect_budget_bytes_per_uid: u64,
+    /// Most connections one user may have open through the proxy at once; past it their new
+    /// connections are closed at once (counted, and reported as refused), so that one user
+    /// cannot take every connection slot.
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
     /// How long, in milliseconds, a body may wait in all for room in the inspection budget.
     #[serde(default = "default_inspect_wait_ms")]
     pub inspect_wait_ms: u64,
@@ -532,6 +560,12 @@ pub struct ProxySettings {
 
 fn default_inspect_budget_bytes() -> u64 {
     512 * 1024 * 1024
+}
+fn default_inspect_budget_bytes_per_uid() -> u64 {
+    128 * 1024 * 1024
+}
+fn default_max_connections_per_uid() -> usize {
+    1024
 }
 fn default_inspect_wait_ms() -> u64 {
     5_000
@@ -595,8 +629,11 @@ impl Default for ProxySettings {
             max_idle_upstream: default_max_idle_upstream(),
             plain_http_ports: default_plain_http_ports(),
             reject_hosts: Vec::new(),
+            refuse_ech: true,
             hash_bodies: false,
             inspect_budget_bytes: default_inspect_budget_bytes(),
+            inspect_budget_bytes_per_uid: default_inspect_budget_bytes_per_uid(),
+            max_connections_per_uid: default_max_connections_per_uid(),
             inspect_wait_ms: default_inspect_wait_ms(),
             inspect_workers: 0,
         }
@@ -721,6 +758,7 @@ impl Config {
                 ("identity", app.identity.is_some()),
                 ("inspect_max_bytes", app.inspect_max_bytes.is_some()),
                 ("not_inspectable", app.not_inspectable.is_some()),
+                ("websocket", app.websocket.is_some()),
                 ("activities", !app.activities.is_empty()),
             ];
             if let Some((field, _)) = bundle_only.iter().find(|(_, set)| *set) {
@@ -731,9 +769,16 @@ impl Config {
                 )));
             }
         }
-        if self.proxy.inspect_budget_bytes < 1024 {
+        if self.proxy.inspect_budget_bytes < 1024 || self.proxy.inspect_budget_bytes_per_uid < 1024
+        {
             return Err(ConfigError::Invalid(
-                "proxy.inspect_budget_bytes must be at least 1024".into(),
+                "proxy.inspect_budget_bytes and inspect_budget_bytes_per_uid must be at least 1024"
+                    .into(),
+            ));
+        }
+        if self.proxy.max_connections_per_uid == 0 {
+            return Err(ConfigError::Invalid(
+                "proxy.max_connections_per_uid must be at least 1".into(),
             ));
         }
         for h in &self.proxy.reject_hosts {

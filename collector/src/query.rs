@@ -348,6 +348,7 @@ fn class_of(v: &str) -> Option<i64> {
         "http" => Some(i64::from(sluice_protocol::CLASS_HTTP_ACTIVITY)),
         "file" => Some(i64::from(sluice_protocol::CLASS_FILE_HOSTING)),
         "device" => Some(i64::from(sluice_protocol::CLASS_DEVICE_INVENTORY)),
+        "network" | "connection" => Some(i64::from(sluice_protocol::CLASS_NETWORK_ACTIVITY)),
         n => n.parse::<u32>().ok().map(i64::from),
     }
 }

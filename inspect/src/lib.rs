@@ -9,6 +9,7 @@
 //! async workers.
 
 pub mod dlp;
+pub mod embedded;
 mod kind;
 pub mod multipart;
 pub mod odf;
@@ -329,6 +330,15 @@ pub fn inspect_with_members(
         if let Err(e) = members(bytes, &prefix, 1, limits, detectors, &mut budget, &mut out) {
             out[0].not_inspectable = Some(e);
         }
+        // An archive nested past the bound was not seen whole: neither is the archive.
+        if out[0].not_inspectable.is_none()
+            && let Some(deep) = out.iter().find_map(|f| match f.not_inspectable {
+                Some(NotInspectable::TooDeep(n)) => Some(n),
+                _ => None,
+            })
+        {
+            out[0].not_inspectable = Some(NotInspectable::TooDeep(deep));
+        }
     }
     out
 }
@@ -580,7 +590,16 @@ mod tests {
                 "up.zip/inner.zip/deeper.zip"
             ]
         );
-        assert!(all[0].not_inspectable.is_none());
+        // Nested past the bound, the archive was not seen whole: it is not inspectable itself
+        // (never "inspected and clean"), and its members still report what they hold.
+        assert!(
+            matches!(
+                all[0].not_inspectable,
+                Some(NotInspectable::TooDeep(MAX_ARCHIVE_DEPTH))
+            ),
+            "{:?}",
+            all[0].not_inspectable
+        );
         assert_eq!(all[3].dlp.get("credit_card"), Some(&3), "{:?}", all[3].dlp);
         // An archive below the depth bound is not opened, and says so.
         assert!(matches!(

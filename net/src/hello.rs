@@ -25,6 +25,9 @@ pub struct ClientHello {
     pub sni: Option<String>,
     /// ALPN protocols offered, in the client's order.
     pub alpn: Vec<Vec<u8>>,
+    /// An `encrypted_client_hello` extension (0xfe0d) is present: the name above may be only
+    /// the public name of a front, the real one is hidden (or it is GREASE, which looks the same).
+    pub ech: bool,
 }
 
 /// Why a ClientHello was refused.
@@ -147,6 +150,7 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, HelloError> {
         match ty {
             0 => hello.sni = parse_sni(data)?,
             16 => hello.alpn = parse_alpn(data)?,
+            0xfe0d => hello.ech = true,
             _ => {}
         }
     }
@@ -196,6 +200,15 @@ mod tests {
 
     /// Builds a ClientHello record the way a client would (one record unless `split`).
     fn hello(sni: Option<&str>, alpn: &[&str], split: Option<usize>) -> Vec<u8> {
+        hello_ext(sni, alpn, split, &[])
+    }
+
+    fn hello_ext(
+        sni: Option<&str>,
+        alpn: &[&str],
+        split: Option<usize>,
+        extra: &[(u16, &[u8])],
+    ) -> Vec<u8> {
         let mut body = vec![0x03, 0x03];
         body.extend_from_slice(&[7u8; 32]);
         body.push(0);
@@ -224,6 +237,11 @@ mod tests {
             exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
             exts.extend_from_slice(&data);
         }
+        for (ty, data) in extra {
+            exts.extend_from_slice(&ty.to_be_bytes());
+            exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            exts.extend_from_slice(data);
+        }
         body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
         body.extend_from_slice(&exts);
         let mut hs = vec![1, 0, (body.len() >> 8) as u8, body.len() as u8];
@@ -241,12 +259,21 @@ mod tests {
     }
 
     #[test]
+    fn an_encrypted_client_hello_is_noticed() {
+        let plain = hello(Some("cover.example"), &[], None);
+        assert!(matches!(parse(&plain), Ok(Some(Peeked::Tls(h))) if !h.ech));
+        let ech = hello_ext(Some("cover.example"), &[], None, &[(0xfe0d, &[0, 1, 2, 3])]);
+        assert!(matches!(parse(&ech), Ok(Some(Peeked::Tls(h))) if h.ech));
+    }
+
+    #[test]
     fn reads_sni_and_alpn_even_across_records() {
         for split in [None, Some(3), Some(40)] {
             let bytes = hello(Some("Files.Example.COM."), &["h2", "http/1.1"], split);
             let want = Peeked::Tls(ClientHello {
                 sni: Some("files.example.com".into()),
                 alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                ech: false,
             });
             assert_eq!(parse(&bytes), Ok(Some(want)));
             // Every strict prefix asks for more bytes instead of failing.

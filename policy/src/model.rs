@@ -544,13 +544,61 @@ pub struct App {
     /// Largest body inspected, in bytes (default 50 MiB).
     #[serde(default)]
     pub inspect_max_bytes: Option<u64>,
-    /// The action when content cannot be inspected (too large, encrypted, unreadable); default
-    /// `monitor`.
+    /// The action when content cannot be inspected (too large, encrypted, compressed in an
+    /// encoding Sluice cannot read, an ambiguous multipart body, an archive past its bounds): one
+    /// action for both directions, or `{ upload, download }`. Default: `block` uploads (an
+    /// insider would otherwise wrap any file that way), `monitor` downloads.
     #[serde(default)]
-    pub not_inspectable: Option<Action>,
+    pub not_inspectable: Option<NotInspectable>,
+    /// The action for a WebSocket upgrade (what is sent over the socket afterwards is not
+    /// inspected): `allow`, `monitor` or `block`; default: the app's not-inspectable action for
+    /// uploads.
+    #[serde(default)]
+    pub websocket: Option<Action>,
     /// Activity definitions, tried in order.
     #[serde(default)]
     pub activities: Vec<ActivityDef>,
+}
+
+/// An app's `not_inspectable` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum NotInspectable {
+    /// The same action for uploads and downloads.
+    Both(Action),
+    /// One action per direction; a missing one takes its default.
+    Each(NotInspectableEach),
+}
+
+/// `not_inspectable: { upload, download }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotInspectableEach {
+    /// For request bodies (default `block`).
+    #[serde(default)]
+    pub upload: Option<Action>,
+    /// For response bodies (default `monitor`).
+    #[serde(default)]
+    pub download: Option<Action>,
+}
+
+impl NotInspectable {
+    /// The action for an upload that cannot be inspected, `setting` absent or not.
+    pub fn upload(setting: Option<Self>) -> Action {
+        match setting {
+            Some(Self::Both(a)) => a,
+            Some(Self::Each(e)) => e.upload.unwrap_or(Action::Block),
+            None => Action::Block,
+        }
+    }
+    /// The action for a download that cannot be inspected, `setting` absent or not.
+    pub fn download(setting: Option<Self>) -> Action {
+        match setting {
+            Some(Self::Both(a)) => a,
+            Some(Self::Each(e)) => e.download.unwrap_or(Action::Monitor),
+            None => Action::Monitor,
+        }
+    }
 }
 
 /// Request method + path pattern -> activity.

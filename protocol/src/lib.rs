@@ -12,6 +12,7 @@
 //! | HTTP Activity | 4002 | every request of an inspected app without a file |
 //! | File Hosting Activity | 6006 | uploads and downloads (with `files`) |
 //! | Device Inventory Info | 5001 | device posture and the agent's own status |
+//! | Network Activity | 4001 | connections the proxy did not inspect: spliced, refused, without an origin |
 //!
 //! The schema is versioned by [`SCHEMA_VERSION`]; a collector accepts every version up to its
 //! own and refuses newer ones with a clear error.
@@ -29,6 +30,8 @@ pub const CLASS_HTTP_ACTIVITY: u32 = 4002;
 pub const CLASS_FILE_HOSTING: u32 = 6006;
 /// OCSF class: Device Inventory Info.
 pub const CLASS_DEVICE_INVENTORY: u32 = 5001;
+/// OCSF class: Network Activity.
+pub const CLASS_NETWORK_ACTIVITY: u32 = 4001;
 
 /// One event, as the agent spools and ships it and the collector stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -364,6 +367,7 @@ impl Event {
             CLASS_HTTP_ACTIVITY => "HTTP Activity",
             CLASS_FILE_HOSTING => "File Hosting Activity",
             CLASS_DEVICE_INVENTORY => "Device Inventory Info",
+            CLASS_NETWORK_ACTIVITY => "Network Activity",
             _ => "Other",
         };
         Self {
@@ -435,6 +439,18 @@ pub mod file_activity {
     /// Delete.
     pub const DELETE: u32 = 6;
     /// Anything else.
+    pub const OTHER: u32 = 99;
+}
+
+/// OCSF activity ids used for Network Activity (4001).
+pub mod network_activity {
+    /// Open: a connection relayed without inspection (spliced).
+    pub const OPEN: u32 = 1;
+    /// Refuse: a connection closed by the proxy (refused, rejected, a loop, a bad ClientHello).
+    pub const REFUSE: u32 = 5;
+    /// Fail: a connection that failed (the origin unreachable, the TLS handshake).
+    pub const FAIL: u32 = 4;
+    /// Anything else (no origin record).
     pub const OTHER: u32 = 99;
 }
 

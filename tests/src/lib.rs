@@ -210,6 +210,14 @@ fn remove_tree(dir: &Path) {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
+        // Links an agent left pinned for this cgroup (one killed by the test) go first.
+        if let Ok(id) = sluice::steer::cgroup::id(&self.dir) {
+            let pins = Path::new(sluice::steer::pin::BPFFS)
+                .join("sluice")
+                .join(format!("cgroup-{id}"));
+            sluice::steer::pin::remove(&sluice::steer::pin::entries(&pins));
+            let _ = fs::remove_dir(&pins);
+        }
         remove_tree(&self.dir);
     }
 }
@@ -607,7 +615,12 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
+        // A clean stop removes the agent's pinned links; a kill would leave them (fail mode).
+        if self.child.try_wait().ok().flatten().is_none()
+            && self
+                .signal_and_wait(nix::sys::signal::Signal::SIGTERM)
+                .is_err()
+        {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

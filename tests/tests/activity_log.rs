@@ -16,12 +16,14 @@ use std::{
 };
 
 use sluice_e2e::{
-    Agent, InCgroup, TempDir, TestCgroup, bin,
+    Agent, InCgroup, LineServer, TempDir, TestCgroup, bin,
     demo_app::{self, DemoApp, DemoOptions},
     free_port, require_root, wait_until,
 };
 
 const APP_IP: &str = "127.0.0.43";
+/// A steered destination that is no app: what goes there is spliced.
+const OTHER_IP: &str = "127.0.0.44";
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.stdin(Stdio::null()).output().unwrap();
@@ -225,6 +227,8 @@ fn a_collector_outage_and_a_killed_agent_lose_and_double_nothing() {
     let mut opts = DemoOptions::tls().unwrap();
     opts.listen = format!("{APP_IP}:0").parse().unwrap();
     let app = DemoApp::start(opts).unwrap();
+    let other =
+        LineServer::start(format!("{OTHER_IP}:0").parse().unwrap(), |_| "other".into()).unwrap();
     let cg = TestCgroup::new("actlog");
     let agent_dir = dir.join("agent");
     fs::create_dir_all(&agent_dir).unwrap();
@@ -235,7 +239,7 @@ state_dir = "{state}"
 [steer]
 cgroup = "{cg}"
 agent_cgroup = "{cg}/agent"
-include = [{{ cidr = "{APP_IP}/32", ports = [{app_port}] }}]
+include = [{{ cidr = "{APP_IP}/32", ports = [{app_port}] }}, {{ cidr = "{OTHER_IP}/32", ports = [{other_port}] }}]
 [proxy]
 port = 0
 [admin]
@@ -256,6 +260,7 @@ status_interval_s = 5
         state = agent_dir.join("state").display(),
         cg = cg.rel,
         app_port = app.addr().port(),
+        other_port = other.addr.port(),
         app_ca = app.ca_file().unwrap().display(),
         public = public_path.display(),
         events = events.display(),
@@ -386,6 +391,62 @@ status_interval_s = 5
         burst_ids.len(),
         burst_stored
     );
+
+    // What the proxy did not inspect reaches the collector too, with who, where and why: a
+    // connection to a steered destination that is no app (spliced), and plain bytes to the
+    // app's TLS port (refused: the address is the app's).
+    let inside = InCgroup::at(&client.cgroup);
+    let line = inside
+        .run(
+            &bin("sluice-probe"),
+            &["tcp".into(), other.addr.to_string()],
+        )
+        .unwrap();
+    assert_eq!(line.trim(), "other");
+    let plain = inside.run(
+        Path::new("/usr/bin/curl"),
+        &[
+            "-sS".into(),
+            "--max-time".into(),
+            "10".into(),
+            format!("http://{APP_IP}:{}/files", app.addr().port()),
+        ],
+    );
+    assert!(
+        plain.is_err(),
+        "plain HTTP to the app's TLS port was answered: {plain:?}"
+    );
+    let mut found = (None, None);
+    wait_until(Duration::from_secs(30), || {
+        let out = collector.cli(&["query", "class:network", "--format", "jsonl"]);
+        for l in out.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            match v["sluice"]["action"].as_str() {
+                Some("spliced") => found.0 = Some(v),
+                Some("refused") => found.1 = Some(v),
+                _ => {}
+            }
+        }
+        found.0.is_some() && found.1.is_some()
+    });
+    let spliced = found
+        .0
+        .expect("a spliced connection event at the collector");
+    assert_eq!(spliced["sluice"]["detail"], "server_first", "{spliced}");
+    assert_eq!(spliced["dst_endpoint"]["ip"], OTHER_IP, "{spliced}");
+    assert_eq!(
+        spliced["actor"]["process"]["name"], "sluice-probe",
+        "{spliced}"
+    );
+    let refused = found
+        .1
+        .expect("a refused connection event at the collector");
+    assert_eq!(
+        refused["sluice"]["detail"], "not_tls_to_app_address",
+        "{refused}"
+    );
+    assert_eq!(refused["actor"]["process"]["name"], "curl", "{refused}");
+    assert_eq!(refused["class_uid"], 4001, "{refused}");
 
     // The device is in the inventory with its posture.
     let devices = collector.cli(&["agent", "list"]);

@@ -755,25 +755,33 @@ fn an_active_bundle_catalogue_decides_what_is_intercepted() {
         "bundle active: {}",
         e.status()
     );
+    // good.test is only in the config's apps, which the bundle replaced: spliced (its address
+    // is no app's yet).
+    e.curl(
+        &e.test_ca,
+        &["-o", "/dev/null", &e.url("good.test", "/hello")],
+    )
+    .expect("spliced, the origin's own certificate");
     // splice.test is an app in the bundle's catalogue (not in the config's): intercepted.
     e.curl(
         &e.sluice_ca,
         &["-o", "/dev/null", &e.url("splice.test", "/hello")],
     )
     .expect("intercepted with the Sluice CA");
-    // good.test is only in the config's apps, which the bundle replaced: spliced.
+    // Its address is now known to be the app's, and every name at that address is intercepted.
     e.curl(
-        &e.test_ca,
+        &e.sluice_ca,
         &["-o", "/dev/null", &e.url("good.test", "/hello")],
     )
-    .expect("spliced, the origin's own certificate");
+    .expect("intercepted by its address");
     let st = e.status();
     assert_eq!(
         (
             st["proxy"]["intercepted"].as_u64(),
-            st["proxy"]["spliced"].as_u64()
+            st["proxy"]["spliced"].as_u64(),
+            st["proxy"]["by_address"].as_u64()
         ),
-        (Some(1), Some(1)),
+        (Some(2), Some(1), Some(1)),
         "{st}"
     );
 }

@@ -195,6 +195,26 @@ impl Env {
     /// to curl's stdin (`-T -` goes in `args`) and the response body is counted and hashed as
     /// it arrives. Nothing of either body touches the disk.
     fn curl_streamed(&self, user: Option<&str>, upload: u64, args: &[&str]) -> Streamed {
+        let (got, ok) = self.curl_streamed_inner(user, upload, args);
+        assert!(
+            ok.is_ok(),
+            "curl {args:?}: {}",
+            ok.err().unwrap_or_default()
+        );
+        got
+    }
+
+    /// `curl_streamed` where curl may fail (the connection ended by a refusal mid-upload).
+    fn curl_streamed_any(&self, user: Option<&str>, upload: u64, args: &[&str]) -> Streamed {
+        self.curl_streamed_inner(user, upload, args).0
+    }
+
+    fn curl_streamed_inner(
+        &self,
+        user: Option<&str>,
+        upload: u64,
+        args: &[&str],
+    ) -> (Streamed, Result<(), String>) {
         use sha2::Digest as _;
         use std::io::{Read as _, Write as _};
         let (_, dir) = self.cg.child("client");
@@ -244,7 +264,11 @@ impl Env {
         let status = child.wait().expect("curl ends");
         feeder.join().unwrap();
         let errs = errs.join().unwrap();
-        assert!(status.success(), "curl {all:?}: {status}: {errs}");
+        let ok = if status.success() {
+            Ok(())
+        } else {
+            Err(format!("{status}: {errs}"))
+        };
         let headers = std::fs::read_to_string(&head).unwrap_or_default();
         let _ = std::fs::remove_file(head);
         // The last status line is the final response's (a 100 Continue may come first).
@@ -254,11 +278,14 @@ impl Env {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
-        Streamed {
-            status,
-            len,
-            sha256: hex(&hasher.finalize()),
-        }
+        (
+            Streamed {
+                status,
+                len,
+                sha256: hex(&hasher.finalize()),
+            },
+            ok,
+        )
     }
 
     /// The activity events written so far.
@@ -851,48 +878,43 @@ fn a_zip_bomb_and_a_200_mib_file_get_the_not_inspectable_action_with_bounded_mem
     let e = env("sess-bounds", "managed");
     let before = e.agent_peak_rss_kib();
 
-    // The bomb: not inspectable (the app's setting is monitor), passed, recorded with the reason.
+    // The bomb: not inspectable, and the default bundle blocks uploads it cannot inspect, with
+    // a page that says why and what to do; the app never sees it.
     let bomb = fixture("bomb.docx");
     let form = format!("file=@{}", bomb.display());
     let got = e.upload_json(Some("bob@corp.example"), &form);
-    assert!(got.status < 300, "{} {}", got.status, got.text());
+    assert_eq!(got.status, 403, "{}", got.text());
+    assert!(got.text().contains("could not inspect"), "{}", got.text());
     let ev = e.event_for("POST", "/upload");
-    assert_eq!(ev["action"], "monitor", "{ev}");
+    assert_eq!(ev["action"], "block", "{ev}");
     assert_eq!(ev["files"][0]["not_inspectable"]["reason"], "bomb", "{ev}");
-    let up = e
-        .app
-        .uploads()
-        .into_iter()
-        .find(|u| u.name == "bomb.docx")
-        .unwrap();
-    assert_eq!(up.sha256, sha256_file(&bomb));
+    assert!(!e.app.uploads().iter().any(|u| u.name == "bomb.docx"));
 
-    // 200 MiB through the API: beyond the 50 MiB bound, passed whole and recorded as too large.
-    // Both directions stream through curl's stdin and stdout, so the test needs no disk space
-    // for them.
+    // 200 MiB through the API: beyond the 50 MiB bound, refused at its first byte (its length
+    // says it is too large) and recorded as too large. Both directions stream through curl's
+    // stdin and stdout, so the test needs no disk space for them.
     const BIG: u64 = 200 << 20;
     let big_sha256 = pattern_sha256(BIG);
     let size = format!("Content-Length: {BIG}");
-    let got = e.curl_streamed(
+    let got = e.curl_streamed_any(
         Some("bob@corp.example"),
         BIG,
         &["-T", "-", "-H", &size, &e.url("/api/files/big.bin")],
     );
-    assert!(got.status < 300, "{}", got.status);
-    let up = e
-        .app
-        .uploads()
-        .into_iter()
-        .find(|u| u.name == "big.bin")
-        .unwrap();
-    assert_eq!(up.size, BIG);
-    assert_eq!(up.sha256, big_sha256);
+    // curl may see the connection end before it reads the refusal; the app must see nothing.
+    assert!(got.status == 403 || got.status == 0, "{}", got.status);
     let ev = e.event_for("PUT", "/api/files/big.bin");
     assert_eq!(
         ev["files"][0]["not_inspectable"]["reason"], "too_large",
         "{ev}"
     );
-    assert_eq!(ev["action"], "monitor");
+    assert_eq!(ev["action"], "block");
+    assert!(!e.app.uploads().iter().any(|u| u.name == "big.bin"));
+
+    // Seeded into the app instead, for the way back.
+    let mut big = vec![0u8; BIG as usize];
+    sluice_e2e::pattern(0, &mut big);
+    e.app.seed("big.bin", big, "bob@corp.example").unwrap();
 
     // And 200 MiB back down: delivered whole, not inspectable.
     let id = e
@@ -998,4 +1020,415 @@ fn a_browser_signed_in_through_the_proxy_gets_the_message_page_for_an_unlabeled_
         .expect("the labeled upload reached the app");
     assert_eq!(up.sha256, sha256_file(&fixture("confidential.docx")));
     cdp.close().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The insider suite: an unprivileged user (uid 65534) in the steered cgroup, signed in as bob,
+// tries to get an unlabeled document into the app past the default bundle's upload control.
+// Every attempt must end without the app seeing the request at all.
+
+/// The unprivileged user the attempts run as.
+const NOBODY: (u32, u32) = (65534, 65534);
+
+impl Env {
+    /// A directory the unprivileged user can read and write, with `files` copied into it.
+    fn user_dir(&self, files: &[(&str, &[u8])]) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = self.scratch("user");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        for (name, bytes) in files {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let ca = dir.join("ca.pem");
+        std::fs::copy(&self.sluice_ca, &ca).unwrap();
+        std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+        dir
+    }
+
+    /// curl as the unprivileged user in the steered cgroup, bob's session cookie sent, the
+    /// Sluice CA trusted (`-k` in `args` when the attempt needs it). `args` may name files of
+    /// `dir`. Status 0 when curl got no response.
+    fn curl_insider(&self, dir: &Path, args: &[&str]) -> Got {
+        let (_, cg) = self.cg.child("insider");
+        let head = dir.join("head");
+        let body = dir.join("body");
+        let token = self.app.token_for("bob@corp.example").unwrap();
+        let mut all: Vec<String> = vec![
+            "-sS".into(),
+            "--max-time".into(),
+            "60".into(),
+            "--cacert".into(),
+            dir.join("ca.pem").display().to_string(),
+            "--resolve".into(),
+            format!("{}:{}:{APP_IP}", demo_app::HOST, self.app.addr().port()),
+            "-D".into(),
+            head.display().to_string(),
+            "-o".into(),
+            body.display().to_string(),
+            "-w".into(),
+            "%{http_code}".into(),
+            "-H".into(),
+            format!("Cookie: {}={token}", demo_app::COOKIE),
+        ];
+        all.extend(args.iter().map(|s| (*s).to_owned()));
+        let run = InCgroup {
+            cgroup: Some(cg),
+            user: Some(NOBODY),
+        };
+        let out = run
+            .command(Path::new("/usr/bin/curl"), &all)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("curl");
+        let got = Got {
+            status: String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0),
+            headers: std::fs::read_to_string(&head).unwrap_or_default(),
+            body: std::fs::read(&body).unwrap_or_default(),
+        };
+        let _ = std::fs::remove_file(head);
+        let _ = std::fs::remove_file(body);
+        got
+    }
+
+    /// The requests the app has answered since `seq`.
+    fn app_requests_after(&self, seq: u64) -> Vec<demo_app::RequestRecord> {
+        self.app
+            .requests()
+            .into_iter()
+            .filter(|r| r.seq > seq)
+            .collect()
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.app.requests().iter().map(|r| r.seq).max().unwrap_or(0)
+    }
+}
+
+/// `plain.docx` base64-encoded, wrapped at 76 columns as MIME writes it.
+fn base64_wrapped(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    let b = base64::engine::general_purpose::STANDARD.encode(bytes);
+    b.as_bytes()
+        .chunks(76)
+        .map(|c| format!("{}\n", String::from_utf8_lossy(c)))
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_insider_cannot_get_an_unlabeled_document_in_by_header_games_encodings_or_archives() {
+    use std::io::Write as _;
+    let e = env("sess-insider", "managed");
+    let doc = std::fs::read(fixture("plain.docx")).unwrap();
+    let gz = {
+        let mut w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        w.write_all(&doc).unwrap();
+        w.finish().unwrap()
+    };
+    let tar = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(doc.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "report.docx", doc.as_slice())
+            .unwrap();
+        b.into_inner().unwrap()
+    };
+    let prefixed = [b"#!".as_slice(), &doc].concat();
+    let json = format!(
+        r#"{{"name": "report.txt", "content": "{}"}}"#,
+        base64_wrapped(&doc).replace('\n', "")
+    );
+    let dir = e.user_dir(&[
+        ("report.docx", &doc),
+        ("report.docx.gz", &gz),
+        ("report.tar", &tar),
+        ("notes.txt", &prefixed),
+        ("report.json", json.as_bytes()),
+        ("report.b64", base64_wrapped(&doc).as_bytes()),
+    ]);
+    let f = |name: &str| dir.join(name).display().to_string();
+    let at = |name: &str| format!("@{}", f(name));
+    let upload = e.url("/upload");
+    let api = e.url("/api/files/notes.txt");
+
+    // Sanity: the user can reach the app through Sluice, and a labeled file would go in.
+    let seq = e.last_seq();
+    let ok = e.curl_insider(&dir, &[&e.url("/files")]);
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(e.app_requests_after(seq).len(), 1);
+
+    let attempts: Vec<(&str, Vec<String>)> = vec![
+        (
+            "a file field without a file name",
+            vec![
+                "-F".into(),
+                format!("file=<{}", f("report.docx")),
+                upload.clone(),
+            ],
+        ),
+        (
+            "a form field of another name",
+            vec![
+                "-F".into(),
+                format!("note={}", at("report.docx")),
+                upload.clone(),
+            ],
+        ),
+        (
+            "a raw body called text/plain",
+            vec![
+                "-H".into(),
+                "Content-Type: text/plain".into(),
+                "--data-binary".into(),
+                at("report.docx"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "a raw body called JSON",
+            vec![
+                "-H".into(),
+                "Content-Type: application/json".into(),
+                "--data-binary".into(),
+                at("report.docx"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "a GET carrying the file",
+            vec![
+                "-X".into(),
+                "GET".into(),
+                "-H".into(),
+                "Content-Type: application/octet-stream".into(),
+                "--data-binary".into(),
+                at("report.docx"),
+                e.url("/files"),
+            ],
+        ),
+        (
+            "a PUT whose name says text",
+            vec!["-T".into(), f("report.docx"), api.clone()],
+        ),
+        (
+            "gzip content encoding",
+            vec![
+                "-H".into(),
+                "Content-Encoding: gzip".into(),
+                "-H".into(),
+                "Content-Type: application/octet-stream".into(),
+                "--data-binary".into(),
+                at("report.docx.gz"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "an encoding Sluice does not read",
+            vec![
+                "-H".into(),
+                "Content-Encoding: br".into(),
+                "--data-binary".into(),
+                at("report.docx"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "two encodings stacked",
+            vec![
+                "-H".into(),
+                "Content-Encoding: identity".into(),
+                "-H".into(),
+                "Content-Encoding: gzip".into(),
+                "--data-binary".into(),
+                at("report.docx.gz"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "a tar archive",
+            vec![
+                "-F".into(),
+                format!("file={}", at("report.tar")),
+                upload.clone(),
+            ],
+        ),
+        (
+            "bytes put before the zip signature",
+            vec!["-T".into(), f("notes.txt"), api.clone()],
+        ),
+        (
+            "base64 in a JSON field",
+            vec![
+                "-H".into(),
+                "Content-Type: application/json".into(),
+                "--data-binary".into(),
+                at("report.json"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "base64 as a text body",
+            vec![
+                "-H".into(),
+                "Content-Type: text/plain".into(),
+                "--data-binary".into(),
+                at("report.b64"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "a multipart type with two boundaries",
+            vec![
+                "-H".into(),
+                "Content-Type: multipart/form-data; boundary=aaa; boundary=bbb".into(),
+                "--data-binary".into(),
+                at("report.docx"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "a multipart type without a boundary",
+            vec![
+                "-H".into(),
+                "Content-Type: multipart/form-data".into(),
+                "--data-binary".into(),
+                at("report.docx"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "two content types",
+            vec![
+                "-H".into(),
+                "Content-Type: text/plain".into(),
+                "-H".into(),
+                "Content-Type: application/octet-stream".into(),
+                "--data-binary".into(),
+                at("report.docx"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "HTTP/2 with a file field of another name",
+            vec![
+                "--http2".into(),
+                "-F".into(),
+                format!("x={}", at("report.docx")),
+                upload.clone(),
+            ],
+        ),
+    ];
+    for (what, args) in &attempts {
+        let seq = e.last_seq();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let got = e.curl_insider(&dir, &args);
+        let reached = e.app_requests_after(seq);
+        assert!(
+            reached.is_empty(),
+            "{what}: the app saw {reached:?} (curl got {} {})",
+            got.status,
+            got.text()
+        );
+        assert!(
+            got.status == 403 || got.status == 0,
+            "{what}: {} {}",
+            got.status,
+            got.text()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_insider_cannot_step_around_interception_with_names_or_websockets() {
+    let e = env("sess-names", "managed");
+    let doc = std::fs::read(fixture("plain.docx")).unwrap();
+    let dir = e.user_dir(&[("report.docx", &doc)]);
+    let form = format!("file=@{}", dir.join("report.docx").display());
+    let port = e.app.addr().port();
+    // The app is used once under its name: the agent now knows its address.
+    let seq = e.last_seq();
+    let ok = e.curl_insider(&dir, &[&e.url("/files")]);
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(e.app_requests_after(seq).len(), 1);
+
+    let other = format!("https://other.test:{port}/upload");
+    let other_resolve = format!("other.test:{port}:{APP_IP}");
+    let by_ip = format!("https://{APP_IP}:{port}/upload");
+    let plain = format!("http://{APP_IP}:{port}/upload");
+    let host = format!("Host: {}:{port}", demo_app::HOST);
+    let attempts: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "another server name, the app's Host",
+            vec![
+                "-k",
+                "--resolve",
+                &other_resolve,
+                "-H",
+                &host,
+                "-F",
+                &form,
+                &other,
+            ],
+        ),
+        (
+            "another server name throughout",
+            vec!["-k", "--resolve", &other_resolve, "-F", &form, &other],
+        ),
+        (
+            "no server name (the address)",
+            vec!["-k", "-H", &host, "-F", &form, &by_ip],
+        ),
+        (
+            "plain HTTP to the app's TLS port",
+            vec!["-H", &host, "-F", &form, &plain],
+        ),
+    ];
+    for (what, args) in &attempts {
+        let seq = e.last_seq();
+        let got = e.curl_insider(&dir, args);
+        let reached = e.app_requests_after(seq);
+        assert!(
+            reached.is_empty(),
+            "{what}: the app saw {reached:?} (curl got {} {})",
+            got.status,
+            got.text()
+        );
+    }
+    // A WebSocket to the app is refused by the default bundle's catalogue, and recorded.
+    let seq = e.last_seq();
+    let ws = e.curl_insider(
+        &dir,
+        &[
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "--http1.1",
+            &e.url("/ws"),
+        ],
+    );
+    assert_eq!(ws.status, 403, "{}", ws.text());
+    assert!(ws.text().contains("WebSocket"), "{}", ws.text());
+    assert!(e.app_requests_after(seq).is_empty());
+    let ev = e.event_for("GET", "/ws");
+    assert_eq!(ev["action"], "block", "{ev}");
+    assert_eq!(ev["detail"], "WebSocket upgrade", "{ev}");
+    // The agent counted what it intercepted by address and what it refused.
+    let status = e.agent.status().unwrap();
+    let proxy = &status["proxy"];
+    assert!(proxy["by_address"].as_u64().unwrap() >= 2, "{status}");
+    assert!(proxy["refused"].as_u64().unwrap() >= 1, "{status}");
 }

@@ -701,8 +701,7 @@ fn held_uploads_reach_the_app_only_when_labeled() {
         );
     }
 
-    // Not inspectable (a compressed request body): the app's setting, monitor, applies and the
-    // body goes on as it was sent; the event's file says why.
+    // A gzip-encoded body is decoded and judged by what it is: the unlabeled document again.
     let gz = {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut e, &plain).unwrap();
@@ -719,12 +718,32 @@ fn held_uploads_reach_the_app_only_when_labeled() {
             &rig.url("/api/files/compressed.docx"),
         ],
     );
-    assert_eq!(got.status, 201, "{}", got.text());
-    let ev = rig.event_for("/api/files/compressed.docx");
-    // No label rule could be applied: the policy that decided is the one for every activity.
+    assert_eq!(got.status, 403, "{}", got.text());
+    assert!(
+        got.text().contains("no sensitivity label"),
+        "{}",
+        got.text()
+    );
+
+    // An encoding Sluice does not read: not inspectable, which the default bundle blocks for
+    // uploads, with a page that says why and what to do; the event's file says why.
+    let got = rig.curl(
+        bob,
+        &[
+            "-H",
+            "Content-Encoding: br",
+            "-T",
+            gz_path.to_str().unwrap(),
+            &rig.url("/api/files/encoded.docx"),
+        ],
+    );
+    assert_eq!(got.status, 403, "{}", got.text());
+    assert!(got.text().contains("could not inspect"), "{}", got.text());
+    assert!(got.text().contains("without compressing"), "{}", got.text());
+    let ev = rig.event_for("/api/files/encoded.docx");
     assert_eq!(
-        (ev.action, ev.policy.as_deref(), ev.status),
-        (Action::Monitor, Some("monitor-every-activity"), 201),
+        (ev.action, ev.policy.as_deref()),
+        (Action::Block, None),
         "{ev:#?}"
     );
     assert!(
@@ -738,16 +757,16 @@ fn held_uploads_reach_the_app_only_when_labeled() {
     assert!(
         ev.detail
             .as_deref()
-            .is_some_and(|d| d.contains("compressed request bodies")),
+            .is_some_and(|d| d.contains("content encoding `br`")),
         "{ev:#?}"
     );
-    let up = rig
-        .app
-        .uploads()
-        .into_iter()
-        .find(|u| u.name == "compressed.docx")
-        .expect("the uninspected upload reached the app");
-    assert_eq!(up.sha256, sha256(&gz));
+    assert!(
+        !rig.app
+            .uploads()
+            .iter()
+            .any(|u| u.name == "compressed.docx" || u.name == "encoded.docx"),
+        "a refused upload reached the app"
+    );
 }
 
 /// Held downloads: to an unmanaged device a Highly Confidential document arrives with the label

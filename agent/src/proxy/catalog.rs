@@ -17,6 +17,7 @@ pub struct App {
     /// Display name.
     pub name: String,
     hosts: Vec<HostPattern>,
+    host_names: Vec<String>,
     do_not_inspect: Vec<HostPattern>,
 }
 
@@ -49,6 +50,16 @@ pub enum SpliceReason {
     NotTls,
     /// The client sent nothing at first: a server-speaks-first protocol.
     ServerFirst,
+}
+
+/// Why a connection was refused rather than spliced or intercepted.
+pub mod refused {
+    /// An encrypted ClientHello to an address that is no known app's: the real name is hidden.
+    pub const ECH: &str = "encrypted_client_hello";
+    /// Bytes that are not TLS (nor plain HTTP to the app) to an app's address.
+    pub const NOT_TLS_TO_APP: &str = "not_tls_to_app_address";
+    /// A server-speaks-first exchange with an app's address.
+    pub const SERVER_FIRST_TO_APP: &str = "server_first_to_app_address";
 }
 
 impl SpliceReason {
@@ -85,6 +96,7 @@ impl Catalog {
                         id: a.id.clone(),
                         name: a.name.clone().unwrap_or_else(|| a.id.clone()),
                         hosts: parse_all(&a.hosts)?,
+                        host_names: a.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
                         do_not_inspect: parse_all(&a.do_not_inspect)?,
                     }))
                 })
@@ -104,6 +116,33 @@ impl Catalog {
             Some(set) => Self::new(set.apps.values().map(|a| &a.app), reject),
             None => Self::new(local, reject),
         }
+    }
+
+    /// The app of this id.
+    pub fn app(&self, id: &str) -> Option<Arc<App>> {
+        self.apps.iter().find(|a| a.id == id).cloned()
+    }
+
+    /// (app id, host name) for each app host that is a plain name (neither a wildcard nor an
+    /// address): the names the agent resolves to learn app addresses.
+    pub fn plain_hosts(&self) -> Vec<(String, String)> {
+        self.apps
+            .iter()
+            .flat_map(|a| {
+                a.host_names
+                    .iter()
+                    .filter(|h| !h.contains('*') && h.parse::<std::net::IpAddr>().is_err())
+                    .map(|h| (a.id.clone(), h.clone()))
+            })
+            .collect()
+    }
+
+    /// The app whose do-not-inspect list names `host`, if any.
+    pub fn do_not_inspect_app(&self, host: &str) -> Option<Arc<App>> {
+        self.apps
+            .iter()
+            .find(|a| a.do_not_inspect.iter().any(|p| p.matches(host)))
+            .cloned()
     }
 
     /// The decision for a connection to `host` (lower-case SNI, Host, or destination IP literal).

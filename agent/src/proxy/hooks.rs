@@ -18,6 +18,16 @@ use http::{Response, request, response};
 use super::{body::ProxyBody, catalog::App};
 use crate::{event::ActivityEvent, steer::OriginRecord};
 
+/// In a request head's extensions: the request has no body (HTTP/1 without a length or chunks,
+/// HTTP/2 ending its stream with its headers), whatever its method.
+#[derive(Debug, Clone, Copy)]
+pub struct NoBody;
+
+/// In a request head's extensions: the request asks to become a WebSocket (what follows it is
+/// relayed, not inspected).
+#[derive(Debug, Clone, Copy)]
+pub struct WebSocket;
+
 /// What a hook knows about the exchange.
 #[derive(Debug)]
 pub struct Exchange<'a> {
@@ -74,6 +84,11 @@ pub enum Unheld {
     /// The global inspection budget stayed spent for longer than the proxy waits.
     Busy {
         /// Bytes seen when the proxy gave up waiting.
+        seen: u64,
+    },
+    /// The request's user already holds their share of the inspection budget.
+    UserBusy {
+        /// Bytes seen when the share ran out.
         seen: u64,
     },
 }

@@ -26,9 +26,11 @@ use super::{
     Shared,
     body::{self, Observed, ProxyBody},
     catalog::App,
-    hooks::{BodyPlan, BodyVerdict, Ended, Exchange, Flow, HeadVerdict, Side, Unheld},
+    hooks::{
+        BodyPlan, BodyVerdict, Ended, Exchange, Flow, HeadVerdict, NoBody, Side, Unheld, WebSocket,
+    },
     pages::{self, ClientKind, Page},
-    pool::{Pool, Reservation},
+    pool::{Pool, Reservation, Reserved},
     record::RequestRecord,
     upstream::{Proto, Target, adapt_request},
 };
@@ -149,10 +151,10 @@ enum Held {
 }
 
 /// Holds a body up to `limit` bytes, each byte counted against the pool's budget.
-async fn hold(mut body: ProxyBody, limit: usize, pool: &Pool) -> Held {
+async fn hold(mut body: ProxyBody, limit: usize, pool: &Pool, uid: u32) -> Held {
     let mut chunks = Vec::new();
     let mut size = 0usize;
-    let mut reservation = pool.reservation();
+    let mut reservation = pool.reservation(Some(uid));
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
@@ -163,8 +165,14 @@ async fn hold(mut body: ProxyBody, limit: usize, pool: &Pool) -> Held {
                     if size > limit {
                         return Held::Unheld(chunks, body, Unheld::TooLarge { seen });
                     }
-                    if !pool.reserve(&mut reservation, seen).await {
-                        return Held::Unheld(chunks, body, Unheld::Busy { seen });
+                    match pool.reserve(&mut reservation, seen).await {
+                        Reserved::Yes => {}
+                        Reserved::Busy => {
+                            return Held::Unheld(chunks, body, Unheld::Busy { seen });
+                        }
+                        Reserved::UserBusy => {
+                            return Held::Unheld(chunks, body, Unheld::UserBusy { seen });
+                        }
                     }
                 }
             }
@@ -195,6 +203,7 @@ enum Judged {
 /// Applies `plan` to `body`: passes it, or holds it and has the flow judge it on the pool.
 async fn judged(
     shared: &Shared,
+    uid: u32,
     flow: &mut Option<Box<dyn Flow>>,
     side: Side,
     plan: BodyPlan,
@@ -204,7 +213,7 @@ async fn judged(
         return Judged::Send(body, None);
     };
     // Boxed: only held bodies need this state, not every request's future.
-    let (verdict, pass) = match Box::pin(hold(body, limit, &shared.pool)).await {
+    let (verdict, pass) = match Box::pin(hold(body, limit, &shared.pool, uid)).await {
         Held::Complete(whole, reservation) => {
             let Some(mut owned) = flow.take() else {
                 return Judged::Send(body::full(whole), None);
@@ -434,6 +443,12 @@ pub async fn handle(
     // Hop-by-hop fields go before the hooks see the head: they judge what the app receives.
     let upgrade = is_websocket_upgrade(&parts);
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if incoming.is_end_stream() {
+        parts.extensions.insert(NoBody);
+    }
+    if upgrade {
+        parts.extensions.insert(WebSocket);
+    }
     if shared.hooks.active() {
         let ex = Exchange {
             origin: &sess.origin,
@@ -460,6 +475,7 @@ pub async fn handle(
         .map_or(BodyPlan::Pass, |f| f.request_body(&parts));
     let body = match judged(
         &shared,
+        sess.origin.uid,
         &mut pending.flow,
         Side::Request,
         plan,
@@ -533,6 +549,7 @@ pub async fn handle(
         .map_or(BodyPlan::Pass, |f| f.response_body(&rparts));
     let rbody = match judged(
         &shared,
+        sess.origin.uid,
         &mut pending.flow,
         Side::Response,
         plan,

@@ -47,6 +47,7 @@ macro_rules! forward_writes {
     };
 }
 
+pub mod addresses;
 pub mod body;
 pub mod bufio;
 pub mod ca;
@@ -62,6 +63,7 @@ mod splice;
 pub mod upstream;
 
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
@@ -82,7 +84,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::{
     ca::LeafCache,
-    catalog::{Catalog, Decision, SpliceReason},
+    catalog::{App, Catalog, Decision, SpliceReason, refused},
     hooks::Hooks,
     peek::{Peeked, Rewind},
     record::{ConnectionRecord, Reporter},
@@ -128,6 +130,17 @@ pub struct ProxyStats {
     pub intercepted: AtomicU64,
     /// Connections rejected by `proxy.reject_hosts`.
     pub rejected: AtomicU64,
+    /// Connections refused because they could not be inspected where they had to be (an
+    /// encrypted ClientHello, not TLS to an app's address).
+    pub refused: AtomicU64,
+    /// Connections intercepted because of their destination, the name they gave being no app's.
+    pub by_address: AtomicU64,
+    /// Connections closed because their user had `max_connections_per_uid` open.
+    pub uid_connection_refusals: AtomicU64,
+    /// Heartbeat probes answered (the agent's own check that the proxy accepts and serves).
+    pub probes: AtomicU64,
+    /// The local port of the heartbeat probe in flight (0: none).
+    pub probe_port: AtomicU64,
     /// Malformed, truncated or slow ClientHellos (connection closed).
     pub bad_client_hello: AtomicU64,
     /// Client TLS handshakes that failed (after a good ClientHello).
@@ -164,6 +177,8 @@ pub struct ProxyStatsSnapshot {
     pub spliced: u64,
     pub intercepted: u64,
     pub rejected: u64,
+    pub refused: u64,
+    pub by_address: u64,
     pub bad_client_hello: u64,
     pub tls_failed: u64,
     pub requests: u64,
@@ -178,6 +193,9 @@ pub struct ProxyStatsSnapshot {
     pub inspecting: u64,
     pub inspection_held_bytes: u64,
     pub inspection_budget_timeouts: u64,
+    pub inspection_user_refusals: u64,
+    pub uid_connection_refusals: u64,
+    pub probes: u64,
 }
 
 impl ProxyStats {
@@ -193,6 +211,8 @@ impl ProxyStats {
             spliced: r(&self.spliced),
             intercepted: r(&self.intercepted),
             rejected: r(&self.rejected),
+            refused: r(&self.refused),
+            by_address: r(&self.by_address),
             bad_client_hello: r(&self.bad_client_hello),
             tls_failed: r(&self.tls_failed),
             requests: r(&self.requests),
@@ -207,6 +227,9 @@ impl ProxyStats {
             inspecting: r(&self.inspection.running),
             inspection_held_bytes: r(&self.inspection.held_bytes),
             inspection_budget_timeouts: r(&self.inspection.budget_timeouts),
+            inspection_user_refusals: r(&self.inspection.user_budget_refusals),
+            uid_connection_refusals: r(&self.uid_connection_refusals),
+            probes: r(&self.probes),
         }
     }
 }
@@ -247,6 +270,10 @@ pub struct Shared {
     pub bypass_mark: u32,
     /// Where held bodies are judged, and the budget of bytes they may hold.
     pub pool: pool::Pool,
+    /// Addresses known to be apps'.
+    pub addresses: addresses::AppAddresses,
+    /// Connections open per user.
+    pub user_slots: UserSlots,
     own_pid: u32,
 }
 
@@ -270,9 +297,11 @@ impl Shared {
         settings: ProxySettings,
         bypass_mark: u32,
     ) -> Self {
+        let user_slots = UserSlots::new(settings.max_connections_per_uid);
         let pool = pool::Pool::new(
             settings.inspect_workers,
             settings.inspect_budget_bytes,
+            settings.inspect_budget_bytes_per_uid,
             Duration::from_millis(settings.inspect_wait_ms),
             stats.inspection.clone(),
         );
@@ -287,12 +316,23 @@ impl Shared {
             pool,
             settings,
             bypass_mark,
+            addresses: addresses::AppAddresses::default(),
+            user_slots,
             own_pid: std::process::id(),
         }
     }
 
     fn timeout(&self, ms: u64) -> Duration {
         Duration::from_millis(ms)
+    }
+
+    /// The app whose address `ip` is: listed in the catalogue, or learned.
+    pub fn app_at(&self, ip: std::net::IpAddr) -> Option<Arc<App>> {
+        let catalog = self.catalog.load();
+        if let Decision::Intercept(app) = catalog.decide(&ip.to_string()) {
+            return Some(app);
+        }
+        catalog.app(&self.addresses.app_at(ip)?)
     }
 }
 
@@ -381,6 +421,7 @@ impl Proxy {
         let tracker = tokio_util::task::TaskTracker::new();
         shared.stats.listening.store(true, Ordering::Relaxed);
         let mut accepts = tokio::task::JoinSet::new();
+        accepts.spawn(addresses::resolve_loop(shared.clone(), shutdown.clone()));
         for listener in self.listeners {
             let (limit, tracker, shared, shutdown) = (
                 limit.clone(),
@@ -444,6 +485,59 @@ fn conn_record(
     }
 }
 
+/// What the proxy answers on the heartbeat probe's connection.
+pub const PROBE_REPLY: &[u8] = b"sluice-proxy-ok\n";
+
+/// Open connections per user, bounded by `proxy.max_connections_per_uid`.
+#[derive(Debug)]
+pub struct UserSlots {
+    max: usize,
+    open: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+}
+
+/// One user's connection slot, given back on drop.
+#[derive(Debug)]
+pub struct UserSlot {
+    uid: u32,
+    open: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+}
+
+impl UserSlots {
+    /// At most `max` connections per user.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for `uid`, or none when they have `max` open.
+    pub fn take(&self, uid: u32) -> Option<UserSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(uid).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            uid,
+            open: self.open.clone(),
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// Handles one accepted connection from start to end: whose it is, who speaks first, what the
 /// first bytes are, and then plain HTTP, TLS interception or a splice.
 pub async fn handle(
@@ -453,7 +547,33 @@ pub async fn handle(
     shutdown: CancellationToken,
 ) {
     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    if peer.ip().is_loopback()
+        && u64::from(peer.port()) == shared.stats.probe_port.load(Ordering::Relaxed)
+    {
+        // The agent's heartbeat: this task ran, so the proxy accepts and serves.
+        shared.stats.probes.fetch_add(1, Ordering::Relaxed);
+        let mut client = client;
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut client, PROBE_REPLY).await;
+        return;
+    }
     let Some(origin) = claim(shared, peer) else {
+        return;
+    };
+    let Some(_slot) = shared.user_slots.take(origin.uid) else {
+        shared
+            .stats
+            .uid_connection_refusals
+            .fetch_add(1, Ordering::Relaxed);
+        shared.reporter.connection(conn_record(
+            peer,
+            Some(&origin),
+            None,
+            "refused",
+            format!(
+                "user {} has {} connections open (proxy.max_connections_per_uid)",
+                origin.uid, shared.settings.max_connections_per_uid
+            ),
+        ));
         return;
     };
     let _ = client.set_nodelay(true);
@@ -551,6 +671,17 @@ async fn client_speaks_first(
             })
             .await;
             match server_first {
+                Ok(Ok((true, n))) if n > 0 && shared.app_at(origin.dst.ip()).is_some() => {
+                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    shared.reporter.connection(conn_record(
+                        peer,
+                        Some(origin),
+                        None,
+                        "refused",
+                        refused::SERVER_FIRST_TO_APP.into(),
+                    ));
+                    None
+                }
                 Ok(Ok((true, n))) if n > 0 => {
                     splice_conn(
                         shared,
@@ -626,6 +757,17 @@ impl Accepted<'_> {
             .await;
             return;
         }
+        if shared.app_at(self.origin.dst.ip()).is_some() {
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            shared.reporter.connection(conn_record(
+                self.peer,
+                Some(&self.origin),
+                None,
+                "refused",
+                refused::NOT_TLS_TO_APP.into(),
+            ));
+            return;
+        }
         splice_conn(
             shared,
             self.client,
@@ -657,7 +799,36 @@ impl Accepted<'_> {
                 reason,
             ));
         };
-        let app = match shared.catalog.load().decide(&name) {
+        let catalog = shared.catalog.load();
+        let at = shared.app_at(self.origin.dst.ip());
+        let by_name = catalog.decide(&name);
+        // The destination overrides the name: a connection to an app's address is intercepted
+        // whatever name it carries (none, another, a hidden one), and do-not-inspect holds only
+        // when the name's app is the address's.
+        let by_name = match (by_name, at) {
+            (Decision::Intercept(app), _) => {
+                self.shared.addresses.learn(self.origin.dst.ip(), &app.id);
+                Decision::Intercept(app)
+            }
+            (Decision::Splice(SpliceReason::DoNotInspect), Some(at))
+                if catalog
+                    .do_not_inspect_app(&name)
+                    .is_some_and(|a| a.id == at.id) =>
+            {
+                Decision::Splice(SpliceReason::DoNotInspect)
+            }
+            (Decision::Splice(_), Some(at)) => {
+                stats.by_address.fetch_add(1, Ordering::Relaxed);
+                Decision::Intercept(at)
+            }
+            (Decision::Splice(_), None) if hello.ech && shared.settings.refuse_ech => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                return report("refused", refused::ECH.into());
+            }
+            (d, _) => d,
+        };
+        drop(catalog);
+        let app = match by_name {
             Decision::Reject => {
                 stats.rejected.fetch_add(1, Ordering::Relaxed);
                 return report("rejected", "proxy.reject_hosts".into());

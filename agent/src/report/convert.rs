@@ -4,7 +4,8 @@
 
 use serde::Serialize;
 use sluice_protocol::{
-    self as proto, CLASS_FILE_HOSTING, CLASS_HTTP_ACTIVITY, Event, file_activity, http_activity,
+    self as proto, CLASS_FILE_HOSTING, CLASS_HTTP_ACTIVITY, CLASS_NETWORK_ACTIVITY, Event,
+    file_activity, http_activity, network_activity,
 };
 
 use sluice_inspect::{FileFacts, normalize_guid};
@@ -13,7 +14,7 @@ use sluice_policy::{
     model::{Action, Activity},
 };
 
-use crate::event::ActivityEvent;
+use crate::{event::ActivityEvent, proxy::record::ConnectionRecord};
 
 /// Longest message kept (characters).
 const MAX_MESSAGE: usize = 400;
@@ -260,6 +261,83 @@ pub fn activity_event(
 
 fn activity_name_lower(a: Activity) -> String {
     activity_name(a).to_owned()
+}
+
+/// Converts a connection the proxy did not inspect (spliced, refused, rejected, without an
+/// origin, failed before HTTP) into a Network Activity event: who (process, user), where to
+/// (address, port, server name), what was done and why.
+pub fn connection_event(rec: &ConnectionRecord, device: proto::Device) -> Event {
+    let (activity_id, activity_name) = match rec.action.as_str() {
+        "spliced" => (network_activity::OPEN, "Open"),
+        "refused" | "rejected" | "loop" | "bad_client_hello" => {
+            (network_activity::REFUSE, "Refuse")
+        }
+        "upstream_failed" | "leaf_failed" | "tls_failed" => (network_activity::FAIL, "Fail"),
+        _ => (network_activity::OTHER, "Other"),
+    };
+    let mut e = Event::new(
+        sluice_inspect::new_guid(),
+        crate::event::unix_ms(rec.time),
+        CLASS_NETWORK_ACTIVITY,
+        activity_id,
+        activity_name,
+        device,
+    );
+    let o = rec.origin.as_ref();
+    e.severity_id = match rec.action.as_str() {
+        "refused" | "loop" => 3,
+        _ => 1,
+    };
+    let who = o
+        .map(|o| {
+            format!(
+                "{} (pid {}, uid {})",
+                if o.comm.is_empty() { "?" } else { &o.comm },
+                o.tgid,
+                o.uid
+            )
+        })
+        .unwrap_or_else(|| rec.peer.to_string());
+    let to = match (o, &rec.sni) {
+        (Some(o), Some(n)) => format!("{n} ({})", o.dst),
+        (Some(o), None) => o.dst.to_string(),
+        (None, Some(n)) => n.clone(),
+        (None, None) => "an unknown destination".into(),
+    };
+    e.message = truncate(
+        format!("{who} to {to}: {} ({})", rec.action, rec.reason),
+        MAX_MESSAGE,
+    );
+    e.actor = proto::Actor {
+        user: None,
+        process: o.map(|o| proto::Process {
+            pid: o.tgid,
+            name: o.comm.clone(),
+            path: o.process.exe.as_ref().map(|p| p.display().to_string()),
+            uid: o.uid,
+            user: o.process.user.clone(),
+        }),
+    };
+    e.src_endpoint = Some(proto::Endpoint {
+        ip: Some(rec.peer.ip().to_string()),
+        port: Some(rec.peer.port()),
+        hostname: None,
+    });
+    e.dst_endpoint = Some(proto::Endpoint {
+        ip: o.map(|o| o.dst.ip().to_string()),
+        port: o.map(|o| o.dst.port()),
+        hostname: rec.sni.clone(),
+    });
+    e.sluice = Some(proto::Sluice {
+        app: String::new(),
+        activity: "connection".into(),
+        action: rec.action.clone(),
+        decided_by: "connection".into(),
+        incident: String::new(),
+        detail: Some(truncate(rec.reason.clone(), MAX_MESSAGE)),
+        ..proto::Sluice::default()
+    });
+    e
 }
 
 #[cfg(test)]

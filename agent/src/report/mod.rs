@@ -384,7 +384,10 @@ impl Reporter for EventReporter {
         LogReporter.request(rec);
     }
     fn connection(&self, rec: ConnectionRecord) {
+        // Nothing the proxy did not inspect goes unseen at the collector.
+        let event = convert::connection_event(&rec, self.device());
         LogReporter.connection(rec);
+        self.submit(&event);
     }
     fn activity(&self, ev: ActivityEvent) {
         let event = self.convert(&ev);

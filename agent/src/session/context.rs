@@ -8,7 +8,7 @@ use http::{HeaderMap, header, request};
 use sluice_inspect::{Limits, multipart};
 use sluice_policy::{
     PolicySet,
-    model::{Action, Activity, Client, Device, Input, ProcessInput},
+    model::{Action, Activity, Client, Device, Input, NotInspectable, ProcessInput},
 };
 
 use crate::{
@@ -23,7 +23,12 @@ pub(super) struct Context {
     pub(super) input: Input,
     pub(super) kind: ClientKind,
     pub(super) limits: Limits,
-    pub(super) not_inspectable: Action,
+    /// The app's action for a request body that cannot be inspected.
+    pub(super) not_inspectable_upload: Action,
+    /// The app's action for a response body that cannot be inspected.
+    pub(super) not_inspectable_download: Action,
+    /// The app's action for a WebSocket upgrade.
+    pub(super) websocket: Action,
     /// The activity from the catalogue's definitions.
     pub(super) defined: Option<Activity>,
     /// The file name the definition points at (path, query or header).
@@ -31,6 +36,8 @@ pub(super) struct Context {
     /// The multipart field the definition names as the file.
     pub(super) form_field: Option<String>,
     pub(super) request_type: Option<String>,
+    /// The request has more than one Content-Type field (servers differ on which counts).
+    pub(super) request_type_repeated: bool,
     pub(super) request_encoding: Option<String>,
     pub(super) method: String,
     pub(super) path: String,
@@ -121,9 +128,12 @@ impl Context {
                 .unwrap_or(Limits::default().max_bytes),
             ..Limits::default()
         };
-        let not_inspectable = compiled
-            .and_then(|a| a.app.not_inspectable)
-            .unwrap_or(Action::Monitor);
+        let setting = compiled.and_then(|a| a.app.not_inspectable);
+        let not_inspectable_upload = NotInspectable::upload(setting);
+        let not_inspectable_download = NotInspectable::download(setting);
+        let websocket = compiled
+            .and_then(|a| a.app.websocket)
+            .unwrap_or(not_inspectable_upload);
         let def = set.activity(&app_id, &method, &path, &[]);
         let defined = def.map(|d| d.activity);
         let from = def.and_then(|d| d.file_name.clone());
@@ -152,13 +162,24 @@ impl Context {
         Self {
             kind: ClientKind::of(&head.headers),
             limits,
-            not_inspectable,
+            not_inspectable_upload,
+            not_inspectable_download,
+            websocket,
             defined,
             defined_name,
             form_field: from.and_then(|f| f.form_field),
             request_type: header_str(&head.headers, header::CONTENT_TYPE).map(str::to_owned),
-            request_encoding: header_str(&head.headers, header::CONTENT_ENCODING)
-                .map(str::to_owned),
+            request_type_repeated: head.headers.get_all(header::CONTENT_TYPE).iter().count() > 1,
+            // Every value, joined: two Content-Encoding fields are a list of codings.
+            request_encoding: {
+                let all: Vec<&str> = head
+                    .headers
+                    .get_all(header::CONTENT_ENCODING)
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+                    .collect();
+                (!all.is_empty()).then(|| all.join(", "))
+            },
             incident: ex.request_id.to_owned(),
             time: event::unix_ms(SystemTime::now()),
             host: ex.host.to_owned(),

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use http::{Response, StatusCode};
-use sluice_inspect::FileFacts;
+use sluice_inspect::{FileFacts, NotInspectable};
 use sluice_policy::{
     Decision,
     model::{Action, Activity, FileInput, Kind},
@@ -17,7 +17,7 @@ use sluice_policy::{
 use super::context::Context;
 use crate::proxy::{
     body::ProxyBody,
-    hooks::BodyVerdict,
+    hooks::{BodyVerdict, Side},
     pages::{self, Page},
 };
 
@@ -34,6 +34,8 @@ pub(super) struct Decided {
     pub(super) label: Option<String>,
     pub(super) permissions: Option<Vec<String>>,
     pub(super) replace_label: bool,
+    /// The action is the app's not-inspectable action (the page says why and what to do).
+    pub(super) not_inspectable: bool,
 }
 
 impl From<Decision> for Decided {
@@ -46,6 +48,7 @@ impl From<Decision> for Decided {
             label: d.label,
             permissions: d.permissions,
             replace_label: d.replace_label,
+            not_inspectable: false,
         }
     }
 }
@@ -86,6 +89,7 @@ impl Context {
     pub(super) fn decide_file(
         &self,
         activity: Activity,
+        side: Side,
         file: Option<&FileFacts>,
         extra: &Dlp,
     ) -> Decided {
@@ -101,10 +105,15 @@ impl Context {
             _ => None,
         };
         let mut out = Decided::from(self.set.decide(Kind::Session, &input));
-        if unreadable && self.not_inspectable > out.action {
-            out.action = self.not_inspectable;
+        let floor = match side {
+            Side::Request => self.not_inspectable_upload,
+            Side::Response => self.not_inspectable_download,
+        };
+        if unreadable && floor > out.action {
+            out.action = floor;
             out.policy = None;
             out.message = None;
+            out.not_inspectable = true;
         }
         out
     }
@@ -130,14 +139,67 @@ impl Context {
         }
     }
 
-    /// The answer for a block: the policy's message for this client.
-    pub(super) fn block_page(&self, d: &Decided, file: Option<&str>) -> Response<ProxyBody> {
-        let app = self
-            .set
+    /// The app's display name.
+    fn app_name(&self) -> String {
+        self.set
             .apps
             .get(&self.input.app)
             .and_then(|a| a.app.name.clone())
-            .unwrap_or_else(|| self.input.app.clone());
+            .unwrap_or_else(|| self.input.app.clone())
+    }
+
+    /// The answer for a refused WebSocket.
+    pub(super) fn block_page_websocket(&self) -> Response<ProxyBody> {
+        let detail = format!(
+            "{} does not allow WebSocket connections from this device: what they carry cannot \
+             be inspected.",
+            self.app_name()
+        );
+        pages::render(
+            &Page {
+                status: StatusCode::FORBIDDEN,
+                title: "Blocked: WebSocket connection",
+                detail: &detail,
+                hint: "Use the app's pages and its upload form; contact your administrator if \
+                       you need this feature.",
+                incident: &self.incident,
+            },
+            self.kind,
+        )
+    }
+
+    /// The answer for a block: the policy's message for this client.
+    pub(super) fn block_page(&self, d: &Decided, file: Option<&str>) -> Response<ProxyBody> {
+        self.block_page_why(d, file, None)
+    }
+
+    /// The answer for a block, saying why and what to do when the block is the app's
+    /// not-inspectable action.
+    pub(super) fn block_page_why(
+        &self,
+        d: &Decided,
+        file: Option<&str>,
+        why: Option<&NotInspectable>,
+    ) -> Response<ProxyBody> {
+        if let (true, Some(why)) = (d.not_inspectable, why) {
+            let app = self.app_name();
+            let (title, fix) = not_inspectable_text(why);
+            let detail = format!(
+                "{} was refused by {app}'s policy because Sluice could not inspect it: {why}.",
+                file.unwrap_or("The file")
+            );
+            return pages::render(
+                &Page {
+                    status: StatusCode::FORBIDDEN,
+                    title,
+                    detail: &detail,
+                    hint: &fix,
+                    incident: &self.incident,
+                },
+                self.kind,
+            );
+        }
+        let app = self.app_name();
         let policy = d.policy.clone().unwrap_or_default();
         let template = d.message.as_ref().and_then(|m| self.set.templates.get(m));
         let vars = [
@@ -239,18 +301,55 @@ impl Record {
         &mut self,
         cx: &Context,
         activity: Activity,
+        side: Side,
         facts: FileFacts,
         pass: BodyVerdict,
     ) -> BodyVerdict {
-        let d = cx.decide_file(activity, Some(&facts), &Dlp::new());
+        let d = cx.decide_file(activity, side, Some(&facts), &Dlp::new());
         self.take(Kind::Session, activity, &d);
         self.note(facts.not_inspectable.as_ref().map(ToString::to_string));
         let name = facts.name.clone();
+        let why = facts.not_inspectable.clone();
         self.files.push(facts);
         if d.action == Action::Block {
-            BodyVerdict::Respond(cx.block_page(&d, name.as_deref()))
+            BodyVerdict::Respond(cx.block_page_why(&d, name.as_deref(), why.as_ref()))
         } else {
             pass
         }
     }
+}
+
+/// The title and the fix shown when content that cannot be inspected is refused.
+fn not_inspectable_text(why: &NotInspectable) -> (&'static str, String) {
+    let title = "Blocked: this content could not be inspected";
+    let fix = match why {
+        NotInspectable::TooLarge(n) => format!(
+            "Files larger than {} MiB cannot be inspected. Share a smaller file, or ask your \
+             administrator for an approved way to move large files.",
+            n / (1024 * 1024)
+        ),
+        NotInspectable::Encrypted(_) => "Remove the password or encryption and try again; to \
+             protect the file, apply your organisation's sensitivity label instead."
+            .to_owned(),
+        NotInspectable::Bomb(_) | NotInspectable::TooDeep(_) => "Send the files themselves, or \
+             an archive without archives nested in it and within the size limits."
+            .to_owned(),
+        NotInspectable::XmlEntities(_) | NotInspectable::Malformed(_) => "The content could \
+             not be read. Save the file again from the application that made it and send it as \
+             a file."
+            .to_owned(),
+        NotInspectable::Timeout(_) => "Inspection took too long. Try again, or with a smaller \
+             file."
+            .to_owned(),
+        NotInspectable::Unsupported(what) if what.contains("per-user") => "You have too many \
+             files in inspection at once. Wait for the others to finish, then try again."
+            .to_owned(),
+        NotInspectable::Unsupported(what) if what.contains("budget") => "Sluice is inspecting \
+             too many files at once. Try again in a moment."
+            .to_owned(),
+        NotInspectable::Unsupported(_) => "Send the file as it is, without compressing or \
+             encoding the request, from the app's own upload page."
+            .to_owned(),
+    };
+    (title, fix)
 }

@@ -17,7 +17,7 @@ use super::{
     context::{Context, content_length, header_str},
     decide::{Decided, Dlp, Record, most_restrictive},
 };
-use crate::proxy::hooks::{BodyVerdict, HeadVerdict};
+use crate::proxy::hooks::{BodyVerdict, HeadVerdict, Side};
 
 /// A response body that is held as a download.
 #[derive(Debug, Clone)]
@@ -34,7 +34,16 @@ pub(super) enum Encoding {
 }
 
 pub(super) fn encoding_of(h: &HeaderMap) -> Result<Option<Encoding>, String> {
-    match header_str(h, header::CONTENT_ENCODING).map(|v| v.trim().to_ascii_lowercase()) {
+    if h.get_all(header::CONTENT_ENCODING).iter().count() > 1 {
+        return Err("more than one Content-Encoding".into());
+    }
+    coding(header_str(h, header::CONTENT_ENCODING))
+}
+
+/// The coding a `Content-Encoding` value names; an error for one Sluice does not decode (a list
+/// of codings included).
+pub(super) fn coding(value: Option<&str>) -> Result<Option<Encoding>, String> {
+    match value.map(|v| v.trim().to_ascii_lowercase()) {
         None => Ok(None),
         Some(v) if v.is_empty() || v == "identity" => Ok(None),
         Some(v) if v == "gzip" || v == "x-gzip" => Ok(Some(Encoding::Gzip)),
@@ -128,7 +137,13 @@ pub(super) fn response_head(
             not_inspectable: Some(why),
             ..FileFacts::default()
         };
-        let verdict = match rec.unreadable(cx, Activity::Download, facts, BodyVerdict::Pass) {
+        let verdict = match rec.unreadable(
+            cx,
+            Activity::Download,
+            Side::Response,
+            facts,
+            BodyVerdict::Pass,
+        ) {
             BodyVerdict::Respond(r) => HeadVerdict::Respond(r),
             _ => HeadVerdict::Continue,
         };
@@ -168,7 +183,13 @@ impl Download {
             not_inspectable: Some(why),
             ..FileFacts::default()
         };
-        rec.unreadable(cx, Activity::Download, facts, BodyVerdict::Pass)
+        rec.unreadable(
+            cx,
+            Activity::Download,
+            Side::Response,
+            facts,
+            BodyVerdict::Pass,
+        )
     }
 
     /// Judges a held download.
@@ -194,7 +215,7 @@ impl Download {
         );
         let decisions: Vec<Decided> = files
             .iter()
-            .map(|f| cx.decide_file(Activity::Download, Some(f), &Dlp::new()))
+            .map(|f| cx.decide_file(Activity::Download, Side::Response, Some(f), &Dlp::new()))
             .collect();
         let worst = most_restrictive(&decisions).unwrap_or(0);
         let mut d = decisions[worst].clone();
@@ -215,13 +236,14 @@ impl Download {
                 // inspected, and the decision taken is that action, not the one the policy meant.
                 Err(e) => {
                     files[0].not_inspectable.get_or_insert(e);
-                    d.action = cx.not_inspectable;
+                    d.action = cx.not_inspectable_download;
                 }
             }
         }
         rec.take(Kind::Session, Activity::Download, &d);
         // The block page names the file at fault (a member of an archive, when it is one).
         let name = files[worst].name.clone();
+        let why = files[worst].not_inspectable.clone();
         rec.note(
             files
                 .iter()
@@ -229,7 +251,7 @@ impl Download {
         );
         rec.files.extend(files);
         if d.action == Action::Block {
-            return BodyVerdict::Respond(cx.block_page(&d, name.as_deref()));
+            return BodyVerdict::Respond(cx.block_page_why(&d, name.as_deref(), why.as_ref()));
         }
         match out {
             Some(v) => BodyVerdict::Replace(v.into()),

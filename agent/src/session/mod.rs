@@ -20,7 +20,7 @@ mod download;
 mod upload;
 
 use bytes::Bytes;
-use http::{HeaderMap, header, request, response};
+use http::{header, request, response};
 use sluice_inspect::NotInspectable;
 use sluice_policy::{
     PolicySet,
@@ -31,7 +31,8 @@ use crate::{
     bundle::Active,
     event::ActivityEvent,
     proxy::hooks::{
-        BodyPlan, BodyVerdict, Ended, Exchange, Flow, HeadVerdict, Hooks, Side, Unheld,
+        BodyPlan, BodyVerdict, Ended, Exchange, Flow, HeadVerdict, Hooks, NoBody, Side, Unheld,
+        WebSocket,
     },
 };
 use context::{Context, content_length};
@@ -80,9 +81,10 @@ struct Request {
     download: Option<Download>,
 }
 
-/// Whether a request's body is held for inspection.
-fn holds_request(method: &http::Method, headers: &HeaderMap) -> bool {
-    matches!(method.as_str(), "POST" | "PUT" | "PATCH") && content_length(headers) != Some(0)
+/// Whether a request's body is held for inspection: every request that has one, whatever its
+/// method (a GET or a DELETE can carry a file as well as a POST).
+fn holds_request(head: &request::Parts) -> bool {
+    head.extensions.get::<NoBody>().is_none() && content_length(&head.headers) != Some(0)
 }
 
 impl Flow for Request {
@@ -104,12 +106,28 @@ impl Flow for Request {
             return HeadVerdict::Respond(cx.block_page(&access, None));
         }
 
+        // A WebSocket carries what it likes once upgraded: the app's setting decides it.
+        if head.extensions.get::<WebSocket>().is_some() {
+            let activity = cx.defined.unwrap_or(Activity::Other);
+            let mut d = cx.decide_file(activity, Side::Request, None, &Dlp::new());
+            if cx.websocket > d.action {
+                d.action = cx.websocket;
+                d.policy = None;
+                d.message = None;
+            }
+            self.rec.take(Kind::Session, activity, &d);
+            self.rec.note(Some("WebSocket upgrade".into()));
+            if d.action == Action::Block {
+                return HeadVerdict::Respond(cx.block_page_websocket());
+            }
+            return HeadVerdict::Continue;
+        }
         // Requests without a body to hold are decided now; the others when their body is in.
-        if !holds_request(&head.method, &head.headers) {
+        if !holds_request(head) {
             let activity = cx.defined.unwrap_or_else(|| {
                 PolicySet::generic_activity(&cx.method, None, false, None, None)
             });
-            let d = cx.decide_file(activity, None, &Dlp::new());
+            let d = cx.decide_file(activity, Side::Request, None, &Dlp::new());
             self.rec.take_provisional(activity, &d);
             if d.action == Action::Block {
                 return HeadVerdict::Respond(cx.block_page(&d, cx.defined_name.as_deref()));
@@ -119,7 +137,7 @@ impl Flow for Request {
     }
 
     fn request_body(&mut self, head: &request::Parts) -> BodyPlan {
-        if !holds_request(&head.method, &head.headers) {
+        if !holds_request(head) {
             return BodyPlan::Pass;
         }
         let limit = self.cx.limits.max_bytes;
@@ -168,6 +186,14 @@ impl Flow for Request {
         let (cx, rec) = (&self.cx, &mut self.rec);
         let (why, seen) = match why {
             Unheld::TooLarge { seen } => (NotInspectable::TooLarge(cx.limits.max_bytes), seen),
+            Unheld::UserBusy { seen } => (
+                NotInspectable::Unsupported(
+                    "this user's uploads and downloads in inspection at once exceed their \
+                     per-user budget"
+                        .into(),
+                ),
+                seen,
+            ),
             Unheld::Busy { seen } => (
                 NotInspectable::Unsupported(
                     "the proxy's inspection budget was spent (too many bodies held at once)".into(),

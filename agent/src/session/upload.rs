@@ -3,7 +3,9 @@
 //! session decision over them stands. Runs on the inspection pool.
 
 use bytes::Bytes;
-use sluice_inspect::{self as inspect, FileFacts, NotInspectable, dlp, multipart};
+use sluice_inspect::{
+    self as inspect, FileFacts, FileType, NotInspectable, embedded, multipart, sniff::sniff,
+};
 use sluice_policy::{
     PolicySet,
     model::{Action, Activity, Kind},
@@ -12,8 +14,9 @@ use sluice_policy::{
 use super::{
     context::Context,
     decide::{Decided, Dlp, Record, most_restrictive},
+    download::{coding, decode},
 };
-use crate::proxy::hooks::BodyVerdict;
+use crate::proxy::hooks::{BodyVerdict, Side};
 
 /// Most parts in a multipart body.
 const MAX_PARTS: usize = 1_000;
@@ -45,23 +48,31 @@ impl Upload {
         rec.unreadable(
             cx,
             cx.defined.unwrap_or(Activity::Upload),
+            Side::Request,
             facts,
             BodyVerdict::Pass,
         )
     }
 
-    /// Judges a held request body.
-    pub(super) fn judge(&self, cx: &Context, rec: &mut Record, body: &Bytes) -> BodyVerdict {
-        let seen = body.len() as u64;
-        if cx
-            .request_encoding
-            .as_deref()
-            .is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"))
-        {
+    /// Judges a held request body by its bytes: decoded first when its encoding is one Sluice
+    /// reads, then taken apart; every piece (the body, each part, each form value, each base64
+    /// run in text) is sniffed, and whatever is a file is inspected as one whatever the headers,
+    /// names or form fields say of it.
+    pub(super) fn judge(&self, cx: &Context, rec: &mut Record, raw: &Bytes) -> BodyVerdict {
+        let seen = raw.len() as u64;
+        let body: Bytes = match coding(cx.request_encoding.as_deref()) {
+            Err(e) => return self.unreadable(cx, rec, NotInspectable::Unsupported(e), seen),
+            Ok(None) => raw.clone(),
+            Ok(Some(enc)) => match decode(raw, enc, cx.limits.max_bytes) {
+                Ok(v) => Bytes::from(v),
+                Err(e) => return self.unreadable(cx, rec, e, seen),
+            },
+        };
+        if cx.request_type_repeated {
             return self.unreadable(
                 cx,
                 rec,
-                NotInspectable::Unsupported("compressed request bodies".into()),
+                NotInspectable::Malformed("the request carries more than one Content-Type".into()),
                 seen,
             );
         }
@@ -70,41 +81,24 @@ impl Upload {
             .as_deref()
             .unwrap_or("")
             .to_ascii_lowercase();
-        let detectors = &cx.set.detectors;
-        let mut files: Vec<FileFacts> = Vec::new();
-        let mut text_dlp = Dlp::new();
-        let mut add_hits = |h: dlp::Hits| {
-            for (k, v) in h.counts {
-                *text_dlp.entry(k).or_default() += v;
-            }
-        };
+        let mut pieces = Pieces::new(cx);
         let mut form = Vec::new();
         let mut has_file_part = false;
         // The boundary is case-sensitive: taken from the content type as sent.
         if let Some(boundary) = multipart::boundary(cx.request_type.as_deref().unwrap_or("")) {
-            match multipart::parse(body, &boundary, MAX_PARTS) {
+            match multipart::parse(&body, &boundary, MAX_PARTS) {
                 Ok(parts) => {
                     for p in parts {
                         let data = body.get(p.data.clone()).unwrap_or(&[]);
-                        let is_file = p.file_name.is_some()
+                        let named_file = p.file_name.is_some()
                             || cx
                                 .form_field
                                 .as_deref()
                                 .is_some_and(|f| p.name.as_deref() == Some(f));
-                        if is_file {
+                        if pieces.add(data, p.file_name.as_deref(), named_file) {
                             has_file_part = true;
-                            // An archive brings its members: each is decided as a file.
-                            files.extend(inspect::inspect_with_members(
-                                data,
-                                p.file_name.as_deref(),
-                                &cx.limits,
-                                detectors,
-                            ));
-                        } else {
-                            add_hits(detectors.scan(data));
-                            if let Some(n) = p.name {
-                                form.push((n, String::from_utf8_lossy(data).into_owned()));
-                            }
+                        } else if let Some(n) = p.name {
+                            form.push((n, String::from_utf8_lossy(data).into_owned()));
                         }
                     }
                 }
@@ -117,37 +111,37 @@ impl Upload {
                     );
                 }
             }
-        } else if ctype.starts_with("application/x-www-form-urlencoded") {
-            form = multipart::parse_urlencoded(body, MAX_FIELDS);
+        } else if ctype.trim_start().starts_with("multipart/") {
+            // A server may find a boundary where Sluice finds none or two: not inspectable.
+            return self.unreadable(
+                cx,
+                rec,
+                NotInspectable::Malformed(
+                    "a multipart body without exactly one valid boundary".into(),
+                ),
+                seen,
+            );
+        } else if ctype.starts_with("application/x-www-form-urlencoded") && textual(&body) {
+            form = multipart::parse_urlencoded(&body, MAX_FIELDS);
             for (_, v) in &form {
-                add_hits(detectors.scan(v.as_bytes()));
+                pieces.add(v.as_bytes(), None, false);
             }
-        } else if ctype.contains("json") {
-            add_hits(detectors.scan_json(body));
-        } else if ctype.starts_with("text/") {
-            add_hits(detectors.scan(body));
         } else if !body.is_empty() {
-            // A raw body: a file when the definition says upload or the bytes are a file type.
-            let mut all = inspect::inspect_with_members(
-                body,
-                cx.defined_name.as_deref(),
-                &cx.limits,
-                detectors,
-            );
-            let is_file_type = !matches!(
-                all[0].kind,
-                Some(inspect::FileType::Text | inspect::FileType::Json)
-            );
-            if cx.defined == Some(Activity::Upload) || is_file_type {
-                files.append(&mut all);
-            } else {
-                for (k, v) in all.swap_remove(0).dlp {
-                    *text_dlp.entry(k).or_default() += v;
-                }
-            }
+            // Any other body is one piece: a file when its bytes (or the definition) say so.
+            let named = cx.defined == Some(Activity::Upload);
+            pieces.add(&body, cx.defined_name.as_deref(), named);
         }
-        // A form can name the activity (one endpoint for several actions).
-        let activity = if !form.is_empty() {
+        let Pieces {
+            files,
+            dlp: text_dlp,
+            ..
+        } = pieces;
+        // A request that carries a file is an upload, whatever endpoint it goes to (an insider
+        // would otherwise send the file to one defined as something else). Else a form can name
+        // the activity (one endpoint for several actions).
+        let activity = if !files.is_empty() {
+            Some(Activity::Upload)
+        } else if !form.is_empty() {
             cx.set
                 .activity(&cx.input.app, &cx.method, &cx.path, &form)
                 .map(|d| d.activity)
@@ -167,11 +161,19 @@ impl Upload {
         // Each file is decided; the most restrictive decision stands (none: the request alone).
         let mut decisions: Vec<Decided> = files
             .iter()
-            .map(|f| cx.decide_file(activity, Some(f), &text_dlp))
+            .map(|f| cx.decide_file(activity, Side::Request, Some(f), &text_dlp))
             .collect();
-        let (d, name) = match most_restrictive(&decisions) {
-            Some(i) => (decisions.swap_remove(i), files[i].name.clone()),
-            None => (cx.decide_file(activity, None, &text_dlp), None),
+        let (d, name, why) = match most_restrictive(&decisions) {
+            Some(i) => (
+                decisions.swap_remove(i),
+                files[i].name.clone(),
+                files[i].not_inspectable.clone(),
+            ),
+            None => (
+                cx.decide_file(activity, Side::Request, None, &text_dlp),
+                None,
+                None,
+            ),
         };
         rec.take(Kind::Session, activity, &d);
         rec.note(
@@ -182,9 +184,95 @@ impl Upload {
         rec.files.extend(files);
         rec.dlp = text_dlp;
         if d.action == Action::Block {
-            BodyVerdict::Respond(cx.block_page(&d, name.as_deref()))
+            BodyVerdict::Respond(cx.block_page_why(&d, name.as_deref(), why.as_ref()))
         } else {
             BodyVerdict::Pass
+        }
+    }
+}
+
+/// The pieces of one request body: the files found in it and the DLP hits of its text.
+struct Pieces<'a> {
+    cx: &'a Context,
+    files: Vec<FileFacts>,
+    dlp: Dlp,
+    /// Bytes of embedded base64 still allowed to be decoded.
+    room: usize,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(cx: &'a Context) -> Self {
+        Self {
+            cx,
+            files: Vec::new(),
+            dlp: Dlp::new(),
+            room: usize::try_from(cx.limits.max_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Adds one piece; true when it was taken as a file. A piece is a file when `named` (the
+    /// request says so) or when its bytes are not text; text is scanned for DLP and searched
+    /// for base64-encoded files.
+    fn add(&mut self, data: &[u8], name: Option<&str>, named: bool) -> bool {
+        let cx = self.cx;
+        let text = textual(data);
+        if named || !text {
+            // A text file is inspected (and DLP-scanned) as the file it is.
+            let mut found =
+                inspect::inspect_with_members(data, name, &cx.limits, &cx.set.detectors);
+            refuse_unknown(&mut found);
+            self.files.append(&mut found);
+            if !text {
+                return true;
+            }
+        } else {
+            let hits = if sniff(data) == FileType::Json {
+                cx.set.detectors.scan_json(data)
+            } else {
+                cx.set.detectors.scan(data)
+            };
+            for (k, v) in hits.counts {
+                *self.dlp.entry(k).or_default() += v;
+            }
+        }
+        // Text may carry a file base64-encoded.
+        let mut any = named;
+        for decoded in embedded::base64_runs(data, self.room) {
+            self.room = self.room.saturating_sub(decoded.len());
+            if textual(&decoded) {
+                continue;
+            }
+            let mut found =
+                inspect::inspect_with_members(&decoded, name, &cx.limits, &cx.set.detectors);
+            refuse_unknown(&mut found);
+            if let Some(first) = found.first_mut()
+                && first.name.is_none()
+            {
+                first.name = Some("(base64 in the request)".into());
+            }
+            self.files.append(&mut found);
+            any = true;
+        }
+        any
+    }
+}
+
+/// Text, JSON, XML and HTML are read as text; everything else is a file.
+fn textual(data: &[u8]) -> bool {
+    matches!(
+        sniff(data),
+        FileType::Text | FileType::Json | FileType::Xml | FileType::Html
+    )
+}
+
+/// A file of a type Sluice cannot read (an unknown binary, a tar or 7z archive, a file with
+/// bytes put before its signature) could be any document: it is not inspectable, never "clean".
+fn refuse_unknown(found: &mut [FileFacts]) {
+    for f in found {
+        if f.kind == Some(FileType::Binary) && f.not_inspectable.is_none() && f.size > 0 {
+            f.not_inspectable = Some(NotInspectable::Unsupported(
+                "a binary file of a type Sluice cannot read".into(),
+            ));
         }
     }
 }

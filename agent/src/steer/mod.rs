@@ -2,8 +2,12 @@
 //! (steering set, fail mode, heartbeat, exempt cgroups) up to date, and hands the proxy the origin
 //! of each steered connection.
 //!
-//! What is attached (all as `bpf_link`s, so they detach when the agent's descriptors close, on a
-//! clean exit or a crash alike; nothing is pinned):
+//! What is attached (all as `bpf_link`s, pinned in the BPF filesystem under `steer.pin_dir`, so
+//! they outlive the agent: if it dies, hangs or is killed, the programs stay, the heartbeat goes
+//! stale, and the kernel applies the fail mode to new connections: refused under `closed`,
+//! direct under `open`. A new agent attaches its own links first and then removes its
+//! predecessor's, so the handover never leaves the cgroup unsteered. A clean stop turns the
+//! programs into pass-throughs and removes the links):
 //! - `cgroup/connect4`, `cgroup/connect6`: TCP redirection to the proxy and UDP/443 refusal;
 //! - `cgroup/sendmsg4`, `cgroup/sendmsg6`: UDP/443 refusal for unconnected sockets;
 //! - `sockops`: re-keys each record from the socket cookie to the client's (address, port), which is
@@ -16,6 +20,7 @@
 //! typed maps and the `Pod` impls in `sluice-common` carry the unsafety.
 
 pub mod cgroup;
+pub mod pin;
 pub mod process;
 pub mod rules;
 
@@ -31,7 +36,10 @@ use std::{
 use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use serde::Serialize;
 use sluice_common::{
@@ -189,9 +197,12 @@ struct RuleMaps {
     current: rules::Compiled,
 }
 
-/// Attached steering. Dropping it detaches everything.
+/// Attached steering. Its links stay pinned until [`Steering::detach`] (or a successor agent)
+/// removes them.
 pub struct Steering {
     ebpf: Mutex<Option<Ebpf>>,
+    links: Mutex<Vec<PinnedLink>>,
+    pin_dir: PathBuf,
     config: Mutex<(Array<MapData, SteerConfig>, SteerConfig)>,
     heartbeat: Mutex<(Array<MapData, u64>, u64)>,
     counters: PerCpuArray<MapData, u64>,
@@ -258,6 +269,15 @@ impl Steering {
             exempt_ids.push(cgroup::id(&cgroup::resolve(&mount, p))?);
         }
 
+        let pin_dir = match &settings.pin_dir {
+            Some(d) => PathBuf::from(d),
+            None => PathBuf::from(pin::BPFFS)
+                .join("sluice")
+                .join(format!("cgroup-{}", cgroup::id(&cgroup_dir)?)),
+        };
+        pin::prepare(&pin_dir)?;
+        let previous = pin::entries(&pin_dir);
+
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| SteerError::Load(chain(&e)))?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(SteerError::Map {
@@ -308,6 +328,8 @@ impl Steering {
         };
         config_map.set(0, kcfg, 0).map_err(map_err("config"))?;
 
+        // Should an attach fail half way, the links pinned so far are removed on the way out.
+        let mut links = pin::Guard::default();
         let attach_err = |program: &'static str, message: String| SteerError::Attach {
             program,
             cgroup: cgroup_dir.clone(),
@@ -321,8 +343,14 @@ impl Steering {
                 .map_err(|e: aya::programs::ProgramError| SteerError::Load(e.to_string()))?;
             prog.load()
                 .map_err(|e| SteerError::Load(format!("{SOCKOPS}: {}", chain(&e))))?;
-            prog.attach(&cgroup_file, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(SOCKOPS, chain(&e)))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_err(SOCKOPS, chain(&e)))?;
+            let link = FdLink::try_from(link).map_err(|e| attach_err(SOCKOPS, chain(&e)))?;
+            links.push(pin::pin(link, &pin_dir, SOCKOPS)?);
         }
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -332,12 +360,22 @@ impl Steering {
                 .map_err(|e: aya::programs::ProgramError| SteerError::Load(e.to_string()))?;
             prog.load()
                 .map_err(|e| SteerError::Load(format!("{name}: {}", chain(&e))))?;
-            prog.attach(&cgroup_file, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(name, chain(&e)))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_err(name, chain(&e)))?;
+            let link = FdLink::try_from(link).map_err(|e| attach_err(name, chain(&e)))?;
+            links.push(pin::pin(link, &pin_dir, name)?);
         }
-        tracing::info!(cgroup = %cgroup_dir.display(), exempt = ?exempt_ids, proxy_port, "steering attached");
+        // Only now that this agent's programs are in place do the previous one's go.
+        let replaced = pin::remove(&previous);
+        tracing::info!(cgroup = %cgroup_dir.display(), pins = %pin_dir.display(), replaced, exempt = ?exempt_ids, proxy_port, "steering attached");
         Ok(Self {
             ebpf: Mutex::new(Some(ebpf)),
+            links: Mutex::new(links.keep()),
+            pin_dir,
             config: Mutex::new((config_map, kcfg)),
             heartbeat: Mutex::new((heartbeat, now)),
             counters,
@@ -500,6 +538,13 @@ impl Steering {
             }
         }
         let ebpf = lock(&self.ebpf).take().ok_or(SteerError::Detached)?;
+        for link in lock(&self.links).drain(..) {
+            // Unpinned and dropped: the link detaches.
+            if let Err(e) = link.unpin() {
+                tracing::warn!(error = %e, "unpinning a steering link failed");
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
         drop(ebpf);
         tracing::info!(cgroup = %self.cgroup.display(), "steering detached");
         Ok(())

@@ -51,8 +51,28 @@ pub struct Compiled {
     pub exclude_v6: BTreeMap<(u32, [u32; 4]), PortSet>,
 }
 
+/// Destinations that are never steered unless an include rule names a block inside them: the
+/// proxy dials as root with the bypass mark, so steering them would let a user reach, through the
+/// proxy, what their own socket reaches differently or not at all (the host's loopback services
+/// from another network namespace, a cloud instance's metadata service and its credentials,
+/// link-local neighbours).
+pub const PROTECTED: [&str; 10] = [
+    "0.0.0.0/8",          // "this network": a connect to 0.0.0.0 reaches local listeners
+    "127.0.0.0/8",        // loopback
+    "169.254.0.0/16",     // link-local, with 169.254.169.254 (AWS, GCP, Azure, OpenStack metadata)
+    "100.100.100.200/32", // Alibaba Cloud metadata
+    "168.63.129.16/32",   // Azure wire server
+    "::/128",             // unspecified: a connect to :: reaches local listeners
+    "::1/128",            // loopback
+    "fe80::/10",          // link-local
+    "fd00:ec2::254/128",  // AWS metadata over IPv6
+    "fd00:ec2::/32",      // AWS's other link services (DNS, NTP) over IPv6
+];
+
 /// Compiles rules; `proxy_port` on every loopback address is always excluded, so the proxy can
-/// never be steered to itself.
+/// never be steered to itself. The [`PROTECTED`] blocks are excluded on every port, except inside
+/// an include rule that lies within one of them (a rule that names `127.0.0.2/32` steers that
+/// address; `0.0.0.0/0` does not steer loopback).
 pub fn compile(
     include: &[SteerRule],
     exclude: &[SteerRule],
@@ -67,8 +87,33 @@ pub fn compile(
             });
         }
     }
-    let (include_v4, include_v6) = build(include)?;
-    let (exclude_v4, exclude_v6) = build(&exclude)?;
+    let protected: Vec<Cidr> = PROTECTED.iter().filter_map(|c| c.parse().ok()).collect();
+    // Include rules that lie inside a protected block name it on purpose.
+    let named: Vec<Cidr> = include
+        .iter()
+        .map(|r| r.cidr)
+        .filter(|c| protected.iter().any(|p| p.contains(c)))
+        .collect();
+    let user = exclude.len();
+    exclude.extend(protected.iter().map(|&cidr| SteerRule {
+        cidr,
+        ports: Vec::new(),
+    }));
+    // Holes: each named block gets an exclude entry of its own, so the longest match finds it
+    // before the protected block; port 0 (never a connect's port) keeps its set non-empty.
+    exclude.extend(named.iter().map(|&cidr| SteerRule {
+        cidr,
+        ports: vec![PortSpec { lo: 0, hi: 0 }],
+    }));
+    let (include_v4, include_v6) = build(include, |_, _| true)?;
+    let (exclude_v4, exclude_v6) = build(&exclude, |i, target| {
+        // A protected block's ports do not reach entries inside a block named within it.
+        i < user
+            || i >= user + protected.len()
+            || !named
+                .iter()
+                .any(|n| exclude[i].cidr.contains(n) && n.contains(target))
+    })?;
     let max = sluice_common::MAX_STEER_PREFIXES;
     for (count, family) in [
         (include_v4.len().max(exclude_v4.len()), "IPv4"),
@@ -89,13 +134,18 @@ pub fn compile(
 type V4Map = BTreeMap<(u32, u32), PortSet>;
 type V6Map = BTreeMap<(u32, [u32; 4]), PortSet>;
 
-fn build(rules: &[SteerRule]) -> Result<(V4Map, V6Map), RuleError> {
+/// One trie entry per rule, carrying the ports of every rule whose block contains it and that
+/// `applies(index of that rule, entry's block)` lets through.
+fn build(
+    rules: &[SteerRule],
+    applies: impl Fn(usize, &Cidr) -> bool,
+) -> Result<(V4Map, V6Map), RuleError> {
     let mut v4 = BTreeMap::new();
     let mut v6 = BTreeMap::new();
     for rule in rules {
         let mut ranges: Vec<PortSpec> = Vec::new();
-        for other in rules {
-            if other.cidr.contains(&rule.cidr) {
+        for (i, other) in rules.iter().enumerate() {
+            if other.cidr.contains(&rule.cidr) && applies(i, &rule.cidr) {
                 if other.ports.is_empty() {
                     ranges.push(PortSpec {
                         lo: 1,
@@ -250,10 +300,74 @@ mod tests {
         assert!(!would_steer(&c, ip("192.168.1.1"), 443));
         assert!(!would_steer(&c, ip("127.0.0.1"), 15001));
         assert!(!would_steer(&c, ip("127.9.9.9"), 15001));
-        assert!(would_steer(&c, ip("127.0.0.1"), 15002));
+        assert!(
+            !would_steer(&c, ip("127.0.0.1"), 15002),
+            "loopback is protected"
+        );
         assert!(!would_steer(&c, ip("::1"), 15001));
         assert!(would_steer(&c, ip("2001:db8::1"), 443));
         assert!(!would_steer(&c, ip("2001:db8::1"), 80));
+    }
+
+    #[test]
+    fn protected_blocks_are_left_out_unless_named() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let c = compile(
+            &[
+                rule("0.0.0.0/0", &[(80, 80), (443, 443)]),
+                rule("::/0", &[(443, 443)]),
+            ],
+            &[],
+            15001,
+        )
+        .expect("compiles");
+        for blocked in [
+            "127.0.0.1",
+            "127.8.8.8",
+            "0.0.0.0",
+            "169.254.169.254",
+            "169.254.1.1",
+            "100.100.100.200",
+            "168.63.129.16",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(!would_steer(&c, ip(blocked), 443), "{blocked} is steered");
+        }
+        assert!(would_steer(&c, ip("203.0.113.9"), 443));
+        assert!(would_steer(&c, ip("100.100.100.201"), 443));
+        assert!(would_steer(&c, ip("2001:db8::1"), 443));
+
+        // Naming a block inside a protected one steers that block, its own excludes still apply,
+        // and its neighbours stay protected.
+        let c = compile(
+            &[
+                rule("0.0.0.0/0", &[(443, 443)]),
+                rule("127.0.0.0/24", &[(443, 443), (8443, 8443)]),
+            ],
+            &[rule("127.0.0.9/32", &[(8443, 8443)])],
+            15001,
+        )
+        .expect("compiles");
+        assert!(would_steer(&c, ip("127.0.0.2"), 443));
+        assert!(would_steer(&c, ip("127.0.0.9"), 443));
+        assert!(
+            !would_steer(&c, ip("127.0.0.9"), 8443),
+            "the configured exclude holds"
+        );
+        assert!(would_steer(&c, ip("127.0.0.2"), 8443));
+        assert!(
+            !would_steer(&c, ip("127.0.1.1"), 443),
+            "outside the named block"
+        );
+        assert!(
+            !would_steer(&c, ip("127.0.0.2"), 15001),
+            "never the proxy port"
+        );
+        assert!(!would_steer(&c, ip("169.254.169.254"), 443));
     }
 
     #[test]

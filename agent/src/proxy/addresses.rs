@@ -1,0 +1,132 @@
+//! Which catalogued app an address belongs to, so that interception follows the destination as
+//! well as the name a client puts in its ClientHello.
+//!
+//! A client can name any server in the handshake (or none, or hide it with ECH) and still reach
+//! an app's address; deciding from the name alone would splice such a connection untouched.
+//! Addresses are known from three sources:
+//! - the catalogue itself: an app host that is an IP address;
+//! - the agent's own resolution of every catalogued host name that is not a wildcard, through
+//!   the host's resolver (`/etc/hosts` and DNS, as the host's clients resolve them), repeated
+//!   every [`RESOLVE_EVERY`];
+//! - connections intercepted under an app's name: their destination is that app's address.
+//!
+//! Limits: an address is learned only once some client (or the agent's resolution) has seen it
+//! for the app; a client that resolves an app's name differently from the host (its own DNS
+//! over HTTPS, a hard-coded address never used under the app's name) reaches an address Sluice
+//! has not learned, and that connection is decided by its name. Wildcard hosts
+//! (`*.files.example`) are learned from traffic only.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+
+/// How often catalogued names are resolved again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+/// How long an address stays an app's after it was last seen as one.
+pub const KEEP_FOR: Duration = Duration::from_secs(6 * 3600);
+/// Most addresses remembered; past it the oldest half is forgotten.
+pub const MAX_ADDRESSES: usize = 65_536;
+
+/// Learned addresses of apps.
+#[derive(Debug, Default)]
+pub struct AppAddresses {
+    map: Mutex<HashMap<IpAddr, (String, Instant)>>,
+}
+
+impl AppAddresses {
+    /// Records `ip` as an address of app `app`.
+    pub fn learn(&self, ip: IpAddr, app: &str) {
+        let ip = canonical(ip);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_ADDRESSES && !map.contains_key(&ip) {
+            let mut ages: Vec<Instant> = map.values().map(|(_, at)| *at).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            map.retain(|_, (_, at)| *at > cut);
+        }
+        match map.get_mut(&ip) {
+            Some((id, at)) if id == app => *at = Instant::now(),
+            _ => {
+                map.insert(ip, (app.to_owned(), Instant::now()));
+            }
+        }
+    }
+
+    /// The app `ip` was last learned for, if recently.
+    pub fn app_at(&self, ip: IpAddr) -> Option<String> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&canonical(ip))
+            .filter(|(_, at)| at.elapsed() < KEEP_FOR)
+            .map(|(id, _)| id.clone())
+    }
+
+    /// How many addresses are known.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// True when none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Resolves the catalogued names now and every [`RESOLVE_EVERY`] until `shutdown`.
+pub async fn resolve_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let names = shared.catalog.load().plain_hosts();
+        for (app, host) in names {
+            // A name that does not resolve is only not learned; the lookup is bounded.
+            let res = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::lookup_host((host.as_str(), 443)),
+            )
+            .await;
+            if let Ok(Ok(addrs)) = res {
+                for a in addrs {
+                    shared.addresses.learn(a.ip(), &app);
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RESOLVE_EVERY) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learns_forgets_and_treats_mapped_addresses_as_ipv4() {
+        let a = AppAddresses::default();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(a.app_at(ip), None);
+        a.learn(ip, "files");
+        assert_eq!(a.app_at(ip).as_deref(), Some("files"));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap_or(ip);
+        assert_eq!(a.app_at(mapped).as_deref(), Some("files"));
+        a.learn(ip, "crm");
+        assert_eq!(a.app_at(ip).as_deref(), Some("crm"), "the latest app wins");
+        for i in 0..(MAX_ADDRESSES as u32 + 10) {
+            a.learn(IpAddr::from((0x0a00_0000 + i).to_be_bytes()), "bulk");
+        }
+        assert!(a.len() <= MAX_ADDRESSES, "bounded: {}", a.len());
+    }
+}
