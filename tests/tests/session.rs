@@ -33,6 +33,11 @@ fn default_bundle() -> PathBuf {
 }
 
 fn env(tag: &str, posture: &str) -> Env {
+    env_with(tag, posture, "")
+}
+
+/// `env`, with `proxy` added to the agent's `[proxy]` table.
+fn env_with(tag: &str, posture: &str, proxy: &str) -> Env {
     require_root();
     let mut opts = DemoOptions::tls().expect("demo options");
     opts.listen = format!("{APP_IP}:0").parse().expect("addr");
@@ -60,6 +65,7 @@ agent_cgroup = "{cg}/agent"
 include = [{{ cidr = "{ip}/32", ports = [{port}] }}]
 [proxy]
 port = 0
+{proxy}
 [admin]
 listen = "127.0.0.1:0"
 [tls]
@@ -82,6 +88,7 @@ events_file = "{events}"
         bundle = bundle_path.display(),
         public = public_path.display(),
         events = events.display(),
+        proxy = proxy,
     );
     let agent = Agent::launch(&config, &dir).expect("agent starts");
     let active = wait_until(Duration::from_secs(20), || {
@@ -1029,6 +1036,10 @@ fn a_browser_signed_in_through_the_proxy_gets_the_message_page_for_an_unlabeled_
 
 /// The unprivileged user the attempts run as.
 const NOBODY: (u32, u32) = (65534, 65534);
+/// Another unprivileged user, who must still be served.
+const OTHER_USER: (u32, u32) = (65533, 65533);
+/// Distinct names for curl's output files (calls may run at once).
+static SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Env {
     /// A directory the unprivileged user can read and write, with `files` copied into it.
@@ -1052,10 +1063,16 @@ impl Env {
     /// Sluice CA trusted (`-k` in `args` when the attempt needs it). `args` may name files of
     /// `dir`. Status 0 when curl got no response.
     fn curl_insider(&self, dir: &Path, args: &[&str]) -> Got {
+        self.curl_as(NOBODY, "bob@corp.example", dir, args)
+    }
+
+    /// curl as local user `local` (uid, gid) signed in to the app as `user`.
+    fn curl_as(&self, local: (u32, u32), user: &str, dir: &Path, args: &[&str]) -> Got {
         let (_, cg) = self.cg.child("insider");
-        let head = dir.join("head");
-        let body = dir.join("body");
-        let token = self.app.token_for("bob@corp.example").unwrap();
+        let n = SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let head = dir.join(format!("head-{n}"));
+        let body = dir.join(format!("body-{n}"));
+        let token = self.app.token_for(user).unwrap();
         let mut all: Vec<String> = vec![
             "-sS".into(),
             "--max-time".into(),
@@ -1076,7 +1093,7 @@ impl Env {
         all.extend(args.iter().map(|s| (*s).to_owned()));
         let run = InCgroup {
             cgroup: Some(cg),
-            user: Some(NOBODY),
+            user: Some(local),
         };
         let out = run
             .command(Path::new("/usr/bin/curl"), &all)
@@ -1431,4 +1448,81 @@ fn an_insider_cannot_step_around_interception_with_names_or_websockets() {
     let proxy = &status["proxy"];
     assert!(proxy["by_address"].as_u64().unwrap() >= 2, "{status}");
     assert!(proxy["refused"].as_u64().unwrap() >= 1, "{status}");
+}
+
+/// A flood of large uploads held at once by one user: past their share of the inspection
+/// budget they get the limit page, the agent stays within its budget, and another user's
+/// upload is still inspected and delivered.
+#[test]
+#[ignore = "needs root"]
+fn a_flood_of_uploads_from_one_user_leaves_room_for_the_others() {
+    const MIB: usize = 1 << 20;
+    let e = env_with(
+        "sess-flood",
+        "managed",
+        "inspect_budget_bytes = 67108864\ninspect_budget_bytes_per_uid = 12582912",
+    );
+    let before = e.agent_peak_rss_kib();
+    // Text, so that a body held whole is inspected and passes: only the limit refuses.
+    let text: Vec<u8> = "quarterly numbers, nothing secret\n"
+        .repeat(6 * MIB / 34)
+        .into_bytes();
+    let labeled = std::fs::read(fixture("confidential.docx")).unwrap();
+    let dir = e.user_dir(&[("flood.txt", &text), ("labeled.docx", &labeled)]);
+    let flood: Vec<Got> = std::thread::scope(|s| {
+        let flooders: Vec<_> = (0..8)
+            .map(|i| {
+                let (e, dir) = (&e, &dir);
+                s.spawn(move || {
+                    let url = e.url(&format!("/api/files/flood-{i}.txt"));
+                    let file = dir.join("flood.txt").display().to_string();
+                    e.curl_insider(dir, &["--limit-rate", "2M", "-T", &file, &url])
+                })
+            })
+            .collect();
+        // While the flood is held, another user uploads a labeled document.
+        std::thread::sleep(Duration::from_millis(1500));
+        let other = e.curl_as(
+            OTHER_USER,
+            "alice@corp.example",
+            &dir,
+            &[
+                "-T",
+                &dir.join("labeled.docx").display().to_string(),
+                &e.url("/api/files/labeled.docx"),
+            ],
+        );
+        assert_eq!(
+            other.status,
+            201,
+            "the other user was not served: {}",
+            other.text()
+        );
+        flooders.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let limited: Vec<&Got> = flood.iter().filter(|g| g.status == 403).collect();
+    assert!(
+        !limited.is_empty(),
+        "no flood upload met the limit: {:?}",
+        flood.iter().map(|g| g.status).collect::<Vec<_>>()
+    );
+    for g in &limited {
+        assert!(
+            g.text().contains("too many files in inspection at once"),
+            "{}",
+            g.text()
+        );
+    }
+    assert!(
+        flood.iter().any(|g| g.status == 201),
+        "the user's uploads within their share were refused too"
+    );
+    assert!(e.app.uploads().iter().any(|u| u.name == "labeled.docx"));
+    let st = e.agent.status().unwrap();
+    assert!(
+        st["proxy"]["inspection_user_refusals"].as_u64().unwrap() >= limited.len() as u64,
+        "{st}"
+    );
+    let grew_mib = e.agent_peak_rss_kib().saturating_sub(before) / 1024;
+    assert!(grew_mib < 160, "agent peak RSS grew by {grew_mib} MiB");
 }

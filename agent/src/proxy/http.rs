@@ -13,7 +13,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -269,8 +269,41 @@ async fn judged(
             let len = b.len() as u64;
             Judged::Send(body::full(b), Some(len))
         }
-        BodyVerdict::Respond(r) => Judged::Answer(r, "answered"),
+        BodyVerdict::Respond(r) => {
+            if matches!(side, Side::Request) {
+                drain(pass);
+            }
+            Judged::Answer(r, "answered")
+        }
     }
+}
+
+/// Most bytes of a refused request body read and discarded so the client reads the answer.
+const DRAIN_MAX: u64 = 64 << 20;
+/// Longest time spent doing so.
+const DRAIN_FOR: Duration = Duration::from_secs(30);
+
+/// Reads and discards what is left of a refused request body, within bounds: an HTTP/1.1
+/// client still sending when the answer comes would otherwise see its connection reset and
+/// never read the page that says why.
+fn drain(mut body: ProxyBody) {
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(DRAIN_FOR, async move {
+            let mut n = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(d) = frame.into_data() {
+                    n += d.len() as u64;
+                    if n > DRAIN_MAX {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+    });
 }
 
 /// A replaced body has a new, known length; the old framing fields no longer apply.
