@@ -536,6 +536,48 @@ fn a_burst_of_first_http2_requests_shares_one_upstream_connection() {
     );
 }
 
+/// An upstream connection carries one client process's requests: a second process (here the
+/// same command run again, as another user could) gets a connection of its own, while requests
+/// of one process reuse theirs.
+#[test]
+#[ignore = "needs root"]
+fn upstream_connections_are_never_shared_between_client_processes() {
+    let e = env("px-owner");
+    let opened = |e: &Env| {
+        e.origin
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = opened(&e);
+    // One process, three requests on one keep-alive connection: one upstream connection.
+    let url = e.url("good.test", "/hello");
+    e.curl(
+        &e.sluice_ca,
+        &[
+            "--http1.1",
+            "-o",
+            "/dev/null",
+            &url,
+            "-o",
+            "/dev/null",
+            &url,
+            "-o",
+            "/dev/null",
+            &url,
+        ],
+    )
+    .expect("first process");
+    assert_eq!(opened(&e) - before, 1, "one process reuses its connection");
+    // Another process: its own upstream connection, not the idle one the first left.
+    e.curl(&e.sluice_ca, &["--http1.1", "-o", "/dev/null", &url])
+        .expect("second process");
+    assert_eq!(
+        opened(&e) - before,
+        2,
+        "a second process got the first one's connection"
+    );
+}
+
 #[test]
 #[ignore = "needs root"]
 fn two_hundred_concurrent_connections_ten_thousand_requests_no_fd_leak() {

@@ -737,6 +737,7 @@ impl Accepted<'_> {
                 name: host.clone(),
                 tls: false,
                 alpn: AlpnOffer::H1,
+                owner: (self.origin.tgid, self.origin.uid),
             };
             let sess = Arc::new(http::Session {
                 affinity: shared.upstream.affinity(&target, true),
@@ -884,6 +885,7 @@ impl Accepted<'_> {
             name: name.clone(),
             tls: true,
             alpn: AlpnOffer::from_client(&hello.alpn),
+            owner: (self.origin.tgid, self.origin.uid),
         };
         let sess = Arc::new(http::Session {
             affinity: shared.upstream.affinity(&target, client_proto == Proto::H1),

@@ -135,6 +135,11 @@ pub struct Target {
     pub tls: bool,
     /// Protocols offered upstream.
     pub alpn: AlpnOffer,
+    /// The client process and user (tgid, uid) the connection is made for. Part of the pool's
+    /// key: an upstream connection (HTTP/1.1 or HTTP/2) carries one process's requests only, so
+    /// what one user's requests leave on a connection (a desynchronised HTTP/1.1 stream, a
+    /// connection-bound login) can never reach another's.
+    pub owner: (u32, u32),
 }
 
 /// The protocol an upstream connection speaks.
