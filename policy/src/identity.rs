@@ -280,6 +280,38 @@ impl Jwks {
     }
 }
 
+/// Every token the request carries where `src` says to look: each value of the header, each
+/// cookie of that name (an app may read any of them: the last header, the cookie instead).
+pub fn tokens_from<'a>(src: &JwtSource, headers: &'a http::HeaderMap) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    if let Some(h) = src.header.as_deref() {
+        for v in headers.get_all(h).iter().filter_map(|v| v.to_str().ok()) {
+            out.push(
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+                    .unwrap_or(v)
+                    .trim(),
+            );
+        }
+    }
+    if let Some(name) = src.cookie.as_deref() {
+        out.extend(
+            headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| {
+                    c.trim()
+                        .strip_prefix(name)
+                        .and_then(|r| r.strip_prefix('='))
+                }),
+        );
+    }
+    out.truncate(16);
+    out
+}
+
 /// The token a request carries for `src`: `Authorization: Bearer` or the named header/cookie.
 pub fn token_from<'a>(src: &JwtSource, headers: &'a http::HeaderMap) -> Option<&'a str> {
     // The header first (API clients), then the cookie (browsers), when the app uses both.

@@ -265,6 +265,67 @@ impl PolicySet {
         }
     }
 
+    /// Every identity the request carries for `app`, the way any reader of it could take it:
+    /// each value of the identity header and each identity cookie, verified one by one. Returns
+    /// the distinct users (in the order found) and the first token that did not verify. More
+    /// than one user, or a user beside a token that did not verify, is a conflict: which one the
+    /// app believes is not Sluice's to guess.
+    pub fn identify_all(
+        &self,
+        app: &str,
+        headers: &http::HeaderMap,
+        now: u64,
+    ) -> (Vec<String>, Option<identity::TokenError>) {
+        let Some(a) = self.apps.get(app) else {
+            return (Vec::new(), None);
+        };
+        let Some(id) = &a.app.identity else {
+            return (Vec::new(), None);
+        };
+        let mut users: Vec<String> = Vec::new();
+        let mut push = |u: String| {
+            if !users.contains(&u) {
+                users.push(u);
+            }
+        };
+        if let Some(h) = &id.header {
+            for v in headers
+                .get_all(h.as_str())
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+            {
+                push(v.to_owned());
+            }
+            return (users, None);
+        }
+        if let Some(c) = &id.cookie {
+            let src = identity::JwtSource {
+                header: None,
+                cookie: Some(c.clone()),
+                claim: String::new(),
+                jwks: String::new(),
+                issuer: None,
+                audience: None,
+            };
+            for t in identity::tokens_from(&src, headers) {
+                push(t.to_owned());
+            }
+            return (users, None);
+        }
+        let mut error = None;
+        if let (Some(j), Some(jwks)) = (&id.jwt, &a.jwks) {
+            for t in identity::tokens_from(j, headers) {
+                match jwks.verify(t, j, now) {
+                    Ok(u) => push(u),
+                    Err(e) => {
+                        error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        (users, error)
+    }
+
     /// The activity a request of `app` is, from the app's definitions (first match). `form` is
     /// the request's URL-encoded form fields, when it has such a body.
     pub fn activity(

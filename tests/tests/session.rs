@@ -1526,3 +1526,46 @@ fn a_flood_of_uploads_from_one_user_leaves_room_for_the_others() {
     let grew_mib = e.agent_peak_rss_kib().saturating_sub(before) / 1024;
     assert!(grew_mib < 160, "agent peak RSS grew by {grew_mib} MiB");
 }
+
+/// Two identities in one request (a member's token in the header, a guest's in the cookie: which
+/// one the app believes is the app's business): the most restrictive outcome applies, here the
+/// guests' view-only protection, and the event says why.
+#[test]
+#[ignore = "needs root"]
+fn conflicting_identities_in_one_request_get_the_most_restrictive_outcome() {
+    let e = env("sess-ids", "managed");
+    let original = std::fs::read(fixture("plain.docx")).unwrap();
+    let info = e
+        .app
+        .seed("shared.docx", original.clone(), "alice@corp.example")
+        .unwrap();
+    let url = e.url(&format!("/files/{}/download", info.id));
+    // Alice alone, a member on a managed device: the file arrives unchanged.
+    let got = e.curl(Some("alice@corp.example"), &[&url]);
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.body, original);
+    // Alice's token in the header beside a guest's session cookie.
+    let alice = e.app.token_for("alice@corp.example").unwrap();
+    let bearer = format!("Authorization: Bearer {alice}");
+    let got = e.curl(Some("carol@corp.example"), &["-H", &bearer, &url]);
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_ne!(got.body, original, "the guest rule did not apply");
+    let facts = sluice_inspect::inspect_file(
+        &got.body,
+        Some("shared.docx"),
+        &sluice_inspect::Limits::default(),
+        &sluice_inspect::dlp::Detectors::default(),
+    );
+    assert!(
+        facts.enabled_labels().next().is_some(),
+        "no label written: {facts:?}"
+    );
+    let ev = e.event_for("GET", "/download");
+    assert_eq!(ev["action"], "protect", "{ev}");
+    assert!(
+        ev["identity_error"]
+            .as_str()
+            .is_some_and(|m| m.contains("conflicting identities")),
+        "{ev}"
+    );
+}

@@ -47,6 +47,8 @@ pub(super) struct Context {
     pub(super) host: String,
     pub(super) url: String,
     pub(super) identity_error: Option<String>,
+    /// The request's other identities (see `identify_all`), each decided as well.
+    pub(super) other_users: Vec<Option<String>>,
     pub(super) user_agent: Option<String>,
     pub(super) destination: std::net::SocketAddr,
     pub(super) process: ProcessFacts,
@@ -88,9 +90,27 @@ impl Context {
         head: &request::Parts,
     ) -> Self {
         let app_id = ex.app.id.clone();
-        let (user, identity_error) = match set.identify(&app_id, &head.headers, now_s()) {
-            Ok(u) => (u, None),
-            Err(e) => (None, Some(e.to_string())),
+        let (users, bad) = set.identify_all(&app_id, &head.headers, now_s());
+        let mut users = users.into_iter();
+        let user = users.next();
+        // Every other identity the request carries (and "nobody", when a token beside them did
+        // not verify) is decided too; the most restrictive outcome stands.
+        let mut others: Vec<Option<String>> = users.map(Some).collect();
+        if bad.is_some() && user.is_some() {
+            others.push(None);
+        }
+        let identity_error = match (&bad, others.is_empty()) {
+            (_, false) => Some(format!(
+                "the request carries conflicting identities ({}{}); the most restrictive \
+                 decision applies",
+                user.as_deref().unwrap_or(""),
+                others
+                    .iter()
+                    .map(|o| format!(", {}", o.as_deref().unwrap_or("an unverified token")))
+                    .collect::<String>()
+            )),
+            (Some(e), true) => Some(e.to_string()),
+            (None, true) => None,
         };
         let ua = header_str(&head.headers, header::USER_AGENT).unwrap_or("");
         let client = if ua.starts_with("Mozilla/") {
@@ -185,6 +205,7 @@ impl Context {
             host: ex.host.to_owned(),
             url: head.uri.to_string(),
             identity_error,
+            other_users: others,
             user_agent: (!ua.is_empty()).then(|| ua.chars().take(512).collect()),
             destination: o.dst,
             process: ProcessFacts {

@@ -11,7 +11,7 @@ use http::{Response, StatusCode};
 use sluice_inspect::{FileFacts, NotInspectable};
 use sluice_policy::{
     Decision,
-    model::{Action, Activity, FileInput, Kind},
+    model::{Action, Activity, FileInput, Input, Kind},
 };
 
 use super::context::Context;
@@ -80,7 +80,24 @@ pub(super) fn most_restrictive(decisions: &[Decided]) -> Option<usize> {
 impl Context {
     /// The access decision for this request's context.
     pub(super) fn decide_access(&self) -> Decided {
-        Decided::from(self.set.decide(Kind::Access, &self.input))
+        self.strictest(&self.input, |input| {
+            Decided::from(self.set.decide(Kind::Access, input))
+        })
+    }
+
+    /// `decide` for the request's user and for each of its other identities: the most
+    /// restrictive decision (the first of equals).
+    fn strictest(&self, input: &Input, decide: impl Fn(&Input) -> Decided) -> Decided {
+        let mut best = decide(input);
+        for other in &self.other_users {
+            let mut alt = input.clone();
+            alt.user = other.clone();
+            let d = decide(&alt);
+            if d.action > best.action {
+                best = d;
+            }
+        }
+        best
     }
 
     /// The session decision for one file (or none), with the not-inspectable rule: an unreadable
@@ -104,7 +121,9 @@ impl Context {
             }),
             _ => None,
         };
-        let mut out = Decided::from(self.set.decide(Kind::Session, &input));
+        let mut out = self.strictest(&input, |input| {
+            Decided::from(self.set.decide(Kind::Session, input))
+        });
         let floor = match side {
             Side::Request => self.not_inspectable_upload,
             Side::Response => self.not_inspectable_download,
