@@ -153,16 +153,24 @@ pub struct Origin {
 }
 
 /// Key of [`MAP_ORIGINS`]: the client's side of the steered connection as the proxy sees it as the
-/// peer address of the accepted socket.
+/// peer address of the accepted socket, in the client's network namespace. The namespace is part
+/// of the key because addresses repeat across namespaces: a process in another namespace can use
+/// the same loopback address and port as a host process, and must never collide with, overwrite
+/// or be taken for its record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PeerKey {
+    /// Network namespace cookie of the client's socket (`bpf_get_netns_cookie`,
+    /// `SO_NETNS_COOKIE`).
+    pub netns: u64,
     /// Client's local address, network order, IPv4 stored IPv4-mapped.
     pub addr: [u32; 4],
     /// Client's local port, host order.
     pub port: u16,
     /// Always zero (explicit padding, so the key has no uninitialised bytes).
     pub pad: u16,
+    /// Always zero (explicit padding to the 8-byte alignment).
+    pub pad2: u32,
 }
 
 /// The network-order word that marks an IPv4-mapped IPv6 address (`::ffff:0:0/96`, third word).
@@ -210,7 +218,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<SteerConfig>(), 24);
-        assert_eq!(core::mem::size_of::<PeerKey>(), 20);
+        assert_eq!(core::mem::size_of::<PeerKey>(), 32);
         assert_eq!(core::mem::size_of::<Origin>(), 24 + 16 + 4 + 16 + 16 + 4);
         assert_eq!(core::mem::size_of::<PortSet>(), 4 + 4 * MAX_PORT_RANGES);
     }

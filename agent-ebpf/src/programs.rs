@@ -6,7 +6,10 @@ use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_ktime_get_ns,
+        },
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -354,7 +357,15 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     } else {
         ip6
     };
-    let key = PeerKey { addr, port, pad: 0 };
+    // SAFETY: the context pointer is the program's own.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    let key = PeerKey {
+        netns,
+        addr,
+        port,
+        pad: 0,
+        pad2: 0,
+    };
     if ORIGINS.insert(&key, &origin, 0).is_ok() {
         let _ = PENDING.remove(&cookie);
         count(counter::REKEYED);

@@ -41,6 +41,17 @@ struct Harness {
 
 impl Harness {
     fn new(tag: &str, include: Vec<SteerRule>, fail_mode: FailMode, bound_ms: u64) -> Self {
+        Self::with_delay(tag, include, fail_mode, bound_ms, Duration::ZERO)
+    }
+
+    /// A harness whose proxy waits `delay` after accepting before it claims the origin.
+    fn with_delay(
+        tag: &str,
+        include: Vec<SteerRule>,
+        fail_mode: FailMode,
+        bound_ms: u64,
+        delay: Duration,
+    ) -> Self {
         require_root();
         let cg = TestCgroup::new(tag);
         let (v4, v6) = dual_stack_listeners().expect("listeners");
@@ -57,22 +68,26 @@ impl Harness {
         };
         let steering = Arc::new(Steering::attach(&settings, port).expect("steering attaches"));
         let reply = |s: Arc<Steering>| {
-            move |peer: SocketAddr| match s.lookup(peer) {
-                Some(o) => format!(
-                    "proxy dst={} pid={} uid={} gid={} comm={} user={} exe={}",
-                    o.dst,
-                    o.tgid,
-                    o.uid,
-                    o.gid,
-                    o.comm,
-                    o.process.user.as_deref().unwrap_or("-"),
-                    o.process
-                        .exe
-                        .as_deref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "-".into()),
-                ),
-                None => format!("no-origin peer={peer}"),
+            move |peer: SocketAddr| {
+                thread::sleep(delay);
+                let found = s.lookup(peer);
+                match found {
+                    Some(o) => format!(
+                        "proxy dst={} pid={} uid={} gid={} comm={} user={} exe={}",
+                        o.dst,
+                        o.tgid,
+                        o.uid,
+                        o.gid,
+                        o.comm,
+                        o.process.user.as_deref().unwrap_or("-"),
+                        o.process
+                            .exe
+                            .as_deref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "-".into()),
+                    ),
+                    None => format!("no-origin peer={peer}"),
+                }
             }
         };
         let proxies = (
@@ -612,4 +627,56 @@ fn a_killed_agent_leaves_its_fail_mode_in_the_kernel_until_it_is_back() {
         assert!(st.success());
         assert!(attached_programs(&cg.dir).is_empty());
     }
+}
+
+/// A process in another network namespace can use the same client address and port as a host
+/// process: its origin record must neither overwrite the host's nor be claimed for it. The
+/// proxy here waits before claiming, and in that window a process in a fresh namespace, in the
+/// same cgroup, connects from the same address and port to another steered destination.
+#[test]
+#[ignore = "needs root"]
+fn a_process_in_another_network_namespace_cannot_claim_a_host_record() {
+    let h = Harness::with_delay(
+        "netns",
+        vec![rule("127.0.0.12/32", &[7001, 7002])],
+        FailMode::Open,
+        2000,
+        Duration::from_millis(1500),
+    );
+    let from = "127.0.0.1:47123";
+    let host = {
+        let args: Vec<String> = ["tcp", "127.0.0.12:7001", "--from", from]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        h.inside()
+            .command(&bin("sluice-probe"), &args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("host client")
+    };
+    thread::sleep(Duration::from_millis(400));
+    // Same cgroup, its own network namespace (loopback up), same source address and port.
+    let script = format!(
+        "echo $$ > '{}/cgroup.procs' && exec unshare --net sh -c 'ip link set lo up && exec {} tcp 127.0.0.12:7002 --from {from}'",
+        h.cg.dir.display(),
+        bin("sluice-probe").display()
+    );
+    let other = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("namespaced client");
+    // Its connect was steered inside its namespace, where no proxy listens.
+    assert!(!other.status.success(), "{other:?}");
+    assert!(
+        h.steering.counters().steered >= 2,
+        "{:?} {}",
+        h.steering.counters(),
+        String::from_utf8_lossy(&other.stderr)
+    );
+    let out = host.wait_with_output().expect("host client ends");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(line.starts_with("proxy "), "{line}");
+    assert_eq!(field(&line, "dst"), "127.0.0.12:7001", "{line}");
 }

@@ -213,6 +213,8 @@ pub struct Steering {
     cgroup: PathBuf,
     exempt_ids: Vec<u64>,
     proxy_port: u16,
+    /// The proxy's network namespace: only records made in it are claimed.
+    netns: u64,
 }
 
 impl std::fmt::Debug for Steering {
@@ -269,6 +271,7 @@ impl Steering {
             exempt_ids.push(cgroup::id(&cgroup::resolve(&mount, p))?);
         }
 
+        let netns = own_netns_cookie()?;
         let pin_dir = match &settings.pin_dir {
             Some(d) => PathBuf::from(d),
             None => PathBuf::from(pin::BPFFS)
@@ -386,6 +389,7 @@ impl Steering {
             cgroup: cgroup_dir,
             exempt_ids,
             proxy_port,
+            netns,
         })
     }
 
@@ -423,7 +427,7 @@ impl Steering {
     /// Claims the origin of an accepted connection by its peer address. Each record is returned
     /// once; records never claimed age out of the kernel's LRU map.
     pub fn lookup(&self, peer: SocketAddr) -> Option<OriginRecord> {
-        let key = peer_key(peer);
+        let key = peer_key(self.netns, peer);
         let origin = {
             let mut map = lock(&self.origins);
             let origin = map.get(&key, 0).ok()?;
@@ -606,18 +610,47 @@ fn apply_rules(maps: &mut RuleMaps, next: rules::Compiled) -> Result<(), SteerEr
     Ok(())
 }
 
-/// The key the sockops program wrote for this client address.
-pub fn peer_key(peer: SocketAddr) -> PeerKey {
+/// The network namespace cookie of the calling process's namespace (the proxy's), as the kernel
+/// gives it for a socket made here.
+pub fn own_netns_cookie() -> Result<u64, SteerError> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .map_err(|e| SteerError::Load(format!("a socket for the namespace cookie: {e}")))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a u64 that lives through the
+    // call; the descriptor is valid for the socket's lifetime.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(SteerError::Load(format!(
+            "SO_NETNS_COOKIE: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(cookie)
+}
+
+/// The key the sockops program wrote for this client address in namespace `netns`.
+pub fn peer_key(netns: u64, peer: SocketAddr) -> PeerKey {
     let v6 = match peer.ip() {
         IpAddr::V4(a) => a.to_ipv6_mapped(),
         IpAddr::V6(a) => a,
     };
     let o = v6.octets();
     PeerKey {
+        netns,
         addr: [0, 1, 2, 3]
             .map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])),
         port: peer.port(),
         pad: 0,
+        pad2: 0,
     }
 }
 
@@ -641,22 +674,24 @@ mod tests {
 
     #[test]
     fn peer_keys_map_ipv4_into_ipv6_and_round_trip() {
-        let k = peer_key("127.0.0.1:40000".parse().expect("addr"));
+        let k = peer_key(7, "127.0.0.1:40000".parse().expect("addr"));
         assert_eq!(
             k.addr,
             sluice_common::v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]))
         );
         assert_eq!(k.port, 40000);
         assert_eq!(words_to_ip(k.addr), IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let k6 = peer_key("[2001:db8::7]:1".parse().expect("addr"));
+        let k6 = peer_key(7, "[2001:db8::7]:1".parse().expect("addr"));
         assert_eq!(
             words_to_ip(k6.addr),
             "2001:db8::7".parse::<IpAddr>().expect("ip")
         );
         // An IPv4-mapped peer (dual-stack listener) gives the same key as the plain IPv4 one.
         assert_eq!(
-            peer_key("[::ffff:127.0.0.1]:40000".parse().expect("addr")),
+            peer_key(7, "[::ffff:127.0.0.1]:40000".parse().expect("addr")),
             k
         );
+        // The namespace is part of the key.
+        assert_ne!(peer_key(8, "127.0.0.1:40000".parse().expect("addr")), k);
     }
 }

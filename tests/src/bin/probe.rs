@@ -81,7 +81,49 @@ fn one_line(addr: SocketAddr) -> Result<String, String> {
     Ok(line.trim_end().to_owned())
 }
 
+/// One line from `addr`, the connection made from `from` (bound first).
+fn one_line_from(addr: SocketAddr, from: SocketAddr) -> Result<String, String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt::ReuseAddr,
+    };
+    let family = if from.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| format!("socket: {e}"))?;
+    setsockopt(&fd, ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(from),
+    )
+    .map_err(|e| format!("bind {from}: {e}"))?;
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )
+    .map_err(|e| format!("connect {addr}: {e}"))?;
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    Ok(line.trim_end().to_owned())
+}
+
 fn tcp(addr: SocketAddr, args: &[String]) -> Result<(), String> {
+    if let Some(i) = args.iter().position(|a| a == "--from") {
+        let from: SocketAddr = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .ok_or("--from needs an address:port")?;
+        println!("{}", one_line_from(addr, from)?);
+        return Ok(());
+    }
     let count = flag_value(args, "--count", 1)?;
     let concurrency = flag_value(args, "--concurrency", 1)?.clamp(1, count.max(1));
     let check = args.iter().any(|a| a == "--check-pid");
