@@ -479,7 +479,9 @@ impl<'de> Deserialize<'de> for PortSpec {
 #[serde(deny_unknown_fields)]
 pub struct ProxySettings {
     /// Port of the listener on 127.0.0.1 and ::1 that steered connections are redirected to.
-    /// 0: a port the system gives that is free on both (`/status` shows it as `proxy.port`).
+    /// 0: a port the system gives that is free on both (`/status` shows it as `proxy.port`). A
+    /// port unprivileged users may bind (see `net.ipv4.ip_unprivileged_port_start`) is warned
+    /// about at start: one could take it while no agent holds it.
     #[serde(default = "default_proxy_port")]
     pub port: u16,
     /// Most connections handled at once; further ones wait in the kernel's accept queue.
@@ -599,8 +601,11 @@ fn default_plain_http_ports() -> Vec<u16> {
     vec![80]
 }
 
+/// Below 1024, a port only root (or `CAP_NET_BIND_SERVICE`) can bind: while no agent holds it
+/// (a restart, a crash before the heartbeat goes stale) no user can put a listener there and
+/// receive the connections the kernel still steers to it.
 fn default_proxy_port() -> u16 {
-    15001
+    1001
 }
 fn default_max_connections() -> usize {
     10_000
@@ -809,7 +814,7 @@ mod tests {
             vec![PortSpec::single(80), PortSpec::single(443)]
         );
         assert_eq!(cfg.steer.fail_mode, FailMode::Open);
-        assert_eq!(cfg.proxy.port, 15001);
+        assert_eq!(cfg.proxy.port, 1001);
     }
 
     #[test]

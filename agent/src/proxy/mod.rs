@@ -348,6 +348,23 @@ impl Listeners {
     /// Binds `port` on 127.0.0.1 and ::1; port 0 takes a port the system gives that is free on
     /// both, and holds it.
     pub async fn bind(port: u16) -> Result<Self, ProxyError> {
+        let bound = Self::bind_inner(port).await?;
+        let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|v| v.trim().parse::<u16>().ok())
+            .unwrap_or(1024);
+        if bound.port >= start {
+            tracing::warn!(
+                port = bound.port,
+                unprivileged_from = start,
+                "the proxy's port is one any user may bind: while no agent holds it, a user could \
+                 listen there and receive steered connections; choose a port below {start}"
+            );
+        }
+        Ok(bound)
+    }
+
+    async fn bind_inner(port: u16) -> Result<Self, ProxyError> {
         let tries = if port == 0 { 50 } else { 1 };
         let mut last = None;
         for _ in 0..tries {
