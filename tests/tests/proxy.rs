@@ -641,6 +641,40 @@ fn bad_client_hellos_close_the_connection_and_the_proxy_keeps_serving() {
     assert!(out.contains("from origin"), "{out}");
 }
 
+/// An encrypted ClientHello hides the name it is for: to an address of no app it is refused,
+/// never spliced; to an app's address it is intercepted (answered by Sluice's TLS) like any
+/// other name there.
+#[test]
+#[ignore = "needs root"]
+fn an_encrypted_client_hello_is_refused_unless_the_address_is_an_apps() {
+    let e = env("px-ech");
+    let probe = bin("sluice-probe");
+    let ech = || {
+        InCgroup::at(&e.cg.dir)
+            .run(
+                &probe,
+                &["hello".into(), e.origin.addr.to_string(), "ech".into()],
+            )
+            .expect("probe")
+    };
+    // The origin's address is no app's yet (nothing was intercepted there).
+    assert_eq!(ech().trim(), "closed");
+    let st = e.status();
+    assert_eq!(st["proxy"]["refused"], 1, "{st}");
+    assert_eq!(st["proxy"]["spliced"], 0, "{st}");
+    // An app is used there: the address is the app's, and the same hello is intercepted.
+    e.curl(
+        &e.sluice_ca,
+        &["-o", "/dev/null", &e.url("good.test", "/hello")],
+    )
+    .expect("app request");
+    let out = ech();
+    assert!(out.trim().starts_with("got "), "{out}");
+    let st = e.status();
+    assert_eq!(st["proxy"]["by_address"], 1, "{st}");
+    assert_eq!(st["proxy"]["spliced"], 0, "{st}");
+}
+
 #[test]
 #[ignore = "needs root"]
 fn plain_http_to_a_catalogued_app_is_intercepted_and_other_plain_traffic_spliced() {

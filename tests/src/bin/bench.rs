@@ -215,6 +215,7 @@ fn steer(args: &[String]) -> Result<()> {
     proxy_sink.join();
 
     let (b, h, s) = (median(&mut base), median(&mut hooked), median(&mut steered));
+    let (learn_new, learn_again, lookup) = address_costs(rounds);
     println!(
         "steer: connect+close on loopback, client in a cgroup, {n} per run, median of {rounds} rounds"
     );
@@ -232,8 +233,31 @@ fn steer(args: &[String]) -> Result<()> {
         s,
         s / b
     );
+    println!(
+        "app addresses (user space; the connect hook does not consult them, so its figures above \
+         are their whole cost in the kernel):"
+    );
+    println!(
+        "{:<42} {:>12.0} {:>9.4}x",
+        "learn a new address (per DNS answer)",
+        learn_new,
+        learn_new / b
+    );
+    println!(
+        "{:<42} {:>12.0} {:>9.4}x",
+        "learn a known address again",
+        learn_again,
+        learn_again / b
+    );
+    println!(
+        "{:<42} {:>12.0} {:>9.4}x",
+        "look up a connection's destination",
+        lookup,
+        lookup / b
+    );
     let json = serde_json::json!({
         "bench": "steer",
+        "app_addresses_ns": { "learn_new": learn_new, "learn_again": learn_again, "lookup": lookup },
         "connects_per_run": n,
         "rounds": rounds,
         "ns_per_connect": { "baseline_no_hooks": b, "hooked_not_steered": h, "hooked_steered": s },
@@ -245,4 +269,36 @@ fn steer(args: &[String]) -> Result<()> {
     }
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
     Ok(())
+}
+
+/// Nanoseconds per call of the app address table (full at 65,536 addresses): learning a new
+/// address, learning a known one again, and looking up a destination (hits and misses), medians
+/// of `rounds`.
+fn address_costs(rounds: usize) -> (f64, f64, f64) {
+    use sluice::proxy::addresses::{AppAddresses, MAX_ADDRESSES};
+    use std::net::IpAddr;
+    let ip = |i: u32| IpAddr::from((0x0a00_0000u32 + i).to_be_bytes());
+    let n = MAX_ADDRESSES as u32;
+    let (mut new, mut again, mut look) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let table = AppAddresses::default();
+        let t = std::time::Instant::now();
+        for i in 0..n - 1 {
+            table.learn(ip(i), "files");
+        }
+        new.push(t.elapsed().as_nanos() as f64 / f64::from(n - 1));
+        let t = std::time::Instant::now();
+        for i in 0..n - 1 {
+            table.learn(ip(i), "files");
+        }
+        again.push(t.elapsed().as_nanos() as f64 / f64::from(n - 1));
+        let t = std::time::Instant::now();
+        let mut hits = 0u32;
+        for i in 0..2 * n {
+            hits += u32::from(table.app_at(ip(i)).is_some());
+        }
+        look.push(t.elapsed().as_nanos() as f64 / f64::from(2 * n));
+        assert_eq!(hits, n - 1, "lookups found what was learned");
+    }
+    (median(&mut new), median(&mut again), median(&mut look))
 }

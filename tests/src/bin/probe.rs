@@ -207,11 +207,15 @@ fn bad_hello(addr: SocketAddr, kind: &str) -> Result<(), String> {
     use std::io::{Read as _, Write as _};
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let ech = ech_hello("cover.test");
     let bytes: &[u8] = match kind {
         // A handshake record whose body is not a ClientHello.
         "garbage" => b"\x16\x03\x01\x00\x08garbage!",
         // A ClientHello record header promising more than is ever sent.
         "truncated" => b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        // A well-formed ClientHello naming `cover.test` and carrying an encrypted_client_hello
+        // extension (its payload is opaque to anyone but the real server).
+        "ech" => &ech,
         other => return Err(format!("unknown kind {other}")),
     };
     s.write_all(bytes).map_err(|e| e.to_string())?;
@@ -229,6 +233,47 @@ fn bad_hello(addr: SocketAddr, kind: &str) -> Result<(), String> {
         Err(e) => println!("error {e}"),
     }
     Ok(())
+}
+
+/// A TLS 1.3 ClientHello record for `sni` with an `encrypted_client_hello` (0xfe0d) extension.
+fn ech_hello(sni: &str) -> Vec<u8> {
+    fn ext(out: &mut Vec<u8>, ty: u16, data: &[u8]) {
+        out.extend_from_slice(&ty.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[0x5a; 32]); // random
+    body.push(0); // session id
+    body.extend_from_slice(&[0, 2, 0x13, 0x01]); // TLS_AES_128_GCM_SHA256
+    body.extend_from_slice(&[1, 0]); // null compression
+    let mut exts = Vec::new();
+    let mut list = vec![0];
+    list.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    list.extend_from_slice(sni.as_bytes());
+    let mut names = (list.len() as u16).to_be_bytes().to_vec();
+    names.extend_from_slice(&list);
+    ext(&mut exts, 0, &names);
+    ext(&mut exts, 43, &[2, 0x03, 0x04]); // supported_versions: TLS 1.3
+    ext(&mut exts, 10, &[0, 2, 0, 0x1d]); // supported_groups: x25519
+    ext(&mut exts, 13, &[0, 2, 0x04, 0x03]); // signature_algorithms: ecdsa_secp256r1_sha256
+    let mut share = vec![0, 36, 0, 0x1d, 0, 32];
+    share.extend_from_slice(&[9; 32]);
+    ext(&mut exts, 51, &share); // key_share
+    // encrypted_client_hello: outer, HPKE suite, config id, enc, payload (opaque here).
+    let mut e = vec![0, 0, 1, 0, 1, 7, 0, 32];
+    e.extend_from_slice(&[3; 32]);
+    e.extend_from_slice(&[0, 64]);
+    e.extend_from_slice(&[4; 64]);
+    ext(&mut exts, 0xfe0d, &e);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut hs = vec![1, 0, (body.len() >> 8) as u8, body.len() as u8];
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
 }
 
 fn wss(addr: SocketAddr, args: &[String]) -> Result<(), String> {
