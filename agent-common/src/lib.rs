@@ -29,6 +29,27 @@ pub const MAP_EXEMPT_CGROUPS: &str = "SLUICE_EXEMPT_CGROUPS";
 pub const MAP_PENDING: &str = "SLUICE_PENDING";
 /// Name of the records the proxy claims (`LruHashMap<PeerKey, Origin>`).
 pub const MAP_ORIGINS: &str = "SLUICE_ORIGINS";
+/// Name of the ring buffer of DNS answers ([`DnsAnswer`]) received by steered processes.
+pub const MAP_DNS: &str = "SLUICE_DNS";
+
+/// Most bytes of a DNS message copied for user space (a classic UDP answer's size; longer ones
+/// are cut and what follows the cut is not read).
+pub const DNS_MAX: usize = 512;
+/// Size of the DNS ring buffer, bytes.
+pub const DNS_RING_BYTES: u32 = 256 * 1024;
+
+/// One DNS answer as the ingress program copies it: the UDP payload of a datagram from port 53
+/// delivered to a socket of a steered process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DnsAnswer {
+    /// Bytes of `data` that hold the message.
+    pub len: u32,
+    /// Always zero (explicit padding).
+    pub pad: u32,
+    /// The DNS message, from its header.
+    pub data: [u8; DNS_MAX],
+}
 
 /// Capacity of the include/exclude tries, per family.
 pub const MAX_STEER_PREFIXES: u32 = 4096;
@@ -76,9 +97,13 @@ pub mod counter {
     pub const RECORD_FAILED: u32 = 6;
     /// A record moved from its socket cookie to its (local address, port) key by sockops.
     pub const REKEYED: u32 = 7;
+    /// A DNS answer copied to user space.
+    pub const DNS_ANSWERS: u32 = 8;
+    /// A DNS answer lost because the ring buffer was full.
+    pub const DNS_LOST: u32 = 9;
 }
 /// Number of counters in [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: u32 = 10;
 
 /// Maximum number of port ranges in a [`PortSet`].
 pub const MAX_PORT_RANGES: usize = 16;
@@ -184,7 +209,10 @@ pub const fn v4_mapped(ip4: u32) -> [u32; 4] {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{Origin, PeerKey, PortSet, SteerConfig};
+    use super::{DnsAnswer, Origin, PeerKey, PortSet, SteerConfig};
+
+    // SAFETY: `#[repr(C)]`, `Copy`, integers and a byte array only, explicit padding.
+    unsafe impl aya::Pod for DnsAnswer {}
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and arrays of integers, and
     // valid for every bit pattern; explicit padding fields leave no uninitialised bytes.

@@ -8,16 +8,17 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_ktime_get_ns,
+            bpf_ktime_get_ns, bpf_skb_load_bytes,
         },
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use sluice_common::{
-    COUNTER_COUNT, FAIL_CLOSED, MAX_EXEMPT_CGROUPS, MAX_ORIGINS, MAX_STEER_PREFIXES, Origin,
-    PeerKey, PortSet, SteerConfig, V4_MAPPED_WORD, counter, v4_mapped,
+    COUNTER_COUNT, DNS_MAX, DNS_RING_BYTES, DnsAnswer, FAIL_CLOSED, MAX_EXEMPT_CGROUPS,
+    MAX_ORIGINS, MAX_STEER_PREFIXES, Origin, PeerKey, PortSet, SteerConfig, V4_MAPPED_WORD,
+    counter, v4_mapped,
 };
 
 const AF_INET: u16 = 2;
@@ -54,6 +55,8 @@ static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_EXEMPT_C
 static PENDING: LruHashMap<u64, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
 #[map(name = "SLUICE_ORIGINS")]
 static ORIGINS: LruHashMap<PeerKey, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
+#[map(name = "SLUICE_DNS")]
+static DNS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -371,6 +374,84 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         count(counter::REKEYED);
     }
     0
+}
+
+/// DNS answers delivered to steered processes go to user space, which learns the addresses of
+/// catalogued names from them. The packet always passes.
+#[cgroup_skb(ingress)]
+pub fn sluice_dns(ctx: SkBuffContext) -> i32 {
+    copy_dns_answer(&ctx);
+    1
+}
+
+#[inline(always)]
+fn copy_dns_answer(ctx: &SkBuffContext) {
+    if config().is_none() {
+        return;
+    }
+    let Ok(first) = ctx.load::<u8>(0) else { return };
+    // The network header starts the buffer in cgroup skb programs.
+    let (l4, proto) = match first >> 4 {
+        4 => {
+            let Ok(proto) = ctx.load::<u8>(9) else { return };
+            (usize::from(first & 0x0f) * 4, proto)
+        }
+        // Extension headers are not followed: DNS answers do not carry them.
+        6 => {
+            let Ok(next) = ctx.load::<u8>(6) else { return };
+            (40, next)
+        }
+        _ => return,
+    };
+    const UDP: u8 = 17;
+    if proto != UDP {
+        return;
+    }
+    let Ok(sport) = ctx.load::<u16>(l4) else {
+        return;
+    };
+    if u16::from_be(sport) != 53 {
+        return;
+    }
+    let Some(mut entry) = DNS.reserve::<DnsAnswer>(0) else {
+        count(counter::DNS_LOST);
+        return;
+    };
+    // SAFETY: the entry is this program's until submitted or discarded; every byte user space
+    // reads (`len`, then `data[..len]`) is written below before it is submitted.
+    let answer = unsafe { &mut *entry.as_mut_ptr() };
+    answer.pad = 0;
+    let off = (l4 + 8) as u32;
+    let avail = ctx.len().saturating_sub(off);
+    // The length must be provably between 1 and the buffer's size for the verifier.
+    if avail == 0 {
+        entry.discard(0);
+        return;
+    }
+    let n = if avail > DNS_MAX as u32 {
+        DNS_MAX as u32
+    } else {
+        avail
+    };
+    // The same value, written so that its range, 1 to 512, is evident whatever the compiler
+    // makes of the comparisons above.
+    let len = ((n.wrapping_sub(1)) & (DNS_MAX as u32 - 1)) + 1;
+    // SAFETY: the destination is the entry's `data`, `DNS_MAX` bytes, and `len` is at most that.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off,
+            answer.data.as_mut_ptr().cast(),
+            len,
+        )
+    };
+    if ret == 0 {
+        answer.len = len;
+        entry.submit(0);
+        count(counter::DNS_ANSWERS);
+    } else {
+        entry.discard(0);
+    }
 }
 
 #[cfg(not(test))]

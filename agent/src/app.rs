@@ -117,6 +117,14 @@ async fn supervise(
             reporter,
         )?);
         proxy_shared = Some(shared.clone());
+        if let Some(ring) = steering.take_dns() {
+            // Ends with `shutdown` (it polls a quarter of a second at a time).
+            drop(crate::proxy::addresses::learn_from_dns(
+                ring,
+                shared.clone(),
+                shutdown.clone(),
+            ));
+        }
         let proxy = Proxy::with_listeners(listeners, shared);
         tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
         tasks.spawn(named(

@@ -1,10 +1,12 @@
 //! Small network building blocks that the agent, the policy engine and the collector share:
 //! address blocks ([`Cidr`]), host patterns ([`HostPattern`]), a stream wrapper that notes when
-//! bytes last moved ([`idle`]), and the parse of a TLS ClientHello ([`hello`]).
+//! bytes last moved ([`idle`]), the parse of a TLS ClientHello ([`hello`]) and of DNS answers
+//! ([`dns`]).
 //!
 //! Imports nothing of Sluice's own: everything above it may depend on it.
 
 mod cidr;
+pub mod dns;
 pub mod hello;
 mod host;
 pub mod idle;

@@ -1569,3 +1569,99 @@ fn conflicting_identities_in_one_request_get_the_most_restrictive_outcome() {
         "{ev}"
     );
 }
+
+/// A DNS server for tests: answers every A query with `ip` (the question echoed, one answer
+/// pointing at it). Stops when the returned flag is set.
+fn dns_server(
+    at: &str,
+    ip: std::net::Ipv4Addr,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::net::SocketAddr,
+) {
+    let sock = std::net::UdpSocket::bind(at).expect("DNS port");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let addr = sock.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            if n < 12 {
+                continue;
+            }
+            let mut r = buf[..n].to_vec();
+            r[2] = 0x81; // response, recursion desired
+            r[3] = 0x80; // recursion available, no error
+            r[7] = 1; // one answer
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+            r.extend_from_slice(&ip.octets());
+            let _ = sock.send_to(&r, from);
+        }
+    });
+    (stop, addr)
+}
+
+/// The app's address is learned from a DNS answer a steered process received, before any
+/// connection to the app: a first connection there under another name is already intercepted
+/// (and refused for its name), never spliced to the app.
+#[test]
+#[ignore = "needs root"]
+fn an_app_address_from_a_dns_answer_is_intercepted_whatever_name_follows() {
+    let e = env("sess-dns", "managed");
+    let doc = std::fs::read(fixture("plain.docx")).unwrap();
+    let dir = e.user_dir(&[("report.docx", &doc)]);
+    let (stop, dns) = dns_server("127.0.0.46:53", APP_IP.parse().unwrap());
+    let port = e.app.addr().port();
+    // A steered process (any user) resolves the app's name.
+    let (_, cg) = e.cg.child("resolver");
+    let out = InCgroup {
+        cgroup: Some(cg),
+        user: Some(NOBODY),
+    }
+    .run(
+        &bin("sluice-probe"),
+        &["dns".into(), dns.to_string(), demo_app::HOST.into()],
+    )
+    .expect("resolves");
+    assert!(out.starts_with("answer "), "{out}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(5), || e.agent.status().is_ok_and(|s| s
+            ["steer"]["counters"]["dns_answers"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1)),
+        "no DNS answer seen: {:?}",
+        e.agent.status()
+    );
+    // Now, with no connection to the app made yet, another name at its address.
+    let seq = e.last_seq();
+    let form = format!("file=@{}", dir.join("report.docx").display());
+    let got = e.curl_insider(
+        &dir,
+        &[
+            "-k",
+            "--resolve",
+            &format!("other.test:{port}:{APP_IP}"),
+            "-H",
+            &format!("Host: {}:{port}", demo_app::HOST),
+            "-F",
+            &form,
+            &format!("https://other.test:{port}/upload"),
+        ],
+    );
+    assert!(
+        e.app_requests_after(seq).is_empty(),
+        "the app saw the upload ({})",
+        got.status
+    );
+    assert_eq!(got.status, 421, "{}", got.text());
+    let st = e.agent.status().unwrap();
+    assert_eq!(st["proxy"]["by_address"], 1, "{st}");
+    assert_eq!(st["proxy"]["spliced"], 0, "{st}");
+}

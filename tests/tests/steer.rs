@@ -507,6 +507,7 @@ fn a_clean_stop_detaches_everything() {
         [
             "sluice_connect4",
             "sluice_connect6",
+            "sluice_dns",
             "sluice_sendmsg4",
             "sluice_sendmsg6",
             "sluice_sockops"
@@ -561,7 +562,7 @@ fn a_killed_agent_leaves_its_fail_mode_in_the_kernel_until_it_is_back() {
         let killed = std::time::Instant::now();
         assert_eq!(
             attached_programs(&cg.dir).len(),
-            5,
+            6,
             "the programs stay pinned"
         );
         if mode == "closed" {
@@ -612,7 +613,7 @@ fn a_killed_agent_leaves_its_fail_mode_in_the_kernel_until_it_is_back() {
         }
         let mut names = attached_programs(&cg.dir);
         names.sort();
-        assert_eq!(names.len(), 5, "one set of programs: {names:?}");
+        assert_eq!(names.len(), 6, "one set of programs: {names:?}");
         assert_eq!(
             probe(&inside, &["tcp", &dst]).expect("through the agent"),
             "origin"

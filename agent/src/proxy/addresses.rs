@@ -8,13 +8,17 @@
 //! - the agent's own resolution of every catalogued host name that is not a wildcard, through
 //!   the host's resolver (`/etc/hosts` and DNS, as the host's clients resolve them), repeated
 //!   every [`RESOLVE_EVERY`];
-//! - connections intercepted under an app's name: their destination is that app's address.
+//! - connections intercepted under an app's name: their destination is that app's address;
+//! - the DNS answers every steered process receives: an eBPF program on the steered cgroup's
+//!   ingress copies each UDP datagram from port 53 to a ring buffer, and [`learn_from_dns`]
+//!   reads the names asked and the addresses given (CNAME chains followed) and learns those of
+//!   catalogued names, wildcards included.
 //!
 //! Limits: an address is learned only once some client (or the agent's resolution) has seen it
-//! for the app; a client that resolves an app's name differently from the host (its own DNS
-//! over HTTPS, a hard-coded address never used under the app's name) reaches an address Sluice
-//! has not learned, and that connection is decided by its name. Wildcard hosts
-//! (`*.files.example`) are learned from traffic only.
+//! for the app; a client that resolves an app's name where Sluice cannot read it (DNS over
+//! HTTPS or TLS, DNS over TCP, an answer longer than 512 bytes cut before its addresses, a
+//! hard-coded address never used under the app's name) reaches an address Sluice has not
+//! learned, and that connection is decided by its name.
 
 use std::{
     collections::HashMap,
@@ -107,6 +111,61 @@ pub async fn resolve_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(RESOLVE_EVERY) => {}
         }
     }
+}
+
+/// Reads the DNS answers steered processes receive (from the steering's ring buffer) until
+/// `shutdown`, and learns the addresses of catalogued names. Runs on a blocking thread of its
+/// own: the answers are outside bytes, parsed here, never on the proxy's async workers.
+pub fn learn_from_dns(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd as _;
+        let mut ring = ring;
+        while !shutdown.is_cancelled() {
+            let ready = {
+                let mut fds = [nix::poll::PollFd::new(
+                    ring.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                nix::poll::poll(&mut fds, 250u16).unwrap_or(0)
+            };
+            if ready == 0 {
+                continue;
+            }
+            while let Some(item) = ring.next() {
+                if let Some(msg) = answer_bytes(&item) {
+                    learn_answer(&shared, msg);
+                }
+            }
+        }
+    })
+}
+
+/// The DNS message in one ring buffer record (`sluice_common::DnsAnswer`).
+fn answer_bytes(rec: &[u8]) -> Option<&[u8]> {
+    let len = u32::from_ne_bytes(rec.get(..4)?.try_into().ok()?) as usize;
+    rec.get(8..8 + len.min(sluice_common::DNS_MAX))
+}
+
+/// Learns from one DNS message; returns how many addresses were learned.
+pub fn learn_answer(shared: &Shared, msg: &[u8]) -> usize {
+    let Ok(found) = sluice_net::dns::answers(msg) else {
+        return 0;
+    };
+    let catalog = shared.catalog.load();
+    let mut n = 0;
+    for (name, addrs) in found {
+        if let super::catalog::Decision::Intercept(app) = catalog.decide(&name) {
+            for a in addrs {
+                shared.addresses.learn(a, &app.id);
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 #[cfg(test)]

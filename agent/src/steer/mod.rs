@@ -37,7 +37,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -56,6 +56,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Program names in the object, in attach order (sockops first, so that no connection can be
 /// redirected before its record can be re-keyed).
 const SOCKOPS: &str = "sluice_sockops";
+const DNS_PROGRAM: &str = "sluice_dns";
 const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     "sluice_connect4",
     "sluice_connect6",
@@ -166,6 +167,10 @@ pub struct Counters {
     pub record_failed: u64,
     /// Records re-keyed by sockops.
     pub rekeyed: u64,
+    /// DNS answers copied to user space.
+    pub dns_answers: u64,
+    /// DNS answers lost (the ring buffer was full).
+    pub dns_lost: u64,
 }
 
 /// What `/status` reports about steering.
@@ -208,6 +213,7 @@ pub struct Steering {
     counters: PerCpuArray<MapData, u64>,
     rules: Mutex<RuleMaps>,
     origins: Mutex<HashMap<MapData, PeerKey, Origin>>,
+    dns: Mutex<Option<aya::maps::RingBuf<MapData>>>,
     users: Mutex<StdHashMap<u32, (Option<String>, Instant)>>,
     processes: process::ProcessCache,
     cgroup: PathBuf,
@@ -315,6 +321,9 @@ impl Steering {
             current: rules::Compiled::default(),
         };
 
+        let dns: aya::maps::RingBuf<MapData> =
+            aya::maps::RingBuf::try_from(take(&mut ebpf, sluice_common::MAP_DNS)?)
+                .map_err(map_err("dns"))?;
         for id in &exempt_ids {
             exempt.insert(id, 1, 0).map_err(map_err("exempt"))?;
         }
@@ -372,6 +381,27 @@ impl Steering {
             let link = FdLink::try_from(link).map_err(|e| attach_err(name, chain(&e)))?;
             links.push(pin::pin(link, &pin_dir, name)?);
         }
+        {
+            let prog: &mut CgroupSkb = ebpf
+                .program_mut(DNS_PROGRAM)
+                .ok_or_else(|| SteerError::Load(format!("{DNS_PROGRAM} missing")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| SteerError::Load(e.to_string()))?;
+            prog.load()
+                .map_err(|e| SteerError::Load(format!("{DNS_PROGRAM}: {}", chain(&e))))?;
+            let id = prog
+                .attach(
+                    &cgroup_file,
+                    CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(|e| attach_err(DNS_PROGRAM, chain(&e)))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_err(DNS_PROGRAM, chain(&e)))?;
+            let link = FdLink::try_from(link).map_err(|e| attach_err(DNS_PROGRAM, chain(&e)))?;
+            links.push(pin::pin(link, &pin_dir, DNS_PROGRAM)?);
+        }
         // Only now that this agent's programs are in place do the previous one's go.
         let replaced = pin::remove(&previous);
         tracing::info!(cgroup = %cgroup_dir.display(), pins = %pin_dir.display(), replaced, exempt = ?exempt_ids, proxy_port, "steering attached");
@@ -384,6 +414,7 @@ impl Steering {
             counters,
             rules: Mutex::new(rule_maps),
             origins: Mutex::new(origins),
+            dns: Mutex::new(Some(dns)),
             users: Mutex::new(StdHashMap::new()),
             processes: process::ProcessCache::default(),
             cgroup: cgroup_dir,
@@ -391,6 +422,12 @@ impl Steering {
             proxy_port,
             netns,
         })
+    }
+
+    /// The ring buffer of DNS answers received by steered processes, once (its reader learns
+    /// app addresses from it).
+    pub fn take_dns(&self) -> Option<aya::maps::RingBuf<MapData>> {
+        lock(&self.dns).take()
     }
 
     /// Refreshes the kernel heartbeat. Call only while the proxy is healthy.
@@ -492,6 +529,8 @@ impl Steering {
             exempt: totals[counter::EXEMPT as usize],
             record_failed: totals[counter::RECORD_FAILED as usize],
             rekeyed: totals[counter::REKEYED as usize],
+            dns_answers: totals[counter::DNS_ANSWERS as usize],
+            dns_lost: totals[counter::DNS_LOST as usize],
         }
     }
 
@@ -506,7 +545,10 @@ impl Steering {
             attached,
             cgroup: self.cgroup.clone(),
             programs: if attached {
-                std::iter::once(SOCKOPS).chain(SOCK_ADDR_PROGRAMS).collect()
+                std::iter::once(SOCKOPS)
+                    .chain(SOCK_ADDR_PROGRAMS)
+                    .chain(std::iter::once(DNS_PROGRAM))
+                    .collect()
             } else {
                 Vec::new()
             },

@@ -65,6 +65,10 @@ fn run(args: &[String]) -> Result<(), String> {
         Some("slowhello") => slow_hello(addr, args),
         Some("hello") => bad_hello(addr, args.get(2).map(String::as_str).unwrap_or("garbage")),
         Some("udp") => udp(addr, args.get(2).map(String::as_str).unwrap_or("connect")),
+        Some("dns") => dns(
+            addr,
+            args.get(2).map(String::as_str).unwrap_or("example.test"),
+        ),
         _ => Err("usage: sluice-probe tcp|udp ADDR ...".into()),
     }
 }
@@ -165,6 +169,24 @@ fn tcp(addr: SocketAddr, args: &[String]) -> Result<(), String> {
         total += w.join().map_err(|_| "worker panicked".to_owned())??;
     }
     println!("ok {total}");
+    Ok(())
+}
+
+/// Asks the DNS server at `addr` for the A records of `name`; prints the answer's size.
+fn dns(addr: SocketAddr, name: &str) -> Result<(), String> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    sock.send_to(&q, addr).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1500];
+    let (n, _) = sock.recv_from(&mut buf).map_err(|e| e.to_string())?;
+    println!("answer {n} bytes");
     Ok(())
 }
 
