@@ -216,6 +216,7 @@ fn steer(args: &[String]) -> Result<()> {
 
     let (b, h, s) = (median(&mut base), median(&mut hooked), median(&mut steered));
     let (learn_new, learn_again, lookup) = address_costs(rounds);
+    let parse = dns_parse_cost(rounds);
     println!(
         "steer: connect+close on loopback, client in a cgroup, {n} per run, median of {rounds} rounds"
     );
@@ -245,6 +246,12 @@ fn steer(args: &[String]) -> Result<()> {
     );
     println!(
         "{:<42} {:>12.0} {:>9.4}x",
+        "read a DNS answer (CNAME + A + AAAA)",
+        parse,
+        parse / b
+    );
+    println!(
+        "{:<42} {:>12.0} {:>9.4}x",
         "learn a known address again",
         learn_again,
         learn_again / b
@@ -257,7 +264,7 @@ fn steer(args: &[String]) -> Result<()> {
     );
     let json = serde_json::json!({
         "bench": "steer",
-        "app_addresses_ns": { "learn_new": learn_new, "learn_again": learn_again, "lookup": lookup },
+        "app_addresses_ns": { "learn_new": learn_new, "learn_again": learn_again, "lookup": lookup, "dns_answer_read": parse },
         "connects_per_run": n,
         "rounds": rounds,
         "ns_per_connect": { "baseline_no_hooks": b, "hooked_not_steered": h, "hooked_steered": s },
@@ -301,4 +308,32 @@ fn address_costs(rounds: usize) -> (f64, f64, f64) {
         assert_eq!(hits, n - 1, "lookups found what was learned");
     }
     (median(&mut new), median(&mut again), median(&mut look))
+}
+
+/// Nanoseconds to read one DNS answer (a CNAME, an A and an AAAA record) into names and
+/// addresses, median of `rounds` runs of 20,000.
+fn dns_parse_cost(rounds: usize) -> f64 {
+    // files.example.com CNAME edge.cdn.test; edge.cdn.test A 192.0.2.7, AAAA 2001:db8::1.
+    let mut msg: Vec<u8> = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 3, 0, 0, 0, 0];
+    msg.extend_from_slice(b"\x05files\x07example\x03com\x00\x00\x01\x00\x01");
+    msg.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 0, 60, 0, 15]);
+    msg.extend_from_slice(b"\x04edge\x03cdn\x04test\x00");
+    let edge = 12 + 23 + 12;
+    msg.extend_from_slice(&[
+        0xc0, edge as u8, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 7,
+    ]);
+    msg.extend_from_slice(&[0xc0, edge as u8, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
+    msg.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    let got = sluice_net::dns::answers(&msg).expect("the sample answer reads");
+    assert_eq!(got.first().map(|(_, a)| a.len()), Some(2), "{got:?}");
+    let n = 20_000u32;
+    let mut runs = Vec::new();
+    for _ in 0..rounds {
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(sluice_net::dns::answers(std::hint::black_box(&msg)).ok());
+        }
+        runs.push(t.elapsed().as_nanos() as f64 / f64::from(n));
+    }
+    median(&mut runs)
 }
