@@ -45,7 +45,7 @@ pub struct AppAddresses {
 }
 
 impl AppAddresses {
-    /// Records `ip` as an address of app `app`.
+    /// Records `ip` as an address of app `app` (unless it is another app's, recently).
     pub fn learn(&self, ip: IpAddr, app: &str) {
         let ip = canonical(ip);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -55,8 +55,11 @@ impl AppAddresses {
             let cut = ages[ages.len() / 2];
             map.retain(|_, (_, at)| *at > cut);
         }
+        // An address stays with the app it was first learned for while that is fresh: a forged
+        // answer can add an address to an app, never take one from another.
         match map.get_mut(&ip) {
             Some((id, at)) if id == app => *at = Instant::now(),
+            Some((_, at)) if at.elapsed() < KEEP_FOR => {}
             _ => {
                 map.insert(ip, (app.to_owned(), Instant::now()));
             }
@@ -182,7 +185,7 @@ mod tests {
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap_or(ip);
         assert_eq!(a.app_at(mapped).as_deref(), Some("files"));
         a.learn(ip, "crm");
-        assert_eq!(a.app_at(ip).as_deref(), Some("crm"), "the latest app wins");
+        assert_eq!(a.app_at(ip).as_deref(), Some("files"), "the first app keeps it");
         for i in 0..(MAX_ADDRESSES as u32 + 10) {
             a.learn(IpAddr::from((0x0a00_0000 + i).to_be_bytes()), "bulk");
         }
