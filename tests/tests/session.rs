@@ -1665,3 +1665,80 @@ fn an_app_address_from_a_dns_answer_is_intercepted_whatever_name_follows() {
     assert_eq!(st["proxy"]["by_address"], 1, "{st}");
     assert_eq!(st["proxy"]["spliced"], 0, "{st}");
 }
+
+/// `chown -R uid:gid path`.
+fn chown_r(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+    if path.is_dir() && !path.is_symlink() {
+        for e in std::fs::read_dir(path).unwrap().flatten() {
+            chown_r(&e.path(), uid, gid);
+        }
+    }
+}
+
+/// Chromium run by an ordinary user (uid 65534) in a steered cgroup, signed in to the app: a
+/// page script that sends an unlabeled document with `fetch` as text, and opens a WebSocket to
+/// the app, gets neither past Sluice.
+#[test]
+#[ignore = "needs root"]
+fn an_ordinary_users_browser_cannot_send_the_file_by_script_or_websocket() {
+    use sluice_e2e::browser::{Browser, Cdp};
+    let e = env("sess-browser-insider", "managed");
+    let (_, client) = e.cg.child("browser-insider");
+    let profile = e.dir.join("profile-insider");
+    let mut b = Browser::new(&profile, Some(&e.sluice_ca)).expect("browser");
+    chown_r(&profile, NOBODY.0, NOBODY.1);
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        // The test directory holds the profile: the user must be able to reach it.
+        std::fs::set_permissions(e.dir.join("."), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    b.host_rules(&format!("MAP {} {APP_IP}", demo_app::HOST))
+        .in_cgroup(InCgroup {
+            cgroup: Some(client),
+            user: Some(NOBODY),
+        })
+        .timeout(Duration::from_secs(60));
+    let mut cdp = Cdp::launch(&b).expect("chromium");
+    cdp.navigate(&e.url("/login")).expect("login page");
+    cdp.fill("input[name=user]", "bob@corp.example").unwrap();
+    cdp.fill("input[name=password]", demo_app::DEFAULT_PASSWORD)
+        .unwrap();
+    cdp.click_and_wait_load("button[type=submit]").unwrap();
+    cdp.wait_for("location.pathname === '/files'", Duration::from_secs(20))
+        .expect("signed in");
+
+    let seq = e.last_seq();
+    let bytes = std::fs::read(fixture("plain.docx")).unwrap();
+    let ws_url = format!("wss://{}:{}/ws", demo_app::HOST, e.app.addr().port());
+    let script = format!(
+        "<title>running</title><script>\
+         const b = Uint8Array.from(atob('{}'), c => c.charCodeAt(0));\
+         let done = [];\
+         fetch('/upload', {{method: 'POST', headers: {{'Content-Type': 'text/plain'}}, body: b}})\
+           .then(r => done.push('fetch ' + r.status), () => done.push('fetch failed'))\
+           .then(() => {{ if (done.length == 2) document.title = done.join(' / '); }});\
+         const ws = new WebSocket('{ws_url}');\
+         ws.onopen = () => {{ ws.send(b); done.push('ws open'); }};\
+         ws.onclose = () => {{ done.push('ws closed'); if (done.length == 2) document.title = done.join(' / '); }};\
+         </script>",
+        sluice_e2e::base64(&bytes)
+    );
+    cdp.run_in_origin(
+        &script,
+        "document.title !== 'running' && document.title.includes('fetch')",
+        Duration::from_secs(30),
+    )
+    .expect("the script ran");
+    let title = cdp.eval("document.title").unwrap();
+    let title = title.as_str().unwrap_or_default().to_owned();
+    assert!(title.contains("fetch 403"), "{title}");
+    assert!(!title.contains("ws open"), "{title}");
+    let reached = e.app_requests_after(seq);
+    assert!(reached.is_empty(), "the app saw {reached:?}");
+    let ev = e.event_for("POST", "/upload");
+    assert_eq!(ev["action"], "block", "{ev}");
+    assert_eq!(ev["files"][0]["type"], "docx", "{ev}");
+    assert_eq!(ev["process"]["uid"], NOBODY.0, "{ev}");
+    cdp.close().unwrap();
+}
