@@ -1,4 +1,5 @@
-//! Developer and operator tasks: `cargo xtask setup | test | bench NAME | up | demo | fixtures`.
+//! Developer and operator tasks: `cargo xtask setup | test | bench NAME | up | demo | fixtures |
+//! fuzz`.
 //!
 //! Every task that needs the toolchain or system packages first runs the idempotent set-up, so a
 //! fresh machine needs nothing but this repository and Rust: Debian packages (nftables, bpftool,
@@ -15,6 +16,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
 mod fixtures;
+mod fuzz;
 mod up;
 
 #[derive(Parser)]
@@ -28,7 +30,8 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (idempotent, quick when all is there).
     Setup,
-    /// Set up, then run fmt, clippy (warnings denied) and every test, root-only ones included.
+    /// Set up, then run fmt, clippy (warnings denied) and every test, root-only ones included,
+    /// then each fuzz target briefly.
     Test,
     /// Set up, build in release, and run a benchmark (`steer`, `proxy`, `policy`); writes
     /// target/bench/NAME.json. Arguments after `--` go to the benchmark (e.g. `-- --reps 5`).
@@ -63,6 +66,15 @@ enum Task {
         #[arg(long)]
         force: bool,
     },
+    /// Build the cargo-fuzz targets in fuzz/ and run each (or TARGET) for --time seconds, their
+    /// corpora seeded from fuzz/seeds and target/fixtures; installs cargo-fuzz when missing.
+    Fuzz {
+        /// One target (client_hello, multipart, zip, ooxml, odf, ole, pdf, bundle, query).
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,7 +97,7 @@ fn run(cli: Cli) -> Result<()> {
             setup(&root)?;
             // Office and PDF files made by the real tools, for the inspection tests.
             fixtures::fixtures(&root, None, false)?;
-            test()
+            test(&root)
         }
         Task::Bench { name, extra } => {
             setup(&root)?;
@@ -97,6 +109,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::Demo => up::demo(&root),
         Task::Fixtures { out, force } => fixtures::fixtures(&root, out, force),
+        Task::Fuzz { target, time } => fuzz::fuzz(&root, target.as_deref(), time),
     }
 }
 
@@ -310,7 +323,7 @@ fn cargo() -> Command {
     Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-fn test() -> Result<()> {
+fn test(root: &Path) -> Result<()> {
     step("cargo fmt --check");
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy (warnings denied)");
@@ -333,6 +346,8 @@ fn test() -> Result<()> {
         "--",
         "--include-ignored",
     ]))?;
+    step("fuzz targets, briefly (a crash fails)");
+    fuzz::smoke(root)?;
     eprintln!("\nall checks passed");
     Ok(())
 }

@@ -1,0 +1,29 @@
+//! OpenDocument packages (.odt, .ods, .odp): labels, text for DLP, the whole inspection, and the
+//! label write, whose output must read back with the label.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use sluice_fuzz::{MAX_FILE, check_written, inspect, limits, spec};
+use sluice_inspect::{MAX_TEXT_CHARS, odf};
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() > MAX_FILE {
+        return;
+    }
+    let limits = limits();
+    let _ = odf::read_labels(data, &limits);
+    if let Ok(t) = odf::text(data, &limits, 4096) {
+        assert!(
+            t.chars().count() <= 4096,
+            "{} characters",
+            t.chars().count()
+        );
+    }
+    let _ = odf::text(data, &limits, MAX_TEXT_CHARS);
+    inspect(data);
+    for replace in [false, true] {
+        check_written(odf::apply_label(data, &spec(), replace, &limits), |b| {
+            odf::read_labels(b, &limits)
+        });
+    }
+});
