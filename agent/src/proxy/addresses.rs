@@ -185,7 +185,11 @@ mod tests {
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap_or(ip);
         assert_eq!(a.app_at(mapped).as_deref(), Some("files"));
         a.learn(ip, "crm");
-        assert_eq!(a.app_at(ip).as_deref(), Some("files"), "the first app keeps it");
+        assert_eq!(
+            a.app_at(ip).as_deref(),
+            Some("files"),
+            "the first app keeps it"
+        );
         for i in 0..(MAX_ADDRESSES as u32 + 10) {
             a.learn(IpAddr::from((0x0a00_0000 + i).to_be_bytes()), "bulk");
         }
