@@ -6,7 +6,7 @@
 
 use std::sync::LazyLock;
 
-use libfuzzer_sys::fuzz_target;
+use libfuzzer_sys::{fuzz_mutator, fuzz_target};
 use sluice_policy::bundle::{
     Archive, BundleError, Limits, SIGNATURES,
     jws::{SigningKey, VerifyingKey},
@@ -68,4 +68,8 @@ fuzz_target!(|data: &[u8]| {
         Err(BundleError::Manifest(_)) => {}
         Err(e) => panic!("a bundle signed here does not verify: {e}"),
     }
+});
+
+fuzz_mutator!(|data: &mut [u8], size: usize, max_size: usize, seed: u32| {
+    sluice_fuzz::mutate_bundle(data, size, max_size, seed)
 });

@@ -2,7 +2,7 @@
 //! label write a download's decision asks for, whose output must read back with the label.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
+use libfuzzer_sys::{fuzz_mutator, fuzz_target};
 use sluice_fuzz::{MAX_FILE, check_written, inspect, limits, spec};
 use sluice_inspect::{MAX_TEXT_CHARS, ooxml};
 
@@ -26,4 +26,8 @@ fuzz_target!(|data: &[u8]| {
             ooxml::read_labels(b, &limits)
         });
     }
+});
+
+fuzz_mutator!(|data: &mut [u8], size: usize, max_size: usize, seed: u32| {
+    sluice_fuzz::mutate_zip(data, size, max_size, seed)
 });

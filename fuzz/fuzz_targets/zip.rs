@@ -3,7 +3,7 @@
 //! labels into members, whose output must parse again with the same entries and the new data.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
+use libfuzzer_sys::{fuzz_mutator, fuzz_target};
 use sluice_fuzz::{MAX_FILE, inspect, limits};
 use sluice_inspect::zip::{Archive, Budget};
 
@@ -35,4 +35,8 @@ fuzz_target!(|data: &[u8]| {
         let read = again.read(first, &mut Budget::new(&limits));
         assert_eq!(read.as_ref(), Ok(&new), "the replaced entry reads back");
     }
+});
+
+fuzz_mutator!(|data: &mut [u8], size: usize, max_size: usize, seed: u32| {
+    sluice_fuzz::mutate_zip(data, size, max_size, seed)
 });
