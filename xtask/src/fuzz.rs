@@ -20,8 +20,10 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, output, sh, step};
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 11] = [
     "client_hello",
+    "dns",
+    "embedded",
     "multipart",
     "zip",
     "ooxml",
@@ -43,6 +45,8 @@ fn max_len(target: &str) -> usize {
     match target {
         "client_hello" => 64 * 1024 + 1024,
         "query" => 16 * 1024 + 64,
+        "dns" => 512,
+        "embedded" => 256 * 1024,
         "multipart" => 256 * 1024,
         _ => 1 << 20,
     }
