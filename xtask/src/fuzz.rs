@@ -117,9 +117,7 @@ pub fn smoke(root: &Path) -> Result<()> {
 /// `cargo fuzz SUBCOMMAND` on the fuzz workspace, built into `target/fuzz`.
 fn fuzz_command(root: &Path, subcommand: &str) -> Command {
     let mut cmd = cargo();
-    // Stable with RUSTC_BOOTSTRAP (as the eBPF build does), since cargo-fuzz's AddressSanitizer
-    // and coverage flags are -Z flags that only nightly accepts otherwise; the toolchain stays
-    // the project's one.
+    // AddressSanitizer needs -Zsanitizer (nightly-only): stable plus RUSTC_BOOTSTRAP, as for eBPF.
     cmd.env("RUSTC_BOOTSTRAP", "1")
         .args(["fuzz", subcommand, "--fuzz-dir"])
         .arg(root.join("fuzz"))

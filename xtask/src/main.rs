@@ -69,7 +69,8 @@ enum Task {
     /// Build the cargo-fuzz targets in fuzz/ and run each (or TARGET) for --time seconds, their
     /// corpora seeded from fuzz/seeds and target/fixtures; installs cargo-fuzz when missing.
     Fuzz {
-        /// One target (client_hello, multipart, zip, ooxml, odf, ole, pdf, bundle, query).
+        /// One target (all when omitted).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
         target: Option<String>,
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
