@@ -173,6 +173,12 @@ impl AdminState {
             p.by_address,
         );
         metric(
+            "sluice_proxy_dns_learned_total",
+            "counter",
+            "App addresses learned from DNS answers steered processes received.",
+            p.dns_learned,
+        );
+        metric(
             "sluice_proxy_active_connections",
             "gauge",
             "Connections open now.",

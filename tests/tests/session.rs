@@ -1630,13 +1630,13 @@ fn an_app_address_from_a_dns_answer_is_intercepted_whatever_name_follows() {
     .expect("resolves");
     assert!(out.starts_with("answer "), "{out}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The kernel counts the answer before the agent's reader learns from it: wait for both.
     assert!(
-        wait_until(Duration::from_secs(5), || e.agent.status().is_ok_and(|s| s
-            ["steer"]["counters"]["dns_answers"]
-            .as_u64()
-            .unwrap_or(0)
-            >= 1)),
-        "no DNS answer seen: {:?}",
+        wait_until(Duration::from_secs(10), || e.agent.status().is_ok_and(
+            |s| s["steer"]["counters"]["dns_answers"].as_u64().unwrap_or(0) >= 1
+                && s["proxy"]["dns_learned"].as_u64().unwrap_or(0) >= 1
+        )),
+        "no DNS answer seen or learned from: {:?}",
         e.agent.status()
     );
     // Now, with no connection to the app made yet, another name at its address.

@@ -168,6 +168,10 @@ pub fn learn_answer(shared: &Shared, msg: &[u8]) -> usize {
             }
         }
     }
+    shared
+        .stats
+        .dns_learned
+        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     n
 }
 

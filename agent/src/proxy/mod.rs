@@ -135,6 +135,8 @@ pub struct ProxyStats {
     pub refused: AtomicU64,
     /// Connections intercepted because of their destination, the name they gave being no app's.
     pub by_address: AtomicU64,
+    /// App addresses learned from DNS answers steered processes received.
+    pub dns_learned: AtomicU64,
     /// Connections closed because their user had `max_connections_per_uid` open.
     pub uid_connection_refusals: AtomicU64,
     /// Heartbeat probes answered (the agent's own check that the proxy accepts and serves).
@@ -179,6 +181,7 @@ pub struct ProxyStatsSnapshot {
     pub rejected: u64,
     pub refused: u64,
     pub by_address: u64,
+    pub dns_learned: u64,
     pub bad_client_hello: u64,
     pub tls_failed: u64,
     pub requests: u64,
@@ -213,6 +216,7 @@ impl ProxyStats {
             rejected: r(&self.rejected),
             refused: r(&self.refused),
             by_address: r(&self.by_address),
+            dns_learned: r(&self.dns_learned),
             bad_client_hello: r(&self.bad_client_hello),
             tls_failed: r(&self.tls_failed),
             requests: r(&self.requests),
