@@ -26,6 +26,8 @@ pub struct AdminState {
     pub report: Option<crate::report::ReportHandle>,
     /// Configuration reloads (SIGHUP).
     pub reloads: Arc<ReloadStats>,
+    /// The gateway, when gateway mode is on.
+    pub gateway: Option<Arc<std::sync::Mutex<crate::steer::gateway::GatewayStatus>>>,
 }
 
 /// Configuration reloads: applied, and refused (a broken file, a steering or catalogue change
@@ -54,6 +56,7 @@ struct Status {
     bundle: Option<crate::bundle::BundleStatus>,
     report: Option<crate::report::ReportStatus>,
     reloads: Reloads,
+    gateway: Option<crate::steer::gateway::GatewayStatus>,
 }
 
 impl AdminState {
@@ -78,6 +81,10 @@ impl AdminState {
                 .as_ref()
                 .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             report: self.report.as_ref().map(|r| r.snapshot()),
+            gateway: self
+                .gateway
+                .as_ref()
+                .map(|g| g.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             reloads: Reloads {
                 applied: self
                     .reloads

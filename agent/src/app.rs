@@ -15,16 +15,20 @@ use crate::{
     admin::{Admin, AdminState, ReloadStats},
     config::Config,
     proxy::{
-        Listeners, Proxy, ProxyStats, Shared,
+        Listeners, Proxy, ProxyStats, Shared, TransparentListeners,
         ca::{Ca, CacheLimits, LeafCache},
         catalog::Catalog,
         hooks::{Hooks, PassThrough},
+        lan::LanDevices,
         record::{JsonLinesReporter, LogReporter, Reporter},
         upstream::Upstream,
     },
     report::Reporting,
     session::Controls,
-    steer::{self, Steering},
+    steer::{
+        self, Steering,
+        gateway::{Gateway, GatewayStatus},
+    },
 };
 
 /// How long open connections may take to finish after SIGTERM.
@@ -52,19 +56,42 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
             Steering::attach(&config.steer, listeners.port).context("attaching steering")?;
         (Some(Arc::new(steering)), Some(listeners))
     } else {
-        tracing::warn!("steering is disabled: nothing reaches the proxy unless sent there");
+        if !config.gateway.enabled {
+            tracing::warn!("steering is disabled: nothing reaches the proxy unless sent there");
+        }
         (None, None)
     };
+    let gateway = if config.gateway.enabled {
+        match start_gateway(&config) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                if let Some(s) = &steering
+                    && let Err(e) = s.detach()
+                {
+                    tracing::error!(error = %e, "detaching steering");
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    let gateway_rules = gateway.as_ref().map(|(g, _)| g.clone());
 
     let result = supervise(
         &config_path,
         &config,
         steering.clone(),
         listeners,
+        gateway,
         stats,
         shutdown,
     )
     .await;
+    if let Some(g) = gateway_rules {
+        g.load().remove();
+        tracing::info!(table = %g.load().table_name(), "gateway rules removed");
+    }
     if let Some(s) = steering
         && let Err(e) = s.detach()
     {
@@ -73,15 +100,117 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     result
 }
 
+/// The gateway's rules in force (replaced whole on reload).
+type GatewayRules = Arc<arc_swap::ArcSwap<Gateway>>;
+
+/// Binds the transparent listeners and installs the gateway's rules (replacing a crashed
+/// predecessor's).
+fn start_gateway(config: &Config) -> anyhow::Result<(GatewayRules, TransparentListeners)> {
+    let g = &config.gateway;
+    let listeners = TransparentListeners::bind(g.port).context(
+        "binding the gateway's transparent listeners (IP_TRANSPARENT needs CAP_NET_ADMIN)",
+    )?;
+    let rules = Gateway::new(g, g.fail_mode.unwrap_or(config.steer.fail_mode), g.port);
+    rules.apply().with_context(|| {
+        format!(
+            "installing the gateway rules (nftables table inet {})",
+            g.table
+        )
+    })?;
+    tracing::info!(
+        table = %g.table,
+        port = g.port,
+        interfaces = ?g.lan_interfaces,
+        clients = ?g.client_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "gateway steering the LAN's TCP ports {:?}",
+        g.ports
+    );
+    Ok((Arc::new(arc_swap::ArcSwap::from_pointee(rules)), listeners))
+}
+
+/// Keeps the gateway's steered ports live while its transparent listener answers; when it does
+/// not (or this task stalls, or the agent dies), they expire within
+/// [`crate::steer::gateway::WATCHDOG`] and the rules apply the fail mode.
+async fn gateway_watchdog(
+    rules: GatewayRules,
+    stats: Arc<ProxyStats>,
+    status: Arc<std::sync::Mutex<GatewayStatus>>,
+    lan: Arc<LanDevices>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let every = crate::steer::gateway::WATCHDOG / 4;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let g = rules.load_full();
+        let probe = probe_proxy(&stats, &stats.gateway_probe_port, g.port(), every).await;
+        let refreshed = match probe {
+            Ok(()) => {
+                let g2 = g.clone();
+                tokio::task::spawn_blocking(move || g2.refresh())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .and_then(|r| r.map_err(anyhow::Error::from))
+            }
+            Err(e) => Err(e.context("the transparent listener did not answer")),
+        };
+        let counters = if n.is_multiple_of(4) {
+            let g2 = g.clone();
+            tokio::task::spawn_blocking(move || g2.counters())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+        st.table = g.table_name().to_owned();
+        st.fail_mode = format!("{:?}", g.fail_mode()).to_lowercase();
+        st.enrolled_clients = lan.enrolled_count();
+        if let Some(c) = counters {
+            st.counters = c;
+        }
+        match refreshed {
+            Ok(()) => {
+                if !st.live {
+                    tracing::info!("gateway: the proxy answers, steered ports live");
+                }
+                st.live = true;
+                st.refreshes += 1;
+                st.last_error = None;
+            }
+            Err(e) => {
+                if st.live || st.last_error.is_none() {
+                    tracing::warn!(error = %format!("{e:#}"), "gateway: steered ports not refreshed; the fail mode applies within a second");
+                }
+                st.live = false;
+                st.probe_failures += 1;
+                st.last_error = Some(format!("{e:#}"));
+            }
+        }
+    }
+}
+
 async fn supervise(
     config_path: &Path,
     config: &Config,
     steering: Option<Arc<Steering>>,
     listeners: Option<Listeners>,
+    gateway: Option<(GatewayRules, TransparentListeners)>,
     stats: Arc<ProxyStats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
+    let lan = Arc::new(LanDevices::new(config.gateway.managed_clients.clone()));
+    let gateway_status = gateway
+        .as_ref()
+        .map(|_| Arc::new(std::sync::Mutex::new(GatewayStatus::default())));
 
     let target = crate::report::target(config).context("reading the enrollment")?;
     let mut dist = match &config.bundle {
@@ -102,40 +231,70 @@ async fn supervise(
         (None, None) => Arc::new(LogReporter),
     };
     let hooks: Arc<dyn Hooks> = match &dist {
-        Some(d) => Arc::new(Controls::new(d.active(), config.device.posture)),
+        Some(d) => Arc::new(Controls::new(d.active(), config.device.posture).with_lan(lan.clone())),
         None => Arc::new(PassThrough),
     };
     let active = dist.as_ref().map(|d| d.active());
     let reloads = Arc::new(ReloadStats::default());
     let mut proxy_shared = None;
-    if let (Some(steering), Some(listeners)) = (&steering, listeners) {
-        let shared = Arc::new(build_proxy(
-            config,
-            steering.clone(),
-            stats.clone(),
-            hooks,
-            reporter,
-        )?);
+    let mut gateway_rules = None;
+    if steering.is_some() || gateway.is_some() {
+        let origins: Arc<dyn crate::proxy::OriginSource> = match &steering {
+            Some(s) => s.clone(),
+            None => Arc::new(crate::proxy::NoOrigins),
+        };
+        let mut shared = build_proxy(config, origins, stats.clone(), hooks, reporter)?;
+        shared.lan = lan.clone();
+        let shared = Arc::new(shared);
         proxy_shared = Some(shared.clone());
-        if let Some(ring) = steering.take_dns() {
-            // Ends with `shutdown` (it polls a quarter of a second at a time).
-            drop(crate::proxy::addresses::learn_from_dns(
-                ring,
-                shared.clone(),
-                shutdown.clone(),
+        let proxy = match (&steering, listeners) {
+            (Some(steering), Some(listeners)) => {
+                if let Some(ring) = steering.take_dns() {
+                    // Ends with `shutdown` (it polls a quarter of a second at a time).
+                    drop(crate::proxy::addresses::learn_from_dns(
+                        ring,
+                        shared.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+                tasks.spawn(named(
+                    "heartbeat",
+                    heartbeat(
+                        steering.clone(),
+                        stats.clone(),
+                        config.steer.heartbeat_interval(),
+                        shutdown.clone(),
+                    ),
+                ));
+                Some(Proxy::with_listeners(listeners, shared.clone()))
+            }
+            _ => None,
+        };
+        let proxy = match (proxy, gateway) {
+            (Some(p), Some((rules, l))) => {
+                gateway_rules = Some(rules);
+                p.with_gateway(l)
+            }
+            (None, Some((rules, l))) => {
+                gateway_rules = Some(rules);
+                Proxy::gateway_only(l, shared.clone())
+            }
+            (Some(p), None) => p,
+            (None, None) => anyhow::bail!("no front for the proxy"),
+        };
+        tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
+        if let (Some(rules), Some(status)) = (&gateway_rules, &gateway_status) {
+            tasks.spawn(named(
+                "gateway",
+                gateway_watchdog(
+                    rules.clone(),
+                    stats.clone(),
+                    status.clone(),
+                    lan.clone(),
+                    shutdown.clone(),
+                ),
             ));
         }
-        let proxy = Proxy::with_listeners(listeners, shared);
-        tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
-        tasks.spawn(named(
-            "heartbeat",
-            heartbeat(
-                steering.clone(),
-                stats.clone(),
-                config.steer.heartbeat_interval(),
-                shutdown.clone(),
-            ),
-        ));
     } else {
         // Nothing to accept, but readiness still reflects the listener state.
         stats.listening.store(true, Ordering::Relaxed);
@@ -170,6 +329,7 @@ async fn supervise(
             bundle: bundle_status,
             report: report_handle,
             reloads: reloads.clone(),
+            gateway: gateway_status.clone(),
         },
     )
     .await
@@ -193,6 +353,7 @@ async fn supervise(
                     config_path,
                     config,
                     steering.as_deref(),
+                    gateway_rules.as_ref(),
                     proxy_shared.as_deref(),
                     active.as_ref().and_then(|a| a.load_full()).as_deref(),
                 );
@@ -291,7 +452,7 @@ fn probe(
 /// anything is served.
 fn build_proxy(
     config: &Config,
-    steering: Arc<Steering>,
+    origins: Arc<dyn crate::proxy::OriginSource>,
     stats: Arc<ProxyStats>,
     hooks: Arc<dyn Hooks>,
     reporter: Arc<dyn Reporter>,
@@ -323,7 +484,7 @@ fn build_proxy(
         config.proxy.max_idle_upstream,
     );
     Ok(Shared::new(
-        steering,
+        origins,
         stats,
         Arc::new(catalog),
         Arc::new(leaves),
@@ -360,7 +521,15 @@ async fn heartbeat(
         }
         // The kernel is told the proxy is healthy only when it has just accepted a connection and
         // served it from a task of its own: a stalled accept loop or runtime stops the beats.
-        match probe_proxy(&stats, every.max(Duration::from_millis(100))).await {
+        let port = u16::try_from(stats.port.load(Ordering::Relaxed)).unwrap_or(0);
+        match probe_proxy(
+            &stats,
+            &stats.probe_port,
+            port,
+            every.max(Duration::from_millis(100)),
+        )
+        .await
+        {
             Ok(()) => {
                 if failing {
                     tracing::info!("heartbeat probe answered again");
@@ -382,21 +551,23 @@ async fn heartbeat(
 
 /// One heartbeat probe: a connection to the proxy's IPv4 listener from a port the proxy knows
 /// as the probe's, which it answers with [`crate::proxy::PROBE_REPLY`].
-async fn probe_proxy(stats: &ProxyStats, within: Duration) -> anyhow::Result<()> {
+async fn probe_proxy(
+    stats: &ProxyStats,
+    slot: &std::sync::atomic::AtomicU64,
+    port: u16,
+    within: Duration,
+) -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
     if !stats.listening.load(Ordering::Relaxed) {
         anyhow::bail!("the proxy is not listening");
     }
-    let port = u16::try_from(stats.port.load(Ordering::Relaxed)).unwrap_or(0);
     if port == 0 {
         anyhow::bail!("the proxy has no port yet");
     }
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
     let local = sock.local_addr()?;
-    stats
-        .probe_port
-        .store(u64::from(local.port()), Ordering::Relaxed);
+    slot.store(u64::from(local.port()), Ordering::Relaxed);
     let res = tokio::time::timeout(within, async {
         let mut conn = sock
             .connect((std::net::Ipv4Addr::LOCALHOST, port).into())
@@ -410,7 +581,7 @@ async fn probe_proxy(stats: &ProxyStats, within: Duration) -> anyhow::Result<()>
         Ok(())
     })
     .await;
-    stats.probe_port.store(0, Ordering::Relaxed);
+    slot.store(0, Ordering::Relaxed);
     res.map_err(|_| anyhow::anyhow!("no probe reply within {within:?}"))?
 }
 
@@ -421,6 +592,7 @@ fn reload(
     path: &Path,
     running: &Config,
     steering: Option<&Steering>,
+    gateway: Option<&GatewayRules>,
     proxy: Option<&Shared>,
     bundle: Option<&sluice_policy::PolicySet>,
 ) -> bool {
@@ -439,6 +611,31 @@ fn reload(
         if let Err(e) = s.set_fail_mode(next.steer.fail_mode, next.steer.heartbeat_bound()) {
             tracing::error!(error = %e, "SIGHUP: fail mode not updated");
             return false;
+        }
+    }
+    if let Some(g) = gateway {
+        if next.gateway.enabled && next.gateway.port == running.gateway.port {
+            let rules = Gateway::new(
+                &next.gateway,
+                next.gateway.fail_mode.unwrap_or(next.steer.fail_mode),
+                next.gateway.port,
+            );
+            if next.gateway.table != running.gateway.table {
+                g.load().remove();
+            }
+            if let Err(e) = rules.apply() {
+                tracing::error!(error = %e, "SIGHUP: gateway rules not updated");
+                // The running rules are put back.
+                if let Err(e) = g.load().apply() {
+                    tracing::error!(error = %e, "SIGHUP: the running gateway rules could not be restored");
+                }
+                return false;
+            }
+            g.store(Arc::new(rules));
+        } else {
+            tracing::warn!(
+                "SIGHUP: turning gateway mode off or changing gateway.port needs a restart"
+            );
         }
     }
     if let Some(p) = proxy {

@@ -67,6 +67,91 @@ pub struct Config {
     /// Where records and activity events go.
     #[serde(default)]
     pub report: ReportSettings,
+    /// Branch gateway mode: the forwarded TCP of a LAN steered with nftables TPROXY (off by
+    /// default; endpoint and gateway modes can run together).
+    #[serde(default)]
+    pub gateway: GatewaySettings,
+}
+
+/// `[gateway]`: which forwarded traffic is steered to the proxy, and how.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// Turn gateway mode on.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Interfaces the LAN's traffic arrives on. With `client_cidrs` as well, both must match.
+    #[serde(default)]
+    pub lan_interfaces: Vec<String>,
+    /// Client address blocks of the LAN. With `lan_interfaces` as well, both must match.
+    #[serde(default)]
+    pub client_cidrs: Vec<Cidr>,
+    /// TCP destination ports steered (default 80 and 443).
+    #[serde(default = "default_gateway_ports")]
+    pub ports: Vec<u16>,
+    /// Destinations never steered (the protected blocks of
+    /// [`crate::steer::rules::PROTECTED`] never are either).
+    #[serde(default)]
+    pub bypass_destinations: Vec<Cidr>,
+    /// Clients never steered.
+    #[serde(default)]
+    pub bypass_clients: Vec<Cidr>,
+    /// Clients that are managed devices (their own agent inspects them; here they get the
+    /// `managed` device tag). Other LAN clients are `unmanaged`, unless the collector reports an
+    /// enrolled agent at their address.
+    #[serde(default)]
+    pub managed_clients: Vec<Cidr>,
+    /// Port of the proxy's transparent listeners on 127.0.0.1 and ::1 (below 1024, so no user
+    /// can hold it while the agent is away).
+    #[serde(default = "default_gateway_port")]
+    pub port: u16,
+    /// The firewall mark of steered packets, routed to the local table below.
+    #[serde(default = "default_gateway_mark")]
+    pub mark: u32,
+    /// The routing table that delivers marked packets locally.
+    #[serde(default = "default_gateway_route_table")]
+    pub route_table: u32,
+    /// The name of Sluice's own nftables table (family `inet`).
+    #[serde(default = "default_gateway_table")]
+    pub table: String,
+    /// `open` or `closed` when the proxy does not answer; default: `steer.fail_mode`.
+    #[serde(default)]
+    pub fail_mode: Option<FailMode>,
+}
+
+fn default_gateway_ports() -> Vec<u16> {
+    vec![80, 443]
+}
+fn default_gateway_port() -> u16 {
+    1002
+}
+fn default_gateway_mark() -> u32 {
+    0x51cf
+}
+fn default_gateway_route_table() -> u32 {
+    0x51c
+}
+fn default_gateway_table() -> String {
+    "sluice".to_owned()
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            lan_interfaces: Vec::new(),
+            client_cidrs: Vec::new(),
+            ports: default_gateway_ports(),
+            bypass_destinations: Vec::new(),
+            bypass_clients: Vec::new(),
+            managed_clients: Vec::new(),
+            port: default_gateway_port(),
+            mark: default_gateway_mark(),
+            route_table: default_gateway_route_table(),
+            table: default_gateway_table(),
+            fail_mode: None,
+        }
+    }
 }
 
 /// `[device]`: the device posture policies see.
@@ -728,6 +813,45 @@ impl Config {
                 return Err(ConfigError::Invalid(format!(
                     "cgroup path `{p}` must not contain `..`"
                 )));
+            }
+        }
+        let g = &self.gateway;
+        if g.enabled {
+            if g.lan_interfaces.is_empty() && g.client_cidrs.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "gateway: set lan_interfaces or client_cidrs (which traffic is the LAN's)"
+                        .into(),
+                ));
+            }
+            if g.ports.is_empty() || g.ports.contains(&0) {
+                return Err(ConfigError::Invalid(
+                    "gateway.ports must list ports 1-65535".into(),
+                ));
+            }
+            if g.mark == 0 || g.mark == s.bypass_mark {
+                return Err(ConfigError::Invalid(
+                    "gateway.mark must be non-zero and differ from steer.bypass_mark".into(),
+                ));
+            }
+            if g.table.is_empty()
+                || !g
+                    .table
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(ConfigError::Invalid(
+                    "gateway.table must be a name of letters, digits, `_` and `-`".into(),
+                ));
+            }
+            if g.port == 0 || (s.enabled && g.port == self.proxy.port) {
+                return Err(ConfigError::Invalid(
+                    "gateway.port must be a fixed port other than proxy.port".into(),
+                ));
+            }
+            if g.route_table == 0 || g.route_table >= 253 && g.route_table <= 255 {
+                return Err(ConfigError::Invalid(
+                    "gateway.route_table must not be 0 or a system table (253-255)".into(),
+                ));
             }
         }
         if self.proxy.max_connections == 0 {

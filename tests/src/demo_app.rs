@@ -397,6 +397,9 @@ pub struct DemoOptions {
     pub token_ttl: Duration,
     /// Bound on the bytes of all kept files together.
     pub store_limit: u64,
+    /// The network namespace to listen in (its file, e.g. `/run/netns/NAME`); none: the
+    /// caller's. Only [`DemoApp::start`] honours it.
+    pub netns: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for DemoOptions {
@@ -425,6 +428,7 @@ impl DemoOptions {
                 .with_context(|| format!("reading {}", key_path.display()))?,
             token_ttl: Duration::from_secs(3600),
             store_limit: DEFAULT_STORE_LIMIT,
+            netns: None,
         })
     }
 
@@ -943,6 +947,18 @@ impl DemoApp {
         let thread = std::thread::Builder::new()
             .name("demo-app".into())
             .spawn(move || {
+                if let Some(ns) = &opts.netns {
+                    let entered = std::fs::File::open(ns)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|f| {
+                            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                                .map_err(anyhow::Error::from)
+                        });
+                    if let Err(e) = entered {
+                        let _ = tx.send(Err(e.context("entering the app's network namespace")));
+                        return;
+                    }
+                }
                 let rt = match tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()

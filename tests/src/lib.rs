@@ -23,6 +23,7 @@ pub mod bundle_server;
 pub mod demo_app;
 pub mod fake_collector;
 pub mod loadgen;
+pub mod netns;
 pub mod origin;
 
 const PATTERN_BLOCK: usize = 64 * 1024;
@@ -478,6 +479,8 @@ pub struct Agent {
     pub admin: SocketAddr,
     /// Where its log goes.
     pub log: PathBuf,
+    /// The network namespace it runs in (none: the test's).
+    pub netns: Option<String>,
 }
 
 impl Agent {
@@ -486,12 +489,18 @@ impl Agent {
     /// the admin address is read from `<state_dir>/admin.addr` once the agent writes it. Waits
     /// until `/readyz` answers 200.
     pub fn launch(config_text: &str, dir: &Path) -> Result<Self> {
+        Self::launch_in(config_text, dir, None)
+    }
+
+    /// As [`Agent::launch`], run inside network namespace `netns` (`ip netns exec`); the admin
+    /// endpoint is then reached from a thread that enters it.
+    pub fn launch_in(config_text: &str, dir: &Path, netns: Option<&str>) -> Result<Self> {
         let cfg = sluice::config::Config::parse(config_text)
             .map_err(|e| anyhow!("the test's agent config: {e}"))?;
         let announced = cfg.state_dir.join("admin.addr");
         let _ = fs::remove_file(&announced);
         let placeholder = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut agent = Self::spawn(config_text, placeholder, dir)?;
+        let mut agent = Self::spawn(config_text, placeholder, dir, netns)?;
         let found = wait_until(Duration::from_secs(20), || {
             fs::read_to_string(&announced)
                 .ok()
@@ -524,7 +533,12 @@ impl Agent {
             .ok_or_else(|| anyhow!("no proxy port in /status: {st}"))
     }
 
-    fn spawn(config_text: &str, admin: SocketAddr, dir: &Path) -> Result<Self> {
+    fn spawn(
+        config_text: &str,
+        admin: SocketAddr,
+        dir: &Path,
+        netns: Option<&str>,
+    ) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let cfg = dir.join("agent.toml");
         fs::write(&cfg, config_text)?;
@@ -540,14 +554,28 @@ impl Agent {
                 String::from_utf8_lossy(&st.stderr)
             );
         }
-        let child = Command::new(bin("sluice"))
+        let mut cmd = match netns {
+            // `ip netns exec` execs the agent: the child is the agent itself.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("sluice"));
+                c
+            }
+            None => Command::new(bin("sluice")),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&cfg)
             .env("SLUICE_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)
             .spawn()?;
-        Ok(Agent { child, admin, log })
+        Ok(Agent {
+            child,
+            admin,
+            log,
+            netns: netns.map(str::to_owned),
+        })
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -568,7 +596,18 @@ impl Agent {
     /// GET on the admin endpoint: (status code, body).
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
         use std::io::Read as _;
-        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
+        let mut s = match &self.netns {
+            None => TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?,
+            Some(ns) => {
+                let (ns, admin) = (PathBuf::from("/run/netns").join(ns), self.admin);
+                thread::spawn(move || -> Result<TcpStream> {
+                    nix::sched::setns(fs::File::open(ns)?, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                    Ok(TcpStream::connect_timeout(&admin, Duration::from_secs(2))?)
+                })
+                .join()
+                .map_err(|_| anyhow!("the admin connection's thread panicked"))??
+            }
+        };
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(
             s,
@@ -733,6 +772,7 @@ impl sluice::proxy::OriginSource for FixedOrigin {
             cookie: 0,
             age: Duration::ZERO,
             process: sluice::steer::ProcessInfo::default(),
+            lan_client: None,
         })
     }
 }

@@ -418,6 +418,7 @@ fn parked_inspections_stall_neither_requests_nor_admin() {
                 bundle: None,
                 report: None,
                 reloads: Default::default(),
+                gateway: None,
             },
         ))
         .expect("admin binds");

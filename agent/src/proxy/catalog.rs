@@ -50,6 +50,8 @@ pub enum SpliceReason {
     NotTls,
     /// The client sent nothing at first: a server-speaks-first protocol.
     ServerFirst,
+    /// A gateway's LAN client that is an enrolled endpoint: its own agent inspected it.
+    ManagedClient,
 }
 
 /// Why a connection was refused rather than spliced or intercepted.
@@ -70,6 +72,7 @@ impl SpliceReason {
             Self::DoNotInspect => "do_not_inspect",
             Self::NotTls => "not_tls",
             Self::ServerFirst => "server_first",
+            Self::ManagedClient => "inspected_by_endpoint_agent",
         }
     }
 }

@@ -151,7 +151,7 @@ enum Held {
 }
 
 /// Holds a body up to `limit` bytes, each byte counted against the pool's budget.
-async fn hold(mut body: ProxyBody, limit: usize, pool: &Pool, uid: u32) -> Held {
+async fn hold(mut body: ProxyBody, limit: usize, pool: &Pool, uid: u64) -> Held {
     let mut chunks = Vec::new();
     let mut size = 0usize;
     let mut reservation = pool.reservation(Some(uid));
@@ -203,7 +203,7 @@ enum Judged {
 /// Applies `plan` to `body`: passes it, or holds it and has the flow judge it on the pool.
 async fn judged(
     shared: &Shared,
-    uid: u32,
+    uid: u64,
     flow: &mut Option<Box<dyn Flow>>,
     side: Side,
     plan: BodyPlan,
@@ -508,7 +508,7 @@ pub async fn handle(
         .map_or(BodyPlan::Pass, |f| f.request_body(&parts));
     let body = match judged(
         &shared,
-        sess.origin.uid,
+        sess.origin.owner(),
         &mut pending.flow,
         Side::Request,
         plan,
@@ -582,7 +582,7 @@ pub async fn handle(
         .map_or(BodyPlan::Pass, |f| f.response_body(&rparts));
     let rbody = match judged(
         &shared,
-        sess.origin.uid,
+        sess.origin.owner(),
         &mut pending.flow,
         Side::Response,
         plan,

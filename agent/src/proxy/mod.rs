@@ -55,6 +55,7 @@ pub mod catalog;
 pub mod cork;
 pub mod hooks;
 pub mod http;
+pub mod lan;
 pub mod pages;
 pub mod peek;
 pub mod pool;
@@ -135,6 +136,8 @@ pub struct ProxyStats {
     pub refused: AtomicU64,
     /// Connections intercepted because of their destination, the name they gave being no app's.
     pub by_address: AtomicU64,
+    /// Connections a gateway forwarded (TPROXY).
+    pub gateway: AtomicU64,
     /// App addresses learned from DNS answers steered processes received.
     pub dns_learned: AtomicU64,
     /// Connections closed because their user had `max_connections_per_uid` open.
@@ -143,6 +146,8 @@ pub struct ProxyStats {
     pub probes: AtomicU64,
     /// The local port of the heartbeat probe in flight (0: none).
     pub probe_port: AtomicU64,
+    /// The local port of the gateway watchdog's probe in flight (0: none).
+    pub gateway_probe_port: AtomicU64,
     /// Malformed, truncated or slow ClientHellos (connection closed).
     pub bad_client_hello: AtomicU64,
     /// Client TLS handshakes that failed (after a good ClientHello).
@@ -182,6 +187,7 @@ pub struct ProxyStatsSnapshot {
     pub refused: u64,
     pub by_address: u64,
     pub dns_learned: u64,
+    pub gateway: u64,
     pub bad_client_hello: u64,
     pub tls_failed: u64,
     pub requests: u64,
@@ -217,6 +223,7 @@ impl ProxyStats {
             refused: r(&self.refused),
             by_address: r(&self.by_address),
             dns_learned: r(&self.dns_learned),
+            gateway: r(&self.gateway),
             bad_client_hello: r(&self.bad_client_hello),
             tls_failed: r(&self.tls_failed),
             requests: r(&self.requests),
@@ -243,6 +250,16 @@ impl ProxyStats {
 pub trait OriginSource: Send + Sync + 'static {
     /// The origin of the connection whose client address is `peer`, claimed once.
     fn lookup(&self, peer: SocketAddr) -> Option<OriginRecord>;
+}
+
+/// No origins: a proxy with no endpoint steering (a gateway only) claims none.
+#[derive(Debug)]
+pub struct NoOrigins;
+
+impl OriginSource for NoOrigins {
+    fn lookup(&self, _peer: SocketAddr) -> Option<OriginRecord> {
+        None
+    }
 }
 
 impl OriginSource for Steering {
@@ -278,6 +295,8 @@ pub struct Shared {
     pub addresses: addresses::AppAddresses,
     /// Connections open per user.
     pub user_slots: UserSlots,
+    /// The gateway's managed LAN clients.
+    pub lan: Arc<lan::LanDevices>,
     own_pid: u32,
 }
 
@@ -322,6 +341,7 @@ impl Shared {
             bypass_mark,
             addresses: addresses::AppAddresses::default(),
             user_slots,
+            lan: Arc::default(),
             own_pid: std::process::id(),
         }
     }
@@ -407,10 +427,63 @@ impl Listeners {
     }
 }
 
+/// The gateway's transparent listeners: 127.0.0.1 and ::1 on one port, with `IP_TRANSPARENT`
+/// so that nftables TPROXY can hand them forwarded connections to any address (the accepted
+/// socket's local address is the original destination, its peer the LAN client).
+#[derive(Debug)]
+pub struct TransparentListeners {
+    sockets: Vec<TcpListener>,
+    /// The port both listen on.
+    pub port: u16,
+}
+
+impl TransparentListeners {
+    /// Binds `port` on 127.0.0.1 and, where the host has IPv6, on ::1.
+    pub fn bind(port: u16) -> Result<Self, ProxyError> {
+        use socket2::{Domain, Socket, Type};
+        let mut sockets = Vec::new();
+        for addr in [
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+        ] {
+            let err = |source| ProxyError::Bind { addr, source };
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(err)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true).map_err(err)?;
+                s.set_ip_transparent_v6(true).map_err(err)?;
+            } else {
+                s.set_ip_transparent_v4(true).map_err(err)?;
+            }
+            s.set_reuse_address(true).map_err(err)?;
+            s.set_nonblocking(true).map_err(err)?;
+            match s.bind(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if addr.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                    tracing::warn!("no IPv6 loopback; the gateway steers IPv4 only");
+                    continue;
+                }
+                Err(e) => return Err(err(e)),
+            }
+            s.listen(1024).map_err(err)?;
+            sockets.push(TcpListener::from_std(s.into()).map_err(err)?);
+        }
+        Ok(Self { sockets, port })
+    }
+}
+
+/// Which front an accepted connection came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// Steered on this host by the cgroup hooks: the origin is in the kernel's records.
+    Endpoint,
+    /// Forwarded by the gateway (TPROXY): the origin is the accepted socket's local address.
+    Gateway,
+}
+
 /// The listener task.
 #[derive(Debug)]
 pub struct Proxy {
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, Front)>,
     shared: Arc<Shared>,
 }
 
@@ -429,9 +502,29 @@ impl Proxy {
             std::sync::atomic::Ordering::Relaxed,
         );
         Self {
-            listeners: listeners.sockets,
+            listeners: listeners
+                .sockets
+                .into_iter()
+                .map(|l| (l, Front::Endpoint))
+                .collect(),
             shared,
         }
+    }
+
+    /// Adds the gateway's transparent listeners.
+    pub fn with_gateway(mut self, gateway: TransparentListeners) -> Self {
+        self.listeners
+            .extend(gateway.sockets.into_iter().map(|l| (l, Front::Gateway)));
+        self
+    }
+
+    /// A proxy that serves the gateway only (endpoint steering off).
+    pub fn gateway_only(gateway: TransparentListeners, shared: Arc<Shared>) -> Self {
+        Self {
+            listeners: Vec::new(),
+            shared,
+        }
+        .with_gateway(gateway)
     }
 
     /// Accepts until `shutdown`, then lets open connections finish (HTTP connections are asked to
@@ -443,7 +536,7 @@ impl Proxy {
         shared.stats.listening.store(true, Ordering::Relaxed);
         let mut accepts = tokio::task::JoinSet::new();
         accepts.spawn(addresses::resolve_loop(shared.clone(), shutdown.clone()));
-        for listener in self.listeners {
+        for (listener, front) in self.listeners {
             let (limit, tracker, shared, shutdown) = (
                 limit.clone(),
                 tracker.clone(),
@@ -465,7 +558,7 @@ impl Proxy {
                             let (shared, shutdown) = (shared.clone(), shutdown.clone());
                             tracker.spawn(async move {
                                 shared.stats.active.fetch_add(1, Ordering::Relaxed);
-                                handle(&shared, stream, peer, shutdown).await;
+                                handle(&shared, stream, peer, front, shutdown).await;
                                 shared.stats.active.fetch_sub(1, Ordering::Relaxed);
                                 drop(permit);
                             });
@@ -513,14 +606,14 @@ pub const PROBE_REPLY: &[u8] = b"sluice-proxy-ok\n";
 #[derive(Debug)]
 pub struct UserSlots {
     max: usize,
-    open: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    open: Arc<std::sync::Mutex<HashMap<u64, usize>>>,
 }
 
 /// One user's connection slot, given back on drop.
 #[derive(Debug)]
 pub struct UserSlot {
-    uid: u32,
-    open: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    uid: u64,
+    open: Arc<std::sync::Mutex<HashMap<u64, usize>>>,
 }
 
 impl UserSlots {
@@ -533,7 +626,7 @@ impl UserSlots {
     }
 
     /// A slot for `uid`, or none when they have `max` open.
-    pub fn take(&self, uid: u32) -> Option<UserSlot> {
+    pub fn take(&self, uid: u64) -> Option<UserSlot> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(uid).or_insert(0);
         if *n >= self.max {
@@ -565,11 +658,14 @@ pub async fn handle(
     shared: &Arc<Shared>,
     client: TcpStream,
     peer: SocketAddr,
+    front: Front,
     shutdown: CancellationToken,
 ) {
     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
     if peer.ip().is_loopback()
-        && u64::from(peer.port()) == shared.stats.probe_port.load(Ordering::Relaxed)
+        && [&shared.stats.probe_port, &shared.stats.gateway_probe_port]
+            .iter()
+            .any(|p| u64::from(peer.port()) == p.load(Ordering::Relaxed))
     {
         // The agent's heartbeat: this task ran, so the proxy accepts and serves.
         shared.stats.probes.fetch_add(1, Ordering::Relaxed);
@@ -577,10 +673,20 @@ pub async fn handle(
         let _ = tokio::io::AsyncWriteExt::write_all(&mut client, PROBE_REPLY).await;
         return;
     }
-    let Some(origin) = claim(shared, peer) else {
+    let origin = match front {
+        Front::Endpoint => claim(shared, peer),
+        Front::Gateway => match client.local_addr() {
+            Ok(dst) => {
+                shared.stats.gateway.fetch_add(1, Ordering::Relaxed);
+                Some(OriginRecord::lan(peer.ip(), dst))
+            }
+            Err(_) => None,
+        },
+    };
+    let Some(origin) = origin else {
         return;
     };
-    let Some(_slot) = shared.user_slots.take(origin.uid) else {
+    let Some(_slot) = shared.user_slots.take(origin.owner()) else {
         shared
             .stats
             .uid_connection_refusals
@@ -598,6 +704,24 @@ pub async fn handle(
         return;
     };
     let _ = client.set_nodelay(true);
+    if origin
+        .lan_client
+        .is_some_and(|c| shared.lan.enrolled(c).is_some())
+    {
+        // An enrolled endpoint's own agent has inspected this connection already: passed
+        // through once, recorded as such.
+        return splice_conn(
+            shared,
+            client,
+            Vec::new(),
+            peer,
+            &origin,
+            None,
+            SpliceReason::ManagedClient,
+            None,
+        )
+        .await;
+    }
     let hs_timeout = shared.timeout(shared.settings.handshake_timeout_ms);
     let Some(mut client) = client_speaks_first(shared, client, peer, &origin, hs_timeout).await
     else {
@@ -758,7 +882,7 @@ impl Accepted<'_> {
                 name: host.clone(),
                 tls: false,
                 alpn: AlpnOffer::H1,
-                owner: (self.origin.tgid, self.origin.uid),
+                owner: (self.origin.tgid, self.origin.owner()),
             };
             let sess = Arc::new(http::Session {
                 affinity: shared.upstream.affinity(&target, true),
@@ -807,6 +931,7 @@ impl Accepted<'_> {
     /// whether to refuse, splice, or terminate TLS with a minted leaf and serve HTTP.
     async fn tls(self, hello: peek::ClientHello, shutdown: CancellationToken) {
         let (shared, stats) = (self.shared, &self.shared.stats);
+
         let name = hello
             .sni
             .clone()
@@ -906,7 +1031,7 @@ impl Accepted<'_> {
             name: name.clone(),
             tls: true,
             alpn: AlpnOffer::from_client(&hello.alpn),
-            owner: (self.origin.tgid, self.origin.uid),
+            owner: (self.origin.tgid, self.origin.owner()),
         };
         let sess = Arc::new(http::Session {
             affinity: shared.upstream.affinity(&target, client_proto == Proto::H1),

@@ -59,7 +59,7 @@ pub enum Reserved {
 }
 
 /// Units held per uid.
-type PerUser = Arc<Mutex<HashMap<u32, u64>>>;
+type PerUser = Arc<Mutex<HashMap<u64, u64>>>;
 
 /// The pool and its budget.
 #[derive(Debug)]
@@ -82,7 +82,7 @@ pub struct Reservation {
     /// Waiting time left for this body.
     wait_left: Duration,
     /// The user the bytes are counted against.
-    uid: Option<u32>,
+    uid: Option<u64>,
     per_user: PerUser,
     stats: Arc<PoolStats>,
 }
@@ -137,7 +137,7 @@ impl Pool {
     }
 
     /// An empty reservation for one body of user `uid` (none: counted in the budget only).
-    pub fn reservation(&self, uid: Option<u32>) -> Reservation {
+    pub fn reservation(&self, uid: Option<u64>) -> Reservation {
         Reservation {
             permit: None,
             units: 0,
@@ -149,7 +149,7 @@ impl Pool {
     }
 
     /// Bytes user `uid` holds now.
-    pub fn user_held(&self, uid: u32) -> u64 {
+    pub fn user_held(&self, uid: u64) -> u64 {
         let m = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&uid).copied().unwrap_or(0) * UNIT
     }

@@ -139,7 +139,7 @@ pub struct Target {
     /// key: an upstream connection (HTTP/1.1 or HTTP/2) carries one process's requests only, so
     /// what one user's requests leave on a connection (a desynchronised HTTP/1.1 stream, a
     /// connection-bound login) can never reach another's.
-    pub owner: (u32, u32),
+    pub owner: (u32, u64),
 }
 
 /// The protocol an upstream connection speaks.

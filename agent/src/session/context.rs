@@ -130,7 +130,8 @@ impl Context {
             device: Some(device),
             source: Some(ex.peer.ip()),
             client: Some(client),
-            process: Some(ProcessInput {
+            // A LAN client of a gateway has no process of this host.
+            process: o.lan_client.is_none().then(|| ProcessInput {
                 exe: exe.clone(),
                 comm: Some(o.comm.clone()),
                 uid: Some(o.uid),

@@ -19,6 +19,8 @@ mod decide;
 mod download;
 mod upload;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{header, request, response};
 use sluice_inspect::NotInspectable;
@@ -34,6 +36,7 @@ use crate::{
         BodyPlan, BodyVerdict, Ended, Exchange, Flow, HeadVerdict, Hooks, NoBody, Side, Unheld,
         WebSocket,
     },
+    proxy::lan::LanDevices,
 };
 use context::{Context, content_length};
 use decide::{Dlp, Record};
@@ -45,13 +48,24 @@ use upload::Upload;
 pub struct Controls {
     active: Active,
     device: Device,
+    lan: Arc<LanDevices>,
 }
 
 impl Controls {
     /// Controls over the policy set in `active` (none active: everything passes unrecorded), for
     /// a device of posture `device`.
     pub fn new(active: Active, device: Device) -> Self {
-        Self { active, device }
+        Self {
+            active,
+            device,
+            lan: Arc::default(),
+        }
+    }
+
+    /// Gives the device tags of a gateway's LAN clients from `lan`.
+    pub fn with_lan(mut self, lan: Arc<LanDevices>) -> Self {
+        self.lan = lan;
+        self
     }
 }
 
@@ -63,7 +77,14 @@ impl Hooks for Controls {
     fn begin(&self, ex: &Exchange<'_>, head: &request::Parts) -> Option<Box<dyn Flow>> {
         let set = self.active.load_full()?;
         Some(Box::new(Request {
-            cx: Context::new(set, self.device, ex, head),
+            cx: Context::new(
+                set,
+                ex.origin
+                    .lan_client
+                    .map_or(self.device, |c| self.lan.device_of(c)),
+                ex,
+                head,
+            ),
             rec: Record::default(),
             upload: None,
             download: None,

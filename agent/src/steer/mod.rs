@@ -20,6 +20,7 @@
 //! typed maps and the `Pod` impls in `sluice-common` carry the unsafety.
 
 pub mod cgroup;
+pub mod gateway;
 pub mod pin;
 pub mod process;
 pub mod rules;
@@ -146,6 +147,49 @@ pub struct OriginRecord {
     pub age: Duration,
     /// What user space could resolve (executable, user name).
     pub process: ProcessInfo,
+    /// For a connection a gateway forwarded: the LAN client's address (no process, user or
+    /// cgroup of this host is behind it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lan_client: Option<IpAddr>,
+}
+
+impl OriginRecord {
+    /// The origin of a connection from LAN client `client` to `dst`, taken by the gateway's
+    /// transparent listener.
+    pub fn lan(client: IpAddr, dst: SocketAddr) -> Self {
+        let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+        Self {
+            dst,
+            ipv6_socket: dst.is_ipv6(),
+            pid: 0,
+            tgid: 0,
+            uid: u32::MAX,
+            gid: u32::MAX,
+            comm: String::new(),
+            cgroup_id: 0,
+            cookie: 0,
+            age: Duration::ZERO,
+            process: ProcessInfo::default(),
+            lan_client: Some(client.to_canonical()),
+        }
+    }
+
+    /// Whose resources (connection slots, inspection budget, upstream connections) this
+    /// connection counts against: the local user, or the LAN client's address.
+    pub fn owner(&self) -> u64 {
+        match self.lan_client {
+            None => u64::from(self.uid),
+            Some(IpAddr::V4(a)) => (1 << 63) | u64::from(u32::from(a)),
+            Some(IpAddr::V6(a)) => {
+                let b = a.octets();
+                let mut h = 0xcbf2_9ce4_8422_2325_u64;
+                for x in b {
+                    h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
+                }
+                (1 << 63) | (1 << 62) | (h >> 2)
+            }
+        }
+    }
 }
 
 /// Totals of the kernel's per-path counters since attach.
@@ -492,6 +536,7 @@ impl Steering {
             cookie: o.cookie,
             age,
             process,
+            lan_client: None,
         }
     }
 

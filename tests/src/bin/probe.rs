@@ -4,6 +4,8 @@
 //!   a time) and reads one line from each. Without `--check-pid` it prints each line. With it, each
 //!   line must be the test proxy's `proxy dst=ADDR pid=OWN_PID ...`; it prints `ok N` or fails.
 //! - `sluice-probe udp ADDR connect|sendto`: sends one datagram; prints `sent` or `refused ERR`.
+//! - `sluice-probe udp ADDR roundtrip`: sends one datagram on a connected socket and waits up to
+//!   3 s; prints `reply`, `refused ERR` (an ICMP unreachable came back) or `timeout`.
 //! - `sluice-probe gen N`: writes N bytes of the test pattern to stdout.
 //! - `sluice-probe wss ADDR NAME CA_PEM`: WebSocket over TLS to ADDR with SNI NAME, trusting CA_PEM;
 //!   sends a masked frame and prints `echo ok` when the same bytes come back.
@@ -202,6 +204,28 @@ fn udp(addr: SocketAddr, mode: &str) -> Result<(), String> {
     let res = match mode {
         "connect" => sock.connect(addr).and_then(|()| sock.send(b"quic?")),
         "sendto" => sock.send_to(b"quic?", addr),
+        "roundtrip" => {
+            let start = std::time::Instant::now();
+            let got = sock
+                .connect(addr)
+                .and_then(|()| sock.set_read_timeout(Some(Duration::from_secs(3))))
+                .and_then(|()| sock.send(b"quic?"))
+                .and_then(|_| sock.recv(&mut [0u8; 64]));
+            let ms = start.elapsed().as_millis();
+            match got {
+                Ok(_) => println!("reply {ms}"),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    println!("timeout {ms}")
+                }
+                Err(e) => println!("refused {} {ms}", e.raw_os_error().unwrap_or(0)),
+            }
+            return Ok(());
+        }
         other => return Err(format!("unknown udp mode {other}")),
     };
     match res {
