@@ -1660,7 +1660,19 @@ fn an_app_address_from_a_dns_answer_is_intercepted_whatever_name_follows() {
         "the app saw the upload ({})",
         got.status
     );
-    assert_eq!(got.status, 421, "{}", got.text());
+    assert_eq!(
+        got.status,
+        421,
+        "{} {:?}\n{}",
+        got.text(),
+        e.agent.status(),
+        std::fs::read_to_string(&e.agent.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("other.test") || l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let st = e.agent.status().unwrap();
     assert_eq!(st["proxy"]["by_address"], 1, "{st}");
     assert_eq!(st["proxy"]["spliced"], 0, "{st}");

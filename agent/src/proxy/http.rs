@@ -470,6 +470,9 @@ pub async fn handle(
             incident: &pending.id,
         };
         let r = pages::render(&page, kind);
+        // The request body is read (bounded) and dropped, so that the client gets the answer
+        // on a cleanly ended exchange rather than a reset while it is still sending.
+        drain(body::boxed(incoming));
         return Ok(sess.answer(&shared, pending, r, "host_mismatch", Some(detail)));
     }
 
