@@ -28,6 +28,8 @@ pub struct AdminState {
     pub reloads: Arc<ReloadStats>,
     /// The gateway, when gateway mode is on.
     pub gateway: Option<Arc<std::sync::Mutex<crate::steer::gateway::GatewayStatus>>>,
+    /// The device's network location.
+    pub location: Option<Arc<crate::location::NetworkLocation>>,
 }
 
 /// Configuration reloads: applied, and refused (a broken file, a steering or catalogue change
@@ -57,6 +59,7 @@ struct Status {
     report: Option<crate::report::ReportStatus>,
     reloads: Reloads,
     gateway: Option<crate::steer::gateway::GatewayStatus>,
+    location: Option<crate::location::Location>,
 }
 
 impl AdminState {
@@ -81,6 +84,7 @@ impl AdminState {
                 .as_ref()
                 .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             report: self.report.as_ref().map(|r| r.snapshot()),
+            location: self.location.as_ref().map(|l| (*l.load()).clone()),
             gateway: self
                 .gateway
                 .as_ref()

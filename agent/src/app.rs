@@ -220,8 +220,14 @@ async fn supervise(
         ),
         None => None,
     };
+    let location = Arc::new(crate::location::NetworkLocation::new());
+    tasks.spawn(named(
+        "location",
+        crate::location::watch(location.clone(), shutdown.clone()),
+    ));
     let reporting = Reporting::open(config, dist.as_ref().map(|d| d.active()))
-        .context("setting up reporting to the collector")?;
+        .context("setting up reporting to the collector")?
+        .map(|r| r.with_location(location.clone()));
     let reporter: Arc<dyn Reporter> = match (&reporting, &config.report.events_file) {
         (Some(r), _) => r.reporter(),
         (None, Some(p)) => Arc::new(
@@ -231,7 +237,11 @@ async fn supervise(
         (None, None) => Arc::new(LogReporter),
     };
     let hooks: Arc<dyn Hooks> = match &dist {
-        Some(d) => Arc::new(Controls::new(d.active(), config.device.posture).with_lan(lan.clone())),
+        Some(d) => Arc::new(
+            Controls::new(d.active(), config.device.posture)
+                .with_lan(lan.clone())
+                .with_location(location.clone()),
+        ),
         None => Arc::new(PassThrough),
     };
     let active = dist.as_ref().map(|d| d.active());
@@ -330,6 +340,7 @@ async fn supervise(
             report: report_handle,
             reloads: reloads.clone(),
             gateway: gateway_status.clone(),
+            location: Some(location.clone()),
         },
     )
     .await

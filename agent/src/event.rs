@@ -46,8 +46,12 @@ pub struct ActivityEvent {
     pub device: Device,
     /// Client kind.
     pub client: Client,
-    /// The client's address.
+    /// The client's address: the device's own on its default route (an endpoint) or the LAN
+    /// client's (a gateway).
     pub source: Option<IpAddr>,
+    /// The public address the collector sees the device connect from (an endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_source: Option<IpAddr>,
     /// Where the connection was headed (the app's address).
     pub destination: Option<std::net::SocketAddr>,
     /// The client's user agent.

@@ -15,6 +15,7 @@ pub mod bundle;
 pub mod client;
 pub mod config;
 pub mod event;
+pub mod location;
 pub mod proxy;
 pub mod report;
 pub mod session;

@@ -464,6 +464,10 @@ async fn refuse(body: Incoming, resp: Response<BoxBody>) -> Response<BoxBody> {
 }
 
 async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> {
+    let seen_from = req
+        .extensions()
+        .get::<SocketAddr>()
+        .map(|p| p.ip().to_canonical().to_string());
     let (parts, body) = req.into_parts();
     let (agent, _group) = match agent_auth(&c, &parts.headers).await {
         Ok(a) => a,
@@ -559,6 +563,7 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
             accepted: outcome.accepted,
             duplicates: outcome.duplicates,
             rejected: outcome.rejected,
+            seen_from,
         },
     )
 }

@@ -541,15 +541,12 @@ impl PolicySet {
             );
         }
         if !p.ranges.is_empty() {
-            f(
-                "ranges",
-                input.source.is_some_and(|ip| in_any(&p.ranges, ip)),
-            );
+            f("ranges", sources(input).any(|ip| in_any(&p.ranges, ip)));
         }
         if !p.not_ranges.is_empty() {
             f(
                 "not_ranges",
-                input.source.is_none_or(|ip| !in_any(&p.not_ranges, ip)),
+                sources(input).all(|ip| !in_any(&p.not_ranges, ip)),
             );
         }
         if !p.clients.is_empty() {
@@ -724,6 +721,11 @@ fn domain_is_org(email: &str, org: &[String]) -> bool {
     email
         .rsplit_once('@')
         .is_some_and(|(_, d)| org.iter().any(|o| o.eq_ignore_ascii_case(d)))
+}
+
+/// The addresses the device is at: its own and the public one.
+fn sources(input: &Input) -> impl Iterator<Item = IpAddr> + '_ {
+    input.source.into_iter().chain(input.public_source)
 }
 
 fn in_any(cidrs: &[Cidr], ip: IpAddr) -> bool {

@@ -313,13 +313,13 @@ pub struct When {
     /// Device tags.
     #[serde(default)]
     pub devices: Vec<Device>,
-    /// Named ranges the source address must be in.
+    /// Named ranges the source address (or the public one) must be in.
     #[serde(default)]
     pub ranges: Vec<String>,
-    /// CIDR blocks the source address must be in.
+    /// CIDR blocks the source address (or the public one) must be in.
     #[serde(default)]
     pub cidrs: Vec<String>,
-    /// Source address NOT in these named ranges.
+    /// Neither the source address nor the public one in these named ranges.
     #[serde(default)]
     pub not_ranges: Vec<String>,
     /// Client kinds.
@@ -450,9 +450,13 @@ pub struct Input {
     /// Device tag.
     #[serde(default)]
     pub device: Option<Device>,
-    /// Source address.
+    /// Source address: the device's own address on its default route (an endpoint), or the
+    /// LAN client's address (a gateway).
     #[serde(default)]
     pub source: Option<std::net::IpAddr>,
+    /// The public address the collector sees the device connect from (an endpoint).
+    #[serde(default)]
+    pub public_source: Option<std::net::IpAddr>,
     /// Client kind.
     #[serde(default)]
     pub client: Option<Client>,

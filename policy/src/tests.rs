@@ -141,6 +141,20 @@ policies:
             "{miss}"
         );
     }
+    // The public address counts as well: in the office by it, the rule does not apply.
+    let public_office = "{ app: files, user: alice@corp.example, client: native, source: 192.0.2.1, public_source: 10.20.9.9, process: { exe: /usr/bin/curl, uid: 1000 } }";
+    assert_ne!(
+        set.decide(Kind::Access, &input(public_office))
+            .policy
+            .as_deref(),
+        Some("finance-curl")
+    );
+    let risky = "{ app: files, user: alice@corp.example, client: native, source: 10.0.0.2, public_source: 198.51.100.7 }";
+    assert_eq!(
+        set.decide(Kind::Access, &input(risky)).policy.as_deref(),
+        Some("block-risky-networks"),
+        "a risky public address blocks whatever the local one"
+    );
     // The endpoint's local user name identifies the directory user when the app gave none.
     let local = "{ app: files, client: native, source: 192.0.2.1, process: { exe: /usr/bin/curl, uid: 1000, user: alice } }";
     assert_eq!(

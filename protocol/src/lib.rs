@@ -169,6 +169,10 @@ pub struct Endpoint {
     /// Host name (the app's SNI or Host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// Sluice: the public address the collector sees the device connect from (a source
+    /// endpoint's, when it differs from `ip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<String>,
 }
 
 /// OCSF `http_request`.
@@ -348,6 +352,10 @@ pub struct IngestResponse {
     pub duplicates: u64,
     /// Lines that were not valid events (reported, not stored).
     pub rejected: u64,
+    /// The address the collector sees the agent connect from (its public address, when it is
+    /// behind a NAT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_from: Option<String>,
 }
 
 /// Header carrying the agent's batch id on ingestion.

@@ -555,10 +555,13 @@ impl Agent {
             );
         }
         let mut cmd = match netns {
-            // `ip netns exec` execs the agent: the child is the agent itself.
+            // nsenter changes the network namespace only (`ip netns exec` would remount /sys
+            // and hide the cgroup mounts) and execs the agent: the child is the agent itself.
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("sluice"));
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(bin("sluice"));
                 c
             }
             None => Command::new(bin("sluice")),

@@ -333,6 +333,9 @@ status_interval_s = 5
         .filter(|i| !stored.contains_key(*i))
         .collect();
     assert!(missing.is_empty(), "{} events never arrived", missing.len());
+    // Each acknowledgement says where the collector saw the agent from: its public address.
+    let status = agent.status().unwrap();
+    assert_eq!(status["location"]["public"], "127.0.0.1", "{status}");
 
     // A burst of 10,000, with the agent killed in the middle of it, then restarted.
     let mut burst = traffic(&client, "c", 10_000);

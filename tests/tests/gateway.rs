@@ -675,3 +675,150 @@ fn a_stalled_proxy_fails_closed_within_a_second() {
 fn a_stalled_proxy_fails_open_within_a_second() {
     fail_mode_case(4, "open");
 }
+
+/// An endpoint's policies and events see where the device is: its own address on the default
+/// route's interface. The device moves into the risky half of its subnet mid-session: the next
+/// request of the same signed-in session is blocked.
+#[test]
+#[ignore = "needs root"]
+fn an_endpoints_own_address_decides_its_range_policies_and_a_move_the_next_request() {
+    require_root();
+    let k = 5u8;
+    let ep = Netns::new(&format!("sgw{k}e")).unwrap();
+    let net = Netns::new(&format!("sgw{k}n")).unwrap();
+    ep.veth("eth0", &net, "r0").unwrap();
+    ep.addr("eth0", &format!("10.97.{k}.2/24")).unwrap();
+    net.addr("r0", &format!("10.97.{k}.1/24")).unwrap();
+    ep.ip(&["route", "add", "default", "via", &format!("10.97.{k}.1")])
+        .unwrap();
+    let mut opts = DemoOptions::tls().unwrap();
+    opts.listen = format!("10.97.{k}.1:443").parse().unwrap();
+    opts.netns = Some(net.path());
+    let app = DemoApp::start(opts).unwrap();
+    let cg = sluice_e2e::TestCgroup::new("ep-location");
+    let dir = TempDir::new(&format!("gateway-{k}"));
+    let (bundle_path, public) = bundle_for(&dir, k);
+    let events = dir.join("events.jsonl");
+    let config = format!(
+        r#"
+state_dir = "{state}"
+[steer]
+cgroup = "{cg}"
+agent_cgroup = "{cg}/agent"
+include = [{{ cidr = "10.97.{k}.1/32", ports = [443] }}]
+[proxy]
+port = 0
+[admin]
+listen = "127.0.0.1:0"
+[tls]
+upstream_extra_cas = ["{app_ca}"]
+no_system_roots = true
+no_bundled_roots = true
+[bundle]
+file = "{bundle}"
+public_key = "{public}"
+[device]
+posture = "managed"
+[report]
+events_file = "{events}"
+"#,
+        state = dir.join("state").display(),
+        cg = cg.rel,
+        app_ca = app.ca_file().unwrap().display(),
+        bundle = bundle_path.display(),
+        public = public.display(),
+        events = events.display(),
+    );
+    let agent = Agent::launch_in(&config, &dir, Some(&ep.name)).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || agent
+        .status()
+        .is_ok_and(|s| s["bundle"]["revision"].as_str() == Some("7"))));
+    let out = Command::new(bin("sluice"))
+        .args(["ca", "export", "--config"])
+        .arg(dir.join("agent.toml"))
+        .output()
+        .unwrap();
+    let ca = dir.join("sluice-ca.pem");
+    std::fs::write(&ca, &out.stdout).unwrap();
+    let token = app.token_for("alice@corp.example").unwrap();
+    let (_, client_cg) = cg.child("client");
+    let get = || -> u16 {
+        let args: Vec<String> = [
+            &format!("--net={}", ep.path().display()),
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            &ca.display().to_string(),
+            "--resolve",
+            &format!("files.test:443:10.97.{k}.1"),
+            "-H",
+            &format!("Cookie: {}={token}", demo_app::COOKIE),
+            "-H",
+            "Accept: application/json",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "https://files.test/api/files",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let out = sluice_e2e::InCgroup::at(&client_cg)
+            .run(Path::new("/usr/bin/nsenter"), &args)
+            .unwrap();
+        out.trim().parse().unwrap_or(0)
+    };
+    let events_from = |ip: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["source"].as_str() == Some(ip))
+            .collect()
+    };
+    let st = agent.status().unwrap();
+    assert_eq!(st["location"]["interface"], "eth0", "{st}");
+    assert_eq!(get(), 200);
+    assert!(
+        wait_until(Duration::from_secs(10), || !events_from(&format!(
+            "10.97.{k}.2"
+        ))
+        .is_empty()),
+        "no event with the device's own address as its source"
+    );
+
+    // The device moves into the risky half of its subnet.
+    ep.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
+    ep.addr("eth0", &format!("10.97.{k}.130/24")).unwrap();
+    ep.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        &format!("10.97.{k}.1"),
+    ])
+    .unwrap();
+    let moved = format!("10.97.{k}.130");
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.status().is_ok_and(|s| {
+            s["location"]["addresses"][0].as_str() == Some(moved.as_str())
+        })),
+        "{:?}",
+        agent.status()
+    );
+    assert_eq!(get(), 403, "the next request from the risky network");
+    let mut blocked = Vec::new();
+    assert!(wait_until(Duration::from_secs(10), || {
+        blocked = events_from(&moved);
+        !blocked.is_empty()
+    }));
+    assert_eq!(
+        blocked[0]["policy"], "block-risky-networks",
+        "{}",
+        blocked[0]
+    );
+    drop(agent);
+}

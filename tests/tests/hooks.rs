@@ -419,6 +419,7 @@ fn parked_inspections_stall_neither_requests_nor_admin() {
                 report: None,
                 reloads: Default::default(),
                 gateway: None,
+                location: None,
             },
         ))
         .expect("admin binds");

@@ -105,6 +105,7 @@ fn activity(i: u64) -> ActivityEvent {
         device: Device::Managed,
         client: Client::Native,
         source: None,
+        public_source: None,
         destination: Some("192.0.2.7:443".parse().expect("addr")),
         user_agent: Some("curl/8".into()),
         process: ProcessFacts {

@@ -225,14 +225,16 @@ pub fn activity_event(
             user: ev.process.user.clone(),
         }),
     };
-    e.src_endpoint = ev.source.map(|ip| proto::Endpoint {
-        ip: Some(ip.to_string()),
+    e.src_endpoint = (ev.source.is_some() || ev.public_source.is_some()).then(|| proto::Endpoint {
+        ip: ev.source.map(|ip| ip.to_string()),
+        public_ip: ev.public_source.map(|ip| ip.to_string()),
         ..proto::Endpoint::default()
     });
     e.dst_endpoint = (!ev.host.is_empty() || ev.destination.is_some()).then(|| proto::Endpoint {
         ip: ev.destination.map(|d| d.ip().to_string()),
         port: ev.destination.map(|d| d.port()),
         hostname: (!ev.host.is_empty()).then(|| ev.host.clone()),
+        public_ip: None,
     });
     e.http_request = Some(proto::HttpRequest {
         http_method: ev.method.clone(),
@@ -322,11 +324,13 @@ pub fn connection_event(rec: &ConnectionRecord, device: proto::Device) -> Event 
         ip: Some(rec.peer.ip().to_string()),
         port: Some(rec.peer.port()),
         hostname: None,
+        public_ip: None,
     });
     e.dst_endpoint = Some(proto::Endpoint {
         ip: o.map(|o| o.dst.ip().to_string()),
         port: o.map(|o| o.dst.port()),
         hostname: rec.sni.clone(),
+        public_ip: None,
     });
     e.sluice = Some(proto::Sluice {
         app: String::new(),
@@ -371,6 +375,7 @@ mod tests {
             device: Device::Managed,
             client: Client::Browser,
             source: Some("10.0.0.5".parse().unwrap()),
+            public_source: Some("203.0.113.7".parse().unwrap()),
             destination: Some("192.0.2.7:443".parse().expect("addr")),
             user_agent: None,
             process: ProcessFacts {

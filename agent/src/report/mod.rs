@@ -426,6 +426,12 @@ pub struct Reporting {
 }
 
 impl Reporting {
+    /// Records the public address the collector reports in `location`.
+    pub fn with_location(mut self, location: Arc<crate::location::NetworkLocation>) -> Self {
+        self.shipper = self.shipper.with_location(location);
+        self
+    }
+
     /// Opens the spool and prepares shipping, when a collector is configured or enrolled with;
     /// None otherwise.
     pub fn open(config: &Config, active: Option<Active>) -> Result<Option<Self>, ReportError> {

@@ -91,6 +91,8 @@ pub struct Shipper {
     settings: ShipSettings,
     reader: SpoolReader,
     status: Arc<Mutex<ShipStatus>>,
+    /// Told the address the collector sees the agent connect from, with each acknowledgement.
+    location: Option<Arc<crate::location::NetworkLocation>>,
 }
 
 enum Outcome {
@@ -156,7 +158,14 @@ impl Shipper {
             settings,
             reader,
             status: Arc::new(Mutex::new(status)),
+            location: None,
         }
+    }
+
+    /// Records the public address each acknowledgement reports in `location`.
+    pub fn with_location(mut self, location: Arc<crate::location::NetworkLocation>) -> Self {
+        self.location = Some(location);
+        self
     }
 
     /// The status handle.
@@ -385,6 +394,13 @@ impl Shipper {
                 let resp = serde_json::from_slice::<IngestResponse>(&answer.body).ok();
                 if resp.is_none() {
                     tracing::warn!(batch = %id, "the collector acknowledged without a readable count");
+                }
+                let seen = resp
+                    .as_ref()
+                    .and_then(|r| r.seen_from.as_deref())
+                    .and_then(|s| s.parse::<std::net::IpAddr>().ok());
+                if let (Some(ip), Some(loc)) = (seen, &self.location) {
+                    loc.set_public(ip);
                 }
                 self.update(|s| {
                     s.state = "ok".into();

@@ -86,6 +86,7 @@ impl Context {
     pub(super) fn new(
         set: Arc<PolicySet>,
         device: Device,
+        (source, public_source): (Option<std::net::IpAddr>, Option<std::net::IpAddr>),
         ex: &Exchange<'_>,
         head: &request::Parts,
     ) -> Self {
@@ -128,7 +129,8 @@ impl Context {
             app: app_id.clone(),
             user,
             device: Some(device),
-            source: Some(ex.peer.ip()),
+            source,
+            public_source,
             client: Some(client),
             // A LAN client of a gateway has no process of this host.
             process: o.lan_client.is_none().then(|| ProcessInput {

@@ -32,6 +32,7 @@ use sluice_policy::{
 use crate::{
     bundle::Active,
     event::ActivityEvent,
+    location::NetworkLocation,
     proxy::hooks::{
         BodyPlan, BodyVerdict, Ended, Exchange, Flow, HeadVerdict, Hooks, NoBody, Side, Unheld,
         WebSocket,
@@ -49,6 +50,7 @@ pub struct Controls {
     active: Active,
     device: Device,
     lan: Arc<LanDevices>,
+    location: Option<Arc<NetworkLocation>>,
 }
 
 impl Controls {
@@ -59,7 +61,15 @@ impl Controls {
             active,
             device,
             lan: Arc::default(),
+            location: None,
         }
+    }
+
+    /// Takes the device's network location (its own and its public address) from `location`
+    /// for the requests of this host's processes.
+    pub fn with_location(mut self, location: Arc<NetworkLocation>) -> Self {
+        self.location = Some(location);
+        self
     }
 
     /// Gives the device tags of a gateway's LAN clients from `lan`.
@@ -76,15 +86,19 @@ impl Hooks for Controls {
 
     fn begin(&self, ex: &Exchange<'_>, head: &request::Parts) -> Option<Box<dyn Flow>> {
         let set = self.active.load_full()?;
+        // A LAN client is where it connects from; this host is where its location says.
+        let (device, sources) = match ex.origin.lan_client {
+            Some(c) => (self.lan.device_of(c), (Some(c), None)),
+            None => match &self.location {
+                Some(l) => {
+                    let l = l.load();
+                    (self.device, (l.primary(), l.public))
+                }
+                None => (self.device, (Some(ex.peer.ip()), None)),
+            },
+        };
         Some(Box::new(Request {
-            cx: Context::new(
-                set,
-                ex.origin
-                    .lan_client
-                    .map_or(self.device, |c| self.lan.device_of(c)),
-                ex,
-                head,
-            ),
+            cx: Context::new(set, device, sources, ex, head),
             rec: Record::default(),
             upload: None,
             download: None,
@@ -287,6 +301,7 @@ fn event(cx: Context, rec: Record, ended: Ended) -> ActivityEvent {
         device: cx.device,
         client: cx.client,
         source: cx.input.source,
+        public_source: cx.input.public_source,
         destination: Some(cx.destination),
         user_agent: cx.user_agent,
         process: cx.process,

@@ -119,6 +119,7 @@ fn event(rng: &mut Rng, n: u64, total: u64, end: i64) -> Event {
         ip: Some(format!("10.0.{}.{}", d / 250, d % 250)),
         port: None,
         hostname: None,
+        public_ip: None,
     });
     e.http_request = Some(HttpRequest {
         http_method: if activity == "upload" { "POST" } else { "GET" }.into(),
