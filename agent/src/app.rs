@@ -293,6 +293,14 @@ async fn supervise(
             (None, None) => anyhow::bail!("no front for the proxy"),
         };
         tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
+        if gateway_rules.is_some()
+            && let Some(t) = target.clone().filter(|t| !t.agent_id.is_empty())
+        {
+            tasks.spawn(named(
+                "lan-clients",
+                crate::proxy::lan::poll_enrolled(t, lan.clone(), shutdown.clone()),
+            ));
+        }
         if let (Some(rules), Some(status)) = (&gateway_rules, &gateway_status) {
             tasks.spawn(named(
                 "gateway",

@@ -234,6 +234,7 @@ pub async fn handle(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBo
         (Method::GET, "/api/v1/queries") => list_queries(c, req).await,
         (Method::POST, "/api/v1/queries") => save_query(c, req).await,
         (Method::GET, "/api/v1/devices") => devices(c, req).await,
+        (Method::GET, "/api/v1/lan-clients") => lan_clients(c, req).await,
         (Method::GET, "/api/v1/stats") => stats(c, req).await,
         (Method::GET, "/api/v1/status") => status(c, req).await,
         (Method::GET, p) if p.starts_with("/api/v1/events/") => {
@@ -265,6 +266,7 @@ const KNOWN: &[&str] = &[
     "/api/v1/events/export",
     "/api/v1/queries",
     "/api/v1/devices",
+    "/api/v1/lan-clients",
     "/api/v1/stats",
     "/api/v1/status",
 ];
@@ -873,6 +875,44 @@ async fn devices(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody>
         Ok(d) => json(StatusCode::OK, &serde_json::json!({ "devices": d })),
         Err(r) => r,
     }
+}
+
+/// `GET /api/v1/lan-clients` (an agent's credential): the addresses of enrolled endpoints, for
+/// gateways, which pass those clients without a second interception. Revoked agents and those
+/// not seen for [`crate::store::STALE_MS`] are left out.
+async fn lan_clients(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> {
+    let (agent, _) = match agent_auth(&c, req.headers()).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let c2 = c.clone();
+    let rows = match blocking(move || c2.store.devices()).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let mut clients = Vec::new();
+    for d in rows {
+        if d.revoked_at.is_some() || d.stale || d.uid == agent {
+            continue;
+        }
+        let Some(p) = d
+            .posture_json
+            .as_deref()
+            .and_then(|j| serde_json::from_str::<sluice_protocol::Posture>(j).ok())
+        else {
+            continue;
+        };
+        for ip in p.addresses {
+            if ip.parse::<std::net::IpAddr>().is_ok() {
+                clients.push(serde_json::json!({
+                    "ip": ip,
+                    "agent_id": d.uid,
+                    "posture": p.posture,
+                }));
+            }
+        }
+    }
+    json(StatusCode::OK, &serde_json::json!({ "clients": clients }))
 }
 
 /// Most buckets one stats answer may hold.

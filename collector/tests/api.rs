@@ -341,6 +341,7 @@ async fn enroll_ingest_and_refusals() {
         disk_encrypted: Some(true),
         firewall: Some(true),
         uptime_s: 10,
+        addresses: vec!["10.9.8.7".into(), "not an address".into()],
     });
     let r = env.ingest(&agent.credential, &[line(&p)]).await;
     assert_eq!(r.status, 200);
@@ -362,6 +363,29 @@ async fn enroll_ingest_and_refusals() {
     );
     assert!(!d.stale);
     assert!(d.posture_json.unwrap().contains("Debian"));
+
+    // A gateway (another enrolled agent) learns where the endpoint is; the endpoint itself and
+    // a caller without a credential do not get the list.
+    let token = env
+        .c
+        .store
+        .create_enroll_token("gateways", 3_600_000)
+        .unwrap();
+    let gw: EnrollResponse = serde_json::from_slice(&env.enroll(&token).await.body).unwrap();
+    let r = env
+        .curl(
+            "/api/v1/lan-clients",
+            &["-H", &format!("authorization: Bearer {}", gw.credential)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        v["clients"],
+        serde_json::json!([{"ip": "10.9.8.7", "agent_id": agent.agent_id, "posture": "compliant"}]),
+        "{v}"
+    );
+    assert_eq!(env.curl("/api/v1/lan-clients", &[]).await.status, 401);
 
     // Refusals: no credential, an unknown one, a revoked agent; a non-gzip encoding; a bomb.
     let r = env.curl("/api/v1/events", &["--data-binary", "x"]).await;

@@ -299,6 +299,10 @@ pub struct Posture {
     pub firewall: Option<bool>,
     /// Seconds since boot.
     pub uptime_s: u64,
+    /// The device's own addresses on its default route's interface (a gateway passes an
+    /// enrolled endpoint at one of them without a second interception).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 /// The agent's own status.

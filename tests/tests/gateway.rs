@@ -74,6 +74,13 @@ impl Branch {
     /// gateway: 10.97.k.1 / 10.98.k.1) and `sgw<k>n` (the app's network: files.test at
     /// 10.98.k.2 and fd98:k::2, a server that is no app at 10.98.k.3).
     fn new(k: u8, fail_mode: &str) -> Self {
+        let mut b = Self::build(k, fail_mode);
+        b.start_agent();
+        b
+    }
+
+    /// As [`Branch::new`], without starting the gateway's agent.
+    fn build(k: u8, fail_mode: &str) -> Self {
         require_root();
         let client = Netns::new(&format!("sgw{k}c")).unwrap();
         let gw = Netns::new(&format!("sgw{k}g")).unwrap();
@@ -191,7 +198,7 @@ events_file = "{events}"
         assert!(out.status.success());
         let sluice_ca = dir.join("sluice-ca.pem");
         std::fs::write(&sluice_ca, &out.stdout).unwrap();
-        let mut b = Branch {
+        Branch {
             agent: None,
             app,
             app6,
@@ -204,9 +211,7 @@ events_file = "{events}"
             config,
             sluice_ca,
             events,
-        };
-        b.start_agent();
-        b
+        }
     }
 
     fn start_agent(&mut self) {
@@ -821,4 +826,217 @@ events_file = "{events}"
         blocked[0]
     );
     drop(agent);
+}
+
+/// An enrolled endpoint (its own agent, steering its own processes) behind the gateway: its
+/// traffic was inspected on the endpoint and passes the gateway once, spliced as such; the
+/// endpoint's agent still sees the app's own certificate upstream.
+#[test]
+#[ignore = "needs root"]
+fn an_enrolled_endpoint_behind_the_gateway_is_not_intercepted_twice() {
+    let mut b = Branch::build(6, "open");
+    let k = b.k;
+    // The endpoint has one address; the collector listens in the app's network.
+    b.client
+        .ip(&["addr", "del", &format!("10.97.{k}.130/24"), "dev", "lan0"])
+        .unwrap();
+    let collector_ip = format!("10.98.{k}.3");
+    let state = b.dir.join("collector");
+    let cfg = b.dir.join("collector.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"{collector_ip}:8444\"\nstate_dir = \"{}\"\nbundle_public_key = \"{}\"\nserver_names = [\"{collector_ip}\"]\n",
+            state.display(),
+            b.dir.join("bundle.pub").display()
+        ),
+    )
+    .unwrap();
+    let cli = |args: &[&str]| -> String {
+        let out = Command::new(bin("sluice-collector"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&["init"]);
+    let log = std::fs::File::create(b.dir.join("collector.log")).unwrap();
+    let collector = Command::new("nsenter")
+        .arg(format!("--net={}", b.net.path().display()))
+        .arg("--")
+        .arg(bin("sluice-collector"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _collector = Kill(collector);
+    let collector_ca = state.join("tls/ca.pem");
+    let url = format!("https://{collector_ip}:8444");
+    let up = wait_until(Duration::from_secs(20), || {
+        b.net
+            .run(
+                "curl",
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "--cacert",
+                    collector_ca.to_str().unwrap(),
+                    &format!("{url}/healthz"),
+                ],
+            )
+            .is_ok_and(|o| o.status.success())
+    });
+    assert!(
+        up,
+        "{}",
+        std::fs::read_to_string(b.dir.join("collector.log")).unwrap_or_default()
+    );
+    let enroll = |ns: &Netns, config: &Path| {
+        let token = cli(&["token", "create", "--group", "default"]);
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg("--")
+            .arg(bin("sluice"))
+            .args(["enroll", "--config"])
+            .arg(config)
+            .args(["--collector", &url, "--token", token.trim(), "--ca"])
+            .arg(&collector_ca)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    // The gateway's agent, enrolled.
+    enroll(&b.gw, &b.dir.join("agent.toml"));
+    b.start_agent();
+
+    // The endpoint's agent: steering a cgroup of the client's namespace, enrolled.
+    let ep_dir = b.dir.join("endpoint");
+    std::fs::create_dir_all(&ep_dir).unwrap();
+    let cg = sluice_e2e::TestCgroup::new("gw-endpoint");
+    let ep_config = format!(
+        r#"
+state_dir = "{state}"
+[steer]
+cgroup = "{cg}"
+agent_cgroup = "{cg}/agent"
+include = [{{ cidr = "10.98.{k}.2/32", ports = [443] }}]
+[proxy]
+port = 0
+[admin]
+listen = "127.0.0.1:0"
+[tls]
+upstream_extra_cas = ["{app_ca}"]
+no_system_roots = true
+no_bundled_roots = true
+[bundle]
+file = "{bundle}"
+public_key = "{public}"
+[device]
+posture = "managed"
+[report]
+posture_interval_s = 5
+retry_max_ms = 2000
+"#,
+        state = ep_dir.join("state").display(),
+        cg = cg.rel,
+        app_ca = b.app.ca_file().unwrap().display(),
+        bundle = b.dir.join("bundle.tar.gz").display(),
+        public = b.dir.join("bundle.pub").display(),
+    );
+    std::fs::write(ep_dir.join("agent.toml"), &ep_config).unwrap();
+    enroll(&b.client, &ep_dir.join("agent.toml"));
+    let endpoint = Agent::launch_in(&ep_config, &ep_dir, Some(&b.client.name)).unwrap();
+    let client = b.lan("2");
+    let learned = wait_until(Duration::from_secs(30), || {
+        b.agent()
+            .status()
+            .is_ok_and(|s| s["gateway"]["enrolled_clients"].as_u64() >= Some(1))
+    });
+    assert!(
+        learned,
+        "the gateway did not learn the endpoint: {:?}",
+        b.agent().status()
+    );
+
+    // The endpoint's process uploads an unlabeled file: its own agent blocks it; the gateway
+    // passes the endpoint agent's connection untouched (no interception, a splice as such).
+    let out = Command::new(bin("sluice"))
+        .args(["ca", "export", "--config"])
+        .arg(ep_dir.join("agent.toml"))
+        .output()
+        .unwrap();
+    let ep_ca = ep_dir.join("ca.pem");
+    std::fs::write(&ep_ca, &out.stdout).unwrap();
+    let before = b.agent().status().unwrap();
+    let (_, proc_cg) = cg.child("client");
+    let token = b.app.token_for("alice@corp.example").unwrap();
+    let form = format!("file=@{}", fixture("plain.docx").display());
+    let ep_curl = |extra: &[&str]| -> String {
+        let mut args: Vec<String> = [
+            &format!("--net={}", b.client.path().display()),
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "30",
+            "--cacert",
+            ep_ca.to_str().unwrap(),
+            "--resolve",
+            &format!("files.test:443:10.98.{k}.2"),
+            "-H",
+            &format!("Cookie: {}={token}", demo_app::COOKIE),
+            "-H",
+            "Accept: application/json",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        sluice_e2e::InCgroup::at(&proc_cg)
+            .run(Path::new("/usr/bin/nsenter"), &args)
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let blocked = ep_curl(&["-F", &form, "https://files.test/upload"]);
+    assert_eq!(blocked, "403", "the endpoint's agent blocks it");
+    // A request that reaches the app: through the endpoint's agent, then the gateway.
+    let listed = ep_curl(&["https://files.test/api/files"]);
+    assert_eq!(listed, "200");
+    let ep = endpoint.status().unwrap();
+    assert_eq!(ep["proxy"]["upstream_cert_failures"], 0, "{ep}");
+    let after = b.agent().status().unwrap();
+    assert_eq!(
+        after["proxy"]["intercepted"], before["proxy"]["intercepted"],
+        "the gateway intercepted the endpoint's connection: {after}"
+    );
+    assert!(
+        after["proxy"]["spliced"].as_u64() > before["proxy"]["spliced"].as_u64(),
+        "{after}"
+    );
+    // The spliced connection's record (written when it closes: the endpoint's agent stops).
+    drop(endpoint);
+    let said = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&b.agent().log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("inspected_by_endpoint_agent") && l.contains(&client))
+    });
+    assert!(said, "the gateway's record does not say why");
 }

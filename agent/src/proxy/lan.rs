@@ -74,6 +74,102 @@ impl LanDevices {
     }
 }
 
+/// How often a gateway asks the collector for the enrolled endpoints' addresses.
+pub const POLL_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Keeps `lan`'s enrolled endpoints up to date from the collector's `GET /api/v1/lan-clients`
+/// (with the agent's credential) every [`POLL_EVERY`] until `shutdown`. A failed poll keeps the
+/// last list (a collector outage must not turn enrolled endpoints into intercepted ones, nor
+/// the reverse); the list is replaced whole on each answer.
+pub async fn poll_enrolled(
+    target: crate::report::Target,
+    lan: Arc<LanDevices>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        clients: Vec<Client>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Client {
+        ip: IpAddr,
+        agent_id: String,
+        posture: String,
+    }
+    let mut client =
+        crate::report::client::collector(&target.collector, target.collector_ca.as_deref())?;
+    let mut failing = false;
+    loop {
+        let got = async {
+            let credential = std::fs::read_to_string(&target.credential_file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", target.credential_file.display()))?;
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                http::header::AUTHORIZATION,
+                crate::client::header_value(&format!("Bearer {}", credential.trim()))?,
+            );
+            let answer = client
+                .request(
+                    http::Method::GET,
+                    "/api/v1/lan-clients",
+                    headers,
+                    bytes::Bytes::new(),
+                    std::time::Duration::from_secs(10),
+                    crate::report::client::MAX_ANSWER,
+                )
+                .await?;
+            anyhow::ensure!(
+                answer.status == http::StatusCode::OK,
+                "the collector answered {}",
+                answer.status
+            );
+            let a: Answer = serde_json::from_slice(&answer.body)?;
+            Ok::<_, anyhow::Error>(a)
+        }
+        .await;
+        match got {
+            Ok(a) => {
+                let list: HashMap<IpAddr, Enrolled> = a
+                    .clients
+                    .into_iter()
+                    .map(|c| {
+                        let device = match c.posture.as_str() {
+                            "compliant" => Device::Compliant,
+                            "unmanaged" => Device::Unmanaged,
+                            _ => Device::Managed,
+                        };
+                        (
+                            c.ip,
+                            Enrolled {
+                                agent_id: c.agent_id,
+                                device,
+                            },
+                        )
+                    })
+                    .collect();
+                if failing || list.len() != lan.enrolled_count() {
+                    tracing::info!(
+                        clients = list.len(),
+                        "enrolled endpoints behind the gateway"
+                    );
+                }
+                failing = false;
+                lan.set_enrolled(list);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %format!("{e:#}"), "the enrolled endpoints' addresses could not be fetched; keeping the last list");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(POLL_EVERY) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -517,11 +517,22 @@ impl Reporting {
             posture_every,
             status_every,
         } = self;
+        let location = shipper.location();
         let periodic = {
             let reporter = reporter.clone();
             let probe = probe.clone();
             let shutdown = shutdown.clone();
             async move {
+                let posture_now = || async {
+                    let mut p = posture::collect(&reporter.posture).await;
+                    if let Some(l) = &location {
+                        p.addresses = l.load().addresses.iter().map(ToString::to_string).collect();
+                    }
+                    reporter.submit(&reporter.posture_event(p));
+                };
+                // A change of network is reported at once (gateways learn where the device is).
+                let mut moved_tick = tokio::time::interval(Duration::from_secs(1));
+                let mut moves = location.as_ref().map_or(0, |l| l.changes());
                 let mut posture_tick = tokio::time::interval(posture_every);
                 let mut status_tick = tokio::time::interval(status_every);
                 posture_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -529,9 +540,13 @@ impl Reporting {
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = posture_tick.tick() => {
-                            let p = posture::collect(&reporter.posture).await;
-                            reporter.submit(&reporter.posture_event(p));
+                        _ = posture_tick.tick() => posture_now().await,
+                        _ = moved_tick.tick() => {
+                            let now = location.as_ref().map_or(0, |l| l.changes());
+                            if now != moves {
+                                moves = now;
+                                posture_now().await;
+                            }
                         }
                         _ = status_tick.tick() => {
                             reporter.submit(&reporter.status_event(&probe(), false));

@@ -26,6 +26,7 @@ pub async fn collect(posture: &str) -> Posture {
         disk_encrypted,
         firewall,
         uptime_s,
+        addresses: Vec::new(),
     }
 }
 

@@ -162,6 +162,11 @@ impl Shipper {
         }
     }
 
+    /// Where the location is kept, when it is.
+    pub fn location(&self) -> Option<Arc<crate::location::NetworkLocation>> {
+        self.location.clone()
+    }
+
     /// Records the public address each acknowledgement reports in `location`.
     pub fn with_location(mut self, location: Arc<crate::location::NetworkLocation>) -> Self {
         self.location = Some(location);
