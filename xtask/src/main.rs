@@ -33,7 +33,8 @@ enum Task {
     /// Set up, then run fmt, clippy (warnings denied) and every test, root-only ones included,
     /// then each fuzz target briefly.
     Test,
-    /// Set up, build in release, and run a benchmark (`steer`, `proxy`, `policy`); writes
+    /// Set up, build in release, and run a benchmark (`steer`, `proxy`, `gateway`, `policy`,
+    /// `inspect`, `collector`); writes
     /// target/bench/NAME.json. Arguments after `--` go to the benchmark (e.g. `-- --reps 5`).
     Bench {
         /// Which benchmark.
@@ -52,6 +53,10 @@ enum Task {
         /// are labeled and protected.
         #[arg(long)]
         unmanaged: bool,
+        /// Bring up a demo branch instead: network namespaces `sluice-client` -> `sluice-gw`
+        /// (the agent in gateway mode) -> `sluice-app` (the demo app), until Ctrl-C.
+        #[arg(long, conflicts_with_all = ["config", "unmanaged"])]
+        gateway: bool,
     },
     /// Play the four scenarios against the demo app through the running agent (`up` must be
     /// running); the events land in the portal.
@@ -104,9 +109,17 @@ fn run(cli: Cli) -> Result<()> {
             setup(&root)?;
             bench(&root, &name, &extra)
         }
-        Task::Up { config, unmanaged } => {
+        Task::Up {
+            config,
+            unmanaged,
+            gateway,
+        } => {
             setup(&root)?;
-            up::up(&root, config, unmanaged)
+            if gateway {
+                up::up_gateway(&root)
+            } else {
+                up::up(&root, config, unmanaged)
+            }
         }
         Task::Demo => up::demo(&root),
         Task::Fixtures { out, force } => fixtures::fixtures(&root, out, force),
@@ -357,7 +370,14 @@ fn test(root: &Path) -> Result<()> {
 // bench
 
 fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
-    let known = ["steer", "proxy", "policy", "inspect", "collector"];
+    let known = [
+        "steer",
+        "proxy",
+        "gateway",
+        "policy",
+        "inspect",
+        "collector",
+    ];
     if !known.contains(&name) {
         bail!("unknown benchmark `{name}`; known: {}", known.join(", "));
     }

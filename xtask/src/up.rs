@@ -315,6 +315,151 @@ while kill -0 $apid 2>/dev/null || kill -0 $cpid 2>/dev/null; do wait; sleep 0.1
 echo "stopped"
 "#;
 
+/// `cargo xtask up --gateway`: a demo branch in network namespaces. `sluice-client` (a LAN
+/// client, 10.90.1.2) routes through `sluice-gw` (the agent in gateway mode, 10.90.1.1 /
+/// 10.90.2.1) to `sluice-app` (the demo app at 10.90.2.2:443). The default bundle, signed by
+/// the key `up` keeps, comes from a file; events go to `target/sluice-up/gateway/events.jsonl`.
+/// Ctrl-C stops the agent (which removes its rules) and the app, and removes the namespaces.
+pub fn up_gateway(root: &Path) -> Result<()> {
+    step("build (release): sluice, sluice-demo-app");
+    sh(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "sluice",
+        "-p",
+        "sluice-e2e",
+        "--bin",
+        "sluice",
+        "--bin",
+        "sluice-demo-app",
+    ]))?;
+    let rel = root.join("target/release");
+    let sluice = rel.join("sluice");
+    let dir = root.join("target/sluice-up/gateway");
+    fs::create_dir_all(&dir)?;
+    let keys = root.join("target/sluice-up/keys");
+    let private_key = keys.join("bundle-signing.key");
+    let public_key = keys.join("bundle-signing.pub");
+    if !private_key.is_file() {
+        fs::create_dir_all(&keys)?;
+        sh(Command::new(&sluice).args(["keygen", "--out"]).arg(&keys))?;
+    }
+    step("policy bundle: build and sign (policies/default)");
+    let bundle = dir.join("default.tar.gz");
+    sh(Command::new(&sluice)
+        .args(["bundle", "build"])
+        .arg(root.join("policies/default"))
+        .arg("--out")
+        .arg(&bundle)
+        .args(["--revision", "gateway-demo"])
+        .stdout(Stdio::null()))?;
+    sh(Command::new(&sluice)
+        .args(["bundle", "sign"])
+        .arg(&bundle)
+        .arg("--key")
+        .arg(&private_key)
+        .stdout(Stdio::null()))?;
+    let app_dir = dir.join("demo-app");
+    let events = dir.join("events.jsonl");
+    let acfg = dir.join("agent.toml");
+    fs::write(
+        &acfg,
+        format!(
+            "# Written by `cargo xtask up --gateway`.\nstate_dir = {state}\n\n[steer]\nenabled = false\n\n\
+             [gateway]\nenabled = true\nlan_interfaces = [\"gw-lan\"]\nclient_cidrs = [\"10.90.1.0/24\"]\n\n\
+             [admin]\nlisten = \"127.0.0.1:15091\"\n\n\
+             [tls]\nupstream_extra_cas = [{app_ca}]\n\n\
+             [device]\nposture = \"managed\"\n\n\
+             [bundle]\nfile = {bundle}\npublic_key = {pubkey}\n\n\
+             [report]\nevents_file = {events}\n",
+            state = toml_str(&dir.join("state")),
+            app_ca = toml_str(&app_dir.join("ca.pem")),
+            bundle = toml_str(&bundle),
+            pubkey = toml_str(&public_key),
+            events = toml_str(&events),
+        ),
+    )?;
+    let export = || {
+        Command::new(&sluice)
+            .args(["ca", "export", "--config"])
+            .arg(&acfg)
+            .output()
+    };
+    if !export()?.status.success() {
+        sh(Command::new(&sluice)
+            .args(["ca", "init", "--config"])
+            .arg(&acfg)
+            .stdout(Stdio::null()))?;
+    }
+    let ca_pem = dir.join("ca.pem");
+    fs::write(&ca_pem, export()?.stdout)?;
+    step("demo branch: sluice-client -> sluice-gw (Sluice) -> sluice-app (files.test)");
+    eprintln!(
+        "  try it (as root, in another terminal):\n    \
+         ip netns exec sluice-client curl --cacert {ca} --resolve files.test:443:10.90.2.2 \\\n      \
+         -d 'user=alice@corp.example&password=demo' https://files.test/api/login\n    \
+         ip netns exec sluice-client curl --cacert {ca} --resolve files.test:443:10.90.2.2 \\\n      \
+         -H \"Authorization: Bearer TOKEN\" -H 'Accept: application/json' -F file=@README.md https://files.test/upload\n  \
+         events:  tail -f {events}\n  \
+         status:  ip netns exec sluice-gw curl -s http://127.0.0.1:15091/status\n  \
+         rules:   ip netns exec sluice-gw nft list table inet sluice\n",
+        ca = ca_pem.display(),
+        events = events.display(),
+    );
+    let script = dir.join("branch.sh");
+    fs::write(&script, BRANCH_SH)?;
+    let err = Command::new("sh")
+        .arg(&script)
+        .arg(&sluice)
+        .arg(&acfg)
+        .arg(rel.join("sluice-demo-app"))
+        .arg(&app_dir)
+        .arg(dir.join("agent.log"))
+        .exec();
+    Err(err).context("starting branch.sh")
+}
+
+/// Makes the branch's namespaces, starts the app and the agent, waits; on Ctrl-C or SIGTERM stops
+/// both and removes the namespaces.
+const BRANCH_SH: &str = r#"#!/bin/sh
+# Written by `cargo xtask up --gateway`: $1 sluice, $2 agent config, $3 sluice-demo-app,
+# $4 the app's certificate directory, $5 the agent's log.
+set -u
+sluice=$1; acfg=$2; app=$3; appdir=$4; alog=$5
+apid=; gpid=
+cleanup() {
+  kill -TERM $gpid 2>/dev/null; wait $gpid 2>/dev/null
+  kill -TERM $apid 2>/dev/null; wait $apid 2>/dev/null
+  for n in sluice-client sluice-gw sluice-app; do ip netns del $n 2>/dev/null; done
+  echo "stopped; namespaces removed"
+}
+trap ':' INT
+trap 'kill -TERM $gpid $apid 2>/dev/null' TERM
+for n in sluice-client sluice-gw sluice-app; do ip netns del $n 2>/dev/null; ip netns add $n; ip -n $n link set lo up; done
+ip -n sluice-client link add lan0 type veth peer name gw-lan netns sluice-gw
+ip -n sluice-gw link add gw-wan type veth peer name wan0 netns sluice-app
+ip -n sluice-client addr add 10.90.1.2/24 dev lan0; ip -n sluice-client link set lan0 up
+ip -n sluice-gw addr add 10.90.1.1/24 dev gw-lan; ip -n sluice-gw link set gw-lan up
+ip -n sluice-gw addr add 10.90.2.1/24 dev gw-wan; ip -n sluice-gw link set gw-wan up
+ip -n sluice-app addr add 10.90.2.2/24 dev wan0; ip -n sluice-app link set wan0 up
+ip -n sluice-client route add default via 10.90.1.1
+ip -n sluice-app route add default via 10.90.2.1
+ip netns exec sluice-gw sysctl -qw net.ipv4.ip_forward=1
+nsenter --net=/run/netns/sluice-app "$app" --listen 10.90.2.2:443 --cert-dir "$appdir" &
+apid=$!
+i=0
+until [ -s "$appdir/ca.pem" ]; do
+  i=$((i + 1)); if [ $i -gt 100 ]; then echo "the demo app did not start" >&2; cleanup; exit 1; fi
+  sleep 0.2
+done
+nsenter --net=/run/netns/sluice-gw "$sluice" run --config "$acfg" 2>>"$alog" &
+gpid=$!
+echo "gateway: agent running (log: $alog); Ctrl-C stops the branch"
+while ! wait $gpid; do kill -0 $gpid 2>/dev/null || break; done
+cleanup
+"#;
+
 // ---------------------------------------------------------------------------------------------
 // demo
 

@@ -24,6 +24,7 @@ use sluice::{
 };
 use sluice_e2e::{InCgroup, TestCgroup, dual_stack_listeners};
 
+mod bench_gateway;
 mod bench_inspect;
 mod bench_policy;
 mod bench_proxy;
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
         Some("steer") => steer(&args),
         Some("steer-client") => steer_client(&args),
         Some("proxy") => bench_proxy::run(&args),
+        Some("gateway") => bench_gateway::run(&args),
         Some("loadgen") => bench_proxy::loadgen(&args),
         Some("policy") => bench_policy::run(&args),
         Some("inspect") => bench_inspect::run(&args),

@@ -16,13 +16,13 @@ use serde_json::{Value, json};
 use sluice_e2e::{InCgroup, TestCgroup, free_port, loadgen, wait_until};
 
 const ORIGIN: &str = "127.0.0.40:8443";
-const HOST: &str = "bench.test";
-const BIG: u64 = 100 * 1024 * 1024;
+pub(crate) const HOST: &str = "bench.test";
+pub(crate) const BIG: u64 = 100 * 1024 * 1024;
 /// Transfers of BIG per direction in each repetition (their median is the repetition's figure).
 const TRANSFERS: usize = 3;
-const CORE: &str = "0";
+pub(crate) const CORE: &str = "0";
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -43,16 +43,29 @@ impl Drop for Proc {
 }
 
 fn pinned(program: &str) -> Command {
-    let mut c = Command::new("taskset");
+    pinned_in(None, program)
+}
+
+/// `program` pinned to [`CORE`], in network namespace `netns` (its file) when given.
+pub(crate) fn pinned_in(netns: Option<&Path>, program: &str) -> Command {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.display()))
+                .args(["--", "taskset"]);
+            c
+        }
+        None => Command::new("taskset"),
+    };
     c.args(["-c", CORE, program]);
     c
 }
 
-fn port_open(addr: SocketAddr) -> bool {
+pub(crate) fn port_open(addr: SocketAddr) -> bool {
     std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
-fn sh(cmd: &mut Command) -> Result<()> {
+pub(crate) fn sh(cmd: &mut Command) -> Result<()> {
     let st = cmd.status().with_context(|| format!("{cmd:?}"))?;
     if !st.success() {
         bail!("{cmd:?} failed: {st}");
@@ -98,15 +111,15 @@ fn install_peers(tools: &Path) -> Result<PathBuf> {
     Ok(mitmdump)
 }
 
-struct Pki {
-    origin_ca: PathBuf,
+pub(crate) struct Pki {
+    pub(crate) origin_ca: PathBuf,
     squid_ca_cert: PathBuf,
     squid_ca_key: PathBuf,
     cert: PathBuf,
     key: PathBuf,
 }
 
-fn pki(dir: &Path) -> Result<Pki> {
+pub(crate) fn pki(dir: &Path) -> Result<Pki> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256,
     };
@@ -142,6 +155,18 @@ fn pki(dir: &Path) -> Result<Pki> {
 }
 
 fn start_nginx(work: &Path, www: &Path, pki: &Pki) -> Result<Proc> {
+    start_nginx_at(work, www, pki, ORIGIN, None)
+}
+
+/// nginx serving `www` (with `/1k`, `/100m` and PUT under `/upload/`) on `listen`, in network
+/// namespace `netns` when given.
+pub(crate) fn start_nginx_at(
+    work: &Path,
+    www: &Path,
+    pki: &Pki,
+    listen: &str,
+    netns: Option<&Path>,
+) -> Result<Proc> {
     fs::create_dir_all(www.join("upload"))?;
     let mut small = vec![0u8; 1024];
     sluice_e2e::pattern(0, &mut small);
@@ -171,7 +196,7 @@ http {{
   uwsgi_temp_path {work}/ngx-uwsgi;
   scgi_temp_path {work}/ngx-scgi;
   server {{
-    listen {ORIGIN} ssl http2;
+    listen {listen} ssl http2;
     server_name {HOST};
     ssl_certificate {cert};
     ssl_certificate_key {key};
@@ -188,14 +213,17 @@ http {{
         ),
     )?;
     fs::create_dir_all(www.join(".tmp"))?;
-    let child = pinned("nginx")
+    let child = pinned_in(netns, "nginx")
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())
         .spawn()?;
     let p = Proc(child);
-    let addr: SocketAddr = ORIGIN.parse()?;
-    if !wait_until(Duration::from_secs(10), || port_open(addr)) {
+    let ready = || match netns {
+        None => listen.parse().is_ok_and(port_open),
+        Some(_) => fs::read_to_string(work.join("nginx.pid")).is_ok(),
+    };
+    if !wait_until(Duration::from_secs(10), ready) {
         bail!(
             "nginx did not start: {}",
             fs::read_to_string(work.join("nginx-error.log")).unwrap_or_default()
@@ -453,7 +481,8 @@ pub fn loadgen(args: &[String]) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let t = loadgen::Target::new(ORIGIN.parse()?, HOST, proxy, &ca)?;
+    let origin: SocketAddr = opt("--origin").unwrap_or_else(|| ORIGIN.into()).parse()?;
+    let t = loadgen::Target::new(origin, HOST, proxy, &ca)?;
     let cpu = || pid.map(loadgen::tree_cpu).unwrap_or(0.0);
     let mut out = serde_json::Map::new();
     rt.block_on(async {
@@ -507,7 +536,7 @@ pub fn loadgen(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn median(v: &mut Vec<f64>) -> Option<f64> {
+pub(crate) fn median(v: &mut Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return None;
