@@ -541,6 +541,26 @@ fn a_branch_client_gets_the_session_controls_with_its_own_address() {
             .is_ok_and(|s| s["gateway"]["counters"]["refused_quic"].as_u64() >= Some(1))
     });
     assert!(quic, "{:?}", b.agent().status());
+
+    // A process on the gateway connecting to the transparent listener itself is refused: it
+    // has no destination, and the proxy must not dial itself.
+    let before = b.agent().status().unwrap();
+    let out =
+        b.gw.run(
+            "curl",
+            &["-sk", "--max-time", "5", "https://127.0.0.1:1002/"],
+        )
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let st = b.agent().status().unwrap();
+    let delta =
+        |k: &str| st["proxy"][k].as_u64().unwrap_or(0) - before["proxy"][k].as_u64().unwrap_or(0);
+    assert_eq!(delta("no_origin"), 1, "{st}");
+    assert_eq!(
+        delta("gateway"),
+        0,
+        "taken for a forwarded connection: {st}"
+    );
 }
 
 #[test]

@@ -675,6 +675,20 @@ pub async fn handle(
     }
     let origin = match front {
         Front::Endpoint => claim(shared, peer),
+        // A forwarded connection comes from the LAN, never from this host: a local process that
+        // connects to the transparent listener itself has no destination to be taken to (and
+        // would have the proxy dial itself).
+        Front::Gateway if peer.ip().to_canonical().is_loopback() => {
+            shared.stats.no_origin.fetch_add(1, Ordering::Relaxed);
+            shared.reporter.connection(conn_record(
+                peer,
+                None,
+                None,
+                "no_origin",
+                "a local connection to the gateway's transparent listener".into(),
+            ));
+            None
+        }
         Front::Gateway => match client.local_addr() {
             Ok(dst) => {
                 shared.stats.gateway.fetch_add(1, Ordering::Relaxed);

@@ -424,7 +424,12 @@ impl Gateway {
     }
 
     fn routes_up(&self) -> Result<(), GatewayError> {
+        // A host without IPv6 has no IPv6 to steer (its `ip -6` commands fail).
+        let v6 = std::path::Path::new("/proc/net/if_inet6").exists();
         for args in self.route_cmds(true) {
+            if args.first().is_some_and(|f| f == "-6") && !v6 {
+                continue;
+            }
             ip(&args)?;
         }
         Ok(())
