@@ -94,6 +94,7 @@ pub(crate) fn compile(
         ..
     } = dir;
     Ok(PolicySet {
+        managed_clients: named.get("managed").cloned().unwrap_or_default(),
         revision: revision.to_owned(),
         policies,
         by_app,

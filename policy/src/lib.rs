@@ -162,6 +162,16 @@ pub struct PolicySet {
     pub apps: HashMap<String, CompiledApp>,
     /// DLP detectors: the built-in ones and the bundle's keyword dictionaries (`dlp.yaml`).
     pub detectors: sluice_inspect::dlp::Detectors,
+    /// The range named `managed` in `ranges.yaml`: a gateway's LAN clients there are managed
+    /// devices (others are unmanaged unless an enrolled endpoint agent is at their address).
+    pub managed_clients: Vec<Cidr>,
+}
+
+impl PolicySet {
+    /// Whether `ip` is in the bundle's `managed` range.
+    pub fn is_managed_client(&self, ip: IpAddr) -> bool {
+        in_any(&self.managed_clients, ip)
+    }
 }
 
 /// The outcome of a decision.

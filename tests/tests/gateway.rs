@@ -41,7 +41,8 @@ fn fixture(name: &str) -> PathBuf {
     demo_app::fixture(name).expect("fixtures (made by `cargo xtask fixtures`)")
 }
 
-/// The default bundle with `risky` holding the LAN's upper half, signed by a key of the test.
+/// The default bundle with `risky` holding the LAN's upper half and `managed` the lower quarter
+/// of its IPv6 block, signed by a key of the test.
 fn bundle_for(dir: &Path, k: u8) -> (PathBuf, PathBuf) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default");
     let copy = dir.join("bundle-src");
@@ -55,7 +56,7 @@ fn bundle_for(dir: &Path, k: u8) -> (PathBuf, PathBuf) {
     std::fs::write(
         copy.join("ranges.yaml"),
         format!(
-            "ranges:\n  office: [\"10.20.0.0/16\"]\n  risky: [\"198.51.100.0/24\", \"10.97.{k}.128/25\", \"fd97:{k}::8000/113\"]\n"
+            "ranges:\n  office: [\"10.20.0.0/16\"]\n  risky: [\"198.51.100.0/24\", \"10.97.{k}.128/25\", \"fd97:{k}::8000/113\"]\n  managed: [\"fd97:{k}::/114\"]\n"
         ),
     )
     .unwrap();
@@ -506,7 +507,11 @@ fn a_branch_client_gets_the_session_controls_with_its_own_address() {
         b.app6.uploads().is_empty(),
         "the app saw the blocked upload over IPv6"
     );
-    b.event_from("POST", "/upload", &client6);
+    let ev = b.event_from("POST", "/upload", &client6);
+    assert_eq!(
+        ev["device"], "managed",
+        "the bundle's `managed` range: {ev}"
+    );
 
     // A server that is no app: spliced, the client sees the origin's own certificate.
     let got = b.curl(

@@ -88,7 +88,13 @@ impl Hooks for Controls {
         let set = self.active.load_full()?;
         // A LAN client is where it connects from; this host is where its location says.
         let (device, sources) = match ex.origin.lan_client {
-            Some(c) => (self.lan.device_of(c), (Some(c), None)),
+            Some(c) => {
+                let d = match self.lan.device_of(c) {
+                    Device::Unmanaged if set.is_managed_client(c) => Device::Managed,
+                    d => d,
+                };
+                (d, (Some(c), None))
+            }
             None => match &self.location {
                 Some(l) => {
                     let l = l.load();
