@@ -3,7 +3,9 @@
 //! repetition, interleaved: plain forwarding (no agent: the baseline), the gateway agent
 //! splicing (the origin is no app), and the gateway agent intercepting (the origin is an app,
 //! no policies). Origin: nginx with TLS and HTTP/2. Client, origin and agent pinned to one core,
-//! as in `bench proxy`; medians are reported, as ratios to plain forwarding.
+//! as in `bench proxy`; medians are reported, as ratios to plain forwarding. Every mode of every
+//! repetition gets a fresh branch (namespaces and nginx): connection tracking and TIME_WAIT
+//! state left by one mode slowed the next one's new connections by up to 15x.
 
 use std::{
     fs,
@@ -160,8 +162,6 @@ pub fn run(args: &[String]) -> Result<()> {
     let www = PathBuf::from("/dev/shm/sluice-bench-gw-www");
     let _ = fs::remove_dir_all(&www);
     let pki = pki(&work)?;
-    let b = branch().context("the branch's namespaces")?;
-    let _nginx = start_nginx_at(&work, &www, &pki, ORIGIN, Some(&b.origin.path()))?;
     let ca_export = |intercept: bool| -> Result<PathBuf> {
         let dir = work.join(if intercept { "intercept" } else { "splice" });
         let out = Command::new(sluice_e2e::bin("sluice"))
@@ -177,6 +177,8 @@ pub fn run(args: &[String]) -> Result<()> {
     for rep in 0..reps {
         for (i, mode) in modes.iter().enumerate() {
             eprintln!("rep {}/{reps}: {mode}", rep + 1);
+            let b = branch().context("the branch's namespaces")?;
+            let nginx = start_nginx_at(&work, &www, &pki, ORIGIN, Some(&b.origin.path()))?;
             let v = match *mode {
                 "forward" => loadgen(&b, &pki.origin_ca, None, secs)?,
                 m => {
@@ -193,10 +195,11 @@ pub fn run(args: &[String]) -> Result<()> {
                     v
                 }
             };
+            drop(nginx);
+            drop(b);
             results[i].push(v);
         }
     }
-    drop(_nginx);
     let _ = fs::remove_dir_all(&www);
     let figures = [
         ("keepalive_h1_rps", "keep-alive 1 KiB req/s, HTTP/1.1", true),
@@ -271,6 +274,5 @@ pub fn run(args: &[String]) -> Result<()> {
         fs::create_dir_all(d)?;
     }
     fs::write(&out_path, serde_json::to_string_pretty(&json)?)?;
-    eprintln!("figures written to {}", out_path.display());
     Ok(())
 }

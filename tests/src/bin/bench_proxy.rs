@@ -213,6 +213,7 @@ http {{
         ),
     )?;
     fs::create_dir_all(www.join(".tmp"))?;
+    let _ = fs::remove_file(work.join("nginx.pid"));
     let child = pinned_in(netns, "nginx")
         .arg("-c")
         .arg(&conf)
