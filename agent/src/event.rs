@@ -57,7 +57,8 @@ pub struct ActivityEvent {
     /// The client's user agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
-    /// The process that opened the connection.
+    /// The process that opened the connection (none for a gateway's LAN client).
+    #[serde(skip_serializing_if = "ProcessFacts::is_none")]
     pub process: ProcessFacts,
     /// Files in the request or response.
     pub files: Vec<FileFacts>,
@@ -88,6 +89,13 @@ pub struct ProcessFacts {
     pub uid: u32,
     /// Local user name.
     pub user: Option<String>,
+}
+
+impl ProcessFacts {
+    /// No process of this host (a gateway's LAN client).
+    pub fn is_none(&self) -> bool {
+        self.pid == 0 && self.comm.is_empty() && self.exe.is_none()
+    }
 }
 
 /// Unix milliseconds of `t`.

@@ -421,6 +421,10 @@ fn a_branch_client_gets_the_session_controls_with_its_own_address() {
     let ev = b.event_from("POST", "/upload", &client);
     assert_eq!(ev["action"], "block", "{ev}");
     assert_eq!(ev["device"], "unmanaged", "a LAN client is unmanaged: {ev}");
+    assert!(
+        ev.get("process").is_none(),
+        "no process of the gateway: {ev}"
+    );
 
     // A labeled one passes, byte for byte.
     let labeled = fixture("confidential.docx");

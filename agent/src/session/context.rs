@@ -211,12 +211,16 @@ impl Context {
             other_users: others,
             user_agent: (!ua.is_empty()).then(|| ua.chars().take(512).collect()),
             destination: o.dst,
-            process: ProcessFacts {
-                pid: o.tgid,
-                exe,
-                comm: o.comm.clone(),
-                uid: o.uid,
-                user: o.process.user.clone(),
+            process: if o.lan_client.is_some() {
+                ProcessFacts::default()
+            } else {
+                ProcessFacts {
+                    pid: o.tgid,
+                    exe,
+                    comm: o.comm.clone(),
+                    uid: o.uid,
+                    user: o.process.user.clone(),
+                }
             },
             method,
             path,
