@@ -243,6 +243,57 @@ impl AdminState {
             "Bytes from origins to clients.",
             p.bytes_down,
         );
+        metric(
+            "sluice_proxy_gateway_connections_total",
+            "counter",
+            "Connections a gateway forwarded to the proxy (TPROXY).",
+            p.gateway,
+        );
+        if let Some(g) = &self.gateway {
+            let g = g.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            metric(
+                "sluice_gateway_live",
+                "gauge",
+                "1 while the gateway's steered ports are live (the proxy answers); 0 while the fail mode applies.",
+                u64::from(g.live),
+            );
+            metric(
+                "sluice_gateway_probe_failures_total",
+                "counter",
+                "Watchdog probes of the transparent listener that got no answer.",
+                g.probe_failures,
+            );
+            metric(
+                "sluice_gateway_enrolled_clients",
+                "gauge",
+                "LAN clients the collector reports as enrolled endpoints.",
+                g.enrolled_clients as u64,
+            );
+            for (name, help, v) in [
+                (
+                    "steered",
+                    "New TCP connections handed to the proxy.",
+                    g.counters.steered,
+                ),
+                (
+                    "refused_quic",
+                    "QUIC packets refused with ICMP.",
+                    g.counters.refused_quic,
+                ),
+                (
+                    "failed_closed",
+                    "Packets dropped while the proxy did not answer (fail-closed).",
+                    g.counters.failed_closed,
+                ),
+                (
+                    "failed_open",
+                    "Connections forwarded direct while the proxy did not answer (fail-open).",
+                    g.counters.failed_open,
+                ),
+            ] {
+                metric(&format!("sluice_gateway_{name}_total"), "counter", help, v);
+            }
+        }
         if let Some(r) = &self.report {
             out.push_str(&r.metrics());
         }

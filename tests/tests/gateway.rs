@@ -550,6 +550,17 @@ fn a_branch_client_gets_the_session_controls_with_its_own_address() {
             .is_ok_and(|s| s["gateway"]["counters"]["refused_quic"].as_u64() >= Some(1))
     });
     assert!(quic, "{:?}", b.agent().status());
+    let (code, metrics) = b.agent().http_get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("\nsluice_gateway_live 1\n"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("sluice_gateway_refused_quic_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            >= Some(1),
+        "{metrics}"
+    );
 
     // A process on the gateway connecting to the transparent listener itself is refused: it
     // has no destination, and the proxy must not dial itself.
