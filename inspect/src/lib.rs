@@ -8,6 +8,7 @@
 //! here is synchronous and may take as long as its [`Limits`] allow, so callers run it off their
 //! async workers.
 
+pub mod agile;
 pub mod dlp;
 pub mod embedded;
 mod kind;
