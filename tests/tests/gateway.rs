@@ -191,14 +191,8 @@ events_file = "{events}"
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
-        let out = Command::new(bin("sluice"))
-            .args(["ca", "export", "--config"])
-            .arg(dir.join("agent.toml"))
-            .output()
-            .unwrap();
-        assert!(out.status.success());
         let sluice_ca = dir.join("sluice-ca.pem");
-        std::fs::write(&sluice_ca, &out.stdout).unwrap();
+        export_ca(&dir.join("agent.toml"), &sluice_ca);
         Branch {
             agent: None,
             app,
@@ -420,6 +414,33 @@ fn a_branch_client_gets_the_session_controls_with_its_own_address() {
     );
     let ev = b.event_from("POST", "/upload", &client);
     assert_eq!(ev["action"], "block", "{ev}");
+
+    // The same bytes to the app's address under another server name, or none (an IP URL),
+    // with the app's Host: intercepted by the destination, and refused for the name.
+    let form = format!("file=@{}", fixture("plain.docx").display());
+    let host = "Host: files.test".to_owned();
+    for (resolve, url) in [
+        (
+            Some(format!("other.test:443:{app}")),
+            "https://other.test/upload".to_owned(),
+        ),
+        (None, format!("https://{app}/upload")),
+    ] {
+        let mut args = vec!["-H", &host, "-F", &form];
+        if let Some(r) = &resolve {
+            args.extend(["--resolve", r.as_str()]);
+        }
+        args.push(&url);
+        let got = b.curl(
+            &client,
+            &app,
+            &b.sluice_ca,
+            Some("alice@corp.example"),
+            &args,
+        );
+        assert_eq!(got.status, 421, "{url}: {}", got.text());
+        assert_eq!(b.app.uploads().len(), before, "{url} reached the app");
+    }
     assert_eq!(ev["device"], "unmanaged", "a LAN client is unmanaged: {ev}");
     assert!(
         ev.get("process").is_none(),
@@ -721,6 +742,97 @@ fn a_stalled_proxy_fails_open_within_a_second() {
     fail_mode_case(4, "open");
 }
 
+/// The config of an endpoint agent steering `cg` to the app at `app_ip`:443, with the bundle
+/// and `report` (the `[report]` table's lines).
+fn endpoint_config(
+    state: &Path,
+    cg: &str,
+    app_ip: &str,
+    app_ca: &Path,
+    (bundle, public): (&Path, &Path),
+    report: &str,
+) -> String {
+    format!(
+        r#"
+state_dir = "{state}"
+[steer]
+cgroup = "{cg}"
+agent_cgroup = "{cg}/agent"
+include = [{{ cidr = "{app_ip}/32", ports = [443] }}]
+[proxy]
+port = 0
+[admin]
+listen = "127.0.0.1:0"
+[tls]
+upstream_extra_cas = ["{app_ca}"]
+no_system_roots = true
+no_bundled_roots = true
+[bundle]
+file = "{bundle}"
+public_key = "{public}"
+[device]
+posture = "managed"
+[report]
+{report}
+"#,
+        state = state.display(),
+        app_ca = app_ca.display(),
+        bundle = bundle.display(),
+        public = public.display(),
+    )
+}
+
+/// `sluice ca export` of the agent configured by `config`, written to `out`.
+fn export_ca(config: &Path, out: &Path) {
+    let got = Command::new(bin("sluice"))
+        .args(["ca", "export", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(got.status.success(), "{got:?}");
+    std::fs::write(out, &got.stdout).unwrap();
+}
+
+/// curl as a process of cgroup `cg` in namespace `ns`, to files.test at `app_ip`, trusting
+/// `ca`, signed in with `token`, accepting JSON; `extra` ends with the URL. The status code.
+fn endpoint_curl(
+    ns: &Netns,
+    cg: &Path,
+    ca: &Path,
+    app_ip: &str,
+    token: &str,
+    extra: &[&str],
+) -> String {
+    let mut args: Vec<String> = [
+        &format!("--net={}", ns.path().display()),
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "30",
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &format!("files.test:443:{app_ip}"),
+        "-H",
+        &format!("Cookie: {}={token}", demo_app::COOKIE),
+        "-H",
+        "Accept: application/json",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    sluice_e2e::InCgroup::at(cg)
+        .run(Path::new("/usr/bin/nsenter"), &args)
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
 /// An endpoint's policies and events see where the device is: its own address on the default
 /// route's interface. The device moves into the risky half of its subnet mid-session: the next
 /// request of the same signed-in session is blocked.
@@ -744,77 +856,34 @@ fn an_endpoints_own_address_decides_its_range_policies_and_a_move_the_next_reque
     let dir = TempDir::new(&format!("gateway-{k}"));
     let (bundle_path, public) = bundle_for(&dir, k);
     let events = dir.join("events.jsonl");
-    let config = format!(
-        r#"
-state_dir = "{state}"
-[steer]
-cgroup = "{cg}"
-agent_cgroup = "{cg}/agent"
-include = [{{ cidr = "10.97.{k}.1/32", ports = [443] }}]
-[proxy]
-port = 0
-[admin]
-listen = "127.0.0.1:0"
-[tls]
-upstream_extra_cas = ["{app_ca}"]
-no_system_roots = true
-no_bundled_roots = true
-[bundle]
-file = "{bundle}"
-public_key = "{public}"
-[device]
-posture = "managed"
-[report]
-events_file = "{events}"
-"#,
-        state = dir.join("state").display(),
-        cg = cg.rel,
-        app_ca = app.ca_file().unwrap().display(),
-        bundle = bundle_path.display(),
-        public = public.display(),
-        events = events.display(),
+    let config = endpoint_config(
+        &dir.join("state"),
+        &cg.rel,
+        &format!("10.97.{k}.1"),
+        &app.ca_file().unwrap(),
+        (&bundle_path, &public),
+        &format!("events_file = \"{}\"", events.display()),
     );
     let agent = Agent::launch_in(&config, &dir, Some(&ep.name)).unwrap();
     assert!(wait_until(Duration::from_secs(20), || agent
         .status()
         .is_ok_and(|s| s["bundle"]["revision"].as_str() == Some("7"))));
-    let out = Command::new(bin("sluice"))
-        .args(["ca", "export", "--config"])
-        .arg(dir.join("agent.toml"))
-        .output()
-        .unwrap();
     let ca = dir.join("sluice-ca.pem");
-    std::fs::write(&ca, &out.stdout).unwrap();
+    export_ca(&dir.join("agent.toml"), &ca);
     let token = app.token_for("alice@corp.example").unwrap();
     let (_, client_cg) = cg.child("client");
+    let app_ip = format!("10.97.{k}.1");
     let get = || -> u16 {
-        let args: Vec<String> = [
-            &format!("--net={}", ep.path().display()),
-            "--",
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            "--cacert",
-            &ca.display().to_string(),
-            "--resolve",
-            &format!("files.test:443:10.97.{k}.1"),
-            "-H",
-            &format!("Cookie: {}={token}", demo_app::COOKIE),
-            "-H",
-            "Accept: application/json",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "https://files.test/api/files",
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        let out = sluice_e2e::InCgroup::at(&client_cg)
-            .run(Path::new("/usr/bin/nsenter"), &args)
-            .unwrap();
-        out.trim().parse().unwrap_or(0)
+        endpoint_curl(
+            &ep,
+            &client_cg,
+            &ca,
+            &app_ip,
+            &token,
+            &["https://files.test/api/files"],
+        )
+        .parse()
+        .unwrap_or(0)
     };
     let events_from = |ip: &str| -> Vec<serde_json::Value> {
         std::fs::read_to_string(&events)
@@ -966,35 +1035,13 @@ fn an_enrolled_endpoint_behind_the_gateway_is_not_intercepted_twice() {
     let ep_dir = b.dir.join("endpoint");
     std::fs::create_dir_all(&ep_dir).unwrap();
     let cg = sluice_e2e::TestCgroup::new("gw-endpoint");
-    let ep_config = format!(
-        r#"
-state_dir = "{state}"
-[steer]
-cgroup = "{cg}"
-agent_cgroup = "{cg}/agent"
-include = [{{ cidr = "10.98.{k}.2/32", ports = [443] }}]
-[proxy]
-port = 0
-[admin]
-listen = "127.0.0.1:0"
-[tls]
-upstream_extra_cas = ["{app_ca}"]
-no_system_roots = true
-no_bundled_roots = true
-[bundle]
-file = "{bundle}"
-public_key = "{public}"
-[device]
-posture = "managed"
-[report]
-posture_interval_s = 5
-retry_max_ms = 2000
-"#,
-        state = ep_dir.join("state").display(),
-        cg = cg.rel,
-        app_ca = b.app.ca_file().unwrap().display(),
-        bundle = b.dir.join("bundle.tar.gz").display(),
-        public = b.dir.join("bundle.pub").display(),
+    let ep_config = endpoint_config(
+        &ep_dir.join("state"),
+        &cg.rel,
+        &format!("10.98.{k}.2"),
+        &b.app.ca_file().unwrap(),
+        (&b.dir.join("bundle.tar.gz"), &b.dir.join("bundle.pub")),
+        "posture_interval_s = 5\nretry_max_ms = 2000",
     );
     std::fs::write(ep_dir.join("agent.toml"), &ep_config).unwrap();
     enroll(&b.client, &ep_dir.join("agent.toml"));
@@ -1013,47 +1060,15 @@ retry_max_ms = 2000
 
     // The endpoint's process uploads an unlabeled file: its own agent blocks it; the gateway
     // passes the endpoint agent's connection untouched (no interception, a splice as such).
-    let out = Command::new(bin("sluice"))
-        .args(["ca", "export", "--config"])
-        .arg(ep_dir.join("agent.toml"))
-        .output()
-        .unwrap();
     let ep_ca = ep_dir.join("ca.pem");
-    std::fs::write(&ep_ca, &out.stdout).unwrap();
+    export_ca(&ep_dir.join("agent.toml"), &ep_ca);
     let before = b.agent().status().unwrap();
     let (_, proc_cg) = cg.child("client");
     let token = b.app.token_for("alice@corp.example").unwrap();
     let form = format!("file=@{}", fixture("plain.docx").display());
-    let ep_curl = |extra: &[&str]| -> String {
-        let mut args: Vec<String> = [
-            &format!("--net={}", b.client.path().display()),
-            "--",
-            "curl",
-            "-sS",
-            "--max-time",
-            "30",
-            "--cacert",
-            ep_ca.to_str().unwrap(),
-            "--resolve",
-            &format!("files.test:443:10.98.{k}.2"),
-            "-H",
-            &format!("Cookie: {}={token}", demo_app::COOKIE),
-            "-H",
-            "Accept: application/json",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        sluice_e2e::InCgroup::at(&proc_cg)
-            .run(Path::new("/usr/bin/nsenter"), &args)
-            .unwrap()
-            .trim()
-            .to_owned()
-    };
+    let app_ip = format!("10.98.{k}.2");
+    let ep_curl =
+        |extra: &[&str]| endpoint_curl(&b.client, &proc_cg, &ep_ca, &app_ip, &token, extra);
     let blocked = ep_curl(&["-F", &form, "https://files.test/upload"]);
     assert_eq!(blocked, "403", "the endpoint's agent blocks it");
     // A request that reaches the app: through the endpoint's agent, then the gateway.

@@ -97,13 +97,7 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
     fs::create_dir_all(&cdir)?;
 
     step("collector");
-    let keys = dir.join("keys");
-    let private_key = keys.join("bundle-signing.key");
-    let public_key = keys.join("bundle-signing.pub");
-    if !private_key.is_file() {
-        fs::create_dir_all(&keys)?;
-        sh(Command::new(&sluice).args(["keygen", "--out"]).arg(&keys))?;
-    }
+    let (private_key, public_key) = signing_keys(&sluice, &dir.join("keys"))?;
     let ccfg = cdir.join("collector.toml");
     let state = cdir.join("state");
     fs::write(
@@ -139,19 +133,7 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
         "up-{}",
         SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()
     );
-    sh(Command::new(&sluice)
-        .args(["bundle", "build"])
-        .arg(root.join("policies/default"))
-        .arg("--out")
-        .arg(&bundle)
-        .args(["--revision", &revision])
-        .stdout(Stdio::null()))?;
-    sh(Command::new(&sluice)
-        .args(["bundle", "sign"])
-        .arg(&bundle)
-        .arg("--key")
-        .arg(&private_key)
-        .stdout(Stdio::null()))?;
+    signed_default_bundle(root, &sluice, &bundle, &revision, &private_key)?;
     sh(Command::new(&collector)
         .args(["bundle", "publish"])
         .arg(&bundle)
@@ -315,6 +297,39 @@ while kill -0 $apid 2>/dev/null || kill -0 $cpid 2>/dev/null; do wait; sleep 0.1
 echo "stopped"
 "#;
 
+/// The bundle signing key pair in `keys` (made there once): (private, public).
+fn signing_keys(sluice: &Path, keys: &Path) -> Result<(PathBuf, PathBuf)> {
+    let private_key = keys.join("bundle-signing.key");
+    if !private_key.is_file() {
+        fs::create_dir_all(keys)?;
+        sh(Command::new(sluice).args(["keygen", "--out"]).arg(keys))?;
+    }
+    Ok((private_key, keys.join("bundle-signing.pub")))
+}
+
+/// `policies/default` built into `out` as `revision` and signed with `private_key`.
+fn signed_default_bundle(
+    root: &Path,
+    sluice: &Path,
+    out: &Path,
+    revision: &str,
+    private_key: &Path,
+) -> Result<()> {
+    sh(Command::new(sluice)
+        .args(["bundle", "build"])
+        .arg(root.join("policies/default"))
+        .arg("--out")
+        .arg(out)
+        .args(["--revision", revision])
+        .stdout(Stdio::null()))?;
+    sh(Command::new(sluice)
+        .args(["bundle", "sign"])
+        .arg(out)
+        .arg("--key")
+        .arg(private_key)
+        .stdout(Stdio::null()))
+}
+
 /// `cargo xtask up --gateway`: a demo branch in network namespaces. `sluice-client` (a LAN
 /// client, 10.90.1.2) routes through `sluice-gw` (the agent in gateway mode, 10.90.1.1 /
 /// 10.90.2.1) to `sluice-app` (the demo app at 10.90.2.2:443). The default bundle, signed by
@@ -338,28 +353,10 @@ pub fn up_gateway(root: &Path) -> Result<()> {
     let sluice = rel.join("sluice");
     let dir = root.join("target/sluice-up/gateway");
     fs::create_dir_all(&dir)?;
-    let keys = root.join("target/sluice-up/keys");
-    let private_key = keys.join("bundle-signing.key");
-    let public_key = keys.join("bundle-signing.pub");
-    if !private_key.is_file() {
-        fs::create_dir_all(&keys)?;
-        sh(Command::new(&sluice).args(["keygen", "--out"]).arg(&keys))?;
-    }
+    let (private_key, public_key) = signing_keys(&sluice, &root.join("target/sluice-up/keys"))?;
     step("policy bundle: build and sign (policies/default)");
     let bundle = dir.join("default.tar.gz");
-    sh(Command::new(&sluice)
-        .args(["bundle", "build"])
-        .arg(root.join("policies/default"))
-        .arg("--out")
-        .arg(&bundle)
-        .args(["--revision", "gateway-demo"])
-        .stdout(Stdio::null()))?;
-    sh(Command::new(&sluice)
-        .args(["bundle", "sign"])
-        .arg(&bundle)
-        .arg("--key")
-        .arg(&private_key)
-        .stdout(Stdio::null()))?;
+    signed_default_bundle(root, &sluice, &bundle, "gateway-demo", &private_key)?;
     let app_dir = dir.join("demo-app");
     let events = dir.join("events.jsonl");
     let acfg = dir.join("agent.toml");

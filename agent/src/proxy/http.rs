@@ -283,9 +283,10 @@ const DRAIN_MAX: u64 = 64 << 20;
 /// Longest time spent doing so.
 const DRAIN_FOR: Duration = Duration::from_secs(30);
 
-/// Reads and discards what is left of a refused request body, within bounds: an HTTP/1.1
-/// client still sending when the answer comes would otherwise see its connection reset and
-/// never read the page that says why.
+/// Reads and discards what is left of a request body answered before it was read (refused,
+/// blocked at its head, misdirected), within bounds: a client still sending when the answer
+/// comes would otherwise see its HTTP/1.1 connection or HTTP/2 stream reset and never read the
+/// page that says why.
 fn drain(mut body: ProxyBody) {
     if body.is_end_stream() {
         return;
@@ -470,8 +471,6 @@ pub async fn handle(
             incident: &pending.id,
         };
         let r = pages::render(&page, kind);
-        // The request body is read (bounded) and dropped, so that the client gets the answer
-        // on a cleanly ended exchange rather than a reset while it is still sending.
         drain(body::boxed(incoming));
         return Ok(sess.answer(&shared, pending, r, "host_mismatch", Some(detail)));
     }
@@ -498,6 +497,7 @@ pub async fn handle(
     if let Some(f) = pending.flow.as_mut()
         && let HeadVerdict::Respond(r) = f.request_head(&mut parts)
     {
+        drain(body::boxed(incoming));
         return Ok(sess.answer(&shared, pending, r, "answered", None));
     }
     let client_upgrade = if upgrade {

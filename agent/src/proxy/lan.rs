@@ -101,12 +101,12 @@ pub async fn poll_enrolled(
     let mut failing = false;
     loop {
         let got = async {
-            let credential = std::fs::read_to_string(&target.credential_file)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", target.credential_file.display()))?;
+            let credential = crate::report::ship::read_credential(&target.credential_file)
+                .map_err(anyhow::Error::msg)?;
             let mut headers = http::HeaderMap::new();
             headers.insert(
                 http::header::AUTHORIZATION,
-                crate::client::header_value(&format!("Bearer {}", credential.trim()))?,
+                crate::client::header_value(&format!("Bearer {credential}"))?,
             );
             let answer = client
                 .request(

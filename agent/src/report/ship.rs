@@ -110,7 +110,7 @@ fn now_s() -> u64 {
 }
 
 /// Reads the credential: one line of text.
-fn read_credential(path: &std::path::Path) -> Result<String, String> {
+pub(crate) fn read_credential(path: &std::path::Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let c = text.trim().to_owned();
     if c.is_empty() {

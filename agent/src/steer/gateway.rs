@@ -384,9 +384,17 @@ impl Gateway {
         nft_apply(&self.refresh_batch())
     }
 
-    /// Removes the table, the rule and the routes (nothing of it left is fine).
+    /// Removes the table, the fwmark rules and the routes (nothing of it left is fine).
     pub fn remove(&self) {
-        remove(&self.settings);
+        let table = json!({"family": "inet", "name": self.table()});
+        let batch = json!({"nftables": [
+            {"add": {"table": table.clone()}},
+            {"delete": {"table": table}},
+        ]});
+        if let Err(e) = nft_apply(&batch) {
+            tracing::warn!(error = %e, table = %self.table(), "removing the gateway table");
+        }
+        self.routes_down();
     }
 
     /// The table's counters.
@@ -419,14 +427,10 @@ impl Gateway {
         Ok(c)
     }
 
-    fn route_cmds(&self, add: bool) -> Vec<Vec<String>> {
-        route_cmds(&self.settings, add)
-    }
-
     fn routes_up(&self) -> Result<(), GatewayError> {
         // A host without IPv6 has no IPv6 to steer (its `ip -6` commands fail).
         let v6 = std::path::Path::new("/proc/net/if_inet6").exists();
-        for args in self.route_cmds(true) {
+        for args in route_cmds(&self.settings, true) {
             if args.first().is_some_and(|f| f == "-6") && !v6 {
                 continue;
             }
@@ -436,31 +440,12 @@ impl Gateway {
     }
 
     fn routes_down(&self) {
-        for args in self.route_cmds(false) {
+        for args in route_cmds(&self.settings, false) {
             // A rule may be there more than once (a crashed predecessor added it again).
             for _ in 0..8 {
                 if ip(&args).is_err() {
                     break;
                 }
-            }
-        }
-    }
-}
-
-/// Removes what a gateway with `settings` installs: the table, the fwmark rules and the routes.
-pub fn remove(settings: &GatewaySettings) {
-    let table = json!({"family": "inet", "name": settings.table});
-    let batch = json!({"nftables": [
-        (json!({"add": {"table": table.clone()}})),
-        (json!({"delete": {"table": table}})),
-    ]});
-    if let Err(e) = nft_apply(&batch) {
-        tracing::warn!(error = %e, table = %settings.table, "removing the gateway table");
-    }
-    for args in route_cmds(settings, false) {
-        for _ in 0..8 {
-            if ip(&args).is_err() {
-                break;
             }
         }
     }

@@ -181,12 +181,10 @@ impl OriginRecord {
             None => u64::from(self.uid),
             Some(IpAddr::V4(a)) => (1 << 63) | u64::from(u32::from(a)),
             Some(IpAddr::V6(a)) => {
-                let b = a.octets();
-                let mut h = 0xcbf2_9ce4_8422_2325_u64;
-                for x in b {
-                    h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
-                }
-                (1 << 63) | (1 << 62) | (h >> 2)
+                use std::hash::{Hash as _, Hasher as _};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                a.hash(&mut h);
+                (1 << 63) | (1 << 62) | (h.finish() >> 2)
             }
         }
     }

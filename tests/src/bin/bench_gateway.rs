@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use sluice_e2e::{netns::Netns, wait_until};
 
-use crate::bench_proxy::{CORE, Proc, median, pinned_in, pki, sh, start_nginx_at};
+use crate::bench_proxy::{CORE, Proc, RunArgs, median, pinned_in, pki, sh, start_nginx_at};
 
 const ORIGIN: &str = "10.99.2.2:443";
 const ADMIN: &str = "127.0.0.1:9901";
@@ -139,23 +139,12 @@ pub fn run(args: &[String]) -> Result<()> {
             "the gateway benchmark creates network namespaces: run it as root (cargo xtask bench gateway)"
         );
     }
-    let opt = |n: &str| {
-        args.iter()
-            .position(|a| a == n)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let out_path = std::path::absolute(PathBuf::from(
-        opt("--out").unwrap_or_else(|| "target/bench/gateway.json".into()),
-    ))?;
-    let reps: usize = opt("--reps").unwrap_or_else(|| "3".into()).parse()?;
-    let secs: f64 = opt("--secs").unwrap_or_else(|| "3".into()).parse()?;
-    let root = out_path
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
+    let RunArgs {
+        out_path,
+        reps,
+        secs,
+        root,
+    } = RunArgs::parse(args, "gateway")?;
     let work = root.join("target/bench/gateway-work");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;

@@ -468,12 +468,7 @@ fn run_loadgen(
 
 /// The load generator process: every scenario for one mode, as one JSON object.
 pub fn loadgen(args: &[String]) -> Result<()> {
-    let opt = |n: &str| {
-        args.iter()
-            .position(|a| a == n)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |n: &str| option(args, n);
     let flag = |n: &str| args.iter().any(|a| a == n);
     let ca = PathBuf::from(opt("--ca").context("--ca")?);
     let proxy: Option<SocketAddr> = opt("--proxy").map(|p| p.parse()).transpose()?;
@@ -546,6 +541,44 @@ pub(crate) fn median(v: &mut Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// The value after `name` in `args`.
+pub(crate) fn option(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+/// What every load benchmark takes: `--out` (default `target/bench/NAME.json`), `--reps`,
+/// `--secs` (defaults 3 and 3); the workspace root is the one above `--out`'s `target/bench`.
+pub(crate) struct RunArgs {
+    pub(crate) out_path: PathBuf,
+    pub(crate) reps: usize,
+    pub(crate) secs: f64,
+    pub(crate) root: PathBuf,
+}
+
+impl RunArgs {
+    pub(crate) fn parse(args: &[String], name: &str) -> Result<Self> {
+        let opt = |n: &str| option(args, n);
+        let out_path = std::path::absolute(PathBuf::from(
+            opt("--out").unwrap_or_else(|| format!("target/bench/{name}.json")),
+        ))?;
+        let root = out_path
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Ok(Self {
+            reps: opt("--reps").unwrap_or_else(|| "3".into()).parse()?,
+            secs: opt("--secs").unwrap_or_else(|| "3".into()).parse()?,
+            out_path,
+            root,
+        })
+    }
+}
+
 /// The whole comparison.
 pub fn run(args: &[String]) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -553,23 +586,13 @@ pub fn run(args: &[String]) -> Result<()> {
             "the proxy benchmark attaches eBPF programs and runs servers: run it as root (cargo xtask bench proxy)"
         );
     }
-    let opt = |n: &str| {
-        args.iter()
-            .position(|a| a == n)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let out_path = std::path::absolute(PathBuf::from(
-        opt("--out").unwrap_or_else(|| "target/bench/proxy.json".into()),
-    ))?;
-    let reps: usize = opt("--reps").unwrap_or_else(|| "3".into()).parse()?;
-    let secs: f64 = opt("--secs").unwrap_or_else(|| "3".into()).parse()?;
-    let root = out_path
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
+    let opt = |n: &str| option(args, n);
+    let RunArgs {
+        out_path,
+        reps,
+        secs,
+        root,
+    } = RunArgs::parse(args, "proxy")?;
     let work = root.join("target/bench/proxy-work");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
