@@ -184,15 +184,95 @@ pub fn encrypt_with_spins(
     info.extend_from_slice(&0x40u32.to_le_bytes());
     info.extend_from_slice(xml.as_bytes());
 
-    let mut cf = cfb::CompoundFile::create(Cursor::new(Vec::new()))?;
+    // Version 3 (512-byte sectors), as Office writes it: LibreOffice does not open an encrypted
+    // package in a version 4 file.
+    let mut cf = cfb::CompoundFile::create_with_version(cfb::Version::V3, Cursor::new(Vec::new()))?;
+    for (path, data) in data_spaces() {
+        cf.create_storage_all(path.rsplit_once('/').map_or("/", |(dir, _)| dir))?;
+        cf.create_stream(path)?.write_all(&data)?;
+    }
     cf.create_stream("/EncryptionInfo")?.write_all(&info)?;
     cf.create_stream("/EncryptedPackage")?.write_all(&stream)?;
     cf.flush()?;
     Ok(cf.into_inner().into_inner())
 }
 
+/// A UNICODE-LP-P4 string (MS-OFFCRYPTO 2.1.2): its byte length, UTF-16LE, padded to 4 bytes.
+fn lp_p4(out: &mut Vec<u8>, s: &str) {
+    let units: Vec<u8> = s.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    out.extend_from_slice(&(units.len() as u32).to_le_bytes());
+    out.extend_from_slice(&units);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+}
+
+fn u32s(out: &mut Vec<u8>, values: &[u32]) {
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// The `\x06DataSpaces` storage that says the package is behind the encryption transform
+/// (MS-OFFCRYPTO 2.1.5 to 2.1.8, 2.2.6): Office and LibreOffice look for it before they ask
+/// for a password.
+fn data_spaces() -> [(&'static str, Vec<u8>); 4] {
+    let mut version = Vec::new();
+    lp_p4(&mut version, "Microsoft.Container.DataSpaces");
+    u32s(&mut version, &[1, 1, 1]);
+
+    let mut entry = Vec::new();
+    u32s(&mut entry, &[1, 0]);
+    lp_p4(&mut entry, "EncryptedPackage");
+    lp_p4(&mut entry, "StrongEncryptionDataSpace");
+    let mut map = Vec::new();
+    u32s(&mut map, &[8, 1, entry.len() as u32 + 4]);
+    map.extend_from_slice(&entry);
+
+    let mut definition = Vec::new();
+    u32s(&mut definition, &[8, 1]);
+    lp_p4(&mut definition, "StrongEncryptionTransform");
+
+    let mut header = Vec::new();
+    u32s(&mut header, &[1]);
+    lp_p4(&mut header, "{FF9A3F03-56EF-4613-BDD5-5A41C1D07246}");
+    let mut primary = Vec::new();
+    u32s(&mut primary, &[header.len() as u32 + 4]);
+    primary.extend_from_slice(&header);
+    lp_p4(&mut primary, "Microsoft.Container.EncryptionTransform");
+    u32s(&mut primary, &[1, 1, 1]);
+    // EncryptionTransformInfo: no name, block size 0, cipher mode 0, reserved 4.
+    u32s(&mut primary, &[0, 0, 0, 4]);
+    [
+        ("/\u{6}DataSpaces/Version", version),
+        ("/\u{6}DataSpaces/DataSpaceMap", map),
+        (
+            "/\u{6}DataSpaces/DataSpaceInfo/StrongEncryptionDataSpace",
+            definition,
+        ),
+        (
+            "/\u{6}DataSpaces/TransformInfo/StrongEncryptionTransform/\u{6}Primary",
+            primary,
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn data_spaces_are_the_bytes_office_writes() {
+        // As msoffcrypto-tool writes them (after Office).
+        let want = [
+            "3c0000004d006900630072006f0073006f00660074002e0043006f006e007400610069006e00650072002e004400610074006100530070006100630065007300010000000100000001000000",
+            "08000000010000006800000001000000000000002000000045006e0063007200790070007400650064005000610063006b00610067006500320000005300740072006f006e00670045006e006300720079007000740069006f006e004400610074006100530070006100630065000000",
+            "0800000001000000320000005300740072006f006e00670045006e006300720079007000740069006f006e005400720061006e00730066006f0072006d000000",
+            "58000000010000004c0000007b00460046003900410033004600300033002d0035003600450046002d0034003600310033002d0042004400440035002d003500410034003100430031004400300037003200340036007d004e0000004d006900630072006f0073006f00660074002e0043006f006e007400610069006e00650072002e0045006e006300720079007000740069006f006e005400720061006e00730066006f0072006d00000001000000010000000100000000000000000000000000000004000000",
+        ];
+        for ((path, data), want) in super::data_spaces().iter().zip(want) {
+            assert_eq!(hex::encode(data), want, "{path}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -17,6 +17,7 @@ pub mod odf;
 pub mod ole;
 pub mod ooxml;
 pub mod pdf;
+pub mod protect;
 pub mod sniff;
 pub mod xml;
 pub mod zip;
@@ -186,6 +187,8 @@ pub(crate) fn is_guid(s: &str) -> bool {
 const LABEL_PREFIX: &str = "MSIP_Label_";
 /// The property (or PDF Info key) that carries the permissions a `protect` grants.
 pub(crate) const PERMISSIONS_PROP: &str = "Sluice_Permissions";
+/// The prefix of Sluice's own document properties (permissions, release id).
+pub const SLUICE_PROPERTY_PREFIX: &str = "Sluice_";
 
 /// The properties Sluice writes for a label, as (name, value): `MSIP_Label_<GUID>_Enabled`,
 /// `SetDate`, `Method`, `Name`, `SiteId`, `ActionId`, `ContentBits`, and the permissions when
@@ -288,6 +291,10 @@ pub struct FileFacts {
     pub labels: Vec<FileLabel>,
     /// Whether the file is encrypted (a protected Office package, a PDF with /Encrypt).
     pub encrypted: bool,
+    /// The release id a file protected by Sluice carries in clear (where its password is
+    /// released).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_id: Option<String>,
     /// DLP hits by detector.
     pub dlp: BTreeMap<String, u32>,
     /// Redacted samples of DLP hits.
@@ -443,17 +450,28 @@ pub fn inspect_file(
             }
             labels
         }
-        FileType::Pdf => {
-            let labels = pdf::read_labels(bytes, limits);
-            if !matches!(labels, Err(NotInspectable::Encrypted(_))) {
-                text = Some(pdf::text(bytes, limits, MAX_TEXT_CHARS));
+        FileType::Pdf => match pdf::read_labels(bytes, limits) {
+            // An encrypted PDF may still say its label in clear (as Sluice protects them).
+            Err(NotInspectable::Encrypted(why)) => {
+                facts.encrypted = true;
+                match pdf::clear_metadata(bytes, limits) {
+                    Ok((labels, props)) if labels.iter().any(|l| l.enabled) => {
+                        facts.release_id = props.get(protect::RELEASE_ID_PROPERTY).cloned();
+                        Ok(labels)
+                    }
+                    _ => Err(NotInspectable::Encrypted(why)),
+                }
             }
-            labels
-        }
+            labels => {
+                text = Some(pdf::text(bytes, limits, MAX_TEXT_CHARS));
+                labels
+            }
+        },
         FileType::Ole | FileType::Doc | FileType::Xls | FileType::Ppt => {
             match ole::read(bytes, limits, MAX_TEXT_CHARS) {
                 Ok(o) => {
                     facts.encrypted = o.encrypted;
+                    facts.release_id = o.properties.get(protect::RELEASE_ID_PROPERTY).cloned();
                     text = o.text.map(Ok);
                     if o.encrypted && !o.labels.iter().any(|l| l.enabled) {
                         facts.labels = o.labels;

@@ -62,6 +62,9 @@ pub struct OleFacts {
     pub labels: Vec<FileLabel>,
     /// A legacy file's text for DLP, when it is not encrypted.
     pub text: Option<String>,
+    /// Sluice's own document summary properties (`Sluice_*`: the release id of a protected
+    /// file), readable without the password.
+    pub properties: BTreeMap<String, String>,
 }
 
 /// The type an OLE compound file's root streams name (names compared ignoring case, as
@@ -238,11 +241,25 @@ pub fn read(bytes: &[u8], limits: &Limits, text_chars: usize) -> Result<OleFacts
         }
         None => Vec::new(),
     };
-    if labels.is_empty()
-        && let Some(&id) = root.get(DOC_SUMMARY)
-    {
-        let pairs = summary_label_pairs(&cfb.stream(id)?, &cfb.clock)?;
-        labels = super::labels_from_properties(pairs, LabelSource::OleProperties);
+    let mut properties = BTreeMap::new();
+    if let Some(&id) = root.get(DOC_SUMMARY) {
+        // With a LabelInfo label, a summary that does not parse takes nothing away.
+        let pairs = match cfb
+            .stream(id)
+            .and_then(|data| summary_label_pairs(&data, &cfb.clock))
+        {
+            Ok(pairs) => pairs,
+            Err(e) if labels.is_empty() => return Err(e),
+            Err(_) => Vec::new(),
+        };
+        properties = pairs
+            .iter()
+            .filter(|(k, _)| k.starts_with(crate::SLUICE_PROPERTY_PREFIX))
+            .cloned()
+            .collect();
+        if labels.is_empty() {
+            labels = super::labels_from_properties(pairs, LabelSource::OleProperties);
+        }
     }
     let main = [WORD_DOCUMENT, WORKBOOK, BOOK, POWERPOINT]
         .iter()
@@ -259,6 +276,7 @@ pub fn read(bytes: &[u8], limits: &Limits, text_chars: usize) -> Result<OleFacts
         encrypted,
         streams,
         labels,
+        properties,
     })
 }
 
@@ -446,6 +464,79 @@ fn summary_label_pairs(data: &[u8], clock: &Clock<'_>) -> Result<Vec<(String, St
         pairs.push((name.clone(), value));
     }
     Ok(pairs)
+}
+
+/// The FMTID of the document summary section ([MS-OLEPS] 2.25.2).
+const FMTID_DOC_SUMMARY: [u8; 16] = [
+    0x02, 0xd5, 0xcd, 0xd5, 0x9c, 0x2e, 0x1b, 0x10, 0x93, 0x97, 0x08, 0x00, 0x2b, 0x2c, 0xf9, 0xae,
+];
+
+/// A `\x05DocumentSummaryInformation` stream ([MS-OLEPS] 2.21) whose user-defined section holds
+/// `pairs` as UTF-8 strings (code page 65001), after an empty document summary section, as
+/// Office writes the custom properties of a file.
+pub fn summary_stream(pairs: &[(String, String)]) -> Vec<u8> {
+    fn pad(b: &mut Vec<u8>) {
+        while !b.len().is_multiple_of(4) {
+            b.push(0);
+        }
+    }
+    fn codepage() -> Vec<u8> {
+        let mut v = Vec::with_capacity(8);
+        v.extend_from_slice(&VT_I2.to_le_bytes());
+        v.extend_from_slice(&[0, 0]);
+        v.extend_from_slice(&CP_UTF8.to_le_bytes());
+        v.extend_from_slice(&[0, 0]);
+        v
+    }
+    fn section(props: Vec<(u32, Vec<u8>)>) -> Vec<u8> {
+        let head = 8 + 8 * props.len();
+        let mut ids = Vec::new();
+        let mut data = Vec::new();
+        for (id, value) in props {
+            ids.extend_from_slice(&id.to_le_bytes());
+            ids.extend_from_slice(&((head + data.len()) as u32).to_le_bytes());
+            data.extend_from_slice(&value);
+            pad(&mut data);
+        }
+        let mut out = Vec::with_capacity(head + data.len());
+        out.extend_from_slice(&((head + data.len()) as u32).to_le_bytes());
+        out.extend_from_slice(&((ids.len() / 8) as u32).to_le_bytes());
+        out.extend_from_slice(&ids);
+        out.extend_from_slice(&data);
+        out
+    }
+    let mut dictionary = (pairs.len() as u32).to_le_bytes().to_vec();
+    let mut props = vec![(PID_CODEPAGE, codepage())];
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        let pid = i as u32 + 2;
+        dictionary.extend_from_slice(&pid.to_le_bytes());
+        dictionary.extend_from_slice(&(name.len() as u32 + 1).to_le_bytes());
+        dictionary.extend_from_slice(name.as_bytes());
+        dictionary.push(0);
+        let mut v = VT_LPSTR.to_le_bytes().to_vec();
+        v.extend_from_slice(&[0, 0]);
+        v.extend_from_slice(&(value.len() as u32 + 1).to_le_bytes());
+        v.extend_from_slice(value.as_bytes());
+        v.push(0);
+        props.push((pid, v));
+    }
+    props.insert(0, (PID_DICTIONARY, dictionary));
+    let first = section(vec![(PID_CODEPAGE, codepage())]);
+    let second = section(props);
+    let mut out = Vec::new();
+    out.extend_from_slice(&0xFFFEu16.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&0x0002_0006u32.to_le_bytes());
+    out.extend_from_slice(&[0u8; 16]);
+    out.extend_from_slice(&2u32.to_le_bytes());
+    let header = 28 + 2 * 20;
+    out.extend_from_slice(&FMTID_DOC_SUMMARY);
+    out.extend_from_slice(&(header as u32).to_le_bytes());
+    out.extend_from_slice(&FMTID_USER_DEFINED);
+    out.extend_from_slice(&((header + first.len()) as u32).to_le_bytes());
+    out.extend_from_slice(&first);
+    out.extend_from_slice(&second);
+    out
 }
 
 /// The deadline and the bounds of one inspection.

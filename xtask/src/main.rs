@@ -166,7 +166,7 @@ fn is_root() -> bool {
 
 /// `chromium` and `libnss3-tools` (certutil) are for the tests that drive a real browser
 /// (`sluice_e2e::browser`).
-const APT_PACKAGES: [&str; 7] = [
+const APT_PACKAGES: [&str; 8] = [
     "nftables",
     "bpftool",
     "curl",
@@ -174,6 +174,8 @@ const APT_PACKAGES: [&str; 7] = [
     "util-linux",
     "chromium",
     "libnss3-tools",
+    // Reads the encryption of protected PDFs in the tests.
+    "qpdf",
 ];
 
 fn setup(root: &Path) -> Result<()> {

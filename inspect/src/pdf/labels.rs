@@ -57,14 +57,15 @@ pub(super) fn merge_labels(
     all
 }
 
-/// `MSIP_Label_*` elements and attributes of an XMP packet (any namespace prefix), and the
-/// `key=value;` pairs of an `msip_labels` element or attribute.
+/// `MSIP_Label_*` (and Sluice's own `Sluice_*`) elements and attributes of an XMP packet (any
+/// namespace prefix), and the `key=value;` pairs of an `msip_labels` element or attribute.
 pub(super) fn xmp_label_pairs(xml: &[u8], ctx: &Ctx<'_>) -> Result<Vec<(String, String)>> {
     use quick_xml::events::Event;
 
     fn wanted(local: &[u8]) -> bool {
         local.len() >= 11 && local[..11].eq_ignore_ascii_case(b"MSIP_Label_")
             || local.eq_ignore_ascii_case(b"msip_labels")
+            || local.starts_with(crate::SLUICE_PROPERTY_PREFIX.as_bytes())
     }
     fn push(out: &mut Vec<(String, String)>, name: String, value: String) {
         if name.eq_ignore_ascii_case("msip_labels") {

@@ -20,6 +20,7 @@
 //! with pypdf in strict mode and qpdf's syntax check on reportlab, pypdf, qpdf object-stream and
 //! LibreOffice output).
 
+mod encrypt;
 mod filters;
 mod labels;
 mod lexer;
@@ -27,6 +28,7 @@ mod text;
 mod write;
 mod xref;
 
+pub use encrypt::{PdfProtection, PdfRights, encrypt};
 use filters::*;
 use labels::*;
 use lexer::*;
@@ -97,6 +99,36 @@ pub fn read_labels(bytes: &[u8], limits: &Limits) -> Result<Vec<FileLabel>> {
         Err(e) => return Err(e),
     };
     Ok(merge_labels(info_labels, xmp_labels))
+}
+
+/// What an encrypted PDF says in clear: when it keeps its XMP metadata outside the encryption
+/// (`/EncryptMetadata false`, as Sluice's protection writes it), the labels there (source
+/// [`LabelSource::PdfXmp`]) and its `Sluice_*` properties (the release id). A PDF whose metadata
+/// is encrypted too, or that is not encrypted, is [`NotInspectable::Encrypted`] or the labels
+/// of [`read_labels`] respectively.
+pub fn clear_metadata(
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<(Vec<FileLabel>, BTreeMap<String, String>)> {
+    let doc = Doc::load(bytes, limits)?;
+    if !doc.trailer.encrypted {
+        return Ok((read_labels(bytes, limits)?, BTreeMap::new()));
+    }
+    if !encrypt::metadata_in_clear(&doc)? {
+        return Err(NotInspectable::Encrypted(
+            "PDF with an /Encrypt dictionary and encrypted metadata".into(),
+        ));
+    }
+    let pairs = doc.xmp_pairs()?;
+    let sluice = pairs
+        .iter()
+        .filter(|(k, _)| k.starts_with(crate::SLUICE_PROPERTY_PREFIX))
+        .cloned()
+        .collect();
+    let labels = labels_from_pairs(pairs, LabelSource::PdfXmp)
+        .into_values()
+        .collect();
+    Ok((labels, sluice))
 }
 
 /// Writes `spec` into the Info dictionary of a PDF by an incremental update appended to the
@@ -622,6 +654,72 @@ mod tests {
         let labels = read_labels(&out, &limits).unwrap();
         assert_eq!(labels.len(), 1);
         assert_eq!(labels[0].guid, GUID_A);
+    }
+
+    #[test]
+    fn encrypting_rewrites_every_object_and_keeps_the_label_in_clear() {
+        let limits = Limits::default();
+        for plain in [
+            simple_pdf(&label_info(GUID_A, TENANT, "true")),
+            xref_stream_pdf(&label_info(GUID_A, TENANT, "true"), false),
+            xref_stream_pdf(&label_info(GUID_A, TENANT, "true"), true),
+        ] {
+            let pairs = vec![
+                (format!("MSIP_Label_{GUID_A}_Enabled"), "true".to_owned()),
+                (format!("MSIP_Label_{GUID_A}_SiteId"), TENANT.to_owned()),
+                ("Sluice_ReleaseId".to_owned(), "rel-1".to_owned()),
+            ];
+            let enc = encrypt(
+                &plain,
+                &PdfProtection {
+                    open_password: Some("pw"),
+                    owner_password: "owner",
+                    rights: PdfRights::default(),
+                    metadata: pairs,
+                },
+                &limits,
+            )
+            .unwrap();
+            let doc = Doc::load(&enc, &limits).unwrap();
+            assert!(doc.trailer.encrypted);
+            assert!(!doc.sections.is_empty());
+            // No object stream or cross-reference stream survives; the page tree does.
+            let nums = doc.numbers_in_use_for_tests();
+            for n in nums {
+                if let Obj::Stream(s) = doc.get(n).unwrap() {
+                    let t = s.dict.get(b"Type");
+                    assert!(!t.is_some_and(|t| t.is_name(b"ObjStm") || t.is_name(b"XRef")));
+                }
+            }
+            // The page's text is no longer in clear.
+            assert!(!enc.windows(5).any(|w| w == b"Hello"));
+            let (labels, props) = clear_metadata(&enc, &limits).unwrap();
+            assert_eq!(labels.len(), 1);
+            assert_eq!(labels[0].guid, GUID_A);
+            assert_eq!(labels[0].source, LabelSource::PdfXmp);
+            assert_eq!(
+                props.get("Sluice_ReleaseId").map(String::as_str),
+                Some("rel-1")
+            );
+            assert!(matches!(
+                read_labels(&enc, &limits),
+                Err(NotInspectable::Encrypted(_))
+            ));
+            // An encrypted file is not encrypted again.
+            assert!(matches!(
+                encrypt(
+                    &enc,
+                    &PdfProtection {
+                        open_password: None,
+                        owner_password: "o",
+                        rights: PdfRights::default(),
+                        metadata: Vec::new(),
+                    },
+                    &limits
+                ),
+                Err(NotInspectable::Encrypted(_))
+            ));
+        }
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub(super) struct Trailer {
     pub(super) info: Option<Obj>,
     pub(super) id: Option<Obj>,
     pub(super) encrypted: bool,
+    pub(super) encrypt: Option<Obj>,
     pub(super) size: u64,
 }
 
@@ -174,8 +175,11 @@ impl<'b, 'l> Doc<'b, 'l> {
                     *slot = trailer.get(key).cloned();
                 }
             }
-            if trailer.get(b"Encrypt").is_some_and(|e| *e != Obj::Null) {
+            if let Some(e) = trailer.get(b"Encrypt").filter(|e| **e != Obj::Null) {
                 t.encrypted = true;
+                if t.encrypt.is_none() {
+                    t.encrypt = Some(e.clone());
+                }
             }
             next = match trailer.get(b"Prev") {
                 None => None,
