@@ -236,11 +236,27 @@ async fn supervise(
         ),
         (None, None) => Arc::new(LogReporter),
     };
+    let protector = Arc::new(crate::session::Protector::new(
+        target.as_ref().map(|t| t.collector.clone()),
+    ));
+    if let Some(t) = target.clone().filter(|t| !t.agent_id.is_empty()) {
+        let p = protector.clone();
+        tasks.spawn(named(
+            "release-key",
+            crate::report::release_key::poll(
+                t,
+                config.state_dir.clone(),
+                move |k| p.set_key(k),
+                shutdown.clone(),
+            ),
+        ));
+    }
     let hooks: Arc<dyn Hooks> = match &dist {
         Some(d) => Arc::new(
             Controls::new(d.active(), config.device.posture)
                 .with_lan(lan.clone())
-                .with_location(location.clone()),
+                .with_location(location.clone())
+                .with_protector(protector.clone()),
         ),
         None => Arc::new(PassThrough),
     };

@@ -71,6 +71,8 @@ pub struct ActivityEvent {
     /// Permissions written with it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
+    /// Files `protect` encrypted, with their sealed passwords.
+    pub protected: Vec<sluice_protocol::ProtectedFile>,
     /// Notes for people (why not inspectable, why a label was not written).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

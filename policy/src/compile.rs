@@ -43,6 +43,7 @@ struct Refs<'a> {
     dir: &'a DirectoryIndex,
     ranges: &'a HashMap<String, Vec<Cidr>>,
     labels: &'a BTreeMap<String, Label>,
+    protections: &'a BTreeMap<String, ProtectionTemplate>,
     templates: &'a Templates,
     app_ids: HashSet<&'a str>,
 }
@@ -67,12 +68,18 @@ pub(crate) fn compile(
     let doc = |file, text| Doc { file, text };
     let dir = directory(&dir_file, &doc("directory.yaml", &dir_text))?;
     let named = ranges(&ranges_file, &doc("ranges.yaml", &ranges_text))?;
-    let label_map = labels(&labels_file, &doc("labels.yaml", &labels_text))?;
+    let protection_map = protections(&labels_file, &dir, &doc("labels.yaml", &labels_text))?;
+    let label_map = labels(
+        &labels_file,
+        &protection_map,
+        &doc("labels.yaml", &labels_text),
+    )?;
     let apps = catalog(&catalog_file, &doc("catalog.yaml", &catalog_text), files)?;
     let refs = Refs {
         dir: &dir,
         ranges: &named,
         labels: &label_map,
+        protections: &protection_map,
         templates: &templates,
         app_ids: apps.keys().map(String::as_str).collect(),
     };
@@ -110,6 +117,7 @@ pub(crate) fn compile(
             m
         }),
         labels: label_map,
+        protections: protection_map,
         templates: templates.templates,
         detectors,
         tests,
@@ -227,7 +235,65 @@ fn ranges(ranges: &Ranges, doc: &Doc<'_>) -> Result<HashMap<String, Vec<Cidr>>, 
     Ok(named)
 }
 
-fn labels(labels: &Labels, doc: &Doc<'_>) -> Result<BTreeMap<String, Label>, PolicyError> {
+/// The protection templates by id, each checked.
+fn protections(
+    labels: &Labels,
+    dir: &DirectoryIndex,
+    doc: &Doc<'_>,
+) -> Result<BTreeMap<String, ProtectionTemplate>, PolicyError> {
+    let mut out = BTreeMap::new();
+    for t in &labels.protections {
+        let bad = |message: String| {
+            doc.err(
+                &format!("id: {}", t.id),
+                &t.id,
+                format!("protection `{}`: {message}", t.id),
+            )
+        };
+        if t.id.trim().is_empty() {
+            return Err(bad("an empty id".into()));
+        }
+        let named = !t.users.is_empty() || !t.groups.is_empty();
+        match t.open {
+            Opener::Named if !named => {
+                return Err(bad("`open: named` needs users or groups".into()));
+            }
+            Opener::Named => {}
+            _ if named => {
+                return Err(bad(format!(
+                    "users and groups are only for `open: named` (this one opens for {})",
+                    serde_json::to_string(&t.open).unwrap_or_default()
+                )));
+            }
+            _ => {}
+        }
+        for u in &t.users {
+            if !u.contains('@') && !dir.users.contains_key(&u.to_ascii_lowercase()) {
+                return Err(bad(format!(
+                    "user `{u}` is not an email or a directory user"
+                )));
+            }
+        }
+        for g in &t.groups {
+            if !dir.group_index.contains_key(g) {
+                return Err(bad(format!("group `{g}` is not in directory.yaml")));
+            }
+        }
+        if t.expires_days > 3650 {
+            return Err(bad("expires_days is at most 3650".into()));
+        }
+        if out.insert(t.id.clone(), t.clone()).is_some() {
+            return Err(bad("declared twice".into()));
+        }
+    }
+    Ok(out)
+}
+
+fn labels(
+    labels: &Labels,
+    protections: &BTreeMap<String, ProtectionTemplate>,
+    doc: &Doc<'_>,
+) -> Result<BTreeMap<String, Label>, PolicyError> {
     let mut label_map = BTreeMap::new();
     for l in &labels.labels {
         let guid = l.guid.trim_matches(|c| c == '{' || c == '}');
@@ -236,6 +302,15 @@ fn labels(labels: &Labels, doc: &Doc<'_>) -> Result<BTreeMap<String, Label>, Pol
                 &l.id,
                 &l.guid,
                 format!("label `{}`: `{}` is not a GUID", l.id, l.guid),
+            ));
+        }
+        if let Some(t) = &l.protection
+            && !protections.contains_key(t)
+        {
+            return Err(doc.err(
+                &l.id,
+                t,
+                format!("label `{}`: protection `{t}` is not in `protections`", l.id),
             ));
         }
         if label_map.insert(l.id.clone(), l.clone()).is_some() {
@@ -444,14 +519,26 @@ fn policy(
                 .labels
                 .get(l)
                 .ok_or_else(|| bad(l, format!("label `{l}` is not in labels.yaml")))?;
-            if p.action == Action::Protect && p.permissions.is_none() && label.protection.is_none()
-            {
-                return Err(bad(
-                    l,
-                    format!(
-                        "protect needs permissions, or label `{l}` needs a protection template"
-                    ),
-                ));
+            if p.action == Action::Protect {
+                match p.protection.as_ref().or(label.protection.as_ref()) {
+                    None => {
+                        return Err(bad(
+                            l,
+                            format!(
+                                "protect needs a protection template, or label `{l}` needs one"
+                            ),
+                        ));
+                    }
+                    Some(t) if !refs.protections.contains_key(t) => {
+                        return Err(bad(
+                            t,
+                            format!("protection `{t}` is not in labels.yaml's `protections`"),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            } else if let Some(t) = &p.protection {
+                return Err(bad(t, "only `protect` takes a protection template".into()));
             }
         }
         Action::Allow | Action::Monitor => {}
@@ -472,13 +559,17 @@ fn policy(
         label: f.label,
         dlp: f.dlp,
     });
-    let permissions = match p.action {
-        Action::Protect => p.permissions.clone().or_else(|| {
-            p.label
-                .as_ref()
-                .and_then(|l| refs.labels.get(l))
-                .and_then(|l| l.protection.clone())
-        }),
+    let protection = match p.action {
+        Action::Protect => p
+            .protection
+            .clone()
+            .or_else(|| {
+                p.label
+                    .as_ref()
+                    .and_then(|l| refs.labels.get(l))
+                    .and_then(|l| l.protection.clone())
+            })
+            .and_then(|t| refs.protections.get(&t).cloned()),
         _ => None,
     };
     Ok(Some(super::Compiled {
@@ -499,7 +590,7 @@ fn policy(
         file,
         message: p.message.clone(),
         label: p.label.clone(),
-        permissions,
+        protection,
         replace_label: p.replace_label,
     }))
 }

@@ -121,7 +121,7 @@ struct Compiled {
     file: Option<CompiledFile>,
     message: Option<String>,
     label: Option<String>,
-    permissions: Option<Vec<String>>,
+    protection: Option<ProtectionTemplate>,
     replace_label: bool,
 }
 
@@ -153,6 +153,8 @@ pub struct PolicySet {
     org_domains: Vec<String>,
     /// Label catalogue by id.
     pub labels: BTreeMap<String, Label>,
+    /// Protection templates by id.
+    pub protections: BTreeMap<String, ProtectionTemplate>,
     /// Label ids by normalised GUID (the first id, in id order, when GUIDs repeat).
     label_ids: HashMap<String, String>,
     /// Message templates by id.
@@ -187,8 +189,8 @@ pub struct Decision {
     pub message: Option<String>,
     /// Label (apply-label, protect).
     pub label: Option<String>,
-    /// Permissions (protect).
-    pub permissions: Option<Vec<String>>,
+    /// The protection template (protect).
+    pub protection: Option<ProtectionTemplate>,
     /// Replace an existing label.
     pub replace_label: bool,
 }
@@ -474,7 +476,7 @@ impl PolicySet {
                 matched,
                 message: p.message.clone(),
                 label: p.label.clone(),
-                permissions: p.permissions.clone(),
+                protection: p.protection.clone(),
                 replace_label: p.replace_label,
             },
             None => Decision {
@@ -483,7 +485,7 @@ impl PolicySet {
                 matched,
                 message: None,
                 label: None,
-                permissions: None,
+                protection: None,
                 replace_label: false,
             },
         }

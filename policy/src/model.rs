@@ -58,6 +58,9 @@ pub struct Labels {
     /// Labels.
     #[serde(default)]
     pub labels: Vec<Label>,
+    /// Protection templates: who may open a protected file, with which rights, for how long.
+    #[serde(default)]
+    pub protections: Vec<ProtectionTemplate>,
 }
 
 /// A sensitivity label.
@@ -72,9 +75,86 @@ pub struct Label {
     pub name: String,
     /// Tenant (site) id.
     pub tenant: String,
-    /// Protection template applied with `protect`: permissions granted to the recipient.
+    /// The protection template `protect` applies with this label when the policy names none
+    /// (an id of `protections`).
     #[serde(default)]
-    pub protection: Option<Vec<String>>,
+    pub protection: Option<String>,
+}
+
+/// Who may open a protected file (gets its open password from the portal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Opener {
+    /// Every user of the organisation (the directory's users and org domains).
+    Organisation,
+    /// Only the user who downloaded the file (for a guest: that guest).
+    Downloader,
+    /// The template's `users` and the members of its `groups`.
+    Named,
+    /// Anyone who holds the file opens it with the restricted rights (PDF only; no open
+    /// password). The organisation's users get the owner password.
+    Anyone,
+}
+
+/// A right over a protected file's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Right {
+    /// Open and read (always granted to whoever may open).
+    View,
+    /// Print.
+    Print,
+    /// Copy or extract content.
+    Copy,
+    /// Change the document.
+    Edit,
+    /// Add or change annotations and comments.
+    Annotate,
+    /// Fill in forms.
+    FillForms,
+}
+
+impl Right {
+    /// The name as policies write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::View => "view",
+            Self::Print => "print",
+            Self::Copy => "copy",
+            Self::Edit => "edit",
+            Self::Annotate => "annotate",
+            Self::FillForms => "fill-forms",
+        }
+    }
+}
+
+/// A protection template (`protections:` of `labels.yaml`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectionTemplate {
+    /// Id used by labels and policies.
+    pub id: String,
+    /// What it is for (shown in the portal).
+    #[serde(default)]
+    pub description: String,
+    /// Who may open the file.
+    pub open: Opener,
+    /// Users (emails) who may open it, for `open: named`.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Groups whose members may open it, for `open: named`.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// What opening allows (`view` is implied).
+    #[serde(default)]
+    pub rights: Vec<Right>,
+    /// Days after the download the password is released (0: no end). Default 30.
+    #[serde(default = "thirty")]
+    pub expires_days: u32,
+}
+
+fn thirty() -> u32 {
+    30
 }
 
 /// `templates.yaml`: messages shown when Sluice blocks.
@@ -282,9 +362,10 @@ pub struct Policy {
     /// Label for `apply-label` and `protect`.
     #[serde(default)]
     pub label: Option<String>,
-    /// Permissions for `protect` (defaults to the label's protection template).
+    /// Protection template for `protect` (an id of `protections` in labels.yaml; default: the
+    /// label's own).
     #[serde(default)]
-    pub permissions: Option<Vec<String>>,
+    pub protection: Option<String>,
     /// Replace a label already on the file (otherwise an existing label is kept).
     #[serde(default)]
     pub replace_label: bool,

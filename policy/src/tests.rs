@@ -520,3 +520,90 @@ fn activities_by_form_fields_and_generic_recognition() {
         Activity::View
     );
 }
+
+#[test]
+fn protect_takes_a_protection_template_that_must_exist_and_hold_together() {
+    let set = PolicySet::compile("1", &default_bundle()).expect("compiles");
+    let t = &set.protections["guest-view-only"];
+    assert_eq!(t.open, Opener::Downloader);
+    assert_eq!(t.rights, vec![Right::View]);
+    assert_eq!(t.expires_days, 7);
+    assert_eq!(
+        set.labels["highly-confidential"].protection.as_deref(),
+        Some("organisation-only")
+    );
+    // A guest's download of anything is protected with the guest template.
+    let d = set.decide(
+        Kind::Session,
+        &input("app: files\nuser: carol@corp.example\nactivity: download\ndevice: managed\n"),
+    );
+    assert_eq!(d.action, Action::Protect, "{d:?}");
+    assert_eq!(
+        d.protection.as_ref().map(|t| t.id.as_str()),
+        Some("guest-view-only")
+    );
+
+    let labels = |protections: &str, label_protection: &str| {
+        format!(
+            "protections:\n{protections}labels:\n  - id: highly-confidential\n    guid: 9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d\n    name: HC\n    tenant: t\n{label_protection}"
+        )
+    };
+    let ok_template = "  - id: organisation-only\n    open: organisation\n  - id: guest-view-only\n    open: downloader\n";
+    for (protections, label_protection, want) in [
+        (
+            "  - id: p\n    open: named\n",
+            "",
+            "`open: named` needs users or groups",
+        ),
+        (
+            "  - id: p\n    open: organisation\n    users: [a@corp.example]\n",
+            "",
+            "users and groups are only for `open: named`",
+        ),
+        (
+            "  - id: p\n    open: named\n    groups: [nobody-has-this]\n",
+            "",
+            "group `nobody-has-this` is not in directory.yaml",
+        ),
+        (
+            "  - id: p\n    open: anyone\n    rights: [teleport]\n",
+            "",
+            "unknown variant `teleport`",
+        ),
+        (
+            ok_template,
+            "    protection: missing\n",
+            "protection `missing` is not in `protections`",
+        ),
+    ] {
+        let e = PolicySet::compile(
+            "9",
+            &with(
+                default_bundle(),
+                "labels.yaml",
+                &labels(protections, label_protection),
+            ),
+        )
+        .expect_err(want);
+        assert!(e.to_string().contains(want), "{e}");
+    }
+    // A policy naming a template that does not exist, or one on an action other than protect.
+    for (policy, want) in [
+        (
+            "    action: protect\n    label: highly-confidential\n    protection: nope\n",
+            "protection `nope` is not in labels.yaml",
+        ),
+        (
+            "    action: apply-label\n    label: highly-confidential\n    protection: organisation-only\n",
+            "only `protect` takes a protection template",
+        ),
+    ] {
+        let files = with(
+            default_bundle(),
+            "policies/extra.yaml",
+            &format!("policies:\n  - id: extra\n    kind: session\n{policy}"),
+        );
+        let e = PolicySet::compile("9", &files).expect_err(want);
+        assert!(e.to_string().contains(want), "{e}");
+    }
+}

@@ -17,6 +17,8 @@
 //! The schema is versioned by [`SCHEMA_VERSION`]; a collector accepts every version up to its
 //! own and refuses newer ones with a clear error.
 
+pub mod seal;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -271,6 +273,9 @@ pub struct Sluice {
     /// Permissions written with it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
+    /// Files encrypted by `protect`, each with its passwords sealed to the collector.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protected: Vec<ProtectedFile>,
     /// DLP hits in form fields and text bodies.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dlp: BTreeMap<String, u32>,
@@ -280,6 +285,67 @@ pub struct Sluice {
     /// Notes for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+/// A file `protect` encrypted: what its release is bound to, and its passwords sealed to the
+/// collector's release key ([`seal`]). The collector takes `sealed` out of the event when it
+/// stores it, keeping the passwords in its release vault only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectedFile {
+    /// The release id (also written into the file, readable without the password).
+    pub release_id: String,
+    /// File name, when the download gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// SHA-256 of the protected file as delivered, hex.
+    pub sha256: String,
+    /// SHA-256 of the file before it was protected, hex.
+    pub original_sha256: String,
+    /// Label id written.
+    pub label: String,
+    /// Protection template id.
+    pub template: String,
+    /// Who may open it: `organisation`, `downloader`, `named` or `anyone`.
+    pub open: String,
+    /// The users (emails) who may open it: the template's for `named`, the downloader for
+    /// `downloader`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// The groups whose members may open it (`named`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Rights granted with the open password.
+    #[serde(default)]
+    pub rights: Vec<String>,
+    /// When the release ends, Unix milliseconds (none: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// The passwords ([`ReleaseSecrets`] as JSON), sealed with [`ProtectedFile::binding`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sealed: String,
+}
+
+impl ProtectedFile {
+    /// The associated data the passwords are sealed with: every field but `sealed`, and the
+    /// event id, so a box opens only for the event and the facts it was made for (the collector
+    /// takes events of a device only from that device's agent).
+    pub fn binding(&self, event_id: &str) -> Vec<u8> {
+        let facts = Self {
+            sealed: String::new(),
+            ..self.clone()
+        };
+        serde_json::to_vec(&(event_id, facts)).unwrap_or_default()
+    }
+}
+
+/// A protected file's passwords (what [`ProtectedFile::sealed`] holds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseSecrets {
+    /// The password that opens the file (none when anyone may open it).
+    #[serde(default)]
+    pub open_password: Option<String>,
+    /// The password that gives every right (a PDF's owner password).
+    pub owner_password: String,
 }
 
 /// Device posture facts.

@@ -137,6 +137,11 @@ pub trait Flow: Send + 'static {
     fn judge(&mut self, _side: Side, _body: &Bytes) -> BodyVerdict {
         BodyVerdict::Pass
     }
+    /// Headers added to the response once its body was judged (what the judgement wrote into
+    /// the body may need saying: where a protected file's password is released).
+    fn judged_response_headers(&mut self) -> http::HeaderMap {
+        http::HeaderMap::new()
+    }
     /// A body that was to be held was not (too large, or the inspection budget was spent).
     /// `Pass` sends it on uninspected (what was held first, then the rest as it streams); other
     /// verdicts answer instead.

@@ -597,6 +597,13 @@ pub async fn handle(
             if let Some(len) = replaced {
                 set_length(&mut rparts.headers, len);
             }
+            if let Some(f) = pending.flow.as_mut() {
+                for (name, value) in f.judged_response_headers() {
+                    if let Some(name) = name {
+                        rparts.headers.append(name, value);
+                    }
+                }
+            }
             b
         }
         Judged::Answer(r, outcome) => return Ok(sess.answer(&shared, pending, r, outcome, None)),

@@ -254,6 +254,7 @@ pub fn activity_event(
         client: enum_name(&ev.client),
         label_applied: ev.label_applied.clone(),
         permissions: ev.permissions.clone(),
+        protected: ev.protected.clone(),
         dlp: ev.dlp.clone(),
         identity_error: ev.identity_error.clone(),
         detail: ev.detail.clone(),
@@ -389,6 +390,7 @@ mod tests {
             dlp: BTreeMap::new(),
             label_applied: None,
             permissions: vec![],
+            protected: vec![],
             detail: None,
         }
     }
@@ -416,6 +418,7 @@ mod tests {
                 })
                 .unwrap_or_default(),
             encrypted: false,
+            release_id: None,
             dlp: BTreeMap::new(),
             dlp_samples: BTreeMap::new(),
             not_inspectable: None,

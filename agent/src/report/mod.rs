@@ -12,6 +12,7 @@ pub mod client;
 pub mod convert;
 pub mod enroll;
 pub mod posture;
+pub mod release_key;
 pub mod ship;
 pub mod spool;
 

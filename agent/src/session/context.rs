@@ -54,6 +54,8 @@ pub(super) struct Context {
     pub(super) process: ProcessFacts,
     pub(super) device: Device,
     pub(super) client: Client,
+    /// What `protect` seals passwords with.
+    pub(super) protector: Arc<super::Protector>,
 }
 
 pub(super) fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
@@ -89,6 +91,7 @@ impl Context {
         (source, public_source): (Option<std::net::IpAddr>, Option<std::net::IpAddr>),
         ex: &Exchange<'_>,
         head: &request::Parts,
+        protector: Arc<super::Protector>,
     ) -> Self {
         let app_id = ex.app.id.clone();
         let (users, bad) = set.identify_all(&app_id, &head.headers, now_s());
@@ -228,6 +231,7 @@ impl Context {
             set,
             device,
             client,
+            protector,
         }
     }
 }

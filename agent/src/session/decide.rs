@@ -32,7 +32,7 @@ pub(super) struct Decided {
     pub(super) matched: Vec<String>,
     pub(super) message: Option<String>,
     pub(super) label: Option<String>,
-    pub(super) permissions: Option<Vec<String>>,
+    pub(super) protection: Option<sluice_policy::model::ProtectionTemplate>,
     pub(super) replace_label: bool,
     /// The action is the app's not-inspectable action (the page says why and what to do).
     pub(super) not_inspectable: bool,
@@ -46,7 +46,7 @@ impl From<Decision> for Decided {
             matched: d.matched,
             message: d.message,
             label: d.label,
-            permissions: d.permissions,
+            protection: d.protection,
             replace_label: d.replace_label,
             not_inspectable: false,
         }
@@ -276,9 +276,21 @@ pub(super) struct Record {
     pub(super) dlp: Dlp,
     pub(super) label_applied: Option<(String, Vec<String>)>,
     pub(super) detail: Option<String>,
+    /// The event's id, made when something must be bound to it before the event is built (a
+    /// protected file's sealed passwords).
+    pub(super) event_id: Option<String>,
+    /// Files `protect` encrypted.
+    pub(super) protected: Vec<sluice_protocol::ProtectedFile>,
 }
 
 impl Record {
+    /// The event's id (made on first use).
+    pub(super) fn event_id(&mut self) -> String {
+        self.event_id
+            .get_or_insert_with(sluice_inspect::new_guid)
+            .clone()
+    }
+
     /// Keeps a decision. A session decision replaces the provisional ones taken before it.
     pub(super) fn take(&mut self, kind: Kind, activity: Activity, decided: &Decided) {
         if kind == Kind::Session {

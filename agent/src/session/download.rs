@@ -221,11 +221,22 @@ impl Download {
         let mut d = decisions[worst].clone();
         let mut out: Option<Vec<u8>> = None;
         if matches!(d.action, Action::ApplyLabel | Action::Protect) {
+            let event_id = rec.event_id();
+            let mut protected = Vec::new();
             let written = if files.len() > 1 {
-                label_members(cx, &body, &mut files, &decisions)
+                label_members(
+                    cx,
+                    &body,
+                    &mut files,
+                    &decisions,
+                    (&event_id, &mut protected),
+                )
             } else {
-                label_file(cx, &body, &mut files[0], &d)
+                label_file(cx, &body, &mut files[0], &d, (&event_id, &mut protected))
             };
+            if written.is_ok() {
+                rec.protected.append(&mut protected);
+            }
             match written {
                 Ok(Some(v)) => {
                     out = Some(v);
@@ -261,15 +272,21 @@ impl Download {
     }
 }
 
+/// Where protected files are recorded: the event's id (their passwords are sealed bound to it)
+/// and the records.
+type Protected<'a> = (&'a str, &'a mut Vec<sluice_protocol::ProtectedFile>);
+
 /// Writes the label decision `d` asks for into one file: its new bytes, or `None` when it
-/// already carries the label.
+/// already carries the label. A `protect` also encrypts the file (see `protect`) and records
+/// it in `protected`.
 fn label_file(
     cx: &Context,
     body: &[u8],
     facts: &mut FileFacts,
     d: &Decided,
+    protected: Protected<'_>,
 ) -> Result<Option<Vec<u8>>, NotInspectable> {
-    let Some((_, spec)) = label_for(cx, d) else {
+    let Some((label_id, spec)) = label_for(cx, d) else {
         let e = NotInspectable::Unsupported(format!(
             "label `{}` is not in the bundle's label catalogue",
             d.label.as_deref().unwrap_or("")
@@ -277,8 +294,34 @@ fn label_file(
         facts.not_inspectable = Some(e.clone());
         return Err(e);
     };
-    // Protecting a file that already carries this very label rewrites it with the permissions;
-    // any other existing label stays unless the policy says to replace it.
+    if d.action == Action::Protect {
+        let Some(template) = d.protection.as_ref() else {
+            let e = NotInspectable::Unsupported("protect without a protection template".into());
+            facts.not_inspectable = Some(e.clone());
+            return Err(e);
+        };
+        let job = super::protect::Job {
+            protector: &cx.protector,
+            template,
+            label_id: &label_id,
+            spec,
+            downloader: cx.input.user.as_deref(),
+            event_id: protected.0,
+            now_ms: cx.time,
+            limits: &cx.limits,
+        };
+        return match super::protect::protect(job, body, facts) {
+            Ok((bytes, record)) => {
+                protected.1.push(record);
+                Ok(Some(bytes))
+            }
+            Err(e) => {
+                facts.not_inspectable = Some(e.clone());
+                Err(e)
+            }
+        };
+    }
+    // Any existing label stays unless the policy says to replace it.
     let same = facts.enabled_labels().any(|l| l.guid == spec.guid);
     let replace = d.replace_label || (d.action == Action::Protect && same);
     match inspect::apply_label(body, &spec, replace, &cx.limits) {
@@ -301,7 +344,9 @@ fn label_members(
     body: &[u8],
     files: &mut [FileFacts],
     decisions: &[Decided],
+    protected: Protected<'_>,
 ) -> Result<Option<Vec<u8>>, NotInspectable> {
+    let (event_id, records) = protected;
     let limits = &cx.limits;
     let prefix = format!("{}/", files[0].name.as_deref().unwrap_or("archive.zip"));
     let archive = inspect::zip::Archive::parse(body, limits)?;
@@ -323,7 +368,7 @@ fn label_members(
             return Err(e);
         };
         let data = archive.read(&entry, &mut budget)?;
-        if let Some(v) = label_file(cx, &data, f, d)? {
+        if let Some(v) = label_file(cx, &data, f, d, (event_id, &mut *records))? {
             replace.push((entry, v));
         }
     }
@@ -335,14 +380,19 @@ fn label_members(
     archive.rewrite(&refs, &[]).map(Some)
 }
 
-/// The label spec a decision writes: the bundle's label, with the policy's permissions (or the
-/// label's own protection when the action is `protect`).
+/// The label spec a decision writes: the bundle's label, with the rights of the protection
+/// template when the action is `protect`.
 fn label_for(cx: &Context, d: &Decided) -> Option<(String, LabelSpec)> {
     let id = d.label.as_ref()?;
     let l = cx.set.labels.get(id)?;
-    let permissions = match (&d.permissions, d.action) {
-        (Some(p), _) => p.clone(),
-        (None, Action::Protect) => l.protection.clone().unwrap_or_default(),
+    let permissions = match (&d.protection, d.action) {
+        (Some(t), Action::Protect) => {
+            let mut r: Vec<String> = t.rights.iter().map(|r| r.as_str().to_owned()).collect();
+            if !r.iter().any(|r| r == "view") {
+                r.insert(0, "view".into());
+            }
+            r
+        }
         _ => Vec::new(),
     };
     Some((

@@ -17,6 +17,7 @@
 mod context;
 mod decide;
 mod download;
+mod protect;
 mod upload;
 
 use std::sync::Arc;
@@ -42,6 +43,7 @@ use crate::{
 use context::{Context, content_length};
 use decide::{Dlp, Record};
 use download::Download;
+pub use protect::Protector;
 use upload::Upload;
 
 /// The session-control hooks.
@@ -51,6 +53,7 @@ pub struct Controls {
     device: Device,
     lan: Arc<LanDevices>,
     location: Option<Arc<NetworkLocation>>,
+    protector: Arc<Protector>,
 }
 
 impl Controls {
@@ -62,7 +65,15 @@ impl Controls {
             device,
             lan: Arc::default(),
             location: None,
+            protector: Arc::default(),
         }
+    }
+
+    /// Protects files with the collector's release key `protector` holds (without one,
+    /// `protect` cannot be carried out and such downloads are not delivered).
+    pub fn with_protector(mut self, protector: Arc<Protector>) -> Self {
+        self.protector = protector;
+        self
     }
 
     /// Takes the device's network location (its own and its public address) from `location`
@@ -104,7 +115,7 @@ impl Hooks for Controls {
             },
         };
         Some(Box::new(Request {
-            cx: Context::new(set, device, sources, ex, head),
+            cx: Context::new(set, device, sources, ex, head, self.protector.clone()),
             rec: Record::default(),
             upload: None,
             download: None,
@@ -223,6 +234,22 @@ impl Flow for Request {
         }
     }
 
+    fn judged_response_headers(&mut self) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for p in &self.rec.protected {
+            // Release ids are GUIDs and portal URLs came through URL parsing: valid values.
+            if let Ok(v) = http::HeaderValue::from_str(&p.release_id) {
+                h.append("sluice-protected", v);
+            }
+            if let Some(url) = self.cx.protector.access_url(&p.release_id)
+                && let Ok(v) = http::HeaderValue::from_str(&format!("<{url}>; rel=\"help\""))
+            {
+                h.append(header::LINK, v);
+            }
+        }
+        h
+    }
+
     fn unheld(&mut self, side: Side, why: Unheld) -> BodyVerdict {
         let (cx, rec) = (&self.cx, &mut self.rec);
         let (why, seen) = match why {
@@ -289,7 +316,8 @@ fn event(cx: Context, rec: Record, ended: Ended) -> ActivityEvent {
         None => (None, Vec::new()),
     };
     ActivityEvent {
-        id: sluice_inspect::new_guid(),
+        id: rec.event_id.unwrap_or_else(sluice_inspect::new_guid),
+        protected: rec.protected,
         time: cx.time,
         incident: cx.incident,
         app: cx.input.app,

@@ -34,7 +34,7 @@ fn policies(n: usize) -> String {
             0 => "    when:\n      activities: [upload]\n      file: { type: [docx, pdf], label: { present: false } }\n    action: block\n    message: upload-needs-label\n".to_owned(),
             1 => "    when:\n      activities: [download]\n      devices: [unmanaged]\n      file: { label: { any_of: [highly-confidential] } }\n    action: protect\n    label: highly-confidential\n".to_owned(),
             2 => "    when:\n      groups: [finance]\n      ranges: [risky]\n    action: block\n    message: risky-network\n".to_owned(),
-            3 => "    when:\n      guest: true\n      activities: [download]\n    action: protect\n    label: confidential\n    permissions: [view]\n".to_owned(),
+            3 => "    when:\n      guest: true\n      activities: [download]\n    action: protect\n    label: confidential\n    protection: guest-view-only\n".to_owned(),
             _ => "    when:\n      process: { exe: [\"/usr/bin/*\"] }\n      file: { name: [\"*.csv\"], dlp: [{ detector: credit_card, min: 5 }] }\n    action: monitor\n".to_owned(),
         };
         s.push_str(&format!(
