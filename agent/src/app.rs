@@ -237,9 +237,20 @@ async fn supervise(
         (None, None) => Arc::new(LogReporter),
     };
     let protector = Arc::new(crate::session::Protector::new(
-        target.as_ref().map(|t| t.collector.clone()),
+        config
+            .report
+            .portal_url
+            .clone()
+            .or_else(|| target.as_ref().map(|t| t.collector.clone())),
     ));
-    if let Some(t) = target.clone().filter(|t| !t.agent_id.is_empty()) {
+    let pinned = config
+        .report
+        .release_key
+        .as_deref()
+        .and_then(|k| sluice_protocol::seal::SealingKey::from_base64(k).ok());
+    if let Some(k) = pinned {
+        protector.set_key(k);
+    } else if let Some(t) = target.clone().filter(|t| !t.agent_id.is_empty()) {
         let p = protector.clone();
         tasks.spawn(named(
             "release-key",

@@ -220,6 +220,17 @@ pub struct ReportSettings {
     /// Seconds between agent status events. Default 60.
     #[serde(default = "default_status_interval_s")]
     pub status_interval_s: u64,
+    /// The collector's release key (base64url X25519 public key, as `sluice-collector
+    /// release-keys show` and `GET /api/v1/release-key` give it) that protected files' passwords
+    /// are sealed to, pinned. Default: fetched from the collector and kept in
+    /// `<state_dir>/release-key.pub`. Without either, `protect` cannot be carried out and such
+    /// downloads are blocked.
+    #[serde(default)]
+    pub release_key: Option<String>,
+    /// Where people get the passwords of protected files (the collector's portal), named in the
+    /// responses that deliver them. Default: the collector's URL.
+    #[serde(default)]
+    pub portal_url: Option<String>,
 }
 
 fn default_spool_max_bytes() -> u64 {
@@ -254,6 +265,8 @@ impl Default for ReportSettings {
             collector: None,
             collector_ca: None,
             credential_file: None,
+            release_key: None,
+            portal_url: None,
             spool_max_bytes: default_spool_max_bytes(),
             spool_segment_bytes: default_spool_segment_bytes(),
             batch_max_events: default_batch_max_events(),
@@ -285,6 +298,18 @@ impl ReportSettings {
         }
         if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
             return bad("retry_min_ms must be > 0 and retry_max_ms at least retry_min_ms".into());
+        }
+        if let Some(k) = &self.release_key
+            && let Err(e) = sluice_protocol::seal::SealingKey::from_base64(k)
+        {
+            return bad(format!(
+                "release_key: {e} (expected the collector's base64url key)"
+            ));
+        }
+        if let Some(u) = &self.portal_url
+            && !(u.starts_with("https://") || u.starts_with("http://"))
+        {
+            return bad(format!("portal_url {u:?}: expected an http(s) URL"));
         }
         if self.posture_interval_s == 0 || self.status_interval_s == 0 {
             return bad("posture_interval_s and status_interval_s must be > 0".into());

@@ -22,7 +22,23 @@
 //! [[forward.webhook]]
 //! url = "https://hooks.corp.example/sluice"
 //! bearer_file = "/etc/sluice/hook.token"
+//!
+//! [portal.oidc]                         # sign-in with the organisation's identity provider
+//! issuer = "https://login.corp.example/realms/corp"
+//! client_id = "sluice-portal"
+//! client_secret_file = "/etc/sluice/oidc.secret"   # optional: without it a public client (PKCE)
+//! redirect_url = "https://collector.corp.example:8443/auth/oidc/callback"
+//! ca_file = "/etc/sluice/idp-ca.pem"    # optional: default the system's roots
+//! scopes = ["openid", "email", "profile"]   # default
+//! groups_claim = "groups"               # default
+//! admins = ["secops@corp.example", "group:sluice-admins"]
 //! ```
+//!
+//! The identity provider's settings live under `[portal.oidc]` rather than a top-level `[oidc]`:
+//! they configure who may use the portal and nothing else (agents never see them), and the
+//! `[portal]` table leaves room for the portal's other settings. Everything about them is
+//! checked here, at load (https URLs, a non-empty client id, scopes with `openid`, well-formed
+//! `admins`); the files they name are read when the collector starts serving.
 
 use std::{
     net::SocketAddr,
@@ -81,6 +97,151 @@ pub struct Config {
     /// SIEM forwarding.
     #[serde(default)]
     pub forward: ForwardConfig,
+    /// The portal.
+    #[serde(default)]
+    pub portal: PortalConfig,
+}
+
+/// The portal's settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalConfig {
+    /// Sign-in through an OpenID Connect provider (authorization code flow with PKCE). Without
+    /// it only the local admin accounts can sign in.
+    #[serde(default)]
+    pub oidc: Option<OidcConfig>,
+}
+
+/// The portal's OpenID Connect relying party.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer: an `https://` URL, exactly as the provider writes it in `iss`.
+    /// Its discovery document is read from `<issuer>/.well-known/openid-configuration`.
+    pub issuer: String,
+    /// The client id the provider registered the portal under (the id token's audience).
+    pub client_id: String,
+    /// A file holding the client secret (a confidential client, authenticated at the token
+    /// endpoint). Without it the portal is a public client, protected by PKCE alone.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// The portal's callback as browsers reach it, registered at the provider:
+    /// `https://<collector>/auth/oidc/callback`.
+    pub redirect_url: String,
+    /// CA certificates (PEM) to verify the provider with; default: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The scopes asked for. Default `openid`, `email`, `profile`; `openid` is required.
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// The id token claim listing the user's groups. Default `groups`.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Who gets the admin portal: e-mail addresses (compared without regard to ASCII case) and
+    /// `group:<name>` entries (a group of [`OidcConfig::groups_claim`], exact). Everyone else
+    /// the provider signs in is an organisation member, who sees only their own page.
+    #[serde(default)]
+    pub admins: Vec<String>,
+}
+
+/// The path the portal serves the OpenID Connect callback on.
+pub const OIDC_CALLBACK_PATH: &str = "/auth/oidc/callback";
+
+impl OidcConfig {
+    /// Whether a user signed in as `email` with `groups` gets the admin portal.
+    pub fn is_admin(&self, email: &str, groups: &[String]) -> bool {
+        self.admins.iter().any(|a| match a.strip_prefix("group:") {
+            Some(g) => groups.iter().any(|have| have == g),
+            None => a.eq_ignore_ascii_case(email),
+        })
+    }
+
+    /// The discovery document's URL.
+    pub fn discovery_url(&self) -> String {
+        format!(
+            "{}/.well-known/openid-configuration",
+            self.issuer.trim_end_matches('/')
+        )
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |what: String| Err(ConfigError::Invalid(format!("portal.oidc: {what}")));
+        check_https(&self.issuer, "issuer")?;
+        if self.issuer.contains(['?', '#']) {
+            return bad(format!(
+                "issuer {:?}: an issuer has no query or fragment",
+                self.issuer
+            ));
+        }
+        let id = self.client_id.as_str();
+        if id.is_empty() || id.len() > 255 || id.chars().any(char::is_control) {
+            return bad("client_id must be 1-255 characters without control characters".into());
+        }
+        let uri = check_https(&self.redirect_url, "redirect_url")?;
+        if uri.path() != OIDC_CALLBACK_PATH
+            || uri.query().is_some()
+            || self.redirect_url.contains('#')
+        {
+            return bad(format!(
+                "redirect_url {:?}: the portal's callback is https://<collector>{OIDC_CALLBACK_PATH} \
+                 (no query, no fragment)",
+                self.redirect_url
+            ));
+        }
+        if !self.scopes.iter().any(|s| s == "openid") {
+            return bad("scopes must include \"openid\"".into());
+        }
+        if let Some(s) = self.scopes.iter().find(|s| {
+            s.is_empty()
+                || !s
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        }) {
+            return bad(format!("scope {s:?} is not a scope token"));
+        }
+        if self.groups_claim.is_empty() {
+            return bad("groups_claim must not be empty".into());
+        }
+        for a in &self.admins {
+            let ok = match a.strip_prefix("group:") {
+                Some(g) => !g.is_empty() && !g.chars().any(char::is_control),
+                None => {
+                    a.split_once('@')
+                        .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+                        && !a.chars().any(|c| c.is_control() || c.is_whitespace())
+                }
+            };
+            if !ok {
+                return bad(format!(
+                    "admins entry {a:?}: expected an e-mail address or group:<name>"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `url` and requires `https://` with a host.
+fn check_https(url: &str, what: &str) -> Result<http::Uri, ConfigError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| ConfigError::Invalid(format!("portal.oidc: {what} {url:?}: {e}")))?;
+    if uri.scheme_str() != Some("https") || uri.host().is_none_or(str::is_empty) {
+        return Err(ConfigError::Invalid(format!(
+            "portal.oidc: {what} {url:?}: must be an https:// URL with a host"
+        )));
+    }
+    Ok(uri)
+}
+
+fn default_scopes() -> Vec<String> {
+    ["openid", "email", "profile"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+fn default_groups_claim() -> String {
+    "groups".into()
 }
 
 /// Bounds on requests.
@@ -240,6 +401,7 @@ impl Config {
             bundle_public_key: None,
             limits: Limits::default(),
             forward: ForwardConfig::default(),
+            portal: PortalConfig::default(),
         }
     }
 
@@ -290,6 +452,9 @@ impl Config {
                 ));
             }
         }
+        if let Some(o) = &self.portal.oidc {
+            o.check()?;
+        }
         for s in &self.forward.syslog {
             if s.address
                 .rsplit_once(':')
@@ -338,5 +503,78 @@ mod tests {
         .unwrap();
         assert_eq!(c.forward.syslog.len(), 1);
         assert_eq!(c.limits.max_page, 10);
+    }
+
+    const OIDC: &str = "state_dir = \"/x\"\n[portal.oidc]\n\
+        issuer = \"https://idp.corp.example/realms/corp\"\n\
+        client_id = \"sluice-portal\"\n\
+        redirect_url = \"https://collector.corp.example:8443/auth/oidc/callback\"\n";
+
+    #[test]
+    fn oidc_defaults_and_admins() {
+        assert!(
+            Config::parse("state_dir = \"/x\"\n")
+                .unwrap()
+                .portal
+                .oidc
+                .is_none()
+        );
+        let c = Config::parse(&format!(
+            "{OIDC}admins = [\"SecOps@Corp.example\", \"group:sluice-admins\"]\n"
+        ))
+        .unwrap();
+        let o = c.portal.oidc.unwrap();
+        assert_eq!(o.scopes, ["openid", "email", "profile"]);
+        assert_eq!(o.groups_claim, "groups");
+        assert!(o.client_secret_file.is_none() && o.ca_file.is_none());
+        assert_eq!(
+            o.discovery_url(),
+            "https://idp.corp.example/realms/corp/.well-known/openid-configuration"
+        );
+        assert!(o.is_admin("secops@corp.example", &[]));
+        assert!(o.is_admin(
+            "bob@corp.example",
+            &["staff".into(), "sluice-admins".into()]
+        ));
+        assert!(!o.is_admin(
+            "bob@corp.example",
+            &["staff".into(), "Sluice-Admins".into()]
+        ));
+        assert!(!o.is_admin("group:sluice-admins", &[]));
+    }
+
+    #[test]
+    fn oidc_is_validated_at_load() {
+        let with = |extra: &str| Config::parse(&format!("{OIDC}{extra}"));
+        for (text, want) in [
+            (OIDC.replace("https://idp", "http://idp"), "https"),
+            (OIDC.replace("\"sluice-portal\"", "\"\""), "client_id"),
+            (OIDC.replace("/auth/oidc/callback", "/cb"), "callback"),
+            (
+                OIDC.replace("8443/auth", "8443/auth?x=1&y=/auth"),
+                "callback",
+            ),
+            (
+                OIDC.replace("https://collector", "http://collector"),
+                "redirect_url",
+            ),
+            (OIDC.replace("/realms/corp", "/realms/corp?x=1"), "query"),
+        ] {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        for (extra, want) in [
+            ("scopes = [\"email\"]\n", "openid"),
+            ("scopes = [\"openid\", \"a b\"]\n", "scope"),
+            ("groups_claim = \"\"\n", "groups_claim"),
+            ("admins = [\"bob\"]\n", "admins"),
+            ("admins = [\"group:\"]\n", "admins"),
+            ("client_secret = \"x\"\n", "client_secret"),
+        ] {
+            let e = with(extra).unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        with("client_secret_file = \"/etc/s\"\nca_file = \"/etc/ca.pem\"\nscopes = [\"openid\"]\n")
+            .unwrap();
     }
 }

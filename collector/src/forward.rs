@@ -26,7 +26,6 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use serde::Serialize;
 use tokio::{
@@ -397,55 +396,19 @@ async fn webhook_post(
     tls: Option<&tokio_rustls::TlsConnector>,
     body: Bytes,
 ) -> Result<(), String> {
-    let host = uri.host().ok_or("no host")?.to_owned();
-    let https = uri.scheme_str() == Some("https");
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let bare = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let tcp = TcpStream::connect((bare.as_str(), port))
-        .await
-        .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
-    let authority = uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or(host.clone());
-    let path = uri
-        .path_and_query()
-        .map_or("/".to_owned(), |p| p.as_str().to_owned());
-    let mut req = http::Request::post(path)
-        .header(http::header::HOST, authority)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(
-            http::header::USER_AGENT,
-            concat!("sluice-collector/", env!("CARGO_PKG_VERSION")),
-        );
+    let mut req = crate::client::request(http::Method::POST, uri)
+        .map_err(|e| e.to_string())?
+        .header(http::header::CONTENT_TYPE, "application/json");
     if let Some(b) = bearer {
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {b}"));
     }
     let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
-    let resp = if https {
-        let tls = tls.ok_or("no TLS configuration")?;
-        let sn = ServerName::try_from(bare.clone()).map_err(|e| format!("server name: {e}"))?;
-        let s = tls
-            .connect(sn, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        send.send_request(req).await.map_err(|e| e.to_string())?
-    } else {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        send.send_request(req).await.map_err(|e| e.to_string())?
-    };
+    let mut send = crate::client::connect(uri, tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
-    // Drain (bounded) so the connection closes cleanly.
+    // Drain (bounded) so the connection closes cleanly; what the receiver says is not needed.
     let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
         .collect()
         .await;

@@ -22,8 +22,11 @@
 //! - [`Collector::publish_bundle`]: verify and publish a signed bundle (wakes long polls).
 //! - `portal::MIGRATIONS` run after the store's own, recorded by name; `portal::handle` serves
 //!   every request whose path does not start with `/api/`; `portal::set_admin_password` is called
-//!   by `sluice-collector init`; `portal::session_user` authenticates the query API by cookie.
+//!   by `sluice-collector init`; `portal::identity` says who a request's portal session is
+//!   (`{email, groups, admin}`: a local admin or a person the organisation's OpenID Connect
+//!   provider signed in), and the query API accepts only admins' sessions.
 
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod conn;
@@ -31,6 +34,7 @@ pub mod export;
 pub mod forward;
 pub mod portal;
 pub mod query;
+pub mod release;
 pub mod server;
 pub mod store;
 pub mod tls;
@@ -130,6 +134,12 @@ pub struct Collector {
     pub conns: Arc<conn::ConnLimits>,
     /// When this process started.
     pub started: Instant,
+    /// The portal's OpenID Connect relying party, when `[portal.oidc]` is configured (it keeps
+    /// the provider's documents between sign-ins).
+    pub oidc: Option<portal::oidc::Provider>,
+    /// The keys protected files' passwords are sealed to and kept under (none when they could
+    /// not be read or made: then no password is kept or released, and the log says why).
+    pub release_keys: Option<release::KeyRing>,
 }
 
 impl Collector {
@@ -160,6 +170,8 @@ impl Collector {
     pub fn with_store(store: Store, config: Config) -> Self {
         let forward = forward::Forwarder::new(&config.forward);
         let (bundle_notify, _) = tokio::sync::watch::channel(0u64);
+        let oidc = config.portal.oidc.clone().map(portal::oidc::Provider::new);
+        let config_state_dir = config.state_dir.clone();
         let conns = Arc::new(conn::ConnLimits::new(
             config.limits.max_connections,
             config.limits.max_connections_per_address,
@@ -172,6 +184,14 @@ impl Collector {
             counters: Counters::default(),
             conns,
             started: Instant::now(),
+            oidc,
+            release_keys: match release::KeyRing::open(&config_state_dir) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::error!(error = %e, "release keys: protected files' passwords will not be kept");
+                    None
+                }
+            },
         }
     }
 

@@ -66,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// The keys protected files' passwords are sealed to and kept under.
+    ReleaseKeys {
+        #[command(subcommand)]
+        command: ReleaseKeysCommand,
+    },
     /// Run a query against the local database and print the events (newest first).
     Query {
         /// The query (`user:alice@corp.example action:block since:24h`).
@@ -118,6 +123,16 @@ enum ApiTokenCommand {
         /// The token's name.
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ReleaseKeysCommand {
+    /// Show the current key ids.
+    Show,
+    /// New sealing and vault keys: every kept password is re-encrypted under the new vault key
+    /// and the old one is deleted; the previous sealing key is kept for boxes agents sealed
+    /// before they fetched the new one. Safe while the collector runs.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -207,6 +222,11 @@ fn run(cli: Cli) -> Result<()> {
             rt.block_on(async move {
                 let state_dir = config.state_dir.clone();
                 let c = Arc::new(Collector::open(config)?);
+                // The identity provider's files are read now: a broken one stops the start
+                // rather than the first sign-in.
+                if let Some(oidc) = &c.oidc {
+                    oidc.prepare().context("portal.oidc")?;
+                }
                 let server = Server::bind(c).await?;
                 // Where the collector listens, for tools and tests when `listen` asks for any
                 // port (replaced atomically).
@@ -286,6 +306,24 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("no agent {id:?} (see `sluice-collector agent list`)");
             }
             say!("revoked {id}");
+        }
+        Command::ReleaseKeys { command } => {
+            let c = open(&cli.config)?;
+            let dir = c.config.state_dir.clone();
+            let keys = match command {
+                ReleaseKeysCommand::Show => sluice_collector::release::Keys::load_or_create(&dir)?,
+                ReleaseKeysCommand::Rotate => {
+                    let (keys, n) = sluice_collector::release::rotate(&c.store, &dir)?;
+                    say!("re-encrypted {n} kept password(s)");
+                    keys
+                }
+            };
+            say!(
+                "sealing key {} (agents fetch it from /api/v1/release-key)",
+                keys.sealing_key().map(|k| k.id_hex()).unwrap_or_default()
+            );
+            say!("vault key {}", keys.vault_ids().join(", "));
+            say!("kept in {} (mode 0600)", keys.path().display());
         }
         Command::Apitoken {
             command: ApiTokenCommand::Create { name },

@@ -235,6 +235,7 @@ pub async fn handle(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBo
         (Method::POST, "/api/v1/queries") => save_query(c, req).await,
         (Method::GET, "/api/v1/devices") => devices(c, req).await,
         (Method::GET, "/api/v1/lan-clients") => lan_clients(c, req).await,
+        (Method::GET, "/api/v1/release-key") => release_key(c, req).await,
         (Method::GET, "/api/v1/stats") => stats(c, req).await,
         (Method::GET, "/api/v1/status") => status(c, req).await,
         (Method::GET, p) if p.starts_with("/api/v1/events/") => {
@@ -267,6 +268,7 @@ const KNOWN: &[&str] = &[
     "/api/v1/queries",
     "/api/v1/devices",
     "/api/v1/lan-clients",
+    "/api/v1/release-key",
     "/api/v1/stats",
     "/api/v1/status",
 ];
@@ -343,8 +345,14 @@ async fn reader_auth(
             None => Err(unauthorized("unknown or revoked API token")),
         };
     }
-    match crate::portal::session_user(c, headers) {
-        Some(u) => Ok(u),
+    match crate::portal::identity(c, headers) {
+        Some(who) if who.admin => Ok(who.email),
+        // The activity log is the admins'; an organisation member's session opens none of it.
+        Some(_) => Err(problem(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "the query API is for the portal's administrators",
+        )),
         None => Err(unauthorized(
             "an API token (Authorization: Bearer) or a portal session is required",
         )),
@@ -542,6 +550,18 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
                 IngestOptions {
                     agent: Some(&agent2),
                     collect_new,
+                    sealed: Some(
+                        &|tx: &rusqlite::Transaction<'_>, b: &crate::store::SealedBox| {
+                            let ring = c2
+                                .release_keys
+                                .as_ref()
+                                .ok_or_else(|| "the collector has no release keys".to_owned())?;
+                            let keys = ring.get().map_err(|e| e.to_string())?;
+                            crate::release::accept(tx, &keys, b)
+                                .map(drop)
+                                .map_err(|e| e.to_string())
+                        },
+                    ),
                 },
             )
             .map_err(internal)
@@ -913,6 +933,40 @@ async fn lan_clients(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxB
         }
     }
     json(StatusCode::OK, &serde_json::json!({ "clients": clients }))
+}
+
+/// The public key agents seal protected files' passwords to (only enrolled agents ask).
+async fn release_key(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> {
+    if let Err(r) = agent_auth(&c, req.headers()).await {
+        return r;
+    }
+    let c2 = c.clone();
+    let got = tokio::task::spawn_blocking(move || {
+        c2.release_keys
+            .as_ref()
+            .ok_or_else(|| "the collector has no release keys (see its log)".to_owned())?
+            .get()
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    let keys = match got {
+        Ok(Ok(k)) => k,
+        Ok(Err(e)) => {
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "No release key", &e);
+        }
+        Err(e) => return internal(e),
+    };
+    match keys.sealing_key() {
+        Some(k) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "key_id": k.id_hex(), "public_key": k.to_base64() }),
+        ),
+        None => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "No release key",
+            "the collector has no sealing key",
+        ),
+    }
 }
 
 /// Most buckets one stats answer may hold.

@@ -263,15 +263,78 @@ pub struct IngestOutcome {
     pub rejected: u64,
     /// The JSON of the events stored now, when asked for (forwarding).
     pub new_events: Vec<bytes::Bytes>,
+    /// Protected files whose sealed passwords were kept.
+    pub releases: u64,
+    /// Protected files whose sealed passwords were not (did not open, or nothing keeps them).
+    pub releases_refused: u64,
 }
 
 /// What ingestion needs to know about the caller.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Copy, Default)]
 pub struct IngestOptions<'a> {
     /// The authenticated agent: its id replaces whatever `device.uid` the events claim.
     pub agent: Option<&'a str>,
     /// Collect the stored events' JSON into [`IngestOutcome::new_events`].
     pub collect_new: bool,
+    /// Keeps the sealed passwords of protected files, in the transaction that stores their
+    /// event (only for events stored for the first time). The events are stored without them.
+    /// Without it, sealed boxes are dropped.
+    pub sealed: Option<&'a SealedSink<'a>>,
+}
+
+impl std::fmt::Debug for IngestOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestOptions")
+            .field("agent", &self.agent)
+            .field("collect_new", &self.collect_new)
+            .field("sealed", &self.sealed.is_some())
+            .finish()
+    }
+}
+
+/// Keeps one sealed box; an error is logged and counted, the event is stored anyway.
+pub type SealedSink<'a> =
+    dyn Fn(&rusqlite::Transaction<'_>, &SealedBox) -> Result<(), String> + Sync + 'a;
+
+/// A protected file's sealed passwords, taken out of its event at ingestion.
+#[derive(Debug, Clone)]
+pub struct SealedBox {
+    /// The event it came in.
+    pub event_id: String,
+    /// The device (the authenticated agent).
+    pub device_uid: String,
+    /// The downloader (the event's user, lower case).
+    pub downloader: String,
+    /// The release, its `sealed` box included.
+    pub file: sluice_protocol::ProtectedFile,
+}
+
+/// Takes the sealed boxes out of `e` (so the stored event carries none).
+fn take_sealed(e: &mut Event) -> Vec<SealedBox> {
+    let downloader = e
+        .actor
+        .user
+        .as_ref()
+        .map(|u| u.email_addr.to_ascii_lowercase())
+        .unwrap_or_default();
+    let (event_id, device_uid) = (e.id.clone(), e.device.uid.clone());
+    let Some(s) = e.sluice.as_mut() else {
+        return Vec::new();
+    };
+    s.protected
+        .iter_mut()
+        .filter(|p| !p.sealed.is_empty())
+        .map(|p| {
+            let file = p.clone();
+            p.sealed.clear();
+            SealedBox {
+                event_id: event_id.clone(),
+                device_uid: device_uid.clone(),
+                downloader: downloader.clone(),
+                file,
+            }
+        })
+        .collect()
 }
 
 /// An event's filter columns, derived once at ingestion.
@@ -297,6 +360,8 @@ struct Row {
     labels: String,
     message: String,
     json: Vec<u8>,
+    /// Sealed boxes taken out of the event.
+    sealed: Vec<SealedBox>,
 }
 
 /// `|a|b|`, with `|` inside values replaced so the separators stay unambiguous.
@@ -375,6 +440,7 @@ fn row_of(e: &Event, json: Vec<u8>) -> Result<Row, String> {
         labels: joined(labels.into_iter()),
         message: e.message.clone(),
         json,
+        sealed: Vec::new(),
     })
 }
 
@@ -391,14 +457,22 @@ fn parse_lines(lines: &[&[u8]], agent: Option<&str>) -> Vec<Result<(Row, Event),
             // The line is kept as sent (it parsed as exactly one event), unless the device id
             // it claims is not the authenticated agent's: then the corrected event is
             // serialised again.
-            let json = match agent {
-                Some(agent) if e.device.uid != agent => {
-                    agent.clone_into(&mut e.device.uid);
-                    serde_json::to_vec(&e).map_err(|e| e.to_string())?
-                }
-                _ => line.to_vec(),
+            let mut changed = false;
+            if let Some(agent) = agent
+                && e.device.uid != agent
+            {
+                agent.clone_into(&mut e.device.uid);
+                changed = true;
+            }
+            let sealed = take_sealed(&mut e);
+            let json = if changed || !sealed.is_empty() {
+                serde_json::to_vec(&e).map_err(|e| e.to_string())?
+            } else {
+                line.to_vec()
             };
-            Ok((row_of(&e, json)?, e))
+            let mut row = row_of(&e, json)?;
+            row.sealed = sealed;
+            Ok((row, e))
         })
         .collect()
 }
@@ -658,6 +732,18 @@ impl Store {
         f(&conn)
     }
 
+    /// Runs `f` in a transaction on the writer connection, committed when `f` succeeds.
+    pub fn with_write<T, E: From<rusqlite::Error>>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// Runs `f` on a pooled reader connection (read-only; runs concurrently with writes).
     pub fn with_read<T>(
         &self,
@@ -767,6 +853,23 @@ impl Store {
                 ])?;
                 if n == 1 {
                     out.accepted += 1;
+                    for b in &r.sealed {
+                        match opts.sealed {
+                            Some(keep) => match keep(&tx, b) {
+                                Ok(()) => out.releases += 1,
+                                Err(why) => {
+                                    out.releases_refused += 1;
+                                    tracing::warn!(
+                                        event = %b.event_id,
+                                        release = %b.file.release_id,
+                                        %why,
+                                        "a protected file's sealed passwords were not kept"
+                                    );
+                                }
+                            },
+                            None => out.releases_refused += 1,
+                        }
+                    }
                     if opts.collect_new {
                         out.new_events.push(bytes::Bytes::from(r.json.clone()));
                     }

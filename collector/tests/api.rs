@@ -1376,3 +1376,119 @@ async fn forwards_to_syslog_over_tls_and_refuses_an_unverified_receiver() {
     assert!(why.to_ascii_lowercase().contains("certificate"), "{why}");
     let _ = std::fs::remove_dir_all(material);
 }
+
+/// A protected file's sealed passwords: the agent seals them to the key the collector serves;
+/// the collector keeps them encrypted under its vault key and takes them out of the stored
+/// event; a box moved to another event, or with its recipients changed, is not kept; rotating
+/// the keys re-encrypts what is kept and the passwords still come out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_passwords_are_kept_bound_and_survive_a_rotation() {
+    use sluice_collector::release;
+    use sluice_protocol::{ProtectedFile, ReleaseSecrets, seal::SealingKey};
+
+    let env = start("release", |_| {}).await;
+    let agent = env.new_agent("default").await;
+    let auth = format!("authorization: Bearer {}", agent.credential);
+    assert_eq!(env.curl("/api/v1/release-key", &[]).await.status, 401);
+    let r = env.curl("/api/v1/release-key", &["-H", &auth]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let key = SealingKey::from_base64(r.json()["public_key"].as_str().unwrap()).unwrap();
+    assert_eq!(r.json()["key_id"], key.id_hex());
+    let keys_file = env.dir.join("state").join(release::KEYS_FILE);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&keys_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let secrets = |n: u32| ReleaseSecrets {
+        open_password: Some(format!("open-{n}")),
+        owner_password: format!("owner-{n}"),
+    };
+    let protected = |event_id: &str, release: &str, n: u32, bind_to: &str| {
+        let mut p = ProtectedFile {
+            release_id: release.into(),
+            name: Some("plan.pdf".into()),
+            sha256: "aa".repeat(32),
+            original_sha256: "bb".repeat(32),
+            label: "highly-confidential".into(),
+            template: "organisation-only".into(),
+            open: "organisation".into(),
+            rights: vec!["view".into(), "print".into()],
+            expires_at: Some(now_ms() as u64 + 86_400_000),
+            ..ProtectedFile::default()
+        };
+        let plain = serde_json::to_vec(&secrets(n)).unwrap();
+        p.sealed = key.seal(&p.binding(bind_to), &plain).unwrap();
+        let mut e = event(
+            event_id,
+            now_ms() as u64,
+            "bob@corp.example",
+            "protect",
+            "plan.pdf",
+        );
+        e.sluice.as_mut().unwrap().protected.push(p);
+        e
+    };
+    let good = protected("ev-rel-1", "rel-1", 1, "ev-rel-1");
+    // Sealed for another event, then put in this one.
+    let moved = protected("ev-rel-2", "rel-2", 2, "ev-other");
+    // Sealed for organisation, then its recipients widened on the way.
+    let mut widened = protected("ev-rel-3", "rel-3", 3, "ev-rel-3");
+    widened.sluice.as_mut().unwrap().protected[0].open = "anyone".into();
+    let r = env
+        .ingest(
+            &agent.credential,
+            &[line(&good), line(&moved), line(&widened)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["accepted"], 3, "{}", r.text());
+
+    let kept = release::get(&env.c.store, "rel-1").unwrap().expect("kept");
+    assert_eq!(kept.event_id, "ev-rel-1");
+    assert_eq!(kept.downloader, "bob@corp.example");
+    assert_eq!(kept.device_uid, agent.agent_id);
+    for bad in ["rel-2", "rel-3"] {
+        assert!(release::get(&env.c.store, bad).unwrap().is_none(), "{bad}");
+    }
+    let ring = env.c.release_keys.as_ref().unwrap();
+    assert_eq!(
+        release::secrets(&ring.get().unwrap(), &kept).unwrap(),
+        secrets(1)
+    );
+    // The stored event has no sealed box, and neither the database nor the event holds a
+    // password in clear.
+    let stored = env.c.store.get_event("ev-rel-1").unwrap().unwrap().json;
+    assert!(!stored.contains("sealed"), "{stored}");
+    let db = std::fs::read(env.dir.join("state/collector.db")).unwrap_or_default();
+    let wal = std::fs::read(env.dir.join("state/collector.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(
+            !bytes.windows(6).any(|w| w == b"open-1"),
+            "a password in clear"
+        );
+    }
+
+    let before = ring.get().unwrap().vault_ids();
+    let (rotated, n) = release::rotate(&env.c.store, &env.dir.join("state")).unwrap();
+    assert_eq!(n, 1);
+    assert_ne!(rotated.vault_ids(), before);
+    assert_eq!(rotated.vault_ids().len(), 1);
+    // The running collector sees the new keys; the kept password decrypts under them.
+    let now_keys = ring.get().unwrap();
+    assert_eq!(now_keys.vault_ids(), rotated.vault_ids());
+    let kept = release::get(&env.c.store, "rel-1").unwrap().unwrap();
+    assert_eq!(release::secrets(&now_keys, &kept).unwrap(), secrets(1));
+    // A box sealed to the previous sealing key still opens (agents learn the new key later).
+    let late = protected("ev-rel-4", "rel-4", 4, "ev-rel-4");
+    let r = env.ingest(&agent.credential, &[line(&late)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(release::get(&env.c.store, "rel-4").unwrap().is_some());
+    let r = env.curl("/api/v1/release-key", &["-H", &auth]).await;
+    assert_ne!(
+        r.json()["key_id"],
+        key.id_hex(),
+        "the new sealing key is served"
+    );
+}

@@ -414,6 +414,15 @@ impl PolicySet {
         Some((groups, u.guest))
     }
 
+    /// Whether `email` is a person of the organisation: a directory user who is not a guest,
+    /// or, for one the directory does not know, an address in one of its domains.
+    pub fn is_organisation_user(&self, email: &str) -> bool {
+        match self.directory_user(email) {
+            Some((_, guest)) => !guest,
+            None => domain_is_org(email, &self.org_domains),
+        }
+    }
+
     /// Number of enabled policies.
     pub fn len(&self) -> usize {
         self.policies.len()

@@ -119,6 +119,7 @@ fn activity(i: u64) -> ActivityEvent {
         dlp: BTreeMap::new(),
         label_applied: None,
         permissions: vec![],
+        protected: vec![],
         detail: None,
     }
 }

@@ -16,6 +16,7 @@ use sluice_e2e::{
     hex, require_root, wait_until,
 };
 use sluice_policy::bundle::{self, jws::SigningKey};
+use sluice_protocol::{ProtectedFile, ReleaseSecrets, seal::OpeningKey};
 
 const APP_IP: &str = "127.0.0.41";
 
@@ -26,6 +27,8 @@ struct Env {
     dir: TempDir,
     sluice_ca: PathBuf,
     events: PathBuf,
+    /// The release key the agent seals protected files' passwords to (pinned in its config).
+    release: OpeningKey,
 }
 
 fn default_bundle() -> PathBuf {
@@ -56,6 +59,7 @@ fn env_with(tag: &str, posture: &str, proxy: &str) -> Env {
 
     let app_ca = app.ca_file().expect("app CA file");
     let events = dir.join("events.jsonl");
+    let release = OpeningKey::generate().expect("release key");
     let config = format!(
         r#"
 state_dir = "{state}"
@@ -79,6 +83,7 @@ public_key = "{public}"
 posture = "{posture}"
 [report]
 events_file = "{events}"
+release_key = "{release_key}"
 "#,
         state = dir.join("state").display(),
         cg = cg.rel,
@@ -89,6 +94,7 @@ events_file = "{events}"
         public = public_path.display(),
         events = events.display(),
         proxy = proxy,
+        release_key = release.public().to_base64(),
     );
     let agent = Agent::launch(&config, &dir).expect("agent starts");
     let active = wait_until(Duration::from_secs(20), || {
@@ -112,6 +118,7 @@ events_file = "{events}"
         dir,
         sluice_ca,
         events,
+        release,
     }
 }
 
@@ -328,6 +335,24 @@ impl Env {
             found.is_some()
         });
         found.unwrap_or_else(|| panic!("no event for {method} {suffix}: {:?}", self.events()))
+    }
+
+    /// The protected files of event `ev` with their passwords, opened with the release key and
+    /// the event's id (as the collector opens them).
+    fn protected(&self, ev: &serde_json::Value) -> Vec<(ProtectedFile, ReleaseSecrets)> {
+        let id = ev["id"].as_str().unwrap();
+        ev["protected"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let p: ProtectedFile = serde_json::from_value(p).unwrap();
+                let plain = self.release.open(&p.binding(id), &p.sealed).unwrap();
+                let secrets: ReleaseSecrets = serde_json::from_slice(&plain).unwrap();
+                (p, secrets)
+            })
+            .collect()
     }
 
     fn agent_peak_rss_kib(&self) -> u64 {
@@ -611,9 +636,59 @@ fn download(e: &Env, user: &str, name: &str, bytes: Vec<u8>) -> (Got, PathBuf) {
     (got, out)
 }
 
+/// Decrypts a protected Office file with msoffcrypto-tool into `out`; whether it opened.
+fn office_decrypt(file: &Path, password: &str, out: &Path) -> bool {
+    let script = "import io, sys, msoffcrypto\n\
+                  f = msoffcrypto.OfficeFile(open(sys.argv[1], 'rb'))\n\
+                  f.load_key(password=sys.argv[2], verify_password=True)\n\
+                  o = io.BytesIO()\n\
+                  f.decrypt(o, verify_integrity=True)\n\
+                  open(sys.argv[3], 'wb').write(o.getvalue())\n";
+    std::process::Command::new(demo_app::python())
+        .args(["-c", script])
+        .arg(file)
+        .arg(password)
+        .arg(out)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Decrypts a protected PDF with qpdf into `out`; whether it opened.
+fn pdf_decrypt(file: &Path, password: &str, out: &Path) -> bool {
+    std::process::Command::new("qpdf")
+        .arg(format!("--password={password}"))
+        .arg("--decrypt")
+        .arg(file)
+        .arg(out)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Opens a protected download with the password its event's sealed box holds (and not with
+/// another), and returns the decrypted file.
+fn open_protected(e: &Env, file: &Path, secrets: &ReleaseSecrets) -> PathBuf {
+    let pw = secrets.open_password.as_deref().expect("an open password");
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let out = e.dir.join(format!("decrypted-{name}"));
+    let wrong = e.dir.join(format!("wrong-{name}"));
+    let is_pdf = std::fs::read(file).unwrap().starts_with(b"%PDF");
+    let decrypt = if is_pdf { pdf_decrypt } else { office_decrypt };
+    assert!(
+        decrypt(file, pw, &out),
+        "{name} does not open with its password"
+    );
+    assert!(
+        !decrypt(file, "not-the-password", &wrong),
+        "{name} opens with a wrong one"
+    );
+    out
+}
+
 #[test]
 #[ignore = "needs root"]
-fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arrive_labeled() {
+fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arrive_encrypted() {
     let e = env("sess-dl", "unmanaged");
     let hc_guid = "9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d";
     let conf_guid = "4e1d2c3b-5a69-4b7c-8d9e-0f1a2b3c4d5e";
@@ -622,45 +697,93 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
         "highly-confidential.docx",
         "highly-confidential.pdf",
         "zip64-highly-confidential.docx",
-        "highly-confidential.odt",
     ] {
         let original = std::fs::read(fixture(name)).unwrap();
-        let (_, out) = download(&e, "alice@corp.example", name, original.clone());
-        assert_ne!(
-            std::fs::read(&out).unwrap(),
-            original,
-            "{name} not protected"
+        let (got, out) = download(&e, "alice@corp.example", name, original.clone());
+        // Nobody opens it without the password: the label is readable, the content is not.
+        assert!(
+            demo_app::read_label(&out, false).is_err(),
+            "{name} opens without a password"
         );
-        // LibreOffice 7.4 does not load packages in `zip -fz`'s zip64 layout (the original
-        // neither): python-docx reads that one.
-        let libreoffice =
-            (name.ends_with(".docx") || name.ends_with(".odt")) && !name.starts_with("zip64-");
-        let read = demo_app::read_label(&out, libreoffice).expect("opens");
-        assert_eq!(read["opened"], true);
-        let props = &read["properties"];
-        let key = |attr: &str| format!("MSIP_Label_{hc_guid}_{attr}");
-        assert_eq!(
-            props[key("Enabled")]
-                .as_str()
-                .map(str::to_ascii_lowercase)
-                .as_deref(),
-            Some("true"),
-            "{read}"
-        );
-        assert_eq!(props[key("Method")], "Privileged", "{read}");
-        assert_eq!(props["Sluice_Permissions"], "view", "{read}");
-        if libreoffice {
-            assert_eq!(read["libreoffice"], true, "LibreOffice opens it: {read}");
-        }
         let ev = e.event_for("GET", "/download");
         assert_eq!(ev["action"], "protect", "{ev}");
         assert_eq!(ev["policy"], "protect-hc-downloads-unmanaged");
         assert_eq!(ev["label_applied"], "highly-confidential");
         assert_eq!(ev["files"][0]["name"], name);
+        let protected = e.protected(&ev);
+        assert_eq!(protected.len(), 1, "{ev}");
+        let (p, secrets) = &protected[0];
+        assert_eq!(p.template, "organisation-only");
+        assert_eq!(p.open, "organisation");
+        assert_eq!(p.rights, ["view", "print"]);
+        assert_eq!(p.sha256, hex(&sha256(&std::fs::read(&out).unwrap())));
+        assert_eq!(p.original_sha256, hex(&sha256(&original)));
+        assert!(p.expires_at.is_some());
+        // The response says where the password is given.
+        assert_eq!(
+            got.header("sluice-protected").as_deref(),
+            Some(p.release_id.as_str())
+        );
+        // `sluice inspect` reads the label and the release id without the password.
+        let facts = std::process::Command::new(bin("sluice"))
+            .args(["inspect", "--bundle"])
+            .arg(default_bundle())
+            .arg(&out)
+            .output()
+            .unwrap();
+        let facts: serde_json::Value = serde_json::from_slice(&facts.stdout).unwrap();
+        assert_eq!(facts["encrypted"], true, "{facts}");
+        assert_eq!(facts["release_id"], p.release_id.as_str(), "{facts}");
+        assert_eq!(facts["labels"][0]["guid"], hc_guid, "{facts}");
+
+        let plain = open_protected(&e, &out, secrets);
+        // LibreOffice 7.4 does not load packages in `zip -fz`'s zip64 layout (the original
+        // neither): python-docx reads that one.
+        let libreoffice = name.ends_with(".docx") && !name.starts_with("zip64-");
+        let read = demo_app::read_label(&plain, libreoffice).expect("opens");
+        assert_eq!(read["label"], hc_guid, "{read}");
+        assert_eq!(
+            read["properties"][format!("MSIP_Label_{hc_guid}_Method")],
+            "Privileged"
+        );
+        assert_eq!(
+            read["properties"]["Sluice_Permissions"], "view,print",
+            "{read}"
+        );
+        if libreoffice {
+            assert_eq!(read["libreoffice"], true, "LibreOffice opens it: {read}");
+        }
     }
 
-    // An archive holding a Highly Confidential document: the document inside arrives labeled
-    // and protected, the other member byte for byte.
+    // OpenDocument has no standard encryption Sluice writes: not delivered, and the message
+    // says which formats can be.
+    let (got, _) = {
+        let info = e
+            .app
+            .seed(
+                "plan.odt",
+                std::fs::read(fixture("highly-confidential.odt")).unwrap(),
+                "alice@corp.example",
+            )
+            .unwrap();
+        let got = e.curl(
+            Some("alice@corp.example"),
+            &[&e.url(&format!("/files/{}/download", info.id))],
+        );
+        (got, ())
+    };
+    assert_eq!(got.status, 403, "{}", got.text());
+    assert!(
+        got.text().contains("must arrive encrypted"),
+        "{}",
+        got.text()
+    );
+    let ev = e.event_for("GET", "/download");
+    assert_eq!(ev["action"], "block", "{ev}");
+    assert!(ev["protected"].as_array().is_none_or(Vec::is_empty), "{ev}");
+
+    // An archive holding a Highly Confidential document: the document inside arrives
+    // encrypted, the other member byte for byte.
     let name = "zipped-highly-confidential.zip";
     let (_, out) = download(
         &e,
@@ -679,26 +802,30 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
         .status()
         .expect("python3");
     assert!(status.success(), "the archive does not unpack");
-    let read =
-        demo_app::read_label(&unpacked.join("highly-confidential.docx"), true).expect("opens");
-    assert_eq!(read["label"], hc_guid, "{read}");
-    assert_eq!(read["properties"]["Sluice_Permissions"], "view", "{read}");
-    assert_eq!(read["libreoffice"], true, "{read}");
     assert_eq!(
         std::fs::read(unpacked.join("plain.pdf")).unwrap(),
         std::fs::read(fixture("plain.pdf")).unwrap()
     );
     let ev = e.event_for("GET", "/download");
     assert_eq!(ev["action"], "protect", "{ev}");
-    assert_eq!(ev["policy"], "protect-hc-downloads-unmanaged", "{ev}");
-    assert_eq!(ev["label_applied"], "highly-confidential", "{ev}");
     assert_eq!(
         ev["files"][1]["name"],
         format!("{name}/highly-confidential.docx"),
         "{ev}"
     );
+    let protected = e.protected(&ev);
+    assert_eq!(protected.len(), 1, "{ev}");
+    let plain = open_protected(
+        &e,
+        &unpacked.join("highly-confidential.docx"),
+        &protected[0].1,
+    );
+    let read = demo_app::read_label(&plain, true).expect("opens");
+    assert_eq!(read["label"], hc_guid, "{read}");
+    assert_eq!(read["libreoffice"], true, "{read}");
 
-    // Asking for a byte range does not get an unlabeled piece: the whole file arrives, labeled.
+    // Asking for a byte range does not get an unprotected piece: the whole file arrives,
+    // encrypted.
     let original = std::fs::read(fixture("highly-confidential.docx")).unwrap();
     let info = e
         .app
@@ -713,35 +840,67 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
         ],
     );
     assert_eq!(got.status, 200, "{}", got.text());
-    assert!(got.body.len() > original.len());
+    assert!(
+        got.body.starts_with(&[0xd0, 0xcf, 0x11, 0xe0]),
+        "an encrypted package"
+    );
     let out = e.dir.join("ranged.docx");
     std::fs::write(&out, &got.body).unwrap();
-    let read = demo_app::read_label(&out, false).expect("opens");
-    assert_eq!(read["properties"]["Sluice_Permissions"], "view", "{read}");
+    let ev = e.event_for("GET", "/download");
+    let protected = e.protected(&ev);
+    let plain = open_protected(&e, &out, &protected[0].1);
+    let read = demo_app::read_label(&plain, false).expect("opens");
+    assert_eq!(read["label"], hc_guid, "{read}");
 
-    // A guest's download of an unlabeled workbook and presentation arrives labeled Confidential,
-    // view only.
+    // A guest's download of an unlabeled workbook, presentation and PDF arrives labeled
+    // Confidential, encrypted for that guest alone, view only.
     for name in ["plain.xlsx", "plain.pptx", "plain.pdf"] {
         let original = std::fs::read(fixture(name)).unwrap();
         let (_, out) = download(&e, "carol@corp.example", name, original);
-        let read = demo_app::read_label(&out, false).expect("opens");
-        let props = &read["properties"];
-        assert_eq!(
-            props[format!("MSIP_Label_{conf_guid}_Enabled")]
-                .as_str()
-                .map(str::to_ascii_lowercase)
-                .as_deref(),
-            Some("true"),
-            "{name}: {read}"
-        );
-        assert_eq!(props["Sluice_Permissions"], "view", "{name}: {read}");
         let ev = e.event_for("GET", "/download");
         assert_eq!(ev["policy"], "guest-downloads-view-only", "{ev}");
         assert_eq!(ev["user"], "carol@corp.example");
+        let protected = e.protected(&ev);
+        let (p, secrets) = &protected[0];
+        assert_eq!(p.template, "guest-view-only");
+        assert_eq!(p.open, "downloader");
+        assert_eq!(p.users, ["carol@corp.example"]);
+        assert_eq!(p.rights, ["view"]);
+        let plain = open_protected(&e, &out, secrets);
+        let read = demo_app::read_label(&plain, false).expect("opens");
+        assert_eq!(read["label"], conf_guid, "{name}: {read}");
+        assert_eq!(
+            read["properties"]["Sluice_Permissions"], "view",
+            "{name}: {read}"
+        );
+        if name.ends_with(".pdf") {
+            // View only: no printing, copying, changing or annotating.
+            let show = std::process::Command::new("qpdf")
+                .arg(format!(
+                    "--password={}",
+                    secrets.open_password.as_deref().unwrap()
+                ))
+                .arg("--show-encryption")
+                .arg(&out)
+                .output()
+                .unwrap();
+            let show = String::from_utf8_lossy(&show.stdout).into_owned();
+            for what in [
+                "print low resolution",
+                "extract for any purpose",
+                "modify other",
+                "modify annotations",
+            ] {
+                assert!(
+                    show.contains(&format!("{what}: not allowed")),
+                    "{what}: {show}"
+                );
+            }
+        }
     }
 
     // A legacy .doc cannot carry the view-only restriction, so a guest does not get it: the
-    // message asks for the modern format.
+    // message asks for another format.
     let doc = e
         .app
         .seed(
@@ -756,7 +915,7 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
     );
     assert_eq!(got.status, 403, "{}", got.text());
     assert!(
-        got.text().contains("cannot carry the protection"),
+        got.text().contains("must arrive encrypted"),
         "{}",
         got.text()
     );
@@ -764,17 +923,21 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
     assert_eq!(ev["policy"], "block-unprotectable-guest-downloads", "{ev}");
     assert_eq!(ev["action"], "block");
 
-    // A text file cannot carry the restriction either: the app's not-inspectable action
-    // (monitor) applies, and the event says so rather than claiming protection.
+    // Nor can a text file: it is blocked, never passed in clear, and the event says why.
     let text = b"meeting notes\n".to_vec();
-    let (got, _) = download(&e, "carol@corp.example", "notes.txt", text.clone());
-    assert_eq!(got.body, text);
+    let info = e.app.seed("notes.txt", text, "alice@corp.example").unwrap();
+    let got = e.curl(
+        Some("carol@corp.example"),
+        &[&e.url(&format!("/files/{}/download", info.id))],
+    );
+    assert_eq!(got.status, 403, "{}", got.text());
+    assert!(!got.text().contains("meeting notes"));
     let ev = e.event_for("GET", "/download");
-    assert_eq!(ev["action"], "monitor", "{ev}");
+    assert_eq!(ev["action"], "block", "{ev}");
     assert!(
         ev["detail"]
             .as_str()
-            .is_some_and(|d| d.contains("cannot be written into text files")),
+            .is_some_and(|d| d.contains("cannot be protected")),
         "{ev}"
     );
 
@@ -783,6 +946,50 @@ fn highly_confidential_downloads_to_an_unmanaged_device_and_guest_downloads_arri
     let (_, out) = download(&e, "bob@corp.example", "plain.docx", original.clone());
     assert_eq!(std::fs::read(&out).unwrap(), original);
     assert_eq!(e.event_for("GET", "/download")["action"], "monitor");
+
+    // No password is anywhere in the agent's state directory, spool or events in clear.
+    let passwords: Vec<String> = e
+        .events()
+        .iter()
+        .flat_map(|ev| e.protected(ev))
+        .filter_map(|(_, s)| s.open_password)
+        .collect();
+    assert!(passwords.len() >= 7, "{passwords:?}");
+    for file in walk(&e.dir.join("state"))
+        .into_iter()
+        .chain([e.events.clone()])
+    {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        for pw in &passwords {
+            assert!(
+                !bytes.windows(pw.len()).any(|w| w == pw.as_bytes()),
+                "a password in clear in {}",
+                file.display()
+            );
+        }
+    }
+}
+
+fn sha256(b: &[u8]) -> Vec<u8> {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(b).to_vec()
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 #[test]

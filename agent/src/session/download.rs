@@ -19,6 +19,9 @@ use super::{
 };
 use crate::proxy::hooks::{BodyVerdict, HeadVerdict, Side};
 
+/// The message template of a download that must be protected and cannot be.
+const CANNOT_PROTECT: &str = "download-cannot-be-protected";
+
 /// A response body that is held as a download.
 #[derive(Debug, Clone)]
 pub(super) struct Download {
@@ -243,6 +246,15 @@ impl Download {
                     rec.label_applied = label_for(cx, &d).map(|(id, spec)| (id, spec.permissions));
                 }
                 Ok(None) => {}
+                // A file that cannot be protected is never delivered in clear: blocked, with
+                // the message that says so.
+                Err(e) if d.action == Action::Protect => {
+                    files[0].not_inspectable.get_or_insert(e);
+                    d.action = Action::Block;
+                    if cx.set.templates.contains_key(CANNOT_PROTECT) {
+                        d.message = Some(CANNOT_PROTECT.into());
+                    }
+                }
                 // The label cannot be written: the file is handled as one that cannot be
                 // inspected, and the decision taken is that action, not the one the policy meant.
                 Err(e) => {

@@ -1,6 +1,13 @@
 //! Who may use the portal: local admin accounts (argon2id password hashes), sessions, CSRF tokens
 //! and the login rate limit.
 //!
+//! A session is one of two kinds. A local session belongs to an admin account of this collector
+//! and ends with it (a deleted account or a new password ends its sessions). An OpenID Connect
+//! session ([`super::oidc`]) carries the e-mail address and the groups the organisation's identity
+//! provider vouched for at sign-in; whether it gets the admin portal is decided from them by the
+//! configured `admins` at every request, so a changed configuration applies to open sessions at
+//! the next start, and without `[portal.oidc]` such sessions are void.
+//!
 //! - Passwords are stored as argon2id PHC strings (the crate's default parameters: 19 MiB, 2
 //!   passes), salted with 16 random bytes from aws-lc-rs. A login for an unknown name still
 //!   verifies against a fixed hash, so timing does not tell which names exist.
@@ -28,6 +35,7 @@ use rusqlite::{OptionalExtension as _, params};
 
 use crate::{
     Collector,
+    config::OidcConfig,
     store::{Store, StoreError, now_ms, sha256_hex},
 };
 
@@ -47,6 +55,14 @@ CREATE TABLE portal_sessions(
   last_seen INTEGER NOT NULL
 );
 CREATE INDEX portal_sessions_user ON portal_sessions(user);
+";
+
+/// Sessions of both kinds: `kind` is `local` (an admin account, `user` its name) or `oidc`
+/// (`user` and `email` the provider's verified e-mail, `groups` a JSON array of its groups).
+pub const SCHEMA_SESSION_KINDS: &str = "
+ALTER TABLE portal_sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'local';
+ALTER TABLE portal_sessions ADD COLUMN email TEXT NOT NULL DEFAULT '';
+ALTER TABLE portal_sessions ADD COLUMN groups TEXT NOT NULL DEFAULT '[]';
 ";
 
 /// The session cookie.
@@ -153,7 +169,10 @@ pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), Aut
             params![name, hash, now],
         )?;
         // A new password ends the account's sessions.
-        c.execute("DELETE FROM portal_sessions WHERE user = ?1", [name])
+        c.execute(
+            "DELETE FROM portal_sessions WHERE user = ?1 AND kind = 'local'",
+            [name],
+        )
     })?;
     Ok(())
 }
@@ -177,29 +196,89 @@ pub fn check_login(store: &Store, name: &str, password: &str) -> Result<bool, Au
     })
 }
 
+/// How a session was signed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    /// A local admin account's name and password.
+    Local,
+    /// The organisation's OpenID Connect provider.
+    Oidc,
+}
+
+impl SessionKind {
+    /// The `kind` column's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Oidc => "oidc",
+        }
+    }
+}
+
 /// A live session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
-    /// The admin.
+    /// Who: a local admin's account name, or the e-mail address an OIDC sign-in verified.
     pub user: String,
     /// The session's CSRF token.
     pub csrf: String,
+    /// How it was signed in.
+    pub kind: SessionKind,
+    /// The verified e-mail address (OIDC sessions; `None` for local admins).
+    pub email: Option<String>,
+    /// The groups the identity provider listed at sign-in (empty for local admins).
+    pub groups: Vec<String>,
+    /// Whether the session gets the admin portal: always for local admins; for OIDC sessions per
+    /// the configured `admins`.
+    pub admin: bool,
 }
 
-/// Starts a session for `user`; returns the cookie value (the id) and the session.
+/// Starts a session for the local admin `user`; returns the cookie value (the id) and the
+/// session.
 pub fn create_session(store: &Store, user: &str) -> Result<(String, Session), AuthError> {
+    insert_session(store, SessionKind::Local, user, &[], true)
+}
+
+/// Starts a session for a user the identity provider signed in as `email` with `groups`;
+/// `admin` is what the configuration says of them now (it is decided again at every lookup).
+pub fn create_oidc_session(
+    store: &Store,
+    email: &str,
+    groups: &[String],
+    admin: bool,
+) -> Result<(String, Session), AuthError> {
+    insert_session(store, SessionKind::Oidc, email, groups, admin)
+}
+
+fn insert_session(
+    store: &Store,
+    kind: SessionKind,
+    user: &str,
+    groups: &[String],
+    admin: bool,
+) -> Result<(String, Session), AuthError> {
     let id = random_token()?;
     let csrf = random_token()?;
     let now = now_ms();
+    let email = (kind == SessionKind::Oidc).then(|| user.to_owned());
+    let groups_json = serde_json::to_string(groups).unwrap_or_else(|_| "[]".into());
     store.with_conn(|c| {
         c.execute(
             "DELETE FROM portal_sessions WHERE last_seen < ?1 OR created_at < ?2",
             params![now - IDLE, now - ABSOLUTE],
         )?;
         c.execute(
-            "INSERT INTO portal_sessions(id_sha256, user, csrf, created_at, last_seen) \
-             VALUES (?1, ?2, ?3, ?4, ?4)",
-            params![sha256_hex(id.as_bytes()), user, csrf, now],
+            "INSERT INTO portal_sessions(id_sha256, user, csrf, created_at, last_seen, kind, \
+             email, groups) VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7)",
+            params![
+                sha256_hex(id.as_bytes()),
+                user,
+                csrf,
+                now,
+                kind.as_str(),
+                email.as_deref().unwrap_or(""),
+                groups_json
+            ],
         )
     })?;
     Ok((
@@ -207,33 +286,90 @@ pub fn create_session(store: &Store, user: &str) -> Result<(String, Session), Au
         Session {
             user: user.to_owned(),
             csrf,
+            kind,
+            email,
+            groups: groups.to_vec(),
+            admin,
         },
     ))
 }
 
-/// The live session of cookie value `id` at `now` (an ended one is deleted).
-pub fn lookup_session(store: &Store, id: &str, now: i64) -> Result<Option<Session>, AuthError> {
+/// A session row as stored.
+struct Row {
+    user: String,
+    csrf: String,
+    created: i64,
+    last_seen: i64,
+    kind: String,
+    email: String,
+    groups: String,
+}
+
+/// The live session of cookie value `id` at `now` (an ended one is deleted). `oidc` is the
+/// portal's OpenID Connect configuration: it says whether an OIDC session is an admin's, and
+/// without it OIDC sessions are void.
+pub fn lookup_session(
+    store: &Store,
+    id: &str,
+    now: i64,
+    oidc: Option<&OidcConfig>,
+) -> Result<Option<Session>, AuthError> {
     if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(None);
     }
     let key = sha256_hex(id.as_bytes());
-    let row: Option<(String, String, i64, i64)> = store.with_read(|c| {
+    // A local session lives only as long as its account.
+    let row: Option<Row> = store.with_read(|c| {
         c.query_row(
-            "SELECT s.user, s.csrf, s.created_at, s.last_seen FROM portal_sessions s \
-             JOIN portal_admins a ON a.name = s.user WHERE s.id_sha256 = ?1",
+            "SELECT s.user, s.csrf, s.created_at, s.last_seen, s.kind, s.email, s.groups \
+             FROM portal_sessions s LEFT JOIN portal_admins a ON a.name = s.user \
+             WHERE s.id_sha256 = ?1 AND (s.kind = 'oidc' OR a.name IS NOT NULL)",
             [&key],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| {
+                Ok(Row {
+                    user: r.get(0)?,
+                    csrf: r.get(1)?,
+                    created: r.get(2)?,
+                    last_seen: r.get(3)?,
+                    kind: r.get(4)?,
+                    email: r.get(5)?,
+                    groups: r.get(6)?,
+                })
+            },
         )
         .optional()
     })?;
-    let Some((user, csrf, created, last_seen)) = row else {
+    let Some(row) = row else {
         return Ok(None);
     };
-    if !session_live(created, last_seen, now) {
+    let (created, last_seen) = (row.created, row.last_seen);
+    let session = match row.kind.as_str() {
+        "local" => Some(Session {
+            user: row.user,
+            csrf: row.csrf,
+            kind: SessionKind::Local,
+            email: None,
+            groups: Vec::new(),
+            admin: true,
+        }),
+        "oidc" => oidc.map(|o| {
+            let groups: Vec<String> = serde_json::from_str(&row.groups).unwrap_or_default();
+            Session {
+                admin: o.is_admin(&row.email, &groups),
+                user: row.user,
+                csrf: row.csrf,
+                kind: SessionKind::Oidc,
+                email: Some(row.email),
+                groups,
+            }
+        }),
+        _ => None,
+    };
+    let Some(session) = session.filter(|_| session_live(created, last_seen, now)) else {
         store
             .with_conn(|c| c.execute("DELETE FROM portal_sessions WHERE id_sha256 = ?1", [&key]))?;
         return Ok(None);
-    }
+    };
     if now - last_seen >= TOUCH_EVERY {
         store.with_conn(|c| {
             c.execute(
@@ -242,7 +378,7 @@ pub fn lookup_session(store: &Store, id: &str, now: i64) -> Result<Option<Sessio
             )
         })?;
     }
-    Ok(Some(Session { user, csrf }))
+    Ok(Some(session))
 }
 
 /// Ends the session of cookie value `id`.
@@ -269,10 +405,16 @@ pub fn set_cookie(name: &str, value: &str, max_age: i64) -> String {
     format!("{name}={value}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age}")
 }
 
+/// As [`set_cookie`] but `SameSite=Lax`: for a cookie that must come back on a top-level
+/// navigation from another site (the identity provider's redirect to the callback).
+pub fn set_lax_cookie(name: &str, value: &str, max_age: i64) -> String {
+    format!("{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age}")
+}
+
 /// The session of a request, when it carries a live one.
 pub fn request_session(c: &Collector, headers: &hyper::HeaderMap) -> Option<Session> {
     let id = cookie(headers, SESSION_COOKIE)?;
-    match lookup_session(&c.store, id, now_ms()) {
+    match lookup_session(&c.store, id, now_ms(), c.config.portal.oidc.as_ref()) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "portal session lookup failed");
@@ -366,7 +508,10 @@ mod tests {
         let (id, sess) = create_session(&s, "admin").unwrap();
         assert_eq!(id.len(), 64);
         let now = now_ms();
-        assert_eq!(lookup_session(&s, &id, now).unwrap(), Some(sess.clone()));
+        assert_eq!(
+            lookup_session(&s, &id, now, None).unwrap(),
+            Some(sess.clone())
+        );
         // Only the hash is stored.
         let stored: i64 = s
             .with_read(|c| {
@@ -389,23 +534,79 @@ mod tests {
             .unwrap();
         assert_eq!(raw, 0);
         // Unknown and malformed ids.
-        assert_eq!(lookup_session(&s, &"0".repeat(64), now).unwrap(), None);
         assert_eq!(
-            lookup_session(&s, "'; DROP TABLE x; --", now).unwrap(),
+            lookup_session(&s, &"0".repeat(64), now, None).unwrap(),
+            None
+        );
+        assert_eq!(
+            lookup_session(&s, "'; DROP TABLE x; --", now, None).unwrap(),
             None
         );
         // Idle expiry deletes the session.
-        assert_eq!(lookup_session(&s, &id, now + IDLE + 1).unwrap(), None);
-        assert_eq!(lookup_session(&s, &id, now).unwrap(), None);
+        assert_eq!(lookup_session(&s, &id, now + IDLE + 1, None).unwrap(), None);
+        assert_eq!(lookup_session(&s, &id, now, None).unwrap(), None);
 
         let (id2, _) = create_session(&s, "admin").unwrap();
         delete_session(&s, &id2).unwrap();
-        assert_eq!(lookup_session(&s, &id2, now_ms()).unwrap(), None);
+        assert_eq!(lookup_session(&s, &id2, now_ms(), None).unwrap(), None);
 
         // A password change ends sessions.
         let (id3, _) = create_session(&s, "admin").unwrap();
         set_password(&s, "admin", "another long password").unwrap();
-        assert_eq!(lookup_session(&s, &id3, now_ms()).unwrap(), None);
+        assert_eq!(lookup_session(&s, &id3, now_ms(), None).unwrap(), None);
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn oidc_sessions_carry_who_and_follow_the_configuration() {
+        let (s, dir) = store("oidc");
+        let groups = vec!["staff".to_owned(), "sluice-admins".to_owned()];
+        let (id, sess) = create_oidc_session(&s, "bob@corp.example", &groups, true).unwrap();
+        assert_eq!(sess.kind, SessionKind::Oidc);
+        assert_eq!(sess.email.as_deref(), Some("bob@corp.example"));
+        let cfg = |admins: &str| {
+            crate::Config::parse(&format!(
+                "state_dir = \"/x\"\n[portal.oidc]\nissuer = \"https://idp.example\"\n\
+                 client_id = \"c\"\nredirect_url = \"https://c.example/auth/oidc/callback\"\n\
+                 admins = [{admins}]\n"
+            ))
+            .unwrap()
+            .portal
+            .oidc
+            .unwrap()
+        };
+        let now = now_ms();
+        let admins = cfg("\"group:sluice-admins\"");
+        let got = lookup_session(&s, &id, now, Some(&admins))
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.user, "bob@corp.example");
+        assert_eq!(got.groups, groups);
+        assert!(got.admin);
+        // Out of the admins: a member at once.
+        let got = lookup_session(&s, &id, now, Some(&cfg("\"alice@corp.example\"")))
+            .unwrap()
+            .unwrap();
+        assert!(!got.admin);
+        // An admin account's password change does not touch OIDC sessions of the same name.
+        set_password(&s, "bob@corp.example", "a long enough password").unwrap();
+        assert!(
+            lookup_session(&s, &id, now, Some(&admins))
+                .unwrap()
+                .is_some()
+        );
+        // Without OIDC configured the session is void.
+        assert_eq!(lookup_session(&s, &id, now, None).unwrap(), None);
+        assert_eq!(lookup_session(&s, &id, now, Some(&admins)).unwrap(), None);
+        // A local session still needs its account.
+        let (lid, local) = create_session(&s, "bob@corp.example").unwrap();
+        assert_eq!(local.kind, SessionKind::Local);
+        let now = now_ms();
+        assert!(lookup_session(&s, &lid, now, None).unwrap().unwrap().admin);
+        s.with_conn(|c| c.execute("DELETE FROM portal_admins", []))
+            .unwrap();
+        assert_eq!(lookup_session(&s, &lid, now, None).unwrap(), None);
         drop(s);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -117,6 +117,8 @@ pub enum Nav {
     Devices,
     /// Bundles.
     Bundles,
+    /// The signed-in person's own page.
+    Me,
     /// None (login, errors).
     None,
 }
@@ -124,10 +126,12 @@ pub enum Nav {
 /// The signed-in user and the session's CSRF token, for the page frame.
 #[derive(Debug, Clone)]
 pub struct Who<'a> {
-    /// Admin name.
+    /// Admin name, or a member's e-mail address.
     pub user: &'a str,
     /// The session's CSRF token.
     pub csrf: &'a str,
+    /// Whether the admin pages are theirs (members see only their own page in the navigation).
+    pub admin: bool,
 }
 
 /// A hidden CSRF field.
@@ -157,14 +161,21 @@ pub fn page(title: &str, nav: Nav, who: Option<&Who<'_>>, body: &str) -> String 
             };
             format!("<a href=\"{href}\"{cur}>{label}</a>")
         };
+        let items = if w.admin {
+            format!(
+                "{}{}{}",
+                item(Nav::Activity, "/events", "Activity"),
+                item(Nav::Devices, "/devices", "Devices"),
+                item(Nav::Bundles, "/bundles", "Bundles"),
+            )
+        } else {
+            item(Nav::Me, "/me", "Your page")
+        };
         let _ = write!(
             s,
-            "<header><span class=\"brand\">Sluice</span><nav>{}{}{}</nav>\
-             <form class=\"who\" method=\"post\" action=\"/logout\">{}<span>{}</span> \
-             <button type=\"submit\">Sign out</button></form></header>",
-            item(Nav::Activity, "/events", "Activity"),
-            item(Nav::Devices, "/devices", "Devices"),
-            item(Nav::Bundles, "/bundles", "Bundles"),
+            "<header><span class=\"brand\">Sluice</span><nav>{items}</nav>\
+             <form class=\"who\" method=\"post\" action=\"/logout\">{}<a href=\"/me\" \
+             class=\"me\">{}</a> <button type=\"submit\">Sign out</button></form></header>",
             csrf_field(w.csrf),
             esc(w.user)
         );
@@ -211,6 +222,8 @@ dl.fields{display:grid;grid-template-columns:12em 1fr;gap:.2em 1em;background:#f
 dl.fields dt{color:#4a5263}dl.fields dd{margin:0;word-break:break-all}\
 .login{max-width:22em;margin:4em auto;background:#fff;padding:1.5em;border:1px solid #e3e6ec}\
 .login label{display:block;margin:.6em 0}.login input{width:100%}\
+a.oidc{display:block;text-align:center;padding:.45em;background:#2b5fd9;color:#fff;border-radius:3px;text-decoration:none}\
+header a.me{color:#fff;margin-right:0}\
 svg.chart{background:#fff;border:1px solid #e3e6ec;max-width:100%;height:auto}\
 .pager{margin:.8em 0}\
 ";

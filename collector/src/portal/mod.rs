@@ -8,6 +8,12 @@
 //! offline and under a strict content security policy (`default-src 'none'`), with one stylesheet
 //! served from `/portal.css`. The chart is an SVG drawn here.
 //!
+//! Two kinds of people sign in. Local admin accounts (name and password) and the organisation's
+//! people named in `[portal.oidc] admins` get the admin pages above; everyone else the
+//! organisation's OpenID Connect provider signs in ([`oidc`]) is a member, who gets their own
+//! page (`/me`) and a friendly 403 on every admin page (and on the query API). [`identity`] says
+//! who a request comes from, for pages that show members what is theirs.
+//!
 //! Accounts, sessions, CSRF tokens and the sign-in rate limit live in [`auth`]; the store does
 //! every query ([`crate::store::Store::search`], [`crate::store::Store::stats`], ...) and the
 //! query language is [`crate::query`]: the filter fields are folded into the query text, so what
@@ -18,7 +24,9 @@
 
 pub mod auth;
 pub mod chart;
+mod files;
 pub mod html;
+pub mod oidc;
 
 use std::{fmt::Write as _, net::IpAddr, sync::Arc};
 
@@ -37,7 +45,13 @@ use crate::{
 };
 
 /// Portal migrations, run after the store's own (recorded by name).
-pub const MIGRATIONS: &[(&str, &str)] = &[("portal_0001_accounts", auth::SCHEMA)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("portal_0001_accounts", auth::SCHEMA),
+    ("portal_0002_session_kinds", auth::SCHEMA_SESSION_KINDS),
+    ("portal_0003_oidc_flows", oidc::SCHEMA),
+    // Key release keeps its passwords in the same database.
+    ("release_0001_releases", crate::release::SCHEMA),
+];
 
 /// Largest form body read (bytes).
 const MAX_FORM: usize = 64 * 1024;
@@ -58,10 +72,39 @@ pub fn set_admin_password(c: &Collector, name: &str, password: &str) -> anyhow::
     Ok(())
 }
 
-/// The admin signed in by the request's session cookie, when it carries a live session (the
-/// query API accepts it as authentication).
+/// The admin signed in by the request's session cookie, when it carries a live session of an
+/// admin (the query API accepts it as authentication; a member's session is not enough).
 pub fn session_user(c: &Collector, headers: &HeaderMap) -> Option<String> {
-    auth::request_session(c, headers).map(|s| s.user)
+    auth::request_session(c, headers)
+        .filter(|s| s.admin)
+        .map(|s| s.user)
+}
+
+/// Who a portal request comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The e-mail address the organisation's provider verified; for a local admin, the
+    /// account's name.
+    pub email: String,
+    /// The groups the provider listed at sign-in (none for a local admin).
+    pub groups: Vec<String>,
+    /// Whether the admin pages are open to them.
+    pub admin: bool,
+}
+
+/// The identity of the request's live portal session, if it carries one: what pages that show
+/// a person what is theirs (the protected files they may open, ...) go by. Blocking (store).
+pub fn identity(c: &Collector, headers: &HeaderMap) -> Option<Identity> {
+    auth::request_session(c, headers).map(|s| Identity {
+        email: s.email.unwrap_or(s.user),
+        groups: s.groups,
+        admin: s.admin,
+    })
+}
+
+/// Where a signed-in person starts.
+fn landing(admin: bool) -> &'static str {
+    if admin { "/events" } else { "/me" }
 }
 
 /// What a portal handler sees of a request.
@@ -136,11 +179,29 @@ fn route(c: &Collector, r: &Req) -> Response<BoxBody> {
         (&Method::GET, "/favicon.ico") => return not_found(None),
         (&Method::GET, "/login") => return login_get(c, r, None, StatusCode::OK),
         (&Method::POST, "/login") => return login_post(c, r),
+        (&Method::GET, oidc::START_PATH | oidc::CALLBACK_PATH) => {
+            let Some(p) = c.oidc.as_ref() else {
+                return not_found(None);
+            };
+            return if path == oidc::START_PATH {
+                oidc::start(c, p)
+            } else {
+                oidc::callback(c, p, r)
+            };
+        }
         _ => {}
     }
     let Some(session) = auth::request_session(c, &r.headers) else {
         return if r.method == Method::GET || r.method == Method::HEAD {
-            redirect("/login")
+            // A protected file's link: after sign-in, back to it.
+            let mut resp = redirect("/login");
+            if let Some(id) = files::link_id(path) {
+                add_cookie(
+                    &mut resp,
+                    &auth::set_lax_cookie(files::NEXT_COOKIE, id, files::NEXT_COOKIE_S),
+                );
+            }
+            resp
         } else {
             message_page(
                 StatusCode::FORBIDDEN,
@@ -163,9 +224,39 @@ fn route(c: &Collector, r: &Req) -> Response<BoxBody> {
     let who = Who {
         user: &session.user,
         csrf: &session.csrf,
+        admin: session.admin,
     };
+    // Members get their own page and sign-out; everything else is the admins'.
+    let for_members = matches!(
+        (&r.method, path),
+        (&Method::GET, "/" | "/me" | "/files") | (&Method::POST, "/logout")
+    ) || files::link_id(path).is_some()
+        || (r.method == Method::POST && files::reveal_id(path).is_some());
+    if !session.admin && !for_members {
+        tracing::info!(path, user = %session.user, "portal admin page refused to a member");
+        return html_page(
+            StatusCode::FORBIDDEN,
+            html::page(
+                "Not for members",
+                Nav::None,
+                Some(&who),
+                "<h1>This page is for the portal's administrators</h1>\
+                 <p id=\"forbidden\">You are signed in as a member of the organisation; the \
+                 activity log, devices and bundles are open to the portal's administrators only.</p>\
+                 <p><a href=\"/me\">Go to your page</a></p>",
+            ),
+        );
+    }
     let result = match (&r.method, path) {
-        (&Method::GET, "/") => Ok(redirect("/events")),
+        (&Method::GET, "/") => Ok(redirect(landing(session.admin))),
+        (&Method::GET, "/me") => Ok(me_page(&session, &who)),
+        (&Method::GET, "/files") => files::list(c, &session, &who),
+        (&Method::GET, p) if files::link_id(p).is_some() => {
+            files::show(c, &session, &who, files::link_id(p).unwrap_or_default())
+        }
+        (&Method::POST, p) if files::reveal_id(p).is_some() => {
+            files::reveal(c, &session, &who, files::reveal_id(p).unwrap_or_default())
+        }
         (&Method::POST, "/logout") => Ok(logout(c, r)),
         (&Method::GET, "/events") => events_page(c, r, &who, None),
         (&Method::GET, "/devices") => devices_page(c, &who),
@@ -260,11 +351,49 @@ fn message_page(status: StatusCode, title: &str, text: &str) -> Response<BoxBody
             Nav::None,
             None,
             &format!(
-                "<h1>{}</h1><p>{}</p><p><a href=\"/events\">Back to the portal</a></p>",
+                "<h1>{}</h1><p>{}</p><p><a href=\"/\">Back to the portal</a></p>",
                 esc(title),
                 esc(text)
             ),
         ),
+    )
+}
+
+fn me_page(session: &Session, who: &Who<'_>) -> Response<BoxBody> {
+    let email = session.email.as_deref().unwrap_or(&session.user);
+    let mut body = format!(
+        "<h1>Your page</h1><section aria-label=\"Who\"><p id=\"signed-in-as\">Signed in as \
+         <strong>{}</strong>{}.</p>",
+        esc(email),
+        match session.kind {
+            auth::SessionKind::Oidc => " through your organisation's sign-in",
+            auth::SessionKind::Local => " with a local admin account",
+        },
+    );
+    if session.groups.is_empty() {
+        body.push_str("<p class=\"note\" id=\"groups\">No groups.</p>");
+    } else {
+        body.push_str("<h2>Your groups</h2><ul id=\"groups\">");
+        for g in &session.groups {
+            let _ = write!(body, "<li>{}</li>", esc(g));
+        }
+        body.push_str("</ul>");
+    }
+    body.push_str("<p><a id=\"files-link\" href=\"/files\">Protected files you may open</a></p>");
+    let _ = write!(
+        body,
+        "<p>{}</p><form method=\"post\" action=\"/logout\">{}\
+         <button type=\"submit\" id=\"sign-out\">Sign out</button></form></section>",
+        if session.admin {
+            "You are one of the portal's administrators: <a href=\"/events\">the activity log</a>."
+        } else {
+            "You are a member of the organisation."
+        },
+        csrf_field(&session.csrf)
+    );
+    html_page(
+        StatusCode::OK,
+        html::page("Your page", Nav::Me, Some(who), &body),
     )
 }
 
@@ -289,8 +418,10 @@ fn login_get(
     message: Option<&str>,
     status: StatusCode,
 ) -> Response<BoxBody> {
-    if message.is_none() && auth::request_session(c, &r.headers).is_some() {
-        return redirect("/events");
+    if message.is_none()
+        && let Some(s) = auth::request_session(c, &r.headers)
+    {
+        return redirect(landing(s.admin));
     }
     // The token of an earlier sign-in form stays valid, so two open forms (or a browser's
     // background request landing here) do not invalidate each other.
@@ -306,8 +437,15 @@ fn login_get(
     let msg = message
         .map(|m| format!("<p class=\"error\" role=\"alert\">{}</p>", esc(m)))
         .unwrap_or_default();
+    // People of the organisation sign in at its provider; the form is for local admins.
+    let organisation = if c.oidc.is_some() {
+        "<p><a class=\"oidc\" id=\"oidc-sign-in\" href=\"/auth/oidc\">Sign in with your \
+         organisation</a></p><p class=\"note\">Or with a local admin account:</p>"
+    } else {
+        ""
+    };
     let body = format!(
-        "<form class=\"login\" method=\"post\" action=\"/login\"><h1>Sluice portal</h1>{msg}\
+        "<form class=\"login\" method=\"post\" action=\"/login\"><h1>Sluice portal</h1>{msg}{organisation}\
          <input type=\"hidden\" name=\"csrf\" value=\"{t}\">\
          <label>Name <input name=\"user\" autocomplete=\"username\" required autofocus></label>\
          <label>Password <input type=\"password\" name=\"password\" \
