@@ -279,8 +279,12 @@ fn protections(
                 return Err(bad(format!("group `{g}` is not in directory.yaml")));
             }
         }
-        if t.expires_days > 3650 {
-            return Err(bad("expires_days is at most 3650".into()));
+        match t.expires_after_ms() {
+            Err(e) => return Err(bad(e)),
+            Ok(Some(ms)) if ms > 3650 * 86_400_000 => {
+                return Err(bad("expires_after is at most 3650d".into()));
+            }
+            Ok(_) => {}
         }
         if out.insert(t.id.clone(), t.clone()).is_some() {
             return Err(bad("declared twice".into()));

@@ -148,13 +148,39 @@ pub struct ProtectionTemplate {
     /// What opening allows (`view` is implied).
     #[serde(default)]
     pub rights: Vec<Right>,
-    /// Days after the download the password is released (0: no end). Default 30.
-    #[serde(default = "thirty")]
-    pub expires_days: u32,
+    /// How long after the download the password is released: a number and a unit (`s`, `m`,
+    /// `h`, `d`), e.g. `30d` or `12h`; `0` never ends. Default `30d`.
+    #[serde(default = "thirty_days")]
+    pub expires_after: String,
 }
 
-fn thirty() -> u32 {
-    30
+fn thirty_days() -> String {
+    "30d".into()
+}
+
+impl ProtectionTemplate {
+    /// [`ProtectionTemplate::expires_after`] in milliseconds: `Ok(None)` for no end, an error
+    /// for a value that is not a duration.
+    pub fn expires_after_ms(&self) -> Result<Option<u64>, String> {
+        let s = self.expires_after.trim();
+        if s == "0" {
+            return Ok(None);
+        }
+        let bad = || format!("expires_after `{s}` is not a duration like 30d, 12h, 90m or 45s");
+        let unit = s.chars().last().ok_or_else(bad)?;
+        let n: u64 = s[..s.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
+        let ms = match unit {
+            's' => 1000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
+            _ => return Err(bad()),
+        };
+        if n == 0 {
+            return Err(bad());
+        }
+        n.checked_mul(ms).map(Some).ok_or_else(bad)
+    }
 }
 
 /// `templates.yaml`: messages shown when Sluice blocks.

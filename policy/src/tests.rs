@@ -527,7 +527,7 @@ fn protect_takes_a_protection_template_that_must_exist_and_hold_together() {
     let t = &set.protections["guest-view-only"];
     assert_eq!(t.open, Opener::Downloader);
     assert_eq!(t.rights, vec![Right::View]);
-    assert_eq!(t.expires_days, 7);
+    assert_eq!(t.expires_after_ms(), Ok(Some(7 * 86_400_000)));
     assert_eq!(
         set.labels["highly-confidential"].protection.as_deref(),
         Some("organisation-only")
@@ -574,6 +574,16 @@ fn protect_takes_a_protection_template_that_must_exist_and_hold_together() {
             ok_template,
             "    protection: missing\n",
             "protection `missing` is not in `protections`",
+        ),
+        (
+            "  - id: p\n    open: anyone\n    expires_after: 3 weeks\n",
+            "",
+            "is not a duration",
+        ),
+        (
+            "  - id: p\n    open: anyone\n    expires_after: 4000d\n",
+            "",
+            "at most 3650d",
         ),
     ] {
         let e = PolicySet::compile(

@@ -26,6 +26,7 @@ pub mod idp;
 pub mod loadgen;
 pub mod netns;
 pub mod origin;
+pub mod portal;
 
 const PATTERN_BLOCK: usize = 64 * 1024;
 

@@ -15,110 +15,16 @@
 
 use std::{
     fs,
-    net::TcpStream,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::Duration,
+    path::PathBuf,
+    process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, Result, bail};
-use serde_json::json;
 use sluice_e2e::{
-    TempDir, bin,
-    browser::{Browser, Cdp},
-    free_port,
+    TempDir,
+    browser::Cdp,
     idp::{DEMO_PASSWORD, Idp, IdpUser, Misbehave},
-    wait_until,
+    portal::{Collector, SESSION_COOKIE, browser, session, sign_in, start_collector, wait_at},
 };
-
-const SESSION_COOKIE: &str = "__Host-sluice-session";
-
-struct Collector {
-    child: Child,
-    base: String,
-    ca: PathBuf,
-    log: PathBuf,
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Collector {
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// Starts a collector in `dir` whose portal signs people in at `idp` as `client_id` (with the
-/// secret in `secret_file` when given); `group:sluice-admins` gets the admin pages.
-fn start_collector(
-    dir: &Path,
-    idp: &Idp,
-    client_id: &str,
-    secret_file: Option<&Path>,
-) -> Result<Collector> {
-    let state = dir.join("state");
-    let cfg = dir.join("collector.toml");
-    // The callback URL is registered before the collector runs, so its port is chosen here.
-    let port = free_port();
-    let secret = secret_file
-        .map(|f| format!("client_secret_file = \"{}\"\n", f.display()))
-        .unwrap_or_default();
-    fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n\n[portal.oidc]\n\
-             issuer = \"{}\"\nclient_id = \"{client_id}\"\n{secret}\
-             redirect_url = \"https://127.0.0.1:{port}/auth/oidc/callback\"\n\
-             ca_file = \"{}\"\nadmins = [\"group:sluice-admins\", \"alice@corp.example\"]\n",
-            state.display(),
-            idp.issuer(),
-            idp.ca_file().display()
-        ),
-    )?;
-    let log = dir.join("collector.log");
-    let child = Command::new(bin("sluice-collector"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log)?)
-        .spawn()?;
-    let mut c = Collector {
-        child,
-        base: format!("https://127.0.0.1:{port}"),
-        ca: state.join("tls/ca.pem"),
-        log,
-    };
-    let mut exited = false;
-    wait_until(Duration::from_secs(20), || {
-        exited = c.child.try_wait().ok().flatten().is_some();
-        exited
-            || (state.join("listen.addr").exists()
-                && TcpStream::connect(("127.0.0.1", port)).is_ok())
-    });
-    if exited || TcpStream::connect(("127.0.0.1", port)).is_err() {
-        bail!("the collector did not listen: {}", c.log());
-    }
-    Ok(c)
-}
-
-/// The browser's portal session cookie, if it holds one.
-fn session(cdp: &mut Cdp, c: &Collector) -> Option<String> {
-    let cookies = cdp
-        .call("Network.getCookies", json!({ "urls": [c.base.clone()] }))
-        .unwrap();
-    cookies["cookies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == SESSION_COOKIE)
-        .map(|k| k["value"].as_str().unwrap_or_default().to_owned())
-}
 
 /// The status of `GET url` with `cookie` (curl, trusting the collector's CA).
 fn status(c: &Collector, cookie: Option<&str>, url: &str) -> String {
@@ -139,46 +45,6 @@ fn status(c: &Collector, cookie: Option<&str>, url: &str) -> String {
     }
     let out = cmd.arg(url).stdin(Stdio::null()).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// From the portal's sign-in page to the provider's form, and submits it with `email` and
-/// `password` (or cancels when `password` is `None`). The page loaded next is the provider's
-/// (a refused password) or the portal's callback.
-fn sign_in(
-    cdp: &mut Cdp,
-    c: &Collector,
-    idp: &Idp,
-    email: &str,
-    password: Option<&str>,
-) -> Result<()> {
-    cdp.navigate(&format!("{}/login", c.base))?;
-    cdp.click_and_wait_load("#oidc-sign-in")?;
-    let url = cdp.url()?;
-    if !url.starts_with(&format!("{}/authorize?", idp.issuer())) {
-        bail!("not at the provider's form: {url}");
-    }
-    cdp.fill("input[name=email]", email)?;
-    match password {
-        Some(p) => {
-            cdp.fill("input[name=password]", p)?;
-            cdp.click_and_wait_load("#sign-in")?;
-        }
-        None => cdp.click_and_wait_load("#cancel")?,
-    }
-    Ok(())
-}
-
-/// Waits until the page at `path` has loaded (the callback page moves on by itself).
-fn wait_at(cdp: &mut Cdp, path: &str) -> Result<()> {
-    cdp.wait_for(
-        &format!(
-            "document.readyState === 'complete' && location.pathname === {}",
-            serde_json::to_string(path)?
-        ),
-        Duration::from_secs(20),
-    )
-    .map(drop)
-    .with_context(|| format!("waiting for {path}"))
 }
 
 /// The portal's refusal page after a callback: its message, and no session in the browser.
@@ -214,12 +80,6 @@ fn shot(cdp: &mut Cdp, name: &str) {
         fs::create_dir_all(&dir).unwrap();
         cdp.screenshot(&dir.join(format!("{name}.png"))).unwrap();
     }
-}
-
-fn browser(dir: &Path, c: &Collector, idp: &Idp) -> Cdp {
-    let b = Browser::new(&dir.join("profile"), Some(&c.ca)).unwrap();
-    b.trust(idp.ca_file()).unwrap();
-    Cdp::launch(&b).unwrap()
 }
 
 #[test]

@@ -41,6 +41,30 @@ fn env(tag: &str, posture: &str) -> Env {
 
 /// `env`, with `proxy` added to the agent's `[proxy]` table.
 fn env_with(tag: &str, posture: &str, proxy: &str) -> Env {
+    env_opts(
+        tag,
+        posture,
+        Opts {
+            proxy,
+            ..Opts::default()
+        },
+    )
+}
+
+/// How an environment differs from the default one.
+#[derive(Default)]
+struct Opts<'a> {
+    /// Added to the agent's `[proxy]` table.
+    proxy: &'a str,
+    /// Files of the bundle replaced (name, text).
+    bundle_files: Vec<(&'a str, String)>,
+    /// Reports to this collector (`url`, CA file, and a function that enrolls the agent whose
+    /// config is at the path given) instead of an events file with a pinned release key.
+    collector: Option<(String, PathBuf, &'a dyn Fn(&Path))>,
+}
+
+fn env_opts(tag: &str, posture: &str, o: Opts<'_>) -> Env {
+    let proxy = o.proxy;
     require_root();
     let mut opts = DemoOptions::tls().expect("demo options");
     opts.listen = format!("{APP_IP}:0").parse().expect("addr");
@@ -53,6 +77,11 @@ fn env_with(tag: &str, posture: &str, proxy: &str) -> Env {
     let public_path = dir.join("bundle.pub");
     std::fs::write(&public_path, public).expect("pub");
     let mut archive = bundle::build(&default_bundle(), Some("7")).expect("build");
+    for (name, text) in &o.bundle_files {
+        archive
+            .files
+            .insert((*name).to_owned(), text.clone().into_bytes());
+    }
     archive.sign(&key, "central").expect("sign");
     let bundle_path = dir.join("bundle.tar.gz");
     std::fs::write(&bundle_path, archive.write().expect("write")).expect("bundle");
@@ -82,8 +111,7 @@ public_key = "{public}"
 [device]
 posture = "{posture}"
 [report]
-events_file = "{events}"
-release_key = "{release_key}"
+{report}
 "#,
         state = dir.join("state").display(),
         cg = cg.rel,
@@ -92,10 +120,23 @@ release_key = "{release_key}"
         app_ca = app_ca.display(),
         bundle = bundle_path.display(),
         public = public_path.display(),
-        events = events.display(),
         proxy = proxy,
-        release_key = release.public().to_base64(),
+        report = match &o.collector {
+            Some((url, ca, _)) => format!(
+                "collector = \"{url}\"\ncollector_ca = \"{}\"\nretry_max_ms = 1000",
+                ca.display()
+            ),
+            None => format!(
+                "events_file = \"{}\"\nrelease_key = \"{}\"",
+                events.display(),
+                release.public().to_base64()
+            ),
+        },
     );
+    if let Some((_, _, enroll)) = &o.collector {
+        std::fs::write(dir.join("agent.toml"), &config).expect("config");
+        enroll(&dir.join("agent.toml"));
+    }
     let agent = Agent::launch(&config, &dir).expect("agent starts");
     let active = wait_until(Duration::from_secs(20), || {
         agent
@@ -1966,4 +2007,240 @@ fn an_ordinary_users_browser_cannot_send_the_file_by_script_or_websocket() {
     assert_eq!(ev["files"][0]["type"], "docx", "{ev}");
     assert_eq!(ev["process"]["uid"], NOBODY.0, "{ev}");
     cdp.close().unwrap();
+}
+
+/// Key release end to end: the agent (enrolled with a real collector, fetching its release key)
+/// protects a Highly Confidential download to an unmanaged device and a guest's download; in
+/// Chromium, people sign in to the collector's portal through OpenID Connect at the test
+/// identity provider: a person of the organisation gets the first file's password (and opens
+/// the file with it) and is refused the guest's; the guest follows the link to their file, signs
+/// in, gets its password (qpdf opens the PDF with it) and is refused the other; someone outside
+/// the organisation is refused both; once the guest's release expires the guest is refused too.
+/// Every release and refusal is an event; no password is in clear in the agent's state
+/// directory or the collector's database.
+#[test]
+#[ignore = "needs root"]
+fn protected_files_are_released_in_the_portal_to_the_people_their_template_names() {
+    use serde_json::json;
+    use sluice_e2e::{
+        idp::{DEMO_PASSWORD, Idp, IdpUser},
+        portal::{browser, sign_in, start_collector_with, wait_at},
+    };
+    let dir = TempDir::new("release-e2e");
+    let idp = Idp::start(
+        &dir.join("idp"),
+        vec![
+            IdpUser::new(
+                "alice@corp.example",
+                DEMO_PASSWORD,
+                "Alice",
+                &["staff", "finance"],
+            ),
+            IdpUser::new("bob@corp.example", DEMO_PASSWORD, "Bob", &["staff"]),
+            IdpUser::new(
+                "carol@corp.example",
+                DEMO_PASSWORD,
+                "Carol",
+                &["contractors"],
+            ),
+            IdpUser::new("mallory@elsewhere.example", DEMO_PASSWORD, "Mallory", &[]),
+        ],
+    )
+    .unwrap();
+    let cdir = dir.join("collector");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let bundle_pub = dir.join("bundle.pub");
+    let c = start_collector_with(
+        &cdir,
+        &idp,
+        "sluice-portal",
+        None,
+        &format!("bundle_public_key = \"{}\"", bundle_pub.display()),
+    )
+    .unwrap();
+    let enroll = |config: &Path| {
+        let token = c.cli(&["token", "create", "--group", "default"]).unwrap();
+        let out = std::process::Command::new(bin("sluice"))
+            .args(["enroll", "--config"])
+            .arg(config)
+            .args(["--collector", &c.base, "--token", token.trim(), "--ca"])
+            .arg(&c.ca)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    // The guest's release ends 40 seconds after the download.
+    let labels = std::fs::read_to_string(default_bundle().join("labels.yaml"))
+        .unwrap()
+        .replace("expires_after: 7d", "expires_after: 40s");
+    assert!(labels.contains("40s"));
+    let e = env_opts(
+        "release",
+        "unmanaged",
+        Opts {
+            bundle_files: vec![("labels.yaml", labels)],
+            collector: Some((c.base.clone(), c.ca.clone(), &enroll)),
+            ..Opts::default()
+        },
+    );
+    // The collector learns the organisation's directory from the bundle it publishes.
+    std::fs::copy(e.dir.join("bundle.pub"), &bundle_pub).unwrap();
+    c.cli(&[
+        "bundle",
+        "publish",
+        e.dir.join("bundle.tar.gz").to_str().unwrap(),
+    ])
+    .unwrap();
+
+    // Alice downloads a Highly Confidential document; Carol, a guest, a PDF.
+    let keyed = wait_until(Duration::from_secs(30), || {
+        e.dir.join("state/release-key.pub").exists()
+    });
+    assert!(keyed, "the agent did not fetch the release key");
+    let original = std::fs::read(fixture("highly-confidential.docx")).unwrap();
+    let (got, hc) = download(&e, "alice@corp.example", "plan.docx", original);
+    let r1 = got.header("sluice-protected").expect("a release id");
+    assert_eq!(
+        got.header("link").as_deref(),
+        Some(format!("<{}/files/{r1}>; rel=\"help\"", c.base).as_str())
+    );
+    let (got, pdf) = download(
+        &e,
+        "carol@corp.example",
+        "terms.pdf",
+        std::fs::read(fixture("plain.pdf")).unwrap(),
+    );
+    let guest_downloaded = std::time::Instant::now();
+    let r2 = got.header("sluice-protected").expect("a release id");
+
+    let mut cdp = browser(&dir, &c, &idp);
+    let reveal = |cdp: &mut sluice_e2e::browser::Cdp, id: &str| -> String {
+        // The agent ships the event within seconds; until then the link is not known.
+        let known = wait_until(Duration::from_secs(30), || {
+            cdp.navigate(&format!("{}/files/{id}", c.base)).is_ok()
+                && cdp.eval("!!document.querySelector('#reveal')").ok() == Some(json!(true))
+        });
+        assert!(
+            known,
+            "release {id} not offered: {}",
+            cdp.html().unwrap_or_default()
+        );
+        cdp.click_and_wait_load("#reveal").unwrap();
+        cdp.text("#password").unwrap()
+    };
+    let refused = |cdp: &mut sluice_e2e::browser::Cdp, id: &str| -> String {
+        cdp.navigate(&format!("{}/files/{id}", c.base)).unwrap();
+        assert!(
+            cdp.eval("!!document.querySelector('#reveal')").unwrap() == json!(false),
+            "{id} offered"
+        );
+        cdp.text("#refused").unwrap()
+    };
+    let sign_out = |cdp: &mut sluice_e2e::browser::Cdp| {
+        cdp.navigate(&format!("{}/me", c.base)).unwrap();
+        cdp.click_and_wait_load("#sign-out").unwrap();
+    };
+
+    // Bob, of the organisation: the Highly Confidential document's password opens it.
+    sign_in(&mut cdp, &c, &idp, "bob@corp.example", Some(DEMO_PASSWORD)).unwrap();
+    wait_at(&mut cdp, "/me").unwrap();
+    let pw1 = reveal(&mut cdp, &r1);
+    let plain = e.dir.join("bob-plan.docx");
+    assert!(
+        office_decrypt(&hc, &pw1, &plain),
+        "the released password opens it"
+    );
+    assert_eq!(
+        demo_app::read_label(&plain, false).unwrap()["label"],
+        "9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d"
+    );
+    // ... and not the guest's.
+    let _ = wait_until(Duration::from_secs(30), || {
+        refused(&mut cdp, &r2).contains("does not let you open it")
+    });
+    assert!(refused(&mut cdp, &r2).contains("does not let you open it"));
+    cdp.navigate(&format!("{}/files", c.base)).unwrap();
+    let list = cdp.text("#files").unwrap();
+    assert!(
+        list.contains("plan.docx") && !list.contains("terms.pdf"),
+        "{list}"
+    );
+    sign_out(&mut cdp);
+
+    // Carol follows her link: signed in, she is back at it, and the password opens the PDF.
+    cdp.navigate(&format!("{}/files/{r2}", c.base)).unwrap();
+    assert!(cdp.url().unwrap().ends_with("/login"));
+    cdp.click_and_wait_load("#oidc-sign-in").unwrap();
+    cdp.fill("input[name=email]", "carol@corp.example").unwrap();
+    cdp.fill("input[name=password]", DEMO_PASSWORD).unwrap();
+    cdp.click_and_wait_load("#sign-in").unwrap();
+    wait_at(&mut cdp, &format!("/files/{r2}")).unwrap();
+    let pw2 = reveal(&mut cdp, &r2);
+    assert!(pdf_decrypt(&pdf, &pw2, &e.dir.join("carol-terms.pdf")));
+    assert!(!pdf_decrypt(&pdf, &pw1, &e.dir.join("carol-wrong.pdf")));
+    // A guest is not of the organisation.
+    assert!(refused(&mut cdp, &r1).contains("does not let you open it"));
+    sign_out(&mut cdp);
+
+    // Someone outside the organisation gets neither.
+    sign_in(
+        &mut cdp,
+        &c,
+        &idp,
+        "mallory@elsewhere.example",
+        Some(DEMO_PASSWORD),
+    )
+    .unwrap();
+    wait_at(&mut cdp, "/me").unwrap();
+    for id in [&r1, &r2] {
+        assert!(refused(&mut cdp, id).contains("does not let you open it"));
+    }
+    sign_out(&mut cdp);
+
+    // After its expiry the guest's link gives nothing, to the guest too.
+    let left = Duration::from_secs(42).saturating_sub(guest_downloaded.elapsed());
+    std::thread::sleep(left);
+    sign_in(
+        &mut cdp,
+        &c,
+        &idp,
+        "carol@corp.example",
+        Some(DEMO_PASSWORD),
+    )
+    .unwrap();
+    wait_at(&mut cdp, "/me").unwrap();
+    assert!(refused(&mut cdp, &r2).contains("access to this file ended"));
+    cdp.close().unwrap();
+
+    // Every release and refusal is in the activity log.
+    let log = c.cli(&["query", "app:portal"]).unwrap();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let count = |user: &str, action: &str| {
+        events
+            .iter()
+            .filter(|v| v["actor"]["user"]["email_addr"] == user && v["sluice"]["action"] == action)
+            .count()
+    };
+    assert_eq!(count("bob@corp.example", "allow"), 1, "{log}");
+    assert!(count("bob@corp.example", "block") >= 1, "{log}");
+    assert_eq!(count("carol@corp.example", "allow"), 1, "{log}");
+    assert!(count("carol@corp.example", "block") >= 2, "{log}");
+    assert!(count("mallory@elsewhere.example", "block") >= 2, "{log}");
+
+    // No password in clear on the endpoint or in the collector's database.
+    let mut files = walk(&e.dir.join("state"));
+    files.extend(walk(&cdir.join("state")));
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        for pw in [&pw1, &pw2] {
+            assert!(
+                !bytes.windows(pw.len()).any(|w| w == pw.as_bytes()),
+                "a password in clear in {}",
+                f.display()
+            );
+        }
+    }
 }

@@ -149,8 +149,11 @@ pub(super) fn protect(
             }
             r.iter().map(|r| r.as_str().to_owned()).collect()
         },
-        expires_at: (t.expires_days > 0)
-            .then(|| job.now_ms + u64::from(t.expires_days) * 86_400_000),
+        expires_at: t
+            .expires_after_ms()
+            .ok()
+            .flatten()
+            .map(|ms| job.now_ms + ms),
         sealed: String::new(),
     };
     let plain = serde_json::to_vec(&secrets).map_err(|e| unsupported(e.to_string()))?;
