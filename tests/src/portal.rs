@@ -136,14 +136,14 @@ pub fn start_collector_with(
     Ok(c)
 }
 
-/// The browser's portal session cookie, if it holds one.
+/// The browser's portal session cookie, if it holds one (none also when the browser cannot
+/// say).
 pub fn session(cdp: &mut Cdp, c: &Collector) -> Option<String> {
     let cookies = cdp
         .call("Network.getCookies", json!({ "urls": [c.base.clone()] }))
-        .unwrap();
+        .ok()?;
     cookies["cookies"]
-        .as_array()
-        .unwrap()
+        .as_array()?
         .iter()
         .find(|k| k["name"] == SESSION_COOKIE)
         .map(|k| k["value"].as_str().unwrap_or_default().to_owned())
@@ -190,8 +190,8 @@ pub fn wait_at(cdp: &mut Cdp, path: &str) -> Result<()> {
 }
 
 /// A headless Chromium trusting the collector's and the provider's CAs, with a DevTools session.
-pub fn browser(dir: &Path, c: &Collector, idp: &Idp) -> Cdp {
-    let b = Browser::new(&dir.join("profile"), Some(&c.ca)).unwrap();
-    b.trust(idp.ca_file()).unwrap();
-    Cdp::launch(&b).unwrap()
+pub fn browser(dir: &Path, c: &Collector, idp: &Idp) -> Result<Cdp> {
+    let b = Browser::new(&dir.join("profile"), Some(&c.ca))?;
+    b.trust(idp.ca_file())?;
+    Cdp::launch(&b)
 }

@@ -87,7 +87,7 @@ fn organisation_sign_in_in_a_real_browser() {
     let dir = TempDir::new("oidc-e2e");
     let idp = Idp::start(&dir.join("idp"), IdpUser::demo_users()).unwrap();
     let c = start_collector(&dir, &idp, "sluice-portal", None).unwrap();
-    let mut cdp = browser(&dir, &c, &idp);
+    let mut cdp = browser(&dir, &c, &idp).unwrap();
 
     // The sign-in page offers the organisation's sign-in.
     cdp.navigate(&format!("{}/login", c.base)).unwrap();
@@ -263,7 +263,7 @@ fn a_confidential_client_authenticates_with_its_secret() {
     let secret = dir.join("oidc.secret");
     fs::write(&secret, "s3cret with spaces & symbols\n").unwrap();
     let c = start_collector(&dir, &idp, "sluice-confidential", Some(&secret)).unwrap();
-    let mut cdp = browser(&dir, &c, &idp);
+    let mut cdp = browser(&dir, &c, &idp).unwrap();
     sign_in(&mut cdp, &c, &idp, "dana@corp.example", Some(DEMO_PASSWORD)).unwrap();
     wait_at(&mut cdp, "/events").unwrap();
     cdp.close().unwrap();
@@ -275,7 +275,7 @@ fn a_confidential_client_authenticates_with_its_secret() {
     let wrong = dir2.join("oidc.secret");
     fs::write(&wrong, "not the secret\n").unwrap();
     let c = start_collector(&dir2, &idp, "sluice-confidential", Some(&wrong)).unwrap();
-    let mut cdp = browser(&dir2, &c, &idp);
+    let mut cdp = browser(&dir2, &c, &idp).unwrap();
     let issued = idp.tokens_issued();
     sign_in(&mut cdp, &c, &idp, "dana@corp.example", Some(DEMO_PASSWORD)).unwrap();
     let text = refused(&mut cdp, &c);

@@ -60,8 +60,11 @@ struct Opts<'a> {
     bundle_files: Vec<(&'a str, String)>,
     /// Reports to this collector (`url`, CA file, and a function that enrolls the agent whose
     /// config is at the path given) instead of an events file with a pinned release key.
-    collector: Option<(String, PathBuf, &'a dyn Fn(&Path))>,
+    collector: Option<Reporting<'a>>,
 }
+
+/// A collector to report to: its URL, its CA, and how to enroll an agent (given its config).
+type Reporting<'a> = (String, PathBuf, &'a dyn Fn(&Path));
 
 fn env_opts(tag: &str, posture: &str, o: Opts<'_>) -> Env {
     let proxy = o.proxy;
@@ -2113,7 +2116,7 @@ fn protected_files_are_released_in_the_portal_to_the_people_their_template_names
     let guest_downloaded = std::time::Instant::now();
     let r2 = got.header("sluice-protected").expect("a release id");
 
-    let mut cdp = browser(&dir, &c, &idp);
+    let mut cdp = browser(&dir, &c, &idp).unwrap();
     let reveal = |cdp: &mut sluice_e2e::browser::Cdp, id: &str| -> String {
         // The agent ships the event within seconds; until then the link is not known.
         let known = wait_until(Duration::from_secs(30), || {
