@@ -71,14 +71,20 @@ fn cbc(key: &[u8], iv: &[u8], data: &mut [u8]) -> Result<(), AgileError> {
     Ok(())
 }
 
-/// The key `password` gives for `block` (MS-OFFCRYPTO 2.3.4.11).
-fn password_key(password: &str, salt: &[u8], spins: u32, block: &[u8]) -> [u8; KEY] {
+/// The spun password hash (MS-OFFCRYPTO 2.3.4.11): computed once, since the three keys a
+/// password gives differ only in their final block.
+fn spun_hash(password: &str, salt: &[u8], spins: u32) -> [u8; HASH] {
     let utf16: Vec<u8> = password.encode_utf16().flat_map(u16::to_le_bytes).collect();
     let mut h = sha512(&[salt, &utf16]);
     for i in 0..spins {
         h = sha512(&[&i.to_le_bytes(), &h]);
     }
-    let fin = sha512(&[&h, block]);
+    h
+}
+
+/// The key the spun hash `h` gives for `block`.
+fn password_key(h: &[u8; HASH], block: &[u8]) -> [u8; KEY] {
+    let fin = sha512(&[h, block]);
     let mut key = [0u8; KEY];
     key.copy_from_slice(&fin[..KEY]);
     key
@@ -121,21 +127,22 @@ pub fn encrypt_with_spins(
     }
 
     // The password's wrappings of the verifier and the intermediate key.
+    let spun = spun_hash(password, &password_salt, spins);
     let mut vin = verifier.to_vec();
     cbc(
-        &password_key(password, &password_salt, spins, &BLOCK_VERIFIER_INPUT),
+        &password_key(&spun, &BLOCK_VERIFIER_INPUT),
         &password_salt,
         &mut vin,
     )?;
     let mut vval = sha512(&[&verifier]).to_vec();
     cbc(
-        &password_key(password, &password_salt, spins, &BLOCK_VERIFIER_VALUE),
+        &password_key(&spun, &BLOCK_VERIFIER_VALUE),
         &password_salt,
         &mut vval,
     )?;
     let mut kval = intermediate.to_vec();
     cbc(
-        &password_key(password, &password_salt, spins, &BLOCK_KEY_VALUE),
+        &password_key(&spun, &BLOCK_KEY_VALUE),
         &password_salt,
         &mut kval,
     )?;

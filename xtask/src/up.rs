@@ -36,6 +36,8 @@ use crate::{cargo, sh, step};
 
 /// The collector's listener.
 const COLLECTOR_ADDR: &str = "127.0.0.1:8443";
+/// The demo identity provider (the organisation's sign-in for the portal).
+const IDP_ADDR: &str = "127.0.0.1:9443";
 /// The agent's admin endpoint (packaging/agent.toml's default).
 const AGENT_ADMIN: &str = "127.0.0.1:15090";
 /// Where `demo` runs the demo app.
@@ -72,7 +74,7 @@ fn toml_str(p: &Path) -> String {
 
 /// `cargo xtask up`.
 pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
-    step("build (release): sluice, sluice-collector, sluice-demo-app");
+    step("build (release): sluice, sluice-collector, sluice-demo-app, sluice-demo-idp");
     sh(cargo().args([
         "build",
         "--release",
@@ -88,6 +90,8 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
         "sluice-collector",
         "--bin",
         "sluice-demo-app",
+        "--bin",
+        "sluice-demo-idp",
     ]))?;
     let rel = root.join("target/release");
     let sluice = rel.join("sluice");
@@ -96,6 +100,16 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
     let cdir = dir.join("collector");
     fs::create_dir_all(&cdir)?;
 
+    // The organisation's identity provider (the demo's people), its CA made once.
+    let idp_dir = dir.join("idp");
+    let idp_ca = idp_dir.join("idp-ca.pem");
+    made_once(
+        Command::new(rel.join("sluice-demo-idp"))
+            .args(["--listen", "127.0.0.1:0", "--dir"])
+            .arg(&idp_dir),
+        &idp_ca,
+    )?;
+
     step("collector");
     let (private_key, public_key) = signing_keys(&sluice, &dir.join("keys"))?;
     let ccfg = cdir.join("collector.toml");
@@ -103,9 +117,14 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
     fs::write(
         &ccfg,
         format!(
-            "# Written by `cargo xtask up`.\nlisten = \"{COLLECTOR_ADDR}\"\nstate_dir = {}\nbundle_public_key = {}\n",
+            "# Written by `cargo xtask up`.\nlisten = \"{COLLECTOR_ADDR}\"\nstate_dir = {}\nbundle_public_key = {}\n\n\
+             # The organisation's sign-in: the demo identity provider (people: alice, bob, carol,\n\
+             # dana; password `demo`; dana is an admin).\n[portal.oidc]\nissuer = \"https://{IDP_ADDR}\"\n\
+             client_id = \"sluice-portal\"\nredirect_url = \"https://{COLLECTOR_ADDR}/auth/oidc/callback\"\n\
+             ca_file = {}\nadmins = [\"group:sluice-admins\"]\n",
             toml_str(&state),
-            toml_str(&public_key)
+            toml_str(&public_key),
+            toml_str(&idp_ca),
         ),
     )?;
     let password_file = cdir.join("admin-password");
@@ -143,23 +162,12 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
     // The demo app's certificates, made once, so the agent verifies it as an upstream.
     let demo_dir = dir.join("demo-app");
     let demo_ca = demo_dir.join("ca.pem");
-    if !demo_ca.is_file() {
-        let mut app = Command::new(rel.join("sluice-demo-app"))
+    made_once(
+        Command::new(rel.join("sluice-demo-app"))
             .args(["--listen", "127.0.0.1:0", "--cert-dir"])
-            .arg(&demo_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let end = Instant::now() + Duration::from_secs(20);
-        while !demo_ca.is_file() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = app.kill();
-        let _ = app.wait();
-        if !demo_ca.is_file() {
-            bail!("sluice-demo-app made no {}", demo_ca.display());
-        }
-    }
+            .arg(&demo_dir),
+        &demo_ca,
+    )?;
 
     step("agent");
     let agent_state = dir.join("state");
@@ -235,18 +243,21 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
     eprintln!(
         "  portal:     {url}/  (trust {} in the browser, or accept it once)\n  \
          login:      admin / {password_line}\n  \
+         sign-in:    \"Sign in with your organisation\" as alice, bob, carol or dana / demo \
+         (the identity provider https://{IDP_ADDR}; trust {})\n  \
          trust:      {} (the interception CA clients must trust for intercepted apps)\n  \
          agent:      {} status --config {}; curl -s http://{AGENT_ADMIN}/metrics\n  \
          logs:       {}/collector.log (the agent logs here)\n  \
          try it:     in another terminal, `sudo -E cargo xtask demo`\n",
         collector_ca.display(),
+        idp_ca.display(),
         ca_pem.display(),
         sluice.display(),
         acfg.display(),
         dir.display(),
     );
     let script = dir.join("run.sh");
-    fs::write(&script, RUN_SH)?;
+    fs::write(&script, RUN_SH.replace("IDP_ADDR", IDP_ADDR))?;
     let err = Command::new("sh")
         .arg(&script)
         .arg(&collector)
@@ -257,6 +268,8 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
         .arg(&collector_ca)
         .arg(&token_file)
         .arg(dir.join("collector.log"))
+        .arg(rel.join("sluice-demo-idp"))
+        .arg(&idp_dir)
         .exec();
     Err(err).context("starting run.sh")
 }
@@ -265,12 +278,14 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
 /// for both; Ctrl-C (SIGINT from the terminal) reaches the children directly, SIGTERM is passed on.
 const RUN_SH: &str = r#"#!/bin/sh
 # Written by `cargo xtask up`: $1 collector, $2 its config, $3 sluice, $4 agent config, $5 URL,
-# $6 collector CA, $7 enrollment token file, $8 collector log.
+# $6 collector CA, $7 enrollment token file, $8 collector log, $9 identity provider, ${10} its dir.
 set -u
-collector=$1; ccfg=$2; sluice=$3; acfg=$4; url=$5; cca=$6; tokenf=$7; clog=$8
-cpid=; apid=
+collector=$1; ccfg=$2; sluice=$3; acfg=$4; url=$5; cca=$6; tokenf=$7; clog=$8; idp=$9; idpdir=${10}
+cpid=; apid=; ipid=
 trap ':' INT
-trap 'kill -TERM $apid $cpid 2>/dev/null' TERM
+trap 'kill -TERM $apid $cpid $ipid 2>/dev/null' TERM
+"$idp" --dir "$idpdir" --listen IDP_ADDR >/dev/null 2>>"$clog" &
+ipid=$!
 "$collector" run --config "$ccfg" 2>>"$clog" &
 cpid=$!
 i=0
@@ -293,9 +308,29 @@ fi
 apid=$!
 # `wait` returns early when a trapped signal arrives; wait again until both are gone.
 while ! wait; do :; done
-while kill -0 $apid 2>/dev/null || kill -0 $cpid 2>/dev/null; do wait; sleep 0.1; done
+kill -TERM $ipid 2>/dev/null
+while kill -0 $apid 2>/dev/null || kill -0 $cpid 2>/dev/null || kill -0 $ipid 2>/dev/null; do wait; sleep 0.1; done
 echo "stopped"
 "#;
+
+/// Runs `cmd` until it has made `file` (certificates made on a first start and kept), then stops
+/// it; nothing to do when `file` exists.
+fn made_once(cmd: &mut Command, file: &Path) -> Result<()> {
+    if file.is_file() {
+        return Ok(());
+    }
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let end = Instant::now() + Duration::from_secs(20);
+    while !file.is_file() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    if !file.is_file() {
+        bail!("{:?} made no {}", cmd.get_program(), file.display());
+    }
+    Ok(())
+}
 
 /// The bundle signing key pair in `keys` (made there once): (private, public).
 fn signing_keys(sluice: &Path, keys: &Path) -> Result<(PathBuf, PathBuf)> {
@@ -509,6 +544,106 @@ impl Demo {
     }
 }
 
+/// The portal, as someone who signed in with their organisation's account (curl with a cookie
+/// jar, through the identity provider's form, as a browser would).
+struct Portal {
+    jar: PathBuf,
+    collector_ca: PathBuf,
+    idp_ca: PathBuf,
+}
+
+impl Portal {
+    /// curl with the jar: (status, body, the redirect target).
+    fn curl(&self, ca: &Path, args: &[&str]) -> Result<(u16, String, String)> {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "-c"])
+            .arg(&self.jar)
+            .arg("-b")
+            .arg(&self.jar)
+            .arg("--cacert")
+            .arg(ca)
+            .args(["-w", "\n%{http_code} %{redirect_url}"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, tail) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        let (code, redirect) = tail.split_once(' ').unwrap_or((tail, ""));
+        let code = code.trim().parse().unwrap_or(0);
+        if code == 0 {
+            bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok((code, body.to_owned(), redirect.trim().to_owned()))
+    }
+
+    /// Signs `email` in: the portal sends to the provider, the provider's form is posted, its
+    /// redirect goes back to the portal's callback, which starts the session.
+    fn sign_in(dir: &Path, email: &str) -> Result<Self> {
+        let jar = dir.join(format!("demo-{email}.cookies"));
+        let _ = fs::remove_file(&jar);
+        let p = Self {
+            jar,
+            collector_ca: dir.join("collector/state/tls/ca.pem"),
+            idp_ca: dir.join("idp/idp-ca.pem"),
+        };
+        let (_, _, to_idp) = p.curl(
+            &p.collector_ca,
+            &[&format!("https://{COLLECTOR_ADDR}/auth/oidc")],
+        )?;
+        let query = to_idp
+            .split_once('?')
+            .map(|(_, q)| q.to_owned())
+            .with_context(|| format!("the portal did not send to the provider ({to_idp})"))?;
+        let (_, _, back) = p.curl(
+            &p.idp_ca,
+            &[
+                "--data",
+                &format!("{query}&email={email}&password=demo&action=sign-in"),
+                &format!("https://{IDP_ADDR}/authorize"),
+            ],
+        )?;
+        if !back.contains("/auth/oidc/callback") {
+            bail!("the provider did not send back to the portal ({back})");
+        }
+        let (code, body, _) = p.curl(&p.collector_ca, &[&back])?;
+        if code != 200 || !body.contains("Signed in") {
+            bail!("signing {email} in: HTTP {code}");
+        }
+        Ok(p)
+    }
+
+    fn get(&self, path: &str) -> Result<(u16, String)> {
+        let (c, b, _) = self.curl(
+            &self.collector_ca,
+            &[&format!("https://{COLLECTOR_ADDR}{path}")],
+        )?;
+        Ok((c, b))
+    }
+
+    /// The password a protected file's page gives (the form's button pressed).
+    fn reveal(&self, release: &str) -> Result<(u16, Option<String>)> {
+        let (code, page) = self.get(&format!("/files/{release}"))?;
+        let Some(csrf) = between(&page, "name=\"csrf\" value=\"", "\"") else {
+            return Ok((code, None));
+        };
+        let (code, body, _) = self.curl(
+            &self.collector_ca,
+            &[
+                "--data",
+                &format!("csrf={csrf}"),
+                &format!("https://{COLLECTOR_ADDR}/files/{release}/reveal"),
+            ],
+        )?;
+        Ok((code, between(&body, "<code id=\"password\">", "</code>")))
+    }
+}
+
+fn between(text: &str, start: &str, end: &str) -> Option<String> {
+    let from = text.find(start)? + start.len();
+    let len = text[from..].find(end)?;
+    Some(text[from..from + len].to_owned())
+}
+
 fn report(what: &str, expect: &str, code: u16, ok: bool) {
     eprintln!(
         "  {} {what}: HTTP {code} (expected: {expect})",
@@ -556,7 +691,7 @@ pub fn demo(root: &Path) -> Result<()> {
         ca: dir.join("ca.pem"),
         base: "https://files.test".into(),
     };
-    let result = scenarios(&d, &fx);
+    let result = scenarios(&d, &fx, &dir, root);
     let _ = app.kill();
     let _ = app.wait();
     let _ = fs::remove_dir(&cgroup);
@@ -597,7 +732,7 @@ fn cgroup2_mount() -> Result<PathBuf> {
         .context("no cgroup v2 hierarchy is mounted")
 }
 
-fn scenarios(d: &Demo, fx: &Path) -> Result<()> {
+fn scenarios(d: &Demo, fx: &Path, dir: &Path, root: &Path) -> Result<()> {
     let up = |token: &str, file: &Path| -> Result<(u16, String)> {
         d.curl(&[
             "-H",
@@ -626,27 +761,40 @@ fn scenarios(d: &Demo, fx: &Path) -> Result<()> {
     let hc: serde_json::Value = serde_json::from_str(&hc_body).unwrap_or_default();
     let _ = body;
 
-    step("3. a Highly Confidential download (labeled and protected on unmanaged devices)");
+    step("3. a Highly Confidential download (encrypted on unmanaged devices)");
+    let hc_out = dir.join("demo-highly-confidential.docx");
+    let mut hc_release = None;
     if let Some(id) = hc["id"].as_str() {
-        let out = std::env::temp_dir().join("sluice-demo-hc.docx");
+        let head = dir.join("demo-hc.head");
         let (code, _) = d.curl(&[
             "-H",
             &format!("authorization: Bearer {alice}"),
+            "-D",
+            &head.display().to_string(),
             "-o",
-            &out.display().to_string(),
+            &hc_out.display().to_string(),
             &format!("{}/files/{id}/download", d.base),
         ])?;
+        hc_release = release_of(&head);
+        let encrypted = fs::read(&hc_out).is_ok_and(|b| b.starts_with(&[0xd0, 0xcf, 0x11, 0xe0]));
         report(
             "download",
-            "200; the file is labeled and protected when `up` runs with --unmanaged",
+            "200; encrypted when `up` runs with --unmanaged (a managed device gets it as stored)",
             code,
             code == 200,
         );
+        match &hc_release {
+            Some(r) if encrypted => eprintln!(
+                "  the file is encrypted ({}); its password: https://{COLLECTOR_ADDR}/files/{r}",
+                hc_out.display()
+            ),
+            _ => eprintln!("  delivered as stored (a managed device): nothing to release"),
+        }
     } else {
         eprintln!("  the Highly Confidential upload was not stored ({hc_body}); skipped");
     }
 
-    step("4. carol (a guest) downloads a file: labeled view-only");
+    step("4. carol (a guest) downloads a file: encrypted for her alone, view-only");
     let carol = d.login("carol")?;
     let files = d.curl(&[
         "-H",
@@ -657,19 +805,25 @@ fn scenarios(d: &Demo, fx: &Path) -> Result<()> {
     match list["files"].as_array().and_then(|a| a.first()) {
         Some(f) => {
             let id = f["id"].as_str().unwrap_or_default();
+            let head = dir.join("demo-guest.head");
             let (code, _) = d.curl(&[
                 "-H",
                 &format!("authorization: Bearer {carol}"),
+                "-D",
+                &head.display().to_string(),
                 "-o",
                 "/dev/null",
                 &format!("{}/files/{id}/download", d.base),
             ])?;
             report(
                 "guest download",
-                "200, the file labeled with view-only permissions",
+                "200, encrypted, view-only, only carol gets its password (403 for a type that cannot be protected)",
                 code,
-                code == 200,
+                code == 200 || code == 403,
             );
+            if let Some(r) = release_of(&head) {
+                eprintln!("  carol's link: https://{COLLECTOR_ADDR}/files/{r}");
+            }
         }
         None => eprintln!("  no file to download ({})", files.1),
     }
@@ -684,5 +838,70 @@ fn scenarios(d: &Demo, fx: &Path) -> Result<()> {
         &format!("{}/files/1/share", d.base),
     ])?;
     report("card numbers in a form", "blocked (403)", code, code == 403);
+
+    step("6. key release in the portal (the organisation's sign-in, as a browser would)");
+    let Some(release) = hc_release else {
+        eprintln!("  no protected file to release (run `cargo xtask up --unmanaged`)");
+        return Ok(());
+    };
+    // The agent ships the event within seconds.
+    let bob = Portal::sign_in(dir, "bob@corp.example")?;
+    let end = Instant::now() + Duration::from_secs(30);
+    let (code, password) = loop {
+        let got = bob.reveal(&release)?;
+        if got.1.is_some() || Instant::now() > end {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    report(
+        "bob (of the organisation) asks for the password",
+        "200 and the password",
+        code,
+        password.is_some(),
+    );
+    if let Some(pw) = &password {
+        let python = root.join("target/pyenv/bin/python");
+        let opened = Command::new(&python)
+            .args([
+                "-c",
+                "import io, sys, msoffcrypto\n\
+                 f = msoffcrypto.OfficeFile(open(sys.argv[1], 'rb'))\n\
+                 f.load_key(password=sys.argv[2], verify_password=True)\n\
+                 f.decrypt(io.BytesIO())\n",
+            ])
+            .arg(&hc_out)
+            .arg(pw)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        eprintln!(
+            "  {} the password opens {} (msoffcrypto-tool)",
+            if opened { "✔" } else { "✘" },
+            hc_out.display()
+        );
+    }
+    let carol_portal = Portal::sign_in(dir, "carol@corp.example")?;
+    let (code, password) = carol_portal.reveal(&release)?;
+    report(
+        "carol (a guest) asks for the same password",
+        "refused (403)",
+        code,
+        code == 403 && password.is_none(),
+    );
+    eprintln!(
+        "  in a browser: https://{COLLECTOR_ADDR}/files/{release} (\"Sign in with your organisation\", bob / demo)"
+    );
     Ok(())
+}
+
+/// The release id a protected download's response names (`sluice-protected`), from a header
+/// dump.
+fn release_of(head: &Path) -> Option<String> {
+    fs::read_to_string(head).ok()?.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("sluice-protected")
+            .then(|| v.trim().to_owned())
+    })
 }
