@@ -181,7 +181,18 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
                 .replace(
                     "state_dir = \"/var/lib/sluice\"",
                     &format!("state_dir = {}", toml_str(&agent_state)),
+                )
+                // Loopback is steered only when a rule names it: the demo app's address.
+                .replacen(
+                    "include = [\n",
+                    &format!(
+                        "include = [\n  {{ cidr = \"{DEMO_IP}/32\", ports = [443] }},  # `cargo xtask demo`'s app\n"
+                    ),
+                    1,
                 );
+            if !base.contains(DEMO_IP) {
+                bail!("packaging/agent.toml has no `include = [` list to add the demo app to");
+            }
             let posture = if unmanaged { "unmanaged" } else { "managed" };
             let text = format!(
                 "{base}\n# Added by `cargo xtask up`.\n[tls]\nupstream_extra_cas = [{demo_ca}]\n\n\
@@ -246,7 +257,7 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
          sign-in:    \"Sign in with your organisation\" as alice, bob, carol or dana / demo \
          (the identity provider https://{IDP_ADDR}; trust {})\n  \
          trust:      {} (the interception CA clients must trust for intercepted apps)\n  \
-         agent:      {} status --config {}; curl -s http://{AGENT_ADMIN}/metrics\n  \
+         agent:      {} status; curl -s http://{AGENT_ADMIN}/metrics (config: {})\n  \
          logs:       {}/collector.log (the agent logs here)\n  \
          try it:     in another terminal, `sudo -E cargo xtask demo`\n",
         collector_ca.display(),
