@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, output, sh, step};
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 11] = [
+pub const TARGETS: [&str; 12] = [
     "client_hello",
     "dns",
     "embedded",
@@ -32,6 +32,7 @@ pub const TARGETS: [&str; 11] = [
     "pdf",
     "bundle",
     "query",
+    "seal",
 ];
 
 /// Seconds each target runs in `cargo xtask test`.
@@ -46,6 +47,7 @@ fn max_len(target: &str) -> usize {
         "client_hello" => 64 * 1024 + 1024,
         "query" => 16 * 1024 + 64,
         "dns" => 512,
+        "seal" => 4096,
         "embedded" => 256 * 1024,
         "multipart" => 256 * 1024,
         _ => 1 << 20,
