@@ -18,6 +18,7 @@ use sluice_e2e::{
     require_root, wait_until,
 };
 use sluice_policy::bundle::{self, jws::SigningKey};
+use sluice_protocol::{ProtectedFile, ReleaseSecrets, seal::OpeningKey};
 
 const HC_GUID: &str = "9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d";
 
@@ -35,6 +36,8 @@ struct Branch {
     config: String,
     sluice_ca: PathBuf,
     events: PathBuf,
+    /// The release key the agent seals protected files' passwords to.
+    release: OpeningKey,
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -149,6 +152,7 @@ impl Branch {
         let dir = TempDir::new(&format!("gateway-{k}"));
         let (bundle_path, public) = bundle_for(&dir, k);
         let events = dir.join("events.jsonl");
+        let release = OpeningKey::generate().unwrap();
         let config = format!(
             r#"
 state_dir = "{state}"
@@ -172,7 +176,9 @@ public_key = "{public}"
 posture = "managed"
 [report]
 events_file = "{events}"
+release_key = "{release_key}"
 "#,
+            release_key = release.public().to_base64(),
             state = dir.join("state").display(),
             app_ca = app.ca_file().unwrap().display(),
             other_ca = other.ca_file().unwrap().display(),
@@ -206,6 +212,7 @@ events_file = "{events}"
             config,
             sluice_ca,
             events,
+            release,
         }
     }
 
@@ -475,7 +482,8 @@ fn a_branch_client_gets_the_session_controls_with_its_own_address() {
         "changed on the way"
     );
 
-    // A Highly Confidential download to the (unmanaged) client arrives labeled.
+    // A Highly Confidential download to the (unmanaged) client arrives labeled and encrypted;
+    // the password sealed in its event opens it.
     let name = "highly-confidential.docx";
     let original = std::fs::read(fixture(name)).unwrap();
     let info = b
@@ -490,10 +498,37 @@ fn a_branch_client_gets_the_session_controls_with_its_own_address() {
         &[&format!("https://files.test/files/{}/download", info.id)],
     );
     assert_eq!(got.status, 200, "{}", got.text());
-    assert_ne!(got.body, original, "not protected");
+    assert!(
+        got.body.starts_with(&[0xd0, 0xcf, 0x11, 0xe0]),
+        "not encrypted"
+    );
     let out = b.dir.join("got-hc.docx");
     std::fs::write(&out, &got.body).unwrap();
-    let read = demo_app::read_label(&out, false).unwrap();
+    let ev = b.event_from("GET", "/download", &client);
+    let p: ProtectedFile = serde_json::from_value(ev["protected"][0].clone()).unwrap();
+    let secrets: ReleaseSecrets = serde_json::from_slice(
+        &b.release
+            .open(&p.binding(ev["id"].as_str().unwrap()), &p.sealed)
+            .unwrap(),
+    )
+    .unwrap();
+    let plain = b.dir.join("plain-hc.docx");
+    let decrypted = Command::new(demo_app::python())
+        .args([
+            "-c",
+            "import io, sys, msoffcrypto\n\
+             f = msoffcrypto.OfficeFile(open(sys.argv[1], 'rb'))\n\
+             f.load_key(password=sys.argv[2], verify_password=True)\n\
+             o = io.BytesIO(); f.decrypt(o, verify_integrity=True)\n\
+             open(sys.argv[3], 'wb').write(o.getvalue())\n",
+        ])
+        .arg(&out)
+        .arg(secrets.open_password.unwrap())
+        .arg(&plain)
+        .status()
+        .unwrap();
+    assert!(decrypted.success());
+    let read = demo_app::read_label(&plain, false).unwrap();
     let enabled = format!("MSIP_Label_{HC_GUID}_Enabled");
     assert_eq!(
         read["properties"][enabled.as_str()]
@@ -503,7 +538,6 @@ fn a_branch_client_gets_the_session_controls_with_its_own_address() {
         Some("true"),
         "{read}"
     );
-    let ev = b.event_from("GET", "/download", &client);
     assert_eq!(ev["action"], "protect", "{ev}");
 
     // The client's upper half-subnet is a risky range: blocked there, by its own address.

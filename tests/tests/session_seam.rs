@@ -158,6 +158,8 @@ struct Rig {
     rt: tokio::runtime::Runtime,
     dir: TempDir,
     seq: AtomicU64,
+    /// The release key `protect` seals passwords to.
+    release: sluice_protocol::seal::OpeningKey,
 }
 
 impl Rig {
@@ -179,6 +181,11 @@ impl Rig {
         let active = Active::default();
         active.store(Some(Arc::new(set)));
 
+        let release = sluice_protocol::seal::OpeningKey::generate().expect("release key");
+        let protector = Arc::new(sluice::session::Protector::new(Some(
+            "https://collector.test".into(),
+        )));
+        protector.set_key(release.public().clone());
         let settings = ProxySettings {
             port: 0,
             ..ProxySettings::default()
@@ -192,7 +199,7 @@ impl Rig {
             &dir.join("ca"),
             &app_ca,
             catalog,
-            Arc::new(Controls::new(active, device)),
+            Arc::new(Controls::new(active, device).with_protector(protector)),
             reporter.clone(),
             settings,
             stats.clone(),
@@ -213,6 +220,7 @@ impl Rig {
             rt,
             dir,
             seq: AtomicU64::new(0),
+            release,
         }
     }
 
@@ -769,12 +777,13 @@ fn held_uploads_reach_the_app_only_when_labeled() {
     );
 }
 
-/// Held downloads: to an unmanaged device a Highly Confidential document arrives with the label
-/// written by Sluice (method Privileged, view only), whatever the protocol; a guest's download
-/// arrives labeled Confidential, view only; an unlabeled document to a member, and the Highly
-/// Confidential one to a managed device, arrive byte for byte.
+/// Held downloads: to an unmanaged device a Highly Confidential document arrives encrypted, its
+/// label readable outside the encryption, whatever the protocol, with its passwords sealed in
+/// the event to the release key (they open with the event's id, and name the organisation);
+/// a guest's download arrives labeled Confidential and encrypted for that guest alone; an
+/// unlabeled document to a member arrives byte for byte.
 #[test]
-fn highly_confidential_downloads_to_an_unmanaged_device_arrive_labeled() {
+fn highly_confidential_downloads_to_an_unmanaged_device_arrive_encrypted() {
     let hc = labeled(
         &docx("acquisition plan"),
         HIGHLY_CONFIDENTIAL,
@@ -792,6 +801,18 @@ fn highly_confidential_downloads_to_an_unmanaged_device_arrive_labeled() {
         .seed("menu.docx", plain.clone(), "alice@corp.example")
         .unwrap()
         .id;
+    let opened = |ev: &sluice::event::ActivityEvent| -> (
+        sluice_protocol::ProtectedFile,
+        sluice_protocol::ReleaseSecrets,
+    ) {
+        assert_eq!(ev.protected.len(), 1, "{ev:#?}");
+        let p = ev.protected[0].clone();
+        let plain = rig
+            .release
+            .open(&p.binding(&ev.id), &p.sealed)
+            .expect("the box opens with the event's id");
+        (p, serde_json::from_slice(&plain).expect("secrets"))
+    };
 
     for proto in ["--http1.1", "--http2"] {
         let q = format!("?p={}", &proto[2..]);
@@ -800,27 +821,23 @@ fn highly_confidential_downloads_to_an_unmanaged_device_arrive_labeled() {
             &[proto, &rig.url(&format!("/files/{hc_id}/download{q}"))],
         );
         assert_eq!(got.status, 200, "{proto}: {}", got.text());
-        assert_ne!(got.body, hc, "{proto}: not protected");
         assert_eq!(
             got.header("content-length"),
             Some(got.body.len().to_string()),
             "{proto}"
         );
         let f = facts(&got.body);
-        assert_eq!(f.kind, Some(FileType::Docx), "{f:?}");
+        assert_eq!(f.kind, Some(FileType::Ole), "{f:?}");
+        assert!(f.encrypted, "{f:?}");
         let label = f
             .enabled_labels()
             .find(|l| l.guid == HIGHLY_CONFIDENTIAL)
             .unwrap_or_else(|| panic!("{proto}: no Highly Confidential label: {f:?}"));
-        assert_eq!(label.method.as_deref(), Some("Privileged"), "{label:?}");
         assert_eq!(label.tenant.as_deref(), Some(TENANT));
-        assert_eq!(
-            custom_property(&got.body, "Sluice_Permissions").as_deref(),
-            Some("view"),
-            "{}",
-            part(&got.body, "docProps/custom.xml")
+        assert!(
+            !got.body.windows(16).any(|w| w == b"acquisition plan"),
+            "{proto}: the content in clear"
         );
-        assert!(part(&got.body, "word/document.xml").contains("acquisition plan"));
 
         let ev = rig.event_for(&format!("/download{q}"));
         assert_eq!(
@@ -833,7 +850,7 @@ fn highly_confidential_downloads_to_an_unmanaged_device_arrive_labeled() {
             "{ev:#?}"
         );
         assert_eq!(ev.label_applied.as_deref(), Some("highly-confidential"));
-        assert_eq!(ev.permissions, ["view"]);
+        assert_eq!(ev.permissions, ["view", "print"]);
         assert_eq!((ev.status, ev.device), (200, Device::Unmanaged));
         assert_eq!(ev.files[0].name.as_deref(), Some("plan.docx"));
         assert_eq!(ev.files[0].labels[0].guid, HIGHLY_CONFIDENTIAL);
@@ -842,6 +859,21 @@ fn highly_confidential_downloads_to_an_unmanaged_device_arrive_labeled() {
             sha256(&hc),
             "the facts are the original's"
         );
+        let (p, secrets) = opened(&ev);
+        assert_eq!(f.release_id.as_deref(), Some(p.release_id.as_str()));
+        assert_eq!(
+            (p.open.as_str(), p.template.as_str()),
+            ("organisation", "organisation-only")
+        );
+        assert_eq!(p.sha256, sha256(&got.body));
+        assert!(secrets.open_password.is_some_and(|pw| pw.len() >= 24));
+        assert_eq!(
+            got.header("link"),
+            Some(format!(
+                "<https://collector.test/files/{}>; rel=\"help\"",
+                p.release_id
+            ))
+        );
     }
     assert_eq!(
         rig.app.file_bytes(&hc_id).as_deref(),
@@ -849,21 +881,15 @@ fn highly_confidential_downloads_to_an_unmanaged_device_arrive_labeled() {
         "the stored file is not touched"
     );
 
-    // A guest gets a view-only copy of an unlabeled document, labeled Confidential.
+    // A guest gets a copy labeled Confidential, encrypted for that guest alone, view only.
     let got = rig.curl(
         Some("carol@corp.example"),
         &[&rig.url(&format!("/files/{plain_id}/download?who=carol"))],
     );
     assert_eq!(got.status, 200, "{}", got.text());
-    assert!(
-        enabled_label(&got.body, CONFIDENTIAL),
-        "{:?}",
-        facts(&got.body)
-    );
-    assert_eq!(
-        custom_property(&got.body, "Sluice_Permissions").as_deref(),
-        Some("view")
-    );
+    let f = facts(&got.body);
+    assert!(f.encrypted, "{f:?}");
+    assert!(f.enabled_labels().any(|l| l.guid == CONFIDENTIAL), "{f:?}");
     let ev = rig.event_for("?who=carol");
     assert_eq!(
         (ev.action, ev.policy.as_deref(), ev.label_applied.as_deref()),
@@ -875,6 +901,11 @@ fn highly_confidential_downloads_to_an_unmanaged_device_arrive_labeled() {
         "{ev:#?}"
     );
     assert_eq!(ev.permissions, ["view"]);
+    let (p, _) = opened(&ev);
+    assert_eq!(
+        (p.open.as_str(), p.users.as_slice()),
+        ("downloader", ["carol@corp.example".to_owned()].as_slice())
+    );
 
     // A member's download of an unlabeled document is not changed.
     let got = rig.curl(
