@@ -376,35 +376,6 @@ fn enabled_label(bytes: &[u8], guid: &str) -> bool {
     facts(bytes).enabled_labels().any(|l| l.guid == guid)
 }
 
-/// A part of an OOXML package, as text.
-fn part(bytes: &[u8], name: &str) -> String {
-    let limits = Limits::default();
-    let archive = sluice_inspect::zip::Archive::parse(bytes, &limits).unwrap();
-    let data = archive
-        .read(name, &mut sluice_inspect::zip::Budget::new(&limits))
-        .unwrap();
-    String::from_utf8(data).unwrap()
-}
-
-/// The value of the custom document property `name` (`docProps/custom.xml`), tags stripped.
-fn custom_property(bytes: &[u8], name: &str) -> Option<String> {
-    let xml = part(bytes, "docProps/custom.xml");
-    let at = xml.find(&format!(r#"name="{name}""#))?;
-    let rest = &xml[at..];
-    let inner = &rest[rest.find('>')? + 1..rest.find("</property>")?];
-    let mut value = String::new();
-    let mut in_tag = false;
-    for c in inner.chars() {
-        match c {
-            '<' => in_tag = true,
-            '>' => in_tag = false,
-            c if !in_tag => value.push(c),
-            _ => {}
-        }
-    }
-    Some(value)
-}
-
 fn sha256(bytes: &[u8]) -> String {
     sluice_inspect::sha256_hex(bytes)
 }
