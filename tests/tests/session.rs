@@ -130,7 +130,7 @@ posture = "{posture}"
                 ca.display()
             ),
             None => format!(
-                "events_file = \"{}\"\nrelease_key = \"{}\"",
+                "events_file = \"{}\"\nrelease_key = \"{}\"\nportal_url = \"https://portal.corp.example\"",
                 events.display(),
                 release.public().to_base64()
             ),
@@ -1278,6 +1278,100 @@ fn a_browser_signed_in_through_the_proxy_gets_the_message_page_for_an_unlabeled_
         .expect("the labeled upload reached the app");
     assert_eq!(up.sha256, sha256_file(&fixture("confidential.docx")));
     cdp.close().unwrap();
+}
+
+/// A browser that follows a link to a protected download is told first, on a short page, that
+/// the file is encrypted and where its password is given; the page then fetches the file (the
+/// encrypted copy, the very bytes the event's release names), which the password opens; the
+/// copy's link works once.
+#[test]
+#[ignore = "needs root"]
+fn a_browser_downloading_a_protected_file_is_told_where_its_password_is() {
+    use sluice_e2e::browser::{Browser, Cdp};
+    let e = env("sess-notice", "unmanaged");
+    let (_, client) = e.cg.child("browser");
+    let mut b = Browser::new(&e.dir.join("profile"), Some(&e.sluice_ca)).expect("browser");
+    b.host_rules(&format!("MAP {} {APP_IP}", demo_app::HOST))
+        .in_cgroup(InCgroup::at(&client))
+        .timeout(Duration::from_secs(60));
+    let mut cdp = Cdp::launch(&b).expect("chromium");
+    let downloads = e.dir.join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    cdp.browser_call(
+        "Browser.setDownloadBehavior",
+        serde_json::json!({ "behavior": "allow", "downloadPath": downloads }),
+    )
+    .expect("downloads allowed");
+
+    cdp.navigate(&e.url("/login")).expect("login page");
+    cdp.fill("input[name=user]", "alice@corp.example").unwrap();
+    cdp.fill("input[name=password]", demo_app::DEFAULT_PASSWORD)
+        .unwrap();
+    cdp.click_and_wait_load("button[type=submit]").unwrap();
+    cdp.wait_for("location.pathname === '/files'", Duration::from_secs(20))
+        .expect("signed in");
+
+    let original = std::fs::read(fixture("highly-confidential.docx")).unwrap();
+    let info = e
+        .app
+        .seed("plan.docx", original, "alice@corp.example")
+        .unwrap();
+    cdp.navigate(&e.url(&format!("/files/{}/download", info.id)))
+        .unwrap();
+    let notice = cdp.text("#notice").expect("the notice");
+    assert!(notice.contains("plan.docx is encrypted"), "{notice}");
+    let ev = e.event_for("GET", "/download");
+    assert_eq!(ev["action"], "protect", "{ev}");
+    let protected = e.protected(&ev);
+    let (p, secrets) = &protected[0];
+    let access = cdp.eval("document.querySelector('a.access').href").unwrap();
+    assert_eq!(
+        access.as_str(),
+        Some(format!("https://portal.corp.example/files/{}", p.release_id).as_str())
+    );
+    let link = cdp
+        .eval("document.getElementById('download').href")
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The page fetches the file by itself.
+    let file = downloads.join("plan.docx");
+    let arrived = wait_until(Duration::from_secs(30), || {
+        file.exists() && !downloads.join("plan.docx.crdownload").exists()
+    });
+    assert!(
+        arrived,
+        "no download: {:?}",
+        std::fs::read_dir(&downloads).unwrap().collect::<Vec<_>>()
+    );
+    let got = std::fs::read(&file).unwrap();
+    assert!(
+        got.starts_with(&[0xd0, 0xcf, 0x11, 0xe0]),
+        "not the encrypted copy"
+    );
+    assert_eq!(
+        hex(&sha256(&got)),
+        p.sha256,
+        "not the copy the release names"
+    );
+    open_protected(&e, &file, secrets);
+    let fetched = e.event_for("GET", &link[link.find("/.sluice/").unwrap()..]);
+    assert!(
+        fetched["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(&p.release_id)),
+        "{fetched}"
+    );
+    cdp.close().unwrap();
+    // The copy's link works once.
+    let again = e.curl(Some("alice@corp.example"), &[&link]);
+    assert_eq!(again.status, 502, "{}", again.text());
+    assert!(
+        again.text().contains("expired or was used"),
+        "{}",
+        again.text()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

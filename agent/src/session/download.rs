@@ -266,6 +266,7 @@ impl Download {
         rec.take(Kind::Session, Activity::Download, &d);
         // The block page names the file at fault (a member of an archive, when it is one).
         let name = files[worst].name.clone();
+        let first_name = files[0].name.clone();
         let why = files[worst].not_inspectable.clone();
         rec.note(
             files
@@ -277,11 +278,138 @@ impl Download {
             return BodyVerdict::Respond(cx.block_page_why(&d, name.as_deref(), why.as_ref()));
         }
         match out {
+            // A browser that navigated to a protected download gets a short notice first: what
+            // the file is and where its password is given; the notice fetches the file.
+            Some(v)
+                if d.action == Action::Protect
+                    && cx.kind == crate::proxy::pages::ClientKind::Browser
+                    && !rec.protected.is_empty() =>
+            {
+                let releases: Vec<String> =
+                    rec.protected.iter().map(|p| p.release_id.clone()).collect();
+                let name = first_name.or_else(|| self.name.clone());
+                match cx
+                    .protector
+                    .hold(v.clone().into(), name.clone(), releases.clone())
+                {
+                    Some(token) => {
+                        rec.note(Some(
+                            "a notice shown to the browser before the protected file".into(),
+                        ));
+                        BodyVerdict::Respond(notice_page(cx, name.as_deref(), &releases, &token))
+                    }
+                    None => BodyVerdict::Replace(v.into()),
+                }
+            }
             Some(v) => BodyVerdict::Replace(v.into()),
             None if decoded => BodyVerdict::Replace(body),
             None => BodyVerdict::Pass,
         }
     }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The notice a browser sees before a protected file: its name, where its password is given,
+/// and the link (followed at once) that fetches the file from the proxy.
+fn notice_page(
+    cx: &Context,
+    name: Option<&str>,
+    releases: &[String],
+    token: &str,
+) -> http::Response<crate::proxy::body::ProxyBody> {
+    let link = format!("{}{token}", super::protect::NOTICE_PATH);
+    let access: String = releases
+        .iter()
+        .filter_map(|r| cx.protector.access_url(r))
+        .map(|u| {
+            format!(
+                "<li><a class=\"access\" href=\"{u}\">{u}</a></li>",
+                u = html_escape(&u)
+            )
+        })
+        .collect();
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"2; url={link}\">\
+         <title>A protected file</title></head>\
+         <body style=\"font-family:sans-serif;max-width:40em;margin:3em auto\">\
+         <h1>This file is protected</h1>\
+         <p id=\"notice\"><strong>{file}</strong> is encrypted: it opens only with its password, \
+         which the people it is meant for get by signing in with their organisation's account \
+         at:</p><ul>{access}</ul>\
+         <p>Your download starts in a moment; if it does not, \
+         <a id=\"download\" href=\"{link}\">download it</a>.</p>\
+         <p><small>Sluice incident {incident}</small></p></body></html>\n",
+        file = html_escape(name.unwrap_or("The file")),
+        incident = html_escape(&cx.incident),
+    );
+    let mut resp = http::Response::new(crate::proxy::body::full(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    for r in releases {
+        if let Ok(v) = http::HeaderValue::from_str(r) {
+            h.append("sluice-protected", v);
+        }
+    }
+    resp
+}
+
+/// The protected copy a notice's link fetches: the file as an attachment under its name.
+pub(super) fn held_copy_response(
+    copy: super::protect::HeldCopy,
+) -> http::Response<crate::proxy::body::ProxyBody> {
+    let len = copy.body.len();
+    let ctype = if copy.body.starts_with(b"%PDF") {
+        "application/pdf"
+    } else {
+        "application/octet-stream"
+    };
+    let name = copy.name.unwrap_or_else(|| "protected".into());
+    let name = name.rsplit('/').next().unwrap_or("protected");
+    let ascii: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let encoded = percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC);
+    let mut resp = http::Response::new(crate::proxy::body::full(copy.body));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+    h.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    h.insert(header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    if let Ok(v) = http::HeaderValue::from_str(&format!(
+        "attachment; filename=\"{ascii}\"; filename*=UTF-8''{encoded}"
+    )) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    for r in &copy.releases {
+        if let Ok(v) = http::HeaderValue::from_str(r) {
+            h.append("sluice-protected", v);
+        }
+    }
+    resp
 }
 
 /// Where protected files are recorded: the event's id (their passwords are sealed bound to it)

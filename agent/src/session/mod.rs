@@ -157,6 +157,27 @@ impl Flow for Request {
         if access.action == Action::Block {
             return HeadVerdict::Respond(cx.block_page(&access, None));
         }
+        // The protected copy a browser's notice fetches: answered here, never by the app.
+        if let Some(token) = cx.path.strip_prefix(protect::NOTICE_PATH) {
+            let token = token.split('?').next().unwrap_or_default();
+            return HeadVerdict::Respond(match cx.protector.take(token) {
+                Some(copy) => {
+                    self.rec.note(Some(format!(
+                        "the protected copy of release {} delivered",
+                        copy.releases.join(", ")
+                    )));
+                    download::held_copy_response(copy)
+                }
+                None => {
+                    self.rec
+                        .note(Some("an unknown or expired protected-copy link".into()));
+                    cx.undeliverable(
+                        "This link to a protected file has expired or was used already: \
+                         download the file again.",
+                    )
+                }
+            });
+        }
 
         // A WebSocket carries what it likes once upgraded: the app's setting decides it.
         if head.extensions.get::<WebSocket>().is_some() {

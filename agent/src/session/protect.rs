@@ -8,10 +8,15 @@
 //! download is then handled as one that cannot be inspected (blocked by default), never passed
 //! in clear.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use arc_swap::ArcSwapOption;
 use base64::Engine as _;
+use bytes::Bytes;
 use sluice_inspect::{
     self as inspect, FileFacts, LabelSpec, NotInspectable,
     protect::{Protection, Rights},
@@ -28,6 +33,31 @@ use sluice_protocol::{
 pub struct Protector {
     key: ArcSwapOption<SealingKey>,
     portal: Option<String>,
+    /// Protected copies a browser was shown the notice for, until it fetches them.
+    held: Mutex<Held>,
+}
+
+/// Where a browser fetches the protected copy its notice names, on the app's own origin (the
+/// proxy answers it; the app never sees it).
+pub const NOTICE_PATH: &str = "/.sluice/protected/";
+/// How long a held copy waits for its browser.
+const HOLD_FOR: Duration = Duration::from_secs(300);
+/// Most bytes of copies held at once; past it a browser gets the file without the notice.
+const MAX_HELD_BYTES: usize = 128 << 20;
+
+/// A protected copy held for the browser that was shown its notice.
+#[derive(Debug, Clone)]
+pub(super) struct HeldCopy {
+    pub(super) body: Bytes,
+    pub(super) name: Option<String>,
+    pub(super) releases: Vec<String>,
+    expires: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    copies: HashMap<String, HeldCopy>,
+    bytes: usize,
 }
 
 impl Protector {
@@ -37,7 +67,56 @@ impl Protector {
         Self {
             key: ArcSwapOption::empty(),
             portal: portal.map(|p| p.trim_end_matches('/').to_owned()),
+            held: Mutex::default(),
         }
+    }
+
+    /// Holds a protected copy for the browser shown its notice: the token of its one-time
+    /// link, or `None` when the bound leaves no room (the file is then delivered directly).
+    pub(super) fn hold(
+        &self,
+        body: Bytes,
+        name: Option<String>,
+        releases: Vec<String>,
+    ) -> Option<String> {
+        let mut b = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut b).ok()?;
+        let token = hex::encode(b);
+        let now = Instant::now();
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let expired: Vec<String> = held
+            .copies
+            .iter()
+            .filter(|(_, c)| c.expires <= now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in expired {
+            if let Some(c) = held.copies.remove(&t) {
+                held.bytes -= c.body.len();
+            }
+        }
+        if held.bytes + body.len() > MAX_HELD_BYTES {
+            return None;
+        }
+        held.bytes += body.len();
+        held.copies.insert(
+            token.clone(),
+            HeldCopy {
+                body,
+                name,
+                releases,
+                expires: now + HOLD_FOR,
+            },
+        );
+        Some(token)
+    }
+
+    /// The copy of `token`, once (none when unknown or expired).
+    pub(super) fn take(&self, token: &str) -> Option<HeldCopy> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let copy = held.copies.remove(token)?;
+        held.bytes -= copy.body.len();
+        (copy.expires > Instant::now()).then_some(copy)
     }
 
     /// Sets the collector's release key.
