@@ -135,6 +135,25 @@ pub fn python() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/pyenv/bin/python"))
 }
 
+/// Decrypts an encrypted Office file with msoffcrypto-tool (the data integrity HMAC checked)
+/// into `out`: whether `password` opened it.
+pub fn office_decrypt(file: &Path, password: &str, out: &Path) -> bool {
+    let script = "import io, sys, msoffcrypto\n\
+                  f = msoffcrypto.OfficeFile(open(sys.argv[1], 'rb'))\n\
+                  f.load_key(password=sys.argv[2], verify_password=True)\n\
+                  o = io.BytesIO()\n\
+                  f.decrypt(o, verify_integrity=True)\n\
+                  open(sys.argv[3], 'wb').write(o.getvalue())\n";
+    std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(file)
+        .arg(password)
+        .arg(out)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// `tests/fixtures/read_label.py`.
 pub fn read_label_script() -> PathBuf {
     workspace_root().join("tests/fixtures/read_label.py")

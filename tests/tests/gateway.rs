@@ -513,21 +513,11 @@ fn a_branch_client_gets_the_session_controls_with_its_own_address() {
     )
     .unwrap();
     let plain = b.dir.join("plain-hc.docx");
-    let decrypted = Command::new(demo_app::python())
-        .args([
-            "-c",
-            "import io, sys, msoffcrypto\n\
-             f = msoffcrypto.OfficeFile(open(sys.argv[1], 'rb'))\n\
-             f.load_key(password=sys.argv[2], verify_password=True)\n\
-             o = io.BytesIO(); f.decrypt(o, verify_integrity=True)\n\
-             open(sys.argv[3], 'wb').write(o.getvalue())\n",
-        ])
-        .arg(&out)
-        .arg(secrets.open_password.unwrap())
-        .arg(&plain)
-        .status()
-        .unwrap();
-    assert!(decrypted.success());
+    assert!(demo_app::office_decrypt(
+        &out,
+        &secrets.open_password.unwrap(),
+        &plain
+    ));
     let read = demo_app::read_label(&plain, false).unwrap();
     let enabled = format!("MSIP_Label_{HC_GUID}_Enabled");
     assert_eq!(

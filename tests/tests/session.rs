@@ -680,24 +680,6 @@ fn download(e: &Env, user: &str, name: &str, bytes: Vec<u8>) -> (Got, PathBuf) {
     (got, out)
 }
 
-/// Decrypts a protected Office file with msoffcrypto-tool into `out`; whether it opened.
-fn office_decrypt(file: &Path, password: &str, out: &Path) -> bool {
-    let script = "import io, sys, msoffcrypto\n\
-                  f = msoffcrypto.OfficeFile(open(sys.argv[1], 'rb'))\n\
-                  f.load_key(password=sys.argv[2], verify_password=True)\n\
-                  o = io.BytesIO()\n\
-                  f.decrypt(o, verify_integrity=True)\n\
-                  open(sys.argv[3], 'wb').write(o.getvalue())\n";
-    std::process::Command::new(demo_app::python())
-        .args(["-c", script])
-        .arg(file)
-        .arg(password)
-        .arg(out)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Decrypts a protected PDF with qpdf into `out`; whether it opened.
 fn pdf_decrypt(file: &Path, password: &str, out: &Path) -> bool {
     std::process::Command::new("qpdf")
@@ -718,7 +700,11 @@ fn open_protected(e: &Env, file: &Path, secrets: &ReleaseSecrets) -> PathBuf {
     let out = e.dir.join(format!("decrypted-{name}"));
     let wrong = e.dir.join(format!("wrong-{name}"));
     let is_pdf = std::fs::read(file).unwrap().starts_with(b"%PDF");
-    let decrypt = if is_pdf { pdf_decrypt } else { office_decrypt };
+    let decrypt = if is_pdf {
+        pdf_decrypt
+    } else {
+        demo_app::office_decrypt
+    };
     assert!(
         decrypt(file, pw, &out),
         "{name} does not open with its password"
@@ -2244,7 +2230,7 @@ fn protected_files_are_released_in_the_portal_to_the_people_their_template_names
     let pw1 = reveal(&mut cdp, &r1);
     let plain = e.dir.join("bob-plan.docx");
     assert!(
-        office_decrypt(&hc, &pw1, &plain),
+        demo_app::office_decrypt(&hc, &pw1, &plain),
         "the released password opens it"
     );
     assert_eq!(

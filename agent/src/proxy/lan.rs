@@ -100,32 +100,11 @@ pub async fn poll_enrolled(
         crate::report::client::collector(&target.collector, target.collector_ca.as_deref())?;
     let mut failing = false;
     loop {
-        let got = async {
-            let credential = crate::report::ship::read_credential(&target.credential_file)
-                .map_err(anyhow::Error::msg)?;
-            let mut headers = http::HeaderMap::new();
-            headers.insert(
-                http::header::AUTHORIZATION,
-                crate::client::header_value(&format!("Bearer {credential}"))?,
-            );
-            let answer = client
-                .request(
-                    http::Method::GET,
-                    "/api/v1/lan-clients",
-                    headers,
-                    bytes::Bytes::new(),
-                    std::time::Duration::from_secs(10),
-                    crate::report::client::MAX_ANSWER,
-                )
-                .await?;
-            anyhow::ensure!(
-                answer.status == http::StatusCode::OK,
-                "the collector answered {}",
-                answer.status
-            );
-            let a: Answer = serde_json::from_slice(&answer.body)?;
-            Ok::<_, anyhow::Error>(a)
-        }
+        let got: anyhow::Result<Answer> = crate::report::client::get_json(
+            &mut client,
+            &target.credential_file,
+            "/api/v1/lan-clients",
+        )
         .await;
         match got {
             Ok(a) => {

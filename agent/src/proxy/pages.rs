@@ -55,7 +55,8 @@ pub struct Page<'a> {
     pub incident: &'a str,
 }
 
-fn html_escape(s: &str) -> String {
+/// `s` escaped for HTML text and attribute values.
+pub fn html_escape(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

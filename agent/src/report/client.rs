@@ -23,6 +23,37 @@ pub fn collector(url: &str, ca: Option<&Path>) -> Result<Client, ReportError> {
     })
 }
 
+/// `GET path` on the collector with the agent's credential (read from `credential_file` each
+/// time, so a re-enrollment takes effect): the JSON answer, or why there is none.
+pub async fn get_json<T: serde::de::DeserializeOwned>(
+    client: &mut Client,
+    credential_file: &Path,
+    path: &str,
+) -> anyhow::Result<T> {
+    let credential = super::ship::read_credential(credential_file).map_err(anyhow::Error::msg)?;
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        crate::client::header_value(&format!("Bearer {credential}"))?,
+    );
+    let answer = client
+        .request(
+            http::Method::GET,
+            path,
+            headers,
+            bytes::Bytes::new(),
+            std::time::Duration::from_secs(10),
+            MAX_ANSWER,
+        )
+        .await?;
+    anyhow::ensure!(
+        answer.status == http::StatusCode::OK,
+        "the collector answered {}",
+        answer.status
+    );
+    Ok(serde_json::from_slice(&answer.body)?)
+}
+
 impl From<ClientError> for ReportError {
     fn from(e: ClientError) -> Self {
         match e {

@@ -47,29 +47,12 @@ pub async fn poll(
     let mut client = super::client::collector(&target.collector, target.collector_ca.as_deref())?;
     loop {
         let got = async {
-            let credential = super::ship::read_credential(&target.credential_file)
-                .map_err(anyhow::Error::msg)?;
-            let mut headers = http::HeaderMap::new();
-            headers.insert(
-                http::header::AUTHORIZATION,
-                crate::client::header_value(&format!("Bearer {credential}"))?,
-            );
-            let answer = client
-                .request(
-                    http::Method::GET,
-                    "/api/v1/release-key",
-                    headers,
-                    bytes::Bytes::new(),
-                    Duration::from_secs(10),
-                    super::client::MAX_ANSWER,
-                )
-                .await?;
-            anyhow::ensure!(
-                answer.status == http::StatusCode::OK,
-                "the collector answered {}",
-                answer.status
-            );
-            let a: Answer = serde_json::from_slice(&answer.body)?;
+            let a: Answer = super::client::get_json(
+                &mut client,
+                &target.credential_file,
+                "/api/v1/release-key",
+            )
+            .await?;
             Ok::<_, anyhow::Error>(SealingKey::from_base64(&a.public_key)?)
         }
         .await;

@@ -17,7 +17,10 @@ use super::{
     context::{Context, content_length, header_str},
     decide::{Decided, Dlp, Record, most_restrictive},
 };
-use crate::proxy::hooks::{BodyVerdict, HeadVerdict, Side};
+use crate::proxy::{
+    hooks::{BodyVerdict, HeadVerdict, Side},
+    pages::html_escape,
+};
 
 /// The message template of a download that must be protected and cannot be.
 const CANNOT_PROTECT: &str = "download-cannot-be-protected";
@@ -306,14 +309,6 @@ impl Download {
             None => BodyVerdict::Pass,
         }
     }
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
 }
 
 /// The notice a browser sees before a protected file: its name, where its password is given,
