@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, output, sh, step};
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 12] = [
+pub const TARGETS: [&str; 13] = [
     "client_hello",
     "dns",
     "embedded",
@@ -33,6 +33,7 @@ pub const TARGETS: [&str; 12] = [
     "bundle",
     "query",
     "seal",
+    "oidc",
 ];
 
 /// Seconds each target runs in `cargo xtask test`.
@@ -48,6 +49,7 @@ fn max_len(target: &str) -> usize {
         "query" => 16 * 1024 + 64,
         "dns" => 512,
         "seal" => 4096,
+        "oidc" => 16 * 1024,
         "embedded" => 256 * 1024,
         "multipart" => 256 * 1024,
         _ => 1 << 20,

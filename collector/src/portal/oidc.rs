@@ -718,7 +718,7 @@ impl Provider {
 /// Parses a provider's JWKS, keeping the keys the policy crate's verifier takes (RSA and EC
 /// P-256 signing keys with a `kid`): a provider may also publish encryption keys or other
 /// curves, which would make the whole set unreadable to it.
-fn parse_jwks(body: &[u8]) -> Result<Jwks, String> {
+pub fn parse_jwks(body: &[u8]) -> Result<Jwks, String> {
     let doc: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("JWKS: {e}"))?;
     let keys = doc["keys"].as_array().ok_or("JWKS: no keys")?;
     let usable: Vec<&serde_json::Value> = keys
