@@ -143,18 +143,26 @@ impl Person {
     }
 }
 
-/// A random event id (32 hex digits).
-fn event_id() -> String {
-    let mut b = [0u8; 16];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    hex::encode(b)
-}
-
-/// Records a release or a refusal in the activity log.
-fn record(c: &Collector, email: &str, rel: Option<&Release>, id: &str, refusal: Option<&Refusal>) {
+/// Records a release or a refusal in the activity log: whether it was recorded (a password is
+/// given only when its release is).
+fn record(
+    c: &Collector,
+    email: &str,
+    rel: Option<&Release>,
+    id: &str,
+    refusal: Option<&Refusal>,
+) -> bool {
     let now = now_ms();
+    // The store's random secret: an id that cannot repeat (events are deduplicated by id).
+    let id_of_event = match super::auth::random_token() {
+        Ok(t) => t,
+        Err(err) => {
+            tracing::error!(error = %err, release = id, "no randomness for a release event");
+            return false;
+        }
+    };
     let mut e = Event::new(
-        event_id(),
+        id_of_event,
         u64::try_from(now).unwrap_or(0),
         CLASS_FILE_HOSTING,
         ACTIVITY_UNLOCK,
@@ -215,6 +223,7 @@ fn record(c: &Collector, email: &str, rel: Option<&Release>, id: &str, refusal: 
     let line = serde_json::to_vec(&e).unwrap_or_default();
     if let Err(err) = c.store.ingest(&line, IngestOptions::default()) {
         tracing::error!(error = %err, release = id, "recording a release");
+        return false;
     }
     tracing::info!(
         user = email,
@@ -222,6 +231,7 @@ fn record(c: &Collector, email: &str, rel: Option<&Release>, id: &str, refusal: 
         given = refusal.is_none(),
         "key release"
     );
+    true
 }
 
 fn describe(r: &Release) -> String {
@@ -306,11 +316,11 @@ fn allowed(
         .clone()
         .unwrap_or_else(|| session.user.clone());
     let Some(p) = Person::of(c, session) else {
-        record(c, &email, None, id, Some(&Refusal::NotAllowed));
+        let _ = record(c, &email, None, id, Some(&Refusal::NotAllowed));
         return Ok(Err((email, Refusal::NotAllowed)));
     };
     let Some(r) = release::get(&c.store, id)? else {
-        record(c, &p.email, None, id, Some(&Refusal::Unknown));
+        let _ = record(c, &p.email, None, id, Some(&Refusal::Unknown));
         return Ok(Err((p.email, Refusal::Unknown)));
     };
     match r.may_open(&p.asker(), now_ms()) {
@@ -322,7 +332,7 @@ fn allowed(
             } else {
                 why.clone()
             };
-            record(c, &p.email, Some(&r), id, Some(&why));
+            let _ = record(c, &p.email, Some(&r), id, Some(&why));
             Ok(Err((p.email, shown)))
         }
     }
@@ -393,7 +403,9 @@ pub(super) fn reveal(
         .ok_or_else(|| anyhow::anyhow!("the collector has no release keys"))?
         .get()?;
     let secrets = release::secrets(&keys, &r)?;
-    record(c, &p.email, Some(&r), id, None);
+    if !record(c, &p.email, Some(&r), id, None) {
+        anyhow::bail!("the release of {id} could not be recorded; the password is not given");
+    }
     let mut body = format!("<h1>Protected file</h1>{}", describe(&r));
     match &secrets.open_password {
         Some(pw) => {
