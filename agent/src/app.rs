@@ -262,9 +262,17 @@ async fn supervise(
             ),
         ));
     }
+    let device_state = Arc::new(crate::device::DeviceState::kept_in(&config.state_dir));
+    if let Some(t) = target.clone().filter(|t| !t.agent_id.is_empty()) {
+        tasks.spawn(named(
+            "risk",
+            crate::report::risk::poll(t, device_state.clone(), shutdown.clone()),
+        ));
+    }
     let hooks: Arc<dyn Hooks> = match &dist {
         Some(d) => Arc::new(
             Controls::new(d.active(), config.device.posture)
+                .with_state(device_state.clone())
                 .with_lan(lan.clone())
                 .with_location(location.clone())
                 .with_protector(protector.clone()),

@@ -14,6 +14,7 @@ pub mod app;
 pub mod bundle;
 pub mod client;
 pub mod config;
+pub mod device;
 pub mod event;
 pub mod location;
 pub mod proxy;

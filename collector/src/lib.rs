@@ -35,6 +35,7 @@ pub mod forward;
 pub mod portal;
 pub mod query;
 pub mod release;
+pub mod risk;
 pub mod server;
 pub mod store;
 pub mod tls;
@@ -140,6 +141,8 @@ pub struct Collector {
     /// The keys protected files' passwords are sealed to and kept under (none when they could
     /// not be read or made: then no password is kept or released, and the log says why).
     pub release_keys: Option<release::KeyRing>,
+    /// Users' risk and devices' marks (what agents long-poll on `/api/v1/risk`).
+    pub risk: risk::RiskBoard,
 }
 
 impl Collector {
@@ -176,7 +179,12 @@ impl Collector {
             config.limits.max_connections,
             config.limits.max_connections_per_address,
         ));
+        let risk = risk::RiskBoard::open(&store).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "risk marks could not be read: starting with none");
+            risk::RiskBoard::empty()
+        });
         Self {
+            risk,
             store,
             config,
             bundle_notify,

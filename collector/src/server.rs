@@ -86,6 +86,7 @@ impl Server {
         c.forward.start(&shutdown);
         tokio::spawn(retention(c.clone(), shutdown.clone()));
         tokio::spawn(bundle_watch(c.clone(), shutdown.clone()));
+        tokio::spawn(risk_watch(c.clone(), shutdown.clone()));
         tracing::info!(addr = %self.local_addr()?, "collector listening");
         loop {
             let (tcp, peer) = tokio::select! {
@@ -218,6 +219,26 @@ async fn bundle_watch(c: Arc<Collector>, shutdown: CancellationToken) {
     }
 }
 
+/// Lifts lapsed marks, and notices marks changed by another process sharing the store
+/// (`sluice-collector` commands, another collector), every second.
+async fn risk_watch(c: Arc<Collector>, shutdown: CancellationToken) {
+    loop {
+        let c2 = c.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            c2.risk.expire(&c2.store)?;
+            c2.risk.reload(&c2.store)
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "risk marks");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Routes one request: `/api/` here, everything else to the portal.
 pub async fn handle(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> {
     let path = req.uri().path().to_owned();
@@ -237,6 +258,15 @@ pub async fn handle(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBo
         (Method::GET, "/api/v1/lan-clients") => lan_clients(c, req).await,
         (Method::GET, "/api/v1/release-key") => release_key(c, req).await,
         (Method::GET, "/api/v1/stats") => stats(c, req).await,
+        (Method::GET, "/api/v1/risk") => risk_current(c, req).await,
+        (Method::POST, p) if p.starts_with("/api/v1/risk/users/") => {
+            let who = p.trim_start_matches("/api/v1/risk/users/").to_owned();
+            mark(c, req, MarkKind::User, who).await
+        }
+        (Method::POST, p) if p.starts_with("/api/v1/risk/devices/") => {
+            let who = p.trim_start_matches("/api/v1/risk/devices/").to_owned();
+            mark(c, req, MarkKind::Device, who).await
+        }
         (Method::GET, "/api/v1/status") => status(c, req).await,
         (Method::GET, p) if p.starts_with("/api/v1/events/") => {
             let id = p.trim_start_matches("/api/v1/events/").to_owned();
@@ -270,6 +300,7 @@ const KNOWN: &[&str] = &[
     "/api/v1/lan-clients",
     "/api/v1/release-key",
     "/api/v1/stats",
+    "/api/v1/risk",
     "/api/v1/status",
 ];
 
@@ -683,6 +714,161 @@ async fn bundle_current(c: Arc<Collector>, req: Request<Incoming>) -> Response<B
         r.headers_mut().insert("x-sluice-bundle-revision", v);
     }
     r
+}
+
+/// `GET /api/v1/risk`: the users at risk and this agent's own device mark, long-polled like
+/// bundles (the ETag is the board's revision).
+async fn risk_current(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> {
+    let (agent, _group) = match agent_auth(&c, req.headers()).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let wait = prefer_wait(req.headers())
+        .unwrap_or(0)
+        .min(c.config.limits.max_long_poll_s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut notices = c.risk.subscribe();
+    let state = loop {
+        notices.mark_unchanged();
+        let state = c.risk.state();
+        let etag = format!("\"r{}\"", state.revision);
+        if !etag_matches(req.headers(), &etag) {
+            break state;
+        }
+        if wait == 0 || tokio::time::Instant::now() >= deadline {
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            if let Ok(v) = header::HeaderValue::from_str(&etag) {
+                r.headers_mut().insert(header::ETAG, v);
+            }
+            return r;
+        }
+        if tokio::time::timeout_at(deadline, notices.changed())
+            .await
+            .is_ok_and(|r| r.is_err())
+        {
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    // An agent learns its own device's mark, never the others'.
+    let mine = sluice_protocol::risk::RiskState {
+        revision: state.revision,
+        users: state.users.clone(),
+        devices: state
+            .devices
+            .iter()
+            .filter(|d| d.device == agent)
+            .cloned()
+            .collect(),
+    };
+    let mut r = json(StatusCode::OK, &mine);
+    if let Ok(v) = header::HeaderValue::from_str(&format!("\"r{}\"", state.revision)) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
+/// What `POST /api/v1/risk/...` marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkKind {
+    /// A user (by e-mail).
+    User,
+    /// A device (by agent id).
+    Device,
+}
+
+/// `POST /api/v1/risk/users/<email>` and `/api/v1/risk/devices/<agent id>` with a
+/// [`sluice_protocol::risk::MarkRequest`]: an admin's mark (`none` lifts it).
+async fn mark(
+    c: Arc<Collector>,
+    req: Request<Incoming>,
+    kind: MarkKind,
+    subject: String,
+) -> Response<BoxBody> {
+    let who = match reader_auth(&c, req.headers()).await {
+        Ok(w) => w,
+        Err(r) => return refuse(req.into_body(), r).await,
+    };
+    if !is_json(req.headers()) {
+        let r = problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported media type",
+            "send application/json",
+        );
+        return refuse(req.into_body(), r).await;
+    }
+    let body = match small_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let m: sluice_protocol::risk::MarkRequest = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            return bad_request(&format!(
+                "expected {{\"level\", \"reason\", \"for_s\"}}: {e}"
+            ));
+        }
+    };
+    let subject = percent_encoding::percent_decode_str(&subject)
+        .decode_utf8_lossy()
+        .into_owned();
+    match apply_mark(&c, kind, &subject, &m, &who).await {
+        Ok(()) => json(StatusCode::OK, &*c.risk.state()),
+        Err(r) => r,
+    }
+}
+
+/// Applies an admin's mark (the API's and the portal's forms).
+pub async fn apply_mark(
+    c: &Arc<Collector>,
+    kind: MarkKind,
+    subject: &str,
+    m: &sluice_protocol::risk::MarkRequest,
+    who: &str,
+) -> Result<(), Response<BoxBody>> {
+    use sluice_policy::model::{DeviceRisk, UserRisk};
+    let (c2, subject, who, reason, for_s) = (
+        c.clone(),
+        subject.to_owned(),
+        who.to_owned(),
+        m.reason.clone(),
+        m.for_s,
+    );
+    let r = match kind {
+        MarkKind::User => {
+            let Some(level) = UserRisk::parse(&m.level).or(match m.level.as_str() {
+                "risky" => Some(UserRisk::High),
+                _ => None,
+            }) else {
+                return Err(bad_request(
+                    "a user's level is none, low, medium, high (or risky) or suspended",
+                ));
+            };
+            tokio::task::spawn_blocking(move || {
+                c2.risk
+                    .mark_user(&c2.store, &subject, level, for_s, &reason, &who)
+            })
+            .await
+        }
+        MarkKind::Device => {
+            let Some(level) = DeviceRisk::parse(&m.level) else {
+                return Err(bad_request(
+                    "a device's mark is none, untrusted or quarantined",
+                ));
+            };
+            tokio::task::spawn_blocking(move || {
+                c2.risk
+                    .mark_device(&c2.store, &subject, level, for_s, &reason, &who)
+            })
+            .await
+        }
+    };
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(crate::risk::Error::Invalid(why))) => Err(bad_request(&why)),
+        Ok(Err(e)) => Err(internal(e)),
+        Err(e) => Err(internal(e)),
+    }
 }
 
 async fn search(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> {

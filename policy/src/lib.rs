@@ -113,6 +113,10 @@ struct Compiled {
     groups: Vec<u32>,
     guest: Option<bool>,
     devices: Vec<Device>,
+    device_tags: Vec<String>,
+    not_device_tags: Vec<String>,
+    device_risk: Vec<DeviceRisk>,
+    user_risk: Vec<UserRisk>,
     ranges: Vec<Cidr>,
     not_ranges: Vec<Cidr>,
     clients: Vec<Client>,
@@ -560,6 +564,26 @@ impl PolicySet {
                 "devices",
                 input.device.is_some_and(|d| p.devices.contains(&d)),
             );
+        }
+        if !p.device_tags.is_empty() {
+            f(
+                "device_tags",
+                p.device_tags.iter().any(|t| input.device_tags.contains(t)),
+            );
+        }
+        if !p.not_device_tags.is_empty() {
+            f(
+                "not_device_tags",
+                !p.not_device_tags
+                    .iter()
+                    .any(|t| input.device_tags.contains(t)),
+            );
+        }
+        if !p.device_risk.is_empty() {
+            f("device_risk", p.device_risk.contains(&input.device_risk));
+        }
+        if !p.user_risk.is_empty() {
+            f("user_risk", p.user_risk.contains(&input.user_risk));
         }
         if !p.ranges.is_empty() {
             f("ranges", sources(input).any(|ip| in_any(&p.ranges, ip)));

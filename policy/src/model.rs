@@ -193,7 +193,8 @@ pub struct Templates {
 }
 
 /// A message template. Variables: `{user}`, `{app}`, `{file}`, `{label}`, `{policy}`,
-/// `{incident}`, `{fix}`.
+/// `{incident}`, `{fix}`, `{risk}` (why the user or the device is at risk: the alert or the
+/// admin's reason).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Template {
@@ -249,7 +250,7 @@ impl Template {
                     };
                     match value {
                         Some(v) => out.push_str(&escape(v)),
-                        None if ["user", "app", "file", "label", "policy", "incident"]
+                        None if ["user", "app", "file", "label", "policy", "incident", "risk"]
                             .contains(&name) => {}
                         None => {
                             out.push('{');
@@ -350,6 +351,87 @@ pub enum Device {
     Unmanaged,
 }
 
+/// A user's risk: raised by the collector's anomaly detectors for a while, or set by an admin
+/// (`risky` in the portal is `high`); `suspended` is an admin's mark and the highest.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum UserRisk {
+    /// No risk is known.
+    #[default]
+    None,
+    /// Low.
+    Low,
+    /// Medium.
+    Medium,
+    /// High.
+    High,
+    /// Suspended by an admin.
+    Suspended,
+}
+
+impl UserRisk {
+    /// Its name in policies and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+            Self::Suspended => "suspended",
+        }
+    }
+
+    /// The level named `s` (as in policies).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "none" => Self::None,
+            "low" => Self::Low,
+            "medium" => Self::Medium,
+            "high" => Self::High,
+            "suspended" => Self::Suspended,
+            _ => return None,
+        })
+    }
+}
+
+/// A device's mark, set centrally by an admin (or a detector).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceRisk {
+    /// Not marked.
+    #[default]
+    None,
+    /// Not to be trusted with sensitive data.
+    Untrusted,
+    /// Cut off.
+    Quarantined,
+}
+
+impl DeviceRisk {
+    /// Its name in policies and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Untrusted => "untrusted",
+            Self::Quarantined => "quarantined",
+        }
+    }
+
+    /// The mark named `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "none" => Self::None,
+            "untrusted" => Self::Untrusted,
+            "quarantined" => Self::Quarantined,
+            _ => return None,
+        })
+    }
+}
+
 /// Client kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -420,6 +502,20 @@ pub struct When {
     /// Device tags.
     #[serde(default)]
     pub devices: Vec<Device>,
+    /// Posture tags (given by `posture.yaml`'s rules, e.g. `compliant`): any of them.
+    #[serde(default)]
+    pub device_tags: Vec<String>,
+    /// Posture tags the device must not have (`[compliant]`: a device not measured compliant,
+    /// including one never measured).
+    #[serde(default)]
+    pub not_device_tags: Vec<String>,
+    /// The device's central mark: any of these (`none` for an unmarked device).
+    #[serde(default)]
+    pub device_risk: Vec<DeviceRisk>,
+    /// The user's risk: any of these (`none` for no known risk; an anonymous request is
+    /// `none`).
+    #[serde(default)]
+    pub user_risk: Vec<UserRisk>,
     /// Named ranges the source address (or the public one) must be in.
     #[serde(default)]
     pub ranges: Vec<String>,
@@ -557,6 +653,15 @@ pub struct Input {
     /// Device tag.
     #[serde(default)]
     pub device: Option<Device>,
+    /// The device's posture tags (what `posture.yaml`'s rules gave).
+    #[serde(default)]
+    pub device_tags: Vec<String>,
+    /// The device's central mark.
+    #[serde(default)]
+    pub device_risk: DeviceRisk,
+    /// The user's risk.
+    #[serde(default)]
+    pub user_risk: UserRisk,
     /// Source address: the device's own address on its default route (an endpoint), or the
     /// LAN client's address (a gateway).
     #[serde(default)]

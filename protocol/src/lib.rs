@@ -17,6 +17,7 @@
 //! The schema is versioned by [`SCHEMA_VERSION`]; a collector accepts every version up to its
 //! own and refuses newer ones with a clear error.
 
+pub mod risk;
 pub mod seal;
 
 use std::collections::BTreeMap;

@@ -13,6 +13,7 @@ pub mod convert;
 pub mod enroll;
 pub mod posture;
 pub mod release_key;
+pub mod risk;
 pub mod ship;
 pub mod spool;
 

@@ -56,6 +56,10 @@ pub(super) struct Context {
     pub(super) client: Client,
     /// What `protect` seals passwords with.
     pub(super) protector: Arc<super::Protector>,
+    /// The marks users' risk is read from (for the request's other identities too).
+    pub(super) state: Arc<crate::device::DeviceState>,
+    /// Why the user or the device is at risk, for block messages (`{risk}`).
+    pub(super) risk_reason: Option<String>,
 }
 
 pub(super) fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
@@ -132,6 +136,9 @@ impl Context {
             app: app_id.clone(),
             user,
             device: Some(device),
+            device_tags: Vec::new(),
+            device_risk: sluice_policy::model::DeviceRisk::None,
+            user_risk: sluice_policy::model::UserRisk::None,
             source,
             public_source,
             client: Some(client),
@@ -232,7 +239,30 @@ impl Context {
             device,
             client,
             protector,
+            state: Arc::default(),
+            risk_reason: None,
         }
+    }
+
+    /// Decides on `state`'s marks, and on its posture tags and device mark when the request
+    /// comes from this host (`own`).
+    pub(super) fn take_state(&mut self, state: Arc<crate::device::DeviceState>, own: bool) {
+        let (user_risk, user_why) = state.user_risk(self.input.user.as_deref());
+        self.input.user_risk = user_risk;
+        let mut why = user_why;
+        if own {
+            self.input.device_tags = state.tags().tags.iter().cloned().collect();
+            let (device_risk, device_why) = state.device_risk();
+            self.input.device_risk = device_risk;
+            if device_risk != sluice_policy::model::DeviceRisk::None {
+                why = Some(match why {
+                    Some(u) => format!("{u}; this device: {}", device_why.unwrap_or_default()),
+                    None => format!("this device: {}", device_why.unwrap_or_default()),
+                });
+            }
+        }
+        self.risk_reason = why;
+        self.state = state;
     }
 }
 

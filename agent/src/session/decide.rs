@@ -92,6 +92,7 @@ impl Context {
         for other in &self.other_users {
             let mut alt = input.clone();
             alt.user = other.clone();
+            alt.user_risk = self.state.user_risk(other.as_deref()).0;
             let d = decide(&alt);
             if d.action > best.action {
                 best = d;
@@ -228,6 +229,7 @@ impl Context {
             ("label", ""),
             ("policy", policy.as_str()),
             ("incident", self.incident.as_str()),
+            ("risk", self.risk_reason.as_deref().unwrap_or("")),
         ];
         let (title, detail, hint) = match template {
             Some(t) => (

@@ -54,6 +54,7 @@ pub struct Controls {
     lan: Arc<LanDevices>,
     location: Option<Arc<NetworkLocation>>,
     protector: Arc<Protector>,
+    state: Arc<crate::device::DeviceState>,
 }
 
 impl Controls {
@@ -66,7 +67,15 @@ impl Controls {
             lan: Arc::default(),
             location: None,
             protector: Arc::default(),
+            state: Arc::default(),
         }
+    }
+
+    /// Takes this device's measured posture tags and the central marks (users' risk, this
+    /// device's mark) from `state`.
+    pub fn with_state(mut self, state: Arc<crate::device::DeviceState>) -> Self {
+        self.state = state;
+        self
     }
 
     /// Protects files with the collector's release key `protector` holds (without one,
@@ -98,24 +107,28 @@ impl Hooks for Controls {
     fn begin(&self, ex: &Exchange<'_>, head: &request::Parts) -> Option<Box<dyn Flow>> {
         let set = self.active.load_full()?;
         // A LAN client is where it connects from; this host is where its location says.
-        let (device, sources) = match ex.origin.lan_client {
+        let (device, sources, own) = match ex.origin.lan_client {
             Some(c) => {
                 let d = match self.lan.device_of(c) {
                     Device::Unmanaged if set.is_managed_client(c) => Device::Managed,
                     d => d,
                 };
-                (d, (Some(c), None))
+                (d, (Some(c), None), false)
             }
             None => match &self.location {
                 Some(l) => {
                     let l = l.load();
-                    (self.device, (l.primary(), l.public))
+                    (self.device, (l.primary(), l.public), true)
                 }
-                None => (self.device, (Some(ex.peer.ip()), None)),
+                None => (self.device, (Some(ex.peer.ip()), None), true),
             },
         };
+        let mut cx = Context::new(set, device, sources, ex, head, self.protector.clone());
+        // This host's posture and mark are its own, not a LAN client's; a user's risk follows
+        // the user anywhere.
+        cx.take_state(self.state.clone(), own);
         Some(Box::new(Request {
-            cx: Context::new(set, device, sources, ex, head, self.protector.clone()),
+            cx,
             rec: Record::default(),
             upload: None,
             download: None,

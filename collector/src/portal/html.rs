@@ -117,6 +117,8 @@ pub enum Nav {
     Devices,
     /// Bundles.
     Bundles,
+    /// Users' risk and devices' marks.
+    Risk,
     /// The signed-in person's own page.
     Me,
     /// None (login, errors).
@@ -163,10 +165,11 @@ pub fn page(title: &str, nav: Nav, who: Option<&Who<'_>>, body: &str) -> String 
         };
         let items = if w.admin {
             format!(
-                "{}{}{}",
+                "{}{}{}{}",
                 item(Nav::Activity, "/events", "Activity"),
                 item(Nav::Devices, "/devices", "Devices"),
                 item(Nav::Bundles, "/bundles", "Bundles"),
+                item(Nav::Risk, "/risk", "Risk"),
             )
         } else {
             item(Nav::Me, "/me", "Your page")

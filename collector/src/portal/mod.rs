@@ -27,6 +27,7 @@ pub mod chart;
 mod files;
 pub mod html;
 pub mod oidc;
+mod risk;
 
 use std::{fmt::Write as _, net::IpAddr, sync::Arc};
 
@@ -51,6 +52,8 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("portal_0003_oidc_flows", oidc::SCHEMA),
     // Key release keeps its passwords in the same database.
     ("release_0001_releases", crate::release::SCHEMA),
+    // Users' risk and devices' marks.
+    ("risk_0001_marks", crate::risk::SCHEMA),
 ];
 
 /// Largest form body read (bytes).
@@ -261,6 +264,14 @@ fn route(c: &Collector, r: &Req) -> Response<BoxBody> {
         (&Method::GET, "/events") => events_page(c, r, &who, None),
         (&Method::GET, "/devices") => devices_page(c, &who),
         (&Method::GET, "/bundles") => bundles_page(c, &who),
+        (&Method::GET, "/risk") => risk::risk_page(c, &who, None),
+        (&Method::POST, "/risk/users") => risk::mark_user(c, &r.form, &who),
+        (&Method::GET, p) if !p.ends_with("/mark") && risk::device_id(p).is_some() => {
+            risk::device_page(c, risk::device_id(p).unwrap_or_default(), &who, None)
+        }
+        (&Method::POST, p) if p.ends_with("/mark") && risk::device_id(p).is_some() => {
+            risk::mark_device(c, risk::device_id(p).unwrap_or_default(), &r.form, &who)
+        }
         (&Method::POST, "/queries") => save_query(c, r, &who, &session),
         (&Method::POST, p) if p.starts_with("/queries/") && p.ends_with("/delete") => {
             let id = p
@@ -875,6 +886,7 @@ pub fn stale(last_seen: i64, now: i64) -> bool {
 
 fn devices_page(c: &Collector, who: &Who<'_>) -> anyhow::Result<Response<BoxBody>> {
     let devices = c.store.devices()?;
+    let risk_state = c.risk.state();
     let now = now_ms();
     let mut body = String::from(
         "<h1>Devices</h1><table id=\"devices\"><thead><tr><th>Host</th><th>Agent id</th>\
@@ -907,8 +919,15 @@ fn devices_page(c: &Collector, who: &Who<'_>) -> anyhow::Result<Response<BoxBody
         };
         let _ = write!(
             body,
-            "<tr><td>{host}</td><td>{uid}</td><td>{group}</td><td>{posture}</td><td>{os}</td>\
-             <td>{ver}</td><td>{rev}</td><td>{state}</td><td title=\"{ago}\">{seen}</td><td>{badge}</td></tr>",
+            "<tr><td><a href=\"/devices/{uid}\">{host}</a></td><td>{uid}</td><td>{group}</td>\
+             <td>{posture}{mark}</td><td>{os}</td><td>{ver}</td><td>{rev}</td><td>{state}</td>\
+             <td title=\"{ago}\">{seen}</td><td>{badge}</td></tr>",
+            mark = risk_state
+                .devices
+                .iter()
+                .find(|m| m.device == d.uid)
+                .map(|m| format!(" <span class=\"badge revoked\">{}</span>", esc(&m.mark)))
+                .unwrap_or_default(),
             host = esc(&d.hostname),
             uid = esc(&d.uid),
             group = esc(d.group.as_deref().unwrap_or("")),
