@@ -225,8 +225,23 @@ async fn supervise(
         "location",
         crate::location::watch(location.clone(), shutdown.clone()),
     ));
+    let device_state = Arc::new(crate::device::DeviceState::kept_in(&config.state_dir));
+    if let Some(d) = &dist {
+        tasks.spawn(named(
+            "posture",
+            crate::posture::watch::Watch {
+                active: d.active(),
+                bundle_status: d.status(),
+                device: device_state.clone(),
+                root: config.posture.root.clone(),
+                own_tables: vec![config.gateway.table.clone()],
+            }
+            .run(shutdown.clone()),
+        ));
+    }
     let reporting = Reporting::open(config, dist.as_ref().map(|d| d.active()))
         .context("setting up reporting to the collector")?
+        .map(|r| r.with_device(device_state.clone()))
         .map(|r| r.with_location(location.clone()));
     let reporter: Arc<dyn Reporter> = match (&reporting, &config.report.events_file) {
         (Some(r), _) => r.reporter(),
@@ -262,7 +277,6 @@ async fn supervise(
             ),
         ));
     }
-    let device_state = Arc::new(crate::device::DeviceState::kept_in(&config.state_dir));
     if let Some(t) = target.clone().filter(|t| !t.agent_id.is_empty()) {
         tasks.spawn(named(
             "risk",

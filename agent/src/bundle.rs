@@ -37,6 +37,10 @@ pub struct BundleStatus {
     pub source: Option<String>,
     /// When it was activated (Unix seconds).
     pub activated_at: Option<u64>,
+    /// When its source last said it is current (Unix seconds): its activation from the bundle
+    /// server or a file, and every 304 since. A last-known-good bundle read at start is not
+    /// confirmed until the server answers. Posture's `bundle_fresh` check measures from it.
+    pub confirmed_at: Option<u64>,
     /// Number of enabled policies.
     pub policies: usize,
     /// The last error, if the last attempt failed.
@@ -173,6 +177,7 @@ impl Distributor {
         st.revision = Some(revision.clone());
         st.source = Some(source.to_owned());
         st.activated_at = Some(now_s());
+        st.confirmed_at = (source != "last-good").then(now_s);
         st.policies = policies;
         st.last_error = None;
         tracing::info!(%revision, source, policies, "bundle activated");
@@ -358,10 +363,9 @@ impl Distributor {
         drop(guard);
         let status = answer.status;
         if status == http::StatusCode::NOT_MODIFIED {
-            self.status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .not_modified += 1;
+            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            st.not_modified += 1;
+            st.confirmed_at = Some(now_s());
             return Ok(Fetched::NotModified);
         }
         if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {

@@ -71,6 +71,32 @@ pub struct Config {
     /// default; endpoint and gateway modes can run together).
     #[serde(default)]
     pub gateway: GatewaySettings,
+    /// Where the bundle's measured posture checks (`posture.yaml`) read the system.
+    #[serde(default)]
+    pub posture: PostureSettings,
+}
+
+/// `[posture]`: how the measured posture checks read the system.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PostureSettings {
+    /// The directory the checks read the system under (`/proc`, `/sys`, `/etc`, `/var/lib/dpkg`
+    /// and the executables of processes), never following a link out of it. Default `/`: this
+    /// host; another root (an image, a test tree) has no firewall to ask, so that check is unknown.
+    #[serde(default = "default_posture_root")]
+    pub root: PathBuf,
+}
+
+fn default_posture_root() -> PathBuf {
+    PathBuf::from("/")
+}
+
+impl Default for PostureSettings {
+    fn default() -> Self {
+        Self {
+            root: default_posture_root(),
+        }
+    }
 }
 
 /// `[gateway]`: which forwarded traffic is steered to the proxy, and how.
@@ -940,6 +966,12 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("proxy.reject_hosts: {e}")))?;
         }
         self.report.validate()?;
+        if !self.posture.root.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "posture.root ({}) must be an absolute path",
+                self.posture.root.display()
+            )));
+        }
         if !self.admin.listen.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
                 "admin.listen ({}) must be a loopback address",
@@ -1029,10 +1061,20 @@ mod tests {
                 "unknown field",
             ),
             ("[proxy]\ninspect_budget_bytes = 0", "inspect_budget_bytes"),
+            ("[posture]\nroot = \"tree\"", "posture.root"),
+            ("[posture]\nroots = \"/\"", "unknown field"),
         ] {
             let err = Config::parse(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn posture_root_defaults_to_this_host() {
+        let cfg = Config::parse("").expect("empty config is valid");
+        assert_eq!(cfg.posture.root, PathBuf::from("/"));
+        let cfg = Config::parse("[posture]\nroot = \"/srv/image\"").expect("valid");
+        assert_eq!(cfg.posture.root, PathBuf::from("/srv/image"));
     }
 
     #[test]

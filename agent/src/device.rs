@@ -36,6 +36,10 @@ pub struct Tags {
 #[derive(Debug, Default)]
 pub struct DeviceState {
     tags: ArcSwap<Tags>,
+    /// The last evaluation's check results, as the collector receives them.
+    checks: ArcSwap<Vec<sluice_protocol::PostureCheck>>,
+    /// How many times the tags changed (reporting sends a posture event at each).
+    changes: std::sync::atomic::AtomicU64,
     risk: ArcSwap<RiskState>,
     keep: Option<PathBuf>,
 }
@@ -56,9 +60,9 @@ impl DeviceState {
             .and_then(|b| serde_json::from_slice::<RiskState>(&b).ok())
             .unwrap_or_default();
         Self {
-            tags: ArcSwap::default(),
             risk: ArcSwap::from_pointee(risk),
             keep: Some(keep),
+            ..Self::default()
         }
     }
 
@@ -73,7 +77,24 @@ impl DeviceState {
             return false;
         }
         self.tags.store(Arc::new(next));
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         true
+    }
+
+    /// How many times the posture tags changed since the start.
+    pub fn tag_changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The last evaluation's results.
+    pub fn checks(&self) -> Arc<Vec<sluice_protocol::PostureCheck>> {
+        self.checks.load_full()
+    }
+
+    /// Keeps the last evaluation's results.
+    pub fn set_checks(&self, checks: Vec<sluice_protocol::PostureCheck>) {
+        self.checks.store(Arc::new(checks));
     }
 
     /// The marks now.

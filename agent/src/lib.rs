@@ -5,7 +5,8 @@
 //! `config` (the TOML file) and `event` (the activity event) at the bottom; `steer` (eBPF loading,
 //! maps, cgroups, process identity); `proxy` (listener, origin claim, interception, the request
 //! lifecycle and its inspection pool, splice); `session` (the access and session controls, a flow
-//! per request); `bundle` (distribution); `report` (spool, shipping, enrollment, posture);
+//! per request); `bundle` (distribution); `report` (spool, shipping, enrollment, posture events);
+//! `posture` (the measured checks of a bundle's `posture.yaml`, and the device facts);
 //! `admin` (health, metrics, status); `app` (task supervisor). Builds on `sluice-inspect`,
 //! `sluice-policy`, `sluice-net` and `sluice-protocol`.
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod device;
 pub mod event;
 pub mod location;
+pub mod posture;
 pub mod proxy;
 pub mod report;
 pub mod session;

@@ -22,6 +22,14 @@
 //! [[forward.webhook]]
 //! url = "https://hooks.corp.example/sluice"
 //! bearer_file = "/etc/sluice/hook.token"
+//! send = "alerts"                       # events (default), alerts or all
+//!
+//! [detection]                           # anomaly detection: on by default, see `detect::config`
+//! [detection.mass_download]
+//! floor = 100
+//! raise_risk = { level = "high", for_s = 3600 }
+//! [detection.geo]                       # new country and impossible travel
+//! database = "/var/lib/GeoIP/GeoLite2-City.mmdb"
 //!
 //! [portal.oidc]                         # sign-in with the organisation's identity provider
 //! issuer = "https://login.corp.example/realms/corp"
@@ -100,6 +108,9 @@ pub struct Config {
     /// The portal.
     #[serde(default)]
     pub portal: PortalConfig,
+    /// Anomaly detection and alerts (see [`crate::detect::config`]): on by default.
+    #[serde(default)]
+    pub detection: crate::detect::DetectionConfig,
 }
 
 /// The portal's settings.
@@ -333,6 +344,36 @@ pub struct SyslogTarget {
     /// The name to verify the receiver's certificate for; default: the host of `address`.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// What it gets: `events` (default), `alerts` or `all`.
+    #[serde(default)]
+    pub send: Send,
+}
+
+/// What a forwarding target gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Send {
+    /// Every stored event (the default).
+    #[default]
+    Events,
+    /// Alerts only: each new alert and each change of an alert's state. Syslog messages carry
+    /// the alert's severity (critical 2, high 3, medium 4, low 5); webhooks get JSON objects
+    /// with `"type": "alert"`.
+    Alerts,
+    /// Both.
+    All,
+}
+
+impl Send {
+    /// Whether events go out.
+    pub fn events(self) -> bool {
+        matches!(self, Self::Events | Self::All)
+    }
+
+    /// Whether alerts go out.
+    pub fn alerts(self) -> bool {
+        matches!(self, Self::Alerts | Self::All)
+    }
 }
 
 /// A webhook receiver.
@@ -350,6 +391,9 @@ pub struct WebhookTarget {
     /// Most events in one POST. Default 500.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// What it gets: `events` (default), `alerts` or `all`.
+    #[serde(default)]
+    pub send: Send,
 }
 
 fn default_listen() -> SocketAddr {
@@ -402,6 +446,7 @@ impl Config {
             limits: Limits::default(),
             forward: ForwardConfig::default(),
             portal: PortalConfig::default(),
+            detection: crate::detect::DetectionConfig::default(),
         }
     }
 
@@ -455,6 +500,7 @@ impl Config {
         if let Some(o) = &self.portal.oidc {
             o.check()?;
         }
+        self.detection.check().map_err(ConfigError::Invalid)?;
         for s in &self.forward.syslog {
             if s.address
                 .rsplit_once(':')

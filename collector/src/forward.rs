@@ -7,6 +7,12 @@
 //!   5612) carries the event id, action, app, user and policy; the message is the event's JSON.
 //! - Webhook: `POST` of a JSON array of events (at most `batch` per request), 2xx = delivered.
 //!
+//! A target gets events, alerts or both (`send`). An alert goes out when it is opened and when
+//! its state changes: to syslog with the alert's severity (critical 2, high 3, medium 4, low 5),
+//! MSGID `alert` and `[sluice@32473 alert=... detector=... severity=... user=... state=...]`,
+//! the message being the alert's JSON; to a webhook as an object with `"type": "alert"` in the
+//! same arrays as events.
+//!
 //! Failures are retried with exponential backoff (250 ms doubling to 30 s) for as long as it
 //! takes, holding the batch in flight; meanwhile the queue fills, and once full new events are
 //! dropped for that target and counted (`/api/v1/status`, and a warning in the log). The store
@@ -35,7 +41,29 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ForwardConfig, SyslogTarget, WebhookTarget};
+use crate::config::{ForwardConfig, Send as SendWhat, SyslogTarget, WebhookTarget};
+
+/// One queued item: an event's JSON or an alert's.
+#[derive(Debug, Clone)]
+enum Item {
+    Event(Bytes),
+    Alert(Bytes),
+}
+
+impl Item {
+    fn json(&self) -> &Bytes {
+        match self {
+            Item::Event(b) | Item::Alert(b) => b,
+        }
+    }
+
+    fn syslog_frame(&self) -> Vec<u8> {
+        match self {
+            Item::Event(b) => syslog_frame(b),
+            Item::Alert(b) => alert_frame(b),
+        }
+    }
+}
 
 /// Counters of one target.
 #[derive(Debug, Default)]
@@ -71,8 +99,9 @@ enum Kind {
 struct Target {
     name: String,
     kind: Kind,
-    tx: mpsc::Sender<Bytes>,
-    rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    send: SendWhat,
+    tx: mpsc::Sender<Item>,
+    rx: Mutex<Option<mpsc::Receiver<Item>>>,
     stats: Arc<TargetStats>,
 }
 
@@ -89,17 +118,26 @@ impl Forwarder {
         let kinds = c
             .syslog
             .iter()
-            .map(|s| (format!("syslog {}", s.address), Kind::Syslog(s.clone())))
-            .chain(
-                c.webhook
-                    .iter()
-                    .map(|w| (format!("webhook {}", w.url), Kind::Webhook(w.clone()))),
-            );
-        for (name, kind) in kinds {
+            .map(|s| {
+                (
+                    format!("syslog {}", s.address),
+                    s.send,
+                    Kind::Syslog(s.clone()),
+                )
+            })
+            .chain(c.webhook.iter().map(|w| {
+                (
+                    format!("webhook {}", w.url),
+                    w.send,
+                    Kind::Webhook(w.clone()),
+                )
+            }));
+        for (name, send, kind) in kinds {
             let (tx, rx) = mpsc::channel(c.queue.max(1));
             targets.push(Target {
                 name,
                 kind,
+                send,
                 tx,
                 rx: Mutex::new(Some(rx)),
                 stats: Arc::default(),
@@ -113,12 +151,27 @@ impl Forwarder {
         !self.targets.is_empty()
     }
 
-    /// Queues stored events (their JSON) for every target; a full queue drops and counts.
+    /// Whether any target wants events (ingestion then collects the stored events for it).
+    pub fn wants_events(&self) -> bool {
+        self.targets.iter().any(|t| t.send.events())
+    }
+
+    /// Queues stored events (their JSON) for every target that wants events; a full queue
+    /// drops and counts.
     pub fn push(&self, events: &[Bytes]) {
-        for t in &self.targets {
+        self.queue(events, SendWhat::events, Item::Event);
+    }
+
+    /// Queues alerts (their JSON, `"type": "alert"`) for every target that wants alerts.
+    pub fn push_alerts(&self, alerts: &[Bytes]) {
+        self.queue(alerts, SendWhat::alerts, Item::Alert);
+    }
+
+    fn queue(&self, items: &[Bytes], wants: fn(SendWhat) -> bool, item: fn(Bytes) -> Item) {
+        for t in self.targets.iter().filter(|t| wants(t.send)) {
             let mut dropped = 0u64;
-            for e in events {
-                if t.tx.try_send(e.clone()).is_err() {
+            for e in items {
+                if t.tx.try_send(item(e.clone())).is_err() {
                     dropped += 1;
                 }
             }
@@ -209,10 +262,10 @@ fn failed(stats: &TargetStats, name: &str, e: &str) {
 /// Waits for one event then takes whatever else is queued, up to `max`. None at shutdown or when
 /// the queue is closed.
 async fn next_batch(
-    rx: &mut mpsc::Receiver<Bytes>,
+    rx: &mut mpsc::Receiver<Item>,
     max: usize,
     shutdown: &CancellationToken,
-) -> Option<Vec<Bytes>> {
+) -> Option<Vec<Item>> {
     let first = tokio::select! {
         () = shutdown.cancelled() => return None,
         e = rx.recv() => e?,
@@ -290,6 +343,36 @@ pub fn syslog_frame(event_json: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One RFC 5424 message for an alert's JSON (as [`crate::detect::alerts::forward_json`] makes
+/// it), octet-counted, with the alert's severity.
+pub fn alert_frame(alert_json: &[u8]) -> Vec<u8> {
+    let v: serde_json::Value = serde_json::from_slice(alert_json).unwrap_or_default();
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
+    let severity =
+        crate::detect::Severity::parse(s("severity")).map_or(4, crate::detect::Severity::syslog);
+    let pri = 16 * 8 + u32::from(severity);
+    let time = v
+        .get("updated")
+        .and_then(serde_json::Value::as_i64)
+        .map(crate::export::rfc3339_ms)
+        .unwrap_or_else(|| "-".into());
+    let mut sd = format!("[sluice@32473 alert=\"{}\"", sd_value(s("id")));
+    for k in ["detector", "severity", "user", "state", "device"] {
+        let val = s(k);
+        if !val.is_empty() {
+            sd.push_str(&format!(" {k}=\"{}\"", sd_value(val)));
+        }
+    }
+    sd.push(']');
+    let msg = format!(
+        "<{pri}>1 {time} collector sluice - alert {sd} {}",
+        String::from_utf8_lossy(alert_json)
+    );
+    let mut out = format!("{} ", msg.len()).into_bytes();
+    out.extend_from_slice(msg.as_bytes());
+    out
+}
+
 trait Stream: AsyncWrite + Unpin + Send {}
 impl<T: AsyncWrite + Unpin + Send> Stream for T {}
 
@@ -324,7 +407,7 @@ async fn syslog_connect(
 
 async fn syslog_task(
     t: SyslogTarget,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Item>,
     stats: Arc<TargetStats>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
@@ -337,7 +420,7 @@ async fn syslog_task(
     };
     let mut conn: Option<Box<dyn Stream>> = None;
     let mut backoff = Backoff::new();
-    let mut pending: VecDeque<Bytes> = VecDeque::new();
+    let mut pending: VecDeque<Item> = VecDeque::new();
     loop {
         if pending.is_empty() {
             match next_batch(&mut rx, 256, &shutdown).await {
@@ -359,7 +442,7 @@ async fn syslog_task(
         }
         let mut buf = Vec::new();
         for e in &pending {
-            buf.extend_from_slice(&syslog_frame(e));
+            buf.extend_from_slice(&e.syslog_frame());
         }
         let Some(c) = conn.as_mut() else { continue };
         let write = async {
@@ -421,7 +504,7 @@ async fn webhook_post(
 
 async fn webhook_task(
     w: WebhookTarget,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Item>,
     stats: Arc<TargetStats>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
@@ -447,13 +530,13 @@ async fn webhook_task(
         let Some(batch) = next_batch(&mut rx, w.batch.max(1), &shutdown).await else {
             return Ok(());
         };
-        let mut body = Vec::with_capacity(batch.iter().map(Bytes::len).sum::<usize>() + 2);
+        let mut body = Vec::with_capacity(batch.iter().map(|i| i.json().len()).sum::<usize>() + 2);
         body.push(b'[');
         for (i, e) in batch.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(e);
+            body.extend_from_slice(e.json());
         }
         body.push(b']');
         let body = Bytes::from(body);
@@ -500,5 +583,21 @@ mod tests {
             "{msg}"
         );
         assert!(msg.ends_with('}'));
+    }
+
+    #[test]
+    fn alert_frames_carry_the_alert_severity() {
+        let a = br#"{"type":"alert","id":"a1","detector":"mass_download","severity":"critical","user":"bob@x","state":"open","updated":1769860800123,"device":"ag_1"}"#;
+        let text = String::from_utf8(alert_frame(a)).unwrap();
+        let (len, msg) = text.split_once(' ').unwrap();
+        assert_eq!(len.parse::<usize>().unwrap(), msg.len());
+        assert!(
+            msg.starts_with(
+                "<130>1 2026-01-31T12:00:00.123Z collector sluice - alert [sluice@32473 alert=\"a1\" detector=\"mass_download\" severity=\"critical\" user=\"bob@x\" state=\"open\" device=\"ag_1\"] {"
+            ),
+            "{msg}"
+        );
+        let low = String::from_utf8(alert_frame(br#"{"severity":"low"}"#)).unwrap();
+        assert!(low.contains("<133>1 "), "{low}");
     }
 }

@@ -25,11 +25,14 @@
 //!   by `sluice-collector init`; `portal::identity` says who a request's portal session is
 //!   (`{email, groups, admin}`: a local admin or a person the organisation's OpenID Connect
 //!   provider signed in), and the query API accepts only admins' sessions.
+//! - [`detect`]: anomaly detection and alerts (`detect::alerts` for the store's alerts,
+//!   `detect::change_state` to acknowledge, resolve or dismiss one).
 
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod detect;
 pub mod export;
 pub mod forward;
 pub mod portal;
@@ -143,6 +146,8 @@ pub struct Collector {
     pub release_keys: Option<release::KeyRing>,
     /// Users' risk and devices' marks (what agents long-poll on `/api/v1/risk`).
     pub risk: risk::RiskBoard,
+    /// Anomaly detection's queue (its thread starts with [`server::Server::run`]).
+    pub detect: detect::Detection,
 }
 
 impl Collector {
@@ -183,8 +188,10 @@ impl Collector {
             tracing::error!(error = %e, "risk marks could not be read: starting with none");
             risk::RiskBoard::empty()
         });
+        let detect = detect::Detection::new(&config.detection);
         Self {
             risk,
+            detect,
             store,
             config,
             bundle_notify,

@@ -87,6 +87,7 @@ impl Server {
         tokio::spawn(retention(c.clone(), shutdown.clone()));
         tokio::spawn(bundle_watch(c.clone(), shutdown.clone()));
         tokio::spawn(risk_watch(c.clone(), shutdown.clone()));
+        c.detect.start(c.clone(), shutdown.clone());
         tracing::info!(addr = %self.local_addr()?, "collector listening");
         loop {
             let (tcp, peer) = tokio::select! {
@@ -268,6 +269,15 @@ pub async fn handle(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBo
             mark(c, req, MarkKind::Device, who).await
         }
         (Method::GET, "/api/v1/status") => status(c, req).await,
+        (Method::GET, "/api/v1/alerts") => crate::detect::api::list(c, req).await,
+        (Method::GET, p) if p.starts_with("/api/v1/alerts/") => {
+            let id = p.trim_start_matches("/api/v1/alerts/").to_owned();
+            crate::detect::api::get(c, req, &id).await
+        }
+        (Method::POST, p) if p.starts_with("/api/v1/alerts/") => {
+            let id = p.trim_start_matches("/api/v1/alerts/").to_owned();
+            crate::detect::api::update(c, req, &id).await
+        }
         (Method::GET, p) if p.starts_with("/api/v1/events/") => {
             let id = p.trim_start_matches("/api/v1/events/").to_owned();
             get_event(c, req, id).await
@@ -302,9 +312,10 @@ const KNOWN: &[&str] = &[
     "/api/v1/stats",
     "/api/v1/risk",
     "/api/v1/status",
+    "/api/v1/alerts",
 ];
 
-fn internal(e: impl std::fmt::Display) -> Response<BoxBody> {
+pub(crate) fn internal(e: impl std::fmt::Display) -> Response<BoxBody> {
     tracing::error!(error = %e, "request failed");
     problem(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -365,7 +376,7 @@ async fn agent_auth(
 }
 
 /// Who is asking the query API: an API token's name or a portal user.
-async fn reader_auth(
+pub(crate) async fn reader_auth(
     c: &Arc<Collector>,
     headers: &hyper::HeaderMap,
 ) -> Result<String, Response<BoxBody>> {
@@ -391,7 +402,7 @@ async fn reader_auth(
 }
 
 /// The query string's parameters (first value of each name wins).
-fn params(req: &Request<Incoming>) -> Result<Vec<(String, String)>, Response<BoxBody>> {
+pub(crate) fn params(req: &Request<Incoming>) -> Result<Vec<(String, String)>, Response<BoxBody>> {
     let mut out = Vec::new();
     for pair in req.uri().query().unwrap_or("").split('&') {
         if pair.is_empty() {
@@ -412,11 +423,11 @@ fn params(req: &Request<Incoming>) -> Result<Vec<(String, String)>, Response<Box
     Ok(out)
 }
 
-fn param<'a>(p: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(crate) fn param<'a>(p: &'a [(String, String)], name: &str) -> Option<&'a str> {
     p.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-fn bad_request(detail: &str) -> Response<BoxBody> {
+pub(crate) fn bad_request(detail: &str) -> Response<BoxBody> {
     problem(StatusCode::BAD_REQUEST, "Bad request", detail)
 }
 
@@ -444,7 +455,7 @@ fn parse_q(c: &Collector, p: &[(String, String)]) -> Result<query::Query, Respon
     query::parse(text).map_err(|e| problem(StatusCode::BAD_REQUEST, "Bad query", &e.to_string()))
 }
 
-async fn small_body(req: Request<Incoming>) -> Result<Bytes, Response<BoxBody>> {
+pub(crate) async fn small_body(req: Request<Incoming>) -> Result<Bytes, Response<BoxBody>> {
     match Limited::new(req.into_body(), SMALL_BODY).collect().await {
         Ok(b) => Ok(b.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(problem(
@@ -495,7 +506,7 @@ fn too_large(what: &str, limit: u64) -> Response<BoxBody> {
 /// Reads and discards a little of a request body before an early refusal: HTTP/2 clients such as
 /// curl report the reset of a stream whose request body was not read as a transfer error
 /// instead of showing the refusal.
-async fn refuse(body: Incoming, resp: Response<BoxBody>) -> Response<BoxBody> {
+pub(crate) async fn refuse(body: Incoming, resp: Response<BoxBody>) -> Response<BoxBody> {
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
         Limited::new(body, SMALL_BODY).collect(),
@@ -558,7 +569,7 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
     };
     let c2 = c.clone();
     let agent2 = agent.clone();
-    let collect_new = c.forward.enabled();
+    let collect_new = c.forward.wants_events() || c.detect.enabled();
     let result = tokio::task::spawn_blocking(move || -> Result<_, Response<BoxBody>> {
         let body = if gzip {
             use std::io::Read as _;
@@ -610,6 +621,7 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
         tracing::warn!(%agent, %batch, rejected = outcome.rejected, "invalid event lines");
     }
     c.forward.push(&outcome.new_events);
+    c.detect.push(&outcome.new_events);
     json(
         StatusCode::OK,
         &IngestResponse {
@@ -1005,7 +1017,7 @@ struct NewQuery {
     query: String,
 }
 
-fn is_json(headers: &hyper::HeaderMap) -> bool {
+pub(crate) fn is_json(headers: &hyper::HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -1208,6 +1220,7 @@ async fn status(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
                 "rejected": k.rejected.load(Relaxed),
             },
             "forward": c.forward.stats(),
+            "detection": c.detect.report(),
             "connections": c.conns.stats(),
         }),
     )

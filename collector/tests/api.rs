@@ -342,6 +342,7 @@ async fn enroll_ingest_and_refusals() {
         firewall: Some(true),
         uptime_s: 10,
         addresses: vec!["10.9.8.7".into(), "not an address".into()],
+        ..Default::default()
     });
     let r = env.ingest(&agent.credential, &[line(&p)]).await;
     assert_eq!(r.status, 200);
@@ -877,6 +878,7 @@ async fn forwards_to_syslog_and_webhook_with_retries() {
                 tls: false,
                 ca_file: None,
                 server_name: None,
+                send: Default::default(),
             });
         c.forward
             .webhook
@@ -885,6 +887,7 @@ async fn forwards_to_syslog_and_webhook_with_retries() {
                 bearer_file: Some(bearer.clone()),
                 ca_file: None,
                 batch: 500,
+                send: Default::default(),
             });
     })
     .await;
@@ -1318,6 +1321,7 @@ async fn forwards_to_syslog_over_tls_and_refuses_an_unverified_receiver() {
         tls: true,
         ca_file: Some(good_ca.clone()),
         server_name: Some("siem.test".into()),
+        send: Default::default(),
     };
     let env = start("forward-tls", |c| {
         c.forward.syslog.push(target(good_addr));
@@ -1490,5 +1494,127 @@ async fn sealed_passwords_are_kept_bound_and_survive_a_rotation() {
         r.json()["key_id"],
         key.id_hex(),
         "the new sealing key is served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risk_marks_long_poll_to_agents_and_refuse_bad_requests() {
+    let env = start("risk", |_| {}).await;
+    let a = env.new_agent("default").await;
+    let b = env.new_agent("default").await;
+    let auth_a = format!("authorization: Bearer {}", a.credential);
+    let auth_b = format!("authorization: Bearer {}", b.credential);
+    let token = env.c.store.create_api_token("admin").unwrap();
+    let admin = format!("authorization: Bearer {token}");
+    let r = env.curl("/api/v1/risk", &["-H", &auth_a]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["users"], serde_json::json!([]));
+    let etag = r.header("etag").unwrap();
+    let inm = format!("if-none-match: {etag}");
+    assert_eq!(
+        env.curl("/api/v1/risk", &["-H", &auth_a, "-H", &inm])
+            .await
+            .status,
+        304
+    );
+
+    // A long poll is answered as soon as an admin marks the device.
+    let t = Instant::now();
+    let poll = {
+        let (auth, inm) = (auth_a.clone(), inm.clone());
+        let url = env.url("/api/v1/risk");
+        let ca = env.ca.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new("curl")
+                .args(["-sS", "--max-time", "30", "--cacert"])
+                .arg(ca)
+                .args(["-H", &auth, "-H", &inm, "-H", "prefer: wait=20"])
+                .args(["-o", "-", "-w", "\n%{http_code}"])
+                .arg(url)
+                .output()
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let path = format!("/api/v1/risk/devices/{}", a.agent_id);
+    let mark = |body: &'static str| {
+        let (path, admin) = (path.clone(), admin.clone());
+        let env = &env;
+        async move {
+            env.curl(
+                &path,
+                &[
+                    "-H",
+                    &admin,
+                    "-H",
+                    "content-type: application/json",
+                    "--data-binary",
+                    body,
+                ],
+            )
+            .await
+        }
+    };
+    let r = mark(r#"{"level": "quarantined", "reason": "reported stolen"}"#).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = poll.await.unwrap();
+    let waited = t.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\n200"), "{text}");
+    let state: serde_json::Value = serde_json::from_str(&text[..text.len() - 4]).unwrap();
+    assert_eq!(state["devices"][0]["mark"], "quarantined");
+    assert_eq!(state["devices"][0]["reason"], "reported stolen");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    // Another agent does not learn this device's mark; both learn users' risk.
+    let r = env.curl("/api/v1/risk", &["-H", &auth_b]).await;
+    assert_eq!(r.json()["devices"], serde_json::json!([]));
+    let r = env
+        .curl(
+            "/api/v1/risk/users/Bob%40corp.example",
+            &[
+                "-H",
+                &admin,
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                r#"{"level": "risky", "reason": "phished", "for_s": 3600}"#,
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = env.curl("/api/v1/risk", &["-H", &auth_b]).await;
+    assert_eq!(r.json()["users"][0]["user"], "bob@corp.example");
+    assert_eq!(r.json()["users"][0]["risk"], "high");
+    assert!(r.json()["users"][0]["expires_at"].as_u64().is_some());
+
+    // Refusals: no credential, an agent's credential for a mark, a bad level, a bad body.
+    assert_eq!(env.curl("/api/v1/risk", &[]).await.status, 401);
+    let r = env
+        .curl(
+            &path,
+            &[
+                "-H",
+                &auth_a,
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                r#"{"level": "none"}"#,
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 401, "an agent cannot lift its own mark");
+    assert_eq!(mark(r#"{"level": "banished"}"#).await.status, 400);
+    assert_eq!(mark(r#"{"level": "none", "extra": 1}"#).await.status, 400);
+    assert_eq!(mark("not json").await.status, 400);
+    // Lifting it is served too, and both changes are in the log.
+    assert_eq!(mark(r#"{"level": "none"}"#).await.status, 200);
+    let r = env.curl("/api/v1/risk", &["-H", &auth_a]).await;
+    assert_eq!(r.json()["devices"], serde_json::json!([]));
+    let q = format!("/api/v1/events?q={}&limit=50", encode("app:sluice"));
+    let r = env.curl(&q, &["-H", &admin]).await;
+    let log = r.text();
+    assert!(
+        log.contains("quarantined") && log.contains("token:admin") && log.contains("-> none"),
+        "{log}"
     );
 }

@@ -2,7 +2,7 @@
 //! directory, named ranges, labels, the catalogue, the policies (every reference checked, each
 //! error located by file and line), the per-app index, and the bundle's own policy tests.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use sluice_net::Cidr;
 
@@ -46,6 +46,8 @@ struct Refs<'a> {
     protections: &'a BTreeMap<String, ProtectionTemplate>,
     templates: &'a Templates,
     app_ids: HashSet<&'a str>,
+    /// The tags `posture.yaml`'s rules can give.
+    device_tags: BTreeSet<String>,
 }
 
 pub(crate) fn compile(
@@ -59,6 +61,17 @@ pub(crate) fn compile(
     let (templates, _): (Templates, String) = parse(files, "templates.yaml")?;
     let (catalog_file, catalog_text): (Catalog, String) = parse(files, "catalog.yaml")?;
     let (dlp, _): (DlpFile, String) = parse(files, "dlp.yaml")?;
+    let posture = files
+        .get(crate::posture::FILE)
+        .map(|b| match std::str::from_utf8(b) {
+            Ok(text) => crate::posture::Posture::from_yaml(text),
+            Err(_) => Err(PolicyError {
+                file: crate::posture::FILE.into(),
+                line: None,
+                message: "not UTF-8".into(),
+            }),
+        })
+        .transpose()?;
     let detectors =
         sluice_inspect::dlp::Detectors::new(&dlp.dictionaries).map_err(|e| PolicyError {
             file: "dlp.yaml".into(),
@@ -82,6 +95,14 @@ pub(crate) fn compile(
         protections: &protection_map,
         templates: &templates,
         app_ids: apps.keys().map(String::as_str).collect(),
+        // `compliant` is always known: without posture.yaml no device is measured compliant.
+        device_tags: posture
+            .as_ref()
+            .map(crate::posture::Posture::known_tags)
+            .unwrap_or_default()
+            .into_iter()
+            .chain(["compliant".to_owned()])
+            .collect(),
     };
     let (mut policies, ids) = policies(files, &refs)?;
     // Most restrictive first, then priority, then id: the first match is the winner.
@@ -122,6 +143,7 @@ pub(crate) fn compile(
         detectors,
         tests,
         apps,
+        posture,
     })
 }
 
@@ -138,7 +160,7 @@ fn check_names(files: &BTreeMap<String, Vec<u8>>) -> Result<(), PolicyError> {
             return Err(PolicyError {
                 file: name.clone(),
                 line: None,
-                message: "unexpected file in the bundle (known: dlp.yaml, directory.yaml, ranges.yaml, labels.yaml, templates.yaml, catalog.yaml, policies/*.yaml, tests/*.yaml, jwks/*.json)".into(),
+                message: "unexpected file in the bundle (known: dlp.yaml, directory.yaml, ranges.yaml, labels.yaml, templates.yaml, catalog.yaml, posture.yaml, policies/*.yaml, tests/*.yaml, jwks/*.json)".into(),
             });
         }
     }
@@ -481,6 +503,17 @@ fn policy(
     }
     for c in &w.cidrs {
         cidrs.push(c.parse::<Cidr>().map_err(|e| bad(c, e))?);
+    }
+    // A misspelt tag would never be given: `not_device_tags` would then hold for every device.
+    for t in w.device_tags.iter().chain(&w.not_device_tags) {
+        if !refs.device_tags.contains(t) {
+            return Err(bad(
+                t,
+                format!(
+                    "device tag `{t}` is not given by any rule of posture.yaml (nor `compliant`)"
+                ),
+            ));
+        }
     }
     let mut not_ranges = Vec::new();
     for r in &w.not_ranges {

@@ -14,6 +14,7 @@ pub mod bundle;
 mod compile;
 pub mod identity;
 pub mod model;
+pub mod posture;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -171,6 +172,8 @@ pub struct PolicySet {
     /// The range named `managed` in `ranges.yaml`: a gateway's LAN clients there are managed
     /// devices (others are unmanaged unless an enrolled endpoint agent is at their address).
     pub managed_clients: Vec<Cidr>,
+    /// The bundle's measured device posture (`posture.yaml`), when it has one.
+    pub posture: Option<posture::Posture>,
 }
 
 impl PolicySet {
@@ -210,13 +213,14 @@ pub struct Explanation {
     pub filters: Vec<(String, bool)>,
 }
 
-const DOC_FILES: [&str; 6] = [
+const DOC_FILES: [&str; 7] = [
     "dlp.yaml",
     "directory.yaml",
     "ranges.yaml",
     "labels.yaml",
     "templates.yaml",
     "catalog.yaml",
+    posture::FILE,
 ];
 
 /// A catalogued app, compiled.
@@ -229,7 +233,7 @@ pub struct CompiledApp {
 
 impl PolicySet {
     /// Validates and compiles a bundle's files (`directory.yaml`, `ranges.yaml`, `labels.yaml`,
-    /// `templates.yaml`, `catalog.yaml`, `policies/*.yaml`, `tests/*.yaml`).
+    /// `templates.yaml`, `catalog.yaml`, `posture.yaml`, `policies/*.yaml`, `tests/*.yaml`).
     pub fn compile(revision: &str, files: &BTreeMap<String, Vec<u8>>) -> Result<Self, PolicyError> {
         compile::compile(revision, files)
     }

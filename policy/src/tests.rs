@@ -617,3 +617,64 @@ fn protect_takes_a_protection_template_that_must_exist_and_hold_together() {
         assert!(e.to_string().contains(want), "{e}");
     }
 }
+
+#[test]
+fn posture_tags_and_risk_filters_match_and_misspelt_tags_are_refused() {
+    let files = with(
+        default_bundle(),
+        "policies/extra.yaml",
+        r#"
+policies:
+  - id: noncompliant-block
+    kind: access
+    when: { devices: [managed], not_device_tags: [compliant] }
+    action: block
+    message: risky-network
+  - id: tagged-monitor
+    kind: access
+    when: { device_tags: [compliant] }
+    action: monitor
+"#,
+    );
+    let set = PolicySet::compile("3", &files).expect("compiles");
+    let decide = |yaml: &str| set.decide(Kind::Access, &input(yaml));
+    // Never measured: no tags, so not compliant.
+    let d = decide("{ app: files, user: bob@corp.example, device: managed }");
+    assert_eq!(d.policy.as_deref(), Some("noncompliant-block"));
+    let d =
+        decide("{ app: files, user: bob@corp.example, device: managed, device_tags: [compliant] }");
+    assert_eq!(d.action, Action::Monitor);
+    assert!(d.matched.iter().any(|m| m == "tagged-monitor"), "{d:?}");
+    // An unmanaged device is not concerned by the managed-only policy.
+    let d = decide("{ app: files, user: bob@corp.example, device: unmanaged }");
+    assert_ne!(d.action, Action::Block);
+    // Risk: the default bundle's policies.
+    let d = decide(
+        "{ app: files, user: bob@corp.example, device: managed, device_tags: [compliant], user_risk: suspended }",
+    );
+    assert_eq!(d.policy.as_deref(), Some("block-suspended-users"));
+    let d = decide(
+        "{ app: files, user: bob@corp.example, device: managed, device_tags: [compliant], user_risk: high }",
+    );
+    assert_eq!(
+        d.action,
+        Action::Monitor,
+        "high risk alone does not stop access"
+    );
+    // A tag no rule gives is refused, naming the file and line.
+    let bad = with(
+        default_bundle(),
+        "policies/extra.yaml",
+        "policies:\n  - id: typo\n    kind: access\n    when: { not_device_tags: [complaint] }\n    action: monitor\n",
+    );
+    let e = PolicySet::compile("4", &bad).expect_err("a misspelt tag");
+    assert!(e.to_string().contains("complaint"), "{e}");
+    assert_eq!(e.file, "policies/extra.yaml");
+    // Unknown risk levels are refused by the parser.
+    let bad = with(
+        default_bundle(),
+        "policies/extra.yaml",
+        "policies:\n  - id: x\n    kind: access\n    when: { user_risk: [extreme] }\n    action: monitor\n",
+    );
+    assert!(PolicySet::compile("5", &bad).is_err());
+}

@@ -370,6 +370,25 @@ pub struct Posture {
     /// enrolled endpoint at one of them without a second interception).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
+    /// The results of the bundle's measured posture checks (`posture.yaml`), in file order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<PostureCheck>,
+    /// The posture tags those results gave (e.g. `compliant`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// One measured posture check's result.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostureCheck {
+    /// The check's id in `posture.yaml`.
+    pub id: String,
+    /// Its kind (`disk_encrypted`, `kernel_version`, ...).
+    pub kind: String,
+    /// `pass`, `fail` or `unknown`.
+    pub status: String,
+    /// Why, for people (`kernel 6.12.48 >= 6.1`).
+    pub detail: String,
 }
 
 /// The agent's own status.

@@ -2327,3 +2327,175 @@ fn protected_files_are_released_in_the_portal_to_the_people_their_template_names
         }
     }
 }
+
+/// A real collector with the test identity provider (alice is a portal admin) and an agent
+/// enrolled to it on a `posture` device, with `bundle_files` replaced in the default bundle and
+/// `collector_extra` in the collector's config; the bundle is published at the collector too.
+struct Central {
+    idp: sluice_e2e::idp::Idp,
+    c: sluice_e2e::portal::Collector,
+    e: Env,
+    dir: TempDir,
+    agent_id: String,
+}
+
+fn central(
+    tag: &str,
+    posture: &str,
+    bundle_files: Vec<(&str, String)>,
+    collector_extra: &str,
+    proxy: &str,
+) -> Central {
+    use sluice_e2e::{
+        idp::{DEMO_PASSWORD, Idp, IdpUser},
+        portal::start_collector_with,
+    };
+    let dir = TempDir::new(&format!("central-{tag}"));
+    let idp = Idp::start(
+        &dir.join("idp"),
+        vec![
+            IdpUser::new(
+                "alice@corp.example",
+                DEMO_PASSWORD,
+                "Alice",
+                &["staff", "finance"],
+            ),
+            IdpUser::new("bob@corp.example", DEMO_PASSWORD, "Bob", &["staff"]),
+        ],
+    )
+    .unwrap();
+    let cdir = dir.join("collector");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let bundle_pub = dir.join("bundle.pub");
+    let c = start_collector_with(
+        &cdir,
+        &idp,
+        "sluice-portal",
+        None,
+        &format!(
+            "bundle_public_key = \"{}\"\n{collector_extra}",
+            bundle_pub.display()
+        ),
+    )
+    .unwrap();
+    let enroll = |config: &Path| {
+        let token = c.cli(&["token", "create", "--group", "default"]).unwrap();
+        let out = std::process::Command::new(bin("sluice"))
+            .args(["enroll", "--config"])
+            .arg(config)
+            .args(["--collector", &c.base, "--token", token.trim(), "--ca"])
+            .arg(&c.ca)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let e = env_opts(
+        tag,
+        posture,
+        Opts {
+            proxy,
+            bundle_files,
+            collector: Some((c.base.clone(), c.ca.clone(), &enroll)),
+        },
+    );
+    std::fs::copy(e.dir.join("bundle.pub"), &bundle_pub).unwrap();
+    c.cli(&[
+        "bundle",
+        "publish",
+        e.dir.join("bundle.tar.gz").to_str().unwrap(),
+    ])
+    .unwrap();
+    let enrollment: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e.dir.join("state/report/enrollment.json")).unwrap())
+            .unwrap();
+    let agent_id = enrollment["agent_id"].as_str().unwrap().to_owned();
+    Central {
+        idp,
+        c,
+        e,
+        dir,
+        agent_id,
+    }
+}
+
+/// Polls `f` every 100 ms for up to `within`: how long it took to hold, or none.
+fn time_until(within: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < within {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_device_quarantined_in_the_portal_is_cut_off_within_seconds_and_released_again() {
+    use sluice_e2e::{
+        idp::DEMO_PASSWORD,
+        portal::{browser, sign_in, wait_at},
+    };
+    let k = central("quarantine", "managed", Vec::new(), "", "");
+    let e = &k.e;
+    let list = || e.curl(Some("bob@corp.example"), &[&e.url("/files")]);
+    assert_eq!(list().status, 200);
+    let mut cdp = browser(&k.dir, &k.c, &k.idp).unwrap();
+    sign_in(
+        &mut cdp,
+        &k.c,
+        &k.idp,
+        "alice@corp.example",
+        Some(DEMO_PASSWORD),
+    )
+    .unwrap();
+    wait_at(&mut cdp, "/events").ok();
+    // The device reports within seconds of starting; its page has the mark form.
+    let listed = wait_until(Duration::from_secs(30), || {
+        cdp.navigate(&format!("{}/devices/{}", k.c.base, k.agent_id))
+            .is_ok()
+            && cdp.eval("!!document.querySelector('#mark-form')").ok()
+                == Some(serde_json::json!(true))
+    });
+    assert!(listed, "no device page: {}", cdp.html().unwrap_or_default());
+    cdp.fill("#level", "quarantined").unwrap();
+    cdp.fill("#reason", "reported stolen").unwrap();
+    cdp.click_and_wait_load("#mark-submit").unwrap();
+    let shown = cdp
+        .text("#mark")
+        .unwrap_or_else(|_| cdp.html().unwrap_or_default());
+    assert!(shown.contains("quarantined"), "{shown}");
+    let blocked = time_until(Duration::from_secs(10), || list().status == 403)
+        .expect("the quarantine did not reach the agent within 10 s");
+    eprintln!("quarantine reached the agent in {} ms", blocked.as_millis());
+    let got = list();
+    let text = got.text();
+    assert!(
+        text.contains("quarantined") && text.contains("reported stolen"),
+        "{text}"
+    );
+    // Another user on this device is cut off too: it is the device that is marked.
+    assert_eq!(
+        e.curl(Some("alice@corp.example"), &[&e.url("/files")])
+            .status,
+        403
+    );
+
+    // Lifting it restores access.
+    cdp.navigate(&format!("{}/devices/{}", k.c.base, k.agent_id))
+        .unwrap();
+    cdp.fill("#level", "none").unwrap();
+    cdp.click_and_wait_load("#mark-submit").unwrap();
+    time_until(Duration::from_secs(10), || list().status == 200)
+        .expect("lifting the quarantine did not reach the agent");
+    cdp.close().unwrap();
+
+    // Both changes are in the activity log, with who made them.
+    let log = k.c.cli(&["query", "app:sluice"]).unwrap();
+    assert!(
+        log.contains("quarantined") && log.contains("alice@corp.example"),
+        "{log}"
+    );
+    assert!(log.contains("-> none"), "{log}");
+}

@@ -11,7 +11,7 @@
 pub mod client;
 pub mod convert;
 pub mod enroll;
-pub mod posture;
+pub use crate::posture::facts as posture;
 pub mod release_key;
 pub mod risk;
 pub mod ship;
@@ -330,13 +330,28 @@ impl EventReporter {
             Some(false) => no.to_owned(),
             None => "unknown".to_owned(),
         };
+        let failing: Vec<&str> = posture
+            .checks
+            .iter()
+            .filter(|c| c.status != "pass")
+            .map(|c| c.id.as_str())
+            .collect();
         e.message = format!(
-            "posture of {}: {}, kernel {}, firewall {}, disk encryption {}",
+            "posture of {}: {}, kernel {}, firewall {}, disk encryption {}{}",
             self.device.hostname,
             posture.os_name,
             posture.kernel,
             known(posture.firewall, "on", "off"),
             known(posture.disk_encrypted, "on", "off"),
+            if posture.checks.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; tags [{}]; not passing [{}]",
+                    posture.tags.join(", "),
+                    failing.join(", ")
+                )
+            },
         );
         e.posture = Some(posture);
         e
@@ -425,9 +440,17 @@ pub struct Reporting {
     state: ReportHandle,
     posture_every: Duration,
     status_every: Duration,
+    device: Option<Arc<crate::device::DeviceState>>,
 }
 
 impl Reporting {
+    /// Sends the measured posture (check results and tags) in `device` with each posture event,
+    /// and a posture event at once whenever the tags change.
+    pub fn with_device(mut self, device: Arc<crate::device::DeviceState>) -> Self {
+        self.device = Some(device);
+        self
+    }
+
     /// Records the public address the collector reports in `location`.
     pub fn with_location(mut self, location: Arc<crate::location::NetworkLocation>) -> Self {
         self.shipper = self.shipper.with_location(location);
@@ -496,6 +519,7 @@ impl Reporting {
             state,
             posture_every: Duration::from_secs(r.posture_interval_s.max(1)),
             status_every: Duration::from_secs(r.status_interval_s.max(1)),
+            device: None,
         }))
     }
 
@@ -518,6 +542,7 @@ impl Reporting {
             state,
             posture_every,
             status_every,
+            device,
         } = self;
         let location = shipper.location();
         let periodic = {
@@ -530,11 +555,16 @@ impl Reporting {
                     if let Some(l) = &location {
                         p.addresses = l.load().addresses.iter().map(ToString::to_string).collect();
                     }
+                    if let Some(d) = &device {
+                        p.checks = d.checks().as_ref().clone();
+                        p.tags = d.tags().tags.iter().cloned().collect();
+                    }
                     reporter.submit(&reporter.posture_event(p));
                 };
                 // A change of network is reported at once (gateways learn where the device is).
                 let mut moved_tick = tokio::time::interval(Duration::from_secs(1));
                 let mut moves = location.as_ref().map_or(0, |l| l.changes());
+                let mut retags = device.as_ref().map_or(0, |d| d.tag_changes());
                 let mut posture_tick = tokio::time::interval(posture_every);
                 let mut status_tick = tokio::time::interval(status_every);
                 posture_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -544,9 +574,12 @@ impl Reporting {
                         _ = shutdown.cancelled() => return,
                         _ = posture_tick.tick() => posture_now().await,
                         _ = moved_tick.tick() => {
+                            // ... and so is a change of posture tags (an event of its own).
                             let now = location.as_ref().map_or(0, |l| l.changes());
-                            if now != moves {
+                            let tags_now = device.as_ref().map_or(0, |d| d.tag_changes());
+                            if now != moves || tags_now != retags {
                                 moves = now;
+                                retags = tags_now;
                                 posture_now().await;
                             }
                         }

@@ -1,5 +1,6 @@
 //! The activity chart: activities and blocks per time bucket as an inline SVG bar chart, drawn on
-//! the server from [`crate::store::Store::stats`] (no script, no library).
+//! the server from [`crate::store::Store::stats`] (no script, no library), with a marker over
+//! each bucket in which alerts were raised (their count in it, linked to the alerts page).
 
 use std::fmt::Write as _;
 
@@ -40,6 +41,17 @@ pub fn bucket_for(from: i64, to: i64) -> i64 {
 
 /// The SVG for `buckets` over `from..to` with bucket size `bucket` (ms).
 pub fn svg(buckets: &[Bucket], from: i64, to: i64, bucket: i64) -> String {
+    svg_with_alerts(buckets, &[], from, to, bucket)
+}
+
+/// [`svg`] with `alerts` (`(bucket start, alerts raised in it)`) as markers.
+pub fn svg_with_alerts(
+    buckets: &[Bucket],
+    alerts: &[(i64, u64)],
+    from: i64,
+    to: i64,
+    bucket: i64,
+) -> String {
     let bucket = bucket.max(1);
     let start = from.div_euclid(bucket) * bucket;
     let n = ((to - start) / bucket + 1).clamp(1, MAX_BARS + 1);
@@ -54,6 +66,12 @@ pub fn svg(buckets: &[Bucket], from: i64, to: i64, bucket: i64) -> String {
         .max()
         .unwrap_or(0)
         .max(1);
+    let alerts: Vec<(i64, u64)> = alerts
+        .iter()
+        .map(|(t, n)| ((t - start).div_euclid(bucket), *n))
+        .filter(|(i, k)| (0..n).contains(i) && *k > 0)
+        .collect();
+    let alert_total: u64 = alerts.iter().map(|(_, n)| n).sum();
     let total: u64 = buckets.iter().map(|b| b.activities).sum();
     let blocked: u64 = buckets.iter().map(|b| b.blocks).sum();
     let plot_w = W - LEFT - 8;
@@ -67,7 +85,8 @@ pub fn svg(buckets: &[Bucket], from: i64, to: i64, bucket: i64) -> String {
         "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {H}\" \
          width=\"{W}\" height=\"{H}\" role=\"img\" aria-label=\"{}\">",
         esc(&format!(
-            "Activities and blocks from {} to {} UTC: {total} activities, {blocked} blocked",
+            "Activities and blocks from {} to {} UTC: {total} activities, {blocked} blocked, \
+             {alert_total} alerts",
             time_ms(from),
             time_ms(to)
         ))
@@ -108,6 +127,19 @@ pub fn svg(buckets: &[Bucket], from: i64, to: i64, bucket: i64) -> String {
         }
         s.push_str("</g>");
     }
+    // Alerts: a marker at the top of the bucket, with the count.
+    for (i, k) in &alerts {
+        let cx = LEFT as f64 + *i as f64 * slot + slot / 2.0;
+        let _ = write!(
+            s,
+            "<a href=\"/alerts\"><g class=\"alert-mark\"><title>{}: {k} alerts</title>\
+             <circle cx=\"{cx:.1}\" cy=\"{cy}\" r=\"7\" fill=\"#f0a020\"/>\
+             <text x=\"{cx:.1}\" y=\"{ty}\" font-size=\"9\" text-anchor=\"middle\" fill=\"#1d2330\">{k}</text></g></a>",
+            esc(&time_ms(start + i * bucket)),
+            cy = TOP + 7,
+            ty = TOP + 10,
+        );
+    }
     // Time labels at both ends, and the legend.
     let _ = write!(
         s,
@@ -116,15 +148,19 @@ pub fn svg(buckets: &[Bucket], from: i64, to: i64, bucket: i64) -> String {
          <rect x=\"{lx}\" y=\"2\" width=\"10\" height=\"10\" fill=\"#6aa1ff\"/>\
          <text x=\"{lx2}\" y=\"11\" font-size=\"11\" fill=\"#1d2330\">activities ({total})</text>\
          <rect x=\"{lx3}\" y=\"2\" width=\"10\" height=\"10\" fill=\"#d64545\"/>\
-         <text x=\"{lx4}\" y=\"11\" font-size=\"11\" fill=\"#1d2330\">blocked ({blocked})</text></svg>",
+         <text x=\"{lx4}\" y=\"11\" font-size=\"11\" fill=\"#1d2330\">blocked ({blocked})</text>\
+         <circle cx=\"{lx5}\" cy=\"7\" r=\"5\" fill=\"#f0a020\"/>\
+         <text x=\"{lx6}\" y=\"11\" font-size=\"11\" fill=\"#1d2330\">alerts ({alert_total})</text></svg>",
         esc(&time_ms(start)),
         esc(&time_ms(to)),
         ly = H - 8,
         r = W - 8,
-        lx = W - 300,
-        lx2 = W - 286,
-        lx3 = W - 150,
-        lx4 = W - 136,
+        lx = W - 420,
+        lx2 = W - 406,
+        lx3 = W - 270,
+        lx4 = W - 256,
+        lx5 = W - 120,
+        lx6 = W - 110,
     );
     s
 }
@@ -172,6 +208,10 @@ mod tests {
         assert!(s.contains("activities (15)"));
         assert!(s.contains(">10</text>"), "the maximum labels the axis");
         assert!(s.starts_with("<svg") && s.ends_with("</svg>"));
+        assert!(s.contains("alerts (0)"));
+        let with = svg_with_alerts(&buckets, &[(2 * h, 3), (900 * h, 5)], 0, 4 * h, h);
+        assert_eq!(with.matches("class=\"alert-mark\"").count(), 1);
+        assert!(with.contains("alerts (3)") && with.contains("3 alerts"));
         // An empty range still draws axes.
         let e = svg(&[], 0, h, 60_000);
         assert!(e.contains("activities (0)"));

@@ -119,6 +119,8 @@ pub enum Nav {
     Bundles,
     /// Users' risk and devices' marks.
     Risk,
+    /// Alerts.
+    Alerts,
     /// The signed-in person's own page.
     Me,
     /// None (login, errors).
@@ -165,8 +167,9 @@ pub fn page(title: &str, nav: Nav, who: Option<&Who<'_>>, body: &str) -> String 
         };
         let items = if w.admin {
             format!(
-                "{}{}{}{}",
+                "{}{}{}{}{}",
                 item(Nav::Activity, "/events", "Activity"),
+                item(Nav::Alerts, "/alerts", "Alerts"),
                 item(Nav::Devices, "/devices", "Devices"),
                 item(Nav::Bundles, "/bundles", "Bundles"),
                 item(Nav::Risk, "/risk", "Risk"),

@@ -22,6 +22,7 @@
 //! Store calls block, so each request is served on tokio's blocking pool once its (bounded) form
 //! body has been read.
 
+mod alerts;
 pub mod auth;
 pub mod chart;
 mod files;
@@ -54,6 +55,8 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("release_0001_releases", crate::release::SCHEMA),
     // Users' risk and devices' marks.
     ("risk_0001_marks", crate::risk::SCHEMA),
+    // Anomaly detection's alerts.
+    ("alerts_0001", crate::detect::alerts::SCHEMA),
 ];
 
 /// Largest form body read (bytes).
@@ -264,6 +267,13 @@ fn route(c: &Collector, r: &Req) -> Response<BoxBody> {
         (&Method::GET, "/events") => events_page(c, r, &who, None),
         (&Method::GET, "/devices") => devices_page(c, &who),
         (&Method::GET, "/bundles") => bundles_page(c, &who),
+        (&Method::GET, "/alerts") => alerts::list_page(c, &r.query, &who),
+        (&Method::GET, p) if !p.ends_with("/state") && alerts::alert_id(p).is_some() => {
+            alerts::detail_page(c, alerts::alert_id(p).unwrap_or_default(), &who)
+        }
+        (&Method::POST, p) if p.ends_with("/state") && alerts::alert_id(p).is_some() => {
+            alerts::set_state(c, alerts::alert_id(p).unwrap_or_default(), &r.form, &who)
+        }
         (&Method::GET, "/risk") => risk::risk_page(c, &who, None),
         (&Method::POST, "/risk/users") => risk::mark_user(c, &r.form, &who),
         (&Method::GET, p) if !p.ends_with("/mark") && risk::device_id(p).is_some() => {
@@ -663,11 +673,17 @@ fn events_page(
             let from = lo.unwrap_or(to - 24 * 3_600_000).min(to);
             let bucket = chart::bucket_for(from, to);
             let buckets = c.store.stats(&compiled, bucket, from, to + 1)?;
+            let alert_buckets = crate::detect::alerts::per_bucket(
+                &c.store,
+                bucket,
+                from - from.rem_euclid(bucket),
+                to + 1,
+            )?;
             let page = c.store.search(&compiled, PAGE, before)?;
             let _ = write!(
                 body,
                 "<section aria-label=\"Chart\">{}</section><div class=\"cols\">",
-                chart::svg(&buckets, from, to, bucket)
+                chart::svg_with_alerts(&buckets, &alert_buckets, from, to, bucket)
             );
             body.push_str(&side);
             let _ = write!(

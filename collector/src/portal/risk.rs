@@ -19,8 +19,12 @@ use crate::{Collector, store::now_ms, web::BoxBody};
 pub fn device_id(path: &str) -> Option<&str> {
     let rest = path.strip_prefix("/devices/")?;
     let id = rest.strip_suffix("/mark").unwrap_or(rest);
-    (!id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic() && b != b'/'))
-        .then_some(id)
+    (!id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')))
+    .then_some(id)
 }
 
 fn durations() -> &'static [(&'static str, &'static str)] {
@@ -239,10 +243,8 @@ pub fn mark_device(
     {
         return device_page(c, id, who, Some(&e.to_string()));
     }
-    Ok(redirect(&format!(
-        "/devices/{}",
-        percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
-    )))
+    // `device_id` let only URL-safe characters through.
+    Ok(redirect(&format!("/devices/{id}")))
 }
 
 /// The Risk page: users at risk, marked devices, and the form to mark a user.

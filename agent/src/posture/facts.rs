@@ -1,6 +1,7 @@
 //! Device posture facts for the Device Inventory events: kernel, OS, firewall, disk encryption,
-//! uptime. Kept with reporting (rather than a `posture/` folder) because reporting is their only
-//! consumer so far; each fact is "unknown" (None) rather than guessed when it cannot be read.
+//! uptime, as `report/` sends them (re-exported there as `report::posture`). These are the
+//! unconditional facts of the running system; the bundle's measured checks are the parent
+//! module's. Each fact is "unknown" (None) rather than guessed when it cannot be read.
 
 use std::{path::Path, time::Duration};
 
@@ -27,6 +28,8 @@ pub async fn collect(posture: &str) -> Posture {
         firewall,
         uptime_s,
         addresses: Vec::new(),
+        checks: Vec::new(),
+        tags: Vec::new(),
     }
 }
 

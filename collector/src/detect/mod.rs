@@ -1,0 +1,342 @@
+//! Anomaly detection: every newly stored event goes through the detectors ([`engine`]), whose
+//! findings become alerts ([`alerts`]) that people work through in the portal and the API
+//! ([`api`]), that are forwarded to the SIEMs that asked for them, and that may raise the user's
+//! risk on the risk board ([`crate::risk`]) until they are closed.
+//!
+//! Detection runs on one thread of its own, fed after each batch commits through a bounded
+//! queue: one consumer keeps every user's events in the order they were stored, the async
+//! workers never wait on it, and a full queue never holds ingestion back (the batch skips
+//! detection; drops are counted in `/api/v1/status` and logged). The detectors' state lives in
+//! memory and is rebuilt at start by replaying the newest stored events (without alerting).
+
+pub mod alerts;
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod geo;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use serde::Serialize;
+use sluice_protocol::Event;
+use tokio_util::sync::CancellationToken;
+
+pub use self::config::{DetectionConfig, Detector, Severity};
+use self::{
+    alerts::{AlertError, Raised, State},
+    engine::{Engine, Finding},
+};
+use crate::{Collector, store::Store};
+
+/// Counters of detection (`/api/v1/status`).
+#[derive(Debug, Default)]
+struct Counters {
+    queued: AtomicU64,
+    processed: AtomicU64,
+    dropped: AtomicU64,
+    unreadable: AtomicU64,
+    alerts: AtomicU64,
+    repeats: AtomicU64,
+    failures: AtomicU64,
+    rebuilt: AtomicU64,
+    ready: AtomicBool,
+}
+
+/// What `/api/v1/status` shows of detection.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Whether detection runs.
+    pub enabled: bool,
+    /// Whether the state has been rebuilt and live events are being looked at.
+    pub ready: bool,
+    /// Events handed to detection.
+    pub queued: u64,
+    /// Events looked at.
+    pub processed: u64,
+    /// Events that skipped detection because its queue was full.
+    pub dropped: u64,
+    /// Alerts opened.
+    pub alerts: u64,
+    /// Findings added to an open alert.
+    pub repeats: u64,
+    /// Findings that could not be stored.
+    pub failures: u64,
+    /// Stored events replayed at start.
+    pub rebuilt: u64,
+}
+
+/// The detection queue and its thread.
+#[derive(Debug)]
+pub struct Detection {
+    tx: Option<mpsc::SyncSender<Vec<Bytes>>>,
+    rx: Mutex<Option<mpsc::Receiver<Vec<Bytes>>>>,
+    counters: Arc<Counters>,
+}
+
+impl Detection {
+    /// The queue, when `cfg` enables detection (the thread starts with [`Detection::start`]).
+    pub fn new(cfg: &DetectionConfig) -> Self {
+        let (tx, rx) = if cfg.enabled {
+            let (tx, rx) = mpsc::sync_channel(cfg.queue.max(1));
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        Self {
+            tx,
+            rx: Mutex::new(rx),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Whether detection runs (ingestion then collects the new events for it).
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Hands newly stored events (their JSON) to detection; never waits.
+    pub fn push(&self, events: &[Bytes]) {
+        let Some(tx) = &self.tx else { return };
+        if events.is_empty() {
+            return;
+        }
+        let n = events.len() as u64;
+        match tx.try_send(events.to_vec()) {
+            Ok(()) => {
+                self.counters.queued.fetch_add(n, Relaxed);
+            }
+            Err(_) => {
+                let total = self.counters.dropped.fetch_add(n, Relaxed) + n;
+                tracing::warn!(
+                    dropped = n,
+                    total,
+                    "detection queue full: events not looked at"
+                );
+            }
+        }
+    }
+
+    /// Starts the detection thread (once; later calls do nothing).
+    pub fn start(&self, c: Arc<Collector>, shutdown: CancellationToken) {
+        let Some(rx) = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("sluice-detect".into())
+            .spawn(move || worker(&c, &rx, &shutdown));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "detection thread could not start: no alerts");
+        }
+    }
+
+    /// The counters.
+    pub fn report(&self) -> Report {
+        let k = &self.counters;
+        Report {
+            enabled: self.enabled(),
+            ready: k.ready.load(Relaxed),
+            queued: k.queued.load(Relaxed),
+            processed: k.processed.load(Relaxed),
+            dropped: k.dropped.load(Relaxed),
+            alerts: k.alerts.load(Relaxed),
+            repeats: k.repeats.load(Relaxed),
+            failures: k.failures.load(Relaxed),
+            rebuilt: k.rebuilt.load(Relaxed),
+        }
+    }
+
+    /// Whether every event queued so far has been looked at.
+    pub fn idle(&self) -> bool {
+        let k = &self.counters;
+        k.ready.load(Relaxed) && k.processed.load(Relaxed) >= k.queued.load(Relaxed)
+    }
+}
+
+fn worker(c: &Arc<Collector>, rx: &mpsc::Receiver<Vec<Bytes>>, shutdown: &CancellationToken) {
+    let cfg = &c.config.detection;
+    let geo = cfg.geo.as_ref().and_then(|g| match geo::Geo::open(&g.database) {
+        Ok(db) => {
+            tracing::info!(database = %g.database.display(), "GeoIP database loaded");
+            Some(db)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "GeoIP database: new-country and impossible-travel detection are off");
+            None
+        }
+    });
+    let mut engine = Engine::new(cfg, geo);
+    let t = Instant::now();
+    match rebuild(&c.store, &mut engine, cfg) {
+        Ok(n) => {
+            c.detect.counters.rebuilt.store(n, Relaxed);
+            tracing::info!(
+                events = n,
+                users = engine.users(),
+                seconds = t.elapsed().as_secs_f64(),
+                "detection state rebuilt from the store"
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "detection state could not be rebuilt: starting afresh")
+        }
+    }
+    engine.end_rebuild();
+    c.detect.counters.ready.store(true, Relaxed);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(250)) {
+            Ok(batch) => process(c, &mut engine, &batch),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Replays the newest stored events (at most `rebuild_max_events`, within `history_days`),
+/// oldest first, without alerting.
+fn rebuild(
+    store: &Store,
+    engine: &mut Engine,
+    cfg: &DetectionConfig,
+) -> Result<u64, rusqlite::Error> {
+    if cfg.rebuild_max_events == 0 {
+        return Ok(0);
+    }
+    let cutoff = crate::store::now_ms() - i64::from(cfg.history_days) * 86_400_000;
+    let max = i64::try_from(cfg.rebuild_max_events).unwrap_or(i64::MAX);
+    store.with_read(|c| {
+        let start: i64 = c
+            .query_row(
+                "SELECT time FROM events WHERE time >= ?1 ORDER BY time DESC LIMIT 1 OFFSET ?2",
+                rusqlite::params![cutoff, max - 1],
+                |r| r.get(0),
+            )
+            .unwrap_or(cutoff);
+        let mut st = c.prepare(
+            "SELECT json FROM events WHERE time >= ?1 AND user != '' \
+             AND app NOT IN ('sluice', 'portal') ORDER BY time",
+        )?;
+        let mut rows = st.query([start.max(cutoff)])?;
+        let mut n = 0u64;
+        while let Some(r) = rows.next()? {
+            let json: Vec<u8> = r.get(0)?;
+            if let Ok(e) = serde_json::from_slice::<Event>(&json) {
+                engine.observe(&e, false);
+                n += 1;
+            }
+            if n >= cfg.rebuild_max_events {
+                break;
+            }
+        }
+        Ok(n)
+    })
+}
+
+/// Looks at one batch of stored events.
+fn process(c: &Collector, engine: &mut Engine, batch: &[Bytes]) {
+    for raw in batch {
+        match serde_json::from_slice::<Event>(raw) {
+            Ok(e) => {
+                for f in engine.observe(&e, true) {
+                    let rule = engine.rule(f.detector).clone();
+                    found(c, &rule, &f);
+                }
+            }
+            Err(_) => {
+                c.detect.counters.unreadable.fetch_add(1, Relaxed);
+            }
+        }
+        c.detect.counters.processed.fetch_add(1, Relaxed);
+    }
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A finding: an alert opened (recorded, forwarded, the user's risk raised when the rule says
+/// so) or added to.
+fn found(c: &Collector, rule: &config::Rule, f: &Finding) {
+    let k = &c.detect.counters;
+    match alerts::raise(&c.store, rule, f) {
+        Ok(Raised::New(a)) => {
+            k.alerts.fetch_add(1, Relaxed);
+            tracing::info!(alert = %a.id, detector = %a.detector, severity = %a.severity,
+                user = %a.user, title = %a.title, "alert opened");
+            alerts::record(&c.store, &a, "detector");
+            c.forward.push_alerts(&[alerts::forward_json(&a)]);
+            if let Some(r) = rule.raise_risk {
+                let until = r.for_s.map(|s| now_s().saturating_add(s));
+                let reason = format!("alert {}: {}", a.id, a.title);
+                if let Err(e) = c.risk.raise_user(
+                    &c.store,
+                    &a.user,
+                    r.level,
+                    until,
+                    &reason,
+                    Some(&a.id),
+                    &format!("detector {}", a.detector),
+                ) {
+                    tracing::error!(error = %e, alert = %a.id, "raising the user's risk");
+                }
+            }
+        }
+        Ok(Raised::Repeat(_)) => {
+            k.repeats.fetch_add(1, Relaxed);
+        }
+        Err(e) => {
+            k.failures.fetch_add(1, Relaxed);
+            tracing::error!(error = %e, detector = %f.detector, user = %f.user, "storing an alert");
+        }
+    }
+}
+
+/// Errors of changing an alert's state.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The alert store.
+    #[error("{0}")]
+    Alert(#[from] AlertError),
+    /// The risk board.
+    #[error("risk: {0}")]
+    Risk(#[from] crate::risk::Error),
+}
+
+/// Sets an alert's state for `by` (the API's and the portal's), records it, forwards it, and
+/// lowers the risk it raised when it leaves open/acknowledged. Blocking. None: no such alert.
+pub fn change_state(
+    c: &Collector,
+    id: &str,
+    state: State,
+    by: &str,
+) -> Result<Option<alerts::Alert>, ChangeError> {
+    let Some((a, before)) = alerts::set_state(&c.store, id, state, by)? else {
+        return Ok(None);
+    };
+    if before != state {
+        tracing::info!(alert = %a.id, from = before.as_str(), to = state.as_str(), by, "alert state changed");
+        alerts::record(&c.store, &a, by);
+        c.forward.push_alerts(&[alerts::forward_json(&a)]);
+    }
+    if before.active() && !state.active() {
+        c.risk.clear_alert(&c.store, &a.id, by)?;
+    }
+    Ok(Some(a))
+}
