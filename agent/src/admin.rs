@@ -30,6 +30,8 @@ pub struct AdminState {
     pub gateway: Option<Arc<std::sync::Mutex<crate::steer::gateway::GatewayStatus>>>,
     /// The device's network location.
     pub location: Option<Arc<crate::location::NetworkLocation>>,
+    /// The device's measured posture and central marks.
+    pub device: Option<Arc<crate::device::DeviceState>>,
 }
 
 /// Configuration reloads: applied, and refused (a broken file, a steering or catalogue change
@@ -60,6 +62,7 @@ struct Status {
     reloads: Reloads,
     gateway: Option<crate::steer::gateway::GatewayStatus>,
     location: Option<crate::location::Location>,
+    device: Option<crate::device::DeviceView>,
 }
 
 impl AdminState {
@@ -85,6 +88,7 @@ impl AdminState {
                 .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             report: self.report.as_ref().map(|r| r.snapshot()),
             location: self.location.as_ref().map(|l| (*l.load()).clone()),
+            device: self.device.as_ref().map(|d| d.view()),
             gateway: self
                 .gateway
                 .as_ref()

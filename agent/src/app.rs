@@ -398,6 +398,7 @@ async fn supervise(
             reloads: reloads.clone(),
             gateway: gateway_status.clone(),
             location: Some(location.clone()),
+            device: Some(device_state.clone()),
         },
     )
     .await

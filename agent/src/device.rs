@@ -31,6 +31,23 @@ pub struct Tags {
     pub evaluated: bool,
 }
 
+/// What `/status` (and `sluice status`) shows of it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceView {
+    /// The posture tags policies see now.
+    pub tags: Vec<String>,
+    /// Whether posture was measured (the bundle has a `posture.yaml`).
+    pub measured: bool,
+    /// The last evaluation's results.
+    pub checks: Vec<sluice_protocol::PostureCheck>,
+    /// This device's central mark.
+    pub mark: &'static str,
+    /// Users at risk, by the collector's marks.
+    pub users_at_risk: usize,
+    /// The revision of the marks held.
+    pub risk_revision: u64,
+}
+
 /// The device's state, shared by the session controls, the posture scheduler and the risk
 /// poller.
 #[derive(Debug, Default)]
@@ -80,6 +97,31 @@ impl DeviceState {
         self.changes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         true
+    }
+
+    /// What `/status` shows.
+    pub fn view(&self) -> DeviceView {
+        let tags = self.tags();
+        let risk = self.risk();
+        DeviceView {
+            tags: tags.tags.iter().cloned().collect(),
+            measured: tags.evaluated,
+            checks: self.checks().as_ref().clone(),
+            mark: self.device_risk().0.as_str(),
+            users_at_risk: risk.users.len(),
+            risk_revision: risk.revision,
+        }
+    }
+
+    /// The checks of the last evaluation that did not pass, for block messages (`{posture}`):
+    /// `disk: fail (the root file system ... is not on dm-crypt)`.
+    pub fn not_passing(&self) -> String {
+        self.checks()
+            .iter()
+            .filter(|c| c.status != "pass")
+            .map(|c| format!("{}: {} ({})", c.id, c.status, c.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// How many times the posture tags changed since the start.

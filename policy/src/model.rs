@@ -194,7 +194,7 @@ pub struct Templates {
 
 /// A message template. Variables: `{user}`, `{app}`, `{file}`, `{label}`, `{policy}`,
 /// `{incident}`, `{fix}`, `{risk}` (why the user or the device is at risk: the alert or the
-/// admin's reason).
+/// admin's reason), `{posture}` (the device's posture checks that do not pass, and why).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Template {
@@ -250,8 +250,10 @@ impl Template {
                     };
                     match value {
                         Some(v) => out.push_str(&escape(v)),
-                        None if ["user", "app", "file", "label", "policy", "incident", "risk"]
-                            .contains(&name) => {}
+                        None if [
+                            "user", "app", "file", "label", "policy", "incident", "risk", "posture",
+                        ]
+                        .contains(&name) => {}
                         None => {
                             out.push('{');
                             out.push_str(name);

@@ -2499,3 +2499,177 @@ fn a_device_quarantined_in_the_portal_is_cut_off_within_seconds_and_released_aga
     );
     assert!(log.contains("-> none"), "{log}");
 }
+
+/// A prepared system tree for the posture checks: `/` is ext4 on the device-mapper device
+/// dm-1, which is LUKS when `encrypted`.
+fn posture_tree(dir: &Path, encrypted: bool) {
+    let w = |rel: &str, text: &str| {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    w(
+        "proc/self/mountinfo",
+        "22 1 0:21 / /proc rw - proc proc rw\n29 1 253:1 / / rw,relatime - ext4 /dev/mapper/root rw\n",
+    );
+    w("sys/devices/virtual/block/dm-1/dm/name", "root\n");
+    set_encrypted(dir, encrypted);
+    let link = dir.join("sys/dev/block/253:1");
+    if !link.exists() {
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink("../../devices/virtual/block/dm-1", link).unwrap();
+    }
+}
+
+fn set_encrypted(dir: &Path, encrypted: bool) {
+    let uuid = if encrypted {
+        "CRYPT-LUKS2-0f1e2d3c4b5a69788796a5b4c3d2e1f0-root\n"
+    } else {
+        "LVM-Xq2bHn0aVw8R3kTz\n"
+    };
+    let tmp = dir.join("sys/devices/virtual/block/dm-1/dm/uuid.tmp");
+    std::fs::write(&tmp, uuid).unwrap();
+    std::fs::rename(tmp, dir.join("sys/devices/virtual/block/dm-1/dm/uuid")).unwrap();
+}
+
+/// One client connection kept open (Python's http.client in the steered cgroup): each
+/// `get(path)` is a request on it; the answer is the status, the local port (the same on every
+/// request: the same session) and the body.
+struct OpenSession {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+const OPEN_SESSION_PY: &str = r#"
+import http.client, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+conn = http.client.HTTPSConnection(sys.argv[2], int(sys.argv[3]), context=ctx)
+conn._create_connection = lambda addr, *a, **k: __import__("socket").create_connection((sys.argv[4], addr[1]), *a, **k)
+cookie = sys.argv[5]
+for line in sys.stdin:
+    conn.request("GET", line.strip(), headers={"Cookie": cookie, "Accept": "text/plain"})
+    r = conn.getresponse()
+    body = r.read().decode("utf-8", "replace").replace("\n", " ")
+    print(r.status, conn.sock.getsockname()[1], body[:400], flush=True)
+"#;
+
+impl OpenSession {
+    fn open(e: &Env, user: &str) -> Self {
+        use std::process::Stdio;
+        let (_, dir) = e.cg.child("session");
+        let token = e.app.token_for(user).unwrap();
+        let mut child = InCgroup::at(&dir)
+            .command(
+                Path::new("/usr/bin/python3"),
+                &[
+                    "-c".into(),
+                    OPEN_SESSION_PY.into(),
+                    e.sluice_ca.display().to_string(),
+                    demo_app::HOST.into(),
+                    e.app.addr().port().to_string(),
+                    APP_IP.into(),
+                    format!("{}={token}", demo_app::COOKIE),
+                ],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn get(&mut self, path: &str) -> (u16, u16, String) {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.stdin, "{path}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let mut parts = line.trim_end().splitn(3, ' ');
+        let status = parts.next().unwrap_or("0").parse().unwrap_or(0);
+        let port = parts.next().unwrap_or("0").parse().unwrap_or(0);
+        (status, port, parts.next().unwrap_or("").to_owned())
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_device_measured_non_compliant_is_blocked_on_its_open_session_until_fixed() {
+    let tree = TempDir::new("posture-root");
+    posture_tree(&tree, true);
+    let posture = "interval_s: 10\nchecks:\n  - id: disk\n    kind: disk_encrypted\nrules:\n  - tag: compliant\n    all_pass: [disk]\n".to_owned();
+    let policy = "policies:\n  - id: block-noncompliant\n    kind: access\n    priority: 150\n    when:\n      devices: [managed]\n      not_device_tags: [compliant]\n    action: block\n    message: device-not-compliant\n".to_owned();
+    let k = central(
+        "posture",
+        "managed",
+        vec![
+            ("posture.yaml", posture),
+            ("policies/posture-test.yaml", policy),
+        ],
+        "",
+        &format!("[posture]\nroot = \"{}\"", tree.display()),
+    );
+    let e = &k.e;
+    let mut s = OpenSession::open(e, "bob@corp.example");
+    // Measured compliant (at start): the session works.
+    let first = time_until(Duration::from_secs(20), || s.get("/files").0 == 200);
+    assert!(first.is_some(), "never compliant: {:?}", s.get("/files"));
+    let (_, port, _) = s.get("/files");
+
+    // The disk is found unencrypted: the next request of the same session is blocked.
+    set_encrypted(&tree, false);
+    let mut last = (0, 0, String::new());
+    // Evaluated every 10 s: within 10 s (and the time one evaluation takes).
+    let took = time_until(Duration::from_secs(20), || {
+        last = s.get("/files");
+        last.0 == 403
+    })
+    .unwrap_or_else(|| panic!("not blocked after the disk check failed: {last:?}"));
+    eprintln!(
+        "non-compliance applied to the open session in {} ms",
+        took.as_millis()
+    );
+    assert_eq!(last.1, port, "the same connection");
+    assert!(last.2.contains("device checks"), "{}", last.2);
+    assert!(last.2.contains("disk: fail"), "{}", last.2);
+
+    // The change is an event at the collector, with the failing check and no tag.
+    let mut log = String::new();
+    let reported = wait_until(Duration::from_secs(20), || {
+        log =
+            k.c.cli(&["query", "class:device"])
+                .unwrap_or_else(|e| e.to_string());
+        log.lines().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v["posture"]["checks"][0]["status"] == "fail"
+                    && v["posture"]["tags"]
+                        .as_array()
+                        .is_none_or(|t| !t.iter().any(|x| x == "compliant"))
+            })
+        })
+    });
+    assert!(reported, "no posture event with the failed check: {log}");
+
+    // Fixed: the next evaluation lifts it, on the same session again.
+    set_encrypted(&tree, true);
+    let took = time_until(Duration::from_secs(20), || {
+        last = s.get("/files");
+        last.0 == 200
+    })
+    .unwrap_or_else(|| panic!("still blocked after the fix: {last:?}"));
+    eprintln!("the fix applied in {} ms", took.as_millis());
+    assert_eq!(last.1, port, "the same connection");
+}

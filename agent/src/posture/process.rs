@@ -161,11 +161,16 @@ fn lexical(path: &Path) -> Option<PathBuf> {
 }
 
 /// A process runs `exe` (whose contents hash to `sha256`, when given).
+/// The path is compared as written and resolved under the root (`/bin/x` on a merged-/usr
+/// system is `/usr/bin/x`, the name the kernel gives).
 pub(super) fn running(root: &Root, scan: &Scan, exe: &str, sha256: Option<&str>) -> Outcome {
+    let canonical = root.resolve(Path::new(exe), true).ok();
     let matches: Vec<&Proc> = scan
         .procs
         .iter()
-        .filter(|p| matches!(&p.exe, Ok(Some(e)) if e == Path::new(exe)))
+        .filter(|p| {
+            matches!(&p.exe, Ok(Some(e)) if e == Path::new(exe) || Some(e) == canonical.as_ref())
+        })
         .collect();
     let Some(first) = matches.first() else {
         return match scan.blind_spot() {
@@ -181,7 +186,7 @@ pub(super) fn running(root: &Root, scan: &Scan, exe: &str, sha256: Option<&str>)
     let mut wrong = None;
     let mut why_unknown = None;
     for p in matches {
-        let r = match hash_of(root, p, exe, &mut hashed) {
+        let r = match hash_of(root, p, &mut hashed) {
             Some(r) => r,
             None => break,
         };
@@ -215,14 +220,17 @@ pub(super) fn running(root: &Root, scan: &Scan, exe: &str, sha256: Option<&str>)
 fn hash_of(
     root: &Root,
     p: &Proc,
-    exe: &str,
     cache: &mut HashMap<(u64, u64), Result<String, String>>,
 ) -> Option<Result<String, String>> {
+    let exe = match &p.exe {
+        Ok(Some(e)) => e.display().to_string(),
+        _ => return Some(Err(format!("pid {} has no executable", p.pid))),
+    };
     let opened = if root.is_host() {
         // The process's own file, whatever now sits at its path.
         root.open(&Path::new("/proc").join(p.pid.to_string()).join("exe"))
     } else {
-        root.open(Path::new(exe))
+        root.open(Path::new(&exe))
     };
     let mut file = match opened {
         Ok(f) => f,
@@ -390,11 +398,19 @@ mod tests {
         let t = tree(&[
             (10, "/opt/edr/bin/edrd", "edrd"),
             (11, "/usr/bin/tor (deleted)", "tor"),
+            (12, "/usr/bin/av", "av"),
         ]);
         let edrd = t.file("opt/edr/bin/edrd", "the edr");
+        t.file("usr/bin/av", "");
+        t.link("bin", "usr/bin");
         let root = Root::new(&t.root());
         let scan = Scan::read(&root);
-        assert_eq!(scan.procs.len(), 3);
+        assert_eq!(scan.procs.len(), 4);
+        // Named through a link (merged /usr), hashed at its real path.
+        assert_eq!(
+            running(&root, &scan, "/bin/av", Some(EMPTY_SHA256)).0,
+            CheckStatus::Pass
+        );
         let good = file_sha256(&edrd);
         assert_eq!(
             running(&root, &scan, "/opt/edr/bin/edrd", Some(&good)),

@@ -60,6 +60,8 @@ pub(super) struct Context {
     pub(super) state: Arc<crate::device::DeviceState>,
     /// Why the user or the device is at risk, for block messages (`{risk}`).
     pub(super) risk_reason: Option<String>,
+    /// The posture checks this device does not pass, for block messages (`{posture}`).
+    pub(super) not_passing: String,
 }
 
 pub(super) fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
@@ -241,6 +243,7 @@ impl Context {
             protector,
             state: Arc::default(),
             risk_reason: None,
+            not_passing: String::new(),
         }
     }
 
@@ -252,6 +255,7 @@ impl Context {
         let mut why = user_why;
         if own {
             self.input.device_tags = state.tags().tags.iter().cloned().collect();
+            self.not_passing = state.not_passing();
             let (device_risk, device_why) = state.device_risk();
             self.input.device_risk = device_risk;
             if device_risk != sluice_policy::model::DeviceRisk::None {

@@ -230,6 +230,7 @@ impl Context {
             ("policy", policy.as_str()),
             ("incident", self.incident.as_str()),
             ("risk", self.risk_reason.as_deref().unwrap_or("")),
+            ("posture", self.not_passing.as_str()),
         ];
         let (title, detail, hint) = match template {
             Some(t) => (

@@ -10,6 +10,13 @@
 //!    with no user or action. Free-text queries over a one-hour window are timed too, since
 //!    the store answers them with `LIKE` rather than an FTS index.
 //!
+//! 3. Detection off and on: `--detect-events` (default 300,000) generated events, 1,000 per
+//!    batch, ingested twice into fresh collectors (the server's path: [`Store::ingest`] collecting
+//!    the new events, then handing them to detection's queue, whose thread runs the detectors and
+//!    stores alerts), once with detection off and once on; the rate counts until detection has
+//!    looked at every event. Then the same 200 filtered queries on each, p99. The ratio on/off
+//!    is the price of detection (goal: at least 0.8x).
+//!
 //! Prints a table and writes every figure to `--out` (default `target/bench/collector.json`).
 //! The database lives under `--dir` (default `target/bench/collector-db`) and is removed at the
 //! end unless `--keep`.
@@ -19,6 +26,8 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 use sluice_collector::{
+    Collector,
+    config::Config,
     query,
     store::{IngestOptions, Store},
 };
@@ -188,7 +197,7 @@ fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: sluice-collector-bench [--out FILE] [--dir DIR] [--ingest N] [--total N] [--queries N] [--keep]"
+            "usage: sluice-collector-bench [--out FILE] [--dir DIR] [--ingest N] [--total N] [--queries N] [--detect-events N] [--keep]"
         );
         return Ok(());
     }
@@ -197,6 +206,9 @@ fn run() -> Result<()> {
     let ingest_n: u64 = opt(&args, "--ingest").unwrap_or("1000000".into()).parse()?;
     let total: u64 = opt(&args, "--total").unwrap_or("10000000".into()).parse()?;
     let queries: usize = opt(&args, "--queries").unwrap_or("200".into()).parse()?;
+    let detect_n: u64 = opt(&args, "--detect-events")
+        .unwrap_or("300000".into())
+        .parse()?;
     let keep = args.iter().any(|a| a == "--keep");
     if total < ingest_n {
         bail!("--total must be at least --ingest");
@@ -300,6 +312,11 @@ fn run() -> Result<()> {
     let (b50, b99) = (pct(&base, 50), pct(&base, 99));
     let (x50, x99) = (pct(&text_times, 50), pct(&text_times, 99));
 
+    // 3. Detection off, then on.
+    let off = detection_run(&dir, false, detect_n, total, end, queries)?;
+    let on = detection_run(&dir, true, detect_n, total, end, queries)?;
+    let detect_ratio = on.rate / off.rate.max(1e-9);
+
     println!("{:<44} {:>14} {:>12}", "figure", "value", "vs baseline");
     println!(
         "{:<44} {:>14.0} {:>12}",
@@ -352,6 +369,37 @@ fn run() -> Result<()> {
         "free text, 1 h window p99 ms", x99, ""
     );
     println!(
+        "{:<44} {:>14.0} {:>12}",
+        format!("detection off (baseline): ingest {detect_n}, events/s"),
+        off.rate,
+        "1.00x"
+    );
+    println!(
+        "{:<44} {:>14.0} {:>11.2}x",
+        "detection on: ingest + detect, events/s", on.rate, detect_ratio
+    );
+    println!(
+        "{:<44} {:>14.1} {:>12}",
+        "detection off: filtered query p99 ms", off.p99, "1.00x"
+    );
+    println!(
+        "{:<44} {:>14.1} {:>11.2}x",
+        "detection on: filtered query p99 ms",
+        on.p99,
+        on.p99 / off.p99.max(1e-9)
+    );
+    println!(
+        "detection on: {} alerts opened, {} repeats, {} events dropped from its queue; goal on/off >= 0.80x: {}",
+        on.alerts,
+        on.repeats,
+        on.dropped,
+        if detect_ratio >= 0.8 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    println!(
         "database {:.1} GiB for {total} events; {rows} rows returned by {queries} filtered queries",
         db_bytes as f64 / f64::from(1u32 << 30)
     );
@@ -373,6 +421,11 @@ fn run() -> Result<()> {
         "query": { "queries": queries, "limit": 100, "p50_ms": p50, "p99_ms": p99,
             "baseline_time_only_p50_ms": b50, "baseline_time_only_p99_ms": b99,
             "free_text_1h_p50_ms": x50, "free_text_1h_p99_ms": x99, "rows": rows },
+        "detection": { "events": detect_n, "batch": 1000,
+            "off": { "events_per_s": off.rate, "query_p99_ms": off.p99, "query_p50_ms": off.p50 },
+            "on": { "events_per_s": on.rate, "query_p99_ms": on.p99, "query_p50_ms": on.p50,
+                "alerts": on.alerts, "repeats": on.repeats, "dropped": on.dropped },
+            "ratio_on_off": detect_ratio, "goal_ratio": 0.8 },
         "targets": { "ingest_events_per_s": 50_000, "query_p99_ms": 200 },
     });
     if let Some(d) = out.parent() {
@@ -384,4 +437,89 @@ fn run() -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
+}
+
+/// The figures of one detection run.
+struct DetectRun {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    alerts: u64,
+    repeats: u64,
+    dropped: u64,
+}
+
+/// Ingests `n` events into a fresh collector with detection `on` or off as the server does
+/// (collect the new events, hand them to detection), waits for detection to finish, then times
+/// `queries` filtered queries.
+fn detection_run(
+    dir: &std::path::Path,
+    on: bool,
+    n: u64,
+    total: u64,
+    end: i64,
+    queries: usize,
+) -> Result<DetectRun> {
+    let state = dir.join(if on { "detect-on" } else { "detect-off" });
+    let mut config = Config::with_state_dir(state);
+    config.detection.enabled = on;
+    // The generated history is not replayed: the store starts empty.
+    config.detection.rebuild_max_events = 0;
+    let c = std::sync::Arc::new(Collector::open(config)?);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    c.detect.start(c.clone(), shutdown.clone());
+    eprintln!(
+        "  detection {}: ingesting {n} events",
+        if on { "on" } else { "off" }
+    );
+    let mut rng = Rng(0xdead_beef_0000_0001);
+    let mut elapsed = 0f64;
+    let mut i = 0u64;
+    while i < n {
+        let k = 1000.min(n - i);
+        let body = batch(&mut rng, i, k, total, end)?;
+        let t = Instant::now();
+        let o = c.store.ingest(
+            &body,
+            IngestOptions {
+                collect_new: c.detect.enabled(),
+                ..IngestOptions::default()
+            },
+        )?;
+        c.detect.push(&o.new_events);
+        elapsed += t.elapsed().as_secs_f64();
+        i += k;
+    }
+    let t = Instant::now();
+    while on && !c.detect.idle() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    elapsed += t.elapsed().as_secs_f64();
+    let report = c.detect.report();
+    let mut qrng = Rng(0x51ce_c011_ec70_0002);
+    let mut times = Vec::new();
+    for _ in 0..queries {
+        let window = 3_600_000 * (1 + qrng.below(7 * 24)) as i64;
+        let before = end - qrng.below((SPAN_MS - window) as u64) as i64;
+        let u = user(qrng.below(USERS));
+        let action = ACTIONS[qrng.below(ACTIONS.len() as u64) as usize];
+        let text = format!(
+            "user:{u} action:{action} after:{} before:{before}",
+            before - window
+        );
+        let t = Instant::now();
+        let q = query::parse(&text)?.compile();
+        std::hint::black_box(c.store.search(&q, 100, None)?.events.len());
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    shutdown.cancel();
+    Ok(DetectRun {
+        rate: n as f64 / elapsed,
+        p50: pct(&times, 50),
+        p99: pct(&times, 99),
+        alerts: report.alerts,
+        repeats: report.repeats,
+        dropped: report.dropped,
+    })
 }

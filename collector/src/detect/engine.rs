@@ -8,7 +8,8 @@
 //! *active* window (one with at least one such event) over `history_days`, so a user who
 //! downloads 30 files in every busy ten minutes has a baseline of 30 whatever their idle hours.
 //! A window that alerts is emptied: the next alert (a repeat, folded into the open alert) needs
-//! another full threshold.
+//! another full threshold. Windows that alerted do not teach, and a baseline needs five active
+//! windows: one burst is no habit (else a first burst would set a baseline hiding the next).
 //!
 //! "New" detectors remember per user the devices, networks and countries, and per user and app
 //! the processes, seen within the state's life; they alert only once the user (for processes,
@@ -46,6 +47,8 @@ const MAX_WINDOW: usize = 20_000;
 /// learnt, and nothing more is new).
 const MAX_KNOWN: usize = 4096;
 const DAY_MS: u64 = 86_400_000;
+/// Active windows needed before a user's baseline counts.
+const MIN_ACTIVE: u64 = 5;
 
 /// What a detector found in an event.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +77,8 @@ struct Volume {
     latest: u64,
     bucket: u64,
     bucket_n: u64,
+    /// The current tumbling window alerted: it is not normal, so it does not teach.
+    bucket_alerted: bool,
     /// `(day, count in closed active windows, active windows)`, oldest first.
     days: VecDeque<(u64, u64, u64)>,
 }
@@ -111,7 +116,8 @@ impl Volume {
     }
 
     fn close_bucket(&mut self, window_ms: u64) {
-        if self.bucket_n == 0 {
+        if self.bucket_n == 0 || std::mem::take(&mut self.bucket_alerted) {
+            self.bucket_n = 0;
             return;
         }
         let day = self.bucket.saturating_mul(window_ms) / DAY_MS;
@@ -125,13 +131,18 @@ impl Volume {
         self.bucket_n = 0;
     }
 
-    /// The mean count per active window (closed windows only).
+    /// The mean count per active window (closed windows that did not alert; none until there
+    /// are [`MIN_ACTIVE`] of them: a handful of windows is no habit).
     fn baseline(&self) -> f64 {
         let (n, w) = self
             .days
             .iter()
             .fold((0u64, 0u64), |(n, w), d| (n + d.1, w + d.2));
-        if w == 0 { 0.0 } else { n as f64 / w as f64 }
+        if w < MIN_ACTIVE {
+            0.0
+        } else {
+            n as f64 / w as f64
+        }
     }
 
     /// Empties the window, returning its evidence (newest last, at most [`MAX_EVIDENCE`]).
@@ -144,6 +155,7 @@ impl Volume {
             .map(|(time, _, id)| Evidence { id, time })
             .collect();
         self.sum = 0;
+        self.bucket_alerted = true;
         ev
     }
 }
@@ -219,9 +231,9 @@ fn insert_bounded(set: &mut HashSet<String>, key: &str) -> bool {
 }
 
 fn minutes(ms: u64) -> String {
-    if ms % 3_600_000 == 0 {
+    if ms.is_multiple_of(3_600_000) {
         format!("{} h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{} min", ms / 60_000)
     } else {
         format!("{} s", ms / 1000)
