@@ -2673,3 +2673,116 @@ fn a_device_measured_non_compliant_is_blocked_on_its_open_session_until_fixed() 
     eprintln!("the fix applied in {} ms", took.as_millis());
     assert_eq!(last.1, port, "the same connection");
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_mass_download_raises_an_alert_that_blocks_that_user_until_it_is_resolved_in_the_portal() {
+    use sluice_e2e::{
+        idp::DEMO_PASSWORD,
+        portal::{browser, sign_in, wait_at},
+    };
+    let k = central(
+        "anomaly",
+        "managed",
+        Vec::new(),
+        "[detection.mass_download]\nfloor = 8\nwindow_s = 300\n\
+         raise_risk = { level = \"high\", for_s = 3600 }\n",
+        "",
+    );
+    let e = &k.e;
+    let confidential = std::fs::read(fixture("confidential.docx")).unwrap();
+    let general = std::fs::read(fixture("plain.docx")).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(
+            e.app
+                .seed(
+                    &format!("plan-{i}.docx"),
+                    confidential.clone(),
+                    "alice@corp.example",
+                )
+                .unwrap()
+                .id,
+        );
+    }
+    let menu = e
+        .app
+        .seed("menu.docx", general, "alice@corp.example")
+        .unwrap()
+        .id;
+    let get =
+        |user: &str, id: &str| e.curl(Some(user), &[&e.url(&format!("/files/{id}/download"))]);
+    // Bob's scripted burst: eight Confidential files (the detector's floor) in a few seconds.
+    for id in &ids[..8] {
+        let g = get("bob@corp.example", id);
+        assert_eq!(g.status, 200, "{}", g.text());
+    }
+    let burst = std::time::Instant::now();
+    // The alert reaches the agent: Bob's next Confidential download is blocked with the message.
+    let mut last = None;
+    let took = time_until(Duration::from_secs(10), || {
+        let g = get("bob@corp.example", &ids[10]);
+        let blocked = g.status == 403;
+        last = Some(g);
+        blocked
+    });
+    let last = last.unwrap();
+    let took = took.unwrap_or_else(|| {
+        panic!(
+            "Bob was not blocked within 10 s of the burst ({}): {}",
+            last.status,
+            last.text()
+        )
+    });
+    eprintln!(
+        "mass download burst to block on the agent: {} ms",
+        burst.elapsed().as_millis()
+    );
+    let _ = took;
+    let text = last.text();
+    assert!(
+        text.contains("unusual activity") && text.contains("Mass download"),
+        "{text}"
+    );
+    // Another user passes, and Bob still gets a General file.
+    assert_eq!(get("alice@corp.example", &ids[10]).status, 200);
+    assert_eq!(get("bob@corp.example", &menu).status, 200);
+
+    // An admin resolves the alert in the portal: Bob's access comes back.
+    let mut cdp = browser(&k.dir, &k.c, &k.idp).unwrap();
+    sign_in(
+        &mut cdp,
+        &k.c,
+        &k.idp,
+        "alice@corp.example",
+        Some(DEMO_PASSWORD),
+    )
+    .unwrap();
+    wait_at(&mut cdp, "/events").ok();
+    cdp.navigate(&format!("{}/alerts?user=bob%40corp.example", k.c.base))
+        .unwrap();
+    let list = cdp.text("#alerts").unwrap();
+    assert!(
+        list.contains("mass_download") || list.contains("Mass download"),
+        "{list}"
+    );
+    cdp.click_and_wait_load("#alerts tr[data-alert] a").unwrap();
+    let evidence = cdp.text("#evidence").unwrap();
+    assert!(evidence.contains("plan-"), "{evidence}");
+    cdp.click_and_wait_load("#alert-resolved").unwrap();
+    let resolved = std::time::Instant::now();
+    time_until(Duration::from_secs(10), || {
+        get("bob@corp.example", &ids[11]).status == 200
+    })
+    .expect("resolving the alert did not restore Bob's downloads within 10 s");
+    eprintln!(
+        "alert resolved to access restored: {} ms",
+        resolved.elapsed().as_millis()
+    );
+    cdp.close().unwrap();
+
+    // The alert, the risk raised and lowered, are all in the activity log.
+    let log = k.c.cli(&["query", "app:sluice"]).unwrap();
+    assert!(log.contains("bob@corp.example"), "{log}");
+    assert!(log.contains("-> high") && log.contains("-> none"), "{log}");
+}
