@@ -392,6 +392,8 @@ fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
             "sluice-collector",
             "--bin",
             "sluice-collector-bench",
+            "--bin",
+            "sluice-risk-bench",
         ]))?;
         let out = root.join("target/bench/collector.json");
         std::fs::create_dir_all(root.join("target/bench"))?;
@@ -404,6 +406,15 @@ fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
                 .arg(root.join("target/bench/collector-work"))
                 .args(extra),
         )?;
+        eprintln!("figures written to {}", out.display());
+        // The adaptive-access loop: anomaly at the collector to every agent's new decision.
+        let out = root.join("target/bench/collector-loop.json");
+        step("bench collector: the adaptive access loop");
+        sh(Command::new(root.join("target/release/sluice-risk-bench"))
+            .arg("--out")
+            .arg(&out)
+            .arg("--dir")
+            .arg(root.join("target/bench/collector-loop")))?;
         eprintln!("figures written to {}", out.display());
         return Ok(());
     }
