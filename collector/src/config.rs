@@ -551,6 +551,27 @@ mod tests {
         assert_eq!(c.limits.max_page, 10);
     }
 
+    #[test]
+    fn forwarding_send_and_detection_tables() {
+        let c = Config::parse(
+            "state_dir = \"/x\"\n[[forward.webhook]]\nurl = \"http://h/x\"\nsend = \"alerts\"\n\
+             [[forward.syslog]]\naddress = \"h:514\"\n[detection.mass_delete]\nfloor = 7\n",
+        )
+        .unwrap();
+        assert_eq!(c.forward.webhook[0].send, Send::Alerts);
+        assert_eq!(c.forward.syslog[0].send, Send::Events);
+        assert!(!c.forward.webhook[0].send.events() && Send::All.alerts());
+        assert_eq!(c.detection.mass_delete.floor, Some(7));
+        assert!(c.detection.enabled);
+        let e = Config::parse(
+            "state_dir = \"/x\"\n[[forward.syslog]]\naddress = \"h:514\"\nsend = \"some\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("some"), "{e}");
+        let e = Config::parse("state_dir = \"/x\"\n[detection]\nqueue = 0\n").unwrap_err();
+        assert!(e.to_string().contains("detection.queue"), "{e}");
+    }
+
     const OIDC: &str = "state_dir = \"/x\"\n[portal.oidc]\n\
         issuer = \"https://idp.corp.example/realms/corp\"\n\
         client_id = \"sluice-portal\"\n\

@@ -64,6 +64,9 @@ pub struct RiskBoard {
     write: Mutex<()>,
 }
 
+/// A mark as stored: level, the alert that raised it, expiry.
+type Held = (String, Option<String>, Option<u64>);
+
 /// What a change did, for its event.
 struct Change<'a> {
     kind: &'static str,
@@ -331,12 +334,8 @@ impl RiskBoard {
         Ok(!lapsed.is_empty())
     }
 
-    fn existing(
-        &self,
-        store: &Store,
-        kind: &str,
-        subject: &str,
-    ) -> Result<Option<(String, Option<String>, Option<u64>)>, Error> {
+    /// The mark on `subject`: level, alert, expiry.
+    fn existing(&self, store: &Store, kind: &str, subject: &str) -> Result<Option<Held>, Error> {
         Ok(store.with_read(|c| {
             c.query_row(
                 "SELECT level, alert, expires_at FROM risk_marks WHERE kind = ?1 AND subject = ?2",

@@ -14,8 +14,9 @@
 //!    batch, ingested twice into fresh collectors (the server's path: [`Store::ingest`] collecting
 //!    the new events, then handing them to detection's queue, whose thread runs the detectors and
 //!    stores alerts), once with detection off and once on; the rate counts until detection has
-//!    looked at every event. Then the same 200 filtered queries on each, p99. The ratio on/off
-//!    is the price of detection (goal: at least 0.8x).
+//!    looked at every event. Then the same 200 filtered queries on each, p99. Off and on run
+//!    interleaved twice, the better run of each counting. The ratio on/off is the price of
+//!    detection (goal: at least 0.8x).
 //!
 //! Prints a table and writes every figure to `--out` (default `target/bench/collector.json`).
 //! The database lives under `--dir` (default `target/bench/collector-db`) and is removed at the
@@ -312,9 +313,15 @@ fn run() -> Result<()> {
     let (b50, b99) = (pct(&base, 50), pct(&base, 99));
     let (x50, x99) = (pct(&text_times, 50), pct(&text_times, 99));
 
-    // 3. Detection off, then on.
-    let off = detection_run(&dir, false, detect_n, total, end, queries)?;
-    let on = detection_run(&dir, true, detect_n, total, end, queries)?;
+    // 3. Detection off and on, interleaved twice (the first run of a process warms caches and
+    // the allocator: a single off-then-on pair flattered whichever ran second); the better run
+    // of each counts.
+    let mut off = detection_run(&dir, false, detect_n, total, end, queries, 0)?;
+    let mut on = detection_run(&dir, true, detect_n, total, end, queries, 0)?;
+    off = off.best(detection_run(
+        &dir, false, detect_n, total, end, queries, 1,
+    )?);
+    on = on.best(detection_run(&dir, true, detect_n, total, end, queries, 1)?);
     let detect_ratio = on.rate / off.rate.max(1e-9);
 
     println!("{:<44} {:>14} {:>12}", "figure", "value", "vs baseline");
@@ -449,6 +456,20 @@ struct DetectRun {
     dropped: u64,
 }
 
+impl DetectRun {
+    /// The faster ingestion and the lower p99 of two runs.
+    fn best(self, other: DetectRun) -> DetectRun {
+        DetectRun {
+            rate: self.rate.max(other.rate),
+            p50: self.p50.min(other.p50),
+            p99: self.p99.min(other.p99),
+            alerts: self.alerts.max(other.alerts),
+            repeats: self.repeats.max(other.repeats),
+            dropped: self.dropped.max(other.dropped),
+        }
+    }
+}
+
 /// Ingests `n` events into a fresh collector with detection `on` or off as the server does
 /// (collect the new events, hand them to detection), waits for detection to finish, then times
 /// `queries` filtered queries.
@@ -459,8 +480,9 @@ fn detection_run(
     total: u64,
     end: i64,
     queries: usize,
+    rep: u32,
 ) -> Result<DetectRun> {
-    let state = dir.join(if on { "detect-on" } else { "detect-off" });
+    let state = dir.join(format!("detect-{}-{rep}", if on { "on" } else { "off" }));
     let mut config = Config::with_state_dir(state);
     config.detection.enabled = on;
     // The generated history is not replayed: the store starts empty.

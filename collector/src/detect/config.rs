@@ -14,7 +14,8 @@
 //! floor = 100                    # baseline_multiplier, groups, exclude_groups, dedup_s,
 //! baseline_multiplier = 10       # raise_risk
 //! exclude_groups = ["backup"]
-//! raise_risk = { level = "high", for_s = 3600 }
+//! raise_risk = { level = "high", for_s = 3600 }  # the default for mass_download and
+//!                                # impossible_travel; `level = "none"` turns it off
 //!
 //! [detection.geo]                # impossible travel and new country need a database
 //! database = "/var/lib/GeoIP/GeoLite2-City.mmdb"
@@ -151,6 +152,16 @@ impl Detector {
         Self::ALL.into_iter().find(|d| d.as_str() == s)
     }
 
+    /// The risk an alert of this detector raises unless configured otherwise: exfiltration in
+    /// bulk and a stolen session raise the user's risk to high for an hour (the default bundle
+    /// then blocks their Confidential and Highly Confidential downloads); the others only alert.
+    fn default_raise(self) -> Option<RaiseRisk> {
+        matches!(self, Self::MassDownload | Self::ImpossibleTravel).then_some(RaiseRisk {
+            level: UserRisk::High,
+            for_s: Some(3600),
+        })
+    }
+
     /// The defaults: severity, window_s, floor, baseline_multiplier, dedup_s.
     fn defaults(self) -> (Severity, u64, u64, f64, u64) {
         match self {
@@ -176,7 +187,8 @@ impl std::fmt::Display for Detector {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RaiseRisk {
-    /// The level: `low`, `medium`, `high` (a higher risk already there stays).
+    /// The level: `low`, `medium`, `high` (a higher risk already there stays); `none` turns a
+    /// detector's default raise off.
     pub level: UserRisk,
     /// For how long (seconds); without it, until the alert is closed or an admin lowers it.
     #[serde(default)]
@@ -408,7 +420,11 @@ impl DetectionConfig {
             groups: t.groups.clone(),
             exclude_groups: t.exclude_groups.clone(),
             dedup_ms: t.dedup_s.unwrap_or(dedup_s).saturating_mul(1000),
-            raise_risk: t.raise_risk,
+            // `level = "none"` turns a default raise off.
+            raise_risk: t
+                .raise_risk
+                .or_else(|| d.default_raise())
+                .filter(|r| r.level != UserRisk::None),
         }
     }
 
@@ -437,10 +453,10 @@ impl DetectionConfig {
                 return Err(format!("detection.{name}.floor must be at least 1"));
             }
             if let Some(r) = t.raise_risk
-                && matches!(r.level, UserRisk::None | UserRisk::Suspended)
+                && r.level == UserRisk::Suspended
             {
                 return Err(format!(
-                    "detection.{name}.raise_risk.level must be low, medium or high \
+                    "detection.{name}.raise_risk.level must be none, low, medium or high \
                      (suspending is an admin's decision)"
                 ));
             }
@@ -481,6 +497,19 @@ mod tests {
         // Geo detectors need a database.
         assert!(!c.rule(Detector::NewCountry).enabled);
         assert!(!c.rule(Detector::ImpossibleTravel).enabled);
+        // Bulk exfiltration and a stolen session raise the user's risk by default; `none`
+        // turns that off.
+        assert_eq!(
+            md.raise_risk,
+            Some(RaiseRisk {
+                level: UserRisk::High,
+                for_s: Some(3600)
+            })
+        );
+        assert!(c.rule(Detector::ImpossibleTravel).raise_risk.is_some());
+        assert!(c.rule(Detector::NewDevice).raise_risk.is_none());
+        let off = parse("[mass_download]\nraise_risk = { level = \"none\" }\n").unwrap();
+        assert!(off.rule(Detector::MassDownload).raise_risk.is_none());
     }
 
     #[test]
