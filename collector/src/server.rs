@@ -621,7 +621,7 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
         tracing::warn!(%agent, %batch, rejected = outcome.rejected, "invalid event lines");
     }
     c.forward.push(&outcome.new_events);
-    c.detect.push(&outcome.new_events);
+    c.detect.push(&outcome.new_events).await;
     json(
         StatusCode::OK,
         &IngestResponse {

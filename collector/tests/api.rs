@@ -1621,3 +1621,73 @@ async fn risk_marks_long_poll_to_agents_and_refuse_bad_requests() {
         "{log}"
     );
 }
+
+/// A user cannot hide a burst behind a flood: with the detection queue at its smallest, a
+/// flood of other users' batches makes ingestion wait instead of skipping detection, and the
+/// burst still raises its alert (and the user's risk).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_slows_ingestion_but_never_skips_detection() {
+    let env = start("flood", |c| {
+        c.detection.enabled = true;
+        c.detection.queue = 1;
+        c.detection.mass_download.floor = Some(20);
+    })
+    .await;
+    let agent = env.new_agent("default").await;
+    let now = now_ms() as u64;
+    let mut floods = Vec::new();
+    for b in 0..12u64 {
+        let lines: Vec<String> = (0..400u64)
+            .map(|i| {
+                line(&event(
+                    &format!("noise-{b}-{i}"),
+                    now - 1000 + i,
+                    &format!("noise{}@corp.example", (b * 400 + i) % 97),
+                    "allow",
+                    "n.docx",
+                ))
+            })
+            .collect();
+        floods.push(lines);
+    }
+    let burst: Vec<String> = (0..25u64)
+        .map(|i| {
+            line(&event(
+                &format!("burst-{i}"),
+                now + i,
+                "mallory@corp.example",
+                "allow",
+                &format!("secret-{i}.docx"),
+            ))
+        })
+        .collect();
+    let env = Arc::new(env);
+    let mut tasks = Vec::new();
+    for lines in floods {
+        let (env, cred) = (env.clone(), agent.credential.clone());
+        tasks.push(tokio::spawn(async move {
+            env.ingest(&cred, &lines).await.status
+        }));
+    }
+    let burst_status = env.ingest(&agent.credential, &burst).await.status;
+    assert_eq!(burst_status, 200);
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let mut found = false;
+    for _ in 0..100 {
+        let alerts = env.c.risk.state();
+        if alerts
+            .users
+            .iter()
+            .any(|u| u.user == "mallory@corp.example")
+        {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = env.c.detect.report();
+    assert!(found, "the burst went unseen: {report:?}");
+    assert_eq!(report.dropped, 0, "{report:?}");
+}

@@ -490,6 +490,10 @@ fn detection_run(
     let c = std::sync::Arc::new(Collector::open(config)?);
     let shutdown = tokio_util::sync::CancellationToken::new();
     c.detect.start(c.clone(), shutdown.clone());
+    // Handing events over may wait for room in the queue, as the server's ingestion does.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     eprintln!(
         "  detection {}: ingesting {n} events",
         if on { "on" } else { "off" }
@@ -508,7 +512,7 @@ fn detection_run(
                 ..IngestOptions::default()
             },
         )?;
-        c.detect.push(&o.new_events);
+        rt.block_on(c.detect.push(&o.new_events));
         elapsed += t.elapsed().as_secs_f64();
         i += k;
     }

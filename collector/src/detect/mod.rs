@@ -45,6 +45,7 @@ struct Counters {
     queued: AtomicU64,
     processed: AtomicU64,
     dropped: AtomicU64,
+    waited: AtomicU64,
     unreadable: AtomicU64,
     alerts: AtomicU64,
     repeats: AtomicU64,
@@ -64,8 +65,10 @@ pub struct Report {
     pub queued: u64,
     /// Events looked at.
     pub processed: u64,
-    /// Events that skipped detection because its queue was full.
+    /// Events that skipped detection because the detection thread was not running.
     pub dropped: u64,
+    /// Batches whose ingestion waited for room in the detection queue.
+    pub waited: u64,
     /// Alerts opened.
     pub alerts: u64,
     /// Findings added to an open alert.
@@ -105,26 +108,45 @@ impl Detection {
         self.tx.is_some()
     }
 
-    /// Hands newly stored events (their JSON) to detection; never waits.
-    pub fn push(&self, events: &[Bytes]) {
+    /// Hands newly stored events (their JSON) to detection. When the queue is full the caller
+    /// (an ingestion request) waits for room: a flood of events slows ingestion (agents keep
+    /// theirs spooled meanwhile) rather than letting a batch go unseen by the detectors, which
+    /// would let a user hide a burst behind noise.
+    pub async fn push(&self, events: &[Bytes]) {
         let Some(tx) = &self.tx else { return };
         if events.is_empty() {
             return;
         }
         let n = events.len() as u64;
-        match tx.try_send(events.to_vec()) {
+        let batch = match tx.try_send(events.to_vec()) {
             Ok(()) => {
                 self.counters.queued.fetch_add(n, Relaxed);
+                return;
             }
-            Err(_) => {
-                let total = self.counters.dropped.fetch_add(n, Relaxed) + n;
-                tracing::warn!(
-                    dropped = n,
-                    total,
-                    "detection queue full: events not looked at"
-                );
+            Err(mpsc::TrySendError::Full(batch)) => batch,
+            Err(mpsc::TrySendError::Disconnected(_)) => {
+                self.dropped(n);
+                return;
             }
+        };
+        self.counters.waited.fetch_add(1, Relaxed);
+        let tx = tx.clone();
+        match tokio::task::spawn_blocking(move || tx.send(batch)).await {
+            Ok(Ok(())) => {
+                self.counters.queued.fetch_add(n, Relaxed);
+            }
+            _ => self.dropped(n),
         }
+    }
+
+    /// Events that could not be handed over (the detection thread is gone).
+    fn dropped(&self, n: u64) {
+        let total = self.counters.dropped.fetch_add(n, Relaxed) + n;
+        tracing::warn!(
+            dropped = n,
+            total,
+            "detection is not running: events not looked at"
+        );
     }
 
     /// Starts the detection thread (once; later calls do nothing).
@@ -149,6 +171,7 @@ impl Detection {
             queued: k.queued.load(Relaxed),
             processed: k.processed.load(Relaxed),
             dropped: k.dropped.load(Relaxed),
+            waited: k.waited.load(Relaxed),
             alerts: k.alerts.load(Relaxed),
             repeats: k.repeats.load(Relaxed),
             failures: k.failures.load(Relaxed),
