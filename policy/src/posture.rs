@@ -128,12 +128,61 @@ pub struct CheckDef {
     /// `process_running`: the executable's SHA-256 (64 hex digits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// `process_running`: the user id the process must run as (real and effective), or `any`.
+    /// Default 0: a security agent that runs as an ordinary user (a user starting the binary
+    /// themselves) is not the agent.
+    #[serde(
+        default,
+        deserialize_with = "uid_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub uid: Option<RunAs>,
     /// `process_absent`: a command name (`/proc/<pid>/comm`, at most 15 bytes; globs allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
     /// `bundle_fresh`: the oldest accepted bundle, seconds since it was fetched and verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age_s: Option<u64>,
+}
+
+/// Whom `process_running` accepts the process running as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RunAs {
+    /// This user id (real and effective).
+    Uid(u32),
+    /// Anyone.
+    Any,
+}
+
+/// `uid: 0` or `uid: any`.
+fn uid_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RunAs>, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Option<RunAs>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a user id (0) or `any`")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            match v {
+                "any" => Ok(Some(RunAs::Any)),
+                _ => v
+                    .parse()
+                    .map(|u| Some(RunAs::Uid(u)))
+                    .map_err(|_| E::custom(format!("`{v}` is neither a user id nor `any`"))),
+            }
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            u32::try_from(v)
+                .map(|u| Some(RunAs::Uid(u)))
+                .map_err(|_| E::custom(format!("{v} is not a user id")))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u32::try_from(v)
+                .map(|u| Some(RunAs::Uid(u)))
+                .map_err(|_| E::custom(format!("{v} is not a user id")))
+        }
+    }
+    d.deserialize_any(V)
 }
 
 /// A version written as a string or an integer; a float is refused (YAML reads `6.10` as 6.1).
@@ -382,6 +431,8 @@ pub enum CheckSpec {
         exe: String,
         /// Its SHA-256, 64 lower-case hex digits.
         sha256: Option<String>,
+        /// Whom it must run as.
+        run_as: RunAs,
     },
     /// No process runs an executable matching `exe` or has a command name matching `comm`.
     ProcessAbsent {
@@ -638,12 +689,13 @@ fn compile(file: &PostureFile, text: &str) -> Result<Posture, PolicyError> {
 
 /// Validates one check's fields for its kind; an error names the field to point at.
 fn check(def: &CheckDef) -> Result<CheckSpec, (Option<&'static str>, String)> {
-    let given: [(&'static str, bool); 7] = [
+    let given: [(&'static str, bool); 8] = [
         ("os", !def.os.is_empty()),
         ("min", def.min.is_some()),
         ("max_days", def.max_days.is_some()),
         ("exe", def.exe.is_some()),
         ("sha256", def.sha256.is_some()),
+        ("uid", def.uid.is_some()),
         ("comm", def.comm.is_some()),
         ("max_age_s", def.max_age_s.is_some()),
     ];
@@ -652,7 +704,7 @@ fn check(def: &CheckDef) -> Result<CheckSpec, (Option<&'static str>, String)> {
         CheckKind::OsVersion => &["os", "min"],
         CheckKind::KernelVersion | CheckKind::AgentVersion => &["min"],
         CheckKind::PackagesUpdated => &["max_days"],
-        CheckKind::ProcessRunning => &["exe", "sha256"],
+        CheckKind::ProcessRunning => &["exe", "sha256", "uid"],
         CheckKind::ProcessAbsent => &["exe", "comm"],
         CheckKind::BundleFresh => &["max_age_s"],
     };
@@ -747,7 +799,11 @@ fn check(def: &CheckDef) -> Result<CheckSpec, (Option<&'static str>, String)> {
                     ));
                 }
             };
-            CheckSpec::ProcessRunning { exe, sha256 }
+            CheckSpec::ProcessRunning {
+                exe,
+                sha256,
+                run_as: def.uid.unwrap_or(RunAs::Uid(0)),
+            }
         }
         CheckKind::ProcessAbsent => {
             if def.exe.is_none() && def.comm.is_none() {
@@ -850,6 +906,7 @@ rules:
                 sha256: Some(
                     "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into()
                 ),
+                run_as: RunAs::Uid(0),
             }
         );
         let tags: Vec<String> = p.known_tags().into_iter().collect();

@@ -118,9 +118,13 @@ pub fn evaluate(spec: &Posture, env: &CheckEnv) -> Vec<CheckResult> {
                     system::packages_updated(&root, *max_days, std::time::SystemTime::now())
                 }
                 CheckSpec::SecureBoot => system::secure_boot(&root),
-                CheckSpec::ProcessRunning { exe, sha256 } => {
+                CheckSpec::ProcessRunning {
+                    exe,
+                    sha256,
+                    run_as,
+                } => {
                     let scan = processes.get_or_insert_with(|| process::Scan::read(&root));
-                    process::running(&root, scan, exe, sha256.as_deref())
+                    process::running(&root, scan, exe, sha256.as_deref(), *run_as)
                 }
                 CheckSpec::ProcessAbsent { exe, comm } => {
                     let scan = processes.get_or_insert_with(|| process::Scan::read(&root));
@@ -322,6 +326,7 @@ checks:
         t.file("opt/edr/bin/edrd", "");
         t.link("proc/77/exe", "/opt/edr/bin/edrd");
         t.file("proc/77/comm", "edrd\n");
+        t.file("proc/77/status", "Name:\tedrd\nUid:\t0\t0\t0\t0\n");
         let p = spec(
             r#"
 checks:

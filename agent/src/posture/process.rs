@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use sluice_policy::glob;
+use sluice_policy::{glob, posture::RunAs};
 
 use super::{Outcome, fail, fs::Root, pass, unknown};
 
@@ -41,6 +41,8 @@ pub struct Proc {
     pub deleted: bool,
     /// The command name, when readable.
     pub comm: Option<String>,
+    /// Its real and effective user ids (`/proc/<pid>/status`), when readable.
+    pub uids: Option<(u32, u32)>,
 }
 
 /// What `/proc` held.
@@ -77,11 +79,16 @@ impl Scan {
                     .read_string(&dir.join("comm"), 64)
                     .ok()
                     .map(|c| c.trim_end_matches('\n').to_owned());
+                let uids = root
+                    .read_string(&dir.join("status"), 16 * 1024)
+                    .ok()
+                    .and_then(|t| status_uids(&t));
                 Proc {
                     pid,
                     exe,
                     deleted,
                     comm,
+                    uids,
                 }
             })
             .collect();
@@ -111,6 +118,13 @@ impl Scan {
         self.truncated
             .then(|| format!("more than {MAX_PROCESSES} processes: the rest were not read"))
     }
+}
+
+/// The real and effective user ids of a `/proc/<pid>/status` text.
+fn status_uids(status: &str) -> Option<(u32, u32)> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(str::parse::<u32>);
+    Some((ids.next()?.ok()?, ids.next()?.ok()?))
 }
 
 /// The executable of the process whose `/proc` directory is `dir`, and whether it was deleted.
@@ -163,16 +177,43 @@ fn lexical(path: &Path) -> Option<PathBuf> {
 /// A process runs `exe` (whose contents hash to `sha256`, when given).
 /// The path is compared as written and resolved under the root (`/bin/x` on a merged-/usr
 /// system is `/usr/bin/x`, the name the kernel gives).
-pub(super) fn running(root: &Root, scan: &Scan, exe: &str, sha256: Option<&str>) -> Outcome {
+pub(super) fn running(
+    root: &Root,
+    scan: &Scan,
+    exe: &str,
+    sha256: Option<&str>,
+    run_as: RunAs,
+) -> Outcome {
     let canonical = root.resolve(Path::new(exe), true).ok();
-    let matches: Vec<&Proc> = scan
+    let of_exe: Vec<&Proc> = scan
         .procs
         .iter()
         .filter(|p| {
             matches!(&p.exe, Ok(Some(e)) if e == Path::new(exe) || Some(e) == canonical.as_ref())
         })
         .collect();
+    // A user starting the agent's binary themselves is not the agent.
+    let matches: Vec<&Proc> = of_exe
+        .iter()
+        .copied()
+        .filter(|p| match run_as {
+            RunAs::Any => true,
+            RunAs::Uid(u) => p.uids == Some((u, u)),
+        })
+        .collect();
     let Some(first) = matches.first() else {
+        if let (RunAs::Uid(u), Some(p)) = (run_as, of_exe.first()) {
+            return match p.uids {
+                Some((real, eff)) => fail(format!(
+                    "pid {} runs {exe} as uid {real} (effective {eff}), not {u}",
+                    p.pid
+                )),
+                None => unknown(format!(
+                    "pid {} runs {exe}, but its user could not be read",
+                    p.pid
+                )),
+            };
+        }
         return match scan.blind_spot() {
             Some(why) => unknown(format!("no process found running {exe}, but {why}")),
             None => fail(format!("no process runs {exe}")),
@@ -362,19 +403,31 @@ mod tests {
             "{pid} not in /proc"
         );
         let right = file_sha256(&sleep);
-        let o = running(&root, &scan, &exe, Some(&right));
+        let me = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|t| status_uids(&t))
+            .expect("own uids");
+        let as_me = RunAs::Uid(me.0);
+        let o = running(&root, &scan, &exe, Some(&right), as_me);
         assert_eq!(o.0, CheckStatus::Pass, "{o:?}");
-        let o = running(&root, &scan, &exe, Some(EMPTY_SHA256));
+        let o = running(&root, &scan, &exe, Some(EMPTY_SHA256), as_me);
         assert_eq!(o.0, CheckStatus::Fail, "{o:?}");
         assert!(o.1.contains(&right), "{o:?}");
-        assert_eq!(running(&root, &scan, &exe, None).0, CheckStatus::Pass);
+        assert_eq!(
+            running(&root, &scan, &exe, None, as_me).0,
+            CheckStatus::Pass
+        );
+        // Run as another user than the one required: not the agent.
+        let o = running(&root, &scan, &exe, None, RunAs::Uid(me.0 + 4242));
+        assert_eq!(o.0, CheckStatus::Fail, "{o:?}");
+        assert!(o.1.contains("not"), "{o:?}");
         let o = absent(&scan, Some(&exe), None);
         assert_eq!(o.0, CheckStatus::Fail, "{o:?}");
         assert_eq!(absent(&scan, None, Some("slee?")).0, CheckStatus::Fail);
         drop(child);
         let scan = Scan::read(&root);
         assert!(!scan.procs.iter().any(|p| p.pid == pid));
-        let o = running(&root, &scan, "/nonexistent/edrd", None);
+        let o = running(&root, &scan, "/nonexistent/edrd", None, RunAs::Any);
         assert_ne!(o.0, CheckStatus::Pass, "{o:?}");
         let o = absent(&scan, None, Some("no-such-comm"));
         assert_eq!(o.0, CheckStatus::Pass, "{o:?}");
@@ -386,6 +439,10 @@ mod tests {
         for (pid, exe, comm) in procs {
             t.link(&format!("proc/{pid}/exe"), exe);
             t.file(&format!("proc/{pid}/comm"), format!("{comm}\n"));
+            t.file(
+                &format!("proc/{pid}/status"),
+                format!("Name:\t{comm}\nUid:\t0\t0\t0\t0\n"),
+            );
         }
         t.dir("proc/2"); // a kernel thread: no exe link
         t.file("proc/2/comm", "kthreadd\n");
@@ -408,27 +465,46 @@ mod tests {
         assert_eq!(scan.procs.len(), 4);
         // Named through a link (merged /usr), hashed at its real path.
         assert_eq!(
-            running(&root, &scan, "/bin/av", Some(EMPTY_SHA256)).0,
+            running(&root, &scan, "/bin/av", Some(EMPTY_SHA256), RunAs::Uid(0)).0,
             CheckStatus::Pass
         );
         let good = file_sha256(&edrd);
         assert_eq!(
-            running(&root, &scan, "/opt/edr/bin/edrd", Some(&good)),
+            running(
+                &root,
+                &scan,
+                "/opt/edr/bin/edrd",
+                Some(&good),
+                RunAs::Uid(0)
+            ),
             pass(format!("pid 10 runs /opt/edr/bin/edrd with sha256 {good}"))
         );
-        let o = running(&root, &scan, "/opt/edr/bin/edrd", Some(EMPTY_SHA256));
+        let o = running(
+            &root,
+            &scan,
+            "/opt/edr/bin/edrd",
+            Some(EMPTY_SHA256),
+            RunAs::Uid(0),
+        );
         assert_eq!(o.0, CheckStatus::Fail, "{o:?}");
         assert_eq!(
-            running(&root, &scan, "/opt/other", None),
+            running(&root, &scan, "/opt/other", None, RunAs::Uid(0)),
             fail("no process runs /opt/other")
         );
         // A deleted executable still counts as running; a missing file cannot be hashed.
         assert_eq!(
-            running(&root, &scan, "/usr/bin/tor", None).0,
+            running(&root, &scan, "/usr/bin/tor", None, RunAs::Uid(0)).0,
             CheckStatus::Pass
         );
         assert_eq!(
-            running(&root, &scan, "/usr/bin/tor", Some(EMPTY_SHA256)).0,
+            running(
+                &root,
+                &scan,
+                "/usr/bin/tor",
+                Some(EMPTY_SHA256),
+                RunAs::Uid(0)
+            )
+            .0,
             CheckStatus::Unknown
         );
         assert_eq!(
@@ -444,13 +520,46 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_binary_started_by_a_user_is_not_the_agent() {
+        let t = tree(&[(20, "/opt/edr/bin/edrd", "edrd")]);
+        t.file(
+            "proc/20/status",
+            "Name:\tedrd\nUid:\t1000\t1000\t1000\t1000\n",
+        );
+        t.file("opt/edr/bin/edrd", "the edr");
+        let root = Root::new(&t.root());
+        let scan = Scan::read(&root);
+        assert_eq!(
+            running(&root, &scan, "/opt/edr/bin/edrd", None, RunAs::Uid(0)),
+            fail("pid 20 runs /opt/edr/bin/edrd as uid 1000 (effective 1000), not 0")
+        );
+        assert_eq!(
+            running(&root, &scan, "/opt/edr/bin/edrd", None, RunAs::Any).0,
+            CheckStatus::Pass
+        );
+        // A setuid start (effective 0, real 1000) is not root either.
+        t.file("proc/20/status", "Name:\tedrd\nUid:\t1000\t0\t0\t0\n");
+        let scan = Scan::read(&root);
+        assert_eq!(
+            running(&root, &scan, "/opt/edr/bin/edrd", None, RunAs::Uid(0)).0,
+            CheckStatus::Fail
+        );
+    }
+
+    #[test]
     fn an_exe_link_escaping_the_root_is_refused() {
         let t = tree(&[(10, "../../../edrd", "edrd")]);
         let outside = t.outside("edrd", "outside the root");
         let root = Root::new(&t.root());
         let scan = Scan::read(&root);
         // Not read through the link: the process's exe is unreadable, so nothing is certain.
-        let o = running(&root, &scan, &outside.to_string_lossy(), None);
+        let o = running(
+            &root,
+            &scan,
+            &outside.to_string_lossy(),
+            None,
+            RunAs::Uid(0),
+        );
         assert_eq!(o.0, CheckStatus::Unknown, "{o:?}");
         assert!(o.1.contains("escapes the posture root"), "{o:?}");
         let o = absent(&scan, Some("*edrd"), None);
@@ -461,7 +570,7 @@ mod tests {
         t.link("opt/edrd", "../../real-edrd");
         let root = Root::new(&t.root());
         let scan = Scan::read(&root);
-        let o = running(&root, &scan, "/opt/edrd", Some(EMPTY_SHA256));
+        let o = running(&root, &scan, "/opt/edrd", Some(EMPTY_SHA256), RunAs::Uid(0));
         assert_eq!(o.0, CheckStatus::Unknown, "{o:?}");
         assert!(o.1.contains("escapes the posture root"), "{o:?}");
     }
