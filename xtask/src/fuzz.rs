@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, output, sh, step};
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 13] = [
+pub const TARGETS: [&str; 14] = [
     "client_hello",
     "dns",
     "embedded",
@@ -34,6 +34,7 @@ pub const TARGETS: [&str; 13] = [
     "query",
     "seal",
     "oidc",
+    "detect",
 ];
 
 /// Seconds each target runs in `cargo xtask test`.
@@ -50,6 +51,7 @@ fn max_len(target: &str) -> usize {
         "dns" => 512,
         "seal" => 4096,
         "oidc" => 16 * 1024,
+        "detect" => 64 * 1024,
         "embedded" => 256 * 1024,
         "multipart" => 256 * 1024,
         _ => 1 << 20,

@@ -46,6 +46,9 @@ const MAX_WINDOW: usize = 20_000;
 /// Most devices, networks, countries or processes remembered per user (then nothing more is
 /// learnt, and nothing more is new).
 const MAX_KNOWN: usize = 4096;
+/// Most users with state (events may name anyone: a compromised agent must not grow it without
+/// bound); past it the least recently active hundredth is forgotten.
+pub const MAX_USERS: usize = 500_000;
 const DAY_MS: u64 = 86_400_000;
 /// Active windows needed before a user's baseline counts.
 const MIN_ACTIVE: u64 = 5;
@@ -179,6 +182,8 @@ struct Where {
 struct UserState {
     events: u64,
     first: u64,
+    /// The newest event's time (which users are forgotten first when there are too many).
+    last: u64,
     devices: HashSet<String>,
     networks: HashSet<String>,
     countries: HashSet<String>,
@@ -282,6 +287,25 @@ impl Engine {
         self.users.len()
     }
 
+    /// Forgets the least recently active hundredth of the users (at least one).
+    fn forget_least_recent(&mut self) {
+        let mut by_last: Vec<(u64, String)> = self
+            .users
+            .iter()
+            .map(|(k, u)| (u.last, k.clone()))
+            .collect();
+        let n = (by_last.len() / 100).max(1);
+        by_last.select_nth_unstable(n - 1);
+        for (_, k) in by_last.into_iter().take(n) {
+            self.users.remove(&k);
+        }
+        tracing::warn!(
+            forgotten = n,
+            kept = self.users.len(),
+            "detection: too many users, the least recently active forgotten"
+        );
+    }
+
     /// Ends a replay of history: windows are emptied, so a burst replayed from the store (and
     /// alerted on before) does not alert again with the next live event.
     pub fn end_rebuild(&mut self) {
@@ -316,6 +340,9 @@ impl Engine {
         let learning_events = self.learning_events;
         let learning_ms = self.learning_ms;
         let history_ms = self.history_ms;
+        if self.users.len() >= MAX_USERS && !self.users.contains_key(&email) {
+            self.forget_least_recent();
+        }
         let u = self
             .users
             .entry(email.clone())
@@ -324,6 +351,7 @@ impl Engine {
                 ..UserState::default()
             });
         u.first = u.first.min(t);
+        u.last = u.last.max(t);
         let mature = u.events >= learning_events && t.saturating_sub(u.first) >= learning_ms;
         u.events += 1;
         let evidence = || {
@@ -430,7 +458,9 @@ impl Engine {
         }
 
         // New process for an app.
+        // Apps are the catalogue's few; a flood of made-up names stops at the bound.
         if !app.is_empty()
+            && (u.apps.len() < MAX_KNOWN || u.apps.contains_key(app))
             && let Some(p) = e.actor.process.as_ref()
         {
             let proc_key = p
@@ -528,5 +558,29 @@ impl Engine {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    #[test]
+    fn forgetting_keeps_the_recent_users() {
+        let cfg = crate::detect::DetectionConfig::default();
+        let mut e = Engine::new(&cfg, None);
+        for i in 0..300u64 {
+            e.users.insert(
+                format!("u{i}"),
+                UserState {
+                    last: i,
+                    ..UserState::default()
+                },
+            );
+        }
+        e.forget_least_recent();
+        assert_eq!(e.users(), 297);
+        assert!(!e.users.contains_key("u0") && !e.users.contains_key("u2"));
+        assert!(e.users.contains_key("u3") && e.users.contains_key("u299"));
     }
 }
