@@ -420,6 +420,7 @@ fn parked_inspections_stall_neither_requests_nor_admin() {
                 reloads: Default::default(),
                 gateway: None,
                 location: None,
+                device: None,
             },
         ))
         .expect("admin binds");
