@@ -121,7 +121,10 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
              # The organisation's sign-in: the demo identity provider (people: alice, bob, carol,\n\
              # dana; password `demo`; dana is an admin).\n[portal.oidc]\nissuer = \"https://{IDP_ADDR}\"\n\
              client_id = \"sluice-portal\"\nredirect_url = \"https://{COLLECTOR_ADDR}/auth/oidc/callback\"\n\
-             ca_file = {}\nadmins = [\"group:sluice-admins\"]\n",
+             ca_file = {}\nadmins = [\"group:sluice-admins\"]\n\n\
+             # Demo-sized: ten downloads in five minutes is a mass download (the default is 50 in\n\
+             # ten minutes, or ten times the user's own baseline); it raises the user's risk.\n\
+             [detection.mass_download]\nfloor = 10\nwindow_s = 300\n",
             toml_str(&state),
             toml_str(&public_key),
             toml_str(&idp_ca),
@@ -702,7 +705,7 @@ pub fn demo(root: &Path) -> Result<()> {
         ca: dir.join("ca.pem"),
         base: "https://files.test".into(),
     };
-    let result = scenarios(&d, &fx, &dir, root);
+    let result = scenarios(&d, &fx, &dir, root).and_then(|()| adaptive(&d, &fx, &dir));
     let _ = app.kill();
     let _ = app.wait();
     let _ = fs::remove_dir(&cgroup);
@@ -903,6 +906,93 @@ fn scenarios(d: &Demo, fx: &Path, dir: &Path, root: &Path) -> Result<()> {
     eprintln!(
         "  in a browser: https://{COLLECTOR_ADDR}/files/{release} (\"Sign in with your organisation\", bob / demo)"
     );
+    Ok(())
+}
+
+/// Step 7: a mass download raises an alert that pauses the user's sensitive downloads on the
+/// agent until an admin resolves it in the portal.
+fn adaptive(d: &Demo, fx: &Path, dir: &Path) -> Result<()> {
+    step("7. bob downloads ten Confidential files in a row: an alert, and his downloads pause");
+    let alice = d.login("alice")?;
+    let (_, body) = d.curl(&[
+        "-H",
+        &format!("authorization: Bearer {alice}"),
+        "-H",
+        "accept: application/json",
+        "-F",
+        &format!("file=@{}", fx.join("confidential.docx").display()),
+        &format!("{}/upload", d.base),
+    ])?;
+    let stored: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let Some(id) = stored["id"].as_str() else {
+        eprintln!("  the Confidential upload was not stored ({body}); skipped");
+        return Ok(());
+    };
+    let bob = d.login("bob")?;
+    let download = |token: &str| -> Result<(u16, String)> {
+        d.curl(&[
+            "-H",
+            &format!("authorization: Bearer {token}"),
+            "-H",
+            "accept: text/plain",
+            &format!("{}/files/{id}/download", d.base),
+        ])
+    };
+    let mut passed = 0;
+    for _ in 0..10 {
+        if download(&bob)?.0 == 200 {
+            passed += 1;
+        }
+    }
+    eprintln!("  {passed} of 10 downloads delivered");
+    let end = Instant::now() + Duration::from_secs(10);
+    let (code, text) = loop {
+        let got = download(&bob)?;
+        if got.0 == 403 || Instant::now() > end {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    report(
+        "bob's next Confidential download",
+        "blocked (403) within seconds, naming the alert",
+        code,
+        code == 403,
+    );
+    if let Some(line) = text.lines().find(|l| l.contains("alert")) {
+        eprintln!("  {line}");
+    }
+    let (code, _) = download(&alice)?;
+    report("alice downloads the same file", "200", code, code == 200);
+
+    step("8. dana (an admin) resolves the alert in the portal: bob's downloads resume");
+    let dana = Portal::sign_in(dir, "dana@corp.example")?;
+    let (_, page) = dana.get("/alerts?user=bob%40corp.example&state=open")?;
+    let Some(alert) = between(&page, "<a href=\"/alerts/", "\"") else {
+        eprintln!("  no open alert for bob in the portal");
+        return Ok(());
+    };
+    let (_, page) = dana.get(&format!("/alerts/{alert}"))?;
+    let csrf = between(&page, "name=\"csrf\" value=\"", "\"").unwrap_or_default();
+    let (code, _, _) = dana.curl(
+        &dana.collector_ca,
+        &[
+            "--data",
+            &format!("csrf={csrf}&state=resolved"),
+            &format!("https://{COLLECTOR_ADDR}/alerts/{alert}/state"),
+        ],
+    )?;
+    report("resolve the alert", "303 to the alert's page", code, code == 303);
+    let end = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        let (code, _) = download(&bob)?;
+        if code == 200 || Instant::now() > end {
+            break code;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    report("bob downloads again", "200", code, code == 200);
+    eprintln!("  the alert: https://{COLLECTOR_ADDR}/alerts/{alert} (sign in as dana / demo)");
     Ok(())
 }
 
