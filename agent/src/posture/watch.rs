@@ -111,7 +111,12 @@ impl Watch {
                 from = ?before.tags,
                 to = ?next.tags,
                 not_passing = ?failing,
-                "posture tags changed"
+                "{}",
+                if before.evaluated {
+                    "posture tags changed"
+                } else {
+                    "posture measured"
+                }
             );
         } else {
             tracing::debug!(tags = ?next.tags, "posture evaluated");
