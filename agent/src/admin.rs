@@ -11,13 +11,20 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{proxy::ProxyStats, steer::Steering};
+use crate::{privsep::client::RemoteStatus, proxy::ProxyStats};
 
 /// What the endpoints read from.
 #[derive(Debug, Clone)]
 pub struct AdminState {
-    /// Steering, when enabled.
-    pub steering: Option<Arc<Steering>>,
+    /// What the privileged part last reported (steering, the gateway, the proxy's supervision),
+    /// refreshed every second.
+    pub remote: Arc<arc_swap::ArcSwap<RemoteStatus>>,
+    /// The privileged part, to read its status afresh.
+    pub link: Option<Arc<crate::privsep::client::Link>>,
+    /// Whether endpoint steering is on.
+    pub steering: bool,
+    /// The proxy's sandbox, as entered.
+    pub sandbox: Option<crate::privsep::sandbox::Entered>,
     /// The proxy's counters.
     pub proxy: Arc<ProxyStats>,
     /// Policy bundle status, when bundles are configured.
@@ -26,8 +33,6 @@ pub struct AdminState {
     pub report: Option<crate::report::ReportHandle>,
     /// Configuration reloads (SIGHUP).
     pub reloads: Arc<ReloadStats>,
-    /// The gateway, when gateway mode is on.
-    pub gateway: Option<Arc<std::sync::Mutex<crate::steer::gateway::GatewayStatus>>>,
     /// The device's network location.
     pub location: Option<Arc<crate::location::NetworkLocation>>,
     /// The device's measured posture and central marks.
@@ -61,13 +66,23 @@ struct Status {
     report: Option<crate::report::ReportStatus>,
     reloads: Reloads,
     gateway: Option<crate::steer::gateway::GatewayStatus>,
+    privsep: Option<Privsep>,
     location: Option<crate::location::Location>,
     device: Option<crate::device::DeviceView>,
 }
 
+/// The privilege split as `/status` shows it.
+#[derive(Serialize)]
+struct Privsep {
+    #[serde(flatten)]
+    supervision: crate::privsep::server::Supervision,
+    sandbox: Option<crate::privsep::sandbox::Entered>,
+}
+
 impl AdminState {
     fn ready(&self) -> bool {
-        let steer_ok = self.steering.as_ref().is_none_or(|s| s.status().attached);
+        let remote = self.remote.load();
+        let steer_ok = !self.steering || remote.steer.as_ref().is_some_and(|s| s.attached);
         steer_ok
             && self
                 .proxy
@@ -80,7 +95,7 @@ impl AdminState {
             version: env!("CARGO_PKG_VERSION"),
             pid: std::process::id(),
             ready: self.ready(),
-            steer: self.steering.as_ref().map(|s| s.status()),
+            steer: self.remote.load().steer.clone(),
             proxy: self.proxy.snapshot(),
             bundle: self
                 .bundle
@@ -89,10 +104,16 @@ impl AdminState {
             report: self.report.as_ref().map(|r| r.snapshot()),
             location: self.location.as_ref().map(|l| (*l.load()).clone()),
             device: self.device.as_ref().map(|d| d.view()),
-            gateway: self
-                .gateway
-                .as_ref()
-                .map(|g| g.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            gateway: self.remote.load().gateway.clone(),
+            privsep: self
+                .remote
+                .load()
+                .privsep
+                .clone()
+                .map(|supervision| Privsep {
+                    supervision,
+                    sandbox: self.sandbox.clone(),
+                }),
             reloads: Reloads {
                 applied: self
                     .reloads
@@ -115,8 +136,8 @@ impl AdminState {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         };
-        if let Some(s) = &self.steering {
-            let st = s.status();
+        let remote = self.remote.load_full();
+        if let Some(st) = remote.steer.clone() {
             let c = st.counters;
             metric(
                 "sluice_steer_attached",
@@ -253,8 +274,27 @@ impl AdminState {
             "Connections a gateway forwarded to the proxy (TPROXY).",
             p.gateway,
         );
-        if let Some(g) = &self.gateway {
-            let g = g.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(p) = &remote.privsep {
+            metric(
+                "sluice_privsep_proxy_restarts_total",
+                "counter",
+                "Times the privileged part started the proxy again after it ended.",
+                p.restarts,
+            );
+            metric(
+                "sluice_privsep_leaves_signed_total",
+                "counter",
+                "Leaves the privileged part signed for the proxy.",
+                p.leaves_signed,
+            );
+            metric(
+                "sluice_privsep_leaves_refused_total",
+                "counter",
+                "Leaves the privileged part refused (no app, no steered connection, rate limit).",
+                p.leaves_refused,
+            );
+        }
+        if let Some(g) = remote.gateway.clone() {
             metric(
                 "sluice_gateway_live",
                 "gauge",
@@ -312,6 +352,24 @@ impl AdminState {
             }
         }
         out
+    }
+
+    /// Reads the privileged part's status afresh for the endpoints that show it (counters a
+    /// second old would mislead).
+    async fn refresh(&self, path: &str) {
+        if !matches!(path, "/status" | "/metrics" | "/readyz") {
+            return;
+        }
+        let Some(link) = self.link.clone() else {
+            return;
+        };
+        if let Ok(Ok(mut st)) = tokio::task::spawn_blocking(move || link.status()).await {
+            if let (Some(g), Some(old)) = (st.gateway.as_mut(), self.remote.load().gateway.as_ref())
+            {
+                g.enrolled_clients = old.enrolled_clients;
+            }
+            self.remote.store(Arc::new(st));
+        }
     }
 
     fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -397,7 +455,10 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(state.respond(&req)) }
+                    async move {
+                        state.refresh(req.uri().path()).await;
+                        Ok::<_, Infallible>(state.respond(&req))
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())

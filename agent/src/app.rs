@@ -1,5 +1,15 @@
-//! The task supervisor: starts steering, the proxy, the heartbeat and the admin endpoints in order,
-//! reloads on SIGHUP, drains on SIGTERM/SIGINT, and detaches from the kernel on the way out.
+//! The two halves of the agent and their task supervisors.
+//!
+//! [`run`] is the privileged part (`sluice run`, root): it binds the proxy's ports, attaches
+//! steering, installs the gateway's rules, holds the CA key, serves the proxy's requests on the
+//! privileged socket ([`crate::privsep::server`]), keeps the kernel heartbeat while the proxy
+//! answers, starts the proxy as its own user and starts it again when it ends, reloads on SIGHUP,
+//! and detaches from the kernel on the way out.
+//!
+//! [`run_proxy`] is the unprivileged proxy (`sluice proxy`): it takes its sockets from the
+//! privileged part, enters its sandbox, and runs everything that parses outside bytes: the
+//! proxy, session controls, bundles, reporting, posture, the risk channel and the admin
+//! endpoints.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,8 +24,13 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::{Admin, AdminState, ReloadStats},
     config::Config,
+    privsep::{
+        Passed,
+        client::RemoteStatus,
+        server::{Parts, Privileged},
+    },
     proxy::{
-        Listeners, Proxy, ProxyStats, Shared, TransparentListeners,
+        Front, Listeners, Proxy, ProxyStats, Shared, TransparentListeners,
         ca::{Ca, CacheLimits, LeafCache},
         catalog::Catalog,
         hooks::{Hooks, PassThrough},
@@ -34,27 +49,44 @@ use crate::{
 /// How long open connections may take to finish after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// Runs the agent until SIGTERM or SIGINT.
+/// Runs the privileged part until SIGTERM or SIGINT.
 pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let (uid, gid) =
+        crate::privsep::lookup_user(&config.privsep.user).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        uid != 0,
+        "privsep.user `{}` is root: the proxy must run as a user of its own",
+        config.privsep.user
+    );
+    let ca = Ca::load(&config.ca_cert_path(), &config.ca_key_path()).with_context(|| {
+        format!(
+            "loading the interception CA ({}); create one with `sluice ca init --config FILE` or set tls.ca_cert/tls.ca_key",
+            config.ca_cert_path().display()
+        )
+    })?;
+    hand_over_state(&config, uid, gid).context("giving the state directory to the proxy's user")?;
     let shutdown = CancellationToken::new();
-    let stats = Arc::new(ProxyStats::default());
 
     // The proxy's port is bound (and held) before the kernel is pointed at it: a port another
     // process holds fails the start here, and `proxy.port = 0` takes one the system gives.
-    let (steering, listeners) = if config.steer.enabled {
+    let mut sockets = Vec::new();
+    let (steering, endpoint_port) = if config.steer.enabled {
         let listeners = Listeners::bind(config.proxy.port)
             .await
             .context("binding the proxy listener")?;
-        tracing::info!(
-            port = listeners.port,
-            "proxy listening on 127.0.0.1 and ::1"
+        let port = listeners.port;
+        tracing::info!(port, "proxy listening on 127.0.0.1 and ::1");
+        sockets.extend(
+            listeners
+                .into_fds()?
+                .into_iter()
+                .map(|f| (f, Passed::Endpoint)),
         );
         let dir = steer::enter_agent_cgroup(&config.steer)
             .context("placing the agent in its own cgroup")?;
         tracing::info!(cgroup = %dir.display(), "agent cgroup (never steered)");
-        let steering =
-            Steering::attach(&config.steer, listeners.port).context("attaching steering")?;
-        (Some(Arc::new(steering)), Some(listeners))
+        let steering = Steering::attach(&config.steer, port).context("attaching steering")?;
+        (Some(Arc::new(steering)), Some(port))
     } else {
         if !config.gateway.enabled {
             tracing::warn!("steering is disabled: nothing reaches the proxy unless sent there");
@@ -77,17 +109,52 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         None
     };
     let gateway_rules = gateway.as_ref().map(|(g, _)| g.clone());
+    let gateway_port = gateway.as_ref().map(|(_, l)| l.port);
+    let gateway_status = gateway
+        .as_ref()
+        .map(|_| Arc::new(std::sync::Mutex::new(GatewayStatus::default())));
+    if let Some((_, l)) = gateway {
+        sockets.extend(l.into_fds()?.into_iter().map(|f| (f, Passed::Gateway)));
+    }
 
-    let result = supervise(
-        &config_path,
-        &config,
-        steering.clone(),
-        listeners,
-        gateway,
-        stats,
-        shutdown,
-    )
+    let result = async {
+        let privileged = Arc::new(
+            Privileged::new(Parts {
+                config: config.clone(),
+                steering: steering.clone(),
+                gateway: gateway_status.clone(),
+                ca,
+                sockets,
+                endpoint_port,
+                gateway_port,
+                uid,
+            })
+            .map_err(anyhow::Error::msg)?,
+        );
+        let socket = config.privsep_socket();
+        let server = privileged
+            .serve(&socket, shutdown.clone())
+            .with_context(|| format!("serving the privileged socket {}", socket.display()))?;
+        tracing::info!(socket = %socket.display(), user = %config.privsep.user, uid, "privileged part serving the proxy");
+        let outcome = supervise_privileged(
+            &config_path,
+            &config,
+            privileged,
+            steering.clone(),
+            gateway_rules.clone(),
+            gateway_status,
+            (endpoint_port, gateway_port),
+            (uid, gid),
+            shutdown.clone(),
+        )
+        .await;
+        shutdown.cancel();
+        let _ = tokio::task::spawn_blocking(move || server.join()).await;
+        let _ = std::fs::remove_file(&socket);
+        outcome
+    }
     .await;
+    shutdown.cancel();
     if let Some(g) = gateway_rules {
         g.load().remove();
         tracing::info!(table = %g.load().table_name(), "gateway rules removed");
@@ -98,6 +165,53 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         tracing::error!(error = %e, "detaching steering");
     }
     result
+}
+
+/// Gives the state directory to the proxy's user (it writes its spool, bundles, marks and
+/// enrollment there), except the CA's directory, which stays root's alone; and the events file,
+/// when one is configured. Links are not followed.
+fn hand_over_state(config: &Config, uid: u32, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let state = &config.state_dir;
+    std::fs::create_dir_all(state)?;
+    let keep: Vec<PathBuf> = [config.ca_key_path(), config.ca_cert_path()]
+        .iter()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect();
+    for dir in &keep {
+        if dir.starts_with(state) && dir != state {
+            std::fs::create_dir_all(dir)?;
+            std::os::unix::fs::lchown(dir, Some(0), Some(0))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    let mut stack = vec![state.clone()];
+    let mut n = 0usize;
+    while let Some(p) = stack.pop() {
+        if keep.iter().any(|k| k == &p && k != state) {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(&p)?;
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
+        n += 1;
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    if let Some(events) = &config.report.events_file {
+        if let Some(dir) = events.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(events)?;
+        std::os::unix::fs::lchown(events, Some(uid), Some(gid))?;
+    }
+    tracing::debug!(entries = n, "state directory handed to the proxy's user");
+    Ok(())
 }
 
 /// The gateway's rules in force (replaced whole on reload).
@@ -133,9 +247,9 @@ fn start_gateway(config: &Config) -> anyhow::Result<(GatewayRules, TransparentLi
 /// [`crate::steer::gateway::WATCHDOG`] and the rules apply the fail mode.
 async fn gateway_watchdog(
     rules: GatewayRules,
-    stats: Arc<ProxyStats>,
+    port: u16,
+    token: Arc<[u8]>,
     status: Arc<std::sync::Mutex<GatewayStatus>>,
-    lan: Arc<LanDevices>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let every = crate::steer::gateway::WATCHDOG / 4;
@@ -149,7 +263,8 @@ async fn gateway_watchdog(
         }
         n += 1;
         let g = rules.load_full();
-        let probe = probe_proxy(&stats, &stats.gateway_probe_port, g.port(), every).await;
+        debug_assert_eq!(g.port(), port);
+        let probe = probe_proxy(&token, port, every).await;
         let refreshed = match probe {
             Ok(()) => {
                 let g2 = g.clone();
@@ -172,7 +287,6 @@ async fn gateway_watchdog(
         let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
         st.table = g.table_name().to_owned();
         st.fail_mode = format!("{:?}", g.fail_mode()).to_lowercase();
-        st.enrolled_clients = lan.enrolled_count();
         if let Some(c) = counters {
             st.counters = c;
         }
@@ -197,21 +311,278 @@ async fn gateway_watchdog(
     }
 }
 
+/// The privileged part's tasks: the kernel heartbeat, the gateway's watchdog, the proxy's
+/// process (when it is started here), reloads and the way out.
+#[allow(clippy::too_many_arguments)]
+async fn supervise_privileged(
+    config_path: &Path,
+    config: &Config,
+    privileged: Arc<Privileged>,
+    steering: Option<Arc<Steering>>,
+    gateway_rules: Option<GatewayRules>,
+    gateway_status: Option<Arc<std::sync::Mutex<GatewayStatus>>>,
+    (endpoint_port, gateway_port): (Option<u16>, Option<u16>),
+    (uid, gid): (u32, u32),
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let token: Arc<[u8]> = Arc::from(privileged.probe_token().as_bytes());
+    if let (Some(steering), Some(port)) = (&steering, endpoint_port) {
+        tasks.spawn(named(
+            "heartbeat",
+            heartbeat(
+                steering.clone(),
+                port,
+                token.clone(),
+                config.steer.heartbeat_interval(),
+                shutdown.clone(),
+            ),
+        ));
+    }
+    if let (Some(rules), Some(status), Some(port)) = (&gateway_rules, &gateway_status, gateway_port)
+    {
+        tasks.spawn(named(
+            "gateway",
+            gateway_watchdog(
+                rules.clone(),
+                port,
+                token.clone(),
+                status.clone(),
+                shutdown.clone(),
+            ),
+        ));
+    }
+    let child = Arc::new(std::sync::Mutex::new(None::<u32>));
+    if config.privsep.spawn {
+        tasks.spawn(named(
+            "proxy",
+            keep_proxy_running(
+                config_path.to_owned(),
+                privileged.clone(),
+                (uid, gid),
+                child.clone(),
+                shutdown.clone(),
+            ),
+        ));
+    }
+    notify_systemd("READY=1");
+    let watchdog = watchdog_interval();
+    let mut ping = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let outcome = loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break Ok(()); }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break Ok(()); }
+            _ = ping.tick() => {
+                if watchdog.is_some() {
+                    notify_systemd("WATCHDOG=1");
+                }
+            }
+            _ = hup.recv() => {
+                reload_privileged(config_path, config, steering.as_deref(), gateway_rules.as_ref());
+                // The proxy re-reads what is its own (the catalogue, the reject list).
+                if let Some(pid) = *child.lock().unwrap_or_else(|p| p.into_inner()) {
+                    signal_proxy(pid, nix::sys::signal::Signal::SIGHUP);
+                }
+            }
+            done = tasks.join_next() => {
+                break match done {
+                    Some(Ok((name, Ok(())))) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
+                    Some(Ok((name, Err(e)))) => Err(e.context(format!("{name} failed"))),
+                    Some(Err(e)) => Err(anyhow::anyhow!("a task panicked: {e}")),
+                    None => Ok(()),
+                };
+            }
+        }
+    };
+    notify_systemd("STOPPING=1");
+    shutdown.cancel();
+    // The proxy drains its connections (it is sent SIGTERM by its keeper), then the rest stops.
+    if tokio::time::timeout(DRAIN + Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("the proxy did not stop in time");
+        tasks.abort_all();
+    }
+    outcome
+}
+
+/// Sends `sig` to the proxy's process.
+fn signal_proxy(pid: u32, sig: nix::sys::signal::Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    }
+}
+
+/// Starts `sluice proxy` as the proxy's user, and again whenever it ends (after a pause that
+/// grows while it keeps failing at once). While it is gone, the heartbeat stops and the kernel
+/// applies the fail mode. On `shutdown` it is sent SIGTERM and given [`DRAIN`] to finish.
+async fn keep_proxy_running(
+    config_path: PathBuf,
+    privileged: Arc<Privileged>,
+    (uid, gid): (u32, u32),
+    current: Arc<std::sync::Mutex<Option<u32>>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the agent's own executable")?;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("proxy")
+            .arg("--config")
+            .arg(&config_path)
+            .uid(uid)
+            .gid(gid)
+            .stdin(std::process::Stdio::null())
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .current_dir("/");
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {} proxy", exe.display()))?;
+        let pid = child.id().unwrap_or(0);
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid);
+        privileged.proxy_started(pid);
+        tracing::info!(pid, uid, "proxy started");
+        let started = std::time::Instant::now();
+        let status = tokio::select! {
+            s = child.wait() => s,
+            _ = shutdown.cancelled() => {
+                signal_proxy(pid, nix::sys::signal::Signal::SIGTERM);
+                let s = match tokio::time::timeout(DRAIN + Duration::from_secs(2), child.wait()).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        tracing::warn!(pid, "the proxy did not stop after SIGTERM: killed");
+                        let _ = child.kill().await;
+                        child.wait().await
+                    }
+                };
+                *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                privileged.proxy_ended(describe_exit(&s), false);
+                return Ok(());
+            }
+        };
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let how = describe_exit(&status);
+        tracing::error!(pid, exit = %how, "the proxy ended; the fail mode applies until it is back");
+        privileged.proxy_ended(how, true);
+        if started.elapsed() > Duration::from_secs(30) {
+            pause = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn describe_exit(s: &std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match s {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exit status {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => s.to_string(),
+        },
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// The systemd watchdog's ping interval (half of `WATCHDOG_USEC`), when one is asked for.
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        && pid != std::process::id()
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
+}
+
+/// Runs the unprivileged proxy until SIGTERM or SIGINT, or until the privileged part is gone.
+/// `link` is the connection made (and the sockets received) before the sandbox was entered.
+pub async fn run_proxy(
+    config_path: PathBuf,
+    config: Config,
+    link: Arc<crate::privsep::client::Link>,
+    welcome: crate::privsep::Welcome,
+    sockets: Vec<std::os::fd::OwnedFd>,
+    sandbox: crate::privsep::sandbox::Entered,
+) -> anyhow::Result<()> {
+    crate::posture::read_host_through(link.clone());
+    let shutdown = CancellationToken::new();
+    let stats = Arc::new(ProxyStats::default());
+    let passed: Vec<(std::os::fd::OwnedFd, Front)> = sockets
+        .into_iter()
+        .zip(&welcome.sockets)
+        .map(|(fd, p)| {
+            (
+                fd,
+                match p {
+                    Passed::Endpoint => Front::Endpoint,
+                    Passed::Gateway => Front::Gateway,
+                },
+            )
+        })
+        .collect();
+    supervise(
+        &config_path,
+        &config,
+        link,
+        welcome,
+        passed,
+        sandbox,
+        stats,
+        shutdown,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
     config_path: &Path,
     config: &Config,
-    steering: Option<Arc<Steering>>,
-    listeners: Option<Listeners>,
-    gateway: Option<(GatewayRules, TransparentListeners)>,
+    link: Arc<crate::privsep::client::Link>,
+    welcome: crate::privsep::Welcome,
+    passed: Vec<(std::os::fd::OwnedFd, Front)>,
+    sandbox: crate::privsep::sandbox::Entered,
     stats: Arc<ProxyStats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     let lan = Arc::new(LanDevices::new(config.gateway.managed_clients.clone()));
-    let gateway_status = gateway
-        .as_ref()
-        .map(|_| Arc::new(std::sync::Mutex::new(GatewayStatus::default())));
-
+    let remote = Arc::new(arc_swap::ArcSwap::from_pointee(
+        link.status()
+            .context("asking the privileged part for its status")?,
+    ));
+    tasks.spawn(named(
+        "privileged-status",
+        poll_remote(link.clone(), remote.clone(), lan.clone(), shutdown.clone()),
+    ));
+    {
+        // The privileged part is this process's reason to run: when it goes, so does the proxy.
+        let (link, gone) = (link.clone(), shutdown.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let _ = link.wait_gone();
+            let _ = tx.send(());
+        });
+        tasks.spawn(named("privileged", async move {
+            tokio::select! {
+                _ = rx => Err(anyhow::anyhow!("the privileged part went away")),
+                _ = gone.cancelled() => Ok(()),
+            }
+        }));
+    }
     let target = crate::report::target(config).context("reading the enrollment")?;
     let mut dist = match &config.bundle {
         Some(b) => Some(
@@ -295,76 +666,41 @@ async fn supervise(
     };
     let active = dist.as_ref().map(|d| d.active());
     let reloads = Arc::new(ReloadStats::default());
-    let mut proxy_shared = None;
-    let mut gateway_rules = None;
-    if steering.is_some() || gateway.is_some() {
-        let origins: Arc<dyn crate::proxy::OriginSource> = match &steering {
-            Some(s) => s.clone(),
-            None => Arc::new(crate::proxy::NoOrigins),
-        };
-        let mut shared = build_proxy(config, origins, stats.clone(), hooks, reporter)?;
-        shared.lan = lan.clone();
-        let shared = Arc::new(shared);
-        proxy_shared = Some(shared.clone());
-        let proxy = match (&steering, listeners) {
-            (Some(steering), Some(listeners)) => {
-                if let Some(ring) = steering.take_dns() {
-                    // Ends with `shutdown` (it polls a quarter of a second at a time).
-                    drop(crate::proxy::addresses::learn_from_dns(
-                        ring,
-                        shared.clone(),
-                        shutdown.clone(),
-                    ));
+    let signer: Arc<dyn crate::proxy::ca::LeafSigner> = link.clone();
+    let mut shared = build_proxy(config, link.clone(), signer, stats.clone(), hooks, reporter)?;
+    shared.lan = lan.clone();
+    shared.probe_token = Some(welcome.probe_token.as_bytes().to_vec());
+    let shared = Arc::new(shared);
+    let proxy_shared = Some(shared.clone());
+    if welcome.steering {
+        // DNS answers come raw from the privileged part and are parsed here.
+        let (link, shared, stop) = (link.clone(), shared.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name("dns".into())
+            .spawn(move || {
+                while !stop.is_cancelled() {
+                    match link.dns() {
+                        Ok(msgs) => {
+                            for m in msgs {
+                                crate::proxy::addresses::learn_answer(&shared, &m);
+                            }
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(250)),
+                    }
                 }
-                tasks.spawn(named(
-                    "heartbeat",
-                    heartbeat(
-                        steering.clone(),
-                        stats.clone(),
-                        config.steer.heartbeat_interval(),
-                        shutdown.clone(),
-                    ),
-                ));
-                Some(Proxy::with_listeners(listeners, shared.clone()))
-            }
-            _ => None,
-        };
-        let proxy = match (proxy, gateway) {
-            (Some(p), Some((rules, l))) => {
-                gateway_rules = Some(rules);
-                p.with_gateway(l)
-            }
-            (None, Some((rules, l))) => {
-                gateway_rules = Some(rules);
-                Proxy::gateway_only(l, shared.clone())
-            }
-            (Some(p), None) => p,
-            (None, None) => anyhow::bail!("no front for the proxy"),
-        };
-        tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
-        if gateway_rules.is_some()
-            && let Some(t) = target.clone().filter(|t| !t.agent_id.is_empty())
-        {
-            tasks.spawn(named(
-                "lan-clients",
-                crate::proxy::lan::poll_enrolled(t, lan.clone(), shutdown.clone()),
-            ));
-        }
-        if let (Some(rules), Some(status)) = (&gateway_rules, &gateway_status) {
-            tasks.spawn(named(
-                "gateway",
-                gateway_watchdog(
-                    rules.clone(),
-                    stats.clone(),
-                    status.clone(),
-                    lan.clone(),
-                    shutdown.clone(),
-                ),
-            ));
-        }
-    } else {
-        // Nothing to accept, but readiness still reflects the listener state.
-        stats.listening.store(true, Ordering::Relaxed);
+            })
+            .context("starting the DNS learner")?;
+    }
+    let proxy = Proxy::from_passed(passed, shared.clone(), welcome.endpoint_port)
+        .context("taking the listening sockets")?;
+    tasks.spawn(named("proxy", proxy.run(shutdown.clone())));
+    if welcome.gateway_port.is_some()
+        && let Some(t) = target.clone().filter(|t| !t.agent_id.is_empty())
+    {
+        tasks.spawn(named(
+            "lan-clients",
+            crate::proxy::lan::poll_enrolled(t, lan.clone(), shutdown.clone()),
+        ));
     }
     let mut bundle_status = None;
     if let Some(mut dist) = dist.take() {
@@ -385,18 +721,25 @@ async fn supervise(
     let report_handle = reporting.as_ref().map(|r| r.handle());
     let report_shutdown = CancellationToken::new();
     let report_task = reporting.map(|r| {
-        let probe = probe(steering.clone(), stats.clone(), bundle_status.clone());
+        let probe = probe(
+            welcome.steering,
+            remote.clone(),
+            stats.clone(),
+            bundle_status.clone(),
+        );
         tokio::spawn(r.run(probe, report_shutdown.clone()))
     });
     let admin = Admin::bind(
         config.admin.listen,
         AdminState {
-            steering: steering.clone(),
+            remote: remote.clone(),
+            link: Some(link.clone()),
+            steering: welcome.steering,
+            sandbox: Some(sandbox),
             proxy: stats.clone(),
             bundle: bundle_status,
             report: report_handle,
             reloads: reloads.clone(),
-            gateway: gateway_status.clone(),
             location: Some(location.clone()),
             device: Some(device_state.clone()),
         },
@@ -420,9 +763,6 @@ async fn supervise(
             _ = hup.recv() => {
                 let applied = reload(
                     config_path,
-                    config,
-                    steering.as_deref(),
-                    gateway_rules.as_ref(),
                     proxy_shared.as_deref(),
                     active.as_ref().and_then(|a| a.load_full()).as_deref(),
                 );
@@ -494,12 +834,13 @@ fn bundle_settings(
 
 /// What the agent status events report about steering, the proxy and bundles.
 fn probe(
-    steering: Option<Arc<Steering>>,
+    steering: bool,
+    remote: Arc<arc_swap::ArcSwap<RemoteStatus>>,
     stats: Arc<ProxyStats>,
     bundle: Option<Arc<std::sync::Mutex<crate::bundle::BundleStatus>>>,
 ) -> crate::report::Probe {
     Arc::new(move || {
-        let attached = steering.as_ref().is_some_and(|s| s.status().attached);
+        let attached = remote.load().steer.as_ref().is_some_and(|s| s.attached);
         let proxy = stats.listening.load(Ordering::Relaxed);
         let last_error = bundle.as_ref().and_then(|b| {
             b.lock()
@@ -511,10 +852,39 @@ fn probe(
         crate::report::ProbeFacts {
             steering: attached,
             proxy,
-            degraded: (steering.is_some() && !attached) || !proxy,
+            degraded: (steering && !attached) || !proxy,
             last_error,
         }
     })
+}
+
+/// Keeps the privileged part's status (steering, the gateway, supervision) fresh for `/status`,
+/// `/metrics` and status events; the gateway's enrolled clients are this side's.
+async fn poll_remote(
+    link: Arc<crate::privsep::client::Link>,
+    remote: Arc<arc_swap::ArcSwap<RemoteStatus>>,
+    lan: Arc<LanDevices>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let link = link.clone();
+        match tokio::task::spawn_blocking(move || link.status()).await {
+            Ok(Ok(mut st)) => {
+                if let Some(g) = st.gateway.as_mut() {
+                    g.enrolled_clients = lan.enrolled_count();
+                }
+                remote.store(Arc::new(st));
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "privileged status not read"),
+            Err(e) => tracing::warn!(error = %e, "privileged status task"),
+        }
+    }
 }
 
 /// Loads the CA, the catalogue and the upstream trust: everything the proxy needs, checked before
@@ -522,19 +892,13 @@ fn probe(
 fn build_proxy(
     config: &Config,
     origins: Arc<dyn crate::proxy::OriginSource>,
+    signer: Arc<dyn crate::proxy::ca::LeafSigner>,
     stats: Arc<ProxyStats>,
     hooks: Arc<dyn Hooks>,
     reporter: Arc<dyn Reporter>,
 ) -> anyhow::Result<Shared> {
-    let (cert, key) = (config.ca_cert_path(), config.ca_key_path());
-    let ca = Ca::load(&cert, &key).with_context(|| {
-        format!(
-            "loading the interception CA ({}); create one with `sluice ca init --config FILE` or set tls.ca_cert/tls.ca_key",
-            cert.display()
-        )
-    })?;
     let leaves = LeafCache::new(
-        Arc::new(ca),
+        signer,
         CacheLimits::default(),
         vec![b"h2".to_vec(), b"http/1.1".to_vec()],
     );
@@ -545,9 +909,11 @@ fn build_proxy(
         !config.tls.no_system_roots,
         &config.tls.upstream_extra_cas,
     )?;
+    // No SO_MARK on upstream sockets: it needs CAP_NET_ADMIN, which the proxy does not have, and
+    // the proxy runs in the agent's cgroup, whose sockets the kernel never steers.
     let upstream = Upstream::new(
         roots,
-        config.steer.bypass_mark,
+        0,
         Duration::from_millis(config.proxy.connect_timeout_ms),
         Duration::from_millis(config.proxy.handshake_timeout_ms),
         config.proxy.max_idle_upstream,
@@ -561,7 +927,7 @@ fn build_proxy(
         hooks,
         reporter,
         config.proxy.clone(),
-        config.steer.bypass_mark,
+        0,
     ))
 }
 
@@ -572,11 +938,12 @@ where
     (name, f.await)
 }
 
-/// Refreshes the kernel heartbeat while the proxy accepts. If the proxy stops, the heartbeat
-/// stops, and the kernel applies the fail mode on its own.
+/// Refreshes the kernel heartbeat while the proxy accepts. If the proxy stops (or stalls, or
+/// cannot reach this part), the heartbeat stops, and the kernel applies the fail mode on its own.
 async fn heartbeat(
     steering: Arc<Steering>,
-    stats: Arc<ProxyStats>,
+    port: u16,
+    token: Arc<[u8]>,
     every: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -588,17 +955,9 @@ async fn heartbeat(
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        // The kernel is told the proxy is healthy only when it has just accepted a connection and
-        // served it from a task of its own: a stalled accept loop or runtime stops the beats.
-        let port = u16::try_from(stats.port.load(Ordering::Relaxed)).unwrap_or(0);
-        match probe_proxy(
-            &stats,
-            &stats.probe_port,
-            port,
-            every.max(Duration::from_millis(100)),
-        )
-        .await
-        {
+        // The kernel is told the proxy is healthy only when it has just accepted a connection,
+        // asked this part for its origin and answered from a task of its own.
+        match probe_proxy(&token, port, every.max(Duration::from_millis(100))).await {
             Ok(()) => {
                 if failing {
                     tracing::info!("heartbeat probe answered again");
@@ -618,29 +977,14 @@ async fn heartbeat(
     }
 }
 
-/// One heartbeat probe: a connection to the proxy's IPv4 listener from a port the proxy knows
-/// as the probe's, which it answers with [`crate::proxy::PROBE_REPLY`].
-async fn probe_proxy(
-    stats: &ProxyStats,
-    slot: &std::sync::atomic::AtomicU64,
-    port: u16,
-    within: Duration,
-) -> anyhow::Result<()> {
-    use tokio::io::AsyncReadExt as _;
-    if !stats.listening.load(Ordering::Relaxed) {
-        anyhow::bail!("the proxy is not listening");
-    }
-    if port == 0 {
-        anyhow::bail!("the proxy has no port yet");
-    }
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
-    let local = sock.local_addr()?;
-    slot.store(u64::from(local.port()), Ordering::Relaxed);
+/// One heartbeat probe: a connection to the proxy's IPv4 listener that sends the probe token,
+/// which the proxy answers with [`crate::proxy::PROBE_REPLY`].
+async fn probe_proxy(token: &[u8], port: u16, within: Duration) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let res = tokio::time::timeout(within, async {
-        let mut conn = sock
-            .connect((std::net::Ipv4Addr::LOCALHOST, port).into())
-            .await?;
+        let mut conn =
+            tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).await?;
+        conn.write_all(token).await?;
         let mut got = Vec::with_capacity(crate::proxy::PROBE_REPLY.len());
         (&mut conn)
             .take(crate::proxy::PROBE_REPLY.len() as u64)
@@ -650,36 +994,32 @@ async fn probe_proxy(
         Ok(())
     })
     .await;
-    slot.store(0, Ordering::Relaxed);
     res.map_err(|_| anyhow::anyhow!("no probe reply within {within:?}"))?
 }
 
-/// Re-reads the config; applies what can change at runtime (steering set, fail mode, the app
-/// catalogue and reject list; an active bundle's catalogue stays in force over the config's).
-/// A broken file is reported and the running configuration kept: false.
-fn reload(
+/// The privileged part's SIGHUP: the steering set, the fail mode and the gateway's rules are
+/// read again from the config (a broken file keeps the running ones).
+fn reload_privileged(
     path: &Path,
     running: &Config,
     steering: Option<&Steering>,
     gateway: Option<&GatewayRules>,
-    proxy: Option<&Shared>,
-    bundle: Option<&sluice_policy::PolicySet>,
-) -> bool {
+) {
     let next = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: config not reloaded, keeping the running one");
-            return false;
+            return;
         }
     };
     if let Some(s) = steering {
         if let Err(e) = s.set_rules(&next.steer.include, &next.steer.exclude) {
             tracing::error!(error = %e, "SIGHUP: steering set not updated");
-            return false;
+            return;
         }
         if let Err(e) = s.set_fail_mode(next.steer.fail_mode, next.steer.heartbeat_bound()) {
             tracing::error!(error = %e, "SIGHUP: fail mode not updated");
-            return false;
+            return;
         }
     }
     if let Some(g) = gateway {
@@ -698,7 +1038,7 @@ fn reload(
                 if let Err(e) = g.load().apply() {
                     tracing::error!(error = %e, "SIGHUP: the running gateway rules could not be restored");
                 }
-                return false;
+                return;
             }
             g.store(Arc::new(rules));
         } else {
@@ -707,6 +1047,24 @@ fn reload(
             );
         }
     }
+    if next.proxy.port != running.proxy.port || next.steer.cgroup != running.steer.cgroup {
+        tracing::warn!("SIGHUP: proxy.port and steer.cgroup changes need a restart");
+    }
+    tracing::info!("SIGHUP: steering configuration reloaded");
+}
+
+/// The proxy's SIGHUP: re-reads the config and applies the app catalogue and reject list (an
+/// active bundle's catalogue stays in force over the config's); the steering set and fail mode
+/// are the privileged part's, which reloads them on its own SIGHUP. A broken file is reported
+/// and the running configuration kept: false.
+fn reload(path: &Path, proxy: Option<&Shared>, bundle: Option<&sluice_policy::PolicySet>) -> bool {
+    let next = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: config not reloaded, keeping the running one");
+            return false;
+        }
+    };
     if let Some(p) = proxy {
         match Catalog::in_force(&next.apps, bundle, &next.proxy.reject_hosts) {
             Ok(c) => p.catalog.store(Arc::new(c)),
@@ -715,9 +1073,6 @@ fn reload(
                 return false;
             }
         }
-    }
-    if next.proxy.port != running.proxy.port || next.steer.cgroup != running.steer.cgroup {
-        tracing::warn!("SIGHUP: proxy.port and steer.cgroup changes need a restart");
     }
     tracing::info!("SIGHUP: configuration reloaded");
     true

@@ -96,6 +96,21 @@ fn now_s() -> u64 {
         .unwrap_or(0)
 }
 
+/// The last good bundle kept under `state_dir` by a distributor, verified with the key at
+/// `public_key` and compiled: how the privileged part learns the catalogue the proxy works with
+/// without trusting the proxy's word for it.
+pub fn read_last_good(state_dir: &Path, public_key: &Path) -> Result<PolicySet, BundleError> {
+    let pem = std::fs::read_to_string(public_key)
+        .map_err(|e| BundleError::Io(format!("{}: {e}", public_key.display())))?;
+    let key = VerifyingKey::from_pem(&pem)?;
+    let path = state_dir.join("bundle/last-good.tar.gz");
+    let bytes =
+        std::fs::read(&path).map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
+    let verified: Verified = Archive::read(&bytes, &Limits::default())?.verify(&key)?;
+    PolicySet::compile(&verified.manifest.revision, &verified.files)
+        .map_err(|e| BundleError::Manifest(e.to_string()))
+}
+
 impl Distributor {
     /// A distributor keeping its last good bundle under `state_dir/bundle`.
     pub fn new(settings: BundleSettings, state_dir: &Path) -> Result<Self, BundleError> {

@@ -74,6 +74,55 @@ pub struct Config {
     /// Where the bundle's measured posture checks (`posture.yaml`) read the system.
     #[serde(default)]
     pub posture: PostureSettings,
+    /// The privilege split: the unprivileged proxy's user and how it is started.
+    #[serde(default)]
+    pub privsep: PrivsepSettings,
+}
+
+/// `[privsep]`: the unprivileged proxy. `sluice run` (root) keeps the eBPF programs, maps,
+/// nftables rules, `/proc` reading and the CA key; `sluice proxy` (this user, no capabilities,
+/// `no_new_privs`, seccomp, Landlock) parses every outside byte and asks the privileged part for
+/// origins, process facts and leaves over [`PrivsepSettings::socket`].
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PrivsepSettings {
+    /// The proxy's user (a system user of its own; its primary group is used). Default `sluice`.
+    #[serde(default = "default_privsep_user")]
+    pub user: String,
+    /// Whether `sluice run` starts the proxy itself and restarts it when it ends (default true);
+    /// false when a service manager runs `sluice proxy` (the packaged `sluice-proxy.service`).
+    #[serde(default = "default_true")]
+    pub spawn: bool,
+    /// The privileged part's Unix socket (default `<state_dir>/privsep.sock`); only the proxy's
+    /// user may use it.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Most leaves the privileged part signs per minute (a burst of as many is allowed).
+    #[serde(default = "default_leaves_per_minute")]
+    pub leaves_per_minute: u32,
+}
+
+fn default_privsep_user() -> String {
+    "sluice".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_leaves_per_minute() -> u32 {
+    600
+}
+
+impl Default for PrivsepSettings {
+    fn default() -> Self {
+        Self {
+            user: default_privsep_user(),
+            spawn: true,
+            socket: None,
+            leaves_per_minute: default_leaves_per_minute(),
+        }
+    }
 }
 
 /// `[posture]`: how the measured posture checks read the system.
@@ -351,7 +400,7 @@ impl ReportSettings {
 
 /// `[tls]`: the CA that signs intercepted sessions' certificates, and what upstream servers are
 /// trusted with.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSettings {
     /// CA certificate (PEM). Default: `<state_dir>/ca/ca.crt`, created by `sluice ca init`.
@@ -370,6 +419,36 @@ pub struct TlsSettings {
     /// Do not trust the system's roots upstream.
     #[serde(default)]
     pub no_system_roots: bool,
+    /// How many days a CA made by `sluice ca init` is valid (1 to 3650; `--days` overrides).
+    /// Default 825 (about 27 months): trust stores are not re-done every few months, and a
+    /// copied key is not good for a decade.
+    #[serde(default = "default_ca_days")]
+    pub ca_days: u32,
+}
+
+/// How long a CA made by `sluice ca init` is valid when neither `--days` nor `tls.ca_days` says:
+/// about two years and three months. Long enough that trust stores are not re-done every few
+/// months, short enough that a copied key is not good for a decade; leaves live seven days anyway.
+pub const DEFAULT_CA_DAYS: u32 = 825;
+
+/// The longest CA lifetime accepted (ten years).
+pub const MAX_CA_DAYS: u32 = 3650;
+
+fn default_ca_days() -> u32 {
+    DEFAULT_CA_DAYS
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            ca_cert: None,
+            ca_key: None,
+            upstream_extra_cas: Vec::new(),
+            no_bundled_roots: false,
+            no_system_roots: false,
+            ca_days: default_ca_days(),
+        }
+    }
 }
 
 impl Config {
@@ -380,7 +459,15 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("ca/ca.crt"))
     }
-    /// Where the CA key is read from.
+    /// The privileged part's socket for the proxy.
+    pub fn privsep_socket(&self) -> PathBuf {
+        self.privsep
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("privsep.sock"))
+    }
+
+    /// The interception CA's key (default `<state_dir>/ca/ca.key`).
     pub fn ca_key_path(&self) -> PathBuf {
         self.tls
             .ca_key
@@ -904,6 +991,11 @@ impl Config {
                     "gateway.route_table must not be 0 or a system table (253-255)".into(),
                 ));
             }
+        }
+        if self.tls.ca_days == 0 || self.tls.ca_days > MAX_CA_DAYS {
+            return Err(ConfigError::Invalid(format!(
+                "tls.ca_days must be 1 to {MAX_CA_DAYS}"
+            )));
         }
         if self.proxy.max_connections == 0 {
             return Err(ConfigError::Invalid(

@@ -19,6 +19,7 @@ pub mod device;
 pub mod event;
 pub mod location;
 pub mod posture;
+pub mod privsep;
 pub mod proxy;
 pub mod report;
 pub mod session;

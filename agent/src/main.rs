@@ -4,6 +4,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
+mod cli;
+
 /// Prints a line; a closed stdout (`sluice ... | head`) is not an error worth a panic.
 macro_rules! say {
     ($($t:tt)*) => {{
@@ -31,8 +33,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent: attach steering, start the proxy and the admin endpoints.
+    /// Run the agent (as root): attach steering, hold the CA key, and start the unprivileged
+    /// proxy as `privsep.user` (restarting it when it ends).
     Run {
+        /// The agent's TOML configuration file.
+        #[arg(long, short, default_value = "/etc/sluice/agent.toml")]
+        config: PathBuf,
+    },
+    /// Run the unprivileged proxy (as `privsep.user`, never root): it takes its sockets from
+    /// `sluice run` over the privileged socket, enters its sandbox and serves. `sluice run`
+    /// starts it itself unless `privsep.spawn = false` (a service manager runs it).
+    Proxy {
         /// The agent's TOML configuration file.
         #[arg(long, short, default_value = "/etc/sluice/agent.toml")]
         config: PathBuf,
@@ -108,11 +119,21 @@ enum Command {
         #[arg(long, default_value_t = 50 * 1024 * 1024)]
         max_bytes: u64,
     },
-    /// Print the running agent's status (from its admin endpoint).
+    /// Show the running agent's status for people: mode, attachment, fail mode, counters,
+    /// bundle, collector and spool, posture and risk, last errors (from its loopback admin
+    /// endpoint). Exits non-zero when the agent cannot be reached.
     Status {
-        /// The admin endpoint.
-        #[arg(long, default_value = "127.0.0.1:15090")]
-        admin: std::net::SocketAddr,
+        /// The agent's configuration file: the admin address is read from
+        /// `<state_dir>/admin.addr` (written by the running agent), else `admin.listen`. Default:
+        /// /etc/sluice/agent.toml when it exists, else 127.0.0.1:15090.
+        #[arg(long, short, conflicts_with = "admin")]
+        config: Option<PathBuf>,
+        /// The admin endpoint's address, instead of reading it from a configuration.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Print the agent's `/status` JSON document as it is.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -184,7 +205,8 @@ enum BundleCommand {
 #[derive(Subcommand)]
 enum CaCommand {
     /// Create the CA (ECDSA P-256) where the config says (default `<state_dir>/ca`); the key is
-    /// written with mode 0600. Refuses to overwrite an existing CA.
+    /// written with mode 0600. Refuses to overwrite an existing CA. With --org, an organisation
+    /// CA whose name constraints permit only the catalogue's domains and addresses.
     Init {
         /// The agent's configuration file.
         #[arg(long, short, default_value = "/etc/sluice/agent.toml")]
@@ -192,6 +214,38 @@ enum CaCommand {
         /// The CA's common name.
         #[arg(long, default_value = "Sluice Interception CA")]
         name: String,
+        /// Days the CA is valid (default: `tls.ca_days`, 825 unless configured; at most 3650).
+        #[arg(long)]
+        days: Option<u32>,
+        /// Make an organisation CA: this organisation name (O=), and name constraints permitting
+        /// only the catalogued hosts (the config's `[[apps]]`, --bundle's catalogue, --permit):
+        /// `*.example.com` and `example.com` permit example.com and every name under it, IP
+        /// addresses and CIDR blocks permit those addresses; no other leaf is valid.
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
+        /// A policy bundle (directory or .tar.gz) whose app catalogue the constraints permit.
+        #[arg(long, value_name = "DIR", requires = "org")]
+        bundle: Vec<PathBuf>,
+        /// A further domain, address or CIDR block to permit (repeatable), e.g. a domain the
+        /// catalogue will grow into.
+        #[arg(long, value_name = "HOST", requires = "org")]
+        permit: Vec<String>,
+    },
+    /// Put the CA certificate in this host's trust stores, or take it out with --remove: the
+    /// system store (update-ca-certificates or update-ca-trust) and the NSS databases browsers
+    /// use (~/.pki/nssdb and Firefox profiles of /root and every /home/*, with certutil run as
+    /// their owner). Prints one line per store; exits non-zero when a store could not be changed.
+    Trust {
+        /// The agent's configuration file (for the CA certificate's path).
+        #[arg(long, short, default_value = "/etc/sluice/agent.toml")]
+        config: PathBuf,
+        /// Take the CA out of the stores instead.
+        #[arg(long)]
+        remove: bool,
+        /// Work on the stores under this directory instead of `/` (tests, images); also
+        /// `$SLUICE_TRUST_ROOT`. Under another root no update-ca-certificates hooks run.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
     },
     /// Print the CA certificate (PEM) for trust stores.
     Export {
@@ -237,6 +291,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(sluice::app::run(config, cfg))
         }
+        Command::Proxy { config } => {
+            let cfg = Config::load(&config)?;
+            if nix::unistd::geteuid().is_root() {
+                anyhow::bail!(
+                    "`sluice proxy` never runs as root: `sluice run` starts it as privsep.user (`{}`)",
+                    cfg.privsep.user
+                );
+            }
+            let (link, welcome, sockets) =
+                sluice::privsep::client::Link::connect(&cfg.privsep_socket())?;
+            let mut writable = vec![cfg.state_dir.clone()];
+            writable.extend(cfg.report.events_file.clone());
+            let sandbox = sluice::privsep::sandbox::enter(&writable).map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                uid = nix::unistd::getuid().as_raw(),
+                landlock = %sandbox.landlock,
+                syscalls = sandbox.syscalls,
+                "proxy sandbox entered"
+            );
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(sluice::app::run_proxy(
+                config, cfg, link, welcome, sockets, sandbox,
+            ))
+        }
         Command::Enroll {
             config,
             collector,
@@ -277,29 +357,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ca {
-            command: CaCommand::Init { config, name },
-        } => {
-            let cfg = Config::load(&config)?;
-            let cert = cfg.ca_cert_path();
-            let dir = cert
-                .parent()
-                .ok_or_else(|| anyhow::anyhow!("bad CA path {}", cert.display()))?;
-            if cert.file_name().and_then(|n| n.to_str()) != Some(sluice::proxy::ca::CA_CERT_FILE)
-                || cfg.ca_key_path() != dir.join(sluice::proxy::ca::CA_KEY_FILE)
-            {
-                anyhow::bail!(
-                    "`ca init` writes {dir}/ca.crt and {dir}/ca.key; set tls.ca_cert/tls.ca_key to those names or leave them unset",
-                    dir = dir.display()
-                );
-            }
-            let path = sluice::proxy::ca::init(dir, &name)?;
-            say!(
-                "created {} (key {} is 0600 and never leaves this host)",
-                path.display(),
-                cfg.ca_key_path().display()
-            );
-            Ok(())
-        }
+            command:
+                CaCommand::Init {
+                    config,
+                    name,
+                    days,
+                    org,
+                    bundle,
+                    permit,
+                },
+        } => ca_init(CaInitArgs {
+            config,
+            name,
+            days,
+            org,
+            bundle,
+            permit,
+        }),
+        Command::Ca {
+            command:
+                CaCommand::Trust {
+                    config,
+                    remove,
+                    root,
+                },
+        } => ca_trust(&config, remove, root),
         Command::Ca {
             command: CaCommand::Export { config },
         } => {
@@ -339,21 +421,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bundle,
             max_bytes,
         }),
-        Command::Status { admin } => {
-            use std::io::{Read as _, Write as _};
-            let mut s =
-                std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(3))?;
-            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-            write!(
-                s,
-                "GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp)?;
-            let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or(&resp);
-            say!("{body}");
-            Ok(())
-        }
+        Command::Status {
+            config,
+            admin,
+            json,
+        } => status(config, admin, json),
     }
 }
 
@@ -602,5 +674,184 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             say!("{}", serde_json::to_string_pretty(&doc)?);
         }
     }
+    Ok(())
+}
+
+/// A path or word as a shell reads it back: quoted when it holds anything but plain characters.
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// How to run this program again in a printed command: the name typed when it was found on
+/// `PATH`, else its absolute path (a relative one would only work from this directory).
+fn this_program() -> String {
+    let typed = std::env::args().next().unwrap_or_else(|| "sluice".into());
+    if !typed.contains('/') {
+        return shell_word(&typed);
+    }
+    std::env::current_exe()
+        .map(|p| shell_word(&p.to_string_lossy()))
+        .unwrap_or_else(|_| shell_word(&typed))
+}
+
+/// A file as an absolute path for a printed command.
+fn absolute(path: &std::path::Path) -> String {
+    let p = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    shell_word(&p.to_string_lossy())
+}
+
+struct CaInitArgs {
+    config: PathBuf,
+    name: String,
+    days: Option<u32>,
+    org: Option<String>,
+    bundle: Vec<PathBuf>,
+    permit: Vec<String>,
+}
+
+fn ca_init(a: CaInitArgs) -> anyhow::Result<()> {
+    use sluice::proxy::ca::{self, CaOptions, Permitted};
+    let cfg = Config::load(&a.config)?;
+    let cert = cfg.ca_cert_path();
+    let dir = cert
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("bad CA path {}", cert.display()))?;
+    if cert.file_name().and_then(|n| n.to_str()) != Some(ca::CA_CERT_FILE)
+        || cfg.ca_key_path() != dir.join(ca::CA_KEY_FILE)
+    {
+        anyhow::bail!(
+            "`ca init` writes {dir}/ca.crt and {dir}/ca.key; set tls.ca_cert/tls.ca_key to those names or leave them unset",
+            dir = dir.display()
+        );
+    }
+    let permitted = match &a.org {
+        None => None,
+        Some(_) => {
+            let mut hosts: Vec<String> = cfg.apps.iter().flat_map(|x| x.hosts.clone()).collect();
+            for b in &a.bundle {
+                let set = load_policies(b).map_err(|e| {
+                    e.context(format!(
+                        "loading the bundle {} (its catalogue)",
+                        b.display()
+                    ))
+                })?;
+                let mut apps: Vec<_> = set.apps.values().map(|c| &c.app).collect();
+                apps.sort_by(|x, y| x.id.cmp(&y.id));
+                hosts.extend(apps.iter().flat_map(|x| x.hosts.clone()));
+            }
+            hosts.extend(a.permit.iter().cloned());
+            if hosts.is_empty() {
+                anyhow::bail!(
+                    "--org makes a CA that is valid only for catalogued hosts, and {} catalogues none: \
+                     give --bundle DIR (a bundle with a catalog.yaml), [[apps]] in the config or --permit HOST",
+                    a.config.display()
+                );
+            }
+            Some(Permitted::from_hosts(hosts.iter().map(String::as_str))?)
+        }
+    };
+    let opts = CaOptions {
+        common_name: a.name,
+        organization: a.org,
+        days: a.days.unwrap_or(cfg.tls.ca_days),
+        permitted,
+    };
+    let path = ca::init_with(dir, &opts)?;
+    say!(
+        "created {} (key {} is 0600 and never leaves this host), valid for {} days",
+        path.display(),
+        cfg.ca_key_path().display(),
+        opts.days
+    );
+    if let Some(p) = &opts.permitted {
+        say!("name constraints: valid only for {p} (and names under those domains)");
+    }
+    say!(
+        "trust it on this host: {} ca trust --config {}",
+        this_program(),
+        absolute(&a.config)
+    );
+    Ok(())
+}
+
+fn ca_trust(config: &std::path::Path, remove: bool, root: Option<PathBuf>) -> anyhow::Result<()> {
+    use cli::trust_store::{self, CaCert};
+    let cfg = Config::load(config)?;
+    let root = root
+        .or_else(|| std::env::var_os(trust_store::ROOT_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let ca = CaCert::read(&cfg.ca_cert_path())?;
+    let lines = trust_store::apply(&ca, &root, remove);
+    for l in &lines {
+        say!("{l}");
+    }
+    let failed = lines.iter().filter(|l| l.result.is_err()).count();
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} trust stores could not be changed (the error lines above say why)",
+            lines.len()
+        );
+    }
+    if !remove {
+        let root_arg = if root == std::path::Path::new("/") {
+            String::new()
+        } else {
+            format!(" --root {}", absolute(&root))
+        };
+        say!(
+            "to take it out again: {} ca trust --remove --config {}{root_arg}",
+            this_program(),
+            absolute(config)
+        );
+    }
+    Ok(())
+}
+
+fn status(
+    config: Option<PathBuf>,
+    admin: Option<std::net::SocketAddr>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use cli::status::{Target, fetch, render, target_from_config};
+    const DEFAULT_CONFIG: &str = "/etc/sluice/agent.toml";
+    let target = match (admin, config) {
+        (Some(addr), _) => Target {
+            addr,
+            from: "--admin".into(),
+        },
+        (None, Some(c)) => target_from_config(&c)?,
+        (None, None) if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            target_from_config(std::path::Path::new(DEFAULT_CONFIG))?
+        }
+        (None, None) => Target {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 15090)),
+            from: format!("the default address ({DEFAULT_CONFIG} does not exist)"),
+        },
+    };
+    let body = fetch(&target)?;
+    if json {
+        say!("{}", body.trim_end());
+        return Ok(());
+    }
+    let doc: serde_json::Value = serde_json::from_str(&body).map_err(|e| {
+        anyhow::anyhow!(
+            "{} (from {}) answered /status with something that is not JSON: {e}",
+            target.addr,
+            target.from
+        )
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    say!("{}", render(&doc, now));
+    say!("  {:<12} {} (from {})", "admin", target.addr, target.from);
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! state_dir = "/var/lib/sluice-collector"
 //! server_names = ["collector.corp.example"]   # added to localhost, 127.0.0.1, ::1
 //! retention_days = 90                   # default
+//! ca_days = 825                         # default: the lifetime of the CA `init` makes
 //! bundle_public_key = "/etc/sluice/bundle.pub.pem"
 //!
 //! [limits]                              # all optional, defaults shown
@@ -95,6 +96,10 @@ pub struct Config {
     /// Events older than this many days are deleted. Default 90; 0 keeps everything.
     #[serde(default = "default_retention_days")]
     pub retention_days: u32,
+    /// Days the collector's own CA is valid when it is made (`init`, or the first `run`): 1 to
+    /// 3650, default 825. Its server certificate lives at most 397 days and never past the CA.
+    #[serde(default = "default_ca_days")]
+    pub ca_days: u32,
     /// The public key (PEM) published bundles must be signed with. Without it nothing can be
     /// published.
     #[serde(default)]
@@ -402,6 +407,14 @@ fn default_listen() -> SocketAddr {
 fn default_retention_days() -> u32 {
     90
 }
+/// The collector CA's lifetime when `ca_days` is not set: about 27 months.
+pub const DEFAULT_CA_DAYS: u32 = 825;
+/// The longest `ca_days` accepted (ten years).
+pub const MAX_CA_DAYS: u32 = 3650;
+
+fn default_ca_days() -> u32 {
+    DEFAULT_CA_DAYS
+}
 fn default_queue() -> usize {
     10_000
 }
@@ -442,6 +455,7 @@ impl Config {
             state_dir,
             server_names: Vec::new(),
             retention_days: default_retention_days(),
+            ca_days: default_ca_days(),
             bundle_public_key: None,
             limits: Limits::default(),
             forward: ForwardConfig::default(),
@@ -451,6 +465,11 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
+        if self.ca_days == 0 || self.ca_days > MAX_CA_DAYS {
+            return Err(ConfigError::Invalid(format!(
+                "ca_days must be 1 to {MAX_CA_DAYS}"
+            )));
+        }
         let l = &self.limits;
         if l.max_body_compressed == 0 || l.max_body_inflated < l.max_body_compressed {
             return Err(ConfigError::Invalid(

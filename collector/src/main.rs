@@ -11,6 +11,10 @@ use clap::{Parser, Subcommand};
 use sluice_collector::{Collector, config::Config, export, query, server::Server, store};
 use tokio_util::sync::CancellationToken;
 
+mod cli;
+
+mod notify;
+
 /// Prints a line; a closed stdout (`... | head`) is not an error worth a panic.
 macro_rules! say {
     ($($t:tt)*) => {{
@@ -46,6 +50,14 @@ enum Command {
     },
     /// Serve the API and the portal.
     Run,
+    /// How the collector is doing: whether it runs and answers on its loopback listener, the
+    /// events stored, agents enrolled and last seen, the detection queue, open alerts,
+    /// forwarding and connections. Exits non-zero when the running collector cannot be reached.
+    Status {
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// One-time enrollment tokens for agents.
     Token {
         #[command(subcommand)]
@@ -154,6 +166,35 @@ fn open(cfg: &Path) -> Result<Collector> {
     Ok(Collector::open(config)?)
 }
 
+/// `sluice-collector --config FILE ARGS` as a user can paste it: the program as it was typed
+/// when found on `PATH` (else its absolute path), the configuration as an absolute path.
+fn this_command(config: &Path, args: &str) -> String {
+    let word = |s: &str| {
+        if !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b))
+        {
+            s.to_owned()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    let typed = std::env::args()
+        .next()
+        .unwrap_or_else(|| "sluice-collector".into());
+    let program = if typed.contains('/') {
+        std::env::current_exe().map_or(typed, |p| p.to_string_lossy().into_owned())
+    } else {
+        typed
+    };
+    let config = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_owned());
+    format!(
+        "{} --config {} {args}",
+        word(&program),
+        word(&config.to_string_lossy())
+    )
+}
+
 fn random_password() -> Result<String> {
     const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut b = [0u8; 20];
@@ -199,10 +240,7 @@ fn run(cli: Cli) -> Result<()> {
                     std::fs::Permissions::from_mode(0o700),
                 )?;
             }
-            let ca = sluice_collector::tls::ensure(
-                &config.tls_dir(),
-                &sluice_collector::tls::server_names(&config.server_names),
-            )?;
+            let ca = sluice_collector::tls::ensure_for(&config)?;
             let c = Collector::open(config)?;
             let password = random_password()?;
             sluice_collector::portal::set_admin_password(&c, &admin, &password)?;
@@ -255,12 +293,20 @@ fn run(cli: Cli) -> Result<()> {
                         _ = term.recv() => {}
                     }
                     tracing::info!("shutting down");
+                    notify::notify("STOPPING=1");
                     s2.cancel();
                 });
+                // systemd (Type=notify, WatchdogSec=): serving from here on; alive while the
+                // runtime turns.
+                if let Some(every) = notify::watchdog_interval() {
+                    tokio::spawn(notify::watchdog(every, shutdown.clone()));
+                }
+                notify::notify("READY=1");
                 server.run(shutdown).await?;
                 anyhow::Ok(())
             })?;
         }
+        Command::Status { json } => cli::status::run(&cli.config, json)?,
         Command::Token {
             command: TokenCommand::Create { group, ttl },
         } => {
@@ -303,7 +349,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let c = open(&cli.config)?;
             if !c.store.revoke_agent(&id)? {
-                bail!("no agent {id:?} (see `sluice-collector agent list`)");
+                bail!(
+                    "no agent {id:?} (see `{}`)",
+                    this_command(&cli.config, "agent list")
+                );
             }
             say!("revoked {id}");
         }
@@ -348,7 +397,8 @@ fn run(cli: Cli) -> Result<()> {
             let c = open(&cli.config)?;
             match c.store.revoke_api_token(&name)? {
                 0 => bail!(
-                    "no active API token named {name:?} (see `sluice-collector apitoken list`)"
+                    "no active API token named {name:?} (see `{}`)",
+                    this_command(&cli.config, "apitoken list")
                 ),
                 n => say!("revoked {n} API token(s) named {name}"),
             }

@@ -54,10 +54,7 @@ impl Server {
     /// Creates the TLS material if it is missing and binds the configured address.
     pub async fn bind(collector: Arc<Collector>) -> Result<Self, Error> {
         let dir = collector.config.tls_dir();
-        crate::tls::ensure(
-            &dir,
-            &crate::tls::server_names(&collector.config.server_names),
-        )?;
+        crate::tls::ensure_for(&collector.config)?;
         let tls = TlsAcceptor::from(crate::tls::server_config(&dir)?);
         let addr = collector.config.listen;
         let listener = TcpListener::bind(addr).await.map_err(|e| Error::Io {
@@ -569,7 +566,8 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
     };
     let c2 = c.clone();
     let agent2 = agent.clone();
-    let collect_new = c.forward.wants_events() || c.detect.enabled();
+    let collect_new = c.forward.wants_events();
+    let collect_parsed = c.detect.enabled();
     let result = tokio::task::spawn_blocking(move || -> Result<_, Response<BoxBody>> {
         let body = if gzip {
             use std::io::Read as _;
@@ -592,6 +590,7 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
                 IngestOptions {
                     agent: Some(&agent2),
                     collect_new,
+                    collect_parsed,
                     sealed: Some(
                         &|tx: &rusqlite::Transaction<'_>, b: &crate::store::SealedBox| {
                             let ring = c2
@@ -609,7 +608,7 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
             .map_err(internal)
     })
     .await;
-    let outcome = match result {
+    let mut outcome = match result {
         Ok(Ok(o)) => o,
         Ok(Err(r)) => return r,
         Err(e) => return internal(e),
@@ -621,7 +620,7 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
         tracing::warn!(%agent, %batch, rejected = outcome.rejected, "invalid event lines");
     }
     c.forward.push(&outcome.new_events);
-    c.detect.push(&outcome.new_events).await;
+    c.detect.push(std::mem::take(&mut outcome.new_parsed)).await;
     json(
         StatusCode::OK,
         &IngestResponse {

@@ -263,6 +263,9 @@ pub struct IngestOutcome {
     pub rejected: u64,
     /// The JSON of the events stored now, when asked for (forwarding).
     pub new_events: Vec<bytes::Bytes>,
+    /// The events stored now, as parsed (and corrected) for storing, when asked for
+    /// (detection: handing them over saves parsing each event a second time).
+    pub new_parsed: Vec<Event>,
     /// Protected files whose sealed passwords were kept.
     pub releases: u64,
     /// Protected files whose sealed passwords were not (did not open, or nothing keeps them).
@@ -276,6 +279,8 @@ pub struct IngestOptions<'a> {
     pub agent: Option<&'a str>,
     /// Collect the stored events' JSON into [`IngestOutcome::new_events`].
     pub collect_new: bool,
+    /// Collect the stored events themselves into [`IngestOutcome::new_parsed`].
+    pub collect_parsed: bool,
     /// Keeps the sealed passwords of protected files, in the transaction that stores their
     /// event (only for events stored for the first time). The events are stored without them.
     /// Without it, sealed boxes are dropped.
@@ -287,6 +292,7 @@ impl std::fmt::Debug for IngestOptions<'_> {
         f.debug_struct("IngestOptions")
             .field("agent", &self.agent)
             .field("collect_new", &self.collect_new)
+            .field("collect_parsed", &self.collect_parsed)
             .field("sealed", &self.sealed.is_some())
             .finish()
     }
@@ -819,6 +825,7 @@ impl Store {
         let now = now_ms();
         let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction()?;
+        let mut fresh = Vec::with_capacity(if opts.collect_parsed { rows.len() } else { 0 });
         {
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO events(id, time, received, class_uid, activity, action, \
@@ -851,6 +858,9 @@ impl Store {
                     r.message,
                     r.json,
                 ])?;
+                if opts.collect_parsed {
+                    fresh.push(n == 1);
+                }
                 if n == 1 {
                     out.accepted += 1;
                     for b in &r.sealed {
@@ -884,6 +894,13 @@ impl Store {
             }
         }
         tx.commit()?;
+        if opts.collect_parsed {
+            out.new_parsed = rows
+                .into_iter()
+                .zip(fresh)
+                .filter_map(|((_, e), new)| new.then_some(e))
+                .collect();
+        }
         Ok(out)
     }
 

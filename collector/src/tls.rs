@@ -4,6 +4,14 @@
 //! The CA is what operators hand to agents (and browsers) to trust; the server certificate names
 //! `localhost`, `127.0.0.1`, `::1` and the configured names. An existing server certificate
 //! that lacks a configured name is re-issued from the same CA, so agents keep trusting it.
+//!
+//! The CA is valid for the configured `ca_days` (825 by default), not a decade, and carries name
+//! constraints: it can only vouch for the names the collector serves (its server certificate's
+//! names when the CA was made: DNS names with the names under them, the exact IP addresses), so a
+//! copy of its key, or of its certificate in a browser's trust store, is no use for any other
+//! site. Those names and the CA's expiry are kept beside it in `ca.json`; a name added later
+//! that the constraints do not cover is refused with what to do, rather than served under a
+//! certificate clients would reject. CAs made before this (no `ca.json`) stay unconstrained.
 
 use std::{
     fs,
@@ -20,14 +28,78 @@ use rcgen::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 
-use crate::Error;
+use crate::{
+    Error,
+    config::{Config, DEFAULT_CA_DAYS},
+};
 
 /// The CA certificate file name.
 pub const CA_PEM: &str = "ca.pem";
 /// The CA key file name.
 pub const CA_KEY: &str = "ca.key";
+/// What the CA was made for (`{"not_after": unix seconds, "permitted": [names]}`).
+pub const CA_META: &str = "ca.json";
 /// The server certificate file name.
 pub const SERVER_PEM: &str = "server.pem";
+/// The longest a server certificate lives (the CA/Browser Forum's limit for public ones).
+const SERVER_DAYS: i64 = 397;
+
+/// What [`CA_META`] holds.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct CaMeta {
+    /// When the CA expires (Unix seconds).
+    not_after: i64,
+    /// The names its constraints permit (each a DNS subtree, or one IP address).
+    permitted: Vec<String>,
+}
+
+/// The name constraints for `names`: DNS subtrees (`*.x` permits `x`) and single addresses. With no
+/// address among them every address is excluded, since a DNS constraint alone leaves IP
+/// addresses unconstrained.
+fn constraints(names: &[String]) -> rcgen::NameConstraints {
+    use rcgen::{CidrSubnet, GeneralSubtree};
+    let mut permitted = Vec::new();
+    for n in names {
+        match n.parse::<IpAddr>() {
+            Ok(ip) => permitted.push(GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(
+                ip,
+                if ip.is_ipv4() { 32 } else { 128 },
+            ))),
+            Err(_) => permitted.push(GeneralSubtree::DnsName(
+                n.trim_start_matches("*.").to_ascii_lowercase(),
+            )),
+        }
+    }
+    let excluded = if names.iter().any(|n| n.parse::<IpAddr>().is_ok()) {
+        Vec::new()
+    } else {
+        [
+            IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+        ]
+        .into_iter()
+        .map(|ip| GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(ip, 0)))
+        .collect()
+    };
+    rcgen::NameConstraints {
+        permitted_subtrees: permitted,
+        excluded_subtrees: excluded,
+    }
+}
+
+/// Whether the CA's `permitted` names cover the server name `name`.
+fn permits(permitted: &[String], name: &str) -> bool {
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return permitted
+            .iter()
+            .any(|p| p.parse::<IpAddr>().is_ok_and(|q| q == ip));
+    }
+    let name = name.trim_start_matches("*.").to_ascii_lowercase();
+    permitted.iter().any(|p| {
+        let p = p.trim_start_matches("*.").to_ascii_lowercase();
+        p.parse::<IpAddr>().is_err() && (name == p || name.ends_with(&format!(".{p}")))
+    })
+}
 /// The server key file name.
 pub const SERVER_KEY: &str = "server.key";
 
@@ -70,9 +142,24 @@ pub fn server_names(extra: &[String]) -> Vec<String> {
     names
 }
 
-/// Creates whatever is missing in `dir`: the CA, then the server certificate (re-issued when it
-/// lacks one of `names`). Returns the CA certificate's path.
+/// [`ensure_with`] as `config` says: its TLS directory, its server names, its CA lifetime.
+pub fn ensure_for(config: &Config) -> Result<PathBuf, Error> {
+    ensure_with(
+        &config.tls_dir(),
+        &server_names(&config.server_names),
+        config.ca_days,
+    )
+}
+
+/// [`ensure_with`] with the default CA lifetime.
 pub fn ensure(dir: &Path, names: &[String]) -> Result<PathBuf, Error> {
+    ensure_with(dir, names, DEFAULT_CA_DAYS)
+}
+
+/// Creates whatever is missing in `dir`: the CA (valid `ca_days`, constrained to `names`), then
+/// the server certificate (re-issued when it lacks one of `names`). Returns the CA certificate's
+/// path.
+pub fn ensure_with(dir: &Path, names: &[String], ca_days: u32) -> Result<PathBuf, Error> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
     let ca_pem = dir.join(CA_PEM);
@@ -86,20 +173,49 @@ pub fn ensure(dir: &Path, names: &[String]) -> Result<PathBuf, Error> {
         p.distinguished_name = dn;
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.name_constraints = Some(constraints(names));
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::hours(1);
-        p.not_after = now + time::Duration::days(3650);
+        p.not_after = now + time::Duration::days(i64::from(ca_days));
         let cert = p.self_signed(&key).map_err(tls_err)?;
         write_secret(&ca_key, &key.serialize_pem())?;
         fs::write(&ca_pem, cert.pem()).map_err(io(&ca_pem))?;
+        let meta = CaMeta {
+            not_after: p.not_after.unix_timestamp(),
+            permitted: names.to_vec(),
+        };
+        let meta_path = dir.join(CA_META);
+        fs::write(
+            &meta_path,
+            serde_json::to_vec_pretty(&meta).map_err(tls_err)?,
+        )
+        .map_err(io(&meta_path))?;
         let _ = fs::remove_file(dir.join(SERVER_PEM));
     }
+    // A CA made before constraints existed has no `ca.json`: unconstrained, expiry unknown.
+    let meta: Option<CaMeta> = fs::read(dir.join(CA_META))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let server_pem = dir.join(SERVER_PEM);
     let names_file = dir.join("server.names");
     let wanted = names.join("\n");
     let current = fs::read_to_string(&names_file).unwrap_or_default();
     if server_pem.exists() && dir.join(SERVER_KEY).exists() && current == wanted {
         return Ok(ca_pem);
+    }
+    if let Some(m) = &meta
+        && let Some(n) = names.iter().find(|n| !permits(&m.permitted, n))
+    {
+        return Err(Error::Tls(format!(
+            "server name {n:?} is outside the name constraints of the collector's CA in {} (made \
+             for {}): clients would refuse its certificate. Either drop the name from \
+             server_names, or make a new CA: move ca.pem, ca.key and ca.json out of {} (the \
+             collector makes a new CA for every configured name at its next start) and give \
+             agents and browsers the new ca.pem",
+            dir.display(),
+            m.permitted.join(", "),
+            dir.display()
+        )));
     }
     let ca_key_text = fs::read_to_string(&ca_key).map_err(io(&ca_key))?;
     let ca_cert_text = fs::read_to_string(&ca_pem).map_err(io(&ca_pem))?;
@@ -121,7 +237,12 @@ pub fn ensure(dir: &Path, names: &[String]) -> Result<PathBuf, Error> {
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::hours(1);
-    p.not_after = now + time::Duration::days(397);
+    p.not_after = now + time::Duration::days(SERVER_DAYS);
+    if let Some(m) = &meta
+        && let Ok(ca_end) = time::OffsetDateTime::from_unix_timestamp(m.not_after)
+    {
+        p.not_after = p.not_after.min(ca_end);
+    }
     let cert = p.signed_by(&key, &issuer).map_err(tls_err)?;
     write_secret(&dir.join(SERVER_KEY), &key.serialize_pem())?;
     fs::write(&server_pem, format!("{}{}", cert.pem(), ca_cert_text)).map_err(io(&server_pem))?;
@@ -180,4 +301,129 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use rustls::client::danger::ServerCertVerifier as _;
+
+    use super::*;
+
+    fn temp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sluice-ctls-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn chain(dir: &Path) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(dir.join(SERVER_PEM))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    }
+
+    /// Verifies `leaf` for `name` against the CA in `dir`, as an agent or a browser would.
+    fn verify(dir: &Path, leaf: &CertificateDer<'_>, name: &str) -> Result<(), rustls::Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(dir.join(CA_PEM)).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .build()
+        .unwrap();
+        v.verify_server_cert(
+            leaf,
+            &[],
+            &rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap(),
+            &[],
+            rustls_pki_types::UnixTime::now(),
+        )
+        .map(|_| ())
+    }
+
+    #[test]
+    fn the_ca_lives_its_configured_days_and_vouches_only_for_the_collectors_names() {
+        let dir = temp("constrained");
+        let names = server_names(&["collector.corp.example".to_owned()]);
+        ensure_with(&dir, &names, 30).unwrap();
+        let meta: CaMeta = serde_json::from_slice(&fs::read(dir.join(CA_META)).unwrap()).unwrap();
+        let days = (meta.not_after - time::OffsetDateTime::now_utc().unix_timestamp()) / 86400;
+        assert!((29..=30).contains(&days), "{days}");
+        let certs = chain(&dir);
+        for name in ["collector.corp.example", "localhost", "127.0.0.1", "::1"] {
+            verify(&dir, &certs[0], name).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        }
+        // A leaf the CA's key signs for another name is refused because of the constraints.
+        let ca_kp = KeyPair::from_pem(&fs::read_to_string(dir.join(CA_KEY)).unwrap()).unwrap();
+        let issuer =
+            Issuer::from_ca_cert_pem(&fs::read_to_string(dir.join(CA_PEM)).unwrap(), ca_kp)
+                .unwrap();
+        for other in ["www.example.com", "10.1.2.3"] {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut p = CertificateParams::new(vec![other.to_owned()]).unwrap();
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let leaf = p.signed_by(&key, &issuer).unwrap();
+            let e = verify(&dir, leaf.der(), other).unwrap_err();
+            assert!(
+                format!("{e:?}").contains("NameConstraintViolation"),
+                "{other}: {e:?}"
+            );
+        }
+        // A name under a permitted one is re-issued from the same CA; one outside is refused
+        // with what to do.
+        let ca_before = fs::read(dir.join(CA_PEM)).unwrap();
+        let more = server_names(&[
+            "collector.corp.example".to_owned(),
+            "eu.collector.corp.example".to_owned(),
+        ]);
+        ensure_with(&dir, &more, 30).unwrap();
+        assert_eq!(fs::read(dir.join(CA_PEM)).unwrap(), ca_before);
+        verify(&dir, &chain(&dir)[0], "eu.collector.corp.example").unwrap();
+        let outside = server_names(&["collector.other.example".to_owned()]);
+        let e = ensure_with(&dir, &outside, 30).unwrap_err().to_string();
+        assert!(
+            e.contains("outside the name constraints") && e.contains("ca.json"),
+            "{e}"
+        );
+        // Moving the CA aside makes a new one for every name, as the message says.
+        for f in [CA_PEM, CA_KEY, CA_META] {
+            fs::remove_file(dir.join(f)).unwrap();
+        }
+        ensure_with(&dir, &outside, 30).unwrap();
+        verify(&dir, &chain(&dir)[0], "collector.other.example").unwrap();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_ca_made_before_constraints_keeps_working() {
+        // As earlier versions made it: no constraints, no ca.json.
+        let dir = temp("legacy");
+        fs::create_dir_all(&dir).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(DnType::CommonName, "Sluice collector CA");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = p.self_signed(&key).unwrap();
+        write_secret(&dir.join(CA_KEY), &key.serialize_pem()).unwrap();
+        fs::write(dir.join(CA_PEM), ca.pem()).unwrap();
+        // Any configured name is issued from it, as before.
+        ensure(&dir, &server_names(&["other.example".to_owned()])).unwrap();
+        assert!(!dir.join(CA_META).exists());
+        verify(&dir, &chain(&dir)[0], "other.example").unwrap();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn permitted_names() {
+        let p = vec!["corp.example".to_owned(), "127.0.0.1".to_owned()];
+        assert!(permits(&p, "corp.example") && permits(&p, "a.corp.example"));
+        assert!(!permits(&p, "xcorp.example") && !permits(&p, "example"));
+        assert!(permits(&p, "127.0.0.1") && !permits(&p, "127.0.0.2"));
+    }
 }

@@ -413,12 +413,14 @@ fn parked_inspections_stall_neither_requests_nor_admin() {
         .block_on(Admin::bind(
             "127.0.0.1:0".parse().expect("addr"),
             AdminState {
-                steering: None,
+                remote: Default::default(),
+                link: None,
+                steering: false,
+                sandbox: None,
                 proxy: rig.stats.clone(),
                 bundle: None,
                 report: None,
                 reloads: Default::default(),
-                gateway: None,
                 location: None,
                 device: None,
             },

@@ -1,5 +1,5 @@
 //! Developer and operator tasks: `cargo xtask setup | test | bench NAME | up | demo | fixtures |
-//! fuzz`.
+//! fuzz | package`.
 //!
 //! Every task that needs the toolchain or system packages first runs the idempotent set-up, so a
 //! fresh machine needs nothing but this repository and Rust: Debian packages (nftables, bpftool,
@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 
 mod fixtures;
 mod fuzz;
+mod package;
 mod up;
 
 #[derive(Parser)]
@@ -81,6 +82,13 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         time: u64,
     },
+    /// Build the Debian packages `sluice` (agent and proxy, their systemd units, the default
+    /// config) and `sluice-collector` in release with cargo-deb (installed when missing).
+    Package {
+        /// Where the .deb files go (default target/debian; relative to the workspace root).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -124,6 +132,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Demo => up::demo(&root),
         Task::Fixtures { out, force } => fixtures::fixtures(&root, out, force),
         Task::Fuzz { target, time } => fuzz::fuzz(&root, target.as_deref(), time),
+        Task::Package { out } => package::package(&root, out),
     }
 }
 
@@ -166,7 +175,7 @@ fn is_root() -> bool {
 
 /// `chromium` and `libnss3-tools` (certutil) are for the tests that drive a real browser
 /// (`sluice_e2e::browser`).
-const APT_PACKAGES: [&str; 8] = [
+const APT_PACKAGES: [&str; 11] = [
     "nftables",
     "bpftool",
     "curl",
@@ -176,6 +185,11 @@ const APT_PACKAGES: [&str; 8] = [
     "libnss3-tools",
     // Reads the encryption of protected PDFs in the tests.
     "qpdf",
+    // The packaging tests: `systemd-analyze verify` and `security` on the units (systemd need
+    // not run), a Debian root to install the packages into, and cargo-deb's dpkg-shlibdeps.
+    "systemd",
+    "mmdebstrap",
+    "dpkg-dev",
 ];
 
 fn setup(root: &Path) -> Result<()> {
@@ -189,8 +203,29 @@ fn setup(root: &Path) -> Result<()> {
     apt(&APT_PACKAGES)?;
     rust_src()?;
     bpf_linker(root)?;
+    // The packaging tests build the .deb files from the test build.
+    package::cargo_deb(root)?;
     cgroup_v2()?;
+    proxy_user()?;
     Ok(())
+}
+
+/// The unprivileged proxy's system user (`privsep.user`), as the package creates it on install.
+fn proxy_user() -> Result<()> {
+    if output(Command::new("id").args(["-u", "sluice"])).is_some() {
+        eprintln!("proxy user sluice: present");
+        return Ok(());
+    }
+    eprintln!("proxy user sluice: creating");
+    sh(Command::new("useradd").args([
+        "--system",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        "sluice",
+    ]))
 }
 
 fn apt(packages: &[&str]) -> Result<()> {

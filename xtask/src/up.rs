@@ -259,13 +259,16 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
          login:      admin / {password_line}\n  \
          sign-in:    \"Sign in with your organisation\" as alice, bob, carol or dana / demo \
          (the identity provider https://{IDP_ADDR}; trust {})\n  \
-         trust:      {} (the interception CA clients must trust for intercepted apps)\n  \
-         agent:      {} status; curl -s http://{AGENT_ADMIN}/metrics (config: {})\n  \
+         trust:      {} (the interception CA clients must trust for intercepted apps; \
+         {} ca trust --config {} puts it in this host's stores, --remove takes it out)\n  \
+         agent:      {} status --config {}; curl -s http://{AGENT_ADMIN}/metrics\n  \
          logs:       {}/collector.log (the agent logs here)\n  \
          try it:     in another terminal, `sudo -E cargo xtask demo`\n",
         collector_ca.display(),
         idp_ca.display(),
         ca_pem.display(),
+        sluice.display(),
+        acfg.display(),
         sluice.display(),
         acfg.display(),
         dir.display(),
@@ -448,10 +451,12 @@ pub fn up_gateway(root: &Path) -> Result<()> {
          ip netns exec sluice-client curl --cacert {ca} --resolve files.test:443:10.90.2.2 \\\n      \
          -H \"Authorization: Bearer TOKEN\" -H 'Accept: application/json' -F file=@README.md https://files.test/upload\n  \
          events:  tail -f {events}\n  \
-         status:  ip netns exec sluice-gw curl -s http://127.0.0.1:15091/status\n  \
+         status:  ip netns exec sluice-gw {sluice} status --config {acfg}\n  \
          rules:   ip netns exec sluice-gw nft list table inet sluice\n",
         ca = ca_pem.display(),
         events = events.display(),
+        sluice = sluice.display(),
+        acfg = acfg.display(),
     );
     let script = dir.join("branch.sh");
     fs::write(&script, BRANCH_SH)?;
@@ -982,7 +987,12 @@ fn adaptive(d: &Demo, fx: &Path, dir: &Path) -> Result<()> {
             &format!("https://{COLLECTOR_ADDR}/alerts/{alert}/state"),
         ],
     )?;
-    report("resolve the alert", "303 to the alert's page", code, code == 303);
+    report(
+        "resolve the alert",
+        "303 to the alert's page",
+        code,
+        code == 303,
+    );
     let end = Instant::now() + Duration::from_secs(10);
     let code = loop {
         let (code, _) = download(&bob)?;

@@ -63,6 +63,17 @@ fn uptime() -> u64 {
 /// Whether an nftables ruleset is loaded: `nft list ruleset` prints something. None when `nft`
 /// is missing or not allowed (it needs CAP_NET_ADMIN).
 async fn firewall() -> Option<bool> {
+    if let Some(h) = super::host_facts() {
+        let h = h.clone();
+        let json = tokio::task::spawn_blocking(move || h.firewall())
+            .await
+            .ok()?
+            .ok()?;
+        return match super::firewall::count_rules(json.as_bytes(), &[]) {
+            super::FirewallFact::Rules(n) => Some(n > 0),
+            super::FirewallFact::Unknown(_) => None,
+        };
+    }
     let out = tokio::time::timeout(
         Duration::from_secs(5),
         tokio::process::Command::new("nft")

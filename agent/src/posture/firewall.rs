@@ -34,6 +34,14 @@ pub async fn measure(root: &Path, exclude_tables: &[String]) -> FirewallFact {
             root.display()
         ));
     }
+    if let Some(h) = super::host_facts() {
+        let h = h.clone();
+        return match tokio::task::spawn_blocking(move || h.firewall()).await {
+            Ok(Ok(json)) => count_rules(json.as_bytes(), exclude_tables),
+            Ok(Err(e)) => FirewallFact::Unknown(e),
+            Err(e) => FirewallFact::Unknown(e.to_string()),
+        };
+    }
     let run = tokio::process::Command::new("nft")
         .args(["-j", "list", "ruleset"])
         .stdin(std::process::Stdio::null())
@@ -70,7 +78,7 @@ pub async fn measure(root: &Path, exclude_tables: &[String]) -> FirewallFact {
 }
 
 /// The rules of an `nft -j list ruleset` document, outside `exclude_tables`.
-fn count_rules(json: &[u8], exclude_tables: &[String]) -> FirewallFact {
+pub(super) fn count_rules(json: &[u8], exclude_tables: &[String]) -> FirewallFact {
     // An empty ruleset prints nothing at all with some nft versions.
     if json.iter().all(u8::is_ascii_whitespace) {
         return FirewallFact::Rules(0);

@@ -26,6 +26,30 @@ use sluice_policy::posture::{CheckKind, CheckSpec, CheckStatus, Posture, Version
 
 pub use firewall::FirewallFact;
 
+/// How the host's processes and firewall are read when the checks run without the privilege to
+/// read them (the unprivileged proxy, root `/`): through the privileged part, which may read every
+/// `/proc/PID/exe` and ask nftables. The privileged part only gathers; the proxy interprets.
+pub trait HostFacts: Send + Sync + std::fmt::Debug + 'static {
+    /// The host's processes.
+    fn processes(&self) -> Result<process::Scan, String>;
+    /// The SHA-256 of the executable `pid` runs, if it is still `exe`.
+    fn hash_exe(&self, pid: u32, exe: &std::path::Path, max_bytes: u64) -> Result<String, String>;
+    /// `nft -j list ruleset`.
+    fn firewall(&self) -> Result<String, String>;
+}
+
+static HOST_FACTS: std::sync::OnceLock<Arc<dyn HostFacts>> = std::sync::OnceLock::new();
+
+/// From now on, the host (root `/`) is read through `facts`.
+pub fn read_host_through(facts: Arc<dyn HostFacts>) {
+    let _ = HOST_FACTS.set(facts);
+}
+
+/// The host's facts source, when one was set.
+fn host_facts() -> Option<&'static Arc<dyn HostFacts>> {
+    HOST_FACTS.get()
+}
+
 /// This agent's version, as `agent_version` checks compare it.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 

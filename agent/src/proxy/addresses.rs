@@ -148,7 +148,7 @@ pub fn learn_from_dns(
 }
 
 /// The DNS message in one ring buffer record (`sluice_common::DnsAnswer`).
-fn answer_bytes(rec: &[u8]) -> Option<&[u8]> {
+pub fn answer_bytes(rec: &[u8]) -> Option<&[u8]> {
     let len = u32::from_ne_bytes(rec.get(..4)?.try_into().ok()?) as usize;
     rec.get(8..8 + len.min(sluice_common::DNS_MAX))
 }

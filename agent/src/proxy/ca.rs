@@ -2,6 +2,9 @@
 //!
 //! The CA is ECDSA P-256 (signing is ~16x faster than RSA-2048 and every client accepts it). Its key
 //! stays on the host: written once with mode 0600 by `sluice ca init`, never logged, never sent.
+//! The CA itself is valid for a configured number of days (`tls.ca_days`, 825 by default), and an
+//! organisation CA (`sluice ca init --org`) carries name constraints: only the catalogue's domains
+//! and addresses are permitted, so its key cannot vouch for any other site even if it is stolen.
 //! Each leaf gets its own fresh key (never the CA's), a random 159-bit serial (so no two leaves
 //! share issuer + serial, which browsers reject), DNS SANs for names and IP SANs for addresses, and
 //! a validity of at most seven days starting an hour in the past (client clock skew). Minted server
@@ -64,20 +67,205 @@ pub const CA_CERT_FILE: &str = "ca.crt";
 /// The key file (0600).
 pub const CA_KEY_FILE: &str = "ca.key";
 
-/// Creates a new CA in `dir` (`ca.crt`, `ca.key` with mode 0600). Refuses to overwrite.
+/// How long a CA made by `sluice ca init` is valid when neither `--days` nor `tls.ca_days` says
+/// (see [`crate::config::DEFAULT_CA_DAYS`]).
+pub const DEFAULT_CA_DAYS: u32 = crate::config::DEFAULT_CA_DAYS;
+
+/// The longest lifetime [`init_with`] accepts (ten years).
+pub const MAX_CA_DAYS: u32 = crate::config::MAX_CA_DAYS;
+
+/// What [`init_with`] makes.
+#[derive(Debug, Clone)]
+pub struct CaOptions {
+    /// The CA's common name.
+    pub common_name: String,
+    /// Its organisation (`O=`); default `Sluice`.
+    pub organization: Option<String>,
+    /// Days it is valid from now (1 to [`MAX_CA_DAYS`]).
+    pub days: u32,
+    /// Name constraints: the only names and addresses its leaves can be valid for. `None`: any.
+    pub permitted: Option<Permitted>,
+}
+
+impl CaOptions {
+    /// An unconstrained CA of `common_name` valid for [`DEFAULT_CA_DAYS`].
+    pub fn new(common_name: &str) -> Self {
+        Self {
+            common_name: common_name.to_owned(),
+            organization: None,
+            days: DEFAULT_CA_DAYS,
+            permitted: None,
+        }
+    }
+}
+
+/// The names a constrained CA vouches for (RFC 5280 name constraints, permitted subtrees): DNS
+/// names, each with every name under it, and IP address blocks. A client that honours the
+/// extension (browsers, NSS, OpenSSL, rustls/webpki) rejects a leaf of this CA for any other name,
+/// so a stolen CA key cannot impersonate sites outside the catalogue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permitted {
+    /// DNS subtrees, lower case, without a leading dot.
+    pub dns: Vec<String>,
+    /// IP blocks.
+    pub ip: Vec<sluice_net::Cidr>,
+}
+
+impl Permitted {
+    /// From catalogue host patterns (`files.example.com`, `*.example.com` -> `example.com`, an IP
+    /// address -> that address alone) and CIDR blocks (`10.1.0.0/16`); covered entries are dropped.
+    pub fn from_hosts<'a>(hosts: impl IntoIterator<Item = &'a str>) -> Result<Self, CaError> {
+        let mut p = Self::default();
+        for h in hosts {
+            p.add(h)?;
+        }
+        p.normalize();
+        Ok(p)
+    }
+
+    /// Adds one host pattern or CIDR block (call [`Self::from_hosts`] to normalise).
+    fn add(&mut self, h: &str) -> Result<(), CaError> {
+        use sluice_net::{Cidr, HostPattern};
+        if h.contains('/') {
+            let c: Cidr = h
+                .trim()
+                .parse()
+                .map_err(|e| CaError::Cert(format!("`{h}`: {e}")))?;
+            self.ip.push(c);
+            return Ok(());
+        }
+        match HostPattern::parse(h).map_err(CaError::Cert)? {
+            HostPattern::Exact(n) | HostPattern::Subdomains(n) => self.dns.push(n),
+            HostPattern::Ip(ip) => self.ip.push(Cidr {
+                addr: ip,
+                prefix: if ip.is_ipv4() { 32 } else { 128 },
+            }),
+        }
+        Ok(())
+    }
+
+    fn normalize(&mut self) {
+        let dns = std::mem::take(&mut self.dns);
+        let under = |n: &str, d: &str| n == d || n.ends_with(&format!(".{d}"));
+        for n in &dns {
+            let covered = dns.iter().any(|d| d != n && under(n, d));
+            if !covered && !self.dns.contains(n) {
+                self.dns.push(n.clone());
+            }
+        }
+        self.dns.sort();
+        let ip = std::mem::take(&mut self.ip);
+        for c in &ip {
+            let covered = ip.iter().any(|o| o != c && o.contains(c));
+            if !covered && !self.ip.contains(c) {
+                self.ip.push(*c);
+            }
+        }
+    }
+
+    /// Whether nothing is permitted (such a CA could not vouch for any leaf).
+    pub fn is_empty(&self) -> bool {
+        self.dns.is_empty() && self.ip.is_empty()
+    }
+
+    /// Whether a leaf for `name` (a host name or an IP address) is within the constraints.
+    pub fn permits(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        match name.parse::<IpAddr>() {
+            Ok(ip) => {
+                let one = sluice_net::Cidr {
+                    addr: ip,
+                    prefix: if ip.is_ipv4() { 32 } else { 128 },
+                };
+                self.ip.iter().any(|c| c.contains(&one))
+            }
+            Err(_) => self
+                .dns
+                .iter()
+                .any(|d| name == *d || name.ends_with(&format!(".{d}"))),
+        }
+    }
+
+    /// The extension. Without a permitted IP block, every address is excluded: a permitted DNS
+    /// subtree alone leaves IP SANs unconstrained (RFC 5280 applies constraints per name type).
+    fn name_constraints(&self) -> rcgen::NameConstraints {
+        use rcgen::{CidrSubnet, GeneralSubtree};
+        let mut permitted: Vec<GeneralSubtree> = self
+            .dns
+            .iter()
+            .map(|d| GeneralSubtree::DnsName(d.clone()))
+            .collect();
+        permitted.extend(
+            self.ip
+                .iter()
+                .map(|c| GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(c.addr, c.prefix))),
+        );
+        let excluded = if self.ip.is_empty() {
+            vec![
+                GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(
+                    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    0,
+                )),
+                GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    0,
+                )),
+            ]
+        } else {
+            Vec::new()
+        };
+        rcgen::NameConstraints {
+            permitted_subtrees: permitted,
+            excluded_subtrees: excluded,
+        }
+    }
+}
+
+impl std::fmt::Display for Permitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let all: Vec<String> = self
+            .dns
+            .iter()
+            .cloned()
+            .chain(self.ip.iter().map(|c| format!("{}/{}", c.addr, c.prefix)))
+            .collect();
+        f.write_str(&all.join(", "))
+    }
+}
+
+/// Creates a new CA in `dir` (`ca.crt`, `ca.key` with mode 0600), unconstrained and valid for
+/// [`DEFAULT_CA_DAYS`]. Refuses to overwrite.
 pub fn init(dir: &Path, common_name: &str) -> Result<PathBuf, CaError> {
+    init_with(dir, &CaOptions::new(common_name))
+}
+
+/// Creates a new CA in `dir` (`ca.crt`, `ca.key` with mode 0600) as `opts` say. Refuses to
+/// overwrite.
+pub fn init_with(dir: &Path, opts: &CaOptions) -> Result<PathBuf, CaError> {
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
     if cert_path.exists() || key_path.exists() {
         return Err(CaError::Exists(dir.to_owned()));
     }
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+    if opts.days == 0 || opts.days > MAX_CA_DAYS {
+        return Err(CaError::Cert(format!(
+            "a CA lifetime of {} days: give 1 to {MAX_CA_DAYS}",
+            opts.days
+        )));
+    }
+    if opts.permitted.as_ref().is_some_and(Permitted::is_empty) {
+        return Err(CaError::Cert(
+            "name constraints that permit nothing: no leaf of this CA would ever be valid".into(),
+        ));
+    }
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    dn.push(DnType::OrganizationName, "Sluice");
+    dn.push(DnType::CommonName, opts.common_name.as_str());
+    dn.push(
+        DnType::OrganizationName,
+        opts.organization.as_deref().unwrap_or("Sluice"),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
@@ -85,11 +273,14 @@ pub fn init(dir: &Path, common_name: &str) -> Result<PathBuf, CaError> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    params.name_constraints = opts.permitted.as_ref().map(Permitted::name_constraints);
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(3650);
+    params.not_after = now + time::Duration::days(i64::from(opts.days));
     params.serial_number = Some(random_serial());
     let cert = params.self_signed(&key).map_err(cert_err)?;
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
     // Key first, created 0600 and exclusive, so it is never briefly readable.
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -200,6 +391,17 @@ impl Ca {
         name: &str,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err)?;
+        let chain = self.sign(name, &rcgen::PublicKeyData::subject_public_key_info(&key))?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((chain, key_der))
+    }
+
+    /// Signs a leaf for a host name or an IP address over a public key made elsewhere
+    /// (SubjectPublicKeyInfo, DER): (leaf, CA certificate). The proxy makes the key; only the
+    /// certificate crosses from the part that holds the CA key.
+    pub fn sign(&self, name: &str, spki: &[u8]) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let public = rcgen::SubjectPublicKeyInfo::from_der(spki)
+            .map_err(|e| CaError::Cert(format!("the leaf's public key: {e}")))?;
         let mut params = CertificateParams::default();
         let san = match name.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
@@ -221,9 +423,32 @@ impl Ca {
         params.not_before = now - time::Duration::hours(1);
         params.not_after = (now + time::Duration::days(7)).min(self.not_after);
         params.serial_number = Some(random_serial());
-        let cert = params.signed_by(&key, &self.issuer).map_err(cert_err)?;
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
+        let cert = params.signed_by(&public, &self.issuer).map_err(cert_err)?;
+        Ok(vec![cert.der().clone(), self.cert_der.clone()])
+    }
+}
+
+/// Who signs leaves: the CA itself where the key is held, or the privileged part over its
+/// socket (the proxy never holds the CA key).
+pub trait LeafSigner: Send + Sync + std::fmt::Debug + 'static {
+    /// (leaf, CA certificate) for `name` over the public key `spki`; `peer` is the endpoint
+    /// connection the leaf is for, when there is one.
+    fn sign_leaf(
+        &self,
+        name: &str,
+        spki: &[u8],
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError>;
+}
+
+impl LeafSigner for Ca {
+    fn sign_leaf(
+        &self,
+        name: &str,
+        spki: &[u8],
+        _peer: Option<std::net::SocketAddr>,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        self.sign(name, spki)
     }
 }
 
@@ -249,7 +474,7 @@ type Slot = Arc<OnceLock<Result<Arc<ServerConfig>, String>>>;
 
 /// Mints and caches a TLS server config per name.
 pub struct LeafCache {
-    ca: Arc<Ca>,
+    ca: Arc<dyn LeafSigner>,
     limits: CacheLimits,
     alpn: Vec<Vec<u8>>,
     entries: Mutex<HashMap<String, (Slot, Instant)>>,
@@ -266,7 +491,7 @@ impl std::fmt::Debug for LeafCache {
 
 impl LeafCache {
     /// A cache whose configs offer `alpn` (server preference order) to clients.
-    pub fn new(ca: Arc<Ca>, limits: CacheLimits, alpn: Vec<Vec<u8>>) -> Self {
+    pub fn new(ca: Arc<dyn LeafSigner>, limits: CacheLimits, alpn: Vec<Vec<u8>>) -> Self {
         Self {
             ca,
             limits,
@@ -284,6 +509,15 @@ impl LeafCache {
     /// The server config for `name` (a lower-case host name or an IP address), minted at most
     /// once however many connections ask at the same time.
     pub fn config_for(&self, name: &str) -> Result<Arc<ServerConfig>, CaError> {
+        self.config_for_peer(name, None)
+    }
+
+    /// [`Self::config_for`], for the endpoint connection from `peer` (the signer may check it).
+    pub fn config_for_peer(
+        &self,
+        name: &str,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Arc<ServerConfig>, CaError> {
         let slot = {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             let fresh = entries
@@ -308,12 +542,33 @@ impl LeafCache {
                 .map(|(s, _)| s.clone())
                 .ok_or_else(|| CaError::Cert("cache slot vanished".into()))?
         };
-        let result = slot.get_or_init(|| self.build(name).map_err(|e| e.to_string()));
-        result.clone().map_err(CaError::Cert)
+        let result = slot.get_or_init(|| self.build(name, peer).map_err(|e| e.to_string()));
+        let result = result.clone().map_err(CaError::Cert);
+        if result.is_err() {
+            // A refusal (a rate limit, the privileged part restarting) is not cached.
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if entries
+                .get(name)
+                .is_some_and(|(s, _)| Arc::ptr_eq(s, &slot))
+            {
+                entries.remove(name);
+            }
+        }
+        result
     }
 
-    fn build(&self, name: &str) -> Result<Arc<ServerConfig>, CaError> {
-        let (chain, key) = self.ca.mint(name)?;
+    fn build(
+        &self,
+        name: &str,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Arc<ServerConfig>, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err)?;
+        let chain = self.ca.sign_leaf(
+            name,
+            &rcgen::PublicKeyData::subject_public_key_info(&key),
+            peer,
+        )?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         self.minted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let provider = crate::trust::tls_provider();
@@ -469,5 +724,160 @@ mod tests {
         }
         assert!(bounded.entries.lock().expect("lock").len() <= 10);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn verifier(ca: &Ca) -> Arc<rustls::client::WebPkiServerVerifier> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).expect("root");
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            crate::trust::tls_provider(),
+        )
+        .build()
+        .expect("verifier")
+    }
+
+    /// Mints a leaf for `name` with [`Ca::mint`] and verifies it as a client would.
+    fn verify(ca: &Ca, name: &str) -> Result<(), rustls::Error> {
+        use rustls::client::danger::ServerCertVerifier as _;
+        let (chain, _) = ca.mint(name).expect("mint");
+        let server = rustls_pki_types::ServerName::try_from(name.to_owned()).expect("name");
+        verifier(ca)
+            .verify_server_cert(
+                &chain[0],
+                &chain[1..],
+                &server,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+    }
+
+    #[test]
+    fn permitted_names_from_a_catalogue() {
+        let p = Permitted::from_hosts([
+            "files.example.com",
+            "*.example.com",
+            "Mail.Example.ORG.",
+            "*.files.example.com",
+            "10.0.0.5",
+            "10.0.0.0/24",
+            "2001:db8::1",
+        ])
+        .expect("hosts");
+        assert_eq!(p.dns, vec!["example.com", "mail.example.org"]);
+        assert_eq!(p.ip.len(), 2, "{p}");
+        assert!(p.permits("example.com") && p.permits("a.b.example.com"));
+        assert!(p.permits("mail.example.org") && !p.permits("example.org"));
+        assert!(!p.permits("badexample.com"), "a suffix is not a subtree");
+        assert!(p.permits("10.0.0.200") && !p.permits("10.0.1.1"));
+        assert!(p.permits("2001:db8::1") && !p.permits("2001:db8::2"));
+        assert!(Permitted::from_hosts(["not a host"]).is_err());
+        assert!(Permitted::from_hosts(["10.0.0.0/33"]).is_err());
+    }
+
+    #[test]
+    fn a_default_ca_lives_the_default_days_not_ten_years() {
+        let dir = temp_dir("days");
+        init(&dir, "Test CA").expect("init");
+        let ca = Ca::load_dir(&dir).expect("loads");
+        let (_, x509) = x509_parser::parse_x509_certificate(ca.cert_der()).expect("parse");
+        let v = x509.validity();
+        let days = (v.not_after.timestamp() - v.not_before.timestamp()) / 86400;
+        assert_eq!(
+            days,
+            i64::from(DEFAULT_CA_DAYS),
+            "an hour of back-dating aside"
+        );
+        let _ = fs::remove_dir_all(&dir);
+        let mut opts = CaOptions::new("Short");
+        opts.days = 30;
+        init_with(&dir, &opts).expect("init");
+        let ca = Ca::load_dir(&dir).expect("loads");
+        let (_, x509) = x509_parser::parse_x509_certificate(ca.cert_der()).expect("parse");
+        let v = x509.validity();
+        assert_eq!(
+            (v.not_after.timestamp() - v.not_before.timestamp()) / 86400,
+            30
+        );
+        let _ = fs::remove_dir_all(&dir);
+        opts.days = 0;
+        assert!(init_with(&dir, &opts).is_err());
+        opts.days = MAX_CA_DAYS + 1;
+        assert!(init_with(&dir, &opts).is_err());
+        assert!(
+            !dir.join(CA_KEY_FILE).exists(),
+            "nothing written for a refused lifetime"
+        );
+    }
+
+    #[test]
+    fn leaves_of_a_constrained_ca_verify_only_for_catalogued_names() {
+        let dir = temp_dir("constrained");
+        let permitted =
+            Permitted::from_hosts(["files.example.com", "*.corp.example", "192.0.2.10"])
+                .expect("hosts");
+        init_with(
+            &dir,
+            &CaOptions {
+                common_name: "Corp interception CA".into(),
+                organization: Some("Corp".into()),
+                days: 397,
+                permitted: Some(permitted),
+            },
+        )
+        .expect("init");
+        let ca = Ca::load_dir(&dir).expect("loads");
+        let (_, x509) = x509_parser::parse_x509_certificate(ca.cert_der()).expect("parse");
+        let nc = x509
+            .name_constraints()
+            .expect("parses")
+            .expect("the CA carries name constraints");
+        assert!(nc.value.permitted_subtrees.is_some());
+        for ok in [
+            "files.example.com",
+            "wiki.corp.example",
+            "corp.example",
+            "192.0.2.10",
+        ] {
+            verify(&ca, ok).unwrap_or_else(|e| panic!("{ok} must verify: {e:?}"));
+        }
+        for bad in [
+            "www.google.com",
+            "example.com",
+            "evil-files.example.com",
+            "192.0.2.11",
+            "2001:db8::1",
+        ] {
+            let e = verify(&ca, bad).expect_err(bad);
+            assert!(
+                format!("{e:?}").contains("NameConstraintViolation"),
+                "{bad}: refused for the constraint, not something else: {e:?}"
+            );
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_constrained_ca_without_addresses_vouches_for_no_address() {
+        let dir = temp_dir("no-ips");
+        let mut opts = CaOptions::new("Names only");
+        opts.permitted = Some(Permitted::from_hosts(["files.example.com"]).expect("hosts"));
+        init_with(&dir, &opts).expect("init");
+        let ca = Ca::load_dir(&dir).expect("loads");
+        verify(&ca, "files.example.com").expect("a catalogued name verifies");
+        for ip in ["203.0.113.7", "::1"] {
+            let e = verify(&ca, ip).expect_err(ip);
+            assert!(
+                format!("{e:?}").contains("NameConstraintViolation"),
+                "{e:?}"
+            );
+        }
+        let _ = fs::remove_dir_all(&dir);
+        opts.permitted = Some(Permitted::default());
+        assert!(
+            init_with(&dir, &opts).is_err(),
+            "permitting nothing is refused"
+        );
     }
 }

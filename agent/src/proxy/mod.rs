@@ -297,6 +297,8 @@ pub struct Shared {
     pub user_slots: UserSlots,
     /// The gateway's managed LAN clients.
     pub lan: Arc<lan::LanDevices>,
+    /// What the privileged part's heartbeat probe sends first (none: no probe expected).
+    pub probe_token: Option<Vec<u8>>,
     own_pid: u32,
 }
 
@@ -342,6 +344,7 @@ impl Shared {
             addresses: addresses::AppAddresses::default(),
             user_slots,
             lan: Arc::default(),
+            probe_token: None,
             own_pid: std::process::id(),
         }
     }
@@ -369,6 +372,14 @@ pub struct Listeners {
 }
 
 impl Listeners {
+    /// The bound sockets, to hand to the proxy's process.
+    pub fn into_fds(self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.sockets
+            .into_iter()
+            .map(|l| l.into_std().map(std::os::fd::OwnedFd::from))
+            .collect()
+    }
+
     /// Binds `port` on 127.0.0.1 and ::1; port 0 takes a port the system gives that is free on
     /// both, and holds it.
     pub async fn bind(port: u16) -> Result<Self, ProxyError> {
@@ -438,6 +449,14 @@ pub struct TransparentListeners {
 }
 
 impl TransparentListeners {
+    /// The bound sockets, to hand to the proxy's process.
+    pub fn into_fds(self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.sockets
+            .into_iter()
+            .map(|l| l.into_std().map(std::os::fd::OwnedFd::from))
+            .collect()
+    }
+
     /// Binds `port` on 127.0.0.1 and, where the host has IPv6, on ::1.
     pub fn bind(port: u16) -> Result<Self, ProxyError> {
         use socket2::{Domain, Socket, Type};
@@ -509,6 +528,29 @@ impl Proxy {
                 .collect(),
             shared,
         }
+    }
+
+    /// The listener task on sockets the privileged part bound and passed.
+    pub fn from_passed(
+        sockets: Vec<(std::os::fd::OwnedFd, Front)>,
+        shared: Arc<Shared>,
+        endpoint_port: Option<u16>,
+    ) -> std::io::Result<Self> {
+        if let Some(port) = endpoint_port {
+            shared
+                .stats
+                .port
+                .store(u64::from(port), std::sync::atomic::Ordering::Relaxed);
+        }
+        let listeners = sockets
+            .into_iter()
+            .map(|(fd, front)| {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Ok((TcpListener::from_std(l)?, front))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self { listeners, shared })
     }
 
     /// Adds the gateway's transparent listeners.
@@ -662,33 +704,26 @@ pub async fn handle(
     shutdown: CancellationToken,
 ) {
     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let mut client = client;
     if peer.ip().is_loopback()
         && [&shared.stats.probe_port, &shared.stats.gateway_probe_port]
             .iter()
             .any(|p| u64::from(peer.port()) == p.load(Ordering::Relaxed))
     {
-        // The agent's heartbeat: this task ran, so the proxy accepts and serves.
+        // An in-process heartbeat: this task ran, so the proxy accepts and serves.
         shared.stats.probes.fetch_add(1, Ordering::Relaxed);
-        let mut client = client;
         let _ = tokio::io::AsyncWriteExt::write_all(&mut client, PROBE_REPLY).await;
         return;
     }
     let origin = match front {
-        Front::Endpoint => claim(shared, peer),
+        Front::Endpoint => match claim(shared, peer) {
+            Ok(o) => o,
+            Err(Recorded) => return,
+        },
         // A forwarded connection comes from the LAN, never from this host: a local process that
         // connects to the transparent listener itself has no destination to be taken to (and
         // would have the proxy dial itself).
-        Front::Gateway if peer.ip().to_canonical().is_loopback() => {
-            shared.stats.no_origin.fetch_add(1, Ordering::Relaxed);
-            shared.reporter.connection(conn_record(
-                peer,
-                None,
-                None,
-                "no_origin",
-                "a local connection to the gateway's transparent listener".into(),
-            ));
-            None
-        }
+        Front::Gateway if peer.ip().to_canonical().is_loopback() => None,
         Front::Gateway => match client.local_addr() {
             Ok(dst) => {
                 shared.stats.gateway.fetch_add(1, Ordering::Relaxed);
@@ -698,6 +733,24 @@ pub async fn handle(
         },
     };
     let Some(origin) = origin else {
+        // A local connection without an origin: the privileged part's heartbeat probe, when
+        // it sends the token this proxy was given; anything else is recorded and closed.
+        if peer.ip().to_canonical().is_loopback()
+            && let Some(token) = &shared.probe_token
+            && is_probe(&mut client, token).await
+        {
+            shared.stats.probes.fetch_add(1, Ordering::Relaxed);
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut client, PROBE_REPLY).await;
+            return;
+        }
+        shared.stats.no_origin.fetch_add(1, Ordering::Relaxed);
+        let reason = match front {
+            Front::Endpoint => "no steering record for this peer",
+            Front::Gateway => "a local connection to the gateway's transparent listener",
+        };
+        shared
+            .reporter
+            .connection(conn_record(peer, None, None, "no_origin", reason.into()));
         return;
     };
     let Some(_slot) = shared.user_slots.take(origin.owner()) else {
@@ -768,20 +821,23 @@ pub async fn handle(
     }
 }
 
-/// The origin record of an accepted connection, claimed once; none (recorded) for a peer
-/// without one or for the agent's own connection.
-fn claim(shared: &Shared, peer: SocketAddr) -> Option<OriginRecord> {
+/// Whether the connection's first bytes are the heartbeat probe's `token` (read within half a
+/// second).
+async fn is_probe(client: &mut TcpStream, token: &[u8]) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = vec![0u8; token.len()];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), client.read_exact(&mut got)).await,
+        Ok(Ok(_))
+    ) && got == token
+}
+
+/// The origin record of an accepted connection, claimed once; none for a peer without one;
+/// refused (and recorded) for the agent's own connection.
+fn claim(shared: &Shared, peer: SocketAddr) -> Result<Option<OriginRecord>, Recorded> {
     let stats = &shared.stats;
     let Some(origin) = shared.origins.lookup(peer) else {
-        stats.no_origin.fetch_add(1, Ordering::Relaxed);
-        shared.reporter.connection(conn_record(
-            peer,
-            None,
-            None,
-            "no_origin",
-            "no steering record for this peer".into(),
-        ));
-        return None;
+        return Ok(None);
     };
     if origin.tgid == shared.own_pid {
         stats.loops.fetch_add(1, Ordering::Relaxed);
@@ -793,10 +849,14 @@ fn claim(shared: &Shared, peer: SocketAddr) -> Option<OriginRecord> {
             "loop",
             "the agent's own connection was steered".into(),
         ));
-        return None;
+        return Err(Recorded);
     }
-    Some(origin)
+    Ok(Some(origin))
 }
+
+/// A connection refused and recorded already.
+#[derive(Debug)]
+struct Recorded;
 
 /// The client connection again when it goes on to the ClientHello. A client silent at first is
 /// either a server-speaks-first protocol (SMTP, SSH, ...) or a client that delays its
@@ -1010,7 +1070,10 @@ impl Accepted<'_> {
             }
             Decision::Intercept(app) => app,
         };
-        let config = match shared.leaves.config_for(&name) {
+        // The endpoint connection's peer lets the privileged part tie the leaf to a connection
+        // it steered; a gateway's connection has none on this host.
+        let peer = self.origin.lan_client.is_none().then_some(self.peer);
+        let config = match shared.leaves.config_for_peer(&name, peer) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(%name, error = %e, "minting a leaf failed");

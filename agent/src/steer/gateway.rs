@@ -67,7 +67,7 @@ pub struct Gateway {
 }
 
 /// Per-path packet counts of the gateway table (nftables named counters).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GatewayCounters {
     /// New TCP connections handed to the proxy.
     pub steered: u64,
@@ -80,7 +80,7 @@ pub struct GatewayCounters {
 }
 
 /// What `/status` shows of the gateway.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct GatewayStatus {
     /// The nftables table (family `inet`).
     pub table: String,

@@ -123,7 +123,7 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> SteerError {
 }
 
 /// A steered connection's origin, as the proxy receives it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct OriginRecord {
     /// Where the application was connecting to (IPv4 destinations as IPv4 addresses).
     pub dst: SocketAddr,
@@ -191,7 +191,7 @@ impl OriginRecord {
 }
 
 /// Totals of the kernel's per-path counters since attach.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Counters {
     /// Redirected to the proxy.
     pub steered: u64,
@@ -216,18 +216,18 @@ pub struct Counters {
 }
 
 /// What `/status` reports about steering.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SteerStatus {
     /// Whether the programs are attached.
     pub attached: bool,
     /// The cgroup they are attached to.
     pub cgroup: PathBuf,
     /// Names of the attached programs.
-    pub programs: Vec<&'static str>,
+    pub programs: Vec<String>,
     /// cgroup ids whose sockets are never steered.
     pub exempt_cgroup_ids: Vec<u64>,
     /// `open` or `closed`.
-    pub fail_mode: &'static str,
+    pub fail_mode: String,
     /// Age of the last heartbeat written, in milliseconds.
     pub heartbeat_age_ms: u64,
     /// Number of include/exclude prefixes in the kernel.
@@ -591,6 +591,7 @@ impl Steering {
                 std::iter::once(SOCKOPS)
                     .chain(SOCK_ADDR_PROGRAMS)
                     .chain(std::iter::once(DNS_PROGRAM))
+                    .map(str::to_owned)
                     .collect()
             } else {
                 Vec::new()
@@ -600,7 +601,8 @@ impl Steering {
                 "closed"
             } else {
                 "open"
-            },
+            }
+            .to_owned(),
             heartbeat_age_ms: monotonic_ns().saturating_sub(last) / 1_000_000,
             prefixes: c.include_v4.len()
                 + c.exclude_v4.len()

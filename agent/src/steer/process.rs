@@ -9,7 +9,7 @@ use std::{ffi::OsStr, os::unix::ffi::OsStrExt as _, path::PathBuf};
 use serde::Serialize;
 
 /// What could be learned about the process from user space.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ProcessInfo {
     /// Path of the executable (`/proc/PID/exe`), when the process still runs.
     pub exe: Option<PathBuf>,

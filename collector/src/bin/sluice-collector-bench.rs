@@ -18,6 +18,9 @@
 //!    interleaved twice, the better run of each counting. The ratio on/off is the price of
 //!    detection (goal: at least 0.8x).
 //!
+//! `--detection-only` runs part 3 alone (no 10M fill; for iterating on detection's cost); it
+//! prints and writes the detection figures only.
+//!
 //! Prints a table and writes every figure to `--out` (default `target/bench/collector.json`).
 //! The database lives under `--dir` (default `target/bench/collector-db`) and is removed at the
 //! end unless `--keep`.
@@ -198,7 +201,7 @@ fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: sluice-collector-bench [--out FILE] [--dir DIR] [--ingest N] [--total N] [--queries N] [--detect-events N] [--keep]"
+            "usage: sluice-collector-bench [--out FILE] [--dir DIR] [--ingest N] [--total N] [--queries N] [--detect-events N] [--detection-only] [--keep]"
         );
         return Ok(());
     }
@@ -216,6 +219,23 @@ fn run() -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if args.iter().any(|a| a == "--detection-only") {
+        let end = sluice_collector::store::now_ms();
+        let (off, on) = detection_pairs(&dir, detect_n, total, end, queries)?;
+        let detect_ratio = print_detection(detect_n, &off, &on);
+        let doc = json!({
+            "bench": "collector",
+            "detection": detection_json(detect_n, &off, &on, detect_ratio),
+        });
+        if let Some(d) = out.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+        if !keep {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Ok(());
+    }
     let store = Store::open(&dir.join("bench.db"))?;
     let end = sluice_collector::store::now_ms();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -313,16 +333,8 @@ fn run() -> Result<()> {
     let (b50, b99) = (pct(&base, 50), pct(&base, 99));
     let (x50, x99) = (pct(&text_times, 50), pct(&text_times, 99));
 
-    // 3. Detection off and on, interleaved twice (the first run of a process warms caches and
-    // the allocator: a single off-then-on pair flattered whichever ran second); the better run
-    // of each counts.
-    let mut off = detection_run(&dir, false, detect_n, total, end, queries, 0)?;
-    let mut on = detection_run(&dir, true, detect_n, total, end, queries, 0)?;
-    off = off.best(detection_run(
-        &dir, false, detect_n, total, end, queries, 1,
-    )?);
-    on = on.best(detection_run(&dir, true, detect_n, total, end, queries, 1)?);
-    let detect_ratio = on.rate / off.rate.max(1e-9);
+    // 3. Detection off and on.
+    let (off, on) = detection_pairs(&dir, detect_n, total, end, queries)?;
 
     println!("{:<44} {:>14} {:>12}", "figure", "value", "vs baseline");
     println!(
@@ -375,6 +387,63 @@ fn run() -> Result<()> {
         "{:<44} {:>14.1} {:>12}",
         "free text, 1 h window p99 ms", x99, ""
     );
+    let detect_ratio = print_detection(detect_n, &off, &on);
+    println!(
+        "database {:.1} GiB for {total} events; {rows} rows returned by {queries} filtered queries",
+        db_bytes as f64 / f64::from(1u32 << 30)
+    );
+    println!(
+        "targets: ingest >= 50,000 events/s: {}; filtered p99 <= 200 ms: {}",
+        if ingest_rate >= 50_000.0 {
+            "met"
+        } else {
+            "NOT met"
+        },
+        if p99 <= 200.0 { "met" } else { "NOT met" }
+    );
+    let doc = json!({
+        "bench": "collector",
+        "ingest": { "events": ingest_n, "batch": 1000, "events_per_s": ingest_rate,
+            "parse_only_events_per_s": parse_rate, "duplicates_events_per_s": dup_rate },
+        "fill": { "events": total, "batch": 10_000, "events_per_s": (total - ingest_n) as f64 / fill_s,
+            "seconds": fill_s, "db_bytes": db_bytes },
+        "query": { "queries": queries, "limit": 100, "p50_ms": p50, "p99_ms": p99,
+            "baseline_time_only_p50_ms": b50, "baseline_time_only_p99_ms": b99,
+            "free_text_1h_p50_ms": x50, "free_text_1h_p99_ms": x99, "rows": rows },
+        "detection": detection_json(detect_n, &off, &on, detect_ratio),
+        "targets": { "ingest_events_per_s": 50_000, "query_p99_ms": 200 },
+    });
+    if let Some(d) = out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    drop(store);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// Detection off and on, interleaved twice (the first run of a process warms caches and the
+/// allocator: a single off-then-on pair flattered whichever ran second); the better run of each
+/// counts.
+fn detection_pairs(
+    dir: &std::path::Path,
+    n: u64,
+    total: u64,
+    end: i64,
+    queries: usize,
+) -> Result<(DetectRun, DetectRun)> {
+    let mut off = detection_run(dir, false, n, total, end, queries, 0)?;
+    let mut on = detection_run(dir, true, n, total, end, queries, 0)?;
+    off = off.best(detection_run(dir, false, n, total, end, queries, 1)?);
+    on = on.best(detection_run(dir, true, n, total, end, queries, 1)?);
+    Ok((off, on))
+}
+
+/// Prints the detection rows of the table; returns the ratio on/off.
+fn print_detection(detect_n: u64, off: &DetectRun, on: &DetectRun) -> f64 {
+    let detect_ratio = on.rate / off.rate.max(1e-9);
     println!(
         "{:<44} {:>14.0} {:>12}",
         format!("detection off (baseline): ingest {detect_n}, events/s"),
@@ -406,44 +475,20 @@ fn run() -> Result<()> {
             "NOT met"
         }
     );
-    println!(
-        "database {:.1} GiB for {total} events; {rows} rows returned by {queries} filtered queries",
-        db_bytes as f64 / f64::from(1u32 << 30)
-    );
-    println!(
-        "targets: ingest >= 50,000 events/s: {}; filtered p99 <= 200 ms: {}",
-        if ingest_rate >= 50_000.0 {
-            "met"
-        } else {
-            "NOT met"
-        },
-        if p99 <= 200.0 { "met" } else { "NOT met" }
-    );
-    let doc = json!({
-        "bench": "collector",
-        "ingest": { "events": ingest_n, "batch": 1000, "events_per_s": ingest_rate,
-            "parse_only_events_per_s": parse_rate, "duplicates_events_per_s": dup_rate },
-        "fill": { "events": total, "batch": 10_000, "events_per_s": (total - ingest_n) as f64 / fill_s,
-            "seconds": fill_s, "db_bytes": db_bytes },
-        "query": { "queries": queries, "limit": 100, "p50_ms": p50, "p99_ms": p99,
-            "baseline_time_only_p50_ms": b50, "baseline_time_only_p99_ms": b99,
-            "free_text_1h_p50_ms": x50, "free_text_1h_p99_ms": x99, "rows": rows },
-        "detection": { "events": detect_n, "batch": 1000,
-            "off": { "events_per_s": off.rate, "query_p99_ms": off.p99, "query_p50_ms": off.p50 },
-            "on": { "events_per_s": on.rate, "query_p99_ms": on.p99, "query_p50_ms": on.p50,
-                "alerts": on.alerts, "repeats": on.repeats, "dropped": on.dropped },
-            "ratio_on_off": detect_ratio, "goal_ratio": 0.8 },
-        "targets": { "ingest_events_per_s": 50_000, "query_p99_ms": 200 },
-    });
-    if let Some(d) = out.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
-    drop(store);
-    if !keep {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    Ok(())
+    detect_ratio
+}
+
+fn detection_json(
+    detect_n: u64,
+    off: &DetectRun,
+    on: &DetectRun,
+    detect_ratio: f64,
+) -> serde_json::Value {
+    json!({ "events": detect_n, "batch": 1000,
+        "off": { "events_per_s": off.rate, "query_p99_ms": off.p99, "query_p50_ms": off.p50 },
+        "on": { "events_per_s": on.rate, "query_p99_ms": on.p99, "query_p50_ms": on.p50,
+            "alerts": on.alerts, "repeats": on.repeats, "dropped": on.dropped },
+        "ratio_on_off": detect_ratio, "goal_ratio": 0.8 })
 }
 
 /// The figures of one detection run.
@@ -508,11 +553,11 @@ fn detection_run(
         let o = c.store.ingest(
             &body,
             IngestOptions {
-                collect_new: c.detect.enabled(),
+                collect_parsed: c.detect.enabled(),
                 ..IngestOptions::default()
             },
         )?;
-        rt.block_on(c.detect.push(&o.new_events));
+        rt.block_on(c.detect.push(o.new_parsed));
         elapsed += t.elapsed().as_secs_f64();
         i += k;
     }
@@ -540,6 +585,13 @@ fn detection_run(
     }
     times.sort_by(f64::total_cmp);
     shutdown.cancel();
+    // The detection thread holds the collector until it sees the shutdown; wait for it, so
+    // closing this store (a WAL checkpoint) happens here and not during the next run.
+    let t = Instant::now();
+    while std::sync::Arc::strong_count(&c) > 1 && t.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(c);
     Ok(DetectRun {
         rate: n as f64 / elapsed,
         p50: pct(&times, 50),

@@ -132,8 +132,15 @@ pub struct Alert {
     pub state_at: Option<i64>,
 }
 
-const COLUMNS: &str = "id, detector, severity, user, device, state, title, summary, created, \
-                       updated, first_seen, last_seen, count, evidence, state_by, state_at";
+/// The columns of an alert row, as a literal for `concat!` (statements cached by their text).
+macro_rules! columns {
+    () => {
+        "id, detector, severity, user, device, state, title, summary, created, updated, \
+         first_seen, last_seen, count, evidence, state_by, state_at"
+    };
+}
+
+const COLUMNS: &str = columns!();
 
 fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
     let evidence: String = r.get(13)?;
@@ -173,103 +180,121 @@ fn ms(t: u64) -> i64 {
 /// Opens an alert for `f`, or adds it to the user's open one of the same detector.
 pub fn raise(store: &Store, rule: &Rule, f: &Finding) -> Result<Raised, AlertError> {
     let now = now_ms();
+    store.with_write(|tx| raise_in(tx, now, rule, f))
+}
+
+/// [`raise`] for each finding of a detection batch, in one transaction (a commit costs far more
+/// than the few rows an alert changes). A later finding sees what an earlier one opened, as
+/// with [`raise`] one at a time.
+pub fn raise_all(store: &Store, found: &[(&Rule, &Finding)]) -> Result<Vec<Raised>, AlertError> {
+    let now = now_ms();
+    store.with_write(|tx| {
+        found
+            .iter()
+            .map(|(rule, f)| raise_in(tx, now, rule, f))
+            .collect()
+    })
+}
+
+fn raise_in(
+    tx: &rusqlite::Transaction<'_>,
+    now: i64,
+    rule: &Rule,
+    f: &Finding,
+) -> Result<Raised, AlertError> {
     let detector = rule.detector.as_str();
     let t = ms(f.time);
-    store.with_write(|tx| -> Result<Raised, AlertError> {
-        let since = t.saturating_sub(ms(rule.dedup_ms));
-        let existing = tx
-            .query_row(
-                &format!(
-                    "SELECT {COLUMNS} FROM alerts WHERE user = ?1 AND detector = ?2 \
-                     AND state IN ('open', 'acknowledged') AND last_seen >= ?3 \
-                     ORDER BY last_seen DESC LIMIT 1"
-                ),
-                params![f.user, detector, since],
-                alert_row,
-            )
-            .optional()?;
-        if let Some(mut a) = existing {
-            for e in &f.evidence {
-                if !a.evidence.contains(e) {
-                    a.evidence.push(e.clone());
-                }
+    let since = t.saturating_sub(ms(rule.dedup_ms));
+    let existing = tx
+        .prepare_cached(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM alerts WHERE user = ?1 AND detector = ?2 \
+             AND state IN ('open', 'acknowledged') AND last_seen >= ?3 \
+             ORDER BY last_seen DESC LIMIT 1"
+        ))?
+        .query_row(params![f.user, detector, since], alert_row)
+        .optional()?;
+    if let Some(mut a) = existing {
+        for e in &f.evidence {
+            if !a.evidence.contains(e) {
+                a.evidence.push(e.clone());
             }
-            let extra = a.evidence.len().saturating_sub(MAX_EVIDENCE);
-            a.evidence.drain(..extra);
-            a.count += 1;
-            a.last_seen = a.last_seen.max(t);
-            a.first_seen = a.first_seen.min(t);
-            a.updated = now;
-            a.summary.clone_from(&f.summary);
-            tx.execute(
-                "UPDATE alerts SET count = ?2, evidence = ?3, last_seen = ?4, first_seen = ?5, \
-                 updated = ?6, summary = ?7 WHERE id = ?1",
-                params![
-                    a.id,
-                    a.count as i64,
-                    serde_json::to_string(&a.evidence).unwrap_or_else(|_| "[]".into()),
-                    a.last_seen,
-                    a.first_seen,
-                    now,
-                    a.summary
-                ],
-            )?;
-            return Ok(Raised::Repeat(a));
         }
-        let id: String = crate::store::random_secret("")?.chars().take(20).collect();
-        let mut evidence = f.evidence.clone();
-        let extra = evidence.len().saturating_sub(MAX_EVIDENCE);
-        evidence.drain(..extra);
-        let first = evidence
-            .iter()
-            .map(|e| ms(e.time))
-            .min()
-            .unwrap_or(t)
-            .min(t);
-        let a = Alert {
-            id,
-            detector: detector.to_owned(),
-            severity: rule.severity.as_str().to_owned(),
-            user: f.user.clone(),
-            device: f.device.clone(),
-            state: State::Open.as_str().to_owned(),
-            title: f.title.clone(),
-            summary: f.summary.clone(),
-            created: now,
-            updated: now,
-            first_seen: first,
-            last_seen: t,
-            count: 1,
-            evidence,
-            state_by: None,
-            state_at: None,
-        };
-        tx.execute(
-            &format!(
-                "INSERT INTO alerts({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
-                 ?11, ?12, ?13, ?14, ?15, ?16)"
-            ),
-            params![
-                a.id,
-                a.detector,
-                a.severity,
-                a.user,
-                a.device,
-                a.state,
-                a.title,
-                a.summary,
-                a.created,
-                a.updated,
-                a.first_seen,
-                a.last_seen,
-                1i64,
-                serde_json::to_string(&a.evidence).unwrap_or_else(|_| "[]".into()),
-                Option::<String>::None,
-                Option::<i64>::None
-            ],
-        )?;
-        Ok(Raised::New(a))
-    })
+        let extra = a.evidence.len().saturating_sub(MAX_EVIDENCE);
+        a.evidence.drain(..extra);
+        a.count += 1;
+        a.last_seen = a.last_seen.max(t);
+        a.first_seen = a.first_seen.min(t);
+        a.updated = now;
+        a.summary.clone_from(&f.summary);
+        tx.prepare_cached(
+            "UPDATE alerts SET count = ?2, evidence = ?3, last_seen = ?4, first_seen = ?5, \
+             updated = ?6, summary = ?7 WHERE id = ?1",
+        )?
+        .execute(params![
+            a.id,
+            a.count as i64,
+            serde_json::to_string(&a.evidence).unwrap_or_else(|_| "[]".into()),
+            a.last_seen,
+            a.first_seen,
+            now,
+            a.summary
+        ])?;
+        return Ok(Raised::Repeat(a));
+    }
+    let id: String = crate::store::random_secret("")?.chars().take(20).collect();
+    let mut evidence = f.evidence.clone();
+    let extra = evidence.len().saturating_sub(MAX_EVIDENCE);
+    evidence.drain(..extra);
+    let first = evidence
+        .iter()
+        .map(|e| ms(e.time))
+        .min()
+        .unwrap_or(t)
+        .min(t);
+    let a = Alert {
+        id,
+        detector: detector.to_owned(),
+        severity: rule.severity.as_str().to_owned(),
+        user: f.user.clone(),
+        device: f.device.clone(),
+        state: State::Open.as_str().to_owned(),
+        title: f.title.clone(),
+        summary: f.summary.clone(),
+        created: now,
+        updated: now,
+        first_seen: first,
+        last_seen: t,
+        count: 1,
+        evidence,
+        state_by: None,
+        state_at: None,
+    };
+    tx.prepare_cached(concat!(
+        "INSERT INTO alerts(",
+        columns!(),
+        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+    ))?
+    .execute(params![
+        a.id,
+        a.detector,
+        a.severity,
+        a.user,
+        a.device,
+        a.state,
+        a.title,
+        a.summary,
+        a.created,
+        a.updated,
+        a.first_seen,
+        a.last_seen,
+        1i64,
+        serde_json::to_string(&a.evidence).unwrap_or_else(|_| "[]".into()),
+        Option::<String>::None,
+        Option::<i64>::None
+    ])?;
+    Ok(Raised::New(a))
 }
 
 /// Which alerts a list shows (empty: any).
@@ -386,11 +411,37 @@ pub fn forward_json(a: &Alert) -> bytes::Bytes {
 /// Records an alert's opening or change of state in the activity log (a failure to is logged:
 /// the alert stands). OCSF Detection Finding (2004): activity 1 create, 2 update, 3 close.
 pub fn record(store: &Store, a: &Alert, by: &str) {
+    record_all(store, &[a], by);
+}
+
+/// [`record`] for several alerts, stored in one transaction.
+pub fn record_all(store: &Store, alerts: &[&Alert], by: &str) {
+    let mut lines = Vec::new();
+    for a in alerts {
+        if let Some(line) = record_line(a, by) {
+            lines.extend_from_slice(&line);
+            lines.push(b'\n');
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    match store.ingest(&lines, IngestOptions::default()) {
+        Ok(o) if o.rejected > 0 => {
+            tracing::error!(rejected = o.rejected, "recording alerts: events refused");
+        }
+        Ok(_) => {}
+        Err(err) => tracing::error!(error = %err, alerts = alerts.len(), "recording alerts"),
+    }
+}
+
+/// The activity log's event for `a`'s opening or change of state.
+fn record_line(a: &Alert, by: &str) -> Option<Vec<u8>> {
     let id = match crate::store::random_secret("") {
         Ok(id) => id.chars().take(32).collect::<String>(),
         Err(e) => {
-            tracing::error!(error = %e, "no randomness for an alert event");
-            return;
+            tracing::error!(error = %e, alert = %a.id, "no randomness for an alert event");
+            return None;
         }
     };
     let state = State::parse(&a.state).unwrap_or(State::Open);
@@ -438,8 +489,5 @@ pub fn record(store: &Store, a: &Alert, by: &str) {
         )),
         ..Sluice::default()
     });
-    let line = serde_json::to_vec(&e).unwrap_or_default();
-    if let Err(err) = store.ingest(&line, IngestOptions::default()) {
-        tracing::error!(error = %err, alert = %a.id, "recording an alert");
-    }
+    serde_json::to_vec(&e).ok()
 }

@@ -260,8 +260,8 @@ pub struct DetectionConfig {
     /// Whether detection runs at all. Default true.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Batches of new events waiting for detection; when full, new batches skip detection
-    /// (counted in `/api/v1/status` and logged), ingestion never waits. Default 4096.
+    /// Batches of new events waiting for detection; when full, ingestion waits for room (a
+    /// batch never skips detection; the waits are counted in `/api/v1/status`). Default 4096.
     #[serde(default = "default_queue")]
     pub queue: usize,
     /// Days of history baselines are measured over. Default 14.

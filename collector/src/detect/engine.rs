@@ -185,7 +185,7 @@ struct UserState {
     /// The newest event's time (which users are forgotten first when there are too many).
     last: u64,
     devices: HashSet<String>,
-    networks: HashSet<String>,
+    networks: HashSet<Net>,
     countries: HashSet<String>,
     apps: HashMap<String, AppState>,
     last_place: Option<Where>,
@@ -213,18 +213,41 @@ pub struct Engine {
     users: HashMap<String, UserState>,
 }
 
-/// `a.b.c.0/24` or `x:x:x::/48` for an address.
-pub fn network_of(ip: IpAddr) -> String {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
+/// A network as the new-network detector remembers it: a /24 or a /48, kept as its prefix
+/// (every event is looked up, and a formatted name per event cost more than the lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Net {
+    V4([u8; 3]),
+    V6([u16; 3]),
+}
+
+impl Net {
+    fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                Self::V4([o[0], o[1], o[2]])
+            }
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                Self::V6([s[0], s[1], s[2]])
+            }
         }
     }
+}
+
+impl std::fmt::Display for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::V4(o) => write!(f, "{}.{}.{}.0/24", o[0], o[1], o[2]),
+            Self::V6(s) => write!(f, "{:x}:{:x}:{:x}::/48", s[0], s[1], s[2]),
+        }
+    }
+}
+
+/// `a.b.c.0/24` or `x:x:x::/48` for an address.
+pub fn network_of(ip: IpAddr) -> String {
+    Net::of(ip).to_string()
 }
 
 fn insert_bounded(set: &mut HashSet<String>, key: &str) -> bool {
@@ -233,6 +256,23 @@ fn insert_bounded(set: &mut HashSet<String>, key: &str) -> bool {
     }
     set.insert(key.to_owned());
     true
+}
+
+fn insert_bounded_net(set: &mut HashSet<Net>, key: Net) -> bool {
+    if set.contains(&key) || set.len() >= MAX_KNOWN {
+        return false;
+    }
+    set.insert(key);
+    true
+}
+
+/// `s` in lower case, borrowed when it already is (as nearly every address is).
+fn lower(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii()) {
+        std::borrow::Cow::Owned(s.to_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
 }
 
 fn minutes(ms: u64) -> String {
@@ -328,28 +368,35 @@ impl Engine {
         if matches!(app, "sluice" | "portal") {
             return Vec::new();
         }
-        let email = user.email_addr.to_lowercase();
+        let email = lower(&user.email_addr);
         let groups = &user.groups;
         let activity = match sl {
-            Some(s) if !s.activity.is_empty() => s.activity.to_ascii_lowercase(),
-            _ => e.activity_name.to_ascii_lowercase(),
+            Some(s) if !s.activity.is_empty() => s.activity.as_str(),
+            _ => e.activity_name.as_str(),
         };
+        let is = |name: &str| activity.eq_ignore_ascii_case(name);
         let blocked = sl.is_some_and(|s| s.action.eq_ignore_ascii_case("block"));
         let t = e.time;
         let mut out = Vec::new();
         let learning_events = self.learning_events;
         let learning_ms = self.learning_ms;
         let history_ms = self.history_ms;
-        if self.users.len() >= MAX_USERS && !self.users.contains_key(&email) {
-            self.forget_least_recent();
+        // Looked up by reference: a known user (nearly every event) costs no allocation.
+        if !self.users.contains_key(&*email) {
+            if self.users.len() >= MAX_USERS {
+                self.forget_least_recent();
+            }
+            self.users.insert(
+                email.clone().into_owned(),
+                UserState {
+                    first: t,
+                    ..UserState::default()
+                },
+            );
         }
-        let u = self
-            .users
-            .entry(email.clone())
-            .or_insert_with(|| UserState {
-                first: t,
-                ..UserState::default()
-            });
+        let Some(u) = self.users.get_mut(&*email) else {
+            return out;
+        };
         u.first = u.first.min(t);
         u.last = u.last.max(t);
         let mature = u.events >= learning_events && t.saturating_sub(u.first) >= learning_ms;
@@ -362,7 +409,7 @@ impl Engine {
         };
         let finding = |d: Detector, title: String, summary: String| Finding {
             detector: d,
-            user: email.clone(),
+            user: email.clone().into_owned(),
             device: e.device.uid.clone(),
             time: t,
             title,
@@ -378,10 +425,10 @@ impl Engine {
         let files = (e.files.len() as u64).max(1);
         for (i, d) in VOLUME.iter().enumerate() {
             let counted = match d {
-                Detector::MassDownload => activity == "download",
-                Detector::MassUpload => activity == "upload",
-                Detector::MassDelete => activity == "delete",
-                _ => activity == "upload" && blocked,
+                Detector::MassDownload => is("download"),
+                Detector::MassUpload => is("upload"),
+                Detector::MassDelete => is("delete"),
+                _ => is("upload") && blocked,
             };
             if !counted {
                 continue;
@@ -452,7 +499,8 @@ impl Engine {
                 format!("New device {}{host}", e.device.uid),
                 format!(
                     "{email} used device {}{host} for the first time ({} {app})",
-                    e.device.uid, activity
+                    e.device.uid,
+                    activity.to_ascii_lowercase()
                 ),
             ));
         }
@@ -468,10 +516,18 @@ impl Engine {
                 .as_deref()
                 .filter(|s| !s.is_empty())
                 .unwrap_or(&p.name);
-            let a = u.apps.entry(app.to_owned()).or_insert_with(|| AppState {
-                first: t,
-                ..AppState::default()
-            });
+            if !u.apps.contains_key(app) {
+                u.apps.insert(
+                    app.to_owned(),
+                    AppState {
+                        first: t,
+                        ..AppState::default()
+                    },
+                );
+            }
+            let Some(a) = u.apps.get_mut(app) else {
+                return out;
+            };
             a.first = a.first.min(t);
             let app_mature =
                 a.events >= learning_events && t.saturating_sub(a.first) >= learning_ms;
@@ -497,8 +553,10 @@ impl Engine {
                 .or_else(|| s.ip.as_deref().and_then(|a| a.parse::<IpAddr>().ok()))
         });
         if let Some(ip) = addr {
-            let net = network_of(ip);
-            if insert_bounded(&mut u.networks, &net) && mature && on(Detector::NewNetwork).is_some()
+            let net = Net::of(ip);
+            if insert_bounded_net(&mut u.networks, net)
+                && mature
+                && on(Detector::NewNetwork).is_some()
             {
                 out.push(finding(
                     Detector::NewNetwork,

@@ -4,10 +4,17 @@
 //! risk on the risk board ([`crate::risk`]) until they are closed.
 //!
 //! Detection runs on one thread of its own, fed after each batch commits through a bounded
-//! queue: one consumer keeps every user's events in the order they were stored, the async
-//! workers never wait on it, and a full queue never holds ingestion back (the batch skips
-//! detection; drops are counted in `/api/v1/status` and logged). The detectors' state lives in
-//! memory and is rebuilt at start by replaying the newest stored events (without alerting).
+//! queue: one consumer keeps every user's events in the order they were stored, and the async
+//! workers never block on it. A full queue makes the ingestion request wait for room (a flood
+//! slows ingestion, agents keep their events spooled meanwhile) rather than let a batch skip
+//! detection; only a detection thread that is gone drops (counted in `/api/v1/status`, logged).
+//! The detectors' state lives in memory and is rebuilt at start by replaying the newest stored
+//! events (without alerting).
+//!
+//! The queue carries the events as ingestion parsed them for storing (parsing them again was
+//! most of detection's cost), and a batch's findings are stored together: its alerts in one
+//! transaction, their activity-log events in another (a commit costs far more than the rows
+//! an alert writes, and ingestion waits for the writer meanwhile).
 
 pub mod alerts;
 pub mod api;
@@ -27,7 +34,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use serde::Serialize;
 use sluice_protocol::Event;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +52,6 @@ struct Counters {
     processed: AtomicU64,
     dropped: AtomicU64,
     waited: AtomicU64,
-    unreadable: AtomicU64,
     alerts: AtomicU64,
     repeats: AtomicU64,
     failures: AtomicU64,
@@ -82,8 +87,8 @@ pub struct Report {
 /// The detection queue and its thread.
 #[derive(Debug)]
 pub struct Detection {
-    tx: Option<mpsc::SyncSender<Vec<Bytes>>>,
-    rx: Mutex<Option<mpsc::Receiver<Vec<Bytes>>>>,
+    tx: Option<mpsc::SyncSender<Vec<Event>>>,
+    rx: Mutex<Option<mpsc::Receiver<Vec<Event>>>>,
     counters: Arc<Counters>,
 }
 
@@ -108,17 +113,20 @@ impl Detection {
         self.tx.is_some()
     }
 
-    /// Hands newly stored events (their JSON) to detection. When the queue is full the caller
-    /// (an ingestion request) waits for room: a flood of events slows ingestion (agents keep
-    /// theirs spooled meanwhile) rather than letting a batch go unseen by the detectors, which
-    /// would let a user hide a burst behind noise.
-    pub async fn push(&self, events: &[Bytes]) {
+    /// Hands newly stored events (as ingestion parsed them: [`IngestOutcome::new_parsed`]) to
+    /// detection. When the queue is full the caller (an ingestion request) waits for room: a
+    /// flood of events slows ingestion (agents keep theirs spooled meanwhile) rather than
+    /// letting a batch go unseen by the detectors, which would let a user hide a burst behind
+    /// noise.
+    ///
+    /// [`IngestOutcome::new_parsed`]: crate::store::IngestOutcome::new_parsed
+    pub async fn push(&self, events: Vec<Event>) {
         let Some(tx) = &self.tx else { return };
         if events.is_empty() {
             return;
         }
         let n = events.len() as u64;
-        let batch = match tx.try_send(events.to_vec()) {
+        let batch = match tx.try_send(events) {
             Ok(()) => {
                 self.counters.queued.fetch_add(n, Relaxed);
                 return;
@@ -186,7 +194,7 @@ impl Detection {
     }
 }
 
-fn worker(c: &Arc<Collector>, rx: &mpsc::Receiver<Vec<Bytes>>, shutdown: &CancellationToken) {
+fn worker(c: &Arc<Collector>, rx: &mpsc::Receiver<Vec<Event>>, shutdown: &CancellationToken) {
     let cfg = &c.config.detection;
     let geo = cfg.geo.as_ref().and_then(|g| match geo::Geo::open(&g.database) {
         Ok(db) => {
@@ -269,22 +277,25 @@ fn rebuild(
     })
 }
 
-/// Looks at one batch of stored events.
-fn process(c: &Collector, engine: &mut Engine, batch: &[Bytes]) {
-    for raw in batch {
-        match serde_json::from_slice::<Event>(raw) {
-            Ok(e) => {
-                for f in engine.observe(&e, true) {
-                    let rule = engine.rule(f.detector).clone();
-                    found(c, &rule, &f);
-                }
-            }
-            Err(_) => {
-                c.detect.counters.unreadable.fetch_add(1, Relaxed);
-            }
-        }
-        c.detect.counters.processed.fetch_add(1, Relaxed);
+/// Looks at one batch of stored events, then stores what it found.
+fn process(c: &Collector, engine: &mut Engine, batch: &[Event]) {
+    let mut findings = Vec::new();
+    for e in batch {
+        findings.extend(engine.observe(e, true));
     }
+    if !findings.is_empty() {
+        let engine = &*engine;
+        let found: Vec<(&config::Rule, &Finding)> = findings
+            .iter()
+            .map(|f| (engine.rule(f.detector), f))
+            .collect();
+        store_findings(c, &found);
+    }
+    // Counted once the findings are stored: `idle` then means the alerts are there.
+    c.detect
+        .counters
+        .processed
+        .fetch_add(batch.len() as u64, Relaxed);
 }
 
 fn now_s() -> u64 {
@@ -294,39 +305,60 @@ fn now_s() -> u64 {
         .unwrap_or(0)
 }
 
-/// A finding: an alert opened (recorded, forwarded, the user's risk raised when the rule says
-/// so) or added to.
-fn found(c: &Collector, rule: &config::Rule, f: &Finding) {
+/// A batch's findings: alerts opened (recorded, forwarded, the user's risk raised when the rule
+/// says so) or added to. Stored in one transaction; should it fail, one by one, so one
+/// finding that cannot be stored does not lose the others.
+fn store_findings(c: &Collector, found: &[(&config::Rule, &Finding)]) {
     let k = &c.detect.counters;
-    match alerts::raise(&c.store, rule, f) {
-        Ok(Raised::New(a)) => {
-            k.alerts.fetch_add(1, Relaxed);
-            tracing::info!(alert = %a.id, detector = %a.detector, severity = %a.severity,
-                user = %a.user, title = %a.title, "alert opened");
-            alerts::record(&c.store, &a, "detector");
-            c.forward.push_alerts(&[alerts::forward_json(&a)]);
-            if let Some(r) = rule.raise_risk {
-                let until = r.for_s.map(|s| now_s().saturating_add(s));
-                let reason = format!("alert {}: {}", a.id, a.title);
-                if let Err(e) = c.risk.raise_user(
-                    &c.store,
-                    &a.user,
-                    r.level,
-                    until,
-                    &reason,
-                    Some(&a.id),
-                    &format!("detector {}", a.detector),
-                ) {
-                    tracing::error!(error = %e, alert = %a.id, "raising the user's risk");
-                }
+    let results: Vec<Result<Raised, AlertError>> = match alerts::raise_all(&c.store, found) {
+        Ok(all) => all.into_iter().map(Ok).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, findings = found.len(), "storing a batch's alerts: one by one");
+            found
+                .iter()
+                .map(|(rule, f)| alerts::raise(&c.store, rule, f))
+                .collect()
+        }
+    };
+    let mut opened = Vec::new();
+    for ((rule, f), r) in found.iter().zip(results) {
+        match r {
+            Ok(Raised::New(a)) => {
+                k.alerts.fetch_add(1, Relaxed);
+                tracing::info!(alert = %a.id, detector = %a.detector, severity = %a.severity,
+                    user = %a.user, title = %a.title, "alert opened");
+                opened.push((*rule, a));
+            }
+            Ok(Raised::Repeat(_)) => {
+                k.repeats.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                k.failures.fetch_add(1, Relaxed);
+                tracing::error!(error = %e, detector = %f.detector, user = %f.user, "storing an alert");
             }
         }
-        Ok(Raised::Repeat(_)) => {
-            k.repeats.fetch_add(1, Relaxed);
-        }
-        Err(e) => {
-            k.failures.fetch_add(1, Relaxed);
-            tracing::error!(error = %e, detector = %f.detector, user = %f.user, "storing an alert");
+    }
+    if opened.is_empty() {
+        return;
+    }
+    let new: Vec<&alerts::Alert> = opened.iter().map(|(_, a)| a).collect();
+    alerts::record_all(&c.store, &new, "detector");
+    let json: Vec<_> = new.iter().map(|a| alerts::forward_json(a)).collect();
+    c.forward.push_alerts(&json);
+    for (rule, a) in &opened {
+        let Some(r) = rule.raise_risk else { continue };
+        let until = r.for_s.map(|s| now_s().saturating_add(s));
+        let reason = format!("alert {}: {}", a.id, a.title);
+        if let Err(e) = c.risk.raise_user(
+            &c.store,
+            &a.user,
+            r.level,
+            until,
+            &reason,
+            Some(&a.id),
+            &format!("detector {}", a.detector),
+        ) {
+            tracing::error!(error = %e, alert = %a.id, "raising the user's risk");
         }
     }
 }

@@ -1,0 +1,295 @@
+//! The privilege split: what crosses between the privileged part (`sluice run`, root) and the
+//! unprivileged proxy (`sluice proxy`, its own user).
+//!
+//! The privileged part is small: it loads and attaches the eBPF programs and owns their maps,
+//! installs the nftables rules, reads other users' `/proc` entries, holds the interception CA's
+//! key and signs leaves with it, applies the fail mode (the kernel heartbeat) and supervises the
+//! proxy. The proxy parses every byte a user or a website sends (TLS, HTTP, archives, documents,
+//! DNS answers, bundles, the collector's replies) and holds no capability and no CA key: a parser
+//! bug there is a bug in a process that can read the steered traffic it is handed and write its
+//! own state, not root on the endpoint.
+//!
+//! The two talk over a Unix stream socket ([`crate::config::Config::privsep_socket`]) that only
+//! the proxy's user may use (checked with `SO_PEERCRED` on every connection). Each message is a
+//! frame: a 4-byte big-endian length and a JSON document of at most [`MAX_FRAME`] bytes. The
+//! proxy asks, the privileged part answers; the first exchange ([`Request::Hello`]) also hands
+//! over the listening sockets (`SCM_RIGHTS`), so the proxy binds nothing itself and needs no
+//! capability for ports below 1024 or for `IP_TRANSPARENT`.
+
+pub mod client;
+pub mod sandbox;
+pub mod server;
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::unix::net::UnixStream,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::steer::OriginRecord;
+
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 8 << 20;
+/// The protocol's version; both parts come from one binary, so a mismatch is a half-upgraded
+/// install and is refused.
+pub const VERSION: u32 = 1;
+
+/// Errors of the privilege split's channel.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivsepError {
+    /// The socket failed.
+    #[error("privileged part's socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame was too large or not the expected JSON.
+    #[error("privileged part's protocol: {0}")]
+    Protocol(String),
+    /// The other side refused the request.
+    #[error("refused by the privileged part: {0}")]
+    Refused(String),
+}
+
+/// What the proxy asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// The first request of the first connection: the listening sockets and what the proxy
+    /// needs to start.
+    Hello {
+        /// [`VERSION`].
+        version: u32,
+    },
+    /// Claims the origin record of an accepted endpoint connection (once).
+    Origin {
+        /// The accepted connection's peer address.
+        peer: SocketAddr,
+    },
+    /// Signs a leaf for `name` over the proxy's own public key.
+    Sign {
+        /// A host name or an IP address.
+        name: String,
+        /// The leaf's public key (SubjectPublicKeyInfo, DER).
+        spki: Vec<u8>,
+        /// The endpoint connection the leaf is for, when there is one.
+        peer: Option<SocketAddr>,
+    },
+    /// Steering, gateway and supervision status for `/status` and status events.
+    Status,
+    /// The DNS answers steered processes received since the last call (raw messages, parsed
+    /// by the proxy); waits up to a quarter of a second for one.
+    Dns,
+    /// The host's processes, for the posture checks.
+    Processes,
+    /// The SHA-256 of the executable process `pid` runs, if it is still `exe`.
+    HashExe {
+        /// The process.
+        pid: u32,
+        /// The executable it was seen running.
+        exe: std::path::PathBuf,
+        /// Largest file hashed.
+        max_bytes: u64,
+    },
+    /// `nft -j list ruleset`, for the firewall posture check.
+    Firewall,
+}
+
+/// What the privileged part answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    /// The answer to [`Request::Hello`]; the listening sockets follow as `SCM_RIGHTS`.
+    Welcome(Welcome),
+    /// The origin of the peer, if the kernel recorded one.
+    Origin(Option<OriginRecord>),
+    /// A signed leaf: the leaf and the CA certificate (DER).
+    Signed(Vec<Vec<u8>>),
+    /// Status for `/status`.
+    Status(serde_json::Value),
+    /// Raw DNS messages.
+    Dns(Vec<Vec<u8>>),
+    /// The process table.
+    Processes(crate::posture::process::Scan),
+    /// A SHA-256 (hex), or why there is none.
+    Hash(Result<String, String>),
+    /// `nft -j list ruleset`'s output, or why there is none.
+    Firewall(Result<String, String>),
+    /// The request was refused or failed.
+    Error(String),
+}
+
+/// The start-up facts the proxy gets with its sockets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Welcome {
+    /// [`VERSION`].
+    pub version: u32,
+    /// The interception CA's certificate (PEM): the last certificate of every leaf's chain.
+    pub ca_cert_pem: String,
+    /// The bytes the privileged part's heartbeat probe sends first; a connection that sends
+    /// them is answered with [`crate::proxy::PROBE_REPLY`].
+    pub probe_token: String,
+    /// What each passed socket is, in order.
+    pub sockets: Vec<Passed>,
+    /// The endpoint listeners' port, when endpoint steering is on.
+    pub endpoint_port: Option<u16>,
+    /// The gateway's transparent listeners' port, when gateway mode is on.
+    pub gateway_port: Option<u16>,
+    /// Whether endpoint steering is attached (DNS answers and origins are available).
+    pub steering: bool,
+}
+
+/// A listening socket handed to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Passed {
+    /// An endpoint listener (loopback, steered by the cgroup hooks).
+    Endpoint,
+    /// A gateway transparent listener (TPROXY).
+    Gateway,
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), PrivsepError> {
+    let body = serde_json::to_vec(msg).map_err(|e| PrivsepError::Protocol(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(PrivsepError::Protocol(format!(
+            "a frame of {} bytes is larger than {MAX_FRAME}",
+            body.len()
+        )));
+    }
+    let len = u32::try_from(body.len()).map_err(|e| PrivsepError::Protocol(e.to_string()))?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf)?;
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream before a frame.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(
+    r: &mut impl Read,
+) -> Result<Option<T>, PrivsepError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(PrivsepError::Protocol(format!(
+            "a frame of {len} bytes is larger than {MAX_FRAME}"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| PrivsepError::Protocol(e.to_string()))
+}
+
+/// Sends `fds` with one marker byte (`SCM_RIGHTS`).
+pub fn send_fds(sock: &UnixStream, fds: &[RawFd]) -> Result<(), PrivsepError> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let iov = [std::io::IoSlice::new(b"F")];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+        .map_err(|e| PrivsepError::Io(e.into()))?;
+    Ok(())
+}
+
+/// Receives up to `max` descriptors sent with [`send_fds`].
+pub fn recv_fds(sock: &UnixStream, max: usize) -> Result<Vec<OwnedFd>, PrivsepError> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 8]);
+    if max > 8 {
+        return Err(PrivsepError::Protocol("more than 8 sockets".into()));
+    }
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| PrivsepError::Io(e.into()))?;
+    let mut out = Vec::new();
+    for c in msg.cmsgs().map_err(|e| PrivsepError::Io(e.into()))? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: the kernel just installed `fd` in this process for this message; it is
+                // owned by nothing else.
+                out.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if msg.bytes != 1 {
+        return Err(PrivsepError::Protocol("no sockets were passed".into()));
+    }
+    Ok(out)
+}
+
+/// The uid and pid of the process at the other end of `sock`.
+pub fn peer_cred(sock: &UnixStream) -> Result<(u32, i32), PrivsepError> {
+    let c = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| PrivsepError::Io(e.into()))?;
+    Ok((c.uid(), c.pid()))
+}
+
+/// The uid and gid of a user name (or a number).
+pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+    if let Ok(uid) = name.parse::<u32>() {
+        let user =
+            nix::unistd::User::from_uid(uid.into()).map_err(|e| format!("uid {uid}: {e}"))?;
+        return Ok((uid, user.map_or(uid, |u| u.gid.as_raw())));
+    }
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
+        Ok(None) => Err(format!(
+            "the proxy's user `{name}` does not exist: create it (`useradd --system --no-create-home --shell /usr/sbin/nologin {name}`) or set privsep.user"
+        )),
+        Err(e) => Err(format!("looking up the user `{name}`: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_oversized_ones_are_refused() {
+        let (mut a, mut b) = UnixStream::pair().expect("pair");
+        write_frame(
+            &mut a,
+            &Request::Origin {
+                peer: "127.0.0.1:4000".parse().expect("addr"),
+            },
+        )
+        .expect("write");
+        let got: Request = read_frame(&mut b).expect("read").expect("frame");
+        assert!(matches!(got, Request::Origin { peer } if peer.port() == 4000));
+        a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+            .expect("write");
+        assert!(matches!(
+            read_frame::<Request>(&mut b),
+            Err(PrivsepError::Protocol(_))
+        ));
+        drop(a);
+        assert!(read_frame::<Request>(&mut b).expect("eof").is_none());
+    }
+
+    #[test]
+    fn sockets_pass_with_their_marker() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        send_fds(&a, &[l.as_raw_fd()]).expect("send");
+        let fds = recv_fds(&b, 1).expect("recv");
+        assert_eq!(fds.len(), 1);
+        let got = std::net::TcpListener::from(fds.into_iter().next().expect("fd"));
+        assert_eq!(got.local_addr().expect("addr").port(), port);
+        assert_eq!(peer_cred(&a).expect("cred").1, std::process::id() as i32);
+    }
+}

@@ -1,0 +1,3 @@
+//! Parts of the `sluice-collector` command that are more than a call into the library.
+
+pub mod status;
