@@ -430,6 +430,19 @@ impl Admin {
         })
     }
 
+    /// Serves on a listener bound elsewhere (the privileged part binds it once, so the address
+    /// stays the same when the proxy is started again).
+    pub fn with_listener(
+        listener: std::net::TcpListener,
+        state: AdminState,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener: TcpListener::from_std(listener)?,
+            state,
+        })
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()

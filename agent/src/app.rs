@@ -117,6 +117,12 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         sockets.extend(l.into_fds()?.into_iter().map(|f| (f, Passed::Gateway)));
     }
 
+    // The admin endpoints are served by the proxy on a socket bound here once: the address does
+    // not change when the proxy is started again.
+    let admin = std::net::TcpListener::bind(config.admin.listen)
+        .with_context(|| format!("binding the admin endpoint on {}", config.admin.listen))?;
+    sockets.push((std::os::fd::OwnedFd::from(admin), Passed::Admin));
+
     let result = async {
         let privileged = Arc::new(
             Privileged::new(Parts {
@@ -521,25 +527,22 @@ pub async fn run_proxy(
     crate::posture::read_host_through(link.clone());
     let shutdown = CancellationToken::new();
     let stats = Arc::new(ProxyStats::default());
-    let passed: Vec<(std::os::fd::OwnedFd, Front)> = sockets
-        .into_iter()
-        .zip(&welcome.sockets)
-        .map(|(fd, p)| {
-            (
-                fd,
-                match p {
-                    Passed::Endpoint => Front::Endpoint,
-                    Passed::Gateway => Front::Gateway,
-                },
-            )
-        })
-        .collect();
+    let mut passed: Vec<(std::os::fd::OwnedFd, Front)> = Vec::new();
+    let mut admin = None;
+    for (fd, p) in sockets.into_iter().zip(&welcome.sockets) {
+        match p {
+            Passed::Endpoint => passed.push((fd, Front::Endpoint)),
+            Passed::Gateway => passed.push((fd, Front::Gateway)),
+            Passed::Admin => admin = Some(std::net::TcpListener::from(fd)),
+        }
+    }
+    let admin = admin.context("the privileged part passed no admin listener")?;
     supervise(
         &config_path,
         &config,
         link,
         welcome,
-        passed,
+        (passed, admin),
         sandbox,
         stats,
         shutdown,
@@ -553,7 +556,7 @@ async fn supervise(
     config: &Config,
     link: Arc<crate::privsep::client::Link>,
     welcome: crate::privsep::Welcome,
-    passed: Vec<(std::os::fd::OwnedFd, Front)>,
+    (passed, admin_listener): (Vec<(std::os::fd::OwnedFd, Front)>, std::net::TcpListener),
     sandbox: crate::privsep::sandbox::Entered,
     stats: Arc<ProxyStats>,
     shutdown: CancellationToken,
@@ -729,8 +732,8 @@ async fn supervise(
         );
         tokio::spawn(r.run(probe, report_shutdown.clone()))
     });
-    let admin = Admin::bind(
-        config.admin.listen,
+    let admin = Admin::with_listener(
+        admin_listener,
         AdminState {
             remote: remote.clone(),
             link: Some(link.clone()),
@@ -744,8 +747,7 @@ async fn supervise(
             device: Some(device_state.clone()),
         },
     )
-    .await
-    .with_context(|| format!("binding the admin endpoint on {}", config.admin.listen))?;
+    .context("serving the admin endpoint")?;
     let admin_addr = admin.local_addr()?;
     tracing::info!(addr = %admin_addr, "admin endpoints listening");
     // Where the admin endpoint is, for tools and tests when `admin.listen` asks for any port.

@@ -731,10 +731,33 @@ fn ca_init(a: CaInitArgs) -> anyhow::Result<()> {
             dir = dir.display()
         );
     }
+    let catalogue = |set: &sluice_policy::PolicySet| -> Vec<String> {
+        let mut apps: Vec<_> = set.apps.values().map(|c| &c.app).collect();
+        apps.sort_by(|x, y| x.id.cmp(&y.id));
+        apps.iter().flat_map(|x| x.hosts.clone()).collect()
+    };
     let permitted = match &a.org {
         None => None,
         Some(_) => {
             let mut hosts: Vec<String> = cfg.apps.iter().flat_map(|x| x.hosts.clone()).collect();
+            // The configured bundle's catalogue, as the agent last verified it.
+            if let Some(b) = &cfg.bundle {
+                match sluice::bundle::read_last_good(&cfg.state_dir, &b.public_key) {
+                    Ok(set) => {
+                        say!(
+                            "catalogue: the configured bundle's (revision {}, the last good one in {})",
+                            set.revision,
+                            cfg.state_dir.join("bundle").display()
+                        );
+                        hosts.extend(catalogue(&set));
+                    }
+                    Err(e) if a.bundle.is_empty() => say!(
+                        "note: the configured bundle's catalogue is not on this host yet ({e}); \
+                         give it with --bundle to permit its hosts"
+                    ),
+                    Err(_) => {}
+                }
+            }
             for b in &a.bundle {
                 let set = load_policies(b).map_err(|e| {
                     e.context(format!(
@@ -742,9 +765,7 @@ fn ca_init(a: CaInitArgs) -> anyhow::Result<()> {
                         b.display()
                     ))
                 })?;
-                let mut apps: Vec<_> = set.apps.values().map(|c| &c.app).collect();
-                apps.sort_by(|x, y| x.id.cmp(&y.id));
-                hosts.extend(apps.iter().flat_map(|x| x.hosts.clone()));
+                hosts.extend(catalogue(&set));
             }
             hosts.extend(a.permit.iter().cloned());
             if hosts.is_empty() {
@@ -827,13 +848,13 @@ fn status(
             from: "--admin".into(),
         },
         (None, Some(c)) => target_from_config(&c)?,
-        (None, None) if std::path::Path::new(DEFAULT_CONFIG).exists() => {
-            target_from_config(std::path::Path::new(DEFAULT_CONFIG))?
+        // The packaged configuration may be unreadable to this user: then the default address.
+        (None, None) => {
+            target_from_config(std::path::Path::new(DEFAULT_CONFIG)).unwrap_or_else(|e| Target {
+                addr: std::net::SocketAddr::from(([127, 0, 0, 1], 15090)),
+                from: format!("the default address; {DEFAULT_CONFIG}: {e:#}"),
+            })
         }
-        (None, None) => Target {
-            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 15090)),
-            from: format!("the default address ({DEFAULT_CONFIG} does not exist)"),
-        },
     };
     let body = fetch(&target)?;
     if json {

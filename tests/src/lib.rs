@@ -129,6 +129,15 @@ mod tests {
     }
 }
 
+/// A copy of `src` (a public certificate) at `dst` that any user may read: the agent's
+/// unprivileged proxy reads the collector's CA, whose own directory is the collector's alone.
+pub fn readable_copy(src: &Path, dst: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::copy(src, dst)?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o644))?;
+    Ok(dst.to_owned())
+}
+
 /// Fails the calling test clearly when not run as root: root-only tests must never pass by
 /// skipping.
 pub fn require_root() {

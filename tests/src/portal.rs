@@ -133,6 +133,7 @@ pub fn start_collector_with(
     if exited || TcpStream::connect(("127.0.0.1", port)).is_err() {
         bail!("the collector did not listen: {}", c.log());
     }
+    c.ca = crate::readable_copy(&c.ca, &dir.join("collector-ca.pem"))?;
     Ok(c)
 }
 

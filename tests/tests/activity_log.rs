@@ -220,7 +220,12 @@ fn a_collector_outage_and_a_killed_agent_lose_and_double_nothing() {
         "default",
     ]);
     collector.start();
-    let collector_ca = state.join("tls/ca.pem");
+    // The collector's state is its own (0700): the agent's proxy reads a copy of its CA.
+    let collector_ca = sluice_e2e::readable_copy(
+        &state.join("tls/ca.pem"),
+        &state.parent().unwrap().join("collector-ca.pem"),
+    )
+    .unwrap();
     let url = format!("https://127.0.0.1:{port}");
 
     // The demo app and the agent, enrolled with a one-time token.

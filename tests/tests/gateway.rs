@@ -1015,7 +1015,12 @@ fn an_enrolled_endpoint_behind_the_gateway_is_not_intercepted_twice() {
         }
     }
     let _collector = Kill(collector);
-    let collector_ca = state.join("tls/ca.pem");
+    // The collector's state is its own (0700): the agent's proxy reads a copy of its CA.
+    let collector_ca = sluice_e2e::readable_copy(
+        &state.join("tls/ca.pem"),
+        &state.parent().unwrap().join("collector-ca.pem"),
+    )
+    .unwrap();
     let url = format!("https://{collector_ip}:8444");
     let up = wait_until(Duration::from_secs(20), || {
         b.net

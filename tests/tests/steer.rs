@@ -681,3 +681,275 @@ fn a_process_in_another_network_namespace_cannot_claim_a_host_record() {
     assert!(line.starts_with("proxy "), "{line}");
     assert_eq!(field(&line, "dst"), "127.0.0.12:7001", "{line}");
 }
+
+/// The private scalar of a PKCS#8 P-256 key (PEM): the bytes that must never be in the proxy.
+fn ec_private_scalar(pem: &str) -> Vec<u8> {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64_decode(&b64);
+    // ECPrivateKey: SEQUENCE { INTEGER 1, OCTET STRING (32) privateKey, ... }
+    let at = der
+        .windows(5)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+        .expect("an EC private key");
+    der[at + 5..at + 37].to_vec()
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            _ => 63,
+        }
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= val(c) << (18 - 6 * i);
+        }
+        out.push((n >> 16) as u8);
+        if chunk.len() > 2 {
+            out.push((n >> 8) as u8);
+        }
+        if chunk.len() > 3 {
+            out.push(n as u8);
+        }
+    }
+    out
+}
+
+/// Whether `needle` is anywhere in the readable memory of process `pid`.
+fn memory_holds(pid: u32, needle: &[u8]) -> bool {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').expect("range");
+        let (a, b) = (
+            u64::from_str_radix(a, 16).expect("start"),
+            u64::from_str_radix(b, 16).expect("end"),
+        );
+        let mut buf = vec![0u8; (b - a) as usize];
+        if mem.seek(SeekFrom::Start(a)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        if memchr::memmem::find(&buf, needle).is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+/// The privilege split, checked on the running processes: the proxy runs as its own user with no
+/// capability, `no_new_privs` and a seccomp filter, and its memory never holds the CA key (which
+/// the privileged part's does: the search can find it). Only the proxy's uid may use the
+/// privileged socket, and a proxy taken over gets no leaf for a name no app has. Killed, the proxy
+/// is started again by the privileged part, and while it is gone the fail mode holds.
+#[test]
+#[ignore = "needs root"]
+fn the_proxy_runs_unprivileged_without_the_ca_key_and_is_restarted_when_killed() {
+    require_root();
+    let origin = LineServer::start("127.0.0.13:0".parse().expect("addr"), |_| "origin".into())
+        .expect("origin");
+    let dst = origin.addr.to_string();
+    let cg = TestCgroup::new("privsep");
+    let tmp = sluice_e2e::TempDir::new("e2e-privsep");
+    let include = format!(
+        "{{ cidr = \"127.0.0.13/32\", ports = [{}] }}",
+        origin.addr.port()
+    );
+    let cfg = agent_config(&cg, &tmp.join("state"), &include, 0)
+        .replace("heartbeat_bound_ms = 1000", "heartbeat_bound_ms = 500")
+        .replace("[proxy]", "fail_mode = \"closed\"\n[proxy]");
+    let inside = InCgroup::at(&cg.dir);
+    let agent = Agent::launch(&cfg, &tmp).expect("agent starts");
+    assert_eq!(
+        probe(&inside, &["tcp", &dst]).expect("through the proxy"),
+        "origin"
+    );
+    let st = agent.status().expect("status");
+    let proxy = st["privsep"]["proxy_pid"].as_u64().expect("proxy pid") as u32;
+    let uid = st["privsep"]["proxy_uid"].as_u64().expect("proxy uid") as u32;
+    assert_ne!(proxy, agent.child.id(), "the proxy is a process of its own");
+    assert_ne!(uid, 0);
+    assert_eq!(st["privsep"]["sandbox"]["landlock"], "fully enforced", "{st}");
+
+    // /proc/PID/status of the running proxy.
+    let status = std::fs::read_to_string(format!("/proc/{proxy}/status")).expect("status");
+    let line = |k: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .unwrap_or_else(|| panic!("no {k} in {status}"))
+            .trim()
+            .to_owned()
+    };
+    println!(
+        "proxy pid {proxy}: Uid {} | Gid {} | CapEff {} | CapPrm {} | NoNewPrivs {} | Seccomp {}",
+        line("Uid"),
+        line("Gid"),
+        line("CapEff"),
+        line("CapPrm"),
+        line("NoNewPrivs"),
+        line("Seccomp")
+    );
+    for u in line("Uid").split_whitespace() {
+        assert_eq!(u, uid.to_string(), "every uid is the proxy's: {}", line("Uid"));
+    }
+    assert_eq!(line("CapEff"), "0000000000000000");
+    assert_eq!(line("CapPrm"), "0000000000000000");
+    assert_eq!(line("NoNewPrivs"), "1");
+    assert_eq!(line("Seccomp"), "2", "a seccomp filter is in force");
+    assert_ne!(line("Groups"), "0", "no supplementary root group");
+
+    // The CA key's private scalar: in the privileged part's memory (so the search works), never
+    // in the proxy's.
+    let key = std::fs::read_to_string(tmp.join("state/ca/ca.key")).expect("ca key");
+    let scalar = ec_private_scalar(&key);
+    assert!(
+        memory_holds(agent.child.id(), &scalar),
+        "the search finds the key where it is"
+    );
+    assert!(
+        !memory_holds(proxy, &scalar),
+        "the CA key is in the proxy's memory"
+    );
+    assert!(!memory_holds(proxy, key.as_bytes()), "the PEM key in the proxy");
+    let ca_dir = std::fs::metadata(tmp.join("state/ca")).expect("ca dir");
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    assert_eq!((ca_dir.uid(), ca_dir.permissions().mode() & 0o777), (0, 0o700));
+
+    // The privileged socket: another user is refused; the proxy's uid is served, but a leaf for
+    // a name no app has, with no steered connection, is refused.
+    let sock = tmp.join("state/privsep.sock");
+    let ask = |as_uid: u32, req: &str| -> String {
+        let script = r#"
+import json, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("denied:", e)
+    sys.exit(0)
+try:
+    body = sys.argv[2].encode()
+    s.sendall(struct.pack(">I", len(body)) + body)
+    head = s.recv(4)
+except OSError:
+    head = b""
+if len(head) < 4:
+    print("closed")
+else:
+    n = struct.unpack(">I", head)[0]
+    data = b""
+    while len(data) < n:
+        data += s.recv(n - len(data))
+    print(data.decode())
+"#;
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&sock)
+            .arg(req)
+            .uid(as_uid)
+            .gid(as_uid)
+            .output()
+            .expect("python3");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    use std::os::unix::process::CommandExt as _;
+    let status_req = r#""status""#;
+    // Another user: the socket's mode keeps them out; root (past the mode) is refused by the
+    // peer check.
+    let other = ask(65534, status_req);
+    assert!(other.starts_with("denied:"), "another user: {other}");
+    assert_eq!(ask(0, status_req), "closed", "root is refused by the peer check");
+    let gid = nix::unistd::User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .expect("user")
+        .gid
+        .as_raw();
+    let ask_as_proxy = |req: &str| -> String {
+        let script = r#"
+import json, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+body = sys.argv[2].encode()
+s.sendall(struct.pack(">I", len(body)) + body)
+n = struct.unpack(">I", s.recv(4))[0]
+data = b""
+while len(data) < n:
+    data += s.recv(n - len(data))
+print(data.decode())
+"#;
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&sock)
+            .arg(req)
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .expect("python3");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(
+        ask_as_proxy(status_req).contains("\"steer\""),
+        "the proxy's uid is served"
+    );
+    let refused = ask_as_proxy(
+        r#"{"sign":{"name":"bank.example","spki":[48,0],"peer":null,"dst":null}}"#,
+    );
+    assert!(
+        refused.contains("no catalogued app has `bank.example`"),
+        "{refused}"
+    );
+    let st = agent.status().expect("status");
+    assert!(st["privsep"]["peers_refused"].as_u64() >= Some(1), "{st}");
+    assert!(st["privsep"]["leaves_refused"].as_u64() >= Some(1), "{st}");
+
+    // Hung (stopped): the heartbeat goes unanswered and the kernel refuses (fail-closed).
+    // Killed: started again by the privileged part, and served again.
+    let pid = nix::unistd::Pid::from_raw(proxy as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("stop the proxy");
+    std::thread::sleep(Duration::from_millis(600));
+    let refused = wait_until(Duration::from_secs(2), || {
+        probe(&inside, &["tcp", &dst])
+            .err()
+            .is_some_and(|e| e.to_string().contains("Operation not permitted"))
+    });
+    assert!(refused, "a hung proxy's connections were not refused");
+    nix::sys::signal::kill(pid, Signal::SIGKILL).expect("kill the proxy");
+    let killed = Instant::now();
+    let back = wait_until(Duration::from_secs(10), || {
+        agent.status().is_ok_and(|s| {
+            s["privsep"]["restarts"].as_u64() >= Some(1)
+                && s["privsep"]["proxy_pid"]
+                    .as_u64()
+                    .is_some_and(|p| p != u64::from(proxy))
+        }) && probe(&inside, &["tcp", &dst]).is_ok_and(|l| l == "origin")
+    });
+    assert!(
+        back,
+        "the proxy was not started again: {}",
+        std::fs::read_to_string(&agent.log).unwrap_or_default()
+    );
+    let st = agent.status().expect("status");
+    println!(
+        "proxy killed: served again after {:?}; last exit: {}",
+        killed.elapsed(),
+        st["privsep"]["last_exit"]
+    );
+    assert_eq!(st["privsep"]["last_exit"], "killed by signal 9", "{st}");
+    drop(agent);
+}

@@ -434,10 +434,10 @@ pub fn render(v: &Value, now: u64) -> String {
             };
             let measured = match at(d, "measured").and_then(Value::as_bool) {
                 Some(true) => "measured",
-                Some(false) => "not measured (no posture.yaml)",
+                Some(false) => "not measured: the bundle has no posture.yaml",
                 None => "measured -",
             };
-            line("posture", format!("tags {tags} ({measured})"));
+            line("posture", format!("tags {tags}; {measured}"));
             let checks = at(d, "checks").and_then(Value::as_array);
             let failing: Vec<String> = checks
                 .into_iter()
@@ -454,6 +454,7 @@ pub fn render(v: &Value, now: u64) -> String {
                 .collect();
             let checks_line = match checks {
                 None => "-".into(),
+                Some(c) if c.is_empty() => "none".into(),
                 Some(c) if failing.is_empty() => format!("all {} pass", c.len()),
                 Some(c) => format!(
                     "{} of {} not passing: {}",
@@ -495,7 +496,7 @@ pub fn render(v: &Value, now: u64) -> String {
         ),
     );
     if let Some(p) = at(v, "privsep") {
-        line("privsep", flat(p));
+        line("privsep", privsep(p));
     }
 
     let mut errors = Vec::new();
@@ -523,6 +524,43 @@ pub fn render(v: &Value, now: u64) -> String {
         text.push_str(&l);
     }
     text
+}
+
+/// The privilege split: the proxy's process first (under the names the agent uses, `proxy_pid`
+/// or `proxy.pid`), then whatever else it reports.
+fn privsep(p: &Value) -> String {
+    let pick = |names: &[&str]| names.iter().find_map(|n| at(p, n)).map(scalar);
+    let pid = pick(&["proxy_pid", "proxy.pid", "pid"]);
+    let uid = pick(&["proxy_uid", "proxy.uid", "uid"]);
+    let restarts = pick(&["restarts", "proxy.restarts"]);
+    if pid.is_none() && uid.is_none() && restarts.is_none() {
+        return flat(p);
+    }
+    let mut rest = p.clone();
+    if let Some(m) = rest.as_object_mut() {
+        for k in ["proxy_pid", "proxy_uid", "pid", "uid", "restarts"] {
+            m.remove(k);
+        }
+        if let Some(proxy) = m.get_mut("proxy").and_then(Value::as_object_mut) {
+            for k in ["pid", "uid", "restarts"] {
+                proxy.remove(k);
+            }
+            if proxy.is_empty() {
+                m.remove("proxy");
+            }
+        }
+    }
+    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let head = format!(
+        "proxy pid {}, uid {}, {} restarts",
+        dash(pid),
+        dash(uid),
+        dash(restarts)
+    );
+    match rest.as_object() {
+        Some(m) if !m.is_empty() => format!("{head}; {}", flat(&rest)),
+        _ => head,
+    }
 }
 
 /// An object of unknown shape as `key value` pairs, nested keys joined with dots.
@@ -637,12 +675,12 @@ mod tests {
             "revision 2026-01-31.2 from url, 12 policies; activated 3h 2m ago, confirmed 20s ago; 1 refused",
             "https://127.0.0.1:8443: NOT reachable (retrying, 2 failures in a row); last batch 1m 5s ago, 483 events shipped",
             "17 events waiting (20.0 KiB, 1 segments); 0 dropped, 0 corrupt, 0 not spooled",
-            "tags managed, disk_encrypted (measured)",
+            "tags managed, disk_encrypted; measured",
             "1 of 2 not passing: fw fail (no ruleset loaded)",
             "device mark none; 1 users at risk (marks revision 7)",
             "eth0 10.0.0.5; public 203.0.113.9",
             "2 applied, 0 refused",
-            "privsep      proxy.pid 4243, proxy.uid 998, restarts 1",
+            "privsep      proxy pid 4243, uid 998, 1 restarts",
             "bundle: fetch: timed out; shipping: connection refused",
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
@@ -691,6 +729,26 @@ mod tests {
         assert!(out.contains("- accepted"), "{out}");
         assert!(out.contains("privsep      3"), "{out}");
         assert!(out.contains("reachability -"), "{out}");
+    }
+
+    #[test]
+    fn privsep_as_the_agent_reports_it() {
+        let mut v = sample();
+        v["privsep"] = serde_json::json!({
+            "spawned": true, "proxy_pid": 27233, "proxy_uid": 999, "restarts": 0,
+            "last_exit": null, "leaves_signed": 12,
+            "sandbox": {"landlock": "fully enforced", "no_new_privs": true}
+        });
+        let out = render(&v, NOW);
+        assert!(
+            out.contains(
+                "privsep      proxy pid 27233, uid 999, 0 restarts; last_exit -, leaves_signed 12, \
+                 sandbox.landlock fully enforced, sandbox.no_new_privs true, spawned true"
+            ),
+            "{out}"
+        );
+        v["privsep"] = serde_json::json!({"mode": "off"});
+        assert!(render(&v, NOW).contains("privsep      mode off"));
     }
 
     #[test]

@@ -165,12 +165,13 @@ impl LeafSigner for Link {
         &self,
         name: &str,
         spki: &[u8],
-        peer: Option<SocketAddr>,
+        conn: Option<crate::proxy::ca::Conn>,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         let req = Request::Sign {
             name: name.to_owned(),
             spki: spki.to_vec(),
-            peer,
+            peer: conn.map(|c| c.0),
+            dst: conn.map(|c| c.1),
         };
         match self.call(&req) {
             Ok(Response::Signed(chain)) if !chain.is_empty() => {

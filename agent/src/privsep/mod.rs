@@ -72,8 +72,10 @@ pub enum Request {
         name: String,
         /// The leaf's public key (SubjectPublicKeyInfo, DER).
         spki: Vec<u8>,
-        /// The endpoint connection the leaf is for, when there is one.
+        /// The peer of the connection the leaf is for, when there is one.
         peer: Option<SocketAddr>,
+        /// That connection's original destination.
+        dst: Option<SocketAddr>,
     },
     /// Steering, gateway and supervision status for `/status` and status events.
     Status,
@@ -147,6 +149,8 @@ pub enum Passed {
     Endpoint,
     /// A gateway transparent listener (TPROXY).
     Gateway,
+    /// The admin endpoints' listener (`admin.listen`).
+    Admin,
 }
 
 /// Writes one frame.

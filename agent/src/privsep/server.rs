@@ -321,7 +321,12 @@ impl Privileged {
         match req {
             Request::Hello { .. } => Response::Error("hello only opens a connection".into()),
             Request::Origin { peer } => Response::Origin(self.origin(peer)),
-            Request::Sign { name, spki, peer } => match self.sign(&name, &spki, peer) {
+            Request::Sign {
+                name,
+                spki,
+                peer,
+                dst,
+            } => match self.sign(&name, &spki, peer.zip(dst)) {
                 Ok(chain) => Response::Signed(chain),
                 Err(e) => {
                     self.refused.fetch_add(1, Ordering::Relaxed);
@@ -359,14 +364,15 @@ impl Privileged {
         &self,
         name: &str,
         spki: &[u8],
-        peer: Option<SocketAddr>,
+        conn: Option<(SocketAddr, SocketAddr)>,
     ) -> Result<Vec<Vec<u8>>, String> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        let claimed = peer.and_then(|p| {
-            lock(&self.claims)
-                .get(&p)
+        let claimed = conn.and_then(|(peer, dst)| {
+            let steered = lock(&self.claims)
+                .get(&peer)
                 .filter(|(_, at)| at.elapsed() < CLAIM_TTL)
-                .map(|(dst, _)| *dst)
+                .map(|(d, _)| *d);
+            steered.or_else(|| self.forwarded(peer, dst).then_some(dst.ip()))
         });
         let allowed = match name.parse::<IpAddr>() {
             // An address: only the destination of the connection it is for.
@@ -387,6 +393,24 @@ impl Privileged {
         let chain = self.ca.sign(&name, spki).map_err(|e| e.to_string())?;
         self.signed.fetch_add(1, Ordering::Relaxed);
         Ok(chain.into_iter().map(|c| c.to_vec()).collect())
+    }
+
+    /// Whether `peer` -> `dst` is a connection the gateway took from the LAN: a steered port, a
+    /// client of the configured ranges, and an established socket the kernel holds with exactly
+    /// those ends (`/proc/net/tcp{,6}`).
+    fn forwarded(&self, peer: SocketAddr, dst: SocketAddr) -> bool {
+        let g = &self.config.gateway;
+        if self.gateway_port.is_none() || !g.ports.contains(&dst.port()) {
+            return false;
+        }
+        let client = sluice_net::Cidr {
+            addr: peer.ip().to_canonical(),
+            prefix: if peer.ip().to_canonical().is_ipv4() { 32 } else { 128 },
+        };
+        if !g.client_cidrs.is_empty() && !g.client_cidrs.iter().any(|c| c.contains(&client)) {
+            return false;
+        }
+        tcp_established(dst, peer)
     }
 
     /// Whether the catalogue in force intercepts `name` (the last good bundle's catalogue is
@@ -475,6 +499,43 @@ impl Privileged {
             s.restarts += 1;
         }
     }
+}
+
+/// Whether the kernel holds an established TCP socket from `local` to `remote`.
+fn tcp_established(local: SocketAddr, remote: SocketAddr) -> bool {
+    let (file, l, r) = match (local.ip().to_canonical(), remote.ip().to_canonical()) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => ("/proc/net/tcp", hex_v4(a), hex_v4(b)),
+        (a, b) => ("/proc/net/tcp6", hex_v6(a), hex_v6(b)),
+    };
+    let (l, r) = (
+        format!("{l}:{:04X}", local.port()),
+        format!("{r}:{:04X}", remote.port()),
+    );
+    let Ok(table) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    table.lines().skip(1).any(|line| {
+        let mut f = line.split_whitespace().skip(1);
+        matches!((f.next(), f.next(), f.next()), (Some(a), Some(b), Some("01")) if a == l && b == r)
+    })
+}
+
+/// An IPv4 address as `/proc/net/tcp` prints it (the 32-bit word in host order).
+fn hex_v4(ip: std::net::Ipv4Addr) -> String {
+    format!("{:08X}", u32::from_ne_bytes(ip.octets()))
+}
+
+/// An address as `/proc/net/tcp6` prints it (four 32-bit words, each in host order); IPv4 as
+/// mapped.
+fn hex_v6(ip: IpAddr) -> String {
+    let v6 = match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    };
+    v6.octets()
+        .chunks(4)
+        .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+        .collect()
 }
 
 /// The host's processes (read as root: every `/proc/PID/exe` is readable).

@@ -431,22 +431,25 @@ impl Ca {
 /// Who signs leaves: the CA itself where the key is held, or the privileged part over its
 /// socket (the proxy never holds the CA key).
 pub trait LeafSigner: Send + Sync + std::fmt::Debug + 'static {
-    /// (leaf, CA certificate) for `name` over the public key `spki`; `peer` is the endpoint
-    /// connection the leaf is for, when there is one.
+    /// (leaf, CA certificate) for `name` over the public key `spki`; `conn` is the connection
+    /// the leaf is for (its peer and original destination), when there is one.
     fn sign_leaf(
         &self,
         name: &str,
         spki: &[u8],
-        peer: Option<std::net::SocketAddr>,
+        conn: Option<Conn>,
     ) -> Result<Vec<CertificateDer<'static>>, CaError>;
 }
+
+/// A connection a leaf is asked for: (peer, original destination).
+pub type Conn = (std::net::SocketAddr, std::net::SocketAddr);
 
 impl LeafSigner for Ca {
     fn sign_leaf(
         &self,
         name: &str,
         spki: &[u8],
-        _peer: Option<std::net::SocketAddr>,
+        _conn: Option<Conn>,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         self.sign(name, spki)
     }
@@ -512,11 +515,11 @@ impl LeafCache {
         self.config_for_peer(name, None)
     }
 
-    /// [`Self::config_for`], for the endpoint connection from `peer` (the signer may check it).
+    /// [`Self::config_for`], for the connection `conn` (the signer may check it).
     pub fn config_for_peer(
         &self,
         name: &str,
-        peer: Option<std::net::SocketAddr>,
+        conn: Option<Conn>,
     ) -> Result<Arc<ServerConfig>, CaError> {
         let slot = {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -542,7 +545,7 @@ impl LeafCache {
                 .map(|(s, _)| s.clone())
                 .ok_or_else(|| CaError::Cert("cache slot vanished".into()))?
         };
-        let result = slot.get_or_init(|| self.build(name, peer).map_err(|e| e.to_string()));
+        let result = slot.get_or_init(|| self.build(name, conn).map_err(|e| e.to_string()));
         let result = result.clone().map_err(CaError::Cert);
         if result.is_err() {
             // A refusal (a rate limit, the privileged part restarting) is not cached.
@@ -557,16 +560,12 @@ impl LeafCache {
         result
     }
 
-    fn build(
-        &self,
-        name: &str,
-        peer: Option<std::net::SocketAddr>,
-    ) -> Result<Arc<ServerConfig>, CaError> {
+    fn build(&self, name: &str, conn: Option<Conn>) -> Result<Arc<ServerConfig>, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err)?;
         let chain = self.ca.sign_leaf(
             name,
             &rcgen::PublicKeyData::subject_public_key_info(&key),
-            peer,
+            conn,
         )?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         self.minted

@@ -1070,10 +1070,10 @@ impl Accepted<'_> {
             }
             Decision::Intercept(app) => app,
         };
-        // The endpoint connection's peer lets the privileged part tie the leaf to a connection
-        // it steered; a gateway's connection has none on this host.
-        let peer = self.origin.lan_client.is_none().then_some(self.peer);
-        let config = match shared.leaves.config_for_peer(&name, peer) {
+        // The connection lets the privileged part tie the leaf to a connection it steered (or,
+        // for a gateway, one the kernel holds from the LAN).
+        let conn = Some((self.peer, self.origin.dst));
+        let config = match shared.leaves.config_for_peer(&name, conn) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(%name, error = %e, "minting a leaf failed");
