@@ -483,6 +483,136 @@ fn parse_lines(lines: &[&[u8]], agent: Option<&str>) -> Vec<Result<(Row, Event),
         .collect()
 }
 
+fn split_lines(body: &[u8]) -> Vec<&[u8]> {
+    body.split(|b| *b == b'\n')
+        .map(<[u8]>::trim_ascii)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The valid events of a JSON Lines body, and an outcome counting the rejected lines.
+fn parse_body(body: &[u8], agent: Option<&str>) -> (Vec<(Row, Event)>, IngestOutcome) {
+    let lines = split_lines(body);
+    // Parsing is a third of the work and needs no lock: a large batch is parsed on two
+    // threads while nothing holds the writer.
+    let parsed: Vec<Result<(Row, Event), String>> = if lines.len() >= PARALLEL_PARSE {
+        let (a, b) = lines.split_at(lines.len() / 2);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| parse_lines(b, agent));
+            let mut first = parse_lines(a, agent);
+            match other.join() {
+                Ok(second) => first.extend(second),
+                Err(_) => first.extend(parse_lines(b, agent)),
+            }
+            first
+        })
+    } else {
+        parse_lines(&lines, agent)
+    };
+    keep_parsed(parsed)
+}
+
+fn keep_parsed(parsed: Vec<Result<(Row, Event), String>>) -> (Vec<(Row, Event)>, IngestOutcome) {
+    let mut out = IngestOutcome::default();
+    let mut rows = Vec::with_capacity(parsed.len());
+    for p in parsed {
+        match p {
+            Ok(r) => rows.push(r),
+            Err(why) => {
+                out.rejected += 1;
+                tracing::debug!(%why, "rejected event line");
+            }
+        }
+    }
+    (rows, out)
+}
+
+/// Stores parsed events in `tx` (the part of ingestion that holds the writer).
+fn store_rows(
+    tx: &rusqlite::Transaction<'_>,
+    rows: Vec<(Row, Event)>,
+    opts: IngestOptions<'_>,
+    out: &mut IngestOutcome,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    let mut fresh = Vec::with_capacity(if opts.collect_parsed { rows.len() } else { 0 });
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO events(id, time, received, class_uid, activity, action, \
+             policy, app, user, groups, device_uid, hostname, src_ip, dst_ip, process, \
+             process_path, url, file_names, labels, message, json) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
+             ?17, ?18, ?19, ?20, ?21)",
+        )?;
+        for (r, _) in &rows {
+            let n = insert.execute(params![
+                r.id,
+                r.time,
+                now,
+                r.class_uid,
+                r.activity,
+                r.action,
+                r.policy,
+                r.app,
+                r.user,
+                r.groups,
+                r.device_uid,
+                r.hostname,
+                r.src_ip,
+                r.dst_ip,
+                r.process,
+                r.process_path,
+                r.url,
+                r.file_names,
+                r.labels,
+                r.message,
+                r.json,
+            ])?;
+            if opts.collect_parsed {
+                fresh.push(n == 1);
+            }
+            if n == 1 {
+                out.accepted += 1;
+                for b in &r.sealed {
+                    match opts.sealed {
+                        Some(keep) => match keep(tx, b) {
+                            Ok(()) => out.releases += 1,
+                            Err(why) => {
+                                out.releases_refused += 1;
+                                tracing::warn!(
+                                    event = %b.event_id,
+                                    release = %b.file.release_id,
+                                    %why,
+                                    "a protected file's sealed passwords were not kept"
+                                );
+                            }
+                        },
+                        None => out.releases_refused += 1,
+                    }
+                }
+                if opts.collect_new {
+                    out.new_events.push(bytes::Bytes::from(r.json.clone()));
+                }
+            } else {
+                out.duplicates += 1;
+            }
+        }
+        update_devices(tx, rows.iter().map(|(_, e)| e), opts.agent, now)?;
+        if let Some(agent) = opts.agent {
+            tx.prepare_cached("UPDATE agents SET last_seen = ?1 WHERE id = ?2")?
+                .execute(params![now, agent])?;
+        }
+    }
+    if opts.collect_parsed {
+        out.new_parsed = rows
+            .into_iter()
+            .zip(fresh)
+            .filter_map(|((_, e), new)| new.then_some(e))
+            .collect();
+    }
+    Ok(())
+}
+
 /// One stored event: the columns the lists show, and its JSON.
 #[derive(Debug, Clone, Serialize)]
 pub struct EventRow {
@@ -790,117 +920,26 @@ impl Store {
         body: &[u8],
         opts: IngestOptions<'_>,
     ) -> Result<IngestOutcome, StoreError> {
-        let mut out = IngestOutcome::default();
-        let lines: Vec<&[u8]> = body
-            .split(|b| *b == b'\n')
-            .map(<[u8]>::trim_ascii)
-            .filter(|l| !l.is_empty())
-            .collect();
-        // Parsing is a third of the work and needs no lock: a large batch is parsed on two
-        // threads while nothing holds the writer.
-        let parsed: Vec<Result<(Row, Event), String>> = if lines.len() >= PARALLEL_PARSE {
-            let (a, b) = lines.split_at(lines.len() / 2);
-            std::thread::scope(|s| {
-                let other = s.spawn(|| parse_lines(b, opts.agent));
-                let mut first = parse_lines(a, opts.agent);
-                match other.join() {
-                    Ok(second) => first.extend(second),
-                    Err(_) => first.extend(parse_lines(b, opts.agent)),
-                }
-                first
-            })
-        } else {
-            parse_lines(&lines, opts.agent)
-        };
-        let mut rows = Vec::with_capacity(parsed.len());
-        for p in parsed {
-            match p {
-                Ok(r) => rows.push(r),
-                Err(why) => {
-                    out.rejected += 1;
-                    tracing::debug!(%why, "rejected event line");
-                }
-            }
-        }
-        let now = now_ms();
+        let (rows, mut out) = parse_body(body, opts.agent);
         let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction()?;
-        let mut fresh = Vec::with_capacity(if opts.collect_parsed { rows.len() } else { 0 });
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO events(id, time, received, class_uid, activity, action, \
-                 policy, app, user, groups, device_uid, hostname, src_ip, dst_ip, process, \
-                 process_path, url, file_names, labels, message, json) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
-                 ?17, ?18, ?19, ?20, ?21)",
-            )?;
-            for (r, _) in &rows {
-                let n = insert.execute(params![
-                    r.id,
-                    r.time,
-                    now,
-                    r.class_uid,
-                    r.activity,
-                    r.action,
-                    r.policy,
-                    r.app,
-                    r.user,
-                    r.groups,
-                    r.device_uid,
-                    r.hostname,
-                    r.src_ip,
-                    r.dst_ip,
-                    r.process,
-                    r.process_path,
-                    r.url,
-                    r.file_names,
-                    r.labels,
-                    r.message,
-                    r.json,
-                ])?;
-                if opts.collect_parsed {
-                    fresh.push(n == 1);
-                }
-                if n == 1 {
-                    out.accepted += 1;
-                    for b in &r.sealed {
-                        match opts.sealed {
-                            Some(keep) => match keep(&tx, b) {
-                                Ok(()) => out.releases += 1,
-                                Err(why) => {
-                                    out.releases_refused += 1;
-                                    tracing::warn!(
-                                        event = %b.event_id,
-                                        release = %b.file.release_id,
-                                        %why,
-                                        "a protected file's sealed passwords were not kept"
-                                    );
-                                }
-                            },
-                            None => out.releases_refused += 1,
-                        }
-                    }
-                    if opts.collect_new {
-                        out.new_events.push(bytes::Bytes::from(r.json.clone()));
-                    }
-                } else {
-                    out.duplicates += 1;
-                }
-            }
-            update_devices(&tx, rows.iter().map(|(_, e)| e), opts.agent, now)?;
-            if let Some(agent) = opts.agent {
-                tx.prepare_cached("UPDATE agents SET last_seen = ?1 WHERE id = ?2")?
-                    .execute(params![now, agent])?;
-            }
-        }
+        store_rows(&tx, rows, opts, &mut out)?;
         tx.commit()?;
-        if opts.collect_parsed {
-            out.new_parsed = rows
-                .into_iter()
-                .zip(fresh)
-                .filter_map(|((_, e), new)| new.then_some(e))
-                .collect();
-        }
+        Ok(out)
+    }
+
+    /// [`Store::ingest`] within the caller's transaction (from [`Store::with_write`]), for
+    /// events that belong with the other rows it writes (an alert and its activity-log event:
+    /// one commit instead of two). Parses on the caller's thread, while holding the writer:
+    /// for a few events only.
+    pub fn ingest_in(
+        tx: &rusqlite::Transaction<'_>,
+        body: &[u8],
+        opts: IngestOptions<'_>,
+    ) -> Result<IngestOutcome, StoreError> {
+        let lines = split_lines(body);
+        let (rows, mut out) = keep_parsed(parse_lines(&lines, opts.agent));
+        store_rows(tx, rows, opts, &mut out)?;
         Ok(out)
     }
 

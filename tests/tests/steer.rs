@@ -783,7 +783,10 @@ fn the_proxy_runs_unprivileged_without_the_ca_key_and_is_restarted_when_killed()
     let uid = st["privsep"]["proxy_uid"].as_u64().expect("proxy uid") as u32;
     assert_ne!(proxy, agent.child.id(), "the proxy is a process of its own");
     assert_ne!(uid, 0);
-    assert_eq!(st["privsep"]["sandbox"]["landlock"], "fully enforced", "{st}");
+    assert_eq!(
+        st["privsep"]["sandbox"]["landlock"], "fully enforced",
+        "{st}"
+    );
 
     // /proc/PID/status of the running proxy.
     let status = std::fs::read_to_string(format!("/proc/{proxy}/status")).expect("status");
@@ -805,7 +808,12 @@ fn the_proxy_runs_unprivileged_without_the_ca_key_and_is_restarted_when_killed()
         line("Seccomp")
     );
     for u in line("Uid").split_whitespace() {
-        assert_eq!(u, uid.to_string(), "every uid is the proxy's: {}", line("Uid"));
+        assert_eq!(
+            u,
+            uid.to_string(),
+            "every uid is the proxy's: {}",
+            line("Uid")
+        );
     }
     assert_eq!(line("CapEff"), "0000000000000000");
     assert_eq!(line("CapPrm"), "0000000000000000");
@@ -825,10 +833,16 @@ fn the_proxy_runs_unprivileged_without_the_ca_key_and_is_restarted_when_killed()
         !memory_holds(proxy, &scalar),
         "the CA key is in the proxy's memory"
     );
-    assert!(!memory_holds(proxy, key.as_bytes()), "the PEM key in the proxy");
+    assert!(
+        !memory_holds(proxy, key.as_bytes()),
+        "the PEM key in the proxy"
+    );
     let ca_dir = std::fs::metadata(tmp.join("state/ca")).expect("ca dir");
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-    assert_eq!((ca_dir.uid(), ca_dir.permissions().mode() & 0o777), (0, 0o700));
+    assert_eq!(
+        (ca_dir.uid(), ca_dir.permissions().mode() & 0o777),
+        (0, 0o700)
+    );
 
     // The privileged socket: another user is refused; the proxy's uid is served, but a leaf for
     // a name no app has, with no steered connection, is refused.
@@ -873,7 +887,11 @@ else:
     // peer check.
     let other = ask(65534, status_req);
     assert!(other.starts_with("denied:"), "another user: {other}");
-    assert_eq!(ask(0, status_req), "closed", "root is refused by the peer check");
+    assert_eq!(
+        ask(0, status_req),
+        "closed",
+        "root is refused by the peer check"
+    );
     let gid = nix::unistd::User::from_uid(uid.into())
         .ok()
         .flatten()
@@ -907,9 +925,17 @@ print(data.decode())
         ask_as_proxy(status_req).contains("\"steer\""),
         "the proxy's uid is served"
     );
-    let refused = ask_as_proxy(
-        r#"{"sign":{"name":"bank.example","spki":[48,0],"peer":null,"dst":null}}"#,
+    // Process facts the proxy could not read itself: the root-owned agent's executable.
+    let procs = ask_as_proxy(r#""processes""#);
+    let agent_exe = std::fs::read_link(format!("/proc/{}/exe", agent.child.id())).expect("exe");
+    let entry = format!(
+        "{{\"pid\":{},\"exe\":{{\"Ok\":\"{}\"}}",
+        agent.child.id(),
+        agent_exe.display()
     );
+    assert!(procs.contains(&entry), "{entry} not in the process facts");
+    let refused =
+        ask_as_proxy(r#"{"sign":{"name":"bank.example","spki":[48,0],"peer":null,"dst":null}}"#);
     assert!(
         refused.contains("no catalogued app has `bank.example`"),
         "{refused}"

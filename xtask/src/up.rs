@@ -147,7 +147,15 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
         write_private(&password_file, &format!("{password}\n"))?;
         new_password = Some(password);
     }
-    let collector_ca = state.join("tls/ca.pem");
+    // The collector's state is its own (0700): the agent's unprivileged proxy reads a copy of
+    // its CA (a public certificate).
+    let collector_ca = dir.join("collector-ca.pem");
+    fs::copy(state.join("tls/ca.pem"), &collector_ca)
+        .context("copying the collector's CA certificate")?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&collector_ca, fs::Permissions::from_mode(0o644))?;
+    }
 
     step("policy bundle: build, sign, publish (policies/default, group default)");
     let bundle = dir.join("default.tar.gz");

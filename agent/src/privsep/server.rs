@@ -405,7 +405,11 @@ impl Privileged {
         }
         let client = sluice_net::Cidr {
             addr: peer.ip().to_canonical(),
-            prefix: if peer.ip().to_canonical().is_ipv4() { 32 } else { 128 },
+            prefix: if peer.ip().to_canonical().is_ipv4() {
+                32
+            } else {
+                128
+            },
         };
         if !g.client_cidrs.is_empty() && !g.client_cidrs.iter().any(|c| c.contains(&client)) {
             return false;

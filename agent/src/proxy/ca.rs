@@ -411,9 +411,14 @@ impl Ca {
                     .map_err(|e| CaError::Cert(format!("name `{name}`: {e}")))?,
             ),
         };
+        // An address leaf has no common name: OpenSSL and NSS check a CN against an org CA's
+        // DNS name constraints, and an address there would be refused.
+        let is_ip = matches!(san, SanType::IpAddress(_));
         params.subject_alt_names = vec![san];
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
+        if !is_ip {
+            dn.push(DnType::CommonName, name);
+        }
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -171,10 +171,24 @@ pub async fn enroll(
             "enrollment answer: empty or unusable credential or agent id".into(),
         ));
     }
+    // The collector's CA is kept in the agent's state: the proxy, which talks to the collector,
+    // reads it there whatever the permissions of the file enrolment was given.
+    let collector_ca = match &ca {
+        Some(p) => {
+            let pem = std::fs::read(p).map_err(|source| ReportError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            let kept = state_dir.join("report/collector-ca.pem");
+            write_private(&kept, &pem, 0o644)?;
+            Some(kept)
+        }
+        None => None,
+    };
     let enrollment = Enrollment {
         agent_id: resp.agent_id,
         collector: client.base().to_owned(),
-        collector_ca: ca,
+        collector_ca,
         group: resp.group,
         enrolled_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

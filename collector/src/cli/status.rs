@@ -26,14 +26,25 @@ use sluice_collector::{Collector, detect::alerts, query};
 /// The name of the API token `status` keeps for itself.
 pub const TOKEN_NAME: &str = "local-status";
 
-/// The address to ask and where it came from.
-fn target(c: &Collector) -> (SocketAddr, String) {
+/// The address to ask and where it came from; none when `listen` asks for any port and the
+/// collector has not said which it got.
+fn target(c: &Collector) -> (Option<SocketAddr>, String) {
     let file = c.config.state_dir.join("listen.addr");
     let (mut addr, from) = match std::fs::read_to_string(&file)
         .ok()
         .and_then(|t| t.trim().parse::<SocketAddr>().ok())
     {
         Some(a) => (a, file.display().to_string()),
+        None if c.config.listen.port() == 0 => {
+            return (
+                None,
+                format!(
+                    "{} is missing; the collector writes it when it listens (listen asks for any \
+                     port): is it running?",
+                    file.display()
+                ),
+            );
+        }
         None => (c.config.listen, "listen in the configuration".to_owned()),
     };
     // Listening on every address includes the loopback one.
@@ -43,7 +54,7 @@ fn target(c: &Collector) -> (SocketAddr, String) {
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         });
     }
-    (addr, from)
+    (Some(addr), from)
 }
 
 /// The command's own API token, made (or remade) when needed.
@@ -217,14 +228,18 @@ pub fn run(config: &Path, json_out: bool) -> Result<()> {
     let c = Collector::open(cfg)?;
     let (addr, from) = target(&c);
     let ca = c.config.tls_dir().join(sluice_collector::tls::CA_PEM);
-    let live = token(&c).and_then(|t| {
-        let body = get(addr, &ca, &t, "/api/v1/status")?;
-        Ok(serde_json::from_str::<Value>(&body)?)
-    });
+    let live = match addr {
+        None => Err(anyhow::anyhow!("{from}")),
+        Some(addr) => token(&c).and_then(|t| {
+            let body = get(addr, &ca, &t, "/api/v1/status")?;
+            Ok(serde_json::from_str::<Value>(&body)?)
+        }),
+    };
+    let shown = addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
     let store = store_figures(&c)?;
     let now = sluice_collector::clock::now_ms();
     let doc = json!({
-        "listen": addr.to_string(),
+        "listen": shown,
         "listen_from": from,
         "reachable": live.is_ok(),
         "error": live.as_ref().err().map(|e| format!("{e:#}")),
@@ -236,8 +251,12 @@ pub fn run(config: &Path, json_out: bool) -> Result<()> {
     } else {
         println!("{}", render(&doc, now));
     }
-    if let Err(e) = live {
-        bail!("the collector is not reachable at {addr} (from {from}): {e:#}");
+    match (live, addr) {
+        (Err(e), None) => bail!("the collector is not reachable: {e:#}"),
+        (Err(e), Some(_)) => {
+            bail!("the collector is not reachable at {shown} (from {from}): {e:#}")
+        }
+        (Ok(_), _) => {}
     }
     Ok(())
 }
@@ -294,6 +313,9 @@ pub fn render(doc: &Value, now: i64) -> String {
             text(doc, "listen"),
             text(doc, "listen_from"),
         ),
+        None if text(doc, "listen") == "-" => {
+            format!("sluice-collector: NOT reachable: {}", text(doc, "error"))
+        }
         None => format!(
             "sluice-collector: NOT reachable at {} (from {}): {}",
             text(doc, "listen"),
@@ -496,6 +518,13 @@ mod tests {
         ), "{out}");
         assert!(
             out.contains("10234 events") && !out.contains("ingest"),
+            "{out}"
+        );
+        doc["listen"] = json!("-");
+        doc["error"] = json!("listen.addr is missing");
+        let out = render(&doc, NOW);
+        assert!(
+            out.starts_with("sluice-collector: NOT reachable: listen.addr is missing"),
             "{out}"
         );
         // Nothing at all still renders.

@@ -183,16 +183,35 @@ pub fn raise(store: &Store, rule: &Rule, f: &Finding) -> Result<Raised, AlertErr
     store.with_write(|tx| raise_in(tx, now, rule, f))
 }
 
-/// [`raise`] for each finding of a detection batch, in one transaction (a commit costs far more
-/// than the few rows an alert changes). A later finding sees what an earlier one opened, as
-/// with [`raise`] one at a time.
-pub fn raise_all(store: &Store, found: &[(&Rule, &Finding)]) -> Result<Vec<Raised>, AlertError> {
+/// [`raise`] for each finding of a detection batch and [`record`] (for `by`) of each alert
+/// opened, all in one transaction: a commit costs far more than the few rows an alert writes,
+/// and ingestion waits for the writer meanwhile. A later finding sees what an earlier one
+/// opened, as with [`raise`] one at a time.
+pub fn raise_all(
+    store: &Store,
+    found: &[(&Rule, &Finding)],
+    by: &str,
+) -> Result<Vec<Raised>, AlertError> {
     let now = now_ms();
     store.with_write(|tx| {
-        found
+        let raised = found
             .iter()
             .map(|(rule, f)| raise_in(tx, now, rule, f))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        let lines = record_lines(
+            raised.iter().filter_map(|r| match r {
+                Raised::New(a) => Some(a),
+                Raised::Repeat(_) => None,
+            }),
+            by,
+        );
+        if !lines.is_empty() {
+            let o = Store::ingest_in(tx, &lines, IngestOptions::default())?;
+            if o.rejected > 0 {
+                tracing::error!(rejected = o.rejected, "recording alerts: events refused");
+            }
+        }
+        Ok(raised)
     })
 }
 
@@ -416,13 +435,7 @@ pub fn record(store: &Store, a: &Alert, by: &str) {
 
 /// [`record`] for several alerts, stored in one transaction.
 pub fn record_all(store: &Store, alerts: &[&Alert], by: &str) {
-    let mut lines = Vec::new();
-    for a in alerts {
-        if let Some(line) = record_line(a, by) {
-            lines.extend_from_slice(&line);
-            lines.push(b'\n');
-        }
-    }
+    let lines = record_lines(alerts.iter().copied(), by);
     if lines.is_empty() {
         return;
     }
@@ -433,6 +446,18 @@ pub fn record_all(store: &Store, alerts: &[&Alert], by: &str) {
         Ok(_) => {}
         Err(err) => tracing::error!(error = %err, alerts = alerts.len(), "recording alerts"),
     }
+}
+
+/// The activity log's events of `alerts`, as JSON Lines.
+fn record_lines<'a>(alerts: impl Iterator<Item = &'a Alert>, by: &str) -> Vec<u8> {
+    let mut lines = Vec::new();
+    for a in alerts {
+        if let Some(line) = record_line(a, by) {
+            lines.extend_from_slice(&line);
+            lines.push(b'\n');
+        }
+    }
+    lines
 }
 
 /// The activity log's event for `a`'s opening or change of state.

@@ -12,9 +12,9 @@
 //! events (without alerting).
 //!
 //! The queue carries the events as ingestion parsed them for storing (parsing them again was
-//! most of detection's cost), and a batch's findings are stored together: its alerts in one
-//! transaction, their activity-log events in another (a commit costs far more than the rows
-//! an alert writes, and ingestion waits for the writer meanwhile).
+//! most of detection's cost), and a batch's findings are stored together: its alerts and their
+//! activity-log events in one transaction (a commit costs far more than the rows an alert
+//! writes, and ingestion waits for the writer meanwhile).
 
 pub mod alerts;
 pub mod api;
@@ -226,7 +226,22 @@ fn worker(c: &Arc<Collector>, rx: &mpsc::Receiver<Vec<Event>>, shutdown: &Cancel
     c.detect.counters.ready.store(true, Relaxed);
     loop {
         match rx.recv_timeout(Duration::from_millis(250)) {
-            Ok(batch) => process(c, &mut engine, &batch),
+            Ok(batch) => {
+                // Batches that queued up meanwhile are looked at together: their findings are
+                // then stored in one transaction, which helps detection catch up after a flood.
+                let mut n = batch.len();
+                let mut batches = vec![batch];
+                while n < COALESCE_EVENTS {
+                    match rx.try_recv() {
+                        Ok(b) => {
+                            n += b.len();
+                            batches.push(b);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                process(c, &mut engine, &batches);
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if shutdown.is_cancelled() {
                     return;
@@ -277,10 +292,14 @@ fn rebuild(
     })
 }
 
-/// Looks at one batch of stored events, then stores what it found.
-fn process(c: &Collector, engine: &mut Engine, batch: &[Event]) {
+/// Most events taken off the queue at once (whole batches, so possibly more).
+const COALESCE_EVENTS: usize = 10_000;
+
+/// Looks at batches of stored events (in the order they were stored), then stores what they
+/// made.
+fn process(c: &Collector, engine: &mut Engine, batches: &[Vec<Event>]) {
     let mut findings = Vec::new();
-    for e in batch {
+    for e in batches.iter().flatten() {
         findings.extend(engine.observe(e, true));
     }
     if !findings.is_empty() {
@@ -292,10 +311,8 @@ fn process(c: &Collector, engine: &mut Engine, batch: &[Event]) {
         store_findings(c, &found);
     }
     // Counted once the findings are stored: `idle` then means the alerts are there.
-    c.detect
-        .counters
-        .processed
-        .fetch_add(batch.len() as u64, Relaxed);
+    let n: usize = batches.iter().map(Vec::len).sum();
+    c.detect.counters.processed.fetch_add(n as u64, Relaxed);
 }
 
 fn now_s() -> u64 {
@@ -306,20 +323,23 @@ fn now_s() -> u64 {
 }
 
 /// A batch's findings: alerts opened (recorded, forwarded, the user's risk raised when the rule
-/// says so) or added to. Stored in one transaction; should it fail, one by one, so one
-/// finding that cannot be stored does not lose the others.
+/// says so) or added to. Stored with their records in one transaction; should it fail, one by
+/// one, so one finding that cannot be stored does not lose the others.
 fn store_findings(c: &Collector, found: &[(&config::Rule, &Finding)]) {
     let k = &c.detect.counters;
-    let results: Vec<Result<Raised, AlertError>> = match alerts::raise_all(&c.store, found) {
-        Ok(all) => all.into_iter().map(Ok).collect(),
-        Err(e) => {
-            tracing::warn!(error = %e, findings = found.len(), "storing a batch's alerts: one by one");
-            found
-                .iter()
-                .map(|(rule, f)| alerts::raise(&c.store, rule, f))
-                .collect()
-        }
-    };
+    let (results, recorded): (Vec<Result<Raised, AlertError>>, bool) =
+        match alerts::raise_all(&c.store, found, "detector") {
+            Ok(all) => (all.into_iter().map(Ok).collect(), true),
+            Err(e) => {
+                tracing::warn!(error = %e, findings = found.len(),
+                    "storing a batch's alerts together failed: one by one");
+                let each = found
+                    .iter()
+                    .map(|(rule, f)| alerts::raise(&c.store, rule, f))
+                    .collect();
+                (each, false)
+            }
+        };
     let mut opened = Vec::new();
     for ((rule, f), r) in found.iter().zip(results) {
         match r {
@@ -342,7 +362,9 @@ fn store_findings(c: &Collector, found: &[(&config::Rule, &Finding)]) {
         return;
     }
     let new: Vec<&alerts::Alert> = opened.iter().map(|(_, a)| a).collect();
-    alerts::record_all(&c.store, &new, "detector");
+    if !recorded {
+        alerts::record_all(&c.store, &new, "detector");
+    }
     let json: Vec<_> = new.iter().map(|a| alerts::forward_json(a)).collect();
     c.forward.push_alerts(&json);
     for (rule, a) in &opened {
