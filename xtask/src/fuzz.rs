@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, output, sh, step};
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 14] = [
+pub const TARGETS: [&str; 15] = [
     "client_hello",
     "dns",
     "embedded",
@@ -35,6 +35,7 @@ pub const TARGETS: [&str; 14] = [
     "seal",
     "oidc",
     "detect",
+    "privsep",
 ];
 
 /// Seconds each target runs in `cargo xtask test`.
