@@ -155,6 +155,8 @@ pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+
     use super::*;
 
     #[test]

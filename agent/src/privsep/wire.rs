@@ -114,4 +114,3 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
         .map(Some)
         .map_err(|e| PrivsepError::Protocol(e.to_string()))
 }
-

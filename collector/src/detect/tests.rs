@@ -18,7 +18,7 @@ use super::{
     engine::{Engine, Finding, network_of},
     geo::{Geo, testdb},
 };
-use crate::store::Store;
+use crate::store::{IngestOptions, Store};
 
 const T0: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 const MIN: u64 = 60_000;
@@ -474,6 +474,98 @@ fn alerts_dedup_states_and_log() {
     assert_eq!(b.iter().map(|x| x.1).sum::<u64>(), 4);
     drop(s);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_batch_of_findings_is_stored_together() {
+    let (dir, s) = store("batch");
+    let c = cfg("[mass_download]\nbaseline_multiplier = 0\n");
+    let rule = c.rule(Detector::MassDownload);
+    let mut e = Engine::new(&c, None);
+    let dl = Ev::new("a@corp.example").act("download", 1);
+    let f1 = feed(&mut e, &run(&dl, T0, 50, 1_000)).remove(0);
+    let f2 = feed(&mut e, &run(&dl, T0 + 20 * MIN, 50, 1_000)).remove(0);
+    let mut f3 = f2.clone();
+    f3.user = "z@corp.example".into();
+    // In one transaction, a later finding still folds into the alert an earlier one opened.
+    let raised =
+        alerts::raise_all(&s, &[(&rule, &f1), (&rule, &f2), (&rule, &f3)], "detector").unwrap();
+    let [Raised::New(a), Raised::Repeat(b), Raised::New(z)] = &raised[..] else {
+        panic!("{raised:?}")
+    };
+    assert_eq!((b.id.as_str(), b.count), (a.id.as_str(), 2));
+    assert_ne!(z.id, a.id);
+    assert_eq!(
+        alerts::list(&s, &alerts::Filter::default(), 10)
+            .unwrap()
+            .len(),
+        2
+    );
+    // Each alert opened is in the activity log, written with it.
+    let logged: i64 = s
+        .with_read(|c| {
+            c.query_row(
+                "SELECT count(*) FROM events WHERE app = 'sluice' AND activity = 'alert'",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap();
+    assert_eq!(logged, 2);
+    drop(s);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn ingestion_hands_over_the_new_events_only() {
+    let (dir, s) = store("handover");
+    let line = |i: u64| {
+        let mut l = serde_json::to_vec(&Ev::new("h@corp.example").at(i, T0 + i)).unwrap();
+        l.push(b'\n');
+        l
+    };
+    let opts = IngestOptions {
+        collect_parsed: true,
+        ..IngestOptions::default()
+    };
+    let first: Vec<u8> = (0..3).flat_map(line).collect();
+    let o = s.ingest(&first, opts).unwrap();
+    assert_eq!(o.new_parsed.len(), 3);
+    assert!(o.new_events.is_empty(), "JSON only when asked for");
+    // Again with one more: the stored ones are duplicates, not handed over twice.
+    let again: Vec<u8> = (0..4).flat_map(line).collect();
+    let o = s.ingest(&again, opts).unwrap();
+    assert_eq!((o.accepted, o.duplicates), (1, 3));
+    let ids: Vec<&str> = o.new_parsed.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["e00000003"]);
+    // Within a caller's transaction: the same outcome, committed with it.
+    let o = s
+        .with_write(|tx| Store::ingest_in(tx, &line(4), opts))
+        .unwrap();
+    assert_eq!(o.new_parsed.len(), 1);
+    let q = crate::query::parse("user:h@corp.example")
+        .unwrap()
+        .compile();
+    assert_eq!(s.count(&q).unwrap(), 5);
+    drop(s);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn case_does_not_split_a_user_or_an_activity() {
+    let mut e = Engine::new(&cfg(""), None);
+    let lower = Ev::new("alice@corp.example").act("download", 1);
+    let upper = Ev::new("Alice@Corp.Example").act("Download", 1);
+    let events: Vec<(Ev, u64)> = (0..50)
+        .map(|i| {
+            let ev = if i % 2 == 0 { &lower } else { &upper };
+            (ev.clone(), T0 + i * 1_000)
+        })
+        .collect();
+    let f = feed(&mut e, &events);
+    assert_eq!(detectors(&f), [Detector::MassDownload]);
+    assert_eq!(f[0].user, "alice@corp.example");
+    assert_eq!(e.users(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------
