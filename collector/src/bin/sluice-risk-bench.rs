@@ -187,6 +187,8 @@ async fn poller(
                 }
             }
             Ok(_) => {}
+            // The collector going away as the bench ends is not an error.
+            Err(_) if shutdown.is_cancelled() => return,
             Err(e) => {
                 eprintln!("agent {idx}: {e}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
