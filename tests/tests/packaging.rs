@@ -6,9 +6,9 @@
 //!
 //! The packages in the root-only test are made by cargo-deb from the test build (`cargo build
 //! --workspace --bins`, stripped, quick compression), or taken from `$SLUICE_DEBS` (a directory
-//! with the `.deb` files `cargo xtask package` made). The Debian root is made once with
-//! mmdebstrap (variant `essential`, plus adduser) from the mirrors this machine's apt uses, and
-//! cached as `target/packaging/debian-<codename>-essential.tar`.
+//! with the `.deb` files `cargo xtask package` made, e.g. `SLUICE_DEBS=target/debian`). The
+//! Debian root is made once with mmdebstrap (variant `essential`, plus adduser) from the mirrors
+//! this machine's apt uses, and cached as `target/packaging/debian-<codename>-essential.tar`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -319,7 +319,8 @@ fn collector_tells_systemd_ready_watchdog_and_stopping() {
 /// The two `.deb` files: `$SLUICE_DEBS`'s, else made now by cargo-deb from the test build.
 fn debs() -> (PathBuf, PathBuf) {
     let dir = match std::env::var_os("SLUICE_DEBS") {
-        Some(d) => PathBuf::from(d),
+        // Relative to the workspace (tests run in tests/).
+        Some(d) => workspace_root().join(d),
         None => {
             let out = workspace_root().join("target/packaging/debs-test");
             let _ = fs::remove_dir_all(&out);

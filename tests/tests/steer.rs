@@ -979,3 +979,116 @@ print(data.decode())
     assert_eq!(st["privsep"]["last_exit"], "killed by signal 9", "{st}");
     drop(agent);
 }
+
+/// `privsep.spawn = false`, as the packages run it: a service manager starts `sluice proxy` in a
+/// cgroup of its own (here a child of the steered cgroup, as a unit's is under the root). The
+/// agent exempts that cgroup when the proxy says hello, so the proxy's upstream connection goes
+/// out once instead of being steered back into itself; a proxy in a cgroup it shares with
+/// another user's process is refused.
+#[test]
+#[ignore = "needs root"]
+fn a_proxy_run_by_a_service_manager_is_exempt_from_steering_in_its_own_cgroup() {
+    require_root();
+    let origin = LineServer::start("127.0.0.14:0".parse().expect("addr"), |_| "origin".into())
+        .expect("origin");
+    let dst = origin.addr.to_string();
+    let cg = TestCgroup::new("privsep-unit");
+    let tmp = sluice_e2e::TempDir::new("e2e-privsep-unit");
+    let include = format!(
+        "{{ cidr = \"127.0.0.14/32\", ports = [{}] }}",
+        origin.addr.port()
+    );
+    let cfg = agent_config(&cg, &tmp.join("state"), &include, 0) + "[privsep]\nspawn = false\n";
+    let (uid, gid) = {
+        let u = nix::unistd::User::from_name("sluice")
+            .ok()
+            .flatten()
+            .expect("the sluice user (cargo xtask setup makes it)");
+        (u.uid.as_raw(), u.gid.as_raw())
+    };
+    // The proxy's "unit": a cgroup of its own, inside the steered one.
+    let unit = cg.dir.join("proxy-unit");
+    std::fs::create_dir_all(&unit).expect("unit cgroup");
+    let shared = cg.dir.join("shared");
+    std::fs::create_dir_all(&shared).expect("shared cgroup");
+    let sock = tmp.join("state/privsep.sock");
+    let config_file = tmp.join("agent.toml");
+    let start_proxy = move |dir: &Path| -> std::process::Child {
+        let how = InCgroup {
+            cgroup: Some(dir.to_path_buf()),
+            user: Some((uid, gid)),
+        };
+        how.command(
+            &bin("sluice"),
+            &[
+                "proxy".into(),
+                "--config".into(),
+                config_file.display().to_string(),
+            ],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("proxy starts")
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (sock, unit, start_proxy) = (sock.clone(), unit.clone(), start_proxy.clone());
+        thread::spawn(move || {
+            if wait_until(Duration::from_secs(20), || sock.exists()) {
+                let _ = tx.send(start_proxy(&unit));
+            }
+        });
+    }
+    let agent = Agent::launch(&cfg, &tmp).expect("agent starts and its proxy serves");
+    let mut proxy = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("proxy started");
+    let inside = InCgroup::at(&cg.dir);
+    assert_eq!(
+        probe(&inside, &["tcp", &dst]).expect("through the proxy"),
+        "origin"
+    );
+    let st = agent.status().expect("status");
+    assert_eq!(
+        st["steer"]["counters"]["steered"], 1,
+        "one connection steered: {st}"
+    );
+    assert_eq!(st["proxy"]["spliced"], 1, "no loop: {st}");
+    assert_eq!(st["proxy"]["loops"], 0, "{st}");
+    assert_eq!(
+        st["privsep"]["proxy_pid"].as_u64(),
+        Some(u64::from(proxy.id())),
+        "{st}"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.id() as i32),
+        Signal::SIGTERM,
+    );
+    let _ = proxy.wait();
+
+    // A proxy whose cgroup holds another user's process is not exempted: it is refused.
+    let other = InCgroup {
+        cgroup: Some(shared.clone()),
+        user: Some((65534, 65534)),
+    }
+    .command(Path::new("/bin/sleep"), &["30".into()])
+    .spawn()
+    .expect("another user's process");
+    let mut refused = start_proxy(&shared);
+    let status = refused.wait().expect("refused proxy ends");
+    let mut err = String::new();
+    use std::io::Read as _;
+    let _ = refused
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    let mut other = other;
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(!status.success(), "the proxy in a shared cgroup ran");
+    assert!(err.contains("cgroup of its own"), "{err}");
+    drop(agent);
+}

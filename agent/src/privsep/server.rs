@@ -249,8 +249,8 @@ impl Privileged {
                 continue;
             };
             let _ = sock.set_nonblocking(false);
-            match super::peer_cred(&sock) {
-                Ok((uid, _)) if uid == self.uid => {}
+            let pid = match super::peer_cred(&sock) {
+                Ok((uid, pid)) if uid == self.uid => pid,
                 Ok((uid, pid)) => {
                     self.peers_refused.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(uid, pid, "privsep: refused a connection from another user");
@@ -260,7 +260,7 @@ impl Privileged {
                     tracing::warn!(error = %e, "privsep: no peer credentials");
                     continue;
                 }
-            }
+            };
             if self.connections.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
                 self.connections.fetch_sub(1, Ordering::Relaxed);
                 tracing::warn!("privsep: too many connections from the proxy");
@@ -270,7 +270,7 @@ impl Privileged {
             let spawned = std::thread::Builder::new()
                 .name("privsep-conn".into())
                 .spawn(move || {
-                    if let Err(e) = me.conversation(sock) {
+                    if let Err(e) = me.conversation(sock, pid) {
                         tracing::debug!(error = %e, "privsep: connection ended");
                     }
                     me.connections.fetch_sub(1, Ordering::Relaxed);
@@ -281,7 +281,7 @@ impl Privileged {
         }
     }
 
-    fn conversation(&self, mut sock: UnixStream) -> Result<(), PrivsepError> {
+    fn conversation(&self, mut sock: UnixStream, pid: i32) -> Result<(), PrivsepError> {
         while let Some(req) = read_frame::<Request>(&mut sock)? {
             if let Request::Hello { version } = req {
                 if version != VERSION {
@@ -292,6 +292,29 @@ impl Privileged {
                         )),
                     )?;
                     return Ok(());
+                }
+                // A proxy a service manager runs sits in a cgroup of its own: its upstream
+                // connections must not be steered back into it.
+                if let Some(s) = &self.steering {
+                    let exempted = u32::try_from(pid)
+                        .map_err(|_| "no peer pid".to_owned())
+                        .and_then(|p| s.exempt_proxy(p, self.uid).map_err(|e| e.to_string()));
+                    if let Err(e) = exempted {
+                        tracing::error!(pid, error = %e, "privsep: the proxy's cgroup could not be exempted");
+                        write_frame(
+                            &mut sock,
+                            &Response::Error(format!(
+                                "the proxy's cgroup could not be exempted from steering: {e}"
+                            )),
+                        )?;
+                        return Ok(());
+                    }
+                }
+                // A proxy the agent did not start is recorded as it says hello.
+                if !self.config.privsep.spawn
+                    && let Ok(p) = u32::try_from(pid)
+                {
+                    self.proxy_started(p);
                 }
                 write_frame(&mut sock, &Response::Welcome(self.welcome()))?;
                 let fds: Vec<_> = self.sockets.iter().map(|(f, _)| f.as_raw_fd()).collect();

@@ -260,6 +260,9 @@ pub struct Steering {
     processes: process::ProcessCache,
     cgroup: PathBuf,
     exempt_ids: Vec<u64>,
+    exempt: Mutex<HashMap<MapData, u64, u8>>,
+    /// The cgroup of a proxy a service manager runs (not the agent's), exempted while it serves.
+    proxy_cgroup: Mutex<Option<u64>>,
     proxy_port: u16,
     /// The proxy's network namespace: only records made in it are claimed.
     netns: u64,
@@ -461,9 +464,56 @@ impl Steering {
             processes: process::ProcessCache::default(),
             cgroup: cgroup_dir,
             exempt_ids,
+            exempt: Mutex::new(exempt),
+            proxy_cgroup: Mutex::new(None),
             proxy_port,
             netns,
         })
+    }
+
+    /// Exempts the cgroup of process `pid` (the proxy, run by a service manager in a cgroup of
+    /// its own): its upstream connections must not be steered back into it. Only a cgroup
+    /// whose every process runs as `uid` (or is this agent) is exempted; the previous proxy's
+    /// cgroup, if another, is no longer. Returns the cgroup id.
+    pub fn exempt_proxy(&self, pid: u32, uid: u32) -> Result<u64, SteerError> {
+        let io = |e: std::io::Error| SteerError::Cgroup(e.to_string());
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(io)?;
+        let rel = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| SteerError::Cgroup(format!("process {pid} is in no cgroup v2")))?;
+        let dir = cgroup::resolve(&cgroup::v2_mount()?, rel.trim_start_matches('/'));
+        let id = cgroup::id(&dir)?;
+        if self.exempt_ids.contains(&id) {
+            return Ok(id);
+        }
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).map_err(io)?;
+        let me = std::process::id();
+        for p in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            if p == me {
+                continue;
+            }
+            let owner = std::fs::metadata(format!("/proc/{p}"))
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                .unwrap_or(u32::MAX);
+            if owner != uid {
+                return Err(SteerError::Cgroup(format!(
+                    "the proxy's cgroup {} holds process {p} of uid {owner}: the proxy must run in a cgroup of its own (its unit's)",
+                    dir.display()
+                )));
+            }
+        }
+        let mut exempt = lock(&self.exempt);
+        let mut current = lock(&self.proxy_cgroup);
+        if let Some(old) = current.take()
+            && old != id
+        {
+            let _ = exempt.remove(&old);
+        }
+        exempt.insert(id, 1, 0).map_err(map_err("exempt"))?;
+        *current = Some(id);
+        tracing::info!(cgroup = %dir.display(), id, "the proxy's cgroup is exempt from steering");
+        Ok(id)
     }
 
     /// The ring buffer of DNS answers received by steered processes, once (its reader learns
