@@ -436,9 +436,15 @@ async fn keep_proxy_running(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the agent's own executable")?;
+    // Executed through the descriptor, opened here as root: the proxy's user needs no search
+    // permission on the directories above the binary (a checkout in a private home).
+    let image = std::fs::File::open(&exe)
+        .with_context(|| format!("opening the agent's own executable {}", exe.display()))?;
+    let via_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&image));
     let mut pause = Duration::from_millis(100);
     loop {
-        let mut cmd = tokio::process::Command::new(&exe);
+        let mut cmd = tokio::process::Command::new(&via_fd);
+        cmd.arg0("sluice");
         cmd.arg("proxy")
             .arg("--config")
             .arg(&config_path)
