@@ -1,7 +1,7 @@
 //! Small network building blocks that the agent, the policy engine and the collector share:
 //! address blocks ([`Cidr`]), host patterns ([`HostPattern`]), a stream wrapper that notes when
-//! bytes last moved ([`idle`]), the parse of a TLS ClientHello ([`hello`]) and of DNS answers
-//! ([`dns`]).
+//! bytes last moved ([`idle`]), the parse of a TLS ClientHello ([`hello`]), of DNS answers
+//! ([`dns`]) and ICAP's wire format ([`icap`]).
 //!
 //! Imports nothing of Sluice's own: everything above it may depend on it.
 
@@ -9,6 +9,7 @@ mod cidr;
 pub mod dns;
 pub mod hello;
 mod host;
+pub mod icap;
 pub mod idle;
 
 pub use cidr::Cidr;

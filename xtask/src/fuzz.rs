@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, output, sh, step};
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 15] = [
+pub const TARGETS: [&str; 16] = [
     "client_hello",
     "dns",
     "embedded",
@@ -36,6 +36,7 @@ pub const TARGETS: [&str; 15] = [
     "oidc",
     "detect",
     "privsep",
+    "icap",
 ];
 
 /// Seconds each target runs in `cargo xtask test`.
