@@ -6,7 +6,12 @@
 //! Written by hand: no maintained crate speaks ICAP, and the protocol is a small HTTP-like head
 //! around HTTP/1.1 chunks.
 
-use std::fmt::Write as _;
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
 
 /// Largest ICAP response head read.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -22,6 +27,144 @@ pub enum IcapError {
     /// Not an ICAP/1.0 status line, a bad header line or a bad `Encapsulated` value.
     #[error("malformed ICAP response: {0}")]
     Malformed(&'static str),
+    /// The scanner could not be reached, or the connection failed.
+    #[error("ICAP scanner: {0}")]
+    Io(String),
+    /// The scanner did not answer within the time budget.
+    #[error("the ICAP scanner did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The scanner answered with an error status.
+    #[error("the ICAP scanner answered {0}")]
+    Status(u16),
+}
+
+/// What the scanner decided about one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing found (`204`, or `200` with nothing flagged and the message unchanged).
+    Clean,
+    /// Flagged, with the threat's name as the scanner gives it.
+    Infected(String),
+    /// The scanner replaced the message (a `200` with another HTTP status, e.g. its block page)
+    /// without naming a threat: the HTTP status it put there.
+    Replaced(u16),
+}
+
+/// Where and how to scan.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    /// The scanner's address.
+    pub addr: SocketAddr,
+    /// The service URI (`icap://host:port/service`).
+    pub uri: String,
+    /// Bytes the scanner sees before it asks for the rest (0: no preview).
+    pub preview: usize,
+    /// The whole scan's time budget: connecting, sending and the answer.
+    pub budget: Duration,
+}
+
+impl Scanner {
+    /// Scans one message: `http_head` is the HTTP request (REQMOD) or response (RESPMOD) head
+    /// ending with an empty line, `body` its whole body. Blocking, within [`Scanner::budget`].
+    pub fn scan(&self, mode: Mode, http_head: &[u8], body: &[u8]) -> Result<Verdict, IcapError> {
+        let deadline = Instant::now() + self.budget;
+        let left = |d: Instant| -> Result<Duration, IcapError> {
+            d.checked_duration_since(Instant::now())
+                .filter(|l| !l.is_zero())
+                .ok_or(IcapError::Timeout(self.budget))
+        };
+        let io = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                IcapError::Timeout(self.budget)
+            }
+            _ => IcapError::Io(e.to_string()),
+        };
+        let mut conn = TcpStream::connect_timeout(&self.addr, left(deadline)?).map_err(io)?;
+        let _ = conn.set_nodelay(true);
+        let host = self.addr.ip().to_string();
+        let preview = (self.preview > 0).then_some(self.preview.min(body.len()));
+        let mut out = request_head(mode, &self.uri, &host, http_head, true, preview);
+        let first = preview.unwrap_or(body.len());
+        out.extend_from_slice(&chunk(&body[..first]));
+        let whole = first == body.len();
+        out.extend_from_slice(last_chunk(preview.is_some() && whole));
+        conn.set_write_timeout(Some(left(deadline)?)).map_err(io)?;
+        conn.write_all(&out).map_err(io)?;
+        let mut buf = Vec::with_capacity(4096);
+        let mut r = read_answer(&mut conn, &mut buf, deadline, &left, &io)?;
+        if r.status == 100 {
+            if whole {
+                return Err(IcapError::Malformed("100 Continue after the whole body"));
+            }
+            let mut rest = chunk(&body[first..]);
+            rest.extend_from_slice(last_chunk(false));
+            conn.set_write_timeout(Some(left(deadline)?)).map_err(io)?;
+            conn.write_all(&rest).map_err(io)?;
+            buf.clear();
+            r = read_answer(&mut conn, &mut buf, deadline, &left, &io)?;
+        }
+        match r.status {
+            204 => Ok(Verdict::Clean),
+            200 => {
+                if let Some(threat) = r.infection() {
+                    return Ok(Verdict::Infected(threat));
+                }
+                // The encapsulated HTTP head, when the scanner sent one back.
+                let http = match r.res_hdr() {
+                    Some(off) => {
+                        let start = r.head_len + off;
+                        let need = start + 64;
+                        while buf.len() < need
+                            && find(&buf[start.min(buf.len())..], b"\r\n").is_none()
+                        {
+                            if read_more(&mut conn, &mut buf, deadline, &left, &io)? == 0 {
+                                break;
+                            }
+                        }
+                        buf.get(start..).and_then(http_status)
+                    }
+                    None => None,
+                };
+                match http {
+                    Some(s) if s >= 400 => Ok(Verdict::Replaced(s)),
+                    _ => Ok(Verdict::Clean),
+                }
+            }
+            s => Err(IcapError::Status(s)),
+        }
+    }
+}
+
+/// Reads until a whole response head is in `buf`.
+fn read_answer(
+    conn: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    left: &impl Fn(Instant) -> Result<Duration, IcapError>,
+    io: &impl Fn(std::io::Error) -> IcapError,
+) -> Result<Response, IcapError> {
+    loop {
+        if let Some(r) = parse_response(buf)? {
+            return Ok(r);
+        }
+        if read_more(conn, buf, deadline, left, io)? == 0 {
+            return Err(IcapError::Io("the scanner closed the connection".into()));
+        }
+    }
+}
+
+fn read_more(
+    conn: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    left: &impl Fn(Instant) -> Result<Duration, IcapError>,
+    io: &impl Fn(std::io::Error) -> IcapError,
+) -> Result<usize, IcapError> {
+    conn.set_read_timeout(Some(left(deadline)?)).map_err(io)?;
+    let mut tmp = [0u8; 4096];
+    let n = conn.read(&mut tmp).map_err(io)?;
+    buf.extend_from_slice(&tmp[..n]);
+    Ok(n)
 }
 
 /// Which message is encapsulated.
@@ -234,6 +377,113 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scanner on loopback that answers each connection with `answers` in turn, reading
+    /// what it is sent in between; returns what it read.
+    fn fake(
+        answers: Vec<&'static [u8]>,
+        stall: bool,
+    ) -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let h = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().expect("accept");
+            let mut got = Vec::new();
+            let mut tmp = [0u8; 65536];
+            for a in answers {
+                // Read until the end of a chunked body.
+                while !got.ends_with(b"0\r\n\r\n") && !got.ends_with(b"0; ieof\r\n\r\n") {
+                    let n = c.read(&mut tmp).expect("read");
+                    if n == 0 {
+                        return got;
+                    }
+                    got.extend_from_slice(&tmp[..n]);
+                }
+                if stall {
+                    std::thread::sleep(Duration::from_millis(600));
+                    return got;
+                }
+                c.write_all(a).expect("answer");
+                got.extend_from_slice(b"|");
+            }
+            got
+        });
+        (addr, h)
+    }
+
+    fn scanner(addr: SocketAddr, preview: usize, ms: u64) -> Scanner {
+        Scanner {
+            addr,
+            uri: format!("icap://{addr}/virus_scan"),
+            preview,
+            budget: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn a_preview_continue_and_verdicts_over_a_real_socket() {
+        let http = b"HTTP/1.1 200 OK\r\n\r\n";
+        let body = vec![b'x'; 5000];
+        // 100 Continue after the preview, then infected.
+        let (addr, h) = fake(
+            vec![
+                b"ICAP/1.0 100 Continue\r\n\r\n",
+                b"ICAP/1.0 200 OK\r\nX-Infection-Found: Type=0; Resolution=2; Threat=Test.Virus;\r\nEncapsulated: res-hdr=0, res-body=24\r\n\r\nHTTP/1.1 403 Forbidden\r\n\r\n",
+            ],
+            false,
+        );
+        let v = scanner(addr, 1024, 5000)
+            .scan(Mode::Respmod, http, &body)
+            .expect("scan");
+        assert_eq!(v, Verdict::Infected("Test.Virus".into()));
+        let sent = h.join().expect("server");
+        let text = String::from_utf8_lossy(&sent);
+        assert!(text.contains("Preview: 1024"), "{text}");
+        assert!(
+            text.contains("400\r\n"),
+            "a 1024-byte preview chunk: {text}"
+        );
+        assert!(
+            text.contains("f88\r\n"),
+            "the other 3976 bytes after 100 Continue"
+        );
+        // A body inside the preview: ieof, and a 204.
+        let (addr, h) = fake(vec![b"ICAP/1.0 204 No Content\r\n\r\n"], false);
+        let v = scanner(addr, 1024, 5000)
+            .scan(Mode::Reqmod, b"POST / HTTP/1.1\r\n\r\n", b"small")
+            .expect("scan");
+        assert_eq!(v, Verdict::Clean);
+        assert!(String::from_utf8_lossy(&h.join().expect("server")).contains("0; ieof"));
+        // A replaced message without a threat name.
+        let (addr, h) = fake(
+            vec![b"ICAP/1.0 200 OK\r\nEncapsulated: res-hdr=0, res-body=24\r\n\r\nHTTP/1.1 403 Forbidden\r\n\r\n"],
+            false,
+        );
+        assert_eq!(
+            scanner(addr, 0, 5000)
+                .scan(Mode::Respmod, http, b"abc")
+                .expect("scan"),
+            Verdict::Replaced(403)
+        );
+        h.join().expect("server");
+        // A scanner that never answers: the budget holds.
+        let (addr, h) = fake(vec![b""], true);
+        let started = Instant::now();
+        let e = scanner(addr, 0, 300)
+            .scan(Mode::Respmod, http, b"abc")
+            .expect_err("timeout");
+        assert!(matches!(e, IcapError::Timeout(_)), "{e}");
+        assert!(started.elapsed() < Duration::from_millis(1500));
+        h.join().expect("server");
+        // Nobody listening.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = gone.local_addr().expect("addr");
+        drop(gone);
+        assert!(matches!(
+            scanner(addr, 0, 1000).scan(Mode::Respmod, http, b"abc"),
+            Err(IcapError::Io(_))
+        ));
+    }
 
     #[test]
     fn a_respmod_head_carries_its_offsets_and_the_body_is_chunked() {
