@@ -669,7 +669,11 @@ async fn supervise(
                 .with_state(device_state.clone())
                 .with_lan(lan.clone())
                 .with_location(location.clone())
-                .with_protector(protector.clone()),
+                .with_protector(protector.clone())
+                .with_scanner(match &config.icap {
+                    Some(i) => Some(Arc::new(i.scanner()?)),
+                    None => None,
+                }),
         ),
         None => Arc::new(PassThrough),
     };

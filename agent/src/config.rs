@@ -77,6 +77,72 @@ pub struct Config {
     /// The privilege split: the unprivileged proxy's user and how it is started.
     #[serde(default)]
     pub privsep: PrivsepSettings,
+    /// Malware scanning through ICAP (absent: files are not scanned).
+    #[serde(default)]
+    pub icap: Option<IcapSettings>,
+}
+
+/// `[icap]`: the organisation's anti-virus, reached over ICAP (RFC 3507). Every held upload
+/// (REQMOD) and download (RESPMOD) is sent to it; its verdict is the `malware` file filter's, and
+/// a scanner that is down or slower than `timeout_ms` makes the file one that cannot be
+/// inspected (the app's not-inspectable action applies).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IcapSettings {
+    /// The service, `icap://ADDRESS:PORT/SERVICE` (an IP address; port 1344 when left out),
+    /// e.g. `icap://127.0.0.1:1344/virus_scan`.
+    pub url: String,
+    /// The time budget of one scan: connecting, sending and the verdict (default 5000).
+    #[serde(default = "default_icap_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Bytes the scanner sees before it asks for the rest (default 1024; 0: no preview).
+    #[serde(default = "default_icap_preview")]
+    pub preview: usize,
+}
+
+fn default_icap_timeout_ms() -> u64 {
+    5000
+}
+
+fn default_icap_preview() -> usize {
+    1024
+}
+
+impl IcapSettings {
+    /// The scanner these settings name.
+    pub fn scanner(&self) -> Result<sluice_net::icap::Scanner, ConfigError> {
+        let bad = |why: &str| ConfigError::Invalid(format!("icap.url `{}`: {why}", self.url));
+        let rest = self
+            .url
+            .strip_prefix("icap://")
+            .ok_or_else(|| bad("not an icap:// URL"))?;
+        let (authority, path) = rest.split_once('/').ok_or_else(|| bad("no service path"))?;
+        if path.is_empty() {
+            return Err(bad("no service path"));
+        }
+        let addr: std::net::SocketAddr = match authority.parse() {
+            Ok(a) => a,
+            Err(_) => std::net::SocketAddr::new(
+                authority
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .map_err(|_| bad("the host must be an IP address"))?,
+                1344,
+            ),
+        };
+        if self.timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "icap.timeout_ms must be above 0".into(),
+            ));
+        }
+        Ok(sluice_net::icap::Scanner {
+            addr,
+            uri: self.url.clone(),
+            preview: self.preview,
+            budget: std::time::Duration::from_millis(self.timeout_ms),
+        })
+    }
 }
 
 /// `[privsep]`: the unprivileged proxy. `sluice run` (root) keeps the eBPF programs, maps,
@@ -919,6 +985,9 @@ impl Config {
 
     /// Checks values that the schema alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(i) = &self.icap {
+            i.scanner()?;
+        }
         let s = &self.steer;
         if s.heartbeat_interval_ms == 0 {
             return Err(ConfigError::Invalid(

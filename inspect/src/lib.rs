@@ -89,6 +89,9 @@ pub enum NotInspectable {
     /// A label cannot be written into this type of file.
     #[error("labels cannot be written into {0} files")]
     Unsupported(String),
+    /// The malware scanner (ICAP) could not give a verdict: down, slow or failing.
+    #[error("the malware scan failed: {0}")]
+    Scan(String),
 }
 
 /// Where a label was read from.
@@ -303,6 +306,10 @@ pub struct FileFacts {
     /// Why the file could not be (fully) inspected; the policy's not-inspectable action applies.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_inspectable: Option<NotInspectable>,
+    /// The malware scanner's verdict (ICAP): the threat it named, `""` when it found nothing;
+    /// absent when the file was not scanned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub malware: Option<String>,
 }
 
 impl FileFacts {

@@ -309,6 +309,19 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<Response>, IcapError> {
         .ok_or(IcapError::Malformed("bad status"))?;
     let mut headers = Vec::new();
     for line in lines {
+        // A folded line continues the previous field (c-icap's `X-Violations-Found` lists each
+        // violation on lines of their own).
+        if line.starts_with([' ', '\t']) {
+            let (_, value): &mut (String, String) = headers
+                .last_mut()
+                .ok_or(IcapError::Malformed("a continuation line before any field"))?;
+            if value.len() + line.len() > MAX_HEAD {
+                return Err(IcapError::TooLarge);
+            }
+            value.push(' ');
+            value.push_str(line.trim());
+            continue;
+        }
         if headers.len() >= MAX_HEADERS {
             return Err(IcapError::TooLarge);
         }
@@ -528,6 +541,14 @@ mod tests {
         let infected = b"ICAP/1.0 200 OK\r\nX-Infection-Found: Type=0; Resolution=2; Threat=Eicar-Test-Signature;\r\nEncapsulated: res-hdr=0, res-body=38\r\n\r\nHTTP/1.1 403 Forbidden\r\nServer: x\r\n\r\n";
         let r = parse_response(infected).expect("parse").expect("whole");
         assert_eq!(r.status, 200);
+        // c-icap's violations, on folded lines.
+        let folded = b"ICAP/1.0 200 OK\r\nX-Violations-Found: 1\r\n\t-\r\n\tSluice.Test.EICAR\r\n\t0\r\n\t0\r\nEncapsulated: res-hdr=0, res-body=10\r\n\r\n";
+        let f = parse_response(folded).expect("parse").expect("whole");
+        assert_eq!(
+            f.header("x-violations-found"),
+            Some("1 - Sluice.Test.EICAR 0 0")
+        );
+        assert!(parse_response(b"ICAP/1.0 200 OK\r\n\tfolded\r\n\r\n").is_err());
         assert_eq!(r.infection().as_deref(), Some("Eicar-Test-Signature"));
         assert_eq!(r.res_hdr(), Some(0));
         assert_eq!(http_status(&infected[r.head_len..]), Some(403));

@@ -595,6 +595,7 @@ fn policy(
         types: f.types.iter().map(|t| t.to_ascii_lowercase()).collect(),
         label: f.label,
         dlp: f.dlp,
+        malware: f.malware,
     });
     let protection = match p.action {
         Action::Protect => p

@@ -139,6 +139,7 @@ struct CompiledFile {
     types: Vec<String>,
     label: Option<LabelFilter>,
     dlp: Vec<DlpFilter>,
+    malware: Option<bool>,
 }
 
 /// A compiled, validated policy set. Swapped whole when a new bundle is activated.
@@ -661,6 +662,13 @@ impl PolicySet {
                     fi.and_then(|x| x.name.as_deref())
                         .and_then(|n| n.rsplit_once('.').map(|(_, e)| e))
                         .is_some_and(|e| ff.extension.iter().any(|x| x.eq_ignore_ascii_case(e))),
+                );
+            }
+            if let Some(want) = ff.malware {
+                f(
+                    "file.malware",
+                    fi.and_then(|x| x.malware.as_deref())
+                        .is_some_and(|m| m.is_empty() != want),
                 );
             }
             if let Some(min) = ff.min_size {

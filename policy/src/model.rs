@@ -194,7 +194,8 @@ pub struct Templates {
 
 /// A message template. Variables: `{user}`, `{app}`, `{file}`, `{label}`, `{policy}`,
 /// `{incident}`, `{fix}`, `{risk}` (why the user or the device is at risk: the alert or the
-/// admin's reason), `{posture}` (the device's posture checks that do not pass, and why).
+/// admin's reason), `{posture}` (the device's posture checks that do not pass, and why),
+/// `{malware}` (the threat the malware scanner named).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Template {
@@ -251,7 +252,8 @@ impl Template {
                     match value {
                         Some(v) => out.push_str(&escape(v)),
                         None if [
-                            "user", "app", "file", "label", "policy", "incident", "risk", "posture",
+                            "user", "app", "file", "label", "policy", "incident", "risk",
+                            "posture", "malware",
                         ]
                         .contains(&name) => {}
                         None => {
@@ -584,6 +586,10 @@ pub struct FileFilter {
     /// DLP detector hits.
     #[serde(default)]
     pub dlp: Vec<DlpFilter>,
+    /// The malware scanner's verdict (ICAP): `true` matches a file it flagged, `false` one it
+    /// scanned and found clean; a file not scanned (no scanner, or it failed) matches neither.
+    #[serde(default)]
+    pub malware: Option<bool>,
 }
 
 /// Label conditions: any combination.
@@ -722,6 +728,10 @@ pub struct FileInput {
     /// DLP hits by detector.
     #[serde(default)]
     pub dlp: BTreeMap<String, u32>,
+    /// The malware scanner's verdict: the threat it named (`""` for clean); absent when the
+    /// file was not scanned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub malware: Option<String>,
 }
 
 /// `dlp.yaml`: keyword dictionaries for DLP (each is the detector `keyword:<name>`).

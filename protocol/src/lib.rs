@@ -223,6 +223,10 @@ pub struct File {
     /// Why it could not be inspected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_inspectable: Option<String>,
+    /// The malware scanner's verdict (ICAP): the threat it named, `""` for clean; absent when
+    /// the file was not scanned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub malware: Option<String>,
 }
 
 /// A sensitivity label on a file.

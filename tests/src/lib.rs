@@ -22,6 +22,7 @@ pub mod browser;
 pub mod bundle_server;
 pub mod demo_app;
 pub mod fake_collector;
+pub mod icap;
 pub mod idp;
 pub mod loadgen;
 pub mod netns;

@@ -61,6 +61,8 @@ struct Opts<'a> {
     /// Reports to this collector (`url`, CA file, and a function that enrolls the agent whose
     /// config is at the path given) instead of an events file with a pinned release key.
     collector: Option<Reporting<'a>>,
+    /// Appended to the agent's config (whole tables).
+    extra: &'a str,
 }
 
 /// A collector to report to: its URL, its CA, and how to enroll an agent (given its config).
@@ -115,6 +117,7 @@ public_key = "{public}"
 posture = "{posture}"
 [report]
 {report}
+{extra}
 "#,
         state = dir.join("state").display(),
         cg = cg.rel,
@@ -124,6 +127,7 @@ posture = "{posture}"
         bundle = bundle_path.display(),
         public = public_path.display(),
         proxy = proxy,
+        extra = o.extra,
         report = match &o.collector {
             Some((url, ca, _)) => format!(
                 "collector = \"{url}\"\ncollector_ca = \"{}\"\nretry_max_ms = 1000",
@@ -2396,6 +2400,7 @@ fn central(
             proxy,
             bundle_files,
             collector: Some((c.base.clone(), c.ca.clone(), &enroll)),
+            extra: "",
         },
     );
     std::fs::copy(e.dir.join("bundle.pub"), &bundle_pub).unwrap();
@@ -2785,4 +2790,98 @@ fn a_mass_download_raises_an_alert_that_blocks_that_user_until_it_is_resolved_in
     let log = k.c.cli(&["query", "app:sluice"]).unwrap();
     assert!(log.contains("bob@corp.example"), "{log}");
     assert!(log.contains("-> high") && log.contains("-> none"), "{log}");
+}
+
+/// Malware scanning through ICAP with a real scanner (c-icap and ClamAV from Debian's packages,
+/// with a signature for the EICAR test file the harness writes): a text file carrying EICAR is
+/// blocked on upload (the app never sees it) and on download, with the message naming the
+/// threat, and its event says what the scanner found; a clean file passes; with the scanner
+/// stopped, the app's not-inspectable action applies to uploads.
+#[test]
+#[ignore = "needs root"]
+fn files_the_malware_scanner_flags_are_blocked_both_ways_and_a_stopped_scanner_is_not_inspectable()
+{
+    use sluice_e2e::icap::{EICAR, EICAR_BODY_SIGNATURE, Scanner};
+    let mut scanner = Scanner::start().expect("scanner");
+    let extra = format!(
+        "[icap]\nurl = \"{}\"\ntimeout_ms = 2000\npreview = 1024\n",
+        scanner.service_uri("virus_scan")
+    );
+    let e = env_opts(
+        "sess-icap",
+        "managed",
+        Opts {
+            extra: &extra,
+            ..Opts::default()
+        },
+    );
+    let alice = Some("alice@corp.example");
+    let mut infected = b"meeting notes\n".repeat(200);
+    infected.extend_from_slice(EICAR);
+    let dir = e.dir.join("icap-files");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("notes.txt");
+    std::fs::write(&bad, &infected).expect("file");
+    let good = dir.join("clean.txt");
+    std::fs::write(&good, b"meeting notes\n".repeat(200)).expect("file");
+
+    let before = e.last_seq();
+    let up = e.upload_json(alice, &format!("file=@{}", bad.display()));
+    assert_eq!(up.status, 403, "{}", up.text());
+    assert!(up.text().contains(EICAR_BODY_SIGNATURE), "{}", up.text());
+    assert!(
+        e.app_requests_after(before)
+            .iter()
+            .all(|r| r.method != "POST"),
+        "the app saw the infected upload"
+    );
+    let incident = up.header("x-sluice-incident").expect("incident");
+    let ev = e.event_by_incident(&incident);
+    assert_eq!(ev["policy"], "block-malware", "{ev}");
+    assert!(
+        ev["files"][0]["malware"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(EICAR_BODY_SIGNATURE)),
+        "{ev}"
+    );
+
+    let ok = e.upload_json(alice, &format!("file=@{}", good.display()));
+    assert!(
+        ok.status < 300,
+        "a clean file passes: {} {}",
+        ok.status,
+        ok.text()
+    );
+
+    let info = e
+        .app
+        .seed("invoice.txt", infected.clone(), "alice@corp.example")
+        .expect("seed");
+    let down = e.curl(alice, &[&e.url(&format!("/files/{}/download", info.id))]);
+    assert_eq!(down.status, 403, "{}", down.text());
+    assert!(
+        down.text().contains("malware scanner found"),
+        "{}",
+        down.text()
+    );
+    assert!(
+        !down.body.windows(EICAR.len()).any(|w| w == EICAR),
+        "the file itself was delivered"
+    );
+
+    // The scanner stops: uploads get the app's not-inspectable action, saying why.
+    scanner.stop();
+    let started = std::time::Instant::now();
+    let down_scan = e.upload_json(alice, &format!("file=@{}", good.display()));
+    println!(
+        "scanner stopped: upload answered {} in {:?}",
+        down_scan.status,
+        started.elapsed()
+    );
+    assert_eq!(down_scan.status, 403, "{}", down_scan.text());
+    assert!(
+        down_scan.text().contains("malware scan failed"),
+        "{}",
+        down_scan.text()
+    );
 }

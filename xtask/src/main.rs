@@ -175,7 +175,7 @@ fn is_root() -> bool {
 
 /// `chromium` and `libnss3-tools` (certutil) are for the tests that drive a real browser
 /// (`sluice_e2e::browser`).
-const APT_PACKAGES: [&str; 11] = [
+const APT_PACKAGES: [&str; 14] = [
     "nftables",
     "bpftool",
     "curl",
@@ -190,6 +190,12 @@ const APT_PACKAGES: [&str; 11] = [
     "systemd",
     "mmdebstrap",
     "dpkg-dev",
+    // A real ICAP (RFC 3507) malware scanner for the upload/download scanning tests: c-icap's
+    // virus_scan service over clamd, run by the tests in the foreground with their own configs
+    // and a signature database they write (no freshclam, no service of the host's).
+    "c-icap",
+    "libc-icap-mod-virus-scan",
+    "clamav-daemon",
 ];
 
 fn setup(root: &Path) -> Result<()> {

@@ -185,6 +185,7 @@ fn file(f: &FileFacts, policies: Option<&PolicySet>) -> proto::File {
         encrypted: f.encrypted,
         dlp: f.dlp.clone(),
         not_inspectable: f.not_inspectable.as_ref().map(|n| n.to_string()),
+        malware: f.malware.clone(),
     }
 }
 
@@ -422,6 +423,7 @@ mod tests {
             dlp: BTreeMap::new(),
             dlp_samples: BTreeMap::new(),
             not_inspectable: None,
+            malware: None,
         }
     }
 

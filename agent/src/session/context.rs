@@ -56,6 +56,10 @@ pub(super) struct Context {
     pub(super) client: Client,
     /// What `protect` seals passwords with.
     pub(super) protector: Arc<super::Protector>,
+    /// The malware scanner (ICAP), when one is configured.
+    pub(super) scanner: Option<Arc<sluice_net::icap::Scanner>>,
+    /// The threat the scanner last named in this request, for block messages (`{malware}`).
+    pub(super) threat: std::sync::Mutex<Option<String>>,
     /// The marks users' risk is read from (for the request's other identities too).
     pub(super) state: Arc<crate::device::DeviceState>,
     /// Why the user or the device is at risk, for block messages (`{risk}`).
@@ -241,6 +245,8 @@ impl Context {
             device,
             client,
             protector,
+            scanner: None,
+            threat: std::sync::Mutex::new(None),
             state: Arc::default(),
             risk_reason: None,
             not_passing: String::new(),

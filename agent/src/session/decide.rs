@@ -138,6 +138,45 @@ impl Context {
         out
     }
 
+    /// Scans `data` (a whole file as it crosses) with the malware scanner, when there is one,
+    /// and notes its verdict on `file`; a scan that fails makes `file` not inspectable.
+    /// Runs on the inspection pool's thread (a blocking call within the scanner's budget).
+    pub(super) fn scan(&self, side: Side, data: &[u8], file: &mut FileFacts) {
+        let Some(scanner) = &self.scanner else {
+            return;
+        };
+        let (mode, head): (sluice_net::icap::Mode, &[u8]) = match side {
+            Side::Request => (
+                sluice_net::icap::Mode::Reqmod,
+                b"POST / HTTP/1.1\r\nHost: sluice\r\nContent-Type: application/octet-stream\r\n\r\n",
+            ),
+            Side::Response => (
+                sluice_net::icap::Mode::Respmod,
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n",
+            ),
+        };
+        match scanner.scan(mode, head, data) {
+            Ok(verdict) => {
+                let threat = match verdict {
+                    sluice_net::icap::Verdict::Infected(t) if !t.is_empty() => t,
+                    sluice_net::icap::Verdict::Infected(_) => "an unnamed threat".into(),
+                    sluice_net::icap::Verdict::Replaced(status) => {
+                        format!("a threat the scanner did not name (HTTP {status})")
+                    }
+                    sluice_net::icap::Verdict::Clean => String::new(),
+                };
+                if !threat.is_empty() {
+                    *self.threat.lock().unwrap_or_else(|p| p.into_inner()) = Some(threat.clone());
+                }
+                file.malware = Some(threat);
+            }
+            Err(e) => {
+                file.not_inspectable
+                    .get_or_insert(sluice_inspect::NotInspectable::Scan(e.to_string()));
+            }
+        }
+    }
+
     fn file_input(&self, f: &FileFacts, extra: &Dlp) -> FileInput {
         let mut dlp = f.dlp.clone();
         for (k, v) in extra {
@@ -156,6 +195,7 @@ impl Context {
                 })
                 .collect(),
             dlp,
+            malware: f.malware.clone(),
         }
     }
 
@@ -222,6 +262,11 @@ impl Context {
         let app = self.app_name();
         let policy = d.policy.clone().unwrap_or_default();
         let template = d.message.as_ref().and_then(|m| self.set.templates.get(m));
+        let threat = self
+            .threat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let vars = [
             ("user", self.input.user.as_deref().unwrap_or("")),
             ("app", app.as_str()),
@@ -231,6 +276,7 @@ impl Context {
             ("incident", self.incident.as_str()),
             ("risk", self.risk_reason.as_deref().unwrap_or("")),
             ("posture", self.not_passing.as_str()),
+            ("malware", threat.as_deref().unwrap_or("")),
         ];
         let (title, detail, hint) = match template {
             Some(t) => (
@@ -374,6 +420,9 @@ fn not_inspectable_text(why: &NotInspectable) -> (&'static str, String) {
             .to_owned(),
         NotInspectable::Timeout(_) => "Inspection took too long. Try again, or with a smaller \
              file."
+            .to_owned(),
+        NotInspectable::Scan(_) => "The malware scanner did not answer in time. Try again in a \
+             moment; if it persists, contact your administrator."
             .to_owned(),
         NotInspectable::Unsupported(what) if what.contains("per-user") => "You have too many \
              files in inspection at once. Wait for the others to finish, then try again."

@@ -219,6 +219,9 @@ impl Download {
             &cx.limits,
             &cx.set.detectors,
         );
+        if let Some(first) = files.first_mut() {
+            cx.scan(Side::Response, &body, first);
+        }
         let decisions: Vec<Decided> = files
             .iter()
             .map(|f| cx.decide_file(Activity::Download, Side::Response, Some(f), &Dlp::new()))

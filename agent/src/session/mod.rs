@@ -55,6 +55,7 @@ pub struct Controls {
     location: Option<Arc<NetworkLocation>>,
     protector: Arc<Protector>,
     state: Arc<crate::device::DeviceState>,
+    scanner: Option<Arc<sluice_net::icap::Scanner>>,
 }
 
 impl Controls {
@@ -68,7 +69,15 @@ impl Controls {
             location: None,
             protector: Arc::default(),
             state: Arc::default(),
+            scanner: None,
         }
+    }
+
+    /// Scans held files with this malware scanner (ICAP): its verdict is the `malware` file
+    /// filter's; a scanner that fails or is too slow makes the file one that cannot be inspected.
+    pub fn with_scanner(mut self, scanner: Option<Arc<sluice_net::icap::Scanner>>) -> Self {
+        self.scanner = scanner;
+        self
     }
 
     /// Takes this device's measured posture tags and the central marks (users' risk, this
@@ -124,6 +133,7 @@ impl Hooks for Controls {
             },
         };
         let mut cx = Context::new(set, device, sources, ex, head, self.protector.clone());
+        cx.scanner = self.scanner.clone();
         // This host's posture and mark are its own, not a LAN client's; a user's risk follows
         // the user anywhere.
         cx.take_state(self.state.clone(), own);

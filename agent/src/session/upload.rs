@@ -221,6 +221,9 @@ impl<'a> Pieces<'a> {
             let mut found =
                 inspect::inspect_with_members(data, name, &cx.limits, &cx.set.detectors);
             refuse_unknown(&mut found);
+            if let Some(first) = found.first_mut() {
+                cx.scan(Side::Request, data, first);
+            }
             self.files.append(&mut found);
             if !text {
                 return true;
@@ -245,10 +248,11 @@ impl<'a> Pieces<'a> {
             let mut found =
                 inspect::inspect_with_members(&decoded, name, &cx.limits, &cx.set.detectors);
             refuse_unknown(&mut found);
-            if let Some(first) = found.first_mut()
-                && first.name.is_none()
-            {
-                first.name = Some("(base64 in the request)".into());
+            if let Some(first) = found.first_mut() {
+                cx.scan(Side::Request, &decoded, first);
+                if first.name.is_none() {
+                    first.name = Some("(base64 in the request)".into());
+                }
             }
             self.files.append(&mut found);
             any = true;
