@@ -393,14 +393,7 @@ async fn supervise_privileged(
                     signal_proxy(pid, nix::sys::signal::Signal::SIGHUP);
                 }
             }
-            done = tasks.join_next() => {
-                break match done {
-                    Some(Ok((name, Ok(())))) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
-                    Some(Ok((name, Err(e)))) => Err(e.context(format!("{name} failed"))),
-                    Some(Err(e)) => Err(anyhow::anyhow!("a task panicked: {e}")),
-                    None => Ok(()),
-                };
-            }
+            done = tasks.join_next() => break ended(done),
         }
     };
     notify_systemd("STOPPING=1");
@@ -781,15 +774,7 @@ async fn supervise(
                 let counter = if applied { &reloads.applied } else { &reloads.refused };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
-            done = tasks.join_next() => {
-                // A supervised task never ends on its own while running: treat it as fatal.
-                break match done {
-                    Some(Ok((name, Ok(())))) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
-                    Some(Ok((name, Err(e)))) => Err(e.context(format!("{name} failed"))),
-                    Some(Err(e)) => Err(anyhow::anyhow!("a task panicked: {e}")),
-                    None => Ok(()),
-                };
-            }
+            done = tasks.join_next() => break ended(done),
         }
     };
     notify_systemd("STOPPING=1");
@@ -941,6 +926,19 @@ fn build_proxy(
         config.proxy.clone(),
         0,
     ))
+}
+
+/// How a supervisor ends when one of its tasks did: a supervised task never ends on its own
+/// while running, so its end is fatal.
+fn ended(
+    done: Option<Result<(&'static str, anyhow::Result<()>), tokio::task::JoinError>>,
+) -> anyhow::Result<()> {
+    match done {
+        Some(Ok((name, Ok(())))) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
+        Some(Ok((name, Err(e)))) => Err(e.context(format!("{name} failed"))),
+        Some(Err(e)) => Err(anyhow::anyhow!("a task panicked: {e}")),
+        None => Ok(()),
+    }
 }
 
 async fn named<F>(name: &'static str, f: F) -> (&'static str, anyhow::Result<()>)
