@@ -32,6 +32,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod db;
 pub mod detect;
 pub mod export;
 pub mod forward;

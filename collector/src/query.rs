@@ -16,7 +16,7 @@
 //!   instant; `after:` and `before:` take an instant (RFC 3339 or Unix milliseconds).
 //! - Anything else is free text matched inside URL, file names, user and message.
 
-use rusqlite::types::Value;
+use crate::db::Val as Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// The fields a term may name.
@@ -119,9 +119,17 @@ impl Compiled {
     /// Matches every event.
     pub fn all() -> Self {
         Self {
-            sql: "1".into(),
+            sql: "1 = 1".into(),
             params: Vec::new(),
         }
+    }
+
+    /// The parameters, to bind.
+    pub fn args(&self) -> Vec<&dyn crate::db::Param> {
+        self.params
+            .iter()
+            .map(|p| p as &dyn crate::db::Param)
+            .collect()
     }
 }
 
@@ -428,11 +436,11 @@ impl Query {
         for t in &self.terms {
             let cond = match &t.kind {
                 TermKind::After(ms) => {
-                    params.push(Value::Integer(*ms));
+                    params.push(Value::Int(*ms));
                     "time >= ?".to_owned()
                 }
                 TermKind::Before(ms) => {
-                    params.push(Value::Integer(*ms));
+                    params.push(Value::Int(*ms));
                     "time <= ?".to_owned()
                 }
                 TermKind::Text(text) => {
@@ -441,7 +449,7 @@ impl Query {
                         params.push(Value::Text(p.clone()));
                     }
                     "(url LIKE ? ESCAPE '\\' OR file_names LIKE ? ESCAPE '\\' \
-                     OR user LIKE ? ESCAPE '\\' OR message LIKE ? ESCAPE '\\')"
+                     OR \"user\" LIKE ? ESCAPE '\\' OR message LIKE ? ESCAPE '\\')"
                         .to_owned()
                 }
                 TermKind::Field { field, values } => {
@@ -496,7 +504,7 @@ fn field_condition(field: Field, raw: &str, params: &mut Vec<Value>) -> String {
         }
     };
     match field {
-        Field::User => eq(&["user"], lowered()),
+        Field::User => eq(&["\"user\""], lowered()),
         Field::Activity => eq(&["activity"], lowered()),
         Field::Action => eq(&["action"], lowered()),
         Field::App => eq(&["app"], raw.to_owned()),
@@ -505,7 +513,7 @@ fn field_condition(field: Field, raw: &str, params: &mut Vec<Value>) -> String {
         Field::Ip => eq(&["src_ip", "dst_ip"], raw.to_owned()),
         Field::Process => eq(&["process", "process_path"], raw.to_owned()),
         Field::Class => {
-            params.push(Value::Integer(class_of(raw).unwrap_or(-1)));
+            params.push(Value::Int(class_of(raw).unwrap_or(-1)));
             "class_uid = ?".to_owned()
         }
         Field::Group | Field::File | Field::Label => {
@@ -551,14 +559,17 @@ mod tests {
         );
         assert_eq!(q.terms[3].kind, TermKind::After(NOW - 86_400_000));
         let c = q.compile();
-        assert_eq!(c.sql, "user = ? AND app = ? AND action = ? AND time >= ?");
+        assert_eq!(
+            c.sql,
+            "\"user\" = ? AND app = ? AND action = ? AND time >= ?"
+        );
         assert_eq!(
             c.params,
             vec![
                 Value::Text("alice@corp.example".into()),
                 Value::Text("files".into()),
                 Value::Text("block".into()),
-                Value::Integer(NOW - 86_400_000)
+                Value::Int(NOW - 86_400_000)
             ]
         );
     }
@@ -570,9 +581,9 @@ mod tests {
         assert_eq!(
             c.sql,
             "NOT (action = ? OR action = ?) AND file_names LIKE ? ESCAPE '\\' AND \
-             (url LIKE ? ESCAPE '\\' OR file_names LIKE ? ESCAPE '\\' OR user LIKE ? ESCAPE '\\' \
+             (url LIKE ? ESCAPE '\\' OR file_names LIKE ? ESCAPE '\\' OR \"user\" LIKE ? ESCAPE '\\' \
              OR message LIKE ? ESCAPE '\\') AND (url LIKE ? ESCAPE '\\' OR file_names LIKE ? \
-             ESCAPE '\\' OR user LIKE ? ESCAPE '\\' OR message LIKE ? ESCAPE '\\') AND user = ?"
+             ESCAPE '\\' OR \"user\" LIKE ? ESCAPE '\\' OR message LIKE ? ESCAPE '\\') AND \"user\" = ?"
         );
         assert_eq!(c.params[2], Value::Text("%|Q3 plan%.docx|%".into()));
         assert_eq!(c.params[3], Value::Text("%a \"b\"%".into()));

@@ -23,9 +23,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::db::OptionalRow as _;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use base64::Engine as _;
-use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use sluice_protocol::{
     ReleaseSecrets,
@@ -90,7 +90,7 @@ pub enum ReleaseError {
     Store(#[from] StoreError),
     /// The database failed.
     #[error("{0}")]
-    Db(#[from] rusqlite::Error),
+    Db(#[from] crate::db::DbError),
     /// A stored password does not decrypt (its vault key is gone or it was altered).
     #[error("release {0}: the stored password does not decrypt")]
     Vault(String),
@@ -290,11 +290,7 @@ fn vault_open(key: &[u8; 32], release_id: &str, sealed: &[u8]) -> Result<Vec<u8>
 
 /// Opens `sealed` and stores its release in `tx` (idempotent by release id): whether a release
 /// was stored. A box that does not open is an error (nothing stored).
-pub fn accept(
-    tx: &rusqlite::Transaction<'_>,
-    keys: &Keys,
-    sealed: &SealedBox,
-) -> Result<bool, ReleaseError> {
+pub fn accept(tx: &crate::db::Conn, keys: &Keys, sealed: &SealedBox) -> Result<bool, ReleaseError> {
     let f = &sealed.file;
     let plain = keys
         .opening_key(&f.sealed)?
@@ -308,12 +304,13 @@ pub fn accept(
     let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
     let n = tx
         .prepare_cached(
-            "INSERT OR IGNORE INTO releases(release_id, event_id, device_uid, downloader, \
+            "INSERT INTO releases(release_id, event_id, device_uid, downloader, \
              file_name, sha256, original_sha256, label, template, open, users, groups, rights, \
              created_at, expires_at, vault_key, secret) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
+             ON CONFLICT DO NOTHING",
         )?
-        .execute(params![
+        .execute(crate::args![
             f.release_id,
             sealed.event_id,
             sealed.device_uid,
@@ -461,7 +458,7 @@ const COLUMNS: &str = "release_id, event_id, device_uid, downloader, file_name, 
     original_sha256, label, template, open, users, groups, rights, created_at, expires_at, \
     vault_key, secret";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
+fn row(r: &crate::db::Row) -> Result<Release, crate::db::DbError> {
     let list = |s: String| serde_json::from_str::<Vec<String>>(&s).unwrap_or_default();
     Ok(Release {
         release_id: r.get(0)?,
@@ -502,8 +499,8 @@ pub fn recent(store: &Store, limit: u32) -> Result<Vec<Release>, ReleaseError> {
         let mut st = c.prepare(&format!(
             "SELECT {COLUMNS} FROM releases ORDER BY created_at DESC LIMIT ?1"
         ))?;
-        let rows = st.query_map([limit], row)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
+        let rows = st.query_map([i64::from(limit)], row)?;
+        rows.collect::<Result<Vec<_>, crate::db::DbError>>()
     })?)
 }
 
@@ -539,8 +536,8 @@ pub fn rotate(store: &Store, state_dir: &Path) -> Result<(Keys, usize), ReleaseE
     let n = store.with_write(|tx| -> Result<usize, ReleaseError> {
         let all: Vec<(String, String, Vec<u8>)> = {
             let mut st = tx.prepare("SELECT release_id, vault_key, secret FROM releases")?;
-            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<_>>()?
+            st.query_map(crate::args![], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, crate::db::DbError>>()?
         };
         let mut n = 0usize;
         for (id, kid, secret) in all {
@@ -558,7 +555,7 @@ pub fn rotate(store: &Store, state_dir: &Path) -> Result<(Keys, usize), ReleaseE
             let sealed = vault_seal(&new_key, &id, &plain)?;
             tx.execute(
                 "UPDATE releases SET vault_key = ?1, secret = ?2 WHERE release_id = ?3",
-                params![new_id, sealed, id],
+                crate::args![new_id, sealed, id],
             )?;
             n += 1;
         }

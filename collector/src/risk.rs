@@ -9,8 +9,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::db::OptionalRow as _;
 use arc_swap::ArcSwap;
-use rusqlite::OptionalExtension as _;
 use sluice_policy::model::{DeviceRisk, UserRisk};
 use sluice_protocol::{
     Actor, CLASS_DEVICE_INVENTORY, Device, Event, Sluice, User,
@@ -44,7 +44,7 @@ pub enum Error {
     Store(#[from] StoreError),
     /// SQL.
     #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(#[from] crate::db::DbError),
     /// A subject that cannot be marked.
     #[error("{0}")]
     Invalid(String),
@@ -135,22 +135,23 @@ impl RiskBoard {
     pub fn reload(&self, store: &Store) -> Result<(), Error> {
         let now = now_s();
         let state = store.with_read(|c| {
-            let revision: i64 =
-                c.query_row("SELECT revision FROM risk_revision WHERE id = 1", [], |r| {
-                    r.get(0)
-                })?;
+            let revision: i64 = c.query_row(
+                "SELECT revision FROM risk_revision WHERE id = 1",
+                crate::args![],
+                |r| r.get(0),
+            )?;
             let mut st = c.prepare(
                 "SELECT kind, subject, level, reason, alert, expires_at FROM risk_marks \
                  ORDER BY kind, subject",
             )?;
-            let rows = st.query_map([], |r| {
+            let rows = st.query_map(crate::args![], |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<String>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<String>(2)?,
+                    r.get::<String>(3)?,
+                    r.get::<Option<String>>(4)?,
+                    r.get::<Option<i64>>(5)?,
                 ))
             })?;
             let mut s = RiskState {
@@ -289,7 +290,7 @@ impl RiskBoard {
         let held: Vec<String> = store.with_read(|c| {
             let mut st =
                 c.prepare("SELECT subject FROM risk_marks WHERE kind = ?1 AND alert = ?2")?;
-            let rows = st.query_map(rusqlite::params![USER, alert], |r| r.get(0))?;
+            let rows = st.query_map(crate::args![USER, alert], |r| r.get(0))?;
             rows.collect()
         })?;
         for user in held {
@@ -339,13 +340,12 @@ impl RiskBoard {
         Ok(store.with_read(|c| {
             c.query_row(
                 "SELECT level, alert, expires_at FROM risk_marks WHERE kind = ?1 AND subject = ?2",
-                rusqlite::params![kind, subject],
+                crate::args![kind, subject],
                 |r| {
                     Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, Option<String>>(1)?,
-                        r.get::<_, Option<i64>>(2)?
-                            .and_then(|e| u64::try_from(e).ok()),
+                        r.get::<String>(0)?,
+                        r.get::<Option<String>>(1)?,
+                        r.get::<Option<i64>>(2)?.and_then(|e| u64::try_from(e).ok()),
                     ))
                 },
             )
@@ -370,11 +370,11 @@ impl RiskBoard {
         let _one = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let reason = clip(reason);
         let now = now_s();
-        let from = store.with_write(|tx| -> Result<Option<String>, rusqlite::Error> {
+        let from = store.with_write(|tx| -> Result<Option<String>, crate::db::DbError> {
             let from: Option<String> = tx
                 .query_row(
                     "SELECT level FROM risk_marks WHERE kind = ?1 AND subject = ?2",
-                    rusqlite::params![kind, subject],
+                    crate::args![kind, subject],
                     |r| r.get(0),
                 )
                 .optional()?;
@@ -384,7 +384,7 @@ impl RiskBoard {
                 }
                 tx.execute(
                     "DELETE FROM risk_marks WHERE kind = ?1 AND subject = ?2",
-                    rusqlite::params![kind, subject],
+                    crate::args![kind, subject],
                 )?;
             } else {
                 tx.execute(
@@ -392,7 +392,7 @@ impl RiskBoard {
                      expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
                      ON CONFLICT(kind, subject) DO UPDATE SET level = ?3, reason = ?4, \
                      alert = ?5, set_by = ?6, set_at = ?7, expires_at = ?8",
-                    rusqlite::params![
+                    crate::args![
                         kind,
                         subject,
                         level,
@@ -406,8 +406,10 @@ impl RiskBoard {
             }
             tx.execute(
                 "UPDATE risk_revision SET revision = revision + 1 WHERE id = 1",
-                [],
+                crate::args![],
             )?;
+            // The other collectors on the same database reload their boards.
+            Store::notify(tx, crate::store::NOTIFY_RISK)?;
             Ok(Some(from.unwrap_or_else(|| "none".into())))
         })?;
         let Some(from) = from else {
@@ -561,7 +563,7 @@ mod tests {
         assert!(rx.has_changed().expect("sender"));
         // Each change is an event in the log.
         let n: i64 = store
-            .with_read(|c| c.query_row("SELECT count(*) FROM events", [], |r| r.get(0)))
+            .with_read(|c| c.query_row("SELECT count(*) FROM events", crate::args![], |r| r.get(0)))
             .expect("count");
         assert_eq!(n, 2);
     }

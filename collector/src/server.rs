@@ -591,18 +591,16 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
                     agent: Some(&agent2),
                     collect_new,
                     collect_parsed,
-                    sealed: Some(
-                        &|tx: &rusqlite::Transaction<'_>, b: &crate::store::SealedBox| {
-                            let ring = c2
-                                .release_keys
-                                .as_ref()
-                                .ok_or_else(|| "the collector has no release keys".to_owned())?;
-                            let keys = ring.get().map_err(|e| e.to_string())?;
-                            crate::release::accept(tx, &keys, b)
-                                .map(drop)
-                                .map_err(|e| e.to_string())
-                        },
-                    ),
+                    sealed: Some(&|tx: &crate::db::Conn, b: &crate::store::SealedBox| {
+                        let ring = c2
+                            .release_keys
+                            .as_ref()
+                            .ok_or_else(|| "the collector has no release keys".to_owned())?;
+                        let keys = ring.get().map_err(|e| e.to_string())?;
+                        crate::release::accept(tx, &keys, b)
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    }),
                 },
             )
             .map_err(internal)

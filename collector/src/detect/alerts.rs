@@ -5,7 +5,7 @@
 //! and evidence) instead of opening another. Each new alert and each change of state is also an
 //! event in the activity log (app `sluice`, activity `alert`), like the risk board's changes.
 
-use rusqlite::{OptionalExtension as _, params};
+use crate::db::OptionalRow as _;
 use serde::Serialize;
 use sluice_protocol::{Actor, Device, Event, Sluice, User};
 
@@ -21,7 +21,7 @@ CREATE TABLE alerts(
     id TEXT PRIMARY KEY,
     detector TEXT NOT NULL,
     severity TEXT NOT NULL,
-    user TEXT NOT NULL,
+    \"user\" TEXT NOT NULL,
     device TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL,
     title TEXT NOT NULL,
@@ -37,7 +37,7 @@ CREATE TABLE alerts(
 );
 CREATE INDEX alerts_created ON alerts(created);
 CREATE INDEX alerts_first_seen ON alerts(first_seen);
-CREATE INDEX alerts_user_detector ON alerts(user, detector, last_seen);
+CREATE INDEX alerts_user_detector ON alerts(\"user\", detector, last_seen);
 ";
 
 /// Errors of the alerts.
@@ -48,7 +48,7 @@ pub enum AlertError {
     Store(#[from] StoreError),
     /// SQL.
     #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(#[from] crate::db::DbError),
 }
 
 /// Where an alert is in its life.
@@ -135,14 +135,14 @@ pub struct Alert {
 /// The columns of an alert row, as a literal for `concat!` (statements cached by their text).
 macro_rules! columns {
     () => {
-        "id, detector, severity, user, device, state, title, summary, created, updated, \
+        "id, detector, severity, \"user\", device, state, title, summary, created, updated, \
          first_seen, last_seen, count, evidence, state_by, state_at"
     };
 }
 
 const COLUMNS: &str = columns!();
 
-fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
+fn alert_row(r: &crate::db::Row) -> Result<Alert, crate::db::DbError> {
     let evidence: String = r.get(13)?;
     Ok(Alert {
         id: r.get(0)?,
@@ -157,7 +157,7 @@ fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
         updated: r.get(9)?,
         first_seen: r.get(10)?,
         last_seen: r.get(11)?,
-        count: r.get::<_, i64>(12)?.max(0) as u64,
+        count: r.get::<i64>(12)?.max(0) as u64,
         evidence: serde_json::from_str(&evidence).unwrap_or_default(),
         state_by: r.get(14)?,
         state_at: r.get(15)?,
@@ -216,7 +216,7 @@ pub fn raise_all(
 }
 
 fn raise_in(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &crate::db::Conn,
     now: i64,
     rule: &Rule,
     f: &Finding,
@@ -228,11 +228,11 @@ fn raise_in(
         .prepare_cached(concat!(
             "SELECT ",
             columns!(),
-            " FROM alerts WHERE user = ?1 AND detector = ?2 \
+            " FROM alerts WHERE \"user\" = ?1 AND detector = ?2 \
              AND state IN ('open', 'acknowledged') AND last_seen >= ?3 \
              ORDER BY last_seen DESC LIMIT 1"
         ))?
-        .query_row(params![f.user, detector, since], alert_row)
+        .query_row(crate::args![f.user, detector, since], alert_row)
         .optional()?;
     if let Some(mut a) = existing {
         for e in &f.evidence {
@@ -251,7 +251,7 @@ fn raise_in(
             "UPDATE alerts SET count = ?2, evidence = ?3, last_seen = ?4, first_seen = ?5, \
              updated = ?6, summary = ?7 WHERE id = ?1",
         )?
-        .execute(params![
+        .execute(crate::args![
             a.id,
             a.count as i64,
             serde_json::to_string(&a.evidence).unwrap_or_else(|_| "[]".into()),
@@ -295,7 +295,7 @@ fn raise_in(
         columns!(),
         ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
     ))?
-    .execute(params![
+    .execute(crate::args![
         a.id,
         a.detector,
         a.severity,
@@ -337,7 +337,7 @@ pub fn list(store: &Store, f: &Filter, limit: u32) -> Result<Vec<Alert>, AlertEr
         ("state", f.state.map(|s| s.as_str().to_owned())),
         ("severity", f.severity.map(|s| s.as_str().to_owned())),
         ("detector", f.detector.clone()),
-        ("user", f.user.as_ref().map(|u| u.trim().to_lowercase())),
+        ("\"user\"", f.user.as_ref().map(|u| u.trim().to_lowercase())),
     ] {
         if let Some(v) = v {
             args.push(v);
@@ -346,9 +346,9 @@ pub fn list(store: &Store, f: &Filter, limit: u32) -> Result<Vec<Alert>, AlertEr
     }
     sql.push_str(&format!(" ORDER BY created DESC, id LIMIT {limit}"));
     Ok(store.with_read(|c| {
-        let mut st = c.prepare(&sql)?;
-        let rows = st.query_map(rusqlite::params_from_iter(args.iter()), alert_row)?;
-        rows.collect()
+        let args: Vec<&dyn crate::db::Param> =
+            args.iter().map(|a| a as &dyn crate::db::Param).collect();
+        c.query_map(&sql, args, alert_row)
     })?)
 }
 
@@ -387,7 +387,7 @@ pub fn set_state(
         let before = State::parse(&a.state).unwrap_or(State::Open);
         tx.execute(
             "UPDATE alerts SET state = ?2, state_by = ?3, state_at = ?4, updated = ?4 WHERE id = ?1",
-            params![id, state.as_str(), by, now],
+            crate::args![id, state.as_str(), by, now],
         )?;
         a.state = state.as_str().to_owned();
         a.state_by = Some(by.to_owned());
@@ -410,8 +410,8 @@ pub fn per_bucket(
             "SELECT (first_seen / ?1) * ?1 AS b, count(*) FROM alerts \
              WHERE first_seen >= ?2 AND first_seen < ?3 GROUP BY b ORDER BY b",
         )?;
-        let rows = st.query_map(params![bucket, from, to], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+        let rows = st.query_map(crate::args![bucket, from, to], |r| {
+            Ok((r.get::<i64>(0)?, r.get::<i64>(1)?.max(0) as u64))
         })?;
         rows.collect()
     })?)

@@ -258,7 +258,7 @@ fn rebuild(
     store: &Store,
     engine: &mut Engine,
     cfg: &DetectionConfig,
-) -> Result<u64, rusqlite::Error> {
+) -> Result<u64, crate::db::DbError> {
     if cfg.rebuild_max_events == 0 {
         return Ok(0);
     }
@@ -268,26 +268,24 @@ fn rebuild(
         let start: i64 = c
             .query_row(
                 "SELECT time FROM events WHERE time >= ?1 ORDER BY time DESC LIMIT 1 OFFSET ?2",
-                rusqlite::params![cutoff, max - 1],
+                crate::args![cutoff, max - 1],
                 |r| r.get(0),
             )
             .unwrap_or(cutoff);
-        let mut st = c.prepare(
-            "SELECT json FROM events WHERE time >= ?1 AND user != '' \
-             AND app NOT IN ('sluice', 'portal') ORDER BY time",
-        )?;
-        let mut rows = st.query([start.max(cutoff)])?;
         let mut n = 0u64;
-        while let Some(r) = rows.next()? {
-            let json: Vec<u8> = r.get(0)?;
-            if let Ok(e) = serde_json::from_slice::<Event>(&json) {
-                engine.observe(&e, false);
-                n += 1;
-            }
-            if n >= cfg.rebuild_max_events {
-                break;
-            }
-        }
+        c.for_each(
+            "SELECT json FROM events WHERE time >= ?1 AND \"user\" != '' \
+             AND app NOT IN ('sluice', 'portal') ORDER BY time",
+            [start.max(cutoff)],
+            |r| {
+                let json: Vec<u8> = r.get(0)?;
+                if let Ok(e) = serde_json::from_slice::<Event>(&json) {
+                    engine.observe(&e, false);
+                    n += 1;
+                }
+                Ok(n < cfg.rebuild_max_events)
+            },
+        )?;
         Ok(n)
     })
 }

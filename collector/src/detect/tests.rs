@@ -457,8 +457,8 @@ fn alerts_dedup_states_and_log() {
         .with_read(|c| {
             c.query_row(
                 "SELECT count(*) FROM events WHERE app = 'sluice' AND activity = 'alert' \
-                 AND user = 'a@corp.example'",
-                [],
+                 AND \"user\" = 'a@corp.example'",
+                crate::args![],
                 |r| r.get(0),
             )
         })
@@ -506,7 +506,7 @@ fn a_batch_of_findings_is_stored_together() {
         .with_read(|c| {
             c.query_row(
                 "SELECT count(*) FROM events WHERE app = 'sluice' AND activity = 'alert'",
-                [],
+                crate::args![],
                 |r| r.get(0),
             )
         })

@@ -27,11 +27,11 @@ use std::{
     sync::{Mutex, OnceLock},
 };
 
+use crate::db::OptionalRow as _;
 use argon2::{
     Argon2, PasswordHasher as _, PasswordVerifier as _,
     password_hash::{PasswordHash, SaltString},
 };
-use rusqlite::{OptionalExtension as _, params};
 
 use crate::{
     Collector,
@@ -49,12 +49,12 @@ CREATE TABLE portal_admins(
 );
 CREATE TABLE portal_sessions(
   id_sha256 TEXT PRIMARY KEY,
-  user TEXT NOT NULL,
+  \"user\" TEXT NOT NULL,
   csrf TEXT NOT NULL,
   created_at INTEGER NOT NULL,
   last_seen INTEGER NOT NULL
 );
-CREATE INDEX portal_sessions_user ON portal_sessions(user);
+CREATE INDEX portal_sessions_user ON portal_sessions(\"user\");
 ";
 
 /// Sessions of both kinds: `kind` is `local` (an admin account, `user` its name) or `oidc`
@@ -90,7 +90,7 @@ pub enum AuthError {
     Store(#[from] StoreError),
     /// SQLite directly.
     #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(#[from] crate::db::DbError),
     /// Hashing failed.
     #[error("password hashing: {0}")]
     Hash(String),
@@ -166,11 +166,11 @@ pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), Aut
             "INSERT INTO portal_admins(name, password_hash, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?3) ON CONFLICT(name) DO UPDATE SET \
              password_hash = excluded.password_hash, updated_at = excluded.updated_at",
-            params![name, hash, now],
+            crate::args![name, hash, now],
         )?;
         // A new password ends the account's sessions.
         c.execute(
-            "DELETE FROM portal_sessions WHERE user = ?1 AND kind = 'local'",
+            "DELETE FROM portal_sessions WHERE \"user\" = ?1 AND kind = 'local'",
             [name],
         )
     })?;
@@ -265,12 +265,12 @@ fn insert_session(
     store.with_conn(|c| {
         c.execute(
             "DELETE FROM portal_sessions WHERE last_seen < ?1 OR created_at < ?2",
-            params![now - IDLE, now - ABSOLUTE],
+            crate::args![now - IDLE, now - ABSOLUTE],
         )?;
         c.execute(
-            "INSERT INTO portal_sessions(id_sha256, user, csrf, created_at, last_seen, kind, \
+            "INSERT INTO portal_sessions(id_sha256, \"user\", csrf, created_at, last_seen, kind, \
              email, groups) VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7)",
-            params![
+            crate::args![
                 sha256_hex(id.as_bytes()),
                 user,
                 csrf,
@@ -321,7 +321,7 @@ pub fn lookup_session(
     // A local session lives only as long as its account.
     let row: Option<Row> = store.with_read(|c| {
         c.query_row(
-            "SELECT s.user, s.csrf, s.created_at, s.last_seen, s.kind, s.email, s.groups \
+            "SELECT s.\"user\", s.csrf, s.created_at, s.last_seen, s.kind, s.email, s.groups \
              FROM portal_sessions s LEFT JOIN portal_admins a ON a.name = s.user \
              WHERE s.id_sha256 = ?1 AND (s.kind = 'oidc' OR a.name IS NOT NULL)",
             [&key],
@@ -374,7 +374,7 @@ pub fn lookup_session(
         store.with_conn(|c| {
             c.execute(
                 "UPDATE portal_sessions SET last_seen = ?1 WHERE id_sha256 = ?2",
-                params![now, key],
+                crate::args![now, key],
             )
         })?;
     }
@@ -517,7 +517,7 @@ mod tests {
             .with_read(|c| {
                 c.query_row(
                     "SELECT count(*) FROM portal_sessions WHERE id_sha256 = ?1 OR id_sha256 = ?2",
-                    params![id, sha256_hex(id.as_bytes())],
+                    crate::args![id, sha256_hex(id.as_bytes())],
                     |r| r.get(0),
                 )
             })
@@ -604,7 +604,7 @@ mod tests {
         assert_eq!(local.kind, SessionKind::Local);
         let now = now_ms();
         assert!(lookup_session(&s, &lid, now, None).unwrap().unwrap().admin);
-        s.with_conn(|c| c.execute("DELETE FROM portal_admins", []))
+        s.with_conn(|c| c.execute("DELETE FROM portal_admins", crate::args![]))
             .unwrap();
         assert_eq!(lookup_session(&s, &lid, now, None).unwrap(), None);
         drop(s);

@@ -67,13 +67,13 @@ const LIST_SCAN: u32 = 2000;
 /// OCSF File Hosting Activity: Unlock.
 const ACTIVITY_UNLOCK: u32 = 11;
 
-type Cached = (std::path::PathBuf, i64, Option<Arc<PolicySet>>);
+type Cached = (String, i64, Option<Arc<PolicySet>>);
 
 /// The current default bundle's policy set (its directory), compiled once per published bundle.
 fn directory(c: &Collector) -> Option<Arc<PolicySet>> {
     static CACHE: OnceLock<Mutex<Vec<Cached>>> = OnceLock::new();
     let latest = c.store.latest_bundle_id().ok()?;
-    let db = c.store.path().to_owned();
+    let db = c.store.describe();
     let cache = CACHE.get_or_init(Mutex::default);
     if let Some((_, _, set)) = cache
         .lock()

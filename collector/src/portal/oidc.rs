@@ -40,10 +40,10 @@ use std::{
     time::Duration,
 };
 
+use crate::db::OptionalRow as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
-use rusqlite::{OptionalExtension as _, params};
 use serde::Deserialize;
 use sluice_policy::{
     bundle::jws::{b64, b64url, b64url_decode},
@@ -109,7 +109,7 @@ pub enum OidcError {
     Store(#[from] StoreError),
     /// SQLite directly.
     #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(#[from] crate::db::DbError),
     /// The system random generator failed.
     #[error("the system random generator failed")]
     Random,
@@ -337,14 +337,18 @@ pub fn begin_flow(store: &Store, now: i64) -> Result<Started, OidcError> {
             "DELETE FROM portal_oidc_flows WHERE created_at <= ?1",
             [now - FLOW_TTL_MS],
         )?;
-        let n: i64 = c.query_row("SELECT count(*) FROM portal_oidc_flows", [], |r| r.get(0))?;
+        let n: i64 = c.query_row(
+            "SELECT count(*) FROM portal_oidc_flows",
+            crate::args![],
+            |r| r.get(0),
+        )?;
         if n >= MAX_FLOWS {
             return Ok(false);
         }
         c.execute(
             "INSERT INTO portal_oidc_flows(state_sha256, browser_sha256, nonce, code_verifier, \
              created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
+            crate::args![
                 sha256_hex(started.state.as_bytes()),
                 sha256_hex(started.browser.as_bytes()),
                 started.nonce,
@@ -1248,7 +1252,7 @@ mod tests {
                 c.query_row(
                     "SELECT count(*) FROM portal_oidc_flows WHERE state_sha256 = ?1 OR \
                      browser_sha256 = ?2",
-                    params![f.state, f.browser],
+                    crate::args![f.state, f.browser],
                     |r| r.get(0),
                 )
             })
@@ -1282,7 +1286,13 @@ mod tests {
         let _old = begin_flow(&s, now - FLOW_TTL_MS - 1).unwrap();
         let _new = begin_flow(&s, now).unwrap();
         let left: i64 = s
-            .with_read(|c| c.query_row("SELECT count(*) FROM portal_oidc_flows", [], |r| r.get(0)))
+            .with_read(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM portal_oidc_flows",
+                    crate::args![],
+                    |r| r.get(0),
+                )
+            })
             .unwrap();
         assert_eq!(left, 1);
         drop(s);

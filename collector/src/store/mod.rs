@@ -43,18 +43,25 @@ use std::{
     sync::Mutex,
 };
 
-use rusqlite::{Connection, OptionalExtension as _, params, types::Value};
+pub mod cluster;
+pub mod pg;
+
+use rusqlite::Connection;
 use serde::Serialize;
 use sluice_protocol::{CLASS_DEVICE_INVENTORY, EnrollResponse, Event};
 
-use crate::query::Compiled;
+use crate::{
+    args,
+    db::{Conn, DbError, OptionalRow as _, Val},
+    query::Compiled,
+};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// SQLite.
+    /// The database.
     #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Db(#[from] DbError),
     /// Creating the database's directory.
     #[error("{path}: {source}")]
     Io {
@@ -88,7 +95,7 @@ CREATE TABLE events(
   action TEXT NOT NULL DEFAULT '',
   policy TEXT NOT NULL DEFAULT '',
   app TEXT NOT NULL DEFAULT '',
-  user TEXT NOT NULL DEFAULT '',
+  \"user\" TEXT NOT NULL DEFAULT '',
   groups TEXT NOT NULL DEFAULT '',
   device_uid TEXT NOT NULL DEFAULT '',
   hostname TEXT NOT NULL DEFAULT '',
@@ -103,7 +110,7 @@ CREATE TABLE events(
   json BLOB NOT NULL
 );
 CREATE UNIQUE INDEX events_time_id ON events(time, id);
-CREATE INDEX events_user_time ON events(user, time, action);
+CREATE INDEX events_user_time ON events(\"user\", time, action);
 CREATE INDEX events_action_time ON events(action, time);
 CREATE INDEX events_app_time ON events(app, time);
 CREATE INDEX events_device_time ON events(device_uid, time);
@@ -171,6 +178,12 @@ CREATE TABLE api_tokens(
 );
 ";
 
+/// The notification channel of published bundles (PostgreSQL: every collector's long polls).
+pub const NOTIFY_BUNDLES: &str = "sluice_bundles";
+
+/// The notification channel of changed risk marks.
+pub const NOTIFY_RISK: &str = "sluice_risk";
+
 /// Largest single event line; longer ones are rejected.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
 
@@ -181,12 +194,22 @@ const PARALLEL_PARSE: usize = 256;
 const READERS: usize = 4;
 
 /// The columns every event query returns, in [`EventRow`] order.
-const ROW_COLUMNS: &str = "seq, id, time, class_uid, activity, action, policy, app, user, groups, \
+const ROW_COLUMNS: &str = "seq, id, time, class_uid, activity, action, policy, app, \"user\", groups, \
      device_uid, hostname, src_ip, process, url, file_names, labels, message, json";
 
 /// The store. Cheap to share behind an `Arc`; every method is blocking (call it from
 /// `spawn_blocking` in async code).
 pub struct Store {
+    backend: Backend,
+}
+
+enum Backend {
+    Lite(Lite),
+    Pg(Box<pg::Pg>),
+}
+
+/// The embedded SQLite store's connections.
+struct Lite {
     path: PathBuf,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
@@ -194,7 +217,16 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        match &self.backend {
+            Backend::Lite(l) => f.debug_struct("Store").field("path", &l.path).finish(),
+            Backend::Pg(p) => f.debug_struct("Store").field("pg", &p.target).finish(),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Db(e.into())
     }
 }
 
@@ -299,8 +331,7 @@ impl std::fmt::Debug for IngestOptions<'_> {
 }
 
 /// Keeps one sealed box; an error is logged and counted, the event is stored anyway.
-pub type SealedSink<'a> =
-    dyn Fn(&rusqlite::Transaction<'_>, &SealedBox) -> Result<(), String> + Sync + 'a;
+pub type SealedSink<'a> = dyn Fn(&Conn, &SealedBox) -> Result<(), String> + Sync + 'a;
 
 /// A protected file's sealed passwords, taken out of its event at ingestion.
 #[derive(Debug, Clone)]
@@ -527,81 +558,144 @@ fn keep_parsed(parsed: Vec<Result<(Row, Event), String>>) -> (Vec<(Row, Event)>,
     (rows, out)
 }
 
+/// The insert of one event (SQLite: a prepared statement run per event).
+const INSERT_EVENT: &str = "INSERT INTO events(id, time, received, class_uid, activity, action, \
+     policy, app, \"user\", groups, device_uid, hostname, src_ip, dst_ip, process, \
+     process_path, url, file_names, labels, message, json) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
+     ?17, ?18, ?19, ?20, ?21) ON CONFLICT DO NOTHING";
+
+/// The insert of a batch (PostgreSQL: one statement, columns as arrays); returns the events it
+/// stored (not those already there).
+const INSERT_EVENTS_PG: &str = "INSERT INTO events(id, time, received, class_uid, activity, \
+     action, policy, app, \"user\", groups, device_uid, hostname, src_ip, dst_ip, process, \
+     process_path, url, file_names, labels, message, json) \
+     SELECT * FROM unnest(?1::text[], ?2::bigint[], ?3::bigint[], ?4::bigint[], ?5::text[], \
+     ?6::text[], ?7::text[], ?8::text[], ?9::text[], ?10::text[], ?11::text[], ?12::text[], \
+     ?13::text[], ?14::text[], ?15::text[], ?16::text[], ?17::text[], ?18::text[], \
+     ?19::text[], ?20::text[], ?21::bytea[]) ON CONFLICT DO NOTHING RETURNING time, id";
+
+/// Which of `rows` `c` stored now (false: already stored), in order.
+fn insert_events(c: &Conn, rows: &[(Row, Event)], now: i64) -> Result<Vec<bool>, DbError> {
+    if let Some(r) = c.with_pg(|pg| {
+        let col = |f: fn(&Row) -> &String| rows.iter().map(|(r, _)| f(r)).collect::<Vec<_>>();
+        let ids = col(|r| &r.id);
+        let times: Vec<i64> = rows.iter().map(|(r, _)| r.time).collect();
+        let received = vec![now; rows.len()];
+        let classes: Vec<i64> = rows.iter().map(|(r, _)| r.class_uid).collect();
+        let json: Vec<&[u8]> = rows.iter().map(|(r, _)| r.json.as_slice()).collect();
+        let stored = pg.query_pg(
+            INSERT_EVENTS_PG,
+            &[
+                &ids,
+                &times,
+                &received,
+                &classes,
+                &col(|r| &r.activity),
+                &col(|r| &r.action),
+                &col(|r| &r.policy),
+                &col(|r| &r.app),
+                &col(|r| &r.user),
+                &col(|r| &r.groups),
+                &col(|r| &r.device_uid),
+                &col(|r| &r.hostname),
+                &col(|r| &r.src_ip),
+                &col(|r| &r.dst_ip),
+                &col(|r| &r.process),
+                &col(|r| &r.process_path),
+                &col(|r| &r.url),
+                &col(|r| &r.file_names),
+                &col(|r| &r.labels),
+                &col(|r| &r.message),
+                &json,
+            ],
+        )?;
+        let mut new: std::collections::HashSet<(i64, String)> = stored
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?)))
+            .collect::<Result<_, DbError>>()?;
+        // A row stored now counts once: a second copy in the same batch is a duplicate.
+        Ok(rows
+            .iter()
+            .map(|(r, _)| new.remove(&(r.time, r.id.clone())))
+            .collect())
+    }) {
+        return r;
+    }
+    rows.iter()
+        .map(|(r, _)| {
+            Ok(c.execute(
+                INSERT_EVENT,
+                args![
+                    r.id,
+                    r.time,
+                    now,
+                    r.class_uid,
+                    r.activity,
+                    r.action,
+                    r.policy,
+                    r.app,
+                    r.user,
+                    r.groups,
+                    r.device_uid,
+                    r.hostname,
+                    r.src_ip,
+                    r.dst_ip,
+                    r.process,
+                    r.process_path,
+                    r.url,
+                    r.file_names,
+                    r.labels,
+                    r.message,
+                    r.json,
+                ],
+            )? == 1)
+        })
+        .collect()
+}
+
 /// Stores parsed events in `tx` (the part of ingestion that holds the writer).
 fn store_rows(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Conn,
     rows: Vec<(Row, Event)>,
     opts: IngestOptions<'_>,
     out: &mut IngestOutcome,
 ) -> Result<(), StoreError> {
     let now = now_ms();
-    let mut fresh = Vec::with_capacity(if opts.collect_parsed { rows.len() } else { 0 });
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO events(id, time, received, class_uid, activity, action, \
-             policy, app, user, groups, device_uid, hostname, src_ip, dst_ip, process, \
-             process_path, url, file_names, labels, message, json) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
-             ?17, ?18, ?19, ?20, ?21)",
-        )?;
-        for (r, _) in &rows {
-            let n = insert.execute(params![
-                r.id,
-                r.time,
-                now,
-                r.class_uid,
-                r.activity,
-                r.action,
-                r.policy,
-                r.app,
-                r.user,
-                r.groups,
-                r.device_uid,
-                r.hostname,
-                r.src_ip,
-                r.dst_ip,
-                r.process,
-                r.process_path,
-                r.url,
-                r.file_names,
-                r.labels,
-                r.message,
-                r.json,
-            ])?;
-            if opts.collect_parsed {
-                fresh.push(n == 1);
-            }
-            if n == 1 {
-                out.accepted += 1;
-                for b in &r.sealed {
-                    match opts.sealed {
-                        Some(keep) => match keep(tx, b) {
-                            Ok(()) => out.releases += 1,
-                            Err(why) => {
-                                out.releases_refused += 1;
-                                tracing::warn!(
-                                    event = %b.event_id,
-                                    release = %b.file.release_id,
-                                    %why,
-                                    "a protected file's sealed passwords were not kept"
-                                );
-                            }
-                        },
-                        None => out.releases_refused += 1,
+    let fresh = insert_events(tx, &rows, now)?;
+    for ((r, _), new) in rows.iter().zip(&fresh) {
+        if !*new {
+            out.duplicates += 1;
+            continue;
+        }
+        out.accepted += 1;
+        for b in &r.sealed {
+            match opts.sealed {
+                Some(keep) => match keep(tx, b) {
+                    Ok(()) => out.releases += 1,
+                    Err(why) => {
+                        out.releases_refused += 1;
+                        tracing::warn!(
+                            event = %b.event_id,
+                            release = %b.file.release_id,
+                            %why,
+                            "a protected file's sealed passwords were not kept"
+                        );
                     }
-                }
-                if opts.collect_new {
-                    out.new_events.push(bytes::Bytes::from(r.json.clone()));
-                }
-            } else {
-                out.duplicates += 1;
+                },
+                None => out.releases_refused += 1,
             }
         }
-        update_devices(tx, rows.iter().map(|(_, e)| e), opts.agent, now)?;
-        if let Some(agent) = opts.agent {
-            tx.prepare_cached("UPDATE agents SET last_seen = ?1 WHERE id = ?2")?
-                .execute(params![now, agent])?;
+        if opts.collect_new {
+            out.new_events.push(bytes::Bytes::from(r.json.clone()));
         }
+    }
+    update_devices(tx, rows.iter().map(|(_, e)| e), opts.agent, now)?;
+    if let Some(agent) = opts.agent {
+        tx.execute(
+            "UPDATE agents SET last_seen = ?1 WHERE id = ?2",
+            args![now, agent],
+        )?;
     }
     if opts.collect_parsed {
         out.new_parsed = rows
@@ -656,7 +750,7 @@ pub struct EventRow {
     pub json: String,
 }
 
-fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+fn event_row(r: &crate::db::Row) -> Result<EventRow, DbError> {
     let json: Vec<u8> = r.get(18)?;
     Ok(EventRow {
         seq: r.get(0)?,
@@ -819,6 +913,31 @@ pub struct Bucket {
     pub blocks: u64,
 }
 
+impl Lite {
+    fn take_reader(&self) -> rusqlite::Result<Connection> {
+        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(c) = pooled {
+            return Ok(c);
+        }
+        let c = Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        configure(&c, 64 * 1024)?;
+        c.set_prepared_statement_cache_capacity(64);
+        Ok(c)
+    }
+
+    fn give_reader(&self, c: Connection) {
+        let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < READERS {
+            pool.push(c);
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`, in WAL mode, and runs the store's and
     /// the portal's migrations.
@@ -844,73 +963,111 @@ impl Store {
         // A checkpoint writes each changed page once however many transactions changed it, so
         // a larger WAL (256 MiB) turns the many rewrites of hot index pages into one.
         writer.pragma_update(None, "wal_autocheckpoint", 65536)?;
+        writer.set_prepared_statement_cache_capacity(64);
         migrate(&mut writer, MIGRATIONS)?;
         migrate(&mut writer, extra)?;
         Ok(Self {
-            path: path.to_owned(),
-            writer: Mutex::new(writer),
-            readers: Mutex::new(Vec::new()),
+            backend: Backend::Lite(Lite {
+                path: path.to_owned(),
+                writer: Mutex::new(writer),
+                readers: Mutex::new(Vec::new()),
+            }),
         })
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Opens the PostgreSQL database `conninfo` (a `postgresql://` URL or `key=value` pairs)
+    /// shared with other collectors, with at most `max_connections` connections, and applies
+    /// the store's migrations and `extra`.
+    pub fn open_postgres(
+        conninfo: &str,
+        max_connections: usize,
+        retention_days: u32,
+        extra: &[(&str, &str)],
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            backend: Backend::Pg(Box::new(pg::Pg::open(
+                conninfo,
+                max_connections,
+                retention_days,
+                &[MIGRATIONS, extra],
+            )?)),
+        })
     }
 
-    /// Runs `f` on the writer connection (read-write; one at a time). Keep it short: ingestion
-    /// waits meanwhile.
-    pub fn with_conn<T>(
-        &self,
-        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T> {
-        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        f(&conn)
+    /// The SQLite database file; `None` on PostgreSQL.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Lite(l) => Some(&l.path),
+            Backend::Pg(_) => None,
+        }
     }
 
-    /// Runs `f` in a transaction on the writer connection, committed when `f` succeeds.
-    pub fn with_write<T, E: From<rusqlite::Error>>(
+    /// Where the store is, for people: the SQLite file, or the PostgreSQL database.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Lite(l) => format!("sqlite {}", l.path.display()),
+            Backend::Pg(p) => p.target.clone(),
+        }
+    }
+
+    /// The PostgreSQL store, when this is one.
+    pub fn postgres(&self) -> Option<&pg::Pg> {
+        match &self.backend {
+            Backend::Lite(_) => None,
+            Backend::Pg(p) => Some(p),
+        }
+    }
+
+    /// Runs `f` on a read-write connection. On SQLite that is the single writer (one at a time:
+    /// keep it short, ingestion waits meanwhile); each statement commits on its own.
+    pub fn with_conn<T>(&self, f: impl FnOnce(&Conn) -> Result<T, DbError>) -> Result<T, DbError> {
+        match &self.backend {
+            Backend::Lite(l) => {
+                let conn = l.writer.lock().unwrap_or_else(|p| p.into_inner());
+                f(&Conn::lite(&conn))
+            }
+            Backend::Pg(p) => p.with_read(f),
+        }
+    }
+
+    /// Runs `f` in a transaction, committed when `f` succeeds.
+    pub fn with_write<T, E: From<DbError>>(
         &self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, E>,
+        f: impl FnOnce(&Conn) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction()?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
-    }
-
-    /// Runs `f` on a pooled reader connection (read-only; runs concurrently with writes).
-    pub fn with_read<T>(
-        &self,
-        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T> {
-        let conn = self.take_reader()?;
-        let out = f(&conn);
-        self.give_reader(conn);
-        out
-    }
-
-    fn take_reader(&self) -> rusqlite::Result<Connection> {
-        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        if let Some(c) = pooled {
-            return Ok(c);
+        match &self.backend {
+            Backend::Lite(l) => {
+                let mut conn = l.writer.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = conn.transaction().map_err(DbError::from)?;
+                let out = f(&Conn::lite(&tx))?;
+                tx.commit().map_err(DbError::from)?;
+                Ok(out)
+            }
+            Backend::Pg(p) => p.with_write(f),
         }
-        let c = Connection::open_with_flags(
-            &self.path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
-                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | rusqlite::OpenFlags::SQLITE_OPEN_URI,
-        )?;
-        configure(&c, 64 * 1024)?;
-        Ok(c)
     }
 
-    fn give_reader(&self, c: Connection) {
-        let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < READERS {
-            pool.push(c);
+    /// Runs `f` on a pooled connection for reading (on SQLite a read-only reader, concurrent
+    /// with writes).
+    pub fn with_read<T>(&self, f: impl FnOnce(&Conn) -> Result<T, DbError>) -> Result<T, DbError> {
+        match &self.backend {
+            Backend::Lite(l) => {
+                let conn = l.take_reader()?;
+                let out = f(&Conn::lite(&conn));
+                l.give_reader(conn);
+                out
+            }
+            Backend::Pg(p) => p.with_read(f),
         }
+    }
+
+    /// Sends notification `channel` to every collector on the same PostgreSQL database when
+    /// `c`'s transaction commits (nothing on SQLite: one collector).
+    pub fn notify(c: &Conn, channel: &str) -> Result<(), DbError> {
+        if c.is_pg() {
+            c.query("SELECT pg_notify(?1, '')", args![channel])?;
+        }
+        Ok(())
     }
 
     /// Ingests a JSON Lines body of events in one transaction. Lines that are not valid events
@@ -921,10 +1078,14 @@ impl Store {
         opts: IngestOptions<'_>,
     ) -> Result<IngestOutcome, StoreError> {
         let (rows, mut out) = parse_body(body, opts.agent);
-        let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction()?;
-        store_rows(&tx, rows, opts, &mut out)?;
-        tx.commit()?;
+        if let Backend::Pg(p) = &self.backend {
+            let days = rows
+                .iter()
+                .map(|(r, _)| r.time.div_euclid(pg::DAY_MS))
+                .collect();
+            p.ensure_days(&days, now_ms())?;
+        }
+        self.with_write(|tx| store_rows(tx, rows, opts, &mut out))?;
         Ok(out)
     }
 
@@ -933,7 +1094,7 @@ impl Store {
     /// one commit instead of two). Parses on the caller's thread, while holding the writer:
     /// for a few events only.
     pub fn ingest_in(
-        tx: &rusqlite::Transaction<'_>,
+        tx: &Conn,
         body: &[u8],
         opts: IngestOptions<'_>,
     ) -> Result<IngestOutcome, StoreError> {
@@ -957,9 +1118,7 @@ impl Store {
     pub fn count(&self, q: &Compiled) -> Result<u64, StoreError> {
         Ok(self.with_read(|c| {
             let sql = format!("SELECT count(*) FROM events WHERE {}", q.sql);
-            c.query_row(&sql, rusqlite::params_from_iter(q.params.iter()), |r| {
-                r.get::<_, i64>(0)
-            })
+            c.query_row(&sql, q.args(), |r| r.get::<i64>(0))
         })? as u64)
     }
 
@@ -972,24 +1131,20 @@ impl Store {
         page: u32,
         mut f: impl FnMut(&[EventRow]) -> bool,
     ) -> Result<(), StoreError> {
-        let conn = self.take_reader()?;
-        let mut before = None;
-        let result = loop {
-            match search_on(&conn, q, page, before) {
-                Ok(p) => {
-                    if !p.events.is_empty() && !f(&p.events) {
-                        break Ok(());
-                    }
-                    match p.next {
-                        Some(n) => before = Some(n),
-                        None => break Ok(()),
-                    }
+        self.with_read(|c| {
+            let mut before = None;
+            loop {
+                let p = search_on(c, q, page, before)?;
+                if !p.events.is_empty() && !f(&p.events) {
+                    return Ok(());
                 }
-                Err(e) => break Err(e.into()),
+                match p.next {
+                    Some(n) => before = Some(n),
+                    None => return Ok(()),
+                }
             }
-        };
-        self.give_reader(conn);
-        result
+        })
+        .map_err(StoreError::from)
     }
 
     /// One event by id (a scan of the `(time, id)` index; prefer [`Store::get_event_at`]).
@@ -1007,7 +1162,16 @@ impl Store {
             Some(t) => c
                 .query_row(
                     &format!("SELECT {ROW_COLUMNS} FROM events WHERE time = ?1 AND id = ?2"),
-                    params![t, id],
+                    args![t, id],
+                    event_row,
+                )
+                .optional(),
+            // SQLite: the covering `(time, id)` index is the smallest to scan. PostgreSQL scans
+            // each partition's.
+            None if c.is_pg() => c
+                .query_row(
+                    &format!("SELECT {ROW_COLUMNS} FROM events WHERE id = ?1 LIMIT 1"),
+                    args![id],
                     event_row,
                 )
                 .optional(),
@@ -1017,7 +1181,7 @@ impl Store {
                         "SELECT {ROW_COLUMNS} FROM events WHERE seq = (SELECT seq FROM events \
                          INDEXED BY events_time_id WHERE id = ?1 LIMIT 1)"
                     ),
-                    [id],
+                    args![id],
                     event_row,
                 )
                 .optional(),
@@ -1039,39 +1203,42 @@ impl Store {
         // The query's anonymous `?` parameters number on from ?3 (SQLite gives a bare `?` the
         // largest number so far plus one), so they bind after the three fixed ones.
         let sql = format!(
-            "SELECT (time / ?1) * ?1 AS b, count(*), sum(action = 'block') FROM events \
-             WHERE time >= ?2 AND time < ?3 AND ({}) GROUP BY b ORDER BY b",
+            "SELECT (time / ?1) * ?1 AS b, count(*), count(CASE WHEN action = 'block' THEN 1 END) \
+             FROM events WHERE time >= ?2 AND time < ?3 AND ({}) GROUP BY b ORDER BY b",
             q.sql
         );
-        let mut params: Vec<Value> = vec![bucket_ms.into(), from.into(), to.into()];
+        let mut params: Vec<Val> = vec![bucket_ms.into(), from.into(), to.into()];
         params.extend(q.params.iter().cloned());
+        let params: Vec<&dyn crate::db::Param> =
+            params.iter().map(|p| p as &dyn crate::db::Param).collect();
         Ok(self.with_read(|c| {
-            let mut st = c.prepare(&sql)?;
-            let rows = st.query_map(rusqlite::params_from_iter(params.iter()), |r| {
+            c.query_map(&sql, &params, |r| {
                 Ok(Bucket {
                     t: r.get(0)?,
-                    activities: r.get::<_, i64>(1)? as u64,
-                    blocks: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
+                    activities: r.get::<i64>(1)? as u64,
+                    blocks: r.get::<Option<i64>>(2)?.unwrap_or(0) as u64,
                 })
-            })?;
-            rows.collect()
+            })
         })?)
     }
 
     /// Deletes events older than `cutoff` (Unix ms) in batches of `batch`, releasing the writer
     /// between batches so ingestion goes on. Returns how many were deleted.
     pub fn purge_older_than(&self, cutoff: i64, batch: u32) -> Result<u64, StoreError> {
+        if let Backend::Pg(p) = &self.backend {
+            return Ok(p.purge_older_than(cutoff, batch)?);
+        }
         let mut total = 0u64;
         loop {
             let n = self.with_conn(|c| {
                 c.execute(
                     "DELETE FROM events WHERE seq IN \
                      (SELECT seq FROM events WHERE time < ?1 ORDER BY time LIMIT ?2)",
-                    params![cutoff, batch],
+                    args![cutoff, i64::from(batch)],
                 )
             })?;
-            total += n as u64;
-            if n < batch as usize {
+            total += n;
+            if n < u64::from(batch) {
                 return Ok(total);
             }
             std::thread::yield_now();
@@ -1090,7 +1257,7 @@ impl Store {
             c.execute(
                 "INSERT INTO enroll_tokens(token_sha256, grp, created_at, expires_at) \
                  VALUES (?1, ?2, ?3, ?4)",
-                params![
+                args![
                     sha256_hex(token.as_bytes()),
                     group,
                     now,
@@ -1117,12 +1284,16 @@ impl Store {
         let now = now_ms();
         let hostname: String = hostname.chars().take(255).collect();
         let version: String = agent_version.chars().take(64).collect();
-        let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction()?;
+        self.with_write(|tx| {
+        // Two collectors redeeming one token at once: the second waits for the first's row
+        // (SQLite has one writer anyway).
+        let lock = if tx.is_pg() { " FOR UPDATE" } else { "" };
         let row: Option<(String, i64, Option<i64>)> = tx
             .query_row(
-                "SELECT grp, expires_at, used_at FROM enroll_tokens WHERE token_sha256 = ?1",
-                [&hash],
+                &format!(
+                    "SELECT grp, expires_at, used_at FROM enroll_tokens WHERE token_sha256 = ?1{lock}"
+                ),
+                args![hash],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
@@ -1136,12 +1307,12 @@ impl Store {
         };
         tx.execute(
             "UPDATE enroll_tokens SET used_at = ?1, used_by = ?2 WHERE token_sha256 = ?3",
-            params![now, agent_id, hash],
+            args![now, agent_id, hash],
         )?;
         tx.execute(
             "INSERT INTO agents(id, hostname, grp, credential_sha256, agent_version, enrolled_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
+            args![
                 agent_id,
                 hostname,
                 group,
@@ -1150,11 +1321,11 @@ impl Store {
                 now
             ],
         )?;
-        tx.commit()?;
         Ok(EnrollResponse {
             agent_id,
             credential,
             group,
+        })
         })
     }
 
@@ -1164,7 +1335,7 @@ impl Store {
         let row: Option<(String, String, Option<i64>)> = self.with_read(|c| {
             c.query_row(
                 "SELECT id, grp, revoked_at FROM agents WHERE credential_sha256 = ?1",
-                [&hash],
+                args![hash],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
@@ -1181,7 +1352,7 @@ impl Store {
         self.with_conn(|c| {
             c.execute(
                 "UPDATE agents SET last_seen = ?1 WHERE id = ?2",
-                params![now_ms(), id],
+                args![now_ms(), id],
             )
         })?;
         Ok(())
@@ -1192,7 +1363,7 @@ impl Store {
         Ok(self.with_conn(|c| {
             c.execute(
                 "UPDATE agents SET revoked_at = coalesce(revoked_at, ?1) WHERE id = ?2",
-                params![now_ms(), id],
+                args![now_ms(), id],
             )
         })? == 1)
     }
@@ -1200,22 +1371,22 @@ impl Store {
     /// Every enrolled agent, newest first.
     pub fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
         Ok(self.with_read(|c| {
-            let mut st = c.prepare(
+            c.query_map(
                 "SELECT id, hostname, grp, agent_version, enrolled_at, revoked_at, last_seen \
                  FROM agents ORDER BY enrolled_at DESC, id",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(AgentRow {
-                    id: r.get(0)?,
-                    hostname: r.get(1)?,
-                    group: r.get(2)?,
-                    agent_version: r.get(3)?,
-                    enrolled_at: r.get(4)?,
-                    revoked_at: r.get(5)?,
-                    last_seen: r.get(6)?,
-                })
-            })?;
-            rows.collect()
+                args![],
+                |r| {
+                    Ok(AgentRow {
+                        id: r.get(0)?,
+                        hostname: r.get(1)?,
+                        group: r.get(2)?,
+                        agent_version: r.get(3)?,
+                        enrolled_at: r.get(4)?,
+                        revoked_at: r.get(5)?,
+                        last_seen: r.get(6)?,
+                    })
+                },
+            )
         })?)
     }
 
@@ -1223,7 +1394,7 @@ impl Store {
     pub fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
         let now = now_ms();
         Ok(self.with_read(|c| {
-            let mut st = c.prepare(
+            c.query_map(
                 "SELECT d.uid, d.hostname, d.posture, d.os, d.agent_version, d.bundle_revision, \
                  max(d.last_seen, coalesce(a.last_seen, 0)), a.grp, a.revoked_at, d.posture_json, \
                  d.status_json FROM devices d LEFT JOIN agents a ON a.id = d.uid \
@@ -1232,24 +1403,24 @@ impl Store {
                  a.enrolled_at), a.grp, a.revoked_at, NULL, NULL FROM agents a \
                  WHERE a.id NOT IN (SELECT uid FROM devices) \
                  ORDER BY 7 DESC",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(DeviceRow {
-                    uid: r.get(0)?,
-                    hostname: r.get(1)?,
-                    posture: r.get(2)?,
-                    os: r.get(3)?,
-                    agent_version: r.get(4)?,
-                    bundle_revision: r.get(5)?,
-                    last_seen: r.get(6)?,
-                    group: r.get(7)?,
-                    revoked_at: r.get(8)?,
-                    posture_json: r.get(9)?,
-                    status_json: r.get(10)?,
-                    stale: now.saturating_sub(r.get::<_, i64>(6)?) > STALE_MS,
-                })
-            })?;
-            rows.collect()
+                args![],
+                |r| {
+                    Ok(DeviceRow {
+                        uid: r.get(0)?,
+                        hostname: r.get(1)?,
+                        posture: r.get(2)?,
+                        os: r.get(3)?,
+                        agent_version: r.get(4)?,
+                        bundle_revision: r.get(5)?,
+                        last_seen: r.get(6)?,
+                        group: r.get(7)?,
+                        revoked_at: r.get(8)?,
+                        posture_json: r.get(9)?,
+                        status_json: r.get(10)?,
+                        stale: now.saturating_sub(r.get::<i64>(6)?) > STALE_MS,
+                    })
+                },
+            )
         })?)
     }
 
@@ -1259,7 +1430,7 @@ impl Store {
         self.with_conn(|c| {
             c.execute(
                 "INSERT INTO api_tokens(name, token_sha256, created_at) VALUES (?1, ?2, ?3)",
-                params![name, sha256_hex(token.as_bytes()), now_ms()],
+                args![name, sha256_hex(token.as_bytes()), now_ms()],
             )
         })?;
         Ok(token)
@@ -1270,18 +1441,19 @@ impl Store {
         Ok(self.with_conn(|c| {
             c.execute(
                 "UPDATE api_tokens SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
-                params![name, now_ms()],
+                args![name, now_ms()],
             )
-        })?)
+        })? as usize)
     }
 
     /// API tokens: (name, created_at ms, revoked_at ms).
     pub fn api_tokens(&self) -> Result<Vec<(String, i64, Option<i64>)>, StoreError> {
         Ok(self.with_read(|c| {
-            let mut st =
-                c.prepare("SELECT name, created_at, revoked_at FROM api_tokens ORDER BY id")?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect()
+            c.query_map(
+                "SELECT name, created_at, revoked_at FROM api_tokens ORDER BY id",
+                args![],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
         })?)
     }
 
@@ -1291,7 +1463,7 @@ impl Store {
         Ok(self.with_read(|c| {
             c.query_row(
                 "SELECT name FROM api_tokens WHERE token_sha256 = ?1 AND revoked_at IS NULL",
-                [hash],
+                args![hash],
                 |r| r.get(0),
             )
             .optional()
@@ -1307,13 +1479,16 @@ impl Store {
     ) -> Result<Published, StoreError> {
         let etag = format!("\"{}\"", &sha256_hex(&bytes)[..32]);
         let size = bytes.len() as u64;
-        let id = self.with_conn(|c| {
-            c.execute(
+        let id = self.with_write(|c| {
+            let id = c.query_row(
                 "INSERT INTO bundles(grp, revision, etag, size, bytes, published_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![group, revision, etag, size as i64, bytes, now_ms()],
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+                args![group, revision, etag, size as i64, bytes, now_ms()],
+                |r| r.get::<i64>(0),
             )?;
-            Ok(c.last_insert_rowid())
+            // Wakes the long polls held by the other collectors.
+            Self::notify(c, NOTIFY_BUNDLES)?;
+            Ok::<_, DbError>(id)
         })?;
         Ok(Published {
             id,
@@ -1330,14 +1505,14 @@ impl Store {
             c.query_row(
                 "SELECT id, grp, revision, etag, size FROM bundles WHERE grp IN (?1, 'default') \
                  ORDER BY grp = ?1 DESC, id DESC LIMIT 1",
-                [group],
+                args![group],
                 |r| {
                     Ok(Published {
                         id: r.get(0)?,
                         group: r.get(1)?,
                         revision: r.get(2)?,
                         etag: r.get(3)?,
-                        bytes: r.get::<_, i64>(4)? as u64,
+                        bytes: r.get::<i64>(4)? as u64,
                     })
                 },
             )
@@ -1348,7 +1523,7 @@ impl Store {
     /// The bytes of bundle `id`.
     pub fn bundle_bytes(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.with_read(|c| {
-            c.query_row("SELECT bytes FROM bundles WHERE id = ?1", [id], |r| {
+            c.query_row("SELECT bytes FROM bundles WHERE id = ?1", args![id], |r| {
                 r.get(0)
             })
             .optional()
@@ -1358,48 +1533,50 @@ impl Store {
     /// The newest bundle row id (any group): changes whenever something is published.
     pub fn latest_bundle_id(&self) -> Result<i64, StoreError> {
         Ok(self.with_read(|c| {
-            c.query_row("SELECT coalesce(max(id), 0) FROM bundles", [], |r| r.get(0))
+            c.query_row("SELECT coalesce(max(id), 0) FROM bundles", args![], |r| {
+                r.get(0)
+            })
         })?)
     }
 
     /// Every published bundle, newest first.
     pub fn bundles(&self) -> Result<Vec<BundleRow>, StoreError> {
         Ok(self.with_read(|c| {
-            let mut st = c.prepare(
+            c.query_map(
                 "SELECT id, grp, revision, etag, size, published_at FROM bundles ORDER BY id DESC",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(BundleRow {
-                    published: Published {
-                        id: r.get(0)?,
-                        group: r.get(1)?,
-                        revision: r.get(2)?,
-                        etag: r.get(3)?,
-                        bytes: r.get::<_, i64>(4)? as u64,
-                    },
-                    published_at: r.get(5)?,
-                })
-            })?;
-            rows.collect()
+                args![],
+                |r| {
+                    Ok(BundleRow {
+                        published: Published {
+                            id: r.get(0)?,
+                            group: r.get(1)?,
+                            revision: r.get(2)?,
+                            etag: r.get(3)?,
+                            bytes: r.get::<i64>(4)? as u64,
+                        },
+                        published_at: r.get(5)?,
+                    })
+                },
+            )
         })?)
     }
 
     /// Saved queries by name.
     pub fn saved_queries(&self) -> Result<Vec<SavedQuery>, StoreError> {
         Ok(self.with_read(|c| {
-            let mut st = c.prepare(
+            c.query_map(
                 "SELECT id, name, query, created_by, created_at FROM saved_queries ORDER BY name",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(SavedQuery {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    query: r.get(2)?,
-                    created_by: r.get(3)?,
-                    created_at: r.get(4)?,
-                })
-            })?;
-            rows.collect()
+                args![],
+                |r| {
+                    Ok(SavedQuery {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        query: r.get(2)?,
+                        created_by: r.get(3)?,
+                        created_at: r.get(4)?,
+                    })
+                },
+            )
         })?)
     }
 
@@ -1417,12 +1594,12 @@ impl Store {
         }
         let now = now_ms();
         let r = self.with_conn(|c| {
-            c.execute(
+            c.query_row(
                 "INSERT INTO saved_queries(name, query, created_by, created_at) \
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![name, query, created_by, now],
-            )?;
-            Ok(c.last_insert_rowid())
+                 VALUES (?1, ?2, ?3, ?4) RETURNING id",
+                args![name, query, created_by, now],
+                |r| r.get::<i64>(0),
+            )
         });
         match r {
             Ok(id) => Ok(SavedQuery {
@@ -1432,29 +1609,23 @@ impl Store {
                 created_by: created_by.to_owned(),
                 created_at: now,
             }),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                Err(StoreError::NameTaken(name.to_owned()))
-            }
+            Err(e) if e.is_unique_violation() => Err(StoreError::NameTaken(name.to_owned())),
             Err(e) => Err(e.into()),
         }
     }
 
     /// Deletes saved query `id`; false when there is none.
     pub fn delete_query(&self, id: i64) -> Result<bool, StoreError> {
-        Ok(self.with_conn(|c| c.execute("DELETE FROM saved_queries WHERE id = ?1", [id]))? == 1)
+        Ok(
+            self.with_conn(|c| c.execute("DELETE FROM saved_queries WHERE id = ?1", args![id]))?
+                == 1,
+        )
     }
 }
 
-fn search_on(
-    c: &Connection,
-    q: &Compiled,
-    limit: u32,
-    before: Option<Cursor>,
-) -> rusqlite::Result<Page> {
+fn search_on(c: &Conn, q: &Compiled, limit: u32, before: Option<Cursor>) -> Result<Page, DbError> {
     let limit = limit.max(1);
-    let mut params: Vec<Value> = q.params.clone();
+    let mut params: Vec<Val> = q.params.clone();
     let n = params.len();
     let keyset = match before {
         Some(cur) => {
@@ -1475,10 +1646,9 @@ fn search_on(
         q.sql,
         params.len()
     );
-    let mut st = c.prepare_cached(&sql)?;
-    let events: Vec<EventRow> = st
-        .query_map(rusqlite::params_from_iter(params.iter()), event_row)?
-        .collect::<rusqlite::Result<_>>()?;
+    let params: Vec<&dyn crate::db::Param> =
+        params.iter().map(|p| p as &dyn crate::db::Param).collect();
+    let events: Vec<EventRow> = c.query_map(&sql, &params, event_row)?;
     let next = if events.len() as u32 == limit {
         events.last().map(|e| Cursor {
             time: e.time,
@@ -1491,12 +1661,14 @@ fn search_on(
 }
 
 fn update_devices<'a>(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Conn,
     events: impl Iterator<Item = &'a Event>,
     agent: Option<&str>,
     now: i64,
-) -> rusqlite::Result<()> {
-    use std::collections::HashMap;
+) -> Result<(), DbError> {
+    // Ordered by device, so that two collectors updating the same devices lock their rows in
+    // the same order (no deadlock).
+    use std::collections::BTreeMap as HashMap;
     // One upsert per device per batch: the newest event wins; posture and status from class 5001.
     let mut latest: HashMap<&str, &Event> = HashMap::new();
     let mut posture: HashMap<&str, &Event> = HashMap::new();
@@ -1514,8 +1686,7 @@ fn update_devices<'a>(
             posture.insert(uid, e);
         }
     }
-    let mut up = tx.prepare_cached(
-        "INSERT INTO devices(uid, hostname, posture, os, agent_version, bundle_revision, last_seen) \
+    let up = "INSERT INTO devices(uid, hostname, posture, os, agent_version, bundle_revision, last_seen) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(uid) DO UPDATE SET \
          hostname = excluded.hostname, \
          posture = CASE WHEN excluded.posture <> '' THEN excluded.posture ELSE posture END, \
@@ -1524,27 +1695,28 @@ fn update_devices<'a>(
            ELSE agent_version END, \
          bundle_revision = CASE WHEN excluded.bundle_revision <> '' THEN excluded.bundle_revision \
            ELSE bundle_revision END, \
-         last_seen = max(last_seen, excluded.last_seen)",
-    )?;
+         last_seen = CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen \
+           ELSE devices.last_seen END";
     for (uid, e) in &latest {
         let d = &e.device;
         let seen = agent.map_or(i64::try_from(e.time).unwrap_or(0), |_| now);
-        up.execute(params![
-            uid,
-            d.hostname,
-            d.posture,
-            d.os,
-            d.agent_version,
-            d.bundle_revision.clone().unwrap_or_default(),
-            seen
-        ])?;
+        tx.execute(
+            up,
+            args![
+                uid,
+                d.hostname,
+                d.posture,
+                d.os,
+                d.agent_version,
+                d.bundle_revision.clone().unwrap_or_default(),
+                seen
+            ],
+        )?;
     }
-    let mut pst = tx.prepare_cached(
-        "UPDATE devices SET posture_json = coalesce(?2, posture_json), \
+    let pst = "UPDATE devices SET posture_json = coalesce(?2, posture_json), \
          status_json = coalesce(?3, status_json), \
          posture = CASE WHEN ?4 <> '' THEN ?4 ELSE posture END, \
-         os = CASE WHEN ?5 <> '' THEN ?5 ELSE os END WHERE uid = ?1",
-    )?;
+         os = CASE WHEN ?5 <> '' THEN ?5 ELSE os END WHERE uid = ?1";
     for (uid, e) in &posture {
         let pj = e
             .posture
@@ -1559,7 +1731,7 @@ fn update_devices<'a>(
             .as_ref()
             .map(|p| (p.posture.clone(), p.os_name.clone()))
             .unwrap_or_default();
-        pst.execute(params![uid, pj, sj, p, os])?;
+        tx.execute(pst, args![uid, pj, sj, p, os])?;
     }
     Ok(())
 }
@@ -1581,7 +1753,7 @@ fn migrate(conn: &mut Connection, list: &[(&str, &str)]) -> Result<(), StoreErro
                 .map_err(|e| StoreError::Invalid(format!("migration {name}: {e}")))?;
             tx.execute(
                 "INSERT INTO migrations(name, applied_at) VALUES (?1, ?2)",
-                params![name, now_ms()],
+                rusqlite::params![name, now_ms()],
             )?;
             tracing::info!(migration = name, "applied");
         }
