@@ -8,6 +8,10 @@
 //! ca_days = 825                         # default: the lifetime of the CA `init` makes
 //! bundle_public_key = "/etc/sluice/bundle.pub.pem"
 //!
+//! [store]                               # optional: without it, SQLite in state_dir
+//! postgres = "host=db.corp.example dbname=sluice user=sluice password=..."  # or a postgresql:// URL
+//! max_connections = 16                  # default: connections this collector opens at most
+//!
 //! [limits]                              # all optional, defaults shown
 //! max_body_compressed = 16777216
 //! max_body_inflated = 134217728
@@ -116,6 +120,36 @@ pub struct Config {
     /// Anomaly detection and alerts (see [`crate::detect::config`]): on by default.
     #[serde(default)]
     pub detection: crate::detect::DetectionConfig,
+    /// Where events and everything else are stored: SQLite in `state_dir` (default), or a
+    /// PostgreSQL database shared by several collectors.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// A PostgreSQL connection string (`postgresql://user:password@host/db` or `host=... dbname=...
+    /// user=...`). Without it the store is SQLite (`<state_dir>/collector.db`).
+    #[serde(default)]
+    pub postgres: Option<String>,
+    /// Most PostgreSQL connections this collector opens. Default 16.
+    #[serde(default = "default_store_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            postgres: None,
+            max_connections: default_store_connections(),
+        }
+    }
+}
+
+fn default_store_connections() -> usize {
+    16
 }
 
 /// The portal's settings.
@@ -461,6 +495,7 @@ impl Config {
             forward: ForwardConfig::default(),
             portal: PortalConfig::default(),
             detection: crate::detect::DetectionConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 

@@ -345,6 +345,7 @@ impl Row {
                 Type::FLOAT8 => r.try_get::<_, Option<f64>>(i)?.map(Val::Real),
                 Type::FLOAT4 => r.try_get::<_, Option<f32>>(i)?.map(|v| Val::Real(v.into())),
                 Type::BYTEA => r.try_get::<_, Option<Vec<u8>>>(i)?.map(Val::Blob),
+                Type::VOID => None,
                 Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
                     r.try_get::<_, Option<String>>(i)?.map(Val::Text)
                 }
@@ -471,6 +472,20 @@ pub fn pg_ddl(sql: &str) -> String {
 
 fn is_word_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// Runs `f`, which blocks on PostgreSQL's client (it drives its connection on a runtime of its
+/// own, which cannot start inside another's context): on a worker of a multi-threaded Tokio
+/// runtime through `block_in_place`, elsewhere (a blocking-pool thread, a plain thread) as is.
+/// The store is meant to be called from blocking threads; this keeps a call from an async task
+/// working (slowly) instead of panicking.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 /// A PostgreSQL connection with its prepared statements.

@@ -171,7 +171,15 @@ impl Collector {
             // The mode given to `create` is masked by the umask.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
-        let store = Store::open_with(&config.db_path(), portal::MIGRATIONS)?;
+        let store = match &config.store.postgres {
+            Some(conninfo) => Store::open_postgres(
+                conninfo,
+                config.store.max_connections,
+                config.retention_days,
+                portal::MIGRATIONS,
+            )?,
+            None => Store::open_with(&config.db_path(), portal::MIGRATIONS)?,
+        };
         Ok(Self::with_store(store, config))
     }
 

@@ -84,6 +84,9 @@ impl Server {
         tokio::spawn(retention(c.clone(), shutdown.clone()));
         tokio::spawn(bundle_watch(c.clone(), shutdown.clone()));
         tokio::spawn(risk_watch(c.clone(), shutdown.clone()));
+        if c.store.postgres().is_some() {
+            tokio::spawn(notifications(c.clone(), shutdown.clone()));
+        }
         c.detect.start(c.clone(), shutdown.clone());
         tracing::info!(addr = %self.local_addr()?, "collector listening");
         loop {
@@ -235,6 +238,34 @@ async fn risk_watch(c: Arc<Collector>, shutdown: CancellationToken) {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+}
+
+/// PostgreSQL: what another collector on the same database published or changed wakes this
+/// one's long polls at once (the watches above still look every second, and again after the
+/// listening connection was lost).
+async fn notifications(c: Arc<Collector>, shutdown: CancellationToken) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let (c2, stop2) = (c.clone(), stop.clone());
+    let listener = tokio::task::spawn_blocking(move || {
+        let Some(pg) = c2.store.postgres() else {
+            return;
+        };
+        pg.listen(
+            &[crate::store::NOTIFY_BUNDLES, crate::store::NOTIFY_RISK],
+            &stop2,
+            |channel| {
+                if channel == crate::store::NOTIFY_BUNDLES {
+                    c2.bundle_notify.send_modify(|v| *v = v.wrapping_add(1));
+                } else if let Err(e) = c2.risk.reload(&c2.store) {
+                    tracing::warn!(error = %e, "risk marks");
+                }
+            },
+        );
+    });
+    shutdown.cancelled().await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = listener.await;
 }
 
 /// Routes one request: `/api/` here, everything else to the portal.

@@ -32,6 +32,9 @@ use sluice_protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::{Kind, store_for};
+
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -148,6 +151,7 @@ fn webhook() -> (SocketAddr, Arc<Mutex<Vec<serde_json::Value>>>) {
 }
 
 struct Env {
+    pg: Option<sluice_collector::store::cluster::LocalCluster>,
     dir: PathBuf,
     c: Arc<Collector>,
     addr: SocketAddr,
@@ -158,6 +162,9 @@ struct Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        if let Some(pg) = self.pg.as_mut() {
+            pg.stop();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -302,7 +309,7 @@ fn event(id: &str, time: u64, user: &str, activity: &str, ip: &str) -> Event {
     e
 }
 
-async fn start() -> (Env, Arc<Mutex<Vec<serde_json::Value>>>) {
+async fn start(kind: Kind) -> (Env, Arc<Mutex<Vec<serde_json::Value>>>) {
     let dir = temp_dir("api");
     let mmdb = dir.join("city.mmdb");
     write_mmdb(&mmdb);
@@ -326,6 +333,7 @@ async fn start() -> (Env, Arc<Mutex<Vec<serde_json::Value>>>) {
         level: sluice_policy::model::UserRisk::High,
         for_s: Some(3600),
     });
+    let pg = store_for(kind, &dir, &mut config);
     let c = Arc::new(Collector::open(config).unwrap());
     let server = Server::bind(c.clone()).await.unwrap();
     let addr = server.local_addr().unwrap();
@@ -334,6 +342,7 @@ async fn start() -> (Env, Arc<Mutex<Vec<serde_json::Value>>>) {
     let ca = dir.join("state/tls/ca.pem");
     (
         Env {
+            pg,
             dir,
             c,
             addr,
@@ -344,9 +353,9 @@ async fn start() -> (Env, Arc<Mutex<Vec<serde_json::Value>>>) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingested_events_open_alerts_that_the_api_and_portal_work_through() {
-    let (env, hooked) = start().await;
+both!(ingested_events_open_alerts_that_the_api_and_portal_work_through);
+async fn ingested_events_open_alerts_that_the_api_and_portal_work_through(kind: Kind) {
+    let (env, hooked) = start(kind).await;
     let token = env.c.store.create_enroll_token("eng", 3_600_000).unwrap();
     let body = serde_json::json!({"token": token, "hostname": "host-a", "agent_version": "0.1.0"})
         .to_string();

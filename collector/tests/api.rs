@@ -21,7 +21,7 @@ use sluice_collector::{
     Collector,
     config::Config,
     server::Server,
-    store::{IngestOptions, now_ms},
+    store::{IngestOptions, cluster::LocalCluster, now_ms},
 };
 use sluice_policy::bundle::{Archive, jws::SigningKey};
 use sluice_protocol::{
@@ -29,6 +29,9 @@ use sluice_protocol::{
     IngestResponse, Posture, Sluice, User,
 };
 use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{Kind, store_for};
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -44,6 +47,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 struct Env {
+    pg: Option<LocalCluster>,
     dir: PathBuf,
     c: Arc<Collector>,
     addr: SocketAddr,
@@ -55,12 +59,15 @@ struct Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        if let Some(pg) = self.pg.as_mut() {
+            pg.stop();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// A collector on an ephemeral port with a bundle key; `tweak` edits the config first.
-async fn start(name: &str, tweak: impl FnOnce(&mut Config)) -> Env {
+async fn start(kind: Kind, name: &str, tweak: impl FnOnce(&mut Config)) -> Env {
     let dir = temp_dir(name);
     let (key, _, public) = SigningKey::generate().unwrap();
     let pubkey = dir.join("bundle.pub.pem");
@@ -72,6 +79,7 @@ async fn start(name: &str, tweak: impl FnOnce(&mut Config)) -> Env {
     // add to them (tests/alerts.rs covers detection).
     config.detection.enabled = false;
     tweak(&mut config);
+    let pg = store_for(kind, &dir, &mut config);
     let c = Arc::new(Collector::open(config).unwrap());
     let server = Server::bind(c.clone()).await.unwrap();
     let addr = server.local_addr().unwrap();
@@ -79,6 +87,7 @@ async fn start(name: &str, tweak: impl FnOnce(&mut Config)) -> Env {
     tokio::spawn(server.run(shutdown.clone()));
     let ca = dir.join("state/tls/ca.pem");
     Env {
+        pg,
         dir,
         c,
         addr,
@@ -263,9 +272,9 @@ fn line(e: &Event) -> String {
     serde_json::to_string(e).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enroll_ingest_and_refusals() {
-    let env = start("ingest", |_| {}).await;
+both!(enroll_ingest_and_refusals);
+async fn enroll_ingest_and_refusals(kind: Kind) {
+    let env = start(kind, "ingest", |_| {}).await;
     // Enrollment: the token works once.
     let token = env.c.store.create_enroll_token("eng", 3_600_000).unwrap();
     let r = env.enroll(&token).await;
@@ -445,9 +454,9 @@ async fn enroll_ingest_and_refusals() {
     assert_eq!(env.c.store.count(&all).unwrap(), 101);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn query_api_saved_queries_and_stats() {
-    let env = start("query", |_| {}).await;
+both!(query_api_saved_queries_and_stats);
+async fn query_api_saved_queries_and_stats(kind: Kind) {
+    let env = start(kind, "query", |_| {}).await;
     let agent = env.new_agent("default").await;
     let now = now_ms() as u64;
     let mut lines = Vec::new();
@@ -688,9 +697,9 @@ fn encode(q: &str) -> String {
     s
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exports_stream_every_row() {
-    let env = start("export", |_| {}).await;
+both!(exports_stream_every_row);
+async fn exports_stream_every_row(kind: Kind) {
+    let env = start(kind, "export", |_| {}).await;
     let now = now_ms() as u64;
     let mut body = String::new();
     for i in 0..20_000u64 {
@@ -758,9 +767,9 @@ async fn exports_stream_every_row() {
     assert_eq!(r.status, 400);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bundles_etag_and_long_poll() {
-    let env = start("bundles", |_| {}).await;
+both!(bundles_etag_and_long_poll);
+async fn bundles_etag_and_long_poll(kind: Kind) {
+    let env = start(kind, "bundles", |_| {}).await;
     let agent = env.new_agent("eng").await;
     let auth = format!("authorization: Bearer {}", agent.credential);
     let r = env.curl("/api/v1/bundles/current", &["-H", &auth]).await;
@@ -873,7 +882,7 @@ async fn forwards_to_syslog_and_webhook_with_retries() {
     let hook_dir = temp_dir("hook");
     let bearer = hook_dir.join("token");
     std::fs::write(&bearer, "hook-secret\n").unwrap();
-    let env = start("forward", |c| {
+    let env = start(Kind::Sqlite, "forward", |c| {
         c.forward
             .syslog
             .push(sluice_collector::config::SyslogTarget {
@@ -1000,11 +1009,12 @@ async fn forwards_to_syslog_and_webhook_with_retries() {
     let _ = std::fs::remove_dir_all(hook_dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_deletes_old_events() {
+both!(retention_deletes_old_events);
+async fn retention_deletes_old_events(kind: Kind) {
     let dir = temp_dir("retention");
     let mut config = Config::with_state_dir(dir.join("state"));
     config.listen = "127.0.0.1:0".parse().unwrap();
+    let mut pg = store_for(kind, &dir, &mut config);
     let c = Collector::open(config).unwrap();
     let now = now_ms() as u64;
     let day = 86_400_000u64;
@@ -1046,7 +1056,26 @@ async fn retention_deletes_old_events() {
         )
         .unwrap();
     assert!(left.events.is_empty());
+    if let Some(pg) = pg.as_mut() {
+        pg.stop();
+    }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 fn bin() -> &'static str {
@@ -1067,16 +1096,20 @@ fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_init_tokens_publish_and_query() {
-    let env = start("cli", |_| {}).await;
+both!(cli_init_tokens_publish_and_query);
+async fn cli_init_tokens_publish_and_query(kind: Kind) {
+    let env = start(kind, "cli", |_| {}).await;
     let config = env.dir.join("collector.toml");
     std::fs::write(
         &config,
         format!(
-            "state_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nbundle_public_key = \"{}\"\n",
+            "state_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nbundle_public_key = \"{}\"\n{}",
             env.dir.join("state").display(),
-            env.dir.join("bundle.pub.pem").display()
+            env.dir.join("bundle.pub.pem").display(),
+            match &env.c.config.store.postgres {
+                Some(p) => format!("[store]\npostgres = \"{p}\"\n"),
+                None => String::new(),
+            }
         ),
     )
     .unwrap();
@@ -1219,7 +1252,7 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Durat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_bounds_and_idle_timeout() {
-    let env = start("conns", |c| {
+    let env = start(Kind::Sqlite, "conns", |c| {
         c.limits.max_connections = 6;
         c.limits.max_connections_per_address = 3;
         c.limits.idle_timeout_s = 2;
@@ -1326,7 +1359,7 @@ async fn forwards_to_syslog_over_tls_and_refuses_an_unverified_receiver() {
         server_name: Some("siem.test".into()),
         send: Default::default(),
     };
-    let env = start("forward-tls", |c| {
+    let env = start(Kind::Sqlite, "forward-tls", |c| {
         c.forward.syslog.push(target(good_addr));
         c.forward.syslog.push(target(other_addr));
     })
@@ -1384,16 +1417,16 @@ async fn forwards_to_syslog_over_tls_and_refuses_an_unverified_receiver() {
     let _ = std::fs::remove_dir_all(material);
 }
 
-/// A protected file's sealed passwords: the agent seals them to the key the collector serves;
-/// the collector keeps them encrypted under its vault key and takes them out of the stored
-/// event; a box moved to another event, or with its recipients changed, is not kept; rotating
-/// the keys re-encrypts what is kept and the passwords still come out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sealed_passwords_are_kept_bound_and_survive_a_rotation() {
+// A protected file's sealed passwords: the agent seals them to the key the collector serves;
+// the collector keeps them encrypted under its vault key and takes them out of the stored
+// event; a box moved to another event, or with its recipients changed, is not kept; rotating
+// the keys re-encrypts what is kept and the passwords still come out.
+both!(sealed_passwords_are_kept_bound_and_survive_a_rotation);
+async fn sealed_passwords_are_kept_bound_and_survive_a_rotation(kind: Kind) {
     use sluice_collector::release;
     use sluice_protocol::{ProtectedFile, ReleaseSecrets, seal::SealingKey};
 
-    let env = start("release", |_| {}).await;
+    let env = start(kind, "release", |_| {}).await;
     let agent = env.new_agent("default").await;
     let auth = format!("authorization: Bearer {}", agent.credential);
     assert_eq!(env.curl("/api/v1/release-key", &[]).await.status, 401);
@@ -1468,12 +1501,22 @@ async fn sealed_passwords_are_kept_bound_and_survive_a_rotation() {
     // password in clear.
     let stored = env.c.store.get_event("ev-rel-1").unwrap().unwrap().json;
     assert!(!stored.contains("sealed"), "{stored}");
-    let db = std::fs::read(env.dir.join("state/collector.db")).unwrap_or_default();
-    let wal = std::fs::read(env.dir.join("state/collector.db-wal")).unwrap_or_default();
-    for bytes in [&db, &wal] {
+    // Every file of the database: SQLite's and its log, or the PostgreSQL cluster's (its data
+    // and its write-ahead log).
+    let files = match kind {
+        Kind::Sqlite => vec![
+            env.dir.join("state/collector.db"),
+            env.dir.join("state/collector.db-wal"),
+        ],
+        Kind::Postgres => files_under(&env.dir.join("pg/data")),
+    };
+    assert!(files.len() >= 2, "{files:?}");
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap_or_default();
         assert!(
             !bytes.windows(6).any(|w| w == b"open-1"),
-            "a password in clear"
+            "a password in clear in {}",
+            f.display()
         );
     }
 
@@ -1500,9 +1543,9 @@ async fn sealed_passwords_are_kept_bound_and_survive_a_rotation() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn risk_marks_long_poll_to_agents_and_refuse_bad_requests() {
-    let env = start("risk", |_| {}).await;
+both!(risk_marks_long_poll_to_agents_and_refuse_bad_requests);
+async fn risk_marks_long_poll_to_agents_and_refuse_bad_requests(kind: Kind) {
+    let env = start(kind, "risk", |_| {}).await;
     let a = env.new_agent("default").await;
     let b = env.new_agent("default").await;
     let auth_a = format!("authorization: Bearer {}", a.credential);
@@ -1622,12 +1665,12 @@ async fn risk_marks_long_poll_to_agents_and_refuse_bad_requests() {
     );
 }
 
-/// A user cannot hide a burst behind a flood: with the detection queue at its smallest, a
-/// flood of other users' batches makes ingestion wait instead of skipping detection, and the
-/// burst still raises its alert (and the user's risk).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_slows_ingestion_but_never_skips_detection() {
-    let env = start("flood", |c| {
+// A user cannot hide a burst behind a flood: with the detection queue at its smallest, a
+// flood of other users' batches makes ingestion wait instead of skipping detection, and the
+// burst still raises its alert (and the user's risk).
+both!(a_flood_slows_ingestion_but_never_skips_detection);
+async fn a_flood_slows_ingestion_but_never_skips_detection(kind: Kind) {
+    let env = start(kind, "flood", |c| {
         c.detection.enabled = true;
         c.detection.queue = 1;
         c.detection.mass_download.floor = Some(20);

@@ -331,7 +331,7 @@ pub struct Filter {
 
 /// The newest alerts matching `f`, at most `limit`.
 pub fn list(store: &Store, f: &Filter, limit: u32) -> Result<Vec<Alert>, AlertError> {
-    let mut sql = format!("SELECT {COLUMNS} FROM alerts WHERE 1");
+    let mut sql = format!("SELECT {COLUMNS} FROM alerts WHERE 1 = 1");
     let mut args: Vec<String> = Vec::new();
     for (col, v) in [
         ("state", f.state.map(|s| s.as_str().to_owned())),

@@ -79,6 +79,10 @@ impl LocalCluster {
     /// starts it on a socket in `dir/socket` with `port` naming the socket; `settings` are
     /// server settings (`name`, `value`).
     pub fn start(dir: &Path, port: u16, settings: &[(&str, &str)]) -> Result<Self, ClusterError> {
+        crate::db::blocking(|| Self::start_here(dir, port, settings))
+    }
+
+    fn start_here(dir: &Path, port: u16, settings: &[(&str, &str)]) -> Result<Self, ClusterError> {
         let bin = bin_dir().ok_or(ClusterError::NotInstalled)?;
         let owner = if is_root() {
             Some(user_ids("postgres").ok_or_else(|| {
@@ -198,6 +202,10 @@ impl LocalCluster {
 
     /// Creates database `name` (a plain identifier), unless it exists.
     pub fn create_database(&self, name: &str) -> Result<(), ClusterError> {
+        crate::db::blocking(|| self.create_database_here(name))
+    }
+
+    fn create_database_here(&self, name: &str) -> Result<(), ClusterError> {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(ClusterError::Failed(format!("bad database name {name:?}")));
         }

@@ -1065,7 +1065,7 @@ impl Store {
     /// `c`'s transaction commits (nothing on SQLite: one collector).
     pub fn notify(c: &Conn, channel: &str) -> Result<(), DbError> {
         if c.is_pg() {
-            c.query("SELECT pg_notify(?1, '')", args![channel])?;
+            c.execute("SELECT pg_notify(?1, '')", args![channel])?;
         }
         Ok(())
     }
@@ -1396,7 +1396,8 @@ impl Store {
         Ok(self.with_read(|c| {
             c.query_map(
                 "SELECT d.uid, d.hostname, d.posture, d.os, d.agent_version, d.bundle_revision, \
-                 max(d.last_seen, coalesce(a.last_seen, 0)), a.grp, a.revoked_at, d.posture_json, \
+                 CASE WHEN d.last_seen > coalesce(a.last_seen, 0) THEN d.last_seen \
+                 ELSE coalesce(a.last_seen, 0) END, a.grp, a.revoked_at, d.posture_json, \
                  d.status_json FROM devices d LEFT JOIN agents a ON a.id = d.uid \
                  UNION ALL \
                  SELECT a.id, a.hostname, '', '', a.agent_version, '', coalesce(a.last_seen, \
@@ -1689,12 +1690,13 @@ fn update_devices<'a>(
     let up = "INSERT INTO devices(uid, hostname, posture, os, agent_version, bundle_revision, last_seen) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(uid) DO UPDATE SET \
          hostname = excluded.hostname, \
-         posture = CASE WHEN excluded.posture <> '' THEN excluded.posture ELSE posture END, \
-         os = CASE WHEN excluded.os <> '' THEN excluded.os ELSE os END, \
+         posture = CASE WHEN excluded.posture <> '' THEN excluded.posture \
+           ELSE devices.posture END, \
+         os = CASE WHEN excluded.os <> '' THEN excluded.os ELSE devices.os END, \
          agent_version = CASE WHEN excluded.agent_version <> '' THEN excluded.agent_version \
-           ELSE agent_version END, \
+           ELSE devices.agent_version END, \
          bundle_revision = CASE WHEN excluded.bundle_revision <> '' THEN excluded.bundle_revision \
-           ELSE bundle_revision END, \
+           ELSE devices.bundle_revision END, \
          last_seen = CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen \
            ELSE devices.last_seen END";
     for (uid, e) in &latest {

@@ -197,10 +197,12 @@ impl Pg {
             days: Mutex::new(HashSet::new()),
             retention_days,
         };
-        let mut c = pg.take()?;
-        let r = migrate(&mut c, migrations);
-        pg.give(c, r.is_ok());
-        r?;
+        crate::db::blocking(|| {
+            let mut c = pg.take()?;
+            let r = migrate(&mut c, migrations);
+            pg.give(c, r.is_ok());
+            r
+        })?;
         Ok(pg)
     }
 
@@ -254,6 +256,10 @@ impl Pg {
 
     /// Runs `f` on a pooled connection, each statement on its own.
     pub fn with_read<T>(&self, f: impl FnOnce(&Conn) -> Result<T, DbError>) -> Result<T, DbError> {
+        crate::db::blocking(|| self.read_here(f))
+    }
+
+    fn read_here<T>(&self, f: impl FnOnce(&Conn) -> Result<T, DbError>) -> Result<T, DbError> {
         let mut c = self.take()?;
         let out = f(&Conn::pg(&mut c));
         let healthy = !matches!(&out, Err(e) if e.is_connection_lost());
@@ -263,6 +269,13 @@ impl Pg {
 
     /// Runs `f` in a transaction, committed when it succeeds.
     pub fn with_write<T, E: From<DbError>>(
+        &self,
+        f: impl FnOnce(&Conn) -> Result<T, E>,
+    ) -> Result<T, E> {
+        crate::db::blocking(|| self.write_here(f))
+    }
+
+    fn write_here<T, E: From<DbError>>(
         &self,
         f: impl FnOnce(&Conn) -> Result<T, E>,
     ) -> Result<T, E> {
@@ -410,6 +423,14 @@ impl Pg {
                 }
             }
         }
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // Closing a client blocks on its runtime: not on an async worker.
+        let idle = std::mem::take(&mut self.pool.get_mut().unwrap_or_else(|p| p.into_inner()).idle);
+        crate::db::blocking(move || drop(idle));
     }
 }
 
