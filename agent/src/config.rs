@@ -333,6 +333,11 @@ pub struct ReportSettings {
     /// system roots.
     #[serde(default)]
     pub collector_ca: Option<PathBuf>,
+    /// Other collectors of the same organisation (sharing its database and its CA), tried in
+    /// turn when the current one cannot be reached or fails: nothing is lost or stored twice,
+    /// since every collector deduplicates by event id. Default none.
+    #[serde(default)]
+    pub collector_fallbacks: Vec<String>,
     /// The agent's credential. Default: `<state_dir>/report/credential` (written by `sluice enroll`).
     #[serde(default)]
     pub credential_file: Option<PathBuf>,
@@ -405,6 +410,7 @@ impl Default for ReportSettings {
             events_file: None,
             collector: None,
             collector_ca: None,
+            collector_fallbacks: Vec::new(),
             credential_file: None,
             release_key: None,
             portal_url: None,
@@ -455,10 +461,10 @@ impl ReportSettings {
         if self.posture_interval_s == 0 || self.status_interval_s == 0 {
             return bad("posture_interval_s and status_interval_s must be > 0".into());
         }
-        if let Some(c) = &self.collector
-            && !c.starts_with("https://")
-        {
-            return bad(format!("collector `{c}` must be an https:// URL"));
+        for c in self.collector.iter().chain(&self.collector_fallbacks) {
+            if !c.starts_with("https://") {
+                return bad(format!("collector `{c}` must be an https:// URL"));
+            }
         }
         Ok(())
     }

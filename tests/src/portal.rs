@@ -108,6 +108,37 @@ pub fn start_collector_with(
             idp.ca_file().display()
         ),
     )?;
+    run_collector(dir, &cfg, port)
+}
+
+/// Starts a collector in `dir` without a sign-in provider, configured with `extra` (top-level
+/// lines, then any tables), on a free port.
+pub fn start_plain(dir: &Path, extra: &str) -> Result<Collector> {
+    let cfg = write_plain_config(dir, extra)?;
+    let port = cfg.1;
+    run_collector(dir, &cfg.0, port)
+}
+
+/// Writes `dir/collector.toml` for [`start_plain`] (listen on a free port, state in
+/// `dir/state`); returns it and the port.
+pub fn write_plain_config(dir: &Path, extra: &str) -> Result<(PathBuf, u16)> {
+    let cfg = dir.join("collector.toml");
+    let port = free_port();
+    fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n{extra}\n",
+            dir.join("state").display()
+        ),
+    )?;
+    Ok((cfg, port))
+}
+
+/// Runs the collector configured by `cfg` (state in `dir/state`, listening on `port`) and waits
+/// until it listens.
+pub fn run_collector(dir: &Path, cfg: &Path, port: u16) -> Result<Collector> {
+    let state = dir.join("state");
+    let cfg = cfg.to_owned();
     let log = dir.join("collector.log");
     let child = Command::new(bin("sluice-collector"))
         .args(["run", "--config"])

@@ -44,6 +44,7 @@ async fn collector(dir: &Path) -> (FakeCollector, PathBuf, PathBuf) {
 
 fn ship_settings(c: &FakeCollector, ca: &Path, cred: &Path) -> ShipSettings {
     ShipSettings {
+        fallbacks: Vec::new(),
         collector: c.url(),
         collector_ca: Some(ca.to_owned()),
         credential_file: cred.to_owned(),

@@ -476,6 +476,7 @@ impl Reporting {
             ShipSettings {
                 collector: target.collector.clone(),
                 collector_ca: target.collector_ca.clone(),
+                fallbacks: r.collector_fallbacks.clone(),
                 credential_file: target.credential_file.clone(),
                 agent_id: target.agent_id.clone(),
                 max_events: r.batch_max_events,

@@ -39,6 +39,8 @@ pub struct ShipSettings {
     pub collector: String,
     /// The collector's CA (PEM); none: the bundled and system roots.
     pub collector_ca: Option<PathBuf>,
+    /// Other collectors (same database, same CA), tried in turn after a failure.
+    pub fallbacks: Vec<String>,
     /// File holding the agent's credential (read before each batch, so a new enrollment is
     /// picked up without a restart).
     pub credential_file: PathBuf,
@@ -93,6 +95,8 @@ pub struct Shipper {
     status: Arc<Mutex<ShipStatus>>,
     /// Told the address the collector sees the agent connect from, with each acknowledgement.
     location: Option<Arc<crate::location::NetworkLocation>>,
+    /// Which collector is used: 0 the primary, then the fallbacks.
+    current: usize,
 }
 
 enum Outcome {
@@ -159,7 +163,27 @@ impl Shipper {
             reader,
             status: Arc::new(Mutex::new(status)),
             location: None,
+            current: 0,
         }
+    }
+
+    /// The collector in use.
+    fn collector(&self) -> &str {
+        match self.current {
+            0 => &self.settings.collector,
+            n => &self.settings.fallbacks[n - 1],
+        }
+    }
+
+    /// After a failure: the next collector, when there are others.
+    fn next_collector(&mut self) {
+        if self.settings.fallbacks.is_empty() {
+            return;
+        }
+        self.current = (self.current + 1) % (self.settings.fallbacks.len() + 1);
+        let to = self.collector().to_owned();
+        tracing::warn!(collector = %to, "trying another collector");
+        self.update(|s| s.collector = to);
     }
 
     /// Where the location is kept, when it is.
@@ -235,13 +259,14 @@ impl Shipper {
             };
             if client.is_none() {
                 match collector_client::collector(
-                    &self.settings.collector,
+                    self.collector(),
                     self.settings.collector_ca.as_deref(),
                 ) {
                     Ok(c) => client = Some(c),
                     Err(e) => {
                         failures += 1;
                         self.fail(&e.to_string(), failures);
+                        self.next_collector();
                         queue.push_front(batch);
                         if self.wait_retry(&shutdown, failures).await {
                             return Ok(());
@@ -303,6 +328,10 @@ impl Shipper {
                 Outcome::Failed(why) => {
                     failures += 1;
                     self.fail(&why, failures);
+                    if !self.settings.fallbacks.is_empty() {
+                        self.next_collector();
+                        client = None;
+                    }
                     queue.push_front(batch);
                     if self.wait_retry(&shutdown, failures).await {
                         return Ok(());
