@@ -522,7 +522,10 @@ fn field_condition(field: Field, raw: &str, params: &mut Vec<Value>) -> String {
                 Field::File => "file_names",
                 _ => "labels",
             };
-            params.push(Value::Text(format!("%|{}|%", like_escape(raw))));
+            params.push(Value::Text(format!(
+                "%|{}|%",
+                like_escape(&raw.replace('|', "/"))
+            )));
             format!("{col} LIKE ? ESCAPE '\\'")
         }
     }
