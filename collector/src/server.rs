@@ -245,7 +245,16 @@ async fn risk_watch(c: Arc<Collector>, shutdown: CancellationToken) {
 /// listening connection was lost).
 async fn notifications(c: Arc<Collector>, shutdown: CancellationToken) {
     use std::sync::atomic::{AtomicBool, Ordering};
+    /// Tells the listening thread to end when this task ends, also when it is dropped (the
+    /// runtime shutting down): the runtime waits for its blocking threads.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(stop.clone());
     let (c2, stop2) = (c.clone(), stop.clone());
     let listener = tokio::task::spawn_blocking(move || {
         let Some(pg) = c2.store.postgres() else {

@@ -58,6 +58,11 @@ enum Task {
         /// (the agent in gateway mode) -> `sluice-app` (the demo app), until Ctrl-C.
         #[arg(long, conflicts_with_all = ["config", "unmanaged"])]
         gateway: bool,
+        /// Store everything in PostgreSQL (Debian's packages: a cluster under
+        /// target/sluice-up/postgres) and run two collectors on it (8443 and 8444), the agent
+        /// shipping to the first with the second as its fallback.
+        #[arg(long, conflicts_with = "gateway")]
+        postgres: bool,
     },
     /// Play the four scenarios against the demo app through the running agent (`up` must be
     /// running); the events land in the portal.
@@ -121,12 +126,13 @@ fn run(cli: Cli) -> Result<()> {
             config,
             unmanaged,
             gateway,
+            postgres,
         } => {
             setup(&root)?;
             if gateway {
                 up::up_gateway(&root)
             } else {
-                up::up(&root, config, unmanaged)
+                up::up(&root, config, unmanaged, postgres)
             }
         }
         Task::Demo => up::demo(&root),
@@ -166,7 +172,7 @@ fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
 }
 
@@ -175,7 +181,7 @@ fn is_root() -> bool {
 
 /// `chromium` and `libnss3-tools` (certutil) are for the tests that drive a real browser
 /// (`sluice_e2e::browser`).
-const APT_PACKAGES: [&str; 14] = [
+const APT_PACKAGES: [&str; 15] = [
     "nftables",
     "bpftool",
     "curl",
@@ -196,6 +202,9 @@ const APT_PACKAGES: [&str; 14] = [
     "c-icap",
     "libc-icap-mod-virus-scan",
     "clamav-daemon",
+    // The collector's shared store: the tests and `cargo xtask up --postgres` start clusters of
+    // their own from the server's binaries (the package's own cluster is not used).
+    "postgresql",
 ];
 
 fn setup(root: &Path) -> Result<()> {

@@ -13,6 +13,15 @@
 //! (The hand-over is an `exec`, so no process is left that Ctrl-C would kill before its children
 //! are done.)
 //!
+//! `up --postgres` stores everything in PostgreSQL instead: a cluster of its own under
+//! `target/sluice-up/postgres` (Debian's server binaries; run as the `postgres` user when `up` is
+//! root; only a Unix socket in that directory), started with `pg_ctl` and stopped by `run.sh` at
+//! the end, and two collectors on it, `collector/` on 8443 and `collector-2/` on 8444 (with the
+//! first's CA, server certificate and release keys, as production copies them); the agent ships
+//! to the first and falls back to the second. Its portal password and enrollment are its own
+//! (`collector/admin-password-postgres`), so switching between the two stores re-enrolls the
+//! agent.
+//!
 //! `demo` needs `up` running in another terminal. It starts the demo app (`files.test`) on
 //! 127.0.0.41:443, creates the cgroup `sluice-demo` (inside the agent's steered cgroup, the v2
 //! root by default) and plays the scenarios with curl from inside it, so every request goes
@@ -36,6 +45,8 @@ use crate::{cargo, sh, step};
 
 /// The collector's listener.
 const COLLECTOR_ADDR: &str = "127.0.0.1:8443";
+/// The second collector's (`up --postgres`).
+const COLLECTOR_2_ADDR: &str = "127.0.0.1:8444";
 /// The demo identity provider (the organisation's sign-in for the portal).
 const IDP_ADDR: &str = "127.0.0.1:9443";
 /// The agent's admin endpoint (packaging/agent.toml's default).
@@ -73,7 +84,7 @@ fn toml_str(p: &Path) -> String {
 }
 
 /// `cargo xtask up`.
-pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
+pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool, postgres: bool) -> Result<()> {
     step("build (release): sluice, sluice-collector, sluice-demo-app, sluice-demo-idp");
     sh(cargo().args([
         "build",
@@ -110,6 +121,32 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
         &idp_ca,
     )?;
 
+    // The store: SQLite in the collector's state, or PostgreSQL (a cluster of `up`'s own).
+    let pg = if postgres {
+        step("postgresql: a cluster under target/sluice-up/postgres");
+        Some(start_postgres(&dir.join("postgres"))?)
+    } else {
+        None
+    };
+    let store_toml = match &pg {
+        Some(p) => format!(
+            "\n# Shared by the two collectors (`cargo xtask up --postgres`).\n[store]\npostgres = \"{}\"\n",
+            p.conninfo
+        ),
+        None => String::new(),
+    };
+    // Which store the agent's enrollment belongs to: another one enrolls it again.
+    let mode = if postgres { "postgres" } else { "sqlite" };
+    let mode_file = dir.join("store");
+    let agent_state = dir.join("state");
+    // (No file: the runs before there was a choice, all on SQLite.)
+    let previous = fs::read_to_string(&mode_file).unwrap_or_else(|_| "sqlite".into());
+    if previous.trim() != mode {
+        let _ = fs::remove_file(agent_state.join("report/credential"));
+        let _ = fs::remove_file(agent_state.join("report/enrollment.json"));
+    }
+    fs::write(&mode_file, format!("{mode}\n"))?;
+
     step("collector");
     let (private_key, public_key) = signing_keys(&sluice, &dir.join("keys"))?;
     let ccfg = cdir.join("collector.toml");
@@ -124,15 +161,23 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
              ca_file = {}\nadmins = [\"group:sluice-admins\"]\n\n\
              # Demo-sized: ten downloads in five minutes is a mass download (the default is 50 in\n\
              # ten minutes, or ten times the user's own baseline); it raises the user's risk.\n\
-             [detection.mass_download]\nfloor = 10\nwindow_s = 300\n",
+             [detection.mass_download]\nfloor = 10\nwindow_s = 300\n{store_toml}",
             toml_str(&state),
             toml_str(&public_key),
             toml_str(&idp_ca),
         ),
     )?;
-    let password_file = cdir.join("admin-password");
+    let password_file = cdir.join(if postgres {
+        "admin-password-postgres"
+    } else {
+        "admin-password"
+    });
+    let initialised = match &pg {
+        Some(p) => p.initialised,
+        None => state.join("collector.db").is_file(),
+    };
     let mut new_password = None;
-    if !state.join("collector.db").is_file() {
+    if !initialised {
         let out = run_out(
             Command::new(&collector)
                 .args(["init", "--config"])
@@ -156,6 +201,11 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(&collector_ca, fs::Permissions::from_mode(0o644))?;
     }
+    // The second collector: the first's configuration on another port, and its keys.
+    let ccfg2 = match &pg {
+        Some(_) => Some(second_collector(&dir, &ccfg, &state)?),
+        None => None,
+    };
 
     step("policy bundle: build, sign, publish (policies/default, group default)");
     let bundle = dir.join("default.tar.gz");
@@ -181,8 +231,12 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
     )?;
 
     step("agent");
-    let agent_state = dir.join("state");
     let url = format!("https://{COLLECTOR_ADDR}");
+    let fallbacks = if postgres {
+        format!("collector_fallbacks = [\"https://{COLLECTOR_2_ADDR}\"]\n")
+    } else {
+        String::new()
+    };
     let acfg = match config {
         Some(c) => c,
         None => {
@@ -210,7 +264,7 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
                  [device]\nposture = \"{posture}\"\n\n\
                  [bundle]\nurl = \"{url}/api/v1/bundles/current\"\npublic_key = {pubkey}\n\
                  extra_cas = [{cca}]\n\n\
-                 [report]\ncollector = \"{url}\"\ncollector_ca = {cca}\nstatus_interval_s = 60\n",
+                 [report]\ncollector = \"{url}\"\ncollector_ca = {cca}\nstatus_interval_s = 60\n{fallbacks}",
                 demo_ca = toml_str(&demo_ca),
                 pubkey = toml_str(&public_key),
                 cca = toml_str(&collector_ca),
@@ -271,7 +325,7 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
          {} ca trust --config {} puts it in this host's stores, --remove takes it out)\n  \
          agent:      {} status --config {}; curl -s http://{AGENT_ADMIN}/metrics\n  \
          logs:       {}/collector.log (the agent logs here)\n  \
-         try it:     in another terminal, `sudo -E cargo xtask demo`\n",
+         try it:     in another terminal, `sudo -E cargo xtask demo`\n{}",
         collector_ca.display(),
         idp_ca.display(),
         ca_pem.display(),
@@ -280,6 +334,16 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
         sluice.display(),
         acfg.display(),
         dir.display(),
+        match &pg {
+            Some(p) => format!(
+                "  store:      PostgreSQL ({}), log {}\n  \
+                 collectors: https://{COLLECTOR_ADDR} and https://{COLLECTOR_2_ADDR} (the agent's \
+                 fallback), one database\n",
+                p.conninfo,
+                p.log.display()
+            ),
+            None => String::new(),
+        },
     );
     let script = dir.join("run.sh");
     fs::write(&script, RUN_SH.replace("IDP_ADDR", IDP_ADDR))?;
@@ -295,6 +359,8 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
         .arg(dir.join("collector.log"))
         .arg(rel.join("sluice-demo-idp"))
         .arg(&idp_dir)
+        .arg(ccfg2.as_deref().unwrap_or(Path::new("")))
+        .arg(pg.as_ref().map_or(Path::new(""), |p| p.stop.as_path()))
         .exec();
     Err(err).context("starting run.sh")
 }
@@ -303,12 +369,15 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool) -> Result<()> {
 /// for both; Ctrl-C (SIGINT from the terminal) reaches the children directly, SIGTERM is passed on.
 const RUN_SH: &str = r#"#!/bin/sh
 # Written by `cargo xtask up`: $1 collector, $2 its config, $3 sluice, $4 agent config, $5 URL,
-# $6 collector CA, $7 enrollment token file, $8 collector log, $9 identity provider, ${10} its dir.
+# $6 collector CA, $7 enrollment token file, $8 collector log, $9 identity provider, ${10} its dir,
+# ${11} the second collector's config and ${12} the script that stops PostgreSQL (`--postgres`;
+# else empty).
 set -u
 collector=$1; ccfg=$2; sluice=$3; acfg=$4; url=$5; cca=$6; tokenf=$7; clog=$8; idp=$9; idpdir=${10}
-cpid=; apid=; ipid=
+ccfg2=${11:-}; pgstop=${12:-}
+cpid=; apid=; ipid=; c2pid=
 trap ':' INT
-trap 'kill -TERM $apid $cpid $ipid 2>/dev/null' TERM
+trap 'kill -TERM $apid $cpid $c2pid $ipid 2>/dev/null' TERM
 "$idp" --dir "$idpdir" --listen IDP_ADDR >/dev/null 2>>"$clog" &
 ipid=$!
 "$collector" run --config "$ccfg" 2>>"$clog" &
@@ -323,6 +392,11 @@ until curl -s -o /dev/null --cacert "$cca" "$url/login"; do
   sleep 0.2
 done
 echo "collector: listening on $url"
+if [ -n "$ccfg2" ]; then
+  "$collector" run --config "$ccfg2" 2>>"$clog" &
+  c2pid=$!
+  echo "second collector: $ccfg2"
+fi
 if [ -s "$tokenf" ]; then
   if ! "$sluice" enroll --config "$acfg" --collector "$url" --token "$(cat "$tokenf")" --ca "$cca"; then
     echo "enrollment failed" >&2; kill $cpid; wait; exit 1
@@ -334,9 +408,180 @@ apid=$!
 # `wait` returns early when a trapped signal arrives; wait again until both are gone.
 while ! wait; do :; done
 kill -TERM $ipid 2>/dev/null
-while kill -0 $apid 2>/dev/null || kill -0 $cpid 2>/dev/null || kill -0 $ipid 2>/dev/null; do wait; sleep 0.1; done
+while kill -0 $apid 2>/dev/null || kill -0 $cpid 2>/dev/null || kill -0 $ipid 2>/dev/null \
+  || { [ -n "$c2pid" ] && kill -0 $c2pid 2>/dev/null; }; do wait; sleep 0.1; done
+if [ -n "$pgstop" ]; then sh "$pgstop"; fi
 echo "stopped"
 "#;
+
+/// The PostgreSQL cluster of `up --postgres`.
+struct Postgres {
+    /// How the collectors reach it.
+    conninfo: String,
+    /// Whether its database held the collector's tables already.
+    initialised: bool,
+    /// The server's log.
+    log: PathBuf,
+    /// A script that stops it (run by `run.sh` at the end).
+    stop: PathBuf,
+}
+
+/// Makes (once) and starts a PostgreSQL cluster in `dir` from Debian's server binaries, with a
+/// database `sluice` owned by its superuser `sluice`, reachable only through the Unix socket
+/// in `dir/socket`. Root runs it as `postgres` (PostgreSQL refuses root).
+fn start_postgres(dir: &Path) -> Result<Postgres> {
+    let bin = fs::read_dir("/usr/lib/postgresql")
+        .context("no PostgreSQL under /usr/lib/postgresql (apt-get install postgresql)")?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            Some((
+                e.file_name().to_str()?.parse::<u32>().ok()?,
+                e.path().join("bin"),
+            ))
+        })
+        .filter(|(_, b)| b.join("pg_ctl").is_file())
+        .max()
+        .map(|(_, b)| b)
+        .context("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")?;
+    let root = crate::is_root();
+    let as_owner = |prog: &str| {
+        let mut c = if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin.join(prog));
+            c
+        } else {
+            Command::new(bin.join(prog))
+        };
+        c.current_dir("/");
+        c
+    };
+    let (data, socket, log) = (
+        dir.join("data"),
+        dir.join("socket"),
+        dir.join("postgres.log"),
+    );
+    fs::create_dir_all(&socket)?;
+    if root {
+        sh(Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir))?;
+        let reachable = Command::new("runuser")
+            .args(["-u", "postgres", "--", "test", "-w"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !reachable {
+            bail!(
+                "the postgres user cannot reach {} (a directory above it is closed to other \
+                 users): check out Sluice where other users may traverse, or open the path \
+                 with chmod o+x",
+                dir.display()
+            );
+        }
+    }
+    if !data.join("PG_VERSION").is_file() {
+        run_out(
+            as_owner("initdb")
+                .args([
+                    "--auth=trust",
+                    "--username=sluice",
+                    "--encoding=UTF8",
+                    "--no-locale",
+                    "-D",
+                ])
+                .arg(&data),
+        )?;
+    }
+    let running = as_owner("pg_ctl")
+        .arg("status")
+        .arg("-D")
+        .arg(&data)
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !running {
+        run_out(
+            as_owner("pg_ctl")
+                .args(["start", "-w", "-t", "60", "-D"])
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .arg("-o")
+                .arg(format!(
+                    "-k {} -c listen_addresses='' -p 5432",
+                    socket.display()
+                )),
+        )?;
+    }
+    let psql = |sql: &str| {
+        run_out(
+            as_owner("psql")
+                .args(["-h"])
+                .arg(&socket)
+                .args(["-p", "5432", "-U", "sluice", "-d", "postgres", "-tAc", sql]),
+        )
+    };
+    if psql("SELECT 1 FROM pg_database WHERE datname = 'sluice'")?.trim() != "1" {
+        psql("CREATE DATABASE sluice")?;
+    }
+    let conninfo = format!(
+        "host={} port=5432 user=sluice dbname=sluice",
+        socket.display()
+    );
+    let initialised = run_out(
+        as_owner("psql")
+            .args(["-h"])
+            .arg(&socket)
+            .args(["-p", "5432", "-U", "sluice", "-d", "sluice", "-tAc"])
+            .arg("SELECT count(*) FROM pg_tables WHERE tablename = 'portal_admins'"),
+    )?
+    .trim()
+        == "1";
+    let stop = dir.join("stop.sh");
+    fs::write(
+        &stop,
+        format!(
+            "#!/bin/sh\n# Written by `cargo xtask up --postgres`: stops its PostgreSQL.\n{}{} stop -m fast -D {}\n",
+            if root { "runuser -u postgres -- " } else { "" },
+            bin.join("pg_ctl").display(),
+            data.display()
+        ),
+    )?;
+    Ok(Postgres {
+        conninfo,
+        initialised,
+        log,
+        stop,
+    })
+}
+
+/// `collector-2/`: the first collector's configuration on [`COLLECTOR_2_ADDR`] with a state of
+/// its own holding copies of the first's CA, server certificate and release keys.
+fn second_collector(dir: &Path, ccfg: &Path, state: &Path) -> Result<PathBuf> {
+    let cdir2 = dir.join("collector-2");
+    let state2 = cdir2.join("state");
+    fs::create_dir_all(state2.join("tls"))?;
+    fs::set_permissions(&state2, fs::Permissions::from_mode(0o700))?;
+    for e in fs::read_dir(state.join("tls"))? {
+        let e = e?;
+        fs::copy(e.path(), state2.join("tls").join(e.file_name()))?;
+    }
+    if state.join("release-keys.json").is_file() {
+        fs::copy(
+            state.join("release-keys.json"),
+            state2.join("release-keys.json"),
+        )?;
+    }
+    let text = fs::read_to_string(ccfg)?
+        .replace(
+            &format!("listen = \"{COLLECTOR_ADDR}\""),
+            &format!("listen = \"{COLLECTOR_2_ADDR}\""),
+        )
+        .replace(&toml_str(state), &toml_str(&state2));
+    let path = cdir2.join("collector.toml");
+    fs::write(&path, text)?;
+    Ok(path)
+}
 
 /// Runs `cmd` until it has made `file` (certificates made on a first start and kept), then stops
 /// it; nothing to do when `file` exists.

@@ -10,7 +10,15 @@
 //!    with no user or action. Free-text queries over a one-hour window are timed too, since
 //!    the store answers them with `LIKE` rather than an FTS index.
 //!
-//! 3. Detection off and on: `--detect-events` (default 300,000) generated events, 1,000 per
+//! 3. PostgreSQL (a cluster of the bench's own under `--dir`, Debian's server binaries,
+//!    `shared_buffers` 1 GB): `--ingest` events through one collector (one store, batches of
+//!    1,000) into a fresh database, then the same through two collectors at once (two stores with
+//!    connections of their own, one thread each, batches dealt out in turn) into another, filled
+//!    to `--total` by both, then the same queries as SQLite's and the database's size
+//!    (`pg_database_size`). Ratios: one collector against SQLite's ingestion, two against one,
+//!    queries and bytes per event against SQLite's. `--no-postgres` leaves it out.
+//!
+//! 4. Detection off and on: `--detect-events` (default 300,000) generated events, 1,000 per
 //!    batch, ingested twice into fresh collectors (the server's path: [`Store::ingest`] collecting
 //!    the new events, then handing them to detection's queue, whose thread runs the detectors and
 //!    stores alerts), once with detection off and once on; the rate counts until detection has
@@ -202,7 +210,7 @@ fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: sluice-collector-bench [--out FILE] [--dir DIR] [--ingest N] [--total N] [--queries N] [--detect-events N] [--detection-only] [--keep]"
+            "usage: sluice-collector-bench [--out FILE] [--dir DIR] [--ingest N] [--total N] [--queries N] [--detect-events N] [--detection-only] [--no-postgres] [--keep]"
         );
         return Ok(());
     }
@@ -290,51 +298,20 @@ fn run() -> Result<()> {
     }
     let fill_s = t_fill.elapsed().as_secs_f64();
     eprintln!("  filled in {fill_s:.0} s; querying");
-    let db_bytes = std::fs::metadata(dir.join("bench.db"))
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let db_bytes = store.disk_bytes()?;
 
-    let mut qrng = Rng(0x51ce_c011_ec70_0001);
-    let (mut filtered, mut base, mut rows) = (Vec::new(), Vec::new(), 0usize);
-    for _ in 0..queries {
-        let window = 3_600_000 * (1 + qrng.below(7 * 24)) as i64; // 1 h to 7 d
-        let before = end - qrng.below((SPAN_MS - window) as u64) as i64;
-        let after = before - window;
-        let u = user(qrng.below(USERS));
-        let action = ACTIONS[qrng.below(ACTIONS.len() as u64) as usize];
-        let text = format!("user:{u} action:{action} after:{after} before:{before}");
-        let t = Instant::now();
-        let q = query::parse(&text)?.compile();
-        let page = store.search(&q, 100, None)?;
-        filtered.push(t.elapsed().as_secs_f64() * 1000.0);
-        rows += page.events.len();
-        let t = Instant::now();
-        let q = query::parse(&format!("after:{after} before:{before}"))?.compile();
-        let page = store.search(&q, 100, None)?;
-        base.push(t.elapsed().as_secs_f64() * 1000.0);
-        std::hint::black_box(page.events.len());
-    }
-    let mut text_times = Vec::new();
-    for _ in 0..20 {
-        let before = end - qrng.below((SPAN_MS - 3_600_000) as u64) as i64;
-        let word = format!("report-{}", qrng.below(10_000));
-        let t = Instant::now();
-        let q = query::parse(&format!(
-            "{word} after:{} before:{before}",
-            before - 3_600_000
-        ))?
-        .compile();
-        std::hint::black_box(store.search(&q, 100, None)?.events.len());
-        text_times.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    for v in [&mut filtered, &mut base, &mut text_times] {
-        v.sort_by(f64::total_cmp);
-    }
-    let (p50, p99) = (pct(&filtered, 50), pct(&filtered, 99));
-    let (b50, b99) = (pct(&base, 50), pct(&base, 99));
-    let (x50, x99) = (pct(&text_times, 50), pct(&text_times, 99));
+    let qf = query_figures(&store, queries, end)?;
+    let (p50, p99, b50, b99, x50, x99, rows) =
+        (qf.p50, qf.p99, qf.b50, qf.b99, qf.x50, qf.x99, qf.rows);
 
-    // 3. Detection off and on.
+    // 3. The shared store: PostgreSQL with one collector, then two.
+    let pg = if args.iter().any(|a| a == "--no-postgres") {
+        None
+    } else {
+        Some(postgres_stores(&dir, ingest_n, total, queries, end)?)
+    };
+
+    // 4. Detection off and on.
     let (off, on) = detection_pairs(&dir, detect_n, total, end, queries)?;
 
     println!("{:<44} {:>14} {:>12}", "figure", "value", "vs baseline");
@@ -388,10 +365,14 @@ fn run() -> Result<()> {
         "{:<44} {:>14.1} {:>12}",
         "free text, 1 h window p99 ms", x99, ""
     );
+    if let Some(pg) = &pg {
+        print_postgres(pg, ingest_rate, p99, x99, db_bytes, total);
+    }
     let detect_ratio = print_detection(detect_n, &off, &on);
     println!(
-        "database {:.1} GiB for {total} events; {rows} rows returned by {queries} filtered queries",
-        db_bytes as f64 / f64::from(1u32 << 30)
+        "sqlite database {:.1} GiB for {total} events ({:.0} bytes per event); {rows} rows returned by {queries} filtered queries",
+        db_bytes as f64 / f64::from(1u32 << 30),
+        db_bytes as f64 / total as f64
     );
     println!(
         "targets: ingest >= 50,000 events/s: {}; filtered p99 <= 200 ms: {}",
@@ -412,7 +393,9 @@ fn run() -> Result<()> {
             "baseline_time_only_p50_ms": b50, "baseline_time_only_p99_ms": b99,
             "free_text_1h_p50_ms": x50, "free_text_1h_p99_ms": x99, "rows": rows },
         "detection": detection_json(detect_n, &off, &on, detect_ratio),
-        "targets": { "ingest_events_per_s": 50_000, "query_p99_ms": 200 },
+        "postgres": pg.as_ref().map(PgFigures::json),
+        "targets": { "ingest_events_per_s": 50_000, "query_p99_ms": 200,
+            "two_collectors_vs_one": 1.8, "free_text_p99_ms": 200, "bytes_per_event": 400 },
     });
     if let Some(d) = out.parent() {
         std::fs::create_dir_all(d)?;
@@ -423,6 +406,252 @@ fn run() -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
+}
+
+/// Query latencies over a filled store.
+struct QueryFigures {
+    p50: f64,
+    p99: f64,
+    b50: f64,
+    b99: f64,
+    x50: f64,
+    x99: f64,
+    rows: usize,
+}
+
+/// `queries` filtered queries (time range + user + action, first page of 100) with the same
+/// windows without user and action as the baseline, then 20 free-text queries over an hour.
+fn query_figures(store: &Store, queries: usize, end: i64) -> Result<QueryFigures> {
+    let mut qrng = Rng(0x51ce_c011_ec70_0001);
+    let (mut filtered, mut base, mut rows) = (Vec::new(), Vec::new(), 0usize);
+    for _ in 0..queries {
+        let window = 3_600_000 * (1 + qrng.below(7 * 24)) as i64; // 1 h to 7 d
+        let before = end - qrng.below((SPAN_MS - window) as u64) as i64;
+        let after = before - window;
+        let u = user(qrng.below(USERS));
+        let action = ACTIONS[qrng.below(ACTIONS.len() as u64) as usize];
+        let text = format!("user:{u} action:{action} after:{after} before:{before}");
+        let t = Instant::now();
+        let q = query::parse(&text)?.compile();
+        let page = store.search(&q, 100, None)?;
+        filtered.push(t.elapsed().as_secs_f64() * 1000.0);
+        rows += page.events.len();
+        let t = Instant::now();
+        let q = query::parse(&format!("after:{after} before:{before}"))?.compile();
+        let page = store.search(&q, 100, None)?;
+        base.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::hint::black_box(page.events.len());
+    }
+    let mut text_times = Vec::new();
+    for _ in 0..20 {
+        let before = end - qrng.below((SPAN_MS - 3_600_000) as u64) as i64;
+        let word = format!("report-{}", qrng.below(10_000));
+        let t = Instant::now();
+        let q = query::parse(&format!(
+            "{word} after:{} before:{before}",
+            before - 3_600_000
+        ))?
+        .compile();
+        std::hint::black_box(store.search(&q, 100, None)?.events.len());
+        text_times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    for v in [&mut filtered, &mut base, &mut text_times] {
+        v.sort_by(f64::total_cmp);
+    }
+    Ok(QueryFigures {
+        p50: pct(&filtered, 50),
+        p99: pct(&filtered, 99),
+        b50: pct(&base, 50),
+        b99: pct(&base, 99),
+        x50: pct(&text_times, 50),
+        x99: pct(&text_times, 99),
+        rows,
+    })
+}
+
+/// What PostgreSQL measured.
+struct PgFigures {
+    one: f64,
+    two: f64,
+    fill: f64,
+    queries: QueryFigures,
+    bytes: u64,
+    total: u64,
+    cpus: usize,
+}
+
+impl PgFigures {
+    fn json(&self) -> serde_json::Value {
+        let q = &self.queries;
+        json!({
+            "ingest_one_collector_events_per_s": self.one,
+            "ingest_two_collectors_events_per_s": self.two,
+            "fill_two_collectors_events_per_s": self.fill,
+            "query": { "p50_ms": q.p50, "p99_ms": q.p99, "baseline_time_only_p50_ms": q.b50,
+                "baseline_time_only_p99_ms": q.b99, "free_text_1h_p50_ms": q.x50,
+                "free_text_1h_p99_ms": q.x99, "rows": q.rows },
+            "db_bytes": self.bytes, "events": self.total,
+            "bytes_per_event": self.bytes as f64 / self.total.max(1) as f64,
+            "cpus": self.cpus,
+        })
+    }
+}
+
+/// Ingests `n` events from `from` into `stores` (one thread each, as many collectors: batches
+/// of `per_batch`, dealt out in turn); events/s.
+fn ingest_with(
+    stores: &[Store],
+    from: u64,
+    n: u64,
+    per_batch: u64,
+    total: u64,
+    end: i64,
+) -> Result<f64> {
+    let t = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = stores
+            .iter()
+            .enumerate()
+            .map(|(k, store)| {
+                s.spawn(move || -> Result<u64> {
+                    let mut stored = 0u64;
+                    let mut i = from + k as u64 * per_batch;
+                    while i < from + n {
+                        let count = per_batch.min(from + n - i);
+                        // Each batch its own generator: the same events whoever stores them.
+                        let body = batch(&mut Rng(0x9e37_79b9 ^ i), i, count, total, end)?;
+                        stored += store.ingest(&body, IngestOptions::default())?.accepted;
+                        i += per_batch * stores.len() as u64;
+                    }
+                    Ok(stored)
+                })
+            })
+            .collect();
+        let mut stored = 0;
+        for w in workers {
+            stored += w
+                .join()
+                .map_err(|_| anyhow::anyhow!("an ingesting thread panicked"))??;
+        }
+        if stored != n {
+            bail!("stored {stored} of {n}");
+        }
+        Ok(())
+    })?;
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// PostgreSQL (a cluster of the bench's own, Debian's binaries): `ingest_n` events through one
+/// collector into a fresh database, then through two (two stores with their own connections,
+/// ingesting at once) into another, filled to `total`, then the same queries as SQLite's and the
+/// database's size.
+fn postgres_stores(
+    dir: &std::path::Path,
+    ingest_n: u64,
+    total: u64,
+    queries: usize,
+    end: i64,
+) -> Result<PgFigures> {
+    use sluice_collector::store::cluster::LocalCluster;
+    let cluster = LocalCluster::start(
+        &dir.join("pg"),
+        5432,
+        &[
+            ("shared_buffers", "1GB"),
+            ("max_wal_size", "8GB"),
+            ("checkpoint_timeout", "15min"),
+        ],
+    )?;
+    for db in ["one", "two"] {
+        cluster.create_database(db)?;
+    }
+    let open = |db: &str| Store::open_postgres(&cluster.conninfo(db), 4, 3650, &[]);
+    println!(
+        "collector: PostgreSQL, ingestion of {ingest_n} events in batches of 1,000: one collector"
+    );
+    let one = ingest_with(&[open("one")?], 0, ingest_n, 1000, total, end)?;
+    println!("collector: PostgreSQL, the same through two collectors at once");
+    let two_stores = [open("two")?, open("two")?];
+    let two = ingest_with(&two_stores, 0, ingest_n, 1000, total, end)?;
+    let t_fill = Instant::now();
+    let mut n = ingest_n;
+    while n < total {
+        let k = 1_000_000.min(total - n);
+        ingest_with(&two_stores, n, k, 10_000, total, end)?;
+        n += k;
+        eprintln!(
+            "  postgresql filled {n} ({:.0} s)",
+            t_fill.elapsed().as_secs_f64()
+        );
+    }
+    let fill = (total - ingest_n) as f64 / t_fill.elapsed().as_secs_f64().max(1e-9);
+    two_stores[0].with_read(|c| c.execute("VACUUM ANALYZE events", sluice_collector::args![]))?;
+    let queries = query_figures(&two_stores[0], queries, end)?;
+    let bytes = two_stores[0].disk_bytes()?;
+    Ok(PgFigures {
+        one,
+        two,
+        fill,
+        queries,
+        bytes,
+        total,
+        cpus: std::thread::available_parallelism().map_or(1, usize::from),
+    })
+}
+
+fn print_postgres(
+    pg: &PgFigures,
+    sqlite_rate: f64,
+    sqlite_p99: f64,
+    sqlite_x99: f64,
+    sqlite_bytes: u64,
+    total: u64,
+) {
+    let q = &pg.queries;
+    println!(
+        "{:<44} {:>14.0} {:>11.2}x",
+        "postgresql, one collector: ingest events/s",
+        pg.one,
+        pg.one / sqlite_rate.max(1e-9)
+    );
+    println!(
+        "{:<44} {:>14.0} {:>11.2}x",
+        "postgresql, two collectors: ingest events/s",
+        pg.two,
+        pg.two / pg.one.max(1e-9)
+    );
+    println!(
+        "{:<44} {:>14.0} {:>12}",
+        format!("postgresql, two: fill to {total}, events/s"),
+        pg.fill,
+        ""
+    );
+    println!(
+        "{:<44} {:>14.1} {:>11.2}x",
+        "postgresql: time + user + action p99 ms",
+        q.p99,
+        q.p99 / sqlite_p99.max(1e-9)
+    );
+    println!(
+        "{:<44} {:>14.1} {:>12}",
+        "postgresql: time range only p99 ms", q.b99, ""
+    );
+    println!(
+        "{:<44} {:>14.1} {:>11.2}x",
+        "postgresql: free text, 1 h window p99 ms",
+        q.x99,
+        q.x99 / sqlite_x99.max(1e-9)
+    );
+    println!(
+        "{:<44} {:>14.0} {:>11.2}x",
+        "postgresql: bytes per event",
+        pg.bytes as f64 / total as f64,
+        pg.bytes as f64 / sqlite_bytes.max(1) as f64
+    );
+    println!(
+        "(ratios: one collector vs SQLite's ingestion, two collectors vs one, queries and size vs SQLite's; {} CPUs shared by the collectors and the server)",
+        pg.cpus
+    );
 }
 
 /// Detection off and on, interleaved twice (the first run of a process warms caches and the

@@ -14,7 +14,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -151,14 +151,11 @@ fn answer(raw: &[u8], body: String) -> Result<String> {
 
 /// What the store says, whether or not the collector runs.
 fn store_figures(c: &Collector) -> Result<Value> {
-    let db = c.config.db_path();
-    let size: u64 = ["", "-wal"]
-        .iter()
-        .filter_map(|suffix| {
-            std::fs::metadata(PathBuf::from(format!("{}{suffix}", db.display()))).ok()
-        })
-        .map(|m| m.len())
-        .sum();
+    let db = match c.store.path() {
+        Some(p) => p.display().to_string(),
+        None => c.store.describe(),
+    };
+    let size = c.store.disk_bytes()?;
     let events = c.store.count(&query::parse("")?.compile())?;
     let agents = c.store.agents()?;
     let now = sluice_collector::clock::now_ms();
@@ -218,7 +215,7 @@ fn store_figures(c: &Collector) -> Result<Value> {
 /// store's figures are shown.
 pub fn run(config: &Path, json_out: bool) -> Result<()> {
     let cfg = sluice_collector::config::Config::load(config)?;
-    if !cfg.db_path().exists() {
+    if cfg.store.postgres.is_none() && !cfg.db_path().exists() {
         bail!(
             "{} does not exist: the collector was not initialised with this configuration ({})",
             cfg.db_path().display(),

@@ -104,6 +104,23 @@ impl LocalCluster {
                     .map_err(failed("handing the cluster's directory to postgres"))?;
             }
         }
+        if let Some((u, g)) = owner {
+            use std::os::unix::process::CommandExt as _;
+            let reachable = Command::new("test")
+                .arg("-w")
+                .arg(dir)
+                .uid(u)
+                .gid(g)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !reachable {
+                return Err(ClusterError::Failed(format!(
+                    "the postgres user cannot reach {} (a directory above it is closed to other \
+                     users): put the cluster where other users may traverse",
+                    dir.display()
+                )));
+            }
+        }
         let command = |prog: &str| {
             let mut c = Command::new(bin.join(prog));
             if let Some((u, g)) = owner {

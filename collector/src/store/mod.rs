@@ -1010,6 +1010,27 @@ impl Store {
         }
     }
 
+    /// Bytes the store takes on disk: SQLite's file and its write-ahead log, or the PostgreSQL
+    /// database (all its tables and indexes).
+    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Lite(l) => Ok(["", "-wal"]
+                .iter()
+                .filter_map(|suffix| {
+                    std::fs::metadata(PathBuf::from(format!("{}{suffix}", l.path.display()))).ok()
+                })
+                .map(|m| m.len())
+                .sum()),
+            Backend::Pg(p) => Ok(p.with_read(|c| {
+                c.query_row(
+                    "SELECT pg_database_size(current_database())",
+                    args![],
+                    |r| r.get::<i64>(0),
+                )
+            })? as u64),
+        }
+    }
+
     /// The PostgreSQL store, when this is one.
     pub fn postgres(&self) -> Option<&pg::Pg> {
         match &self.backend {
