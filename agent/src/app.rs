@@ -816,6 +816,16 @@ fn bundle_settings(
             ))
         };
         if origin(url).is_some() && origin(url) == origin(&t.collector) {
+            let path = url
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.path_and_query().map(|p| p.as_str().to_owned()))
+                .unwrap_or_default();
+            b.fallback_urls = t
+                .fallbacks
+                .iter()
+                .map(|f| format!("{}{path}", f.trim_end_matches('/')))
+                .collect();
             if b.credential_file.is_none() {
                 b.credential_file = Some(t.credential_file.clone());
             }

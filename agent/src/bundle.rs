@@ -71,6 +71,8 @@ pub struct Distributor {
     limits: Limits,
     /// The client of the bundle URL, made on first use.
     client: tokio::sync::Mutex<Option<Client>>,
+    /// Which URL is used: 0 `url`, then `fallback_urls`.
+    current: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Distributor {
@@ -128,6 +130,7 @@ impl Distributor {
             active: Arc::new(ArcSwapOption::empty()),
             etag: Mutex::new(None),
             client: tokio::sync::Mutex::new(None),
+            current: std::sync::atomic::AtomicUsize::new(0),
             status: Arc::new(Mutex::new(BundleStatus::default())),
             limits: Limits::default(),
         })
@@ -285,6 +288,9 @@ impl Distributor {
                             | BundleError::TooLarge(_)
                     );
                     self.set_error(&e.to_string(), refused);
+                    if matches!(e, BundleError::Io(_)) {
+                        self.next_url().await;
+                    }
                     self.jittered()
                 }
             };
@@ -303,15 +309,34 @@ impl Distributor {
         Duration::from_secs_f64(base * (0.8 + 0.4 * r))
     }
 
+    /// The URL in use: `url`, or one of `fallback_urls` after failures.
+    fn url(&self) -> Option<String> {
+        match self.current.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => self.settings.url.clone(),
+            n => self.settings.fallback_urls.get(n - 1).cloned(),
+        }
+    }
+
+    /// After a failed fetch: the next URL, when there are others.
+    async fn next_url(&self) {
+        let n = self.settings.fallback_urls.len() + 1;
+        if n == 1 {
+            return;
+        }
+        let i = (self.current.load(std::sync::atomic::Ordering::Relaxed) + 1) % n;
+        self.current.store(i, std::sync::atomic::Ordering::Relaxed);
+        *self.client.lock().await = None;
+        tracing::warn!(url = ?self.url(), "fetching bundles from another collector");
+    }
+
     /// The client of the bundle URL, made once (with its root store) and kept for every poll.
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, BundleError> {
         let mut guard = self.client.lock().await;
         if guard.is_none() {
             let url = self
-                .settings
-                .url
-                .as_deref()
+                .url()
                 .ok_or_else(|| BundleError::Io("no bundle url".into()))?;
+            let url = url.as_str();
             let roots = crate::trust::root_store(true, true, &self.settings.extra_cas)
                 .map_err(|e| BundleError::Io(e.to_string()))?;
             let client = Client::new(url, roots, true)
@@ -323,9 +348,7 @@ impl Distributor {
 
     async fn fetch_once(self: &Arc<Self>) -> Result<Fetched, BundleError> {
         let url = self
-            .settings
-            .url
-            .clone()
+            .url()
             .ok_or_else(|| BundleError::Io("no bundle url".into()))?;
         let uri: http::Uri = url
             .parse()

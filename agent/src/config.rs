@@ -581,6 +581,10 @@ pub struct BundleSettings {
     /// Default: the enrollment's credential when the URL is on the enrolled collector.
     #[serde(default)]
     pub credential_file: Option<PathBuf>,
+    /// Not read from the file: when the URL is on the enrolled collector, the same path on each
+    /// of `report.collector_fallbacks`, tried in turn after a failed fetch.
+    #[serde(skip)]
+    pub fallback_urls: Vec<String>,
 }
 
 fn default_long_poll_s() -> u64 {

@@ -45,7 +45,7 @@ fn event(i: u64, now: u64) -> Event {
     let mut e = Event::new(
         format!("ev-{i:05}"),
         time,
-        if i % 4 == 0 {
+        if i.is_multiple_of(4) {
             CLASS_HTTP_ACTIVITY
         } else {
             CLASS_FILE_HOSTING
@@ -63,7 +63,7 @@ fn event(i: u64, now: u64) -> Event {
     e.actor = Actor {
         user: Some(User {
             email_addr: user.into(),
-            groups: if i % 3 == 0 {
+            groups: if i.is_multiple_of(3) {
                 vec!["finance".into(), "eng".into()]
             } else {
                 vec!["finance".into()]

@@ -45,6 +45,7 @@ fn temp(tag: &str) -> sluice_e2e::TempDir {
 
 fn settings(url: String, public: &Path, long_poll_s: u64, poll_s: u64) -> BundleSettings {
     BundleSettings {
+        fallback_urls: Vec::new(),
         url: Some(url),
         file: None,
         public_key: public.to_owned(),
@@ -274,6 +275,7 @@ async fn a_local_file_or_directory_is_verified_like_a_download() {
     for (source, want) in [(file.clone(), "20"), (signed_dir.clone(), "21")] {
         let state = dir.join(format!("state-{want}"));
         let s = BundleSettings {
+            fallback_urls: Vec::new(),
             url: None,
             file: Some(source),
             ..settings(String::new(), &k.public, 5, 1)
@@ -291,6 +293,7 @@ async fn a_local_file_or_directory_is_verified_like_a_download() {
     // The same directory without its signature is refused.
     std::fs::remove_file(signed_dir.join(".signatures.json")).expect("rm");
     let s = BundleSettings {
+        fallback_urls: Vec::new(),
         url: None,
         file: Some(signed_dir),
         ..settings(String::new(), &k.public, 5, 1)

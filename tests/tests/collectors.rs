@@ -4,7 +4,8 @@
 //! published through one, and a risk mark set through one's API, reach an agent long-polling the
 //! other within a second. Agents' real spools and shippers (durable spool, gzip batches, retries) are split
 //! between the two, each with the other as its fallback; one collector is killed with `kill -9`
-//! during the burst, and every event is stored exactly once.
+//! during the burst, and every event is stored exactly once; an agent's real risk poller moves
+//! to the other collector and gets the marks set there.
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -276,6 +277,36 @@ async fn two_collectors_on_one_postgresql_serve_any_agent_and_lose_or_double_not
     let risk_latency = woken.saturating_duration_since(marked);
     assert!(risk_latency < Duration::from_secs(1), "{risk_latency:?}");
 
+    // Agent 0's real risk poller: `a`, then `b` as its fallback.
+    let device = Arc::new(sluice::device::DeviceState::default());
+    let risk_dir = dir.0.join("risk-agent");
+    std::fs::create_dir_all(&risk_dir).unwrap();
+    std::fs::write(risk_dir.join("credential"), &agents[0].credential).unwrap();
+    let stop_risk = CancellationToken::new();
+    let risk_task = tokio::spawn(sluice::report::risk::poll(
+        sluice::report::Target {
+            collector: a_base.clone(),
+            collector_ca: Some(ca.clone()),
+            credential_file: risk_dir.join("credential"),
+            agent_id: agents[0].agent_id.clone(),
+            fallbacks: vec![b_base.clone()],
+        },
+        device.clone(),
+        stop_risk.clone(),
+    ));
+    let marked = |d: &sluice::device::DeviceState, id: &str, level: &str| {
+        format!("{:?}", d.risk()).contains(id) && format!("{:?}", d.risk()).contains(level)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marked(&device, &agents[0].agent_id, "quarantined") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        marked(&device, &agents[0].agent_id, "quarantined"),
+        "{:?}",
+        device.risk()
+    );
+
     // The burst: every agent's events are spooled; half ship to `a`, half to `b`, each with
     // the other as fallback.
     let now = std::time::SystemTime::now()
@@ -357,6 +388,39 @@ async fn two_collectors_on_one_postgresql_serve_any_agent_and_lose_or_double_not
         t.await.unwrap().unwrap();
     }
     let shipped: Vec<ShipStatus> = statuses.iter().map(|s| s.lock().unwrap().clone()).collect();
+    // The risk poller moved to `b` too: a mark set there reaches the agent.
+    let admin_b = format!(
+        "authorization: Bearer {}",
+        two.b
+            .cli(&["apitoken", "create", "--name", "soc-b"])
+            .unwrap()
+            .trim()
+    );
+    let (status, _, text) = curl(
+        &ca,
+        &b_base,
+        &format!("/api/v1/risk/devices/{}", agents[0].agent_id),
+        &[
+            "-H",
+            &admin_b,
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            r#"{"level": "untrusted", "reason": "unknown image"}"#,
+        ],
+    );
+    assert_eq!(status, 200, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !marked(&device, &agents[0].agent_id, "untrusted") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        marked(&device, &agents[0].agent_id, "untrusted"),
+        "{:?}",
+        device.risk()
+    );
+    stop_risk.cancel();
+    risk_task.await.unwrap().unwrap();
     assert_eq!(acked(&statuses), total, "{shipped:#?}\n{}", two.b.log());
     // Every agent that shipped to `a` moved to `b`.
     for (i, s) in shipped.iter().enumerate() {

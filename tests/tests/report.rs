@@ -798,6 +798,7 @@ async fn bundle_fetches_carry_the_credential() {
     let public_path = dir.join("bundle.pub");
     std::fs::write(&public_path, public).unwrap();
     let settings = sluice::bundle::BundleSettings {
+        fallback_urls: Vec::new(),
         url: Some(format!("{}/api/v1/bundles/current", c.url())),
         file: None,
         public_key: public_path,

@@ -81,6 +81,8 @@ pub struct Target {
     pub credential_file: PathBuf,
     /// The agent id (empty before enrollment).
     pub agent_id: String,
+    /// Other collectors on the same database (`report.collector_fallbacks`).
+    pub fallbacks: Vec<String>,
 }
 
 /// Resolves the collector, its CA, the credential and the agent id; None when no collector is
@@ -106,6 +108,11 @@ pub fn target(config: &Config) -> Result<Option<Target>, ReportError> {
             .clone()
             .unwrap_or_else(|| enroll::credential_path(&config.state_dir)),
         agent_id: enrollment.map(|e| e.agent_id).unwrap_or_default(),
+        fallbacks: r
+            .collector_fallbacks
+            .iter()
+            .map(|f| f.trim_end_matches('/').to_owned())
+            .collect(),
     }))
 }
 
@@ -476,7 +483,7 @@ impl Reporting {
             ShipSettings {
                 collector: target.collector.clone(),
                 collector_ca: target.collector_ca.clone(),
-                fallbacks: r.collector_fallbacks.clone(),
+                fallbacks: target.fallbacks.clone(),
                 credential_file: target.credential_file.clone(),
                 agent_id: target.agent_id.clone(),
                 max_events: r.batch_max_events,

@@ -22,7 +22,12 @@ pub async fn poll(
     device: Arc<DeviceState>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut client = super::client::collector(&target.collector, target.collector_ca.as_deref())?;
+    // The collector, then its fallbacks in turn after failures.
+    let urls: Vec<&str> = std::iter::once(target.collector.as_str())
+        .chain(target.fallbacks.iter().map(String::as_str))
+        .collect();
+    let mut current = 0;
+    let mut client = super::client::collector(urls[current], target.collector_ca.as_deref())?;
     let mut backoff = BACKOFF;
     loop {
         let etag = format!("\"r{}\"", device.risk_revision());
@@ -43,7 +48,12 @@ pub async fn poll(
             }
             Ok(None) => backoff = BACKOFF,
             Err(e) => {
-                tracing::warn!(error = %e, "polling the collector's risk marks");
+                tracing::warn!(error = %e, collector = urls[current], "polling the collector's risk marks");
+                if urls.len() > 1 {
+                    current = (current + 1) % urls.len();
+                    client =
+                        super::client::collector(urls[current], target.collector_ca.as_deref())?;
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
                     () = tokio::time::sleep(backoff) => {}
