@@ -429,6 +429,7 @@ fn bench(root: &Path, name: &str, extra: &[String]) -> Result<()> {
         "policy",
         "inspect",
         "collector",
+        "icap",
     ];
     if !known.contains(&name) {
         bail!("unknown benchmark `{name}`; known: {}", known.join(", "));

@@ -25,6 +25,7 @@ use sluice::{
 use sluice_e2e::{InCgroup, TestCgroup, dual_stack_listeners};
 
 mod bench_gateway;
+mod bench_icap;
 mod bench_inspect;
 mod bench_policy;
 mod bench_proxy;
@@ -39,8 +40,9 @@ fn main() -> ExitCode {
         Some("loadgen") => bench_proxy::loadgen(&args),
         Some("policy") => bench_policy::run(&args),
         Some("inspect") => bench_inspect::run(&args),
+        Some("icap") => bench_icap::run(&args),
         _ => Err(anyhow!(
-            "usage: sluice-bench steer [--out FILE] [--scale N] | proxy [--out FILE] [--reps N] [--secs S] | policy | inspect [--out FILE] [--reps N]"
+            "usage: sluice-bench steer [--out FILE] [--scale N] | proxy [--out FILE] [--reps N] [--secs S] | policy | inspect [--out FILE] [--reps N] | icap [--out FILE] [--rounds N]"
         )),
     };
     match result {
