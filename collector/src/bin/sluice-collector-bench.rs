@@ -469,10 +469,17 @@ fn query_figures(store: &Store, queries: usize, end: i64) -> Result<QueryFigures
     })
 }
 
+/// Agents sending to one collector at once in the PostgreSQL part (a collector serves its agents
+/// concurrently, each request on a connection of the pool).
+const AGENTS_PER_COLLECTOR: usize = 2;
+
 /// What PostgreSQL measured.
 struct PgFigures {
     one: f64,
     two: f64,
+    /// Every core's busy share while one collector, then two, ingested (percent).
+    one_busy: f64,
+    two_busy: f64,
     fill: f64,
     queries: QueryFigures,
     bytes: u64,
@@ -486,6 +493,9 @@ impl PgFigures {
         json!({
             "ingest_one_collector_events_per_s": self.one,
             "ingest_two_collectors_events_per_s": self.two,
+            "cpu_busy_one_collector_percent": self.one_busy,
+            "cpu_busy_two_collectors_percent": self.two_busy,
+            "agents_per_collector": AGENTS_PER_COLLECTOR,
             "fill_two_collectors_events_per_s": self.fill,
             "query": { "p50_ms": q.p50, "p99_ms": q.p99, "baseline_time_only_p50_ms": q.b50,
                 "baseline_time_only_p99_ms": q.b99, "free_text_1h_p50_ms": q.x50,
@@ -497,10 +507,34 @@ impl PgFigures {
     }
 }
 
-/// Ingests `n` events from `from` into `stores` (one thread each, as many collectors: batches
-/// of `per_batch`, dealt out in turn); events/s.
+/// The CPU time all cores spent busy and in total since boot (`/proc/stat`), in ticks.
+fn cpu_ticks() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// The share of every core's time spent busy since `before` ([`cpu_ticks`]), in percent.
+fn busy_since(before: (u64, u64)) -> f64 {
+    let now = cpu_ticks();
+    100.0 * (now.0 - before.0) as f64 / (now.1 - before.1).max(1) as f64
+}
+
+/// Ingests `n` events from `from` into `stores`, each store (a collector) taking batches from
+/// `agents` threads at once (a collector serves its agents concurrently): batches of
+/// `per_batch`, dealt out in turn; events/s.
 fn ingest_with(
     stores: &[Store],
+    agents: usize,
     from: u64,
     n: u64,
     per_batch: u64,
@@ -508,20 +542,20 @@ fn ingest_with(
     end: i64,
 ) -> Result<f64> {
     let t = Instant::now();
+    let lanes = (stores.len() * agents) as u64;
     std::thread::scope(|s| -> Result<()> {
-        let workers: Vec<_> = stores
-            .iter()
-            .enumerate()
-            .map(|(k, store)| {
+        let workers: Vec<_> = (0..lanes)
+            .map(|k| {
+                let store = &stores[k as usize % stores.len()];
                 s.spawn(move || -> Result<u64> {
                     let mut stored = 0u64;
-                    let mut i = from + k as u64 * per_batch;
+                    let mut i = from + k * per_batch;
                     while i < from + n {
                         let count = per_batch.min(from + n - i);
                         // Each batch its own generator: the same events whoever stores them.
                         let body = batch(&mut Rng(0x9e37_79b9 ^ i), i, count, total, end)?;
                         stored += store.ingest(&body, IngestOptions::default())?.accepted;
-                        i += per_batch * stores.len() as u64;
+                        i += per_batch * lanes;
                     }
                     Ok(stored)
                 })
@@ -567,17 +601,37 @@ fn postgres_stores(
     }
     let open = |db: &str| Store::open_postgres(&cluster.conninfo(db), 4, 3650, &[]);
     println!(
-        "collector: PostgreSQL, ingestion of {ingest_n} events in batches of 1,000: one collector"
+        "collector: PostgreSQL, ingestion of {ingest_n} events in batches of 1,000: one collector, {AGENTS_PER_COLLECTOR} agents sending at once"
     );
-    let one = ingest_with(&[open("one")?], 0, ingest_n, 1000, total, end)?;
+    let cpu = cpu_ticks();
+    let one = ingest_with(
+        &[open("one")?],
+        AGENTS_PER_COLLECTOR,
+        0,
+        ingest_n,
+        1000,
+        total,
+        end,
+    )?;
+    let one_busy = busy_since(cpu);
     println!("collector: PostgreSQL, the same through two collectors at once");
     let two_stores = [open("two")?, open("two")?];
-    let two = ingest_with(&two_stores, 0, ingest_n, 1000, total, end)?;
+    let cpu = cpu_ticks();
+    let two = ingest_with(
+        &two_stores,
+        AGENTS_PER_COLLECTOR,
+        0,
+        ingest_n,
+        1000,
+        total,
+        end,
+    )?;
+    let two_busy = busy_since(cpu);
     let t_fill = Instant::now();
     let mut n = ingest_n;
     while n < total {
         let k = 1_000_000.min(total - n);
-        ingest_with(&two_stores, n, k, 10_000, total, end)?;
+        ingest_with(&two_stores, AGENTS_PER_COLLECTOR, n, k, 10_000, total, end)?;
         n += k;
         eprintln!(
             "  postgresql filled {n} ({:.0} s)",
@@ -591,6 +645,8 @@ fn postgres_stores(
     Ok(PgFigures {
         one,
         two,
+        one_busy,
+        two_busy,
         fill,
         queries,
         bytes,
@@ -649,8 +705,8 @@ fn print_postgres(
         pg.bytes as f64 / sqlite_bytes.max(1) as f64
     );
     println!(
-        "(ratios: one collector vs SQLite's ingestion, two collectors vs one, queries and size vs SQLite's; {} CPUs shared by the collectors and the server)",
-        pg.cpus
+        "(ratios: one collector vs SQLite's ingestion, two collectors vs one, queries and size vs SQLite's; {} CPUs shared by the collectors and the server, busy {:.0}% with one collector, {:.0}% with two)",
+        pg.cpus, pg.one_busy, pg.two_busy
     );
 }
 

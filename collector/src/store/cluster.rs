@@ -84,6 +84,8 @@ impl LocalCluster {
 
     fn start_here(dir: &Path, port: u16, settings: &[(&str, &str)]) -> Result<Self, ClusterError> {
         let bin = bin_dir().ok_or(ClusterError::NotInstalled)?;
+        // The server runs in `dir`: its paths must not be relative to ours.
+        let dir = &std::path::absolute(dir).map_err(failed("resolving the cluster's directory"))?;
         let owner = if is_root() {
             Some(user_ids("postgres").ok_or_else(|| {
                 ClusterError::Failed(

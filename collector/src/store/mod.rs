@@ -1,4 +1,8 @@
-//! The embedded store: one SQLite database in WAL mode (`<state>/collector.db`).
+//! The store: one SQLite database in WAL mode (`<state>/collector.db`, the default), or a
+//! PostgreSQL database shared by several collectors ([`pg`], `[store] postgres`). Both go through
+//! one SQL layer ([`crate::db`]): the statements below are written once; where the two differ
+//! (the events' table and its batch insert, retention, the lookup by id alone) each has its own.
+//! What follows describes SQLite; [`pg`] says what PostgreSQL does instead.
 //!
 //! One writer connection (behind a mutex: SQLite has one writer at a time anyway) takes every
 //! write; a small pool of reader connections serves queries concurrently with ingestion (WAL

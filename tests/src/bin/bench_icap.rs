@@ -136,17 +136,27 @@ pub fn run(args: &[String]) -> Result<()> {
         Verdict::Infected(_)
     );
     if !found {
-        bail!("a 10 MB file with EICAR at its end was not flagged: the scanner did not read it whole");
+        bail!(
+            "a 10 MB file with EICAR at its end was not flagged: the scanner did not read it whole"
+        );
     }
     for v in [&mut plain, &mut scanned] {
         v.sort_by(f64::total_cmp);
     }
     let (p50, p99) = (pct(&plain, 50), pct(&plain, 99));
     let (s50, s99) = (pct(&scanned, 50), pct(&scanned, 99));
-    println!("icap: a 10 MB upload, {rounds} rounds (c-icap virus_scan over clamd, REQMOD, preview 1,024)");
+    println!(
+        "icap: a 10 MB upload, {rounds} rounds (c-icap virus_scan over clamd, REQMOD, preview 1,024)"
+    );
     println!("{:<48} {:>10} {:>12}", "figure", "ms", "vs baseline");
-    println!("{:<48} {:>10.1} {:>12}", "upload over loopback (baseline) p50", p50, "1.00x");
-    println!("{:<48} {:>10.1} {:>12}", "upload over loopback (baseline) p99", p99, "");
+    println!(
+        "{:<48} {:>10.1} {:>12}",
+        "upload over loopback (baseline) p50", p50, "1.00x"
+    );
+    println!(
+        "{:<48} {:>10.1} {:>12}",
+        "upload over loopback (baseline) p99", p99, ""
+    );
     println!(
         "{:<48} {:>10.1} {:>11.2}x",
         "ICAP scan added (the proxy holds the upload) p50",
