@@ -11,6 +11,7 @@
 //! [store]                               # optional: without it, SQLite in state_dir
 //! postgres = "host=db.corp.example dbname=sluice user=sluice password=..."  # or a postgresql:// URL
 //! max_connections = 16                  # default: connections this collector opens at most
+//! ca_file = "/etc/sluice/db-ca.pem"     # optional: the database server's CA (default: system roots)
 //!
 //! [limits]                              # all optional, defaults shown
 //! max_body_compressed = 16777216
@@ -137,6 +138,10 @@ pub struct StoreConfig {
     /// Most PostgreSQL connections this collector opens. Default 16.
     #[serde(default = "default_store_connections")]
     pub max_connections: usize,
+    /// The CA certificates (PEM) the database server's certificate is verified against. Default:
+    /// the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -144,6 +149,7 @@ impl Default for StoreConfig {
         Self {
             postgres: None,
             max_connections: default_store_connections(),
+            ca_file: None,
         }
     }
 }

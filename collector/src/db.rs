@@ -37,7 +37,16 @@ pub enum DbError {
 fn pg_message(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(d) => format!("postgresql: {} ({})", d.message(), d.code().code()),
-        None => format!("postgresql: {e}"),
+        None => {
+            // The cause says what went wrong (a refused certificate, a closed socket).
+            let mut text = format!("postgresql: {e}");
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            text
+        }
     }
 }
 

@@ -172,10 +172,11 @@ impl Collector {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
         let store = match &config.store.postgres {
-            Some(conninfo) => Store::open_postgres(
+            Some(conninfo) => Store::open_postgres_with(
                 conninfo,
                 config.store.max_connections,
                 config.retention_days,
+                config.store.ca_file.as_deref(),
                 portal::MIGRATIONS,
             )?,
             None => Store::open_with(&config.db_path(), portal::MIGRATIONS)?,

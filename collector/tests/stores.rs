@@ -8,7 +8,7 @@
 use sluice_collector::{
     portal,
     query::{self, Compiled},
-    store::{IngestOptions, Store, now_ms},
+    store::{IngestOptions, Store, cluster::LocalCluster, now_ms},
 };
 use sluice_protocol::{
     Actor, CLASS_FILE_HOSTING, CLASS_HTTP_ACTIVITY, Device, Endpoint, Event, File, Label, Process,
@@ -264,5 +264,78 @@ fn the_same_queries_give_the_same_rows_on_both_stores() {
     drop(post);
     pg.stop();
     drop(lite);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// TLS to the database: the server's certificate is verified against `[store] ca_file` and the
+/// host name; a CA that did not sign it, or a name it does not carry, is refused; the session is
+/// encrypted (the server says so).
+#[test]
+fn postgres_over_tls_verifies_the_server() {
+    let dir = std::env::temp_dir().join(format!("sluice-stores-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test database CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let ca_file = dir.join("db-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let other = dir.join("other-ca.pem");
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other, other_params.self_signed(&other_key).unwrap().pem()).unwrap();
+
+    let mut pg =
+        LocalCluster::start_tls(&dir.join("pg"), &cert.pem(), &key.serialize_pem()).unwrap();
+    pg.create_database("sluice").unwrap();
+    let open = |host: &str, extra: &str, ca: Option<&std::path::Path>| {
+        Store::open_postgres_with(&pg.tcp_conninfo(host, "sluice", extra), 2, 90, ca, &[])
+    };
+
+    // Verified against the right CA: the session is encrypted.
+    let store = open("localhost", "sslmode=require", Some(&ca_file)).unwrap();
+    let ssl: i64 = store
+        .with_read(|c| {
+            c.query_row(
+                "SELECT count(*) FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl",
+                sluice_collector::args![],
+                |r| r.get(0),
+            )
+        })
+        .unwrap();
+    assert_eq!(ssl, 1);
+    drop(store);
+    // Without sslmode (loopback: `prefer`), TLS is still taken and verified.
+    assert!(open("localhost", "", Some(&ca_file)).is_ok());
+    // Another CA, or the system's roots: refused.
+    for ca in [Some(other.as_path()), None] {
+        let e = open("localhost", "sslmode=require", ca)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("certificate") || e.contains("UnknownIssuer"),
+            "{e}"
+        );
+    }
+    // A name the certificate does not carry: refused.
+    let e = open("127.0.0.1", "sslmode=require", Some(&ca_file))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("certificate") || e.contains("NotValidForName"),
+        "{e}"
+    );
+    pg.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -210,6 +210,54 @@ impl LocalCluster {
         }
     }
 
+    /// A cluster that also listens on a free loopback TCP port with TLS on, presenting the
+    /// certificate chain `cert_pem` with the key `key_pem` (written into `dir`, the key 0600 and
+    /// the server's); [`LocalCluster::tcp_conninfo`] reaches it there.
+    pub fn start_tls(dir: &Path, cert_pem: &str, key_pem: &str) -> Result<Self, ClusterError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(failed("finding a free port"))?
+            .port();
+        std::fs::create_dir_all(dir).map_err(failed("making the cluster's directory"))?;
+        let dir = std::path::absolute(dir).map_err(failed("resolving the cluster's directory"))?;
+        let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&cert, cert_pem).map_err(failed("writing the certificate"))?;
+        std::fs::write(&key, key_pem).map_err(failed("writing the key"))?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .map_err(failed("protecting the key"))?;
+        }
+        if is_root() {
+            let (u, g) = user_ids("postgres")
+                .ok_or_else(|| ClusterError::Failed("no `postgres` user".into()))?;
+            for f in [&cert, &key] {
+                std::os::unix::fs::chown(f, Some(u), Some(g))
+                    .map_err(failed("handing the certificate to postgres"))?;
+            }
+        }
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        Self::start(
+            &dir,
+            port,
+            &[
+                ("listen_addresses", "127.0.0.1"),
+                ("ssl", "on"),
+                ("ssl_cert_file", &cert),
+                ("ssl_key_file", &key),
+            ],
+        )
+    }
+
+    /// The connection string for database `db` over TCP to `host` (the cluster of
+    /// [`LocalCluster::start_tls`]), with `extra` `key=value` pairs.
+    pub fn tcp_conninfo(&self, host: &str, db: &str, extra: &str) -> String {
+        format!(
+            "host={host} port={} user=sluice dbname={db} {extra}",
+            self.port
+        )
+    }
+
     /// The connection string for database `db` as the cluster's superuser `sluice`.
     pub fn conninfo(&self, db: &str) -> String {
         format!(

@@ -988,11 +988,24 @@ impl Store {
         retention_days: u32,
         extra: &[(&str, &str)],
     ) -> Result<Self, StoreError> {
+        Self::open_postgres_with(conninfo, max_connections, retention_days, None, extra)
+    }
+
+    /// [`Store::open_postgres`] verifying the server's certificate against `ca_file` (else
+    /// the system's roots).
+    pub fn open_postgres_with(
+        conninfo: &str,
+        max_connections: usize,
+        retention_days: u32,
+        ca_file: Option<&Path>,
+        extra: &[(&str, &str)],
+    ) -> Result<Self, StoreError> {
         Ok(Self {
             backend: Backend::Pg(Box::new(pg::Pg::open(
                 conninfo,
                 max_connections,
                 retention_days,
+                ca_file,
                 &[MIGRATIONS, extra],
             )?)),
         })

@@ -14,6 +14,11 @@
 //!   NOTHING RETURNING`): idempotent by the unique `(time, id)` whichever collector stores it,
 //!   even for two collectors storing the same batch at once (the second waits on the first's
 //!   rows and then skips them).
+//! - TLS: the server's certificate is verified against `[store] ca_file` (else the system's
+//!   roots) and the host name, whatever `sslmode` says. A host reached over the network (not a
+//!   Unix socket, not loopback) gets `sslmode=require` unless the connection string names another
+//!   mode: the default `prefer` would fall back to plain text when the server (or someone in
+//!   between) says it has no TLS.
 //! - Notifications (`pg_notify` in the transaction that changes something, delivered at commit)
 //!   tell every other collector that a bundle was published or a risk mark changed; each
 //!   collector listens on its own connection ([`Pg::listen`]).
@@ -24,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use postgres::NoTls;
+use std::sync::Arc;
 
 use crate::db::{Conn, DbError, PgConn};
 
@@ -128,6 +133,7 @@ CREATE TABLE api_tokens(
 /// The shared store.
 pub struct Pg {
     config: postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// Where it is, for messages (no password).
     pub target: String,
     pool: Mutex<Pool>,
@@ -178,6 +184,7 @@ impl Pg {
         conninfo: &str,
         max_connections: usize,
         retention_days: u32,
+        ca_file: Option<&std::path::Path>,
         migrations: &[&[(&str, &str)]],
     ) -> Result<Self, DbError> {
         let mut config: postgres::Config = conninfo.parse()?;
@@ -185,8 +192,20 @@ impl Pg {
             config.application_name("sluice-collector");
         }
         config.connect_timeout(Duration::from_secs(10));
+        if config.get_ssl_mode() == postgres::config::SslMode::Prefer
+            && !conninfo.contains("sslmode")
+            && config.get_hosts().iter().any(|h| match h {
+                postgres::config::Host::Tcp(name) => !is_loopback(name),
+                postgres::config::Host::Unix(_) => false,
+            })
+        {
+            config.ssl_mode(postgres::config::SslMode::Require);
+        }
+        let tls = crate::tls::client_config(ca_file)
+            .map_err(|e| DbError::Type(0, format!("the database's TLS settings: {e}")))?;
         let pg = Self {
             target: describe(&config),
+            tls: tokio_postgres_rustls::MakeRustlsConnect::new(Arc::unwrap_or_clone(tls)),
             config,
             pool: Mutex::new(Pool {
                 idle: Vec::new(),
@@ -207,7 +226,7 @@ impl Pg {
     }
 
     fn connect(&self) -> Result<PgConn, DbError> {
-        let client = self.config.connect(NoTls)?;
+        let client = self.config.connect(self.tls.clone())?;
         Ok(PgConn::new(client))
     }
 
@@ -432,6 +451,16 @@ impl Drop for Pg {
         let idle = std::mem::take(&mut self.pool.get_mut().unwrap_or_else(|p| p.into_inner()).idle);
         crate::db::blocking(move || drop(idle));
     }
+}
+
+/// `localhost` or a loopback address.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `events_pYYYYMMDD` for a day since the epoch.
