@@ -398,8 +398,9 @@ pub fn render(v: &Value, now: u64) -> String {
                     count(r, "ship.consecutive_failures")
                 ),
             };
-            let collector = at(r, "collector")
-                .or_else(|| at(r, "ship.collector"))
+            // The one shipped to now (a fallback after failures), else the configured one.
+            let collector = at(r, "ship.collector")
+                .or_else(|| at(r, "collector"))
                 .map_or_else(|| "-".to_owned(), scalar);
             line(
                 "collector",
