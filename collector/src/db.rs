@@ -32,6 +32,9 @@ pub enum DbError {
     /// A column does not hold what the caller reads.
     #[error("column {0}: {1}")]
     Type(usize, String),
+    /// Stored data that cannot be read (a damaged event body).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn pg_message(e: &postgres::Error) -> String {

@@ -17,6 +17,7 @@
 //! - Anything else is free text matched inside URL, file names, user and message.
 
 use crate::db::Val as Value;
+use crate::store::terms;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// The fields a term may name.
@@ -448,9 +449,11 @@ impl Query {
                     for _ in 0..4 {
                         params.push(Value::Text(p.clone()));
                     }
-                    "(url LIKE ? ESCAPE '\\' OR file_names LIKE ? ESCAPE '\\' \
-                     OR \"user\" LIKE ? ESCAPE '\\' OR message LIKE ? ESCAPE '\\')"
-                        .to_owned()
+                    format!(
+                        "(url LIKE ? ESCAPE '\\' OR file_names LIKE ? ESCAPE '\\' OR {} \
+                         OR message LIKE ? ESCAPE '\\')",
+                        terms::like("user_t", terms::USER)
+                    )
                 }
                 TermKind::Field { field, values } => {
                     let alts: Vec<String> = values
@@ -482,18 +485,19 @@ impl Query {
 
 fn field_condition(field: Field, raw: &str, params: &mut Vec<Value>) -> String {
     let wild = raw.contains('*');
-    // Columns stored lower case are compared lower case.
+    // Values stored lower case are compared lower case.
     let lowered = || raw.to_lowercase();
-    let mut eq = |cols: &[&str], v: String| -> String {
+    // Term columns: the value (or pattern) is looked up in `terms`.
+    let mut eq = |cols: &[&str], kind: i64, v: String| -> String {
         let conds: Vec<String> = cols
             .iter()
             .map(|c| {
                 if wild {
                     params.push(Value::Text(like_escape(&v)));
-                    format!("{c} LIKE ? ESCAPE '\\'")
+                    terms::like(c, kind)
                 } else {
                     params.push(Value::Text(v.clone()));
-                    format!("{c} = ?")
+                    terms::eq(c, kind)
                 }
             })
             .collect();
@@ -504,29 +508,43 @@ fn field_condition(field: Field, raw: &str, params: &mut Vec<Value>) -> String {
         }
     };
     match field {
-        Field::User => eq(&["\"user\""], lowered()),
-        Field::Activity => eq(&["activity"], lowered()),
-        Field::Action => eq(&["action"], lowered()),
-        Field::App => eq(&["app"], raw.to_owned()),
-        Field::Policy => eq(&["policy"], raw.to_owned()),
-        Field::Device => eq(&["device_uid", "hostname"], raw.to_owned()),
-        Field::Ip => eq(&["src_ip", "dst_ip"], raw.to_owned()),
-        Field::Process => eq(&["process", "process_path"], raw.to_owned()),
+        Field::User => eq(&["user_t"], terms::USER, lowered()),
+        Field::Activity => eq(&["activity_t"], terms::ACTIVITY, lowered()),
+        Field::Action => eq(&["action_t"], terms::ACTION, lowered()),
+        Field::App => eq(&["app_t"], terms::APP, raw.to_owned()),
+        Field::Policy => eq(&["policy_t"], terms::POLICY, raw.to_owned()),
+        Field::Device => {
+            let a = eq(&["device_t"], terms::DEVICE, raw.to_owned());
+            let b = eq(&["host_t"], terms::HOST, raw.to_owned());
+            format!("({a} OR {b})")
+        }
+        Field::Ip => eq(&["src_ip_t", "dst_ip_t"], terms::IP, raw.to_owned()),
+        Field::Process => {
+            let a = eq(&["process_t"], terms::PROCESS, raw.to_owned());
+            let b = eq(&["path_t"], terms::PATH, raw.to_owned());
+            format!("({a} OR {b})")
+        }
         Field::Class => {
             params.push(Value::Int(class_of(raw).unwrap_or(-1)));
             "class_uid = ?".to_owned()
         }
-        Field::Group | Field::File | Field::Label => {
-            let col = match field {
-                Field::Group => "groups",
-                Field::File => "file_names",
-                _ => "labels",
+        Field::File => {
+            params.push(Value::Text(format!(
+                "%|{}|%",
+                like_escape(&raw.replace('|', "/"))
+            )));
+            "file_names LIKE ? ESCAPE '\\'".to_owned()
+        }
+        Field::Group | Field::Label => {
+            let (col, kind) = match field {
+                Field::Group => ("groups_t", terms::GROUPS),
+                _ => ("labels_t", terms::LABELS),
             };
             params.push(Value::Text(format!(
                 "%|{}|%",
                 like_escape(&raw.replace('|', "/"))
             )));
-            format!("{col} LIKE ? ESCAPE '\\'")
+            terms::like(col, kind)
         }
     }
 }
@@ -562,9 +580,19 @@ mod tests {
         );
         assert_eq!(q.terms[3].kind, TermKind::After(NOW - 86_400_000));
         let c = q.compile();
+        let t = |col, kind| {
+            format!(
+                "{col} = coalesce((SELECT id FROM terms WHERE kind = {kind} AND value = ?), -1)"
+            )
+        };
         assert_eq!(
             c.sql,
-            "\"user\" = ? AND app = ? AND action = ? AND time >= ?"
+            format!(
+                "{} AND {} AND {} AND time >= ?",
+                t("user_t", terms::USER),
+                t("app_t", terms::APP),
+                t("action_t", terms::ACTION)
+            )
         );
         assert_eq!(
             c.params,
@@ -581,12 +609,19 @@ mod tests {
     fn quotes_negation_lists_wildcards_and_text() {
         let q = ok(r#"-action:allow,monitor file:"Q3 plan*.docx" "a \"b\"" report USER:Bob@X"#);
         let c = q.compile();
+        let action = terms::eq("action_t", terms::ACTION);
+        let text = format!(
+            "(url LIKE ? ESCAPE '\\' OR file_names LIKE ? ESCAPE '\\' OR {} OR message LIKE ? \
+             ESCAPE '\\')",
+            terms::like("user_t", terms::USER)
+        );
         assert_eq!(
             c.sql,
-            "NOT (action = ? OR action = ?) AND file_names LIKE ? ESCAPE '\\' AND \
-             (url LIKE ? ESCAPE '\\' OR file_names LIKE ? ESCAPE '\\' OR \"user\" LIKE ? ESCAPE '\\' \
-             OR message LIKE ? ESCAPE '\\') AND (url LIKE ? ESCAPE '\\' OR file_names LIKE ? \
-             ESCAPE '\\' OR \"user\" LIKE ? ESCAPE '\\' OR message LIKE ? ESCAPE '\\') AND \"user\" = ?"
+            format!(
+                "NOT ({action} OR {action}) AND file_names LIKE ? ESCAPE '\\' AND {text} AND \
+                 {text} AND {}",
+                terms::eq("user_t", terms::USER)
+            )
         );
         assert_eq!(c.params[2], Value::Text("%|Q3 plan%.docx|%".into()));
         assert_eq!(c.params[3], Value::Text("%a \"b\"%".into()));
@@ -598,7 +633,7 @@ mod tests {
         assert_eq!(c.params, vec![Value::Text("a\\%b%".into())]);
         // A SQL-looking value stays a value.
         let c = ok("app:x');DROP").compile();
-        assert_eq!(c.sql, "app = ?");
+        assert_eq!(c.sql, terms::eq("app_t", terms::APP));
         // Empty query matches all.
         assert_eq!(ok("   ").compile(), Compiled::all());
     }

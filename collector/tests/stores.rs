@@ -267,6 +267,101 @@ fn the_same_queries_give_the_same_rows_on_both_stores() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A store written before events were made compact (`0001_core` only, each event's JSON in its
+/// row) opens with every event moved into the compact table: the same events, found by the same
+/// queries, their times of receipt kept, the former table gone. On both stores.
+#[test]
+fn events_stored_before_the_compact_table_are_moved_into_it() {
+    const N: u64 = 1_200;
+    let dir = std::env::temp_dir().join(format!("sluice-stores-v1-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut pg = common::cluster(&dir.join("pg"));
+    let now = now_ms() as u64;
+    let events: Vec<Event> = (0..N).map(|i| event(i, now)).collect();
+    let v1 = |e: &Event| serde_json::to_vec(e).unwrap();
+    {
+        let c = rusqlite::Connection::open(dir.join("old.db")).unwrap();
+        c.execute_batch(
+            "CREATE TABLE migrations(name TEXT PRIMARY KEY, applied_at INTEGER NOT NULL)",
+        )
+        .unwrap();
+        c.execute_batch(sluice_collector::store::MIGRATIONS[0].1)
+            .unwrap();
+        c.execute("INSERT INTO migrations VALUES ('0001_core', 0)", [])
+            .unwrap();
+        for (i, e) in events.iter().enumerate() {
+            c.execute(
+                "INSERT INTO events(id, time, received, class_uid, json) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![e.id, e.time as i64, 1000 + i as i64, e.class_uid, v1(e)],
+            )
+            .unwrap();
+        }
+    }
+    {
+        let mut c = postgres::Client::connect(&pg.conninfo("sluice"), postgres::NoTls).unwrap();
+        c.batch_execute(
+            "CREATE TABLE migrations(name TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .unwrap();
+        c.batch_execute(sluice_collector::store::pg::CORE_SCHEMA)
+            .unwrap();
+        c.execute("INSERT INTO migrations VALUES ('0001_core', 0)", &[])
+            .unwrap();
+        for (i, e) in events.iter().enumerate() {
+            c.execute(
+                "INSERT INTO events(id, time, received, class_uid, json) \
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &e.id,
+                    &(e.time as i64),
+                    &(1000 + i as i64),
+                    &i64::from(e.class_uid),
+                    &v1(e),
+                ],
+            )
+            .unwrap();
+        }
+    }
+    let lite = Store::open(&dir.join("old.db")).unwrap();
+    let post = Store::open_postgres(&pg.conninfo("sluice"), 4, 90, &[]).unwrap();
+    let alice = events
+        .iter()
+        .filter(|e| e.actor.user.as_ref().unwrap().email_addr == "alice@corp.example")
+        .count();
+    assert!(alice > 0);
+    for store in [&lite, &post] {
+        assert_eq!(ids(store, &Compiled::all()).len() as u64, N);
+        let q = query::parse("user:alice@corp.example").unwrap().compile();
+        assert_eq!(ids(store, &q).len(), alice);
+        let got = store.get_event("ev-00042").unwrap().unwrap();
+        let got: Event = serde_json::from_str(&got.json).unwrap();
+        assert_eq!(serde_json::to_vec(&got).unwrap(), v1(&events[42]));
+        let (lo, hi, left) = store
+            .with_read(|c| {
+                let left = if c.is_pg() {
+                    "SELECT count(*) FROM pg_class WHERE relname LIKE '%events_v1%' \
+                     OR relname LIKE 'v1_events%'"
+                } else {
+                    "SELECT count(*) FROM sqlite_schema WHERE name = 'events_v1'"
+                };
+                let left: i64 = c.query_row(left, sluice_collector::args![], |r| r.get(0))?;
+                c.query_row(
+                    "SELECT min(received), max(received) FROM events",
+                    sluice_collector::args![],
+                    |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?, left)),
+                )
+            })
+            .unwrap();
+        assert_eq!((lo, hi, left), (1000, 1000 + N as i64 - 1, 0));
+    }
+    drop(post);
+    pg.stop();
+    drop(lite);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// TLS to the database: the server's certificate is verified against `[store] ca_file` and the
 /// host name; a CA that did not sign it, or a name it does not carry, is refused; the session is
 /// encrypted (the server says so).

@@ -206,7 +206,7 @@ pub fn raise_all(
             by,
         );
         if !lines.is_empty() {
-            let o = Store::ingest_in(tx, &lines, IngestOptions::default())?;
+            let o = store.ingest_in(tx, &lines, IngestOptions::default())?;
             if o.rejected > 0 {
                 tracing::error!(rejected = o.rejected, "recording alerts: events refused");
             }

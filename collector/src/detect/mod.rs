@@ -273,19 +273,21 @@ fn rebuild(
             )
             .unwrap_or(cutoff);
         let mut n = 0u64;
-        c.for_each(
-            "SELECT json FROM events WHERE time >= ?1 AND \"user\" != '' \
-             AND app NOT IN ('sluice', 'portal') ORDER BY time",
-            [start.max(cutoff)],
-            |r| {
-                let json: Vec<u8> = r.get(0)?;
-                if let Ok(e) = serde_json::from_slice::<Event>(&json) {
-                    engine.observe(&e, false);
-                    n += 1;
-                }
-                Ok(n < cfg.rebuild_max_events)
-            },
-        )?;
+        let sql = format!(
+            "SELECT body FROM events WHERE time >= ?1 AND user_t <> 0 AND app_t NOT IN \
+             (SELECT id FROM terms WHERE kind = {} AND value IN ('sluice', 'portal')) \
+             ORDER BY time",
+            crate::store::terms::APP
+        );
+        c.for_each(&sql, [start.max(cutoff)], |r| {
+            let body: Vec<u8> = r.get(0)?;
+            let json = store.body_json(c, &body)?;
+            if let Ok(e) = serde_json::from_slice::<Event>(&json) {
+                engine.observe(&e, false);
+                n += 1;
+            }
+            Ok(n < cfg.rebuild_max_events)
+        })?;
         Ok(n)
     })
 }

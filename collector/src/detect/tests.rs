@@ -453,15 +453,12 @@ fn alerts_dedup_states_and_log() {
     assert_eq!(alerts::list(&s, &f, 100).unwrap()[0].id, a.id);
     // The log: one event per record.
     alerts::record(&s, &after, "admin");
-    let n: i64 = s
-        .with_read(|c| {
-            c.query_row(
-                "SELECT count(*) FROM events WHERE app = 'sluice' AND activity = 'alert' \
-                 AND \"user\" = 'a@corp.example'",
-                crate::args![],
-                |r| r.get(0),
-            )
-        })
+    let n = s
+        .count(
+            &crate::query::parse("app:sluice activity:alert user:a@corp.example")
+                .unwrap()
+                .compile(),
+        )
         .unwrap();
     assert_eq!(n, 1);
     // Forwarded form.
@@ -502,14 +499,12 @@ fn a_batch_of_findings_is_stored_together() {
         2
     );
     // Each alert opened is in the activity log, written with it.
-    let logged: i64 = s
-        .with_read(|c| {
-            c.query_row(
-                "SELECT count(*) FROM events WHERE app = 'sluice' AND activity = 'alert'",
-                crate::args![],
-                |r| r.get(0),
-            )
-        })
+    let logged = s
+        .count(
+            &crate::query::parse("app:sluice activity:alert")
+                .unwrap()
+                .compile(),
+        )
         .unwrap();
     assert_eq!(logged, 2);
     drop(s);
@@ -539,9 +534,7 @@ fn ingestion_hands_over_the_new_events_only() {
     let ids: Vec<&str> = o.new_parsed.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, ["e00000003"]);
     // Within a caller's transaction: the same outcome, committed with it.
-    let o = s
-        .with_write(|tx| Store::ingest_in(tx, &line(4), opts))
-        .unwrap();
+    let o = s.with_write(|tx| s.ingest_in(tx, &line(4), opts)).unwrap();
     assert_eq!(o.new_parsed.len(), 1);
     let q = crate::query::parse("user:h@corp.example")
         .unwrap()

@@ -48,7 +48,9 @@ use std::{
 };
 
 pub mod cluster;
+pub mod codec;
 pub mod pg;
+pub mod terms;
 
 use rusqlite::Connection;
 use serde::Serialize;
@@ -86,7 +88,68 @@ pub enum StoreError {
 }
 
 /// The store's own migrations, in order, recorded by name.
-pub const MIGRATIONS: &[(&str, &str)] = &[("0001_core", CORE_SCHEMA)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_core", CORE_SCHEMA),
+    ("0002_compact_events", COMPACT_SCHEMA),
+];
+
+/// Events made compact (see the module documentation): the former table is kept as
+/// `events_v1` until [`Store::open_with`] has moved its rows into the new one.
+const COMPACT_SCHEMA: &str = "
+DROP INDEX events_time_id;
+DROP INDEX events_user_time;
+DROP INDEX events_action_time;
+DROP INDEX events_app_time;
+DROP INDEX events_device_time;
+DELETE FROM sqlite_stat1 WHERE tbl = 'events';
+ALTER TABLE events RENAME TO events_v1;
+CREATE TABLE terms(
+  id INTEGER PRIMARY KEY,
+  kind INTEGER NOT NULL,
+  value TEXT NOT NULL,
+  UNIQUE (kind, value)
+);
+CREATE TABLE event_dicts(
+  id INTEGER PRIMARY KEY,
+  dict BLOB NOT NULL,
+  created_at INTEGER NOT NULL
+);
+CREATE TABLE events(
+  seq INTEGER PRIMARY KEY,
+  time INTEGER NOT NULL,
+  idh INTEGER NOT NULL,
+  received INTEGER NOT NULL,
+  class_uid INTEGER NOT NULL,
+  activity_t INTEGER NOT NULL,
+  action_t INTEGER NOT NULL,
+  policy_t INTEGER NOT NULL,
+  app_t INTEGER NOT NULL,
+  user_t INTEGER NOT NULL,
+  groups_t INTEGER NOT NULL,
+  device_t INTEGER NOT NULL,
+  host_t INTEGER NOT NULL,
+  src_ip_t INTEGER NOT NULL,
+  dst_ip_t INTEGER NOT NULL,
+  process_t INTEGER NOT NULL,
+  path_t INTEGER NOT NULL,
+  labels_t INTEGER NOT NULL,
+  url TEXT NOT NULL,
+  file_names TEXT NOT NULL,
+  message TEXT NOT NULL,
+  body BLOB NOT NULL
+);
+CREATE UNIQUE INDEX events_time_idh ON events(time, idh);
+CREATE INDEX events_user ON events(user_t, time, action_t);
+CREATE INDEX events_device ON events(device_t, time);
+CREATE INDEX events_action ON events(action_t, time);
+CREATE INDEX events_app ON events(app_t, time);
+INSERT INTO sqlite_stat1(tbl, idx, stat) VALUES
+  ('events', 'events_time_idh', '1000000 2 1'),
+  ('events', 'events_user', '1000000 500 2 1'),
+  ('events', 'events_device', '1000000 2000 2'),
+  ('events', 'events_app', '1000000 100000 2'),
+  ('events', 'events_action', '1000000 250000 2');
+";
 
 const CORE_SCHEMA: &str = "
 CREATE TABLE events(
@@ -198,18 +261,25 @@ const PARALLEL_PARSE: usize = 256;
 const READERS: usize = 4;
 
 /// The columns every event query returns, in [`EventRow`] order.
-const ROW_COLUMNS: &str = "seq, id, time, class_uid, activity, action, policy, app, \"user\", groups, \
-     device_uid, hostname, src_ip, process, url, file_names, labels, message, json";
+const ROW_COLUMNS: &str = "seq, body";
 
 /// The store. Cheap to share behind an `Arc`; every method is blocking (call it from
 /// `spawn_blocking` in async code).
 pub struct Store {
     backend: Backend,
+    enc: Encoding,
 }
 
 enum Backend {
     Lite(Lite),
     Pg(Box<pg::Pg>),
+}
+
+/// What a store keeps in memory about its events' encoding.
+#[derive(Debug, Default)]
+struct Encoding {
+    codec: codec::Codec,
+    terms: terms::Terms,
 }
 
 /// The embedded SQLite store's connections.
@@ -382,7 +452,11 @@ fn take_sealed(e: &mut Event) -> Vec<SealedBox> {
 #[derive(Debug)]
 struct Row {
     id: String,
+    /// The id's hash: with the time, what makes an event unique in the table.
+    idh: i64,
     time: i64,
+    /// When the collector received it (0: now).
+    received: i64,
     class_uid: i64,
     activity: String,
     action: String,
@@ -401,8 +475,42 @@ struct Row {
     labels: String,
     message: String,
     json: Vec<u8>,
+    /// `json` compressed ([`codec`]).
+    body: Vec<u8>,
     /// Sealed boxes taken out of the event.
     sealed: Vec<SealedBox>,
+}
+
+impl Row {
+    /// The term columns' values, in [`terms::COLUMNS`] order.
+    fn term_values(&self) -> [(i64, &str); 13] {
+        let c = &terms::COLUMNS;
+        [
+            (c[0].1, &self.activity),
+            (c[1].1, &self.action),
+            (c[2].1, &self.policy),
+            (c[3].1, &self.app),
+            (c[4].1, &self.user),
+            (c[5].1, &self.groups),
+            (c[6].1, &self.device_uid),
+            (c[7].1, &self.hostname),
+            (c[8].1, &self.src_ip),
+            (c[9].1, &self.dst_ip),
+            (c[10].1, &self.process),
+            (c[11].1, &self.process_path),
+            (c[12].1, &self.labels),
+        ]
+    }
+}
+
+/// The 64-bit hash of an event id the table is keyed by (with the time): the first 8 bytes
+/// of its SHA-256. Two events of the same millisecond with ids of the same hash are as likely
+/// as a SHA-256 collision on 64 bits, and an agent cannot aim one at another's event.
+pub fn id_hash(id: &str) -> i64 {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    i64::from_le_bytes(b)
 }
 
 /// `|a|b|`, with `|` inside values replaced so the separators stay unambiguous.
@@ -444,7 +552,9 @@ fn row_of(e: &Event, json: Vec<u8>) -> Result<Row, String> {
     }
     Ok(Row {
         id: e.id.clone(),
+        idh: id_hash(&e.id),
         time,
+        received: 0,
         class_uid: i64::from(e.class_uid),
         activity,
         action: sl
@@ -481,12 +591,17 @@ fn row_of(e: &Event, json: Vec<u8>) -> Result<Row, String> {
         labels: joined(labels.into_iter()),
         message: e.message.clone(),
         json,
+        body: Vec::new(),
         sealed: Vec::new(),
     })
 }
 
 /// Parses and checks event lines; the error says why a line is rejected.
-fn parse_lines(lines: &[&[u8]], agent: Option<&str>) -> Vec<Result<(Row, Event), String>> {
+fn parse_lines(
+    lines: &[&[u8]],
+    agent: Option<&str>,
+    codec: &codec::Codec,
+) -> Vec<Result<(Row, Event), String>> {
     lines
         .iter()
         .map(|line| {
@@ -512,6 +627,7 @@ fn parse_lines(lines: &[&[u8]], agent: Option<&str>) -> Vec<Result<(Row, Event),
                 line.to_vec()
             };
             let mut row = row_of(&e, json)?;
+            row.body = codec.encode(&row.json)?;
             row.sealed = sealed;
             Ok((row, e))
         })
@@ -526,23 +642,27 @@ fn split_lines(body: &[u8]) -> Vec<&[u8]> {
 }
 
 /// The valid events of a JSON Lines body, and an outcome counting the rejected lines.
-fn parse_body(body: &[u8], agent: Option<&str>) -> (Vec<(Row, Event)>, IngestOutcome) {
+fn parse_body(
+    body: &[u8],
+    agent: Option<&str>,
+    codec: &codec::Codec,
+) -> (Vec<(Row, Event)>, IngestOutcome) {
     let lines = split_lines(body);
     // Parsing is a third of the work and needs no lock: a large batch is parsed on two
     // threads while nothing holds the writer.
     let parsed: Vec<Result<(Row, Event), String>> = if lines.len() >= PARALLEL_PARSE {
         let (a, b) = lines.split_at(lines.len() / 2);
         std::thread::scope(|s| {
-            let other = s.spawn(|| parse_lines(b, agent));
-            let mut first = parse_lines(a, agent);
+            let other = s.spawn(|| parse_lines(b, agent, codec));
+            let mut first = parse_lines(a, agent, codec);
             match other.join() {
                 Ok(second) => first.extend(second),
-                Err(_) => first.extend(parse_lines(b, agent)),
+                Err(_) => first.extend(parse_lines(b, agent, codec)),
             }
             first
         })
     } else {
-        parse_lines(&lines, agent)
+        parse_lines(&lines, agent, codec)
     };
     keep_parsed(parsed)
 }
@@ -563,95 +683,99 @@ fn keep_parsed(parsed: Vec<Result<(Row, Event), String>>) -> (Vec<(Row, Event)>,
 }
 
 /// The insert of one event (SQLite: a prepared statement run per event).
-const INSERT_EVENT: &str = "INSERT INTO events(id, time, received, class_uid, activity, action, \
-     policy, app, \"user\", groups, device_uid, hostname, src_ip, dst_ip, process, \
-     process_path, url, file_names, labels, message, json) \
+const INSERT_EVENT: &str = "INSERT INTO events(time, idh, received, class_uid, activity_t, \
+     action_t, policy_t, app_t, user_t, groups_t, device_t, host_t, src_ip_t, dst_ip_t, \
+     process_t, path_t, labels_t, url, file_names, message, body) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
      ?17, ?18, ?19, ?20, ?21) ON CONFLICT DO NOTHING";
 
 /// The insert of a batch (PostgreSQL: one statement, columns as arrays); returns the events it
 /// stored (not those already there).
-const INSERT_EVENTS_PG: &str = "INSERT INTO events(id, time, received, class_uid, activity, \
-     action, policy, app, \"user\", groups, device_uid, hostname, src_ip, dst_ip, process, \
-     process_path, url, file_names, labels, message, json) \
-     SELECT * FROM unnest(?1::text[], ?2::bigint[], ?3::bigint[], ?4::bigint[], ?5::text[], \
-     ?6::text[], ?7::text[], ?8::text[], ?9::text[], ?10::text[], ?11::text[], ?12::text[], \
-     ?13::text[], ?14::text[], ?15::text[], ?16::text[], ?17::text[], ?18::text[], \
-     ?19::text[], ?20::text[], ?21::bytea[]) ON CONFLICT DO NOTHING RETURNING time, id";
+const INSERT_EVENTS_PG: &str = "INSERT INTO events(time, idh, received, class_uid, activity_t, \
+     action_t, policy_t, app_t, user_t, groups_t, device_t, host_t, src_ip_t, dst_ip_t, \
+     process_t, path_t, labels_t, url, file_names, message, body) \
+     SELECT * FROM unnest(?1::bigint[], ?2::bigint[], ?3::bigint[], ?4::bigint[], \
+     ?5::bigint[], ?6::bigint[], ?7::bigint[], ?8::bigint[], ?9::bigint[], ?10::bigint[], \
+     ?11::bigint[], ?12::bigint[], ?13::bigint[], ?14::bigint[], ?15::bigint[], ?16::bigint[], \
+     ?17::bigint[], ?18::text[], ?19::text[], ?20::text[], ?21::bytea[]) \
+     ON CONFLICT DO NOTHING RETURNING time, idh";
 
 /// Which of `rows` `c` stored now (false: already stored), in order.
-fn insert_events(c: &Conn, rows: &[(Row, Event)], now: i64) -> Result<Vec<bool>, DbError> {
+fn insert_events(
+    c: &Conn,
+    rows: &[(Row, Event)],
+    now: i64,
+    terms: &terms::Terms,
+) -> Result<Vec<bool>, DbError> {
+    let values: Vec<(i64, &str)> = rows.iter().flat_map(|(r, _)| r.term_values()).collect();
+    let ids = terms.resolve(c, &values)?;
+    let ids: Vec<&[i64]> = ids.chunks(terms::COLUMNS.len()).collect();
+    let received = |r: &Row| if r.received > 0 { r.received } else { now };
     if let Some(r) = c.with_pg(|pg| {
-        let col = |f: fn(&Row) -> &String| rows.iter().map(|(r, _)| f(r)).collect::<Vec<_>>();
-        let ids = col(|r| &r.id);
-        let times: Vec<i64> = rows.iter().map(|(r, _)| r.time).collect();
-        let received = vec![now; rows.len()];
-        let classes: Vec<i64> = rows.iter().map(|(r, _)| r.class_uid).collect();
-        let json: Vec<&[u8]> = rows.iter().map(|(r, _)| r.json.as_slice()).collect();
-        let stored = pg.query_pg(
-            INSERT_EVENTS_PG,
-            &[
-                &ids,
-                &times,
-                &received,
-                &classes,
-                &col(|r| &r.activity),
-                &col(|r| &r.action),
-                &col(|r| &r.policy),
-                &col(|r| &r.app),
-                &col(|r| &r.user),
-                &col(|r| &r.groups),
-                &col(|r| &r.device_uid),
-                &col(|r| &r.hostname),
-                &col(|r| &r.src_ip),
-                &col(|r| &r.dst_ip),
-                &col(|r| &r.process),
-                &col(|r| &r.process_path),
-                &col(|r| &r.url),
-                &col(|r| &r.file_names),
-                &col(|r| &r.labels),
-                &col(|r| &r.message),
-                &json,
-            ],
-        )?;
-        let mut new: std::collections::HashSet<(i64, String)> = stored
+        let int = |f: &dyn Fn(&Row) -> i64| rows.iter().map(|(r, _)| f(r)).collect::<Vec<i64>>();
+        let text = |f: fn(&Row) -> &String| rows.iter().map(|(r, _)| f(r)).collect::<Vec<_>>();
+        let term = |i: usize| ids.iter().map(|t| t[i]).collect::<Vec<i64>>();
+        let body: Vec<&[u8]> = rows.iter().map(|(r, _)| r.body.as_slice()).collect();
+        let cols: Vec<Vec<i64>> = (0..terms::COLUMNS.len()).map(term).collect();
+        let (times, idhs) = (int(&|r| r.time), int(&|r| r.idh));
+        let (recv, classes) = (int(&|r| received(r)), int(&|r| r.class_uid));
+        let (url, files, message) = (
+            text(|r| &r.url),
+            text(|r| &r.file_names),
+            text(|r| &r.message),
+        );
+        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            vec![&times, &idhs, &recv, &classes];
+        params.extend(
+            cols.iter()
+                .map(|c| c as &(dyn postgres::types::ToSql + Sync)),
+        );
+        params.extend([
+            &url as &(dyn postgres::types::ToSql + Sync),
+            &files,
+            &message,
+            &body,
+        ]);
+        let stored = pg.query_pg(INSERT_EVENTS_PG, &params)?;
+        let mut new: std::collections::HashSet<(i64, i64)> = stored
             .iter()
             .map(|r| Ok((r.get(0)?, r.get(1)?)))
             .collect::<Result<_, DbError>>()?;
         // A row stored now counts once: a second copy in the same batch is a duplicate.
         Ok(rows
             .iter()
-            .map(|(r, _)| new.remove(&(r.time, r.id.clone())))
+            .map(|(r, _)| new.remove(&(r.time, r.idh)))
             .collect())
     }) {
         return r;
     }
     rows.iter()
-        .map(|(r, _)| {
+        .zip(&ids)
+        .map(|((r, _), t)| {
             Ok(c.execute(
                 INSERT_EVENT,
                 args![
-                    r.id,
                     r.time,
-                    now,
+                    r.idh,
+                    received(r),
                     r.class_uid,
-                    r.activity,
-                    r.action,
-                    r.policy,
-                    r.app,
-                    r.user,
-                    r.groups,
-                    r.device_uid,
-                    r.hostname,
-                    r.src_ip,
-                    r.dst_ip,
-                    r.process,
-                    r.process_path,
+                    t[0],
+                    t[1],
+                    t[2],
+                    t[3],
+                    t[4],
+                    t[5],
+                    t[6],
+                    t[7],
+                    t[8],
+                    t[9],
+                    t[10],
+                    t[11],
+                    t[12],
                     r.url,
                     r.file_names,
-                    r.labels,
                     r.message,
-                    r.json,
+                    r.body,
                 ],
             )? == 1)
         })
@@ -664,9 +788,10 @@ fn store_rows(
     rows: Vec<(Row, Event)>,
     opts: IngestOptions<'_>,
     out: &mut IngestOutcome,
+    terms: &terms::Terms,
 ) -> Result<(), StoreError> {
     let now = now_ms();
-    let fresh = insert_events(tx, &rows, now)?;
+    let fresh = insert_events(tx, &rows, now, terms)?;
     for ((r, _), new) in rows.iter().zip(&fresh) {
         if !*new {
             out.duplicates += 1;
@@ -754,28 +879,35 @@ pub struct EventRow {
     pub json: String,
 }
 
-fn event_row(r: &crate::db::Row) -> Result<EventRow, DbError> {
-    let json: Vec<u8> = r.get(18)?;
+/// The stored event `(seq, body)` of `r` as a row of results (its columns derived from its JSON
+/// as at ingestion).
+fn event_row(c: &Conn, codec: &codec::Codec, r: &crate::db::Row) -> Result<EventRow, DbError> {
+    let seq: i64 = r.get(0)?;
+    let body: Vec<u8> = r.get(1)?;
+    let json = codec.decode(c, &body)?;
+    let e: Event = serde_json::from_slice(&json)
+        .map_err(|e| DbError::Invalid(format!("stored event {seq}: {e}")))?;
+    let row = row_of(&e, json).map_err(DbError::Invalid)?;
     Ok(EventRow {
-        seq: r.get(0)?,
-        id: r.get(1)?,
-        time: r.get(2)?,
-        class_uid: r.get(3)?,
-        activity: r.get(4)?,
-        action: r.get(5)?,
-        policy: r.get(6)?,
-        app: r.get(7)?,
-        user: r.get(8)?,
-        groups: r.get(9)?,
-        device_uid: r.get(10)?,
-        hostname: r.get(11)?,
-        src_ip: r.get(12)?,
-        process: r.get(13)?,
-        url: r.get(14)?,
-        file_names: r.get(15)?,
-        labels: r.get(16)?,
-        message: r.get(17)?,
-        json: String::from_utf8(json).unwrap_or_default(),
+        seq,
+        id: row.id,
+        time: row.time,
+        class_uid: row.class_uid,
+        activity: row.activity,
+        action: row.action,
+        policy: row.policy,
+        app: row.app,
+        user: row.user,
+        groups: row.groups,
+        device_uid: row.device_uid,
+        hostname: row.hostname,
+        src_ip: row.src_ip,
+        process: row.process,
+        url: row.url,
+        file_names: row.file_names,
+        labels: row.labels,
+        message: row.message,
+        json: String::from_utf8(row.json).unwrap_or_default(),
     })
 }
 
@@ -970,13 +1102,20 @@ impl Store {
         writer.set_prepared_statement_cache_capacity(64);
         migrate(&mut writer, MIGRATIONS)?;
         migrate(&mut writer, extra)?;
-        Ok(Self {
+        let enc = Encoding {
+            codec: codec::Codec::load(&Conn::lite(&writer), now_ms())?,
+            terms: terms::Terms::default(),
+        };
+        let store = Self {
             backend: Backend::Lite(Lite {
                 path: path.to_owned(),
                 writer: Mutex::new(writer),
                 readers: Mutex::new(Vec::new()),
             }),
-        })
+            enc,
+        };
+        store.convert_v1()?;
+        Ok(store)
     }
 
     /// Opens the PostgreSQL database `conninfo` (a `postgresql://` URL or `key=value` pairs)
@@ -1000,15 +1139,23 @@ impl Store {
         ca_file: Option<&Path>,
         extra: &[(&str, &str)],
     ) -> Result<Self, StoreError> {
-        Ok(Self {
-            backend: Backend::Pg(Box::new(pg::Pg::open(
-                conninfo,
-                max_connections,
-                retention_days,
-                ca_file,
-                &[MIGRATIONS, extra],
-            )?)),
-        })
+        let pg = pg::Pg::open(
+            conninfo,
+            max_connections,
+            retention_days,
+            ca_file,
+            &[MIGRATIONS, extra],
+        )?;
+        let enc = Encoding {
+            codec: pg.with_read(|c| codec::Codec::load(c, now_ms()))?,
+            terms: terms::Terms::default(),
+        };
+        let store = Self {
+            backend: Backend::Pg(Box::new(pg)),
+            enc,
+        };
+        store.convert_v1()?;
+        Ok(store)
     }
 
     /// The SQLite database file; `None` on PostgreSQL.
@@ -1115,7 +1262,28 @@ impl Store {
         body: &[u8],
         opts: IngestOptions<'_>,
     ) -> Result<IngestOutcome, StoreError> {
-        let (rows, mut out) = parse_body(body, opts.agent);
+        let (rows, mut out) = parse_body(body, opts.agent, &self.enc.codec);
+        let samples = rows.iter().find_map(|(r, _)| self.enc.codec.offer(&r.json));
+        self.store_parsed(rows, opts, &mut out)?;
+        if let Some(samples) = samples {
+            match self.with_conn(|c| self.enc.codec.train(c, &samples, now_ms())) {
+                Ok(id) => tracing::info!(
+                    dictionary = id,
+                    samples = samples.len(),
+                    "event bodies are compressed with a dictionary trained on this store's events"
+                ),
+                Err(e) => tracing::warn!(error = %e, "training a dictionary for event bodies"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn store_parsed(
+        &self,
+        rows: Vec<(Row, Event)>,
+        opts: IngestOptions<'_>,
+        out: &mut IngestOutcome,
+    ) -> Result<(), StoreError> {
         if let Backend::Pg(p) = &self.backend {
             let days = rows
                 .iter()
@@ -1123,8 +1291,70 @@ impl Store {
                 .collect();
             p.ensure_days(&days, now_ms())?;
         }
-        self.with_write(|tx| store_rows(tx, rows, opts, &mut out))?;
-        Ok(out)
+        self.with_write(|tx| store_rows(tx, rows, opts, out, &self.enc.terms))
+    }
+
+    /// Moves the events of the table before `0002_compact_events` (`events_v1`, when there is
+    /// one) into the current table, in batches (idempotent: an interrupted move starts over
+    /// and skips what it stored), then drops it.
+    fn convert_v1(&self) -> Result<(), StoreError> {
+        let exists: i64 = self.with_read(|c| {
+            let sql = if c.is_pg() {
+                "SELECT count(*) FROM pg_class WHERE relname = 'events_v1' \
+                 AND relnamespace = to_regnamespace(current_schema())::oid"
+            } else {
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'events_v1'"
+            };
+            c.query_row(sql, args![], |r| r.get(0))
+        })?;
+        if exists == 0 {
+            return Ok(());
+        }
+        tracing::info!("moving stored events into the compact table");
+        let (mut moved, mut pending) = (0u64, Vec::<(i64, Vec<u8>)>::new());
+        let mut flush = |pending: &mut Vec<(i64, Vec<u8>)>| -> Result<(), StoreError> {
+            let mut out = IngestOutcome::default();
+            let lines: Vec<&[u8]> = pending.iter().map(|(_, j)| j.as_slice()).collect();
+            let parsed = parse_lines(&lines, None, &self.enc.codec);
+            let mut rows = Vec::with_capacity(parsed.len());
+            for (p, (received, _)) in parsed.into_iter().zip(pending.iter()) {
+                match p {
+                    Ok((mut r, e)) => {
+                        r.received = *received;
+                        rows.push((r, e));
+                    }
+                    Err(why) => tracing::warn!(%why, "a stored event could not be moved"),
+                }
+            }
+            self.store_parsed(rows, IngestOptions::default(), &mut out)?;
+            moved += out.accepted;
+            pending.clear();
+            Ok(())
+        };
+        let mut failed = None;
+        self.with_read(|c| {
+            c.for_each(
+                "SELECT received, json FROM events_v1 ORDER BY time",
+                args![],
+                |r| {
+                    pending.push((r.get(0)?, r.get(1)?));
+                    if pending.len() >= 5_000
+                        && let Err(e) = flush(&mut pending)
+                    {
+                        failed = Some(e);
+                        return Ok(false);
+                    }
+                    Ok(true)
+                },
+            )
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        flush(&mut pending)?;
+        self.with_write(|c| c.batch("DROP TABLE events_v1"))?;
+        tracing::info!(events = moved, "stored events moved into the compact table");
+        Ok(())
     }
 
     /// [`Store::ingest`] within the caller's transaction (from [`Store::with_write`]), for
@@ -1132,14 +1362,20 @@ impl Store {
     /// one commit instead of two). Parses on the caller's thread, while holding the writer:
     /// for a few events only.
     pub fn ingest_in(
+        &self,
         tx: &Conn,
         body: &[u8],
         opts: IngestOptions<'_>,
     ) -> Result<IngestOutcome, StoreError> {
         let lines = split_lines(body);
-        let (rows, mut out) = keep_parsed(parse_lines(&lines, opts.agent));
-        store_rows(tx, rows, opts, &mut out)?;
+        let (rows, mut out) = keep_parsed(parse_lines(&lines, opts.agent, &self.enc.codec));
+        store_rows(tx, rows, opts, &mut out, &self.enc.terms)?;
         Ok(out)
+    }
+
+    /// The JSON of a stored event body (the `body` column).
+    pub fn body_json(&self, c: &Conn, body: &[u8]) -> Result<Vec<u8>, DbError> {
+        Ok(self.enc.codec.decode(c, body)?)
     }
 
     /// The newest events matching `q`, older than `before`, at most `limit`.
@@ -1149,7 +1385,7 @@ impl Store {
         limit: u32,
         before: Option<Cursor>,
     ) -> Result<Page, StoreError> {
-        Ok(self.with_read(|c| search_on(c, q, limit, before))?)
+        Ok(self.with_read(|c| search_on(c, &self.enc.codec, q, limit, before))?)
     }
 
     /// How many events match `q` (a full count: ask only when it is wanted).
@@ -1172,7 +1408,7 @@ impl Store {
         self.with_read(|c| {
             let mut before = None;
             loop {
-                let p = search_on(c, q, page, before)?;
+                let p = search_on(c, &self.enc.codec, q, page, before)?;
                 if !p.events.is_empty() && !f(&p.events) {
                     return Ok(());
                 }
@@ -1196,34 +1432,32 @@ impl Store {
         id: &str,
         time: Option<i64>,
     ) -> Result<Option<EventRow>, StoreError> {
-        Ok(self.with_read(|c| match time {
-            Some(t) => c
-                .query_row(
-                    &format!("SELECT {ROW_COLUMNS} FROM events WHERE time = ?1 AND id = ?2"),
-                    args![t, id],
-                    event_row,
-                )
-                .optional(),
-            // SQLite: the covering `(time, id)` index is the smallest to scan. PostgreSQL scans
+        let idh = id_hash(id);
+        let row = |r: &crate::db::Row, c: &Conn| event_row(c, &self.enc.codec, r);
+        let found = self.with_read(|c| match time {
+            Some(t) => c.query_map(
+                &format!("SELECT {ROW_COLUMNS} FROM events WHERE time = ?1 AND idh = ?2"),
+                args![t, idh],
+                |r| row(r, c),
+            ),
+            // SQLite: the covering `(time, idh)` index is the smallest to scan. PostgreSQL scans
             // each partition's.
-            None if c.is_pg() => c
-                .query_row(
-                    &format!("SELECT {ROW_COLUMNS} FROM events WHERE id = ?1 LIMIT 1"),
-                    args![id],
-                    event_row,
-                )
-                .optional(),
-            None => c
-                .query_row(
-                    &format!(
-                        "SELECT {ROW_COLUMNS} FROM events WHERE seq = (SELECT seq FROM events \
-                         INDEXED BY events_time_id WHERE id = ?1 LIMIT 1)"
-                    ),
-                    args![id],
-                    event_row,
-                )
-                .optional(),
-        })?)
+            None if c.is_pg() => c.query_map(
+                &format!("SELECT {ROW_COLUMNS} FROM events WHERE idh = ?1"),
+                args![idh],
+                |r| row(r, c),
+            ),
+            None => c.query_map(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM events WHERE seq IN (SELECT seq FROM events \
+                     INDEXED BY events_time_idh WHERE idh = ?1)"
+                ),
+                args![idh],
+                |r| row(r, c),
+            ),
+        })?;
+        // The hash picked the rows; the id decides.
+        Ok(found.into_iter().find(|e| e.id == id))
     }
 
     /// Counts of events and blocks per `bucket_ms` between `from` and `to` (Unix ms) among the
@@ -1241,8 +1475,10 @@ impl Store {
         // The query's anonymous `?` parameters number on from ?3 (SQLite gives a bare `?` the
         // largest number so far plus one), so they bind after the three fixed ones.
         let sql = format!(
-            "SELECT (time / ?1) * ?1 AS b, count(*), count(CASE WHEN action = 'block' THEN 1 END) \
+            "SELECT (time / ?1) * ?1 AS b, count(*), count(CASE WHEN action_t = \
+             (SELECT id FROM terms WHERE kind = {} AND value = 'block') THEN 1 END) \
              FROM events WHERE time >= ?2 AND time < ?3 AND ({}) GROUP BY b ORDER BY b",
+            terms::ACTION,
             q.sql
         );
         let mut params: Vec<Val> = vec![bucket_ms.into(), from.into(), to.into()];
@@ -1662,7 +1898,13 @@ impl Store {
     }
 }
 
-fn search_on(c: &Conn, q: &Compiled, limit: u32, before: Option<Cursor>) -> Result<Page, DbError> {
+fn search_on(
+    c: &Conn,
+    codec: &codec::Codec,
+    q: &Compiled,
+    limit: u32,
+    before: Option<Cursor>,
+) -> Result<Page, DbError> {
     let limit = limit.max(1);
     let mut params: Vec<Val> = q.params.clone();
     let n = params.len();
@@ -1687,7 +1929,7 @@ fn search_on(c: &Conn, q: &Compiled, limit: u32, before: Option<Cursor>) -> Resu
     );
     let params: Vec<&dyn crate::db::Param> =
         params.iter().map(|p| p as &dyn crate::db::Param).collect();
-    let events: Vec<EventRow> = c.query_map(&sql, &params, event_row)?;
+    let events: Vec<EventRow> = c.query_map(&sql, &params, |r| event_row(c, codec, r))?;
     let next = if events.len() as u32 == limit {
         events.last().map(|e| Cursor {
             time: e.time,
