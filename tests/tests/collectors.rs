@@ -446,7 +446,7 @@ async fn two_collectors_on_one_postgresql_serve_any_agent_and_lose_or_double_not
     let (distinct, agents_seen) = (ids.len(), devices.len());
     assert_eq!(rows, total);
     assert_eq!(distinct as u64, total);
-    assert_eq!(agents_seen as usize, AGENTS);
+    assert_eq!(agents_seen, AGENTS);
     let duplicates: u64 = shipped.iter().map(|s| s.duplicates).sum();
     let accepted: u64 = shipped.iter().map(|s| s.accepted).sum();
     assert_eq!(accepted + duplicates, total, "{shipped:#?}");

@@ -872,7 +872,7 @@ fn event_page(c: &Collector, id: &str, who: &Who<'_>) -> anyhow::Result<Response
         ("Files", html::list(&e.file_names)),
         ("Labels", html::list(&e.labels)),
         ("Message", e.message.clone()),
-        ("Store sequence", e.seq.to_string()),
+        ("Store key", e.key.to_string()),
     ];
     let mut body = format!(
         "<p><a href=\"/events\">← Activity</a></p><h1>Event {}</h1><dl class=\"fields\" id=\"event-fields\">",

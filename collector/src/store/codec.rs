@@ -11,8 +11,9 @@
 //!   store has none younger than [`RETRAIN_AFTER_MS`] (on a thread of its own; ingestion goes on
 //!   with the current one meanwhile), stores it in `event_dicts` and uses it from then on.
 //!   Dictionaries are never deleted (a few tens of KB each): any body names the one it needs.
-//! - A body is `0x01`, the dictionary's id (4 bytes, little endian) and a zstd frame. A body
-//!   starting with `{` is JSON stored as it came (what older versions stored).
+//! - A body is `0x01`, the dictionary's id (LEB128) and a zstd frame without its 4-byte magic
+//!   number and without a dictionary id of its own (the body names it): 6 to 10 bytes less per
+//!   event than a whole frame. A body starting with `{` is JSON stored as it came.
 
 use std::{
     cell::RefCell,
@@ -22,12 +23,17 @@ use std::{
 
 use crate::db::{Conn, DbError, OptionalRow as _};
 
-/// Compression level: 3 is zstd's default; higher levels gain little on bodies this small
-/// with a dictionary and cost ingestion time.
+/// Compression level: zstd's default. Level 6 writes bodies about a tenth smaller but took
+/// ingestion from about 93,000 to 67,000 events/s on SQLite in `sluice-collector-bench`.
 const LEVEL: i32 = 3;
 
 /// Events a dictionary is trained from.
 pub const TRAIN_SAMPLES: usize = 4_000;
+
+/// One event in this many is a sample: the samples span more agents, users and apps than the
+/// first few batches (a dictionary trained on 4,000 events of 4 agents wrote bodies 15 % larger
+/// than one trained on every eighth of 32,000).
+const SAMPLE_EVERY: u64 = 8;
 
 /// Largest body kept as a training sample.
 const SAMPLE_MAX: usize = 8 * 1024;
@@ -40,6 +46,9 @@ pub const RETRAIN_AFTER_MS: i64 = 30 * 86_400_000;
 
 /// The tag of a compressed body.
 const TAG: u8 = 1;
+
+/// What every zstd frame starts with (left out of bodies).
+const MAGIC: [u8; 4] = 0xFD2F_B528_u32.to_le_bytes();
 
 /// Dictionary 0: raw content, events of the common kinds as agents send them.
 const BUILTIN: &str = concat!(
@@ -87,8 +96,8 @@ impl From<BodyError> for DbError {
 pub struct Codec {
     current: RwLock<(u32, Arc<Vec<u8>>)>,
     known: RwLock<HashMap<u32, Arc<Vec<u8>>>>,
-    /// Samples being gathered for training (`None`: not training).
-    samples: Mutex<Option<Vec<Vec<u8>>>>,
+    /// Samples being gathered for training (`None`: not training), and events seen meanwhile.
+    samples: Mutex<Option<(Vec<Vec<u8>>, u64)>>,
 }
 
 impl std::fmt::Debug for Codec {
@@ -130,7 +139,7 @@ impl Codec {
             None => true,
         };
         if train {
-            *codec.samples.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+            *codec.samples.lock().unwrap_or_else(|p| p.into_inner()) = Some((Vec::new(), 0));
         }
         Ok(codec)
     }
@@ -159,7 +168,9 @@ impl Codec {
             let mut c = c.borrow_mut();
             let fresh = !matches!(&c.enc, Some((d, _)) if Arc::ptr_eq(d, &dict));
             if fresh {
-                let enc = zstd::bulk::Compressor::with_dictionary(LEVEL, &dict)
+                let mut enc = zstd::bulk::Compressor::with_dictionary(LEVEL, &dict)
+                    .map_err(|e| format!("compressor: {e}"))?;
+                enc.set_parameter(zstd::zstd_safe::CParameter::DictIdFlag(false))
                     .map_err(|e| format!("compressor: {e}"))?;
                 c.enc = Some((dict.clone(), enc));
             }
@@ -169,10 +180,22 @@ impl Codec {
             let frame = enc
                 .compress(json)
                 .map_err(|e| format!("compressing: {e}"))?;
-            let mut out = Vec::with_capacity(frame.len() + 5);
+            let Some(frame) = frame.strip_prefix(&MAGIC) else {
+                return Err("compressing: not a zstd frame".into());
+            };
+            let mut out = Vec::with_capacity(frame.len() + 6);
             out.push(TAG);
-            out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&frame);
+            let mut v = id;
+            loop {
+                let b = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    out.push(b);
+                    break;
+                }
+                out.push(b | 0x80);
+            }
+            out.extend_from_slice(frame);
             Ok(out)
         })
     }
@@ -182,10 +205,28 @@ impl Codec {
     pub fn decode(&self, c: &Conn, body: &[u8]) -> Result<Vec<u8>, BodyError> {
         match body.first() {
             Some(b'{') => return Ok(body.to_vec()),
-            Some(&TAG) if body.len() >= 5 => {}
+            Some(&TAG) => {}
             _ => return Err(BodyError::Bad("unknown format".into())),
         }
-        let id = u32::from_le_bytes([body[1], body[2], body[3], body[4]]);
+        let (mut id, mut at) = (0u32, 1usize);
+        loop {
+            if at > 5 {
+                return Err(BodyError::Bad("dictionary id too long".into()));
+            }
+            let Some(&b) = body.get(at) else {
+                return Err(BodyError::Bad("truncated".into()));
+            };
+            id |= u32::from(b & 0x7f)
+                .checked_shl(7 * (at as u32 - 1))
+                .unwrap_or(0);
+            at += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut frame = Vec::with_capacity(body.len() - at + 4);
+        frame.extend_from_slice(&MAGIC);
+        frame.extend_from_slice(&body[at..]);
         let dict = self.dict(c, id)?;
         CODERS.with(|cell| {
             let mut coders = cell.borrow_mut();
@@ -203,8 +244,7 @@ impl Codec {
                     coders.dec.len() - 1
                 }
             };
-            let frame = &body[5..];
-            let size = zstd::zstd_safe::get_frame_content_size(frame)
+            let size = zstd::zstd_safe::get_frame_content_size(&frame)
                 .ok()
                 .flatten()
                 .ok_or_else(|| BodyError::Bad("frame without a content size".into()))?;
@@ -215,7 +255,7 @@ impl Codec {
             }
             coders.dec[at]
                 .1
-                .decompress(frame, size as usize)
+                .decompress(&frame, size as usize)
                 .map_err(|e| BodyError::Bad(format!("decompressing: {e}")))
         })
     }
@@ -245,18 +285,19 @@ impl Codec {
         Ok(dict)
     }
 
-    /// Keeps `json` as a training sample while gathering; returns the samples once there are
-    /// enough (then gathering stops).
+    /// Keeps `json` as a training sample while gathering (one event in [`SAMPLE_EVERY`]);
+    /// returns the samples once there are enough (then gathering stops).
     pub fn offer(&self, json: &[u8]) -> Option<Vec<Vec<u8>>> {
         let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        let list = s.as_mut()?;
-        if json.len() <= SAMPLE_MAX {
+        let (list, seen) = s.as_mut()?;
+        *seen += 1;
+        if json.len() <= SAMPLE_MAX && seen.is_multiple_of(SAMPLE_EVERY) {
             list.push(json.to_vec());
         }
         if list.len() < TRAIN_SAMPLES {
             return None;
         }
-        s.take()
+        s.take().map(|(list, _)| list)
     }
 
     /// Trains a dictionary on `samples`, stores it through `c` and writes with it from then on.
@@ -294,6 +335,11 @@ mod tests {
             json.len()
         );
         assert_eq!(codec.decode(&c, &body).unwrap(), json);
+        // A dictionary id of several bytes.
+        codec.adopt(300, Arc::new(BUILTIN.as_bytes().to_vec()));
+        let body = codec.encode(json).unwrap();
+        assert_eq!(&body[..3], &[TAG, 0xac, 0x02]);
+        assert_eq!(codec.decode(&c, &body).unwrap(), json);
         // Stored JSON from before compression reads as it is.
         assert_eq!(codec.decode(&c, json).unwrap(), json);
     }
@@ -308,12 +354,15 @@ mod tests {
         for body in [
             &b""[..],
             b"x",
-            b"\x01\x00\x00",
-            b"\x01\x00\x00\x00\x00garbage",
+            b"\x01",
+            b"\x01\x80",
+            b"\x01\x00garbage",
+            b"\x01\xff\xff\xff\xff\xff\x01",
         ] {
             assert!(codec.decode(&c, body).is_err(), "{body:?}");
         }
         let mut other = codec.encode(b"{}").unwrap();
+        assert_eq!(other[1], 0, "dictionary 0 in one byte");
         other[1] = 9;
         assert!(matches!(
             codec.decode(&c, &other),

@@ -8,37 +8,40 @@
 //! write; a small pool of reader connections serves queries concurrently with ingestion (WAL
 //! readers never block the writer nor each other).
 //!
-//! Events keep their JSON whole (`json`) plus the columns the filters need. The table's rowid
-//! (`seq`) orders events that share a millisecond: every secondary index entry carries the rowid,
-//! so an index on `(user, time)` already yields rows in `(time, seq)` order, and keyset pagination
-//! by `(time, seq)` needs neither a sort nor extra index columns.
+//! Events are stored compact (`0002_compact_events`), about 340 bytes each with their indexes
+//! in `sluice-collector-bench` where the JSON alone is 845:
+//! - the whole event, as sent, is the `body`: its JSON compressed with zstd and a dictionary
+//!   trained on the store's own events ([`codec`]);
+//! - the filter columns of few distinct values (user, groups, app, activity, action, policy,
+//!   device, host name, addresses, process, labels) are ids into `terms` ([`terms`]); URL, file
+//!   names and message, nearly unique per event, are text;
+//! - the key is `(time, idh)`, `idh` the first 8 bytes of the id's SHA-256 ([`id_hash`]);
+//!   events of the same millisecond are ordered by it, and keyset pagination goes by
+//!   `(time, idh)`. The lists and the API read everything else from the body.
 //!
-//! Ingestion is idempotent by `UNIQUE (time, id)` (`INSERT OR IGNORE`), not by a unique index on
+//! Ingestion is idempotent by `UNIQUE (time, idh)` (`INSERT OR IGNORE`), not by a unique index on
 //! the id alone: a duplicate is a re-sent event, byte for byte, so its time is the same, and an
 //! index led by time takes a batch's inserts in a handful of adjacent pages, where an index of
-//! random ids dirties one page per event, each copied whole into the WAL. Measured on this
-//! machine's 2 cores: 29,000 events/s with the id index, well above 50,000 with `(time, id)`
-//! (which doubles as the time index). The price is the lookup by id alone, a scan of that
-//! covering index (about a second at 10 M events); with the event's time ([`Store::get_event_at`])
-//! it is a single probe.
+//! random ids dirties one page per event, each copied whole into the WAL. The price is the
+//! lookup by id alone, a scan of that covering index; with the event's time
+//! ([`Store::get_event_at`]) it is a single probe. Both compare the id itself after the hash.
 //!
-//! The query planner works from statistics that the first migration writes into
-//! `sqlite_stat1` instead of measuring them with `ANALYZE`: they state what holds for activity
-//! logs whatever their size (a user or a device is selective, an action or an app is not). A
+//! SQLite's indexes: `(time, idh)`, `(user_t, time, action_t)`, `(device_t, time)`,
+//! `(action_t, time)`: a user's, a device's and an action's events come newest first straight
+//! from an index (the rowid every entry carries breaks ties cheaply); app and the other columns
+//! filter inside the time range. The query planner works from statistics that the migration
+//! writes into `sqlite_stat1` instead of measuring them with `ANALYZE`: they state what holds for
+//! activity logs whatever their size (a user or a device is selective, an action is not). A
 //! sampled `ANALYZE` on 10 M events measured every index alike and made the planner pick
 //! `(action, time)` for user + action queries (1.3 s instead of milliseconds), and a full one
-//! takes minutes. `action` trails the `(user, time)` index so that the usual user + action +
-//! time query filters in the index and reads only the rows it returns.
+//! takes minutes.
 //!
-//! Free text is matched with `LIKE` over the text columns inside the time window the rest of the
-//! query selects, not with FTS5: an external-content FTS5 index over the same text, filled in
-//! the same transaction, cut the ingestion rate by about a quarter in a measurement on this
-//! machine (SQLite through Python, 300,000 events in batches of 1,000: 53,700 events/s without,
-//! 39,800 with), which would take ingestion below its 50,000 events/s target, while free text is
-//! the rarest filter and is almost always combined with a time range (`sluice-collector-bench`
-//! reports its latency over a 24-hour window). Multi-valued fields (`groups`,
-//! `file_names`, `labels`) are stored as `|a|b|` so a whole value can be matched with
-//! `LIKE '%|a|%'`.
+//! Free text is matched with `LIKE` over URL, file names, message and the users' terms inside
+//! the time window the rest of the query selects, not with FTS5: an external-content FTS5 index
+//! over the same text, filled in the same transaction, cut the ingestion rate by about a quarter
+//! in a measurement on this machine, while free text is the rarest filter and is almost always
+//! combined with a time range. Multi-valued fields (`groups`, `file_names`, `labels`) are stored
+//! as `|a|b|` so a whole value can be matched with `LIKE '%|a|%'`.
 //!
 //! Secrets (enrollment tokens, agent credentials, API tokens) are stored as SHA-256 only.
 
@@ -142,12 +145,10 @@ CREATE UNIQUE INDEX events_time_idh ON events(time, idh);
 CREATE INDEX events_user ON events(user_t, time, action_t);
 CREATE INDEX events_device ON events(device_t, time);
 CREATE INDEX events_action ON events(action_t, time);
-CREATE INDEX events_app ON events(app_t, time);
 INSERT INTO sqlite_stat1(tbl, idx, stat) VALUES
   ('events', 'events_time_idh', '1000000 2 1'),
   ('events', 'events_user', '1000000 500 2 1'),
   ('events', 'events_device', '1000000 2000 2'),
-  ('events', 'events_app', '1000000 100000 2'),
   ('events', 'events_action', '1000000 250000 2');
 ";
 
@@ -261,7 +262,7 @@ const PARALLEL_PARSE: usize = 256;
 const READERS: usize = 4;
 
 /// The columns every event query returns, in [`EventRow`] order.
-const ROW_COLUMNS: &str = "seq, body";
+const ROW_COLUMNS: &str = "idh, body";
 
 /// The store. Cheap to share behind an `Arc`; every method is blocking (call it from
 /// `spawn_blocking` in async code).
@@ -839,8 +840,9 @@ fn store_rows(
 /// One stored event: the columns the lists show, and its JSON.
 #[derive(Debug, Clone, Serialize)]
 pub struct EventRow {
-    /// Store sequence (rowid): the pagination tie-breaker.
-    pub seq: i64,
+    /// The id's 64-bit hash ([`id_hash`]): with the time, the event's key in the store and
+    /// the order of events of the same millisecond.
+    pub key: i64,
     /// Event id.
     pub id: String,
     /// Unix ms.
@@ -879,17 +881,17 @@ pub struct EventRow {
     pub json: String,
 }
 
-/// The stored event `(seq, body)` of `r` as a row of results (its columns derived from its JSON
+/// The stored event `(idh, body)` of `r` as a row of results (its columns derived from its JSON
 /// as at ingestion).
 fn event_row(c: &Conn, codec: &codec::Codec, r: &crate::db::Row) -> Result<EventRow, DbError> {
-    let seq: i64 = r.get(0)?;
+    let key: i64 = r.get(0)?;
     let body: Vec<u8> = r.get(1)?;
     let json = codec.decode(c, &body)?;
     let e: Event = serde_json::from_slice(&json)
-        .map_err(|e| DbError::Invalid(format!("stored event {seq}: {e}")))?;
+        .map_err(|e| DbError::Invalid(format!("stored event {key}: {e}")))?;
     let row = row_of(&e, json).map_err(DbError::Invalid)?;
     Ok(EventRow {
-        seq,
+        key,
         id: row.id,
         time: row.time,
         class_uid: row.class_uid,
@@ -911,29 +913,29 @@ fn event_row(c: &Conn, codec: &codec::Codec, r: &crate::db::Row) -> Result<Event
     })
 }
 
-/// A keyset pagination cursor: the last row of a page, `time.seq` as text.
+/// A keyset pagination cursor: the last row of a page, `time.key` as text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     /// Time of the last row.
     pub time: i64,
-    /// Sequence of the last row.
-    pub seq: i64,
+    /// Key of the last row ([`EventRow::key`]).
+    pub key: i64,
 }
 
 impl Cursor {
-    /// Parses `time.seq`.
+    /// Parses `time.key`.
     pub fn parse(text: &str) -> Option<Self> {
-        let (t, s) = text.split_once('.')?;
+        let (t, k) = text.split_once('.')?;
         Some(Self {
             time: t.parse().ok()?,
-            seq: s.parse().ok()?,
+            key: k.parse().ok()?,
         })
     }
 }
 
 impl std::fmt::Display for Cursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.time, self.seq)
+        write!(f, "{}.{}", self.time, self.key)
     }
 }
 
@@ -1263,7 +1265,11 @@ impl Store {
         opts: IngestOptions<'_>,
     ) -> Result<IngestOutcome, StoreError> {
         let (rows, mut out) = parse_body(body, opts.agent, &self.enc.codec);
-        let samples = rows.iter().find_map(|(r, _)| self.enc.codec.offer(&r.json));
+        let samples = rows
+            .iter()
+            .map(|(r, _)| self.enc.codec.offer(&r.json))
+            .find(Option::is_some)
+            .flatten();
         self.store_parsed(rows, opts, &mut out)?;
         if let Some(samples) = samples {
             match self.with_conn(|c| self.enc.codec.train(c, &samples, now_ms())) {
@@ -1911,9 +1917,9 @@ fn search_on(
     let keyset = match before {
         Some(cur) => {
             params.push(cur.time.into());
-            params.push(cur.seq.into());
+            params.push(cur.key.into());
             format!(
-                " AND time <= ?{a} AND (time < ?{a} OR seq < ?{b})",
+                " AND time <= ?{a} AND (time < ?{a} OR idh < ?{b})",
                 a = n + 1,
                 b = n + 2
             )
@@ -1922,7 +1928,7 @@ fn search_on(
     };
     params.push(i64::from(limit).into());
     let sql = format!(
-        "SELECT {ROW_COLUMNS} FROM events WHERE ({}){keyset} ORDER BY time DESC, seq DESC \
+        "SELECT {ROW_COLUMNS} FROM events WHERE ({}){keyset} ORDER BY time DESC, idh DESC \
          LIMIT ?{}",
         q.sql,
         params.len()
@@ -1933,7 +1939,7 @@ fn search_on(
     let next = if events.len() as u32 == limit {
         events.last().map(|e| Cursor {
             time: e.time,
-            seq: e.seq,
+            key: e.key,
         })
     } else {
         None
