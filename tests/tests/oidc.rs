@@ -8,7 +8,8 @@
 //! wrong (wrong audience, bad signature, wrong nonce, expired, wrong issuer, unverified e-mail,
 //! `alg: none`) ends in a refusal page and no session, while the provider did issue the token;
 //! and a confidential client authenticates with its secret, where a wrong secret starts no
-//! session. Needs the workspace binaries (`cargo build --bins`), Chromium and certutil (`cargo
+//! session. The first runs on SQLite and on PostgreSQL (a cluster of the test's own: sign-in
+//! flows and sessions live in the store). Needs the workspace binaries (`cargo build --bins`), Chromium and certutil (`cargo
 //! xtask setup`), not root.
 
 #![allow(clippy::unwrap_used)]
@@ -19,11 +20,15 @@ use std::{
     process::{Command, Stdio},
 };
 
+use sluice_collector::store::cluster::LocalCluster;
 use sluice_e2e::{
     TempDir,
     browser::Cdp,
     idp::{DEMO_PASSWORD, Idp, IdpUser, Misbehave},
-    portal::{Collector, SESSION_COOKIE, browser, session, sign_in, start_collector, wait_at},
+    portal::{
+        Collector, SESSION_COOKIE, browser, session, sign_in, start_collector,
+        start_collector_with, wait_at,
+    },
 };
 
 /// The status of `GET url` with `cookie` (curl, trusting the collector's CA).
@@ -83,10 +88,28 @@ fn shot(cdp: &mut Cdp, name: &str) {
 }
 
 #[test]
-fn organisation_sign_in_in_a_real_browser() {
-    let dir = TempDir::new("oidc-e2e");
+fn organisation_sign_in_in_a_real_browser_on_sqlite() {
+    organisation_sign_in_in_a_real_browser(false);
+}
+
+#[test]
+fn organisation_sign_in_in_a_real_browser_on_postgresql() {
+    organisation_sign_in_in_a_real_browser(true);
+}
+
+fn organisation_sign_in_in_a_real_browser(postgres: bool) {
+    let dir = TempDir::new(if postgres { "oidc-e2e-pg" } else { "oidc-e2e" });
+    let pg = postgres.then(|| {
+        let pg = LocalCluster::start(&dir.0.join("pg"), 5432, &[("fsync", "off")]).unwrap();
+        pg.create_database("sluice").unwrap();
+        pg
+    });
+    let store = pg
+        .as_ref()
+        .map(|p| format!("[store]\npostgres = {:?}\n", p.conninfo("sluice")))
+        .unwrap_or_default();
     let idp = Idp::start(&dir.join("idp"), IdpUser::demo_users()).unwrap();
-    let c = start_collector(&dir, &idp, "sluice-portal", None).unwrap();
+    let c = start_collector_with(&dir, &idp, "sluice-portal", None, &store).unwrap();
     let mut cdp = browser(&dir, &c, &idp).unwrap();
 
     // The sign-in page offers the organisation's sign-in.

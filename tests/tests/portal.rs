@@ -2,7 +2,8 @@
 //! through the agent API (enrollment, gzip JSON Lines batch), then a person's session: sign in,
 //! filter by user and action, open an event, export CSV, save a query, see a bad query's error,
 //! devices and bundles, sign out; a screenshot of the filtered log is taken and checked together
-//! with the table's rows at that moment. Needs the workspace binaries (`cargo build --bins`),
+//! with the table's rows at that moment. Once on SQLite, once on PostgreSQL (a cluster of the
+//! test's own from Debian's packages). Needs the workspace binaries (`cargo build --bins`),
 //! Chromium and certutil (`cargo xtask setup`), not root.
 
 #![allow(clippy::unwrap_used)]
@@ -17,6 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
+use sluice_collector::store::cluster::LocalCluster;
 use sluice_e2e::{
     TempDir, bin,
     browser::{Browser, Cdp, png_size},
@@ -50,17 +52,18 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `init` (returns the admin password) and `run` in `dir`.
-fn start_collector(dir: &Path) -> Result<(Collector, String)> {
+/// `init` (returns the admin password) and `run` in `dir`, on PostgreSQL `postgres` when given.
+fn start_collector(dir: &Path, postgres: Option<&str>) -> Result<(Collector, String)> {
     let state = dir.join("state");
     let cfg = dir.join("collector.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n",
-            state.display()
-        ),
-    )?;
+    let mut text = format!(
+        "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n",
+        state.display()
+    );
+    if let Some(conninfo) = postgres {
+        text.push_str(&format!("[store]\npostgres = {conninfo:?}\n"));
+    }
+    fs::write(&cfg, text)?;
     let out = run(Command::new(bin("sluice-collector"))
         .args(["init", "--config"])
         .arg(&cfg))?;
@@ -291,9 +294,28 @@ fn table_rows(cdp: &mut Cdp) -> Vec<Vec<String>> {
 }
 
 #[test]
-fn portal_in_a_real_browser() {
-    let dir = TempDir::new("portal-e2e");
-    let (c, password) = start_collector(&dir).unwrap();
+fn portal_in_a_real_browser_on_sqlite() {
+    portal_in_a_real_browser(false);
+}
+
+#[test]
+fn portal_in_a_real_browser_on_postgresql() {
+    portal_in_a_real_browser(true);
+}
+
+fn portal_in_a_real_browser(postgres: bool) {
+    let dir = TempDir::new(if postgres {
+        "portal-e2e-pg"
+    } else {
+        "portal-e2e"
+    });
+    let pg = postgres.then(|| {
+        let pg = LocalCluster::start(&dir.0.join("pg"), 5432, &[("fsync", "off")]).unwrap();
+        pg.create_database("sluice").unwrap();
+        pg
+    });
+    let conninfo = pg.as_ref().map(|p| p.conninfo("sluice"));
+    let (c, password) = start_collector(&dir, conninfo.as_deref()).unwrap();
     let (agent, events) = ingest(&c, &dir).unwrap();
 
     let mut b = Browser::new(&dir.join("profile"), Some(&c.ca)).unwrap();
