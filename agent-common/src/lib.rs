@@ -32,6 +32,28 @@ pub const MAP_ORIGINS: &str = "SLUICE_ORIGINS";
 /// Name of the ring buffer of DNS answers ([`DnsAnswer`]) received by steered processes.
 pub const MAP_DNS: &str = "SLUICE_DNS";
 
+/// Name of the kernel splice's socket map (`SockHash<u64 socket cookie>`): both sockets of every
+/// connection joined in the kernel.
+pub const MAP_SPLICE: &str = "SLUICE_SPLICE";
+/// Name of the kernel splice's pairs (`HashMap<u64 socket cookie, SplicePeer>`).
+pub const MAP_SPLICE_PEERS: &str = "SLUICE_SPLICE_PEERS";
+/// Name of the stream verdict program that joins two sockets.
+pub const PROGRAM_SPLICE: &str = "sluice_splice";
+/// Most sockets joined at once (half as many connections); beyond, the proxy copies in user
+/// space.
+pub const MAX_SPLICED_SOCKETS: u32 = 65536;
+
+/// One side of a connection joined in the kernel: where what arrives on this socket goes, and
+/// how many bytes went.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SplicePeer {
+    /// Socket cookie of the other side.
+    pub peer: u64,
+    /// Bytes received on this socket and sent on to the other side.
+    pub bytes: u64,
+}
+
 /// Most bytes of a DNS message copied for user space (a classic UDP answer's size; longer ones
 /// are cut and what follows the cut is not read).
 pub const DNS_MAX: usize = 512;

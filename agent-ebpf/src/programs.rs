@@ -11,14 +11,14 @@ use aya_ebpf::{
             bpf_ktime_get_ns, bpf_skb_load_bytes,
         },
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops, stream_verdict},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use sluice_common::{
     COUNTER_COUNT, DNS_MAX, DNS_RING_BYTES, DnsAnswer, FAIL_CLOSED, MAX_EXEMPT_CGROUPS,
-    MAX_ORIGINS, MAX_STEER_PREFIXES, Origin, PeerKey, PortSet, SteerConfig, V4_MAPPED_WORD,
-    counter, v4_mapped,
+    MAX_ORIGINS, MAX_SPLICED_SOCKETS, MAX_STEER_PREFIXES, Origin, PeerKey, PortSet, SplicePeer,
+    SteerConfig, V4_MAPPED_WORD, counter, v4_mapped,
 };
 
 const AF_INET: u16 = 2;
@@ -55,6 +55,10 @@ static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_EXEMPT_C
 static PENDING: LruHashMap<u64, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
 #[map(name = "SLUICE_ORIGINS")]
 static ORIGINS: LruHashMap<PeerKey, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
+#[map(name = "SLUICE_SPLICE")]
+static SPLICE: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+#[map(name = "SLUICE_SPLICE_PEERS")]
+static SPLICE_PEERS: HashMap<u64, SplicePeer> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
 #[map(name = "SLUICE_DNS")]
 static DNS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
 
@@ -374,6 +378,33 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         count(counter::REKEYED);
     }
     0
+}
+
+/// The kernel splice: what arrives on a socket the proxy joined to another goes out on the other
+/// (`bpf_sk_redirect_hash`), counted, without entering user space. A socket without a pair keeps
+/// its data (`SK_PASS`); a pair whose other side is gone drops it.
+#[stream_verdict]
+pub fn sluice_splice(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the context pointer is the program's own.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(pair) = SPLICE_PEERS.get_ptr_mut(&cookie) else {
+        return aya_ebpf::bindings::sk_action::SK_PASS;
+    };
+    let len = u64::from(ctx.len());
+    if len == 0 {
+        // A FIN alone: TCP has taken it already; sent on, it would be a send of nothing, which
+        // the kernel reports as a broken pipe on the other socket.
+        return aya_ebpf::bindings::sk_action::SK_DROP;
+    }
+    // SAFETY: `pair` points into the map's value, valid for this program run. One writer per
+    // entry: a socket's verdicts run one at a time (under the socket's lock, from its data-ready
+    // hook), and each direction counts on its own socket's entry.
+    let mut peer = unsafe {
+        let bytes = &raw mut (*pair).bytes;
+        core::ptr::write_volatile(bytes, core::ptr::read_volatile(bytes) + len);
+        (*pair).peer
+    };
+    SPLICE.redirect_skb(&ctx, &mut peer, 0) as u32
 }
 
 /// DNS answers delivered to steered processes go to user space, which learns the addresses of

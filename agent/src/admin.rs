@@ -197,6 +197,12 @@ impl AdminState {
             p.spliced,
         );
         metric(
+            "sluice_proxy_spliced_kernel_total",
+            "counter",
+            "Spliced connections joined in the kernel (their bytes never entered the proxy).",
+            p.spliced_kernel,
+        );
+        metric(
             "sluice_proxy_refused_total",
             "counter",
             "Connections refused because they could not be inspected where they had to be.",

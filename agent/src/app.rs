@@ -122,6 +122,29 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let admin = std::net::TcpListener::bind(config.admin.listen)
         .with_context(|| format!("binding the admin endpoint on {}", config.admin.listen))?;
     sockets.push((std::os::fd::OwnedFd::from(admin), Passed::Admin));
+    // The kernel splice: its maps go to the proxy with the sockets; the program stays loaded
+    // while this part runs.
+    let _kernel_splice = if config.proxy.kernel_splice {
+        match steer::splice::KernelSplice::load().and_then(|k| {
+            let fds = k
+                .fds()
+                .map_err(|e| steer::SteerError::Load(e.to_string()))?;
+            Ok((k, fds))
+        }) {
+            Ok((k, (socks, peers))) => {
+                sockets.push((socks, Passed::SpliceSockets));
+                sockets.push((peers, Passed::SplicePeers));
+                tracing::info!("spliced connections are joined in the kernel");
+                Some(k)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the kernel splice is not available: spliced connections are copied by the proxy");
+                None
+            }
+        }
+    } else {
+        None
+    };
 
     let result = async {
         let privileged = Arc::new(
@@ -528,20 +551,27 @@ pub async fn run_proxy(
     let stats = Arc::new(ProxyStats::default());
     let mut passed: Vec<(std::os::fd::OwnedFd, Front)> = Vec::new();
     let mut admin = None;
+    let (mut splice_sockets, mut splice_peers) = (None, None);
     for (fd, p) in sockets.into_iter().zip(&welcome.sockets) {
         match p {
             Passed::Endpoint => passed.push((fd, Front::Endpoint)),
             Passed::Gateway => passed.push((fd, Front::Gateway)),
             Passed::Admin => admin = Some(std::net::TcpListener::from(fd)),
+            Passed::SpliceSockets => splice_sockets = Some(fd),
+            Passed::SplicePeers => splice_peers = Some(fd),
         }
     }
+    let kernel_splice = match (splice_sockets, splice_peers) {
+        (Some(s), Some(p)) => Some(Arc::new(crate::proxy::ksplice::Maps::new(s, p))),
+        _ => None,
+    };
     let admin = admin.context("the privileged part passed no admin listener")?;
     supervise(
         &config_path,
         &config,
         link,
         welcome,
-        (passed, admin),
+        (passed, admin, kernel_splice),
         sandbox,
         stats,
         shutdown,
@@ -555,7 +585,11 @@ async fn supervise(
     config: &Config,
     link: Arc<crate::privsep::client::Link>,
     welcome: crate::privsep::Welcome,
-    (passed, admin_listener): (Vec<(std::os::fd::OwnedFd, Front)>, std::net::TcpListener),
+    (passed, admin_listener, kernel_splice): (
+        Vec<(std::os::fd::OwnedFd, Front)>,
+        std::net::TcpListener,
+        Option<Arc<crate::proxy::ksplice::Maps>>,
+    ),
     sandbox: crate::privsep::sandbox::Entered,
     stats: Arc<ProxyStats>,
     shutdown: CancellationToken,
@@ -676,6 +710,7 @@ async fn supervise(
     let mut shared = build_proxy(config, link.clone(), signer, stats.clone(), hooks, reporter)?;
     shared.lan = lan.clone();
     shared.probe_token = Some(welcome.probe_token.as_bytes().to_vec());
+    shared.kernel_splice = kernel_splice;
     let shared = Arc::new(shared);
     let proxy_shared = Some(shared.clone());
     if welcome.steering {

@@ -792,6 +792,11 @@ pub struct ProxySettings {
     /// A connection with no traffic either way for this long is closed, in seconds.
     #[serde(default = "default_idle_timeout_s")]
     pub idle_timeout_s: u64,
+    /// Join the two sockets of a spliced connection in the kernel (a socket map and a stream
+    /// verdict program), so its bytes never enter the proxy. Where the kernel cannot (or with
+    /// `false`), the proxy copies them.
+    #[serde(default = "default_true")]
+    pub kernel_splice: bool,
     /// A client that sends nothing for this long (milliseconds) is taken to speak a
     /// server-speaks-first protocol and is spliced.
     #[serde(default = "default_client_first_timeout_ms")]
@@ -923,6 +928,7 @@ impl Default for ProxySettings {
             max_connections: default_max_connections(),
             connect_timeout_ms: default_connect_timeout_ms(),
             idle_timeout_s: default_idle_timeout_s(),
+            kernel_splice: true,
             client_first_timeout_ms: default_client_first_timeout_ms(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
             response_timeout_ms: default_response_timeout_ms(),

@@ -290,6 +290,10 @@ pub struct Sluice {
     /// Notes for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A spliced connection's path: `kernel` (its sockets joined in the kernel, its bytes never
+    /// in the proxy) or `user` (copied by the proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub splice: Option<String>,
 }
 
 /// A file `protect` encrypted: what its release is bound to, and its passwords sealed to the

@@ -487,6 +487,111 @@ fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
     drop(agent);
 }
 
+/// Accepts one connection on `addr`, reads it to its end (the client's FIN), then sends `down`
+/// bytes of the test pattern and closes. Yields what it read: (bytes, SHA-256).
+fn transfer_server(
+    addr: &str,
+    down: u64,
+) -> (std::net::SocketAddr, thread::JoinHandle<(u64, String)>) {
+    use sha2::Digest as _;
+    use std::io::{Read as _, Write as _};
+    let l = std::net::TcpListener::bind(addr).expect("bind");
+    let at = l.local_addr().expect("addr");
+    let h = thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let (mut n, mut h, mut buf) = (0u64, sha2::Sha256::new(), vec![0u8; 256 * 1024]);
+        loop {
+            let k = s.read(&mut buf).expect("read");
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            n += k as u64;
+        }
+        let mut off = 0u64;
+        while off < down {
+            let len = ((down - off) as usize).min(buf.len());
+            sluice_e2e::pattern(off, &mut buf[..len]);
+            s.write_all(&buf[..len]).expect("write");
+            off += len as u64;
+        }
+        (n, sluice_e2e::hex(&h.finalize()))
+    });
+    (at, h)
+}
+
+/// A steered connection to a destination that is not an app (not TLS: spliced) has its two
+/// sockets joined in the kernel: 48 MiB up while the join is made (the client sends without
+/// waiting) and 96 MiB down arrive whole and in order, each side's end (FIN) reaches the other
+/// only after all its bytes (the origin answers only once it has read to the end, the client
+/// reads to the end), and the agent counts the connection as joined in the kernel with exactly
+/// the bytes that went. With `kernel_splice = false` the same goes through the proxy's copy.
+#[test]
+#[ignore = "needs root"]
+fn spliced_connections_are_joined_in_the_kernel_and_lose_nothing() {
+    require_root();
+    const UP: u64 = 48 << 20;
+    const DOWN: u64 = 96 << 20;
+    for kernel in [false, true] {
+        let (addr, server) = transfer_server("127.0.0.6:0", DOWN);
+        let cg = TestCgroup::new(if kernel { "ksplice" } else { "usplice" });
+        let include = format!("{{ cidr = \"127.0.0.6/32\", ports = [{}] }}", addr.port());
+        let tmp = sluice_e2e::TempDir::new(if kernel { "e2e-ksplice" } else { "e2e-usplice" });
+        let mut cfg = agent_config(&cg, &tmp.join("state"), &include, 0x51ce);
+        if !kernel {
+            cfg = cfg.replace(
+                "[proxy]\nport = 0",
+                "[proxy]\nport = 0\nkernel_splice = false",
+            );
+        }
+        let agent = Agent::launch(&cfg, &tmp).expect("agent starts");
+        let line = probe(
+            &InCgroup::at(&cg.dir),
+            &["transfer", &addr.to_string(), &UP.to_string()],
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "kernel={kernel}: {e}; agent log:\n{}",
+                std::fs::read_to_string(&agent.log).unwrap_or_default()
+            )
+        });
+        let (got, sha) = match server.join() {
+            Ok(v) => v,
+            Err(_) => panic!(
+                "kernel={kernel}: the origin failed; probe: {line}; agent log:\n{}",
+                std::fs::read_to_string(&agent.log).unwrap_or_default()
+            ),
+        };
+        assert_eq!(got, UP, "kernel={kernel}");
+        assert_eq!(sha, sluice_e2e::pattern_sha256(UP), "kernel={kernel}");
+        assert_eq!(
+            line,
+            format!(
+                "received {DOWN} sha256 {}",
+                sluice_e2e::pattern_sha256(DOWN)
+            ),
+            "kernel={kernel}"
+        );
+        // The record is written when the splice ends, just after the client saw its end.
+        let mut st = agent.status().expect("status");
+        wait_until(Duration::from_secs(10), || {
+            st = agent.status().expect("status");
+            st["proxy"]["bytes_down"] == DOWN
+        });
+        assert_eq!(st["proxy"]["spliced"], 1, "{st}");
+        assert_eq!(
+            st["proxy"]["spliced_kernel"],
+            u64::from(kernel),
+            "kernel={kernel}: {st}"
+        );
+        assert_eq!(st["proxy"]["bytes_up"], UP, "{st}");
+        assert_eq!(st["proxy"]["bytes_down"], DOWN, "{st}");
+        drop(agent);
+    }
+}
+
 #[test]
 #[ignore = "needs root"]
 fn a_clean_stop_detaches_everything() {

@@ -86,6 +86,10 @@ pub enum Passed {
     Gateway,
     /// The admin endpoints' listener (`admin.listen`).
     Admin,
+    /// The kernel splice's socket map.
+    SpliceSockets,
+    /// The kernel splice's pairs map.
+    SplicePeers,
 }
 
 /// Sends `fds` with one marker byte (`SCM_RIGHTS`).

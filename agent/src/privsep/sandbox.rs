@@ -8,7 +8,8 @@
 //! - **seccomp**: an allow-list of the system calls a Tokio, hyper and rustls server uses
 //!   ([`allowed`]); `socket` only for Unix, IPv4, IPv6 and netlink, `clone` only for threads (no
 //!   namespace flags), `ioctl` only for a few file-descriptor and terminal requests, `prctl` only
-//!   for thread names. Anything else (`execve`, `ptrace`, `bpf`, `mount`, `setuid`, `unshare`,
+//!   for thread names, `bpf` only for element operations on maps passed to it. Anything else
+//!   (`execve`, `ptrace`, loading BPF programs or making maps, `mount`, `setuid`, `unshare`,
 //!   `keyctl`, `process_vm_*`, `io_uring_*`, ...) fails with `ENOSYS`, as on a kernel without it:
 //!   a failure the code handles, where a kill would turn a missed call into an outage.
 
@@ -300,11 +301,25 @@ pub fn allowed() -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
             libc::FIOCLEX,
             libc::FIONCLEX,
             libc::FIONREAD,
+            libc::TIOCOUTQ,
             libc::TCGETS,
             libc::TIOCGWINSZ,
         ]
         .iter()
         .map(|&r| rule(vec![cond(1, Op::Eq, r)?]))
+        .collect::<Result<_, _>>()?,
+    );
+    // bpf(cmd, ...): looking up, updating and deleting elements of maps whose descriptors the
+    // privileged part passed (the kernel splice's); no program or map is made or loaded.
+    m.insert(
+        libc::SYS_bpf,
+        [
+            crate::proxy::ksplice::BPF_MAP_LOOKUP_ELEM,
+            crate::proxy::ksplice::BPF_MAP_UPDATE_ELEM,
+            crate::proxy::ksplice::BPF_MAP_DELETE_ELEM,
+        ]
+        .iter()
+        .map(|&c| rule(vec![cond(0, Op::Eq, c)?]))
         .collect::<Result<_, _>>()?,
     );
     // prctl(option, ...): thread names only.
@@ -329,7 +344,6 @@ mod tests {
             libc::SYS_execve,
             libc::SYS_execveat,
             libc::SYS_ptrace,
-            libc::SYS_bpf,
             libc::SYS_mount,
             libc::SYS_setuid,
             libc::SYS_unshare,

@@ -55,6 +55,7 @@ pub mod catalog;
 pub mod cork;
 pub mod hooks;
 pub mod http;
+pub mod ksplice;
 pub mod lan;
 pub mod pages;
 pub mod peek;
@@ -127,6 +128,8 @@ pub struct ProxyStats {
     pub upstream_cert_failures: AtomicU64,
     /// Connections spliced to their destination.
     pub spliced: AtomicU64,
+    /// Of those, joined in the kernel (the bytes never entered the proxy).
+    pub spliced_kernel: AtomicU64,
     /// Connections intercepted (TLS terminated or plain HTTP handled).
     pub intercepted: AtomicU64,
     /// Connections rejected by `proxy.reject_hosts`.
@@ -182,6 +185,7 @@ pub struct ProxyStatsSnapshot {
     pub upstream_failed: u64,
     pub upstream_cert_failures: u64,
     pub spliced: u64,
+    pub spliced_kernel: u64,
     pub intercepted: u64,
     pub rejected: u64,
     pub refused: u64,
@@ -218,6 +222,7 @@ impl ProxyStats {
             upstream_failed: r(&self.upstream_failed),
             upstream_cert_failures: r(&self.upstream_cert_failures),
             spliced: r(&self.spliced),
+            spliced_kernel: r(&self.spliced_kernel),
             intercepted: r(&self.intercepted),
             rejected: r(&self.rejected),
             refused: r(&self.refused),
@@ -299,6 +304,9 @@ pub struct Shared {
     pub lan: Arc<lan::LanDevices>,
     /// What the privileged part's heartbeat probe sends first (none: no probe expected).
     pub probe_token: Option<Vec<u8>>,
+    /// The kernel splice's maps, when the privileged part could load it (else spliced
+    /// connections are copied in user space).
+    pub kernel_splice: Option<Arc<ksplice::Maps>>,
     own_pid: u32,
 }
 
@@ -345,6 +353,7 @@ impl Shared {
             user_slots,
             lan: Arc::default(),
             probe_token: None,
+            kernel_splice: None,
             own_pid: std::process::id(),
         }
     }
@@ -638,6 +647,7 @@ fn conn_record(
         reason,
         bytes_up: 0,
         bytes_down: 0,
+        splice: None,
     }
 }
 
@@ -1231,18 +1241,41 @@ async fn splice_conn(
         return;
     }
     stats.spliced.fetch_add(1, Ordering::Relaxed);
-    let (up, down) = splice::splice(
-        client,
-        upstream,
-        Duration::from_secs(shared.settings.idle_timeout_s),
-    )
-    .await;
-    let up = up + prefix.len() as u64;
+    let idle = Duration::from_secs(shared.settings.idle_timeout_s);
+    let mut path = "user";
+    let mut written = prefix.len() as u64;
+    let (mut client, mut upstream) = (Some(client), Some(upstream));
+    let mut moved = None;
+    if let Some(maps) = &shared.kernel_splice
+        && let (Some(c), Some(u)) = (client.take(), upstream.take())
+    {
+        match ksplice::splice(maps, c, u, prefix.len() as u64, idle).await {
+            Ok(m) => {
+                path = "kernel";
+                stats.spliced_kernel.fetch_add(1, Ordering::Relaxed);
+                moved = Some(m);
+            }
+            Err(n) => {
+                tracing::debug!(error = %n.why, "kernel splice refused; copying in user space");
+                written += n.written;
+                (client, upstream) = (Some(n.client), Some(n.upstream));
+            }
+        }
+    }
+    let (up, down) = match (moved, client, upstream) {
+        (Some(m), _, _) => m,
+        (None, Some(c), Some(u)) => {
+            let (up, down) = splice::splice(c, u, idle).await;
+            (up + written, down)
+        }
+        _ => return,
+    };
     stats.bytes_up.fetch_add(up, Ordering::Relaxed);
     stats.bytes_down.fetch_add(down, Ordering::Relaxed);
     let mut rec = conn_record(peer, Some(origin), sni, "spliced", reason.as_str().into());
     rec.bytes_up = up;
     rec.bytes_down = down;
+    rec.splice = Some(path);
     shared.reporter.connection(rec);
 }
 

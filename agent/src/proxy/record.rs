@@ -72,6 +72,9 @@ pub struct ConnectionRecord {
     pub bytes_up: u64,
     /// Bytes origin to client.
     pub bytes_down: u64,
+    /// How a spliced connection's bytes went: `kernel` (joined in the kernel, never entering
+    /// the proxy) or `user` (copied by the proxy).
+    pub splice: Option<&'static str>,
 }
 
 /// Where records go.
@@ -121,7 +124,7 @@ impl Reporter for LogReporter {
     fn connection(&self, r: ConnectionRecord) {
         tracing::info!(
             target: "sluice::record",
-            peer = %r.peer, sni = ?r.sni, action = %r.action, reason = %r.reason,
+            peer = %r.peer, sni = ?r.sni, action = %r.action, reason = %r.reason, splice = ?r.splice,
             pid = ?r.origin.as_ref().map(|o| o.tgid), "connection"
         );
     }

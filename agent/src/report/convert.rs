@@ -259,6 +259,7 @@ pub fn activity_event(
         dlp: ev.dlp.clone(),
         identity_error: ev.identity_error.clone(),
         detail: ev.detail.clone(),
+        splice: None,
     });
     e
 }
@@ -341,6 +342,7 @@ pub fn connection_event(rec: &ConnectionRecord, device: proto::Device) -> Event 
         decided_by: "connection".into(),
         incident: String::new(),
         detail: Some(truncate(rec.reason.clone(), MAX_MESSAGE)),
+        splice: rec.splice.map(str::to_owned),
         ..proto::Sluice::default()
     });
     e

@@ -24,6 +24,7 @@ pub mod gateway;
 pub mod pin;
 pub mod process;
 pub mod rules;
+pub mod splice;
 
 use std::{
     collections::HashMap as StdHashMap,

@@ -7,6 +7,8 @@
 //! - `sluice-probe udp ADDR roundtrip`: sends one datagram on a connected socket and waits up to
 //!   3 s; prints `reply`, `refused ERR` (an ICMP unreachable came back) or `timeout`.
 //! - `sluice-probe gen N`: writes N bytes of the test pattern to stdout.
+//! - `sluice-probe transfer ADDR UP`: sends UP bytes of the test pattern, shuts its sending side
+//!   down, reads to the end; prints `received N sha256 HEX`.
 //! - `sluice-probe wss ADDR NAME CA_PEM`: WebSocket over TLS to ADDR with SNI NAME, trusting CA_PEM;
 //!   sends a masked frame and prints `echo ok` when the same bytes come back.
 //! - `sluice-probe idle ADDR NAME CA_PEM h2|http/1.1`: completes a TLS handshake, then sends
@@ -62,6 +64,7 @@ fn run(args: &[String]) -> Result<(), String> {
         .ok_or("usage: sluice-probe tcp|udp ADDR ...")?;
     match args.first().map(String::as_str) {
         Some("tcp") => tcp(addr, args),
+        Some("transfer") => transfer(addr, args),
         Some("wss") => wss(addr, args),
         Some("idle") => idle(addr, args),
         Some("slowhello") => slow_hello(addr, args),
@@ -232,6 +235,46 @@ fn udp(addr: SocketAddr, mode: &str) -> Result<(), String> {
         Ok(_) => println!("sent"),
         Err(e) => println!("refused {}", e.raw_os_error().unwrap_or(0)),
     }
+    Ok(())
+}
+
+fn transfer(addr: SocketAddr, args: &[String]) -> Result<(), String> {
+    use sha2::Digest as _;
+    use std::io::{Read as _, Write as _};
+    let up: u64 = args
+        .get(2)
+        .and_then(|a| a.parse().ok())
+        .ok_or("usage: sluice-probe transfer ADDR UP")?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let sender = std::thread::spawn(move || -> Result<(), String> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut off = 0u64;
+        while off < up {
+            let len = ((up - off) as usize).min(buf.len());
+            sluice_e2e::pattern(off, &mut buf[..len]);
+            w.write_all(&buf[..len])
+                .map_err(|e| format!("sending: {e}"))?;
+            off += len as u64;
+        }
+        w.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))
+    });
+    let (mut n, mut h, mut buf) = (0u64, sha2::Sha256::new(), vec![0u8; 256 * 1024]);
+    let mut r = &s;
+    loop {
+        let k = r.read(&mut buf).map_err(|e| format!("receiving: {e}"))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    sender.join().map_err(|_| "sender panicked")??;
+    println!("received {n} sha256 {}", sluice_e2e::hex(&h.finalize()));
     Ok(())
 }
 
