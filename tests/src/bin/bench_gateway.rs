@@ -1,8 +1,9 @@
 //! `sluice-bench gateway`: a branch in three network namespaces (client -> gateway -> origin,
-//! veth pairs), the client's traffic forwarded by the gateway namespace. Three modes per
+//! veth pairs), the client's traffic forwarded by the gateway namespace. Four modes per
 //! repetition, interleaved: plain forwarding (no agent: the baseline), the gateway agent
-//! splicing (the origin is no app), and the gateway agent intercepting (the origin is an app,
-//! no policies). Origin: nginx with TLS and HTTP/2. Client, origin and agent pinned to one core,
+//! splicing (the origin is no app) with the sockets joined in the kernel, the same with the
+//! proxy copying (`proxy.kernel_splice = false`), and the gateway agent intercepting (the
+//! origin is an app, no policies). Origin: nginx with TLS and HTTP/2. Client, origin and agent pinned to one core,
 //! as in `bench proxy`; medians are reported, as ratios to plain forwarding. Every mode of every
 //! repetition gets a fresh branch (namespaces and nginx): connection tracking and TIME_WAIT
 //! state left by one mode slowed the next one's new connections by up to 15x.
@@ -46,7 +47,13 @@ fn branch() -> Result<Branch> {
 }
 
 /// The gateway agent, intercepting when `intercept` (the origin's host is an app).
-fn start_agent(work: &Path, b: &Branch, intercept: bool, origin_ca: &Path) -> Result<Proc> {
+fn start_agent(
+    work: &Path,
+    b: &Branch,
+    intercept: bool,
+    kernel_splice: bool,
+    origin_ca: &Path,
+) -> Result<Proc> {
     let dir = work.join(if intercept { "intercept" } else { "splice" });
     fs::create_dir_all(&dir)?;
     let cfg = dir.join("agent.toml");
@@ -68,6 +75,8 @@ enabled = false
 [gateway]
 enabled = true
 lan_interfaces = ["g-lan"]
+[proxy]
+kernel_splice = {kernel_splice}
 [admin]
 listen = "{ADMIN}"
 [tls]
@@ -161,7 +170,7 @@ pub fn run(args: &[String]) -> Result<()> {
         fs::write(&p, out.stdout)?;
         Ok(p)
     };
-    let modes = ["forward", "spliced", "intercepted"];
+    let modes = ["forward", "spliced", "spliced_user", "intercepted"];
     let mut results: Vec<Vec<Value>> = vec![Vec::new(); modes.len()];
     for rep in 0..reps {
         for (i, mode) in modes.iter().enumerate() {
@@ -172,7 +181,8 @@ pub fn run(args: &[String]) -> Result<()> {
                 "forward" => loadgen(&b, &pki.origin_ca, None, secs)?,
                 m => {
                     let intercept = m == "intercepted";
-                    let agent = start_agent(&work, &b, intercept, &pki.origin_ca)?;
+                    let agent =
+                        start_agent(&work, &b, intercept, m != "spliced_user", &pki.origin_ca)?;
                     let ca = if intercept {
                         ca_export(true)?
                     } else {
@@ -204,6 +214,16 @@ pub fn run(args: &[String]) -> Result<()> {
             "agent CPU per new connection (µs)",
             false,
         ),
+        (
+            "cpu_s_per_gb_download",
+            "agent CPU per GB downloaded (s)",
+            false,
+        ),
+        (
+            "cpu_s_per_gb_upload",
+            "agent CPU per GB uploaded (s)",
+            false,
+        ),
         ("peak_rss_mib", "agent peak RSS (MiB)", false),
     ];
     let mut table = serde_json::Map::new();
@@ -222,8 +242,8 @@ pub fn run(args: &[String]) -> Result<()> {
         "gateway: client -> gateway -> nginx origin in network namespaces, pinned to core {CORE}, medians of {reps} repetitions, {secs}s per rate figure"
     );
     println!(
-        "{:<38} {:>12} {:>20} {:>20}",
-        "figure", "forward", "spliced", "intercepted"
+        "{:<38} {:>12} {:>20} {:>20} {:>20}",
+        "figure", "forward", "spliced", "spliced (copy)", "intercepted"
     );
     let mut ratios = serde_json::Map::new();
     for (key, label, ratio) in &figures {
@@ -237,14 +257,15 @@ pub fn run(args: &[String]) -> Result<()> {
             }
         };
         println!(
-            "{:<38} {:>12} {:>20} {:>20}",
+            "{:<38} {:>12} {:>20} {:>20} {:>20}",
             label,
             cell("forward"),
             cell("spliced"),
+            cell("spliced_user"),
             cell("intercepted")
         );
         if *ratio {
-            for m in ["spliced", "intercepted"] {
+            for m in ["spliced", "spliced_user", "intercepted"] {
                 if let (Some(v), Some(f)) = (get(key, m), get(key, "forward")) {
                     ratios.insert(format!("{key}.{m}_vs_forward"), json!(v / f));
                 }
