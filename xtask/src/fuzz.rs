@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, output, sh, step};
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 16] = [
+pub const TARGETS: [&str; 17] = [
     "client_hello",
     "dns",
     "embedded",
@@ -37,6 +37,7 @@ pub const TARGETS: [&str; 16] = [
     "detect",
     "privsep",
     "icap",
+    "codec",
 ];
 
 /// Seconds each target runs in `cargo xtask test`.
@@ -56,6 +57,7 @@ fn max_len(target: &str) -> usize {
         "detect" => 64 * 1024,
         "embedded" => 256 * 1024,
         "multipart" => 256 * 1024,
+        "codec" => 64 * 1024,
         _ => 1 << 20,
     }
 }
