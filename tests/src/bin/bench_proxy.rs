@@ -1,5 +1,5 @@
-//! `sluice-bench proxy`: Sluice against a direct connection and two peers (mitmproxy's mitmdump and
-//! Squid with ssl-bump) in one run on loopback. Origin: nginx with TLS and HTTP/2. Client, origin
+//! `sluice-bench proxy`: Sluice against a direct connection and three peers (hudsucker, the Rust
+//! intercepting proxy library, mitmproxy's mitmdump and Squid with ssl-bump) in one run on loopback. Origin: nginx with TLS and HTTP/2. Client, origin
 //! and proxy are pinned to one core (on two shared cores that is the only way figures repeat
 //! within a few percent). Modes are interleaved within each repetition; medians are reported.
 
@@ -111,10 +111,33 @@ fn install_peers(tools: &Path) -> Result<PathBuf> {
     Ok(mitmdump)
 }
 
+/// Builds the hudsucker driver (`tests/peers/hudsucker`, the published crate) in release.
+fn build_hudsucker(root: &Path) -> Result<PathBuf> {
+    let target = root.join("target/bench-tools/hudsucker");
+    eprintln!("building the hudsucker peer");
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["build", "--release", "--locked", "--manifest-path"])
+        .arg(root.join("tests/peers/hudsucker/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target);
+    // What the enclosing `cargo xtask` set describes the workspace's build, not this one's (and
+    // would make every run rebuild it).
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str()
+            && (k.starts_with("CARGO_") || k.starts_with("RUSTC") || k == "RUSTFLAGS")
+            && k != "CARGO_HOME"
+        {
+            cmd.env_remove(k);
+        }
+    }
+    sh(&mut cmd)?;
+    Ok(target.join("release/sluice-bench-hudsucker"))
+}
+
 pub(crate) struct Pki {
     pub(crate) origin_ca: PathBuf,
-    squid_ca_cert: PathBuf,
-    squid_ca_key: PathBuf,
+    peer_ca_cert: PathBuf,
+    peer_ca_key: PathBuf,
     cert: PathBuf,
     key: PathBuf,
 }
@@ -139,7 +162,7 @@ pub(crate) fn pki(dir: &Path) -> Result<Pki> {
     let issuer = Issuer::new(origin_params, origin_key);
     let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let leaf = CertificateParams::new(vec![HOST.to_owned()])?.signed_by(&leaf_key, &issuer)?;
-    let (squid_pem, squid_key, _) = ca("Bench Squid CA")?;
+    let (peer_pem, peer_key, _) = ca("Bench Peer CA")?;
     let w = |name: &str, text: &str| -> Result<PathBuf> {
         let p = dir.join(name);
         fs::write(&p, text)?;
@@ -149,8 +172,8 @@ pub(crate) fn pki(dir: &Path) -> Result<Pki> {
         origin_ca: w("origin-ca.pem", &origin_pem)?,
         cert: w("origin.pem", &format!("{}{}", leaf.pem(), origin_pem))?,
         key: w("origin.key", &leaf_key.serialize_pem())?,
-        squid_ca_cert: w("squid-ca.pem", &squid_pem)?,
-        squid_ca_key: w("squid-ca.key", &squid_key.serialize_pem())?,
+        peer_ca_cert: w("peer-ca.pem", &peer_pem)?,
+        peer_ca_key: w("peer-ca.key", &peer_key.serialize_pem())?,
     })
 }
 
@@ -238,6 +261,8 @@ struct Running {
     proc: Option<Proc>,
     ca: PathBuf,
     explicit: Option<SocketAddr>,
+    /// The proxy resolves the origin's name itself (CONNECT by name).
+    by_name: bool,
 }
 
 fn start_sluice(
@@ -327,6 +352,7 @@ hosts = ["{HOST}"]
         proc: Some(p),
         ca,
         explicit: None,
+        by_name: false,
     })
 }
 
@@ -364,6 +390,33 @@ fn start_mitmdump(work: &Path, mitmdump: &Path, pki: &Pki) -> Result<Running> {
         proc: Some(p),
         ca: conf.join("mitmproxy-ca-cert.pem"),
         explicit: Some(addr),
+        by_name: false,
+    })
+}
+
+fn start_hudsucker(work: &Path, bin: &Path, pki: &Pki) -> Result<Running> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let child = pinned(bin.to_str().ok_or_else(|| anyhow!("path"))?)
+        .arg(addr.to_string())
+        .arg(&pki.peer_ca_cert)
+        .arg(&pki.peer_ca_key)
+        .arg(&pki.origin_ca)
+        .arg(format!("{HOST}={}", ORIGIN.parse::<SocketAddr>()?.ip()))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(work.join("hudsucker.log"))?)
+        .spawn()?;
+    let p = Proc(child);
+    if !wait_until(Duration::from_secs(20), || port_open(addr)) {
+        bail!(
+            "hudsucker did not start: {}",
+            fs::read_to_string(work.join("hudsucker.log")).unwrap_or_default()
+        );
+    }
+    Ok(Running {
+        proc: Some(p),
+        ca: pki.peer_ca_cert.clone(),
+        explicit: Some(addr),
+        by_name: true,
     })
 }
 
@@ -400,15 +453,15 @@ cache_effective_user proxy
 workers 1
 shutdown_lifetime 1 seconds
 "#,
-            cert = pki.squid_ca_cert.display(),
-            key = pki.squid_ca_key.display(),
+            cert = pki.peer_ca_cert.display(),
+            key = pki.peer_ca_key.display(),
             db = db.display(),
             origin_ca = pki.origin_ca.display(),
             dir = dir.display(),
         ),
     )?;
     sh(Command::new("chown").args(["-R", "proxy:proxy"]).arg(&dir))?;
-    for f in [&pki.squid_ca_cert, &pki.squid_ca_key, &pki.origin_ca] {
+    for f in [&pki.peer_ca_cert, &pki.peer_ca_key, &pki.origin_ca] {
         sh(Command::new("chmod").arg("0644").arg(f))?;
     }
     let child = pinned("squid")
@@ -427,8 +480,9 @@ shutdown_lifetime 1 seconds
     }
     Ok(Running {
         proc: Some(p),
-        ca: pki.squid_ca_cert.clone(),
+        ca: pki.peer_ca_cert.clone(),
         explicit: Some(addr),
+        by_name: false,
     })
 }
 
@@ -460,6 +514,9 @@ fn run_loadgen(
     if skip_h2 {
         args.push("--no-h2".into());
     }
+    if run.by_name {
+        args.push("--connect-by-name".into());
+    }
     let mut full = vec!["-c".to_owned(), CORE.to_owned(), me.display().to_string()];
     full.extend(args);
     let out = InCgroup::at(&cg.dir).run(Path::new("taskset"), &full)?;
@@ -478,7 +535,8 @@ pub fn loadgen(args: &[String]) -> Result<()> {
         .enable_all()
         .build()?;
     let origin: SocketAddr = opt("--origin").unwrap_or_else(|| ORIGIN.into()).parse()?;
-    let t = loadgen::Target::new(origin, HOST, proxy, &ca)?;
+    let mut t = loadgen::Target::new(origin, HOST, proxy, &ca)?;
+    t.connect_by_name = flag("--connect-by-name");
     let cpu = || pid.map(loadgen::tree_cpu).unwrap_or(0.0);
     let mut out = serde_json::Map::new();
     rt.block_on(async {
@@ -492,8 +550,14 @@ pub fn loadgen(args: &[String]) -> Result<()> {
                 json!((c1 - c0) * 1e6 / (h1 * secs)),
             );
             if !flag("--no-h2") {
+                let c0 = cpu();
                 let h2 = loadgen::keepalive(&t, true, 1, 32, secs, "/1k").await?;
+                let c1 = cpu();
                 out.insert("keepalive_h2_rps".into(), json!(h2));
+                out.insert(
+                    "cpu_us_per_request_h2".into(),
+                    json!((c1 - c0) * 1e6 / (h2 * secs)),
+                );
             }
             let c0 = cpu();
             let (conns, n) = loadgen::new_connections(&t, 8, secs, "/1k").await?;
@@ -510,16 +574,30 @@ pub fn loadgen(args: &[String]) -> Result<()> {
                 json!(loadgen::quantile(&lat, 0.99)),
             );
         }
-        let c0 = cpu();
-        let down = loadgen::download(&t, "/100m", "/1k", TRANSFERS).await?;
-        let c1 = cpu();
-        let up = loadgen::upload(&t, "/upload/blob", BIG, "/1k", TRANSFERS).await?;
-        let c2 = cpu();
-        out.insert("download_mb_s".into(), json!(down));
-        out.insert("upload_mb_s".into(), json!(up));
+        // Transfers over HTTP/1.1 and, where the proxy speaks it to clients, over HTTP/2.
         let gb = (BIG * TRANSFERS as u64) as f64 / 1e9;
-        out.insert("cpu_s_per_gb_download".into(), json!((c1 - c0) / gb));
-        out.insert("cpu_s_per_gb_upload".into(), json!((c2 - c1) / gb));
+        let protocols: &[(bool, &str)] = if flag("--no-h2") {
+            &[(false, "")]
+        } else {
+            &[(false, ""), (true, "_h2")]
+        };
+        for (h2, suffix) in protocols {
+            let c0 = cpu();
+            let down = loadgen::download(&t, *h2, "/100m", "/1k", TRANSFERS).await?;
+            let c1 = cpu();
+            let up = loadgen::upload(&t, *h2, "/upload/blob", BIG, "/1k", TRANSFERS).await?;
+            let c2 = cpu();
+            out.insert(format!("download{suffix}_mb_s"), json!(down));
+            out.insert(format!("upload{suffix}_mb_s"), json!(up));
+            out.insert(
+                format!("cpu_s_per_gb_download{suffix}"),
+                json!((c1 - c0) / gb),
+            );
+            out.insert(
+                format!("cpu_s_per_gb_upload{suffix}"),
+                json!((c2 - c1) / gb),
+            );
+        }
         anyhow::Ok(())
     })?;
     if let Some(pid) = pid {
@@ -609,6 +687,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "direct",
         "sluice",
         "sluice_sha256",
+        "hudsucker",
         "mitmdump",
         "squid",
         "sluice_alt",
@@ -633,6 +712,10 @@ pub fn run(args: &[String]) -> Result<()> {
     {
         bail!("unknown mode `{bad}`; known: {}", all.join(", "));
     }
+    let hudsucker = match modes.contains(&"hudsucker") {
+        true => build_hudsucker(&root)?,
+        false => PathBuf::new(),
+    };
     let mut results: Vec<(String, Vec<Value>)> =
         modes.iter().map(|m| (m.to_string(), Vec::new())).collect();
     for rep in 0..reps {
@@ -643,6 +726,7 @@ pub fn run(args: &[String]) -> Result<()> {
                     proc: None,
                     ca: pki.origin_ca.clone(),
                     explicit: None,
+                    by_name: false,
                 },
                 "sluice" => start_sluice(&work, &cg, &pki, false, &sluice_e2e::bin("sluice"))?,
                 "sluice_sha256" => {
@@ -655,6 +739,7 @@ pub fn run(args: &[String]) -> Result<()> {
                     false,
                     alt.as_deref().unwrap_or(Path::new("sluice")),
                 )?,
+                "hudsucker" => start_hudsucker(&work, &hudsucker, &pki)?,
                 "mitmdump" => start_mitmdump(&work, &mitmdump, &pki)?,
                 _ => start_squid(&work, &pki)?,
             };
@@ -672,30 +757,44 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let _ = fs::remove_dir_all(&www);
 
+    // (key, label, higher is better and shown against direct, a proxy CPU figure)
     let figures = [
         ("keepalive_h1_rps", "keep-alive 1 KiB req/s, HTTP/1.1", true),
         ("keepalive_h2_rps", "keep-alive 1 KiB req/s, HTTP/2", true),
         ("new_tls_conns_per_s", "new TLS connections/s", true),
-        ("download_mb_s", "100 MiB download MB/s", true),
-        ("upload_mb_s", "100 MiB upload MB/s", true),
+        ("download_mb_s", "100 MiB download MB/s, HTTP/1.1", true),
+        ("upload_mb_s", "100 MiB upload MB/s, HTTP/1.1", true),
+        ("download_h2_mb_s", "100 MiB download MB/s, HTTP/2", true),
+        ("upload_h2_mb_s", "100 MiB upload MB/s, HTTP/2", true),
         ("latency_p50_ms", "latency p50 at 100 req/s (ms)", false),
         ("latency_p99_ms", "latency p99 at 100 req/s (ms)", false),
-        ("cpu_us_per_request_h1", "proxy CPU per request (µs)", false),
+        (
+            "cpu_us_per_request_h1",
+            "CPU per request, HTTP/1.1 (µs)",
+            false,
+        ),
+        (
+            "cpu_us_per_request_h2",
+            "CPU per request, HTTP/2 (µs)",
+            false,
+        ),
         (
             "cpu_us_per_connection",
-            "proxy CPU per new connection (µs)",
+            "CPU per new connection (µs)",
             false,
         ),
         (
             "cpu_s_per_gb_download",
-            "proxy CPU per GB downloaded (s)",
+            "CPU per GB down, HTTP/1.1 (s)",
             false,
         ),
+        ("cpu_s_per_gb_upload", "CPU per GB up, HTTP/1.1 (s)", false),
         (
-            "cpu_s_per_gb_upload",
-            "proxy CPU per GB uploaded (s)",
+            "cpu_s_per_gb_download_h2",
+            "CPU per GB down, HTTP/2 (s)",
             false,
         ),
+        ("cpu_s_per_gb_upload_h2", "CPU per GB up, HTTP/2 (s)", false),
         ("peak_rss_mib", "proxy peak RSS (MiB)", false),
     ];
     let mut table = serde_json::Map::new();
@@ -714,8 +813,8 @@ pub fn run(args: &[String]) -> Result<()> {
         "proxy: loopback, client + nginx origin + proxy pinned to core {CORE}, medians of {reps} repetitions, {secs}s per rate figure"
     );
     println!(
-        "{:<38} {:>11} {:>18} {:>18} {:>16} {:>16}",
-        "figure", "direct", "sluice", "sluice+sha256", "mitmdump", "squid"
+        "{:<38} {:>11} {:>18} {:>18} {:>16} {:>16} {:>16}",
+        "figure", "direct", "sluice", "sluice+sha256", "hudsucker", "mitmdump", "squid"
     );
     let cell = |k: &str, m: &str, ratio: bool| -> String {
         match (get(k, m), get(k, "direct")) {
@@ -726,11 +825,12 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     for (key, label, ratio) in &figures {
         println!(
-            "{:<38} {:>11} {:>18} {:>18} {:>16} {:>16}",
+            "{:<38} {:>11} {:>18} {:>18} {:>16} {:>16} {:>16}",
             label,
             cell(key, "direct", false),
             cell(key, "sluice", *ratio),
             cell(key, "sluice_sha256", *ratio),
+            cell(key, "hudsucker", *ratio),
             cell(key, "mitmdump", *ratio),
             cell(key, "squid", *ratio)
         );
@@ -751,15 +851,15 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut ratios = serde_json::Map::new();
     for (key, _, ratio) in &figures {
         if *ratio {
-            for m in ["sluice", "sluice_sha256", "mitmdump", "squid"] {
+            for m in ["sluice", "sluice_sha256", "hudsucker", "mitmdump", "squid"] {
                 if let (Some(v), Some(d)) = (get(key, m), get(key, "direct")) {
                     ratios.insert(format!("{key}.{m}_vs_direct"), json!(v / d));
                 }
             }
-            for peer in ["mitmdump", "squid"] {
-                if let Some(r) = vs(key, peer) {
-                    ratios.insert(format!("{key}.sluice_vs_{peer}"), json!(r));
-                }
+        }
+        for peer in ["hudsucker", "mitmdump", "squid", "sluice_alt"] {
+            if let Some(r) = vs(key, peer) {
+                ratios.insert(format!("{key}.sluice_vs_{peer}"), json!(r));
             }
         }
     }
@@ -768,18 +868,28 @@ pub fn run(args: &[String]) -> Result<()> {
         ratios.insert("added_latency_p50_ms".into(), json!(p50));
         ratios.insert("added_latency_p99_ms".into(), json!(p99));
     }
-    for peer in ["mitmdump", "squid"] {
-        let line: Vec<String> = [
-            "keepalive_h1_rps",
-            "keepalive_h2_rps",
-            "new_tls_conns_per_s",
-            "download_mb_s",
-            "upload_mb_s",
-        ]
-        .iter()
-        .filter_map(|k| vs(k, peer).map(|r| format!("{k} {r:.1}x")))
-        .collect();
-        println!("sluice vs {peer}: {}", line.join(", "));
+    for peer in ["hudsucker", "mitmdump", "squid", "sluice_alt"] {
+        let rates: Vec<String> = figures
+            .iter()
+            .filter(|(k, _, ratio)| *ratio && !k.starts_with("latency"))
+            .filter_map(|(k, _, _)| vs(k, peer).map(|r| format!("{k} {r:.2}x")))
+            .collect();
+        // CPU per unit repeats far better than throughput on a shared machine: lower is better.
+        let cpu: Vec<String> = figures
+            .iter()
+            .filter(|(k, _, _)| k.starts_with("cpu_") || *k == "peak_rss_mib")
+            .filter_map(|(k, _, _)| vs(k, peer).map(|r| format!("{k} {r:.2}x")))
+            .collect();
+        if !rates.is_empty() {
+            println!(
+                "sluice vs {peer}, rates (higher is better): {}",
+                rates.join(", ")
+            );
+            println!(
+                "sluice vs {peer}, CPU per unit (lower is better): {}",
+                cpu.join(", ")
+            );
+        }
     }
     let json = json!({
         "bench": "proxy",
