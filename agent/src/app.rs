@@ -145,6 +145,9 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    // What loading the eBPF objects freed goes back to the system now, not at some later
+    // allocation on this thread (this part idles once the proxy runs).
+    crate::memory::release_freed();
 
     let result = async {
         let privileged = Arc::new(

@@ -18,6 +18,7 @@ pub mod config;
 pub mod device;
 pub mod event;
 pub mod location;
+pub mod memory;
 pub mod posture;
 pub mod privsep;
 pub mod proxy;

@@ -266,6 +266,7 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    sluice::memory::no_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")

@@ -234,12 +234,29 @@ pub fn tree_cpu(root: u32) -> f64 {
 
 /// Peak RSS (VmHWM, KiB) summed over the process tree.
 pub fn tree_hwm_kib(root: u32) -> u64 {
+    tree_status_kib(root, "VmHWM:")
+}
+
+/// RSS (VmRSS, KiB) summed over the process tree.
+pub fn tree_rss_kib(root: u32) -> u64 {
+    tree_status_kib(root, "VmRSS:")
+}
+
+/// Starts the tree's peak RSS over from its current RSS (`clear_refs` 5; as root), so that a
+/// start-up peak does not count as one under load.
+pub fn tree_reset_hwm(root: u32) {
+    for pid in tree(root) {
+        let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    }
+}
+
+fn tree_status_kib(root: u32, field: &str) -> u64 {
     tree(root)
         .into_iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
         .filter_map(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .sum()

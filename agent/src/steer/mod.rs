@@ -333,7 +333,12 @@ impl Steering {
         pin::prepare(&pin_dir)?;
         let previous = pin::entries(&pin_dir);
 
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| SteerError::Load(chain(&e)))?;
+        // No CO-RE relocation in the programs: the kernel's BTF is not read (parsing it takes
+        // tens of MiB that the allocator would then keep).
+        let mut ebpf = aya::EbpfLoader::new()
+            .btf(None)
+            .load(EBPF_OBJECT)
+            .map_err(|e| SteerError::Load(chain(&e)))?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(SteerError::Map {
                 map: name,

@@ -539,6 +539,15 @@ pub fn loadgen(args: &[String]) -> Result<()> {
     t.connect_by_name = flag("--connect-by-name");
     let cpu = || pid.map(loadgen::tree_cpu).unwrap_or(0.0);
     let mut out = serde_json::Map::new();
+    if let Some(pid) = pid {
+        // Idle: started and settled, nothing sent yet. The peak below is the load's alone.
+        std::thread::sleep(Duration::from_secs(2));
+        out.insert(
+            "idle_rss_mib".into(),
+            json!(loadgen::tree_rss_kib(pid) as f64 / 1024.0),
+        );
+        loadgen::tree_reset_hwm(pid);
+    }
     rt.block_on(async {
         if !flag("--only-transfers") {
             let c0 = cpu();
@@ -601,10 +610,11 @@ pub fn loadgen(args: &[String]) -> Result<()> {
         anyhow::Ok(())
     })?;
     if let Some(pid) = pid {
-        out.insert(
-            "peak_rss_mib".into(),
-            json!(loadgen::tree_hwm_kib(pid) as f64 / 1024.0),
-        );
+        let peak = loadgen::tree_hwm_kib(pid) as f64 / 1024.0;
+        out.insert("peak_rss_mib".into(), json!(peak));
+        if let Some(idle) = out.get("idle_rss_mib").and_then(Value::as_f64) {
+            out.insert("peak_over_idle_mib".into(), json!(peak - idle));
+        }
     }
     println!("{}", Value::Object(out));
     Ok(())
@@ -795,7 +805,9 @@ pub fn run(args: &[String]) -> Result<()> {
             false,
         ),
         ("cpu_s_per_gb_upload_h2", "CPU per GB up, HTTP/2 (s)", false),
-        ("peak_rss_mib", "proxy peak RSS (MiB)", false),
+        ("idle_rss_mib", "proxy idle RSS (MiB)", false),
+        ("peak_rss_mib", "proxy peak RSS under load (MiB)", false),
+        ("peak_over_idle_mib", "peak RSS over idle (MiB)", false),
     ];
     let mut table = serde_json::Map::new();
     for (key, _, _) in &figures {
@@ -877,7 +889,7 @@ pub fn run(args: &[String]) -> Result<()> {
         // CPU per unit repeats far better than throughput on a shared machine: lower is better.
         let cpu: Vec<String> = figures
             .iter()
-            .filter(|(k, _, _)| k.starts_with("cpu_") || *k == "peak_rss_mib")
+            .filter(|(k, _, _)| k.starts_with("cpu_") || k.ends_with("_mib"))
             .filter_map(|(k, _, _)| vs(k, peer).map(|r| format!("{k} {r:.2}x")))
             .collect();
         if !rates.is_empty() {
