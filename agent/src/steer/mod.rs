@@ -333,8 +333,8 @@ impl Steering {
         pin::prepare(&pin_dir)?;
         let previous = pin::entries(&pin_dir);
 
-        // No CO-RE relocation in the programs: the kernel's BTF is not read (parsing it takes
-        // tens of MiB that the allocator would then keep).
+        // No CO-RE relocation in the programs: the kernel's BTF goes unused (the loader parses
+        // it when made and drops it here; `memory::release_freed` returns what that took).
         let mut ebpf = aya::EbpfLoader::new()
             .btf(None)
             .load(EBPF_OBJECT)

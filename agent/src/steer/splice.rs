@@ -38,7 +38,7 @@ impl KernelSplice {
             return Err(SteerError::NoObject);
         }
         let mut loader = EbpfLoader::new();
-        // No CO-RE relocation in the splice program: the kernel's BTF is not read.
+        // No CO-RE relocation in the splice program: the kernel's BTF goes unused.
         loader.btf(None);
         for name in [sluice_common::MAP_PENDING, sluice_common::MAP_ORIGINS] {
             loader.map_max_entries(name, 1);
