@@ -334,6 +334,13 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 0;
     }
+    // Only a connection to the proxy's port can have been steered: every other one (most of a
+    // cgroup's connections) leaves before the cookie and the map lookup. The port is in network
+    // order in the field's upper half.
+    let Some(cfg) = config() else { return 0 };
+    if u32::from(u16::from_be((ctx.remote_port() >> 16) as u16)) != cfg.proxy_port {
+        return 0;
+    }
     // SAFETY: the context pointer is the program's own.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: the value is copied out at once, before any update of the map.
@@ -417,6 +424,15 @@ pub fn sluice_dns(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn copy_dns_answer(ctx: &SkBuffContext) {
+    // A packet for a socket connected to a port other than 53 (most of them: every TCP
+    // connection) leaves on this one context read, before any map lookup or packet load. A
+    // socket that is not connected (remote port 0: a resolver using `sendto`) goes on to the
+    // packet's own source port below. The port is in network order in the field's upper half.
+    // SAFETY: `remote_port` is readable in cgroup skb programs.
+    let remote = u16::from_be((unsafe { (*ctx.skb.skb).remote_port } >> 16) as u16);
+    if remote != 0 && remote != 53 {
+        return;
+    }
     if config().is_none() {
         return;
     }

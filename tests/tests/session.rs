@@ -1952,23 +1952,31 @@ fn an_app_address_from_a_dns_answer_is_intercepted_whatever_name_follows() {
     let dir = e.user_dir(&[("report.docx", &doc)]);
     let (stop, dns) = dns_server("127.0.0.46:53", APP_IP.parse().unwrap());
     let port = e.app.addr().port();
-    // A steered process (any user) resolves the app's name.
+    // A steered process (any user) resolves the app's name, from a socket that is not
+    // connected (musl's resolver) and from a connected one (glibc's).
     let (_, cg) = e.cg.child("resolver");
-    let out = InCgroup {
-        cgroup: Some(cg),
-        user: Some(NOBODY),
+    for how in ["sendto", "connect"] {
+        let out = InCgroup {
+            cgroup: Some(cg.clone()),
+            user: Some(NOBODY),
+        }
+        .run(
+            &bin("sluice-probe"),
+            &[
+                "dns".into(),
+                dns.to_string(),
+                demo_app::HOST.into(),
+                how.into(),
+            ],
+        )
+        .expect("resolves");
+        assert!(out.starts_with("answer "), "{how}: {out}");
     }
-    .run(
-        &bin("sluice-probe"),
-        &["dns".into(), dns.to_string(), demo_app::HOST.into()],
-    )
-    .expect("resolves");
-    assert!(out.starts_with("answer "), "{out}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    // The kernel counts the answer before the agent's reader learns from it: wait for both.
+    // The kernel counts the answers before the agent's reader learns from them: wait for both.
     assert!(
         wait_until(Duration::from_secs(10), || e.agent.status().is_ok_and(
-            |s| s["steer"]["counters"]["dns_answers"].as_u64().unwrap_or(0) >= 1
+            |s| s["steer"]["counters"]["dns_answers"].as_u64().unwrap_or(0) >= 2
                 && s["proxy"]["dns_learned"].as_u64().unwrap_or(0) >= 1
         )),
         "no DNS answer seen or learned from: {:?}",

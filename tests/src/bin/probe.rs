@@ -73,6 +73,7 @@ fn run(args: &[String]) -> Result<(), String> {
         Some("dns") => dns(
             addr,
             args.get(2).map(String::as_str).unwrap_or("example.test"),
+            args.get(3).is_some_and(|m| m == "connect"),
         ),
         _ => Err("usage: sluice-probe tcp|udp ADDR ...".into()),
     }
@@ -177,8 +178,10 @@ fn tcp(addr: SocketAddr, args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Asks the DNS server at `addr` for the A records of `name`; prints the answer's size.
-fn dns(addr: SocketAddr, name: &str) -> Result<(), String> {
+/// Asks the DNS server at `addr` for the A records of `name`; prints the answer's size. With
+/// `connected`, from a connected socket (as glibc's resolver does), else with `sendto` (as musl's
+/// does).
+fn dns(addr: SocketAddr, name: &str, connected: bool) -> Result<(), String> {
     let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     for label in name.split('.') {
         q.push(label.len() as u8);
@@ -188,7 +191,13 @@ fn dns(addr: SocketAddr, name: &str) -> Result<(), String> {
     let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    sock.send_to(&q, addr).map_err(|e| e.to_string())?;
+    if connected {
+        sock.connect(addr)
+            .and_then(|()| sock.send(&q))
+            .map_err(|e| e.to_string())?;
+    } else {
+        sock.send_to(&q, addr).map_err(|e| e.to_string())?;
+    }
     let mut buf = [0u8; 1500];
     let (n, _) = sock.recv_from(&mut buf).map_err(|e| e.to_string())?;
     println!("answer {n} bytes");
