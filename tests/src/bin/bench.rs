@@ -242,6 +242,9 @@ fn steer(args: &[String]) -> Result<()> {
         *current.lock().map_err(|_| anyhow!("poisoned"))? = None;
         steering.detach()?;
     }
+    // Where the not-steered connect's added cost goes: the hooks' own run time, from the
+    // kernel's program statistics (on for this extra run only: they add to what they measure).
+    let hooks = hook_times(&cg, &settings, proxy_port, plain_addr, n)?;
     stop.store(true, Ordering::Relaxed);
     plain_sink.join();
     proxy_sink.join();
@@ -297,7 +300,26 @@ fn steer(args: &[String]) -> Result<()> {
         lookup,
         lookup / b
     );
+    let in_hooks: f64 = hooks.iter().map(|h| h.ns_per_connect).sum();
+    println!(
+        "the hooks' own run time per not-steered connect (kernel program statistics): {in_hooks:.0} ns \
+         ({:.3}x of a connect without hooks), of {:.0} ns measured above; the rest is the kernel \
+         calling them",
+        in_hooks / b,
+        h - b
+    );
+    for hk in &hooks {
+        println!(
+            "  {:<20} {:>5.2} runs per connect, {:>5.0} ns per run, {:>5.0} ns per connect",
+            hk.name, hk.runs_per_connect, hk.ns_per_run, hk.ns_per_connect
+        );
+    }
     let json = serde_json::json!({
+        "hooks_ns_per_not_steered_connect": hooks.iter().map(|h| (h.name.clone(), serde_json::json!({
+            "runs_per_connect": h.runs_per_connect,
+            "ns_per_run": h.ns_per_run,
+            "ns_per_connect": h.ns_per_connect,
+        }))).collect::<serde_json::Map<_, _>>(),
         "bench": "steer",
         "app_addresses_ns": { "learn_new": learn_new, "learn_again": learn_again, "lookup": lookup, "dns_answer_read": parse },
         "connects_per_run": n,
@@ -313,6 +335,83 @@ fn steer(args: &[String]) -> Result<()> {
     }
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
     Ok(())
+}
+
+/// One program's share of a not-steered connect.
+struct HookTime {
+    name: String,
+    runs_per_connect: f64,
+    ns_per_run: f64,
+    ns_per_connect: f64,
+}
+
+/// (run time in ns, runs) of every loaded program whose name starts `sluice_`, by program id
+/// (`bpftool -j prog show`; statistics count while `kernel.bpf_stats_enabled` is 1).
+fn program_stats() -> Result<std::collections::HashMap<u64, (String, u64, u64)>> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "bpftool prog show: {}", out.status);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let name = p["name"].as_str()?;
+            name.starts_with("sluice_").then(|| {
+                (
+                    p["id"].as_u64().unwrap_or(0),
+                    (
+                        name.to_owned(),
+                        p["run_time_ns"].as_u64().unwrap_or(0),
+                        p["run_cnt"].as_u64().unwrap_or(0),
+                    ),
+                )
+            })
+        })
+        .collect())
+}
+
+/// `n` connects to the not-steered `plain` with the hooks attached and the kernel's program
+/// statistics on; each program's runs and run time per connect.
+fn hook_times(
+    cg: &TestCgroup,
+    settings: &SteerSettings,
+    proxy_port: u16,
+    plain: SocketAddr,
+    n: u32,
+) -> Result<Vec<HookTime>> {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let before = std::fs::read_to_string(STATS)?;
+    std::fs::write(STATS, "1")?;
+    let run = || -> Result<Vec<HookTime>> {
+        let steering = Steering::attach(settings, proxy_port)?;
+        let start = program_stats()?;
+        let measured = run_client(cg, plain, n);
+        let end = program_stats()?;
+        steering.detach()?;
+        measured?;
+        let mut by_name: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+        for (id, (name, t, c)) in &end {
+            let (t0, c0) = start.get(id).map(|(_, t, c)| (*t, *c)).unwrap_or((0, 0));
+            let e = by_name.entry(name.clone()).or_default();
+            e.0 += t.saturating_sub(t0);
+            e.1 += c.saturating_sub(c0);
+        }
+        Ok(by_name
+            .into_iter()
+            .filter(|(_, (_, c))| *c > 0)
+            .map(|(name, (t, c))| HookTime {
+                name,
+                runs_per_connect: c as f64 / f64::from(n),
+                ns_per_run: t as f64 / c as f64,
+                ns_per_connect: t as f64 / f64::from(n),
+            })
+            .collect())
+    };
+    let result = run();
+    std::fs::write(STATS, before.trim())?;
+    result
 }
 
 /// Nanoseconds per call of the app address table (full at 65,536 addresses): learning a new

@@ -549,6 +549,18 @@ pub fn loadgen(args: &[String]) -> Result<()> {
         loadgen::tree_reset_hwm(pid);
     }
     rt.block_on(async {
+        // `--only-connections`: the new connection figure alone (for profiling it).
+        if flag("--only-connections") {
+            let c0 = cpu();
+            let (conns, n) = loadgen::new_connections(&t, 8, secs, "/1k").await?;
+            let c1 = cpu();
+            out.insert("new_tls_conns_per_s".into(), json!(conns));
+            out.insert(
+                "cpu_us_per_connection".into(),
+                json!((c1 - c0) * 1e6 / n.max(1) as f64),
+            );
+            return anyhow::Ok(());
+        }
         if !flag("--only-transfers") {
             let c0 = cpu();
             let h1 = loadgen::keepalive(&t, false, 8, 0, secs, "/1k").await?;
