@@ -81,9 +81,12 @@ impl Link {
             }
         };
         write_frame(&mut sock, req)?;
-        let resp = read_frame::<Response>(&mut sock)?.ok_or_else(|| {
-            PrivsepError::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
-        })?;
+        // The answer in one read where it fits (the length and the body arrive together): the
+        // privileged part sends nothing else on this connection until the next request.
+        let resp = read_frame::<Response>(&mut std::io::BufReader::with_capacity(4096, &sock))?
+            .ok_or_else(|| {
+                PrivsepError::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+            })?;
         {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < MAX_IDLE {

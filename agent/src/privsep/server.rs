@@ -282,8 +282,15 @@ impl Privileged {
     }
 
     fn conversation(&self, mut sock: UnixStream, pid: i32) -> Result<(), PrivsepError> {
-        while let Some(req) = read_frame::<Request>(&mut sock)? {
+        // Requests are read through a buffer and answers gathered while more requests are
+        // buffered: a run of pipelined requests (origin lookups) costs one read and one write.
+        let mut reader = std::io::BufReader::with_capacity(16 * 1024, sock.try_clone()?);
+        let mut out = Vec::new();
+        while let Some(req) = read_frame::<Request>(&mut reader)? {
             if let Request::Hello { version } = req {
+                // What came before is answered first (a hello is a connection's first request).
+                std::io::Write::write_all(&mut sock, &out)?;
+                out.clear();
                 if version != VERSION {
                     write_frame(
                         &mut sock,
@@ -322,7 +329,11 @@ impl Privileged {
                 continue;
             }
             let resp = self.answer(req);
-            write_frame(&mut sock, &resp)?;
+            write_frame(&mut out, &resp)?;
+            if reader.buffer().is_empty() {
+                std::io::Write::write_all(&mut sock, &out)?;
+                out.clear();
+            }
         }
         Ok(())
     }
