@@ -232,6 +232,19 @@ pub fn tree_cpu(root: u32) -> f64 {
     total as f64 / tick
 }
 
+/// CPU seconds (user + system) used by every process that ever ran in cgroup directory `dir`
+/// (`cpu.stat` `usage_usec`).
+pub fn cgroup_cpu(dir: &std::path::Path) -> Option<f64> {
+    let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+    let usec: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(usec as f64 / 1e6)
+}
+
 /// Peak RSS (VmHWM, KiB) summed over the process tree.
 pub fn tree_hwm_kib(root: u32) -> u64 {
     tree_status_kib(root, "VmHWM:")

@@ -46,6 +46,17 @@ fn pinned(program: &str) -> Command {
     pinned_in(None, program)
 }
 
+/// `program` pinned to [`CORE`] in cgroup `cgroup` (joined before it starts, so every process it
+/// forks is counted there too: the CPU figures read the cgroup's `cpu.stat`).
+fn pinned_peer(cgroup: &Path, program: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.args(["-c", "echo $$ > \"$0\" && exec taskset -c \"$@\""])
+        .arg(cgroup.join("cgroup.procs"))
+        .arg(CORE)
+        .arg(program);
+    c
+}
+
 /// `program` pinned to [`CORE`], in network namespace `netns` (its file) when given.
 pub(crate) fn pinned_in(netns: Option<&Path>, program: &str) -> Command {
     let mut c = match netns {
@@ -259,6 +270,8 @@ http {{
 /// A running proxy under test: its process, the CA the client trusts, and how to reach it.
 struct Running {
     proc: Option<Proc>,
+    /// The cgroup holding all its processes (its CPU is read there).
+    cgroup: Option<PathBuf>,
     ca: PathBuf,
     explicit: Option<SocketAddr>,
     /// The proxy resolves the origin's name itself (CONNECT by name).
@@ -350,17 +363,18 @@ hosts = ["{HOST}"]
     }
     Ok(Running {
         proc: Some(p),
+        cgroup: Some(cg.dir.join("agent")),
         ca,
         explicit: None,
         by_name: false,
     })
 }
 
-fn start_mitmdump(work: &Path, mitmdump: &Path, pki: &Pki) -> Result<Running> {
+fn start_mitmdump(work: &Path, peer_cg: &Path, mitmdump: &Path, pki: &Pki) -> Result<Running> {
     let conf = work.join("mitm-conf");
     fs::create_dir_all(&conf)?;
     let port = free_port();
-    let child = pinned(mitmdump.to_str().ok_or_else(|| anyhow!("path"))?)
+    let child = pinned_peer(peer_cg, mitmdump.to_str().ok_or_else(|| anyhow!("path"))?)
         .args([
             "--listen-host",
             "127.0.0.1",
@@ -388,15 +402,16 @@ fn start_mitmdump(work: &Path, mitmdump: &Path, pki: &Pki) -> Result<Running> {
     }
     Ok(Running {
         proc: Some(p),
+        cgroup: Some(peer_cg.to_owned()),
         ca: conf.join("mitmproxy-ca-cert.pem"),
         explicit: Some(addr),
         by_name: false,
     })
 }
 
-fn start_hudsucker(work: &Path, bin: &Path, pki: &Pki) -> Result<Running> {
+fn start_hudsucker(work: &Path, peer_cg: &Path, bin: &Path, pki: &Pki) -> Result<Running> {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let child = pinned(bin.to_str().ok_or_else(|| anyhow!("path"))?)
+    let child = pinned_peer(peer_cg, bin.to_str().ok_or_else(|| anyhow!("path"))?)
         .arg(addr.to_string())
         .arg(&pki.peer_ca_cert)
         .arg(&pki.peer_ca_key)
@@ -414,13 +429,14 @@ fn start_hudsucker(work: &Path, bin: &Path, pki: &Pki) -> Result<Running> {
     }
     Ok(Running {
         proc: Some(p),
+        cgroup: Some(peer_cg.to_owned()),
         ca: pki.peer_ca_cert.clone(),
         explicit: Some(addr),
         by_name: true,
     })
 }
 
-fn start_squid(work: &Path, pki: &Pki) -> Result<Running> {
+fn start_squid(work: &Path, peer_cg: &Path, pki: &Pki) -> Result<Running> {
     let dir = work.join("squid");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
@@ -464,7 +480,7 @@ shutdown_lifetime 1 seconds
     for f in [&pki.peer_ca_cert, &pki.peer_ca_key, &pki.origin_ca] {
         sh(Command::new("chmod").arg("0644").arg(f))?;
     }
-    let child = pinned("squid")
+    let child = pinned_peer(peer_cg, "squid")
         .args(["-N", "-f"])
         .arg(&conf)
         .stdout(Stdio::null())
@@ -480,6 +496,7 @@ shutdown_lifetime 1 seconds
     }
     Ok(Running {
         proc: Some(p),
+        cgroup: Some(peer_cg.to_owned()),
         ca: pki.peer_ca_cert.clone(),
         explicit: Some(addr),
         by_name: false,
@@ -507,6 +524,9 @@ fn run_loadgen(
     }
     if let Some(p) = &run.proc {
         args.extend(["--pid".into(), p.0.id().to_string()]);
+    }
+    if let Some(c) = &run.cgroup {
+        args.extend(["--cgroup".into(), c.display().to_string()]);
     }
     if only_transfers {
         args.push("--only-transfers".into());
@@ -537,7 +557,13 @@ pub fn loadgen(args: &[String]) -> Result<()> {
     let origin: SocketAddr = opt("--origin").unwrap_or_else(|| ORIGIN.into()).parse()?;
     let mut t = loadgen::Target::new(origin, HOST, proxy, &ca)?;
     t.connect_by_name = flag("--connect-by-name");
-    let cpu = || pid.map(loadgen::tree_cpu).unwrap_or(0.0);
+    // CPU seconds of the proxy: its cgroup's (microseconds, every process it ever ran), else its
+    // process tree's (clock ticks of the processes alive).
+    let cgroup = opt("--cgroup").map(PathBuf::from);
+    let cpu = || match &cgroup {
+        Some(c) => loadgen::cgroup_cpu(c).unwrap_or(f64::NAN),
+        None => pid.map(loadgen::tree_cpu).unwrap_or(0.0),
+    };
     let mut out = serde_json::Map::new();
     if let Some(pid) = pid {
         // Idle: started and settled, nothing sent yet. The peak below is the load's alone.
@@ -702,6 +728,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let pki = pki(&work)?;
     let _nginx = start_nginx(&work, &www, &pki)?;
     let cg = TestCgroup::new("benchproxy");
+    // The peers run in a cgroup of their own (Sluice's agent moves itself into `agent`).
+    let (_, peer_cg) = cg.child("peer");
     // `--alt PATH`: another build of `sluice`, measured as `sluice_alt` in the same run (to
     // compare two builds under the same conditions).
     let alt = opt("--alt").map(PathBuf::from);
@@ -746,6 +774,7 @@ pub fn run(args: &[String]) -> Result<()> {
             let running = match *mode {
                 "direct" => Running {
                     proc: None,
+                    cgroup: None,
                     ca: pki.origin_ca.clone(),
                     explicit: None,
                     by_name: false,
@@ -761,9 +790,9 @@ pub fn run(args: &[String]) -> Result<()> {
                     false,
                     alt.as_deref().unwrap_or(Path::new("sluice")),
                 )?,
-                "hudsucker" => start_hudsucker(&work, &hudsucker, &pki)?,
-                "mitmdump" => start_mitmdump(&work, &mitmdump, &pki)?,
-                _ => start_squid(&work, &pki)?,
+                "hudsucker" => start_hudsucker(&work, &peer_cg, &hudsucker, &pki)?,
+                "mitmdump" => start_mitmdump(&work, &peer_cg, &mitmdump, &pki)?,
+                _ => start_squid(&work, &peer_cg, &pki)?,
             };
             let v = run_loadgen(
                 &cg,
