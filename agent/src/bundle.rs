@@ -206,12 +206,26 @@ impl Distributor {
         use std::io::Write as _;
         let io = |e: std::io::Error| BundleError::Io(format!("{}: {e}", self.state_dir.display()));
         std::fs::create_dir_all(&self.state_dir).map_err(io)?;
+        // The bundle holds the directory, groups and policies: readable by the agent alone.
+        let private = |path: &Path| {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let _ = std::fs::remove_file(path);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+        };
         let tmp = self.state_dir.join("last-good.tar.gz.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let mut f = private(&tmp).map_err(io)?;
         f.write_all(bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, self.state_dir.join("last-good.tar.gz")).map_err(io)?;
-        std::fs::write(self.state_dir.join("last-good.etag"), etag.unwrap_or("")).map_err(io)?;
+        let tmp = self.state_dir.join("last-good.etag.tmp");
+        private(&tmp)
+            .and_then(|mut f| f.write_all(etag.unwrap_or("").as_bytes()))
+            .map_err(io)?;
+        std::fs::rename(&tmp, self.state_dir.join("last-good.etag")).map_err(io)?;
         if let Ok(d) = std::fs::File::open(&self.state_dir) {
             let _ = d.sync_all();
         }

@@ -246,6 +246,15 @@ async fn without_long_polling_the_agent_polls_and_starts_from_its_last_good_bund
         d2.status().lock().expect("lock").source.as_deref(),
         Some("last-good")
     );
+    // The persisted bundle (directory, groups, policies) is the agent's alone.
+    for f in ["last-good.tar.gz", "last-good.etag"] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.join("bundle").join(f))
+            .expect(f)
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}: {mode:o}");
+    }
     // The server comes back with something newer.
     server.restart().await.expect("restart");
     server.publish(bytes(&signed(&k.key, "12")));

@@ -33,6 +33,7 @@ use std::{
     collections::BTreeMap,
     fs::{self, File, OpenOptions},
     io::{self, BufWriter, Read as _, Seek as _, SeekFrom, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -725,9 +726,11 @@ impl Writer {
                 let n = self.next;
                 self.next += 1;
                 let path = self.shared.seg_path(n);
+                // Events name users, files and addresses: readable by the agent alone.
                 let f = OpenOptions::new()
                     .create_new(true)
                     .write(true)
+                    .mode(0o600)
                     .open(&path)
                     .map_err(io_err(&path))?;
                 sync_dir(&self.shared.dir);
