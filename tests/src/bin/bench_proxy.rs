@@ -390,23 +390,20 @@ fn start_mitmdump(work: &Path, peer_cg: &Path, mitmdump: &Path, pki: &Pki) -> Re
         .stdout(Stdio::null())
         .stderr(fs::File::create(work.join("mitm.log"))?)
         .spawn()?;
-    let p = Proc(child);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    if !wait_until(Duration::from_secs(60), || {
-        port_open(addr) && conf.join("mitmproxy-ca-cert.pem").exists()
-    }) {
-        bail!(
-            "mitmdump did not start: {}",
-            fs::read_to_string(work.join("mitm.log")).unwrap_or_default()
-        );
-    }
-    Ok(Running {
-        proc: Some(p),
-        cgroup: Some(peer_cg.to_owned()),
-        ca: conf.join("mitmproxy-ca-cert.pem"),
-        explicit: Some(addr),
+    let ca = conf.join("mitmproxy-ca-cert.pem");
+    let peer = Peer {
+        name: "mitmdump",
+        cgroup: peer_cg,
+        log: &work.join("mitm.log"),
+        ca: &ca,
         by_name: false,
-    })
+    };
+    peer.ready(
+        child,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(60),
+        |addr| port_open(addr) && ca.exists(),
+    )
 }
 
 fn start_hudsucker(work: &Path, peer_cg: &Path, bin: &Path, pki: &Pki) -> Result<Running> {
@@ -420,20 +417,52 @@ fn start_hudsucker(work: &Path, peer_cg: &Path, bin: &Path, pki: &Pki) -> Result
         .stdout(Stdio::null())
         .stderr(fs::File::create(work.join("hudsucker.log"))?)
         .spawn()?;
-    let p = Proc(child);
-    if !wait_until(Duration::from_secs(20), || port_open(addr)) {
-        bail!(
-            "hudsucker did not start: {}",
-            fs::read_to_string(work.join("hudsucker.log")).unwrap_or_default()
-        );
-    }
-    Ok(Running {
-        proc: Some(p),
-        cgroup: Some(peer_cg.to_owned()),
-        ca: pki.peer_ca_cert.clone(),
-        explicit: Some(addr),
+    let peer = Peer {
+        name: "hudsucker",
+        cgroup: peer_cg,
+        log: &work.join("hudsucker.log"),
+        ca: &pki.peer_ca_cert,
         by_name: true,
-    })
+    };
+    peer.ready(child, addr, Duration::from_secs(20), port_open)
+}
+
+/// An explicit (CONNECT) peer proxy being started.
+struct Peer<'a> {
+    name: &'a str,
+    cgroup: &'a Path,
+    /// Where it says why it did not start.
+    log: &'a Path,
+    /// The CA its client trusts.
+    ca: &'a Path,
+    by_name: bool,
+}
+
+impl Peer<'_> {
+    /// Waits up to `wait` for `up(addr)`; the running peer, or its log in the error.
+    fn ready(
+        &self,
+        child: Child,
+        addr: SocketAddr,
+        wait: Duration,
+        up: impl Fn(SocketAddr) -> bool,
+    ) -> Result<Running> {
+        let p = Proc(child);
+        if !wait_until(wait, || up(addr)) {
+            bail!(
+                "{} did not start: {}",
+                self.name,
+                fs::read_to_string(self.log).unwrap_or_default()
+            );
+        }
+        Ok(Running {
+            proc: Some(p),
+            cgroup: Some(self.cgroup.to_owned()),
+            ca: self.ca.to_owned(),
+            explicit: Some(addr),
+            by_name: self.by_name,
+        })
+    }
 }
 
 fn start_squid(work: &Path, peer_cg: &Path, pki: &Pki) -> Result<Running> {
@@ -486,21 +515,19 @@ shutdown_lifetime 1 seconds
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let p = Proc(child);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    if !wait_until(Duration::from_secs(30), || port_open(addr)) {
-        bail!(
-            "squid did not start: {}",
-            fs::read_to_string(dir.join("cache.log")).unwrap_or_default()
-        );
-    }
-    Ok(Running {
-        proc: Some(p),
-        cgroup: Some(peer_cg.to_owned()),
-        ca: pki.peer_ca_cert.clone(),
-        explicit: Some(addr),
+    let peer = Peer {
+        name: "squid",
+        cgroup: peer_cg,
+        log: &dir.join("cache.log"),
+        ca: &pki.peer_ca_cert,
         by_name: false,
-    })
+    };
+    peer.ready(
+        child,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(30),
+        port_open,
+    )
 }
 
 /// Runs the load generator for one mode, pinned, inside the bench cgroup; returns its figures.
