@@ -554,7 +554,7 @@ pub async fn run_proxy(
     let stats = Arc::new(ProxyStats::default());
     let mut passed: Vec<(std::os::fd::OwnedFd, Front)> = Vec::new();
     let mut admin = None;
-    let (mut splice_sockets, mut splice_peers) = (None, None);
+    let (mut splice_sockets, mut splice_peers, mut origins) = (None, None, None);
     for (fd, p) in sockets.into_iter().zip(&welcome.sockets) {
         match p {
             Passed::Endpoint => passed.push((fd, Front::Endpoint)),
@@ -562,6 +562,7 @@ pub async fn run_proxy(
             Passed::Admin => admin = Some(std::net::TcpListener::from(fd)),
             Passed::SpliceSockets => splice_sockets = Some(fd),
             Passed::SplicePeers => splice_peers = Some(fd),
+            Passed::Origins => origins = Some(fd),
         }
     }
     let kernel_splice = match (splice_sockets, splice_peers) {
@@ -574,7 +575,7 @@ pub async fn run_proxy(
         &config,
         link,
         welcome,
-        (passed, admin, kernel_splice),
+        (passed, admin, kernel_splice, origins),
         sandbox,
         stats,
         shutdown,
@@ -582,17 +583,22 @@ pub async fn run_proxy(
     .await
 }
 
+/// What the privileged part handed the proxy: its listeners (with what each is for), the admin
+/// listener, the kernel splice's maps and the origins map.
+type Handed = (
+    Vec<(std::os::fd::OwnedFd, Front)>,
+    std::net::TcpListener,
+    Option<Arc<crate::proxy::ksplice::Maps>>,
+    Option<std::os::fd::OwnedFd>,
+);
+
 #[allow(clippy::too_many_arguments)]
 async fn supervise(
     config_path: &Path,
     config: &Config,
     link: Arc<crate::privsep::client::Link>,
     welcome: crate::privsep::Welcome,
-    (passed, admin_listener, kernel_splice): (
-        Vec<(std::os::fd::OwnedFd, Front)>,
-        std::net::TcpListener,
-        Option<Arc<crate::proxy::ksplice::Maps>>,
-    ),
+    (passed, admin_listener, kernel_splice, origins_fd): Handed,
     sandbox: crate::privsep::sandbox::Entered,
     stats: Arc<ProxyStats>,
     shutdown: CancellationToken,
@@ -710,7 +716,17 @@ async fn supervise(
     let active = dist.as_ref().map(|d| d.active());
     let reloads = Arc::new(ReloadStats::default());
     let signer: Arc<dyn crate::proxy::ca::LeafSigner> = link.clone();
-    let mut shared = build_proxy(config, link.clone(), signer, stats.clone(), hooks, reporter)?;
+    // Origins are read from the kernel's map here; only process facts the sandbox hides are
+    // asked for.
+    let origins: Arc<dyn crate::proxy::OriginSource> = match (origins_fd, welcome.origins_netns) {
+        (Some(fd), Some(netns)) => Arc::new(crate::proxy::origins::KernelOrigins::new(
+            fd,
+            netns,
+            link.clone(),
+        )),
+        _ => Arc::new(crate::proxy::NoOrigins),
+    };
+    let mut shared = build_proxy(config, origins, signer, stats.clone(), hooks, reporter)?;
     shared.lan = lan.clone();
     shared.probe_token = Some(welcome.probe_token.as_bytes().to_vec());
     shared.kernel_splice = kernel_splice;

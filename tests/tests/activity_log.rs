@@ -446,6 +446,14 @@ status_interval_s = 5
         spliced["actor"]["process"]["name"], "sluice-probe",
         "{spliced}"
     );
+    // The executable and the user's name: what the proxy cannot read itself, asked of the
+    // privileged part once per process.
+    assert_eq!(
+        spliced["actor"]["process"]["path"].as_str().map(Path::new),
+        Some(bin("sluice-probe").as_path()),
+        "{spliced}"
+    );
+    assert_eq!(spliced["actor"]["process"]["user"], "root", "{spliced}");
     let refused = found
         .1
         .expect("a refused connection event at the collector");

@@ -926,6 +926,38 @@ fn the_proxy_runs_unprivileged_without_the_ca_key_and_is_restarted_when_killed()
     assert_eq!(line("Seccomp"), "2", "a seccomp filter is in force");
     assert_ne!(line("Groups"), "0", "no supplementary root group");
 
+    // The proxy reads the kernel's origin records itself, through a descriptor that cannot
+    // write: it can neither forge a record (the leaves signed for it rely on them) nor remove
+    // one. The origins map is the one LRU hash map (type 9) it holds.
+    let mut origin_maps = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{proxy}/fd")).expect("fds") {
+        let fd = fd.expect("fd");
+        if std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy() == "anon_inode:bpf-map")
+        {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{proxy}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .expect("fdinfo");
+            let get = |k: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            if get("map_type:") == "9" {
+                origin_maps.push(u32::from_str_radix(&get("flags:"), 8).expect("flags"));
+            }
+        }
+    }
+    assert_eq!(origin_maps.len(), 1, "the proxy holds the origins map once");
+    assert_eq!(
+        origin_maps[0] & 3,
+        libc::O_RDONLY as u32,
+        "the origins map is read-only in the proxy (flags {:o})",
+        origin_maps[0]
+    );
+
     // The CA key's private scalar: in the privileged part's memory (so the search works), never
     // in the proxy's.
     let key = std::fs::read_to_string(tmp.join("state/ca/ca.key")).expect("ca key");

@@ -1,8 +1,7 @@
 //! The proxy's side of the split: a small pool of connections to the privileged part, and the
-//! origin lookups, leaf signing, status and host facts made over them.
+//! process facts, leaf signing, status and host facts asked over them.
 
 use std::{
-    net::SocketAddr,
     os::{fd::OwnedFd, unix::net::UnixStream},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -13,8 +12,8 @@ use rustls_pki_types::CertificateDer;
 
 use super::{PrivsepError, Request, Response, VERSION, Welcome, read_frame, write_frame};
 use crate::{
-    proxy::{OriginSource, ca::CaError, ca::LeafSigner},
-    steer::{OriginRecord, SteerStatus, gateway::GatewayStatus},
+    proxy::{ca::CaError, ca::LeafSigner, origins::ProcessFacts},
+    steer::{SteerStatus, gateway::GatewayStatus, process::ProcessInfo},
 };
 
 /// Longest a request may wait for its answer.
@@ -147,17 +146,17 @@ pub struct RemoteStatus {
     pub privsep: Option<super::server::Supervision>,
 }
 
-impl OriginSource for Link {
-    fn lookup(&self, peer: SocketAddr) -> Option<OriginRecord> {
-        match self.call(&Request::Origin { peer }) {
-            Ok(Response::Origin(o)) => o,
+impl ProcessFacts for Link {
+    fn process(&self, tgid: u32, uid: u32) -> ProcessInfo {
+        match self.call(&Request::Process { tgid, uid }) {
+            Ok(Response::Process(p)) => p,
             Ok(other) => {
-                tracing::error!(answer = ?other, "privsep: unexpected answer to an origin lookup");
-                None
+                tracing::error!(answer = ?other, "privsep: unexpected answer to a process lookup");
+                ProcessInfo::default()
             }
             Err(e) => {
-                tracing::error!(error = %e, "privsep: origin lookup failed");
-                None
+                tracing::error!(error = %e, "privsep: process lookup failed");
+                ProcessInfo::default()
             }
         }
     }

@@ -30,16 +30,14 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::steer::OriginRecord;
-
 /// What the privileged part answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     /// The answer to [`Request::Hello`]; the listening sockets follow as `SCM_RIGHTS`.
     Welcome(Welcome),
-    /// The origin of the peer, if the kernel recorded one.
-    Origin(Option<OriginRecord>),
+    /// A process's facts.
+    Process(crate::steer::process::ProcessInfo),
     /// A signed leaf: the leaf and the CA certificate (DER).
     Signed(Vec<Vec<u8>>),
     /// Status for `/status`.
@@ -74,6 +72,9 @@ pub struct Welcome {
     pub gateway_port: Option<u16>,
     /// Whether endpoint steering is attached (DNS answers and origins are available).
     pub steering: bool,
+    /// The namespace cookie the origin records of the proxy's connections are keyed with; the
+    /// origins map's read-only descriptor is passed as [`Passed::Origins`].
+    pub origins_netns: Option<u64>,
 }
 
 /// A listening socket handed to the proxy.
@@ -90,6 +91,8 @@ pub enum Passed {
     SpliceSockets,
     /// The kernel splice's pairs map.
     SplicePeers,
+    /// The steering's origins map, read-only.
+    Origins,
 }
 
 /// Sends `fds` with one marker byte (`SCM_RIGHTS`).
@@ -107,9 +110,9 @@ pub fn recv_fds(sock: &UnixStream, max: usize) -> Result<Vec<OwnedFd>, PrivsepEr
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut byte = [0u8; 1];
     let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; 8]);
-    if max > 8 {
-        return Err(PrivsepError::Protocol("more than 8 sockets".into()));
+    let mut space = nix::cmsg_space!([RawFd; 12]);
+    if max > 12 {
+        return Err(PrivsepError::Protocol("more than 12 descriptors".into()));
     }
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
@@ -168,13 +171,20 @@ mod tests {
         let (mut a, mut b) = UnixStream::pair().expect("pair");
         write_frame(
             &mut a,
-            &Request::Origin {
-                peer: "127.0.0.1:4000".parse().expect("addr"),
+            &Request::Process {
+                tgid: 4000,
+                uid: 1000,
             },
         )
         .expect("write");
         let got: Request = read_frame(&mut b).expect("read").expect("frame");
-        assert!(matches!(got, Request::Origin { peer } if peer.port() == 4000));
+        assert!(matches!(
+            got,
+            Request::Process {
+                tgid: 4000,
+                uid: 1000
+            }
+        ));
         a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
             .expect("write");
         assert!(matches!(

@@ -310,7 +310,8 @@ pub fn allowed() -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
         .collect::<Result<_, _>>()?,
     );
     // bpf(cmd, ...): looking up, updating and deleting elements of maps whose descriptors the
-    // privileged part passed (the kernel splice's); no program or map is made or loaded.
+    // privileged part passed (the kernel splice's; the steering's origins map, read-only); no
+    // program or map is made or loaded.
     m.insert(
         libc::SYS_bpf,
         [

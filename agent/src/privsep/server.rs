@@ -1,17 +1,16 @@
-//! The privileged part's side of the split: answers the proxy's requests (origins, leaves,
-//! status, DNS answers, process facts) on the privileged socket, and starts and restarts the
+//! The privileged part's side of the split: answers the proxy's requests (leaves, status, DNS
+//! answers, process facts) on the privileged socket, and starts and restarts the
 //! proxy when it runs it itself.
 //!
 //! Every connection is checked with `SO_PEERCRED`: only the proxy's uid is served. Each
 //! connection gets a thread of its own (at most [`MAX_CONNECTIONS`]); requests are answered in
 //! order. Leaves are signed only for names the catalogue intercepts (the agent's `[[apps]]` and
-//! the last good bundle's, verified here with the bundle key) or for a connection this part
-//! steered in the last [`CLAIM_TTL`] (a name at an app's address, an IP literal equal to the
-//! destination), at most `privsep.leaves_per_minute`: a proxy taken over cannot turn the CA into
+//! the last good bundle's, verified here with the bundle key) or for a connection the kernel
+//! recorded as steered in the last [`CLAIM_TTL`] (a name at an app's address, an IP literal equal
+//! to the destination; the proxy can read those records but not write them), at most `privsep.leaves_per_minute`: a proxy taken over cannot turn the CA into
 //! a signing service for arbitrary names.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     os::{
         fd::{AsRawFd as _, OwnedFd},
@@ -41,10 +40,8 @@ use crate::{
 
 /// Most connections from the proxy served at once.
 pub const MAX_CONNECTIONS: usize = 64;
-/// How long a steered connection may ask for its leaf.
+/// How long after its `connect()` a steered connection may ask for its leaf.
 pub const CLAIM_TTL: Duration = Duration::from_secs(60);
-/// Most claims remembered.
-const MAX_CLAIMS: usize = 65_536;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -126,7 +123,6 @@ pub struct Privileged {
     endpoint_port: Option<u16>,
     gateway_port: Option<u16>,
     uid: u32,
-    claims: Mutex<HashMap<SocketAddr, (IpAddr, Instant)>>,
     bucket: Mutex<Bucket>,
     names: Mutex<Names>,
     supervision: Mutex<Supervision>,
@@ -175,6 +171,11 @@ impl Privileged {
         let token = format!("SLUICE-PROBE {}\n", hex::encode(raw));
         let catalog = Catalog::in_force(&p.config.apps, None, &p.config.proxy.reject_hosts)?;
         let dns = p.steering.as_ref().and_then(|s| s.take_dns());
+        let mut sockets = p.sockets;
+        if let Some(s) = &p.steering {
+            let fd = s.origins_read_only_fd().map_err(|e| e.to_string())?;
+            sockets.push((fd, Passed::Origins));
+        }
         let supervision = Supervision {
             proxy_uid: p.uid,
             spawned: p.config.privsep.spawn,
@@ -187,11 +188,10 @@ impl Privileged {
             gateway: p.gateway,
             ca: p.ca,
             token,
-            sockets: p.sockets,
+            sockets,
             endpoint_port: p.endpoint_port,
             gateway_port: p.gateway_port,
             uid: p.uid,
-            claims: Mutex::new(HashMap::new()),
             names: Mutex::new(Names {
                 catalog: Arc::new(catalog),
                 bundle_mtime: None,
@@ -347,6 +347,7 @@ impl Privileged {
             endpoint_port: self.endpoint_port,
             gateway_port: self.gateway_port,
             steering: self.steering.is_some(),
+            origins_netns: self.steering.as_ref().map(|s| s.netns()),
         }
     }
 
@@ -354,7 +355,10 @@ impl Privileged {
     pub fn answer(&self, req: Request) -> Response {
         match req {
             Request::Hello { .. } => Response::Error("hello only opens a connection".into()),
-            Request::Origin { peer } => Response::Origin(self.origin(peer)),
+            Request::Process { tgid, uid } => Response::Process(match &self.steering {
+                Some(s) => s.process_facts(tgid, uid),
+                None => crate::steer::process::resolve(tgid, uid),
+            }),
             Request::Sign {
                 name,
                 spki,
@@ -380,20 +384,6 @@ impl Privileged {
         }
     }
 
-    fn origin(&self, peer: SocketAddr) -> Option<crate::steer::OriginRecord> {
-        let s = self.steering.as_ref()?;
-        let rec = s.lookup(peer)?;
-        let mut claims = lock(&self.claims);
-        if claims.len() >= MAX_CLAIMS {
-            claims.retain(|_, (_, at)| at.elapsed() < CLAIM_TTL);
-            if claims.len() >= MAX_CLAIMS {
-                claims.clear();
-            }
-        }
-        claims.insert(peer, (rec.dst.ip(), Instant::now()));
-        Some(rec)
-    }
-
     fn sign(
         &self,
         name: &str,
@@ -402,10 +392,11 @@ impl Privileged {
     ) -> Result<Vec<Vec<u8>>, String> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         let claimed = conn.and_then(|(peer, dst)| {
-            let steered = lock(&self.claims)
-                .get(&peer)
-                .filter(|(_, at)| at.elapsed() < CLAIM_TTL)
-                .map(|(d, _)| *d);
+            let steered = self
+                .steering
+                .as_ref()
+                .and_then(|s| s.recorded_dst(peer, CLAIM_TTL))
+                .map(|d| d.ip());
             steered.or_else(|| self.forwarded(peer, dst).then_some(dst.ip()))
         });
         let allowed = match name.parse::<IpAddr>() {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_FRAME: usize = 8 << 20;
 /// The protocol's version; both parts come from one binary, so a mismatch is a half-upgraded
 /// install and is refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Errors of the privilege split's channel.
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +39,13 @@ pub enum Request {
         /// [`VERSION`].
         version: u32,
     },
-    /// Claims the origin record of an accepted endpoint connection (once).
-    Origin {
-        /// The accepted connection's peer address.
-        peer: SocketAddr,
+    /// What the proxy cannot read of a steered connection's process: its executable and
+    /// parent, and the user's name.
+    Process {
+        /// The process id from the kernel's record.
+        tgid: u32,
+        /// The user id from the kernel's record.
+        uid: u32,
     },
     /// Signs a leaf for `name` over the proxy's own public key.
     Sign {

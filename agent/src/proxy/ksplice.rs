@@ -65,7 +65,13 @@ struct ElemAttr {
     flags: u64,
 }
 
-fn bpf(cmd: u64, fd: RawFd, key: *const u8, value: *const u8, flags: u64) -> io::Result<()> {
+pub(crate) fn bpf(
+    cmd: u64,
+    fd: RawFd,
+    key: *const u8,
+    value: *const u8,
+    flags: u64,
+) -> io::Result<()> {
     let attr = ElemAttr {
         map_fd: fd as u32,
         pad: 0,

@@ -57,6 +57,7 @@ pub mod hooks;
 pub mod http;
 pub mod ksplice;
 pub mod lan;
+pub mod origins;
 pub mod pages;
 pub mod peek;
 pub mod pool;
@@ -251,7 +252,8 @@ impl ProxyStats {
 }
 
 /// Where the proxy claims the origin of an accepted connection: the kernel's records in endpoint
-/// mode ([`Steering`]); tests and other front-ends may supply their own.
+/// mode (read through a passed descriptor, [`origins::KernelOrigins`], or in-process,
+/// [`Steering`]); tests and other front-ends may supply their own.
 pub trait OriginSource: Send + Sync + 'static {
     /// The origin of the connection whose client address is `peer`, claimed once.
     fn lookup(&self, peer: SocketAddr) -> Option<OriginRecord>;

@@ -574,24 +574,46 @@ impl Steering {
     }
 
     fn record(&self, o: Origin) -> OriginRecord {
-        let dst_ip = words_to_ip(o.dst_addr);
-        let age = Duration::from_nanos(monotonic_ns().saturating_sub(o.time_ns));
-        let mut process = self.processes.resolve(o.tgid);
-        process.user = self.user_name(o.uid);
-        OriginRecord {
-            dst: SocketAddr::new(dst_ip, o.dst_port),
-            ipv6_socket: o.family == 10,
-            pid: o.pid,
-            tgid: o.tgid,
-            uid: o.uid,
-            gid: o.gid,
-            comm: process::comm_str(&o.comm),
-            cgroup_id: o.cgroup_id,
-            cookie: o.cookie,
-            age,
-            process,
-            lan_client: None,
-        }
+        origin_record(&o, self.process_facts(o.tgid, o.uid))
+    }
+
+    /// What user space can tell of process `tgid` running as `uid` (executable, parent, user
+    /// name), from the cache when it is the same process.
+    pub fn process_facts(&self, tgid: u32, uid: u32) -> ProcessInfo {
+        let mut process = self.processes.resolve(tgid);
+        process.user = self.user_name(uid);
+        process
+    }
+
+    /// The destination the connection from `peer` was steered from, if the kernel recorded it
+    /// in the last `within` (read, not claimed: the proxy claims records itself).
+    pub fn recorded_dst(&self, peer: SocketAddr, within: Duration) -> Option<SocketAddr> {
+        let key = peer_key(self.netns, peer);
+        let o = lock(&self.origins).get(&key, 0).ok()?;
+        let age = monotonic_ns().saturating_sub(o.time_ns);
+        (age < within.as_nanos() as u64)
+            .then(|| SocketAddr::new(words_to_ip(o.dst_addr), o.dst_port))
+    }
+
+    /// The proxy's network namespace cookie (part of every record's key).
+    pub fn netns(&self) -> u64 {
+        self.netns
+    }
+
+    /// A read-only descriptor of the origins map, for the proxy: it reads the kernel's records
+    /// but can neither forge nor remove one (the leaves this part signs rely on them).
+    pub fn origins_read_only_fd(&self) -> Result<std::os::fd::OwnedFd, SteerError> {
+        let id = {
+            let map = lock(&self.origins);
+            aya::maps::IterableMap::map(&*map)
+                .info()
+                .map_err(map_err("origins"))?
+                .id()
+        };
+        read_only_map_fd(id).map_err(|e| SteerError::Map {
+            map: sluice_common::MAP_ORIGINS,
+            message: format!("a read-only descriptor: {e}"),
+        })
     }
 
     /// User names are cached for a minute: the lookup may read the whole user database.
@@ -778,6 +800,58 @@ pub fn own_netns_cookie() -> Result<u64, SteerError> {
         )));
     }
     Ok(cookie)
+}
+
+/// A steered connection's origin from the kernel's record `o` and what user space resolved of
+/// its process.
+pub fn origin_record(o: &Origin, process: ProcessInfo) -> OriginRecord {
+    OriginRecord {
+        dst: SocketAddr::new(words_to_ip(o.dst_addr), o.dst_port),
+        ipv6_socket: o.family == 10,
+        pid: o.pid,
+        tgid: o.tgid,
+        uid: o.uid,
+        gid: o.gid,
+        comm: process::comm_str(&o.comm),
+        cgroup_id: o.cgroup_id,
+        cookie: o.cookie,
+        age: Duration::from_nanos(monotonic_ns().saturating_sub(o.time_ns)),
+        process,
+        lan_client: None,
+    }
+}
+
+/// A new descriptor of map `id` that only reads (`BPF_MAP_GET_FD_BY_ID` with `BPF_F_RDONLY`;
+/// aya opens maps by id for writing only).
+fn read_only_map_fd(id: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+    #[repr(C)]
+    struct Attr {
+        map_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let attr = Attr {
+        map_id: id,
+        next_id: 0,
+        open_flags: BPF_F_RDONLY,
+    };
+    // SAFETY: `attr` is the layout the kernel reads for this command and lives across the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_GET_FD_BY_ID,
+            &raw const attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just made `fd` for this process; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// The key the sockops program wrote for this client address in namespace `netns`.

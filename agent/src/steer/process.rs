@@ -52,6 +52,12 @@ fn resolve_rest(tgid: u32, ppid: Option<u32>) -> ProcessInfo {
     }
 }
 
+/// (parent pid, start time in clock ticks since boot) of process `tgid`, while it runs: the
+/// pair that tells one process from a later one given the same pid.
+pub fn parent_and_start(tgid: u32) -> Option<(u32, u64)> {
+    read_stat(tgid).as_deref().and_then(parse_stat)
+}
+
 /// `/proc/PID/stat` in one `read` (procfs produces the whole line at once; a line that fills the
 /// buffer is read on to its end). This runs for every steered connection: `read_to_string` would
 /// add a `statx` and grow its buffer through several small reads.
