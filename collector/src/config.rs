@@ -37,6 +37,14 @@
 //! [detection.geo]                       # new country and impossible travel
 //! database = "/var/lib/GeoIP/GeoLite2-City.mmdb"
 //!
+//! [portal.sign_in]                      # local admins' sign-in limits (these are the defaults)
+//! max_failures_per_address = 5          # per IPv4 address or IPv6 /64, within window_s
+//! max_failures_per_account = 10         # per account name, within window_s: locks the account
+//! window_s = 300
+//! lockout_s = 900                       # the first lock; each lock in a row doubles it (x16 at most)
+//! concurrent_hashes = 2                 # password checks at once (19 MiB of argon2 memory each)
+//! waiting_hashes = 8                    # attempts that may wait for a check; more get 429
+//!
 //! [portal.oidc]                         # sign-in with the organisation's identity provider
 //! issuer = "https://login.corp.example/realms/corp"
 //! client_id = "sluice-portal"
@@ -166,6 +174,9 @@ pub struct PortalConfig {
     /// it only the local admin accounts can sign in.
     #[serde(default)]
     pub oidc: Option<OidcConfig>,
+    /// Limits on local sign-in attempts and on the password checks they cost.
+    #[serde(default)]
+    pub sign_in: crate::portal::signin::SignInConfig,
 }
 
 /// The portal's OpenID Connect relying party.
@@ -506,6 +517,10 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
+        self.portal
+            .sign_in
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if self.ca_days == 0 || self.ca_days > MAX_CA_DAYS {
             return Err(ConfigError::Invalid(format!(
                 "ca_days must be 1 to {MAX_CA_DAYS}"

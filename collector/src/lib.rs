@@ -149,6 +149,8 @@ pub struct Collector {
     pub risk: risk::RiskBoard,
     /// Anomaly detection's queue (its thread starts with [`server::Server::run`]).
     pub detect: detect::Detection,
+    /// The portal's sign-in limits and password checks.
+    pub signin: portal::signin::Guard,
 }
 
 impl Collector {
@@ -199,7 +201,9 @@ impl Collector {
             risk::RiskBoard::empty()
         });
         let detect = detect::Detection::new(&config.detection);
+        let signin = portal::signin::Guard::new(config.portal.sign_in.clone());
         Self {
+            signin,
             risk,
             detect,
             store,

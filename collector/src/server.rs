@@ -1259,6 +1259,15 @@ async fn status(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
             "forward": c.forward.stats(),
             "detection": c.detect.report(),
             "connections": c.conns.stats(),
+            "sign_in": {
+                "checked": c.signin.stats.checked.load(Relaxed),
+                "succeeded": c.signin.stats.succeeded.load(Relaxed),
+                "failed": c.signin.stats.failed.load(Relaxed),
+                "refused_address": c.signin.stats.refused_address.load(Relaxed),
+                "refused_locked": c.signin.stats.refused_locked.load(Relaxed),
+                "refused_busy": c.signin.stats.refused_busy.load(Relaxed),
+                "lockouts": c.signin.stats.lockouts.load(Relaxed),
+            },
         }),
     )
 }

@@ -355,13 +355,22 @@ fn portal_in_a_real_browser(postgres: bool) {
     // The session cookie is not readable by scripts (HttpOnly).
     assert_eq!(cdp.eval("document.cookie").unwrap(), "");
 
-    // Unfiltered: the newest 50 of 61 events (60 activities, 1 posture report), an "older" link
-    // to the rest.
+    // Unfiltered: the newest 50 of 63 events (60 activities, 1 posture report and the two
+    // sign-in attempts above, audit events of the portal), an "older" link to the rest.
     let rows = table_rows(&mut cdp);
     assert_eq!(rows.len(), 50);
+    let audit: Vec<&Vec<String>> = rows.iter().filter(|r| r[2] == "portal").collect();
+    assert_eq!(audit.len(), 2, "{rows:?}");
+    assert!(
+        audit.iter().all(|r| r[1] == "admin" && r[3] == "login"),
+        "{audit:?}"
+    );
+    let mut actions: Vec<&str> = audit.iter().map(|r| r[4].as_str()).collect();
+    actions.sort_unstable();
+    assert_eq!(actions, ["allow", "block"]);
     assert!(cdp.eval("!!document.getElementById('older')").unwrap() == true);
     cdp.click_and_wait_load("#older").unwrap();
-    assert_eq!(table_rows(&mut cdp).len(), 11);
+    assert_eq!(table_rows(&mut cdp).len(), 13);
     // The chart is drawn on the server: one SVG with bars.
     let bars = cdp
         .eval("document.querySelectorAll('svg.chart rect.act').length")

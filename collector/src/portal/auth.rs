@@ -18,14 +18,8 @@
 //! - Every form carries the session's CSRF token (random, per session), checked on every POST;
 //!   the sign-in form, which has no session yet, uses a double-submit token held in its own
 //!   short-lived cookie.
-//! - Failed sign-ins are counted per client address: past [`MAX_FAILURES`] in [`FAILURE_WINDOW`]
-//!   the address is refused (429) until the window passes.
-
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::{Mutex, OnceLock},
-};
+//! - Sign-in attempts are limited per address and per account, counted before the password is
+//!   checked, and the checks themselves are bounded ([`super::signin`]).
 
 use crate::db::OptionalRow as _;
 use argon2::{
@@ -73,14 +67,8 @@ pub const LOGIN_COOKIE: &str = "__Host-sluice-login";
 pub const IDLE: i64 = 30 * 60 * 1000;
 /// A session this old (ms) has ended, however busy.
 pub const ABSOLUTE: i64 = 12 * 60 * 60 * 1000;
-/// Failed sign-ins allowed per address within [`FAILURE_WINDOW`].
-pub const MAX_FAILURES: usize = 5;
-/// The failure-counting window (ms).
-pub const FAILURE_WINDOW: i64 = 5 * 60 * 1000;
 /// `last_seen` is written at most this often (ms) per session, so browsing is not a write each.
 const TOUCH_EVERY: i64 = 60 * 1000;
-/// Addresses tracked by the rate limiter before it forgets the quiet ones.
-const MAX_TRACKED: usize = 10_000;
 
 /// Errors of the portal's account handling.
 #[derive(Debug, thiserror::Error)]
@@ -124,13 +112,10 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
     })
 }
 
-/// A hash no password is known for, verified against for unknown names (same cost).
+/// A hash no password is known for (made once from 32 random bytes, then forgotten), verified
+/// against for unknown names: the same parameters, so the same cost and memory.
 fn decoy_hash() -> &'static str {
-    static DECOY: OnceLock<String> = OnceLock::new();
-    DECOY.get_or_init(|| {
-        hash_password("decoy password, never valid")
-            .unwrap_or_else(|_| "$argon2id$v=19$m=19456,t=2,p=1$c2x1aWNlZGVjb3k$".into())
-    })
+    "$argon2id$v=19$m=19456,t=2,p=1$YpyIf4HOZFxG2db6dFi4pA$x9+ZOdY4Y+9EHaR9E81g22Af+6cxmCB0H6idLF+50/s"
 }
 
 /// Constant-time equality of two tokens.
@@ -177,8 +162,14 @@ pub fn set_password(store: &Store, name: &str, password: &str) -> Result<(), Aut
     Ok(())
 }
 
-/// Checks a name and password (always paying one argon2 verification).
-pub fn check_login(store: &Store, name: &str, password: &str) -> Result<bool, AuthError> {
+/// Checks a name and password through `guard` (always paying one argon2 verification, in the
+/// guard's bounded memory): `Err(Busy)` when every check is taken and enough attempts wait.
+pub fn check_login(
+    store: &Store,
+    guard: &super::signin::Guard,
+    name: &str,
+    password: &str,
+) -> Result<Result<bool, super::signin::Refusal>, AuthError> {
     let hash: Option<String> = store.with_read(|c| {
         c.query_row(
             "SELECT password_hash FROM portal_admins WHERE name = ?1",
@@ -188,11 +179,8 @@ pub fn check_login(store: &Store, name: &str, password: &str) -> Result<bool, Au
         .optional()
     })?;
     Ok(match hash {
-        Some(h) => verify_password(password, &h),
-        None => {
-            let _ = verify_password(password, decoy_hash());
-            false
-        }
+        Some(h) => guard.check(password, &h),
+        None => guard.check(password, decoy_hash()).map(|_| false),
     })
 }
 
@@ -423,53 +411,6 @@ pub fn request_session(c: &Collector, headers: &hyper::HeaderMap) -> Option<Sess
     }
 }
 
-/// Failed sign-ins per client address.
-#[derive(Debug, Default)]
-pub struct RateLimiter {
-    failures: Mutex<HashMap<IpAddr, Vec<i64>>>,
-}
-
-impl RateLimiter {
-    /// Whether `ip` may try to sign in at `now`.
-    pub fn allowed(&self, ip: IpAddr, now: i64) -> bool {
-        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&ip)
-            .is_none_or(|v| v.iter().filter(|&&t| now - t < FAILURE_WINDOW).count() < MAX_FAILURES)
-    }
-
-    /// Records a failed sign-in from `ip` at `now`.
-    pub fn failed(&self, ip: IpAddr, now: i64) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
-            map.retain(|_, v| v.iter().any(|&t| now - t < FAILURE_WINDOW));
-            if map.len() >= MAX_TRACKED {
-                tracing::warn!(
-                    tracked = map.len(),
-                    "portal login rate limiter full; forgetting every address"
-                );
-                map.clear();
-            }
-        }
-        let v = map.entry(ip).or_default();
-        v.retain(|&t| now - t < FAILURE_WINDOW);
-        v.push(now);
-    }
-
-    /// Forgets `ip`'s failures (after a successful sign-in).
-    pub fn succeeded(&self, ip: IpAddr) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&ip);
-    }
-}
-
-/// The process's limiter (the portal keeps no state in [`Collector`]).
-pub fn limiter() -> &'static RateLimiter {
-    static L: OnceLock<RateLimiter> = OnceLock::new();
-    L.get_or_init(RateLimiter::default)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -501,9 +442,11 @@ mod tests {
         let (s, dir) = store("sessions");
         assert!(set_password(&s, "admin", "short").is_err());
         set_password(&s, "admin", "a long enough password").unwrap();
-        assert!(check_login(&s, "admin", "a long enough password").unwrap());
-        assert!(!check_login(&s, "admin", "wrong password!!").unwrap());
-        assert!(!check_login(&s, "nobody", "a long enough password").unwrap());
+        let g = super::super::signin::Guard::new(Default::default());
+        let check = |n: &str, p: &str| check_login(&s, &g, n, p).unwrap().unwrap();
+        assert!(check("admin", "a long enough password"));
+        assert!(!check("admin", "wrong password!!"));
+        assert!(!check("nobody", "a long enough password"));
 
         let (id, sess) = create_session(&s, "admin").unwrap();
         assert_eq!(id.len(), 64);
@@ -650,22 +593,5 @@ mod tests {
         for part in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
             assert!(sc.contains(part), "{sc}");
         }
-    }
-
-    #[test]
-    fn rate_limit_per_address() {
-        let l = RateLimiter::default();
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let t = 1_000_000;
-        for i in 0..MAX_FAILURES {
-            assert!(l.allowed(a, t + i as i64));
-            l.failed(a, t + i as i64);
-        }
-        assert!(!l.allowed(a, t + 10));
-        assert!(l.allowed(b, t + 10));
-        assert!(l.allowed(a, t + FAILURE_WINDOW + 10));
-        l.succeeded(a);
-        assert!(l.allowed(a, t + 10));
     }
 }

@@ -23,12 +23,14 @@
 //! body has been read.
 
 mod alerts;
+pub mod audit;
 pub mod auth;
 pub mod chart;
 mod files;
 pub mod html;
 pub mod oidc;
 mod risk;
+pub mod signin;
 
 use std::{fmt::Write as _, net::IpAddr, sync::Arc};
 
@@ -482,23 +484,28 @@ fn login_get(
     resp
 }
 
+/// The answer to an attempt refused before its password was checked (429 with `Retry-After`).
+fn sign_in_refused(refusal: &signin::Refusal) -> Response<BoxBody> {
+    let text = match refusal {
+        signin::Refusal::Address(_) => {
+            "Too many failed sign-ins from this address. Wait a few minutes and try again."
+        }
+        signin::Refusal::Locked(_) => {
+            "This account is locked for a while after too many failed sign-ins. Try again \
+             later, or ask another administrator to reset its password."
+        }
+        signin::Refusal::Busy => "The portal is busy checking other sign-ins. Try again shortly.",
+    };
+    let mut resp = message_page(StatusCode::TOO_MANY_REQUESTS, "Too many attempts", text);
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from(refusal.retry_after()),
+    );
+    resp
+}
+
 fn login_post(c: &Collector, r: &Req) -> Response<BoxBody> {
     let ip = r.peer.unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let now = now_ms();
-    let limiter = auth::limiter();
-    if !limiter.allowed(ip, now) {
-        tracing::warn!(%ip, "portal sign-in refused: too many failures");
-        let mut resp = message_page(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many attempts",
-            "Too many failed sign-ins from this address. Wait a few minutes and try again.",
-        );
-        resp.headers_mut().insert(
-            header::RETRY_AFTER,
-            header::HeaderValue::from(auth::FAILURE_WINDOW / 1000),
-        );
-        return resp;
-    }
     let sent = get(&r.form, "csrf").unwrap_or("");
     let expected = auth::cookie(&r.headers, LOGIN_COOKIE).unwrap_or("");
     if expected.is_empty() || !auth::tokens_equal(sent, expected) {
@@ -511,26 +518,65 @@ fn login_post(c: &Collector, r: &Req) -> Response<BoxBody> {
     }
     let user = get(&r.form, "user").unwrap_or("").trim();
     let password = get(&r.form, "password").unwrap_or("");
-    match auth::check_login(&c.store, user, password) {
-        Ok(true) => {}
-        Ok(false) => {
-            limiter.failed(ip, now);
-            tracing::info!(%ip, user, "portal sign-in failed");
-            return login_get(
-                c,
-                r,
-                Some("Wrong name or password."),
-                StatusCode::UNAUTHORIZED,
-            );
+    // Counted as a failure before the password is checked; forgiven if it is right.
+    let attempt = match c.signin.begin(ip, user, now_ms()) {
+        Ok(a) => a,
+        Err(refusal) => {
+            tracing::warn!(%ip, user, ?refusal, "portal sign-in refused before the check");
+            return sign_in_refused(&refusal);
+        }
+    };
+    let right = match auth::check_login(&c.store, &c.signin, user, password) {
+        Ok(Ok(right)) => right,
+        Ok(Err(refusal)) => {
+            // Not checked: it stays counted, as every attempt is until it proves right.
+            if let Some(l) = c.signin.finish(attempt, false, now_ms()) {
+                audit::sign_in(
+                    c,
+                    Some(ip),
+                    user,
+                    "password",
+                    audit::Outcome::Locked(l.seconds, l.failures),
+                );
+            }
+            tracing::warn!(%ip, user, "portal sign-in refused: every password check is busy");
+            return sign_in_refused(&refusal);
         }
         Err(e) => {
             return internal_error("portal sign-in check failed", &e);
         }
+    };
+    let lock = c.signin.finish(attempt, right, now_ms());
+    if !right {
+        tracing::info!(%ip, user, "portal sign-in failed");
+        audit::sign_in(
+            c,
+            Some(ip),
+            user,
+            "password",
+            audit::Outcome::Failed("wrong name or password"),
+        );
+        if let Some(l) = lock {
+            tracing::warn!(%ip, user, seconds = l.seconds, "portal account locked");
+            audit::sign_in(
+                c,
+                Some(ip),
+                user,
+                "password",
+                audit::Outcome::Locked(l.seconds, l.failures),
+            );
+        }
+        return login_get(
+            c,
+            r,
+            Some("Wrong name or password."),
+            StatusCode::UNAUTHORIZED,
+        );
     }
-    limiter.succeeded(ip);
     match auth::create_session(&c.store, user) {
         Ok((id, _)) => {
             tracing::info!(%ip, user, "portal sign-in");
+            audit::sign_in(c, Some(ip), user, "password", audit::Outcome::SignedIn);
             let mut resp = redirect("/events");
             add_cookie(
                 &mut resp,

@@ -816,14 +816,18 @@ pub(super) fn start(c: &Collector, p: &Provider) -> Response<BoxBody> {
 pub(super) fn callback(c: &Collector, p: &Provider, r: &Req) -> Response<BoxBody> {
     let ip = r.peer.unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
     let now = now_ms();
-    let limiter = auth::limiter();
-    if !limiter.allowed(ip, now) {
+    if let Err(refusal) = c.signin.address_allowed(ip, now) {
         tracing::warn!(%ip, "portal OIDC callback refused: too many failures");
-        return failure(
+        let mut resp = failure(
             StatusCode::TOO_MANY_REQUESTS,
             "Too many attempts",
             "Too many failed sign-ins from this address. Wait a few minutes and try again.",
         );
+        resp.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from(refusal.retry_after()),
+        );
+        return resp;
     }
     let state = get(&r.query, "state").unwrap_or("");
     if let Some(error) = get(&r.query, "error") {
@@ -863,7 +867,7 @@ pub(super) fn callback(c: &Collector, p: &Provider, r: &Req) -> Response<BoxBody
     let flow = match take_flow(&c.store, state, now) {
         Ok(f) => f,
         Err(OidcError::State) => {
-            limiter.failed(ip, now);
+            c.signin.address_failed(ip, now);
             tracing::warn!(%ip, "portal OIDC callback with an unknown, used or expired state");
             return failure(
                 StatusCode::BAD_REQUEST,
@@ -885,6 +889,13 @@ pub(super) fn callback(c: &Collector, p: &Provider, r: &Req) -> Response<BoxBody
         Some(Ok(claims)) => claims,
         Some(Err(e @ (OidcError::IdToken(_) | OidcError::Token(_)))) => {
             tracing::warn!(%ip, error = %e, "portal OIDC sign-in refused");
+            super::audit::sign_in(
+                c,
+                Some(ip),
+                "",
+                "oidc",
+                super::audit::Outcome::Failed(&e.to_string()),
+            );
             return failure(
                 StatusCode::UNAUTHORIZED,
                 "Sign-in not accepted",
@@ -898,7 +909,14 @@ pub(super) fn callback(c: &Collector, p: &Provider, r: &Req) -> Response<BoxBody
         }
         None => return super::internal_error("portal OIDC callback", &"no async runtime"),
     };
-    limiter.succeeded(ip);
+    c.signin.address_succeeded(ip);
+    super::audit::sign_in(
+        c,
+        Some(ip),
+        &claims.email,
+        "oidc",
+        super::audit::Outcome::SignedIn,
+    );
     let admin = p.config().is_admin(&claims.email, &claims.groups);
     let (id, _) = match auth::create_oidc_session(&c.store, &claims.email, &claims.groups, admin) {
         Ok(s) => s,

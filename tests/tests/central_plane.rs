@@ -1,0 +1,379 @@
+//! The central plane under attack, against the real `sluice-collector` binary with real clients
+//! (curl): a burst of parallel wrong passwords from many addresses, what an enrolled agent may
+//! and may not claim, and what it may make the collector hold. Needs the workspace binaries
+//! (`cargo build --bins`); not root.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use sluice_e2e::{
+    TempDir, bin,
+    portal::{Collector, run_collector, write_plain_config},
+    wait_until,
+};
+
+/// `sluice-collector init`: the admin password it prints once.
+fn init(cfg: &Path) -> String {
+    let out = Command::new(bin("sluice-collector"))
+        .args(["init", "--config"])
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("password (shown once): "))
+        .expect("init printed the password")
+        .trim()
+        .to_owned()
+}
+
+/// Where the collector answers and the CA it is verified with.
+#[derive(Debug, Clone)]
+struct Api {
+    base: String,
+    ca: PathBuf,
+}
+
+impl Api {
+    fn of(c: &Collector) -> Self {
+        Self {
+            base: c.base.clone(),
+            ca: c.ca.clone(),
+        }
+    }
+}
+
+/// curl against the collector: (status, headers, body).
+fn curl(c: &Api, source: Option<&str>, args: &[&str]) -> (u16, String, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "60", "-D", "-", "--cacert"])
+        .arg(&c.ca)
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(s) = source {
+        cmd.args(["--interface", s]);
+    }
+    let out = cmd.args(args).stdin(Stdio::null()).output().unwrap();
+    parse_curl(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_curl(text: &str) -> (u16, String, String) {
+    let (rest, code) = text.rsplit_once('\n').unwrap_or(("", text));
+    let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    (
+        code.trim().parse().unwrap_or(0),
+        head.to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The double-submit token of the sign-in form: any 64 hex digits, in the cookie and the form.
+const FORM: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn sign_in_args(base: &str, user: &str, password: &str) -> Vec<String> {
+    vec![
+        "-H".into(),
+        format!("cookie: __Host-sluice-login={FORM}"),
+        "--data-urlencode".into(),
+        format!("csrf={FORM}"),
+        "--data-urlencode".into(),
+        format!("user={user}"),
+        "--data-urlencode".into(),
+        format!("password={password}"),
+        format!("{base}/login"),
+    ]
+}
+
+fn sign_in(c: &Api, source: &str, user: &str, password: &str) -> (u16, String) {
+    let args = sign_in_args(&c.base, user, password);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, head, _) = curl(c, Some(source), &args);
+    (code, head)
+}
+
+fn status_of(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Enrolls an agent as `host`: (agent id, credential).
+fn enroll(c: &Collector, host: &str) -> (String, String) {
+    let token = c.cli(&["token", "create"]).unwrap();
+    let api = Api::of(c);
+    let body = json!({"token": token.trim(), "hostname": host, "agent_version": "0.1.0"});
+    let (code, _, text) = curl(
+        &api,
+        None,
+        &[
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &body.to_string(),
+            &format!("{}/api/v1/enroll", c.base),
+        ],
+    );
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    (
+        v["agent_id"].as_str().unwrap().to_owned(),
+        v["credential"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A minimal valid HTTP Activity event.
+fn event(id: &str, time_ms: u64, user: &str) -> Value {
+    json!({
+        "id": id, "schema": 1, "time": time_ms, "class_uid": 4002,
+        "class_name": "HTTP Activity", "category_uid": 4, "activity_id": 3,
+        "activity_name": "view", "type_uid": 400_203, "severity_id": 1,
+        "message": format!("{user} viewed"),
+        "device": {"uid": "", "hostname": "laptop", "posture": "managed", "os": "Linux",
+                   "agent_version": "0.1.0"},
+        "actor": {"user": {"email_addr": user}},
+        "sluice": {"app": "files", "activity": "view", "action": "allow",
+                   "decided_by": "session", "incident": format!("inc-{id}")},
+    })
+}
+
+fn post_events(c: &Api, credential: &str, batch: &str, lines: &[Value]) -> (u16, String) {
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let (code, _, text) = curl(
+        c,
+        None,
+        &[
+            "-H",
+            "content-type: application/x-ndjson",
+            "-H",
+            &format!("authorization: Bearer {credential}"),
+            "-H",
+            &format!("x-sluice-batch: {batch}"),
+            "--data-binary",
+            &body,
+            &format!("{}/api/v1/events", c.base),
+        ],
+    );
+    (code, text)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// 200 parallel wrong passwords for one account, each from an address of its own: at most the
+/// configured number are checked, the account locks (the right password too is refused while
+/// it holds), and works again once the lock ends; the collector's memory stays within the
+/// bounded checks' share, ingestion keeps going during the burst, and every checked sign-in,
+/// failure and the lockout are audit events in the activity log.
+#[test]
+fn a_parallel_password_burst_is_checked_at_most_the_limit_and_locks_the_account() {
+    const PER_ACCOUNT: usize = 10;
+    const LOCK_S: u64 = 4;
+    let dir = TempDir::new("signin-burst");
+    let (cfg, port) = write_plain_config(
+        &dir.0,
+        &format!(
+            "[portal.sign_in]\nmax_failures_per_account = {PER_ACCOUNT}\nlockout_s = {LOCK_S}\n\
+             concurrent_hashes = 2\nwaiting_hashes = 8\n"
+        ),
+    )
+    .unwrap();
+    let password = init(&cfg);
+    let collector = run_collector(&dir.0, &cfg, port).unwrap();
+    let pid = collector.child.id();
+    let (_, credential) = enroll(&collector, "ingesting-laptop");
+    let c = Api::of(&collector);
+    // Warm: one event stored, so the baseline includes the ingestion path's memory.
+    let (code, text) = post_events(&c, &credential, "warm", &[event("warm-1", now_ms(), "w@x")]);
+    assert_eq!(code, 200, "{text}");
+    let rss_before_kib = status_of(pid, "VmRSS:");
+
+    // Ingestion beside the burst: a batch every 100 ms until the burst is over.
+    let done = Arc::new(AtomicBool::new(false));
+    let ingest = {
+        let (done, c, credential) = (done.clone(), c.clone(), credential.clone());
+        std::thread::spawn(move || {
+            let mut results = Vec::new();
+            let mut i = 0;
+            while !done.load(Ordering::Relaxed) && i < 600 {
+                let id = format!("during-{i}");
+                results.push(post_events(
+                    &c,
+                    &credential,
+                    &id,
+                    &[event(&id, now_ms(), "d@x")],
+                ));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            results
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let burst: Vec<_> = (0..200u32)
+        .map(|i| {
+            let source = format!("127.0.{}.{}", 1 + i / 200, 2 + i % 200);
+            let mut cmd = Command::new("curl");
+            cmd.args([
+                "-sS",
+                "--max-time",
+                "60",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .arg("--cacert")
+            .arg(&c.ca)
+            .args(["--interface", &source])
+            .args(sign_in_args(&c.base, "admin", "not the password"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    let codes: Vec<u16> = burst
+        .into_iter()
+        .map(|ch| {
+            let out = ch.wait_with_output().unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0)
+        })
+        .collect();
+    let burst_s = started.elapsed().as_secs_f64();
+    let hwm_kib = status_of(pid, "VmHWM:");
+    // Locked now: the right password is refused too.
+    let (code, head) = sign_in(&c, "127.0.3.1", "admin", &password);
+    assert_eq!(code, 429, "the right password during the lock: {head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    done.store(true, Ordering::Relaxed);
+    let during = ingest.join().unwrap();
+
+    let wrong = codes.iter().filter(|&&s| s == 401).count();
+    let refused = codes.iter().filter(|&&s| s == 429).count();
+    eprintln!(
+        "burst of 200 in {burst_s:.1} s: {wrong} checked and wrong (401), {refused} refused (429); \
+         RSS {rss_before_kib} KiB before, peak {hwm_kib} KiB; {} ingestion batches during it",
+        during.len()
+    );
+    assert_eq!(wrong + refused, 200, "every attempt answered: {codes:?}");
+    assert!(
+        (1..=PER_ACCOUNT).contains(&wrong),
+        "{wrong} passwords checked, the limit is {PER_ACCOUNT}"
+    );
+    // Memory: two argon2 checks at a time (19 MiB each) and 200 TLS connections, not 200 checks.
+    let bound_kib = rss_before_kib + 2 * 19 * 1024 + 64 * 1024;
+    assert!(
+        hwm_kib <= bound_kib,
+        "peak {hwm_kib} KiB over {bound_kib} KiB (before: {rss_before_kib} KiB)"
+    );
+    assert!(!during.is_empty());
+    for (code, text) in &during {
+        assert_eq!(*code, 200, "an ingestion batch during the burst: {text}");
+    }
+
+    // After the lock, the right password works (from any address).
+    std::thread::sleep(Duration::from_secs(LOCK_S + 1));
+    let (code, head) = sign_in(&c, "127.0.3.2", "admin", &password);
+    assert_eq!(code, 303, "the right password after the lock: {head}");
+    let session = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: __host-sluice-session=")
+                .then(|| {
+                    l.split_once('=')
+                        .unwrap()
+                        .1
+                        .split(';')
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                })
+        })
+        .expect("a session cookie");
+
+    // What the collector counted, and the audit trail in the activity log.
+    let cookie = format!("cookie: __Host-sluice-session={session}");
+    let (code, _, text) = curl(
+        &c,
+        None,
+        &["-H", &cookie, &format!("{}/api/v1/status", c.base)],
+    );
+    assert_eq!(code, 200, "{text}");
+    let st: Value = serde_json::from_str(&text).unwrap();
+    let si = &st["sign_in"];
+    assert_eq!(si["checked"].as_u64(), Some(wrong as u64 + 1), "{si}");
+    assert_eq!(si["lockouts"], 1, "{si}");
+    assert_eq!(si["succeeded"], 1, "{si}");
+    let found = wait_until(Duration::from_secs(10), || {
+        let (_, _, text) = curl(
+            &c,
+            None,
+            &[
+                "-H",
+                &cookie,
+                &format!("{}/api/v1/events?q=app:portal&limit=500", c.base),
+            ],
+        );
+        serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["events"].as_array().map(|a| a.len()))
+            == Some(wrong + 2)
+    });
+    let (_, _, text) = curl(
+        &c,
+        None,
+        &[
+            "-H",
+            &cookie,
+            &format!("{}/api/v1/events?q=app:portal&limit=500", c.base),
+        ],
+    );
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let events = v["events"].as_array().unwrap();
+    assert!(found, "audit events: {text}");
+    let count = |activity: &str, action: &str| {
+        events
+            .iter()
+            .filter(|e| e["sluice"]["activity"] == activity && e["sluice"]["action"] == action)
+            .count()
+    };
+    assert_eq!(count("login", "block"), wrong, "{text}");
+    assert_eq!(count("lockout", "block"), 1, "{text}");
+    assert_eq!(count("login", "allow"), 1, "{text}");
+    let lock = events
+        .iter()
+        .find(|e| e["sluice"]["activity"] == "lockout")
+        .unwrap();
+    assert_eq!(lock["class_uid"], 3001, "{lock}");
+    assert_eq!(lock["actor"]["user"]["email_addr"], "admin", "{lock}");
+    let ok = events
+        .iter()
+        .find(|e| e["sluice"]["action"] == "allow")
+        .unwrap();
+    assert_eq!(ok["class_uid"], 3002, "{ok}");
+    assert_eq!(ok["src_endpoint"]["ip"], "127.0.3.2", "{ok}");
+}
