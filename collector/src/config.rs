@@ -335,6 +335,18 @@ pub struct Limits {
     /// is closed (seconds). Default 120. Long polls are requests being handled, so they are
     /// never cut by it.
     pub idle_timeout_s: u64,
+    /// An agent's event dated more than this past the receive time is stored at the receive
+    /// time and flagged `time_future` (seconds). Default 600.
+    pub max_clock_skew_s: u64,
+    /// An agent's event dated more than this before the receive time is stored at the receive
+    /// time and flagged `time_past` (days). Default 30 (an agent's spool outlives outages).
+    pub max_event_age_days: u64,
+    /// Ingestion requests handled at once, all agents together; more wait up to 10 s, then get
+    /// 503. Default 8.
+    pub max_ingest_requests: usize,
+    /// Ingestion requests one agent may have handled at once; more get 429 at once (before
+    /// their body is read). Default 2.
+    pub max_ingest_requests_per_agent: usize,
 }
 
 impl Limits {
@@ -355,6 +367,10 @@ impl Default for Limits {
             max_connections: 4096,
             max_connections_per_address: 256,
             idle_timeout_s: 120,
+            max_clock_skew_s: 600,
+            max_event_age_days: 30,
+            max_ingest_requests: 8,
+            max_ingest_requests_per_agent: 2,
         }
     }
 }
@@ -549,6 +565,20 @@ impl Config {
         if l.idle_timeout_s == 0 {
             return Err(ConfigError::Invalid(
                 "limits: idle_timeout_s must be non-zero".into(),
+            ));
+        }
+        if l.max_ingest_requests == 0
+            || l.max_ingest_requests_per_agent == 0
+            || l.max_ingest_requests_per_agent > l.max_ingest_requests
+        {
+            return Err(ConfigError::Invalid(
+                "limits: max_ingest_requests_per_agent must be between 1 and max_ingest_requests"
+                    .into(),
+            ));
+        }
+        if l.max_event_age_days == 0 || l.max_clock_skew_s == 0 {
+            return Err(ConfigError::Invalid(
+                "limits: max_event_age_days and max_clock_skew_s must be non-zero".into(),
             ));
         }
         if self.forward.queue == 0 {

@@ -36,6 +36,7 @@ pub mod db;
 pub mod detect;
 pub mod export;
 pub mod forward;
+pub mod gate;
 pub mod portal;
 pub mod query;
 pub mod release;
@@ -151,6 +152,8 @@ pub struct Collector {
     pub detect: detect::Detection,
     /// The portal's sign-in limits and password checks.
     pub signin: portal::signin::Guard,
+    /// Places for ingestion batches, in all and per agent.
+    pub ingest_gate: gate::IngestGate,
 }
 
 impl Collector {
@@ -202,8 +205,13 @@ impl Collector {
         });
         let detect = detect::Detection::new(&config.detection);
         let signin = portal::signin::Guard::new(config.portal.sign_in.clone());
+        let ingest_gate = gate::IngestGate::new(
+            config.limits.max_ingest_requests,
+            config.limits.max_ingest_requests_per_agent,
+        );
         Self {
             signin,
+            ingest_gate,
             risk,
             detect,
             store,

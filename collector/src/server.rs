@@ -395,6 +395,16 @@ async fn agent_auth(
     c: &Arc<Collector>,
     headers: &hyper::HeaderMap,
 ) -> Result<(String, String), Response<BoxBody>> {
+    agent_auth_host(c, headers)
+        .await
+        .map(|(id, group, _)| (id, group))
+}
+
+/// [`agent_auth`] with the host name the agent enrolled with.
+async fn agent_auth_host(
+    c: &Arc<Collector>,
+    headers: &hyper::HeaderMap,
+) -> Result<(String, String, String), Response<BoxBody>> {
     let Some(token) = bearer(headers).map(str::to_owned) else {
         return Err(unauthorized(
             "an agent credential is required (Authorization: Bearer)",
@@ -402,7 +412,11 @@ async fn agent_auth(
     };
     let c2 = c.clone();
     match blocking(move || c2.store.authenticate_agent(&token)).await? {
-        AgentAuth::Valid { id, group } => Ok((id, group)),
+        AgentAuth::Valid {
+            id,
+            group,
+            hostname,
+        } => Ok((id, group, hostname)),
         AgentAuth::Revoked => Err(problem(
             StatusCode::FORBIDDEN,
             "Forbidden",
@@ -558,11 +572,49 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
         .get::<SocketAddr>()
         .map(|p| p.ip().to_canonical().to_string());
     let (parts, body) = req.into_parts();
-    let (agent, _group) = match agent_auth(&c, &parts.headers).await {
+    let (agent, _group, hostname) = match agent_auth_host(&c, &parts.headers).await {
         Ok(a) => a,
         Err(r) => return refuse(body, r).await,
     };
+    // A place among the batches being handled, before the body is read.
+    let _place = match c.ingest_gate.enter(&agent).await {
+        Ok(p) => p,
+        Err(crate::gate::Refusal::Agent) => {
+            let mut r = problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many batches",
+                &format!(
+                    "this agent has {} batches being stored already; send again after one is done",
+                    c.config.limits.max_ingest_requests_per_agent
+                ),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(1u32));
+            return refuse(body, r).await;
+        }
+        Err(crate::gate::Refusal::Busy) => {
+            let mut r = problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Busy",
+                "the collector is storing as many batches as it may; send again shortly",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(5u32));
+            return refuse(body, r).await;
+        }
+    };
     let limits = c.config.limits.clone();
+    let binding = crate::store::AgentBinding {
+        id: agent.clone(),
+        hostname,
+        now: crate::store::now_ms(),
+        max_future_ms: i64::try_from(limits.max_clock_skew_s)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000),
+        max_past_ms: i64::try_from(limits.max_event_age_days)
+            .unwrap_or(i64::MAX / 86_400_000)
+            .saturating_mul(86_400_000),
+    };
     let batch: String = parts
         .headers
         .get(BATCH_HEADER)
@@ -605,19 +657,39 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
         Err(e) => return bad_request(&format!("reading the body: {e}")),
     };
     let c2 = c.clone();
-    let agent2 = agent.clone();
     let collect_new = c.forward.wants_events();
     let collect_parsed = c.detect.enabled();
     let result = tokio::task::spawn_blocking(move || -> Result<_, Response<BoxBody>> {
         let body = if gzip {
             use std::io::Read as _;
-            let mut out = Vec::new();
+            // The gzip trailer states the (last member's) size inflated: a batch that says it
+            // is larger than the bound is refused without inflating a byte, and the buffer is
+            // made the stated size at once instead of doubling its way there. A trailer that
+            // lies is caught by the bounded read all the same.
+            let stated = raw
+                .len()
+                .checked_sub(4)
+                .and_then(|at| raw.get(at..))
+                .map(|t| u64::from(u32::from_le_bytes([t[0], t[1], t[2], t[3]])));
+            if stated.is_some_and(|n| n > limits.max_body_inflated) {
+                return Err(too_large("inflated", limits.max_body_inflated));
+            }
+            let mut out = Vec::with_capacity(
+                usize::try_from(stated.unwrap_or(0).min(limits.max_body_inflated))
+                    .unwrap_or(0)
+                    .saturating_add(1),
+            );
             let mut dec = flate2::read::MultiGzDecoder::new(&raw[..])
                 .take(limits.max_body_inflated.saturating_add(1));
             if let Err(e) = dec.read_to_end(&mut out) {
                 return Err(bad_request(&format!("the body is not valid gzip: {e}")));
             }
             if out.len() as u64 > limits.max_body_inflated {
+                drop(out);
+                // A bomb's buffer goes back to the system now, not when this thread next
+                // allocates.
+                // SAFETY: `mi_collect` takes no pointers and may be called at any time.
+                unsafe { libmimalloc_sys::mi_collect(true) };
                 return Err(too_large("inflated", limits.max_body_inflated));
             }
             Bytes::from(out)
@@ -628,7 +700,7 @@ async fn ingest(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
             .ingest(
                 &body,
                 IngestOptions {
-                    agent: Some(&agent2),
+                    agent: Some(&binding),
                     collect_new,
                     collect_parsed,
                     sealed: Some(&|tx: &crate::db::Conn, b: &crate::store::SealedBox| {
@@ -1259,6 +1331,7 @@ async fn status(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
             "forward": c.forward.stats(),
             "detection": c.detect.report(),
             "connections": c.conns.stats(),
+            "ingest_gate": c.ingest_gate.stats(),
             "sign_in": {
                 "checked": c.signin.stats.checked.load(Relaxed),
                 "succeeded": c.signin.stats.succeeded.load(Relaxed),

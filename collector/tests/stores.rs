@@ -138,7 +138,16 @@ fn the_same_queries_give_the_same_rows_on_both_stores() {
                 .iter()
                 .map(|e| serde_json::to_string(e).unwrap() + "\n")
                 .collect();
-            let agent = format!("ag_{}", k % 3);
+            // The events name five hosts and are a week old at most: held to the agent's
+            // identity, their device id and host name are replaced (and flagged) alike on
+            // both stores.
+            let agent = sluice_collector::store::AgentBinding {
+                id: format!("ag_{}", k % 3),
+                hostname: format!("host-{}", k % 5),
+                now: now_ms(),
+                max_future_ms: 600_000,
+                max_past_ms: 30 * 86_400_000,
+            };
             let opts = IngestOptions {
                 agent: Some(&agent),
                 ..IngestOptions::default()

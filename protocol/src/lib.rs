@@ -90,6 +90,30 @@ pub struct Event {
     /// The agent's status (Device Inventory Info).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_status: Option<AgentStatus>,
+    /// What the collector noted when it stored an agent's event (set by the collector alone:
+    /// an agent's own value is dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<Received>,
+}
+
+/// The collector's note on an agent's event whose claims it did not take as sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Received {
+    /// When the collector received it (Unix milliseconds).
+    pub time: u64,
+    /// What did not match the agent's credential or the clock: `device_uid` (another device's
+    /// id), `hostname` (another host name than the one enrolled), `time_future`, `time_past`
+    /// (the event's time was replaced by the receive time).
+    pub flags: Vec<String>,
+    /// The device id the event claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_device_uid: Option<String>,
+    /// The host name the event claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_hostname: Option<String>,
+    /// The time the event claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_time: Option<u64>,
 }
 
 /// OCSF `device`.
@@ -498,6 +522,7 @@ impl Event {
             sluice: None,
             posture: None,
             agent_status: None,
+            received: None,
         }
     }
 

@@ -377,3 +377,251 @@ fn a_parallel_password_burst_is_checked_at_most_the_limit_and_locks_the_account(
     assert_eq!(ok["class_uid"], 3002, "{ok}");
     assert_eq!(ok["src_endpoint"]["ip"], "127.0.3.2", "{ok}");
 }
+
+/// The query API's events for `q`, with an API token.
+fn search(c: &Api, token: &str, q: &str) -> Vec<Value> {
+    let (code, _, text) = curl(
+        c,
+        None,
+        &[
+            "-G",
+            "-H",
+            &format!("authorization: Bearer {token}"),
+            "--data-urlencode",
+            &format!("q={q}"),
+            "--data-urlencode",
+            "limit=1000",
+            &format!("{}/api/v1/events", c.base),
+        ],
+    );
+    assert_eq!(code, 200, "{text}");
+    serde_json::from_str::<Value>(&text).unwrap()["events"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// An enrolled agent forging another device's id and host name, or far-future and far-past
+/// times: its events are stored under its own identity at the receive time, flagged with what
+/// they claimed. A gzip bomb is refused; 100 concurrent 16 MiB posts from one agent are
+/// refused past its share (and hold only that share's memory) while another agent's batches,
+/// posted meanwhile, are all stored.
+#[test]
+fn an_agent_is_trusted_for_its_own_device_only_and_cannot_crowd_out_another() {
+    let dir = TempDir::new("agent-trust");
+    let (cfg, port) = write_plain_config(&dir.0, "").unwrap();
+    let collector = run_collector(&dir.0, &cfg, port).unwrap();
+    let pid = collector.child.id();
+    let c = Api::of(&collector);
+    let (a_id, a_cred) = enroll(&collector, "laptop-a");
+    let (b_id, b_cred) = enroll(&collector, "laptop-b");
+    let token = collector
+        .cli(&["apitoken", "create", "--name", "soc"])
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // A claims to be B, from the future and from long ago.
+    let now = now_ms();
+    let mut forged = event("forged-1", now, "mallory@corp.example");
+    forged["device"]["uid"] = json!(b_id);
+    forged["device"]["hostname"] = json!("laptop-b");
+    let mut future = event("future-1", now + 365 * 86_400_000, "mallory@corp.example");
+    future["device"]["hostname"] = json!("laptop-a");
+    let mut past = event("past-1", now - 400 * 86_400_000, "mallory@corp.example");
+    past["device"]["hostname"] = json!("laptop-a");
+    let mut honest = event("honest-1", now - 1000, "alice@corp.example");
+    honest["device"]["hostname"] = json!("laptop-a");
+    // A flag of its own is not taken either.
+    honest["received"] = json!({"time": 1, "flags": []});
+    let (code, text) = post_events(&c, &a_cred, "forge", &[forged, future, past, honest]);
+    assert_eq!(code, 200, "{text}");
+    let after = now_ms();
+    let stored = search(&c, &token, "");
+    let by_id = |id: &str| {
+        stored
+            .iter()
+            .find(|e| e["id"] == id)
+            .unwrap_or_else(|| panic!("{id} not stored: {stored:?}"))
+            .clone()
+    };
+    let f = by_id("forged-1");
+    assert_eq!(f["device"]["uid"], a_id.as_str(), "{f}");
+    assert_eq!(f["device"]["hostname"], "laptop-a", "{f}");
+    assert_eq!(
+        f["received"]["flags"],
+        json!(["device_uid", "hostname"]),
+        "{f}"
+    );
+    assert_eq!(f["received"]["claimed_device_uid"], b_id.as_str(), "{f}");
+    assert_eq!(f["received"]["claimed_hostname"], "laptop-b", "{f}");
+    for (id, flag) in [("future-1", "time_future"), ("past-1", "time_past")] {
+        let e = by_id(id);
+        let t = e["time"].as_u64().unwrap();
+        assert!(
+            (now..=after).contains(&t),
+            "{id} kept its claimed time: {e}"
+        );
+        assert_eq!(e["received"]["flags"], json!([flag]), "{e}");
+        assert!(e["received"]["claimed_time"].as_u64().is_some(), "{e}");
+    }
+    let h = by_id("honest-1");
+    assert!(h.get("received").is_none(), "{h}");
+    assert_eq!(h["time"].as_u64(), Some(now - 1000));
+    // The future event does not sit on top of the log: the newest is one of this batch at the
+    // receive time, not a year ahead.
+    assert!(stored[0]["time"].as_u64().unwrap() <= after);
+
+    // A gzip bomb: 1 GiB of zeros in about 1 MiB.
+    let bomb = dir.0.join("bomb.gz");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 1073741824 /dev/zero | gzip -1 > {}",
+            bomb.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, _, text) = curl(
+        &c,
+        None,
+        &[
+            "-H",
+            "content-encoding: gzip",
+            "-H",
+            &format!("authorization: Bearer {a_cred}"),
+            "--data-binary",
+            &format!("@{}", bomb.display()),
+            &format!("{}/api/v1/events", c.base),
+        ],
+    );
+    assert_eq!(code, 413, "the bomb: {text}");
+    assert!(text.contains("inflated"), "{text}");
+    // The same bomb with a trailer that lies about its size: inflated up to the bound, no
+    // further.
+    let mut lying = std::fs::read(&bomb).unwrap();
+    let n = lying.len();
+    lying[n - 4..].copy_from_slice(&1000u32.to_le_bytes());
+    let liar = dir.0.join("liar.gz");
+    std::fs::write(&liar, lying).unwrap();
+    let (code, _, text) = curl(
+        &c,
+        None,
+        &[
+            "-H",
+            "content-encoding: gzip",
+            "-H",
+            &format!("authorization: Bearer {a_cred}"),
+            "--data-binary",
+            &format!("@{}", liar.display()),
+            &format!("{}/api/v1/events", c.base),
+        ],
+    );
+    assert_eq!(code, 413, "the lying bomb: {text}");
+    assert!(text.contains("inflated"), "{text}");
+
+    // 100 concurrent posts of 16 MiB (lines that are no events) from A, while B posts.
+    let big = dir.0.join("big.jsonl");
+    {
+        use std::io::Write as _;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        let line = format!("{{\"junk\": \"{}\"}}\n", "x".repeat(1000));
+        let mut written = 0;
+        while written + line.len() <= 16 << 20 {
+            f.write_all(line.as_bytes()).unwrap();
+            written += line.len();
+        }
+    }
+    let rss_before_kib = status_of(pid, "VmRSS:");
+    // The peak from here on (the bombs' is behind us).
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    let flood: Vec<_> = (0..100)
+        .map(|i| {
+            let mut cmd = Command::new("curl");
+            cmd.args([
+                "-sS",
+                "--max-time",
+                "120",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .arg("--cacert")
+            .arg(&c.ca)
+            .args([
+                "-H",
+                "content-type: application/x-ndjson",
+                "-H",
+                &format!("authorization: Bearer {a_cred}"),
+                "-H",
+                &format!("x-sluice-batch: flood-{i}"),
+                "-X",
+                "POST",
+                "-T",
+            ])
+            .arg(&big)
+            .arg(format!("{}/api/v1/events", c.base))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    let mut b_results = Vec::new();
+    for i in 0..5 {
+        let id = format!("b-during-{i}");
+        let mut e = event(&id, now_ms(), "bob@corp.example");
+        e["device"]["hostname"] = json!("laptop-b");
+        b_results.push(post_events(&c, &b_cred, &id, &[e]));
+    }
+    let codes: Vec<u16> = flood
+        .into_iter()
+        .map(|ch| {
+            let out = ch.wait_with_output().unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0)
+        })
+        .collect();
+    let hwm_kib = status_of(pid, "VmHWM:");
+    let handled = codes.iter().filter(|&&s| s == 200).count();
+    let refused = codes.iter().filter(|&&s| s == 429).count();
+    eprintln!(
+        "flood of 100 x 16 MiB: {handled} handled, {refused} refused (429); RSS {rss_before_kib} \
+         KiB before, peak {hwm_kib} KiB"
+    );
+    // curl may report a refused upload as a failed transfer (the collector answers before
+    // reading the body): the collector's own count says what it refused.
+    let (_, _, text) = curl(
+        &c,
+        None,
+        &[
+            "-H",
+            &format!("authorization: Bearer {token}"),
+            &format!("{}/api/v1/status", c.base),
+        ],
+    );
+    let st: Value = serde_json::from_str(&text).unwrap();
+    let refused_agent = st["ingest_gate"]["refused_agent"].as_u64().unwrap() as usize;
+    eprintln!("the collector refused {refused_agent} of A's posts for its share");
+    assert_eq!(handled + refused_agent, 100, "{codes:?} {st}");
+    assert!(refused_agent >= 50, "{refused_agent} of 100 refused");
+    assert!(
+        codes.iter().all(|&s| s == 200 || s == 429 || s == 0),
+        "{codes:?}"
+    );
+    for (code, text) in &b_results {
+        assert_eq!(*code, 200, "B's batch during A's flood: {text}");
+    }
+    // Two of A's batches at a time, each its body and its parse: far from 100 x 16 MiB.
+    assert!(
+        hwm_kib <= rss_before_kib + 256 * 1024,
+        "peak {hwm_kib} KiB (before {rss_before_kib} KiB)"
+    );
+    let b_stored = search(&c, &token, "user:bob@corp.example");
+    assert_eq!(b_stored.len(), 5, "{b_stored:?}");
+    assert!(b_stored.iter().all(|e| e["device"]["uid"] == b_id.as_str()));
+}

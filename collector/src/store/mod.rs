@@ -382,8 +382,10 @@ pub struct IngestOutcome {
 /// What ingestion needs to know about the caller.
 #[derive(Clone, Copy, Default)]
 pub struct IngestOptions<'a> {
-    /// The authenticated agent: its id replaces whatever `device.uid` the events claim.
-    pub agent: Option<&'a str>,
+    /// The authenticated agent: its id and enrolled host name replace whatever the events
+    /// claim, and times far from the receive time are replaced by it (each noted in the
+    /// event's `received`).
+    pub agent: Option<&'a AgentBinding>,
     /// Collect the stored events' JSON into [`IngestOutcome::new_events`].
     pub collect_new: bool,
     /// Collect the stored events themselves into [`IngestOutcome::new_parsed`].
@@ -392,6 +394,64 @@ pub struct IngestOptions<'a> {
     /// event (only for events stored for the first time). The events are stored without them.
     /// Without it, sealed boxes are dropped.
     pub sealed: Option<&'a SealedSink<'a>>,
+}
+
+/// The authenticated agent an ingestion is for, and the clock its events are held to.
+#[derive(Debug, Clone)]
+pub struct AgentBinding {
+    /// The agent's id (its credential's).
+    pub id: String,
+    /// The host name it enrolled with.
+    pub hostname: String,
+    /// The receive time (Unix ms).
+    pub now: i64,
+    /// How far past `now` an event's time may lie (ms).
+    pub max_future_ms: i64,
+    /// How far before `now` an event's time may lie (ms).
+    pub max_past_ms: i64,
+}
+
+impl AgentBinding {
+    /// Holds `e` to the agent's identity and the clock; true when something was changed.
+    pub fn bind(&self, e: &mut Event) -> bool {
+        let mut changed = e.received.take().is_some();
+        let mut r = sluice_protocol::Received {
+            time: u64::try_from(self.now).unwrap_or(0),
+            ..Default::default()
+        };
+        if e.device.uid != self.id {
+            changed = true;
+            // An empty id is the agent not knowing its own yet, not a claim.
+            if !e.device.uid.is_empty() {
+                r.flags.push("device_uid".into());
+                r.claimed_device_uid = Some(std::mem::take(&mut e.device.uid));
+            }
+            self.id.clone_into(&mut e.device.uid);
+        }
+        if e.device.hostname != self.hostname {
+            changed = true;
+            if !e.device.hostname.is_empty() {
+                r.flags.push("hostname".into());
+                r.claimed_hostname = Some(std::mem::take(&mut e.device.hostname));
+            }
+            self.hostname.clone_into(&mut e.device.hostname);
+        }
+        let t = i64::try_from(e.time).unwrap_or(i64::MAX);
+        if t > self.now.saturating_add(self.max_future_ms) {
+            r.flags.push("time_future".into());
+        } else if t < self.now.saturating_sub(self.max_past_ms) {
+            r.flags.push("time_past".into());
+        }
+        if r.flags.iter().any(|f| f.starts_with("time_")) {
+            changed = true;
+            r.claimed_time = Some(e.time);
+            e.time = r.time;
+        }
+        if !r.flags.is_empty() {
+            e.received = Some(r);
+        }
+        changed
+    }
 }
 
 impl std::fmt::Debug for IngestOptions<'_> {
@@ -600,7 +660,7 @@ fn row_of(e: &Event, json: Vec<u8>) -> Result<Row, String> {
 /// Parses and checks event lines; the error says why a line is rejected.
 fn parse_lines(
     lines: &[&[u8]],
-    agent: Option<&str>,
+    agent: Option<&AgentBinding>,
     codec: &codec::Codec,
 ) -> Vec<Result<(Row, Event), String>> {
     lines
@@ -611,15 +671,11 @@ fn parse_lines(
             }
             let mut e = serde_json::from_slice::<Event>(line).map_err(|e| e.to_string())?;
             e.validate()?;
-            // The line is kept as sent (it parsed as exactly one event), unless the device id
-            // it claims is not the authenticated agent's: then the corrected event is
-            // serialised again.
+            // The line is kept as sent (it parsed as exactly one event), unless it claims what
+            // the authenticated agent may not: then the corrected event is serialised again.
             let mut changed = false;
-            if let Some(agent) = agent
-                && e.device.uid != agent
-            {
-                agent.clone_into(&mut e.device.uid);
-                changed = true;
+            if let Some(agent) = agent {
+                changed = agent.bind(&mut e);
             }
             let sealed = take_sealed(&mut e);
             let json = if changed || !sealed.is_empty() {
@@ -645,7 +701,7 @@ fn split_lines(body: &[u8]) -> Vec<&[u8]> {
 /// The valid events of a JSON Lines body, and an outcome counting the rejected lines.
 fn parse_body(
     body: &[u8],
-    agent: Option<&str>,
+    agent: Option<&AgentBinding>,
     codec: &codec::Codec,
 ) -> (Vec<(Row, Event)>, IngestOutcome) {
     let lines = split_lines(body);
@@ -820,8 +876,9 @@ fn store_rows(
             out.new_events.push(bytes::Bytes::from(r.json.clone()));
         }
     }
-    update_devices(tx, rows.iter().map(|(_, e)| e), opts.agent, now)?;
-    if let Some(agent) = opts.agent {
+    let agent = opts.agent.map(|a| a.id.as_str());
+    update_devices(tx, rows.iter().map(|(_, e)| e), agent, now)?;
+    if let Some(agent) = agent {
         tx.execute(
             "UPDATE agents SET last_seen = ?1 WHERE id = ?2",
             args![now, agent],
@@ -1008,6 +1065,8 @@ pub enum AgentAuth {
         id: String,
         /// Its group.
         group: String,
+        /// The host name it enrolled with.
+        hostname: String,
     },
     /// Known but revoked.
     Revoked,
@@ -1612,18 +1671,22 @@ impl Store {
     /// Checks an agent credential and records the agent as seen.
     pub fn authenticate_agent(&self, credential: &str) -> Result<AgentAuth, StoreError> {
         let hash = sha256_hex(credential.as_bytes());
-        let row: Option<(String, String, Option<i64>)> = self.with_read(|c| {
+        let row: Option<(String, String, Option<i64>, String)> = self.with_read(|c| {
             c.query_row(
-                "SELECT id, grp, revoked_at FROM agents WHERE credential_sha256 = ?1",
+                "SELECT id, grp, revoked_at, hostname FROM agents WHERE credential_sha256 = ?1",
                 args![hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()
         })?;
         Ok(match row {
             None => AgentAuth::Unknown,
-            Some((_, _, Some(_))) => AgentAuth::Revoked,
-            Some((id, group, None)) => AgentAuth::Valid { id, group },
+            Some((_, _, Some(_), _)) => AgentAuth::Revoked,
+            Some((id, group, None, hostname)) => AgentAuth::Valid {
+                id,
+                group,
+                hostname,
+            },
         })
     }
 
