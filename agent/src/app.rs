@@ -695,6 +695,12 @@ async fn supervise(
     }
     if let Some(t) = target.clone().filter(|t| !t.agent_id.is_empty()) {
         tasks.spawn(named(
+            "credential",
+            crate::report::renew::keep_fresh(t, config.state_dir.clone(), shutdown.clone()),
+        ));
+    }
+    if let Some(t) = target.clone().filter(|t| !t.agent_id.is_empty()) {
+        tasks.spawn(named(
             "risk",
             crate::report::risk::poll(t, device_state.clone(), shutdown.clone()),
         ));

@@ -129,6 +129,9 @@ pub struct Config {
     /// Anomaly detection and alerts (see [`crate::detect::config`]): on by default.
     #[serde(default)]
     pub detection: crate::detect::DetectionConfig,
+    /// Agents' credentials.
+    #[serde(default)]
+    pub agents: AgentsConfig,
     /// Where events and everything else are stored: SQLite in `state_dir` (default), or a
     /// PostgreSQL database shared by several collectors.
     #[serde(default)]
@@ -309,6 +312,32 @@ fn default_scopes() -> Vec<String> {
 }
 fn default_groups_claim() -> String {
     "groups".into()
+}
+
+/// `[agents]`: how long an agent's credential lasts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    /// Seconds a credential is accepted after it was issued (at enrollment or renewal); agents
+    /// renew theirs half way. Default 2592000 (30 days).
+    pub credential_lifetime_s: u64,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        Self {
+            credential_lifetime_s: 30 * 86_400,
+        }
+    }
+}
+
+impl AgentsConfig {
+    /// [`AgentsConfig::credential_lifetime_s`] in milliseconds.
+    pub fn credential_ms(&self) -> i64 {
+        i64::try_from(self.credential_lifetime_s)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000)
+    }
 }
 
 /// Bounds on requests.
@@ -528,6 +557,7 @@ impl Config {
             forward: ForwardConfig::default(),
             portal: PortalConfig::default(),
             detection: crate::detect::DetectionConfig::default(),
+            agents: AgentsConfig::default(),
             store: StoreConfig::default(),
         }
     }
@@ -537,6 +567,11 @@ impl Config {
             .sign_in
             .validate()
             .map_err(ConfigError::Invalid)?;
+        if !(4..=3650 * 86_400).contains(&self.agents.credential_lifetime_s) {
+            return Err(ConfigError::Invalid(
+                "agents.credential_lifetime_s must be from 4 s to 3650 days".into(),
+            ));
+        }
         if self.ca_days == 0 || self.ca_days > MAX_CA_DAYS {
             return Err(ConfigError::Invalid(format!(
                 "ca_days must be 1 to {MAX_CA_DAYS}"

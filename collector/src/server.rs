@@ -286,6 +286,7 @@ pub async fn handle(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBo
     let method = req.method().clone();
     let mut resp = match (method.clone(), path.as_str()) {
         (Method::POST, "/api/v1/enroll") => enroll(c, req).await,
+        (Method::POST, "/api/v1/renew") => renew(c, req).await,
         (Method::POST, "/api/v1/events") => ingest(c, req).await,
         (Method::GET, "/api/v1/bundles/current") => bundle_current(c, req).await,
         (Method::GET, "/api/v1/events") => search(c, req).await,
@@ -339,6 +340,7 @@ pub async fn handle(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBo
 
 const KNOWN: &[&str] = &[
     "/api/v1/enroll",
+    "/api/v1/renew",
     "/api/v1/events",
     "/api/v1/bundles/current",
     "/api/v1/events/export",
@@ -422,6 +424,11 @@ async fn agent_auth_host(
             "Forbidden",
             "this agent has been revoked; enroll it again with a new token",
         )),
+        AgentAuth::Expired(at) => Err(unauthorized(&format!(
+            "this agent's credential expired at {} (Unix ms) without being renewed; enroll it \
+             again with a new token",
+            at
+        ))),
         AgentAuth::Unknown => Err(unauthorized("unknown agent credential")),
     }
 }
@@ -529,7 +536,12 @@ async fn enroll(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
     };
     let c2 = c.clone();
     match tokio::task::spawn_blocking(move || {
-        c2.store.enroll(&er.token, &er.hostname, &er.agent_version)
+        c2.store.enroll(
+            &er.token,
+            &er.hostname,
+            &er.agent_version,
+            c2.config.agents.credential_ms(),
+        )
     })
     .await
     {
@@ -543,6 +555,39 @@ async fn enroll(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> 
         }
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
+    }
+}
+
+/// `POST /api/v1/renew`: a new credential for the agent asking with its current one.
+async fn renew(c: Arc<Collector>, req: Request<Incoming>) -> Response<BoxBody> {
+    let (agent, _) = match agent_auth(&c, req.headers()).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let Some(current) = bearer(req.headers()).map(str::to_owned) else {
+        return unauthorized("an agent credential is required (Authorization: Bearer)");
+    };
+    let (c2, a2) = (c.clone(), agent.clone());
+    let ms = c.config.agents.credential_ms();
+    match blocking(move || c2.store.renew_agent(&a2, &current, ms)).await {
+        Ok(Some((credential, expires))) => {
+            tracing::info!(%agent, "agent credential renewed");
+            json(
+                StatusCode::OK,
+                &sluice_protocol::RenewResponse {
+                    credential,
+                    credential_expires_at: u64::try_from(expires / 1000).unwrap_or(0),
+                },
+            )
+        }
+        // Authenticated with the credential a renewal already replaced (in its grace): the
+        // current one is what the agent should use.
+        Ok(None) => problem(
+            StatusCode::CONFLICT,
+            "Renewed already",
+            "this credential was replaced by a renewal; use the newer one",
+        ),
+        Err(r) => r,
     }
 }
 
@@ -819,6 +864,10 @@ async fn bundle_current(c: Arc<Collector>, req: Request<Incoming>) -> Response<B
             tokio::time::sleep_until(deadline).await;
         }
     };
+    // An agent revoked (or expired) while its poll was held gets nothing more.
+    if let Err(r) = agent_auth(&c, req.headers()).await {
+        return r;
+    }
     let c2 = c.clone();
     let id = meta.id;
     let bytes = match blocking(move || c2.store.bundle_bytes(id)).await {
@@ -871,6 +920,10 @@ async fn risk_current(c: Arc<Collector>, req: Request<Incoming>) -> Response<Box
             tokio::time::sleep_until(deadline).await;
         }
     };
+    // An agent revoked (or expired) while its poll was held gets nothing more.
+    if let Err(r) = agent_auth(&c, req.headers()).await {
+        return r;
+    }
     // An agent learns its own device's mark, never the others'.
     let mine = sluice_protocol::risk::RiskState {
         revision: state.revision,

@@ -132,6 +132,8 @@ fn the_same_queries_give_the_same_rows_on_both_stores() {
 
     let now = now_ms() as u64;
     let events: Vec<Event> = (0..EVENTS).map(|i| event(i, now)).collect();
+    // One receive time for both stores, so their rows are the same.
+    let received = now_ms();
     for store in [&lite, &post] {
         for (k, chunk) in events.chunks(500).enumerate() {
             let body: String = chunk
@@ -144,7 +146,7 @@ fn the_same_queries_give_the_same_rows_on_both_stores() {
             let agent = sluice_collector::store::AgentBinding {
                 id: format!("ag_{}", k % 3),
                 hostname: format!("host-{}", k % 5),
-                now: now_ms(),
+                now: received,
                 max_future_ms: 600_000,
                 max_past_ms: 30 * 86_400_000,
             };

@@ -463,6 +463,21 @@ pub struct EnrollResponse {
     pub credential: String,
     /// The agent group it belongs to (decides its bundle).
     pub group: String,
+    /// When the credential stops being accepted (Unix seconds); the agent renews it before
+    /// ([`RenewResponse`]). Absent: a collector whose credentials do not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_expires_at: Option<u64>,
+}
+
+/// The collector's answer to `POST /api/v1/renew`: a new credential for the agent that asked
+/// with its current one. The one it replaces is still accepted for a few minutes, so an answer
+/// lost on the way costs nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewResponse {
+    /// The new credential.
+    pub credential: String,
+    /// When it stops being accepted (Unix seconds).
+    pub credential_expires_at: u64,
 }
 
 /// The collector's answer to `POST /api/v1/events` (a gzip'd JSON Lines batch of [`Event`]s).

@@ -625,3 +625,175 @@ fn an_agent_is_trusted_for_its_own_device_only_and_cannot_crowd_out_another() {
     assert_eq!(b_stored.len(), 5, "{b_stored:?}");
     assert!(b_stored.iter().all(|e| e["device"]["uid"] == b_id.as_str()));
 }
+
+/// Credentials expire and the agent renews its own (the agent's renewal task against the real
+/// collector) without a new enrollment: after twice the credential's life the agent still
+/// posts, the credential it replaced works for the grace only, an agent that does not renew is
+/// refused once its credential expires, and a revoked agent stops being served at once, a long
+/// poll it held included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_expire_are_renewed_by_the_agent_and_revoked_at_once() {
+    use sluice::report::{Target, enroll, renew};
+    const LIFE_S: u64 = 6;
+    let dir = TempDir::new("agent-credentials");
+    let (cfg, port) = write_plain_config(
+        &dir.0,
+        &format!("[agents]\ncredential_lifetime_s = {LIFE_S}\n"),
+    )
+    .unwrap();
+    let collector = run_collector(&dir.0, &cfg, port).unwrap();
+    let c = Api::of(&collector);
+    let admin = collector
+        .cli(&["apitoken", "create", "--name", "soc"])
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // The agent enrolls as it does in `sluice enroll`.
+    let state = dir.0.join("agent-state");
+    let token = collector.cli(&["token", "create"]).unwrap();
+    let enrolled = enroll::enroll(&state, &c.base, token.trim(), Some(&c.ca), false)
+        .await
+        .unwrap();
+    let e = enroll::load(&state).unwrap().unwrap();
+    let issued = e.credential_issued_at.unwrap();
+    assert_eq!(
+        e.credential_expires_at.map(|x| x - issued),
+        Some(LIFE_S),
+        "{e:?}"
+    );
+    let target = Target {
+        collector: c.base.clone(),
+        collector_ca: enrolled.collector_ca.clone(),
+        credential_file: enroll::credential_path(&state),
+        agent_id: enrolled.agent_id.clone(),
+        fallbacks: Vec::new(),
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap().trim().to_owned();
+    let first = read(&target.credential_file);
+    let host = e.agent_id.clone();
+    let post = |cred: &str, id: &str| {
+        let (code, text) = post_events(&c, cred, id, &[event(id, now_ms(), "alice@corp.example")]);
+        (code, text)
+    };
+    assert_eq!(post(&first, "cred-0").0, 200);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let renewing = tokio::spawn(renew::keep_fresh(
+        target.clone(),
+        state.clone(),
+        stop.clone(),
+    ));
+    // Renewed half way, without a new enrollment; and again.
+    let mut seen = vec![first.clone()];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2 * LIFE_S + 2) {
+        let now = read(&target.credential_file);
+        if !seen.contains(&now) {
+            seen.push(now);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(seen.len() >= 3, "renewed {} times", seen.len() - 1);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&target.credential_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // Past twice the first credential's life: the current one is accepted, the first is not.
+    let current = read(&target.credential_file);
+    let (code, text) = tokio::task::block_in_place(|| post(&current, "cred-1"));
+    assert_eq!(code, 200, "{text}");
+    let (code, text) = tokio::task::block_in_place(|| post(&first, "cred-2"));
+    assert_eq!(code, 401, "the first credential, long replaced: {text}");
+    assert_eq!(enroll::load(&state).unwrap().unwrap().agent_id, host);
+
+    // Revoked: refused at once, and a long poll held from before is answered with the refusal.
+    let auth = format!("authorization: Bearer {current}");
+    let (code, head, _) = curl(&c, None, &["-H", &auth, &format!("{}/api/v1/risk", c.base)]);
+    assert_eq!(code, 200);
+    let etag = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("etag:")
+                .then(|| l[5..].trim().to_owned())
+        })
+        .unwrap();
+    let poll = {
+        let (c, auth) = (c.clone(), auth.clone());
+        std::thread::spawn(move || {
+            curl(
+                &c,
+                None,
+                &[
+                    "-H",
+                    &auth,
+                    "-H",
+                    &format!("if-none-match: {etag}"),
+                    "-H",
+                    "prefer: wait=30",
+                    &format!("{}/api/v1/risk", c.base),
+                ],
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    renewing.await.unwrap().unwrap();
+    collector.cli(&["agent", "revoke", &host]).unwrap();
+    let (code, text) = tokio::task::block_in_place(|| post(&current, "cred-3"));
+    assert_eq!(code, 403, "a revoked agent's batch: {text}");
+    // Something for the poll to wake on.
+    let (code, _, text) = curl(
+        &c,
+        None,
+        &[
+            "-H",
+            &format!("authorization: Bearer {admin}"),
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            r#"{"level": "untrusted", "reason": "test"}"#,
+            &format!("{}/api/v1/risk/devices/someone-else", c.base),
+        ],
+    );
+    assert_eq!(code, 200, "{text}");
+    let (code, _, text) = poll.join().unwrap();
+    assert_eq!(code, 403, "the long poll of a revoked agent: {text}");
+
+    // An agent that does not renew is refused once its credential's life is over.
+    let token = collector.cli(&["token", "create"]).unwrap();
+    let (_, lazy) = enroll_with(&c, token.trim(), "lazy-host");
+    assert_eq!(tokio::task::block_in_place(|| post(&lazy, "lazy-0")).0, 200);
+    tokio::time::sleep(Duration::from_secs(LIFE_S + 1)).await;
+    let (code, text) = tokio::task::block_in_place(|| post(&lazy, "lazy-1"));
+    assert_eq!(code, 401, "{text}");
+    assert!(text.contains("expired"), "{text}");
+}
+
+/// Enrolls with a token made already: (agent id, credential).
+fn enroll_with(c: &Api, token: &str, host: &str) -> (String, String) {
+    let body = json!({"token": token, "hostname": host, "agent_version": "0.1.0"});
+    let (code, _, text) = curl(
+        c,
+        None,
+        &[
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &body.to_string(),
+            &format!("{}/api/v1/enroll", c.base),
+        ],
+    );
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    (
+        v["agent_id"].as_str().unwrap().to_owned(),
+        v["credential"].as_str().unwrap().to_owned(),
+    )
+}

@@ -38,6 +38,12 @@ pub struct Enrollment {
     /// When (Unix seconds).
     #[serde(default)]
     pub enrolled_at: u64,
+    /// When the credential was issued (at enrollment or its last renewal; Unix seconds).
+    #[serde(default)]
+    pub credential_issued_at: Option<u64>,
+    /// When the collector stops accepting it (Unix seconds); absent: never said.
+    #[serde(default)]
+    pub credential_expires_at: Option<u64>,
 }
 
 /// `<state_dir>/report`.
@@ -185,15 +191,18 @@ pub async fn enroll(
         }
         None => None,
     };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let enrollment = Enrollment {
         agent_id: resp.agent_id,
         collector: client.base().to_owned(),
         collector_ca,
         group: resp.group,
-        enrolled_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        enrolled_at: now,
+        credential_issued_at: Some(now),
+        credential_expires_at: resp.credential_expires_at,
     };
     write_private(
         &credential_path(state_dir),

@@ -13,6 +13,7 @@ pub mod convert;
 pub mod enroll;
 pub use crate::posture::facts as posture;
 pub mod release_key;
+pub mod renew;
 pub mod risk;
 pub mod ship;
 pub mod spool;

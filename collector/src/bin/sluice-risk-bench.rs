@@ -255,7 +255,9 @@ async fn run() -> Result<()> {
     let mut creds = Vec::new();
     for i in 0..agents {
         let token = c.store.create_enroll_token("default", 3_600_000)?;
-        let e = c.store.enroll(&token, &format!("bench-{i}"), "0.1.0")?;
+        let e = c
+            .store
+            .enroll(&token, &format!("bench-{i}"), "0.1.0", 86_400_000)?;
         creds.push((e.agent_id, e.credential));
     }
     let api = c.store.create_api_token("bench")?;

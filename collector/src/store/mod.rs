@@ -94,7 +94,21 @@ pub enum StoreError {
 pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_core", CORE_SCHEMA),
     ("0002_compact_events", COMPACT_SCHEMA),
+    ("0003_agent_credentials", AGENT_CREDENTIALS_SCHEMA),
 ];
+
+/// Credentials that expire and are renewed: when the current one stops being accepted, and the
+/// one it replaced with the end of its grace. Agents enrolled before have no expiry until their
+/// first renewal (which they ask for at once).
+const AGENT_CREDENTIALS_SCHEMA: &str = "
+ALTER TABLE agents ADD COLUMN credential_expires_at INTEGER;
+ALTER TABLE agents ADD COLUMN previous_credential_sha256 TEXT;
+ALTER TABLE agents ADD COLUMN previous_valid_until INTEGER;
+CREATE INDEX agents_previous_credential ON agents(previous_credential_sha256);
+";
+
+/// How long a renewed agent's former credential is still accepted (ms).
+pub const RENEW_GRACE_MS: i64 = 10 * 60 * 1000;
 
 /// Events made compact (see the module documentation): the former table is kept as
 /// `events_v1` until [`Store::open_with`] has moved its rows into the new one.
@@ -1070,6 +1084,8 @@ pub enum AgentAuth {
     },
     /// Known but revoked.
     Revoked,
+    /// Known, but it stopped being accepted at this time (Unix ms).
+    Expired(i64),
     /// Not a credential this collector issued.
     Unknown,
 }
@@ -1613,6 +1629,7 @@ impl Store {
         token: &str,
         hostname: &str,
         agent_version: &str,
+        credential_ms: i64,
     ) -> Result<EnrollResponse, StoreError> {
         let hash = sha256_hex(token.as_bytes());
         let agent_id = random_secret("ag_")?
@@ -1648,22 +1665,25 @@ impl Store {
             "UPDATE enroll_tokens SET used_at = ?1, used_by = ?2 WHERE token_sha256 = ?3",
             args![now, agent_id, hash],
         )?;
+        let expires = now.saturating_add(credential_ms);
         tx.execute(
-            "INSERT INTO agents(id, hostname, grp, credential_sha256, agent_version, enrolled_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO agents(id, hostname, grp, credential_sha256, agent_version, enrolled_at, \
+             credential_expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             args![
                 agent_id,
                 hostname,
                 group,
                 sha256_hex(credential.as_bytes()),
                 version,
-                now
+                now,
+                expires
             ],
         )?;
         Ok(EnrollResponse {
             agent_id,
             credential,
             group,
+            credential_expires_at: u64::try_from(expires / 1000).ok(),
         })
         })
     }
@@ -1671,23 +1691,84 @@ impl Store {
     /// Checks an agent credential and records the agent as seen.
     pub fn authenticate_agent(&self, credential: &str) -> Result<AgentAuth, StoreError> {
         let hash = sha256_hex(credential.as_bytes());
-        let row: Option<(String, String, Option<i64>, String)> = self.with_read(|c| {
+        let now = now_ms();
+        type AgentRowAuth = (String, String, Option<i64>, String, Option<i64>);
+        let row: Option<AgentRowAuth> = self.with_read(|c| {
+            let current = c
+                .query_row(
+                    "SELECT id, grp, revoked_at, hostname, credential_expires_at FROM agents \
+                     WHERE credential_sha256 = ?1",
+                    args![hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()?;
+            if current.is_some() {
+                return Ok(current);
+            }
+            // The credential a renewal replaced, in its grace.
             c.query_row(
-                "SELECT id, grp, revoked_at, hostname FROM agents WHERE credential_sha256 = ?1",
+                "SELECT id, grp, revoked_at, hostname, previous_valid_until FROM agents \
+                 WHERE previous_credential_sha256 = ?1",
                 args![hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
         })?;
         Ok(match row {
             None => AgentAuth::Unknown,
-            Some((_, _, Some(_), _)) => AgentAuth::Revoked,
-            Some((id, group, None, hostname)) => AgentAuth::Valid {
+            Some((_, _, Some(_), _, _)) => AgentAuth::Revoked,
+            Some((_, _, None, _, Some(until))) if until <= now => AgentAuth::Expired(until),
+            Some((id, group, None, hostname, _)) => AgentAuth::Valid {
                 id,
                 group,
                 hostname,
             },
         })
+    }
+
+    /// Issues agent `id` a new credential lasting `credential_ms`, in exchange for `current`:
+    /// its valid current credential (which stays accepted for [`RENEW_GRACE_MS`]), or the one a
+    /// renewal replaced, in its grace (the answer to that renewal was lost: the credential it
+    /// issued is replaced in turn). None when `current` is neither, or the agent is revoked.
+    pub fn renew_agent(
+        &self,
+        id: &str,
+        current: &str,
+        credential_ms: i64,
+    ) -> Result<Option<(String, i64)>, StoreError> {
+        let credential = random_secret("slc_")?;
+        let now = now_ms();
+        let expires = now.saturating_add(credential_ms);
+        let (new_hash, cur_hash) = (
+            sha256_hex(credential.as_bytes()),
+            sha256_hex(current.as_bytes()),
+        );
+        let n = self.with_write(|c| {
+            let n = c.execute(
+                "UPDATE agents SET previous_credential_sha256 = credential_sha256, \
+                 previous_valid_until = ?1, credential_sha256 = ?2, credential_expires_at = ?3 \
+                 WHERE id = ?4 AND credential_sha256 = ?5 AND revoked_at IS NULL \
+                 AND (credential_expires_at IS NULL OR credential_expires_at > ?6)",
+                args![
+                    now.saturating_add(RENEW_GRACE_MS),
+                    new_hash,
+                    expires,
+                    id,
+                    cur_hash,
+                    now
+                ],
+            )?;
+            if n == 1 {
+                return Ok(n);
+            }
+            c.execute(
+                "UPDATE agents SET credential_sha256 = ?1, credential_expires_at = ?2 \
+                 WHERE id = ?3 AND previous_credential_sha256 = ?4 AND revoked_at IS NULL \
+                 AND previous_valid_until > ?5",
+                args![new_hash, expires, id, cur_hash, now],
+            )
+        })?;
+        Ok((n == 1).then_some((credential, expires)))
     }
 
     /// Records that agent `id` called now.
