@@ -100,7 +100,7 @@ impl AdminState {
             bundle: self
                 .bundle
                 .as_ref()
-                .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+                .map(|b| crate::bundle::BundleStatus::now(b)),
             report: self.report.as_ref().map(|r| r.snapshot()),
             location: self.location.as_ref().map(|l| (*l.load()).clone()),
             device: self.device.as_ref().map(|d| d.view()),

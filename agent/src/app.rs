@@ -909,18 +909,17 @@ fn probe(
     Arc::new(move || {
         let attached = remote.load().steer.as_ref().is_some_and(|s| s.attached);
         let proxy = stats.listening.load(Ordering::Relaxed);
-        let last_error = bundle.as_ref().and_then(|b| {
-            b.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .last_error
-                .clone()
-                .map(|e| format!("bundle: {e}"))
-        });
+        let b = bundle.as_ref().map(|b| crate::bundle::BundleStatus::now(b));
+        let last_error = b
+            .as_ref()
+            .and_then(|b| b.last_error.clone().map(|e| format!("bundle: {e}")));
         crate::report::ProbeFacts {
             steering: attached,
             proxy,
             degraded: (steering && !attached) || !proxy,
             last_error,
+            bundle_expires_at: b.as_ref().and_then(|b| b.expires_at),
+            bundle_stale: b.is_some_and(|b| b.stale),
         }
     })
 }

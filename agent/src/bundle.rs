@@ -8,6 +8,14 @@
 //! compiled, written to disk as the last good bundle (atomically: temporary file, fsync, rename),
 //! and swapped in whole. When the server is down the agent starts from, and keeps, the last good
 //! bundle; every failure is kept as the last error in the status.
+//!
+//! Freshness and keys: a fetched bundle whose signed expiry has passed is refused (a replay of
+//! an old bundle); the one in force keeps being enforced past its expiry, reported `stale` in
+//! `/status` and in the agent's status events (the portal's device list shows it). Bundles are
+//! verified with the configured key and the keys rotations taught ([`sluice_policy::bundle::Trust`],
+//! kept in `bundle/trust.json`); a rotation is learnt from a bundle that was verified, compiled
+//! and put in force, and its proof is kept in `bundle/rotations.json` for the privileged part,
+//! which keeps its own trust beside the CA and learns only what verifies.
 
 use std::{
     path::{Path, PathBuf},
@@ -22,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use sluice_policy::{
     PolicySet,
-    bundle::{Archive, BundleError, Limits, Verified, jws::VerifyingKey},
+    bundle::{
+        Archive, BundleError, KeyRing, Limits, RotationProof, Trust, Verified, jws::VerifyingKey,
+    },
 };
 
 use crate::client::{Client, ClientError};
@@ -51,6 +61,52 @@ pub struct BundleStatus {
     pub refused: u64,
     /// Requests sent to the bundle URL (long polls included).
     pub polls: u64,
+    /// When the active bundle stops being fresh (Unix seconds, signed in its manifest).
+    pub expires_at: Option<u64>,
+    /// Whether that time has passed: the bundle is still enforced, but stale.
+    pub stale: bool,
+    /// The key ids bundles are verified with now.
+    pub trusted_keys: Vec<String>,
+}
+
+impl BundleStatus {
+    /// A copy with `stale` as of now.
+    pub fn now(m: &Mutex<BundleStatus>) -> BundleStatus {
+        let mut s = m.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        s.stale = s.expires_at.is_some_and(|e| e <= now_s());
+        s
+    }
+}
+
+/// Where an agent keeps what rotations taught it.
+const TRUST_FILE: &str = "trust.json";
+/// Where it keeps the proofs of those rotations.
+const PROOFS_FILE: &str = "rotations.json";
+/// Most rotation proofs kept.
+const MAX_PROOFS: usize = 64;
+
+fn read_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> T {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn write_json_private(path: &Path, value: &impl Serialize) -> Result<(), BundleError> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let io = |e: std::io::Error| BundleError::Io(format!("{}: {e}", path.display()));
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| BundleError::Io(e.to_string()))?;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(&bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// The active policy set, shared read-mostly with the proxy.
@@ -64,6 +120,7 @@ pub struct Distributor {
     on_activate: Option<OnActivate>,
     settings: BundleSettings,
     key: VerifyingKey,
+    trust: Mutex<Trust>,
     state_dir: PathBuf,
     active: Active,
     etag: Mutex<Option<String>>,
@@ -83,12 +140,11 @@ impl std::fmt::Debug for Distributor {
     }
 }
 
-/// Orders revisions: numerically when both are integers, otherwise as text.
+/// Orders revisions as the numbers they are (a verified bundle's revision is a whole number;
+/// anything else sorts first).
 pub fn revision_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    match (a.trim().parse::<u64>(), b.trim().parse::<u64>()) {
-        (Ok(x), Ok(y)) => x.cmp(&y),
-        _ => a.cmp(b),
-    }
+    let n = |s: &str| s.trim().parse::<u64>().ok();
+    n(a).cmp(&n(b))
 }
 
 fn now_s() -> u64 {
@@ -99,16 +155,40 @@ fn now_s() -> u64 {
 }
 
 /// The last good bundle kept under `state_dir` by a distributor, verified with the key at
-/// `public_key` and compiled: how the privileged part learns the catalogue the proxy works with
-/// without trusting the proxy's word for it.
-pub fn read_last_good(state_dir: &Path, public_key: &Path) -> Result<PolicySet, BundleError> {
+/// `public_key` and the keys learnt into `trust_file` (the caller's own, where the proxy cannot
+/// write), and compiled: how the privileged part learns the catalogue the proxy works with
+/// without trusting the proxy's word for it. A bundle signed with a key not trusted yet is
+/// retried after learning the proofs the proxy kept (each verified from the trusted keys on);
+/// what is learnt is kept in `trust_file`.
+pub fn read_last_good(
+    state_dir: &Path,
+    public_key: &Path,
+    trust_file: &Path,
+) -> Result<PolicySet, BundleError> {
     let pem = std::fs::read_to_string(public_key)
         .map_err(|e| BundleError::Io(format!("{}: {e}", public_key.display())))?;
     let key = VerifyingKey::from_pem(&pem)?;
     let path = state_dir.join("bundle/last-good.tar.gz");
     let bytes =
         std::fs::read(&path).map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
-    let verified: Verified = Archive::read(&bytes, &Limits::default())?.verify(&key)?;
+    let mut trust: Trust = read_json(trust_file);
+    let verified: Verified = match Archive::read(&bytes, &Limits::default())?
+        .verify_with(&trust.ring(&key))
+    {
+        Err(BundleError::UnknownKey(..)) => {
+            let proofs: Vec<RotationProof> = read_json(&state_dir.join("bundle").join(PROOFS_FILE));
+            if trust.catch_up(&key, &proofs) {
+                write_json_private(trust_file, &trust)?;
+            }
+            Archive::read(&bytes, &Limits::default())?.verify_with(&trust.ring(&key))?
+        }
+        other => other?,
+    };
+    if let Some(rot) = verified.rotation()?
+        && trust.learn(&rot, &key)?
+    {
+        write_json_private(trust_file, &trust)?;
+    }
     PolicySet::compile(&verified.manifest.revision, &verified.files)
         .map_err(|e| BundleError::Manifest(e.to_string()))
 }
@@ -122,16 +202,23 @@ impl Distributor {
         if settings.url.is_none() && settings.file.is_none() {
             return Err(BundleError::Io("bundle: set `url` or `file`".into()));
         }
+        let dir = state_dir.join("bundle");
+        let trust: Trust = read_json(&dir.join(TRUST_FILE));
+        let status = BundleStatus {
+            trusted_keys: trust.ring(&key).ids(),
+            ..BundleStatus::default()
+        };
         Ok(Self {
             on_activate: None,
             settings,
             key,
-            state_dir: state_dir.join("bundle"),
+            trust: Mutex::new(trust),
+            state_dir: dir,
             active: Arc::new(ArcSwapOption::empty()),
             etag: Mutex::new(None),
             client: tokio::sync::Mutex::new(None),
             current: std::sync::atomic::AtomicUsize::new(0),
-            status: Arc::new(Mutex::new(BundleStatus::default())),
+            status: Arc::new(Mutex::new(status)),
             limits: Limits::default(),
         })
     }
@@ -161,7 +248,16 @@ impl Distributor {
         tracing::warn!(error = %e, "bundle not activated");
     }
 
-    /// Verifies, checks the revision, compiles and swaps in a bundle. Returns the revision.
+    fn ring(&self) -> KeyRing {
+        self.trust
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ring(&self.key)
+    }
+
+    /// Verifies (with the trusted keys), checks the revision and, unless it is the last good
+    /// bundle read again, the expiry; compiles and swaps in a bundle, then learns its rotation.
+    /// Returns the revision.
     pub fn activate(
         &self,
         bytes: &[u8],
@@ -169,7 +265,16 @@ impl Distributor {
         etag: Option<String>,
         persist: bool,
     ) -> Result<String, BundleError> {
-        let verified: Verified = Archive::read(bytes, &self.limits)?.verify(&self.key)?;
+        let verified: Verified = Archive::read(bytes, &self.limits)?.verify_with(&self.ring())?;
+        // The bundle in force is kept past its expiry (reported stale); a new one must be fresh.
+        let verified = if source == "last-good" {
+            verified
+        } else {
+            verified.fresh(now_s())?
+        };
+        let rotation = verified.rotation()?;
+        let proof = verified.rotation_proof();
+        let expires_at = verified.manifest.expires_at;
         let revision = verified.manifest.revision.clone();
         if let Some(current) = self.active.load_full()
             && !self.settings.allow_downgrade
@@ -191,7 +296,14 @@ impl Distributor {
         }
         self.active.store(Some(Arc::new(set)));
         *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
+        if let Some(rot) = rotation {
+            self.learn(&rot, proof);
+        }
+        let trusted_keys = self.ring().ids();
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.trusted_keys = trusted_keys;
+        st.expires_at = expires_at;
+        st.stale = expires_at.is_some_and(|e| e <= now_s());
         st.revision = Some(revision.clone());
         st.source = Some(source.to_owned());
         st.activated_at = Some(now_s());
@@ -200,6 +312,33 @@ impl Distributor {
         st.last_error = None;
         tracing::info!(%revision, source, policies, "bundle activated");
         Ok(revision)
+    }
+
+    /// Learns a rotation of a bundle now in force, and keeps its proof.
+    fn learn(&self, rotation: &sluice_policy::bundle::Rotation, proof: Option<RotationProof>) {
+        let mut trust = self.trust.lock().unwrap_or_else(|p| p.into_inner());
+        match trust.learn(rotation, &self.key) {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::info!(keys = ?trust.ring(&self.key).ids(), "bundle keys rotated");
+                let _ = std::fs::create_dir_all(&self.state_dir);
+                if let Err(e) = write_json_private(&self.state_dir.join(TRUST_FILE), &*trust) {
+                    tracing::error!(error = %e, "keeping the bundle keys learnt");
+                }
+                if let Some(p) = proof {
+                    let path = self.state_dir.join(PROOFS_FILE);
+                    let mut proofs: Vec<RotationProof> = read_json(&path);
+                    if !proofs.contains(&p) {
+                        proofs.push(p);
+                    }
+                    let skip = proofs.len().saturating_sub(MAX_PROOFS);
+                    if let Err(e) = write_json_private(&path, &proofs[skip..].to_vec()) {
+                        tracing::error!(error = %e, "keeping the bundle rotation's proof");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "a bundle's key rotation was not learnt"),
+        }
     }
 
     fn persist(&self, bytes: &[u8], etag: Option<&str>) -> Result<(), BundleError> {
@@ -300,6 +439,9 @@ impl Distributor {
                             | BundleError::Unsigned
                             | BundleError::Malformed(_)
                             | BundleError::TooLarge(_)
+                            | BundleError::UnknownKey(..)
+                            | BundleError::Expired(_)
+                            | BundleError::Keys(_)
                     );
                     self.set_error(&e.to_string(), refused);
                     if matches!(e, BundleError::Io(_)) {

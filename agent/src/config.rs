@@ -546,6 +546,43 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("ca/ca.key"))
     }
+
+    /// Where the privileged part keeps the bundle keys it learnt: beside the CA's key, in a
+    /// directory the proxy cannot write.
+    pub fn privileged_trust_path(&self) -> PathBuf {
+        self.ca_key_path()
+            .parent()
+            .map_or_else(|| self.state_dir.join("ca"), std::path::Path::to_path_buf)
+            .join("bundle-trust.json")
+    }
+}
+
+/// A bundle URL is https://, or http:// to this host's loopback only (a bundle server beside the
+/// agent): anything else on the network could be answered by whoever sits on the path, and while
+/// the signature still holds, an attacker there could withhold fresh bundles unnoticed.
+pub fn bundle_url_allowed(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("bundle.url `{url}`: {e}"))?;
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") => {
+            let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.to_canonical().is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!(
+                    "bundle.url `{url}`: http:// is allowed only to the loopback (127.0.0.0/8, \
+                     ::1, localhost); use https://"
+                ))
+            }
+        }
+        _ => Err(format!("bundle.url `{url}`: expected an https:// URL")),
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -556,7 +593,7 @@ fn default_state_dir() -> PathBuf {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleSettings {
-    /// Where to fetch the bundle (http:// or https://).
+    /// Where to fetch the bundle: https://, or http:// to the loopback only.
     #[serde(default)]
     pub url: Option<String>,
     /// A local bundle to use instead of a URL: a signed .tar.gz, or a directory holding its own
@@ -1004,6 +1041,9 @@ impl Config {
         if let Some(i) = &self.icap {
             i.scanner()?;
         }
+        if let Some(u) = self.bundle.as_ref().and_then(|b| b.url.as_deref()) {
+            bundle_url_allowed(u).map_err(ConfigError::Invalid)?;
+        }
         let s = &self.steer;
         if s.heartbeat_interval_ms == 0 {
             return Err(ConfigError::Invalid(
@@ -1262,5 +1302,32 @@ mod tests {
         assert!(a.contains(&b) && !b.contains(&a));
         assert!(!c.contains(&a), "families never contain each other");
         assert!(Cidr::ANY_V4.contains(&a));
+    }
+}
+
+#[cfg(test)]
+mod bundle_url_tests {
+    use super::bundle_url_allowed;
+
+    #[test]
+    fn bundle_urls_are_https_or_loopback_http() {
+        for ok in [
+            "https://collector.corp.example/api/v1/bundles/current",
+            "http://127.0.0.1:8181/b.tar.gz",
+            "http://127.9.9.9/b",
+            "http://[::1]:80/b",
+            "http://localhost/b",
+        ] {
+            assert!(bundle_url_allowed(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1/b",
+            "http://bundles.corp.example/b",
+            "http://[::ffff:10.0.0.1]/b",
+            "ftp://127.0.0.1/b",
+            "file:///etc/b",
+        ] {
+            assert!(bundle_url_allowed(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -166,31 +166,43 @@ enum BundleCommand {
         /// The archive to write.
         #[arg(long, short)]
         out: PathBuf,
-        /// The revision (overrides the directory's .manifest).
+        /// The revision, a whole number (overrides the directory's .manifest).
         #[arg(long)]
         revision: Option<String>,
+        /// How long the bundle stays fresh: `30d`, `12h`, `90m` or seconds (default 30 days,
+        /// unless the directory's .manifest has `expires_at`).
+        #[arg(long)]
+        expires_in: Option<String>,
+        /// A public key (PEM) agents trust from this bundle on (key rotation; repeatable).
+        #[arg(long)]
+        trust_key: Vec<PathBuf>,
+        /// A key id agents never trust again (repeatable).
+        #[arg(long)]
+        retire_key: Vec<String>,
     },
-    /// Sign a bundle: the signature covers the SHA-256 of every file.
+    /// Sign a bundle: the signature covers the SHA-256 of every file and names the key by its id.
     Sign {
         /// The bundle.
         bundle: PathBuf,
         /// The private key (PEM).
         #[arg(long)]
         key: PathBuf,
-        /// The key id written in the signature.
-        #[arg(long, default_value = "sluice")]
-        key_id: String,
         /// Where to write the signed bundle (default: in place).
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
-    /// Verify a bundle's signature and file list.
+    /// Verify a bundle's signature, file list, revision and expiry.
     Verify {
         /// The bundle.
         bundle: PathBuf,
-        /// The public key (PEM).
-        #[arg(long = "pub")]
-        public: PathBuf,
+        /// A trusted public key (PEM); repeat for several (the signature names which).
+        #[arg(long = "pub", required = true)]
+        public: Vec<PathBuf>,
+    },
+    /// Print the id of a key (private or public PEM), as signatures name it.
+    KeyId {
+        /// The key file.
+        key: PathBuf,
     },
     /// Show a bundle's manifest and files (verified when --pub is given).
     Inspect {
@@ -396,8 +408,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keygen { out } => {
             let (key, public) = sluice_policy::bundle::keygen(&out)?;
+            let kid = sluice_policy::bundle::jws::VerifyingKey::from_pem(
+                &std::fs::read_to_string(&public)?,
+            )?
+            .key_id();
             say!(
-                "private key {} (0600, keep it with the central team)\npublic key  {} (give it to agents)",
+                "private key {} (0600, keep it with the central team)\npublic key  {} (give it to agents)\nkey id      {kid}",
                 key.display(),
                 public.display()
             );
@@ -430,20 +446,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `30d`, `12h`, `90m`, `45s` or plain seconds.
+fn parse_duration_s(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (num, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
+        _ => (t, 's'),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("`{text}`: expected a number with d, h, m or s"))?;
+    let mult = match unit {
+        'd' => 86_400,
+        'h' => 3600,
+        'm' => 60,
+        's' => 1,
+        _ => anyhow::bail!("`{text}`: the unit is d, h, m or s"),
+    };
+    n.checked_mul(mult)
+        .filter(|s| *s > 0)
+        .ok_or_else(|| anyhow::anyhow!("`{text}`: out of range"))
+}
+
 fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
-    use sluice_policy::bundle::{Archive, Limits, build, jws};
+    use sluice_policy::bundle::{Archive, KeyRing, Limits, Rotation, build_with, jws};
     let verifying = |p: &std::path::Path| -> anyhow::Result<jws::VerifyingKey> {
         Ok(jws::VerifyingKey::from_pem(&String::from_utf8_lossy(
             &read(p)?,
         ))?)
     };
     match command {
-        BundleCommand::Build { dir, out, revision } => {
-            let archive = build(&dir, revision.as_deref())?;
+        BundleCommand::Build {
+            dir,
+            out,
+            revision,
+            expires_in,
+            trust_key,
+            retire_key,
+        } => {
+            let expires_at = expires_in
+                .as_deref()
+                .map(parse_duration_s)
+                .transpose()?
+                .map(|s| sluice_policy::bundle::now_s() + s);
+            let mut archive = build_with(&dir, revision.as_deref(), expires_at)?;
+            if !trust_key.is_empty() || !retire_key.is_empty() {
+                let mut rot: Rotation = match archive.files.get(sluice_policy::bundle::KEYS) {
+                    Some(b) => serde_json::from_slice(b)?,
+                    None => Rotation::default(),
+                };
+                for p in &trust_key {
+                    rot.trust.push(verifying(p)?.to_pem());
+                }
+                rot.retire.extend(retire_key);
+                archive.files.insert(
+                    sluice_policy::bundle::KEYS.into(),
+                    serde_json::to_vec_pretty(&rot)?,
+                );
+            }
             std::fs::write(&out, archive.write()?)?;
             say!(
                 "wrote {} ({} files, unsigned)",
@@ -451,32 +515,42 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
                 archive.files.len()
             );
         }
-        BundleCommand::Sign {
-            bundle,
-            key,
-            key_id,
-            out,
-        } => {
+        BundleCommand::Sign { bundle, key, out } => {
             let mut archive = Archive::read(&read(&bundle)?, &Limits::default())?;
             let key = jws::SigningKey::from_pem(&String::from_utf8_lossy(&read(&key)?))?;
-            archive.sign(&key, &key_id)?;
+            archive.sign(&key)?;
             let out = out.unwrap_or(bundle);
             std::fs::write(&out, archive.write()?)?;
             say!(
-                "signed {} ({} files)",
+                "signed {} ({} files) with key {}",
                 out.display(),
-                archive.files.len() - 1
+                archive.files.len() - 1,
+                key.key_id()?
             );
         }
         BundleCommand::Verify { bundle, public } => {
-            let v =
-                Archive::read(&read(&bundle)?, &Limits::default())?.verify(&verifying(&public)?)?;
+            let mut ring = KeyRing::default();
+            for p in &public {
+                ring.insert(verifying(p)?);
+            }
+            let v = Archive::read(&read(&bundle)?, &Limits::default())?
+                .verify_with(&ring)?
+                .fresh(sluice_policy::bundle::now_s())?;
             say!(
-                "ok: revision {}, {} files, key {}",
+                "ok: revision {}, {} files, key {}, fresh until {}",
                 v.manifest.revision,
                 v.files.len(),
-                v.key_id.as_deref().unwrap_or("-")
+                v.key_id.as_deref().unwrap_or("-"),
+                v.manifest.expires_at.unwrap_or(0)
             );
+        }
+        BundleCommand::KeyId { key } => {
+            let text = String::from_utf8_lossy(&read(&key)?).into_owned();
+            let kid = match jws::SigningKey::from_pem(&text) {
+                Ok(k) => k.key_id()?,
+                Err(_) => jws::VerifyingKey::from_pem(&text)?.key_id(),
+            };
+            say!("{kid}");
         }
         BundleCommand::Inspect { bundle, public } => {
             let archive = Archive::read(&read(&bundle)?, &Limits::default())?;
@@ -743,7 +817,11 @@ fn ca_init(a: CaInitArgs) -> anyhow::Result<()> {
             let mut hosts: Vec<String> = cfg.apps.iter().flat_map(|x| x.hosts.clone()).collect();
             // The configured bundle's catalogue, as the agent last verified it.
             if let Some(b) = &cfg.bundle {
-                match sluice::bundle::read_last_good(&cfg.state_dir, &b.public_key) {
+                match sluice::bundle::read_last_good(
+                    &cfg.state_dir,
+                    &b.public_key,
+                    &cfg.privileged_trust_path(),
+                ) {
                     Ok(set) => {
                         say!(
                             "catalogue: the configured bundle's (revision {}, the last good one in {})",

@@ -252,12 +252,48 @@ impl Collector {
     /// Verifies a signed bundle (tar.gz) against the configured public key and publishes it for
     /// `group`; long polls of that group's agents are answered at once. Blocking (file and
     /// database): call it from `spawn_blocking` in async code.
+    /// What the published bundles' rotations taught, from the configured key on: each stored
+    /// bundle is verified again with the keys trusted before it, in publication order (so every
+    /// collector on one database agrees, and nothing but signatures is trusted).
+    pub fn bundle_trust(&self) -> Result<sluice_policy::bundle::Trust, Error> {
+        let key = self.bundle_key()?;
+        let mut trust = sluice_policy::bundle::Trust::default();
+        for id in self.store.bundle_ids()? {
+            let Some(bytes) = self.store.bundle_bytes(id)? else {
+                continue;
+            };
+            let Ok(v) = Archive::read(&bytes, &BundleLimits::default())
+                .and_then(|a| a.verify_with(&trust.ring(&key)))
+            else {
+                continue;
+            };
+            if let Ok(Some(rot)) = v.rotation() {
+                let _ = trust.learn(&rot, &key);
+            }
+        }
+        Ok(trust)
+    }
+
+    /// The keys a bundle may be published with now.
+    pub fn bundle_ring(&self) -> Result<sluice_policy::bundle::KeyRing, Error> {
+        Ok(self.bundle_trust()?.ring(&self.bundle_key()?))
+    }
+
+    /// Verifies `bytes` (with the configured key and the keys published rotations introduced,
+    /// not expired, a whole number revision) and publishes it for `group`.
     pub fn publish_bundle(&self, group: &str, bytes: Vec<u8>) -> Result<Published, Error> {
         if !valid_group(group) {
             return Err(Error::Group(group.to_owned()));
         }
-        let key = self.bundle_key()?;
-        let verified = Archive::read(&bytes, &BundleLimits::default())?.verify(&key)?;
+        let ring = self.bundle_ring()?;
+        let verified = Archive::read(&bytes, &BundleLimits::default())?
+            .verify_with(&ring)?
+            .fresh(sluice_policy::bundle::now_s())?;
+        if let Some(rot) = verified.rotation()? {
+            // Checked before it is served: a rotation agents would refuse is refused here.
+            let mut trust = self.bundle_trust()?;
+            trust.learn(&rot, &self.bundle_key()?)?;
+        }
         let published = self
             .store
             .publish_bundle(group, &verified.manifest.revision, bytes)?;

@@ -219,13 +219,17 @@ impl Env {
         let mut a = Archive::default();
         a.files.insert(
             ".manifest".into(),
-            format!("{{\"revision\":\"{revision}\"}}").into_bytes(),
+            format!(
+                "{{\"revision\":\"{revision}\",\"expires_at\":{}}}",
+                sluice_policy::bundle::now_s() + 86_400
+            )
+            .into_bytes(),
         );
         a.files.insert(
             "data.yaml".into(),
             format!("rev: {revision}\n").into_bytes(),
         );
-        a.sign(&self.key, "test").unwrap();
+        a.sign(&self.key).unwrap();
         a.write().unwrap()
     }
 }
@@ -781,7 +785,7 @@ async fn bundles_etag_and_long_poll(kind: Kind) {
         .files
         .insert(".manifest".into(), br#"{"revision":"9"}"#.to_vec());
     let (other, _, _) = SigningKey::generate().unwrap();
-    forged.sign(&other, "x").unwrap();
+    forged.sign(&other).unwrap();
     assert!(
         env.c
             .publish_bundle("eng", forged.write().unwrap())

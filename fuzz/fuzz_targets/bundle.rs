@@ -2,13 +2,16 @@
 //! signature check of what it holds, and (re-signed with a key of the fuzzer's, to get past the
 //! signature) the signed file list and the manifest. An archive that unpacks stays within its
 //! bounds and writes back to the same files; one signed here verifies unless its manifest is bad.
+//! The same bytes are also read as the rotation proofs a privileged part reads from the proxy's
+//! state (`rotations.json`) and learnt from: never a panic, and nothing learnt without a valid
+//! signature by the key trusted.
 #![no_main]
 
 use std::sync::LazyLock;
 
 use libfuzzer_sys::{fuzz_mutator, fuzz_target};
 use sluice_policy::bundle::{
-    Archive, BundleError, Limits, SIGNATURES,
+    Archive, BundleError, Limits, RotationProof, SIGNATURES, Trust,
     jws::{SigningKey, VerifyingKey},
 };
 
@@ -33,6 +36,13 @@ fuzz_target!(|data: &[u8]| {
     let Some((key, public)) = KEYS.as_ref() else {
         panic!("no signing key");
     };
+    if let Ok(proofs) = serde_json::from_slice::<Vec<RotationProof>>(data) {
+        let mut trust = Trust::default();
+        assert!(
+            !trust.catch_up(public, &proofs),
+            "learnt a rotation nobody signed with the trusted key"
+        );
+    }
     let Ok(archive) = Archive::read(data, &LIMITS) else {
         return;
     };
@@ -62,9 +72,12 @@ fuzz_target!(|data: &[u8]| {
     if signed.files.is_empty() {
         return;
     }
-    signed.sign(key, "fuzz").expect("signing");
+    signed.sign(key).expect("signing");
     match signed.verify(public) {
-        Ok(v) => assert!(!v.manifest.revision.trim().is_empty()),
+        Ok(v) => {
+            assert!(v.manifest.revision_number().is_ok() && v.manifest.expires_at.is_some());
+            let _ = v.rotation();
+        }
         Err(BundleError::Manifest(_)) => {}
         Err(e) => panic!("a bundle signed here does not verify: {e}"),
     }

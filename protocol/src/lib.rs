@@ -441,6 +441,12 @@ pub struct AgentStatus {
     /// The last error, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When the bundle in force stops being fresh (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_expires_at: Option<u64>,
+    /// Its expiry has passed: the agent still enforces it, but it is stale.
+    #[serde(default)]
+    pub bundle_stale: bool,
 }
 
 /// `POST /api/v1/enroll`: an agent presents a one-time token.

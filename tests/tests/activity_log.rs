@@ -209,7 +209,7 @@ fn a_collector_outage_and_a_killed_agent_lose_and_double_nothing() {
         Some("3"),
     )
     .unwrap();
-    archive.sign(&key, "central").unwrap();
+    archive.sign(&key).unwrap();
     let bundle = dir.join("bundle.tar.gz");
     fs::write(&bundle, archive.write().unwrap()).unwrap();
     collector.cli(&[

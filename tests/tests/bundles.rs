@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice::bundle::{BundleSettings, Distributor};
+use sluice::bundle::{BundleSettings, BundleStatus, Distributor};
 use sluice_e2e::bundle_server::BundleServer;
 use sluice_policy::bundle::{self, Archive, jws::SigningKey};
 use tokio_util::sync::CancellationToken;
@@ -31,7 +31,31 @@ fn default_src() -> PathBuf {
 
 fn signed(k: &SigningKey, revision: &str) -> Archive {
     let mut a = bundle::build(&default_src(), Some(revision)).expect("build");
-    a.sign(k, "central").expect("sign");
+    a.sign(k).expect("sign");
+    a
+}
+
+/// The default bundle as `revision` (written as given, number or not), expiring at
+/// `expires_at`, with `.keys.json` when given, signed by `k`.
+fn signed_as(
+    k: &SigningKey,
+    revision: &str,
+    expires_at: u64,
+    keys: Option<sluice_policy::bundle::Rotation>,
+) -> Archive {
+    let mut a = bundle::build(&default_src(), Some("1")).expect("build");
+    a.files.insert(
+        bundle::MANIFEST.into(),
+        serde_json::to_vec(&serde_json::json!({
+            "revision": revision, "expires_at": expires_at, "roots": [""]
+        }))
+        .expect("json"),
+    );
+    if let Some(r) = keys {
+        a.files
+            .insert(bundle::KEYS.into(), serde_json::to_vec(&r).expect("json"));
+    }
+    a.sign(k).expect("sign");
     a
 }
 
@@ -168,11 +192,11 @@ async fn long_polling_delivers_a_new_revision_at_once_and_refusals_keep_the_last
         last_error(&d).contains("not covered")
     })
     .await;
-    // Another key.
+    // Another key: not one the agent trusts.
     let (other, _, _) = SigningKey::generate().expect("key");
     server.publish(bytes(&signed(&other, "3")));
     until("refusal", Duration::from_secs(3), || {
-        last_error(&d).contains("does not verify")
+        last_error(&d).contains("which is not trusted")
     })
     .await;
     // An older revision.
@@ -194,8 +218,88 @@ async fn long_polling_delivers_a_new_revision_at_once_and_refusals_keep_the_last
     })
     .await;
     assert!(last_error(&d).is_empty());
+
+    // Expired before it arrives (a replay of an old bundle, or one nobody re-signed): refused.
+    let now = bundle::now_s();
+    server.publish(bytes(&signed_as(&k.key, "4", now - 10, None)));
+    until("refusal", Duration::from_secs(3), || {
+        last_error(&d).contains("expired at")
+    })
+    .await;
+    // A revision that is not a number: refused, not compared as text.
+    server.publish(bytes(&signed_as(&k.key, "30a", now + 3600, None)));
+    until("refusal", Duration::from_secs(3), || {
+        last_error(&d).contains("is not a whole number")
+    })
+    .await;
+    assert_eq!(revision(&d).as_deref(), Some("3"));
+
+    // Rotation from key A (the configured one) to key B, the agent's configuration untouched:
+    // revision 4, signed by A, introduces B; revision 5, signed by B, retires A.
+    let (kb, b_pem, _) = {
+        let (key, _, public) = SigningKey::generate().expect("key");
+        let kid = sluice_policy::bundle::jws::VerifyingKey::from_pem(&public)
+            .expect("pub")
+            .key_id();
+        (key, public, kid)
+    };
+    let a_kid = k.key.key_id().expect("kid");
+    let introduce = sluice_policy::bundle::Rotation {
+        trust: vec![b_pem.clone()],
+        retire: vec![],
+    };
+    server.publish(bytes(&signed_as(&k.key, "4", now + 3600, Some(introduce))));
+    until("revision 4", Duration::from_secs(3), || {
+        revision(&d).as_deref() == Some("4")
+    })
+    .await;
+    let retire = sluice_policy::bundle::Rotation {
+        trust: vec![],
+        retire: vec![a_kid.clone()],
+    };
+    server.publish(bytes(&signed_as(&kb, "5", now + 3600, Some(retire))));
+    until("revision 5", Duration::from_secs(3), || {
+        revision(&d).as_deref() == Some("5")
+    })
+    .await;
+    let b_kid = kb.key_id().expect("kid");
+    assert_eq!(
+        d.status().lock().expect("lock").trusted_keys,
+        vec![b_kid.clone()]
+    );
+    // The old key's bundles are refused from now on, even though the configuration names it.
+    server.publish(bytes(&signed_as(&k.key, "6", now + 3600, None)));
+    until("refusal", Duration::from_secs(3), || {
+        last_error(&d).contains(&format!("key `{a_kid}`, which is not trusted"))
+    })
+    .await;
+    // A bundle that goes stale while in force: still enforced, reported stale.
+    server.publish(bytes(&signed_as(&kb, "7", bundle::now_s() + 3, None)));
+    until("revision 7", Duration::from_secs(3), || {
+        revision(&d).as_deref() == Some("7")
+    })
+    .await;
+    assert!(!BundleStatus::now(&d.status()).stale);
+    until("stale", Duration::from_secs(6), || {
+        BundleStatus::now(&d.status()).stale
+    })
+    .await;
+    assert_eq!(revision(&d).as_deref(), Some("7"), "still enforced");
     stop.cancel();
     task.await.expect("join").expect("run");
+
+    // Started again with the same configuration while the server is away: the last good bundle
+    // (stale) is in force, and key B is still the one trusted.
+    drop(server);
+    let again = Distributor::new(
+        settings("http://127.0.0.1:9/unreachable".into(), &k.public, 5, 1),
+        &dir,
+    )
+    .expect("distributor");
+    assert_eq!(again.load_last_good().as_deref(), Some("7"));
+    let st = BundleStatus::now(&again.status());
+    assert!(st.stale, "{st:?}");
+    assert_eq!(st.trusted_keys, vec![b_kid]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -797,3 +797,48 @@ fn enroll_with(c: &Api, token: &str, host: &str) -> (String, String) {
         v["credential"].as_str().unwrap().to_owned(),
     )
 }
+
+/// A bundle URL over plain HTTP to anything but the loopback is a configuration error that names
+/// the setting; https:// and loopback http:// are accepted.
+#[test]
+fn an_http_bundle_url_off_the_loopback_is_refused_at_configuration() {
+    let dir = TempDir::new("bundle-url");
+    let check = |url: &str| {
+        let cfg = dir.0.join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!("[bundle]\nurl = \"{url}\"\npublic_key = \"/etc/sluice/bundle.pub.pem\"\n"),
+        )
+        .unwrap();
+        Command::new(bin("sluice"))
+            .args(["config", "check", "--config"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for bad in [
+        "http://bundles.corp.example/api/v1/bundles/current",
+        "http://10.1.2.3:8443/b.tar.gz",
+    ] {
+        let out = check(bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad} accepted");
+        assert!(
+            err.contains("bundle.url") && err.contains("http:// is allowed only to the loopback"),
+            "{err}"
+        );
+    }
+    for good in [
+        "https://collector.corp.example:8443/api/v1/bundles/current",
+        "http://127.0.0.1:8181/b.tar.gz",
+        "http://[::1]:8181/b.tar.gz",
+    ] {
+        let out = check(good);
+        assert!(
+            out.status.success(),
+            "{good}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -93,13 +93,17 @@ fn signed_bundle(key: &SigningKey, revision: &str) -> Vec<u8> {
     let mut a = Archive::default();
     a.files.insert(
         ".manifest".into(),
-        format!("{{\"revision\":\"{revision}\"}}").into_bytes(),
+        format!(
+            "{{\"revision\":\"{revision}\",\"expires_at\":{}}}",
+            sluice_policy::bundle::now_s() + 86_400
+        )
+        .into_bytes(),
     );
     a.files.insert(
         "data.yaml".into(),
         format!("rev: {revision}\n").into_bytes(),
     );
-    a.sign(key, "test").unwrap();
+    a.sign(key).unwrap();
     a.write().unwrap()
 }
 

@@ -67,7 +67,7 @@ fn bundle_for(dir: &Path, k: u8) -> (PathBuf, PathBuf) {
     let public_path = dir.join("bundle.pub");
     std::fs::write(&public_path, public).unwrap();
     let mut archive = bundle::build(&copy, Some("7")).unwrap();
-    archive.sign(&key, "central").unwrap();
+    archive.sign(&key).unwrap();
     let path = dir.join("bundle.tar.gz");
     std::fs::write(&path, archive.write().unwrap()).unwrap();
     (path, public_path)

@@ -822,7 +822,7 @@ fn an_active_bundle_catalogue_decides_what_is_intercepted() {
     let (key, _, public) = SigningKey::generate().expect("key");
     std::fs::write(dir.join("bundle.pub"), public).expect("pub");
     let mut archive = bundle::build(&dir.join("src"), Some("5")).expect("build");
-    archive.sign(&key, "test").expect("sign");
+    archive.sign(&key).expect("sign");
     std::fs::write(dir.join("bundle.tar.gz"), archive.write().expect("write")).expect("bundle");
     let tail = format!(
         "[bundle]\nfile = \"{}\"\npublic_key = \"{}\"\n",

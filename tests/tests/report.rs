@@ -166,6 +166,8 @@ fn start_reporting(
         proxy: true,
         degraded: false,
         last_error: None,
+        bundle_expires_at: None,
+        bundle_stale: false,
     });
     let task = tokio::spawn(reporting.run(probe, shutdown.clone()));
     (reporter, handle, shutdown, task)

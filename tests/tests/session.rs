@@ -87,7 +87,7 @@ fn env_opts(tag: &str, posture: &str, o: Opts<'_>) -> Env {
             .files
             .insert((*name).to_owned(), text.clone().into_bytes());
     }
-    archive.sign(&key, "central").expect("sign");
+    archive.sign(&key).expect("sign");
     let bundle_path = dir.join("bundle.tar.gz");
     std::fs::write(&bundle_path, archive.write().expect("write")).expect("bundle");
 

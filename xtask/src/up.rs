@@ -209,10 +209,11 @@ pub fn up(root: &Path, config: Option<PathBuf>, unmanaged: bool, postgres: bool)
 
     step("policy bundle: build, sign, publish (policies/default, group default)");
     let bundle = dir.join("default.tar.gz");
-    let revision = format!(
-        "up-{}",
-        SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()
-    );
+    // Revisions are numbers: the time of this `up`, so a later one is newer.
+    let revision = SystemTime::now()
+        .duration_since(UNIX_EPOCH)?
+        .as_secs()
+        .to_string();
     signed_default_bundle(root, &sluice, &bundle, &revision, &private_key)?;
     sh(Command::new(&collector)
         .args(["bundle", "publish"])
@@ -661,7 +662,7 @@ pub fn up_gateway(root: &Path) -> Result<()> {
     let (private_key, public_key) = signing_keys(&sluice, &root.join("target/sluice-up/keys"))?;
     step("policy bundle: build and sign (policies/default)");
     let bundle = dir.join("default.tar.gz");
-    signed_default_bundle(root, &sluice, &bundle, "gateway-demo", &private_key)?;
+    signed_default_bundle(root, &sluice, &bundle, "1", &private_key)?;
     let app_dir = dir.join("demo-app");
     let events = dir.join("events.jsonl");
     let acfg = dir.join("agent.toml");

@@ -450,7 +450,11 @@ impl Privileged {
             let path = self.config.state_dir.join("bundle/last-good.tar.gz");
             let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
             if mtime.is_some() && mtime != names.bundle_mtime {
-                match crate::bundle::read_last_good(&self.config.state_dir, &b.public_key) {
+                match crate::bundle::read_last_good(
+                    &self.config.state_dir,
+                    &b.public_key,
+                    &self.config.privileged_trust_path(),
+                ) {
                     Ok(set) => match Catalog::in_force(
                         &self.config.apps,
                         Some(&set),

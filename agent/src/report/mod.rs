@@ -399,6 +399,8 @@ impl EventReporter {
             spool_dropped: snap.spool.dropped,
             spool_corrupt: snap.spool.corrupt,
             last_error: probe.last_error.clone().or(snap.ship.last_error),
+            bundle_expires_at: probe.bundle_expires_at,
+            bundle_stale: probe.bundle_stale,
         });
         e
     }
@@ -435,6 +437,10 @@ pub struct ProbeFacts {
     pub degraded: bool,
     /// The last error of the agent, when there is one.
     pub last_error: Option<String>,
+    /// When the bundle in force stops being fresh (Unix seconds).
+    pub bundle_expires_at: Option<u64>,
+    /// Whether it has: still enforced, but stale.
+    pub bundle_stale: bool,
 }
 
 /// Reads [`ProbeFacts`] when a status event is due.

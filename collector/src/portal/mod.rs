@@ -961,10 +961,12 @@ fn devices_page(c: &Collector, who: &Who<'_>) -> anyhow::Result<Response<BoxBody
         );
     }
     for d in &devices {
-        let state = d
+        let status = d
             .status_json
             .as_deref()
-            .and_then(|s| serde_json::from_str::<sluice_protocol::AgentStatus>(s).ok())
+            .and_then(|s| serde_json::from_str::<sluice_protocol::AgentStatus>(s).ok());
+        let state = status
+            .as_ref()
             .map(|s| {
                 format!(
                     "{} (spool {}, dropped {})",
@@ -972,6 +974,12 @@ fn devices_page(c: &Collector, who: &Who<'_>) -> anyhow::Result<Response<BoxBody
                 )
             })
             .unwrap_or_default();
+        // A bundle past its signed expiry is still enforced by the agent, which says so.
+        let bundle_stale = if status.as_ref().is_some_and(|s| s.bundle_stale) {
+            " <span class=\"badge stale bundle-stale\">stale bundle</span>"
+        } else {
+            ""
+        };
         let badge = if d.revoked_at.is_some() {
             "<span class=\"badge revoked\">revoked</span>"
         } else if stale(d.last_seen, now) {
@@ -982,8 +990,8 @@ fn devices_page(c: &Collector, who: &Who<'_>) -> anyhow::Result<Response<BoxBody
         let _ = write!(
             body,
             "<tr><td><a href=\"/devices/{uid}\">{host}</a></td><td>{uid}</td><td>{group}</td>\
-             <td>{posture}{mark}</td><td>{os}</td><td>{ver}</td><td>{rev}</td><td>{state}</td>\
-             <td title=\"{ago}\">{seen}</td><td>{badge}</td></tr>",
+             <td>{posture}{mark}</td><td>{os}</td><td>{ver}</td><td>{rev}{bundle_stale}</td>\
+             <td>{state}</td><td title=\"{ago}\">{seen}</td><td>{badge}</td></tr>",
             mark = risk_state
                 .devices
                 .iter()

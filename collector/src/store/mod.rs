@@ -1945,6 +1945,13 @@ impl Store {
         })?)
     }
 
+    /// Every published bundle's id, oldest first.
+    pub fn bundle_ids(&self) -> Result<Vec<i64>, StoreError> {
+        Ok(self.with_read(|c| {
+            c.query_map("SELECT id FROM bundles ORDER BY id", args![], |r| r.get(0))
+        })?)
+    }
+
     /// The bytes of bundle `id`.
     pub fn bundle_bytes(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.with_read(|c| {

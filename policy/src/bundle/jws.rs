@@ -76,6 +76,20 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     out
 }
 
+/// A key's id: `k-` and the first 16 hex digits of the SHA-256 of its SubjectPublicKeyInfo.
+/// Signatures name their key by it, so a verifier holding several keys knows which one to use,
+/// and nobody chooses a name that collides with another key's.
+pub fn key_id(spki: &[u8]) -> String {
+    format!("k-{}", &sluice_inspect::sha256_hex(spki)[..16])
+}
+
+/// The `kid` a compact JWS's header names, read without verifying anything (to pick the key).
+pub fn token_kid(token: &str) -> Option<String> {
+    let h = token.trim().split('.').next()?;
+    let header: serde_json::Value = serde_json::from_slice(&b64url_decode(h)?).ok()?;
+    header["kid"].as_str().map(str::to_owned)
+}
+
 /// A signing key (PKCS#8 P-256).
 pub struct SigningKey(EcdsaKeyPair);
 
@@ -121,6 +135,11 @@ impl SigningKey {
             .map_err(|_| JwsError::Key("cannot encode the public key".into()))
     }
 
+    /// This key's id ([`key_id`]).
+    pub fn key_id(&self) -> Result<String, JwsError> {
+        Ok(key_id(&self.public_spki()?))
+    }
+
     /// Signs `payload` (JSON bytes) into a compact JWS with `kid`.
     pub fn sign(&self, payload: &[u8], kid: &str) -> Result<String, JwsError> {
         let header = serde_json::json!({ "alg": "ES256", "kid": kid }).to_string();
@@ -149,6 +168,16 @@ impl VerifyingKey {
     /// From SPKI DER.
     pub fn from_spki(der: Vec<u8>) -> Self {
         Self(der)
+    }
+
+    /// This key's id ([`key_id`]).
+    pub fn key_id(&self) -> String {
+        key_id(&self.0)
+    }
+
+    /// As PEM (`PUBLIC KEY`).
+    pub fn to_pem(&self) -> String {
+        pem("PUBLIC KEY", &self.0)
     }
 
     /// Verifies a compact JWS; returns (kid, payload bytes).

@@ -6,6 +6,12 @@
 //! decompressed, per file, file count), only regular files with relative, `..`-free names are
 //! accepted, names are unique, and the signature and the exact file list are checked before
 //! anything inside (the manifest included) is parsed.
+//!
+//! Freshness and keys: the manifest's `revision` is a number (compared as one) and its
+//! `expires_at` (Unix seconds, signed like everything else) is required. The signature names its
+//! key by id ([`jws::key_id`]) and is checked with that key of a [`KeyRing`]; a bundle may carry
+//! `.keys.json` ([`Rotation`]): keys to trust from now on and key ids to retire, which is how a
+//! bundle signed by the current key introduces the next one.
 
 pub mod jws;
 
@@ -25,6 +31,10 @@ use self::jws::{SigningKey, VerifyingKey};
 pub const MANIFEST: &str = ".manifest";
 /// The signatures file name.
 pub const SIGNATURES: &str = ".signatures.json";
+/// The key rotation file name (optional, signed like every other file).
+pub const KEYS: &str = ".keys.json";
+/// How long a bundle built without an explicit expiry stays fresh.
+pub const DEFAULT_LIFETIME_S: u64 = 30 * 86_400;
 
 /// Errors of bundle handling.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +60,15 @@ pub enum BundleError {
     /// The manifest is invalid.
     #[error("{MANIFEST}: {0}")]
     Manifest(String),
+    /// The signature names a key the verifier does not trust.
+    #[error("the bundle is signed with key `{0}`, which is not trusted (trusted: {1})")]
+    UnknownKey(String, String),
+    /// The bundle's signed expiry has passed.
+    #[error("the bundle expired at {0} (Unix seconds); sign a fresh one")]
+    Expired(u64),
+    /// `.keys.json` is invalid.
+    #[error("{KEYS}: {0}")]
+    Keys(String),
 }
 
 /// Bounds on what a bundle may hold.
@@ -80,8 +99,13 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// The bundle's revision; agents refuse an older one than they run (by default).
+    /// The bundle's revision, a whole number; agents refuse an older one than they run (by
+    /// default).
     pub revision: String,
+    /// When the bundle stops being fresh (Unix seconds): agents refuse to start using it after,
+    /// and report the one they run as stale once it has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
     /// Path prefixes this bundle owns.
     #[serde(default)]
     pub roots: Vec<String>,
@@ -122,6 +146,147 @@ pub struct Archive {
     pub files: BTreeMap<String, Vec<u8>>,
 }
 
+impl Manifest {
+    /// The revision as a number, or why it is not one.
+    pub fn revision_number(&self) -> Result<u64, BundleError> {
+        let r = self.revision.trim();
+        if r.is_empty() || r.len() > 19 || !r.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(BundleError::Manifest(format!(
+                "revision `{}` is not a whole number (revisions are compared as numbers)",
+                self.revision
+            )));
+        }
+        r.parse()
+            .map_err(|e| BundleError::Manifest(format!("revision `{r}`: {e}")))
+    }
+}
+
+/// `.keys.json`: keys a bundle introduces and retires.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rotation {
+    /// Public keys (PEM) trusted from this bundle on.
+    #[serde(default)]
+    pub trust: Vec<String>,
+    /// Key ids never trusted again.
+    #[serde(default)]
+    pub retire: Vec<String>,
+}
+
+/// Keys bundles are verified with, by id.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRing {
+    keys: BTreeMap<String, VerifyingKey>,
+}
+
+impl KeyRing {
+    /// A ring of one key.
+    pub fn single(key: VerifyingKey) -> Self {
+        let mut r = Self::default();
+        r.insert(key);
+        r
+    }
+
+    /// Adds `key` under its id.
+    pub fn insert(&mut self, key: VerifyingKey) {
+        self.keys.insert(key.key_id(), key);
+    }
+
+    /// The key with id `kid`.
+    pub fn get(&self, kid: &str) -> Option<&VerifyingKey> {
+        self.keys.get(kid)
+    }
+
+    /// The ids held.
+    pub fn ids(&self) -> Vec<String> {
+        self.keys.keys().cloned().collect()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// What rotations taught: keys trusted besides the configured one, and keys retired for good
+/// (the configured one included, when a bundle retired it). Kept by whoever verifies bundles
+/// (an agent in its state, a collector from the bundles it published).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trust {
+    /// Trusted keys by id (PEM).
+    #[serde(default)]
+    pub trusted: BTreeMap<String, String>,
+    /// Retired key ids.
+    #[serde(default)]
+    pub retired: std::collections::BTreeSet<String>,
+}
+
+impl Trust {
+    /// The ring: `configured` and the learnt keys, less the retired ones.
+    pub fn ring(&self, configured: &VerifyingKey) -> KeyRing {
+        let mut ring = KeyRing::default();
+        for k in std::iter::once(configured.clone()).chain(
+            self.trusted
+                .values()
+                .filter_map(|pem| VerifyingKey::from_pem(pem).ok()),
+        ) {
+            if !self.retired.contains(&k.key_id()) {
+                ring.insert(k);
+            }
+        }
+        ring
+    }
+
+    /// Learns `rotation` (from a verified bundle); true when something changed. Refused when it
+    /// would leave `configured` and the learnt keys all retired.
+    pub fn learn(
+        &mut self,
+        rotation: &Rotation,
+        configured: &VerifyingKey,
+    ) -> Result<bool, BundleError> {
+        let mut next = self.clone();
+        for pem in &rotation.trust {
+            let k = VerifyingKey::from_pem(pem)
+                .map_err(|e| BundleError::Keys(format!("a key to trust: {e}")))?;
+            next.trusted.insert(k.key_id(), k.to_pem());
+        }
+        for kid in &rotation.retire {
+            next.retired.insert(kid.clone());
+        }
+        if next.ring(configured).is_empty() {
+            return Err(BundleError::Keys(
+                "it retires every key, leaving none to verify the next bundle".into(),
+            ));
+        }
+        let changed = next != *self;
+        *self = next;
+        Ok(changed)
+    }
+
+    /// Learns every proof that verifies with what is trusted (in revision order, again until
+    /// nothing changes: a rotation can only be learnt once the key that signed it is); true
+    /// when something changed. A proof that does not verify is skipped.
+    pub fn catch_up(&mut self, configured: &VerifyingKey, proofs: &[RotationProof]) -> bool {
+        let mut sorted: Vec<&RotationProof> = proofs.iter().collect();
+        sorted.sort_by_key(|p| p.revision);
+        let mut changed = false;
+        loop {
+            let mut round = false;
+            for p in &sorted {
+                if let Ok(rot) = verify_proof(p, &self.ring(configured))
+                    && self.learn(&rot, configured).unwrap_or(false)
+                {
+                    round = true;
+                }
+            }
+            if !round {
+                return changed;
+            }
+            changed = true;
+        }
+    }
+}
+
 /// A bundle whose signature and file list have been verified.
 #[derive(Debug, Clone)]
 pub struct Verified {
@@ -131,6 +296,93 @@ pub struct Verified {
     pub files: BTreeMap<String, Vec<u8>>,
     /// The key id the signature named.
     pub key_id: Option<String>,
+    /// `.signatures.json` as it was (what a [`RotationProof`] carries).
+    pub signatures: Vec<u8>,
+}
+
+/// What proves a rotation without the rest of its bundle: the signature (whose signed list holds
+/// the hash of `.keys.json`) and `.keys.json` itself. Kept by an agent for every rotation it
+/// learnt, so a verifier that missed the bundle can learn it later, trusting nothing but the
+/// signatures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationProof {
+    /// The bundle's revision.
+    pub revision: u64,
+    /// Its `.signatures.json` (text).
+    pub signatures: String,
+    /// Its `.keys.json` (text).
+    pub keys: String,
+}
+
+/// Checks `proof` with the ring's key its signature names: the rotation, when the signature
+/// verifies and its signed list holds `.keys.json` with this content.
+pub fn verify_proof(proof: &RotationProof, ring: &KeyRing) -> Result<Rotation, BundleError> {
+    let sigs: Signatures = serde_json::from_str(&proof.signatures)
+        .map_err(|e| BundleError::Malformed(format!("{SIGNATURES}: {e}")))?;
+    let [token] = sigs.signatures.as_slice() else {
+        return Err(BundleError::Malformed(format!(
+            "{SIGNATURES} must hold exactly one signature"
+        )));
+    };
+    let named = jws::token_kid(token).unwrap_or_default();
+    let key = ring
+        .get(&named)
+        .ok_or_else(|| BundleError::UnknownKey(named.clone(), ring.ids().join(", ")))?;
+    let (_, payload) = key.verify(token)?;
+    let payload: Payload = serde_json::from_slice(&payload)
+        .map_err(|e| BundleError::Malformed(format!("signed payload: {e}")))?;
+    let hash = sha256_hex(proof.keys.as_bytes());
+    if !payload
+        .files
+        .iter()
+        .any(|f| f.name == KEYS && f.hash.eq_ignore_ascii_case(&hash))
+    {
+        return Err(BundleError::Mismatch(format!(
+            "{KEYS} is not what the signature covers"
+        )));
+    }
+    serde_json::from_str(&proof.keys).map_err(|e| BundleError::Keys(e.to_string()))
+}
+
+impl Verified {
+    /// The proof of its rotation, when it carries one.
+    pub fn rotation_proof(&self) -> Option<RotationProof> {
+        let keys = self.files.get(KEYS)?;
+        Some(RotationProof {
+            revision: self.manifest.revision_number().ok()?,
+            signatures: String::from_utf8(self.signatures.clone()).ok()?,
+            keys: String::from_utf8(keys.clone()).ok()?,
+        })
+    }
+
+    /// Whether its signed expiry has passed at `now` (Unix seconds).
+    pub fn expired(&self, now: u64) -> bool {
+        self.manifest.expires_at.is_some_and(|e| e <= now)
+    }
+
+    /// Refuses it when its expiry has passed at `now`.
+    pub fn fresh(self, now: u64) -> Result<Self, BundleError> {
+        match self.manifest.expires_at {
+            Some(e) if e <= now => Err(BundleError::Expired(e)),
+            _ => Ok(self),
+        }
+    }
+
+    /// Its `.keys.json`, when it has one.
+    pub fn rotation(&self) -> Result<Option<Rotation>, BundleError> {
+        self.files
+            .get(KEYS)
+            .map(|b| serde_json::from_slice(b).map_err(|e| BundleError::Keys(e.to_string())))
+            .transpose()
+    }
+}
+
+/// Now, in Unix seconds.
+pub fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Normalises and checks an archive path: relative, no `..`, no empty or `.` parts.
@@ -239,8 +491,8 @@ impl Archive {
         gz.finish().map_err(|e| BundleError::Io(e.to_string()))
     }
 
-    /// Collects a directory's files (hidden ones other than `.manifest` and `.signatures.json`
-    /// are skipped).
+    /// Collects a directory's files (hidden ones other than `.manifest`, `.signatures.json` and
+    /// `.keys.json` are skipped).
     pub fn from_dir(dir: &Path) -> Result<Self, BundleError> {
         fn walk(
             root: &Path,
@@ -254,7 +506,7 @@ impl Archive {
             entries.sort_by_key(|e| e.file_name());
             for e in entries {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') && name != MANIFEST && name != SIGNATURES {
+                if name.starts_with('.') && ![MANIFEST, SIGNATURES, KEYS].contains(&name.as_str()) {
                     continue;
                 }
                 let path = e.path();
@@ -281,8 +533,10 @@ impl Archive {
         Ok(Self { files })
     }
 
-    /// Adds (or replaces) the signature over every other file.
-    pub fn sign(&mut self, key: &SigningKey, key_id: &str) -> Result<(), BundleError> {
+    /// Adds (or replaces) the signature over every other file, naming the key by its id.
+    pub fn sign(&mut self, key: &SigningKey) -> Result<(), BundleError> {
+        let key_id = key.key_id()?;
+        let key_id = key_id.as_str();
         self.files.remove(SIGNATURES);
         let payload = Payload {
             files: self
@@ -310,17 +564,28 @@ impl Archive {
         Ok(())
     }
 
-    /// Checks the signature and that the signed list names exactly the archive's files with their
-    /// exact contents; only then parses the manifest.
-    pub fn verify(mut self, key: &VerifyingKey) -> Result<Verified, BundleError> {
-        let sigs = self.files.remove(SIGNATURES).ok_or(BundleError::Unsigned)?;
-        let sigs: Signatures = serde_json::from_slice(&sigs)
+    /// [`Archive::verify_with`] a ring of one key.
+    pub fn verify(self, key: &VerifyingKey) -> Result<Verified, BundleError> {
+        self.verify_with(&KeyRing::single(key.clone()))
+    }
+
+    /// Checks the signature with the ring's key it names and that the signed list names exactly
+    /// the archive's files with their exact contents; only then parses the manifest (a whole
+    /// number revision and an expiry are required; whether the expiry has passed is the
+    /// caller's to ask, [`Verified::fresh`]).
+    pub fn verify_with(mut self, ring: &KeyRing) -> Result<Verified, BundleError> {
+        let raw = self.files.remove(SIGNATURES).ok_or(BundleError::Unsigned)?;
+        let sigs: Signatures = serde_json::from_slice(&raw)
             .map_err(|e| BundleError::Malformed(format!("{SIGNATURES}: {e}")))?;
         let [token] = sigs.signatures.as_slice() else {
             return Err(BundleError::Malformed(format!(
                 "{SIGNATURES} must hold exactly one signature"
             )));
         };
+        let named = jws::token_kid(token).unwrap_or_default();
+        let key = ring
+            .get(&named)
+            .ok_or_else(|| BundleError::UnknownKey(named.clone(), ring.ids().join(", ")))?;
         let (kid, payload) = key.verify(token)?;
         let payload: Payload = serde_json::from_slice(&payload)
             .map_err(|e| BundleError::Malformed(format!("signed payload: {e}")))?;
@@ -368,26 +633,41 @@ impl Archive {
             .ok_or_else(|| BundleError::Manifest("missing".into()))?;
         let manifest: Manifest =
             serde_json::from_slice(manifest).map_err(|e| BundleError::Manifest(e.to_string()))?;
-        if manifest.revision.trim().is_empty() {
-            return Err(BundleError::Manifest("revision must not be empty".into()));
+        manifest.revision_number()?;
+        if manifest.expires_at.is_none() {
+            return Err(BundleError::Manifest(
+                "no expires_at: a bundle must carry a signed expiry".into(),
+            ));
         }
         Ok(Verified {
             manifest,
             files: self.files,
             key_id: kid,
+            signatures: raw,
         })
     }
 }
 
 /// Builds a bundle from a directory: its files plus a manifest (the directory's own `.manifest`,
-/// or one with `revision` when given; `revision` overrides the directory's).
+/// or one with `revision` when given; `revision` overrides the directory's), fresh for
+/// [`DEFAULT_LIFETIME_S`] unless the directory's manifest says when it expires.
 pub fn build(dir: &Path, revision: Option<&str>) -> Result<Archive, BundleError> {
+    build_with(dir, revision, None)
+}
+
+/// [`build`] with `expires_at` (Unix seconds) overriding the directory's and the default.
+pub fn build_with(
+    dir: &Path,
+    revision: Option<&str>,
+    expires_at: Option<u64>,
+) -> Result<Archive, BundleError> {
     let mut archive = Archive::from_dir(dir)?;
     let mut manifest = match archive.files.get(MANIFEST) {
         Some(m) => serde_json::from_slice::<Manifest>(m)
             .map_err(|e| BundleError::Manifest(e.to_string()))?,
         None => Manifest {
             revision: String::new(),
+            expires_at: None,
             roots: vec![String::new()],
             metadata: Default::default(),
         },
@@ -399,6 +679,21 @@ pub fn build(dir: &Path, revision: Option<&str>) -> Result<Archive, BundleError>
         return Err(BundleError::Manifest(
             "no revision: give --revision or a .manifest with one".into(),
         ));
+    }
+    manifest.revision_number()?;
+    if let Some(e) = expires_at {
+        manifest.expires_at = Some(e);
+    }
+    if manifest.expires_at.is_none() {
+        manifest.expires_at = Some(now_s() + DEFAULT_LIFETIME_S);
+    }
+    if let Some(rot) = archive.files.get(KEYS) {
+        let rot: Rotation =
+            serde_json::from_slice(rot).map_err(|e| BundleError::Keys(e.to_string()))?;
+        for pem in &rot.trust {
+            VerifyingKey::from_pem(pem)
+                .map_err(|e| BundleError::Keys(format!("a key to trust: {e}")))?;
+        }
     }
     archive.files.insert(
         MANIFEST.into(),
@@ -435,7 +730,7 @@ mod tests {
         let mut a = Archive::default();
         a.files.insert(
             MANIFEST.into(),
-            br#"{"revision":"7","roots":[""]}"#.to_vec(),
+            br#"{"revision":"7","expires_at":4102444800,"roots":[""]}"#.to_vec(),
         );
         a.files
             .insert("policies/access.yaml".into(), b"policies: []\n".to_vec());
@@ -457,10 +752,11 @@ mod tests {
     fn a_signed_bundle_verifies_after_a_round_trip() {
         let (k, v) = keys();
         let mut a = sample();
-        a.sign(&k, "central").expect("sign");
+        a.sign(&k).expect("sign");
         let ok = round_trip(&a).verify(&v).expect("verifies");
         assert_eq!(ok.manifest.revision, "7");
-        assert_eq!(ok.key_id.as_deref(), Some("central"));
+        assert_eq!(ok.key_id, Some(v.key_id()));
+        assert!(v.key_id().starts_with("k-") && v.key_id().len() == 18);
         assert!(
             ok.files.contains_key("policies/access.yaml") && !ok.files.contains_key(SIGNATURES)
         );
@@ -475,7 +771,7 @@ mod tests {
     fn tampered_missing_extra_unsigned_and_wrong_key_are_refused() {
         let (k, v) = keys();
         let mut signed = sample();
-        signed.sign(&k, "central").expect("sign");
+        signed.sign(&k).expect("sign");
 
         let mut tampered = signed.clone();
         tampered.files.insert(
@@ -500,12 +796,142 @@ mod tests {
         let e = round_trip(&sample()).verify(&v).expect_err("unsigned");
         assert!(matches!(e, BundleError::Unsigned));
 
+        // Another key: its id is not the one the signature names.
         let (_, other) = keys();
         let e = round_trip(&signed).verify(&other).expect_err("wrong key");
+        assert!(matches!(e, BundleError::UnknownKey(..)), "{e}");
+        // A signature that names a trusted key's id but was made by another key.
+        let (k2, _) = keys();
+        let mut forged = sample();
+        let payload = br#"{"files":[],"keyid":null,"iat":0}"#;
+        let token = k2.sign(payload, &v.key_id()).expect("sign");
+        forged.files.insert(
+            SIGNATURES.into(),
+            serde_json::to_vec(&Signatures {
+                signatures: vec![token],
+            })
+            .expect("json"),
+        );
+        let e = round_trip(&forged).verify(&v).expect_err("forged kid");
         assert!(
             matches!(e, BundleError::Signature(jws::JwsError::BadSignature)),
             "{e}"
         );
+    }
+
+    fn with_manifest(manifest: &str) -> Archive {
+        let mut a = sample();
+        a.files
+            .insert(MANIFEST.into(), manifest.as_bytes().to_vec());
+        a
+    }
+
+    #[test]
+    fn revisions_are_numbers_and_expiry_is_required_and_checked() {
+        let (k, v) = keys();
+        for (m, why) in [
+            (
+                r#"{"revision":"7a","expires_at":4102444800}"#,
+                "not a whole number",
+            ),
+            (
+                r#"{"revision":"-1","expires_at":4102444800}"#,
+                "not a whole number",
+            ),
+            (
+                r#"{"revision":"","expires_at":4102444800}"#,
+                "not a whole number",
+            ),
+            (r#"{"revision":"7"}"#, "no expires_at"),
+        ] {
+            let mut a = with_manifest(m);
+            a.sign(&k).expect("sign");
+            let e = round_trip(&a).verify(&v).expect_err(m);
+            assert!(e.to_string().contains(why), "{m}: {e}");
+        }
+        let mut a = with_manifest(r#"{"revision":"8","expires_at":1000}"#);
+        a.sign(&k).expect("sign");
+        let ok = round_trip(&a)
+            .verify(&v)
+            .expect("verifies: expiry is the caller's");
+        assert!(ok.expired(1000) && !ok.expired(999));
+        let e = ok.fresh(2000).expect_err("expired");
+        assert!(matches!(e, BundleError::Expired(1000)), "{e}");
+    }
+
+    #[test]
+    fn a_rotation_from_key_a_to_key_b_and_the_old_key_retired() {
+        let (ka, va) = keys();
+        let (kb, vb) = keys();
+        let mut trust = Trust::default();
+        // Revision 1, signed by A, introduces B.
+        let mut r1 = sample();
+        r1.files.insert(
+            KEYS.into(),
+            serde_json::to_vec(&Rotation {
+                trust: vec![vb.to_pem()],
+                retire: vec![],
+            })
+            .expect("json"),
+        );
+        r1.sign(&ka).expect("sign");
+        // Before it, a bundle signed by B is refused.
+        let mut r2 = with_manifest(r#"{"revision":"2","expires_at":4102444800}"#);
+        r2.files.insert(
+            KEYS.into(),
+            serde_json::to_vec(&Rotation {
+                trust: vec![],
+                retire: vec![va.key_id()],
+            })
+            .expect("json"),
+        );
+        r2.sign(&kb).expect("sign");
+        let e = round_trip(&r2)
+            .verify_with(&trust.ring(&va))
+            .expect_err("B unknown yet");
+        assert!(matches!(e, BundleError::UnknownKey(..)), "{e}");
+        let v1 = round_trip(&r1).verify_with(&trust.ring(&va)).expect("A");
+        let proof1 = v1.rotation_proof().expect("proof");
+        assert!(
+            trust
+                .learn(&v1.rotation().expect("keys").expect("some"), &va)
+                .expect("learn")
+        );
+        // Now B verifies; its bundle retires A.
+        let v2 = round_trip(&r2).verify_with(&trust.ring(&va)).expect("B");
+        let proof2 = v2.rotation_proof().expect("proof");
+        trust
+            .learn(&v2.rotation().expect("keys").expect("some"), &va)
+            .expect("learn");
+        assert_eq!(trust.ring(&va).ids(), vec![vb.key_id()]);
+        // A bundle signed by the old key is refused from now on.
+        let mut old = with_manifest(r#"{"revision":"3","expires_at":4102444800}"#);
+        old.sign(&ka).expect("sign");
+        let e = round_trip(&old)
+            .verify_with(&trust.ring(&va))
+            .expect_err("A retired");
+        assert!(matches!(e, BundleError::UnknownKey(..)), "{e}");
+        // A verifier that missed both learns them from the proofs, in any order given.
+        let mut late = Trust::default();
+        assert!(late.catch_up(&va, &[proof2.clone(), proof1.clone()]));
+        assert_eq!(late, trust);
+        // A proof whose keys were changed is not learnt.
+        let mut bad = proof1.clone();
+        bad.keys = bad.keys.replace("PUBLIC", "PUBLlC");
+        assert!(verify_proof(&bad, &KeyRing::single(va.clone())).is_err());
+        // Retiring every key is refused.
+        let mut t = Trust::default();
+        let e = t
+            .learn(
+                &Rotation {
+                    trust: vec![],
+                    retire: vec![va.key_id()],
+                },
+                &va,
+            )
+            .expect_err("none left");
+        assert!(matches!(e, BundleError::Keys(_)), "{e}");
+        let _ = kb;
     }
 
     fn tar_with(name: &str, kind: tar::EntryType, data: &[u8]) -> Vec<u8> {
@@ -566,6 +992,10 @@ mod tests {
             a.files.keys().collect::<Vec<_>>(),
             [".manifest", "policies/a.yaml"]
         );
+        assert!(matches!(
+            build(&dir.join("src"), Some("v42")),
+            Err(BundleError::Manifest(_))
+        ));
         let (key, public) = keygen(&dir.join("keys")).expect("keygen");
         assert_eq!(
             std::fs::metadata(&key).expect("key").permissions().mode() & 0o777,
@@ -576,7 +1006,7 @@ mod tests {
         let v =
             VerifyingKey::from_pem(&std::fs::read_to_string(&public).expect("read")).expect("pub");
         let mut a = a;
-        a.sign(&k, "k").expect("sign");
+        a.sign(&k).expect("sign");
         assert_eq!(
             round_trip(&a).verify(&v).expect("ok").manifest.revision,
             "42"

@@ -658,7 +658,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let public_path = work.join("bundle.pub");
     std::fs::write(&public_path, public)?;
     let mut archive = bundle::build(&default_bundle(), Some("1"))?;
-    archive.sign(&key, "bench")?;
+    archive.sign(&key)?;
     let bundle_path = work.join("bundle.tar.gz");
     std::fs::write(&bundle_path, archive.write()?)?;
     let env = UploadEnv {

@@ -122,7 +122,7 @@ pub fn run(args: &[String]) -> Result<()> {
     archive
         .files
         .insert("policies/gen.yaml".into(), policies(1000).into_bytes());
-    archive.sign(&key, "bench")?;
+    archive.sign(&key)?;
     let bytes = archive.write()?;
     let mut times = Vec::new();
     for _ in 0..5 {
