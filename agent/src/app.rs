@@ -774,6 +774,7 @@ async fn supervise(
             // A bundle with a catalogue decides which hosts are intercepted from then on.
             let (local, reject) = (config.apps.clone(), config.proxy.reject_hosts.clone());
             dist = dist.on_activate(Box::new(move |set| {
+                crate::redact::set_extra(&set.redact_query_params);
                 match Catalog::in_force(&local, Some(set), &reject) {
                     Ok(c) => shared.catalog.store(Arc::new(c)),
                     Err(e) => tracing::error!(error = %e, "bundle catalogue not applied"),

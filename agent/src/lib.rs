@@ -22,6 +22,7 @@ pub mod memory;
 pub mod posture;
 pub mod privsep;
 pub mod proxy;
+pub mod redact;
 pub mod report;
 pub mod session;
 pub mod steer;

@@ -57,9 +57,11 @@ enum Command {
         /// The collector, `https://host:port` (default: `report.collector` from the config).
         #[arg(long)]
         collector: Option<String>,
-        /// The one-time enrollment token (`sluice-collector token create`).
-        #[arg(long)]
-        token: String,
+        /// A file holding the one-time enrollment token (`sluice-collector token create`), or
+        /// `-` to read it from standard input. Never on the command line, where every local user
+        /// can read it.
+        #[arg(long, value_name = "FILE|-")]
+        token_file: PathBuf,
         /// The collector's CA certificate (PEM) (default: `report.collector_ca`, else the web
         /// and system roots).
         #[arg(long)]
@@ -333,10 +335,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enroll {
             config,
             collector,
-            token,
+            token_file,
             ca,
             force,
         } => {
+            let token = read_token(&token_file)?;
             let cfg = Config::load(&config)?;
             let Some(collector) = collector.or_else(|| cfg.report.collector.clone()) else {
                 anyhow::bail!("give --collector https://host:port (or set report.collector)");
@@ -444,6 +447,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => status(config, admin, json),
     }
+}
+
+/// The enrollment token from `path` (`-`: standard input): its first line, at most 4 KiB read.
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut buf = Vec::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin().take(4096).read_to_end(&mut buf)?;
+    } else {
+        std::fs::File::open(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            .take(4096)
+            .read_to_end(&mut buf)?;
+    }
+    let text = String::from_utf8(buf).map_err(|_| anyhow::anyhow!("the token is not text"))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "no enrollment token in {}",
+        if path.as_os_str() == "-" {
+            "standard input".to_owned()
+        } else {
+            path.display().to_string()
+        }
+    );
+    Ok(token)
 }
 
 /// `30d`, `12h`, `90m`, `45s` or plain seconds.

@@ -122,6 +122,7 @@ pub(crate) fn compile(
         ..
     } = dir;
     Ok(PolicySet {
+        redact_query_params: catalog_file.redact_query_params.clone(),
         managed_clients: named.get("managed").cloned().unwrap_or_default(),
         revision: revision.to_owned(),
         policies,

@@ -175,6 +175,9 @@ pub struct PolicySet {
     pub managed_clients: Vec<Cidr>,
     /// The bundle's measured device posture (`posture.yaml`), when it has one.
     pub posture: Option<posture::Posture>,
+    /// Query parameters redacted in events and logs besides the agent's own list
+    /// (`catalog.yaml` `redact_query_params`).
+    pub redact_query_params: Vec<String>,
 }
 
 impl PolicySet {

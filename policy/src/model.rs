@@ -750,6 +750,10 @@ pub struct Catalog {
     /// Apps.
     #[serde(default)]
     pub apps: Vec<App>,
+    /// Query parameters whose values are credentials, redacted in events and logs besides the
+    /// agent's built-in list (names, compared without regard to case).
+    #[serde(default)]
+    pub redact_query_params: Vec<String>,
 }
 
 /// A catalogued app.

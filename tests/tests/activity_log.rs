@@ -181,17 +181,41 @@ fn a_collector_outage_and_a_killed_agent_lose_and_double_nothing() {
             .unwrap_or(60),
     );
 
-    // The collector, with the bundle key, and the default bundle published on it.
+    // The collector, with the bundle key, and the default bundle published on it; it forwards
+    // to a syslog receiver of the test's.
     let (key, _, public) = sluice_policy::bundle::jws::SigningKey::generate().unwrap();
     let public_path = dir.join("bundle.pub");
     fs::write(&public_path, public).unwrap();
+    let syslog = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let syslog_addr = syslog.local_addr().unwrap();
+    let syslog_bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    {
+        let sink = syslog_bytes.clone();
+        std::thread::spawn(move || {
+            for conn in syslog.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    use std::io::Read as _;
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 {
+                            return;
+                        }
+                        sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+    }
     let port = free_port();
     let state = dir.join("collector");
     let cfg = dir.join("collector.toml");
     fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nbundle_public_key = \"{}\"\n",
+            "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nbundle_public_key = \"{}\"\n\
+             [[forward.syslog]]\naddress = \"{syslog_addr}\"\n",
             state.display(),
             public_path.display()
         ),
@@ -203,7 +227,13 @@ fn a_collector_outage_and_a_killed_agent_lose_and_double_nothing() {
         log: dir.join("collector.log"),
         child: None,
     };
-    collector.cli(&["init"]);
+    let init = collector.cli(&["init"]);
+    let admin_password = init
+        .lines()
+        .find_map(|l| l.strip_prefix("password (shown once): "))
+        .expect("init printed the admin password")
+        .trim()
+        .to_owned();
     let mut archive = sluice_policy::bundle::build(
         &demo_app::workspace_root().join("policies/default"),
         Some("3"),
@@ -273,16 +303,22 @@ status_interval_s = 5
     let agent_cfg = agent_dir.join("agent.toml");
     fs::write(&agent_cfg, &config).unwrap();
     let token = collector.cli(&["token", "create", "--group", "default"]);
+    let token_file = agent_dir.join("enroll.token");
+    fs::write(&token_file, token.trim()).unwrap();
     run(Command::new(bin("sluice"))
         .args(["enroll", "--config"])
         .arg(&agent_cfg)
-        .args(["--collector", &url, "--token", token.trim(), "--ca"])
+        .args(["--collector", &url, "--token-file"])
+        .arg(&token_file)
+        .arg("--ca")
         .arg(&collector_ca));
     // The token was for one use.
     let again = Command::new(bin("sluice"))
         .args(["enroll", "--force", "--config"])
         .arg(&agent_cfg)
-        .args(["--collector", &url, "--token", token.trim(), "--ca"])
+        .args(["--collector", &url, "--token-file"])
+        .arg(&token_file)
+        .arg("--ca")
         .arg(&collector_ca)
         .output()
         .unwrap();
@@ -467,5 +503,105 @@ status_interval_s = 5
     // The device is in the inventory with its posture.
     let devices = collector.cli(&["agent", "list"]);
     assert!(!devices.trim().is_empty());
+
+    // A pre-signed link and a token in a URL: redacted in the agent's events file and log, the
+    // collector's store, the portal, the export and the syslog output.
+    const SECRETS: [&str; 3] = ["SECRETSIG1", "SECRETAMZ2", "SECRETTOK3"];
+    let secret_url = format!(
+        "{}/api/files?sig={}&X-Amz-Signature={}&token={}&page=77",
+        app.base_url(),
+        SECRETS[0],
+        SECRETS[1],
+        SECRETS[2]
+    );
+    let args: Vec<String> = vec![
+        "-sS".into(),
+        "--max-time".into(),
+        "5".into(),
+        "-o".into(),
+        "/dev/null".into(),
+        "--resolve".into(),
+        format!("{}:{}:{APP_IP}", demo_app::HOST, app.addr().port()),
+        "--cacert".into(),
+        client.ca.display().to_string(),
+        "-H".into(),
+        format!("Cookie: {}={}", demo_app::COOKIE, client.token),
+        secret_url,
+    ];
+    assert!(
+        InCgroup::at(&client.cgroup)
+            .command(Path::new("/usr/bin/curl"), &args)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut exported = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            exported = collector.cli(&["query", "page=77", "--format", "jsonl"]);
+            exported.contains("page=77")
+        }),
+        "the event with the secret URL did not reach the collector"
+    );
+    let csv = collector.cli(&["query", "page=77", "--format", "csv"]);
+    let stored: serde_json::Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
+    let stored_url = stored["http_request"]["url"].as_str().unwrap().to_owned();
+    assert!(
+        stored_url.ends_with("?sig=REDACTED&X-Amz-Signature=REDACTED&token=REDACTED&page=77"),
+        "{stored_url}"
+    );
+    // The portal's page of the event, signed in as the admin.
+    let cookie = dir.join("portal.cookies");
+    let form = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    run(Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-o", "/dev/null", "--cacert"])
+        .arg(&collector_ca)
+        .arg("-c")
+        .arg(&cookie)
+        .args([
+            "-H",
+            &format!("cookie: __Host-sluice-login={form}"),
+            "--data-urlencode",
+            &format!("csrf={form}"),
+            "--data-urlencode",
+            "user=admin",
+            "--data-urlencode",
+            &format!("password={admin_password}"),
+            &format!("{url}/login"),
+        ]));
+    let page = run(Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
+        .arg(&collector_ca)
+        .arg("-b")
+        .arg(&cookie)
+        .arg(format!("{url}/events/{}", stored["id"].as_str().unwrap())));
+    assert!(
+        page.contains("sig=REDACTED"),
+        "the portal's event page: {page}"
+    );
+    let mut forwarded = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            forwarded = String::from_utf8_lossy(&syslog_bytes.lock().unwrap()).into_owned();
+            forwarded.contains("page=77")
+        }),
+        "the event was not forwarded to syslog"
+    );
+    assert!(forwarded.contains("X-Amz-Signature=REDACTED"));
+    let agent_events = fs::read_to_string(&events).unwrap();
+    assert!(agent_events.contains("page=77") && agent_events.contains("token=REDACTED"));
+    let agent_log = fs::read_to_string(&agent.log).unwrap_or_default();
+    for s in SECRETS {
+        for (where_, text) in [
+            ("the collector's store and export", &exported),
+            ("the CSV export", &csv),
+            ("the portal", &page),
+            ("the syslog output", &forwarded),
+            ("the agent's events file", &agent_events),
+            ("the agent's log", &agent_log),
+        ] {
+            assert!(!text.contains(s), "{s} in {where_}");
+        }
+    }
     drop(agent);
 }

@@ -1044,16 +1044,26 @@ fn an_enrolled_endpoint_behind_the_gateway_is_not_intercepted_twice() {
     );
     let enroll = |ns: &Netns, config: &Path| {
         let token = cli(&["token", "create", "--group", "default"]);
-        let out = Command::new("nsenter")
+        // The token on standard input, never on the command line.
+        let mut child = Command::new("nsenter")
             .arg(format!("--net={}", ns.path().display()))
             .arg("--")
             .arg(bin("sluice"))
             .args(["enroll", "--config"])
             .arg(config)
-            .args(["--collector", &url, "--token", token.trim(), "--ca"])
+            .args(["--collector", &url, "--token-file", "-", "--ca"])
             .arg(&collector_ca)
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(token.trim().as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{out:?}");
     };
     // The gateway's agent, enrolled.

@@ -542,8 +542,8 @@ fn the_collector_prints_commands_that_work_and_reports_its_status() {
 #[test]
 fn hints_with_placeholders_name_real_options() {
     for (program, sub, options) in [
-        // report: "not shipped until `sluice enroll --config FILE --token TOKEN`"
-        ("sluice", &["enroll"][..], &["--config", "--token"][..]),
+        // report: "not shipped until `sluice enroll --config FILE --token-file FILE`"
+        ("sluice", &["enroll"][..], &["--config", "--token-file"][..]),
         // app: "create one with `sluice ca init --config FILE`"
         (
             "sluice",

@@ -621,11 +621,15 @@ async fn enrollment_stores_the_credential_privately_and_needs_force_to_replace_i
     std::fs::write(&cfg_path, format!("state_dir = \"{}\"\n", state.display())).unwrap();
     let sluice = sluice_e2e::bin("sluice");
     let enroll = |token: &str, force: bool| {
+        let token_file = cfg_path.with_file_name(format!("{token}.token"));
+        std::fs::write(&token_file, token).unwrap();
         let mut cmd = tokio::process::Command::new(&sluice);
         cmd.arg("enroll")
             .arg("--config")
             .arg(&cfg_path)
-            .args(["--collector", &c.url(), "--token", token, "--ca"])
+            .args(["--collector", &c.url(), "--token-file"])
+            .arg(&token_file)
+            .arg("--ca")
             .arg(&ca);
         if force {
             cmd.arg("--force");
@@ -715,11 +719,15 @@ async fn the_agent_enrolls_runs_and_reports_its_posture_and_status() {
     );
     let cfg_path = dir.join("agent.toml");
     std::fs::write(&cfg_path, &cfg_text).unwrap();
+    let token_file = dir.join("enroll.token");
+    std::fs::write(&token_file, "tok-run\n").unwrap();
     let out = tokio::process::Command::new(sluice_e2e::bin("sluice"))
         .arg("enroll")
         .arg("--config")
         .arg(&cfg_path)
-        .args(["--collector", &c.url(), "--token", "tok-run", "--ca"])
+        .args(["--collector", &c.url(), "--token-file"])
+        .arg(&token_file)
+        .arg("--ca")
         .arg(&ca)
         .output()
         .await

@@ -2155,10 +2155,14 @@ fn protected_files_are_released_in_the_portal_to_the_people_their_template_names
     .unwrap();
     let enroll = |config: &Path| {
         let token = c.cli(&["token", "create", "--group", "default"]).unwrap();
+        let token_file = config.with_file_name("enroll.token");
+        std::fs::write(&token_file, token.trim()).unwrap();
         let out = std::process::Command::new(bin("sluice"))
             .args(["enroll", "--config"])
             .arg(config)
-            .args(["--collector", &c.base, "--token", token.trim(), "--ca"])
+            .args(["--collector", &c.base, "--token-file"])
+            .arg(&token_file)
+            .arg("--ca")
             .arg(&c.ca)
             .output()
             .unwrap();
@@ -2392,10 +2396,14 @@ fn central(
     .unwrap();
     let enroll = |config: &Path| {
         let token = c.cli(&["token", "create", "--group", "default"]).unwrap();
+        let token_file = config.with_file_name("enroll.token");
+        std::fs::write(&token_file, token.trim()).unwrap();
         let out = std::process::Command::new(bin("sluice"))
             .args(["enroll", "--config"])
             .arg(config)
-            .args(["--collector", &c.base, "--token", token.trim(), "--ca"])
+            .args(["--collector", &c.base, "--token-file"])
+            .arg(&token_file)
+            .arg("--ca")
             .arg(&c.ca)
             .output()
             .unwrap();

@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, output, sh, step};
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 17] = [
+pub const TARGETS: [&str; 18] = [
     "client_hello",
     "dns",
     "embedded",
@@ -38,6 +38,7 @@ pub const TARGETS: [&str; 17] = [
     "privsep",
     "icap",
     "codec",
+    "redact",
 ];
 
 /// Seconds each target runs in `cargo xtask test`.

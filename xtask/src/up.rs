@@ -399,7 +399,7 @@ if [ -n "$ccfg2" ]; then
   echo "second collector: $ccfg2"
 fi
 if [ -s "$tokenf" ]; then
-  if ! "$sluice" enroll --config "$acfg" --collector "$url" --token "$(cat "$tokenf")" --ca "$cca"; then
+  if ! "$sluice" enroll --config "$acfg" --collector "$url" --token-file "$tokenf" --ca "$cca"; then
     echo "enrollment failed" >&2; kill $cpid; wait; exit 1
   fi
   rm -f "$tokenf"

@@ -449,7 +449,7 @@ pub async fn handle(
         time: SystemTime::now(),
         start: Instant::now(),
         method: parts.method.to_string(),
-        url: format!("{scheme}://{authority}{pq}"),
+        url: crate::redact::url(&format!("{scheme}://{authority}{pq}")),
         up: Arc::new(AtomicU64::new(0)),
         up_sha256: shared.settings.hash_bodies.then(Default::default),
         flow: None,

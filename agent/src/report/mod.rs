@@ -502,7 +502,7 @@ impl Reporting {
             reader,
         );
         if target.agent_id.is_empty() {
-            tracing::warn!(collector = %target.collector, "not enrolled: events are spooled but not shipped until `sluice enroll --config FILE --token TOKEN` (a token from `sluice-collector token create`)");
+            tracing::warn!(collector = %target.collector, "not enrolled: events are spooled but not shipped until `sluice enroll --config FILE --token-file FILE` (or `--token-file -` to read it from standard input) (a token from `sluice-collector token create`)");
         }
         let lines = match &r.events_file {
             Some(p) => Some(

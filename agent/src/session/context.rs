@@ -222,7 +222,7 @@ impl Context {
             incident: ex.request_id.to_owned(),
             time: event::unix_ms(SystemTime::now()),
             host: ex.host.to_owned(),
-            url: head.uri.to_string(),
+            url: crate::redact::url(&head.uri.to_string()),
             identity_error,
             other_users: others,
             user_agent: (!ua.is_empty()).then(|| ua.chars().take(512).collect()),
