@@ -37,6 +37,9 @@
 //! [detection.geo]                       # new country and impossible travel
 //! database = "/var/lib/GeoIP/GeoLite2-City.mmdb"
 //!
+//! [portal]
+//! listen = "10.20.0.5:9443"             # optional: the portal and admins' API apart (HSTS)
+//!
 //! [portal.sign_in]                      # local admins' sign-in limits (these are the defaults)
 //! max_failures_per_address = 5          # per IPv4 address or IPv6 /64, within window_s
 //! max_failures_per_account = 10         # per account name, within window_s: locks the account
@@ -173,6 +176,10 @@ fn default_store_connections() -> usize {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortalConfig {
+    /// An address of its own for the portal and the admins' API (an admin network), served with
+    /// HSTS; `listen` then serves the agents' API alone. Default: absent, everything on `listen`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
     /// Sign-in through an OpenID Connect provider (authorization code flow with PKCE). Without
     /// it only the local admin accounts can sign in.
     #[serde(default)]

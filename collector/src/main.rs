@@ -276,6 +276,16 @@ fn run(cli: Cli) -> Result<()> {
                 std::fs::write(&tmp, format!("{addr}\n"))
                     .and_then(|()| std::fs::rename(&tmp, &file))
                     .with_context(|| format!("writing {}", file.display()))?;
+                // And where the portal listens, when it has an address of its own.
+                if let Some(p) = server.portal_addr()? {
+                    let (file, tmp) = (
+                        state_dir.join("portal.addr"),
+                        state_dir.join("portal.addr.tmp"),
+                    );
+                    std::fs::write(&tmp, format!("{p}\n"))
+                        .and_then(|()| std::fs::rename(&tmp, &file))
+                        .with_context(|| format!("writing {}", file.display()))?;
+                }
                 let shutdown = CancellationToken::new();
                 let s2 = shutdown.clone();
                 tokio::spawn(async move {

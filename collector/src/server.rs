@@ -30,7 +30,38 @@ use crate::{
 pub struct Server {
     collector: Arc<Collector>,
     listener: TcpListener,
+    /// The portal's own listener (`portal.listen`), when it has one.
+    portal: Option<TcpListener>,
     tls: TlsAcceptor,
+}
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything (one listener: the default).
+    All,
+    /// The agents' API only (`listen`, when the portal has a listener of its own).
+    Agents,
+    /// The portal and the admins' API (`portal.listen`).
+    Portal,
+}
+
+/// The HSTS header value the portal sends: browsers keep to HTTPS for its host for a year.
+pub const HSTS: &str = "max-age=31536000";
+
+/// Whether `method path` is one of the agents' routes (enrollment, renewal, ingestion, bundles,
+/// risk, LAN clients, the release key).
+pub fn agent_route(method: &Method, path: &str) -> bool {
+    matches!(
+        (method, path),
+        (&Method::POST, "/api/v1/enroll")
+            | (&Method::POST, "/api/v1/renew")
+            | (&Method::POST, "/api/v1/events")
+            | (&Method::GET, "/api/v1/bundles/current")
+            | (&Method::GET, "/api/v1/lan-clients")
+            | (&Method::GET, "/api/v1/release-key")
+            | (&Method::GET, "/api/v1/risk")
+    )
 }
 
 impl std::fmt::Debug for Server {
@@ -61,11 +92,32 @@ impl Server {
             path: addr.to_string().into(),
             source: e,
         })?;
+        let portal = match collector.config.portal.listen {
+            Some(p) => Some(TcpListener::bind(p).await.map_err(|e| Error::Io {
+                path: format!("portal.listen {p}").into(),
+                source: e,
+            })?),
+            None => None,
+        };
         Ok(Self {
             collector,
             listener,
+            portal,
             tls,
         })
+    }
+
+    /// The portal's own listener's address, when it has one.
+    pub fn portal_addr(&self) -> Result<Option<SocketAddr>, Error> {
+        self.portal
+            .as_ref()
+            .map(|l| {
+                l.local_addr().map_err(|e| Error::Io {
+                    path: "portal listener".into(),
+                    source: e,
+                })
+            })
+            .transpose()
     }
 
     /// The address actually bound (useful with port 0).
@@ -88,14 +140,37 @@ impl Server {
             tokio::spawn(notifications(c.clone(), shutdown.clone()));
         }
         c.detect.start(c.clone(), shutdown.clone());
-        tracing::info!(addr = %self.local_addr()?, "collector listening");
+        let role = if self.portal.is_some() {
+            Role::Agents
+        } else {
+            Role::All
+        };
+        tracing::info!(addr = %self.local_addr()?, ?role, "collector listening");
+        if let Some(p) = self.portal_addr()? {
+            tracing::info!(addr = %p, "portal listening");
+        }
+        let portal = self.portal;
         loop {
-            let (tcp, peer) = tokio::select! {
+            let portal_accept = async {
+                match &portal {
+                    Some(l) => l.accept().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (tcp, peer, role) = tokio::select! {
                 () = shutdown.cancelled() => break,
                 r = self.listener.accept() => match r {
-                    Ok(x) => x,
+                    Ok((t, p)) => (t, p, role),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                r = portal_accept => match r {
+                    Ok((t, p)) => (t, p, Role::Portal),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept (portal)");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -110,7 +185,7 @@ impl Server {
             let (tls, c, shutdown) = (self.tls.clone(), c.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let _place = place;
-                serve_connection(c, tls, tcp, peer, shutdown).await;
+                serve_connection(c, tls, tcp, peer, role, shutdown).await;
             });
         }
         Ok(())
@@ -124,6 +199,7 @@ async fn serve_connection(
     tls: TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
+    role: Role,
     shutdown: CancellationToken,
 ) {
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
@@ -150,7 +226,7 @@ async fn serve_connection(
         // The client's address, for the portal's per-address login limit.
         req.extensions_mut().insert(peer);
         async move {
-            let r = handle(c, req).await;
+            let r = handle_as(c, req, role).await;
             drop(handling);
             Ok::<_, std::convert::Infallible>(r)
         }
@@ -275,6 +351,29 @@ async fn notifications(c: Arc<Collector>, shutdown: CancellationToken) {
     shutdown.cancelled().await;
     stop.store(true, Ordering::Relaxed);
     let _ = listener.await;
+}
+
+/// Routes one request as a listener of `role` serves it: what another listener serves is not
+/// found here; the portal's answers carry HSTS.
+pub async fn handle_as(c: Arc<Collector>, req: Request<Incoming>, role: Role) -> Response<BoxBody> {
+    let for_agents = agent_route(req.method(), req.uri().path());
+    let served = match role {
+        Role::All => true,
+        Role::Agents => for_agents,
+        Role::Portal => !for_agents,
+    };
+    if !served {
+        return not_found();
+    }
+    let portal_answer = !for_agents;
+    let mut resp = handle(c, req).await;
+    if portal_answer {
+        resp.headers_mut().insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            header::HeaderValue::from_static(HSTS),
+        );
+    }
+    resp
 }
 
 /// Routes one request: `/api/` here, everything else to the portal.

@@ -842,3 +842,82 @@ fn an_http_bundle_url_off_the_loopback_is_refused_at_configuration() {
         );
     }
 }
+
+/// `portal.listen`: the portal and the admins' API on an address of their own, with HSTS; the
+/// agents' API on `listen`, and neither serves the other's routes.
+#[test]
+fn the_portal_listens_apart_from_the_agents_api_with_hsts() {
+    let dir = TempDir::new("portal-apart");
+    let portal_port = sluice_e2e::free_port();
+    let (cfg, port) = write_plain_config(
+        &dir.0,
+        &format!("[portal]\nlisten = \"127.0.0.1:{portal_port}\"\n"),
+    )
+    .unwrap();
+    init(&cfg);
+    let collector = run_collector(&dir.0, &cfg, port).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(
+            dir.0.join("state/portal.addr")
+        )
+        .is_ok_and(|a| a.trim() == format!("127.0.0.1:{portal_port}"))),
+        "portal.addr"
+    );
+    let agents = Api::of(&collector);
+    let portal = Api {
+        base: format!("https://127.0.0.1:{portal_port}"),
+        ca: agents.ca.clone(),
+    };
+    let get = |api: &Api, path: &str| curl(api, None, &[&format!("{}{path}", api.base)]);
+    // The portal: its pages, with HSTS, and the admins' API.
+    let (code, head, body) = get(&portal, "/login");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=31536000"),
+        "{head}"
+    );
+    assert_eq!(
+        get(&portal, "/api/v1/events?q=").0,
+        401,
+        "the query API asks who"
+    );
+    // Not on the agents' listener.
+    assert_eq!(get(&agents, "/login").0, 404);
+    assert_eq!(get(&agents, "/api/v1/events?q=").0, 404);
+    assert_eq!(get(&agents, "/api/v1/status").0, 404);
+    // The agents' API: enrollment and ingestion on `listen` only.
+    let (_, credential) = enroll(&collector, "laptop-apart");
+    let (code, text) = post_events(
+        &agents,
+        &credential,
+        "b1",
+        &[event("apart-1", now_ms(), "a@x")],
+    );
+    assert_eq!(code, 200, "{text}");
+    let (code, _) = post_events(
+        &portal,
+        &credential,
+        "b2",
+        &[event("apart-2", now_ms(), "a@x")],
+    );
+    assert_eq!(code, 404, "ingestion on the portal's listener");
+    let token = collector.cli(&["token", "create"]).unwrap();
+    let body = json!({"token": token.trim(), "hostname": "h", "agent_version": "0.1.0"});
+    let (code, _, _) = curl(
+        &portal,
+        None,
+        &[
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &body.to_string(),
+            &format!("{}/api/v1/enroll", portal.base),
+        ],
+    );
+    assert_eq!(code, 404, "enrollment on the portal's listener");
+    // `sluice-collector status` asks the portal's listener.
+    let out = collector.cli(&["status"]).unwrap();
+    assert!(out.contains(": running for"), "{out}");
+    assert!(out.contains("portal.addr"), "{out}");
+}

@@ -29,13 +29,17 @@ pub const TOKEN_NAME: &str = "local-status";
 /// The address to ask and where it came from; none when `listen` asks for any port and the
 /// collector has not said which it got.
 fn target(c: &Collector) -> (Option<SocketAddr>, String) {
-    let file = c.config.state_dir.join("listen.addr");
+    // The status route is the admins' API: on the portal's listener when it has one.
+    let (file, configured) = match c.config.portal.listen {
+        Some(p) => (c.config.state_dir.join("portal.addr"), p),
+        None => (c.config.state_dir.join("listen.addr"), c.config.listen),
+    };
     let (mut addr, from) = match std::fs::read_to_string(&file)
         .ok()
         .and_then(|t| t.trim().parse::<SocketAddr>().ok())
     {
         Some(a) => (a, file.display().to_string()),
-        None if c.config.listen.port() == 0 => {
+        None if configured.port() == 0 => {
             return (
                 None,
                 format!(
@@ -45,7 +49,7 @@ fn target(c: &Collector) -> (Option<SocketAddr>, String) {
                 ),
             );
         }
-        None => (c.config.listen, "listen in the configuration".to_owned()),
+        None => (configured, "the configuration".to_owned()),
     };
     // Listening on every address includes the loopback one.
     if addr.ip().is_unspecified() {
