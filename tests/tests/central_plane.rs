@@ -921,3 +921,184 @@ fn the_portal_listens_apart_from_the_agents_api_with_hsts() {
     assert!(out.contains(": running for"), "{out}");
     assert!(out.contains("portal.addr"), "{out}");
 }
+
+/// `sluice` with `args`: (success, stdout, stderr).
+fn sluice(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("sluice"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The key ceremony exactly as the README gives it, with the real `sluice` and
+/// `sluice-collector`: key A (the collector's `bundle_public_key`) introduces key B in revision
+/// 43, B retires A in 44, after which the collector refuses a bundle signed by A; an expired
+/// bundle and a text revision are refused with their own errors.
+#[test]
+fn the_key_ceremony_rotates_the_collectors_bundle_key_from_a_to_b() {
+    let dir = TempDir::new("key-ceremony");
+    let d = |p: &str| dir.0.join(p).display().to_string();
+    for k in ["keys-a", "keys-b"] {
+        let (ok, out, err) = sluice(&["keygen", "-o", &d(k)]);
+        assert!(ok && out.contains("key id      k-"), "{out}{err}");
+    }
+    let (cfg, port) = write_plain_config(
+        &dir.0,
+        &format!(
+            "bundle_public_key = \"{}\"\n",
+            d("keys-a/bundle-signing.pub")
+        ),
+    )
+    .unwrap();
+    let collector = run_collector(&dir.0, &cfg, port).unwrap();
+    let policies = sluice_e2e::demo_app::workspace_root().join("policies/default");
+    let policies = policies.to_str().unwrap();
+    let publish = |file: &str| {
+        let out = Command::new(bin("sluice-collector"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["bundle", "publish", file, "--group", "default"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let build_sign = |rev: &str, extra: &[&str], key: &str| -> String {
+        let out = d(&format!("r{rev}.tar.gz"));
+        let mut args = vec!["bundle", "build", policies, "-o", &out, "--revision", rev];
+        args.extend_from_slice(extra);
+        let (ok, o, e) = sluice(&args);
+        assert!(ok, "build {rev}: {o}{e}");
+        let key = d(key);
+        let (ok, o, e) = sluice(&["bundle", "sign", &out, "--key", &key]);
+        assert!(ok, "sign {rev}: {o}{e}");
+        out
+    };
+    let b_pub = d("keys-b/bundle-signing.pub");
+    let (_, a_kid, _) = sluice(&["bundle", "key-id", &d("keys-a/bundle-signing.pub")]);
+    let a_kid = a_kid.trim().to_owned();
+    // 43: A introduces B.
+    let r43 = build_sign("43", &["--trust-key", &b_pub], "keys-a/bundle-signing.key");
+    let (ok, err) = publish(&r43);
+    assert!(ok, "{err}");
+    // Before 43 was published, B's bundle would not have been; now 44, signed by B, retires A.
+    let r44 = build_sign("44", &["--retire-key", &a_kid], "keys-b/bundle-signing.key");
+    let (ok, out, err) = sluice(&["bundle", "verify", &r44, "--pub", &b_pub]);
+    assert!(ok && out.contains("revision 44"), "{out}{err}");
+    let (ok, err) = publish(&r44);
+    assert!(ok, "{err}");
+    // A is retired: its bundles are refused, by name.
+    let r45 = build_sign("45", &[], "keys-a/bundle-signing.key");
+    let (ok, err) = publish(&r45);
+    assert!(!ok, "A's bundle published after A was retired");
+    assert!(
+        err.contains(&format!("key `{a_kid}`, which is not trusted")),
+        "{err}"
+    );
+    // Expired: refused with its time.
+    let r46 = build_sign("46", &["--expires-in", "1s"], "keys-b/bundle-signing.key");
+    std::thread::sleep(Duration::from_millis(2100));
+    let (ok, err) = publish(&r46);
+    assert!(!ok && err.contains("expired at"), "{err}");
+    // A text revision is refused when it is built.
+    let (ok, _, err) = sluice(&[
+        "bundle",
+        "build",
+        policies,
+        "-o",
+        &d("x.tar.gz"),
+        "--revision",
+        "46a",
+    ]);
+    assert!(!ok && err.contains("is not a whole number"), "{err}");
+    // What the collector publishes: 43 and 44, nothing after.
+    let out = collector.cli(&["bundle", "list"]).unwrap();
+    let mut revisions: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    revisions.sort_unstable();
+    assert_eq!(revisions, ["43", "44"], "{out}");
+}
+
+/// An agent reporting its bundle stale (past its signed expiry, still enforced) is marked so on
+/// the portal's device list; one whose bundle is fresh is not.
+#[test]
+fn the_portal_shows_a_device_whose_bundle_is_stale() {
+    let dir = TempDir::new("stale-bundle");
+    let (cfg, port) = write_plain_config(&dir.0, "").unwrap();
+    let password = init(&cfg);
+    let collector = run_collector(&dir.0, &cfg, port).unwrap();
+    let c = Api::of(&collector);
+    for (host, stale) in [("laptop-stale", true), ("laptop-fresh", false)] {
+        let (id, cred) = enroll(&collector, host);
+        let mut e = event(&format!("status-{host}"), now_ms(), "");
+        e["class_uid"] = json!(5001);
+        e["class_name"] = json!("Device Inventory Info");
+        e["category_uid"] = json!(5);
+        e["activity_id"] = json!(2);
+        e["type_uid"] = json!(500_102);
+        e["device"] = json!({"uid": id, "hostname": host, "posture": "managed", "os": "Linux",
+                             "agent_version": "0.1.0", "bundle_revision": "7"});
+        e["agent_status"] = json!({"state": "running", "steering": true, "proxy": true,
+            "spool_events": 0, "spool_dropped": 0, "spool_corrupt": 0,
+            "bundle_expires_at": 1000, "bundle_stale": stale});
+        e.as_object_mut().unwrap().remove("sluice");
+        e.as_object_mut().unwrap().remove("actor");
+        let (code, text) = post_events(&c, &cred, host, &[e]);
+        assert_eq!(code, 200, "{text}");
+    }
+    let (code, head) = sign_in(&c, "127.0.0.1", "admin", &password);
+    assert_eq!(code, 303, "{head}");
+    let session = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: __host-sluice-session=")
+                .then(|| {
+                    l.split_once('=')
+                        .unwrap()
+                        .1
+                        .split(';')
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                })
+        })
+        .unwrap();
+    let (code, _, page) = curl(
+        &c,
+        None,
+        &[
+            "-H",
+            &format!("cookie: __Host-sluice-session={session}"),
+            &format!("{}/devices", c.base),
+        ],
+    );
+    assert_eq!(code, 200);
+    let row = |host: &str| {
+        page.split("<tr>")
+            .find(|r| r.contains(host))
+            .unwrap_or_else(|| panic!("{host} not listed: {page}"))
+            .to_owned()
+    };
+    assert!(
+        row("laptop-stale").contains("stale bundle"),
+        "{}",
+        row("laptop-stale")
+    );
+    assert!(
+        !row("laptop-fresh").contains("stale bundle"),
+        "{}",
+        row("laptop-fresh")
+    );
+}

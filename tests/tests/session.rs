@@ -2317,12 +2317,22 @@ fn protected_files_are_released_in_the_portal_to_the_people_their_template_names
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
+    // (The portal's sign-ins are there too, as `login` activities.)
     let count = |user: &str, action: &str| {
         events
             .iter()
-            .filter(|v| v["actor"]["user"]["email_addr"] == user && v["sluice"]["action"] == action)
+            .filter(|v| {
+                v["actor"]["user"]["email_addr"] == user
+                    && v["sluice"]["activity"] == "release"
+                    && v["sluice"]["action"] == action
+            })
             .count()
     };
+    assert!(
+        events.iter().any(|v| v["sluice"]["activity"] == "login"
+            && v["actor"]["user"]["email_addr"] == "carol@corp.example"),
+        "{log}"
+    );
     assert_eq!(count("bob@corp.example", "allow"), 1, "{log}");
     assert!(count("bob@corp.example", "block") >= 1, "{log}");
     assert_eq!(count("carol@corp.example", "allow"), 1, "{log}");
