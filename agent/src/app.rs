@@ -715,7 +715,11 @@ async fn supervise(
                 .with_scanner(match &config.icap {
                     Some(i) => Some(Arc::new(i.scanner()?)),
                     None => None,
-                }),
+                })
+                .with_sessions(Arc::new(crate::session::Sessions::new(
+                    config.proxy.upload_session_budget_bytes,
+                    config.proxy.upload_session_budget_bytes_per_uid,
+                ))),
         ),
         None => Arc::new(PassThrough),
     };

@@ -887,6 +887,15 @@ pub struct ProxySettings {
     /// refused with a page saying to try again), and other users are served from the rest.
     #[serde(default = "default_inspect_budget_bytes_per_uid")]
     pub inspect_budget_bytes_per_uid: u64,
+    /// Most bytes of upload sessions (files an app sends over several requests: Graph and
+    /// Google resumable uploads, tus, Box and Dropbox sessions, S3 multipart) held at once, over
+    /// every session, until each file is complete and decided. A session that would take more
+    /// gets its app's not-inspectable action at its end.
+    #[serde(default = "default_upload_session_budget_bytes")]
+    pub upload_session_budget_bytes: u64,
+    /// Most bytes of upload sessions one user (uid of the connecting process) may hold at once.
+    #[serde(default = "default_upload_session_budget_bytes_per_uid")]
+    pub upload_session_budget_bytes_per_uid: u64,
     /// Most connections one user may have open through the proxy at once; past it their new
     /// connections are closed at once (counted, and reported as refused), so that one user
     /// cannot take every connection slot.
@@ -905,6 +914,12 @@ fn default_inspect_budget_bytes() -> u64 {
     512 * 1024 * 1024
 }
 fn default_inspect_budget_bytes_per_uid() -> u64 {
+    128 * 1024 * 1024
+}
+fn default_upload_session_budget_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_upload_session_budget_bytes_per_uid() -> u64 {
     128 * 1024 * 1024
 }
 fn default_max_connections_per_uid() -> usize {
@@ -980,6 +995,8 @@ impl Default for ProxySettings {
             hash_bodies: false,
             inspect_budget_bytes: default_inspect_budget_bytes(),
             inspect_budget_bytes_per_uid: default_inspect_budget_bytes_per_uid(),
+            upload_session_budget_bytes: default_upload_session_budget_bytes(),
+            upload_session_budget_bytes_per_uid: default_upload_session_budget_bytes_per_uid(),
             max_connections_per_uid: default_max_connections_per_uid(),
             inspect_wait_ms: default_inspect_wait_ms(),
             inspect_workers: 0,

@@ -86,6 +86,12 @@ enum Command {
         #[arg(long, short)]
         out: PathBuf,
     },
+    /// The app catalogue of a bundle (its catalog.yaml and catalogue packs): what it
+    /// recognises, and which activity the requests of a recorded browser session would be.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
     /// Policy bundles: build, sign, verify, inspect.
     Bundle {
         #[command(subcommand)]
@@ -156,6 +162,35 @@ enum PolicyCommand {
         /// The input facts (YAML: app, user, device, source, client, process, activity, file).
         #[arg(long)]
         input: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// Every app: id, name, hosts, do-not-inspect hosts, activities defined, where it is from.
+    List {
+        /// The bundle: a source directory (with the packs its .manifest selects) or an archive.
+        #[arg(long, default_value = "policies/default")]
+        bundle: PathBuf,
+    },
+    /// One app in full.
+    Show {
+        /// The app's id.
+        app: String,
+        /// The bundle: a source directory (with the packs its .manifest selects) or an archive.
+        #[arg(long, default_value = "policies/default")]
+        bundle: PathBuf,
+    },
+    /// Which activity each request of a recorded browser session (a HAR file) would be, for
+    /// the requests to the app's hosts.
+    Test {
+        /// The app's id.
+        app: String,
+        /// The HAR file (as browsers' developer tools save it).
+        har: PathBuf,
+        /// The bundle: a source directory (with the packs its .manifest selects) or an archive.
+        #[arg(long, default_value = "policies/default")]
+        bundle: PathBuf,
     },
 }
 
@@ -423,6 +458,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bundle { command } => bundle_command(command),
+        Command::Catalog { command } => catalog_command(command),
         Command::Policy { command } => policy_command(command),
         Command::Inspect {
             file,
@@ -612,7 +648,10 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
 /// `sluice bundle verify` does that).
 fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice_policy::PolicySet> {
     use sluice_policy::bundle::{Archive, Limits, MANIFEST, Manifest};
-    let archive = if path.is_dir() {
+    let archive = if path.is_dir() && path.join(MANIFEST).is_file() {
+        // As `bundle build` packs it: with the catalogue packs its manifest selects.
+        sluice_policy::bundle::build(path, None)?
+    } else if path.is_dir() {
         Archive::from_dir(path)?
     } else {
         Archive::read(&read(path)?, &Limits::default())?
@@ -626,6 +665,173 @@ fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice_policy::Policy
     let mut files = archive.files;
     files.remove(sluice_policy::bundle::SIGNATURES);
     Ok(sluice_policy::PolicySet::compile(&revision, &files)?)
+}
+
+fn catalog_command(command: CatalogCommand) -> anyhow::Result<()> {
+    let app_of =
+        |set: &sluice_policy::PolicySet, id: &str| -> anyhow::Result<sluice_policy::model::App> {
+            set.apps.get(id).map(|a| a.app.clone()).ok_or_else(|| {
+                let mut ids: Vec<&String> = set.apps.keys().collect();
+                ids.sort();
+                anyhow::anyhow!(
+                    "no app `{id}` in the catalogue; it has: {}",
+                    ids.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        };
+    match command {
+        CatalogCommand::List { bundle } => {
+            let set = load_policies(&bundle)?;
+            let mut apps: Vec<&sluice_policy::model::App> =
+                set.apps.values().map(|a| &a.app).collect();
+            apps.sort_by(|a, b| a.id.cmp(&b.id));
+            for a in apps {
+                say!(
+                    "{:<16} {:<28} {:>2} activities  hosts: {}{}",
+                    a.id,
+                    a.name.as_deref().unwrap_or(""),
+                    a.activities.len(),
+                    a.hosts.join(" "),
+                    if a.do_not_inspect.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  do-not-inspect: {}", a.do_not_inspect.join(" "))
+                    }
+                );
+            }
+        }
+        CatalogCommand::Show { app, bundle } => {
+            let set = load_policies(&bundle)?;
+            let a = app_of(&set, &app)?;
+            say!("{} ({})", a.id, a.name.as_deref().unwrap_or("-"));
+            say!("hosts:          {}", a.hosts.join(" "));
+            say!("do not inspect: {}", a.do_not_inspect.join(" "));
+            for r in &a.references {
+                say!("reference:      {r}");
+            }
+            say!("activities (the first that matches):");
+            for d in &a.activities {
+                let mut cond = Vec::new();
+                for (k, v) in &d.query {
+                    cond.push(format!("?{k}={v}"));
+                }
+                for (k, v) in &d.form {
+                    cond.push(format!("form {k}={v}"));
+                }
+                if let Some(st) = d.session {
+                    cond.push(session_step(st));
+                }
+                say!(
+                    "  {:<9} {:<7} {}{}",
+                    activity_name(d.activity),
+                    d.method,
+                    d.path,
+                    if cond.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({})", cond.join(", "))
+                    }
+                );
+            }
+        }
+        CatalogCommand::Test { app, har, bundle } => {
+            let set = load_policies(&bundle)?;
+            let a = app_of(&set, &app)?;
+            let patterns: Vec<sluice_net::HostPattern> = a
+                .hosts
+                .iter()
+                .filter_map(|h| sluice_net::HostPattern::parse(h).ok())
+                .collect();
+            let doc: serde_json::Value = serde_json::from_slice(&read(&har)?)
+                .map_err(|e| anyhow::anyhow!("{}: not a HAR file: {e}", har.display()))?;
+            let entries = doc["log"]["entries"].as_array().ok_or_else(|| {
+                anyhow::anyhow!("{}: not a HAR file (no log.entries)", har.display())
+            })?;
+            let (mut ours, mut defined) = (0usize, 0usize);
+            for e in entries {
+                let req = &e["request"];
+                let method = req["method"].as_str().unwrap_or("GET").to_ascii_uppercase();
+                let url = req["url"].as_str().unwrap_or("");
+                let Ok(uri) = url.parse::<http::Uri>() else {
+                    continue;
+                };
+                let host = uri.host().unwrap_or("").to_ascii_lowercase();
+                if !patterns.iter().any(|p| p.matches(&host)) {
+                    continue;
+                }
+                ours += 1;
+                let query = sluice_policy::PolicySet::query_pairs(uri.query());
+                let mime = req["postData"]["mimeType"].as_str().unwrap_or("");
+                let text = req["postData"]["text"].as_str().unwrap_or("");
+                let form: Vec<(String, String)> =
+                    if mime.starts_with("application/x-www-form-urlencoded") {
+                        sluice_policy::PolicySet::query_pairs(Some(text))
+                    } else {
+                        Vec::new()
+                    };
+                let (activity, how) =
+                    match set.activity_for(&app, &method, uri.path(), &query, &form) {
+                        Some(d) => {
+                            defined += 1;
+                            (
+                                d.activity,
+                                d.session.map_or_else(|| "defined".to_owned(), session_step),
+                            )
+                        }
+                        None => {
+                            let file_part = mime.starts_with("multipart/form-data")
+                                && text.contains("filename=");
+                            (
+                                sluice_policy::PolicySet::generic_activity(
+                                    &method,
+                                    (!mime.is_empty()).then_some(mime),
+                                    file_part,
+                                    None,
+                                    None,
+                                ),
+                                "generic".to_owned(),
+                            )
+                        }
+                    };
+                say!(
+                    "{:<9} {:<26} {method} {}",
+                    activity_name(activity),
+                    how,
+                    sluice::redact::url(url)
+                );
+            }
+            say!(
+                "{ours} requests to {app}'s hosts, {defined} matched a definition, {} by generic signs",
+                ours - defined
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An activity as bundles write it (`upload`).
+fn activity_name(a: sluice_policy::model::Activity) -> String {
+    serde_json::to_value(a)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// `session:s3-multipart/part`: an upload-session step as `catalog` prints it.
+fn session_step(s: sluice_policy::model::SessionStep) -> String {
+    let name = |v: serde_json::Result<serde_json::Value>| {
+        v.ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    format!(
+        "session:{}/{}",
+        name(serde_json::to_value(s.protocol)),
+        name(serde_json::to_value(s.step))
+    )
 }
 
 struct InspectArgs {

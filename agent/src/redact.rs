@@ -46,6 +46,7 @@ pub const DEFAULT_PARAMS: &[&str] = &[
     "samlresponse",
     "ticket",
     "otp",
+    "tempauth",
 ];
 
 /// Parts of a name that make it redacted wherever they appear in it.

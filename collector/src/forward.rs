@@ -214,7 +214,7 @@ impl Forwarder {
                 target: t.name.clone(),
                 sent: t.stats.sent.load(Relaxed),
                 dropped: t.stats.dropped.load(Relaxed),
-                failures: t.stats.failures.load(Relaxed),
+                failures: t.stats.failures.load(std::sync::atomic::Ordering::Acquire),
                 last_error: t
                     .stats
                     .last_error
@@ -254,9 +254,12 @@ impl Backoff {
 }
 
 fn failed(stats: &TargetStats, name: &str, e: &str) {
-    stats.failures.fetch_add(1, Relaxed);
     tracing::warn!(target = name, error = e, "forwarding failed; retrying");
+    // The error first: whoever sees the failure counted also sees why.
     *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_owned());
+    stats
+        .failures
+        .fetch_add(1, std::sync::atomic::Ordering::Release);
 }
 
 /// Waits for one event then takes whatever else is queued, up to `max`. None at shutdown or when

@@ -87,7 +87,32 @@ pub(crate) fn compile(
         &protection_map,
         &doc("labels.yaml", &labels_text),
     )?;
-    let apps = catalog(&catalog_file, &doc("catalog.yaml", &catalog_text), files)?;
+    let mut apps = catalog(&catalog_file, &doc("catalog.yaml", &catalog_text), files)?;
+    // Catalogue packs (`catalog/*.yaml`): more apps, each id once across them all.
+    let mut redact_query_params = catalog_file.redact_query_params.clone();
+    for name in files
+        .keys()
+        .filter(|n| n.starts_with("catalog/") && n.ends_with(".yaml"))
+    {
+        let (pack, text): (Catalog, String) = parse(files, name)?;
+        let d = Doc {
+            file: name.as_str(),
+            text: &text,
+        };
+        for (id, app) in catalog(&pack, &d, files)? {
+            if apps.contains_key(&id) {
+                return Err(d.err(
+                    &format!("id: {id}"),
+                    &id,
+                    format!(
+                        "app `{id}` is already in the catalogue (catalog.yaml or another pack)"
+                    ),
+                ));
+            }
+            apps.insert(id, app);
+        }
+        redact_query_params.extend(pack.redact_query_params.iter().cloned());
+    }
     let refs = Refs {
         dir: &dir,
         ranges: &named,
@@ -122,7 +147,7 @@ pub(crate) fn compile(
         ..
     } = dir;
     Ok(PolicySet {
-        redact_query_params: catalog_file.redact_query_params.clone(),
+        redact_query_params,
         managed_clients: named.get("managed").cloned().unwrap_or_default(),
         revision: revision.to_owned(),
         policies,
@@ -156,12 +181,13 @@ fn check_names(files: &BTreeMap<String, Vec<u8>>) -> Result<(), PolicyError> {
             || (name.starts_with("policies/") || name.starts_with("tests/"))
                 && name.ends_with(".yaml")
             || name.starts_with("jwks/") && name.ends_with(".json")
+            || name.starts_with("catalog/") && name.ends_with(".yaml")
             || name.ends_with(".md");
         if !known {
             return Err(PolicyError {
                 file: name.clone(),
                 line: None,
-                message: "unexpected file in the bundle (known: dlp.yaml, directory.yaml, ranges.yaml, labels.yaml, templates.yaml, catalog.yaml, posture.yaml, policies/*.yaml, tests/*.yaml, jwks/*.json)".into(),
+                message: "unexpected file in the bundle (known: dlp.yaml, directory.yaml, ranges.yaml, labels.yaml, templates.yaml, catalog.yaml, posture.yaml, policies/*.yaml, tests/*.yaml, catalog/*.yaml, jwks/*.json)".into(),
             });
         }
     }
@@ -381,6 +407,26 @@ fn catalog(
                     "file_name names exactly one of `form_field`, `header`, `query` or `path_last`"
                         .into(),
                 ));
+            }
+            if let Some(step) = def.session {
+                use crate::model::{StepKind, UploadProtocol};
+                if def.activity != Activity::Upload {
+                    return Err(bad(
+                        "session",
+                        format!(
+                            "`{}` is an upload session step: its activity must be `upload`",
+                            def.path
+                        ),
+                    ));
+                }
+                if step.protocol == UploadProtocol::Resumable && step.step == StepKind::Finish {
+                    return Err(bad(
+                        "session",
+                        "a resumable session has no `finish` step: the part that completes the \
+                         file is decided"
+                            .into(),
+                    ));
+                }
             }
             let m = def.method.as_str();
             if m != "*" && (m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase())) {

@@ -359,13 +359,48 @@ impl PolicySet {
         path: &str,
         form: &[(String, String)],
     ) -> Option<&ActivityDef> {
+        self.activity_for(app, method, path, &[], form)
+    }
+
+    /// [`PolicySet::activity`] with the request's query parameters, for definitions that name
+    /// some (a parameter named without `=` has an empty value).
+    pub fn activity_for(
+        &self,
+        app: &str,
+        method: &str,
+        path: &str,
+        query: &[(String, String)],
+        form: &[(String, String)],
+    ) -> Option<&ActivityDef> {
+        let holds = |want: &BTreeMap<String, String>, have: &[(String, String)]| {
+            want.iter()
+                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && (v == "*" || hv == v)))
+        };
         self.apps.get(app)?.app.activities.iter().find(|d| {
             (d.method == "*" || d.method == method)
                 && glob(&d.path, path)
-                && d.form
-                    .iter()
-                    .all(|(k, v)| form.iter().any(|(fk, fv)| fk == k && (v == "*" || fv == v)))
+                && holds(&d.form, form)
+                && holds(&d.query, query)
         })
+    }
+
+    /// A URL's query as (name, value) pairs, percent-decoded (`+` as a space).
+    pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(&s.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        query
+            .unwrap_or("")
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .take(256)
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => (decode(k), decode(v)),
+                None => (decode(kv), String::new()),
+            })
+            .collect()
     }
 
     /// The activity of a request no definition matched, from generic signs: a response that is

@@ -790,6 +790,9 @@ pub struct App {
     /// Activity definitions, tried in order.
     #[serde(default)]
     pub activities: Vec<ActivityDef>,
+    /// The public documentation the definitions were written from.
+    #[serde(default)]
+    pub references: Vec<String>,
 }
 
 /// An app's `not_inspectable` setting.
@@ -850,6 +853,56 @@ pub struct ActivityDef {
     /// whose activities share one endpoint (`POST /api` with `op=delete`).
     #[serde(default)]
     pub form: BTreeMap<String, String>,
+    /// Query parameters the URL must carry (name -> value; `*` for any value), for endpoints
+    /// told apart by their query (`POST /upload/drive/v3/files?uploadType=resumable`,
+    /// `POST /{key}?uploads`).
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// The step of an upload session this request is, for apps that send one file over
+    /// several requests: the session is followed and the file decided whole.
+    #[serde(default)]
+    pub session: Option<SessionStep>,
+}
+
+/// One step of an upload protocol that spreads a file over several requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionStep {
+    /// The protocol.
+    pub protocol: UploadProtocol,
+    /// Which step.
+    pub step: StepKind,
+}
+
+/// The upload protocols Sluice follows across requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UploadProtocol {
+    /// A session URL (the start's `Location`, or `uploadUrl` in its JSON answer) taking byte
+    /// ranges (`Content-Range`, or tus's `Upload-Offset`): Microsoft Graph upload sessions,
+    /// Google resumable uploads, tus. The part that completes the file is decided.
+    Resumable,
+    /// Box upload sessions: the session id from the start's answer, parts by byte range, the
+    /// commit decided.
+    Box,
+    /// Dropbox upload sessions: the session id from the start's answer, parts by cursor offset
+    /// (`Dropbox-API-Arg`), the finish (which may carry the last part) decided.
+    Dropbox,
+    /// S3 multipart uploads: the upload id from the start's answer, parts by number, the
+    /// completion decided on the parts it lists.
+    S3Multipart,
+}
+
+/// A step of an upload session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepKind {
+    /// Opens the session.
+    Start,
+    /// Sends a part of the file.
+    Part,
+    /// Completes the file.
+    Finish,
 }
 
 /// Where an activity's file name is read: exactly one of the four.

@@ -28,6 +28,7 @@ pub mod loadgen;
 pub mod netns;
 pub mod origin;
 pub mod portal;
+pub mod saas;
 
 const PATTERN_BLOCK: usize = 64 * 1024;
 

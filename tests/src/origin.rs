@@ -115,6 +115,11 @@ impl TestPki {
         })
     }
 
+    /// The certificates by SNI, for another server of the test's.
+    pub fn resolver(&self) -> Arc<dyn rustls::server::ResolvesServerCert> {
+        self.resolver.clone()
+    }
+
     /// The leaf served for `sni`.
     pub fn leaf(&self, sni: &str) -> Option<&CertificateDer<'static>> {
         self.leaves.iter().find(|(n, _)| n == sni).map(|(_, c)| c)

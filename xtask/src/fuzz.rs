@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, output, sh, step};
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 18] = [
+pub const TARGETS: [&str; 19] = [
     "client_hello",
     "dns",
     "embedded",
@@ -39,6 +39,7 @@ pub const TARGETS: [&str; 18] = [
     "icap",
     "codec",
     "redact",
+    "upload_wire",
 ];
 
 /// Seconds each target runs in `cargo xtask test`.

@@ -41,6 +41,12 @@ pub(super) struct Context {
     pub(super) request_encoding: Option<String>,
     pub(super) method: String,
     pub(super) path: String,
+    /// The URL's query parameters (decoded), for definitions told apart by them.
+    pub(super) query: Vec<(String, String)>,
+    /// The upload-session step the definition says the request is.
+    pub(super) session: Option<sluice_policy::model::SessionStep>,
+    /// The user was not in the request: it is the one who got the link the request goes to.
+    pub(super) tied_to: Option<String>,
     /// The facts the event carries that no decision changes.
     pub(super) incident: String,
     pub(super) time: u64,
@@ -173,8 +179,10 @@ impl Context {
         let websocket = compiled
             .and_then(|a| a.app.websocket)
             .unwrap_or(not_inspectable_upload);
-        let def = set.activity(&app_id, &method, &path, &[]);
+        let query = PolicySet::query_pairs(head.uri.query());
+        let def = set.activity_for(&app_id, &method, &path, &query, &[]);
         let defined = def.map(|d| d.activity);
+        let session = def.and_then(|d| d.session);
         let from = def.and_then(|d| d.file_name.clone());
         let defined_name = from.as_ref().and_then(|f| {
             if f.path_last {
@@ -240,6 +248,9 @@ impl Context {
             },
             method,
             path,
+            query,
+            session,
+            tied_to: None,
             input,
             set,
             device,
@@ -250,6 +261,16 @@ impl Context {
             state: Arc::default(),
             risk_reason: None,
             not_passing: String::new(),
+        }
+    }
+
+    /// Takes `owner` as the request's user: the request carries no identity, and goes to a link
+    /// `owner` was handed (an upload session's URL, a pre-authenticated download).
+    pub(super) fn tie_to(&mut self, owner: String) {
+        if self.input.user.is_none() && self.other_users.is_empty() && self.identity_error.is_none()
+        {
+            self.tied_to = Some(owner.clone());
+            self.input.user = Some(owner);
         }
     }
 

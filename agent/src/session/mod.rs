@@ -14,11 +14,13 @@
 //! action. Every request becomes one [`ActivityEvent`], allowed or not, built once from the
 //! decisions taken when the request ends.
 
+mod chunks;
 mod context;
 mod decide;
 mod download;
 mod protect;
 mod upload;
+mod wire;
 
 use std::sync::Arc;
 
@@ -40,6 +42,8 @@ use crate::{
     },
     proxy::lan::LanDevices,
 };
+pub use chunks::Sessions;
+use chunks::{Added, Step, Whole};
 use context::{Context, content_length};
 use decide::{Dlp, Record};
 use download::Download;
@@ -56,6 +60,7 @@ pub struct Controls {
     protector: Arc<Protector>,
     state: Arc<crate::device::DeviceState>,
     scanner: Option<Arc<sluice_net::icap::Scanner>>,
+    sessions: Arc<Sessions>,
 }
 
 impl Controls {
@@ -70,7 +75,14 @@ impl Controls {
             protector: Arc::default(),
             state: Arc::default(),
             scanner: None,
+            sessions: Arc::default(),
         }
+    }
+
+    /// Follows upload sessions in `sessions` (its budget is the proxy's).
+    pub fn with_sessions(mut self, sessions: Arc<Sessions>) -> Self {
+        self.sessions = sessions;
+        self
     }
 
     /// Scans held files with this malware scanner (ICAP): its verdict is the `malware` file
@@ -134,6 +146,20 @@ impl Hooks for Controls {
         };
         let mut cx = Context::new(set, device, sources, ex, head, self.protector.clone());
         cx.scanner = self.scanner.clone();
+        let step = cx
+            .session
+            .map(|def| Step::of(&cx.input.app, def, &cx.host, head, &cx.query));
+        // A request without an identity to a session's URL or a link handed to a user is that
+        // user's (pre-authenticated URLs carry none).
+        if cx.input.user.is_none() {
+            let url = wire::url_key(&cx.host, &head.uri.to_string());
+            if let Some(owner) = self
+                .sessions
+                .owner(step.as_ref().and_then(|s| s.key.as_ref()), url.as_deref())
+            {
+                cx.tie_to(owner);
+            }
+        }
         // This host's posture and mark are its own, not a LAN client's; a user's risk follows
         // the user anywhere.
         cx.take_state(self.state.clone(), own);
@@ -142,6 +168,11 @@ impl Hooks for Controls {
             rec: Record::default(),
             upload: None,
             download: None,
+            step,
+            sessions: self.sessions.clone(),
+            first_part: None,
+            started: (None, None),
+            awaiting_answer: false,
         }))
     }
 }
@@ -154,6 +185,15 @@ struct Request {
     rec: Record,
     upload: Option<Upload>,
     download: Option<Download>,
+    /// The request's place in an upload session.
+    step: Option<Step>,
+    sessions: Arc<Sessions>,
+    /// The bytes a start carries (Dropbox), added once the answer names the session.
+    first_part: Option<Bytes>,
+    /// The name and size a start's body gave.
+    started: (Option<String>, Option<u64>),
+    /// The start's answer is read for the session it names.
+    awaiting_answer: bool,
 }
 
 /// Whether a request's body is held for inspection: every request that has one, whatever its
@@ -179,6 +219,16 @@ impl Flow for Request {
             .take(Kind::Access, cx.defined.unwrap_or(Activity::Other), &access);
         if access.action == Action::Block {
             return HeadVerdict::Respond(cx.block_page(&access, None));
+        }
+        // What follows of a refused upload session is refused at once.
+        if let Some(key) = self.step.as_ref().and_then(|s| s.key.as_ref())
+            && let Some((d, name)) = self.sessions.concluded(key)
+            && d.action == Action::Block
+        {
+            self.rec.take(Kind::Session, Activity::Upload, &d);
+            self.rec
+                .note(Some("a request of an upload session refused before".into()));
+            return HeadVerdict::Respond(cx.block_page(&d, name.as_deref()));
         }
         // The protected copy a browser's notice fetches: answered here, never by the app.
         if let Some(token) = cx.path.strip_prefix(protect::NOTICE_PATH) {
@@ -219,7 +269,7 @@ impl Flow for Request {
             return HeadVerdict::Continue;
         }
         // Requests without a body to hold are decided now; the others when their body is in.
-        if !holds_request(head) {
+        if !holds_request(head) && self.step.is_none() {
             let activity = cx.defined.unwrap_or_else(|| {
                 PolicySet::generic_activity(&cx.method, None, false, None, None)
             });
@@ -233,12 +283,16 @@ impl Flow for Request {
     }
 
     fn request_body(&mut self, head: &request::Parts) -> BodyPlan {
-        if !holds_request(head) {
+        // An upload session's requests are held even when empty: their end is decided.
+        if !holds_request(head) && self.step.is_none() {
             return BodyPlan::Pass;
         }
         let limit = self.cx.limits.max_bytes;
         let declared = content_length(&head.headers);
-        self.upload = Some(Upload { declared });
+        self.upload = Some(Upload {
+            declared,
+            partial: head.headers.contains_key(header::CONTENT_RANGE),
+        });
         BodyPlan::Hold {
             // A body known to be too large is decided at its first byte, without holding it.
             limit: if declared.is_some_and(|n| n > limit) {
@@ -250,6 +304,29 @@ impl Flow for Request {
     }
 
     fn response_head(&mut self, head: &mut response::Parts) -> HeadVerdict {
+        let location = head
+            .headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // A link the app redirects a known user to is tied to that user.
+        if head.status.is_redirection()
+            && let (Some(user), Some(l)) = (&self.cx.input.user, &location)
+            && let Some(url) = wire::url_key(&self.cx.host, l)
+        {
+            self.sessions.hand_out(url, user.clone());
+        }
+        // A start's answer names the session, in its Location or in its body.
+        if let Some(step) = &self.step
+            && step.kind == sluice_policy::model::StepKind::Start
+            && head.status.is_success()
+        {
+            if step.needs_answer_body(location.as_deref()) {
+                self.awaiting_answer = true;
+            } else {
+                self.open_session(location.as_deref(), b"");
+            }
+        }
         let (verdict, download) = download::response_head(&self.cx, &mut self.rec, head);
         self.download = download;
         verdict
@@ -260,6 +337,9 @@ impl Flow for Request {
             Some(_) => BodyPlan::Hold {
                 limit: usize::try_from(self.cx.limits.max_bytes).unwrap_or(usize::MAX),
             },
+            None if self.awaiting_answer => BodyPlan::Hold {
+                limit: chunks::START_ANSWER_MAX,
+            },
             None => BodyPlan::Pass,
         }
     }
@@ -267,12 +347,17 @@ impl Flow for Request {
     fn judge(&mut self, side: Side, body: &Bytes) -> BodyVerdict {
         let (cx, rec) = (&self.cx, &mut self.rec);
         match side {
+            Side::Request if self.step.is_some() => self.judge_step(body),
             Side::Request => match self.upload {
                 Some(u) => u.judge(cx, rec, body),
                 None => BodyVerdict::Pass,
             },
             Side::Response => match &self.download {
                 Some(d) => d.judge(cx, rec, body),
+                None if self.awaiting_answer => {
+                    self.open_session(None, body);
+                    BodyVerdict::Pass
+                }
                 None => BodyVerdict::Pass,
             },
         }
@@ -313,6 +398,19 @@ impl Flow for Request {
                 seen,
             ),
         };
+        if side == Side::Request
+            && let Some(key) = self.step.as_ref().and_then(|s| s.key.as_ref())
+        {
+            self.sessions.break_session(key, why.to_string());
+        }
+        if side == Side::Response && self.download.is_none() && self.awaiting_answer {
+            rec.note(Some(
+                "the answer to an upload session's start was too large to read: its parts \
+                 cannot be followed"
+                    .into(),
+            ));
+            return BodyVerdict::Pass;
+        }
         match side {
             Side::Request => match self.upload {
                 Some(u) => u.unreadable(cx, rec, why, seen),
@@ -328,6 +426,196 @@ impl Flow for Request {
     fn finish(self: Box<Self>, ended: Ended) -> Option<ActivityEvent> {
         let Request { cx, rec, .. } = *self;
         Some(event(cx, rec, ended))
+    }
+}
+
+impl Request {
+    /// Opens the session a start's answer names (`location`, or in `answer`), with the bytes
+    /// the start carried.
+    fn open_session(&mut self, location: Option<&str>, answer: &[u8]) {
+        let Some(step) = &self.step else { return };
+        let cx = &self.cx;
+        let Some(key) = step.started(&cx.input.app, location, answer) else {
+            self.rec.note(Some(
+                "the answer to an upload session's start names no session: its parts cannot \
+                 be followed"
+                    .into(),
+            ));
+            return;
+        };
+        let (name, total) = self.started.clone();
+        self.sessions.open(
+            key.clone(),
+            cx.input.user.clone(),
+            cx.process.uid,
+            name.or_else(|| step.name.clone())
+                .or_else(|| cx.defined_name.clone()),
+            total.or(step.total),
+        );
+        if let Some(first) = self.first_part.take() {
+            let mut part = step.clone();
+            part.kind = sluice_policy::model::StepKind::Part;
+            part.key = Some(key);
+            part.at = Some(0);
+            self.sessions.add(
+                &part,
+                cx.input.user.as_deref(),
+                cx.process.uid,
+                &first,
+                cx.limits.max_bytes,
+            );
+        }
+        self.rec.note(Some(
+            "an upload session opened: its file is decided whole at its end".into(),
+        ));
+    }
+
+    /// Judges a request of an upload session: a start's body read for the file's name and
+    /// size, a part held, the end decided on the whole file.
+    fn judge_step(&mut self, body: &Bytes) -> BodyVerdict {
+        use sluice_policy::model::{StepKind, UploadProtocol};
+        let Some(step) = self.step.clone() else {
+            return BodyVerdict::Pass;
+        };
+        let (cx, rec) = (&self.cx, &mut self.rec);
+        let (user, uid, bound) = (
+            cx.input.user.as_deref(),
+            cx.process.uid,
+            cx.limits.max_bytes,
+        );
+        // Whatever the policies say of an upload with no file yet (an unmanaged device may
+        // upload nothing) applies to every request of the session.
+        let before = cx.decide_file(Activity::Upload, Side::Request, None, &Dlp::new());
+        if before.action == Action::Block {
+            rec.take(Kind::Session, Activity::Upload, &before);
+            if let Some(key) = &step.key {
+                self.sessions
+                    .conclude(key, before.clone(), step.name.clone());
+            }
+            return BodyVerdict::Respond(cx.block_page(&before, step.name.as_deref()));
+        }
+        match step.kind {
+            StepKind::Start => {
+                if step.protocol == UploadProtocol::Dropbox {
+                    rec.take(Kind::Session, Activity::Upload, &before);
+                    self.first_part = Some(body.clone());
+                    return BodyVerdict::Pass;
+                }
+                self.started = wire::start_facts(body);
+                match self.upload {
+                    Some(u) => u.judge(cx, rec, body),
+                    None => BodyVerdict::Pass,
+                }
+            }
+            StepKind::Part => {
+                let added = self.sessions.add(&step, user, uid, body, bound);
+                self.settle(&step, added, &before, body.len() as u64)
+            }
+            StepKind::Finish => {
+                // Dropbox's finish may carry the last part.
+                if step.protocol == UploadProtocol::Dropbox && !body.is_empty() {
+                    // A part that breaks the session makes its end unfollowable, below.
+                    if let c @ Added::Concluded(..) =
+                        self.sessions.add(&step, user, uid, body, bound)
+                    {
+                        return self.settle(&step, c, &before, body.len() as u64);
+                    }
+                }
+                let listed = if step.protocol == UploadProtocol::S3Multipart {
+                    match wire::s3_listed(body) {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            if let Some(key) = &step.key {
+                                self.sessions.break_session(key, e);
+                            }
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                let whole = self.sessions.finish(&step, listed);
+                self.settle(&step, Added::Complete(whole), &before, body.len() as u64)
+            }
+        }
+    }
+
+    /// The verdict on a session request from what adding its part came to.
+    fn settle(
+        &mut self,
+        step: &Step,
+        added: Added,
+        before: &decide::Decided,
+        seen: u64,
+    ) -> BodyVerdict {
+        let (cx, rec) = (&self.cx, &mut self.rec);
+        let (verdict, decided, name) = match added {
+            Added::Held { parts, held } => {
+                rec.take(Kind::Session, Activity::Upload, before);
+                rec.note(Some(format!(
+                    "part {parts} of an upload session held ({held} bytes so far): the file is \
+                     decided whole at its end"
+                )));
+                return BodyVerdict::Pass;
+            }
+            Added::Broken(why) => {
+                rec.take(Kind::Session, Activity::Upload, before);
+                rec.note(Some(format!(
+                    "an upload session Sluice cannot follow ({why}): its end gets the app's \
+                     not-inspectable action"
+                )));
+                return BodyVerdict::Pass;
+            }
+            Added::Concluded(d, name) => {
+                rec.take(Kind::Session, Activity::Upload, &d);
+                rec.note(Some("a request of an upload session decided before".into()));
+                let v = if d.action == Action::Block {
+                    BodyVerdict::Respond(cx.block_page(&d, name.as_deref()))
+                } else {
+                    BodyVerdict::Pass
+                };
+                return v;
+            }
+            Added::Complete(Whole::Concluded(d, name)) => {
+                return self.settle(step, Added::Concluded(d, name), before, seen);
+            }
+            Added::Complete(Whole::File(file, name, parts)) => {
+                let (v, d) = Upload::judge_whole(cx, rec, &file, name.as_deref());
+                rec.note(Some(format!(
+                    "an upload session of {parts} requests, its file ({} bytes) put together \
+                     and decided whole",
+                    file.len()
+                )));
+                (v, d, name)
+            }
+            Added::Complete(Whole::Unfollowable(why, name)) => {
+                let facts = sluice_inspect::FileFacts {
+                    name: name.clone(),
+                    size: seen,
+                    not_inspectable: Some(NotInspectable::Unsupported(format!(
+                        "an upload session Sluice could not follow: {why}"
+                    ))),
+                    ..sluice_inspect::FileFacts::default()
+                };
+                let v = rec.unreadable(
+                    cx,
+                    Activity::Upload,
+                    Side::Request,
+                    facts,
+                    BodyVerdict::Pass,
+                );
+                let d = rec
+                    .taken
+                    .last()
+                    .map(|t| t.decided.clone())
+                    .unwrap_or_else(|| before.clone());
+                (v, d, name)
+            }
+        };
+        if let Some(key) = &step.key {
+            self.sessions.conclude(key, decided, name);
+        }
+        verdict
     }
 }
 
@@ -387,6 +675,13 @@ fn event(cx: Context, rec: Record, ended: Ended) -> ActivityEvent {
         dlp: rec.dlp,
         label_applied,
         permissions,
-        detail: rec.detail,
+        // Whose the request was taken to be is said beside what was done.
+        detail: match (rec.detail, cx.tied_to) {
+            (d, None) => d,
+            (d, Some(owner)) => Some(format!(
+                "{}the request carries no identity: it goes to a link handed to {owner}",
+                d.map(|d| format!("{d}; ")).unwrap_or_default()
+            )),
+        },
     }
 }

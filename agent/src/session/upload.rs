@@ -28,6 +28,9 @@ const MAX_FIELDS: usize = 10_000;
 pub(super) struct Upload {
     /// The declared length.
     pub(super) declared: Option<u64>,
+    /// The request sends a byte range of something (`Content-Range`) outside any upload
+    /// session Sluice follows.
+    pub(super) partial: bool,
 }
 
 impl Upload {
@@ -60,6 +63,20 @@ impl Upload {
     /// names or form fields say of it.
     pub(super) fn judge(&self, cx: &Context, rec: &mut Record, raw: &Bytes) -> BodyVerdict {
         let seen = raw.len() as u64;
+        if self.partial && seen > 0 {
+            // A piece of a file cannot be judged as the file; a session not followed cannot
+            // be put together.
+            return self.unreadable(
+                cx,
+                rec,
+                NotInspectable::Unsupported(
+                    "a byte range of a file (Content-Range) outside any upload session Sluice \
+                     follows"
+                        .into(),
+                ),
+                seen,
+            );
+        }
         let body: Bytes = match coding(cx.request_encoding.as_deref()) {
             Err(e) => return self.unreadable(cx, rec, NotInspectable::Unsupported(e), seen),
             Ok(None) => raw.clone(),
@@ -143,7 +160,7 @@ impl Upload {
             Some(Activity::Upload)
         } else if !form.is_empty() {
             cx.set
-                .activity(&cx.input.app, &cx.method, &cx.path, &form)
+                .activity_for(&cx.input.app, &cx.method, &cx.path, &cx.query, &form)
                 .map(|d| d.activity)
                 .or(cx.defined)
         } else {
@@ -158,37 +175,63 @@ impl Upload {
                 None,
             )
         });
-        // Each file is decided; the most restrictive decision stands (none: the request alone).
-        let mut decisions: Vec<Decided> = files
-            .iter()
-            .map(|f| cx.decide_file(activity, Side::Request, Some(f), &text_dlp))
-            .collect();
-        let (d, name, why) = match most_restrictive(&decisions) {
-            Some(i) => (
-                decisions.swap_remove(i),
-                files[i].name.clone(),
-                files[i].not_inspectable.clone(),
-            ),
-            None => (
-                cx.decide_file(activity, Side::Request, None, &text_dlp),
-                None,
-                None,
-            ),
-        };
-        rec.take(Kind::Session, activity, &d);
-        rec.note(
-            files
-                .iter()
-                .find_map(|f| f.not_inspectable.as_ref().map(|n| n.to_string())),
-        );
-        rec.files.extend(files);
-        rec.dlp = text_dlp;
-        if d.action == Action::Block {
-            BodyVerdict::Respond(cx.block_page_why(&d, name.as_deref(), why.as_ref()))
-        } else {
-            BodyVerdict::Pass
-        }
+        conclude(cx, rec, activity, files, text_dlp).0
     }
+
+    /// Judges a file an upload session sent in parts, put together: inspected as the file it
+    /// is, named as the session named it. The verdict and the decision that stands.
+    pub(super) fn judge_whole(
+        cx: &Context,
+        rec: &mut Record,
+        file: &[u8],
+        name: Option<&str>,
+    ) -> (BodyVerdict, Decided) {
+        let mut pieces = Pieces::new(cx);
+        pieces.add(file, name, true);
+        let Pieces { files, dlp, .. } = pieces;
+        conclude(cx, rec, Activity::Upload, files, dlp)
+    }
+}
+
+/// Decides the files of a request of `activity`, each on its own; the most restrictive decision
+/// stands (no file: the request alone).
+fn conclude(
+    cx: &Context,
+    rec: &mut Record,
+    activity: Activity,
+    files: Vec<FileFacts>,
+    text_dlp: Dlp,
+) -> (BodyVerdict, Decided) {
+    let mut decisions: Vec<Decided> = files
+        .iter()
+        .map(|f| cx.decide_file(activity, Side::Request, Some(f), &text_dlp))
+        .collect();
+    let (d, name, why) = match most_restrictive(&decisions) {
+        Some(i) => (
+            decisions.swap_remove(i),
+            files[i].name.clone(),
+            files[i].not_inspectable.clone(),
+        ),
+        None => (
+            cx.decide_file(activity, Side::Request, None, &text_dlp),
+            None,
+            None,
+        ),
+    };
+    rec.take(Kind::Session, activity, &d);
+    rec.note(
+        files
+            .iter()
+            .find_map(|f| f.not_inspectable.as_ref().map(|n| n.to_string())),
+    );
+    rec.files.extend(files);
+    rec.dlp = text_dlp;
+    let v = if d.action == Action::Block {
+        BodyVerdict::Respond(cx.block_page_why(&d, name.as_deref(), why.as_ref()))
+    } else {
+        BodyVerdict::Pass
+    };
+    (v, d)
 }
 
 /// The pieces of one request body: the files found in it and the DLP hits of its text.

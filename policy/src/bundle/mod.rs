@@ -106,6 +106,10 @@ pub struct Manifest {
     /// and report the one they run as stale once it has passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// Catalogue packs the bundle includes: `build` copies `<packs>/<name>.yaml` (the `catalog`
+    /// directory beside the bundle's source) in as `catalog/<name>.yaml`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub catalog: Vec<String>,
     /// Path prefixes this bundle owns.
     #[serde(default)]
     pub roots: Vec<String>,
@@ -668,6 +672,7 @@ pub fn build_with(
         None => Manifest {
             revision: String::new(),
             expires_at: None,
+            catalog: Vec::new(),
             roots: vec![String::new()],
             metadata: Default::default(),
         },
@@ -686,6 +691,30 @@ pub fn build_with(
     }
     if manifest.expires_at.is_none() {
         manifest.expires_at = Some(now_s() + DEFAULT_LIFETIME_S);
+    }
+    // The catalogue packs the manifest selects, from the packs directory beside the source.
+    let packs = dir
+        .parent()
+        .map_or_else(|| dir.join("../catalog"), |p| p.join("catalog"));
+    for name in &manifest.catalog {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(BundleError::Manifest(format!(
+                "catalogue pack `{name}`: names are lower-case letters, digits and `-`"
+            )));
+        }
+        let inside = format!("catalog/{name}.yaml");
+        if archive.files.contains_key(&inside) {
+            continue;
+        }
+        let path = packs.join(format!("{name}.yaml"));
+        let data = std::fs::read(&path).map_err(|e| {
+            BundleError::Io(format!("catalogue pack `{name}` ({}): {e}", path.display()))
+        })?;
+        archive.files.insert(inside, data);
     }
     if let Some(rot) = archive.files.get(KEYS) {
         let rot: Rotation =
