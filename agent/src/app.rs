@@ -724,6 +724,19 @@ async fn supervise(
         None => Arc::new(PassThrough),
     };
     let active = dist.as_ref().map(|d| d.active());
+    // The keys of the identity providers the bundle's apps name by discovery document.
+    if let Some(a) = &active {
+        let roots = crate::trust::root_store(
+            !config.tls.no_bundled_roots,
+            !config.tls.no_system_roots,
+            &config.tls.upstream_extra_cas,
+        )?;
+        let (a, stop) = (a.clone(), shutdown.clone());
+        tasks.spawn(named("identity-keys", async move {
+            crate::session::providers::run(a, roots, stop).await;
+            Ok(())
+        }));
+    }
     let reloads = Arc::new(ReloadStats::default());
     let signer: Arc<dyn crate::proxy::ca::LeafSigner> = link.clone();
     // Origins are read from the kernel's map here; only process facts the sandbox hides are

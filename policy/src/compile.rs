@@ -146,6 +146,11 @@ pub(crate) fn compile(
         org_domains,
         ..
     } = dir;
+    let org_tenants: Vec<String> = dir_file
+        .org_tenants
+        .iter()
+        .map(|t| t.to_ascii_lowercase())
+        .collect();
     Ok(PolicySet {
         redact_query_params,
         managed_clients: named.get("managed").cloned().unwrap_or_default(),
@@ -158,6 +163,7 @@ pub(crate) fn compile(
         group_names: dir_file.groups,
         local_users,
         org_domains,
+        org_tenants,
         label_ids: label_map.values().fold(HashMap::new(), |mut m, l| {
             m.entry(sluice_inspect::normalize_guid(&l.guid))
                 .or_insert_with(|| l.id.clone());
@@ -447,13 +453,42 @@ fn catalog(
                         "a JWT identity names a `header`, a `cookie`, or both".into(),
                     ));
                 }
-                let doc = files.get(&j.jwks).ok_or_else(|| {
-                    bad(
-                        &j.jwks,
-                        format!("JWKS file `{}` is not in the bundle", j.jwks),
-                    )
-                })?;
-                Some(identity::Jwks::parse(doc).map_err(|e| bad(&j.jwks, e))?)
+                match (&j.discovery, j.jwks.is_empty()) {
+                    (Some(url), true) => {
+                        let loopback = ["http://127.", "http://[::1]", "http://localhost"]
+                            .iter()
+                            .any(|p| url.starts_with(p));
+                        if !url.starts_with("https://") && !loopback {
+                            return Err(bad(
+                                url,
+                                format!(
+                                    "the discovery document `{url}` must be https (http only on \
+                                     loopback)"
+                                ),
+                            ));
+                        }
+                        None
+                    }
+                    (None, false) => {
+                        let doc = files.get(&j.jwks).ok_or_else(|| {
+                            bad(
+                                &j.jwks,
+                                format!("JWKS file `{}` is not in the bundle", j.jwks),
+                            )
+                        })?;
+                        Some(std::sync::Arc::new(
+                            identity::Jwks::parse(doc).map_err(|e| bad(&j.jwks, e))?,
+                        ))
+                    }
+                    _ => {
+                        return Err(bad(
+                            "jwt",
+                            "a JWT identity names exactly one of `jwks` (a file of the bundle) \
+                             or `discovery` (the provider's OpenID Connect discovery URL)"
+                                .into(),
+                        ));
+                    }
+                }
             }
             _ => None,
         };
@@ -666,6 +701,7 @@ fn policy(
         users: w.users.iter().map(|u| u.to_ascii_lowercase()).collect(),
         groups,
         guest: w.guest,
+        account: w.account,
         devices: w.devices.clone(),
         device_tags: w.device_tags.clone(),
         not_device_tags: w.not_device_tags.clone(),

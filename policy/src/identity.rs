@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use aws_lc_rs::signature;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bundle::jws::b64url_decode;
 
@@ -40,7 +40,7 @@ impl IdentitySource {
 }
 
 /// A JWT identity.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSource {
     /// Header carrying the token (`authorization` takes `Bearer <token>`); tried before the
@@ -50,12 +50,26 @@ pub struct JwtSource {
     /// Cookie carrying the token.
     #[serde(default)]
     pub cookie: Option<String>,
-    /// The claim naming the user (default `email`).
-    #[serde(default = "email")]
-    pub claim: String,
-    /// The bundle file holding the JWKS (JSON).
+    /// The claim naming the user (default by provider: Entra ID `upn`, then
+    /// `preferred_username`, then `email`; Google and any other `email`).
+    #[serde(default)]
+    pub claim: Option<String>,
+    /// The bundle file holding the JWKS (JSON); or `discovery`.
+    #[serde(default)]
     pub jwks: String,
-    /// Required `iss`.
+    /// The provider's OpenID Connect discovery document: the keys are fetched from its
+    /// `jwks_uri`, cached, and fetched again when a token names a key not known yet.
+    #[serde(default)]
+    pub discovery: Option<String>,
+    /// The identity provider, for its claims: the user and the tenant.
+    #[serde(default)]
+    pub provider: Option<Provider>,
+    /// The claim naming the account's tenant (default by provider: Entra ID `tid`, Google
+    /// `hd`); a token whose tenant is not the organisation's is a personal account.
+    #[serde(default)]
+    pub tenant_claim: Option<String>,
+    /// Required `iss` (`{tenantid}` stands for the token's tenant, as in Entra ID's
+    /// multi-tenant discovery document).
     #[serde(default)]
     pub issuer: Option<String>,
     /// Required `aud` (one of).
@@ -63,8 +77,35 @@ pub struct JwtSource {
     pub audience: Option<String>,
 }
 
-fn email() -> String {
-    "email".into()
+/// An identity provider whose tokens Sluice reads by its documented claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Microsoft Entra ID: `upn` (or `preferred_username`), tenant `tid`.
+    Entra,
+    /// Google: `email`, tenant `hd` (absent for consumer accounts).
+    Google,
+}
+
+impl JwtSource {
+    /// The claims that name the user, tried in order.
+    pub fn user_claims(&self) -> Vec<&str> {
+        match (&self.claim, self.provider) {
+            (Some(c), _) => vec![c.as_str()],
+            (None, Some(Provider::Entra)) => vec!["upn", "preferred_username", "email"],
+            (None, _) => vec!["email"],
+        }
+    }
+
+    /// The claim that names the tenant, when the identity has one.
+    pub fn tenant_claim(&self) -> Option<&str> {
+        match (&self.tenant_claim, self.provider) {
+            (Some(c), _) => Some(c.as_str()),
+            (None, Some(Provider::Entra)) => Some("tid"),
+            (None, Some(Provider::Google)) => Some("hd"),
+            (None, None) => None,
+        }
+    }
 }
 
 /// Why a token was not trusted.
@@ -112,9 +153,11 @@ pub struct Jwks {
     verified: std::sync::Mutex<HashMap<String, Verified>>,
 }
 
-/// A verified token's identity, `exp` and `nbf`.
-type Verified = (String, u64, Option<u64>);
+/// A verified token's identity, `exp`, `nbf` and tenant.
+type Verified = (String, u64, Option<u64>, Option<String>);
 
+/// Most keys in one JWKS.
+const MAX_KEYS: usize = 100;
 /// Most verified tokens remembered per JWKS.
 const VERIFIED_CACHE: usize = 4096;
 /// Clock leeway for `exp` and `nbf`, seconds.
@@ -140,6 +183,9 @@ impl Jwks {
     /// Parses a JWKS document (EC P-256 and RSA keys; every key needs a `kid`).
     pub fn parse(json: &[u8]) -> Result<Self, String> {
         let raw: RawJwks = serde_json::from_slice(json).map_err(|e| format!("JWKS: {e}"))?;
+        if raw.keys.len() > MAX_KEYS {
+            return Err(format!("JWKS: more than {MAX_KEYS} keys"));
+        }
         let mut keys = HashMap::new();
         for k in raw.keys {
             let kid = k.kid.ok_or("JWKS: every key needs a kid")?;
@@ -184,6 +230,17 @@ impl Jwks {
 
     /// Verifies a token and returns the identity claim.
     pub fn verify(&self, token: &str, src: &JwtSource, now: u64) -> Result<String, TokenError> {
+        self.verify_tenant(token, src, now).map(|(u, _)| u)
+    }
+
+    /// Verifies a token and returns the identity claim and the tenant claim (when `src` names
+    /// one and the token has it).
+    pub fn verify_tenant(
+        &self,
+        token: &str,
+        src: &JwtSource,
+        now: u64,
+    ) -> Result<(String, Option<String>), TokenError> {
         let token = token.trim();
         let times_ok = |exp: u64, nbf: Option<u64>| -> Result<(), TokenError> {
             if exp + LEEWAY < now {
@@ -200,18 +257,18 @@ impl Jwks {
             .unwrap_or_else(|p| p.into_inner())
             .get(token)
             .cloned();
-        if let Some((user, exp, nbf)) = cached {
+        if let Some((user, exp, nbf, tenant)) = cached {
             times_ok(exp, nbf)?;
-            return Ok(user);
+            return Ok((user, tenant));
         }
-        let (user, exp, nbf) = self.verify_signed(token, src)?;
+        let (user, exp, nbf, tenant) = self.verify_signed(token, src)?;
         times_ok(exp, nbf)?;
         let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= VERIFIED_CACHE {
             cache.clear();
         }
-        cache.insert(token.to_owned(), (user.clone(), exp, nbf));
-        Ok(user)
+        cache.insert(token.to_owned(), (user.clone(), exp, nbf, tenant.clone()));
+        Ok((user, tenant))
     }
 
     /// Checks the signature and the claims other than the times: (identity, exp, nbf).
@@ -255,10 +312,19 @@ impl Jwks {
             .and_then(serde_json::Value::as_u64)
             .ok_or(TokenError::Malformed("no exp claim"))?;
         let nbf = claims.get("nbf").and_then(serde_json::Value::as_u64);
-        if let Some(iss) = &src.issuer
-            && claims["iss"].as_str() != Some(iss.as_str())
-        {
-            return Err(TokenError::Claim("issuer"));
+        let tenant = src
+            .tenant_claim()
+            .and_then(|c| claims[c].as_str())
+            .map(str::to_owned);
+        if let Some(iss) = &src.issuer {
+            let want = match (iss.contains("{tenantid}"), &tenant) {
+                (true, Some(t)) => iss.replace("{tenantid}", t),
+                (true, None) => return Err(TokenError::Claim("issuer")),
+                (false, _) => iss.clone(),
+            };
+            if claims["iss"].as_str() != Some(want.as_str()) {
+                return Err(TokenError::Claim("issuer"));
+            }
         }
         if let Some(aud) = &src.audience {
             let ok = match &claims["aud"] {
@@ -272,11 +338,86 @@ impl Jwks {
                 return Err(TokenError::Claim("audience"));
             }
         }
-        let user = claims[src.claim.as_str()]
-            .as_str()
+        let names = src.user_claims();
+        let user = names
+            .iter()
+            .find_map(|c| claims[*c].as_str())
             .map(str::to_owned)
-            .ok_or_else(|| TokenError::NoIdentity(src.claim.clone()))?;
-        Ok((user, exp, nbf))
+            .ok_or_else(|| TokenError::NoIdentity(names.join(" or ")))?;
+        Ok((user, exp, nbf, tenant))
+    }
+}
+
+/// The keys of identity providers found through their discovery documents, by document URL:
+/// the agent fetches them; verification reads them and asks for a fetch when a token names a
+/// key not known yet. One per process: a provider's published keys are the same whichever
+/// bundle names it.
+#[derive(Debug, Default)]
+pub struct ProviderKeys {
+    inner: std::sync::RwLock<HashMap<String, ProviderState>>,
+}
+
+#[derive(Debug, Default)]
+struct ProviderState {
+    jwks: Option<std::sync::Arc<Jwks>>,
+    wanted: bool,
+    fetches: u64,
+}
+
+/// The process's provider keys.
+pub static PROVIDERS: std::sync::LazyLock<ProviderKeys> =
+    std::sync::LazyLock::new(ProviderKeys::default);
+
+/// Most providers remembered.
+const MAX_PROVIDERS: usize = 256;
+
+impl ProviderKeys {
+    /// The keys fetched for `url`, if any.
+    pub fn jwks(&self, url: &str) -> Option<std::sync::Arc<Jwks>> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+            .and_then(|s| s.jwks.clone())
+    }
+
+    /// Asks for `url`'s keys to be fetched (again).
+    pub fn want(&self, url: &str) {
+        let mut m = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= MAX_PROVIDERS && !m.contains_key(url) {
+            return;
+        }
+        m.entry(url.to_owned()).or_default().wanted = true;
+    }
+
+    /// Whether a fetch of `url` was asked for since the last one.
+    pub fn wanted(&self, url: &str) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+            .is_none_or(|s| s.wanted || s.jwks.is_none())
+    }
+
+    /// Keeps the keys fetched for `url`.
+    pub fn set(&self, url: &str, jwks: Jwks) {
+        let mut m = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= MAX_PROVIDERS && !m.contains_key(url) {
+            return;
+        }
+        let s = m.entry(url.to_owned()).or_default();
+        s.jwks = Some(std::sync::Arc::new(jwks));
+        s.wanted = false;
+        s.fetches += 1;
+    }
+
+    /// How many times `url`'s keys were fetched.
+    pub fn fetches(&self, url: &str) -> u64 {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+            .map_or(0, |s| s.fetches)
     }
 }
 
@@ -355,11 +496,10 @@ mod tests {
     fn src() -> JwtSource {
         JwtSource {
             header: Some("authorization".into()),
-            cookie: None,
-            claim: "email".into(),
             jwks: "jwks.json".into(),
             issuer: Some("https://idp.example".into()),
             audience: Some("files".into()),
+            ..JwtSource::default()
         }
     }
 

@@ -113,6 +113,7 @@ struct Compiled {
     users: Vec<String>,
     groups: Vec<u32>,
     guest: Option<bool>,
+    account: Option<Account>,
     devices: Vec<Device>,
     device_tags: Vec<String>,
     not_device_tags: Vec<String>,
@@ -157,6 +158,7 @@ pub struct PolicySet {
     group_names: Vec<String>,
     local_users: HashMap<String, usize>,
     org_domains: Vec<String>,
+    org_tenants: Vec<String>,
     /// Label catalogue by id.
     pub labels: BTreeMap<String, Label>,
     /// Protection templates by id.
@@ -232,7 +234,19 @@ const DOC_FILES: [&str; 7] = [
 pub struct CompiledApp {
     /// The app as written.
     pub app: App,
-    jwks: Option<identity::Jwks>,
+    jwks: Option<std::sync::Arc<identity::Jwks>>,
+}
+
+/// The identities a request carries for an app.
+#[derive(Debug, Default)]
+pub struct Identified {
+    /// The distinct users, in the order found.
+    pub users: Vec<String>,
+    /// Those of them whose token names a tenant that is not the organisation's: personal
+    /// accounts (or another organisation's) of the same app.
+    pub personal: Vec<String>,
+    /// The first token that did not verify.
+    pub error: Option<identity::TokenError>,
 }
 
 impl PolicySet {
@@ -271,21 +285,20 @@ impl PolicySet {
         }
         if let Some(c) = &id.cookie {
             let src = identity::JwtSource {
-                header: None,
                 cookie: Some(c.clone()),
-                claim: String::new(),
-                jwks: String::new(),
-                issuer: None,
-                audience: None,
+                ..identity::JwtSource::default()
             };
             return Ok(identity::token_from(&src, headers).map(str::to_owned));
         }
-        match (&id.jwt, &a.jwks) {
-            (Some(j), Some(jwks)) => match identity::token_from(j, headers) {
-                None => Ok(None),
-                Some(t) => jwks.verify(t, j, now).map(Some),
-            },
-            _ => Ok(None),
+        let Some(j) = &id.jwt else {
+            return Ok(None);
+        };
+        match (self.keys_of(a, j), identity::token_from(j, headers)) {
+            (_, None) => Ok(None),
+            (Some(jwks), Some(t)) => jwks.verify(t, j, now).map(Some),
+            (None, Some(_)) => Err(identity::TokenError::UnknownKey(
+                "(the provider's keys are not fetched yet)".into(),
+            )),
         }
     }
 
@@ -294,19 +307,15 @@ impl PolicySet {
     /// the distinct users (in the order found) and the first token that did not verify. More
     /// than one user, or a user beside a token that did not verify, is a conflict: which one the
     /// app believes is not Sluice's to guess.
-    pub fn identify_all(
-        &self,
-        app: &str,
-        headers: &http::HeaderMap,
-        now: u64,
-    ) -> (Vec<String>, Option<identity::TokenError>) {
+    pub fn identify_all(&self, app: &str, headers: &http::HeaderMap, now: u64) -> Identified {
         let Some(a) = self.apps.get(app) else {
-            return (Vec::new(), None);
+            return Identified::default();
         };
         let Some(id) = &a.app.identity else {
-            return (Vec::new(), None);
+            return Identified::default();
         };
         let mut users: Vec<String> = Vec::new();
+        let mut personal: Vec<String> = Vec::new();
         let mut push = |u: String| {
             if !users.contains(&u) {
                 users.push(u);
@@ -320,34 +329,102 @@ impl PolicySet {
             {
                 push(v.to_owned());
             }
-            return (users, None);
+            return Identified {
+                users,
+                ..Identified::default()
+            };
         }
         if let Some(c) = &id.cookie {
             let src = identity::JwtSource {
-                header: None,
                 cookie: Some(c.clone()),
-                claim: String::new(),
-                jwks: String::new(),
-                issuer: None,
-                audience: None,
+                ..identity::JwtSource::default()
             };
             for t in identity::tokens_from(&src, headers) {
                 push(t.to_owned());
             }
-            return (users, None);
+            return Identified {
+                users,
+                ..Identified::default()
+            };
         }
         let mut error = None;
-        if let (Some(j), Some(jwks)) = (&id.jwt, &a.jwks) {
+        if let Some(j) = &id.jwt {
+            let jwks = self.keys_of(a, j);
             for t in identity::tokens_from(j, headers) {
-                match jwks.verify(t, j, now) {
-                    Ok(u) => push(u),
+                let Some(jwks) = &jwks else {
+                    error.get_or_insert(identity::TokenError::UnknownKey(
+                        "(the provider's keys are not fetched yet)".into(),
+                    ));
+                    continue;
+                };
+                match jwks.verify_tenant(t, j, now) {
+                    Ok((u, tenant)) => {
+                        if j.tenant_claim().is_some()
+                            && !self.is_org_tenant(tenant.as_deref())
+                            && !personal.contains(&u)
+                        {
+                            personal.push(u.clone());
+                        }
+                        push(u);
+                    }
                     Err(e) => {
+                        // A key the provider rotated in: its keys are fetched again.
+                        if let (identity::TokenError::UnknownKey(_), Some(url)) = (&e, &j.discovery)
+                        {
+                            identity::PROVIDERS.want(url);
+                        }
                         error.get_or_insert(e);
                     }
                 }
             }
         }
-        (users, error)
+        Identified {
+            users,
+            personal,
+            error,
+        }
+    }
+
+    /// The keys an app's tokens verify with: the bundle's JWKS, or the provider's fetched keys
+    /// (none yet: a fetch is asked for).
+    fn keys_of(
+        &self,
+        a: &CompiledApp,
+        j: &identity::JwtSource,
+    ) -> Option<std::sync::Arc<identity::Jwks>> {
+        match &j.discovery {
+            Some(url) => {
+                let k = identity::PROVIDERS.jwks(url);
+                if k.is_none() {
+                    identity::PROVIDERS.want(url);
+                }
+                k
+            }
+            None => a.jwks.clone(),
+        }
+    }
+
+    /// Whether `tenant` (an Entra ID tenant id, a Google hosted domain) is the organisation's:
+    /// one of the directory's `org_tenants` or `org_domains`.
+    pub fn is_org_tenant(&self, tenant: Option<&str>) -> bool {
+        tenant.is_some_and(|t| {
+            self.org_tenants
+                .iter()
+                .chain(&self.org_domains)
+                .any(|o| o.eq_ignore_ascii_case(t))
+        })
+    }
+
+    /// The discovery documents of the providers the catalogue's identities name.
+    pub fn discovery_urls(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .apps
+            .values()
+            .filter_map(|a| a.app.identity.as_ref()?.jwt.as_ref()?.discovery.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// The activity a request of `app` is, from the app's definitions (first match). `form` is
@@ -601,6 +678,9 @@ impl PolicySet {
                 (None, None) => false,
             };
             f("guest", is_guest == want);
+        }
+        if let Some(want) = p.account {
+            f("account", input.account == Some(want));
         }
         if !p.devices.is_empty() {
             f(

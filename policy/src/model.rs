@@ -9,9 +9,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Directory {
-    /// The organisation's e-mail domains; a user of any other domain is a guest.
+    /// The organisation's e-mail domains; a user of any other domain is a guest. A Google
+    /// token whose hosted domain (`hd`) is one of them is the organisation's account.
     #[serde(default)]
     pub org_domains: Vec<String>,
+    /// The organisation's identity-provider tenants (Entra ID tenant ids): a token of an app
+    /// whose identity names a tenant claim, from any other tenant (or none), is a personal
+    /// account.
+    #[serde(default)]
+    pub org_tenants: Vec<String>,
     /// Groups whose members are guests whatever their domain.
     #[serde(default)]
     pub guest_groups: Vec<String>,
@@ -503,6 +509,10 @@ pub struct When {
     /// Guest (true) or member (false).
     #[serde(default)]
     pub guest: Option<bool>,
+    /// The account's kind: `personal` (a token of another tenant than the organisation's, or
+    /// of none) or `organization`.
+    #[serde(default)]
+    pub account: Option<Account>,
     /// Device tags.
     #[serde(default)]
     pub devices: Vec<Device>,
@@ -658,6 +668,9 @@ pub struct Input {
     /// User e-mail or id (absent: anonymous).
     #[serde(default)]
     pub user: Option<String>,
+    /// The account's kind, when the app's identity names a tenant.
+    #[serde(default)]
+    pub account: Option<Account>,
     /// Device tag.
     #[serde(default)]
     pub device: Option<Device>,
@@ -689,6 +702,16 @@ pub struct Input {
     /// File (session).
     #[serde(default)]
     pub file: Option<FileInput>,
+}
+
+/// Whose account a token is, by its tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Account {
+    /// A tenant of the organisation's.
+    Organization,
+    /// Any other tenant, or none: a personal account of the same app.
+    Personal,
 }
 
 /// Process facts.

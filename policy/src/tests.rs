@@ -20,10 +20,10 @@ fn input(yaml: &str) -> Input {
 #[test]
 fn the_default_bundle_compiles_and_its_tests_pass() {
     let set = PolicySet::compile("1", &default_bundle()).expect("compiles");
-    assert_eq!(set.len(), 16);
+    assert_eq!(set.len(), 17);
     let (passed, failures) = set.run_tests();
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(passed, 25);
+    assert_eq!(passed, 27);
     // The directory as events report it.
     assert_eq!(
         set.directory_user("carol@corp.example"),

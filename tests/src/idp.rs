@@ -215,6 +215,10 @@ struct State {
     misbehave: Mutex<Misbehave>,
     redirects: Mutex<Vec<String>>,
     tokens: AtomicU64,
+    /// Keys rotated in after the first ([`Idp::rotate`]), published beside it; the last signs.
+    rotated: Mutex<Vec<(String, Arc<EcdsaKeyPair>)>>,
+    /// Times the key set was served.
+    jwks_served: AtomicU64,
 }
 
 /// A running provider (stopped on drop).
@@ -353,6 +357,8 @@ impl Idp {
             misbehave: Mutex::default(),
             redirects: Mutex::default(),
             tokens: AtomicU64::new(0),
+            rotated: Mutex::default(),
+            jwks_served: AtomicU64::new(0),
         });
         let shutdown = CancellationToken::new();
         let (stop, st) = (shutdown.clone(), state.clone());
@@ -433,6 +439,48 @@ impl Idp {
     /// Id tokens issued so far.
     pub fn tokens_issued(&self) -> u64 {
         self.state.tokens.load(Ordering::Relaxed)
+    }
+
+    /// Rotates a new signing key in: published beside the others, it signs what
+    /// [`Idp::access_token`] makes from now on. Its `kid`.
+    pub fn rotate(&self) -> Result<String> {
+        let kid = format!("idp-{}", random_hex(4)?);
+        lock(&self.state.rotated).push((kid.clone(), Arc::new(ec_key()?)));
+        Ok(kid)
+    }
+
+    /// Times `/jwks` was served.
+    pub fn jwks_served(&self) -> u64 {
+        self.state.jwks_served.load(Ordering::Relaxed)
+    }
+
+    /// An access token (ES256, with the current key) carrying `claims` and this provider's
+    /// `iss`, `iat` and an `exp` an hour away (unless `claims` gives them).
+    pub fn access_token(&self, claims: &serde_json::Value) -> Result<String> {
+        let now = now_s();
+        let mut c = serde_json::json!({
+            "iss": self.state.issuer, "iat": now, "nbf": now - 1, "exp": now + 3600,
+        });
+        if let (Some(m), Some(extra)) = (c.as_object_mut(), claims.as_object()) {
+            for (k, v) in extra {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        let rotated = lock(&self.state.rotated);
+        let (kid, key): (&str, &EcdsaKeyPair) = match rotated.last() {
+            Some((k, key)) => (k, key),
+            None => (&self.state.kid, &self.state.key),
+        };
+        let header = serde_json::json!({ "alg": "ES256", "kid": kid, "typ": "JWT" });
+        let input = format!(
+            "{}.{}",
+            b64url(header.to_string().as_bytes()),
+            b64url(c.to_string().as_bytes())
+        );
+        let sig = key
+            .sign(&SystemRandom::new(), input.as_bytes())
+            .map_err(|_| anyhow!("signing"))?;
+        Ok(format!("{input}.{}", b64url(sig.as_ref())))
     }
 
     /// Stops serving (also on drop).
@@ -631,14 +679,19 @@ fn discovery(state: &State) -> Response<Full<Bytes>> {
 }
 
 fn jwks(state: &State) -> Response<Full<Bytes>> {
-    let point = state.key.public_key().as_ref();
-    json(
-        StatusCode::OK,
-        &serde_json::json!({ "keys": [{
-            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": state.kid,
+    state.jwks_served.fetch_add(1, Ordering::Relaxed);
+    let jwk = |kid: &str, key: &EcdsaKeyPair| {
+        let point = key.public_key().as_ref();
+        serde_json::json!({
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
             "x": b64url(&point[1..33]), "y": b64url(&point[33..65]),
-        }]}),
-    )
+        })
+    };
+    let mut keys = vec![jwk(&state.kid, &state.key)];
+    for (kid, key) in lock(&state.rotated).iter() {
+        keys.push(jwk(kid, key));
+    }
+    json(StatusCode::OK, &serde_json::json!({ "keys": keys }))
 }
 
 /// The checked parameters of an authorization request.

@@ -486,6 +486,15 @@ async fn serve(
                 None => bad("NoSuchUpload"),
             }
         }
+        // Any other PUT stores the file whole.
+        "PUT" => {
+            s.arrived.push(Arrived {
+                protocol: "put",
+                name: base(&path),
+                bytes: body,
+            });
+            json(StatusCode::CREATED, serde_json::json!({"stored": true}))
+        }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found"),
     };
     Ok(r)
@@ -543,5 +552,272 @@ fn finish(s: &mut State, protocol: &'static str, id: &str, name: Option<String>)
             None => bad("the parts do not make the file"),
         },
         None => reply(StatusCode::NOT_FOUND, "text/plain", "no such session"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The rig: the session controls in front of the origin, over the default bundle with packs.
+
+/// Hosts the origin has certificates for (every test's apps are on these).
+pub const HOSTS: [&str; 8] = [
+    "graph.microsoft.com",
+    "contoso.sharepoint.com",
+    "www.googleapis.com",
+    "upload.box.com",
+    "content.dropboxapi.com",
+    "reports.s3.amazonaws.com",
+    "tus.test",
+    "drive.corp.test",
+];
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The default bundle with the shipped packs `packs`, the test's own `extra_packs` (name,
+/// YAML) and `extra` files (bundle path, text), built as `sluice bundle build` builds it.
+pub fn policy_set(
+    dir: &std::path::Path,
+    packs: &[&str],
+    extra_packs: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) -> Result<sluice_policy::PolicySet> {
+    use sluice_policy::bundle;
+    let root = crate::demo_app::workspace_root();
+    let src = dir.join("bundle/src");
+    copy_dir(&root.join("policies/default"), &src)?;
+    copy_dir(&root.join("policies/catalog"), &dir.join("bundle/catalog"))?;
+    let mut names: Vec<&str> = packs.to_vec();
+    for (name, yaml) in extra_packs {
+        std::fs::write(dir.join(format!("bundle/catalog/{name}.yaml")), yaml)?;
+        names.push(name);
+    }
+    for (path, text) in extra {
+        std::fs::write(src.join(path), text)?;
+    }
+    std::fs::write(
+        src.join(".manifest"),
+        serde_json::json!({"revision": "3", "roots": [""], "catalog": names}).to_string(),
+    )?;
+    let mut files = bundle::build(&src, None)?.files;
+    files.remove(bundle::MANIFEST);
+    files.remove(bundle::SIGNATURES);
+    Ok(sluice_policy::PolicySet::compile("3", &files)?)
+}
+
+/// Keeps every activity event.
+#[derive(Debug, Default)]
+pub struct Events(pub Mutex<Vec<sluice::event::ActivityEvent>>);
+
+impl sluice::proxy::record::Reporter for Events {
+    fn request(&self, _rec: sluice::proxy::record::RequestRecord) {}
+    fn connection(&self, _rec: sluice::proxy::record::ConnectionRecord) {}
+    fn activity(&self, ev: sluice::event::ActivityEvent) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(ev);
+        }
+    }
+}
+
+/// The proxy with the session controls (a managed device) in front of a [`SaasOrigin`], on a
+/// runtime of its own; curl sends through it.
+#[derive(Debug)]
+pub struct SaasRig {
+    /// The origin.
+    pub origin: SaasOrigin,
+    origin_ca: std::path::PathBuf,
+    port: u16,
+    sluice_ca: std::path::PathBuf,
+    events: Arc<Events>,
+    shutdown: tokio_util::sync::CancellationToken,
+    _rt: tokio::runtime::Runtime,
+    /// The rig's directory.
+    pub dir: crate::TempDir,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl Drop for SaasRig {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl SaasRig {
+    /// Starts the origin and the proxy over `set` (see [`policy_set`], made in the rig's
+    /// directory by `make_set`); with `providers_ca`, the keys of the identity providers the
+    /// bundle names are fetched, trusting that CA.
+    pub fn start(
+        tag: &str,
+        make_set: impl FnOnce(&std::path::Path) -> Result<sluice_policy::PolicySet>,
+        providers_ca: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        use sluice::proxy::ca;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let dir = crate::TempDir::new(&format!("saas-{tag}"));
+        let pki = TestPki::new(&HOSTS)?;
+        let origin_ca = dir.join("origin-ca.pem");
+        std::fs::write(&origin_ca, &pki.ca_pem)?;
+        let origin = rt.block_on(SaasOrigin::start(&pki))?;
+        ca::init(&dir.join("ca"), "Sluice Interception CA")?;
+        let sluice_ca = dir.join("sluice-ca.pem");
+        std::fs::write(&sluice_ca, ca::Ca::load_dir(&dir.join("ca"))?.cert_pem())?;
+        let set = make_set(&dir.0)?;
+        let catalog = sluice::proxy::catalog::Catalog::in_force(&[], Some(&set), &[])
+            .map_err(anyhow::Error::msg)?;
+        let active = sluice::bundle::Active::default();
+        active.store(Some(Arc::new(set)));
+        let stats = Arc::new(sluice::proxy::ProxyStats::default());
+        let events = Arc::new(Events::default());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        if let Some(ca) = providers_ca {
+            let roots = sluice::trust::root_store(false, false, &[ca.to_owned()])?;
+            rt.spawn(sluice::session::providers::run(
+                active.clone(),
+                roots,
+                shutdown.clone(),
+            ));
+        }
+        let shared = crate::fixed_proxy(
+            origin.addr,
+            "curl",
+            &dir.join("ca"),
+            &origin_ca,
+            catalog,
+            Arc::new(
+                sluice::session::Controls::new(active, sluice_policy::model::Device::Managed)
+                    .with_sessions(Arc::new(sluice::session::Sessions::new(64 << 20, 32 << 20))),
+            ),
+            events.clone(),
+            sluice::config::ProxySettings {
+                port: 0,
+                ..sluice::config::ProxySettings::default()
+            },
+            stats.clone(),
+        )?;
+        let proxy = rt.block_on(sluice::proxy::Proxy::bind(shared))?;
+        let port = u16::try_from(stats.snapshot().port)?;
+        rt.spawn(proxy.run(shutdown.clone()));
+        Ok(Self {
+            origin,
+            origin_ca,
+            port,
+            sluice_ca,
+            events,
+            shutdown,
+            _rt: rt,
+            dir,
+            seq: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// `url` (absolute, on one of [`HOSTS`], without a port) sent by curl through the proxy,
+    /// or straight to the origin when `direct`.
+    pub fn send(
+        &self,
+        direct: bool,
+        method: &str,
+        url: &str,
+        headers: &[String],
+        body: Option<&[u8]>,
+    ) -> Result<crate::Got> {
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (head, out, data) = (
+            self.dir.join(format!("h{n}")),
+            self.dir.join(format!("o{n}")),
+            self.dir.join(format!("d{n}")),
+        );
+        let rest = url
+            .strip_prefix("https://")
+            .with_context(|| format!("`{url}` is not https"))?;
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let (port, ca) = if direct {
+            (self.origin.addr.port(), &self.origin_ca)
+        } else {
+            (self.port, &self.sluice_ca)
+        };
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "--max-time", "30", "-X", method, "--cacert"])
+            .arg(ca)
+            .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+            .arg("-D")
+            .arg(&head)
+            .arg("-o")
+            .arg(&out)
+            .args(["-w", "%{http_code}"]);
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        if let Some(b) = body {
+            std::fs::write(&data, b)?;
+            cmd.arg("--data-binary").arg(format!("@{}", data.display()));
+            if !headers
+                .iter()
+                .any(|h| h.to_ascii_lowercase().starts_with("content-type"))
+            {
+                cmd.args(["-H", "Content-Type: application/octet-stream"]);
+            }
+        }
+        cmd.arg(format!("https://{host}:{port}{path}"));
+        let o = cmd.output()?;
+        if !o.status.success() {
+            anyhow::bail!(
+                "curl {method} {url}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let got = crate::Got {
+            status: String::from_utf8_lossy(&o.stdout).trim().parse()?,
+            headers: std::fs::read_to_string(&head)?,
+            body: std::fs::read(&out)?,
+        };
+        for f in [head, out, data] {
+            let _ = std::fs::remove_file(f);
+        }
+        Ok(got)
+    }
+
+    /// [`SaasRig::send`] through the proxy; a curl that fails panics with its message.
+    pub fn via(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[String],
+        body: Option<&[u8]>,
+    ) -> crate::Got {
+        self.send(false, method, url, headers, body)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Every activity event so far.
+    pub fn events(&self) -> Vec<sluice::event::ActivityEvent> {
+        self.events.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// The event of the answer `got` (by its incident header), or else the last one whose URL
+    /// contains `url_part`; waits up to ten seconds, and panics when none comes.
+    pub fn event_of(&self, got: &crate::Got, url_part: &str) -> sluice::event::ActivityEvent {
+        let incident = got.header(sluice::proxy::pages::INCIDENT_HEADER);
+        let mut found = None;
+        crate::wait_until(std::time::Duration::from_secs(10), || {
+            found = self.events().into_iter().rev().find(|e| match &incident {
+                Some(i) => &e.incident == i,
+                None => e.url.contains(url_part),
+            });
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no event for {url_part}: {:#?}", self.events()))
     }
 }

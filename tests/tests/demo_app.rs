@@ -160,12 +160,12 @@ fn app() -> DemoApp {
 
 fn bundle_jwt_source() -> JwtSource {
     JwtSource {
-        header: None,
         cookie: Some("session".into()),
-        claim: "email".into(),
+        claim: Some("email".into()),
         jwks: "jwks/files.json".into(),
         issuer: Some(ISSUER.into()),
         audience: Some(AUDIENCE.into()),
+        ..JwtSource::default()
     }
 }
 

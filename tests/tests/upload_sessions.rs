@@ -11,49 +11,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
-
 use serde_json::json;
-use sluice::{
-    bundle::Active,
-    config::ProxySettings,
-    event::ActivityEvent,
-    proxy::{
-        Proxy, ProxyStats,
-        ca::{self, Ca},
-        catalog::Catalog,
-        record::{ConnectionRecord, Reporter, RequestRecord},
-    },
-    session::{Controls, Sessions},
-};
+use sluice::event::ActivityEvent;
 use sluice_e2e::{
-    Got, TempDir, demo_app::workspace_root, origin::TestPki, saas::SaasOrigin, wait_until,
+    Got,
+    saas::{self, SaasRig},
 };
 use sluice_inspect::{Applied, LabelSpec, Limits};
-use sluice_policy::{
-    PolicySet, bundle,
-    model::{Action, Device},
-};
+use sluice_policy::model::Action;
 
 const CONFIDENTIAL: &str = "4e1d2c3b-5a69-4b7c-8d9e-0f1a2b3c4d5e";
 const TENANT: &str = "8f6a7c1e-1d2b-4c3d-9e8f-0a1b2c3d4e5f";
-const HOSTS: [&str; 7] = [
-    "graph.microsoft.com",
-    "contoso.sharepoint.com",
-    "www.googleapis.com",
-    "upload.box.com",
-    "content.dropboxapi.com",
-    "reports.s3.amazonaws.com",
-    "tus.test",
-];
 const PACKS: [&str; 5] = ["m365", "google-drive", "box", "dropbox", "s3"];
 
 const TUS_PACK: &str = r#"
@@ -84,212 +52,22 @@ policies:
     message: upload-needs-label
 "#;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
+type Rig = SaasRig;
 
-/// The default bundle with the packs, the tus app and the policy, built as a bundle is.
-fn policy_set(dir: &Path) -> PolicySet {
-    let root = workspace_root();
-    let src = dir.join("bundle/src");
-    copy_dir(&root.join("policies/default"), &src);
-    copy_dir(&root.join("policies/catalog"), &dir.join("bundle/catalog"));
-    std::fs::write(dir.join("bundle/catalog/tusd.yaml"), TUS_PACK).unwrap();
-    std::fs::write(src.join("policies/saas.yaml"), POLICY).unwrap();
-    let mut packs: Vec<&str> = PACKS.to_vec();
-    packs.push("tusd");
-    std::fs::write(
-        src.join(".manifest"),
-        json!({"revision": "3", "roots": [""], "catalog": packs}).to_string(),
+fn start(tag: &str) -> Rig {
+    SaasRig::start(
+        tag,
+        |dir| {
+            saas::policy_set(
+                dir,
+                &PACKS,
+                &[("tusd", TUS_PACK)],
+                &[("policies/saas.yaml", POLICY)],
+            )
+        },
+        None,
     )
-    .unwrap();
-    let mut files = bundle::build(&src, None).expect("the bundle builds").files;
-    files.remove(bundle::MANIFEST);
-    files.remove(bundle::SIGNATURES);
-    PolicySet::compile("3", &files).expect("the bundle compiles")
-}
-
-#[derive(Default)]
-struct Collect {
-    events: Mutex<Vec<ActivityEvent>>,
-}
-
-impl Reporter for Collect {
-    fn request(&self, _rec: RequestRecord) {}
-    fn connection(&self, _rec: ConnectionRecord) {}
-    fn activity(&self, ev: ActivityEvent) {
-        self.events.lock().unwrap().push(ev);
-    }
-}
-
-struct Rig {
-    origin: SaasOrigin,
-    origin_ca: PathBuf,
-    port: u16,
-    sluice_ca: PathBuf,
-    reporter: Arc<Collect>,
-    shutdown: tokio_util::sync::CancellationToken,
-    _rt: tokio::runtime::Runtime,
-    dir: TempDir,
-    seq: AtomicU64,
-}
-
-impl Rig {
-    fn start(tag: &str) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = TempDir::new(&format!("sessions-{tag}"));
-        let pki = TestPki::new(&HOSTS).unwrap();
-        let origin_ca = dir.join("origin-ca.pem");
-        std::fs::write(&origin_ca, &pki.ca_pem).unwrap();
-        let origin = rt.block_on(SaasOrigin::start(&pki)).unwrap();
-        ca::init(&dir.join("ca"), "Sluice Interception CA").unwrap();
-        let sluice_ca = dir.join("sluice-ca.pem");
-        std::fs::write(
-            &sluice_ca,
-            Ca::load_dir(&dir.join("ca")).unwrap().cert_pem(),
-        )
-        .unwrap();
-        let set = policy_set(&dir.0);
-        let catalog = Catalog::in_force(&[], Some(&set), &[]).unwrap();
-        let active = Active::default();
-        active.store(Some(Arc::new(set)));
-        let stats = Arc::new(ProxyStats::default());
-        let reporter = Arc::new(Collect::default());
-        let shared = sluice_e2e::fixed_proxy(
-            origin.addr,
-            "curl",
-            &dir.join("ca"),
-            &origin_ca,
-            catalog,
-            Arc::new(
-                Controls::new(active, Device::Managed)
-                    .with_sessions(Arc::new(Sessions::new(64 << 20, 32 << 20))),
-            ),
-            reporter.clone(),
-            ProxySettings {
-                port: 0,
-                ..ProxySettings::default()
-            },
-            stats.clone(),
-        )
-        .unwrap();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let proxy = rt.block_on(Proxy::bind(shared)).unwrap();
-        let port = u16::try_from(stats.snapshot().port).unwrap();
-        rt.spawn(proxy.run(shutdown.clone()));
-        Self {
-            origin,
-            origin_ca,
-            port,
-            sluice_ca,
-            reporter,
-            shutdown,
-            _rt: rt,
-            dir,
-            seq: AtomicU64::new(0),
-        }
-    }
-
-    /// `url` (absolute, on one of [`HOSTS`], without a port) sent through the proxy, or
-    /// straight to the origin when `direct`.
-    fn send(
-        &self,
-        direct: bool,
-        method: &str,
-        url: &str,
-        headers: &[String],
-        body: Option<&[u8]>,
-    ) -> Got {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let (head, out, data) = (
-            self.dir.join(format!("h{n}")),
-            self.dir.join(format!("o{n}")),
-            self.dir.join(format!("d{n}")),
-        );
-        let rest = url.strip_prefix("https://").unwrap();
-        let (host, path) = rest.split_at(rest.find('/').unwrap());
-        let (port, ca) = if direct {
-            (self.origin.addr.port(), &self.origin_ca)
-        } else {
-            (self.port, &self.sluice_ca)
-        };
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "30", "-X", method, "--cacert"])
-            .arg(ca)
-            .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
-            .arg("-D")
-            .arg(&head)
-            .arg("-o")
-            .arg(&out)
-            .args(["-w", "%{http_code}"]);
-        for h in headers {
-            cmd.args(["-H", h]);
-        }
-        if let Some(b) = body {
-            std::fs::write(&data, b).unwrap();
-            cmd.arg("--data-binary").arg(format!("@{}", data.display()));
-            if !headers
-                .iter()
-                .any(|h| h.to_ascii_lowercase().starts_with("content-type"))
-            {
-                cmd.args(["-H", "Content-Type: application/octet-stream"]);
-            }
-        }
-        cmd.arg(format!("https://{host}:{port}{path}"));
-        let o = cmd.output().unwrap();
-        assert!(
-            o.status.success(),
-            "curl {method} {url}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Got {
-            status: String::from_utf8_lossy(&o.stdout).trim().parse().unwrap(),
-            headers: std::fs::read_to_string(&head).unwrap(),
-            body: std::fs::read(&out).unwrap(),
-        }
-    }
-
-    fn via(&self, method: &str, url: &str, headers: &[String], body: Option<&[u8]>) -> Got {
-        self.send(false, method, url, headers, body)
-    }
-
-    fn events(&self) -> Vec<ActivityEvent> {
-        self.reporter.events.lock().unwrap().clone()
-    }
-
-    /// The event of the request whose incident header `got` carries, or the last one whose URL
-    /// contains `url_part`.
-    fn event_of(&self, got: &Got, url_part: &str) -> ActivityEvent {
-        let incident = got.header(sluice::proxy::pages::INCIDENT_HEADER);
-        let mut found = None;
-        wait_until(Duration::from_secs(10), || {
-            found = self.events().into_iter().rev().find(|e| match &incident {
-                Some(i) => &e.incident == i,
-                None => e.url.contains(url_part),
-            });
-            found.is_some()
-        });
-        found.unwrap_or_else(|| panic!("no event for {url_part}: {:#?}", self.events()))
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
+    .expect("the rig starts")
 }
 
 fn docx(words: usize) -> Vec<u8> {
@@ -545,7 +323,7 @@ const PROTOCOLS: [&str; 6] = ["graph", "google", "tus", "box", "dropbox", "s3"];
 
 #[test]
 fn each_protocol_is_followed_and_its_file_decided_whole() {
-    let rig = Rig::start("whole");
+    let rig = start("whole");
     let plain = docx(1200);
     let good = labeled(&plain);
     assert!(
@@ -637,7 +415,7 @@ fn each_protocol_is_followed_and_its_file_decided_whole() {
 
 #[test]
 fn sessions_that_cannot_be_followed_get_the_not_inspectable_action() {
-    let rig = Rig::start("unfollowable");
+    let rig = start("unfollowable");
     let good = labeled(&docx(1200));
     let chunks: Vec<&[u8]> = good.chunks(CHUNK).collect();
     let total = good.len();
@@ -654,17 +432,19 @@ fn sessions_that_cannot_be_followed_get_the_not_inspectable_action() {
 
     // A Box session opened straight at the app (the proxy never saw its start): even a labeled
     // file is refused at the commit, since what arrived cannot be known.
-    let g = rig.send(
-        true,
-        "POST",
-        "https://upload.box.com/api/2.0/files/upload_sessions",
-        &["Content-Type: application/json".into()],
-        Some(
-            json!({"file_size": total, "file_name": "unseen.docx"})
-                .to_string()
-                .as_bytes(),
-        ),
-    );
+    let g = rig
+        .send(
+            true,
+            "POST",
+            "https://upload.box.com/api/2.0/files/upload_sessions",
+            &["Content-Type: application/json".into()],
+            Some(
+                json!({"file_size": total, "file_name": "unseen.docx"})
+                    .to_string()
+                    .as_bytes(),
+            ),
+        )
+        .unwrap();
     let id = serde_json::from_slice::<serde_json::Value>(&g.body).unwrap()["id"]
         .as_str()
         .unwrap()

@@ -110,7 +110,25 @@ impl Context {
         protector: Arc<super::Protector>,
     ) -> Self {
         let app_id = ex.app.id.clone();
-        let (users, bad) = set.identify_all(&app_id, &head.headers, now_s());
+        let sluice_policy::Identified {
+            users,
+            personal,
+            error: bad,
+        } = set.identify_all(&app_id, &head.headers, now_s());
+        // A personal account beside the organisation's is decided as personal: the most
+        // restrictive reading.
+        let account = set
+            .apps
+            .get(&app_id)
+            .and_then(|a| a.app.identity.as_ref()?.jwt.as_ref()?.tenant_claim())
+            .filter(|_| !users.is_empty())
+            .map(|_| {
+                if personal.is_empty() {
+                    sluice_policy::model::Account::Organization
+                } else {
+                    sluice_policy::model::Account::Personal
+                }
+            });
         let mut users = users.into_iter();
         let user = users.next();
         // Every other identity the request carries (and "nobody", when a token beside them did
@@ -147,6 +165,7 @@ impl Context {
         let input = Input {
             app: app_id.clone(),
             user,
+            account,
             device: Some(device),
             device_tags: Vec::new(),
             device_risk: sluice_policy::model::DeviceRisk::None,

@@ -19,6 +19,7 @@ mod context;
 mod decide;
 mod download;
 mod protect;
+pub mod providers;
 mod upload;
 mod wire;
 
@@ -676,12 +677,23 @@ fn event(cx: Context, rec: Record, ended: Ended) -> ActivityEvent {
         label_applied,
         permissions,
         // Whose the request was taken to be is said beside what was done.
-        detail: match (rec.detail, cx.tied_to) {
-            (d, None) => d,
-            (d, Some(owner)) => Some(format!(
-                "{}the request carries no identity: it goes to a link handed to {owner}",
-                d.map(|d| format!("{d}; ")).unwrap_or_default()
-            )),
+        detail: {
+            let mut d = rec.detail;
+            let mut add = |s: String| {
+                d = Some(match d.take() {
+                    Some(d) => format!("{d}; {s}"),
+                    None => s,
+                });
+            };
+            if let Some(owner) = cx.tied_to {
+                add(format!(
+                    "the request carries no identity: it goes to a link handed to {owner}"
+                ));
+            }
+            if cx.input.account == Some(sluice_policy::model::Account::Personal) {
+                add("a personal account: its token's tenant is not the organisation's".into());
+            }
+            d
         },
     }
 }

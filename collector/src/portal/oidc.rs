@@ -212,12 +212,10 @@ pub fn verify_id_token(
     now: u64,
 ) -> Result<Claims, IdTokenError> {
     let src = JwtSource {
-        header: None,
-        cookie: None,
-        claim: "email".into(),
-        jwks: String::new(),
+        claim: Some("email".into()),
         issuer: Some(cfg.issuer.clone()),
         audience: Some(cfg.client_id.clone()),
+        ..JwtSource::default()
     };
     let email = jwks.verify(token, &src, now).map_err(|e| match e {
         TokenError::NoIdentity(_) => IdTokenError::NoEmail,
