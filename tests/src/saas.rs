@@ -469,16 +469,17 @@ async fn serve(
                         }
                     }
                     if ok && !listed.is_empty() {
+                        let answer = format!(
+                            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<CompleteMultipartUploadResult><Bucket>b</Bucket><Key>{}</Key><ETag>\"etag-{}\"</ETag></CompleteMultipartUploadResult>",
+                            sess.name,
+                            listed.len()
+                        );
                         s.arrived.push(Arrived {
                             protocol: "s3",
                             name: sess.name,
                             bytes,
                         });
-                        reply(
-                            StatusCode::OK,
-                            "application/xml",
-                            "<CompleteMultipartUploadResult/>",
-                        )
+                        reply(StatusCode::OK, "application/xml", answer)
                     } else {
                         bad("InvalidPart")
                     }
@@ -486,6 +487,27 @@ async fn serve(
                 None => bad("NoSuchUpload"),
             }
         }
+        // WebDAV: a file is found once stored; collections are made on asking.
+        "PROPFIND" => {
+            let name = base(&path);
+            match s
+                .arrived
+                .iter()
+                .rev()
+                .find(|a| a.protocol == "put" && a.name == name && !name.is_empty())
+            {
+                Some(a) => reply(
+                    StatusCode::MULTI_STATUS,
+                    "application/xml; charset=utf-8",
+                    format!(
+                        "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<d:multistatus xmlns:d=\"DAV:\"><d:response><d:href>{path}</d:href><d:propstat><d:prop><d:getcontentlength>{}</d:getcontentlength><d:getlastmodified>Sat, 05 Dec 2026 04:00:00 GMT</d:getlastmodified><d:resourcetype/></d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response></d:multistatus>",
+                        a.bytes.len()
+                    ),
+                ),
+                None => reply(StatusCode::NOT_FOUND, "text/plain", "not found"),
+            }
+        }
+        "MKCOL" => reply(StatusCode::CREATED, "text/plain", ""),
         // Any other PUT stores the file whole.
         "PUT" => {
             s.arrived.push(Arrived {
@@ -559,7 +581,9 @@ fn finish(s: &mut State, protocol: &'static str, id: &str, name: Option<String>)
 // The rig: the session controls in front of the origin, over the default bundle with packs.
 
 /// Hosts the origin has certificates for (every test's apps are on these).
-pub const HOSTS: [&str; 8] = [
+pub const HOSTS: [&str; 10] = [
+    "s3.amazonaws.com",
+    "dav.corp.test",
     "graph.microsoft.com",
     "contoso.sharepoint.com",
     "www.googleapis.com",
@@ -799,6 +823,16 @@ impl SaasRig {
     ) -> crate::Got {
         self.send(false, method, url, headers, body)
             .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The interception CA's certificate (PEM), for clients to trust.
+    pub fn sluice_ca(&self) -> &std::path::Path {
+        &self.sluice_ca
     }
 
     /// Every activity event so far.

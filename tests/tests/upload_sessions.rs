@@ -36,6 +36,18 @@ apps:
       - { activity: upload, method: PATCH, path: "/files/*", session: { protocol: resumable, step: part } }
 "#;
 
+/// A WebDAV file service (as Nextcloud's): files PUT whole under `/remote.php/dav/files/`.
+const DAV_PACK: &str = r#"
+apps:
+  - id: dav
+    name: A WebDAV file service
+    hosts: [dav.corp.test]
+    references: [https://www.rfc-editor.org/rfc/rfc4918]
+    activities:
+      - { activity: upload, method: PUT, path: "/remote.php/dav/files/*", file_name: { path_last: true } }
+      - { activity: view, method: PROPFIND, path: "/remote.php/dav/*" }
+"#;
+
 const POLICY: &str = r#"
 policies:
   - id: saas-uploads-need-label
@@ -43,7 +55,7 @@ policies:
     priority: 90
     description: Office documents uploaded to the catalogued apps carry a label.
     when:
-      apps: [m365, google-drive, box, dropbox, s3, tusd]
+      apps: [m365, google-drive, box, dropbox, s3, tusd, dav]
       activities: [upload]
       file:
         type: [docx, xlsx, pptx, pdf]
@@ -61,7 +73,7 @@ fn start(tag: &str) -> Rig {
             saas::policy_set(
                 dir,
                 &PACKS,
-                &[("tusd", TUS_PACK)],
+                &[("tusd", TUS_PACK), ("dav", DAV_PACK)],
                 &[("policies/saas.yaml", POLICY)],
             )
         },
@@ -71,6 +83,11 @@ fn start(tag: &str) -> Rig {
 }
 
 fn docx(words: usize) -> Vec<u8> {
+    docx_with(words, &[])
+}
+
+/// A document of `words` words with `extra` members beside its text.
+fn docx_with(words: usize, extra: &[(&str, &[u8])]) -> Vec<u8> {
     const CT: &str = r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
 <Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"><Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/><Default Extension="xml" ContentType="application/xml"/><Override PartName="/word/document.xml" ContentType="application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>"#;
     const RELS: &str = r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
@@ -88,12 +105,13 @@ fn docx(words: usize) -> Vec<u8> {
         r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
 <w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body><w:p><w:r><w:t>{text}</w:t></w:r></w:p></w:body></w:document>"#
     );
-    sluice_inspect::zip::build(&[
+    let mut members: Vec<(&str, &[u8])> = vec![
         ("[Content_Types].xml", CT.as_bytes()),
         ("_rels/.rels", RELS.as_bytes()),
         ("word/document.xml", doc.as_bytes()),
-    ])
-    .unwrap()
+    ];
+    members.extend_from_slice(extra);
+    sluice_inspect::zip::build(&members).unwrap()
 }
 
 fn labeled(bytes: &[u8]) -> Vec<u8> {
@@ -576,4 +594,102 @@ fn sessions_that_cannot_be_followed_get_the_not_inspectable_action() {
     );
     let got = rig.via("POST", &format!("{key}?uploadId={id}"), &["Content-Type: application/xml".into()], Some(b"<CompleteMultipartUpload><Part><PartNumber>1</PartNumber></Part><Part><PartNumber>2</PartNumber></Part></CompleteMultipartUpload>"));
     ni(&got, "copied part");
+}
+
+/// A document of about `mib` MiB that does not compress (a picture of noise beside the text),
+/// so that an S3 client sends it in several 5 MiB parts.
+fn big_docx(mib: usize) -> Vec<u8> {
+    let mut noise = vec![0u8; mib << 20];
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    for b in &mut noise {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    docx_with(200, &[("word/media/image1.bin", &noise)])
+}
+
+/// rclone (Debian's) copying to S3 with multipart uploads and to a WebDAV service, its host
+/// names resolved to the rig in a mount namespace of its own (`/etc/hosts` bound over): a
+/// labeled document arrives whole and unchanged, an unlabeled one is refused (for S3 at the
+/// completion, its parts having passed) and never arrives.
+#[test]
+fn rclone_uploads_to_s3_and_webdav_are_decided_whole() {
+    sluice_e2e::require_root();
+    let rig = start("rclone");
+    let hosts = rig.dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.1 s3.amazonaws.com reports.s3.amazonaws.com dav.corp.test\n",
+    )
+    .unwrap();
+    let plain = big_docx(12);
+    let good = labeled(&plain);
+    let port = rig.port();
+    for backend in ["s3", "webdav"] {
+        let target = |name: &str| match backend {
+            "s3" => format!(
+                "':s3:reports/{name}' --s3-provider Other \
+                 --s3-endpoint 'https://s3.amazonaws.com:{port}' \
+                 --s3-access-key-id AKIAEXAMPLE --s3-secret-access-key example-secret \
+                 --s3-region us-east-1 --s3-upload-cutoff 5M --s3-chunk-size 5M \
+                 --s3-upload-concurrency 1 --s3-no-check-bucket --s3-no-head"
+            ),
+            _ => format!(
+                "':webdav:{name}' --webdav-url 'https://dav.corp.test:{port}/remote.php/dav/files/alice' \
+                 --webdav-vendor other"
+            ),
+        };
+        for (name, bytes, pass) in [
+            (format!("{backend}-labeled.docx"), &good, true),
+            (format!("{backend}-plain.docx"), &plain, false),
+        ] {
+            let file = rig.dir.join(&name);
+            std::fs::write(&file, bytes).unwrap();
+            let before = rig.origin.log().len();
+            let script = format!(
+                "mount --bind '{}' /etc/hosts && exec rclone copyto '{}' {} \
+                 --retries 1 --low-level-retries 1 --contimeout 10s --timeout 30s",
+                hosts.display(),
+                file.display(),
+                target(&name),
+            );
+            // Go reads the trust store from SSL_CERT_FILE; an AWS_CA_BUNDLE in the environment
+            // would make rclone's S3 client fail to start.
+            let out = std::process::Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+                .env("SSL_CERT_FILE", rig.sluice_ca())
+                .env_remove("AWS_CA_BUNDLE")
+                .env("RCLONE_CONFIG", rig.dir.join("rclone.conf"))
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let log = rig.origin.log()[before..].to_vec();
+            if backend == "s3" {
+                let parts = log.iter().filter(|l| l.contains("partNumber=")).count();
+                assert!(parts >= 3, "{name}: {parts} parts: {log:?} {stderr}");
+            }
+            let arrived = rig.origin.arrived();
+            let got = arrived.iter().find(|a| a.name == name);
+            if pass {
+                assert!(out.status.success(), "{name}: {stderr}");
+                assert!(got.is_some_and(|a| a.bytes == *bytes), "{name}: {log:?}");
+            } else {
+                assert!(!out.status.success(), "{name}: rclone succeeded");
+                assert!(got.is_none(), "{name} arrived");
+                assert!(
+                    !log.iter()
+                        .any(|l| l.starts_with("POST") && l.contains("uploadId=")),
+                    "{name}: the completion reached the origin: {log:?}"
+                );
+                let blocked = rig
+                    .events()
+                    .into_iter()
+                    .find(|e| e.url.contains(&name) && e.action == Action::Block)
+                    .unwrap_or_else(|| panic!("{name}: no block: {:#?}", rig.events()));
+                assert_eq!(blocked.policy.as_deref(), Some("saas-uploads-need-label"));
+            }
+        }
+    }
 }

@@ -181,7 +181,7 @@ pub(crate) fn is_root() -> bool {
 
 /// `chromium` and `libnss3-tools` (certutil) are for the tests that drive a real browser
 /// (`sluice_e2e::browser`).
-const APT_PACKAGES: [&str; 15] = [
+const APT_PACKAGES: [&str; 16] = [
     "nftables",
     "bpftool",
     "curl",
@@ -189,6 +189,8 @@ const APT_PACKAGES: [&str; 15] = [
     "util-linux",
     "chromium",
     "libnss3-tools",
+    // A real multipart client for the upload-session tests (S3).
+    "rclone",
     // Reads the encryption of protected PDFs in the tests.
     "qpdf",
     // The packaging tests: `systemd-analyze verify` and `security` on the units (systemd need
