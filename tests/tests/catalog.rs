@@ -269,3 +269,78 @@ fn a_har_of_documented_upload_protocols_is_classified_request_by_request() {
         "{out}"
     );
 }
+
+/// Every other pack: each documented upload path (and a download, share and delete) of its
+/// public documentation, one HAR per app, each request classified as written here, with the
+/// upload-session step where the request is one.
+#[test]
+fn every_pack_recognises_its_documented_requests() {
+    let dir = TempDir::new("catalog-every");
+    let src = bundle_with_every_pack(&dir.0);
+    let bundle = src.to_str().unwrap();
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str, &str, &str)] = &[
+        ("box", "POST", "https://upload.box.com/api/2.0/files/content", "upload", "defined"),
+        ("box", "POST", "https://upload.box.com/api/2.0/files/upload_sessions", "upload", "session:box/start"),
+        ("box", "PUT", "https://upload.box.com/api/2.0/files/upload_sessions/F97", "upload", "session:box/part"),
+        ("box", "POST", "https://upload.box.com/api/2.0/files/upload_sessions/F97/commit", "upload", "session:box/finish"),
+        ("box", "GET", "https://api.box.com/2.0/files/12345/content", "download", "defined"),
+        ("box", "POST", "https://api.box.com/2.0/collaborations", "share", "defined"),
+        ("box", "DELETE", "https://api.box.com/2.0/files/12345", "delete", "defined"),
+        ("slack", "POST", "https://slack.com/api/files.getUploadURLExternal", "upload", "defined"),
+        ("slack", "POST", "https://files.slack.com/upload/v1/CwABAAAAXgo", "upload", "defined"),
+        ("slack", "POST", "https://slack.com/api/files.completeUploadExternal", "share", "defined"),
+        ("slack", "GET", "https://files.slack.com/files-pri/T1-F1/q3.docx", "download", "defined"),
+        ("slack", "POST", "https://slack.com/api/files.delete", "delete", "defined"),
+        ("salesforce", "POST", "https://acme.my.salesforce.com/services/data/v60.0/sobjects/ContentVersion", "upload", "defined"),
+        ("salesforce", "POST", "https://acme.my.salesforce.com/services/data/v60.0/sobjects/Attachment", "upload", "defined"),
+        ("salesforce", "GET", "https://acme.my.salesforce.com/services/data/v60.0/sobjects/ContentVersion/068x/VersionData", "download", "defined"),
+        ("salesforce", "POST", "https://acme.my.salesforce.com/services/data/v60.0/sobjects/ContentDocumentLink", "share", "defined"),
+        ("salesforce", "DELETE", "https://acme.my.salesforce.com/services/data/v60.0/sobjects/ContentDocument/069x", "delete", "defined"),
+        ("github", "PUT", "https://api.github.com/repos/acme/site/contents/docs/q3.docx", "upload", "defined"),
+        ("github", "POST", "https://uploads.github.com/repos/acme/site/releases/7/assets?name=q3.zip", "upload", "defined"),
+        ("github", "POST", "https://github.com/acme/site.git/git-receive-pack", "upload", "defined"),
+        ("github", "POST", "https://github.com/acme/site.git/git-upload-pack", "download", "defined"),
+        ("github", "PUT", "https://api.github.com/repos/acme/site/collaborators/mallory", "share", "defined"),
+        ("github", "DELETE", "https://api.github.com/repos/acme/site/contents/docs/q3.docx", "delete", "defined"),
+        ("atlassian", "POST", "https://acme.atlassian.net/wiki/rest/api/content/42/child/attachment", "upload", "defined"),
+        ("atlassian", "PUT", "https://acme.atlassian.net/wiki/rest/api/content/42/child/attachment", "upload", "defined"),
+        ("atlassian", "POST", "https://acme.atlassian.net/rest/api/3/issue/PROJ-1/attachments", "upload", "defined"),
+        ("atlassian", "POST", "https://api.media.atlassian.com/file/upload?collection=c", "upload", "defined"),
+        ("atlassian", "GET", "https://acme.atlassian.net/wiki/download/attachments/42/q3.docx", "download", "defined"),
+        ("atlassian", "DELETE", "https://acme.atlassian.net/rest/api/3/attachment/10001", "delete", "defined"),
+        ("zoom", "POST", "https://file.zoom.us/v2/chat/users/me/messages/files", "upload", "defined"),
+        ("zoom", "POST", "https://file.zoom.us/v2/chat/users/me/files", "upload", "defined"),
+        ("zoom", "GET", "https://zoom.us/rec/download/abc", "download", "defined"),
+        ("zoom", "PATCH", "https://api.zoom.us/v2/meetings/9/recordings/settings", "share", "defined"),
+        ("zoom", "DELETE", "https://api.zoom.us/v2/meetings/9/recordings", "delete", "defined"),
+        ("s3", "PUT", "https://reports.s3.amazonaws.com/q3.docx?partNumber=2&uploadId=u-1", "upload", "session:s3-multipart/part"),
+        ("google-drive", "POST", "https://www.googleapis.com/upload/drive/v3/files?uploadType=resumable", "upload", "session:resumable/start"),
+        ("dropbox", "POST", "https://content.dropboxapi.com/2/files/upload_session/finish_batch_v2", "upload", "session:dropbox/finish"),
+    ];
+    let mut apps: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    apps.dedup();
+    for app in apps {
+        let mine: Vec<&(&str, &str, &str, &str, &str)> =
+            cases.iter().filter(|c| c.0 == app).collect();
+        let entries: Vec<(&str, &str)> = mine.iter().map(|c| (c.1, c.2)).collect();
+        let file = dir.0.join(format!("{app}.har"));
+        std::fs::write(&file, har(&entries)).unwrap();
+        let (ok, out, err) = sluice(&[
+            "catalog",
+            "test",
+            app,
+            file.to_str().unwrap(),
+            "--bundle",
+            bundle,
+        ]);
+        assert!(ok, "{err}");
+        let lines: Vec<&str> = out.lines().filter(|l| l.contains("https://")).collect();
+        assert_eq!(lines.len(), mine.len(), "{app}: {out}");
+        for (line, (_, method, url, activity, how)) in lines.iter().zip(&mine) {
+            let mut words = line.split_whitespace();
+            assert_eq!(words.next(), Some(*activity), "{method} {url}: {line}");
+            assert_eq!(words.next(), Some(*how), "{method} {url}: {line}");
+        }
+    }
+}
