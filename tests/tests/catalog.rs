@@ -344,3 +344,110 @@ fn every_pack_recognises_its_documented_requests() {
         }
     }
 }
+
+/// A HAR recorded from the demo app's web flows in headless Chromium (its DevTools network
+/// events, as its developer tools record them): the sign-in, the file list, an upload through
+/// the app's form, a download link and a share, each classified as the proxy would. No root.
+#[test]
+fn a_har_recorded_from_the_demo_apps_web_flows_is_classified() {
+    use sluice_e2e::{
+        browser::{Browser, Cdp},
+        demo_app::{DEFAULT_PASSWORD, DemoApp, DemoOptions, HOST},
+    };
+    let app = DemoApp::start(DemoOptions::tls().unwrap()).unwrap();
+    let id = app
+        .seed("quarterly-report.txt", &b"numbers"[..], "alice")
+        .unwrap();
+    let dir = TempDir::new("catalog-har-browser");
+    let ca = app.ca_file().unwrap();
+    let mut b = Browser::new(&dir.join("profile"), Some(ca.as_path())).unwrap();
+    b.host_rules(&format!("MAP {HOST} {}", app.addr().ip()))
+        .timeout(std::time::Duration::from_secs(60));
+    let mut cdp = Cdp::launch(&b).unwrap();
+    cdp.call("Network.enable", json!({})).unwrap();
+    cdp.clear_events();
+    let base = app.base_url();
+    cdp.navigate(&format!("{base}/files")).unwrap();
+    cdp.fill("input[name=user]", "alice@corp.example").unwrap();
+    cdp.fill("input[name=password]", DEFAULT_PASSWORD).unwrap();
+    cdp.click_and_wait_load("button[type=submit]").unwrap();
+    cdp.wait_for(
+        "location.pathname === '/files'",
+        std::time::Duration::from_secs(20),
+    )
+    .unwrap();
+    cdp.run_in_origin(
+        "<form id=f method=post action=/upload enctype=multipart/form-data>\
+         <input type=file name=file id=i></form><script>\
+         const dt = new DataTransfer();\
+         dt.items.add(new File(['hello from the browser'], 'from-browser.txt', {type: 'text/plain'}));\
+         document.getElementById('i').files = dt.files;\
+         document.getElementById('f').submit();</script>",
+        "location.pathname === '/files' && document.readyState === 'complete'",
+        std::time::Duration::from_secs(20),
+    )
+    .unwrap();
+    let download = format!("{base}/files/{}/download", id.id);
+    cdp.eval(&format!(
+        "fetch({}).then(r => r.text()).then(t => {{ window.got = t; }})",
+        sluice_e2e::browser::js_string(&download)
+    ))
+    .unwrap();
+    cdp.wait_for(
+        "window.got === 'numbers'",
+        std::time::Duration::from_secs(20),
+    )
+    .unwrap();
+    // Every request Chromium sent, as a HAR's entries.
+    let mut entries = Vec::new();
+    while let Ok(ev) = cdp.wait_event(
+        "Network.requestWillBeSent",
+        std::time::Duration::from_millis(500),
+    ) {
+        let r = &ev["request"];
+        let ctype = r["headers"]
+            .as_object()
+            .and_then(|h| {
+                h.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            })
+            .and_then(|(_, v)| v.as_str())
+            .unwrap_or("")
+            .to_owned();
+        entries.push(json!({"request": {
+            "method": r["method"], "url": r["url"], "headers": [],
+            "postData": {"mimeType": ctype, "text": r["postData"].as_str().unwrap_or("")},
+        }}));
+    }
+    cdp.close().unwrap();
+    let file = dir.0.join("demo.har");
+    std::fs::write(
+        &file,
+        json!({"log": {"version": "1.2", "entries": entries}}).to_string(),
+    )
+    .unwrap();
+    let root = workspace_root();
+    let bundle = root.join("policies/default");
+    let (ok, out, err) = sluice(&[
+        "catalog",
+        "test",
+        "files",
+        file.to_str().unwrap(),
+        "--bundle",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let line = |activity: &str, method: &str, path: &str| {
+        out.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() >= 4 && w[0] == activity && w[2] == method && w[3].contains(path)
+        })
+    };
+    assert!(line("login", "POST", "/login"), "{out}");
+    assert!(line("view", "GET", "/files"), "{out}");
+    assert!(line("upload", "POST", "/upload"), "{out}");
+    assert!(
+        line("download", "GET", &format!("/files/{}/download", id.id)),
+        "{out}"
+    );
+}
