@@ -667,6 +667,60 @@ fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice_policy::Policy
     Ok(sluice_policy::PolicySet::compile(&revision, &files)?)
 }
 
+/// A bundle for `sluice catalog`: the bundle as it is, and, for a source directory, with the
+/// catalogue packs beside it that its manifest does not select (so that what a pack recognises
+/// can be seen before a bundle takes it). The ids of the apps only those packs add.
+fn load_catalog(
+    path: &std::path::Path,
+) -> anyhow::Result<(sluice_policy::PolicySet, std::collections::BTreeSet<String>)> {
+    use sluice_policy::bundle::{MANIFEST, Manifest};
+    let own = load_policies(path)?;
+    let packs = path.join("../catalog");
+    if !path.join(MANIFEST).is_file() || !packs.is_dir() {
+        return Ok((own, Default::default()));
+    }
+    let archive = sluice_policy::bundle::build(path, None)?;
+    let revision = archive
+        .files
+        .get(MANIFEST)
+        .and_then(|m| serde_json::from_slice::<Manifest>(m).ok())
+        .map(|m| m.revision)
+        .unwrap_or_else(|| "unversioned".into());
+    let mut files = archive.files;
+    files.remove(sluice_policy::bundle::SIGNATURES);
+    let mut added = false;
+    for e in std::fs::read_dir(&packs)? {
+        let p = e?.path();
+        let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !name.ends_with(".yaml") {
+            continue;
+        }
+        let key = format!("catalog/{name}");
+        if !files.contains_key(&key) {
+            files.insert(key, read(&p)?);
+            added = true;
+        }
+    }
+    if !added {
+        return Ok((own, Default::default()));
+    }
+    // A pack whose ids clash with the bundle's own apps is left out: the bundle as it is.
+    match sluice_policy::PolicySet::compile(&revision, &files) {
+        Ok(all) => {
+            let extra = all
+                .apps
+                .keys()
+                .filter(|id| !own.apps.contains_key(*id))
+                .cloned()
+                .collect();
+            Ok((all, extra))
+        }
+        Err(_) => Ok((own, Default::default())),
+    }
+}
+
 fn catalog_command(command: CatalogCommand) -> anyhow::Result<()> {
     let app_of =
         |set: &sluice_policy::PolicySet, id: &str| -> anyhow::Result<sluice_policy::model::App> {
@@ -684,13 +738,13 @@ fn catalog_command(command: CatalogCommand) -> anyhow::Result<()> {
         };
     match command {
         CatalogCommand::List { bundle } => {
-            let set = load_policies(&bundle)?;
+            let (set, available) = load_catalog(&bundle)?;
             let mut apps: Vec<&sluice_policy::model::App> =
                 set.apps.values().map(|a| &a.app).collect();
             apps.sort_by(|a, b| a.id.cmp(&b.id));
             for a in apps {
                 say!(
-                    "{:<16} {:<28} {:>2} activities  hosts: {}{}",
+                    "{:<16} {:<28} {:>2} activities  hosts: {}{}{}",
                     a.id,
                     a.name.as_deref().unwrap_or(""),
                     a.activities.len(),
@@ -699,14 +753,26 @@ fn catalog_command(command: CatalogCommand) -> anyhow::Result<()> {
                         String::new()
                     } else {
                         format!("  do-not-inspect: {}", a.do_not_inspect.join(" "))
+                    },
+                    if available.contains(&a.id) {
+                        "  (a pack beside the bundle, not selected by its manifest)"
+                    } else {
+                        ""
                     }
                 );
             }
         }
         CatalogCommand::Show { app, bundle } => {
-            let set = load_policies(&bundle)?;
+            let (set, available) = load_catalog(&bundle)?;
             let a = app_of(&set, &app)?;
             say!("{} ({})", a.id, a.name.as_deref().unwrap_or("-"));
+            if available.contains(&a.id) {
+                say!(
+                    "not in this bundle: a pack beside it (add \"{}\" to `catalog` in the \
+                     bundle's .manifest)",
+                    a.id
+                );
+            }
             say!("hosts:          {}", a.hosts.join(" "));
             say!("do not inspect: {}", a.do_not_inspect.join(" "));
             for r in &a.references {
@@ -738,7 +804,7 @@ fn catalog_command(command: CatalogCommand) -> anyhow::Result<()> {
             }
         }
         CatalogCommand::Test { app, har, bundle } => {
-            let set = load_policies(&bundle)?;
+            let (set, _) = load_catalog(&bundle)?;
             let a = app_of(&set, &app)?;
             let patterns: Vec<sluice_net::HostPattern> = a
                 .hosts

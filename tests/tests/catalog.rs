@@ -451,3 +451,40 @@ fn a_har_recorded_from_the_demo_apps_web_flows_is_classified() {
         "{out}"
     );
 }
+
+/// The README's `sluice catalog` commands, run as printed from the checkout's root.
+#[test]
+fn the_readme_catalog_commands_work_as_printed() {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let lines: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("sluice catalog "))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for line in lines {
+        let command = line.split('#').next().unwrap().trim();
+        let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+        let out = Command::new(bin("sluice"))
+            .args(&args)
+            .current_dir(&root)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if args[1] == "test" {
+            assert!(stdout.contains("session:s3-multipart/finish"), "{stdout}");
+            assert!(stdout.contains("X-Amz-Signature=REDACTED"), "{stdout}");
+            assert!(
+                stdout.contains("5 requests to s3's hosts, 5 matched a definition"),
+                "{stdout}"
+            );
+        } else {
+            assert!(stdout.contains("s3"), "{command}: {stdout}");
+        }
+    }
+}

@@ -22,7 +22,7 @@ pub fn url_key(host: &str, url: &str) -> Option<String> {
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
     {
-        match r.find(['/', '?']) {
+        match r.find(['/', '?', '#']) {
             Some(i) => (strip(&r[..i]), &r[i..]),
             None => (strip(r), "/"),
         }
@@ -31,7 +31,7 @@ pub fn url_key(host: &str, url: &str) -> Option<String> {
     } else {
         return None;
     };
-    let rest = if rest.starts_with('?') {
+    let rest = if rest.starts_with('?') || rest.starts_with('#') {
         format!("/{rest}")
     } else {
         rest.to_owned()
@@ -176,6 +176,7 @@ mod tests {
             Some("h.test/files/abc")
         );
         assert_eq!(url_key("h", "//evil/x"), None);
+        assert_eq!(url_key("h", "https://a.test#x").as_deref(), Some("a.test/"));
         assert_eq!(
             s3_listed(b"<CompleteMultipartUpload><Part><PartNumber>1</PartNumber></Part><Part><PartNumber>2</PartNumber></Part></CompleteMultipartUpload>"),
             Ok(vec![1, 2])
