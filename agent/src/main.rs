@@ -698,8 +698,8 @@ fn load_catalog(
             continue;
         }
         let key = format!("catalog/{name}");
-        if !files.contains_key(&key) {
-            files.insert(key, read(&p)?);
+        if let std::collections::btree_map::Entry::Vacant(e) = files.entry(key) {
+            e.insert(read(&p)?);
             added = true;
         }
     }
