@@ -487,6 +487,13 @@ async fn serve(
                 None => bad("NoSuchUpload"),
             }
         }
+        // A pre-authenticated link, handed out by a redirect.
+        "GET" if path.starts_with("/links/") => with(
+            reply(StatusCode::FOUND, "text/plain", ""),
+            "location",
+            &format!("/blobs/{}?sig=signed-{}", base(&path), s.next),
+        ),
+        "GET" if path.starts_with("/blobs/") => reply(StatusCode::OK, "text/plain", "blob"),
         // WebDAV: a file is found once stored; collections are made on asking.
         "PROPFIND" => {
             let name = base(&path);

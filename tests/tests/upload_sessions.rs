@@ -34,6 +34,8 @@ apps:
     activities:
       - { activity: upload, method: POST, path: /files/, session: { protocol: resumable, step: start } }
       - { activity: upload, method: PATCH, path: "/files/*", session: { protocol: resumable, step: part } }
+      - { activity: download, method: GET, path: "/links/*" }
+      - { activity: download, method: GET, path: "/blobs/*" }
 "#;
 
 /// A WebDAV file service (as Nextcloud's): files PUT whole under `/remote.php/dav/files/`.
@@ -692,4 +694,40 @@ fn rclone_uploads_to_s3_and_webdav_are_decided_whole() {
             }
         }
     }
+}
+
+/// A pre-authenticated link an app redirects a known user to is that user's when it is fetched
+/// without an identity; a link never handed out stays nobody's.
+#[test]
+fn links_handed_out_by_a_redirect_are_the_users_who_got_them() {
+    let rig = start("links");
+    let got = rig.via(
+        "GET",
+        "https://tus.test/links/q3.txt",
+        &["x-test-user: alice".into()],
+        None,
+    );
+    assert_eq!(got.status, 302, "{}", got.text());
+    let location = got.header("location").unwrap();
+    assert!(location.starts_with("/blobs/q3.txt?sig="), "{location}");
+    let link = format!("https://tus.test{location}");
+    let got = rig.via("GET", &link, &[], None);
+    assert_eq!(got.status, 200, "{}", got.text());
+    let e = rig.event_of(&got, "/blobs/q3.txt");
+    assert_eq!(e.user.as_deref(), Some("alice"), "{e:#?}");
+    assert!(
+        e.detail
+            .unwrap_or_default()
+            .contains("link handed to alice")
+    );
+    // The signature is redacted in the record.
+    assert!(e.url.contains("sig=REDACTED"), "{}", e.url);
+    let got = rig.via(
+        "GET",
+        "https://tus.test/blobs/other.txt?sig=made-up",
+        &[],
+        None,
+    );
+    let e = rig.event_of(&got, "/blobs/other.txt");
+    assert!(e.user.is_none(), "{e:#?}");
 }
