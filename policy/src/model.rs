@@ -885,6 +885,11 @@ pub struct ActivityDef {
     /// several requests: the session is followed and the file decided whole.
     #[serde(default)]
     pub session: Option<SessionStep>,
+    /// Fields of the JSON answer (names, or JSON pointers) that hand the user a link (Slack's
+    /// `upload_url`, Dropbox's temporary `link`): requests to it without an identity are that
+    /// user's.
+    #[serde(default)]
+    pub hands_out: Vec<String>,
 }
 
 /// One step of an upload protocol that spreads a file over several requests.

@@ -487,6 +487,11 @@ async fn serve(
                 None => bad("NoSuchUpload"),
             }
         }
+        // A pre-authenticated link, handed out in a JSON answer.
+        "POST" if path == "/presign" => json(
+            StatusCode::OK,
+            serde_json::json!({"ok": true, "upload_url": format!("https://tus.test/blobs/presigned-{}?sig=s{}", s.next, s.next)}),
+        ),
         // A pre-authenticated link, handed out by a redirect.
         "GET" if path.starts_with("/links/") => with(
             reply(StatusCode::FOUND, "text/plain", ""),

@@ -35,6 +35,7 @@ apps:
       - { activity: upload, method: POST, path: /files/, session: { protocol: resumable, step: start } }
       - { activity: upload, method: PATCH, path: "/files/*", session: { protocol: resumable, step: part } }
       - { activity: download, method: GET, path: "/links/*" }
+      - { activity: upload, method: POST, path: /presign, hands_out: [upload_url] }
       - { activity: download, method: GET, path: "/blobs/*" }
 "#;
 

@@ -45,6 +45,8 @@ pub(super) struct Context {
     pub(super) query: Vec<(String, String)>,
     /// The upload-session step the definition says the request is.
     pub(super) session: Option<sluice_policy::model::SessionStep>,
+    /// The JSON fields of the answer that hand out links (the definition's `hands_out`).
+    pub(super) hands_out: Vec<String>,
     /// The user was not in the request: it is the one who got the link the request goes to.
     pub(super) tied_to: Option<String>,
     /// The facts the event carries that no decision changes.
@@ -202,6 +204,7 @@ impl Context {
         let def = set.activity_for(&app_id, &method, &path, &query, &[]);
         let defined = def.map(|d| d.activity);
         let session = def.and_then(|d| d.session);
+        let hands_out = def.map(|d| d.hands_out.clone()).unwrap_or_default();
         let from = def.and_then(|d| d.file_name.clone());
         let defined_name = from.as_ref().and_then(|f| {
             if f.path_last {
@@ -269,6 +272,7 @@ impl Context {
             path,
             query,
             session,
+            hands_out,
             tied_to: None,
             input,
             set,

@@ -174,6 +174,8 @@ impl Hooks for Controls {
             first_part: None,
             started: (None, None),
             awaiting_answer: false,
+            awaiting_links: false,
+            answer_encoding: None,
         }))
     }
 }
@@ -195,6 +197,10 @@ struct Request {
     started: (Option<String>, Option<u64>),
     /// The start's answer is read for the session it names.
     awaiting_answer: bool,
+    /// The answer is read for the links the definition says it hands out.
+    awaiting_links: bool,
+    /// The Content-Encoding of the answer read.
+    answer_encoding: Option<String>,
 }
 
 /// Whether a request's body is held for inspection: every request that has one, whatever its
@@ -328,6 +334,15 @@ impl Flow for Request {
                 self.open_session(location.as_deref(), b"");
             }
         }
+        // Links the app hands a known user in its answer (`hands_out`).
+        if !self.cx.hands_out.is_empty() && head.status.is_success() && self.cx.input.user.is_some()
+        {
+            self.awaiting_links = true;
+        }
+        self.answer_encoding = head
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned());
         let (verdict, download) = download::response_head(&self.cx, &mut self.rec, head);
         self.download = download;
         verdict
@@ -338,7 +353,7 @@ impl Flow for Request {
             Some(_) => BodyPlan::Hold {
                 limit: usize::try_from(self.cx.limits.max_bytes).unwrap_or(usize::MAX),
             },
-            None if self.awaiting_answer => BodyPlan::Hold {
+            None if self.awaiting_answer || self.awaiting_links => BodyPlan::Hold {
                 limit: chunks::START_ANSWER_MAX,
             },
             None => BodyPlan::Pass,
@@ -355,8 +370,23 @@ impl Flow for Request {
             },
             Side::Response => match &self.download {
                 Some(d) => d.judge(cx, rec, body),
-                None if self.awaiting_answer => {
-                    self.open_session(None, body);
+                None if self.awaiting_answer || self.awaiting_links => {
+                    // An answer in an encoding Sluice reads is read decoded; one it cannot read
+                    // names nothing (the session cannot be followed).
+                    let answer = match download::coding(self.answer_encoding.as_deref()) {
+                        Ok(None) => Some(body.to_vec()),
+                        Ok(Some(enc)) => {
+                            download::decode(body, enc, chunks::START_ANSWER_MAX as u64).ok()
+                        }
+                        Err(_) => None,
+                    }
+                    .unwrap_or_default();
+                    if self.awaiting_answer {
+                        self.open_session(None, &answer);
+                    }
+                    if self.awaiting_links {
+                        self.hand_out_links(&answer);
+                    }
                     BodyVerdict::Pass
                 }
                 None => BodyVerdict::Pass,
@@ -404,6 +434,13 @@ impl Flow for Request {
         {
             self.sessions.break_session(key, why.to_string());
         }
+        if side == Side::Response
+            && self.download.is_none()
+            && self.awaiting_links
+            && !self.awaiting_answer
+        {
+            return BodyVerdict::Pass;
+        }
         if side == Side::Response && self.download.is_none() && self.awaiting_answer {
             rec.note(Some(
                 "the answer to an upload session's start was too large to read: its parts \
@@ -431,6 +468,28 @@ impl Flow for Request {
 }
 
 impl Request {
+    /// Ties the links an answer hands out (its `hands_out` fields) to the request's user.
+    fn hand_out_links(&mut self, answer: &[u8]) {
+        let (Some(user), Ok(v)) = (
+            self.cx.input.user.clone(),
+            serde_json::from_slice::<serde_json::Value>(answer),
+        ) else {
+            return;
+        };
+        for field in &self.cx.hands_out {
+            let pointer = if field.starts_with('/') {
+                field.clone()
+            } else {
+                format!("/{field}")
+            };
+            if let Some(url) = v.pointer(&pointer).and_then(|u| u.as_str())
+                && let Some(key) = wire::url_key(&self.cx.host, url)
+            {
+                self.sessions.hand_out(key, user.clone());
+            }
+        }
+    }
+
     /// Opens the session a start's answer names (`location`, or in `answer`), with the bytes
     /// the start carried.
     fn open_session(&mut self, location: Option<&str>, answer: &[u8]) {
