@@ -363,6 +363,14 @@ pub async fn handle_as(c: Arc<Collector>, req: Request<Incoming>, role: Role) ->
         Role::Portal => !for_agents,
     };
     if !served {
+        // What the client is still sending is read (within a small bound, for a few seconds)
+        // before the answer: closing on unread bytes resets the connection, and the client
+        // would never see the 404.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            Limited::new(req.into_body(), SMALL_BODY).collect(),
+        )
+        .await;
         return not_found();
     }
     let portal_answer = !for_agents;

@@ -129,7 +129,7 @@ async fn long_polling_delivers_a_new_revision_at_once_and_refusals_keep_the_last
         revision(&d).as_deref() == Some("1")
     })
     .await;
-    assert_eq!(d.active().load().as_ref().map(|s| s.len()), Some(16));
+    assert_eq!(d.active().load().as_ref().map(|s| s.len()), Some(17));
     // The agent parks in a long poll (its second request, counted by the agent and the server);
     // a new revision arrives as soon as it is published.
     until("the long poll", Duration::from_secs(3), || {
