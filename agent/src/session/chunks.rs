@@ -20,7 +20,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, request};
-use sluice_policy::model::{SessionStep, StepKind, UploadProtocol};
+use sluice_policy::model::{Action, SessionStep, StepKind, UploadProtocol};
 
 use super::{
     decide::Decided,
@@ -33,6 +33,8 @@ pub const IDLE: Duration = Duration::from_secs(3600);
 const MAX_OPEN: usize = 4096;
 /// Most handed-out links remembered.
 const MAX_HANDED: usize = 10_000;
+/// Most concluded sessions remembered.
+const MAX_CONCLUDED: usize = 10_000;
 /// Most parts in one session.
 const MAX_PIECES: usize = 10_000;
 /// Largest answer read for a session id or upload URL.
@@ -487,6 +489,21 @@ impl Sessions {
     pub(super) fn conclude(&self, key: &Key, decided: Decided, name: Option<String>) {
         let mut inner = lock(&self.inner);
         Self::drop_open(&mut inner, key);
+        if inner.concluded.len() >= MAX_CONCLUDED {
+            Self::sweep(&mut inner, Instant::now());
+        }
+        // Still full of recent ones: the allowed go first (a refusal must outlive a flood of
+        // sessions meant to push it out), then the oldest.
+        if inner.concluded.len() >= MAX_CONCLUDED {
+            let victim = inner
+                .concluded
+                .iter()
+                .min_by_key(|(_, c)| (c.decided.action == Action::Block, c.at))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = victim {
+                inner.concluded.remove(&k);
+            }
+        }
         inner.concluded.insert(
             key.clone(),
             Concluded {
