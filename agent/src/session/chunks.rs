@@ -940,4 +940,33 @@ mod tests {
         );
         assert!(matches!(s.finish(&b, None), Whole::Unfollowable(..)));
     }
+
+    #[test]
+    fn a_flood_of_sessions_does_not_push_a_refusal_out() {
+        let s = Sessions::new(1 << 20, 1 << 20);
+        let decided = |action| Decided {
+            action,
+            policy: None,
+            matched: Vec::new(),
+            message: None,
+            label: None,
+            protection: None,
+            replace_label: false,
+            not_inspectable: false,
+        };
+        let key = |id: String| Key {
+            app: "a".into(),
+            protocol: UploadProtocol::Resumable,
+            id,
+        };
+        s.conclude(&key("refused".into()), decided(Action::Block), None);
+        for i in 0..MAX_CONCLUDED + 50 {
+            s.conclude(&key(format!("s{i}")), decided(Action::Allow), None);
+        }
+        assert_eq!(lock(&s.inner).concluded.len(), MAX_CONCLUDED);
+        assert!(
+            s.concluded(&key("refused".into()))
+                .is_some_and(|(d, _)| d.action == Action::Block)
+        );
+    }
 }
