@@ -383,7 +383,9 @@ fn a_har_recorded_from_the_demo_apps_web_flows_is_classified() {
          dt.items.add(new File(['hello from the browser'], 'from-browser.txt', {type: 'text/plain'}));\
          document.getElementById('i').files = dt.files;\
          document.getElementById('f').submit();</script>",
-        "location.pathname === '/files' && document.readyState === 'complete'",
+        // The list after the upload (the page the script runs in may have the same path).
+        "location.pathname === '/files' && document.readyState === 'complete' \
+         && document.body !== null && document.body.innerText.includes('from-browser.txt')",
         std::time::Duration::from_secs(20),
     )
     .unwrap();
