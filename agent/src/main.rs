@@ -647,7 +647,7 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<()> {
 /// Loads and compiles a bundle from a directory or an archive (archives are not verified here:
 /// `sluice bundle verify` does that).
 fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice_policy::PolicySet> {
-    use sluice_policy::bundle::{Archive, Limits, MANIFEST, Manifest};
+    use sluice_policy::bundle::{Archive, Limits, MANIFEST};
     let archive = if path.is_dir() && path.join(MANIFEST).is_file() {
         // As `bundle build` packs it: with the catalogue packs its manifest selects.
         sluice_policy::bundle::build(path, None)?
@@ -656,15 +656,21 @@ fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice_policy::Policy
     } else {
         Archive::read(&read(path)?, &Limits::default())?
     };
-    let revision = archive
-        .files
+    Ok(compile_files(archive.files)?)
+}
+
+/// Compiles a bundle's files (its signatures aside) under its manifest's revision.
+fn compile_files(
+    mut files: std::collections::BTreeMap<String, Vec<u8>>,
+) -> Result<sluice_policy::PolicySet, sluice_policy::PolicyError> {
+    use sluice_policy::bundle::{MANIFEST, Manifest};
+    let revision = files
         .get(MANIFEST)
         .and_then(|m| serde_json::from_slice::<Manifest>(m).ok())
         .map(|m| m.revision)
         .unwrap_or_else(|| "unversioned".into());
-    let mut files = archive.files;
     files.remove(sluice_policy::bundle::SIGNATURES);
-    Ok(sluice_policy::PolicySet::compile(&revision, &files)?)
+    sluice_policy::PolicySet::compile(&revision, &files)
 }
 
 /// A bundle for `sluice catalog`: the bundle as it is, and, for a source directory, with the
@@ -673,21 +679,13 @@ fn load_policies(path: &std::path::Path) -> anyhow::Result<sluice_policy::Policy
 fn load_catalog(
     path: &std::path::Path,
 ) -> anyhow::Result<(sluice_policy::PolicySet, std::collections::BTreeSet<String>)> {
-    use sluice_policy::bundle::{MANIFEST, Manifest};
+    use sluice_policy::bundle::MANIFEST;
     let own = load_policies(path)?;
     let packs = path.join("../catalog");
     if !path.join(MANIFEST).is_file() || !packs.is_dir() {
         return Ok((own, Default::default()));
     }
-    let archive = sluice_policy::bundle::build(path, None)?;
-    let revision = archive
-        .files
-        .get(MANIFEST)
-        .and_then(|m| serde_json::from_slice::<Manifest>(m).ok())
-        .map(|m| m.revision)
-        .unwrap_or_else(|| "unversioned".into());
-    let mut files = archive.files;
-    files.remove(sluice_policy::bundle::SIGNATURES);
+    let mut files = sluice_policy::bundle::build(path, None)?.files;
     let mut added = false;
     for e in std::fs::read_dir(&packs)? {
         let p = e?.path();
@@ -707,7 +705,7 @@ fn load_catalog(
         return Ok((own, Default::default()));
     }
     // A pack whose ids clash with the bundle's own apps is left out: the bundle as it is.
-    match sluice_policy::PolicySet::compile(&revision, &files) {
+    match compile_files(files) {
         Ok(all) => {
             let extra = all
                 .apps

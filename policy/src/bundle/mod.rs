@@ -318,10 +318,10 @@ pub struct RotationProof {
     pub keys: String,
 }
 
-/// Checks `proof` with the ring's key its signature names: the rotation, when the signature
-/// verifies and its signed list holds `.keys.json` with this content.
-pub fn verify_proof(proof: &RotationProof, ring: &KeyRing) -> Result<Rotation, BundleError> {
-    let sigs: Signatures = serde_json::from_str(&proof.signatures)
+/// The one signature of a `.signatures.json` document, verified with the ring's key it names:
+/// that key's id and the signed list of files.
+fn signed_payload(raw: &[u8], ring: &KeyRing) -> Result<(Option<String>, Payload), BundleError> {
+    let sigs: Signatures = serde_json::from_slice(raw)
         .map_err(|e| BundleError::Malformed(format!("{SIGNATURES}: {e}")))?;
     let [token] = sigs.signatures.as_slice() else {
         return Err(BundleError::Malformed(format!(
@@ -332,9 +332,16 @@ pub fn verify_proof(proof: &RotationProof, ring: &KeyRing) -> Result<Rotation, B
     let key = ring
         .get(&named)
         .ok_or_else(|| BundleError::UnknownKey(named.clone(), ring.ids().join(", ")))?;
-    let (_, payload) = key.verify(token)?;
+    let (kid, payload) = key.verify(token)?;
     let payload: Payload = serde_json::from_slice(&payload)
         .map_err(|e| BundleError::Malformed(format!("signed payload: {e}")))?;
+    Ok((kid, payload))
+}
+
+/// Checks `proof` with the ring's key its signature names: the rotation, when the signature
+/// verifies and its signed list holds `.keys.json` with this content.
+pub fn verify_proof(proof: &RotationProof, ring: &KeyRing) -> Result<Rotation, BundleError> {
+    let (_, payload) = signed_payload(proof.signatures.as_bytes(), ring)?;
     let hash = sha256_hex(proof.keys.as_bytes());
     if !payload
         .files
@@ -579,20 +586,7 @@ impl Archive {
     /// caller's to ask, [`Verified::fresh`]).
     pub fn verify_with(mut self, ring: &KeyRing) -> Result<Verified, BundleError> {
         let raw = self.files.remove(SIGNATURES).ok_or(BundleError::Unsigned)?;
-        let sigs: Signatures = serde_json::from_slice(&raw)
-            .map_err(|e| BundleError::Malformed(format!("{SIGNATURES}: {e}")))?;
-        let [token] = sigs.signatures.as_slice() else {
-            return Err(BundleError::Malformed(format!(
-                "{SIGNATURES} must hold exactly one signature"
-            )));
-        };
-        let named = jws::token_kid(token).unwrap_or_default();
-        let key = ring
-            .get(&named)
-            .ok_or_else(|| BundleError::UnknownKey(named.clone(), ring.ids().join(", ")))?;
-        let (kid, payload) = key.verify(token)?;
-        let payload: Payload = serde_json::from_slice(&payload)
-            .map_err(|e| BundleError::Malformed(format!("signed payload: {e}")))?;
+        let (kid, payload) = signed_payload(&raw, ring)?;
         let mut signed = BTreeMap::new();
         for f in &payload.files {
             if f.algorithm != "SHA-256" {
