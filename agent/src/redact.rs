@@ -76,8 +76,16 @@ fn secret(name: &str) -> bool {
 
 /// `u` with the values of its secret query parameters replaced by [`REDACTED`].
 pub fn url(u: &str) -> String {
-    let Some((head, rest)) = u.split_once('?') else {
+    if !u.contains('?') {
         return u.to_owned();
+    }
+    url_owned(u.to_owned())
+}
+
+/// As [`url`], for a URL already owned: returned as it is when it has no query.
+pub fn url_owned(u: String) -> String {
+    let Some((head, rest)) = u.split_once('?') else {
+        return u;
     };
     let (query, fragment) = match rest.split_once('#') {
         Some((q, f)) => (q, Some(f)),

@@ -91,6 +91,11 @@ const HOP_BY_HOP: [header::HeaderName; 8] = [
 
 /// Removes hop-by-hop fields; `keep_upgrade` keeps `Connection: upgrade` + `Upgrade` for WebSocket.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names (no hashing, no allocation) says so.
+    // Without a Connection field no other field can have been named hop-by-hop.
+    if !keep_upgrade && !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -449,7 +454,14 @@ pub async fn handle(
         time: SystemTime::now(),
         start: Instant::now(),
         method: parts.method.to_string(),
-        url: crate::redact::url(&format!("{scheme}://{authority}{pq}")),
+        url: crate::redact::url_owned({
+            let mut u = String::with_capacity(scheme.len() + 3 + authority.len() + pq.len());
+            u.push_str(scheme);
+            u.push_str("://");
+            u.push_str(&authority);
+            u.push_str(pq);
+            u
+        }),
         up: Arc::new(AtomicU64::new(0)),
         up_sha256: shared.settings.hash_bodies.then(Default::default),
         flow: None,
@@ -784,5 +796,42 @@ mod tests {
         adapt_request(&mut r, Proto::H1, "https", "x.example");
         assert_eq!(r.uri().to_string(), "/a?b=1");
         assert_eq!(r.headers()[header::HOST], "x.example");
+
+        // A Host that already says the authority is kept only when it is the only one.
+        let mut r = Request::builder()
+            .uri("https://x.example/p")
+            .header(header::HOST, "x.example")
+            .header(header::HOST, "evil.example")
+            .body(())
+            .expect("request");
+        adapt_request(&mut r, Proto::H1, "https", "x.example");
+        let hosts: Vec<_> = r.headers().get_all(header::HOST).iter().collect();
+        assert_eq!(hosts, ["x.example"]);
+        assert_eq!(r.uri().to_string(), "/p");
+        // No path at all becomes `/`.
+        let mut r = Request::builder()
+            .uri("https://x.example")
+            .body(())
+            .expect("request");
+        adapt_request(&mut r, Proto::H1, "https", "x.example:8443");
+        assert_eq!(r.uri().to_string(), "/");
+        assert_eq!(r.headers()[header::HOST], "x.example:8443");
+        adapt_request(&mut r, Proto::H2, "http", "x.example:8443");
+        assert_eq!(r.uri().to_string(), "http://x.example:8443/");
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_fields_are_left_as_they_are() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+        // One hop-by-hop field among others is found by the one pass.
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
     }
 }

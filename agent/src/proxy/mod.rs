@@ -47,6 +47,12 @@ macro_rules! forward_writes {
     };
 }
 
+/// How much one HTTP/2 stream from a client may send ahead of what Sluice forwarded (the
+/// connection twice that). The client is on this host (or its LAN, for a gateway): a megabyte
+/// covers that path's bandwidth-delay product many times over, and it bounds what a connection
+/// holds while its origin is slower than its client (it was 4 MiB per stream, 8 per connection).
+const CLIENT_STREAM_WINDOW: u32 = 1024 * 1024;
+
 pub mod addresses;
 pub mod body;
 pub mod bufio;
@@ -1351,8 +1357,8 @@ async fn serve<I>(
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(s.max_concurrent_streams)
                 .max_header_list_size(s.max_header_bytes as u32)
-                .initial_stream_window_size(4 * 1024 * 1024)
-                .initial_connection_window_size(8 * 1024 * 1024)
+                .initial_stream_window_size(CLIENT_STREAM_WINDOW)
+                .initial_connection_window_size(2 * CLIENT_STREAM_WINDOW)
                 .max_frame_size(64 * 1024)
                 .serve_connection(TokioIo::new(io), svc);
             drive!(

@@ -135,12 +135,36 @@ pub fn new_id() -> String {
         u64::from(u32::from_be_bytes(b)) << 32
     });
     let n = prefix | (COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
-    format!("{n:016x}")
+    // By hand: one allocation, no formatting machinery (an id is made per request).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(16);
+    for shift in (0..16).rev() {
+        id.push(char::from(HEX[((n >> (shift * 4)) & 0xf) as usize]));
+    }
+    id
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_sixteen_hex_digits_and_differ() {
+        let a = new_id();
+        let b = new_id();
+        assert_eq!(a.len(), 16);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(a, b);
+        // The counter is the low half: consecutive ids differ by one there.
+        let (pa, na) = a.split_at(8);
+        let (pb, nb) = b.split_at(8);
+        assert_eq!(pa, pb);
+        let n = |s: &str| u64::from_str_radix(s, 16).expect("hex");
+        assert_eq!(n(nb), n(na) + 1);
+    }
 
     #[test]
     fn answers_fit_the_client_and_escape_html() {

@@ -626,14 +626,20 @@ fn classify(name: &str, e: std::io::Error) -> UpstreamError {
 /// Fits a request to the upstream protocol: absolute URI and no Host for HTTP/2; origin-form URI
 /// and a Host field for HTTP/1.1.
 pub fn adapt_request<B>(req: &mut Request<B>, proto: Proto, scheme: &str, authority: &str) {
+    // The request's own path and query, already parsed (a cheap clone), not parsed again.
     let pq = req
         .uri()
         .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     match proto {
         Proto::H2 => {
-            if let Ok(uri) = format!("{scheme}://{authority}{pq}").parse::<Uri>() {
+            let uri = Uri::builder()
+                .scheme(scheme)
+                .authority(authority)
+                .path_and_query(pq)
+                .build();
+            if let Ok(uri) = uri {
                 *req.uri_mut() = uri;
             }
             *req.version_mut() = Version::HTTP_2;
@@ -641,11 +647,20 @@ pub fn adapt_request<B>(req: &mut Request<B>, proto: Proto, scheme: &str, author
             // HTTP/2 allows only `te: trailers`; anything else was stripped already.
         }
         Proto::H1 => {
-            if let Ok(uri) = pq.parse::<Uri>() {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = Uri::from_parts(parts) {
                 *req.uri_mut() = uri;
             }
             *req.version_mut() = Version::HTTP_11;
-            if let Ok(v) = HeaderValue::from_str(authority) {
+            // The client's one Host field when it already says exactly this (no copy); a second
+            // Host field is never kept.
+            let mut hosts = req.headers().get_all(header::HOST).iter();
+            let same = hosts
+                .next()
+                .is_some_and(|v| v.as_bytes() == authority.as_bytes())
+                && hosts.next().is_none();
+            if !same && let Ok(v) = HeaderValue::from_str(authority) {
                 req.headers_mut().insert(header::HOST, v);
             }
         }

@@ -534,7 +534,7 @@ shutdown_lifetime 1 seconds
 fn run_loadgen(
     cg: &TestCgroup,
     run: &Running,
-    only_transfers: bool,
+    only: Option<&str>,
     skip_h2: bool,
     secs: f64,
 ) -> Result<Value> {
@@ -555,8 +555,8 @@ fn run_loadgen(
     if let Some(c) = &run.cgroup {
         args.extend(["--cgroup".into(), c.display().to_string()]);
     }
-    if only_transfers {
-        args.push("--only-transfers".into());
+    if let Some(only) = only {
+        args.push(only.into());
     }
     if skip_h2 {
         args.push("--no-h2".into());
@@ -611,6 +611,36 @@ pub fn loadgen(args: &[String]) -> Result<()> {
             out.insert(
                 "cpu_us_per_connection".into(),
                 json!((c1 - c0) * 1e6 / n.max(1) as f64),
+            );
+            return anyhow::Ok(());
+        }
+        // `--only-latency`: the latency figures alone.
+        if flag("--only-latency") {
+            let lat = loadgen::latency(&t, 100.0, secs, "/1k").await?;
+            out.insert("latency_p50_ms".into(), json!(loadgen::quantile(&lat, 0.5)));
+            out.insert(
+                "latency_p99_ms".into(),
+                json!(loadgen::quantile(&lat, 0.99)),
+            );
+            return anyhow::Ok(());
+        }
+        // `--only-requests`: the keep-alive request figures alone (for profiling them).
+        if flag("--only-requests") {
+            let c0 = cpu();
+            let h1 = loadgen::keepalive(&t, false, 8, 0, secs, "/1k").await?;
+            let c1 = cpu();
+            out.insert("keepalive_h1_rps".into(), json!(h1));
+            out.insert(
+                "cpu_us_per_request_h1".into(),
+                json!((c1 - c0) * 1e6 / (h1 * secs)),
+            );
+            let c0 = cpu();
+            let h2 = loadgen::keepalive(&t, true, 1, 32, secs, "/1k").await?;
+            let c1 = cpu();
+            out.insert("keepalive_h2_rps".into(), json!(h2));
+            out.insert(
+                "cpu_us_per_request_h2".into(),
+                json!((c1 - c0) * 1e6 / (h2 * secs)),
             );
             return anyhow::Ok(());
         }
@@ -771,8 +801,16 @@ pub fn run(args: &[String]) -> Result<()> {
     ];
     // `--modes direct,sluice` runs a subset (the direct baseline always runs: every ratio needs it).
     let chosen = opt("--modes");
-    // `--only-transfers`: the download and upload figures alone (for profiling them).
-    let transfers_only = args.iter().any(|a| a == "--only-transfers");
+    // `--only-transfers`, `--only-requests`, `--only-connections`, `--only-latency`: those
+    // figures alone (for profiling them).
+    let only = [
+        "--only-transfers",
+        "--only-requests",
+        "--only-connections",
+        "--only-latency",
+    ]
+    .into_iter()
+    .find(|o| args.iter().any(|a| a == o));
     let modes: Vec<&str> = all
         .iter()
         .copied()
@@ -824,7 +862,10 @@ pub fn run(args: &[String]) -> Result<()> {
             let v = run_loadgen(
                 &cg,
                 &running,
-                *mode == "sluice_sha256" || transfers_only,
+                match *mode {
+                    "sluice_sha256" if only.is_none() => Some("--only-transfers"),
+                    _ => only,
+                },
                 *mode == "squid",
                 secs,
             )
