@@ -534,7 +534,7 @@ shutdown_lifetime 1 seconds
 fn run_loadgen(
     cg: &TestCgroup,
     run: &Running,
-    only: Option<&str>,
+    only: &[&str],
     skip_h2: bool,
     secs: f64,
 ) -> Result<Value> {
@@ -555,9 +555,7 @@ fn run_loadgen(
     if let Some(c) = &run.cgroup {
         args.extend(["--cgroup".into(), c.display().to_string()]);
     }
-    if let Some(only) = only {
-        args.push(only.into());
-    }
+    args.extend(only.iter().map(|o| o.to_string()));
     if skip_h2 {
         args.push("--no-h2".into());
     }
@@ -602,49 +600,15 @@ pub fn loadgen(args: &[String]) -> Result<()> {
         loadgen::tree_reset_hwm(pid);
     }
     rt.block_on(async {
-        // `--only-connections`: the new connection figure alone (for profiling it).
-        if flag("--only-connections") {
-            let c0 = cpu();
-            let (conns, n) = loadgen::new_connections(&t, 8, secs, "/1k").await?;
-            let c1 = cpu();
-            out.insert("new_tls_conns_per_s".into(), json!(conns));
-            out.insert(
-                "cpu_us_per_connection".into(),
-                json!((c1 - c0) * 1e6 / n.max(1) as f64),
-            );
-            return anyhow::Ok(());
-        }
-        // `--only-latency`: the latency figures alone.
-        if flag("--only-latency") {
-            let lat = loadgen::latency(&t, 100.0, secs, "/1k").await?;
-            out.insert("latency_p50_ms".into(), json!(loadgen::quantile(&lat, 0.5)));
-            out.insert(
-                "latency_p99_ms".into(),
-                json!(loadgen::quantile(&lat, 0.99)),
-            );
-            return anyhow::Ok(());
-        }
-        // `--only-requests`: the keep-alive request figures alone (for profiling them).
-        if flag("--only-requests") {
-            let c0 = cpu();
-            let h1 = loadgen::keepalive(&t, false, 8, 0, secs, "/1k").await?;
-            let c1 = cpu();
-            out.insert("keepalive_h1_rps".into(), json!(h1));
-            out.insert(
-                "cpu_us_per_request_h1".into(),
-                json!((c1 - c0) * 1e6 / (h1 * secs)),
-            );
-            let c0 = cpu();
-            let h2 = loadgen::keepalive(&t, true, 1, 32, secs, "/1k").await?;
-            let c1 = cpu();
-            out.insert("keepalive_h2_rps".into(), json!(h2));
-            out.insert(
-                "cpu_us_per_request_h2".into(),
-                json!((c1 - c0) * 1e6 / (h2 * secs)),
-            );
-            return anyhow::Ok(());
-        }
-        if !flag("--only-transfers") {
+        // `--only-requests`, `--only-connections`, `--only-latency`, `--only-transfers`: that
+        // kind of figure alone (for profiling it); without any, every kind.
+        let kinds = ["requests", "connections", "latency", "transfers"];
+        let chosen: Vec<&str> = kinds
+            .into_iter()
+            .filter(|k| flag(&format!("--only-{k}")))
+            .collect();
+        let want = |kind: &str| chosen.is_empty() || chosen.contains(&kind);
+        if want("requests") {
             let c0 = cpu();
             let h1 = loadgen::keepalive(&t, false, 8, 0, secs, "/1k").await?;
             let c1 = cpu();
@@ -663,6 +627,8 @@ pub fn loadgen(args: &[String]) -> Result<()> {
                     json!((c1 - c0) * 1e6 / (h2 * secs)),
                 );
             }
+        }
+        if want("connections") {
             let c0 = cpu();
             let (conns, n) = loadgen::new_connections(&t, 8, secs, "/1k").await?;
             let c1 = cpu();
@@ -671,12 +637,17 @@ pub fn loadgen(args: &[String]) -> Result<()> {
                 "cpu_us_per_connection".into(),
                 json!((c1 - c0) * 1e6 / n.max(1) as f64),
             );
+        }
+        if want("latency") {
             let lat = loadgen::latency(&t, 100.0, secs, "/1k").await?;
             out.insert("latency_p50_ms".into(), json!(loadgen::quantile(&lat, 0.5)));
             out.insert(
                 "latency_p99_ms".into(),
                 json!(loadgen::quantile(&lat, 0.99)),
             );
+        }
+        if !want("transfers") {
+            return anyhow::Ok(());
         }
         // Transfers over HTTP/1.1 and, where the proxy speaks it to clients, over HTTP/2.
         let gb = (BIG * TRANSFERS as u64) as f64 / 1e9;
@@ -802,15 +773,16 @@ pub fn run(args: &[String]) -> Result<()> {
     // `--modes direct,sluice` runs a subset (the direct baseline always runs: every ratio needs it).
     let chosen = opt("--modes");
     // `--only-transfers`, `--only-requests`, `--only-connections`, `--only-latency`: those
-    // figures alone (for profiling them).
-    let only = [
+    // kinds of figure alone (for profiling them).
+    let only: Vec<&str> = [
         "--only-transfers",
         "--only-requests",
         "--only-connections",
         "--only-latency",
     ]
     .into_iter()
-    .find(|o| args.iter().any(|a| a == o));
+    .filter(|o| args.iter().any(|a| a == o))
+    .collect();
     let modes: Vec<&str> = all
         .iter()
         .copied()
@@ -863,8 +835,8 @@ pub fn run(args: &[String]) -> Result<()> {
                 &cg,
                 &running,
                 match *mode {
-                    "sluice_sha256" if only.is_none() => Some("--only-transfers"),
-                    _ => only,
+                    "sluice_sha256" if only.is_empty() => &["--only-transfers"],
+                    _ => &only,
                 },
                 *mode == "squid",
                 secs,
