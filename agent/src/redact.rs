@@ -76,17 +76,17 @@ fn secret(name: &str) -> bool {
 
 /// `u` with the values of its secret query parameters replaced by [`REDACTED`].
 pub fn url(u: &str) -> String {
-    if !u.contains('?') {
-        return u.to_owned();
-    }
-    url_owned(u.to_owned())
+    redacted_query(u).unwrap_or_else(|| u.to_owned())
 }
 
 /// As [`url`], for a URL already owned: returned as it is when it has no query.
 pub fn url_owned(u: String) -> String {
-    let Some((head, rest)) = u.split_once('?') else {
-        return u;
-    };
+    redacted_query(&u).unwrap_or(u)
+}
+
+/// `u` rebuilt with its secret query values redacted; `None` when it has no query.
+fn redacted_query(u: &str) -> Option<String> {
+    let (head, rest) = u.split_once('?')?;
     let (query, fragment) = match rest.split_once('#') {
         Some((q, f)) => (q, Some(f)),
         None => (rest, None),
@@ -111,7 +111,7 @@ pub fn url_owned(u: String) -> String {
         out.push('#');
         out.push_str(f);
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]
