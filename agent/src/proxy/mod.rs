@@ -398,7 +398,7 @@ impl Listeners {
     }
 
     /// Binds `port` on 127.0.0.1 and ::1; port 0 takes a port the system gives that is free on
-    /// both, and holds it.
+    /// both, and holds it. Connections accepted from them are [`splice::unpaced`].
     pub async fn bind(port: u16) -> Result<Self, ProxyError> {
         let bound = Self::bind_inner(port).await?;
         let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
@@ -428,9 +428,12 @@ impl Listeners {
                 .local_addr()
                 .map_err(|source| ProxyError::Bind { addr: v4, source })?
                 .port();
+            // Only this host's processes are steered here: the leg to them is paced by nothing.
+            splice::unpaced(&first);
             let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
             match TcpListener::bind(v6).await {
                 Ok(l) => {
+                    splice::unpaced(&l);
                     return Ok(Self {
                         sockets: vec![first, l],
                         port,
@@ -1383,5 +1386,38 @@ mod tests {
         );
         assert_eq!(plain_http_host(b"SSH-2.0-OpenSSH\r\n"), None);
         assert_eq!(plain_http_host(b"GET / HTTP/1.1\r\n\r\n"), None);
+    }
+
+    fn congestion(s: &impl std::os::fd::AsFd) -> String {
+        let name = socket2::SockRef::from(s)
+            .tcp_congestion()
+            .expect("TCP_CONGESTION");
+        String::from_utf8_lossy(&name)
+            .trim_end_matches('\0')
+            .to_owned()
+    }
+
+    /// Both legs on this host go unpaced whatever the system's congestion control (BBR here):
+    /// the connections accepted from the endpoint listeners and the proxy's own connections to
+    /// an origin on loopback.
+    #[tokio::test]
+    async fn host_local_legs_are_not_paced() {
+        let listeners = Listeners::bind(0).await.expect("listeners");
+        let port = listeners.port;
+        let l = &listeners.sockets[0];
+        let client = tokio::spawn(async move {
+            splice::connect_marked(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                0,
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("connect")
+        });
+        let (accepted, _) = l.accept().await.expect("accept");
+        let client = client.await.expect("client task");
+        for s in [congestion(&accepted), congestion(&client)] {
+            assert!(["cubic", "reno"].contains(&s.as_str()), "{s}");
+        }
     }
 }

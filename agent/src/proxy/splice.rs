@@ -14,8 +14,25 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
+/// Makes a socket whose two ends are both on this host (a client steered here by the cgroup hooks,
+/// an origin on loopback) send without TCP pacing: there is no link between them for pacing to
+/// protect, and a pacing congestion control (BBR, the default on many hosts) would charge the
+/// proxy a kernel timer for every burst of every transfer on that leg. Such sockets use CUBIC, or
+/// Reno where CUBIC is not allowed to unprivileged processes (Reno always is). On a listening
+/// socket it holds for every connection accepted from it. A refusal leaves the system's choice: a
+/// cost, never a fault. Legs to other hosts keep the system's congestion control.
+pub fn unpaced(socket: &impl std::os::fd::AsFd) {
+    let s = socket2::SockRef::from(socket);
+    for name in [&b"cubic"[..], b"reno"] {
+        if s.set_tcp_congestion(name).is_ok() {
+            return;
+        }
+    }
+}
+
 /// Connects to `dst` from a socket carrying `mark` (`SO_MARK`), so the kernel programs and any
-/// gateway rules recognise the agent's own traffic.
+/// gateway rules recognise the agent's own traffic. A destination on loopback is reached
+/// [`unpaced`].
 pub async fn connect_marked(
     dst: SocketAddr,
     mark: u32,
@@ -29,6 +46,9 @@ pub async fn connect_marked(
     if mark != 0 {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
             .map_err(std::io::Error::from)?;
+    }
+    if dst.ip().to_canonical().is_loopback() {
+        unpaced(&socket);
     }
     let stream = tokio::time::timeout(timeout, socket.connect(dst))
         .await
