@@ -66,8 +66,10 @@ pub fn base64_runs(text: &[u8], max_bytes: usize) -> Vec<Vec<u8>> {
         } else {
             &base64::engine::general_purpose::STANDARD_NO_PAD
         };
-        let room = max_bytes.saturating_sub(total);
-        if trimmed.len() / 4 * 3 > room {
+        // Exactly what the run decodes to: three bytes per four characters, and one or two for
+        // a last group of two or three (a last group of one does not decode).
+        let decoded = trimmed.len() / 4 * 3 + (trimmed.len() % 4).saturating_sub(1);
+        if decoded > max_bytes.saturating_sub(total) {
             break;
         }
         if let Ok(bytes) = engine.decode(trimmed) {
@@ -105,6 +107,19 @@ mod tests {
         assert_eq!(base64_runs(wrapped.as_bytes(), 1 << 20), vec![file.clone()]);
         // The output bound holds.
         assert!(base64_runs(json.as_bytes(), 100).is_empty());
+    }
+
+    /// A run whose last group is partial decodes to more than three quarters of its length
+    /// rounded down: the bound counts those bytes too (a fuzzed input decoded 4 bytes with a
+    /// bound of 0).
+    #[test]
+    fn the_bound_counts_a_partial_last_group() {
+        let run = "A".repeat(MIN_RUN + 2); // 64 whole groups and "AA": 193 bytes
+        assert!(base64_runs(run.as_bytes(), 192).is_empty());
+        assert_eq!(base64_runs(run.as_bytes(), 193), vec![vec![0u8; 193]]);
+        let run = "A".repeat(MIN_RUN + 3); // and "AAA": 194 bytes
+        assert!(base64_runs(run.as_bytes(), 193).is_empty());
+        assert_eq!(base64_runs(run.as_bytes(), 194), vec![vec![0u8; 194]]);
     }
 
     #[test]
