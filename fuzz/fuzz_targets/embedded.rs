@@ -1,17 +1,37 @@
-//! Base64 runs in request text (a document pasted into a JSON field): never a panic, at most the
-//! promised number of runs, never more decoded bytes than allowed or than the text could hold.
+//! Base64 runs in request text (a document pasted into a JSON field): never a panic, never more
+//! decoded bytes than the room or than the text could hold, and a run that does not fit ends the
+//! walk with a report. The same over the strings of the text read as JSON.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice_inspect::embedded::{MAX_RUNS, base64_runs};
+use sluice_inspect::embedded::{Next, Runs, json_strings};
+
+fn check(text: &[u8], max: usize) {
+    let mut room = max;
+    let mut runs = Runs::new(text);
+    let mut total = 0usize;
+    loop {
+        match runs.next(&mut room) {
+            Next::Run(b) => total += b.len(),
+            Next::OverBudget => {
+                assert_eq!(runs.next(&mut room), Next::End);
+                break;
+            }
+            Next::End => break,
+        }
+    }
+    assert!(total <= max && total <= text.len() * 3 / 4 + 3);
+    assert_eq!(room, max - total);
+}
 
 fuzz_target!(|data: &[u8]| {
     if data.len() > 256 * 1024 {
         return;
     }
     let max = data.first().map_or(1 << 20, |&b| usize::from(b) * 1024);
-    let runs = base64_runs(data, max);
-    assert!(runs.len() <= MAX_RUNS);
-    let total: usize = runs.iter().map(Vec::len).sum();
-    assert!(total <= max && total <= data.len() * 3 / 4 + 3);
+    check(data, max);
+    json_strings(data, |s| {
+        assert!(s.len() <= data.len());
+        check(s, max);
+    });
 });

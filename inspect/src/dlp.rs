@@ -20,8 +20,10 @@
 use std::collections::BTreeMap;
 
 use aho_corasick::{AhoCorasick, Anchored, Input, MatchKind, StartKind};
-use memchr::{memchr, memchr_iter, memchr2, memmem};
+use memchr::{memchr, memchr_iter, memmem};
 use serde::Serialize;
+
+use crate::json_text;
 
 /// Payment card numbers (PAN): 13 to 19 digits, plain or grouped by spaces or dashes, Luhn-valid,
 /// with the prefix and length of a real card scheme.
@@ -342,33 +344,15 @@ impl Detectors {
         let mut buf = Vec::new();
         let mut raw_from = 0;
         let mut i = 0;
-        while let Some(q) = json.get(i..).and_then(|t| memchr(b'"', t)) {
-            let open = i + q;
-            let mut j = open + 1;
-            let mut escaped = false;
-            let close = loop {
-                match json.get(j..).and_then(|t| memchr2(b'"', b'\\', t)) {
-                    None => break json.len(),
-                    Some(k) => {
-                        let p = j + k;
-                        if json.get(p) == Some(&b'\\') {
-                            escaped = true;
-                            j = p + 2;
-                        } else {
-                            break p;
-                        }
-                    }
-                }
-            };
-            if escaped {
-                let raw = json.get(raw_from..open).unwrap_or_default();
+        while let Some(st) = json_text::next_string(json, i) {
+            if st.escaped {
+                let raw = json.get(raw_from..st.open).unwrap_or_default();
                 self.scan_into(raw, json, false, &mut acc);
-                let body = json.get(open + 1..close).unwrap_or_default();
-                unescape_json(body, &mut buf);
-                self.scan_into(&buf, json, key_names_aws_secret(json, open), &mut acc);
-                raw_from = close;
+                json_text::unescape(st.body(json), &mut buf);
+                self.scan_into(&buf, json, key_names_aws_secret(json, st.open), &mut acc);
+                raw_from = st.close;
             }
-            i = close + 1;
+            i = st.close + 1;
         }
         let raw = json.get(raw_from..).unwrap_or_default();
         self.scan_into(raw, json, false, &mut acc);
@@ -1091,64 +1075,6 @@ fn key_names_aws_secret(json: &[u8], open: usize) -> bool {
         .any(|w| w.eq_ignore_ascii_case(b"aws_secret_access_key"))
 }
 
-/// Decodes the body of a JSON string (without its quotes) into `out`: the short escapes and
-/// `\uXXXX` with surrogate pairs; a lone surrogate becomes U+FFFD and a malformed escape stays as
-/// written.
-fn unescape_json(s: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    let mut i = 0;
-    while let Some(k) = s.get(i..).and_then(|r| memchr(b'\\', r)) {
-        out.extend_from_slice(s.get(i..i + k).unwrap_or_default());
-        i += k + 1;
-        let Some(&c) = s.get(i) else {
-            out.push(b'\\');
-            return;
-        };
-        i += 1;
-        let byte = match c {
-            b'n' => b'\n',
-            b't' => b'\t',
-            b'r' => b'\r',
-            b'b' => 0x08,
-            b'f' => 0x0c,
-            b'u' => {
-                let Some(hi) = hex4(s, i) else {
-                    out.extend_from_slice(b"\\u");
-                    continue;
-                };
-                i += 4;
-                let mut cp = u32::from(hi);
-                if (0xD800..0xDC00).contains(&cp) {
-                    let lo = (at(s, i) == b'\\' && at(s, i + 1) == b'u')
-                        .then(|| hex4(s, i + 2))
-                        .flatten()
-                        .filter(|lo| (0xDC00..0xE000).contains(lo));
-                    if let Some(lo) = lo {
-                        i += 6;
-                        cp = 0x10000 + ((cp - 0xD800) << 10) + (u32::from(lo) - 0xDC00);
-                    }
-                }
-                let ch = char::from_u32(cp).unwrap_or(char::REPLACEMENT_CHARACTER);
-                let mut b = [0u8; 4];
-                out.extend_from_slice(ch.encode_utf8(&mut b).as_bytes());
-                continue;
-            }
-            other => other,
-        };
-        out.push(byte);
-    }
-    out.extend_from_slice(s.get(i..).unwrap_or_default());
-}
-
-fn hex4(s: &[u8], i: usize) -> Option<u16> {
-    let h = s.get(i..i + 4)?;
-    let h = std::str::from_utf8(h).ok()?;
-    if !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u16::from_str_radix(h, 16).ok()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Keywords.
 
@@ -1562,7 +1488,7 @@ mod tests {
         assert_eq!(d.scan_json(doc).count(CLOUD_KEY), 1);
         // Surrogate pairs and lone surrogates decode without panicking.
         let mut out = Vec::new();
-        unescape_json(br"\ud83d\ude00 \ud800 \u12 \", &mut out);
+        json_text::unescape(br"\ud83d\ude00 \ud800 \u12 \", &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "\u{1F600} \u{FFFD} \\u12 \\"

@@ -9,75 +9,154 @@
 
 use base64::Engine as _;
 
+use crate::json_text;
+
 /// Shortest run of base64 characters decoded: shorter ones are tokens, hashes and keys.
 pub const MIN_RUN: usize = 256;
-/// Most runs decoded per text.
-pub const MAX_RUNS: usize = 64;
 
-/// The decoded contents of the base64 runs of at least [`MIN_RUN`] characters in `text`, at most
-/// [`MAX_RUNS`] of them and at most `max_bytes` decoded in all. A run that does not decode is
-/// skipped (it is text that happens to use the alphabet).
-pub fn base64_runs(text: &[u8], max_bytes: usize) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut total = 0usize;
-    let mut i = 0;
-    let mut run = Vec::new();
-    while i < text.len() && out.len() < MAX_RUNS {
-        if !is_b64(text[i]) {
-            i += 1;
-            continue;
-        }
-        // Collect one run: alphabet bytes, with line breaks inside it dropped.
-        run.clear();
-        while i < text.len() {
-            let c = text[i];
-            if is_b64(c) {
-                run.push(c);
-            } else if c == b'\r' || c == b'\n' {
-                // A line break continues the run only when more alphabet follows it.
-                if !text
-                    .get(i + 1..)
-                    .is_some_and(|t| t.first().is_some_and(|&n| is_b64(n) || n == b'\n'))
-                {
-                    break;
-                }
-            } else {
-                break;
-            }
-            i += 1;
-        }
-        if run.len() < MIN_RUN {
-            continue;
-        }
-        let trimmed: &[u8] = {
-            let end = run.iter().rposition(|&c| c != b'=').map_or(0, |p| p + 1);
-            &run[..end]
-        };
-        if trimmed.contains(&b'=') {
-            continue;
-        }
-        let url_safe = trimmed.iter().any(|&c| c == b'-' || c == b'_');
-        let standard = trimmed.iter().any(|&c| c == b'+' || c == b'/');
-        if url_safe && standard {
-            continue;
-        }
-        let engine = if url_safe {
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD
-        } else {
-            &base64::engine::general_purpose::STANDARD_NO_PAD
-        };
-        // Exactly what the run decodes to: three bytes per four characters, and one or two for
-        // a last group of two or three (a last group of one does not decode).
-        let decoded = trimmed.len() / 4 * 3 + (trimmed.len() % 4).saturating_sub(1);
-        if decoded > max_bytes.saturating_sub(total) {
-            break;
-        }
-        if let Ok(bytes) = engine.decode(trimmed) {
-            total += bytes.len();
-            out.push(bytes);
+/// What [`Runs::next`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// The decoded bytes of the next run.
+    Run(Vec<u8>),
+    /// The next run would decode to more than the room left: it and the runs after it are not
+    /// decoded. The caller must treat the text as not wholly inspected.
+    OverBudget,
+    /// No run left.
+    End,
+}
+
+/// The base64 runs of at least [`MIN_RUN`] characters in a text, decoded one at a time, each
+/// only when it fits the room the caller has left (a budget shared by every text of one
+/// request, nested decodings included). A run that does not decode is skipped (it is text that
+/// happens to use the alphabet).
+#[derive(Debug)]
+pub struct Runs<'a> {
+    text: &'a [u8],
+    i: usize,
+    run: Vec<u8>,
+}
+
+impl<'a> Runs<'a> {
+    /// The runs of `text`.
+    pub fn new(text: &'a [u8]) -> Self {
+        Self {
+            text,
+            i: 0,
+            run: Vec::new(),
         }
     }
-    out
+
+    /// Decodes the next run, taking what it decodes to out of `room`.
+    pub fn next(&mut self, room: &mut usize) -> Next {
+        let text = self.text;
+        while self.i < text.len() {
+            if !is_b64(text[self.i]) {
+                self.i += 1;
+                continue;
+            }
+            // Collect one run: alphabet bytes, with line breaks inside it dropped.
+            self.run.clear();
+            while self.i < text.len() {
+                let c = text[self.i];
+                if is_b64(c) {
+                    self.run.push(c);
+                } else if c == b'\r' || c == b'\n' {
+                    // A line break continues the run only when more alphabet follows it.
+                    if !text
+                        .get(self.i + 1..)
+                        .is_some_and(|t| t.first().is_some_and(|&n| is_b64(n) || n == b'\n'))
+                    {
+                        break;
+                    }
+                } else {
+                    break;
+                }
+                self.i += 1;
+            }
+            if self.run.len() < MIN_RUN {
+                continue;
+            }
+            let trimmed: &[u8] = {
+                let end = self
+                    .run
+                    .iter()
+                    .rposition(|&c| c != b'=')
+                    .map_or(0, |p| p + 1);
+                &self.run[..end]
+            };
+            if trimmed.contains(&b'=') {
+                continue;
+            }
+            let url_safe = trimmed.iter().any(|&c| c == b'-' || c == b'_');
+            let standard = trimmed.iter().any(|&c| c == b'+' || c == b'/');
+            if url_safe && standard {
+                continue;
+            }
+            let engine = if url_safe {
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            } else {
+                &base64::engine::general_purpose::STANDARD_NO_PAD
+            };
+            // Exactly what the run decodes to: three bytes per four characters, and one or two
+            // for a last group of two or three (a last group of one does not decode).
+            let decoded = trimmed.len() / 4 * 3 + (trimmed.len() % 4).saturating_sub(1);
+            if trimmed.len() % 4 == 1 {
+                continue;
+            }
+            if decoded > *room {
+                self.i = text.len();
+                return Next::OverBudget;
+            }
+            if let Ok(bytes) = engine.decode(trimmed) {
+                *room -= bytes.len();
+                return Next::Run(bytes);
+            }
+        }
+        Next::End
+    }
+}
+
+/// The decoded contents of the base64 runs of `text`, at most `max_bytes` decoded in all; true
+/// with them when a run did not fit.
+pub fn base64_runs(text: &[u8], max_bytes: usize) -> (Vec<Vec<u8>>, bool) {
+    let mut runs = Runs::new(text);
+    let mut room = max_bytes;
+    let mut out = Vec::new();
+    loop {
+        match runs.next(&mut room) {
+            Next::Run(b) => out.push(b),
+            Next::OverBudget => return (out, true),
+            Next::End => return (out, false),
+        }
+    }
+}
+
+/// Whether `text` holds a run that decodes.
+pub fn has_run(text: &[u8]) -> bool {
+    Runs::new(text).next(&mut usize::MAX.clone()) != Next::End
+}
+
+/// Calls `f` with each string of the JSON text `json` long enough to hold a run, its escapes
+/// decoded: a server's JSON parser undoes `\/`, `\n` and `\u0041` before it decodes base64 in a
+/// value (PHP escapes every `/` by default), so a search of the raw text would see the run cut
+/// into pieces too short to decode. A walk, not a parse: any depth, and malformed JSON best
+/// effort.
+pub fn json_strings(json: &[u8], mut f: impl FnMut(&[u8])) {
+    let mut buf = Vec::new();
+    let mut i = 0;
+    while let Some(l) = json_text::next_string(json, i) {
+        let body = l.body(json);
+        if body.len() >= MIN_RUN {
+            if l.escaped {
+                json_text::unescape(body, &mut buf);
+                f(&buf);
+            } else {
+                f(body);
+            }
+        }
+        i = l.close + 1;
+    }
 }
 
 fn is_b64(c: u8) -> bool {
@@ -93,20 +172,29 @@ mod tests {
         let file: Vec<u8> = (0..600u32).map(|i| (i * 7 % 251) as u8).collect();
         let std64 = base64::engine::general_purpose::STANDARD.encode(&file);
         let json = format!(r#"{{"name": "q3.docx", "content": "{std64}", "n": 1}}"#);
-        assert_eq!(base64_runs(json.as_bytes(), 1 << 20), vec![file.clone()]);
+        assert_eq!(
+            base64_runs(json.as_bytes(), 1 << 20),
+            (vec![file.clone()], false)
+        );
 
         let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&file);
         let data = format!("<img src=\"data:application/octet-stream;base64,{url}\">");
-        assert_eq!(base64_runs(data.as_bytes(), 1 << 20), vec![file.clone()]);
+        assert_eq!(
+            base64_runs(data.as_bytes(), 1 << 20),
+            (vec![file.clone()], false)
+        );
 
         let wrapped: String = std64
             .as_bytes()
             .chunks(76)
             .map(|c| String::from_utf8_lossy(c).into_owned() + "\r\n")
             .collect();
-        assert_eq!(base64_runs(wrapped.as_bytes(), 1 << 20), vec![file.clone()]);
-        // The output bound holds.
-        assert!(base64_runs(json.as_bytes(), 100).is_empty());
+        assert_eq!(
+            base64_runs(wrapped.as_bytes(), 1 << 20),
+            (vec![file.clone()], false)
+        );
+        // The output bound holds, and says the run was left undecoded.
+        assert_eq!(base64_runs(json.as_bytes(), 100), (vec![], true));
     }
 
     /// A run whose last group is partial decodes to more than three quarters of its length
@@ -115,21 +203,81 @@ mod tests {
     #[test]
     fn the_bound_counts_a_partial_last_group() {
         let run = "A".repeat(MIN_RUN + 2); // 64 whole groups and "AA": 193 bytes
-        assert!(base64_runs(run.as_bytes(), 192).is_empty());
-        assert_eq!(base64_runs(run.as_bytes(), 193), vec![vec![0u8; 193]]);
+        assert_eq!(base64_runs(run.as_bytes(), 192), (vec![], true));
+        assert_eq!(
+            base64_runs(run.as_bytes(), 193),
+            (vec![vec![0u8; 193]], false)
+        );
         let run = "A".repeat(MIN_RUN + 3); // and "AAA": 194 bytes
-        assert!(base64_runs(run.as_bytes(), 193).is_empty());
-        assert_eq!(base64_runs(run.as_bytes(), 194), vec![vec![0u8; 194]]);
+        assert_eq!(base64_runs(run.as_bytes(), 193), (vec![], true));
+        assert_eq!(
+            base64_runs(run.as_bytes(), 194),
+            (vec![vec![0u8; 194]], false)
+        );
     }
 
     #[test]
     fn short_runs_and_prose_are_left_alone() {
-        assert!(
-            base64_runs(b"a token: dGhpcyBpcyBub3QgYSBmaWxl and more words", 1 << 20).is_empty()
+        let none = (vec![], false);
+        assert_eq!(
+            base64_runs(b"a token: dGhpcyBpcyBub3QgYSBmaWxl and more words", 1 << 20),
+            none
         );
         let prose = "word ".repeat(500);
-        assert!(base64_runs(prose.as_bytes(), 1 << 20).is_empty());
-        let odd = "A".repeat(MIN_RUN + 1); // not a whole number of base64 quanta: does not decode
-        assert!(base64_runs(odd.as_bytes(), 1 << 20).is_empty());
+        assert_eq!(base64_runs(prose.as_bytes(), 1 << 20), none);
+        // Not a whole number of base64 quanta: does not decode, and is not counted against
+        // the room either.
+        let odd = "A".repeat(MIN_RUN + 1);
+        assert_eq!(base64_runs(odd.as_bytes(), 0), none);
+    }
+
+    /// The room is the caller's, shared across texts: every run is decoded while it fits, and
+    /// the first that does not fit is reported, not skipped in silence.
+    #[test]
+    fn runs_take_from_a_shared_room_and_report_the_first_that_does_not_fit() {
+        let a = "A".repeat(MIN_RUN); // 192 bytes
+        let text = format!("{a} and {a} and {a}");
+        let mut room = 400;
+        let mut runs = Runs::new(text.as_bytes());
+        assert_eq!(runs.next(&mut room), Next::Run(vec![0; 192]));
+        assert_eq!(runs.next(&mut room), Next::Run(vec![0; 192]));
+        assert_eq!(room, 16);
+        assert_eq!(runs.next(&mut room), Next::OverBudget);
+        assert_eq!(runs.next(&mut room), Next::End);
+        let mut again = Runs::new(text.as_bytes());
+        assert_eq!(again.next(&mut room), Next::OverBudget);
+    }
+
+    /// A JSON encoder that escapes `/` (PHP's by default) or writes `\n` line breaks cuts a
+    /// run into pieces in the raw text; the strings' decoded values hold it whole.
+    #[test]
+    fn json_strings_are_searched_as_their_parser_reads_them() {
+        let file: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&file);
+        assert!(b64.contains('/'));
+        let escaped = b64.replace('/', "\\/");
+        let wrapped: String = escaped
+            .as_bytes()
+            .chunks(76)
+            .map(|c| String::from_utf8_lossy(c).into_owned() + "\\n")
+            .collect();
+        for value in [&escaped, &wrapped] {
+            let json = format!(r#"{{"a": [{{"b": "short"}}, "{value}"]}}"#);
+            // The raw text does not give the file back ...
+            assert!(!base64_runs(json.as_bytes(), 1 << 20).0.contains(&file));
+            // ... its strings do.
+            let mut found = Vec::new();
+            json_strings(json.as_bytes(), |s| found.extend(base64_runs(s, 1 << 20).0));
+            assert_eq!(found, vec![file.clone()]);
+        }
+        // Every character escaped as \uXXXX.
+        let all: String = b64
+            .chars()
+            .map(|c| format!("\\u{:04x}", c as u32))
+            .collect();
+        let json = format!(r#"["{all}"]"#);
+        let mut found = Vec::new();
+        json_strings(json.as_bytes(), |s| found.extend(base64_runs(s, 1 << 20).0));
+        assert_eq!(found, vec![file]);
     }
 }

@@ -11,6 +11,7 @@
 pub mod agile;
 pub mod dlp;
 pub mod embedded;
+mod json_text;
 mod kind;
 pub mod multipart;
 pub mod odf;

@@ -671,6 +671,75 @@ fn labeled_office_and_pdf_uploads_pass_byte_for_byte() {
     assert_eq!(up.sha256, sha256_file(&path));
 }
 
+/// A labeled document carried base64-encoded in request text is read and passes with its label
+/// recorded, however the text dresses it: behind runs that decode to text, in JSON that escapes
+/// every '/' (PHP's default), as base64 of a JSON document that carries it.
+#[test]
+#[ignore = "needs root"]
+fn labeled_documents_in_text_are_read_through_escapes_decoys_and_nesting() {
+    use base64::Engine as _;
+    let e = env("sess-b64", "managed");
+    let doc = std::fs::read(fixture("confidential.docx")).unwrap();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let inner = b64(&doc);
+    let filler = b64("plain words ".repeat(40).as_bytes());
+    let mut decoys = String::from("{");
+    for i in 0..70 {
+        decoys.push_str(&format!(r#""d{i}": "{filler}", "#));
+    }
+    decoys.push_str(&format!(r#""content": "{inner}"}}"#));
+    let php = format!(r#"{{"content": "{}"}}"#, inner.replace('/', "\\/"));
+    let nested = format!(
+        r#"{{"note": "{}"}}"#,
+        b64(format!(r#"{{"f": "{inner}"}}"#).as_bytes())
+    );
+    for (what, body) in [("decoys", decoys), ("php", php), ("nested", nested)] {
+        let path = e.dir.join(format!("{what}.json"));
+        std::fs::write(&path, body).unwrap();
+        let seq = e.last_seq();
+        let before = e.events().len();
+        let got = e.curl(
+            Some("bob@corp.example"),
+            &[
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &format!("@{}", path.display()),
+                &e.url("/upload"),
+            ],
+        );
+        assert_ne!(got.status, 403, "{what}: {}", got.text());
+        assert_eq!(
+            e.app_requests_after(seq).len(),
+            1,
+            "{what}: did not reach the app"
+        );
+        let mut ev = serde_json::Value::Null;
+        wait_until(Duration::from_secs(10), || {
+            if let Some(found) = e.events().into_iter().skip(before).find(|v| {
+                v["method"] == "POST" && v["url"].as_str().is_some_and(|u| u.ends_with("/upload"))
+            }) {
+                ev = found;
+            }
+            !ev.is_null()
+        });
+        assert_eq!(ev["activity"], "upload", "{what}: {ev}");
+        assert_eq!(ev["action"], "monitor", "{what}: {ev}");
+        // The body itself (the endpoint is an upload's) and the document found in it.
+        let files = ev["files"].as_array().cloned().unwrap_or_default();
+        let docx: Vec<_> = files.iter().filter(|f| f["type"] == "docx").collect();
+        assert_eq!(docx.len(), 1, "{what}: {ev}");
+        assert_eq!(
+            docx[0]["sha256"].as_str(),
+            Some(sha256_file(&fixture("confidential.docx")).as_str())
+        );
+        assert_eq!(
+            docx[0]["labels"][0]["guid"], "4e1d2c3b-5a69-4b7c-8d9e-0f1a2b3c4d5e",
+            "{what}: {ev}"
+        );
+    }
+}
+
 /// Downloads `name` (seeded into the app) as `user`; returns the file written by curl.
 fn download(e: &Env, user: &str, name: &str, bytes: Vec<u8>) -> (Got, PathBuf) {
     let info = e.app.seed(name, bytes, "alice@corp.example").unwrap();
@@ -1498,7 +1567,28 @@ fn an_insider_cannot_get_an_unlabeled_document_in_by_header_games_encodings_or_a
         r#"{{"name": "report.txt", "content": "{}"}}"#,
         base64_wrapped(&doc).replace('\n', "")
     );
+    let b64 = base64_wrapped(&doc).replace('\n', "");
+    // Behind 70 runs that decode to text (there was a cap on runs searched per text).
+    let decoys = {
+        use base64::Engine as _;
+        let filler = base64::engine::general_purpose::STANDARD.encode("plain words ".repeat(40));
+        let mut j = String::from("{");
+        for i in 0..70 {
+            j.push_str(&format!(r#""d{i}": "{filler}", "#));
+        }
+        j + &format!(r#""content": "{b64}"}}"#)
+    };
+    // As PHP's json_encode writes it: every '/' escaped, which cuts the run in the raw text.
+    let php = format!(r#"{{"content": "{}"}}"#, b64.replace('/', "\\/"));
+    // Base64 of base64, and of a JSON document that carries it.
+    let twice = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!(r#"{{"f": "{b64}"}}"#))
+    };
     let dir = e.user_dir(&[
+        ("decoys.json", decoys.as_bytes()),
+        ("php.json", php.as_bytes()),
+        ("twice.txt", twice.as_bytes()),
         ("report.docx", &doc),
         ("report.docx.gz", &gz),
         ("report.tar", &tar),
@@ -1633,6 +1723,34 @@ fn an_insider_cannot_get_an_unlabeled_document_in_by_header_games_encodings_or_a
                 "Content-Type: text/plain".into(),
                 "--data-binary".into(),
                 at("report.b64"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "base64 behind runs that decode to text",
+            vec![
+                "-H".into(),
+                "Content-Type: application/json".into(),
+                "--data-binary".into(),
+                at("decoys.json"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "base64 in JSON with every '/' escaped",
+            vec![
+                "-H".into(),
+                "Content-Type: application/json".into(),
+                "--data-binary".into(),
+                at("php.json"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "base64 of JSON carrying base64, in a form field",
+            vec![
+                "-F".into(),
+                format!("note=<{}", f("twice.txt")),
                 upload.clone(),
             ],
         ),

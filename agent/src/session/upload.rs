@@ -22,6 +22,11 @@ use crate::proxy::hooks::{BodyVerdict, Side};
 const MAX_PARTS: usize = 1_000;
 /// Most fields in a URL-encoded form.
 const MAX_FIELDS: usize = 10_000;
+/// Most files found base64-encoded in the text of one request (each is inspected as a file).
+const MAX_EMBEDDED: usize = 64;
+/// Deepest text inside text followed: base64 that decodes to text (base64 of base64, of JSON),
+/// a JSON string that is JSON again.
+const MAX_NESTING: usize = 4;
 
 /// What is known of an upload before its body arrives.
 #[derive(Debug, Clone, Copy)]
@@ -239,8 +244,13 @@ struct Pieces<'a> {
     cx: &'a Context,
     files: Vec<FileFacts>,
     dlp: Dlp,
-    /// Bytes of embedded base64 still allowed to be decoded.
+    /// Bytes of embedded base64 still allowed to be decoded (shared by every text of the
+    /// request, nested decodings included).
     room: usize,
+    /// Files found base64-encoded so far.
+    embedded: usize,
+    /// Text was left unsearched (a bound was reached) and said so in `files`.
+    cut: bool,
 }
 
 impl<'a> Pieces<'a> {
@@ -250,6 +260,8 @@ impl<'a> Pieces<'a> {
             files: Vec::new(),
             dlp: Dlp::new(),
             room: usize::try_from(cx.limits.max_bytes).unwrap_or(usize::MAX),
+            embedded: 0,
+            cut: false,
         }
     }
 
@@ -272,37 +284,109 @@ impl<'a> Pieces<'a> {
                 return true;
             }
         } else {
-            let hits = if sniff(data) == FileType::Json {
-                cx.set.detectors.scan_json(data)
-            } else {
-                cx.set.detectors.scan(data)
-            };
-            for (k, v) in hits.counts {
-                *self.dlp.entry(k).or_default() += v;
-            }
+            self.scan_text(data);
         }
         // Text may carry a file base64-encoded.
-        let mut any = named;
-        for decoded in embedded::base64_runs(data, self.room) {
-            self.room = self.room.saturating_sub(decoded.len());
+        self.embedded_in(data, name, 0) || named
+    }
+
+    /// Adds the DLP hits of a text.
+    fn scan_text(&mut self, data: &[u8]) {
+        let detectors = &self.cx.set.detectors;
+        let hits = if sniff(data) == FileType::Json {
+            detectors.scan_json(data)
+        } else {
+            detectors.scan(data)
+        };
+        for (k, v) in hits.counts {
+            *self.dlp.entry(k).or_default() += v;
+        }
+    }
+
+    /// Searches a text `depth` levels inside the request's own text for files carried
+    /// base64-encoded: in a JSON text, its strings as its parser reads them; true when one was
+    /// found (or the search was cut short, which is not-inspectable, never clean).
+    fn embedded_in(&mut self, text: &[u8], name: Option<&str>, depth: usize) -> bool {
+        if sniff(text) != FileType::Json {
+            return self.runs(text, name, depth);
+        }
+        let mut any = false;
+        embedded::json_strings(text, |s| {
+            any |= if depth < MAX_NESTING && sniff(s) == FileType::Json {
+                // A string that is JSON again (a stringified document).
+                self.embedded_in(s, name, depth + 1)
+            } else {
+                self.runs(s, name, depth)
+            };
+        });
+        any
+    }
+
+    /// The base64 runs of one text: a run that decodes to a file is inspected as one; one that
+    /// decodes to text is DLP-scanned and searched again, up to [`MAX_NESTING`] deep.
+    fn runs(&mut self, text: &[u8], name: Option<&str>, depth: usize) -> bool {
+        let cx = self.cx;
+        let mut runs = embedded::Runs::new(text);
+        let mut any = false;
+        loop {
+            let decoded = match runs.next(&mut self.room) {
+                embedded::Next::End => return any,
+                embedded::Next::OverBudget => {
+                    return self.cut_short(name, NotInspectable::TooLarge(cx.limits.max_bytes));
+                }
+                embedded::Next::Run(d) => d,
+            };
             if textual(&decoded) {
+                self.scan_text(&decoded);
+                any |= if depth < MAX_NESTING {
+                    self.embedded_in(&decoded, name, depth + 1)
+                } else if embedded::has_run(&decoded) || sniff(&decoded) == FileType::Json {
+                    self.cut_short(name, NotInspectable::TooDeep(MAX_NESTING))
+                } else {
+                    false
+                };
                 continue;
             }
+            if self.embedded == MAX_EMBEDDED {
+                return self.cut_short(
+                    name,
+                    NotInspectable::Unsupported(format!(
+                        "more than {MAX_EMBEDDED} base64-encoded files in one request"
+                    )),
+                );
+            }
+            self.embedded += 1;
             let mut found =
                 inspect::inspect_with_members(&decoded, name, &cx.limits, &cx.set.detectors);
             refuse_unknown(&mut found);
             if let Some(first) = found.first_mut() {
                 cx.scan(Side::Request, &decoded, first);
                 if first.name.is_none() {
-                    first.name = Some("(base64 in the request)".into());
+                    first.name = Some(EMBEDDED_NAME.into());
                 }
             }
             self.files.append(&mut found);
             any = true;
         }
-        any
+    }
+
+    /// The request's text was not searched to the end: one not-inspectable entry says why (the
+    /// first bound reached), so the policy's not-inspectable action applies. True.
+    fn cut_short(&mut self, name: Option<&str>, why: NotInspectable) -> bool {
+        if !self.cut {
+            self.cut = true;
+            self.files.push(FileFacts {
+                name: Some(name.unwrap_or(EMBEDDED_NAME).to_owned()),
+                not_inspectable: Some(why),
+                ..FileFacts::default()
+            });
+        }
+        true
     }
 }
+
+/// The name given to a file found base64-encoded in a request's text that had no name.
+const EMBEDDED_NAME: &str = "(base64 in the request)";
 
 /// Text, JSON, XML and HTML are read as text; everything else is a file.
 fn textual(data: &[u8]) -> bool {
