@@ -1,10 +1,11 @@
 //! Base64 runs in request text (a document pasted into a JSON field): never a panic, never more
 //! decoded bytes than the room or than the text could hold, and a run that does not fit ends the
-//! walk with a report. The same over the strings of the text read as JSON.
+//! walk with a report. The same over the strings of the text read as JSON, and for the whole
+//! search.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice_inspect::embedded::{Next, Runs, json_strings};
+use sluice_inspect::embedded::{Found, MAX_FILES, Next, Runs, Search, json_strings};
 
 fn check(text: &[u8], max: usize) {
     let mut room = max;
@@ -34,4 +35,14 @@ fuzz_target!(|data: &[u8]| {
         assert!(s.len() <= data.len());
         check(s, max);
     });
+    // The whole search (JSON strings, nesting): at most the promised files and bytes.
+    let mut search = Search::new(max);
+    let (mut files, mut bytes) = (0usize, 0usize);
+    search.text(data, &mut |f| {
+        if let Found::File(b) = f {
+            files += 1;
+            bytes += b.len();
+        }
+    });
+    assert!(files <= MAX_FILES && bytes <= max);
 });

@@ -9,7 +9,118 @@
 
 use base64::Engine as _;
 
-use crate::json_text;
+use crate::{FileType, NotInspectable, json_text, sniff::sniff};
+
+/// Most files found base64-encoded in the texts of one search (each is inspected as a file).
+pub const MAX_FILES: usize = 64;
+/// Deepest text inside text followed: base64 that decodes to text (base64 of base64, of JSON),
+/// a JSON string that is JSON again.
+pub const MAX_NESTING: usize = 4;
+
+/// What a [`Search`] hands its caller.
+#[derive(Debug)]
+pub enum Found<'a> {
+    /// Text decoded from base64 (for DLP).
+    Text(&'a [u8]),
+    /// A file decoded from base64.
+    File(Vec<u8>),
+}
+
+/// One search for files carried base64-encoded in text, with bounds shared by every text given
+/// to it (the pieces of one request, the members of one archive): decoded bytes, files found,
+/// nesting. A text that reaches a bound is not searched to its end, and [`Search::cut`] says
+/// why: the caller must treat what it searched as not inspectable, never as clean.
+#[derive(Debug)]
+pub struct Search {
+    max: usize,
+    room: usize,
+    files: usize,
+    cut: Option<NotInspectable>,
+}
+
+impl Search {
+    /// A search that decodes at most `room` bytes in all.
+    pub fn new(room: usize) -> Self {
+        Self {
+            max: room,
+            room,
+            files: 0,
+            cut: None,
+        }
+    }
+
+    /// Why the search stopped short, if it did.
+    pub fn cut(&self) -> Option<&NotInspectable> {
+        self.cut.as_ref()
+    }
+
+    /// Searches `text` (in a JSON text, its strings as its parser reads them); `found` gets every
+    /// file and every decoded text. True when a file was found or the search was cut short.
+    pub fn text(&mut self, text: &[u8], found: &mut dyn FnMut(Found<'_>)) -> bool {
+        // Once cut, nothing more is searched: the whole is not inspectable already.
+        self.cut.is_some() || self.text_at(text, 0, found)
+    }
+
+    fn text_at(&mut self, text: &[u8], depth: usize, found: &mut dyn FnMut(Found<'_>)) -> bool {
+        if sniff(text) != FileType::Json {
+            return self.runs(text, depth, found);
+        }
+        let mut any = false;
+        json_strings(text, |s| {
+            any |= if depth < MAX_NESTING && sniff(s) == FileType::Json {
+                // A string that is JSON again (a stringified document).
+                self.text_at(s, depth + 1, found)
+            } else {
+                self.runs(s, depth, found)
+            };
+        });
+        any
+    }
+
+    /// The base64 runs of one text: a run that decodes to a file is handed over as one; one that
+    /// decodes to text is handed over as text and searched again, [`MAX_NESTING`] deep.
+    fn runs(&mut self, text: &[u8], depth: usize, found: &mut dyn FnMut(Found<'_>)) -> bool {
+        let mut runs = Runs::new(text);
+        let mut any = false;
+        loop {
+            let decoded = match runs.next(&mut self.room) {
+                Next::End => return any,
+                Next::OverBudget => {
+                    return self.stop(NotInspectable::TooLarge(self.max as u64));
+                }
+                Next::Run(d) => d,
+            };
+            if matches!(
+                sniff(&decoded),
+                FileType::Text | FileType::Json | FileType::Xml | FileType::Html
+            ) {
+                found(Found::Text(&decoded));
+                any |= if depth < MAX_NESTING {
+                    self.text_at(&decoded, depth + 1, found)
+                } else if has_run(&decoded) || sniff(&decoded) == FileType::Json {
+                    self.stop(NotInspectable::TooDeep(MAX_NESTING))
+                } else {
+                    false
+                };
+                continue;
+            }
+            if self.files == MAX_FILES {
+                return self.stop(NotInspectable::Unsupported(format!(
+                    "more than {MAX_FILES} base64-encoded files in the text of one request"
+                )));
+            }
+            self.files += 1;
+            found(Found::File(decoded));
+            any = true;
+        }
+    }
+
+    /// Stops the search (the first reason stands). True.
+    fn stop(&mut self, why: NotInspectable) -> bool {
+        self.cut.get_or_insert(why);
+        true
+    }
+}
 
 /// Shortest run of base64 characters decoded: shorter ones are tokens, hashes and keys.
 pub const MIN_RUN: usize = 256;

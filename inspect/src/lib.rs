@@ -339,11 +339,41 @@ pub fn inspect_with_members(
     limits: &Limits,
     detectors: &dlp::Detectors,
 ) -> Vec<FileFacts> {
+    with_members(bytes, name, limits, detectors, None)
+}
+
+/// [`inspect_with_members`] for a file a client sends: the text members of an archive are also
+/// searched (within `search`'s shared bounds) for files carried base64-encoded, and each one
+/// found is inspected as a member of its own (`bundle.zip/notes.txt/(base64 1)`). A member
+/// whose search was cut short is not inspectable.
+pub fn inspect_upload(
+    bytes: &[u8],
+    name: Option<&str>,
+    limits: &Limits,
+    detectors: &dlp::Detectors,
+    search: &mut embedded::Search,
+) -> Vec<FileFacts> {
+    with_members(bytes, name, limits, detectors, Some(search))
+}
+
+fn with_members(
+    bytes: &[u8],
+    name: Option<&str>,
+    limits: &Limits,
+    detectors: &dlp::Detectors,
+    search: Option<&mut embedded::Search>,
+) -> Vec<FileFacts> {
     let mut out = vec![inspect_file(bytes, name, limits, detectors)];
     if out[0].kind == Some(FileType::Zip) && out[0].not_inspectable.is_none() {
         let mut budget = zip::Budget::new(limits);
         let prefix = name.unwrap_or("archive.zip").to_owned();
-        if let Err(e) = members(bytes, &prefix, 1, limits, detectors, &mut budget, &mut out) {
+        let mut at = Members {
+            limits,
+            detectors,
+            budget: &mut budget,
+            search,
+        };
+        if let Err(e) = at.members(bytes, &prefix, 1, &mut out) {
             out[0].not_inspectable = Some(e);
         }
         // An archive nested past the bound was not seen whole: neither is the archive.
@@ -359,61 +389,106 @@ pub fn inspect_with_members(
     out
 }
 
-/// Appends the facts of the files in the archive `bytes` (named `prefix`) to `out`.
-fn members(
-    bytes: &[u8],
-    prefix: &str,
-    depth: usize,
-    limits: &Limits,
-    detectors: &dlp::Detectors,
-    budget: &mut zip::Budget,
-    out: &mut Vec<FileFacts>,
-) -> Result<(), NotInspectable> {
-    let archive = zip::Archive::parse(bytes, limits)?;
-    let names: Vec<String> = archive
-        .names()
-        .filter(|n| !n.ends_with('/'))
-        .map(str::to_owned)
-        .collect();
-    for n in names {
-        budget.check_time()?;
-        if out.len() > MAX_ARCHIVE_MEMBERS {
-            return Err(NotInspectable::Bomb(format!(
-                "more than {MAX_ARCHIVE_MEMBERS} files inside the archive"
-            )));
-        }
-        let full = format!("{prefix}/{n}");
-        let data = match archive.read(&n, budget) {
-            Ok(data) => data,
-            // The archive's own bounds end the whole inspection.
-            Err(e @ (NotInspectable::Bomb(_) | NotInspectable::Timeout(_))) => return Err(e),
-            Err(e) => {
-                out.push(FileFacts {
-                    name: Some(full),
-                    not_inspectable: Some(e),
-                    ..FileFacts::default()
-                });
-                continue;
+/// The walk over an archive's members, with its bounds.
+struct Members<'a, 'b> {
+    limits: &'a Limits,
+    detectors: &'a dlp::Detectors,
+    budget: &'a mut zip::Budget,
+    search: Option<&'b mut embedded::Search>,
+}
+
+impl Members<'_, '_> {
+    /// Appends the facts of the files in the archive `bytes` (named `prefix`) to `out`.
+    fn members(
+        &mut self,
+        bytes: &[u8],
+        prefix: &str,
+        depth: usize,
+        out: &mut Vec<FileFacts>,
+    ) -> Result<(), NotInspectable> {
+        let limits = self.limits;
+        let archive = zip::Archive::parse(bytes, limits)?;
+        let names: Vec<String> = archive
+            .names()
+            .filter(|n| !n.ends_with('/'))
+            .map(str::to_owned)
+            .collect();
+        for n in names {
+            self.budget.check_time()?;
+            if out.len() > MAX_ARCHIVE_MEMBERS {
+                return Err(NotInspectable::Bomb(format!(
+                    "more than {MAX_ARCHIVE_MEMBERS} files inside the archive"
+                )));
             }
-        };
+            let full = format!("{prefix}/{n}");
+            let data = match archive.read(&n, self.budget) {
+                Ok(data) => data,
+                // The archive's own bounds end the whole inspection.
+                Err(e @ (NotInspectable::Bomb(_) | NotInspectable::Timeout(_))) => return Err(e),
+                Err(e) => {
+                    out.push(FileFacts {
+                        name: Some(full),
+                        not_inspectable: Some(e),
+                        ..FileFacts::default()
+                    });
+                    continue;
+                }
+            };
+            self.member(data, full, depth, out)?;
+        }
+        Ok(())
+    }
+
+    /// Inspects one member (and what it holds: an inner archive's members, the files its text
+    /// carries base64-encoded).
+    fn member(
+        &mut self,
+        data: Vec<u8>,
+        full: String,
+        depth: usize,
+        out: &mut Vec<FileFacts>,
+    ) -> Result<(), NotInspectable> {
         let member_limits = Limits {
-            max_time: budget.deadline().remaining(),
-            ..limits.clone()
+            max_time: self.budget.deadline().remaining(),
+            ..self.limits.clone()
         };
-        let mut facts = inspect_file(&data, Some(&full), &member_limits, detectors);
+        let mut facts = inspect_file(&data, Some(&full), &member_limits, self.detectors);
         if let Some(NotInspectable::Timeout(_)) = facts.not_inspectable {
-            return Err(NotInspectable::Timeout(limits.max_time));
+            return Err(NotInspectable::Timeout(self.limits.max_time));
         }
         let nested = facts.kind == Some(FileType::Zip) && facts.not_inspectable.is_none();
         if nested && depth >= MAX_ARCHIVE_DEPTH {
             facts.not_inspectable = Some(NotInspectable::TooDeep(MAX_ARCHIVE_DEPTH));
         }
+        let textual = matches!(
+            facts.kind,
+            Some(FileType::Text | FileType::Json | FileType::Xml | FileType::Html)
+        ) && facts.not_inspectable.is_none();
+        let mut carried = Vec::new();
+        if textual && let Some(search) = self.search.as_deref_mut() {
+            let before = search.cut().is_some();
+            let detectors = self.detectors;
+            search.text(&data, &mut |f| match f {
+                embedded::Found::Text(t) => {
+                    for (k, v) in detectors.scan(t).counts {
+                        *facts.dlp.entry(k).or_default() += v;
+                    }
+                }
+                embedded::Found::File(b) => carried.push(b),
+            });
+            if !before && let Some(why) = search.cut() {
+                facts.not_inspectable = Some(why.clone());
+            }
+        }
         out.push(facts);
         if nested && depth < MAX_ARCHIVE_DEPTH {
-            members(&data, &full, depth + 1, limits, detectors, budget, out)?;
+            self.members(&data, &full, depth + 1, out)?;
         }
+        for (i, b) in carried.into_iter().enumerate() {
+            self.member(b, format!("{full}/(base64 {})", i + 1), depth, out)?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Most characters of document text scanned for DLP.
@@ -595,6 +670,58 @@ mod tests {
 
     fn facts(bytes: &[u8]) -> FileFacts {
         inspect_file(bytes, None, &Limits::default(), &dlp::Detectors::default())
+    }
+
+    /// A file a client sends: the text members of its archive are searched for files carried
+    /// base64-encoded (each reported as a member of its own, its text's DLP hits kept); the same
+    /// archive downloaded is not searched; a member whose search is cut is not inspectable.
+    #[test]
+    fn uploaded_archives_give_up_the_files_their_text_members_carry() {
+        use base64::Engine as _;
+        let pdf = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n".repeat(20);
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let card = b64(
+            "card 4111 1111 1111 1111 and words to make it long enough, "
+                .repeat(6)
+                .as_bytes(),
+        );
+        let notes = format!(
+            r#"{{"doc": "{}", "t": "{card}"}}"#,
+            b64(&pdf).replace('/', "\\/")
+        );
+        let z = zip::build(&[("a.txt", b"hello"), ("notes.json", notes.as_bytes())]).unwrap();
+        let limits = Limits::default();
+        let det = dlp::Detectors::default();
+        let mut search = embedded::Search::new(1 << 20);
+        let all = inspect_upload(&z, Some("up.zip"), &limits, &det, &mut search);
+        let names: Vec<&str> = all.iter().map(|f| f.name.as_deref().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "up.zip",
+                "up.zip/a.txt",
+                "up.zip/notes.json",
+                "up.zip/notes.json/(base64 1)"
+            ]
+        );
+        assert_eq!(all[3].kind, Some(FileType::Pdf));
+        assert_eq!(all[3].sha256, sha256_hex(&pdf));
+        assert_eq!(all[2].dlp.get("credit_card"), Some(&6), "{:?}", all[2].dlp);
+        assert!(search.cut().is_none());
+        // Downloaded, the same archive is its members only.
+        assert_eq!(
+            inspect_with_members(&z, Some("up.zip"), &limits, &det).len(),
+            3
+        );
+        // With too little room the member is not inspectable, and says why.
+        let mut small = embedded::Search::new(100);
+        let all = inspect_upload(&z, Some("up.zip"), &limits, &det, &mut small);
+        assert_eq!(all.len(), 3);
+        assert!(
+            matches!(all[2].not_inspectable, Some(NotInspectable::TooLarge(100))),
+            "{:?}",
+            all[2].not_inspectable
+        );
     }
 
     #[test]

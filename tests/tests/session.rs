@@ -673,7 +673,8 @@ fn labeled_office_and_pdf_uploads_pass_byte_for_byte() {
 
 /// A labeled document carried base64-encoded in request text is read and passes with its label
 /// recorded, however the text dresses it: behind runs that decode to text, in JSON that escapes
-/// every '/' (PHP's default), as base64 of a JSON document that carries it.
+/// every '/' (PHP's default), as base64 of a JSON document that carries it, in a text file
+/// inside a zip archive.
 #[test]
 #[ignore = "needs root"]
 fn labeled_documents_in_text_are_read_through_escapes_decoys_and_nesting() {
@@ -693,21 +694,33 @@ fn labeled_documents_in_text_are_read_through_escapes_decoys_and_nesting() {
         r#"{{"note": "{}"}}"#,
         b64(format!(r#"{{"f": "{inner}"}}"#).as_bytes())
     );
-    for (what, body) in [("decoys", decoys), ("php", php), ("nested", nested)] {
-        let path = e.dir.join(format!("{what}.json"));
+    let zipped = zip_text(&e.dir, "notes.txt", &inner);
+    let bodies = [
+        ("decoys", decoys.into_bytes()),
+        ("php", php.into_bytes()),
+        ("nested", nested.into_bytes()),
+        ("zip", zipped),
+    ];
+    for (what, body) in bodies {
+        let path = e.dir.join(format!("{what}.body"));
         std::fs::write(&path, body).unwrap();
         let seq = e.last_seq();
         let before = e.events().len();
-        let got = e.curl(
-            Some("bob@corp.example"),
-            &[
+        let at = format!("@{}", path.display());
+        let form = format!("file={at};filename=notes.zip");
+        let url = e.url("/upload");
+        let args: Vec<&str> = if what == "zip" {
+            vec!["-F", &form, &url]
+        } else {
+            vec![
                 "-H",
                 "Content-Type: application/json",
                 "--data-binary",
-                &format!("@{}", path.display()),
-                &e.url("/upload"),
-            ],
-        );
+                &at,
+                &url,
+            ]
+        };
+        let got = e.curl(Some("bob@corp.example"), &args);
         assert_ne!(got.status, 403, "{what}: {}", got.text());
         assert_eq!(
             e.app_requests_after(seq).len(),
@@ -1531,6 +1544,21 @@ impl Env {
     }
 }
 
+/// A zip archive made by Info-ZIP holding one text file.
+fn zip_text(env_dir: &Path, name: &str, text: &str) -> Vec<u8> {
+    let dir = env_dir.join("zip-text");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), text).unwrap();
+    let ok = std::process::Command::new("zip")
+        .current_dir(&dir)
+        .args(["-q", "out.zip", name])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "zip");
+    std::fs::read(dir.join("out.zip")).unwrap()
+}
+
 /// `plain.docx` base64-encoded, wrapped at 76 columns as MIME writes it.
 fn base64_wrapped(bytes: &[u8]) -> String {
     use base64::Engine as _;
@@ -1585,7 +1613,10 @@ fn an_insider_cannot_get_an_unlabeled_document_in_by_header_games_encodings_or_a
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(format!(r#"{{"f": "{b64}"}}"#))
     };
+    // An archive (Info-ZIP's) whose text member carries it.
+    let zipped = zip_text(&e.dir, "notes.txt", &base64_wrapped(&doc));
     let dir = e.user_dir(&[
+        ("notes.zip", &zipped),
         ("decoys.json", decoys.as_bytes()),
         ("php.json", php.as_bytes()),
         ("twice.txt", twice.as_bytes()),
@@ -1723,6 +1754,14 @@ fn an_insider_cannot_get_an_unlabeled_document_in_by_header_games_encodings_or_a
                 "Content-Type: text/plain".into(),
                 "--data-binary".into(),
                 at("report.b64"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "base64 in a text file inside a zip archive",
+            vec![
+                "-F".into(),
+                format!("file={}", at("notes.zip")),
                 upload.clone(),
             ],
         ),

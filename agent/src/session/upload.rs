@@ -22,11 +22,6 @@ use crate::proxy::hooks::{BodyVerdict, Side};
 const MAX_PARTS: usize = 1_000;
 /// Most fields in a URL-encoded form.
 const MAX_FIELDS: usize = 10_000;
-/// Most files found base64-encoded in the text of one request (each is inspected as a file).
-const MAX_EMBEDDED: usize = 64;
-/// Deepest text inside text followed: base64 that decodes to text (base64 of base64, of JSON),
-/// a JSON string that is JSON again.
-const MAX_NESTING: usize = 4;
 
 /// What is known of an upload before its body arrives.
 #[derive(Debug, Clone, Copy)]
@@ -244,13 +239,9 @@ struct Pieces<'a> {
     cx: &'a Context,
     files: Vec<FileFacts>,
     dlp: Dlp,
-    /// Bytes of embedded base64 still allowed to be decoded (shared by every text of the
-    /// request, nested decodings included).
-    room: usize,
-    /// Files found base64-encoded so far.
-    embedded: usize,
-    /// Text was left unsearched (a bound was reached) and said so in `files`.
-    cut: bool,
+    /// The search for base64-encoded files, its bounds shared by every text of the request
+    /// (archive members' included).
+    search: embedded::Search,
 }
 
 impl<'a> Pieces<'a> {
@@ -259,9 +250,9 @@ impl<'a> Pieces<'a> {
             cx,
             files: Vec::new(),
             dlp: Dlp::new(),
-            room: usize::try_from(cx.limits.max_bytes).unwrap_or(usize::MAX),
-            embedded: 0,
-            cut: false,
+            search: embedded::Search::new(
+                usize::try_from(cx.limits.max_bytes).unwrap_or(usize::MAX),
+            ),
         }
     }
 
@@ -269,17 +260,10 @@ impl<'a> Pieces<'a> {
     /// request says so) or when its bytes are not text; text is scanned for DLP and searched
     /// for base64-encoded files.
     fn add(&mut self, data: &[u8], name: Option<&str>, named: bool) -> bool {
-        let cx = self.cx;
         let text = textual(data);
         if named || !text {
             // A text file is inspected (and DLP-scanned) as the file it is.
-            let mut found =
-                inspect::inspect_with_members(data, name, &cx.limits, &cx.set.detectors);
-            refuse_unknown(&mut found);
-            if let Some(first) = found.first_mut() {
-                cx.scan(Side::Request, data, first);
-            }
-            self.files.append(&mut found);
+            self.file(data, name);
             if !text {
                 return true;
             }
@@ -287,101 +271,58 @@ impl<'a> Pieces<'a> {
             self.scan_text(data);
         }
         // Text may carry a file base64-encoded.
-        self.embedded_in(data, name, 0) || named
+        let before = self.search.cut().is_some();
+        let mut carried = Vec::new();
+        let mut texts = Dlp::new();
+        let detectors = &self.cx.set.detectors;
+        let any = self.search.text(data, &mut |f| match f {
+            embedded::Found::Text(t) => add_hits(&mut texts, detectors, t),
+            embedded::Found::File(b) => carried.push(b),
+        });
+        for (k, v) in texts {
+            *self.dlp.entry(k).or_default() += v;
+        }
+        for b in carried {
+            self.file(&b, Some(name.unwrap_or(EMBEDDED_NAME)));
+        }
+        if !before && let Some(why) = self.search.cut() {
+            // The text was not searched to its end: not inspectable, never clean.
+            self.files.push(FileFacts {
+                name: Some(name.unwrap_or(EMBEDDED_NAME).to_owned()),
+                not_inspectable: Some(why.clone()),
+                ..FileFacts::default()
+            });
+        }
+        any || named
+    }
+
+    /// Inspects one file (an archive's members too, and the files their text carries).
+    fn file(&mut self, data: &[u8], name: Option<&str>) {
+        let cx = self.cx;
+        let mut found =
+            inspect::inspect_upload(data, name, &cx.limits, &cx.set.detectors, &mut self.search);
+        refuse_unknown(&mut found);
+        if let Some(first) = found.first_mut() {
+            cx.scan(Side::Request, data, first);
+        }
+        self.files.append(&mut found);
     }
 
     /// Adds the DLP hits of a text.
     fn scan_text(&mut self, data: &[u8]) {
-        let detectors = &self.cx.set.detectors;
-        let hits = if sniff(data) == FileType::Json {
-            detectors.scan_json(data)
-        } else {
-            detectors.scan(data)
-        };
-        for (k, v) in hits.counts {
-            *self.dlp.entry(k).or_default() += v;
-        }
+        add_hits(&mut self.dlp, &self.cx.set.detectors, data);
     }
+}
 
-    /// Searches a text `depth` levels inside the request's own text for files carried
-    /// base64-encoded: in a JSON text, its strings as its parser reads them; true when one was
-    /// found (or the search was cut short, which is not-inspectable, never clean).
-    fn embedded_in(&mut self, text: &[u8], name: Option<&str>, depth: usize) -> bool {
-        if sniff(text) != FileType::Json {
-            return self.runs(text, name, depth);
-        }
-        let mut any = false;
-        embedded::json_strings(text, |s| {
-            any |= if depth < MAX_NESTING && sniff(s) == FileType::Json {
-                // A string that is JSON again (a stringified document).
-                self.embedded_in(s, name, depth + 1)
-            } else {
-                self.runs(s, name, depth)
-            };
-        });
-        any
-    }
-
-    /// The base64 runs of one text: a run that decodes to a file is inspected as one; one that
-    /// decodes to text is DLP-scanned and searched again, up to [`MAX_NESTING`] deep.
-    fn runs(&mut self, text: &[u8], name: Option<&str>, depth: usize) -> bool {
-        let cx = self.cx;
-        let mut runs = embedded::Runs::new(text);
-        let mut any = false;
-        loop {
-            let decoded = match runs.next(&mut self.room) {
-                embedded::Next::End => return any,
-                embedded::Next::OverBudget => {
-                    return self.cut_short(name, NotInspectable::TooLarge(cx.limits.max_bytes));
-                }
-                embedded::Next::Run(d) => d,
-            };
-            if textual(&decoded) {
-                self.scan_text(&decoded);
-                any |= if depth < MAX_NESTING {
-                    self.embedded_in(&decoded, name, depth + 1)
-                } else if embedded::has_run(&decoded) || sniff(&decoded) == FileType::Json {
-                    self.cut_short(name, NotInspectable::TooDeep(MAX_NESTING))
-                } else {
-                    false
-                };
-                continue;
-            }
-            if self.embedded == MAX_EMBEDDED {
-                return self.cut_short(
-                    name,
-                    NotInspectable::Unsupported(format!(
-                        "more than {MAX_EMBEDDED} base64-encoded files in one request"
-                    )),
-                );
-            }
-            self.embedded += 1;
-            let mut found =
-                inspect::inspect_with_members(&decoded, name, &cx.limits, &cx.set.detectors);
-            refuse_unknown(&mut found);
-            if let Some(first) = found.first_mut() {
-                cx.scan(Side::Request, &decoded, first);
-                if first.name.is_none() {
-                    first.name = Some(EMBEDDED_NAME.into());
-                }
-            }
-            self.files.append(&mut found);
-            any = true;
-        }
-    }
-
-    /// The request's text was not searched to the end: one not-inspectable entry says why (the
-    /// first bound reached), so the policy's not-inspectable action applies. True.
-    fn cut_short(&mut self, name: Option<&str>, why: NotInspectable) -> bool {
-        if !self.cut {
-            self.cut = true;
-            self.files.push(FileFacts {
-                name: Some(name.unwrap_or(EMBEDDED_NAME).to_owned()),
-                not_inspectable: Some(why),
-                ..FileFacts::default()
-            });
-        }
-        true
+/// Adds the DLP hits of `text` to `dlp`.
+fn add_hits(dlp: &mut Dlp, detectors: &inspect::dlp::Detectors, text: &[u8]) {
+    let hits = if sniff(text) == FileType::Json {
+        detectors.scan_json(text)
+    } else {
+        detectors.scan(text)
+    };
+    for (k, v) in hits.counts {
+        *dlp.entry(k).or_default() += v;
     }
 }
 
