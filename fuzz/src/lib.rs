@@ -71,6 +71,16 @@ pub fn inspect(bytes: &[u8]) {
     let all = sluice_inspect::inspect_with_members(bytes, Some("fuzz"), &limits(), detectors());
     assert!(!all.is_empty() && all.len() <= sluice_inspect::MAX_ARCHIVE_MEMBERS + 2);
     check_facts(bytes, &all[0]);
+    // As an upload: text members are searched too, within the search's bounds.
+    let mut search = sluice_inspect::embedded::Search::new(1 << 20);
+    let up =
+        sluice_inspect::inspect_upload(bytes, Some("fuzz"), &limits(), detectors(), &mut search);
+    assert!(
+        !up.is_empty()
+            && up.len()
+                <= sluice_inspect::MAX_ARCHIVE_MEMBERS + 2 + sluice_inspect::embedded::MAX_FILES
+    );
+    check_facts(bytes, &up[0]);
 }
 
 /// Checks a label write: a file written with the label reads back with it, enabled (what the
