@@ -332,10 +332,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Draws once from the random generator so that its entropy source is set up at start: aws-lc
+/// seeds its generator from CPU jitter the first time it is used in a process, some 25 ms of
+/// CPU that would otherwise fall on the first TLS handshake a client waits for.
+fn seed_random() -> anyhow::Result<()> {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| anyhow::anyhow!("the random generator failed"))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
+            seed_random()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -353,6 +362,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sluice::privsep::client::Link::connect(&cfg.privsep_socket())?;
             let mut writable = vec![cfg.state_dir.clone()];
             writable.extend(cfg.report.events_file.clone());
+            seed_random()?;
             let sandbox = sluice::privsep::sandbox::enter(&writable).map_err(anyhow::Error::msg)?;
             tracing::info!(
                 uid = nix::unistd::getuid().as_raw(),
