@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -329,9 +329,11 @@ async fn route(
                 serde_json::json!({ "len": len, "sha256": hash, "version": version, "host": host }),
             ))
         }
-        ("GET", p) if p.starts_with("/bytes/") => {
+        ("GET" | "HEAD", p) if p.starts_with("/bytes/") => {
             let n: u64 = p.trim_start_matches("/bytes/").parse().unwrap_or(0);
-            let stream = pattern_stream(n);
+            // A HEAD answer says the length and sends no body (hyper's HTTP/2 server would
+            // send one).
+            let stream = pattern_stream(if req.method() == Method::HEAD { 0 } else { n });
             let mut r = Response::new(StreamBody::new(stream).boxed());
             r.headers_mut()
                 .insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));

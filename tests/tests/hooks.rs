@@ -363,6 +363,12 @@ fn hooks_pass_rewrite_or_answer_instead() {
             "hooked body"
         );
         rig.curl(&[proto, "-o", "/dev/null", &url("/bytes/300000?resp=count")]);
+        // A response without a body (empty, or to a HEAD) is delivered, not cut: nothing reads
+        // a body that is known to be empty.
+        let (body, code) = rig.with_code(&[proto, &url("/bytes/0")]);
+        assert_eq!((code.as_str(), body.as_str()), ("200", ""));
+        let (_, code) = rig.with_code(&[proto, "-I", &url("/bytes/5")]);
+        assert_eq!(code, "200");
     }
     let log = rig.origin.requests();
     assert!(!log.iter().any(|l| l.contains("blocked-head")), "{log:?}");
@@ -384,9 +390,24 @@ fn hooks_pass_rewrite_or_answer_instead() {
             .count(),
         2
     );
+    let empty: Vec<_> = recs
+        .iter()
+        .filter(|r| r.url.ends_with("/bytes/0") || r.url.ends_with("/bytes/5"))
+        .map(|r| (r.method.as_str(), r.outcome.as_str(), r.bytes_down))
+        .collect();
+    assert_eq!(
+        empty,
+        [
+            ("GET", "ok", 0),
+            ("HEAD", "ok", 0),
+            ("GET", "ok", 0),
+            ("HEAD", "ok", 0)
+        ],
+        "{recs:?}"
+    );
     // Every request's flow was finished exactly once, with its record: answered, replaced and
     // delivered alike.
-    assert_eq!(recs.len(), 18, "{recs:?}");
+    assert_eq!(recs.len(), 22, "{recs:?}");
     assert_eq!(rig.finished.load(Ordering::Relaxed), recs.len() as u64);
     // Held bodies were judged on the inspection pool.
     assert_eq!(rig.stats.snapshot().inspections, 8);

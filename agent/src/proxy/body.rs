@@ -48,7 +48,7 @@ pub type OnDone = Box<dyn FnOnce(u64, bool) + Send>;
 
 /// Wraps a body: counts bytes into `counter` and calls `on_done` exactly once: at its end, on an
 /// error, or when it is dropped unfinished (the reader went away).
-pub struct Observed<B> {
+pub struct Observed<B: Body> {
     inner: B,
     counter: Arc<AtomicU64>,
     seen: u64,
@@ -59,7 +59,7 @@ pub struct Observed<B> {
 /// Where a body's SHA-256 (hex) lands once the body is complete.
 pub type DigestSink = Arc<std::sync::Mutex<Option<String>>>;
 
-impl<B> Observed<B> {
+impl<B: Body> Observed<B> {
     /// Also computes the body's SHA-256 as it streams, into `sink` when the body completes.
     pub fn hashing(mut self, sink: Option<DigestSink>) -> Self {
         self.digest = sink.map(|s| {
@@ -83,6 +83,14 @@ impl<B> Observed<B> {
     }
 
     fn finish(&mut self, complete: bool) {
+        self.seal(complete);
+        if let Some(f) = self.on_done.take() {
+            f(self.seen, complete);
+        }
+    }
+
+    /// Puts the digest where it is wanted, when the body was whole.
+    fn seal(&mut self, complete: bool) {
         if let Some((ctx, sink)) = self.digest.take()
             && complete
         {
@@ -91,13 +99,10 @@ impl<B> Observed<B> {
                 *slot = Some(hex);
             }
         }
-        if let Some(f) = self.on_done.take() {
-            f(self.seen, complete);
-        }
     }
 }
 
-impl<B> std::fmt::Debug for Observed<B> {
+impl<B: Body> std::fmt::Debug for Observed<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Observed")
             .field("seen", &self.seen)
@@ -105,20 +110,27 @@ impl<B> std::fmt::Debug for Observed<B> {
     }
 }
 
-impl<B> Drop for Observed<B> {
-    /// A body dropped before its end was cut (the reader went away). Dropping only notices it:
-    /// the `on_done` that ends the request runs as a task of its own, not inside the drop (inline
-    /// only when no runtime is there to run it, as when the runtime itself is shutting down).
+impl<B: Body> Drop for Observed<B> {
+    /// A body dropped before its end was cut (the reader went away); one dropped at its end was
+    /// delivered whole (a body known to be empty, as the answer to a HEAD, is never read at all).
+    /// Dropping only notices it: the `on_done` that ends the request runs as a task of its own,
+    /// not inside the drop (inline only when no runtime is there to run it, as when the runtime
+    /// itself is shutting down).
     fn drop(&mut self) {
+        if self.on_done.is_none() && self.digest.is_none() {
+            return;
+        }
+        let complete = self.inner.is_end_stream();
+        self.seal(complete);
         let Some(f) = self.on_done.take() else {
             return;
         };
         let seen = self.seen;
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(async move { f(seen, false) });
+                rt.spawn(async move { f(seen, complete) });
             }
-            Err(_) => f(seen, false),
+            Err(_) => f(seen, complete),
         }
     }
 }
