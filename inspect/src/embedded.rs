@@ -166,62 +166,75 @@ impl<'a> Runs<'a> {
                 self.i += 1;
                 continue;
             }
-            // Collect one run: alphabet bytes, with line breaks inside it dropped.
+            // Collect one run: alphabet bytes, with the line breaks (and the indentation after
+            // them) of wrapped base64 dropped. Padding ends a run, and so does a line that is
+            // blank or starts with `--` (a MIME boundary: `-` is in the URL-safe alphabet), and
+            // a line shorter than the wrapping width (set by the second line: the first may start
+            // in the middle of one): that is the last line of a wrapped run.
             self.run.clear();
+            let (mut line, mut lines, mut width, mut last_line) = (0usize, 1usize, None, 0usize);
             while self.i < text.len() {
                 let c = text[self.i];
-                if is_b64(c) {
-                    self.run.push(c);
-                } else if c == b'\r' || c == b'\n' {
-                    // A line break continues the run only when more alphabet follows it.
-                    if !text
-                        .get(self.i + 1..)
-                        .is_some_and(|t| t.first().is_some_and(|&n| is_b64(n) || n == b'\n'))
-                    {
-                        break;
+                if c == b'=' {
+                    while text.get(self.i) == Some(&b'=') {
+                        self.run.push(b'=');
+                        self.i += 1;
                     }
-                } else {
                     break;
                 }
-                self.i += 1;
+                if is_b64(c) {
+                    self.run.push(c);
+                    line += 1;
+                    self.i += 1;
+                    continue;
+                }
+                if lines >= 2 && *width.get_or_insert(line) != line {
+                    break;
+                }
+                match line_continues(text, self.i) {
+                    Some(next) => {
+                        self.i = next;
+                        last_line = self.run.len();
+                        lines += 1;
+                        line = 0;
+                    }
+                    None => break,
+                }
             }
             if self.run.len() < MIN_RUN {
                 continue;
             }
-            let trimmed: &[u8] = {
-                let end = self
-                    .run
-                    .iter()
-                    .rposition(|&c| c != b'=')
-                    .map_or(0, |p| p + 1);
-                &self.run[..end]
-            };
-            if trimmed.contains(&b'=') {
-                continue;
-            }
-            let url_safe = trimmed.iter().any(|&c| c == b'-' || c == b'_');
-            let standard = trimmed.iter().any(|&c| c == b'+' || c == b'/');
-            if url_safe && standard {
-                continue;
-            }
-            let engine = if url_safe {
-                &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            } else {
-                &base64::engine::general_purpose::STANDARD_NO_PAD
-            };
-            // Exactly what the run decodes to: three bytes per four characters, and one or two
-            // for a last group of two or three (a last group of one does not decode).
-            let decoded = trimmed.len() / 4 * 3 + (trimmed.len() % 4).saturating_sub(1);
-            if trimmed.len() % 4 == 1 {
-                continue;
-            }
-            if decoded > *room {
-                self.i = text.len();
-                return Next::OverBudget;
-            }
-            if let Ok(bytes) = engine.decode(trimmed) {
-                *room -= bytes.len();
-                return Next::Run(bytes);
+            // A wrapped run whose last full line was followed by a line of other text (a YAML
+            // key, a word) took that line in too: without it, the run may decode.
+            let whole = self.run.len();
+            for end in [whole, last_line] {
+                if end == 0 || (end == last_line && end == whole) {
+                    continue;
+                }
+                let run = &self.run[..end];
+                let trimmed = &run[..run.iter().rposition(|&c| c != b'=').map_or(0, |p| p + 1)];
+                let url_safe = trimmed.iter().any(|&c| c == b'-' || c == b'_');
+                let standard = trimmed.iter().any(|&c| c == b'+' || c == b'/');
+                // Mixed alphabets, or a last group of one character: not base64.
+                if (url_safe && standard) || trimmed.len() % 4 == 1 {
+                    continue;
+                }
+                let engine = if url_safe {
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                } else {
+                    &base64::engine::general_purpose::STANDARD_NO_PAD
+                };
+                // Exactly what the run decodes to: three bytes per four characters, and one or
+                // two for a last group of two or three.
+                let decoded = trimmed.len() / 4 * 3 + (trimmed.len() % 4).saturating_sub(1);
+                if decoded > *room {
+                    self.i = text.len();
+                    return Next::OverBudget;
+                }
+                if let Ok(bytes) = engine.decode(trimmed) {
+                    *room -= bytes.len();
+                    return Next::Run(bytes);
+                }
             }
         }
         Next::End
@@ -268,6 +281,25 @@ pub fn json_strings(json: &[u8], mut f: impl FnMut(&[u8])) {
         }
         i = l.close + 1;
     }
+}
+
+/// Where a run wrapped at `at` (a line break) goes on: past one line break (`\n` or `\r\n`)
+/// and the spaces or tabs that indent the next line, when that line starts with the alphabet
+/// and not with `--`.
+fn line_continues(text: &[u8], at: usize) -> Option<usize> {
+    let mut j = at;
+    if text.get(j) == Some(&b'\r') {
+        j += 1;
+    }
+    if text.get(j) != Some(&b'\n') {
+        return None;
+    }
+    j += 1;
+    while matches!(text.get(j), Some(b' ' | b'\t')) {
+        j += 1;
+    }
+    let next = *text.get(j)?;
+    (is_b64(next) && next != b'=' && !text[j..].starts_with(b"--")).then_some(j)
 }
 
 fn is_b64(c: u8) -> bool {
@@ -342,6 +374,58 @@ mod tests {
         assert_eq!(base64_runs(odd.as_bytes(), 0), none);
     }
 
+    /// Wrapped base64 as mail and configuration files carry it: a MIME attachment (padded or
+    /// not) followed by its boundary line, an indented YAML block followed by the next key, a
+    /// run followed by prose. Each gives back exactly the file (a line of prose right after a
+    /// full last line is the one case taken in: the file then carries a few bytes more).
+    #[test]
+    fn wrapped_runs_end_where_mime_yaml_and_prose_end_them() {
+        let wrap = |b64: &str, eol: &str, indent: &str| -> String {
+            b64.as_bytes()
+                .chunks(76)
+                .map(|c| format!("{indent}{}{eol}", String::from_utf8_lossy(c)))
+                .collect()
+        };
+        for len in [3000usize, 3001, 2964] {
+            // 3001 bytes end in padding; 3000 do not; 2964 fill their last line (52 of 76).
+            let file: Vec<u8> = (0..len as u32).map(|i| (i * 7 % 251) as u8).collect();
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&file);
+            assert!(b64.contains('+') && b64.contains('/'));
+            let mime = format!(
+                "Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\n\
+                 Content-Type: text/plain\r\n\r\nhello\r\n--b1\r\n\
+                 Content-Type: application/octet-stream\r\n\
+                 Content-Transfer-Encoding: base64\r\n\r\n{}--b1--\r\n",
+                wrap(&b64, "\r\n", "")
+            );
+            assert_eq!(
+                base64_runs(mime.as_bytes(), 1 << 20),
+                (vec![file.clone()], false)
+            );
+            let yaml = format!(
+                "name: q3.docx\ncontent: |\n{}other: 1\n",
+                wrap(&b64, "\n", "  ")
+            );
+            assert_eq!(
+                base64_runs(yaml.as_bytes(), 1 << 20),
+                (vec![file.clone()], false)
+            );
+            let prose = format!("{}\nRegards\n", wrap(&b64, "\n", ""));
+            assert_eq!(
+                base64_runs(prose.as_bytes(), 1 << 20),
+                (vec![file.clone()], false)
+            );
+            if len != 2964 {
+                // A word on the line after a short last line is not taken in.
+                let prose = format!("{}Regards\n", wrap(&b64, "\n", ""));
+                assert_eq!(
+                    base64_runs(prose.as_bytes(), 1 << 20),
+                    (vec![file.clone()], false)
+                );
+            }
+        }
+    }
+
     /// The room is the caller's, shared across texts: every run is decoded while it fits, and
     /// the first that does not fit is reported, not skipped in silence.
     #[test]
@@ -367,10 +451,11 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode(&file);
         assert!(b64.contains('/'));
         let escaped = b64.replace('/', "\\/");
-        let wrapped: String = escaped
+        // Wrapped at 76 as MIME writes it, then escaped as JSON.
+        let wrapped: String = b64
             .as_bytes()
             .chunks(76)
-            .map(|c| String::from_utf8_lossy(c).into_owned() + "\\n")
+            .map(|c| String::from_utf8_lossy(c).replace('/', "\\/") + "\\n")
             .collect();
         for value in [&escaped, &wrapped] {
             let json = format!(r#"{{"a": [{{"b": "short"}}, "{value}"]}}"#);

@@ -1613,9 +1613,34 @@ fn an_insider_cannot_get_an_unlabeled_document_in_by_header_games_encodings_or_a
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(format!(r#"{{"f": "{b64}"}}"#))
     };
+    // A mail sent through a mail API: the raw message (the document attached, followed by the
+    // closing boundary) base64url-encoded in a JSON field.
+    let mail = {
+        use base64::Engine as _;
+        let mime = format!(
+            "From: bob@corp.example\r\nTo: me@home.example\r\nSubject: q3\r\n\
+             MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+             --b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b1\r\n\
+             Content-Type: application/octet-stream; name=\"q3.docx\"\r\n\
+             Content-Transfer-Encoding: base64\r\n\r\n{}--b1--\r\n",
+            base64_wrapped(&doc).replace('\n', "\r\n")
+        );
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mime);
+        format!(r#"{{"raw": "{raw}"}}"#)
+    };
+    // YAML: a block scalar, indented.
+    let yaml = format!(
+        "name: q3\ncontent: |\n{}kind: report\n",
+        base64_wrapped(&doc)
+            .lines()
+            .map(|l| format!("  {l}\n"))
+            .collect::<String>()
+    );
     // An archive (Info-ZIP's) whose text member carries it.
     let zipped = zip_text(&e.dir, "notes.txt", &base64_wrapped(&doc));
     let dir = e.user_dir(&[
+        ("mail.json", mail.as_bytes()),
+        ("report.yaml", yaml.as_bytes()),
         ("notes.zip", &zipped),
         ("decoys.json", decoys.as_bytes()),
         ("php.json", php.as_bytes()),
@@ -1754,6 +1779,26 @@ fn an_insider_cannot_get_an_unlabeled_document_in_by_header_games_encodings_or_a
                 "Content-Type: text/plain".into(),
                 "--data-binary".into(),
                 at("report.b64"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "attached to a raw mail message, base64url in JSON",
+            vec![
+                "-H".into(),
+                "Content-Type: application/json".into(),
+                "--data-binary".into(),
+                at("mail.json"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "indented base64 in a YAML block",
+            vec![
+                "-H".into(),
+                "Content-Type: application/yaml".into(),
+                "--data-binary".into(),
+                at("report.yaml"),
                 upload.clone(),
             ],
         ),
