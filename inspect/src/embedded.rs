@@ -90,10 +90,7 @@ impl Search {
                 }
                 Next::Run(d) => d,
             };
-            if matches!(
-                sniff(&decoded),
-                FileType::Text | FileType::Json | FileType::Xml | FileType::Html
-            ) {
+            if sniff(&decoded).is_text() {
                 found(Found::Text(&decoded));
                 any |= if depth < MAX_NESTING {
                     self.text_at(&decoded, depth + 1, found)

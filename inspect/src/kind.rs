@@ -51,6 +51,12 @@ pub enum FileType {
 }
 
 impl FileType {
+    /// Text, JSON, XML and HTML: read as text (DLP-scanned, searched for files carried
+    /// base64-encoded); everything else is a file.
+    pub fn is_text(self) -> bool {
+        matches!(self, Self::Text | Self::Json | Self::Xml | Self::Html)
+    }
+
     /// Every type, in declaration order.
     pub const ALL: [FileType; 20] = [
         FileType::Docx,

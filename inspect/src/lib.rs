@@ -460,10 +460,7 @@ impl Members<'_, '_> {
         if nested && depth >= MAX_ARCHIVE_DEPTH {
             facts.not_inspectable = Some(NotInspectable::TooDeep(MAX_ARCHIVE_DEPTH));
         }
-        let textual = matches!(
-            facts.kind,
-            Some(FileType::Text | FileType::Json | FileType::Xml | FileType::Html)
-        ) && facts.not_inspectable.is_none();
+        let textual = facts.kind.is_some_and(FileType::is_text) && facts.not_inspectable.is_none();
         let mut carried = Vec::new();
         if textual && let Some(search) = self.search.as_deref_mut() {
             let before = search.cut().is_some();

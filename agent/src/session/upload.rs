@@ -331,10 +331,7 @@ const EMBEDDED_NAME: &str = "(base64 in the request)";
 
 /// Text, JSON, XML and HTML are read as text; everything else is a file.
 fn textual(data: &[u8]) -> bool {
-    matches!(
-        sniff(data),
-        FileType::Text | FileType::Json | FileType::Xml | FileType::Html
-    )
+    sniff(data).is_text()
 }
 
 /// A file of a type Sluice cannot read (an unknown binary, a tar or 7z archive, a file with
