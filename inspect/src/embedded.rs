@@ -203,9 +203,8 @@ impl<'a> Runs<'a> {
             }
             // A wrapped run whose last full line was followed by a line of other text (a YAML
             // key, a word) took that line in too: without it, the run may decode.
-            let whole = self.run.len();
-            for end in [whole, last_line] {
-                if end == 0 || (end == last_line && end == whole) {
+            for end in [self.run.len(), last_line] {
+                if end == 0 {
                     continue;
                 }
                 let run = &self.run[..end];
@@ -235,21 +234,6 @@ impl<'a> Runs<'a> {
             }
         }
         Next::End
-    }
-}
-
-/// The decoded contents of the base64 runs of `text`, at most `max_bytes` decoded in all; true
-/// with them when a run did not fit.
-pub fn base64_runs(text: &[u8], max_bytes: usize) -> (Vec<Vec<u8>>, bool) {
-    let mut runs = Runs::new(text);
-    let mut room = max_bytes;
-    let mut out = Vec::new();
-    loop {
-        match runs.next(&mut room) {
-            Next::Run(b) => out.push(b),
-            Next::OverBudget => return (out, true),
-            Next::End => return (out, false),
-        }
     }
 }
 
@@ -306,6 +290,21 @@ fn is_b64(c: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The decoded contents of the base64 runs of `text`, at most `max_bytes` decoded in all; true
+    /// with them when a run did not fit.
+    fn base64_runs(text: &[u8], max_bytes: usize) -> (Vec<Vec<u8>>, bool) {
+        let mut runs = Runs::new(text);
+        let mut room = max_bytes;
+        let mut out = Vec::new();
+        loop {
+            match runs.next(&mut room) {
+                Next::Run(b) => out.push(b),
+                Next::OverBudget => return (out, true),
+                Next::End => return (out, false),
+            }
+        }
+    }
 
     #[test]
     fn finds_files_in_json_data_urls_and_wrapped_text() {

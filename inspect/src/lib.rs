@@ -705,6 +705,15 @@ mod tests {
         assert_eq!(all[3].sha256, sha256_hex(&pdf));
         assert_eq!(all[2].dlp.get("credit_card"), Some(&6), "{:?}", all[2].dlp);
         assert!(search.cut().is_none());
+        // An archive one level deeper is searched the same way.
+        let outer = zip::build(&[("inner.zip", &z)]).unwrap();
+        let mut search = embedded::Search::new(1 << 20);
+        let all = inspect_upload(&outer, Some("up.zip"), &limits, &det, &mut search);
+        let found = all
+            .iter()
+            .find(|f| f.name.as_deref() == Some("up.zip/inner.zip/notes.json/(base64 1)"))
+            .unwrap();
+        assert_eq!(found.sha256, sha256_hex(&pdf));
         // Downloaded, the same archive is its members only.
         assert_eq!(
             inspect_with_members(&z, Some("up.zip"), &limits, &det).len(),

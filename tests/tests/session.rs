@@ -1638,7 +1638,14 @@ fn an_insider_cannot_get_an_unlabeled_document_in_by_header_games_encodings_or_a
     );
     // An archive (Info-ZIP's) whose text member carries it.
     let zipped = zip_text(&e.dir, "notes.txt", &base64_wrapped(&doc));
+    // The same JSON, gzip content-encoded.
+    let php_gz = {
+        let mut w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        w.write_all(php.as_bytes()).unwrap();
+        w.finish().unwrap()
+    };
     let dir = e.user_dir(&[
+        ("php.json.gz", &php_gz),
         ("mail.json", mail.as_bytes()),
         ("report.yaml", yaml.as_bytes()),
         ("notes.zip", &zipped),
@@ -1779,6 +1786,18 @@ fn an_insider_cannot_get_an_unlabeled_document_in_by_header_games_encodings_or_a
                 "Content-Type: text/plain".into(),
                 "--data-binary".into(),
                 at("report.b64"),
+                upload.clone(),
+            ],
+        ),
+        (
+            "base64 in gzip-encoded JSON with every '/' escaped",
+            vec![
+                "-H".into(),
+                "Content-Type: application/json".into(),
+                "-H".into(),
+                "Content-Encoding: gzip".into(),
+                "--data-binary".into(),
+                at("php.json.gz"),
                 upload.clone(),
             ],
         ),
