@@ -220,6 +220,11 @@ impl AdminState {
             "App addresses learned from DNS answers steered processes received.",
             p.dns_learned,
         );
+        let tls_sessions = [
+            ("records", p.tls_taken_over),
+            ("rustls", p.tls_kept_by_rustls),
+            ("failed", p.tls_takeover_failed),
+        ];
         metric(
             "sluice_proxy_active_connections",
             "gauge",
@@ -356,6 +361,17 @@ impl AdminState {
                 out.push_str(&line);
                 out.push('\n');
             }
+        }
+        out.push_str(
+            "# HELP sluice_proxy_tls_sessions_total Intercepted TLS sessions past their first \
+             data, by what carried them on: Sluice's record layer, rustls (not TLS 1.3), or a \
+             handover that failed.\n# TYPE sluice_proxy_tls_sessions_total counter\n",
+        );
+        for (by, v) in tls_sessions {
+            let _ = writeln!(
+                out,
+                "sluice_proxy_tls_sessions_total{{carried_by=\"{by}\"}} {v}"
+            );
         }
         out
     }

@@ -894,3 +894,107 @@ fn a_client_that_delays_its_client_hello_is_still_intercepted() {
         "{st}"
     );
 }
+
+/// The intercepted sessions' counters by what carried them on.
+fn carried(e: &Env) -> (u64, u64, u64) {
+    let st = e.status();
+    let n = |k: &str| {
+        st["proxy"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {st}"))
+    };
+    (
+        n("tls_taken_over"),
+        n("tls_kept_by_rustls"),
+        n("tls_takeover_failed"),
+    )
+}
+
+#[test]
+#[ignore = "needs root"]
+fn tls_13_sessions_go_on_in_the_record_layer_through_key_updates_and_tls_12_stays_with_rustls() {
+    let e = env("px-records");
+    // Both legs of a TLS 1.3 session (client and origin) are handed over after their first
+    // data: bodies both ways arrive whole over both protocols.
+    let upload = e.dir.join("up.bin");
+    let mut data = vec![0u8; 5 * 1024 * 1024 + 3];
+    sluice_e2e::pattern(0, &mut data);
+    std::fs::write(&upload, &data).expect("upload file");
+    for flag in ["--http1.1", "--http2"] {
+        let out = e
+            .curl(
+                &e.sluice_ca,
+                &[
+                    flag,
+                    "--tlsv1.3",
+                    "--data-binary",
+                    &format!("@{}", upload.display()),
+                    &e.url("good.test", "/echo"),
+                ],
+            )
+            .expect("POST");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v["sha256"], pattern_sha256(data.len() as u64), "{flag}");
+        let down = e
+            .sh(&format!(
+                "curl -sS {flag} --tlsv1.3 --cacert {ca} {res} {url} | sha256sum",
+                ca = e.sluice_ca.display(),
+                res = e.resolve_args(),
+                url = e.url("good.test", "/bytes/7340033")
+            ))
+            .expect("download");
+        assert_eq!(
+            down.split_whitespace().next(),
+            Some(pattern_sha256(7340033).as_str()),
+            "{flag}"
+        );
+    }
+    let (records, rustls, failed) = carried(&e);
+    assert!(
+        records >= 4,
+        "client and origin legs handed over: {records}"
+    );
+    assert_eq!((rustls, failed), (0, 0));
+
+    // A TLS 1.2 client is served by rustls to the end.
+    let out = e
+        .curl(
+            &e.sluice_ca,
+            &[
+                "--http1.1",
+                "--tls-max",
+                "1.2",
+                &e.url("good.test", "/hello"),
+            ],
+        )
+        .expect("TLS 1.2 GET");
+    assert!(out.contains("from origin"), "{out}");
+    let (_, rustls, failed) = carried(&e);
+    assert_eq!(
+        (rustls, failed),
+        (1, 0),
+        "the TLS 1.2 session stayed with rustls"
+    );
+
+    // OpenSSL asks for a key update between two requests on one connection ('K' on its input):
+    // Sluice answers with its own and both responses arrive, under the old keys and the new.
+    let host = format!("good.test:{}", e.origin.addr.port());
+    let script = format!(
+        "(printf 'GET /hello?one HTTP/1.1\\r\\nHost: {host}\\r\\n\\r\\n'; sleep 1; echo K; sleep 1; \
+         printf 'GET /hello?two HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n'; sleep 3) \
+         | timeout 30 openssl s_client -connect {ORIGIN_IP}:{port} -servername good.test \
+         -CAfile {ca} -tls1_3 -verify_return_error 2>&1",
+        port = e.origin.addr.port(),
+        ca = e.sluice_ca.display(),
+    );
+    let out = e.sh(&script).expect("openssl s_client");
+    assert!(out.contains("KEYUPDATE"), "the key update was sent: {out}");
+    assert_eq!(
+        out.matches("HTTP/1.1 200").count(),
+        2,
+        "both responses, before and after the key update: {out}"
+    );
+    assert_eq!(out.matches("from origin").count(), 2, "{out}");
+    let (_, _, failed) = carried(&e);
+    assert_eq!(failed, 0);
+}

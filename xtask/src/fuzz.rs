@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, output, sh, step};
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 19] = [
+pub const TARGETS: [&str; 20] = [
     "client_hello",
     "dns",
     "embedded",
@@ -40,6 +40,7 @@ pub const TARGETS: [&str; 19] = [
     "codec",
     "redact",
     "upload_wire",
+    "records",
 ];
 
 /// Seconds each target runs in `cargo xtask test`.
@@ -60,6 +61,7 @@ fn max_len(target: &str) -> usize {
         "embedded" => 256 * 1024,
         "multipart" => 256 * 1024,
         "codec" => 64 * 1024,
+        "records" => 128 * 1024,
         _ => 1 << 20,
     }
 }

@@ -28,7 +28,14 @@ pub struct ReadAhead<S> {
     end: usize,
     /// The last direct read filled the caller's buffer: more is probably waiting.
     bulk: bool,
+    /// While the session may still be taken over from TLS ([`ReadAhead::framed`]): bytes of
+    /// the current record not yet handed out (0 at a record boundary).
+    owed: Option<usize>,
 }
+
+/// Size of the buffer while reads are framed: one full record (the handshake's messages come
+/// in records of at most this).
+const FRAMED: usize = 5 + 16 * 1024 + 256;
 
 impl<S> ReadAhead<S> {
     /// Wraps `inner`.
@@ -39,6 +46,77 @@ impl<S> ReadAhead<S> {
             pos: 0,
             end: 0,
             bulk: false,
+            owed: None,
+        }
+    }
+
+    /// Wraps `inner`, handing out TLS records one at a time (never a read that runs into the
+    /// next record), so that whatever TLS above has read it has read whole, and the session can
+    /// be taken over at a boundary ([`ReadAhead::at_boundary`]).
+    pub fn framed(inner: S) -> Self {
+        Self {
+            owed: Some(0),
+            ..Self::new(inner)
+        }
+    }
+
+    /// Everything handed out ends at a record boundary.
+    pub fn at_boundary(&self) -> bool {
+        self.owed == Some(0)
+    }
+
+    /// Stops framing: reads go on as for [`ReadAhead::new`].
+    pub fn unframe(&mut self) {
+        self.owed = None;
+    }
+
+    /// The transport and what was read from it and not yet handed out.
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        let rest = self.buf[self.pos..self.end].to_vec();
+        (self.inner, rest)
+    }
+}
+
+impl<S: AsyncRead + Unpin> ReadAhead<S> {
+    /// A framed read: at most the rest of the current record.
+    fn poll_framed(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+        mut owed: usize,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let avail = self.end - self.pos;
+            if owed == 0 && avail >= 5 {
+                let b = &self.buf[self.pos..];
+                owed = 5 + u16::from_be_bytes([b[3], b[4]]) as usize;
+            }
+            if owed > 0 && avail > 0 {
+                let n = avail.min(owed).min(out.remaining());
+                out.put_slice(&self.buf[self.pos..self.pos + n]);
+                self.pos += n;
+                self.owed = Some(owed - n);
+                return Poll::Ready(Ok(()));
+            }
+            // More is needed: the rest moves to the front and the socket is read after it.
+            self.buf.copy_within(self.pos..self.end, 0);
+            (self.pos, self.end) = (0, avail);
+            if self.buf.len() < FRAMED {
+                self.buf.resize(FRAMED, 0);
+            }
+            let mut fill = ReadBuf::new(&mut self.buf[self.end..]);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut fill))?;
+            let got = fill.filled().len();
+            if got == 0 {
+                // End of file: a partial header goes up as it is (TLS above reports the
+                // truncation), then the end.
+                let n = avail.min(out.remaining());
+                out.put_slice(&self.buf[..n]);
+                self.pos = n;
+                self.owed = Some(owed);
+                return Poll::Ready(Ok(()));
+            }
+            self.end += got;
         }
     }
 }
@@ -50,6 +128,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(owed) = this.owed {
+            return this.poll_framed(cx, out, owed);
+        }
         if this.pos < this.end {
             let n = (this.end - this.pos).min(out.remaining());
             out.put_slice(&this.buf[this.pos..this.pos + n]);
@@ -111,6 +192,29 @@ impl<S> Coalesce<S> {
             inner,
             deferred: None,
         }
+    }
+
+    /// The inner stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner stream, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner stream, unless an error waits to be reported.
+    pub fn into_inner(self) -> Result<S, io::Error> {
+        match self.deferred {
+            Some(e) => Err(e),
+            None => Ok(self.inner),
+        }
+    }
+
+    /// An error waits to be reported.
+    pub fn has_deferred(&self) -> bool {
+        self.deferred.is_some()
     }
 }
 

@@ -589,6 +589,9 @@ impl LeafCache {
         cfg.alpn_protocols = self.alpn.clone();
         // Our order (AES-128-GCM first), not the client's.
         cfg.ignore_client_order = true;
+        // Sessions are handed to Sluice's record layer after the handshake (`takeover`).
+        cfg.key_log = Arc::new(sluice_net::records::CaptureSecrets);
+        cfg.enable_secret_extraction = true;
         Ok(Arc::new(cfg))
     }
 }

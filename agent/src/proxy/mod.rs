@@ -69,6 +69,7 @@ pub mod peek;
 pub mod pool;
 pub mod record;
 mod splice;
+pub mod takeover;
 pub mod upstream;
 
 use std::{
@@ -216,6 +217,9 @@ pub struct ProxyStatsSnapshot {
     pub inspection_user_refusals: u64,
     pub uid_connection_refusals: u64,
     pub probes: u64,
+    pub tls_taken_over: u64,
+    pub tls_kept_by_rustls: u64,
+    pub tls_takeover_failed: u64,
 }
 
 impl ProxyStats {
@@ -253,6 +257,9 @@ impl ProxyStats {
             inspection_user_refusals: r(&self.inspection.user_budget_refusals),
             uid_connection_refusals: r(&self.uid_connection_refusals),
             probes: r(&self.probes),
+            tls_taken_over: r(&takeover::STATS.taken_over),
+            tls_kept_by_rustls: r(&takeover::STATS.kept),
+            tls_takeover_failed: r(&takeover::STATS.failed),
         }
     }
 }
@@ -1102,16 +1109,17 @@ impl Accepted<'_> {
             }
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let accepted = tokio::time::timeout(
+        let (accepted, secrets) = tokio::time::timeout(
             self.hs_timeout,
-            acceptor.accept(bufio::ReadAhead::new(Rewind::new(self.prefix, self.client))),
+            sluice_net::records::capture(acceptor.accept(bufio::ReadAhead::framed(Rewind::new(
+                self.prefix,
+                self.client,
+            )))),
         )
         .await
         .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "handshake timed out",
-            ))
+            let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out");
+            (Err(e), Default::default())
         });
         let tls = match accepted {
             Ok(t) => t,
@@ -1141,7 +1149,7 @@ impl Accepted<'_> {
             client_proto,
         });
         stats.intercepted.fetch_add(1, Ordering::Relaxed);
-        serve(shared, sess, bufio::Coalesce::new(tls), shutdown).await;
+        serve(shared, sess, takeover::Leg::new(tls, secrets), shutdown).await;
     }
 }
 

@@ -216,6 +216,9 @@ impl Upstream {
             .with_root_certificates(self.roots.clone())
             .with_no_client_auth();
         cfg.alpn_protocols = alpn.protocols();
+        // Sessions are handed to Sluice's record layer after the handshake (`takeover`).
+        cfg.key_log = Arc::new(sluice_net::records::CaptureSecrets);
+        cfg.enable_secret_extraction = true;
         let cfg = Arc::new(cfg);
         configs.insert(alpn, cfg.clone());
         Ok(cfg)
@@ -395,22 +398,29 @@ impl Upstream {
                 reason: format!("invalid server name: {e}"),
             })?;
         let connector = tokio_rustls::TlsConnector::from(self.config(target.alpn)?);
-        let tls = tokio::time::timeout(
+        let (tls, secrets) = tokio::time::timeout(
             self.handshake_timeout,
-            connector.connect(server_name, super::bufio::ReadAhead::new(tcp)),
+            sluice_net::records::capture(
+                connector.connect(server_name, super::bufio::ReadAhead::framed(tcp)),
+            ),
         )
         .await
         .map_err(|_| UpstreamError::Tls {
             name: target.name.clone(),
             reason: "handshake timed out".into(),
-        })?
-        .map_err(|e| classify(&target.name, e))?;
+        })?;
+        let tls = tls.map_err(|e| classify(&target.name, e))?;
         let proto = match tls.get_ref().1.alpn_protocol() {
             Some(b"h2") => Proto::H2,
             _ => Proto::H1,
         };
-        self.handshake(target, proto, super::bufio::Coalesce::new(tls), upgrades)
-            .await
+        self.handshake(
+            target,
+            proto,
+            super::takeover::Leg::new(tls, secrets),
+            upgrades,
+        )
+        .await
     }
 
     async fn handshake<I>(
