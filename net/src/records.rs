@@ -17,9 +17,11 @@
 //! where the protocol has one, an alert: a record that does not authenticate, an oversized
 //! record, an unprotected record, an unexpected message.
 //!
-//! Bounds: the read buffer holds at most four full records (a little over 64 KiB) and is
-//! released when a connection goes quiet; the write buffer takes new plaintext only while less
-//! than 64 KiB of sealed records wait for the socket; a handshake message is at most 64 KiB.
+//! Bounds: the read buffer has room for one full record, eight (about 130 KiB, read four at a
+//! time) while data comes in bulk, and is released when a connection goes quiet; the write
+//! buffer takes new plaintext only while less than 64 KiB of sealed records wait for the socket
+//! and is released once drained if it grew past a record; a handshake message is at most
+//! 64 KiB.
 
 use std::{
     io,
