@@ -24,8 +24,14 @@ struct Peer {
 }
 
 impl AsyncRead for Peer {
-    fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let n = (self.input.len() - self.at).min(buf.remaining()).min(self.piece);
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = (self.input.len() - self.at)
+            .min(buf.remaining())
+            .min(self.piece);
         let at = self.at;
         buf.put_slice(&self.input[at..at + n]);
         self.at += n;
@@ -34,7 +40,11 @@ impl AsyncRead for Peer {
 }
 
 impl AsyncWrite for Peer {
-    fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.written.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -59,7 +69,10 @@ fuzz_target!(|data: &[u8]| {
         _ => Suite::Aes256Gcm,
     };
     let secret_len = suite.secret_len();
-    let (theirs, mine) = (&[THEIRS, THEIRS].concat()[..secret_len], &[MINE, MINE].concat()[..secret_len]);
+    let (theirs, mine) = (
+        &[THEIRS, THEIRS].concat()[..secret_len],
+        &[MINE, MINE].concat()[..secret_len],
+    );
     // Mode bit 2: the bytes as the wire; otherwise as inner plaintexts, each sealed in turn:
     // [len hi, len lo, bytes..] with the record's inner type and padding among the bytes.
     let mut wire = Vec::new();
@@ -97,9 +110,19 @@ fuzz_target!(|data: &[u8]| {
     };
     let session = Session {
         suite,
-        role: if mode & 8 != 0 { Role::Client } else { Role::Server },
-        tx: Secret { secret: mine.to_vec().into(), seq: 0 },
-        rx: Secret { secret: theirs.to_vec().into(), seq: 0 },
+        role: if mode & 8 != 0 {
+            Role::Client
+        } else {
+            Role::Server
+        },
+        tx: Secret {
+            secret: mine.to_vec().into(),
+            seq: 0,
+        },
+        rx: Secret {
+            secret: theirs.to_vec().into(),
+            seq: 0,
+        },
         ciphertext: Vec::new(),
         plaintext: Vec::new(),
     };
@@ -119,7 +142,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if mode & 4 == 0 {
-        assert!(sent_data.starts_with(&got), "delivered bytes that were not sent as data");
+        assert!(
+            sent_data.starts_with(&got),
+            "delivered bytes that were not sent as data"
+        );
     } else {
         assert!(got.is_empty(), "random bytes authenticated");
     }

@@ -17,8 +17,8 @@
 //! where the protocol has one, an alert: a record that does not authenticate, an oversized
 //! record, an unprotected record, an unexpected message.
 //!
-//! Bounds: the read buffer has room for one full record, eight (about 130 KiB, read four at a
-//! time) while data comes in bulk, and is released when a connection goes quiet; the write
+//! Bounds: the read buffer has room for one full record, 127 KiB (read four records at a time)
+//! while data comes in bulk, and is released when a connection goes quiet; the write
 //! buffer takes new plaintext only while less than 64 KiB of sealed records wait for the socket
 //! and is released once drained if it grew past a record; a handshake message is at most
 //! 64 KiB.
@@ -43,6 +43,8 @@ const TAG: usize = 16;
 const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
 /// A read fills at most this much: four full records.
 const READ_BULK: usize = 4 * (HEADER + MAX_CIPHERTEXT);
+/// The read buffer's size in bulk.
+const BULK_BUFFER: usize = 127 * 1024;
 /// A read while traffic is light: one full record.
 const READ_LIGHT: usize = HEADER + MAX_CIPHERTEXT;
 /// New plaintext is taken while fewer sealed bytes than this wait for the socket.
@@ -203,6 +205,11 @@ struct Dir {
 
 impl Dir {
     fn new(suite: Suite, s: Secret) -> io::Result<Self> {
+        Self::checked(suite, s, None)
+    }
+
+    /// [`Dir::new`], refusing a secret whose key and IV are not `expected`.
+    fn checked(suite: Suite, s: Secret, expected: Option<(&[u8], &[u8])>) -> io::Result<Self> {
         if s.secret.len() != suite.secret_len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -210,6 +217,13 @@ impl Dir {
             ));
         }
         let (key, iv) = traffic_keys(suite, &s.secret);
+        if let Some((k, v)) = expected
+            && (k != key.as_slice() || v != iv.as_slice())
+        {
+            return Err(io::Error::other(
+                "taking the TLS session over: the caught secrets do not give rustls's keys",
+            ));
+        }
         let key = aead::UnboundKey::new(suite.aead(), &key)
             .map_err(|_| io::Error::other("the AEAD refused the key"))?;
         let mut ivb = [0u8; aead::NONCE_LEN];
@@ -340,11 +354,18 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 impl<S> Records<S> {
     /// Takes over a session.
     pub fn new(io: S, s: Session) -> io::Result<Self> {
+        Self::with_check(io, s, None)
+    }
+
+    /// [`Records::new`], refusing secrets that do not give the expected (key, IV) pairs, sending
+    /// and receiving.
+    #[allow(clippy::type_complexity)]
+    fn with_check(io: S, s: Session, expected: Option<[(&[u8], &[u8]); 2]>) -> io::Result<Self> {
         Ok(Self {
             io,
             role: s.role,
-            rx: Dir::new(s.suite, s.rx)?,
-            tx: Dir::new(s.suite, s.tx)?,
+            tx: Dir::checked(s.suite, s.tx, expected.map(|e| e[0]))?,
+            rx: Dir::checked(s.suite, s.rx, expected.map(|e| e[1]))?,
             inb: s.ciphertext,
             pos: 0,
             plain: (0, 0),
@@ -654,10 +675,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Records<S> {
 
     /// Reads more of the socket into the buffer. Ready(Ok(false)) at end of file.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        // In bulk the buffer has room for two reads, so a partial record left at the end of one
-        // read is moved to the front only every other read or so.
+        // In bulk the buffer has room for about two reads, so a partial record left at the end
+        // of a read is moved to the front only every other read or so. (It stays under
+        // 128 KiB: larger blocks are pages of their own to the allocator, given back and
+        // faulted in again as connections come and go.)
         let (want, cap) = match self.bulk {
-            true => (READ_BULK, 2 * READ_BULK),
+            true => (READ_BULK, BULK_BUFFER),
             false => (READ_LIGHT, READ_LIGHT),
         };
         if self.pos == self.inb.len() {
@@ -680,7 +703,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Records<S> {
         // SAFETY: `ReadBuf` guarantees that its first `got` bytes, which lie in the vector's
         // spare capacity right after its initialised part, were initialised by the read.
         unsafe { self.inb.set_len(before + got) };
-        self.bulk = got == asked;
+        // Bulk while reads bring a full record's worth or more.
+        self.bulk = got == asked || got >= READ_LIGHT;
         Poll::Ready(Ok(got > 0))
     }
 }
@@ -963,25 +987,25 @@ pub fn take_over<S>(
             "taking the TLS session over: secrets not caught",
         ));
     };
-    for (secret, keys) in [(&mine, &ex.tx.1), (&theirs, &ex.rx.1)] {
-        let (key, iv) = match keys {
-            rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-            | rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-            | rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
-            _ => {
-                return Err(io::Error::other(
-                    "taking the TLS session over: unknown suite",
-                ));
-            }
-        };
-        let (k, v) = traffic_keys(suite, secret);
-        if k.as_slice() != key.as_ref() || v.as_slice() != iv.as_ref() {
-            return Err(io::Error::other(
-                "taking the TLS session over: the caught secrets do not give rustls's keys",
-            ));
+    let parts = |keys: &rustls::ConnectionTrafficSecrets| match keys {
+        rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            Ok((key.as_ref().to_vec(), iv.as_ref().to_vec()))
         }
-    }
-    Records::new(
+        _ => Err(io::Error::other(
+            "taking the TLS session over: unknown suite",
+        )),
+    };
+    let (tk, tv) = parts(&ex.tx.1)?;
+    let (rk, rv) = parts(&ex.rx.1)?;
+    let (tk, tv, rk, rv) = (
+        Zeroizing::new(tk),
+        Zeroizing::new(tv),
+        Zeroizing::new(rk),
+        Zeroizing::new(rv),
+    );
+    Records::with_check(
         io,
         Session {
             suite,
@@ -997,6 +1021,7 @@ pub fn take_over<S>(
             ciphertext,
             plaintext,
         },
+        Some([(&tk, &tv), (&rk, &rv)]),
     )
 }
 
@@ -1213,6 +1238,20 @@ mod tests {
         drop(c);
         let e = r.read(&mut [0u8; 64]).await.expect_err("no close_notify");
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn secrets_that_do_not_give_rustlss_keys_are_refused() {
+        let ((s, sc), _client) = pair(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256).await;
+        // The two directions' secrets swapped: each gives keys, not the session's.
+        let swapped = Captured {
+            client: sc.server,
+            server: sc.client,
+        };
+        let suite = can_take_over(s.get_ref().1, &swapped).expect("can take over");
+        let (io, conn) = s.into_inner();
+        let e = take_over(conn.into(), suite, io, Vec::new(), swapped).expect_err("refused");
+        assert!(e.to_string().contains("do not give rustls's keys"), "{e}");
     }
 
     #[test]
