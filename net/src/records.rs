@@ -753,10 +753,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Records<S> {
                     return Poll::Ready(Err(e));
                 }
             }
-            if delivered {
+            // With room for another record, the socket is read again now rather than on the
+            // next call: one wakeup brings what has arrived meanwhile.
+            if delivered && out.remaining() < MAX_FRAGMENT {
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
+                if delivered {
+                    return Poll::Ready(Ok(()));
+                }
                 let e = if this.inb.len() > this.pos || !this.hs.is_empty() {
                     invalid("the connection ended inside a TLS record")
                 } else {
@@ -767,11 +772,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Records<S> {
                 };
                 return Poll::Ready(Err(this.fail(None, e)));
             }
-            match ready!(this.poll_fill(cx)) {
-                Ok(true) => {}
-                Ok(false) => this.eof = true,
-                Err(e) => {
+            match this.poll_fill(cx) {
+                Poll::Pending if delivered => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(true)) => {}
+                Poll::Ready(Ok(false)) => this.eof = true,
+                Poll::Ready(Err(e)) => {
+                    // Reported now, or by the next read when this one already has data.
                     this.read_end = ReadEnd::Failed(e.kind(), e.to_string());
+                    if delivered {
+                        return Poll::Ready(Ok(()));
+                    }
                     return Poll::Ready(Err(e));
                 }
             }

@@ -1,8 +1,9 @@
 //! Intercepted TLS sessions past their handshake: rustls sets each session up and, once it is
 //! TLS 1.3 and the first bytes of application data have been read, Sluice's own record layer
-//! ([`sluice_net::records`]) carries it on with one copy per byte fewer each way. rustls keeps
-//! sessions it cannot hand over (TLS 1.2); a handover whose keys do not match what rustls used
-//! ends the connection with an error, never with wrong keys.
+//! ([`sluice_net::records`]) carries it on with fewer copies per byte. rustls keeps sessions
+//! it cannot hand over (TLS 1.2) and HTTP/2 origin connections (see `upstream`); a handover
+//! whose keys do not match what rustls used ends the connection with an error, never with
+//! wrong keys.
 
 use std::{
     io,
@@ -79,7 +80,7 @@ pub enum Leg<T, S> {
 pub struct Stats {
     /// Sessions carried on by the record layer.
     pub taken_over: std::sync::atomic::AtomicU64,
-    /// Sessions rustls kept (not TLS 1.3, or another suite).
+    /// Sessions rustls kept (not TLS 1.3, another suite, or an HTTP/2 origin connection).
     pub kept: std::sync::atomic::AtomicU64,
     /// Handovers that failed (the connection ended).
     pub failed: std::sync::atomic::AtomicU64,
@@ -99,6 +100,19 @@ impl<T: Rustls<S>, S: AsyncRead + AsyncWrite + Unpin> Leg<T, S> {
         Self::Rustls {
             tls: Box::new(Coalesce::new(tls)),
             captured: Some(captured),
+        }
+    }
+
+    /// A session rustls carries to the end (`tls` over a framed [`ReadAhead`], which stops
+    /// framing).
+    pub fn rustls(mut tls: T) -> Self {
+        tls.transport().unframe();
+        STATS
+            .kept
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self::Rustls {
+            tls: Box::new(Coalesce::new(tls)),
+            captured: None,
         }
     }
 
