@@ -26,35 +26,26 @@ pub trait Rustls<S>: AsyncRead + AsyncWrite + Unpin {
     fn split(self) -> (ReadAhead<S>, rustls::Connection);
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Rustls<S>
-    for tokio_rustls::server::TlsStream<ReadAhead<S>>
-{
-    fn common(&self) -> &rustls::CommonState {
-        self.get_ref().1
-    }
-    fn transport(&mut self) -> &mut ReadAhead<S> {
-        self.get_mut().0
-    }
-    fn split(self) -> (ReadAhead<S>, rustls::Connection) {
-        let (io, conn) = self.into_inner();
-        (io, conn.into())
-    }
+/// tokio-rustls's server and client streams expose the same parts under two types.
+macro_rules! rustls_stream {
+    ($($side:ident),*) => {$(
+        impl<S: AsyncRead + AsyncWrite + Unpin> Rustls<S>
+            for tokio_rustls::$side::TlsStream<ReadAhead<S>>
+        {
+            fn common(&self) -> &rustls::CommonState {
+                self.get_ref().1
+            }
+            fn transport(&mut self) -> &mut ReadAhead<S> {
+                self.get_mut().0
+            }
+            fn split(self) -> (ReadAhead<S>, rustls::Connection) {
+                let (io, conn) = self.into_inner();
+                (io, conn.into())
+            }
+        }
+    )*};
 }
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Rustls<S>
-    for tokio_rustls::client::TlsStream<ReadAhead<S>>
-{
-    fn common(&self) -> &rustls::CommonState {
-        self.get_ref().1
-    }
-    fn transport(&mut self) -> &mut ReadAhead<S> {
-        self.get_mut().0
-    }
-    fn split(self) -> (ReadAhead<S>, rustls::Connection) {
-        let (io, conn) = self.into_inner();
-        (io, conn.into())
-    }
-}
+rustls_stream!(server, client);
 
 /// One leg's TLS: rustls until the handover, Sluice's record layer after.
 // The record layer is the variant a connection spends its life in, and it is read on every
