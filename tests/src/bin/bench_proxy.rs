@@ -537,6 +537,7 @@ fn run_loadgen(
     only: &[&str],
     skip_h2: bool,
     secs: f64,
+    latency_secs: f64,
 ) -> Result<Value> {
     let me = std::env::current_exe()?;
     let mut args = vec![
@@ -545,6 +546,8 @@ fn run_loadgen(
         run.ca.display().to_string(),
         "--secs".into(),
         secs.to_string(),
+        "--latency-secs".into(),
+        latency_secs.to_string(),
     ];
     if let Some(p) = run.explicit {
         args.extend(["--proxy".into(), p.to_string()]);
@@ -639,7 +642,12 @@ pub fn loadgen(args: &[String]) -> Result<()> {
             );
         }
         if want("latency") {
-            let lat = loadgen::latency(&t, 100.0, secs, "/1k").await?;
+            // 100 requests a second for 10 s by default: the p99 is then the 10th-worst of 1,000
+            // (over 3 s it would be the 3rd-worst of 300, one stray pause).
+            let lat_secs: f64 = opt("--latency-secs")
+                .unwrap_or_else(|| "10".into())
+                .parse()?;
+            let lat = loadgen::latency(&t, 100.0, lat_secs, "/1k").await?;
             out.insert("latency_p50_ms".into(), json!(loadgen::quantile(&lat, 0.5)));
             out.insert(
                 "latency_p99_ms".into(),
@@ -651,27 +659,36 @@ pub fn loadgen(args: &[String]) -> Result<()> {
         }
         // Transfers over HTTP/1.1 and, where the proxy speaks it to clients, over HTTP/2.
         let gb = (BIG * TRANSFERS as u64) as f64 / 1e9;
+        // `--no-h2` / `--only-h2`, `--only-down` / `--only-up`: one protocol or direction alone
+        // (for profiling it).
         let protocols: &[(bool, &str)] = if flag("--no-h2") {
             &[(false, "")]
+        } else if flag("--only-h2") {
+            &[(true, "_h2")]
         } else {
             &[(false, ""), (true, "_h2")]
         };
         for (h2, suffix) in protocols {
-            let c0 = cpu();
-            let down = loadgen::download(&t, *h2, "/100m", "/1k", TRANSFERS).await?;
-            let c1 = cpu();
-            let up = loadgen::upload(&t, *h2, "/upload/blob", BIG, "/1k", TRANSFERS).await?;
-            let c2 = cpu();
-            out.insert(format!("download{suffix}_mb_s"), json!(down));
-            out.insert(format!("upload{suffix}_mb_s"), json!(up));
-            out.insert(
-                format!("cpu_s_per_gb_download{suffix}"),
-                json!((c1 - c0) / gb),
-            );
-            out.insert(
-                format!("cpu_s_per_gb_upload{suffix}"),
-                json!((c2 - c1) / gb),
-            );
+            if !flag("--only-up") {
+                let c0 = cpu();
+                let down = loadgen::download(&t, *h2, "/100m", "/1k", TRANSFERS).await?;
+                let c1 = cpu();
+                out.insert(format!("download{suffix}_mb_s"), json!(down));
+                out.insert(
+                    format!("cpu_s_per_gb_download{suffix}"),
+                    json!((c1 - c0) / gb),
+                );
+            }
+            if !flag("--only-down") {
+                let c1 = cpu();
+                let up = loadgen::upload(&t, *h2, "/upload/blob", BIG, "/1k", TRANSFERS).await?;
+                let c2 = cpu();
+                out.insert(format!("upload{suffix}_mb_s"), json!(up));
+                out.insert(
+                    format!("cpu_s_per_gb_upload{suffix}"),
+                    json!((c2 - c1) / gb),
+                );
+            }
         }
         anyhow::Ok(())
     })?;
@@ -747,6 +764,10 @@ pub fn run(args: &[String]) -> Result<()> {
         secs,
         root,
     } = RunArgs::parse(args, "proxy")?;
+    let latency_secs: f64 = opt("--latency-secs")
+        .unwrap_or_else(|| "10".into())
+        .parse()
+        .context("--latency-secs")?;
     let work = root.join("target/bench/proxy-work");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
@@ -779,6 +800,9 @@ pub fn run(args: &[String]) -> Result<()> {
         "--only-requests",
         "--only-connections",
         "--only-latency",
+        "--only-h2",
+        "--only-down",
+        "--only-up",
     ]
     .into_iter()
     .filter(|o| args.iter().any(|a| a == o))
@@ -840,6 +864,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 },
                 *mode == "squid",
                 secs,
+                latency_secs,
             )
             .with_context(|| format!("{mode}, repetition {}", rep + 1))?;
             results[i].1.push(v);
@@ -903,7 +928,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let get = |k: &str, m: &str| table.get(k).and_then(|r| r.get(m)).and_then(Value::as_f64);
     println!(
-        "proxy: loopback, client + nginx origin + proxy pinned to core {CORE}, medians of {reps} repetitions, {secs}s per rate figure"
+        "proxy: loopback, client + nginx origin + proxy pinned to core {CORE}, medians of {reps} repetitions, {secs}s per rate figure, {latency_secs}s of latency"
     );
     println!(
         "{:<38} {:>11} {:>18} {:>18} {:>16} {:>16} {:>16}",
@@ -988,6 +1013,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "bench": "proxy",
         "repetitions": reps,
         "seconds_per_rate_figure": secs,
+        "seconds_of_latency": latency_secs,
         "medians": table,
         "ratios": ratios,
         "runs": results.iter().map(|(m, r)| (m.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
