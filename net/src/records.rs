@@ -998,24 +998,8 @@ pub fn take_over<S>(
             "taking the TLS session over: secrets not caught",
         ));
     };
-    let parts = |keys: &rustls::ConnectionTrafficSecrets| match keys {
-        rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-        | rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-        | rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-            Ok((key.as_ref().to_vec(), iv.as_ref().to_vec()))
-        }
-        _ => Err(io::Error::other(
-            "taking the TLS session over: unknown suite",
-        )),
-    };
-    let (tk, tv) = parts(&ex.tx.1)?;
-    let (rk, rv) = parts(&ex.rx.1)?;
-    let (tk, tv, rk, rv) = (
-        Zeroizing::new(tk),
-        Zeroizing::new(tv),
-        Zeroizing::new(rk),
-        Zeroizing::new(rv),
-    );
+    let (tk, tv) = key_and_iv(&ex.tx.1)?;
+    let (rk, rv) = key_and_iv(&ex.rx.1)?;
     Records::with_check(
         io,
         Session {
@@ -1032,8 +1016,22 @@ pub fn take_over<S>(
             ciphertext,
             plaintext,
         },
-        Some([(&tk, &tv), (&rk, &rv)]),
+        Some([(tk, tv), (rk, rv)]),
     )
+}
+
+/// The key and IV rustls derived for one direction (borrowed: compared, never copied).
+fn key_and_iv(keys: &rustls::ConnectionTrafficSecrets) -> io::Result<(&[u8], &[u8])> {
+    match keys {
+        rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            Ok((key.as_ref(), iv.as_ref()))
+        }
+        _ => Err(io::Error::other(
+            "taking the TLS session over: unknown suite",
+        )),
+    }
 }
 
 #[cfg(test)]

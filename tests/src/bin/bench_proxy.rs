@@ -20,6 +20,8 @@ pub(crate) const HOST: &str = "bench.test";
 pub(crate) const BIG: u64 = 100 * 1024 * 1024;
 /// Transfers of BIG per direction in each repetition (their median is the repetition's figure).
 const TRANSFERS: usize = 3;
+/// Default length of the 100 requests/s latency load (`--latency-secs`).
+const LATENCY_SECS: &str = "10";
 pub(crate) const CORE: &str = "0";
 
 pub(crate) struct Proc(pub(crate) Child);
@@ -645,7 +647,7 @@ pub fn loadgen(args: &[String]) -> Result<()> {
             // 100 requests a second for 10 s by default: the p99 is then the 10th-worst of 1,000
             // (over 3 s it would be the 3rd-worst of 300, one stray pause).
             let lat_secs: f64 = opt("--latency-secs")
-                .unwrap_or_else(|| "10".into())
+                .unwrap_or_else(|| LATENCY_SECS.into())
                 .parse()?;
             let lat = loadgen::latency(&t, 100.0, lat_secs, "/1k").await?;
             out.insert("latency_p50_ms".into(), json!(loadgen::quantile(&lat, 0.5)));
@@ -765,7 +767,7 @@ pub fn run(args: &[String]) -> Result<()> {
         root,
     } = RunArgs::parse(args, "proxy")?;
     let latency_secs: f64 = opt("--latency-secs")
-        .unwrap_or_else(|| "10".into())
+        .unwrap_or_else(|| LATENCY_SECS.into())
         .parse()
         .context("--latency-secs")?;
     let work = root.join("target/bench/proxy-work");
