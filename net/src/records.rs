@@ -17,7 +17,7 @@
 //! where the protocol has one, an alert: a record that does not authenticate, an oversized
 //! record, an unprotected record, an unexpected message.
 //!
-//! Bounds: the read buffer has room for one full record, 127 KiB (read four records at a time)
+//! Bounds: the read buffer has room for one full record, 260 KiB (read eight records at a time)
 //! while data comes in bulk, and is released when a connection goes quiet; the write
 //! buffer takes new plaintext only while less than 64 KiB of sealed records wait for the socket
 //! and is released once drained if it grew past a record; a handshake message is at most
@@ -41,10 +41,12 @@ const HEADER: usize = 5;
 const TAG: usize = 16;
 /// Largest protected record body (RFC 8446 §5.2: plaintext + 256).
 const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
-/// A read fills at most this much: four full records.
-const READ_BULK: usize = 4 * (HEADER + MAX_CIPHERTEXT);
+/// A read fills at most this much: eight full records. (Against four, this cut the CPU per GB
+/// downloaded over HTTP/1.1 to about 0.8x: fewer `recv` calls, each of which acknowledges and so
+/// sets the sender's queued segments moving on this thread.)
+const READ_BULK: usize = 8 * (HEADER + MAX_CIPHERTEXT);
 /// The read buffer's size in bulk.
-const BULK_BUFFER: usize = 127 * 1024;
+const BULK_BUFFER: usize = 2 * READ_BULK;
 /// A read while traffic is light: one full record.
 const READ_LIGHT: usize = HEADER + MAX_CIPHERTEXT;
 /// New plaintext is taken while fewer sealed bytes than this wait for the socket.
@@ -676,9 +678,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Records<S> {
     /// Reads more of the socket into the buffer. Ready(Ok(false)) at end of file.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         // In bulk the buffer has room for about two reads, so a partial record left at the end
-        // of a read is moved to the front only every other read or so. (It stays under
-        // 128 KiB: larger blocks are pages of their own to the allocator, given back and
-        // faulted in again as connections come and go.)
+        // of a read is moved to the front only every other read or so. (A block this large is
+        // pages of its own to the allocator, faulted in again each time a connection turns
+        // bulk: it is taken only then, where the fewer reads outweigh it.)
         let (want, cap) = match self.bulk {
             true => (READ_BULK, BULK_BUFFER),
             false => (READ_LIGHT, READ_LIGHT),

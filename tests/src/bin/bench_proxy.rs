@@ -832,7 +832,13 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut results: Vec<(String, Vec<Value>)> =
         modes.iter().map(|m| (m.to_string(), Vec::new())).collect();
     for rep in 0..reps {
-        for (i, mode) in modes.iter().enumerate() {
+        // The direct baseline first, then the proxies in an order that turns with each
+        // repetition: whichever runs first after the baseline measures lower on this machine
+        // (up to a fifth, the same build against itself), so no proxy keeps that place.
+        let proxies = modes.len() - 1;
+        let order = std::iter::once(0).chain((0..proxies).map(|k| 1 + (k + rep) % proxies.max(1)));
+        for i in order {
+            let mode = &modes[i];
             eprintln!("rep {}/{reps}: {mode}", rep + 1);
             let running = match *mode {
                 "direct" => Running {
