@@ -805,6 +805,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "--only-h2",
         "--only-down",
         "--only-up",
+        "--no-h2",
     ]
     .into_iter()
     .filter(|o| args.iter().any(|a| a == o))
