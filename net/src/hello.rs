@@ -166,15 +166,21 @@ fn parse_sni(data: &[u8]) -> Result<Option<String>, HelloError> {
         if kind == 0 {
             let name = std::str::from_utf8(name)
                 .map_err(|_| HelloError::Malformed("server name is not text"))?;
+            // One trailing dot (the absolute form) is tolerated; otherwise every label has
+            // text: "." or "a..b" would leave an empty name or an empty label to match on.
+            let name = name.strip_suffix('.').unwrap_or(name);
             if name.is_empty()
                 || name.len() > 253
+                || name
+                    .split('.')
+                    .any(|label| label.is_empty() || label.len() > 63)
                 || !name
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
             {
                 return Err(HelloError::Malformed("server name"));
             }
-            return Ok(Some(name.trim_end_matches('.').to_ascii_lowercase()));
+            return Ok(Some(name.to_ascii_lowercase()));
         }
     }
     Ok(None)
@@ -310,6 +316,25 @@ mod tests {
         assert!(parse(&bad_name).is_err());
         bad_name[0] = 0x17;
         assert_eq!(parse(&bad_name), Ok(Some(Peeked::NotTls)));
+    }
+
+    #[test]
+    fn names_of_dots_or_empty_labels_are_refused() {
+        // "." once came out as an empty name, which matches no app and no certificate.
+        for name in [".", "..", "...", ".a.example", "a..example", "a.example.."] {
+            assert_eq!(
+                parse(&hello(Some(name), &[], None)),
+                Err(HelloError::Malformed("server name")),
+                "{name:?}"
+            );
+        }
+        let long_label = format!("{}.example", "a".repeat(64));
+        assert!(parse(&hello(Some(&long_label), &[], None)).is_err());
+        let ok_label = format!("{}.example.", "a".repeat(63));
+        assert!(matches!(
+            parse(&hello(Some(&ok_label), &[], None)),
+            Ok(Some(Peeked::Tls(h))) if h.sni.as_deref() == Some(&ok_label[..ok_label.len() - 1])
+        ));
     }
 
     #[test]
