@@ -630,20 +630,26 @@ fn two_hundred_concurrent_connections_ten_thousand_requests_no_fd_leak() {
 fn bad_client_hellos_close_the_connection_and_the_proxy_keeps_serving() {
     let e = env("px-hello");
     let probe = bin("sluice-probe");
-    for kind in ["garbage", "truncated"] {
-        let out = InCgroup::at(&e.cg.dir)
+    let hello = |kind: &str| {
+        InCgroup::at(&e.cg.dir)
             .run(
                 &probe,
                 &["hello".into(), e.origin.addr.to_string(), kind.into()],
             )
-            .expect("probe");
-        assert_eq!(out.trim(), "closed", "{kind}");
+            .expect("probe")
+    };
+    // "dots": a server name of only "." (it once parsed as an empty name).
+    for kind in ["garbage", "truncated", "dots"] {
+        assert_eq!(hello(kind).trim(), "closed", "{kind}");
     }
-    assert_eq!(e.status()["proxy"]["bad_client_hello"], 2);
+    assert_eq!(e.status()["proxy"]["bad_client_hello"], 3);
     let out = e
         .curl(&e.sluice_ca, &[&e.url("good.test", "/hello")])
         .expect("still serving");
     assert!(out.contains("from origin"), "{out}");
+    // Now the address is the app's: the name of dots is still refused, not let through.
+    assert_eq!(hello("dots").trim(), "closed");
+    assert_eq!(e.status()["proxy"]["bad_client_hello"], 4);
 }
 
 /// An encrypted ClientHello hides the name it is for: to an address of no app it is refused,

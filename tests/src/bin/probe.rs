@@ -305,7 +305,8 @@ fn bad_hello(addr: SocketAddr, kind: &str) -> Result<(), String> {
     use std::io::{Read as _, Write as _};
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    let ech = ech_hello("cover.test");
+    let ech = client_hello("cover.test", true);
+    let dots = client_hello(".", false);
     let bytes: &[u8] = match kind {
         // A handshake record whose body is not a ClientHello.
         "garbage" => b"\x16\x03\x01\x00\x08garbage!",
@@ -314,6 +315,8 @@ fn bad_hello(addr: SocketAddr, kind: &str) -> Result<(), String> {
         // A well-formed ClientHello naming `cover.test` and carrying an encrypted_client_hello
         // extension (its payload is opaque to anyone but the real server).
         "ech" => &ech,
+        // A well-formed ClientHello whose server name is only a dot.
+        "dots" => &dots,
         other => return Err(format!("unknown kind {other}")),
     };
     s.write_all(bytes).map_err(|e| e.to_string())?;
@@ -334,7 +337,8 @@ fn bad_hello(addr: SocketAddr, kind: &str) -> Result<(), String> {
 }
 
 /// A TLS 1.3 ClientHello record for `sni` with an `encrypted_client_hello` (0xfe0d) extension.
-fn ech_hello(sni: &str) -> Vec<u8> {
+/// A TLS 1.3 ClientHello record naming `sni`, with an encrypted_client_hello extension when `ech`.
+fn client_hello(sni: &str, ech: bool) -> Vec<u8> {
     fn ext(out: &mut Vec<u8>, ty: u16, data: &[u8]) {
         out.extend_from_slice(&ty.to_be_bytes());
         out.extend_from_slice(&(data.len() as u16).to_be_bytes());
@@ -358,12 +362,14 @@ fn ech_hello(sni: &str) -> Vec<u8> {
     let mut share = vec![0, 36, 0, 0x1d, 0, 32];
     share.extend_from_slice(&[9; 32]);
     ext(&mut exts, 51, &share); // key_share
-    // encrypted_client_hello: outer, HPKE suite, config id, enc, payload (opaque here).
-    let mut e = vec![0, 0, 1, 0, 1, 7, 0, 32];
-    e.extend_from_slice(&[3; 32]);
-    e.extend_from_slice(&[0, 64]);
-    e.extend_from_slice(&[4; 64]);
-    ext(&mut exts, 0xfe0d, &e);
+    if ech {
+        // encrypted_client_hello: outer, HPKE suite, config id, enc, payload (opaque here).
+        let mut e = vec![0, 0, 1, 0, 1, 7, 0, 32];
+        e.extend_from_slice(&[3; 32]);
+        e.extend_from_slice(&[0, 64]);
+        e.extend_from_slice(&[4; 64]);
+        ext(&mut exts, 0xfe0d, &e);
+    }
     body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
     body.extend_from_slice(&exts);
     let mut hs = vec![1, 0, (body.len() >> 8) as u8, body.len() as u8];
