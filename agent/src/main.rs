@@ -340,6 +340,26 @@ fn seed_random() -> anyhow::Result<()> {
     aws_lc_rs::rand::fill(&mut b).map_err(|_| anyhow::anyhow!("the random generator failed"))
 }
 
+/// The proxy's runtime. A process allowed one CPU only (its affinity, or its cgroup's CPU
+/// quota) gets the single-threaded scheduler: with one worker, a work-stealing scheduler only adds
+/// its cross-thread bookkeeping to every task switch.
+fn proxy_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let (mut b, scheduler) = if cpus == 1 {
+        (
+            tokio::runtime::Builder::new_current_thread(),
+            "single-threaded",
+        )
+    } else {
+        (
+            tokio::runtime::Builder::new_multi_thread(),
+            "multi-threaded",
+        )
+    };
+    tracing::info!(cpus, scheduler, "proxy runtime");
+    b.enable_all().build()
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
@@ -370,9 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 syscalls = sandbox.syscalls,
                 "proxy sandbox entered"
             );
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = proxy_runtime()?;
             rt.block_on(sluice::app::run_proxy(
                 config, cfg, link, welcome, sockets, sandbox,
             ))

@@ -322,6 +322,93 @@ fn intercepts_http1_and_http2_get_and_post_unchanged() {
         Some(true),
         "{st}"
     );
+    // Allowed more than one CPU, the proxy runs the work-stealing scheduler (one CPU: the test
+    // below).
+    if std::thread::available_parallelism().map_or(1, usize::from) > 1 {
+        let log = std::fs::read_to_string(&e.agent.log).expect("log");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("proxy runtime") && l.contains("multi-threaded")),
+            "{log}"
+        );
+    }
+}
+
+/// The agent's unprivileged proxy process (`sluice proxy`), a child of one of `agent`'s threads.
+fn proxy_pid(agent: u32) -> Option<u32> {
+    let mut children = String::new();
+    for t in std::fs::read_dir(format!("/proc/{agent}/task"))
+        .ok()?
+        .flatten()
+    {
+        children += &std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        children.push(' ');
+    }
+    children.split_whitespace().find_map(|c| {
+        let cmd = std::fs::read(format!("/proc/{c}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        (args.get(1) == Some(&&b"proxy"[..])).then(|| c.parse().ok())?
+    })
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_agent_allowed_one_cpu_serves_on_the_single_threaded_scheduler() {
+    // The agent inherits this thread's affinity: one CPU, as under `taskset -c 0` or a cpuset
+    // of one CPU. Put back before any assertion, so a failure does not leave the thread pinned.
+    let all = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).expect("cpu 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin");
+    let e = env("px-onecpu");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all).expect("unpin");
+
+    let proxy = proxy_pid(e.agent_pid()).expect("the agent's proxy process");
+    let status = std::fs::read_to_string(format!("/proc/{proxy}/status")).expect("status");
+    assert!(
+        status.lines().any(|l| l == "Cpus_allowed_list:\t0"),
+        "the proxy inherited the one CPU: {status}"
+    );
+    let log = std::fs::read_to_string(&e.agent.log).expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("proxy runtime") && l.contains("single-threaded")),
+        "{log}"
+    );
+    // Everything an intercepted connection does, on the one thread: both protocols, a body
+    // larger than any buffer both ways, keep-alive over several requests.
+    let upload = e.dir.join("upload.bin");
+    let mut data = vec![0u8; 3 * 1024 * 1024 + 5];
+    sluice_e2e::pattern(0, &mut data);
+    std::fs::write(&upload, &data).expect("upload file");
+    let want = pattern_sha256(data.len() as u64);
+    for flag in ["--http1.1", "--http2"] {
+        let out = e
+            .curl(
+                &e.sluice_ca,
+                &[
+                    flag,
+                    "--data-binary",
+                    &format!("@{}", upload.display()),
+                    &e.url("good.test", "/echo"),
+                ],
+            )
+            .expect("POST");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(
+            v["sha256"], want,
+            "{flag}: the body reached the origin unchanged"
+        );
+        let urls = e.hello_urls(&format!("one{}", &flag[2..6]), 20);
+        e.curl(&e.sluice_ca, &[flag, "-K", &urls.display().to_string()])
+            .expect("keep-alive GETs");
+    }
+    let st = e.status();
+    assert_eq!(
+        st["proxy"]["intercepted"].as_u64().map(|n| n >= 4),
+        Some(true),
+        "{st}"
+    );
 }
 
 #[test]
