@@ -371,6 +371,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(sluice::app::run(config, cfg))
         }
         Command::Proxy { config } => {
+            // Started through a descriptor (`/proc/self/fd/N`), the process would otherwise be
+            // named after the descriptor's number in `ps`, `top` and `pgrep`.
+            let _ = nix::sys::prctl::set_name(c"sluice-proxy");
             let cfg = Config::load(&config)?;
             if nix::unistd::geteuid().is_root() {
                 anyhow::bail!(

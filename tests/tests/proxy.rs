@@ -364,6 +364,8 @@ fn an_agent_allowed_one_cpu_serves_on_the_single_threaded_scheduler() {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all).expect("unpin");
 
     let proxy = proxy_pid(e.agent_pid()).expect("the agent's proxy process");
+    let comm = std::fs::read_to_string(format!("/proc/{proxy}/comm")).expect("comm");
+    assert_eq!(comm.trim(), "sluice-proxy", "the proxy's process name");
     let status = std::fs::read_to_string(format!("/proc/{proxy}/status")).expect("status");
     assert!(
         status.lines().any(|l| l == "Cpus_allowed_list:\t0"),
