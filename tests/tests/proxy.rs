@@ -154,6 +154,23 @@ impl Env {
         format!("https://{host}:{}{path}", self.origin.addr.port())
     }
 
+    /// POSTs `len` bytes of the test pattern to `good.test`'s `/echo` with curl's `flags`
+    /// (`--http1.1`, `--http2`, ...): the origin's answer (the `sha256` and `len` of what it got).
+    fn post_pattern(&self, flags: &[&str], len: usize) -> serde_json::Value {
+        let upload = self.dir.join(format!("upload-{len}.bin"));
+        if !upload.exists() {
+            let mut data = vec![0u8; len];
+            sluice_e2e::pattern(0, &mut data);
+            std::fs::write(&upload, &data).expect("upload file");
+        }
+        let file = format!("@{}", upload.display());
+        let url = self.url("good.test", "/echo");
+        let mut args = flags.to_vec();
+        args.extend(["--data-binary", &file, &url]);
+        let out = self.curl(&self.sluice_ca, &args).expect("POST");
+        serde_json::from_str(&out).expect("json")
+    }
+
     /// curl inside the steered cgroup, every test name resolving to the origin's address.
     fn curl(&self, ca: &Path, args: &[&str]) -> anyhow::Result<String> {
         let mut all: Vec<String> = vec![
@@ -221,11 +238,8 @@ fn first_cert_der(certs: &str) -> Vec<u8> {
 #[ignore = "needs root"]
 fn intercepts_http1_and_http2_get_and_post_unchanged() {
     let e = env("px-basic");
-    let upload = e.dir.join("upload.bin");
-    let mut data = vec![0u8; 3 * 1024 * 1024 + 17];
-    sluice_e2e::pattern(0, &mut data);
-    std::fs::write(&upload, &data).expect("upload file");
-    let want = pattern_sha256(data.len() as u64);
+    const LEN: usize = 3 * 1024 * 1024 + 17;
+    let want = pattern_sha256(LEN as u64);
     for (flag, client_version, origin_version) in
         [("--http1.1", "1.1", "HTTP/1.1"), ("--http2", "2", "HTTP/2")]
     {
@@ -250,20 +264,9 @@ fn intercepts_http1_and_http2_get_and_post_unchanged() {
         );
         assert_eq!(v["host"], format!("good.test:{}", e.origin.addr.port()));
 
-        let out = e
-            .curl(
-                &e.sluice_ca,
-                &[
-                    flag,
-                    "--data-binary",
-                    &format!("@{}", upload.display()),
-                    &e.url("good.test", "/echo"),
-                ],
-            )
-            .expect("POST");
-        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let v = e.post_pattern(&[flag], LEN);
         assert_eq!(v["sha256"], want, "the origin received the body unchanged");
-        assert_eq!(v["len"], data.len() as u64);
+        assert_eq!(v["len"], LEN as u64);
     }
     // The client saw a leaf from the Sluice CA, for the origin's name.
     let certs = e
@@ -379,24 +382,10 @@ fn an_agent_allowed_one_cpu_serves_on_the_single_threaded_scheduler() {
     );
     // Everything an intercepted connection does, on the one thread: both protocols, a body
     // larger than any buffer both ways, keep-alive over several requests.
-    let upload = e.dir.join("upload.bin");
-    let mut data = vec![0u8; 3 * 1024 * 1024 + 5];
-    sluice_e2e::pattern(0, &mut data);
-    std::fs::write(&upload, &data).expect("upload file");
-    let want = pattern_sha256(data.len() as u64);
+    const LEN: usize = 3 * 1024 * 1024 + 5;
+    let want = pattern_sha256(LEN as u64);
     for flag in ["--http1.1", "--http2"] {
-        let out = e
-            .curl(
-                &e.sluice_ca,
-                &[
-                    flag,
-                    "--data-binary",
-                    &format!("@{}", upload.display()),
-                    &e.url("good.test", "/echo"),
-                ],
-            )
-            .expect("POST");
-        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let v = e.post_pattern(&[flag], LEN);
         assert_eq!(
             v["sha256"], want,
             "{flag}: the body reached the origin unchanged"
@@ -1011,25 +1000,10 @@ fn tls_13_sessions_go_on_in_the_record_layer_through_key_updates_and_tls_12_stay
     let e = env("px-records");
     // Both legs of a TLS 1.3 session (client and origin) are handed over after their first
     // data: bodies both ways arrive whole over both protocols.
-    let upload = e.dir.join("up.bin");
-    let mut data = vec![0u8; 5 * 1024 * 1024 + 3];
-    sluice_e2e::pattern(0, &mut data);
-    std::fs::write(&upload, &data).expect("upload file");
+    const LEN: usize = 5 * 1024 * 1024 + 3;
     for flag in ["--http1.1", "--http2"] {
-        let out = e
-            .curl(
-                &e.sluice_ca,
-                &[
-                    flag,
-                    "--tlsv1.3",
-                    "--data-binary",
-                    &format!("@{}", upload.display()),
-                    &e.url("good.test", "/echo"),
-                ],
-            )
-            .expect("POST");
-        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-        assert_eq!(v["sha256"], pattern_sha256(data.len() as u64), "{flag}");
+        let v = e.post_pattern(&[flag, "--tlsv1.3"], LEN);
+        assert_eq!(v["sha256"], pattern_sha256(LEN as u64), "{flag}");
         let down = e
             .sh(&format!(
                 "curl -sS {flag} --tlsv1.3 --cacert {ca} {res} {url} | sha256sum",
