@@ -344,7 +344,8 @@ fn seed_random() -> anyhow::Result<()> {
 /// quota) gets the single-threaded scheduler: with one worker, a work-stealing scheduler only adds
 /// its cross-thread bookkeeping to every task switch.
 fn proxy_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    // Unknown (the count cannot be read): the work-stealing scheduler, Tokio's own default.
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let (mut b, scheduler) = if cpus == 1 {
         (
             tokio::runtime::Builder::new_current_thread(),

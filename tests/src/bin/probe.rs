@@ -305,21 +305,19 @@ fn bad_hello(addr: SocketAddr, kind: &str) -> Result<(), String> {
     use std::io::{Read as _, Write as _};
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    let ech = client_hello("cover.test", true);
-    let dots = client_hello(".", false);
-    let bytes: &[u8] = match kind {
+    let bytes: Vec<u8> = match kind {
         // A handshake record whose body is not a ClientHello.
-        "garbage" => b"\x16\x03\x01\x00\x08garbage!",
+        "garbage" => b"\x16\x03\x01\x00\x08garbage!".to_vec(),
         // A ClientHello record header promising more than is ever sent.
-        "truncated" => b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        "truncated" => b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(),
         // A well-formed ClientHello naming `cover.test` and carrying an encrypted_client_hello
         // extension (its payload is opaque to anyone but the real server).
-        "ech" => &ech,
+        "ech" => client_hello("cover.test", true),
         // A well-formed ClientHello whose server name is only a dot.
-        "dots" => &dots,
+        "dots" => client_hello(".", false),
         other => return Err(format!("unknown kind {other}")),
     };
-    s.write_all(bytes).map_err(|e| e.to_string())?;
+    s.write_all(&bytes).map_err(|e| e.to_string())?;
     if kind == "truncated" {
         // Half-close: the peer must notice the ClientHello will never complete.
         let _ = s.shutdown(std::net::Shutdown::Write);
@@ -336,7 +334,6 @@ fn bad_hello(addr: SocketAddr, kind: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A TLS 1.3 ClientHello record for `sni` with an `encrypted_client_hello` (0xfe0d) extension.
 /// A TLS 1.3 ClientHello record naming `sni`, with an encrypted_client_hello extension when `ech`.
 fn client_hello(sni: &str, ech: bool) -> Vec<u8> {
     fn ext(out: &mut Vec<u8>, ty: u16, data: &[u8]) {
