@@ -18,8 +18,10 @@ use sluice_e2e::{InCgroup, TestCgroup, free_port, loadgen, wait_until};
 const ORIGIN: &str = "127.0.0.40:8443";
 pub(crate) const HOST: &str = "bench.test";
 pub(crate) const BIG: u64 = 100 * 1024 * 1024;
-/// Transfers of BIG per direction in each repetition (their median is the repetition's figure).
-const TRANSFERS: usize = 3;
+/// Transfers of BIG per direction and protocol in each repetition (`--transfers`): a GB each.
+/// Over three the figures carried each connection's ramp-up (windows, buffers, what the phase
+/// before left) and spread 5-16% between repetitions; over ten, 1-7%.
+const TRANSFERS: usize = 10;
 /// Default length of the 100 requests/s latency load (`--latency-secs`).
 const LATENCY_SECS: &str = "10";
 pub(crate) const CORE: &str = "0";
@@ -540,6 +542,7 @@ fn run_loadgen(
     skip_h2: bool,
     secs: f64,
     latency_secs: f64,
+    transfers: usize,
 ) -> Result<Value> {
     let me = std::env::current_exe()?;
     let mut args = vec![
@@ -550,6 +553,8 @@ fn run_loadgen(
         secs.to_string(),
         "--latency-secs".into(),
         latency_secs.to_string(),
+        "--transfers".into(),
+        transfers.to_string(),
     ];
     if let Some(p) = run.explicit {
         args.extend(["--proxy".into(), p.to_string()]);
@@ -660,7 +665,10 @@ pub fn loadgen(args: &[String]) -> Result<()> {
             return anyhow::Ok(());
         }
         // Transfers over HTTP/1.1 and, where the proxy speaks it to clients, over HTTP/2.
-        let gb = (BIG * TRANSFERS as u64) as f64 / 1e9;
+        let transfers: usize = opt("--transfers")
+            .map_or(Ok(TRANSFERS), |t| t.parse())
+            .context("--transfers")?;
+        let gb = (BIG * transfers as u64) as f64 / 1e9;
         // `--no-h2` / `--only-h2`, `--only-down` / `--only-up`: one protocol or direction alone
         // (for profiling it).
         let protocols: &[(bool, &str)] = if flag("--no-h2") {
@@ -673,7 +681,7 @@ pub fn loadgen(args: &[String]) -> Result<()> {
         for (h2, suffix) in protocols {
             if !flag("--only-up") {
                 let c0 = cpu();
-                let down = loadgen::download(&t, *h2, "/100m", "/1k", TRANSFERS).await?;
+                let down = loadgen::download(&t, *h2, "/100m", "/1k", transfers).await?;
                 let c1 = cpu();
                 out.insert(format!("download{suffix}_mb_s"), json!(down));
                 out.insert(
@@ -683,7 +691,7 @@ pub fn loadgen(args: &[String]) -> Result<()> {
             }
             if !flag("--only-down") {
                 let c1 = cpu();
-                let up = loadgen::upload(&t, *h2, "/upload/blob", BIG, "/1k", TRANSFERS).await?;
+                let up = loadgen::upload(&t, *h2, "/upload/blob", BIG, "/1k", transfers).await?;
                 let c2 = cpu();
                 out.insert(format!("upload{suffix}_mb_s"), json!(up));
                 out.insert(
@@ -770,6 +778,9 @@ pub fn run(args: &[String]) -> Result<()> {
         .unwrap_or_else(|| LATENCY_SECS.into())
         .parse()
         .context("--latency-secs")?;
+    let transfers: usize = opt("--transfers")
+        .map_or(Ok(TRANSFERS), |t| t.parse())
+        .context("--transfers")?;
     let work = root.join("target/bench/proxy-work");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
@@ -874,6 +885,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 *mode == "squid",
                 secs,
                 latency_secs,
+                transfers,
             )
             .with_context(|| format!("{mode}, repetition {}", rep + 1))?;
             results[i].1.push(v);
