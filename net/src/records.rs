@@ -9,7 +9,9 @@
 //! is written here, on aws-lc's AEADs and HKDF.
 //!
 //! What it takes from the handshake: the suite, both directions' application traffic secrets
-//! and sequence numbers. What it handles (RFC 8446 §5, §4.6): protected records only, inner
+//! and sequence numbers (KeyUpdates made under rustls before the takeover are followed: the
+//! secrets are derived forward until they give rustls's keys, and a KeyUpdate rustls owed the
+//! peer is sent first). What it handles (RFC 8446 §5, §4.6): protected records only, inner
 //! content types, padding, close_notify and other alerts, KeyUpdate either way (answering one
 //! that asks for it, and updating its own sending key before a suite's confidentiality limit),
 //! NewSessionTicket from a server (dropped: the session cache was fed by the handshake),
@@ -196,6 +198,14 @@ pub fn seal_record(suite: Suite, secret: &[u8], seq: u64, inner: &[u8]) -> io::R
     Ok(rec)
 }
 
+/// KeyUpdates a session may have made in each direction under rustls, before it is taken over.
+const MAX_EARLY_UPDATES: usize = 8;
+
+/// The traffic secret after `secret` (RFC 8446 §7.2).
+fn next_secret(suite: Suite, secret: &[u8]) -> Zeroizing<Vec<u8>> {
+    expand_label(suite.hkdf(), secret, b"traffic upd", suite.secret_len())
+}
+
 /// One direction of protection.
 struct Dir {
     suite: Suite,
@@ -210,7 +220,10 @@ impl Dir {
         Self::checked(suite, s, None)
     }
 
-    /// [`Dir::new`], refusing a secret whose key and IV are not `expected`.
+    /// [`Dir::new`], refusing a secret whose key and IV are not `expected`. The secret caught
+    /// at the handshake may be some KeyUpdates behind the keys rustls uses (a peer may update,
+    /// or ask for an update, before its first application data): the next secrets are derived,
+    /// up to [`MAX_EARLY_UPDATES`], until one gives rustls's key and IV.
     fn checked(suite: Suite, s: Secret, expected: Option<(&[u8], &[u8])>) -> io::Result<Self> {
         if s.secret.len() != suite.secret_len() {
             return Err(io::Error::new(
@@ -218,14 +231,22 @@ impl Dir {
                 "traffic secret of the wrong length for the suite",
             ));
         }
-        let (key, iv) = traffic_keys(suite, &s.secret);
-        if let Some((k, v)) = expected
-            && (k != key.as_slice() || v != iv.as_slice())
-        {
-            return Err(io::Error::other(
-                "taking the TLS session over: the caught secrets do not give rustls's keys",
-            ));
+        let mut secret = s.secret;
+        let (mut key, mut iv) = traffic_keys(suite, &secret);
+        if let Some((k, v)) = expected {
+            let mut updates = 0;
+            while k != key.as_slice() || v != iv.as_slice() {
+                if updates == MAX_EARLY_UPDATES {
+                    return Err(io::Error::other(
+                        "taking the TLS session over: the caught secrets do not give rustls's keys",
+                    ));
+                }
+                secret = next_secret(suite, &secret);
+                (key, iv) = traffic_keys(suite, &secret);
+                updates += 1;
+            }
         }
+        let s = Secret { secret, seq: s.seq };
         let key = aead::UnboundKey::new(suite.aead(), &key)
             .map_err(|_| io::Error::other("the AEAD refused the key"))?;
         let mut ivb = [0u8; aead::NONCE_LEN];
@@ -241,12 +262,7 @@ impl Dir {
 
     /// The next traffic secret (RFC 8446 §7.2); the sequence number starts again at 0.
     fn update(&mut self) -> io::Result<()> {
-        let next = expand_label(
-            self.suite.hkdf(),
-            &self.secret,
-            b"traffic upd",
-            self.suite.secret_len(),
-        );
+        let next = next_secret(self.suite, &self.secret);
         *self = Self::new(
             self.suite,
             Secret {
@@ -988,6 +1004,16 @@ pub fn take_over<S>(
             Err(e) => return Err(e),
         }
     }
+    // A KeyUpdate rustls owes the peer (it was asked for one) waits in rustls for the next
+    // application data, sealed under the old key while rustls already seals under the new: an
+    // empty write releases it, and it goes out first, before anything sealed here.
+    let _ = io::Write::write(&mut conn.writer(), &[]);
+    let mut owed = Vec::new();
+    while conn.wants_write() {
+        if conn.write_tls(&mut owed)? == 0 {
+            break;
+        }
+    }
     let ex = conn
         .dangerous_extract_secrets()
         .map_err(|e| io::Error::other(format!("taking the TLS session over: {e}")))?;
@@ -1002,7 +1028,7 @@ pub fn take_over<S>(
     };
     let (tk, tv) = key_and_iv(&ex.tx.1)?;
     let (rk, rv) = key_and_iv(&ex.rx.1)?;
-    Records::with_check(
+    let mut records = Records::with_check(
         io,
         Session {
             suite,
@@ -1019,7 +1045,9 @@ pub fn take_over<S>(
             plaintext,
         },
         Some([(tk, tv), (rk, rv)]),
-    )
+    )?;
+    records.out = owed;
+    Ok(records)
 }
 
 /// The key and IV rustls derived for one direction (borrowed: compared, never copied).
@@ -1249,6 +1277,43 @@ mod tests {
         drop(c);
         let e = r.read(&mut [0u8; 64]).await.expect_err("no close_notify");
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_session_whose_keys_were_updated_before_the_takeover_is_taken_over() {
+        let ((mut s, sc), (mut c, _)) = pair(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384).await;
+        // Before any application data the client updates its key twice, each time asking the
+        // server to update its own: both directions are past the secrets the handshake gave,
+        // and the server's KeyUpdate is still owed when the session is taken over.
+        for _ in 0..2 {
+            c.get_mut().1.refresh_traffic_keys().expect("key update");
+        }
+        c.write_all(b"first").await.expect("client write");
+        c.flush().await.expect("flush");
+        let mut five = [0u8; 5];
+        s.read_exact(&mut five).await.expect("server read");
+        assert_eq!(&five, b"first");
+        let mut r = server_records(s, sc);
+        let client = async move {
+            c.write_all(b"after the takeover")
+                .await
+                .expect("client write");
+            c.flush().await.expect("flush");
+            let mut got = [0u8; 5];
+            c.read_exact(&mut got).await.expect("client read");
+            assert_eq!(&got, b"reply");
+        };
+        let server = async move {
+            let mut got = [0u8; 18];
+            r.read_exact(&mut got)
+                .await
+                .expect("read under the updated key");
+            assert_eq!(&got, b"after the takeover");
+            r.write_all(b"reply").await.expect("write");
+            r.flush().await.expect("flush");
+            assert_eq!(r.seqs().0, 1, "one record under the server's updated key");
+        };
+        tokio::join!(client, server);
     }
 
     #[tokio::test]
