@@ -271,6 +271,11 @@ impl Upstream {
                     Some(notified)
                 }
                 None => {
+                    // A connection that finished after this request looked in the pool (and
+                    // before this lock) is in the pool now: share it rather than open another.
+                    if let Some(s) = self.take_idle(target) {
+                        return Ok(s);
+                    }
                     connecting.insert(target.clone(), Arc::new(tokio::sync::Notify::new()));
                     None
                 }
