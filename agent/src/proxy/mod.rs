@@ -53,6 +53,10 @@ macro_rules! forward_writes {
 /// holds while its origin is slower than its client (it was 4 MiB per stream, 8 per connection).
 const CLIENT_STREAM_WINDOW: u32 = 1024 * 1024;
 
+/// Records per bulk read on an HTTP/1.1 client's leg (the record layer's default is eight): its
+/// read buffer is then up to 530 KiB while a body streams in, released when it goes quiet.
+const H1_CLIENT_BULK_RECORDS: usize = 16;
+
 pub mod addresses;
 pub mod body;
 pub mod bufio;
@@ -1149,7 +1153,15 @@ impl Accepted<'_> {
             client_proto,
         });
         stats.intercepted.fetch_add(1, Ordering::Relaxed);
-        serve(shared, sess, takeover::Leg::new(tls, secrets), shutdown).await;
+        // An HTTP/1.1 client's request bodies are read sixteen records at a time: against eight,
+        // 0.91-0.95x the CPU per GB uploaded (four runs of 6-8 repetitions), downloads level. An
+        // HTTP/2 client's leg stays at eight: sixteen measured 1.05x and 1.07x for its uploads,
+        // no better than two runs of identical code apart (1.03x, 1.06x), so nothing shown.
+        let mut leg = takeover::Leg::new(tls, secrets);
+        if client_proto == Proto::H1 {
+            leg = leg.bulk_records(H1_CLIENT_BULK_RECORDS);
+        }
+        serve(shared, sess, leg, shutdown).await;
     }
 }
 

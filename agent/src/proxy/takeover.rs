@@ -59,6 +59,8 @@ pub enum Leg<T, S> {
         tls: Box<Coalesce<T>>,
         /// The handshake's traffic secrets.
         captured: Option<Captured>,
+        /// Records per bulk read once the record layer has the session (0: its default).
+        bulk_records: usize,
     },
     /// Sluice's record layer.
     Records(Records<S>),
@@ -91,7 +93,17 @@ impl<T: Rustls<S>, S: AsyncRead + AsyncWrite + Unpin> Leg<T, S> {
         Self::Rustls {
             tls: Box::new(Coalesce::new(tls)),
             captured: Some(captured),
+            bulk_records: 0,
         }
+    }
+
+    /// Has the record layer, once it takes the session over, read `records` records at a time
+    /// in bulk ([`Records::set_bulk_records`]).
+    pub fn bulk_records(mut self, records: usize) -> Self {
+        if let Self::Rustls { bulk_records, .. } = &mut self {
+            *bulk_records = records;
+        }
+        self
     }
 
     /// A session rustls carries to the end (`tls` over a framed [`ReadAhead`], which stops
@@ -104,12 +116,13 @@ impl<T: Rustls<S>, S: AsyncRead + AsyncWrite + Unpin> Leg<T, S> {
         Self::Rustls {
             tls: Box::new(Coalesce::new(tls)),
             captured: None,
+            bulk_records: 0,
         }
     }
 
     /// Hands the session over if it can go now.
     fn try_take_over(&mut self) {
-        let Self::Rustls { tls, captured } = self else {
+        let Self::Rustls { tls, captured, .. } = self else {
             return;
         };
         let Some(cap) = captured.as_ref() else {
@@ -131,8 +144,11 @@ impl<T: Rustls<S>, S: AsyncRead + AsyncWrite + Unpin> Leg<T, S> {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         };
-        let Self::Rustls { tls, captured } =
-            std::mem::replace(self, Self::Failed(io::ErrorKind::Other, String::new()))
+        let Self::Rustls {
+            tls,
+            captured,
+            bulk_records,
+        } = std::mem::replace(self, Self::Failed(io::ErrorKind::Other, String::new()))
         else {
             return;
         };
@@ -142,7 +158,10 @@ impl<T: Rustls<S>, S: AsyncRead + AsyncWrite + Unpin> Leg<T, S> {
             records::take_over(conn, suite, io, rest, captured.unwrap_or_default())
         });
         *self = match taken {
-            Ok(r) => {
+            Ok(mut r) => {
+                if bulk_records > 0 {
+                    r.set_bulk_records(bulk_records);
+                }
                 STATS
                     .taken_over
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -171,7 +190,7 @@ impl<T: Rustls<S>, S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Leg<T, S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         match this {
-            Self::Rustls { tls, captured } => {
+            Self::Rustls { tls, captured, .. } => {
                 let before = buf.filled().len();
                 let r = Pin::new(&mut **tls).poll_read(cx, buf);
                 if captured.is_some()
