@@ -1001,7 +1001,8 @@ fn build_proxy(
         Duration::from_millis(config.proxy.connect_timeout_ms),
         Duration::from_millis(config.proxy.handshake_timeout_ms),
         config.proxy.max_idle_upstream,
-    );
+    )
+    .http2_for_http1_clients(config.proxy.upstream_http2);
     Ok(Shared::new(
         origins,
         stats,

@@ -860,6 +860,12 @@ pub struct ProxySettings {
     /// Idle upstream connections kept per (destination, name, protocol).
     #[serde(default = "default_max_idle_upstream")]
     pub max_idle_upstream: usize,
+    /// HTTP/1.1 clients' requests reach TLS origins over HTTP/2 when the origin offers it
+    /// (one process's requests then share a connection). Requests carrying a login bound to
+    /// the connection (NTLM, Negotiate) and origins that ask for HTTP/1.1 stay on HTTP/1.1.
+    /// `false`: the origin is offered what the client offered.
+    #[serde(default = "yes")]
+    pub upstream_http2: bool,
     /// Destination ports where plain HTTP to catalogued apps is handled (other plain traffic is
     /// spliced).
     #[serde(default = "default_plain_http_ports")]
@@ -989,6 +995,7 @@ impl Default for ProxySettings {
             max_headers: default_max_headers(),
             max_concurrent_streams: default_max_concurrent_streams(),
             max_idle_upstream: default_max_idle_upstream(),
+            upstream_http2: true,
             plain_http_ports: default_plain_http_ports(),
             reject_hosts: Vec::new(),
             refuse_ech: true,

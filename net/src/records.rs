@@ -20,7 +20,8 @@
 //! record, an unprotected record, an unexpected message.
 //!
 //! Bounds: the read buffer has room for one full record, twice a bulk read while data comes in
-//! bulk (eight records at a time by default, 260 KiB; at most 32, 1 MiB: see
+//! bulk (eight records at a time by default, 260 KiB; at most 32, 1 MiB, and what a session
+//! takes beyond eight records comes from a [`BulkBudget`] shared by many: see
 //! [`Records::set_bulk_records`]), and is released when a connection goes quiet; the write
 //! buffer takes new plaintext only while less than 64 KiB of sealed records wait for the socket
 //! and is released once drained if it grew past a record; a handshake message is at most
@@ -50,6 +51,46 @@ const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
 const BULK_RECORDS: usize = 8;
 /// The most records a bulk read may be set to take.
 pub const MAX_BULK_RECORDS: usize = 32;
+/// Bytes of a bulk read of the default size.
+const DEFAULT_BULK: usize = BULK_RECORDS * (HEADER + MAX_CIPHERTEXT);
+
+/// Read-buffer bytes that sessions reading more than eight records at a time may hold beyond
+/// what eight would take, shared by every session given the budget. A session that cannot take
+/// its share reads eight records at a time until it can.
+#[derive(Debug)]
+pub struct BulkBudget {
+    held: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl BulkBudget {
+    /// A budget of `limit` bytes.
+    pub const fn new(limit: usize) -> Self {
+        Self {
+            held: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Bytes taken now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        self.held
+            .fetch_update(AcqRel, Acquire, |held| {
+                held.checked_add(n).filter(|&t| t <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.held.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// A read while traffic is light: one full record.
 const READ_LIGHT: usize = HEADER + MAX_CIPHERTEXT;
 /// New plaintext is taken while fewer sealed bytes than this wait for the socket.
@@ -354,6 +395,10 @@ pub struct Records<S> {
     tickets: u64,
     /// Bytes a read asks for in bulk (whole records).
     read_bulk: usize,
+    /// Where a bulk read larger than the default takes its extra buffer from, and how much of it
+    /// this session holds.
+    budget: Option<&'static BulkBudget>,
+    extra: usize,
 }
 
 impl<S> std::fmt::Debug for Records<S> {
@@ -365,6 +410,12 @@ impl<S> std::fmt::Debug for Records<S> {
             .field("tx_seq", &self.tx.seq)
             .field("read_end", &self.read_end)
             .finish_non_exhaustive()
+    }
+}
+
+impl<S> Drop for Records<S> {
+    fn drop(&mut self) {
+        self.release_extra();
     }
 }
 
@@ -400,7 +451,9 @@ impl<S> Records<S> {
             sent: 0,
             write_closed: false,
             tickets: 0,
-            read_bulk: BULK_RECORDS * (HEADER + MAX_CIPHERTEXT),
+            read_bulk: DEFAULT_BULK,
+            budget: None,
+            extra: 0,
         })
     }
 
@@ -417,9 +470,42 @@ impl<S> Records<S> {
     /// Makes a read in bulk ask for `records` full records (1 to [`MAX_BULK_RECORDS`]; eight
     /// unless set). Each read of a socket that a peer is waiting to send on reopens its window,
     /// and on loopback the peer's queued segments are then sent on the reading thread: fewer,
-    /// larger reads amortise that, at the cost of a larger buffer while data comes in bulk.
-    pub fn set_bulk_records(&mut self, records: usize) {
+    /// larger reads amortise that, at the cost of a larger buffer while data comes in bulk. The
+    /// buffer beyond what eight records take comes from `budget` while data comes in bulk; while
+    /// the budget is spent, reads take eight records.
+    pub fn set_bulk_records(&mut self, records: usize, budget: &'static BulkBudget) {
+        self.release_extra();
         self.read_bulk = records.clamp(1, MAX_BULK_RECORDS) * (HEADER + MAX_CIPHERTEXT);
+        self.budget = Some(budget);
+    }
+
+    /// Gives back what this session holds of its bulk budget (its buffer is released with it).
+    fn release_extra(&mut self) {
+        if let Some(b) = self.budget
+            && self.extra > 0
+        {
+            b.give(self.extra);
+            self.extra = 0;
+        }
+    }
+
+    /// Bytes the next bulk read asks for: the set size when its extra buffer is held or can be
+    /// taken, the default otherwise.
+    fn bulk_read_size(&mut self) -> usize {
+        if self.read_bulk <= DEFAULT_BULK {
+            return self.read_bulk;
+        }
+        let need = 2 * (self.read_bulk - DEFAULT_BULK);
+        if self.extra >= need {
+            return self.read_bulk;
+        }
+        match self.budget {
+            Some(b) if b.take(need - self.extra) => {
+                self.extra = need;
+                self.read_bulk
+            }
+            _ => DEFAULT_BULK,
+        }
     }
 
     /// Sequence numbers of the next record (sent, received).
@@ -710,7 +796,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Records<S> {
         // pages of its own to the allocator, faulted in again each time a connection turns
         // bulk: it is taken only then, where the fewer reads outweigh it.)
         let (want, cap) = match self.bulk {
-            true => (self.read_bulk, 2 * self.read_bulk),
+            true => {
+                let read = self.bulk_read_size();
+                (read, 2 * read)
+            }
             false => (READ_LIGHT, READ_LIGHT),
         };
         if self.pos == self.inb.len() {
@@ -758,6 +847,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Records<S> {
             // A quiet connection gives its buffer back once it holds nothing.
             if !this.bulk && this.pos == this.inb.len() && this.inb.capacity() > 0 {
                 this.inb = Vec::new();
+                this.release_extra();
                 this.pos = 0;
                 this.plain = (0, 0);
             }
@@ -1199,6 +1289,64 @@ mod tests {
         }
     }
 
+    static AMPLE: BulkBudget = BulkBudget::new(1 << 30);
+
+    /// Sends 3 MiB to a server taken over with `records` per bulk read and `budget`, and reads it
+    /// back in pieces that do not line up with records: the largest read buffer seen, and the
+    /// most of the budget held meanwhile.
+    async fn bulk_upload(records: usize, budget: &'static BulkBudget) -> (usize, usize) {
+        let ((s, sc), (mut c, _)) = pair(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256).await;
+        let mut r = server_records(s, sc);
+        r.set_bulk_records(records, budget);
+        let up = pattern(3 << 20, 3);
+        let u = up.clone();
+        let client = async move {
+            for piece in u.chunks(100_003) {
+                c.write_all(piece).await.expect("client write");
+            }
+            c.flush().await.expect("client flush");
+            c
+        };
+        let server = async move {
+            let mut got = Vec::with_capacity(up.len());
+            let mut buf = vec![0u8; 7_001];
+            let (mut most, mut held) = (0, 0);
+            while got.len() < up.len() {
+                let n = r.read(&mut buf).await.expect("server read");
+                assert!(n > 0, "end of file after {} bytes", got.len());
+                got.extend_from_slice(&buf[..n]);
+                most = most.max(r.inb.capacity());
+                held = held.max(budget.held());
+            }
+            assert!(got == up, "what the client sent");
+            (most, held)
+        };
+        let (_c, seen) = tokio::join!(client, server);
+        seen
+    }
+
+    #[tokio::test]
+    async fn bulk_reads_past_eight_records_take_their_buffer_from_a_shared_budget() {
+        // No room in the budget: 32 records asked, eight read, and nothing held.
+        static NONE: BulkBudget = BulkBudget::new(0);
+        let (most, held) = bulk_upload(32, &NONE).await;
+        assert!(
+            most <= 2 * DEFAULT_BULK,
+            "read buffer {most} with no budget"
+        );
+        assert_eq!(held, 0);
+        // Room for one: it is taken while data streams in and given back when the session ends.
+        static ONE: BulkBudget =
+            BulkBudget::new(2 * (32 - BULK_RECORDS) * (HEADER + MAX_CIPHERTEXT));
+        let (most, held) = bulk_upload(32, &ONE).await;
+        assert!(
+            most > 2 * DEFAULT_BULK,
+            "the larger buffer was used: {most}"
+        );
+        assert_eq!(held, ONE.limit, "the session's extra came from the budget");
+        assert_eq!(ONE.held(), 0, "and went back to it");
+    }
+
     #[tokio::test]
     async fn bulk_reads_of_any_set_size_deliver_every_byte_within_their_bound() {
         // 1, 16 and 32 records a read, and a size past the bound (taken as 32).
@@ -1208,35 +1356,9 @@ mod tests {
             (MAX_BULK_RECORDS, MAX_BULK_RECORDS),
             (1000, 32),
         ] {
-            let ((s, sc), (mut c, _)) = pair(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256).await;
-            let mut r = server_records(s, sc);
-            r.set_bulk_records(asked);
-            // More than twice the largest bulk buffer, written in pieces that do not line up
-            // with records, read back in pieces of yet another size.
-            let up = pattern(3 << 20, 3);
-            let u = up.clone();
-            let client = async move {
-                for piece in u.chunks(100_003) {
-                    c.write_all(piece).await.expect("client write");
-                }
-                c.flush().await.expect("client flush");
-                c
-            };
-            let server = async move {
-                let mut got = Vec::with_capacity(up.len());
-                let mut buf = vec![0u8; 7_001];
-                let mut most = 0;
-                while got.len() < up.len() {
-                    let n = r.read(&mut buf).await.expect("server read");
-                    assert!(n > 0, "{asked}: end of file after {} bytes", got.len());
-                    got.extend_from_slice(&buf[..n]);
-                    most = most.max(r.inb.capacity());
-                }
-                assert!(got == up, "{asked}: what the client sent");
-                let bound = 2 * taken * (HEADER + MAX_CIPHERTEXT);
-                assert!(most <= bound, "{asked}: read buffer {most} past {bound}");
-            };
-            let (_c, ()) = tokio::join!(client, server);
+            let (most, _) = bulk_upload(asked, &AMPLE).await;
+            let bound = 2 * taken * (HEADER + MAX_CIPHERTEXT);
+            assert!(most <= bound, "{asked}: read buffer {most} past {bound}");
         }
     }
 

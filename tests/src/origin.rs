@@ -3,11 +3,15 @@
 //! It serves several names by SNI: a valid certificate for the names given, and deliberately bad
 //! ones (`wronghost.test` gets a certificate for another name, `expired.test` an expired one,
 //! `selfsigned.test` a self-signed one). HTTP/1.1 and HTTP/2 by ALPN. Routes:
-//! - `GET /hello`: a JSON document naming the host, method and protocol seen;
+//! - `GET /hello`: a JSON document naming the host, protocol and connection (its number, from 1,
+//!   in the order accepted) seen;
 //! - `POST|PUT /echo`: streams the body and answers its length and SHA-256;
 //! - `GET /bytes/N`: N bytes of the deterministic [`crate::pattern`] stream;
 //! - `GET /headers`: the request's header names, to check what the proxy let through;
 //! - `GET /ws`: a WebSocket upgrade, then echoes every byte back.
+//!
+//! [`Origin::start_http11_required`] starts one that, like a server whose logins need
+//! HTTP/1.1, resets every HTTP/2 stream with `HTTP_1_1_REQUIRED` and serves HTTP/1.1.
 
 use std::{
     convert::Infallible,
@@ -147,6 +151,16 @@ impl Drop for Origin {
 impl Origin {
     /// Starts serving TLS on `addr` (port 0 for any) inside the current tokio runtime.
     pub async fn start(addr: SocketAddr, pki: &TestPki) -> Result<Self> {
+        Self::start_tls(addr, pki, false).await
+    }
+
+    /// Starts serving TLS on `addr`, refusing every HTTP/2 request with `HTTP_1_1_REQUIRED`
+    /// (logged as `RESET METHOD PATH`) and serving HTTP/1.1.
+    pub async fn start_http11_required(addr: SocketAddr, pki: &TestPki) -> Result<Self> {
+        Self::start_tls(addr, pki, true).await
+    }
+
+    async fn start_tls(addr: SocketAddr, pki: &TestPki, refuse_h2: bool) -> Result<Self> {
         let mut cfg = ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
@@ -174,9 +188,13 @@ impl Origin {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let conn = counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let svc = hyper::service::service_fn(move |req| route(req, log.clone()));
+                    if h2 && refuse_h2 {
+                        refuse_http2(tls, &log).await;
+                        return;
+                    }
+                    let svc = hyper::service::service_fn(move |req| route(req, log.clone(), conn));
                     let io = TokioIo::new(tls);
                     if h2 {
                         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -216,10 +234,10 @@ impl Origin {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let conn = counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 let log = log2.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| route(req, log.clone()));
+                    let svc = hyper::service::service_fn(move |req| route(req, log.clone(), conn));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
                         .with_upgrades()
@@ -263,9 +281,26 @@ fn version_name(v: http::Version) -> &'static str {
     }
 }
 
+/// Resets every stream of an HTTP/2 connection with `HTTP_1_1_REQUIRED`.
+async fn refuse_http2<T>(io: T, log: &Mutex<Vec<String>>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(mut conn) = h2::server::handshake(io).await else {
+        return;
+    };
+    while let Some(Ok((req, mut respond))) = conn.accept().await {
+        if let Ok(mut l) = log.lock() {
+            l.push(format!("RESET {} {}", req.method(), req.uri().path()));
+        }
+        respond.send_reset(h2::Reason::HTTP_1_1_REQUIRED);
+    }
+}
+
 async fn route(
     req: Request<Incoming>,
     log: Arc<Mutex<Vec<String>>>,
+    conn: usize,
 ) -> Result<Response<Body>, Infallible> {
     if let Ok(mut l) = log.lock() {
         l.push(format!("{} {}", req.method(), req.uri().path()));
@@ -286,7 +321,9 @@ async fn route(
     match (req.method().as_str(), path.as_str()) {
         ("GET", "/hello") => Ok(json(
             StatusCode::OK,
-            serde_json::json!({ "hello": "from origin", "host": host, "version": version }),
+            serde_json::json!({
+                "hello": "from origin", "host": host, "version": version, "conn": conn
+            }),
         )),
         ("GET", "/headers") => {
             let names: Vec<String> = req

@@ -24,6 +24,8 @@ const APP_HOSTS: [&str; 5] = [
 struct Env {
     origin: Origin,
     plain: Origin,
+    /// An origin that refuses HTTP/2 requests with `HTTP_1_1_REQUIRED`.
+    h11: Origin,
     pki: TestPki,
     agent: Agent,
     cg: TestCgroup,
@@ -69,6 +71,12 @@ fn env_full(tag: &str, extra: &str, tail: &str) -> Env {
             format!("{ORIGIN_IP}:0").parse().expect("addr"),
         ))
         .expect("plain origin");
+    let h11 = rt
+        .block_on(Origin::start_http11_required(
+            format!("{ORIGIN_IP}:0").parse().expect("addr"),
+            &pki,
+        ))
+        .expect("HTTP/1.1-only origin");
     let cg = TestCgroup::new(tag);
     let dir = std::env::temp_dir().join(format!("sluice-e2e-proxy-{}", cg.rel));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -85,7 +93,7 @@ state_dir = "{state}"
 [steer]
 cgroup = "{cg}"
 agent_cgroup = "{cg}/agent"
-include = [{{ cidr = "{ip}/32", ports = [{port}, {plain_port}] }}]
+include = [{{ cidr = "{ip}/32", ports = [{port}, {plain_port}, {h11_port}] }}]
 [proxy]
 port = 0
 plain_http_ports = [{plain_port}]
@@ -107,6 +115,7 @@ hosts = [{hosts}]
         ip = ORIGIN_IP,
         port = origin.addr.port(),
         plain_port = plain.addr.port(),
+        h11_port = h11.addr.port(),
         test_ca = test_ca.display(),
     );
     let agent = Agent::launch(&config, &dir).expect("agent starts");
@@ -125,6 +134,7 @@ hosts = [{hosts}]
     Env {
         origin,
         plain,
+        h11,
         pki,
         agent,
         cg,
@@ -240,9 +250,7 @@ fn intercepts_http1_and_http2_get_and_post_unchanged() {
     let e = env("px-basic");
     const LEN: usize = 3 * 1024 * 1024 + 17;
     let want = pattern_sha256(LEN as u64);
-    for (flag, client_version, origin_version) in
-        [("--http1.1", "1.1", "HTTP/1.1"), ("--http2", "2", "HTTP/2")]
-    {
+    for (flag, client_version) in [("--http1.1", "1.1"), ("--http2", "2")] {
         let out = e
             .curl(
                 &e.sluice_ca,
@@ -259,8 +267,8 @@ fn intercepts_http1_and_http2_get_and_post_unchanged() {
         let v: serde_json::Value = serde_json::from_str(body).expect("json");
         assert_eq!(v["hello"], "from origin");
         assert_eq!(
-            v["version"], origin_version,
-            "the upstream protocol mirrors the client's offer"
+            v["version"], "HTTP/2",
+            "the origin is reached over HTTP/2 whichever the client speaks"
         );
         assert_eq!(v["host"], format!("good.test:{}", e.origin.addr.port()));
 
@@ -352,6 +360,179 @@ fn proxy_pid(agent: u32) -> Option<u32> {
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         (args.get(1) == Some(&&b"proxy"[..])).then(|| c.parse().ok())?
     })
+}
+
+#[test]
+#[ignore = "needs root"]
+fn http1_clients_share_an_http2_origin_connection_unless_a_login_binds_theirs() {
+    let e = env("px-h1h2");
+    let hello = |out: &str| -> Vec<serde_json::Value> {
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    };
+    // Two HTTP/1.1 connections of one process, at once: one HTTP/2 connection to the origin.
+    let before = e
+        .origin
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let (a, b) = (e.dir.join("a.json"), e.dir.join("b.json"));
+    let url = e.url("good.test", "/hello");
+    let (a_s, b_s) = (a.display().to_string(), b.display().to_string());
+    e.curl(
+        &e.sluice_ca,
+        &[
+            "--http1.1",
+            "--parallel",
+            "--parallel-immediate",
+            "-o",
+            &a_s,
+            &url,
+            "-o",
+            &b_s,
+            &url,
+        ],
+    )
+    .expect("two GETs at once");
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).expect("output")).expect("json")
+    };
+    let (va, vb) = (read(&a), read(&b));
+    assert_eq!(
+        (&va["version"], &vb["version"]),
+        (&"HTTP/2".into(), &"HTTP/2".into())
+    );
+    assert_eq!(va["conn"], vb["conn"], "one origin connection: {va} {vb}");
+    assert_eq!(
+        e.origin
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        before + 1
+    );
+
+    // A login bound to the connection (NTLM) goes over HTTP/1.1, and the rest of that client
+    // connection's requests (without the field, as after the handshake) on the same one.
+    let mut args: Vec<String> = [
+        "--http1.1",
+        "-w",
+        "\\n",
+        "-H",
+        "Authorization: NTLM TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAGAbEdAAAADw==",
+        &url,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for _ in 0..2 {
+        args.extend(["--next".into(), "--cacert".into()]);
+        args.push(e.sluice_ca.display().to_string());
+        args.extend([
+            "--resolve".into(),
+            format!("good.test:{}:{ORIGIN_IP}", e.origin.addr.port()),
+        ]);
+        args.extend(["--http1.1", "-w", "\\n", &url].map(str::to_owned));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let bound = hello(&e.curl(&e.sluice_ca, &args).expect("NTLM session"));
+    assert_eq!(bound.len(), 3, "{bound:?}");
+    for v in &bound {
+        assert_eq!(v["version"], "HTTP/1.1", "{bound:?}");
+        assert_eq!(
+            v["conn"], bound[0]["conn"],
+            "one HTTP/1.1 connection: {bound:?}"
+        );
+    }
+    assert_ne!(bound[0]["conn"], va["conn"]);
+    // Another client connection without such a login is not bound by it.
+    let v = hello(
+        &e.curl(&e.sluice_ca, &["--http1.1", "-w", "\\n", &url])
+            .expect("GET"),
+    );
+    assert_eq!(v[0]["version"], "HTTP/2", "{v:?}");
+
+    // Configured off, the origin is offered what the client offered.
+    drop(e);
+    let e = env_with("px-h1keep", "upstream_http2 = false");
+    let v = hello(
+        &e.curl(
+            &e.sluice_ca,
+            &["--http1.1", "-w", "\\n", &e.url("good.test", "/hello")],
+        )
+        .expect("GET"),
+    );
+    assert_eq!(v[0]["version"], "HTTP/1.1", "{v:?}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_origin_that_refuses_http2_is_reached_over_http11() {
+    let e = env("px-h11req");
+    let port = e.h11.addr.port();
+    let at = |host: &str| format!("{host}:{port}:{ORIGIN_IP}");
+    // A request without a body is sent again over HTTP/1.1: the client sees only the answer.
+    let url = format!("https://h.test:{port}/hello");
+    let out = e
+        .curl(
+            &e.sluice_ca,
+            &["--http1.1", "--resolve", &at("h.test"), &url],
+        )
+        .expect("GET");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["version"], "HTTP/1.1", "{out}");
+    assert_eq!(
+        e.h11.requests(),
+        ["RESET GET /hello", "GET /hello"],
+        "refused over HTTP/2, then answered over HTTP/1.1"
+    );
+    // From then on the origin is offered only HTTP/1.1: no refusal.
+    e.curl(
+        &e.sluice_ca,
+        &["--http1.1", "--resolve", &at("h.test"), &url],
+    )
+    .expect("GET again");
+    assert_eq!(e.h11.requests().len(), 3, "{:?}", e.h11.requests());
+
+    // A request with a body cannot be sent again once refused: the client gets a page that
+    // says to send it again, and that attempt goes over HTTP/1.1.
+    const LEN: usize = 300 * 1024;
+    let upload = e.dir.join("h11-upload.bin");
+    let mut data = vec![0u8; LEN];
+    sluice_e2e::pattern(0, &mut data);
+    std::fs::write(&upload, &data).expect("upload");
+    let file = format!("@{}", upload.display());
+    let url = format!("https://good.test:{port}/echo");
+    let post = [
+        "--http1.1",
+        "--resolve",
+        &at("good.test"),
+        "-w",
+        "\n%{http_code}",
+        "--data-binary",
+        &file,
+        &url,
+    ];
+    let out = e.curl(&e.sluice_ca, &post).expect("POST");
+    let (page, code) = out.rsplit_once('\n').expect("status");
+    assert_eq!(code, "502", "{out}");
+    assert!(page.contains("HTTP/1.1"), "the page says why: {page}");
+    assert!(page.contains("again"), "and what to do: {page}");
+    let out = e.curl(&e.sluice_ca, &post).expect("POST again");
+    let (body, code) = out.rsplit_once('\n').expect("status");
+    assert_eq!(code, "200", "{out}");
+    let v: serde_json::Value = serde_json::from_str(body).expect("json");
+    assert_eq!(v["version"], "HTTP/1.1");
+    assert_eq!(
+        v["sha256"],
+        pattern_sha256(LEN as u64),
+        "the body arrived whole"
+    );
+    let posts: Vec<String> = e
+        .h11
+        .requests()
+        .into_iter()
+        .filter(|r| r.ends_with("/echo"))
+        .collect();
+    assert_eq!(posts, ["RESET POST /echo", "POST /echo"]);
 }
 
 #[test]
@@ -997,7 +1178,9 @@ fn carried(e: &Env) -> (u64, u64, u64) {
 #[test]
 #[ignore = "needs root"]
 fn tls_13_sessions_go_on_in_the_record_layer_through_key_updates_and_tls_12_stays_with_rustls() {
-    let e = env("px-records");
+    // Origins offered what the client offered, so that HTTP/1.1 clients have HTTP/1.1 origin
+    // legs to hand over.
+    let e = env_with("px-records", "upstream_http2 = false");
     // Both legs of a TLS 1.3 session (client and origin) are handed over after their first
     // data: bodies both ways arrive whole over both protocols.
     const LEN: usize = 5 * 1024 * 1024 + 3;
@@ -1018,11 +1201,11 @@ fn tls_13_sessions_go_on_in_the_record_layer_through_key_updates_and_tls_12_stay
             "{flag}"
         );
     }
-    // Both protocols' client legs and the HTTP/1.1 origin legs are handed over; HTTP/2 origin
-    // connections stay with rustls.
+    // Both protocols' client and origin legs are handed over: two client legs per protocol
+    // (the upload's and the download's), and the origin connections.
     let (records, kept, failed) = carried(&e);
     assert!(
-        records >= 4,
+        records >= 6,
         "client and origin legs handed over: {records}"
     );
     assert_eq!(failed, 0);

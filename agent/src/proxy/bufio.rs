@@ -150,12 +150,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             this.bulk = wanted > 0 && out.filled().len() - before == wanted;
             return Poll::Ready(Ok(()));
         }
-        if this.buf.len() < AHEAD {
-            this.buf = vec![0; AHEAD];
-        }
-        let mut fill = ReadBuf::new(&mut this.buf);
+        // Read into the buffer's spare room: zeroing 64 KiB first, each time a bulk begins, was
+        // measured as a visible share of a small response's cost.
+        this.buf.clear();
+        (this.pos, this.end) = (0, 0);
+        this.buf.reserve_exact(AHEAD);
+        let mut fill = ReadBuf::uninit(&mut this.buf.spare_capacity_mut()[..AHEAD]);
         ready!(Pin::new(&mut this.inner).poll_read(cx, &mut fill))?;
         let got = fill.filled().len();
+        // SAFETY: `ReadBuf` guarantees that its first `got` bytes, the start of the vector's
+        // spare capacity (the vector was empty), were initialised by the read.
+        unsafe { this.buf.set_len(got) };
         // A short fill means the bulk has passed: drop the buffer once it is drained.
         this.bulk = got > AHEAD / 2;
         let n = got.min(out.remaining());

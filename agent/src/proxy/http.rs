@@ -693,16 +693,19 @@ fn upstream_failed(
     };
     counter.fetch_add(1, Ordering::Relaxed);
     let detail = e.to_string();
-    let (title, hint) = if certificate {
-        (
+    let (title, hint) = match kind_s {
+        "certificate" => (
             "Connection blocked: the site's certificate is not valid",
             "Sluice did not connect you because the site could not prove its identity. This can be an attack or a misconfigured site; contact your administrator if it persists.",
-        )
-    } else {
-        (
+        ),
+        "http11_required" => (
+            "The site asked for another protocol version",
+            "Send the request again (reload, or submit the form again): Sluice now reaches this site over HTTP/1.1, as it asked.",
+        ),
+        _ => (
             "The site could not be reached",
             "Try again later; contact your administrator if it persists.",
-        )
+        ),
     };
     let page = Page {
         status: StatusCode::BAD_GATEWAY,

@@ -1,7 +1,7 @@
 //! Intercepted TLS sessions past their handshake: rustls sets each session up and, once it is
 //! TLS 1.3 and the first bytes of application data have been read, Sluice's own record layer
 //! ([`sluice_net::records`]) carries it on with fewer copies per byte. rustls keeps sessions
-//! it cannot hand over (TLS 1.2) and HTTP/2 origin connections (see `upstream`); a handover
+//! it cannot hand over (TLS 1.2); a handover
 //! whose keys do not match what rustls used ends the connection with an error, never with
 //! wrong keys.
 
@@ -59,8 +59,9 @@ pub enum Leg<T, S> {
         tls: Box<Coalesce<T>>,
         /// The handshake's traffic secrets.
         captured: Option<Captured>,
-        /// Records per bulk read once the record layer has the session (0: its default).
-        bulk_records: usize,
+        /// Records per bulk read once the record layer has the session, and the budget its
+        /// larger buffer comes from (none: the record layer's default).
+        bulk_records: Option<(usize, &'static records::BulkBudget)>,
     },
     /// Sluice's record layer.
     Records(Records<S>),
@@ -73,7 +74,7 @@ pub enum Leg<T, S> {
 pub struct Stats {
     /// Sessions carried on by the record layer.
     pub taken_over: std::sync::atomic::AtomicU64,
-    /// Sessions rustls kept (not TLS 1.3, another suite, or an HTTP/2 origin connection).
+    /// Sessions rustls kept (not TLS 1.3, or another suite).
     pub kept: std::sync::atomic::AtomicU64,
     /// Handovers that failed (the connection ended).
     pub failed: std::sync::atomic::AtomicU64,
@@ -93,31 +94,17 @@ impl<T: Rustls<S>, S: AsyncRead + AsyncWrite + Unpin> Leg<T, S> {
         Self::Rustls {
             tls: Box::new(Coalesce::new(tls)),
             captured: Some(captured),
-            bulk_records: 0,
+            bulk_records: None,
         }
     }
 
     /// Has the record layer, once it takes the session over, read `records` records at a time
-    /// in bulk ([`Records::set_bulk_records`]).
-    pub fn bulk_records(mut self, records: usize) -> Self {
+    /// in bulk, its larger buffer taken from `budget` ([`Records::set_bulk_records`]).
+    pub fn bulk_records(mut self, records: usize, budget: &'static records::BulkBudget) -> Self {
         if let Self::Rustls { bulk_records, .. } = &mut self {
-            *bulk_records = records;
+            *bulk_records = Some((records, budget));
         }
         self
-    }
-
-    /// A session rustls carries to the end (`tls` over a framed [`ReadAhead`], which stops
-    /// framing).
-    pub fn rustls(mut tls: T) -> Self {
-        tls.transport().unframe();
-        STATS
-            .kept
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self::Rustls {
-            tls: Box::new(Coalesce::new(tls)),
-            captured: None,
-            bulk_records: 0,
-        }
     }
 
     /// Hands the session over if it can go now.
@@ -159,8 +146,8 @@ impl<T: Rustls<S>, S: AsyncRead + AsyncWrite + Unpin> Leg<T, S> {
         });
         *self = match taken {
             Ok(mut r) => {
-                if bulk_records > 0 {
-                    r.set_bulk_records(bulk_records);
+                if let Some((n, budget)) = bulk_records {
+                    r.set_bulk_records(n, budget);
                 }
                 STATS
                     .taken_over
