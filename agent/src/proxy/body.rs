@@ -110,6 +110,13 @@ impl<B: Body> std::fmt::Debug for Observed<B> {
     }
 }
 
+/// Whether `body` has nothing more to give: it says so, or its length is known and all of it has
+/// been read. (An HTTP/2 body's end often comes as an empty frame after its last data, which a
+/// reader that knows the length, as HTTP/1.1 with a `Content-Length` does, never asks for.)
+fn at_end<B: Body>(body: &B) -> bool {
+    body.is_end_stream() || body.size_hint().exact() == Some(0)
+}
+
 impl<B: Body> Drop for Observed<B> {
     /// A body dropped before its end was cut (the reader went away); one dropped at its end was
     /// delivered whole (a body known to be empty, as the answer to a HEAD, is never read at all).
@@ -120,7 +127,7 @@ impl<B: Body> Drop for Observed<B> {
         if self.on_done.is_none() && self.digest.is_none() {
             return;
         }
-        let complete = self.inner.is_end_stream();
+        let complete = at_end(&self.inner);
         self.seal(complete);
         let Some(f) = self.on_done.take() else {
             return;
@@ -159,7 +166,7 @@ where
                 }
                 // A sender that knows the length stops polling after the last frame, so the end is
                 // noted here rather than only on `None`.
-                if this.inner.is_end_stream() {
+                if at_end(&this.inner) {
                     this.finish(true);
                 }
                 Poll::Ready(Some(Ok(frame)))

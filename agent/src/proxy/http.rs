@@ -565,6 +565,18 @@ pub async fn handle(
     let upstream_ms = sent.elapsed().as_secs_f64() * 1000.0;
     let (mut rparts, rbody) = resp.into_parts();
     pending.origin_status = rparts.status.as_u16();
+    // A response that has no body by definition (to a HEAD, a 204 or a 304) is passed on as
+    // empty: an HTTP/2 origin may end its stream in a frame after the head, which an HTTP/1.1
+    // client's connection, knowing there is no body, would never wait for.
+    let rbody = if pending.method == "HEAD"
+        || matches!(
+            rparts.status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        ) {
+        body::empty()
+    } else {
+        body::boxed(rbody)
+    };
 
     if upgrade && rparts.status == StatusCode::SWITCHING_PROTOCOLS {
         relay_upgrade(&shared, client_upgrade, &mut rparts);
@@ -601,7 +613,7 @@ pub async fn handle(
         &mut pending.flow,
         Side::Response,
         plan,
-        body::boxed(rbody),
+        rbody,
     )
     .await
     {
