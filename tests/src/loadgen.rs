@@ -419,42 +419,75 @@ fn middle(mut v: Vec<f64>) -> f64 {
 /// Open-loop requests at `rate` per second for `secs` over a few keep-alive connections; the
 /// latency of each, from when it is sent to the end of its response, in milliseconds, sorted.
 pub async fn latency(t: &Target, rate: f64, secs: f64, path: &str) -> Result<Vec<f64>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Sender>(8);
-    for _ in 0..4 {
-        tx.send(t.connect(false).await?)
-            .await
-            .map_err(|_| anyhow!("pool"))?;
+    let mut all = latency_alternating(std::slice::from_ref(t), rate, secs, path).await?;
+    Ok(all.pop().unwrap_or_default())
+}
+
+/// Open-loop requests at `rate` per second in all, taking `targets` in turn (request `i` goes
+/// to target `i % n`), for `secs` per target, each target over a few keep-alive connections of
+/// its own; per target, the latency of each request in milliseconds, sorted. Taken in turn, the
+/// targets see the same machine: its state drifts over seconds (this one's CPU cost per request
+/// doubled and halved again between runs a minute apart), which measured one after the other
+/// they would not share.
+pub async fn latency_alternating(
+    targets: &[Target],
+    rate: f64,
+    secs: f64,
+    path: &str,
+) -> Result<Vec<Vec<f64>>> {
+    type Pool = Arc<(
+        tokio::sync::mpsc::Sender<Sender>,
+        tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Sender>>,
+    )>;
+    let mut pools: Vec<Pool> = Vec::with_capacity(targets.len());
+    for t in targets {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Sender>(8);
+        for _ in 0..4 {
+            tx.send(t.connect(false).await?)
+                .await
+                .map_err(|_| anyhow!("pool"))?;
+        }
+        pools.push(Arc::new((tx, tokio::sync::Mutex::new(rx))));
     }
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    let total = (rate * secs) as usize;
+    let n = targets.len().max(1);
+    let total = (rate * secs) as usize * n;
     let period = Duration::from_secs_f64(1.0 / rate);
     let start = tokio::time::Instant::now();
-    let mut tasks = Vec::new();
+    let mut tasks = Vec::with_capacity(total);
     for i in 0..total {
         let at = start + period * i as u32;
         tokio::time::sleep_until(at).await;
-        let (t, tx, rx, path) = (t.clone(), tx.clone(), rx.clone(), path.to_owned());
-        tasks.push(tokio::spawn(async move {
-            let mut s = rx
-                .lock()
-                .await
-                .recv()
-                .await
-                .ok_or_else(|| anyhow!("pool closed"))?;
-            // From the moment the request is sent: the timer's granularity stays out of it.
-            let sent = Instant::now();
-            s.fetch(&t, "GET", &path, empty()).await?;
-            let ms = sent.elapsed().as_secs_f64() * 1000.0;
-            let _ = at;
-            tx.send(s).await.map_err(|_| anyhow!("pool"))?;
-            anyhow::Ok(ms)
-        }));
+        let (t, pool, path) = (
+            targets[i % n].clone(),
+            pools[i % n].clone(),
+            path.to_owned(),
+        );
+        tasks.push((
+            i % n,
+            tokio::spawn(async move {
+                let mut s = pool
+                    .1
+                    .lock()
+                    .await
+                    .recv()
+                    .await
+                    .ok_or_else(|| anyhow!("pool closed"))?;
+                // From the moment the request is sent: the timer's granularity stays out of it.
+                let sent = Instant::now();
+                s.fetch(&t, "GET", &path, empty()).await?;
+                let ms = sent.elapsed().as_secs_f64() * 1000.0;
+                pool.0.send(s).await.map_err(|_| anyhow!("pool"))?;
+                anyhow::Ok(ms)
+            }),
+        ));
     }
-    let mut out = Vec::with_capacity(total);
-    for task in tasks {
-        out.push(task.await??);
+    let mut out = vec![Vec::with_capacity(total / n); n];
+    for (k, task) in tasks {
+        out[k].push(task.await??);
     }
-    out.sort_by(|a, b| a.total_cmp(b));
+    for v in &mut out {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
     Ok(out)
 }
 

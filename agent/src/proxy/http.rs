@@ -65,6 +65,11 @@ fn proto_name(p: Proto) -> &'static str {
 
 /// The host part of an authority (`Host: a.example:8443`, `[::1]:443`), lower-cased.
 pub fn host_of(authority: &str) -> String {
+    host_part(authority).to_ascii_lowercase()
+}
+
+/// The host part of an authority as written: no port, brackets or trailing dots.
+fn host_part(authority: &str) -> &str {
     let a = authority.trim();
     let host = if let Some(rest) = a.strip_prefix('[') {
         rest.split(']').next().unwrap_or(rest)
@@ -74,7 +79,12 @@ pub fn host_of(authority: &str) -> String {
             .map(|(h, _)| h)
             .unwrap_or(a)
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    host.trim_end_matches('.')
+}
+
+/// Whether `authority` names `host` (lower-case, as a session keeps it); no copy is made.
+fn names_host(authority: &str, host: &str) -> bool {
+    host_part(authority).eq_ignore_ascii_case(host)
 }
 
 /// As header names, so removing them needs no parsing per request.
@@ -453,7 +463,7 @@ pub async fn handle(
         id: pages::new_id(),
         time: SystemTime::now(),
         start: Instant::now(),
-        method: parts.method.to_string(),
+        method: parts.method.as_str().to_owned(),
         url: crate::redact::url_owned({
             let mut u = String::with_capacity(scheme.len() + 3 + authority.len() + pq.len());
             u.push_str(scheme);
@@ -468,7 +478,7 @@ pub async fn handle(
         origin_status: 0,
     };
 
-    if host_of(&authority) != sess.host {
+    if !names_host(&authority, &sess.host) {
         shared.stats.host_mismatch.fetch_add(1, Ordering::Relaxed);
         let detail = format!(
             "the request names `{}` but the connection was made to `{}`",
@@ -490,13 +500,14 @@ pub async fn handle(
     // Hop-by-hop fields go before the hooks see the head: they judge what the app receives.
     let upgrade = is_websocket_upgrade(&parts);
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if incoming.is_end_stream() {
-        parts.extensions.insert(NoBody);
-    }
-    if upgrade {
-        parts.extensions.insert(WebSocket);
-    }
     if shared.hooks.active() {
+        // For the hooks only (an extension costs an allocation per request).
+        if incoming.is_end_stream() {
+            parts.extensions.insert(NoBody);
+        }
+        if upgrade {
+            parts.extensions.insert(WebSocket);
+        }
         let ex = Exchange {
             origin: &sess.origin,
             peer: sess.peer,
@@ -765,6 +776,21 @@ mod tests {
         assert_eq!(host_of("[::1]:443"), "::1");
         assert_eq!(host_of("10.0.0.1"), "10.0.0.1");
         assert_eq!(host_of("a.example."), "a.example");
+    }
+
+    #[test]
+    fn a_request_names_its_connections_host_in_any_case_and_nothing_else() {
+        assert!(names_host("Files.Example:8443", "files.example"));
+        assert!(names_host("files.example.", "files.example"));
+        assert!(names_host("[::1]:443", "::1"));
+        assert!(!names_host("files.example.evil", "files.example"));
+        assert!(!names_host("evil.files.example", "files.example"));
+        assert!(!names_host("files.exampl", "files.example"));
+        assert!(!names_host("", "files.example"));
+        assert!(
+            !names_host("files.example:x", "files.example"),
+            "a port must be digits"
+        );
     }
 
     #[test]

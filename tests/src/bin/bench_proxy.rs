@@ -307,6 +307,7 @@ include = [{{ cidr = "{ip}/32", ports = [{oport}] }}]
 [proxy]
 port = {port}
 hash_bodies = {hash}
+{extra}
 [admin]
 listen = "{admin}"
 [tls]
@@ -318,6 +319,7 @@ id = "bench"
 hosts = ["{HOST}"]
 "#,
             state = work.join("sluice-state").display(),
+            extra = std::env::var("SLUICE_BENCH_PROXY_EXTRA").unwrap_or_default(),
             cg = cg.rel,
             ip = origin.ip(),
             oport = origin.port(),
@@ -578,6 +580,82 @@ fn run_loadgen(
     Ok(serde_json::from_str(out.trim())?)
 }
 
+/// The latency figure measured with Sluice and the chosen explicit peers running together, the
+/// requests (100 a second in all) taken by each in turn: `latency_alt_p50_ms` /
+/// `latency_alt_p99_ms` in each one's result of repetition `rep`. Measured one after the other,
+/// the proxies' latencies carry the machine's drift: on this kind of machine its CPU cost per
+/// request moves by up to two times between runs a minute apart, every process alike.
+#[allow(clippy::too_many_arguments)]
+fn alternating_latency(
+    work: &Path,
+    cg: &TestCgroup,
+    peers_cg: &TestCgroup,
+    pki: &Pki,
+    modes: &[&str],
+    hudsucker: &Path,
+    mitmdump: &Path,
+    latency_secs: f64,
+    results: &mut [(String, Vec<Value>)],
+    rep: usize,
+) -> Result<()> {
+    let peers: Vec<&str> = modes
+        .iter()
+        .copied()
+        .filter(|m| matches!(*m, "hudsucker" | "mitmdump" | "squid"))
+        .collect();
+    if !modes.contains(&"sluice") || peers.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "rep {}: alternating latency, sluice and {}",
+        rep + 1,
+        peers.join(", ")
+    );
+    let mut running = vec![(
+        "sluice",
+        start_sluice(work, cg, pki, false, &sluice_e2e::bin("sluice"))?,
+    )];
+    // The peers' own connections to the origin must not be steered to Sluice: they run outside
+    // the steered cgroup here.
+    for p in peers {
+        let r = match p {
+            "hudsucker" => start_hudsucker(work, &peers_cg.dir, hudsucker, pki)?,
+            "mitmdump" => start_mitmdump(work, &peers_cg.dir, mitmdump, pki)?,
+            _ => start_squid(work, &peers_cg.dir, pki)?,
+        };
+        running.push((p, r));
+    }
+    let me = std::env::current_exe()?;
+    let mut full = vec![
+        "-c".to_owned(),
+        CORE.to_owned(),
+        me.display().to_string(),
+        "loadgen".into(),
+        "--latency-secs".into(),
+        latency_secs.to_string(),
+    ];
+    for (name, r) in &running {
+        full.push("--pair-target".into());
+        full.push(format!(
+            "{name},{},{},{}",
+            r.ca.display(),
+            r.explicit.map_or("-".to_owned(), |a| a.to_string()),
+            u8::from(r.by_name)
+        ));
+    }
+    // In the bench cgroup: Sluice's connections are steered to it, the peers' go to them.
+    let out = InCgroup::at(&cg.dir).run(Path::new("taskset"), &full)?;
+    let v: Value = serde_json::from_str(out.trim())?;
+    drop(running);
+    for (mode, runs) in results.iter_mut() {
+        if let (Some(fig), Some(Value::Object(run))) = (v.get(mode.as_str()), runs.get_mut(rep)) {
+            run.insert("latency_alt_p50_ms".into(), fig["p50"].clone());
+            run.insert("latency_alt_p99_ms".into(), fig["p99"].clone());
+        }
+    }
+    Ok(())
+}
+
 /// Fixes the C allocator's thresholds, so that the client runs at the same speed whatever it
 /// did before in the same process. glibc adjusts them the first time it frees a large mapped
 /// block; until then it hands the top of the heap back and faults it in again around each
@@ -600,6 +678,9 @@ pub fn loadgen(args: &[String]) -> Result<()> {
     steady_allocator();
     let opt = |n: &str| option(args, n);
     let flag = |n: &str| args.iter().any(|a| a == n);
+    if flag("--pair-target") {
+        return loadgen_alternating(args);
+    }
     let ca = PathBuf::from(opt("--ca").context("--ca")?);
     let proxy: Option<SocketAddr> = opt("--proxy").map(|p| p.parse()).transpose()?;
     let pid: Option<u32> = opt("--pid").map(|p| p.parse()).transpose()?;
@@ -740,6 +821,51 @@ pub(crate) fn median(v: &mut Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// The load generator of the alternating latency figure: 100 requests a second in all, taken by
+/// the proxies in turn (`--pair-target NAME,CA,PROXY|-,BY_NAME`, one per proxy); per proxy, its
+/// p50 and p99 in milliseconds, as one JSON object.
+fn loadgen_alternating(args: &[String]) -> Result<()> {
+    let secs: f64 = option(args, "--latency-secs")
+        .unwrap_or_else(|| LATENCY_SECS.into())
+        .parse()?;
+    let origin: SocketAddr = ORIGIN.parse()?;
+    let mut names = Vec::new();
+    let mut targets = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        if a != "--pair-target" {
+            continue;
+        }
+        let spec = args
+            .get(i + 1)
+            .context("--pair-target NAME,CA,PROXY|-,BY_NAME")?;
+        let [name, ca, proxy, by_name] = spec.split(',').collect::<Vec<_>>()[..] else {
+            bail!("--pair-target {spec}: want NAME,CA,PROXY|-,BY_NAME");
+        };
+        let proxy: Option<SocketAddr> = (proxy != "-").then(|| proxy.parse()).transpose()?;
+        let mut t = loadgen::Target::new(origin, HOST, proxy, Path::new(ca))?;
+        t.connect_by_name = by_name == "1";
+        names.push(name.to_owned());
+        targets.push(t);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let lat = rt.block_on(loadgen::latency_alternating(&targets, 100.0, secs, "/1k"))?;
+    let out: serde_json::Map<String, Value> = names
+        .into_iter()
+        .zip(lat)
+        .map(|(n, l)| {
+            let v = json!({
+                "p50": loadgen::quantile(&l, 0.5),
+                "p99": loadgen::quantile(&l, 0.99),
+            });
+            (n, v)
+        })
+        .collect();
+    println!("{}", Value::Object(out));
+    Ok(())
+}
+
 /// The value after `name` in `args`.
 pub(crate) fn option(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -810,6 +936,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let cg = TestCgroup::new("benchproxy");
     // The peers run in a cgroup of their own (Sluice's agent moves itself into `agent`).
     let (_, peer_cg) = cg.child("peer");
+    // The peers of the alternating latency figure, outside the steered cgroup (Sluice runs then).
+    let peers_cg = TestCgroup::new("benchproxy-peers");
     // `--alt PATH`: another build of `sluice`, measured as `sluice_alt` in the same run (to
     // compare two builds under the same conditions).
     let alt = opt("--alt").map(PathBuf::from);
@@ -909,6 +1037,23 @@ pub fn run(args: &[String]) -> Result<()> {
             results[i].1.push(v);
             drop(running);
         }
+        // Latency again with Sluice and the explicit peers up together, taking requests in
+        // turn, so that each proxy's figure comes from the same seconds of the machine.
+        if only.is_empty() || only.contains(&"--only-latency") {
+            alternating_latency(
+                &work,
+                &cg,
+                &peers_cg,
+                &pki,
+                &modes,
+                &hudsucker,
+                &mitmdump,
+                latency_secs,
+                &mut results,
+                rep,
+            )
+            .with_context(|| format!("alternating latency, repetition {}", rep + 1))?;
+        }
     }
     let _ = fs::remove_dir_all(&www);
 
@@ -923,6 +1068,16 @@ pub fn run(args: &[String]) -> Result<()> {
         ("upload_h2_mb_s", "100 MiB upload MB/s, HTTP/2", true),
         ("latency_p50_ms", "latency p50 at 100 req/s (ms)", false),
         ("latency_p99_ms", "latency p99 at 100 req/s (ms)", false),
+        (
+            "latency_alt_p50_ms",
+            "latency p50, proxies in turn (ms)",
+            false,
+        ),
+        (
+            "latency_alt_p99_ms",
+            "latency p99, proxies in turn (ms)",
+            false,
+        ),
         (
             "cpu_us_per_request_h1",
             "CPU per request, HTTP/1.1 (µs)",
