@@ -562,7 +562,7 @@ pub async fn handle(
             .upstream
             .send_upgrade(&sess.target, up_req)
             .await
-            .map(|r| (Proto::H1, r))
+            .map(|r| (Proto::H1, r.map(super::upstream::UpBody::H1)))
     } else {
         shared
             .upstream

@@ -70,6 +70,7 @@ pub mod bufio;
 pub mod ca;
 pub mod catalog;
 pub mod cork;
+pub mod h2origin;
 pub mod hooks;
 pub mod http;
 pub mod ksplice;

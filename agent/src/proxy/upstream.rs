@@ -25,12 +25,17 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri, Version, header};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 
-use super::body::ProxyBody;
+use super::{
+    body::{BoxError, ProxyBody},
+    h2origin,
+};
 
 /// Errors reaching an original destination.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +67,9 @@ pub enum UpstreamError {
     /// HTTP-level failure on the upstream connection.
     #[error("upstream HTTP error: {}", with_causes(.0))]
     Http(#[from] hyper::Error),
+    /// HTTP/2 failure on the upstream connection.
+    #[error("upstream HTTP/2 error: {}", with_causes(.0))]
+    H2(#[from] h2::Error),
     /// The origin refused a request with a body over HTTP/2, asking for HTTP/1.1. The body
     /// was already on its way, so the request cannot be sent again; the client's next attempt
     /// goes over HTTP/1.1.
@@ -97,7 +105,7 @@ impl UpstreamError {
             Self::Connect { .. } => "connect",
             Self::Certificate { .. } => "certificate",
             Self::Tls { .. } => "tls",
-            Self::Http(_) => "http",
+            Self::Http(_) | Self::H2(_) => "http",
             Self::Http11Required { .. } => "http11_required",
             Self::Trust(_) => "trust",
         }
@@ -163,15 +171,50 @@ fn connection_bound_login(headers: &http::HeaderMap) -> bool {
 }
 
 /// Whether an upstream failure is the origin's HTTP/2 `HTTP_1_1_REQUIRED`.
-fn http11_required(e: &hyper::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if let Some(h2) = c.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::HTTP_1_1_REQUIRED);
+fn http11_required(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::HTTP_1_1_REQUIRED)
+}
+
+/// A response body from the origin, over either protocol.
+#[derive(Debug)]
+pub enum UpBody {
+    /// From an HTTP/1.1 connection (hyper's client).
+    H1(Incoming),
+    /// From an HTTP/2 connection.
+    H2(h2origin::ResponseBody),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::H1(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            Self::H2(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
         }
-        cause = c.source();
     }
-    false
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(b) => b.is_end_stream(),
+            Self::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(b) => b.size_hint(),
+            Self::H2(b) => b.size_hint(),
+        }
+    }
 }
 
 /// Where a request goes.
@@ -208,7 +251,7 @@ const UPSTREAM_BUF: usize = 64 * 1024;
 
 enum Idle {
     H1(Vec<hyper::client::conn::http1::SendRequest<ProxyBody>>),
-    H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+    H2(h2origin::Conn),
 }
 
 /// Upstream connector and pool.
@@ -351,7 +394,7 @@ impl Upstream {
         scheme: &str,
         authority: &str,
         affinity: &Affinity,
-    ) -> Result<(Proto, Response<Incoming>), UpstreamError> {
+    ) -> Result<(Proto, Response<UpBody>), UpstreamError> {
         // An HTTP/1.1 client's login bound to its connection needs one HTTP/1.1 origin
         // connection for the rest of its session.
         if affinity.sequential
@@ -387,7 +430,7 @@ impl Upstream {
             r
         });
         match self.send_on(target, sender, req, affinity).await {
-            Err(UpstreamError::Http(e)) if affinity.sequential && http11_required(&e) => {
+            Err(UpstreamError::H2(e)) if affinity.sequential && http11_required(&e) => {
                 self.note_http11(target);
                 let h1 = affinity.bind();
                 let Some(mut req) = again else {
@@ -515,27 +558,76 @@ impl Upstream {
         sender: Sender,
         req: Request<ProxyBody>,
         affinity: &Affinity,
-    ) -> Result<(Proto, Response<Incoming>), UpstreamError> {
+    ) -> Result<(Proto, Response<UpBody>), UpstreamError> {
         match sender {
-            Sender::H2(mut s) => {
-                let resp = s.send_request(req).await?;
-                affinity.keep(Sender::H2(s));
-                Ok((Proto::H2, resp))
+            Sender::H2(c) => {
+                let resp = match c.send(req).await {
+                    Ok(r) => r,
+                    // The origin is closing that connection (GOAWAY) and took no new stream:
+                    // the request goes, unsent until now, on a new one.
+                    Err((_, Some(req))) => {
+                        self.forget(target, &c);
+                        return match Box::pin(self.connect(target, false)).await? {
+                            Sender::H2(fresh) => {
+                                let r = fresh.send(req).await.map_err(|(e, _)| e)?;
+                                affinity.keep(Sender::H2(fresh));
+                                Ok((Proto::H2, r.map(UpBody::H2)))
+                            }
+                            Sender::H1(mut s) => {
+                                let mut req = req;
+                                let authority = req
+                                    .uri()
+                                    .authority()
+                                    .map(|a| a.as_str().to_owned())
+                                    .unwrap_or_else(|| target.name.clone());
+                                let scheme = if target.tls { "https" } else { "http" };
+                                adapt_request(&mut req, Proto::H1, scheme, &authority);
+                                let r = s.send_request(req).await?;
+                                if let Some(Sender::H1(s)) = affinity.keep(Sender::H1(s)) {
+                                    self.park_when_ready(target, s);
+                                }
+                                Ok((Proto::H1, r.map(UpBody::H1)))
+                            }
+                        };
+                    }
+                    Err((e, None)) => return Err(e.into()),
+                };
+                affinity.keep(Sender::H2(c));
+                Ok((Proto::H2, resp.map(UpBody::H2)))
             }
             Sender::H1(mut s) => {
                 let resp = s.send_request(req).await?;
                 // Kept by the session for its next request; a second one (concurrent requests of
                 // an HTTP/2 client) goes back to the pool once its response body is done.
-                if let Some(Sender::H1(mut s)) = affinity.keep(Sender::H1(s)) {
-                    let (pool, target, max) = (self.pool_handle(), target.clone(), self.max_idle);
-                    tokio::spawn(async move {
-                        if s.ready().await.is_ok() {
-                            park(&pool, target, s, max);
-                        }
-                    });
+                if let Some(Sender::H1(s)) = affinity.keep(Sender::H1(s)) {
+                    self.park_when_ready(target, s);
                 }
-                Ok((Proto::H1, resp))
+                Ok((Proto::H1, resp.map(UpBody::H1)))
             }
+        }
+    }
+
+    /// Parks an HTTP/1.1 connection in the pool once its response is done.
+    fn park_when_ready(
+        &self,
+        target: &Target,
+        mut s: hyper::client::conn::http1::SendRequest<ProxyBody>,
+    ) {
+        let (pool, target, max) = (self.pool_handle(), target.clone(), self.max_idle);
+        tokio::spawn(async move {
+            if s.ready().await.is_ok() {
+                park(&pool, target, s, max);
+            }
+        });
+    }
+
+    /// Takes a closing HTTP/2 connection out of the pool (a newer one stays).
+    fn forget(&self, target: &Target, c: &h2origin::Conn) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Idle::H2(pooled)) = pool.get(target)
+            && pooled.same(c)
+        {
+            pool.remove(target);
         }
     }
 
@@ -614,17 +706,14 @@ impl Upstream {
                 Ok(Sender::H1(sender))
             }
             Proto::H2 => {
-                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                    .initial_stream_window_size(self.h2_window)
-                    .initial_connection_window_size(self.h2_window * 2)
-                    .max_frame_size(64 * 1024)
-                    .handshake(TokioIo::new(io))
-                    .await?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                    }
-                });
+                let sender = h2origin::Conn::handshake(
+                    io,
+                    h2origin::Settings {
+                        window: self.h2_window,
+                        max_frame: 64 * 1024,
+                    },
+                )
+                .await?;
                 if !upgrades {
                     let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
                     pool.insert(target.clone(), Idle::H2(sender.clone()));
@@ -637,7 +726,7 @@ impl Upstream {
 
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<ProxyBody>),
-    H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+    H2(h2origin::Conn),
 }
 
 type Pool = Arc<Mutex<HashMap<Target, Idle>>>;
