@@ -12,6 +12,8 @@
 //!
 //! [`Origin::start_http11_required`] starts one that, like a server whose logins need
 //! HTTP/1.1, resets every HTTP/2 stream with `HTTP_1_1_REQUIRED` and serves HTTP/1.1.
+//! [`Origin::start_goaway`] starts one that closes each HTTP/2 connection (GOAWAY) as soon as
+//! its first request arrives, as a server does at its limit of requests per connection.
 
 use std::{
     convert::Infallible,
@@ -151,16 +153,24 @@ impl Drop for Origin {
 impl Origin {
     /// Starts serving TLS on `addr` (port 0 for any) inside the current tokio runtime.
     pub async fn start(addr: SocketAddr, pki: &TestPki) -> Result<Self> {
-        Self::start_tls(addr, pki, false).await
+        Self::start_tls(addr, pki, H2Mode::Serve).await
+    }
+
+    /// Starts serving TLS on `addr`, sending GOAWAY on each HTTP/2 connection as soon as its
+    /// first request arrives (the requests already sent are still answered). Every request is
+    /// answered with `{"conn":N}` (the connection's number); `GET /slow` takes two seconds, its
+    /// first bytes at once, so that the connection stays open, closing, meanwhile.
+    pub async fn start_goaway(addr: SocketAddr, pki: &TestPki) -> Result<Self> {
+        Self::start_tls(addr, pki, H2Mode::GoAwayOnFirst).await
     }
 
     /// Starts serving TLS on `addr`, refusing every HTTP/2 request with `HTTP_1_1_REQUIRED`
     /// (logged as `RESET METHOD PATH`) and serving HTTP/1.1.
     pub async fn start_http11_required(addr: SocketAddr, pki: &TestPki) -> Result<Self> {
-        Self::start_tls(addr, pki, true).await
+        Self::start_tls(addr, pki, H2Mode::Refuse).await
     }
 
-    async fn start_tls(addr: SocketAddr, pki: &TestPki, refuse_h2: bool) -> Result<Self> {
+    async fn start_tls(addr: SocketAddr, pki: &TestPki, mode: H2Mode) -> Result<Self> {
         let mut cfg = ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
@@ -190,9 +200,12 @@ impl Origin {
                     };
                     let conn = counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    if h2 && refuse_h2 {
-                        refuse_http2(tls, &log).await;
-                        return;
+                    match mode {
+                        H2Mode::Refuse if h2 => return refuse_http2(tls, &log).await,
+                        H2Mode::GoAwayOnFirst if h2 => {
+                            return goaway_on_first(tls, &log, conn).await;
+                        }
+                        _ => {}
                     }
                     let svc = hyper::service::service_fn(move |req| route(req, log.clone(), conn));
                     let io = TokioIo::new(tls);
@@ -278,6 +291,55 @@ fn version_name(v: http::Version) -> &'static str {
         http::Version::HTTP_2 => "HTTP/2",
         http::Version::HTTP_11 => "HTTP/1.1",
         _ => "other",
+    }
+}
+
+/// What an origin does with HTTP/2 connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum H2Mode {
+    /// Serves them.
+    Serve,
+    /// Resets every stream with `HTTP_1_1_REQUIRED`.
+    Refuse,
+    /// Sends GOAWAY when the first request arrives.
+    GoAwayOnFirst,
+}
+
+/// Serves an HTTP/2 connection that the server closes (GOAWAY) once its first request is in.
+async fn goaway_on_first<T>(io: T, log: &Arc<Mutex<Vec<String>>>, conn: usize)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(mut c) = h2::server::handshake(io).await else {
+        return;
+    };
+    let mut first = true;
+    while let Some(Ok((req, mut respond))) = c.accept().await {
+        if let Ok(mut l) = log.lock() {
+            l.push(format!("{} {}", req.method(), req.uri().path()));
+        }
+        if first {
+            c.graceful_shutdown();
+            first = false;
+        }
+        let slow = req.uri().path() == "/slow";
+        tokio::spawn(async move {
+            let head = Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(())
+                .unwrap_or_default();
+            let Ok(mut send) = respond.send_response(head, false) else {
+                return;
+            };
+            if slow {
+                let _ = send.send_data(Bytes::from_static(b"{\"slow\":true,"), false);
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                let _ = send.send_data(Bytes::from(format!("\"conn\":{conn}}}")), true);
+            } else {
+                let _ = send.send_data(Bytes::from(format!("{{\"conn\":{conn}}}")), true);
+            }
+        });
     }
 }
 

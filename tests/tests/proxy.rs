@@ -26,6 +26,8 @@ struct Env {
     plain: Origin,
     /// An origin that refuses HTTP/2 requests with `HTTP_1_1_REQUIRED`.
     h11: Origin,
+    /// An origin that closes each HTTP/2 connection (GOAWAY) at its first request.
+    goaway: Origin,
     pki: TestPki,
     agent: Agent,
     cg: TestCgroup,
@@ -77,6 +79,12 @@ fn env_full(tag: &str, extra: &str, tail: &str) -> Env {
             &pki,
         ))
         .expect("HTTP/1.1-only origin");
+    let goaway = rt
+        .block_on(Origin::start_goaway(
+            format!("{ORIGIN_IP}:0").parse().expect("addr"),
+            &pki,
+        ))
+        .expect("closing origin");
     let cg = TestCgroup::new(tag);
     let dir = std::env::temp_dir().join(format!("sluice-e2e-proxy-{}", cg.rel));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -93,7 +101,7 @@ state_dir = "{state}"
 [steer]
 cgroup = "{cg}"
 agent_cgroup = "{cg}/agent"
-include = [{{ cidr = "{ip}/32", ports = [{port}, {plain_port}, {h11_port}] }}]
+include = [{{ cidr = "{ip}/32", ports = [{port}, {plain_port}, {h11_port}, {goaway_port}] }}]
 [proxy]
 port = 0
 plain_http_ports = [{plain_port}]
@@ -116,6 +124,7 @@ hosts = [{hosts}]
         port = origin.addr.port(),
         plain_port = plain.addr.port(),
         h11_port = h11.addr.port(),
+        goaway_port = goaway.addr.port(),
         test_ca = test_ca.display(),
     );
     let agent = Agent::launch(&config, &dir).expect("agent starts");
@@ -135,6 +144,7 @@ hosts = [{hosts}]
         origin,
         plain,
         h11,
+        goaway,
         pki,
         agent,
         cg,
@@ -461,6 +471,61 @@ fn http1_clients_share_an_http2_origin_connection_unless_a_login_binds_theirs() 
         .expect("GET"),
     );
     assert_eq!(v[0]["version"], "HTTP/1.1", "{v:?}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_request_for_an_origin_connection_closing_goes_on_a_new_one() {
+    let e = env("px-goaway");
+    // One process, two client connections: the first request's origin connection is closing
+    // (the origin sent GOAWAY when it arrived) while its slow answer streams; the second
+    // request, sent meanwhile, must not fail on it but go on a new connection.
+    let script = r#"
+import socket, ssl, sys, threading, time
+ca, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ctx = ssl.create_default_context(cafile=ca)
+ctx.set_alpn_protocols(["http/1.1"])
+out = {}
+def get(path):
+    s = ctx.wrap_socket(socket.create_connection((ip, port), timeout=30), server_hostname="good.test")
+    s.sendall(("GET %s HTTP/1.1\r\nHost: good.test:%d\r\nConnection: close\r\n\r\n" % (path, port)).encode())
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        data += b
+    head, _, body = data.partition(b"\r\n\r\n")
+    out[path] = head.split(b"\r\n")[0].decode() + " " + body.decode(errors="replace").replace("\r\n", " ")
+t = threading.Thread(target=get, args=("/slow",))
+t.start()
+time.sleep(0.7)
+get("/hello")
+t.join()
+print(out["/slow"])
+print(out["/hello"])
+"#;
+    let path = e.dir.join("goaway.py");
+    std::fs::write(&path, script).expect("script");
+    let out = e
+        .sh(&format!(
+            "python3 {} {} {ORIGIN_IP} {}",
+            path.display(),
+            e.sluice_ca.display(),
+            e.goaway.addr.port()
+        ))
+        .expect("two requests");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].starts_with("HTTP/1.1 200") && lines[0].contains(r#""conn":1}"#),
+        "the slow answer, whole, on the first connection: {out}"
+    );
+    assert!(
+        lines[1].starts_with("HTTP/1.1 200") && lines[1].contains(r#""conn":2}"#),
+        "the request sent meanwhile, on a second connection: {out}"
+    );
+    assert_eq!(e.goaway.requests(), ["GET /slow", "GET /hello"]);
 }
 
 #[test]
