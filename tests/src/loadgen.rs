@@ -423,12 +423,13 @@ pub async fn latency(t: &Target, rate: f64, secs: f64, path: &str) -> Result<Vec
     Ok(all.pop().unwrap_or_default())
 }
 
-/// Open-loop requests at `rate` per second in all, taking `targets` in turn (request `i` goes
-/// to target `i % n`), for `secs` per target, each target over a few keep-alive connections of
-/// its own; per target, the latency of each request in milliseconds, sorted. Taken in turn, the
-/// targets see the same machine: its state drifts over seconds (this one's CPU cost per request
-/// doubled and halved again between runs a minute apart), which measured one after the other
-/// they would not share.
+/// Open-loop requests at `rate` per second in all, taking `targets` in turn (each round of `n`
+/// requests gives each target one, in an order shuffled per round, so that no target always
+/// follows the same other one and inherits what it left in the caches), for `secs` per target,
+/// each target over a few keep-alive connections of its own; per target, the latency of each
+/// request in milliseconds, sorted. Taken in turn, the targets see the same machine: its state
+/// drifts over seconds (this one's CPU cost per request doubled and halved again between runs a
+/// minute apart), which measured one after the other they would not share.
 pub async fn latency_alternating(
     targets: &[Target],
     rate: f64,
@@ -454,16 +455,25 @@ pub async fn latency_alternating(
     let period = Duration::from_secs_f64(1.0 / rate);
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(total);
+    // A fixed seed: every run takes the same orders.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut order: Vec<usize> = (0..n).collect();
     for i in 0..total {
+        if i % n == 0 {
+            // Fisher-Yates, xorshift64 for the draws.
+            for j in (1..n).rev() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                order.swap(j, (seed % (j as u64 + 1)) as usize);
+            }
+        }
+        let k = order[i % n];
         let at = start + period * i as u32;
         tokio::time::sleep_until(at).await;
-        let (t, pool, path) = (
-            targets[i % n].clone(),
-            pools[i % n].clone(),
-            path.to_owned(),
-        );
+        let (t, pool, path) = (targets[k].clone(), pools[k].clone(), path.to_owned());
         tasks.push((
-            i % n,
+            k,
             tokio::spawn(async move {
                 let mut s = pool
                     .1
