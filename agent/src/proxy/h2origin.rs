@@ -67,6 +67,9 @@ impl Conn {
             .max_frame_size(s.max_frame)
             .max_header_list_size(MAX_HEADER_LIST)
             .max_send_buffer_size(MAX_SEND_BUFFER)
+            // Until the origin's settings arrive: a burst of first requests opens no more
+            // streams than a server commonly allows (nginx 128), so none is refused.
+            .initial_max_send_streams(100)
             .enable_push(false)
             .handshake::<_, Bytes>(io)
             .await?;
