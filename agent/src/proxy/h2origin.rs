@@ -4,11 +4,11 @@
 //! await its response (two task hand-offs and a spawn that every request pays, with cold caches
 //! at a low request rate); here the connection's task only reads and writes.
 //!
-//! What hyper's client did besides, done here alike: connection-specific fields are never sent,
-//! a body of known length gets its `Content-Length` (when the method defines a payload or the
-//! body is not empty), the request body is piped by a task of its own only when it is not
-//! complete at once, and the response body gives back flow-control capacity as it is read and
-//! knows its length from `Content-Length`.
+//! What hyper's client did besides, done here alike: a body of known length gets its
+//! `Content-Length` (when the method defines a payload or the body is not empty), the request
+//! body is piped by a task of its own only when it is not complete at once, and the response body
+//! gives back flow-control capacity as it is read and knows its length from `Content-Length`.
+//! Connection-specific fields are removed before, by the handler, for both protocols.
 
 use std::{
     pin::Pin,
@@ -107,8 +107,9 @@ impl Conn {
                 return Err((e, Some(req)));
             }
         };
+        // Connection-specific fields were removed by the handler (`strip_hop_by_hop`) before
+        // the request got here; h2 refuses to send one, should any appear.
         let (mut head, body) = req.into_parts();
-        strip_connection_fields(&mut head.headers);
         if let Some(len) = body.size_hint().exact()
             && (len != 0 || has_payload_semantics(&head.method))
             && !head.headers.contains_key(header::CONTENT_LENGTH)
@@ -136,29 +137,6 @@ impl Conn {
             remaining,
             data_done: false,
         }))
-    }
-}
-
-/// Fields HTTP/2 forbids (RFC 9113, 8.2.2), and those the `Connection` field names; `TE` only
-/// as `trailers`.
-fn strip_connection_fields(h: &mut HeaderMap) {
-    if let Some(c) = h.remove(header::CONNECTION)
-        && let Ok(names) = c.to_str()
-    {
-        for name in names.split(',') {
-            h.remove(name.trim());
-        }
-    }
-    for name in [
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::HeaderName::from_static("keep-alive"),
-        header::HeaderName::from_static("proxy-connection"),
-    ] {
-        h.remove(name);
-    }
-    if h.get(header::TE).is_some_and(|v| v != "trailers") {
-        h.remove(header::TE);
     }
 }
 
@@ -309,32 +287,6 @@ impl Body for ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn forbidden_fields_never_reach_an_http2_origin() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
-        h.insert("x-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::TE, HeaderValue::from_static("gzip"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_connection_fields(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key("x-kept"));
-        let mut h = HeaderMap::new();
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        strip_connection_fields(&mut h);
-        assert_eq!(
-            h.get(header::TE).map(|v| v.as_bytes()),
-            Some(&b"trailers"[..])
-        );
-    }
 
     #[test]
     fn a_response_length_counts_only_when_every_field_agrees() {

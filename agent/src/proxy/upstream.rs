@@ -412,10 +412,7 @@ impl Upstream {
                 None => self.connect_once(target).await?,
             },
         };
-        let proto = match sender {
-            Sender::H1(_) => Proto::H1,
-            Sender::H2(_) => Proto::H2,
-        };
+        let proto = sender.proto();
         adapt_request(&mut req, proto, scheme, authority);
         // What it takes to send a request without a body again, should the origin ask for
         // HTTP/1.1 (only where this proxy chose HTTP/2 for an HTTP/1.1 client).
@@ -429,7 +426,7 @@ impl Upstream {
             *r.headers_mut() = req.headers().clone();
             r
         });
-        match self.send_on(target, sender, req, affinity).await {
+        match self.send_on(target, sender, req, affinity, true).await {
             Err(UpstreamError::H2(e)) if affinity.sequential && http11_required(&e) => {
                 self.note_http11(target);
                 let h1 = affinity.bind();
@@ -443,7 +440,7 @@ impl Upstream {
                     Some(s) => s,
                     None => Box::pin(self.connect(h1, false)).await?,
                 };
-                self.send_on(h1, sender, req, affinity).await
+                self.send_on(h1, sender, req, affinity, true).await
             }
             sent => sent,
         }
@@ -552,45 +549,35 @@ impl Upstream {
         }
     }
 
+    /// Sends on `sender`; with `retry`, a request an HTTP/2 connection hands back unsent (the
+    /// origin is closing it) goes once on a new connection.
     async fn send_on(
         &self,
         target: &Target,
         sender: Sender,
         req: Request<ProxyBody>,
         affinity: &Affinity,
+        retry: bool,
     ) -> Result<(Proto, Response<UpBody>), UpstreamError> {
         match sender {
             Sender::H2(c) => {
                 let resp = match c.send(req).await {
                     Ok(r) => r,
                     // The origin is closing that connection (GOAWAY) and took no new stream:
-                    // the request goes, unsent until now, on a new one.
-                    Err((_, Some(req))) => {
+                    // the request goes, unsent until now, on a new one (once).
+                    Err((_, Some(mut req))) if retry => {
                         self.forget(target, &c);
-                        return match Box::pin(self.connect(target, false)).await? {
-                            Sender::H2(fresh) => {
-                                let r = fresh.send(req).await.map_err(|(e, _)| e)?;
-                                affinity.keep(Sender::H2(fresh));
-                                Ok((Proto::H2, r.map(UpBody::H2)))
-                            }
-                            Sender::H1(mut s) => {
-                                let mut req = req;
-                                let authority = req
-                                    .uri()
-                                    .authority()
-                                    .map(|a| a.as_str().to_owned())
-                                    .unwrap_or_else(|| target.name.clone());
-                                let scheme = if target.tls { "https" } else { "http" };
-                                adapt_request(&mut req, Proto::H1, scheme, &authority);
-                                let r = s.send_request(req).await?;
-                                if let Some(Sender::H1(s)) = affinity.keep(Sender::H1(s)) {
-                                    self.park_when_ready(target, s);
-                                }
-                                Ok((Proto::H1, r.map(UpBody::H1)))
-                            }
-                        };
+                        let fresh = Box::pin(self.connect(target, false)).await?;
+                        // The request is already in HTTP/2's absolute form: its URI names them.
+                        let scheme = req.uri().scheme_str().unwrap_or("https").to_owned();
+                        let authority = req
+                            .uri()
+                            .authority()
+                            .map_or_else(|| target.name.clone(), |a| a.as_str().to_owned());
+                        adapt_request(&mut req, fresh.proto(), &scheme, &authority);
+                        return Box::pin(self.send_on(target, fresh, req, affinity, false)).await;
                     }
-                    Err((e, None)) => return Err(e.into()),
+                    Err((e, _)) => return Err(e.into()),
                 };
                 affinity.keep(Sender::H2(c));
                 Ok((Proto::H2, resp.map(UpBody::H2)))
@@ -727,6 +714,15 @@ impl Upstream {
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<ProxyBody>),
     H2(h2origin::Conn),
+}
+
+impl Sender {
+    fn proto(&self) -> Proto {
+        match self {
+            Self::H1(_) => Proto::H1,
+            Self::H2(_) => Proto::H2,
+        }
+    }
 }
 
 type Pool = Arc<Mutex<HashMap<Target, Idle>>>;
