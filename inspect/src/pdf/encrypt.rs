@@ -386,6 +386,11 @@ pub fn encrypt(bytes: &[u8], protection: &PdfProtection<'_>, limits: &Limits) ->
     let Some(Obj::Ref(root_num, _)) = doc.trailer.root.clone() else {
         return Err(malformed("trailer has no /Root reference"));
     };
+    // The clear metadata hangs off the catalog: a catalog that is not a dictionary (a damaged
+    // file) would lose the label, so the file is refused rather than written without it.
+    if !matches!(doc.get(root_num)?, Obj::Dict(_)) {
+        return Err(malformed("the document catalog is not a dictionary"));
+    }
     if protection.owner_password.is_empty() {
         return Err(NotInspectable::Malformed(
             "encryption needs an owner password".into(),

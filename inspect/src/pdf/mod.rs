@@ -723,6 +723,32 @@ mod tests {
     }
 
     #[test]
+    fn a_catalog_that_is_not_a_dictionary_is_not_encrypted_without_its_label() {
+        // A damaged catalog ("4<" where "<<" was) parses as the number 4: the clear metadata
+        // hangs off the catalog, so encrypting would write a file whose label does not read back.
+        let limits = Limits::default();
+        let mut objs = page_objects(stream_body("", b"BT (x) Tj ET"));
+        objs[0] = b"4<\n/Type /Catalog /Pages 2 0 R\n>>".to_vec();
+        objs.push(label_info(GUID_A, TENANT, "true").into_bytes());
+        let pdf = classic_pdf(&objs, "/Root 1 0 R /Info 6 0 R");
+        let protection = PdfProtection {
+            open_password: Some("pw"),
+            owner_password: "owner",
+            rights: PdfRights::default(),
+            metadata: vec![(format!("MSIP_Label_{GUID_A}_Enabled"), "true".to_owned())],
+        };
+        match encrypt(&pdf, &protection, &limits) {
+            Err(NotInspectable::Malformed(m)) => assert!(m.contains("catalog"), "{m}"),
+            other => panic!("{:?}", other.map(|b| b.len())),
+        }
+        // The same file with its catalog whole is encrypted and reads back its label.
+        objs[0] = b"<<\n/Type /Catalog /Pages 2 0 R\n>>".to_vec();
+        let whole = classic_pdf(&objs, "/Root 1 0 R /Info 6 0 R");
+        let enc = encrypt(&whole, &protection, &limits).unwrap();
+        assert_eq!(clear_metadata(&enc, &limits).unwrap().0.len(), 1);
+    }
+
+    #[test]
     fn encrypted_pdf_is_not_inspectable() {
         let mut objs = page_objects(stream_body("", b"BT (x) Tj ET"));
         objs.push(b"<< /Title (x) >>".to_vec());
