@@ -25,9 +25,9 @@ pub const MAP_INCLUDE_V6: &str = "SLUICE_INCLUDE_V6";
 pub const MAP_EXCLUDE_V6: &str = "SLUICE_EXCLUDE_V6";
 /// Name of the exempt-cgroup set (`HashMap<u64, u8>`, cgroup v2 ids whose sockets are never steered).
 pub const MAP_EXEMPT_CGROUPS: &str = "SLUICE_EXEMPT_CGROUPS";
-/// Name of the records of connects not yet re-keyed (`LruHashMap<u64 socket cookie, Origin>`).
-pub const MAP_PENDING: &str = "SLUICE_PENDING";
-/// Name of the records the proxy claims (`LruHashMap<PeerKey, Origin>`).
+/// Name of the records the proxy claims (`LruHashMap<u64 socket cookie, Origin>`): keyed by the
+/// client socket's cookie, which the proxy learns from the kernel's socket diagnostics for the
+/// peer of the connection it accepted.
 pub const MAP_ORIGINS: &str = "SLUICE_ORIGINS";
 /// Name of the ring buffer of DNS answers ([`DnsAnswer`]) received by steered processes.
 pub const MAP_DNS: &str = "SLUICE_DNS";
@@ -77,7 +77,7 @@ pub struct DnsAnswer {
 pub const MAX_STEER_PREFIXES: u32 = 4096;
 /// Capacity of the exempt-cgroup set.
 pub const MAX_EXEMPT_CGROUPS: u32 = 64;
-/// Capacity of each record map. Records the proxy never claims are evicted least-recently-used.
+/// Capacity of the record map. Records the proxy never claims are evicted least-recently-used.
 pub const MAX_ORIGINS: u32 = 65536;
 
 /// `SteerConfig::fail_mode` value: when the heartbeat is stale, let new connections go direct.
@@ -117,15 +117,13 @@ pub mod counter {
     pub const EXEMPT: u32 = 5;
     /// The origin record could not be stored; the connect was handled per the fail mode instead.
     pub const RECORD_FAILED: u32 = 6;
-    /// A record moved from its socket cookie to its (local address, port) key by sockops.
-    pub const REKEYED: u32 = 7;
     /// A DNS answer copied to user space.
-    pub const DNS_ANSWERS: u32 = 8;
+    pub const DNS_ANSWERS: u32 = 7;
     /// A DNS answer lost because the ring buffer was full.
-    pub const DNS_LOST: u32 = 9;
+    pub const DNS_LOST: u32 = 8;
 }
 /// Number of counters in [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 10;
+pub const COUNTER_COUNT: u32 = 9;
 
 /// Maximum number of port ranges in a [`PortSet`].
 pub const MAX_PORT_RANGES: usize = 16;
@@ -199,27 +197,6 @@ pub struct Origin {
     pub pad: u32,
 }
 
-/// Key of [`MAP_ORIGINS`]: the client's side of the steered connection as the proxy sees it as the
-/// peer address of the accepted socket, in the client's network namespace. The namespace is part
-/// of the key because addresses repeat across namespaces: a process in another namespace can use
-/// the same loopback address and port as a host process, and must never collide with, overwrite
-/// or be taken for its record.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PeerKey {
-    /// Network namespace cookie of the client's socket (`bpf_get_netns_cookie`,
-    /// `SO_NETNS_COOKIE`).
-    pub netns: u64,
-    /// Client's local address, network order, IPv4 stored IPv4-mapped.
-    pub addr: [u32; 4],
-    /// Client's local port, host order.
-    pub port: u16,
-    /// Always zero (explicit padding, so the key has no uninitialised bytes).
-    pub pad: u16,
-    /// Always zero (explicit padding to the 8-byte alignment).
-    pub pad2: u32,
-}
-
 /// The network-order word that marks an IPv4-mapped IPv6 address (`::ffff:0:0/96`, third word).
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
@@ -231,7 +208,7 @@ pub const fn v4_mapped(ip4: u32) -> [u32; 4] {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{DnsAnswer, Origin, PeerKey, PortSet, SteerConfig};
+    use super::{DnsAnswer, Origin, PortSet, SteerConfig};
 
     // SAFETY: `#[repr(C)]`, `Copy`, integers and a byte array only, explicit padding.
     unsafe impl aya::Pod for DnsAnswer {}
@@ -243,8 +220,6 @@ mod pod {
     unsafe impl aya::Pod for PortSet {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Origin {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for PeerKey {}
 }
 
 #[cfg(test)]
@@ -268,7 +243,6 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<SteerConfig>(), 24);
-        assert_eq!(core::mem::size_of::<PeerKey>(), 32);
         assert_eq!(core::mem::size_of::<Origin>(), 24 + 16 + 4 + 16 + 16 + 4);
         assert_eq!(core::mem::size_of::<PortSet>(), 4 + 4 * MAX_PORT_RANGES);
     }

@@ -7,11 +7,10 @@
 //!   connect to port 443 of a steered destination is refused so QUIC clients fall back to TCP.
 //! - `sluice_sendmsg4` / `sluice_sendmsg6` (cgroup `sendmsg4`/`sendmsg6`): the same QUIC refusal for
 //!   unconnected UDP sockets (`sendto`).
-//! - `sluice_sockops` (`sockops`): when the kernel is about to send the SYN (`TCP_CONNECT_CB`), the
-//!   local address and port are known; the record moves from the cookie key to the (local address,
-//!   local port) key that the proxy sees as the peer of the accepted socket. Doing it before the SYN
-//!   leaves, not at `ACTIVE_ESTABLISHED`, means the record exists before the proxy can possibly
-//!   `accept()`, whatever the path. `ACTIVE_ESTABLISHED` is kept as a second chance.
+//! - The proxy finds a record by the client socket's cookie, which the kernel's socket
+//!   diagnostics give for the peer of the connection it accepted (`sock_diag`, an exact lookup):
+//!   no program runs at the connection's later steps (a `sockops` program would be invoked five
+//!   times per connection of the cgroup, steered or not).
 //!
 //! Exemption of the agent's own sockets is by cgroup: the agent runs in its own cgroup whose id is
 //! in the exempt set, so every socket of every thread and child of the agent is skipped whatever

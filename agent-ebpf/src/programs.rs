@@ -1,24 +1,21 @@
 //! The programs; see the crate documentation.
 
-use core::ptr::read_volatile;
-
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    bindings::bpf_sock_addr,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_ktime_get_ns, bpf_skb_load_bytes,
+            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_load_bytes,
         },
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops, stream_verdict},
+    macros::{cgroup_skb, cgroup_sock_addr, map, stream_verdict},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext},
 };
 use sluice_common::{
     COUNTER_COUNT, DNS_MAX, DNS_RING_BYTES, DnsAnswer, FAIL_CLOSED, MAX_EXEMPT_CGROUPS,
-    MAX_ORIGINS, MAX_SPLICED_SOCKETS, MAX_STEER_PREFIXES, Origin, PeerKey, PortSet, SplicePeer,
-    SteerConfig, V4_MAPPED_WORD, counter, v4_mapped,
+    MAX_ORIGINS, MAX_SPLICED_SOCKETS, MAX_STEER_PREFIXES, Origin, PortSet, SplicePeer, SteerConfig,
+    V4_MAPPED_WORD, counter, v4_mapped,
 };
 
 const AF_INET: u16 = 2;
@@ -51,10 +48,8 @@ static INCLUDE_V6: LpmTrie<[u32; 4], PortSet> = LpmTrie::with_max_entries(MAX_ST
 static EXCLUDE_V6: LpmTrie<[u32; 4], PortSet> = LpmTrie::with_max_entries(MAX_STEER_PREFIXES, 0);
 #[map(name = "SLUICE_EXEMPT_CGROUPS")]
 static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_EXEMPT_CGROUPS, 0);
-#[map(name = "SLUICE_PENDING")]
-static PENDING: LruHashMap<u64, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
 #[map(name = "SLUICE_ORIGINS")]
-static ORIGINS: LruHashMap<PeerKey, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
+static ORIGINS: LruHashMap<u64, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
 #[map(name = "SLUICE_SPLICE")]
 static SPLICE: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED_SOCKETS, 0);
 #[map(name = "SLUICE_SPLICE_PEERS")]
@@ -155,7 +150,7 @@ fn record(ctx: &SockAddrContext, dst_addr: [u32; 4], dst_port: u16, family: u16)
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         pad: 0,
     };
-    PENDING.insert(&cookie, &origin, 0).is_ok()
+    ORIGINS.insert(&cookie, &origin, 0).is_ok()
 }
 
 /// What to do with a TCP connect to a steered destination when it cannot be redirected.
@@ -326,65 +321,6 @@ pub fn sluice_sendmsg6(ctx: SockAddrContext) -> i32 {
         return REFUSE;
     }
     ALLOW
-}
-
-#[sock_ops]
-pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
-    let op = ctx.op();
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        return 0;
-    }
-    // Only a connection to the proxy's port can have been steered: every other one (most of a
-    // cgroup's connections) leaves before the cookie and the map lookup. The port is in network
-    // order in the field's upper half.
-    let Some(cfg) = config() else { return 0 };
-    if u32::from(u16::from_be((ctx.remote_port() >> 16) as u16)) != cfg.proxy_port {
-        return 0;
-    }
-    // SAFETY: the context pointer is the program's own.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: the value is copied out at once, before any update of the map.
-    let origin = match unsafe { PENDING.get(&cookie) } {
-        Some(o) => *o,
-        None => return 0,
-    };
-    let ops = ctx.ops;
-    // Every field is loaded unconditionally, then the values are selected: the verifier rejects a
-    // context access through a computed offset, which is what the optimiser makes of
-    // `if v4 { local_ip4 } else { local_ip6 }`. Reading the unused family's field is harmless.
-    // SAFETY: `ops` is the program's context; each field is read at its constant offset.
-    let (family, ip4, ip6, port) = unsafe {
-        (
-            read_volatile(&(*ops).family),
-            read_volatile(&(*ops).local_ip4),
-            [
-                read_volatile(&(*ops).local_ip6[0]),
-                read_volatile(&(*ops).local_ip6[1]),
-                read_volatile(&(*ops).local_ip6[2]),
-                read_volatile(&(*ops).local_ip6[3]),
-            ],
-            read_volatile(&(*ops).local_port) as u16,
-        )
-    };
-    let addr = if family == u32::from(AF_INET) {
-        v4_mapped(ip4)
-    } else {
-        ip6
-    };
-    // SAFETY: the context pointer is the program's own.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-    let key = PeerKey {
-        netns,
-        addr,
-        port,
-        pad: 0,
-        pad2: 0,
-    };
-    if ORIGINS.insert(&key, &origin, 0).is_ok() {
-        let _ = PENDING.remove(&cookie);
-        count(counter::REKEYED);
-    }
-    0
 }
 
 /// The kernel splice: what arrives on a socket the proxy joined to another goes out on the other

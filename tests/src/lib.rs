@@ -775,7 +775,7 @@ pub struct FixedOrigin {
 }
 
 impl sluice::proxy::OriginSource for FixedOrigin {
-    fn lookup(&self, _peer: SocketAddr) -> Option<sluice::steer::OriginRecord> {
+    fn lookup(&self, _peer: SocketAddr, _local: SocketAddr) -> Option<sluice::steer::OriginRecord> {
         Some(sluice::steer::OriginRecord {
             dst: self.dst,
             ipv6_socket: false,

@@ -215,7 +215,6 @@ fn steered_connections_reach_the_proxy_with_their_origin_v4_v6_and_mapped() {
 
     let c = h.steering.counters();
     assert_eq!(c.steered, 5, "{c:?}");
-    assert_eq!(c.rekeyed, 5, "{c:?}");
     assert!(c.direct >= 2, "{c:?}");
 }
 
@@ -424,7 +423,6 @@ fn two_thousand_connections_from_eight_processes_keep_their_origins() {
     }
     let c = h.steering.counters();
     assert_eq!(c.steered, 2000, "{c:?}");
-    assert_eq!(c.rekeyed, 2000, "{c:?}");
 }
 
 fn agent_config(cg: &TestCgroup, state: &Path, include: &str, mark: u32) -> String {
@@ -615,7 +613,6 @@ fn a_clean_stop_detaches_everything() {
             "sluice_dns",
             "sluice_sendmsg4",
             "sluice_sendmsg6",
-            "sluice_sockops"
         ],
         "attached while running"
     );
@@ -667,7 +664,7 @@ fn a_killed_agent_leaves_its_fail_mode_in_the_kernel_until_it_is_back() {
         let killed = std::time::Instant::now();
         assert_eq!(
             attached_programs(&cg.dir).len(),
-            6,
+            5,
             "the programs stay pinned"
         );
         if mode == "closed" {
@@ -718,7 +715,7 @@ fn a_killed_agent_leaves_its_fail_mode_in_the_kernel_until_it_is_back() {
         }
         let mut names = attached_programs(&cg.dir);
         names.sort();
-        assert_eq!(names.len(), 6, "one set of programs: {names:?}");
+        assert_eq!(names.len(), 5, "one set of programs: {names:?}");
         assert_eq!(
             probe(&inside, &["tcp", &dst]).expect("through the agent"),
             "origin"

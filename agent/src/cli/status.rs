@@ -613,7 +613,7 @@ mod tests {
                 "prefixes": 4,
                 "counters": {
                     "steered": 1520, "direct": 30, "refused_quic": 3, "failed_open": 0,
-                    "failed_closed": 0, "exempt": 9, "record_failed": 0, "rekeyed": 0,
+                    "failed_closed": 0, "exempt": 9, "record_failed": 0,
                     "dns_answers": 80, "dns_lost": 0
                 }
             },

@@ -96,7 +96,7 @@ pub(crate) fn bpf(
     }
 }
 
-fn cookie(fd: RawFd) -> io::Result<u64> {
+pub(crate) fn cookie(fd: RawFd) -> io::Result<u64> {
     let mut v: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: `v` and `len` are valid for the kernel to write.

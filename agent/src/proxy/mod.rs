@@ -280,8 +280,9 @@ impl ProxyStats {
 /// mode (read through a passed descriptor, [`origins::KernelOrigins`], or in-process,
 /// [`Steering`]); tests and other front-ends may supply their own.
 pub trait OriginSource: Send + Sync + 'static {
-    /// The origin of the connection whose client address is `peer`, claimed once.
-    fn lookup(&self, peer: SocketAddr) -> Option<OriginRecord>;
+    /// The origin of the connection whose client address is `peer`, accepted on `local`,
+    /// claimed once.
+    fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<OriginRecord>;
 }
 
 /// No origins: a proxy with no endpoint steering (a gateway only) claims none.
@@ -289,14 +290,14 @@ pub trait OriginSource: Send + Sync + 'static {
 pub struct NoOrigins;
 
 impl OriginSource for NoOrigins {
-    fn lookup(&self, _peer: SocketAddr) -> Option<OriginRecord> {
+    fn lookup(&self, _peer: SocketAddr, _local: SocketAddr) -> Option<OriginRecord> {
         None
     }
 }
 
 impl OriginSource for Steering {
-    fn lookup(&self, peer: SocketAddr) -> Option<OriginRecord> {
-        Steering::lookup(self, peer)
+    fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<OriginRecord> {
+        Steering::lookup_at(self, peer, local)
     }
 }
 
@@ -756,7 +757,7 @@ pub async fn handle(
         return;
     }
     let origin = match front {
-        Front::Endpoint => match claim(shared, peer) {
+        Front::Endpoint => match claim(shared, peer, &client) {
             Ok(o) => o,
             Err(Recorded) => return,
         },
@@ -874,9 +875,16 @@ async fn is_probe(client: &mut TcpStream, token: &[u8]) -> bool {
 
 /// The origin record of an accepted connection, claimed once; none for a peer without one;
 /// refused (and recorded) for the agent's own connection.
-fn claim(shared: &Shared, peer: SocketAddr) -> Result<Option<OriginRecord>, Recorded> {
+fn claim(
+    shared: &Shared,
+    peer: SocketAddr,
+    client: &TcpStream,
+) -> Result<Option<OriginRecord>, Recorded> {
     let stats = &shared.stats;
-    let Some(origin) = shared.origins.lookup(peer) else {
+    let Ok(local) = client.local_addr() else {
+        return Ok(None);
+    };
+    let Some(origin) = shared.origins.lookup(peer, local) else {
         return Ok(None);
     };
     if origin.tgid == shared.own_pid {

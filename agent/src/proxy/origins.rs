@@ -5,13 +5,15 @@
 //! from the system's database) is asked for, once per process (its pid and start time tell it
 //! from a later process given the same pid).
 //!
+//! A record is keyed by the client socket's cookie, which the kernel's socket diagnostics give
+//! for the peer of the accepted connection ([`Diag`]); a lookup is one `sock_diag` exchange and
+//! one `bpf(2)` read, both answered within the call.
+//!
 //! The descriptor cannot remove records, so a record is claimed once by remembering it: the
 //! cookie of the application's socket (unique for the boot) of every record claimed, in two
-//! generations of [`GENERATION`] cookies. A record seen before is the one an earlier connection
-//! from the same address and port left, not this connection's (whose record the kernel failed
-//! to write), and is refused; so is one older than the newest record of a generation that has
-//! been forgotten (it cannot be told apart any more). Records left in the map age out of the
-//! kernel's LRU.
+//! generations of [`GENERATION`] cookies. A record seen before is refused; so is one older than
+//! the newest record of a generation that has been forgotten (it cannot be told apart any more).
+//! Records left in the map age out of the kernel's LRU.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -24,7 +26,9 @@ use sluice_common::Origin;
 
 use super::{OriginSource, ksplice};
 use crate::steer::{
-    OriginRecord, origin_record, peer_key,
+    OriginRecord,
+    diag::Cookies,
+    origin_record,
     process::{ProcessInfo, parent_and_start},
 };
 
@@ -47,6 +51,7 @@ pub trait ProcessFacts: Send + Sync + 'static {
 pub struct KernelOrigins {
     map: OwnedFd,
     netns: u64,
+    cookies: Cookies,
     facts: Arc<dyn ProcessFacts>,
     claimed: Mutex<Claimed>,
     processes: Mutex<HashMap<u32, (u64, u32, ProcessInfo)>>,
@@ -101,14 +106,15 @@ impl KernelOrigins {
         Self {
             map,
             netns,
+            cookies: Cookies::default(),
             facts,
             claimed: Mutex::new(Claimed::default()),
             processes: Mutex::new(HashMap::new()),
         }
     }
 
-    fn read(&self, peer: SocketAddr) -> Option<Origin> {
-        let key = peer_key(self.netns, peer);
+    fn read(&self, peer: SocketAddr, local: SocketAddr) -> Option<Origin> {
+        let key = self.cookies.find(peer, local)?;
         let mut o = Origin::default();
         ksplice::bpf(
             ksplice::BPF_MAP_LOOKUP_ELEM,
@@ -142,8 +148,8 @@ impl KernelOrigins {
 }
 
 impl OriginSource for KernelOrigins {
-    fn lookup(&self, peer: SocketAddr) -> Option<OriginRecord> {
-        let o = self.read(peer)?;
+    fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<OriginRecord> {
+        let o = self.read(peer, local)?;
         let fresh = lock(&self.claimed).claim(o.cookie, o.time_ns);
         if !fresh {
             tracing::warn!(%peer, "an origin record claimed before (this connection's was not written)");

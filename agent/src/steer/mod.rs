@@ -10,8 +10,11 @@
 //! programs into pass-throughs and removes the links):
 //! - `cgroup/connect4`, `cgroup/connect6`: TCP redirection to the proxy and UDP/443 refusal;
 //! - `cgroup/sendmsg4`, `cgroup/sendmsg6`: UDP/443 refusal for unconnected sockets;
-//! - `sockops`: re-keys each record from the socket cookie to the client's (address, port), which is
-//!   the peer address the proxy's `accept()` returns.
+//! - `cgroup_skb/ingress`: copies DNS answers to steered processes for the app address table.
+//!
+//! Each record is keyed by the client socket's cookie; the proxy finds it from the peer address
+//! its `accept()` returns through the kernel's socket diagnostics ([`diag`]), so nothing runs at a
+//! connection's later steps.
 //!
 //! cgroup `bpf_link`s are always multi-attach (the kernel takes no `BPF_F_ALLOW_MULTI` flag for
 //! them and refuses one), so the programs coexist with others (systemd's, say) on the same cgroup. `bpftool cgroup tree` shows them as `sluice_*`.
@@ -20,6 +23,7 @@
 //! typed maps and the `Pod` impls in `sluice-common` carry the unsafety.
 
 pub mod cgroup;
+pub mod diag;
 pub mod gateway;
 pub mod pin;
 pub mod process;
@@ -39,14 +43,12 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
         links::{FdLink, PinnedLink},
     },
 };
 use serde::Serialize;
-use sluice_common::{
-    COUNTER_COUNT, FAIL_CLOSED, FAIL_OPEN, Origin, PeerKey, PortSet, SteerConfig, counter,
-};
+use sluice_common::{COUNTER_COUNT, FAIL_CLOSED, FAIL_OPEN, Origin, PortSet, SteerConfig, counter};
 
 use crate::config::{FailMode, SteerRule, SteerSettings};
 
@@ -55,9 +57,7 @@ pub use process::ProcessInfo;
 /// The eBPF object built by `agent/build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
 
-/// Program names in the object, in attach order (sockops first, so that no connection can be
-/// redirected before its record can be re-keyed).
-const SOCKOPS: &str = "sluice_sockops";
+/// Program names in the object.
 const DNS_PROGRAM: &str = "sluice_dns";
 const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     "sluice_connect4",
@@ -208,8 +208,6 @@ pub struct Counters {
     pub exempt: u64,
     /// Records that could not be stored.
     pub record_failed: u64,
-    /// Records re-keyed by sockops.
-    pub rekeyed: u64,
     /// DNS answers copied to user space.
     pub dns_answers: u64,
     /// DNS answers lost (the ring buffer was full).
@@ -255,7 +253,9 @@ pub struct Steering {
     heartbeat: Mutex<(Array<MapData, u64>, u64)>,
     counters: PerCpuArray<MapData, u64>,
     rules: Mutex<RuleMaps>,
-    origins: Mutex<HashMap<MapData, PeerKey, Origin>>,
+    origins: Mutex<HashMap<MapData, u64, Origin>>,
+    /// Finds a client socket's cookie.
+    cookies: diag::Cookies,
     dns: Mutex<Option<aya::maps::RingBuf<MapData>>>,
     users: Mutex<StdHashMap<u32, (Option<String>, Instant)>>,
     processes: process::ProcessCache,
@@ -357,7 +357,7 @@ impl Steering {
         let mut exempt: HashMap<MapData, u64, u8> =
             HashMap::try_from(take(&mut ebpf, sluice_common::MAP_EXEMPT_CGROUPS)?)
                 .map_err(map_err("exempt"))?;
-        let origins: HashMap<MapData, PeerKey, Origin> =
+        let origins: HashMap<MapData, u64, Origin> =
             HashMap::try_from(take(&mut ebpf, sluice_common::MAP_ORIGINS)?)
                 .map_err(map_err("origins"))?;
         let mut rule_maps = RuleMaps {
@@ -398,23 +398,6 @@ impl Steering {
             cgroup: cgroup_dir.clone(),
             message,
         };
-        {
-            let prog: &mut SockOps = ebpf
-                .program_mut(SOCKOPS)
-                .ok_or_else(|| SteerError::Load(format!("{SOCKOPS} missing")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| SteerError::Load(e.to_string()))?;
-            prog.load()
-                .map_err(|e| SteerError::Load(format!("{SOCKOPS}: {}", chain(&e))))?;
-            let id = prog
-                .attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(|e| attach_err(SOCKOPS, chain(&e)))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|e| attach_err(SOCKOPS, chain(&e)))?;
-            let link = FdLink::try_from(link).map_err(|e| attach_err(SOCKOPS, chain(&e)))?;
-            links.push(pin::pin(link, &pin_dir, SOCKOPS)?);
-        }
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -465,6 +448,7 @@ impl Steering {
             counters,
             rules: Mutex::new(rule_maps),
             origins: Mutex::new(origins),
+            cookies: diag::Cookies::default(),
             dns: Mutex::new(Some(dns)),
             users: Mutex::new(StdHashMap::new()),
             processes: process::ProcessCache::default(),
@@ -562,7 +546,12 @@ impl Steering {
     /// Claims the origin of an accepted connection by its peer address. Each record is returned
     /// once; records never claimed age out of the kernel's LRU map.
     pub fn lookup(&self, peer: SocketAddr) -> Option<OriginRecord> {
-        let key = peer_key(self.netns, peer);
+        self.lookup_at(peer, proxy_end(peer, self.proxy_port))
+    }
+
+    /// [`Steering::lookup`] for a connection accepted on `local`.
+    pub fn lookup_at(&self, peer: SocketAddr, local: SocketAddr) -> Option<OriginRecord> {
+        let key = self.cookies.find(peer, local)?;
         let origin = {
             let mut map = lock(&self.origins);
             let origin = map.get(&key, 0).ok()?;
@@ -588,7 +577,7 @@ impl Steering {
     /// The destination the connection from `peer` was steered from, if the kernel recorded it
     /// in the last `within` (read, not claimed: the proxy claims records itself).
     pub fn recorded_dst(&self, peer: SocketAddr, within: Duration) -> Option<SocketAddr> {
-        let key = peer_key(self.netns, peer);
+        let key = self.cookies.find(peer, proxy_end(peer, self.proxy_port))?;
         let o = lock(&self.origins).get(&key, 0).ok()?;
         let age = monotonic_ns().saturating_sub(o.time_ns);
         (age < within.as_nanos() as u64)
@@ -649,7 +638,6 @@ impl Steering {
             failed_closed: totals[counter::FAILED_CLOSED as usize],
             exempt: totals[counter::EXEMPT as usize],
             record_failed: totals[counter::RECORD_FAILED as usize],
-            rekeyed: totals[counter::REKEYED as usize],
             dns_answers: totals[counter::DNS_ANSWERS as usize],
             dns_lost: totals[counter::DNS_LOST as usize],
         }
@@ -666,8 +654,8 @@ impl Steering {
             attached,
             cgroup: self.cgroup.clone(),
             programs: if attached {
-                std::iter::once(SOCKOPS)
-                    .chain(SOCK_ADDR_PROGRAMS)
+                SOCK_ADDR_PROGRAMS
+                    .into_iter()
                     .chain(std::iter::once(DNS_PROGRAM))
                     .map(str::to_owned)
                     .collect()
@@ -854,21 +842,14 @@ fn read_only_map_fd(id: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The key the sockops program wrote for this client address in namespace `netns`.
-pub fn peer_key(netns: u64, peer: SocketAddr) -> PeerKey {
-    let v6 = match peer.ip() {
-        IpAddr::V4(a) => a.to_ipv6_mapped(),
-        IpAddr::V6(a) => a,
+/// The listener a steered connection from `peer` was sent to: the connect hooks rewrite an IPv4
+/// destination (also one IPv4-mapped) to 127.0.0.1 and an IPv6 one to ::1, at the proxy's port.
+pub fn proxy_end(peer: SocketAddr, proxy_port: u16) -> SocketAddr {
+    let ip = match peer.ip().to_canonical() {
+        IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
     };
-    let o = v6.octets();
-    PeerKey {
-        netns,
-        addr: [0, 1, 2, 3]
-            .map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])),
-        port: peer.port(),
-        pad: 0,
-        pad2: 0,
-    }
+    SocketAddr::new(ip, proxy_port)
 }
 
 fn words_to_ip(words: [u32; 4]) -> IpAddr {
@@ -890,25 +871,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn peer_keys_map_ipv4_into_ipv6_and_round_trip() {
-        let k = peer_key(7, "127.0.0.1:40000".parse().expect("addr"));
+    fn addresses_round_trip_and_the_listener_follows_the_family() {
+        let v4 = sluice_common::v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]));
+        assert_eq!(words_to_ip(v4), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let o = "2001:db8::7".parse::<Ipv6Addr>().expect("ip").octets();
+        let words = [0, 1, 2, 3]
+            .map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]));
         assert_eq!(
-            k.addr,
-            sluice_common::v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]))
-        );
-        assert_eq!(k.port, 40000);
-        assert_eq!(words_to_ip(k.addr), IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let k6 = peer_key(7, "[2001:db8::7]:1".parse().expect("addr"));
-        assert_eq!(
-            words_to_ip(k6.addr),
+            words_to_ip(words),
             "2001:db8::7".parse::<IpAddr>().expect("ip")
         );
-        // An IPv4-mapped peer (dual-stack listener) gives the same key as the plain IPv4 one.
-        assert_eq!(
-            peer_key(7, "[::ffff:127.0.0.1]:40000".parse().expect("addr")),
-            k
-        );
-        // The namespace is part of the key.
-        assert_ne!(peer_key(8, "127.0.0.1:40000".parse().expect("addr")), k);
+        // An IPv4-mapped peer (dual-stack listener) came to the IPv4 listener.
+        for (peer, end) in [
+            ("127.0.0.1:40000", "127.0.0.1:15001"),
+            ("[::ffff:127.0.0.1]:40000", "127.0.0.1:15001"),
+            ("[::1]:40000", "[::1]:15001"),
+        ] {
+            assert_eq!(
+                proxy_end(peer.parse().expect("addr"), 15001),
+                end.parse::<SocketAddr>().expect("addr")
+            );
+        }
     }
 }

@@ -40,9 +40,7 @@ impl KernelSplice {
         let mut loader = EbpfLoader::new();
         // No CO-RE relocation in the splice program: the kernel's BTF goes unused.
         loader.btf(None);
-        for name in [sluice_common::MAP_PENDING, sluice_common::MAP_ORIGINS] {
-            loader.map_max_entries(name, 1);
-        }
+        loader.map_max_entries(sluice_common::MAP_ORIGINS, 1);
         loader.map_max_entries(sluice_common::MAP_DNS, 4096);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
