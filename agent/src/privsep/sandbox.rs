@@ -260,7 +260,8 @@ pub fn allowed() -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
     for n in plain.iter().chain(legacy) {
         m.insert(*n, Vec::new());
     }
-    // socket(domain, ...): Unix, IPv4, IPv6, netlink (the resolver's interface list).
+    // socket(domain, ...): Unix, IPv4, IPv6, netlink (the resolver's interface list, sock_diag
+    // lookups of steered clients).
     m.insert(
         libc::SYS_socket,
         [

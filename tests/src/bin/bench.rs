@@ -252,6 +252,7 @@ fn steer(args: &[String]) -> Result<()> {
     let (b, h, s) = (median(&mut base), median(&mut hooked), median(&mut steered));
     let (learn_new, learn_again, lookup) = address_costs(rounds);
     let parse = dns_parse_cost(rounds);
+    let diag = diag_cost(rounds)?;
     println!(
         "steer: connect+close on loopback, client in a cgroup, {n} per run, median of {rounds} rounds; \
          {} include prefixes in the kernel, {} app addresses held",
@@ -300,6 +301,13 @@ fn steer(args: &[String]) -> Result<()> {
         lookup,
         lookup / b
     );
+    println!("per steered connection, in the proxy:");
+    println!(
+        "{:<42} {:>12.0} {:>9.4}x",
+        "find its record's key (sock_diag)",
+        diag,
+        diag / b
+    );
     let in_hooks: f64 = hooks.iter().map(|h| h.ns_per_connect).sum();
     println!(
         "the hooks' own run time per not-steered connect (kernel program statistics): {in_hooks:.0} ns \
@@ -322,6 +330,7 @@ fn steer(args: &[String]) -> Result<()> {
         }))).collect::<serde_json::Map<_, _>>(),
         "bench": "steer",
         "app_addresses_ns": { "learn_new": learn_new, "learn_again": learn_again, "lookup": lookup, "dns_answer_read": parse },
+        "record_key_sock_diag_ns": diag,
         "connects_per_run": n,
         "include_prefixes": PREFIXES + 2,
         "app_addresses": apps.len(),
@@ -444,6 +453,29 @@ fn address_costs(rounds: usize) -> (f64, f64, f64) {
         assert_eq!(hits, n - 1, "lookups found what was learned");
     }
     (median(&mut new), median(&mut again), median(&mut look))
+}
+
+/// Nanoseconds for the proxy to find a steered connection's record key: the client socket's
+/// cookie, one exact `sock_diag` lookup of the accepted connection's two ends (median of `rounds`
+/// runs of 20,000 on one live loopback connection).
+fn diag_cost(rounds: usize) -> Result<f64> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let server = listener.local_addr()?;
+    let _client = std::net::TcpStream::connect(server)?;
+    let (_accepted, peer) = listener.accept()?;
+    let mut diag = sluice::steer::diag::Diag::new()?;
+    let mut runs = Vec::new();
+    for _ in 0..rounds {
+        let t = std::time::Instant::now();
+        for _ in 0..20_000 {
+            anyhow::ensure!(
+                diag.cookie(peer, server)?.is_some(),
+                "the client's socket found"
+            );
+        }
+        runs.push(t.elapsed().as_nanos() as f64 / 20_000.0);
+    }
+    Ok(median(&mut runs))
 }
 
 /// Nanoseconds to read one DNS answer (a CNAME, an A and an AAAA record) into names and
