@@ -460,10 +460,11 @@ pub async fn splice(
 
 /// A joined pair's sockets, out of tokio's reactor and in an epoll instance of their own that
 /// wakes the proxy for a socket's end (FIN: `EPOLLRDHUP`) or error (`EPOLLERR`, `EPOLLHUP`)
-/// only. The socket map keeps calling a socket's own data-ready hook after each verdict, and the
-/// kernel's sends on it call its write-space hook: registered for reading and writing, as a
-/// tokio stream is, each of those woke the proxy's thread to find nothing to do, most of its CPU
-/// per spliced gigabyte. An epoll wake-up that names neither interest is dropped in the kernel.
+/// only. The socket map calls a socket's own data-ready hook after each verdict (a wake-up for
+/// `EPOLLIN`), and the kernel's sends on it call its write-space hook (`EPOLLOUT`): registered
+/// for reading, as a tokio stream is, the proxy's thread woke for each verdict to find nothing
+/// to read, most of its CPU per spliced gigabyte (0.19-0.28 s). The kernel drops a wake-up that
+/// names no registered interest before it reaches a waiter.
 struct Ends {
     epoll: AsyncFd<EpollFd>,
     streams: [std::net::TcpStream; 2],
