@@ -67,7 +67,7 @@ struct Status {
     reloads: Reloads,
     gateway: Option<crate::steer::gateway::GatewayStatus>,
     privsep: Option<Privsep>,
-    location: Option<crate::location::Location>,
+    location: Option<crate::location::LocationStatus>,
     device: Option<crate::device::DeviceView>,
 }
 
@@ -102,7 +102,7 @@ impl AdminState {
                 .as_ref()
                 .map(|b| crate::bundle::BundleStatus::now(b)),
             report: self.report.as_ref().map(|r| r.snapshot()),
-            location: self.location.as_ref().map(|l| (*l.load()).clone()),
+            location: self.location.as_ref().map(|l| l.status()),
             device: self.device.as_ref().map(|d| d.view()),
             gateway: self.remote.load().gateway.clone(),
             privsep: self

@@ -1,5 +1,6 @@
 //! Where the device is on the network, for policies' `ranges`/`cidrs` and for events: its own
-//! addresses on the interface of its default route (read from the kernel every second), and the
+//! addresses on the interface of its default route (read from the kernel each time it announces
+//! a change of links, addresses or routes, and every [`REFRESH_EVERY`] in any case), and the
 //! public address the collector sees it connect from (returned with each acknowledgement).
 //!
 //! An endpoint's steered connections reach the proxy over loopback, so the peer address says
@@ -9,16 +10,24 @@
 
 use std::{
     net::IpAddr,
+    os::fd::{AsRawFd as _, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
+use tokio::io::{Interest, unix::AsyncFd};
 use tokio_util::sync::CancellationToken;
 
-/// How often the local part is read again.
-pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// How often the local part is read again when the kernel announced no change (an announcement
+/// lost to a full socket buffer is caught by then).
+pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// How often it is read where announcements cannot be had.
+const POLL_EVERY: Duration = Duration::from_secs(1);
+/// A change comes as a burst of announcements (an address, then its routes): the location is read
+/// once they have settled this long.
+const SETTLE: Duration = Duration::from_millis(50);
 
 /// The device's network location.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -38,11 +47,22 @@ impl Location {
     }
 }
 
+/// The location as `/status` shows it: and how changes are learnt.
+#[derive(Debug, Clone, Serialize)]
+pub struct LocationStatus {
+    /// The location.
+    #[serde(flatten)]
+    pub location: Location,
+    /// `announcements` (the kernel's, read at once) or `polling` (every second).
+    pub watch: &'static str,
+}
+
 /// The current location, swapped whole when it changes.
 #[derive(Debug, Default)]
 pub struct NetworkLocation {
     current: ArcSwap<Location>,
     changes: std::sync::atomic::AtomicU64,
+    announced: std::sync::atomic::AtomicBool,
 }
 
 impl NetworkLocation {
@@ -56,6 +76,19 @@ impl NetworkLocation {
     /// The location now.
     pub fn load(&self) -> Arc<Location> {
         self.current.load_full()
+    }
+
+    /// The location and how its changes are learnt.
+    pub fn status(&self) -> LocationStatus {
+        let announced = self.announced.load(std::sync::atomic::Ordering::Relaxed);
+        LocationStatus {
+            location: (*self.load()).clone(),
+            watch: if announced {
+                "announcements"
+            } else {
+                "polling"
+            },
+        }
     }
 
     /// How many times it changed since the start.
@@ -104,29 +137,128 @@ impl NetworkLocation {
     }
 }
 
-/// Refreshes `loc` every [`REFRESH_EVERY`] until `shutdown`.
+/// Refreshes `loc` when the kernel announces a change, and every [`REFRESH_EVERY`], until
+/// `shutdown`.
 pub async fn watch(loc: Arc<NetworkLocation>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(REFRESH_EVERY);
+    watch_every(loc, shutdown, REFRESH_EVERY, POLL_EVERY).await
+}
+
+/// [`watch`], read again every `every` when nothing was announced, every `poll` where nothing
+/// can be.
+async fn watch_every(
+    loc: Arc<NetworkLocation>,
+    shutdown: CancellationToken,
+    every: Duration,
+    poll: Duration,
+) -> anyhow::Result<()> {
+    let mut announcements = match Announcements::open() {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::warn!(error = %e, "no route announcements from the kernel: the network location is read every second");
+            None
+        }
+    };
+    loc.announced.store(
+        announcements.is_some(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let mut tick = tokio::time::interval(if announcements.is_some() { every } else { poll });
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
+            r = async {
+                match &announcements {
+                    Some(a) => a.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "route announcements failed: the network location is read every second");
+                    announcements = None;
+                    loc.announced.store(false, std::sync::atomic::Ordering::Relaxed);
+                    tick = tokio::time::interval(poll);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+                tokio::time::sleep(SETTLE).await;
+                if let Some(a) = &announcements {
+                    a.drain()?;
+                }
+            }
         }
         let started = Instant::now();
         loc.refresh();
-        if started.elapsed() > REFRESH_EVERY {
+        if started.elapsed() > POLL_EVERY {
             tracing::warn!(took = ?started.elapsed(), "reading the network location is slow");
+        }
+    }
+}
+
+/// The kernel's announcements of changed links, addresses and routes (an rtnetlink socket in
+/// their multicast groups, which any process may join). Their content is not parsed: any of
+/// them means the location is read again.
+struct Announcements(AsyncFd<OwnedFd>);
+
+impl Announcements {
+    fn open() -> std::io::Result<Self> {
+        use nix::sys::socket::{
+            AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
+        };
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkRoute,
+        )?;
+        let groups = libc::RTMGRP_LINK
+            | libc::RTMGRP_IPV4_IFADDR
+            | libc::RTMGRP_IPV6_IFADDR
+            | libc::RTMGRP_IPV4_ROUTE
+            | libc::RTMGRP_IPV6_ROUTE;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups as u32))?;
+        // SAFETY: the `OwnedFd` owns its descriptor until the `AsyncFd` that owns it drops.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Self(fd))
+    }
+
+    /// Waits for an announcement and takes every one queued.
+    async fn changed(&self) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            let got = self.drain()?;
+            guard.clear_ready();
+            if got {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes every announcement queued; whether there was one (or more than the socket could
+    /// hold: `ENOBUFS`, which also means read again).
+    fn drain(&self) -> std::io::Result<bool> {
+        use nix::{errno::Errno, sys::socket::MsgFlags};
+        let mut buf = [0u8; 8192];
+        let mut got = false;
+        loop {
+            match nix::sys::socket::recv(self.0.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(_) | Err(Errno::ENOBUFS) => got = true,
+                Err(Errno::EAGAIN) => return Ok(got),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 }
 
 /// The default route's interface (IPv4's first) and that interface's addresses.
 fn local() -> (Option<String>, Vec<IpAddr>) {
-    let v4 = std::fs::read_to_string("/proc/net/route")
+    // The calling thread's namespace (`/proc/net` is the process leader's).
+    let v4 = std::fs::read_to_string("/proc/thread-self/net/route")
         .ok()
         .and_then(|t| default_v4(&t));
-    let v6 = std::fs::read_to_string("/proc/net/ipv6_route")
+    let v6 = std::fs::read_to_string("/proc/thread-self/net/ipv6_route")
         .ok()
         .and_then(|t| default_v6(&t));
     let Some(interface) = v4.or(v6) else {
@@ -203,6 +335,87 @@ mod tests {
         let v6 = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n\
                   00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth1\n";
         assert_eq!(default_v6(v6).as_deref(), Some("eth1"));
+    }
+
+    /// Runs `ip ARGS` (in the calling thread's network namespace).
+    fn ip(args: &str) {
+        let out = std::process::Command::new("ip")
+            .args(args.split_whitespace())
+            .output()
+            .expect("ip runs");
+        assert!(
+            out.status.success(),
+            "ip {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Whether `loc` comes to satisfy `want` within ten seconds.
+    async fn seen(loc: &NetworkLocation, want: impl Fn(&Location) -> bool) -> bool {
+        for _ in 0..200 {
+            if want(&loc.load()) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    #[test]
+    #[ignore = "needs root"]
+    fn a_change_of_network_is_seen_when_the_kernel_announces_it() {
+        // A thread in a network namespace of its own (gone with the thread), two veth pairs.
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a network namespace");
+            ip("link add sl0 type veth peer name sl0p");
+            ip("link set sl0p up");
+            ip("link set sl0 up");
+            ip("addr add 10.77.0.2/24 dev sl0");
+            ip("route add default via 10.77.0.1 dev sl0");
+            let loc = Arc::new(NetworkLocation::new());
+            assert_eq!(loc.load().interface.as_deref(), Some("sl0"));
+            assert_eq!(loc.load().addresses, [IpAddr::from([10, 77, 0, 2])]);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let stop = CancellationToken::new();
+                // Read again only every hour, announced or not: what changes below is seen
+                // through the announcements.
+                let hour = Duration::from_secs(3600);
+                let task = tokio::spawn(watch_every(loc.clone(), stop.clone(), hour, hour));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let changes = loc.changes();
+                assert_eq!(loc.status().watch, "announcements");
+                ip("addr add 10.77.0.3/24 dev sl0");
+                assert!(
+                    seen(&loc, |l| l
+                        .addresses
+                        .contains(&IpAddr::from([10, 77, 0, 3])))
+                    .await,
+                    "a new address: {:?}",
+                    loc.load()
+                );
+                ip("link add sl1 type veth peer name sl1p");
+                ip("link set sl1p up");
+                ip("link set sl1 up");
+                ip("addr add 10.88.0.2/24 dev sl1");
+                ip("route replace default via 10.88.0.1 dev sl1");
+                assert!(
+                    seen(&loc, |l| l.interface.as_deref() == Some("sl1")
+                        && l.addresses == [IpAddr::from([10, 88, 0, 2])])
+                    .await,
+                    "another default route: {:?}",
+                    loc.load()
+                );
+                assert!(loc.changes() >= changes + 2);
+                stop.cancel();
+                task.await.expect("joined").expect("watch ends cleanly");
+            });
+        })
+        .join()
+        .expect("the test thread");
     }
 
     #[test]

@@ -377,6 +377,8 @@ status_interval_s = 5
     // Each acknowledgement says where the collector saw the agent from: its public address.
     let status = agent.status().unwrap();
     assert_eq!(status["location"]["public"], "127.0.0.1", "{status}");
+    // The sandboxed proxy hears the kernel's announcements of network changes.
+    assert_eq!(status["location"]["watch"], "announcements", "{status}");
 
     // A burst of 10,000, with the agent killed in the middle of it, then restarted.
     let mut burst = traffic(&client, "c", 10_000);

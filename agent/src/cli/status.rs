@@ -482,10 +482,11 @@ pub fn render(v: &Value, now: u64) -> String {
         line(
             "location",
             format!(
-                "{} {}; public {}",
+                "{} {}; public {}; changes by {}",
                 text(l, "interface"),
                 text(l, "addresses"),
-                text(l, "public")
+                text(l, "public"),
+                text(l, "watch")
             ),
         );
     }
@@ -646,7 +647,7 @@ mod tests {
             },
             "reloads": {"applied": 2, "refused": 0},
             "gateway": null,
-            "location": {"interface": "eth0", "addresses": ["10.0.0.5"], "public": "203.0.113.9"},
+            "location": {"interface": "eth0", "addresses": ["10.0.0.5"], "public": "203.0.113.9", "watch": "announcements"},
             "device": {
                 "tags": ["managed", "disk_encrypted"],
                 "measured": true,
@@ -680,7 +681,7 @@ mod tests {
             "tags managed, disk_encrypted; measured",
             "1 of 2 not passing: fw fail (no ruleset loaded)",
             "device mark none; 1 users at risk (marks revision 7)",
-            "eth0 10.0.0.5; public 203.0.113.9",
+            "eth0 10.0.0.5; public 203.0.113.9; changes by announcements",
             "2 applied, 0 refused",
             "privsep      proxy pid 4243, uid 998, 1 restarts",
             "bundle: fetch: timed out; shipping: connection refused",
