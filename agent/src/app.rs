@@ -741,13 +741,9 @@ async fn supervise(
     let signer: Arc<dyn crate::proxy::ca::LeafSigner> = link.clone();
     // Origins are read from the kernel's map here; only process facts the sandbox hides are
     // asked for.
-    let origins: Arc<dyn crate::proxy::OriginSource> = match (origins_fd, welcome.origins_netns) {
-        (Some(fd), Some(netns)) => Arc::new(crate::proxy::origins::KernelOrigins::new(
-            fd,
-            netns,
-            link.clone(),
-        )),
-        _ => Arc::new(crate::proxy::NoOrigins),
+    let origins: Arc<dyn crate::proxy::OriginSource> = match origins_fd {
+        Some(fd) => Arc::new(crate::proxy::origins::KernelOrigins::new(fd, link.clone())),
+        None => Arc::new(crate::proxy::NoOrigins),
     };
     let mut shared = build_proxy(config, origins, signer, stats.clone(), hooks, reporter)?;
     shared.lan = lan.clone();

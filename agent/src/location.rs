@@ -162,8 +162,12 @@ async fn watch_every(
         announcements.is_some(),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let mut tick = tokio::time::interval(if announcements.is_some() { every } else { poll });
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ticks = |every: Duration| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    };
+    let mut tick = ticks(if announcements.is_some() { every } else { poll });
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -178,8 +182,7 @@ async fn watch_every(
                     tracing::warn!(error = %e, "route announcements failed: the network location is read every second");
                     announcements = None;
                     loc.announced.store(false, std::sync::atomic::Ordering::Relaxed);
-                    tick = tokio::time::interval(poll);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tick = ticks(poll);
                 }
                 tokio::time::sleep(SETTLE).await;
                 if let Some(a) = &announcements {

@@ -485,6 +485,49 @@ fn the_agents_own_connection_to_a_steered_destination_is_not_redirected() {
     drop(agent);
 }
 
+#[test]
+#[ignore = "needs root"]
+fn a_socket_connected_again_straight_to_the_proxy_is_not_given_its_old_destination() {
+    require_root();
+    // A record is keyed by the client socket's cookie and the proxy cannot remove it: a socket
+    // disconnected (`connect` with AF_UNSPEC) and connected to the proxy's port itself (never
+    // steered, so no new record) must not be taken to where it went before. Steered again, it
+    // has a new record and is served.
+    let origin = LineServer::start("127.0.0.12:0".parse().expect("addr"), |peer| {
+        format!("origin peer={peer}")
+    })
+    .expect("origin");
+    let cg = TestCgroup::new("replay");
+    let include = format!(
+        "{{ cidr = \"127.0.0.12/32\", ports = [{}] }}",
+        origin.addr.port()
+    );
+    let tmp = sluice_e2e::TempDir::new("e2e-replay");
+    let agent = Agent::launch(
+        &agent_config(&cg, &tmp.join("state"), &include, 0x51ce),
+        &tmp,
+    )
+    .expect("agent starts");
+    let port = agent.proxy_port().expect("the proxy's port");
+    let out = probe(
+        &InCgroup::at(&cg.dir),
+        &["replay", &origin.addr.to_string(), &port.to_string()],
+    )
+    .expect("probe");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("origin peer="), "steered: {out}");
+    assert_eq!(
+        lines[1], "closed",
+        "straight to the proxy, the old record: {out}"
+    );
+    assert!(lines[2].starts_with("origin peer="), "steered again: {out}");
+    let st = agent.status().expect("status");
+    assert_eq!(st["steer"]["counters"]["steered"], 2, "{st}");
+    assert_eq!(st["proxy"]["spliced"], 2, "{st}");
+    drop(agent);
+}
+
 /// Accepts one connection on `addr`, reads it to its end (the client's FIN), then sends `down`
 /// bytes of the test pattern and closes. Yields what it read: (bytes, SHA-256).
 fn transfer_server(

@@ -72,9 +72,6 @@ pub struct Welcome {
     pub gateway_port: Option<u16>,
     /// Whether endpoint steering is attached (DNS answers and origins are available).
     pub steering: bool,
-    /// The namespace cookie the origin records of the proxy's connections are keyed with; the
-    /// origins map's read-only descriptor is passed as [`Passed::Origins`].
-    pub origins_netns: Option<u64>,
 }
 
 /// A listening socket handed to the proxy.

@@ -347,7 +347,6 @@ impl Privileged {
             endpoint_port: self.endpoint_port,
             gateway_port: self.gateway_port,
             steering: self.steering.is_some(),
-            origins_netns: self.steering.as_ref().map(|s| s.netns()),
         }
     }
 
@@ -391,18 +390,22 @@ impl Privileged {
         conn: Option<(SocketAddr, SocketAddr)>,
     ) -> Result<Vec<Vec<u8>>, String> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        let claimed = conn.and_then(|(peer, dst)| {
-            let steered = self
-                .steering
-                .as_ref()
-                .and_then(|s| s.recorded_dst(peer, CLAIM_TTL))
-                .map(|d| d.ip());
-            steered.or_else(|| self.forwarded(peer, dst).then_some(dst.ip()))
-        });
+        // The destination of the connection the leaf is for (a kernel lookup: asked only when
+        // the name alone does not decide).
+        let claimed = || {
+            conn.and_then(|(peer, dst)| {
+                let steered = self
+                    .steering
+                    .as_ref()
+                    .and_then(|s| s.recorded_dst(peer, CLAIM_TTL))
+                    .map(|d| d.ip());
+                steered.or_else(|| self.forwarded(peer, dst).then_some(dst.ip()))
+            })
+        };
         let allowed = match name.parse::<IpAddr>() {
             // An address: only the destination of the connection it is for.
-            Ok(ip) => claimed.is_some_and(|dst| dst.to_canonical() == ip.to_canonical()),
-            Err(_) => claimed.is_some() || self.catalogued(&name),
+            Ok(ip) => claimed().is_some_and(|dst| dst.to_canonical() == ip.to_canonical()),
+            Err(_) => self.catalogued(&name) || claimed().is_some(),
         };
         if !allowed {
             return Err(format!(

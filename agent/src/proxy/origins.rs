@@ -10,10 +10,13 @@
 //! one `bpf(2)` read, both answered within the call.
 //!
 //! The descriptor cannot remove records, so a record is claimed once by remembering it: the
-//! cookie of the application's socket (unique for the boot) of every record claimed, in two
-//! generations of [`GENERATION`] cookies. A record seen before is refused; so is one older than
-//! the newest record of a generation that has been forgotten (it cannot be told apart any more).
-//! Records left in the map age out of the kernel's LRU.
+//! cookie of the application's socket (unique for the boot) and the time the record was written,
+//! for every record claimed, in two generations of [`GENERATION`]. A record seen before is
+//! refused: a socket disconnected (`connect` with `AF_UNSPEC`) and connected again straight to
+//! the proxy's port (never steered, so no new record) would otherwise be taken to its old
+//! destination. A socket steered again has a new record (a new time) and is served. A record
+//! older than the newest of a generation that has been forgotten is refused too (it cannot be
+//! told apart any more). Records left in the map age out of the kernel's LRU.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -50,7 +53,6 @@ pub trait ProcessFacts: Send + Sync + 'static {
 /// The kernel's origin records, read through a passed descriptor.
 pub struct KernelOrigins {
     map: OwnedFd,
-    netns: u64,
     cookies: Cookies,
     facts: Arc<dyn ProcessFacts>,
     claimed: Mutex<Claimed>,
@@ -59,18 +61,16 @@ pub struct KernelOrigins {
 
 impl std::fmt::Debug for KernelOrigins {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KernelOrigins")
-            .field("netns", &self.netns)
-            .finish_non_exhaustive()
+        f.debug_struct("KernelOrigins").finish_non_exhaustive()
     }
 }
 
-/// The records claimed, by their socket's cookie.
+/// The records claimed, by their socket's cookie and their time.
 #[derive(Debug, Default)]
 struct Claimed {
-    current: HashSet<u64>,
+    current: HashSet<(u64, u64)>,
     current_newest: u64,
-    previous: HashSet<u64>,
+    previous: HashSet<(u64, u64)>,
     previous_newest: u64,
     /// Records made at or before this time (CLOCK_MONOTONIC ns) are refused: their generation
     /// is forgotten.
@@ -81,9 +81,10 @@ impl Claimed {
     /// Claims the record of socket `cookie` made at `time_ns`; false if it was claimed before or
     /// cannot be told apart from one that was.
     fn claim(&mut self, cookie: u64, time_ns: u64) -> bool {
+        let record = (cookie, time_ns);
         if time_ns <= self.forgotten_until
-            || self.current.contains(&cookie)
-            || self.previous.contains(&cookie)
+            || self.current.contains(&record)
+            || self.previous.contains(&record)
         {
             return false;
         }
@@ -93,19 +94,17 @@ impl Claimed {
             self.previous_newest = self.current_newest;
             self.current_newest = 0;
         }
-        self.current.insert(cookie);
+        self.current.insert(record);
         self.current_newest = self.current_newest.max(time_ns);
         true
     }
 }
 
 impl KernelOrigins {
-    /// Reads records of namespace `netns` from map descriptor `map`, asking `facts` what the
-    /// sandbox hides.
-    pub fn new(map: OwnedFd, netns: u64, facts: Arc<dyn ProcessFacts>) -> Self {
+    /// Reads records from map descriptor `map`, asking `facts` what the sandbox hides.
+    pub fn new(map: OwnedFd, facts: Arc<dyn ProcessFacts>) -> Self {
         Self {
             map,
-            netns,
             cookies: Cookies::default(),
             facts,
             claimed: Mutex::new(Claimed::default()),
@@ -152,7 +151,7 @@ impl OriginSource for KernelOrigins {
         let o = self.read(peer, local)?;
         let fresh = lock(&self.claimed).claim(o.cookie, o.time_ns);
         if !fresh {
-            tracing::warn!(%peer, "an origin record claimed before (this connection's was not written)");
+            tracing::warn!(%peer, "an origin record claimed before (the socket connected again without being steered)");
             return None;
         }
         Some(origin_record(&o, self.process(o.tgid, o.uid)))
@@ -169,6 +168,11 @@ mod tests {
         assert!(c.claim(7, 100));
         assert!(!c.claim(7, 100), "the same socket's record again");
         assert!(c.claim(8, 90), "another socket's, even if older");
+        assert!(
+            c.claim(7, 200),
+            "the same socket steered again: a new record"
+        );
+        assert!(!c.claim(7, 200), "and that one once too");
     }
 
     #[test]

@@ -99,6 +99,23 @@ impl Cookies {
     }
 }
 
+/// Whether this kernel answers the lookup: one of a loopback connection of this process's own.
+/// Without the TCP diagnostics (`tcp_diag`), every steered connection would be refused for want
+/// of an origin; steering says so when it attaches instead.
+pub fn self_check() -> io::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let server = listener.local_addr()?;
+    let client = std::net::TcpStream::connect(server)?;
+    let peer = client.local_addr()?;
+    match Diag::new()?.cookie(peer, server)? {
+        Some(_) => Ok(()),
+        None => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no answer for a live connection",
+        )),
+    }
+}
+
 enum Reply {
     Stale,
     Found(Option<u64>),

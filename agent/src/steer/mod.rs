@@ -265,8 +265,6 @@ pub struct Steering {
     /// The cgroup of a proxy a service manager runs (not the agent's), exempted while it serves.
     proxy_cgroup: Mutex<Option<u64>>,
     proxy_port: u16,
-    /// The proxy's network namespace: only records made in it are claimed.
-    netns: u64,
 }
 
 impl std::fmt::Debug for Steering {
@@ -309,6 +307,12 @@ impl Steering {
         if EBPF_OBJECT.is_empty() {
             return Err(SteerError::NoObject);
         }
+        diag::self_check().map_err(|e| {
+            SteerError::Load(format!(
+                "the kernel's TCP socket diagnostics (sock_diag, tcp_diag) find no connection ({e}): \
+                 the proxy could not find a steered connection's origin"
+            ))
+        })?;
         let mount = cgroup::v2_mount()?;
         let cgroup_dir = cgroup::resolve(&mount, &settings.cgroup);
         let cgroup_file = File::open(&cgroup_dir)
@@ -323,7 +327,6 @@ impl Steering {
             exempt_ids.push(cgroup::id(&cgroup::resolve(&mount, p))?);
         }
 
-        let netns = own_netns_cookie()?;
         let pin_dir = match &settings.pin_dir {
             Some(d) => PathBuf::from(d),
             None => PathBuf::from(pin::BPFFS)
@@ -457,7 +460,6 @@ impl Steering {
             exempt: Mutex::new(exempt),
             proxy_cgroup: Mutex::new(None),
             proxy_port,
-            netns,
         })
     }
 
@@ -582,11 +584,6 @@ impl Steering {
         let age = monotonic_ns().saturating_sub(o.time_ns);
         (age < within.as_nanos() as u64)
             .then(|| SocketAddr::new(words_to_ip(o.dst_addr), o.dst_port))
-    }
-
-    /// The proxy's network namespace cookie (part of every record's key).
-    pub fn netns(&self) -> u64 {
-        self.netns
     }
 
     /// A read-only descriptor of the origins map, for the proxy: it reads the kernel's records
@@ -761,33 +758,6 @@ fn apply_rules(maps: &mut RuleMaps, next: rules::Compiled) -> Result<(), SteerEr
     )?;
     maps.current = next;
     Ok(())
-}
-
-/// The network namespace cookie of the calling process's namespace (the proxy's), as the kernel
-/// gives it for a socket made here.
-pub fn own_netns_cookie() -> Result<u64, SteerError> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-        .map_err(|e| SteerError::Load(format!("a socket for the namespace cookie: {e}")))?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a u64 that lives through the
-    // call; the descriptor is valid for the socket's lifetime.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(SteerError::Load(format!(
-            "SO_NETNS_COOKIE: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(cookie)
 }
 
 /// A steered connection's origin from the kernel's record `o` and what user space resolved of

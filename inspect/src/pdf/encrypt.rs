@@ -386,11 +386,6 @@ pub fn encrypt(bytes: &[u8], protection: &PdfProtection<'_>, limits: &Limits) ->
     let Some(Obj::Ref(root_num, _)) = doc.trailer.root.clone() else {
         return Err(malformed("trailer has no /Root reference"));
     };
-    // The clear metadata hangs off the catalog: a catalog that is not a dictionary (a damaged
-    // file) would lose the label, so the file is refused rather than written without it.
-    if !matches!(doc.get(root_num)?, Obj::Dict(_)) {
-        return Err(malformed("the document catalog is not a dictionary"));
-    }
     if protection.owner_password.is_empty() {
         return Err(NotInspectable::Malformed(
             "encryption needs an owner password".into(),
@@ -415,6 +410,7 @@ pub fn encrypt(bytes: &[u8], protection: &PdfProtection<'_>, limits: &Limits) ->
     let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 8 + 4096);
     out.extend_from_slice(b"%PDF-2.0\n%\xe2\xe3\xcf\xd3\n");
     let mut offsets: Vec<(u32, u16, usize)> = Vec::with_capacity(nums.len() + 2);
+    let mut catalog = false;
     for &num in &nums {
         doc.ctx.check_time()?;
         let obj = doc.get(num)?;
@@ -428,6 +424,7 @@ pub fn encrypt(bytes: &[u8], protection: &PdfProtection<'_>, limits: &Limits) ->
                 continue;
             }
             Obj::Dict(d) if num == root_num => {
+                catalog = true;
                 let mut d = Dict(
                     d.0.into_iter()
                         .filter(|(k, _)| k.as_slice() != b"Metadata")
@@ -461,6 +458,11 @@ pub fn encrypt(bytes: &[u8], protection: &PdfProtection<'_>, limits: &Limits) ->
     }
     if !offsets.iter().any(|(n, ..)| *n == root_num) {
         return Err(malformed("the document catalog is missing"));
+    }
+    // The clear metadata hangs off the catalog: a catalog that is not a dictionary (a damaged
+    // file) would lose the label, so the file is refused rather than written without it.
+    if !catalog {
+        return Err(malformed("the document catalog is not a dictionary"));
     }
 
     // The metadata packet, in clear (/EncryptMetadata false).

@@ -17,6 +17,9 @@
 //!   then speaks HTTPS (trusting CA_PEM) and prints the response's status line.
 //! - `sluice-probe hello ADDR garbage|truncated`: sends a bad ClientHello; prints `closed` when the
 //!   server closes the connection.
+//! - `sluice-probe replay ADDR PORT`: one socket, three connections, a line (or `closed`) printed
+//!   from each: to ADDR; disconnected (`connect` with `AF_UNSPEC`) and connected straight to
+//!   127.0.0.1:PORT; disconnected again and connected to ADDR again.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -64,6 +67,7 @@ fn run(args: &[String]) -> Result<(), String> {
         .ok_or("usage: sluice-probe tcp|udp ADDR ...")?;
     match args.first().map(String::as_str) {
         Some("tcp") => tcp(addr, args),
+        Some("replay") => replay(addr, args),
         Some("transfer") => transfer(addr, args),
         Some("wss") => wss(addr, args),
         Some("idle") => idle(addr, args),
@@ -77,6 +81,66 @@ fn run(args: &[String]) -> Result<(), String> {
         ),
         _ => Err("usage: sluice-probe tcp|udp ADDR ...".into()),
     }
+}
+
+/// See the module documentation: a socket reused to reach the proxy's port without being steered.
+fn replay(addr: SocketAddr, args: &[String]) -> Result<(), String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket,
+        sockopt::ReceiveTimeout,
+    };
+    use std::os::fd::AsRawFd as _;
+    let port: u16 = args
+        .get(2)
+        .and_then(|p| p.parse().ok())
+        .ok_or("replay needs the proxy's port")?;
+    let SocketAddr::V4(v4) = addr else {
+        return Err("replay takes an IPv4 address".into());
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    setsockopt(&fd, ReceiveTimeout, &nix::sys::time::TimeVal::new(10, 0))
+        .map_err(|e| e.to_string())?;
+    let proxy = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+    for (i, to) in [v4, proxy, v4].into_iter().enumerate() {
+        if i > 0 {
+            // SAFETY: a sockaddr of family AF_UNSPEC, the size the call is given.
+            let unspec = libc::sockaddr {
+                sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+                sa_data: [0; 14],
+            };
+            let rc = unsafe {
+                libc::connect(
+                    fd.as_raw_fd(),
+                    &raw const unspec,
+                    std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(format!("disconnect: {}", std::io::Error::last_os_error()));
+            }
+        }
+        connect(fd.as_raw_fd(), &SockaddrIn::from(to)).map_err(|e| format!("connect {to}: {e}"))?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match nix::unistd::read(&fd, &mut byte) {
+                Ok(1) if byte[0] != b'\n' => line.push(byte[0]),
+                _ => break,
+            }
+        }
+        if line.is_empty() {
+            println!("closed");
+        } else {
+            println!("{}", String::from_utf8_lossy(&line));
+        }
+    }
+    Ok(())
 }
 
 fn one_line(addr: SocketAddr) -> Result<String, String> {
