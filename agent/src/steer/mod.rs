@@ -441,6 +441,10 @@ impl Steering {
         }
         // Only now that this agent's programs are in place do the previous one's go.
         let replaced = pin::remove(&previous);
+        // Loading the programs (the verifier) can take longer than the bound on a busy machine:
+        // the heartbeat counts from now, when they are in place, not from before they loaded.
+        let now = monotonic_ns();
+        heartbeat.set(0, now, 0).map_err(map_err("heartbeat"))?;
         tracing::info!(cgroup = %cgroup_dir.display(), pins = %pin_dir.display(), replaced, exempt = ?exempt_ids, proxy_port, "steering attached");
         Ok(Self {
             ebpf: Mutex::new(Some(ebpf)),
